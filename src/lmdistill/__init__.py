@@ -1,0 +1,21 @@
+"""lmdistill: knowledge distillation for causal language models.
+
+    from lmdistill import Config, train
+    result = train(Config.load("configs/default.yaml", ["train.max_steps=50"]))
+"""
+
+from .config import Config
+from .errors import LmdistillError
+from .losses import distillation_loss, token_divergence
+
+__version__ = "0.1.0"
+
+
+def train(cfg, **kwargs):
+    """Run a distillation; see ``lmdistill.trainer.train``."""
+    from .trainer import train as _train
+
+    return _train(cfg, **kwargs)
+
+
+__all__ = ["Config", "LmdistillError", "distillation_loss", "token_divergence", "train", "__version__"]

@@ -1,0 +1,674 @@
+"""Resumable training checkpoints: atomic save, integrity manifest, retention, resume.
+
+Layout (DESIGN.md, run directory contract)::
+
+    runs/NAME/checkpoints/
+      step-200/
+        model.safetensors     model weights; tied tensors stored once (see metadata)
+        optimizer.pt          optimizer.state_dict(), torch.save
+        rng_state.pt          capture_rng_state(), torch.save (absent if not given)
+        trainer_state.json    the trainer's JSON-able state (step, epoch, data cursor, ...)
+        <extra files>         opaque bytes the trainer asked us to keep (e.g. config.yaml)
+        manifest.json         written LAST: name, size and SHA-256 of every file above
+      step-300/ ...
+
+A checkpoint exists only if its directory is named ``step-N`` *and* its manifest lists
+every file with the right size and hash. Everything else -- a ``.tmp-*`` directory left
+by a crash mid-save, a ``.trash-*`` directory left by a crash mid-cleanup, a ``step-N``
+whose file was truncated or bit-flipped -- is skipped with a warning and never loaded.
+
+Crash safety comes from ordering, not from locks: files are written and fsync'ed into a
+temporary directory beside the final one, the manifest last, then one ``rename`` puts the
+directory in place. One writer per checkpoints directory is assumed (rank 0 under DDP).
+"""
+
+from __future__ import annotations
+
+import errno
+import hashlib
+import json
+import logging
+import os
+import pickle
+import random
+import re
+import shutil
+import time
+from collections.abc import Callable, Iterator, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import IO, Any
+
+import safetensors
+import safetensors.torch
+import torch
+
+from lmdistill.errors import LmdistillError
+
+try:  # numpy comes with torch/datasets in practice; the RNG code works without it.
+    import numpy as np
+except ImportError:  # pragma: no cover - exercised only in a numpy-free install
+    np = None  # type: ignore[assignment]
+
+logger = logging.getLogger(__name__)
+
+FORMAT_NAME = "lmdistill-checkpoint"
+FORMAT_VERSION = 1
+"""Bumped when the layout changes incompatibly; newer versions are refused on load."""
+
+MANIFEST_FILE = "manifest.json"
+MODEL_FILE = "model.safetensors"
+OPTIMIZER_FILE = "optimizer.pt"
+RNG_FILE = "rng_state.pt"
+TRAINER_STATE_FILE = "trainer_state.json"
+_RESERVED_FILES = frozenset(
+    {MANIFEST_FILE, MODEL_FILE, OPTIMIZER_FILE, RNG_FILE, TRAINER_STATE_FILE}
+)
+
+# safetensors header metadata key holding {alias: stored_name} for tied tensors.
+_TIED_METADATA_KEY = "lmdistill.tied_weights"
+
+_STEP_DIR_RE = re.compile(r"^step-(\d+)$")
+_TMP_PREFIX = ".tmp-"
+_TRASH_PREFIX = ".trash-"
+_HASH_CHUNK_BYTES = 8 * 1024 * 1024
+
+
+class CheckpointError(LmdistillError):
+    """A checkpoint cannot be written, verified or loaded; the message names the path."""
+
+
+@dataclass
+class LoadedCheckpoint:
+    """Everything ``save_checkpoint`` stored, verified against the manifest.
+
+    ``model_state`` has every name the saved state dict had: tied aliases point at the
+    very same tensor as the name that was stored (``tied_weights`` maps alias -> stored).
+    """
+
+    path: Path
+    step: int
+    model_state: dict[str, torch.Tensor]
+    optimizer_state: dict[str, Any] | None
+    trainer_state: dict[str, Any]
+    rng_state: dict[str, Any] | None
+    extra_files: dict[str, bytes] = field(default_factory=dict)
+    tied_weights: dict[str, str] = field(default_factory=dict)
+    format_version: int = FORMAT_VERSION
+
+
+# --------------------------------------------------------------------------- paths
+
+
+def checkpoint_dir_name(step: int) -> str:
+    """Directory name of the checkpoint taken after optimizer step ``step``: ``step-N``."""
+    return f"step-{step}"
+
+
+def checkpoint_step(path: Path) -> int | None:
+    """Step number encoded in a ``step-N`` directory name, or None for any other name."""
+    match = _STEP_DIR_RE.match(Path(path).name)
+    return int(match.group(1)) if match else None
+
+
+def list_checkpoints(checkpoints_dir: Path) -> list[Path]:
+    """All ``step-N`` directories (valid or not), oldest step first. Missing dir -> []."""
+    checkpoints_dir = Path(checkpoints_dir)
+    if not checkpoints_dir.is_dir():
+        return []
+    found = [(checkpoint_step(p), p) for p in checkpoints_dir.iterdir() if p.is_dir()]
+    return [p for step, p in sorted((s, p) for s, p in found if s is not None)]
+
+
+# --------------------------------------------------------------------------- save
+
+
+def save_checkpoint(
+    checkpoints_dir: Path,
+    step: int,
+    *,
+    model_state: Mapping[str, torch.Tensor],
+    optimizer_state: Mapping[str, Any] | None,
+    trainer_state: Mapping[str, Any],
+    rng_state: Mapping[str, Any] | None = None,
+    keep: int | None = 3,
+    extra_files: Mapping[str, bytes] | None = None,
+) -> Path:
+    """Write ``checkpoints_dir/step-{step}`` atomically and return its path.
+
+    ``model_state``: a model's ``state_dict()`` (tied tensors are stored once).
+    ``optimizer_state``: ``optimizer.state_dict()`` or None. ``trainer_state``: a
+    JSON-able dict (tuples come back as lists, dict keys as strings). ``rng_state``: from
+    ``capture_rng_state()``. ``extra_files``: plain file name -> bytes. ``keep``: how many
+    valid checkpoints to keep after this one is in place (None keeps all).
+
+    Raises CheckpointError -- leaving every earlier checkpoint untouched -- if a model or
+    optimizer tensor is not finite, or if the directory cannot be written.
+    """
+    checkpoints_dir = Path(checkpoints_dir)
+    if isinstance(step, bool) or not isinstance(step, int) or step < 0:
+        raise ValueError(f"step must be a non-negative int, got {step!r}")
+    if keep is not None and (isinstance(keep, bool) or not isinstance(keep, int) or keep < 1):
+        raise ValueError(f"keep must be a positive int or None, got {keep!r}")
+    extra_files = dict(extra_files or {})
+    for name in extra_files:
+        _check_extra_file_name(name)
+    final = checkpoints_dir / checkpoint_dir_name(step)
+
+    # Everything that can be refused is refused before the first byte hits the disk, so
+    # a refusal can never leave a half-written directory behind.
+    _check_finite(model_state, "model_state", final)
+    if optimizer_state is not None:
+        _check_finite(optimizer_state, "optimizer_state", final)
+    trainer_state_bytes = _encode_trainer_state(trainer_state)
+    tensors, tied = _dedupe_tied_tensors(model_state)
+
+    try:
+        checkpoints_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise _write_error(final, checkpoints_dir, exc) from exc
+    # Leftovers of an earlier crash would otherwise hold the disk space this save needs.
+    _remove_leftovers(checkpoints_dir)
+
+    tmp = checkpoints_dir / f"{_TMP_PREFIX}{final.name}-{os.getpid()}"
+    installed = False
+    try:
+        if tmp.exists():
+            shutil.rmtree(tmp)
+        tmp.mkdir()
+        metadata = {"format": "pt", _TIED_METADATA_KEY: json.dumps(tied, sort_keys=True)}
+        safetensors.torch.save_file(tensors, str(tmp / MODEL_FILE), metadata=metadata)
+        _fsync_existing_file(tmp / MODEL_FILE)
+        if optimizer_state is not None:
+            _write_file(tmp / OPTIMIZER_FILE, lambda f: torch.save(dict(optimizer_state), f))
+        if rng_state is not None:
+            _write_file(tmp / RNG_FILE, lambda f: torch.save(dict(rng_state), f))
+        _write_file(tmp / TRAINER_STATE_FILE, lambda f: f.write(trainer_state_bytes))
+        for name, data in extra_files.items():
+            _write_file(tmp / name, lambda f, data=data: f.write(bytes(data)))
+
+        manifest = {
+            "format": FORMAT_NAME,
+            "format_version": FORMAT_VERSION,
+            "step": step,
+            "created_unix": time.time(),
+            "extra_files": sorted(extra_files),
+            "files": {p.name: _file_record(p) for p in sorted(tmp.iterdir())},
+        }
+        manifest_bytes = (json.dumps(manifest, indent=2, sort_keys=True) + "\n").encode()
+        # The manifest is what makes the directory a checkpoint, so it goes last: a crash
+        # before this line leaves a directory that verification rejects as incomplete.
+        _write_file(tmp / MANIFEST_FILE, lambda f: f.write(manifest_bytes))
+        _fsync_dir(tmp)
+        _install(tmp, final)
+        installed = True
+    except OSError as exc:
+        raise _write_error(final, checkpoints_dir, exc) from exc
+    finally:
+        if not installed:
+            shutil.rmtree(tmp, ignore_errors=True)
+
+    if keep is not None:
+        _apply_retention(checkpoints_dir, keep, protect=final)
+    return final
+
+
+def _install(tmp: Path, final: Path) -> None:
+    """Rename the finished ``tmp`` into ``final``, replacing an older ``final`` safely.
+
+    A directory cannot be renamed over a non-empty one, so an existing ``step-N`` (the
+    same step saved again after a resume) is first moved aside to a ``.trash-`` name that
+    no reader considers, and removed only once the new one is in place.
+    """
+    parent = final.parent
+    aside = None
+    if final.exists():
+        aside = parent / f"{_TRASH_PREFIX}{final.name}-{os.getpid()}"
+        if aside.exists():
+            shutil.rmtree(aside)
+        os.replace(final, aside)
+    try:
+        os.replace(tmp, final)
+    except OSError:
+        if aside is not None:  # put the old checkpoint back before reporting the failure
+            os.replace(aside, final)
+        raise
+    _fsync_dir(parent)
+    if aside is not None:
+        shutil.rmtree(aside, ignore_errors=True)
+
+
+def _apply_retention(checkpoints_dir: Path, keep: int, protect: Path) -> None:
+    """Remove checkpoints older than the newest ``keep`` valid ones, oldest first.
+
+    Validity here is the cheap check (manifest present, sizes match, no hashing): a full
+    hash of every kept checkpoint on every save would cost more than the save itself.
+    Invalid checkpoints newer than the cut-off are left alone (they do not count toward
+    ``keep``); older ones go with the rest. ``protect`` -- the checkpoint just written --
+    is never removed, and neither, as a consequence, is the newest valid one.
+    """
+    kept = 0
+    victims: list[Path] = []
+    for path in reversed(list_checkpoints(checkpoints_dir)):
+        if kept >= keep and path != protect:
+            victims.append(path)
+        elif not verify_checkpoint(path, check_hashes=False):
+            kept += 1
+    for path in reversed(victims):  # oldest first
+        try:
+            _remove_dir_crash_safe(path)
+        except OSError as exc:
+            # The new checkpoint is already safe; a failed cleanup only costs disk space
+            # and is retried by the next save, so it must not fail the save.
+            logger.warning(
+                "could not remove old checkpoint %s (%s); the next save retries", path, exc
+            )
+            return
+
+
+def _remove_dir_crash_safe(path: Path) -> None:
+    """Delete a checkpoint so that no crash leaves a half-deleted ``step-N`` behind.
+
+    The rename is atomic; once it is done, a partially removed directory only ever has a
+    ``.trash-`` name, which every reader ignores and the next save deletes.
+    """
+    trash = path.parent / f"{_TRASH_PREFIX}{path.name}-{os.getpid()}"
+    if trash.exists():
+        shutil.rmtree(trash)
+    os.replace(path, trash)
+    _fsync_dir(path.parent)
+    shutil.rmtree(trash)
+
+
+def _remove_leftovers(checkpoints_dir: Path) -> None:
+    """Delete ``.tmp-*`` and ``.trash-*`` directories left by an interrupted save or cleanup."""
+    for entry in checkpoints_dir.iterdir():
+        if entry.name.startswith((_TMP_PREFIX, _TRASH_PREFIX)):
+            try:
+                if entry.is_dir() and not entry.is_symlink():
+                    shutil.rmtree(entry)
+                else:
+                    entry.unlink()
+            except OSError as exc:
+                logger.warning("could not remove leftover %s (%s)", entry, exc)
+
+
+def _write_error(final: Path, checkpoints_dir: Path, exc: OSError) -> CheckpointError:
+    """One-line CheckpointError for a failed write: the path, the cause, what to do."""
+    reason = exc.strerror or str(exc) or type(exc).__name__
+    if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+        hint = f"free disk space under {checkpoints_dir}"
+    elif exc.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
+        hint = f"make {checkpoints_dir} writable"
+    else:
+        hint = f"check the file system holding {checkpoints_dir}"
+    return CheckpointError(
+        f"could not write checkpoint {final}: {reason}; {hint}, then resume from the last "
+        f"valid checkpoint (earlier checkpoints are untouched)"
+    )
+
+
+def _write_file(path: Path, write: Callable[[IO[bytes]], Any]) -> None:
+    """Create ``path``, let ``write`` fill it, and fsync it before returning."""
+    with open(path, "wb") as f:
+        write(f)
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def _fsync_existing_file(path: Path) -> None:
+    """fsync a file some library wrote and closed (safetensors writes by file name)."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _fsync_dir(path: Path) -> None:
+    """fsync a directory so the renames and creations inside it survive a power loss."""
+    if os.name == "nt":  # Windows cannot open a directory for fsync; NTFS journals renames.
+        return
+    fd = os.open(path, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _check_extra_file_name(name: str) -> None:
+    if (
+        not isinstance(name, str)
+        or not name
+        or name in _RESERVED_FILES
+        or name.startswith(".")
+        or "/" in name
+        or "\\" in name
+    ):
+        raise ValueError(
+            f"extra file name {name!r} must be a plain file name, not hidden and not one of "
+            f"{sorted(_RESERVED_FILES)}"
+        )
+
+
+def _encode_trainer_state(trainer_state: Mapping[str, Any]) -> bytes:
+    """trainer_state as UTF-8 JSON; NaN/inf are allowed (a monitor may record a NaN loss)."""
+    try:
+        text = json.dumps(dict(trainer_state), indent=2, sort_keys=True)
+    except (TypeError, ValueError) as exc:
+        raise TypeError(f"trainer_state must be JSON-serializable: {exc}") from exc
+    return (text + "\n").encode("utf-8")
+
+
+def _iter_tensors(obj: Any, name: str) -> Iterator[tuple[str, torch.Tensor]]:
+    """(dotted name, tensor) for every tensor nested in dicts, lists and tuples."""
+    if isinstance(obj, torch.Tensor):
+        yield name, obj
+    elif isinstance(obj, Mapping):
+        for key, value in obj.items():
+            yield from _iter_tensors(value, f"{name}[{key!r}]")
+    elif isinstance(obj, (list, tuple)):
+        for i, value in enumerate(obj):
+            yield from _iter_tensors(value, f"{name}[{i}]")
+
+
+def _check_finite(state: Any, label: str, final: Path) -> None:
+    """Raise CheckpointError naming the first tensor in ``state`` holding NaN or inf."""
+    for name, tensor in _iter_tensors(state, label):
+        if not (tensor.is_floating_point() or tensor.is_complex()):
+            continue
+        # One device sync per tensor; negligible next to writing the same bytes to disk.
+        if not bool(torch.isfinite(tensor).all()):
+            num_bad = int((~torch.isfinite(tensor)).sum())
+            raise CheckpointError(
+                f"refusing to save checkpoint {final}: {name} has {num_bad} non-finite "
+                f"value(s); earlier checkpoints are untouched, resume from the last valid one"
+            )
+
+
+def _dedupe_tied_tensors(
+    model_state: Mapping[str, torch.Tensor],
+) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """Tensors safetensors accepts, plus {alias: stored_name} for the tied ones dropped.
+
+    safetensors refuses tensors that share memory. Names that are the *same view* of the
+    same memory (tied embeddings: ``lm_head.weight`` is ``embed_tokens.weight``) are
+    stored once under the first name and re-linked on load. Tensors that merely overlap
+    in one storage (slices of a fused buffer) are copied so each is stored on its own.
+    """
+    tensors: dict[str, torch.Tensor] = {}
+    tied: dict[str, str] = {}
+    first_name_of_view: dict[tuple, str] = {}
+    storage_users: dict[tuple, int] = {}
+    for name, tensor in model_state.items():
+        if not isinstance(tensor, torch.Tensor):
+            raise TypeError(f"model_state[{name!r}] is a {type(tensor).__name__}, not a tensor")
+        storage_key = (tensor.device, tensor.untyped_storage().data_ptr())
+        view_key = (
+            *storage_key,
+            tensor.storage_offset(),
+            tuple(tensor.shape),
+            tensor.stride(),
+            tensor.dtype,
+        )
+        if tensor.numel() > 0 and view_key in first_name_of_view:
+            tied[name] = first_name_of_view[view_key]
+            continue
+        first_name_of_view[view_key] = name
+        storage_users[storage_key] = storage_users.get(storage_key, 0) + 1
+        tensors[name] = tensor
+    for name, tensor in tensors.items():
+        shared = storage_users[(tensor.device, tensor.untyped_storage().data_ptr())] > 1
+        tensor = tensor.detach().to("cpu")
+        if shared:
+            tensors[name] = tensor.clone(memory_format=torch.contiguous_format)
+        else:
+            tensors[name] = tensor.contiguous()
+    return tensors, tied
+
+
+# --------------------------------------------------------------------------- verify
+
+
+def _sha256_file(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(_HASH_CHUNK_BYTES):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def _file_record(path: Path) -> dict[str, Any]:
+    return {"size": path.stat().st_size, "sha256": _sha256_file(path)}
+
+
+def _read_manifest(path: Path) -> tuple[dict[str, Any] | None, str | None]:
+    """(manifest, None) or (None, problem) for checkpoint directory ``path``."""
+    manifest_path = path / MANIFEST_FILE
+    if not manifest_path.is_file():
+        return None, f"{manifest_path}: missing, checkpoint incomplete (its save was interrupted)"
+    try:
+        manifest = json.loads(manifest_path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        return None, f"{manifest_path}: unreadable ({exc})"
+    if not isinstance(manifest, dict) or not isinstance(manifest.get("files"), dict):
+        return None, f"{manifest_path}: not an {FORMAT_NAME} manifest"
+    version = manifest.get("format_version")
+    if manifest.get("format") != FORMAT_NAME or not isinstance(version, int):
+        return None, f"{manifest_path}: not an {FORMAT_NAME} manifest"
+    if version > FORMAT_VERSION:
+        return None, (
+            f"{manifest_path}: format version {version} is newer than this lmdistill "
+            f"supports ({FORMAT_VERSION}); upgrade lmdistill to load it"
+        )
+    return manifest, None
+
+
+def verify_checkpoint(path: Path, *, check_hashes: bool = True) -> list[str]:
+    """Problems with checkpoint directory ``path``, one string each naming the bad file.
+
+    An empty list means the manifest exists and every file it lists has the recorded
+    size and (with ``check_hashes``) SHA-256. ``check_hashes=False`` only checks sizes.
+    """
+    path = Path(path)
+    if not path.is_dir():
+        return [f"{path}: not a directory"]
+    manifest, problem = _read_manifest(path)
+    if manifest is None:
+        return [problem or f"{path}: invalid manifest"]
+    problems = []
+    files: dict[str, Any] = manifest["files"]
+    for required in (MODEL_FILE, TRAINER_STATE_FILE):
+        if required not in files:
+            problems.append(f"{path / required}: not listed in the manifest")
+    for name, record in sorted(files.items()):
+        file_path = path / name
+        if "/" in name or "\\" in name or name in ("", ".", "..") or not isinstance(record, dict):
+            problems.append(f"{path / MANIFEST_FILE}: bad entry for {name!r}")
+            continue
+        if not file_path.is_file():
+            problems.append(f"{file_path}: missing")
+            continue
+        size = file_path.stat().st_size
+        if size != record.get("size"):
+            problems.append(
+                f"{file_path}: size mismatch, {size} bytes on disk but the manifest records "
+                f"{record.get('size')} (truncated or overwritten)"
+            )
+        elif check_hashes and _sha256_file(file_path) != record.get("sha256"):
+            problems.append(f"{file_path}: SHA-256 hash mismatch (file corrupted)")
+    return problems
+
+
+def find_latest_valid(checkpoints_dir: Path) -> tuple[Path | None, list[str]]:
+    """Newest ``step-N`` whose manifest verifies (hashes included), and warnings.
+
+    Each warning names a newer checkpoint that was skipped and its bad file. Directories
+    not named ``step-N`` (temporary or trash directories) are ignored silently.
+    """
+    warnings: list[str] = []
+    for path in reversed(list_checkpoints(Path(checkpoints_dir))):
+        problems = verify_checkpoint(path)
+        if not problems:
+            return path, warnings
+        warnings.append(f"skipping checkpoint {path}: " + "; ".join(problems))
+    return None, warnings
+
+
+# --------------------------------------------------------------------------- load
+
+
+def load_checkpoint(path: Path, map_location: str | torch.device = "cpu") -> LoadedCheckpoint:
+    """Verify ``path`` against its manifest, then load everything onto ``map_location``.
+
+    Raises CheckpointError naming the bad file if verification fails; nothing from an
+    unverified directory is ever deserialized.
+    """
+    path = Path(path)
+    problems = verify_checkpoint(path)
+    if problems:
+        more = f" (and {len(problems) - 1} more problem(s))" if len(problems) > 1 else ""
+        raise CheckpointError(
+            f"cannot load checkpoint: {problems[0]}{more}; resume from an older checkpoint "
+            f"(find_latest_valid picks the newest valid one)"
+        )
+    manifest, _ = _read_manifest(path)
+    assert manifest is not None  # verify_checkpoint just read it
+    files = manifest["files"]
+    device = str(map_location)
+    try:
+        model_state = safetensors.torch.load_file(str(path / MODEL_FILE), device=device)
+        with safetensors.safe_open(str(path / MODEL_FILE), framework="pt") as f:
+            metadata = f.metadata() or {}
+        tied = json.loads(metadata.get(_TIED_METADATA_KEY, "{}"))
+        for alias, stored in tied.items():
+            model_state[alias] = model_state[stored]
+        optimizer_state = None
+        if OPTIMIZER_FILE in files:
+            optimizer_state = torch.load(
+                path / OPTIMIZER_FILE, map_location=map_location, weights_only=True
+            )
+        rng_state = None
+        if RNG_FILE in files:
+            # RNG states must stay on the CPU whatever the model's device (restore needs it).
+            rng_state = torch.load(path / RNG_FILE, map_location="cpu", weights_only=True)
+        trainer_state = json.loads((path / TRAINER_STATE_FILE).read_text(encoding="utf-8"))
+        extra_files = {name: (path / name).read_bytes() for name in manifest.get("extra_files", [])}
+    except (
+        OSError,
+        ValueError,
+        KeyError,
+        RuntimeError,
+        pickle.UnpicklingError,
+        safetensors.SafetensorError,
+    ) as exc:
+        raise CheckpointError(f"cannot load checkpoint {path}: {exc}") from exc
+    return LoadedCheckpoint(
+        path=path,
+        step=int(manifest["step"]),
+        model_state=model_state,
+        optimizer_state=optimizer_state,
+        trainer_state=trainer_state,
+        rng_state=rng_state,
+        extra_files=extra_files,
+        tied_weights=dict(tied),
+        format_version=int(manifest["format_version"]),
+    )
+
+
+# --------------------------------------------------------------------------- RNG
+
+
+def capture_rng_state() -> dict[str, Any]:
+    """State of Python ``random``, NumPy's global RNG, torch CPU and (if present) CUDA.
+
+    Only tensors, ints, floats, strings, tuples and dicts, so ``torch.load(...,
+    weights_only=True)`` can read it back. This is the calling process's state only:
+    under DDP each rank has its own.
+    """
+    state: dict[str, Any] = {"python": random.getstate(), "torch_cpu": torch.get_rng_state()}
+    if np is not None:
+        np_state = np.random.get_state(legacy=False)
+        key = np_state["state"]["key"]
+        state["numpy"] = {
+            "bit_generator": np_state["bit_generator"],
+            # int64 because weights_only loading accepts tensors but not numpy arrays.
+            "key": torch.from_numpy(key.astype(np.int64)),
+            "pos": int(np_state["state"]["pos"]),
+            "has_gauss": int(np_state["has_gauss"]),
+            "gauss": float(np_state["gauss"]),
+        }
+    if torch.cuda.is_available():
+        state["torch_cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def restore_rng_state(state: Mapping[str, Any]) -> None:
+    """Restore what ``capture_rng_state`` captured; parts absent from ``state`` are left as is."""
+    if "python" in state:
+        version, internal, gauss_next = state["python"]
+        random.setstate((version, tuple(internal), gauss_next))
+    if "torch_cpu" in state:
+        torch.set_rng_state(state["torch_cpu"].cpu())
+    if "numpy" in state and np is not None:
+        saved = state["numpy"]
+        np.random.set_state(
+            {
+                "bit_generator": saved["bit_generator"],
+                "state": {"key": saved["key"].cpu().numpy().astype(np.uint32), "pos": saved["pos"]},
+                "has_gauss": saved["has_gauss"],
+                "gauss": saved["gauss"],
+            }
+        )
+    if "torch_cuda" in state and torch.cuda.is_available():
+        saved_cuda = [s.cpu() for s in state["torch_cuda"]]
+        if len(saved_cuda) != torch.cuda.device_count():
+            # Different GPU count than at save time: restore the devices both runs have,
+            # so the run resumes, but it will not be bit-identical to an uninterrupted one.
+            logger.warning(
+                "checkpoint has CUDA RNG states for %d device(s), this process sees %d; "
+                "restoring the first %d",
+                len(saved_cuda),
+                torch.cuda.device_count(),
+                min(len(saved_cuda), torch.cuda.device_count()),
+            )
+        for index, cuda_state in enumerate(saved_cuda[: torch.cuda.device_count()]):
+            torch.cuda.set_rng_state(cuda_state, device=index)
+
+
+# --------------------------------------------------------------------------- hashing
+
+
+def directory_hash(path: Path) -> str:
+    """Stable content hash of a model directory: ``"sha256:<64 hex digits>"``.
+
+    Covers every regular file under ``path`` (symlinks followed, so a Hugging Face cache
+    snapshot hashes like a plain copy) by relative path, size and content; skips names
+    starting with "." (``.git``, ``.cache/huggingface`` download metadata). Independent
+    of timestamps, permissions and directory listing order.
+    """
+    root = Path(path)
+    if not root.is_dir():
+        raise CheckpointError(f"cannot hash {root}: not a directory; pass a model directory")
+    digest = hashlib.sha256()
+    entries: list[tuple[str, Path]] = []
+    for dirpath, dirnames, filenames in os.walk(root, followlinks=True):
+        dirnames[:] = [d for d in dirnames if not d.startswith(".")]
+        for filename in filenames:
+            if filename.startswith("."):
+                continue
+            file_path = Path(dirpath) / filename
+            if file_path.is_file():
+                entries.append((file_path.relative_to(root).as_posix(), file_path))
+    try:
+        for relative, file_path in sorted(entries):
+            # Length-prefixed fields: no two different trees produce the same byte stream.
+            name = relative.encode("utf-8")
+            digest.update(len(name).to_bytes(8, "little") + name)
+            digest.update(file_path.stat().st_size.to_bytes(8, "little"))
+            digest.update(bytes.fromhex(_sha256_file(file_path)))
+    except OSError as exc:
+        raise CheckpointError(
+            f"cannot hash {root}: {exc}; check that the directory is readable"
+        ) from exc
+    return "sha256:" + digest.hexdigest()

@@ -1,0 +1,172 @@
+"""The ``lmdistill`` command: train, eval, report, config-reference.
+
+User errors (``LmdistillError``) end as one line on stderr and a non-zero exit code;
+a traceback means a bug in lmdistill.
+
+Exit codes: 0 success, 2 bad input or environment, 3 training stopped by a guard
+(too many consecutive non-finite steps or rollbacks), 130 interrupted.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from pathlib import Path
+
+from .errors import LmdistillError
+
+# Named flags of `train` -> config keys. Everything else goes through --set.
+TRAIN_FLAGS = {
+    "batch_size": ("train.batch_size", int, "blocks per micro-batch"),
+    "epochs": ("train.epochs", int, "passes over the training data"),
+    "max_steps": ("train.max_steps", int, "optimizer steps (overrides --epochs)"),
+    "grad_accum": ("train.grad_accum", int, "micro-batches per optimizer step"),
+    "lr": ("train.lr", float, "peak learning rate"),
+    "eval_every": ("train.eval_every", int, "evaluate every N steps"),
+    "temperature": ("distill.temperature", float, "KD temperature at the start (default 2.0)"),
+    "min_temperature": ("distill.min_temperature", float, "KD temperature at the end (default 1.5)"),
+    "kd_weight": ("distill.kd_weight", float, "weight of the KD term, in [0, 1]"),
+    "teacher": ("model.teacher", str, "teacher model directory or hub id"),
+    "student": ("model.student", str, "student model directory or hub id (default: build one)"),
+    "data": ("data.path", str, "training text: .txt/.jsonl/.parquet file, directory, or datasets name"),
+    "output_dir": ("run.output_dir", str, "run directory"),
+    "seed": ("run.seed", int, "random seed"),
+    "device": ("run.device", str, "auto, cpu or cuda"),
+    "mixed_precision": ("run.mixed_precision", str, "auto, no, bf16 or fp16"),
+}
+
+
+def _add_train_parser(sub) -> None:
+    p = sub.add_parser("train", help="distill a student from a teacher",
+                       description="Distill a student LM from a frozen teacher. With no arguments: the embedded "
+                                   "default (offline, CPU, a few minutes).")
+    p.add_argument("--config", help="YAML config file (see configs/)")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="set any config key, e.g. --set guard.spike=rollback (repeatable)")
+    for name, (key, typ, help_text) in TRAIN_FLAGS.items():
+        p.add_argument("--" + name.replace("_", "-"), dest=name, type=str, default=None,
+                       help=f"{help_text} [{key}]")
+    p.add_argument("--overwrite", action="store_true", help="replace an output directory that holds a run")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars (for logs)")
+
+
+def _build_config(args) -> "Config":
+    from .config import Config
+
+    overrides = list(args.overrides)
+    for name, (key, _typ, _help) in TRAIN_FLAGS.items():
+        value = getattr(args, name)
+        if value is not None:
+            overrides.append(f"{key}={value}")
+    if args.overwrite:
+        overrides.append("run.overwrite=true")
+    return Config.load(args.config, overrides)
+
+
+def cmd_train(args) -> int:
+    from .trainer import train
+
+    cfg = _build_config(args)
+    train(cfg, progress=not args.no_progress)
+    return 0
+
+
+def cmd_eval(args) -> int:
+    import torch
+
+    from .config import DataConfig
+    from .data import load_texts, pack_blocks
+    from .evaluate import evaluate, format_ppl
+    from .models import check_same_tokenizer, freeze, load_causal_lm, load_tokenizer, resolve_source
+
+    path = Path(args.model)
+    if (path / "student" / "config.json").is_file():
+        path = path / "student"  # a run directory: evaluate its final student
+    source = resolve_source(str(path) if path.exists() else args.model, "model")
+    tokenizer = load_tokenizer(source, "model")
+    model = freeze(load_causal_lm(source, "model", torch.float32))
+    teacher = None
+    if args.teacher:
+        t_source = resolve_source(args.teacher, "--teacher")
+        check_same_tokenizer(load_tokenizer(t_source, "teacher"), tokenizer, t_source, source)
+        teacher = freeze(load_causal_lm(t_source, "teacher", torch.float32))
+    data_cfg = DataConfig(path=args.data, text_field=args.text_field, block_size=args.block_size)
+    texts, description = load_texts(args.data, data_cfg, role="--data")
+    blocks = pack_blocks(texts, tokenizer, args.block_size)
+    if args.max_blocks:
+        blocks = blocks[: args.max_blocks]
+    if len(blocks) == 0:
+        raise LmdistillError(f"--data '{args.data}' gives no block of {args.block_size} tokens; add text or lower "
+                             "--block-size")
+    result = evaluate(model, teacher, blocks, vocab_size=len(tokenizer), temperature=args.temperature,
+                      batch_size=args.batch_size, progress=not args.no_progress)
+    print(f"model: {source}\ndata: {description} ({len(blocks)} blocks of {args.block_size} tokens)")
+    print(f"perplexity {format_ppl(result['eval_ppl'])}  (CE {result['eval_ce_loss']:.4f} nats/token)")
+    if teacher is not None:
+        print(f"teacher perplexity {format_ppl(result['teacher_ppl'])}  (CE {result['teacher_ce_loss']:.4f})")
+        print(f"KL(teacher || model) at T=1: {result['eval_kl']:.4f} nats/token; "
+              f"top-1 agreement {result['top1_agreement']:.1%}")
+    if args.json:
+        import json
+
+        Path(args.json).write_text(json.dumps(result, indent=2))
+    return 0
+
+
+def cmd_report(args) -> int:
+    from .report import main_report
+
+    return main_report(args.runs)
+
+
+def cmd_config_reference(args) -> int:
+    from .config import reference_markdown
+
+    print(reference_markdown())
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="lmdistill", description="Knowledge distillation for causal LMs.")
+    sub = parser.add_subparsers(dest="command", required=True)
+    _add_train_parser(sub)
+
+    e = sub.add_parser("eval", help="perplexity (and agreement with a teacher) of a saved model")
+    e.add_argument("model", help="model directory, run directory, or hub id")
+    e.add_argument("--data", default=None, help="text file/directory/datasets name (default: embedded corpus)")
+    e.add_argument("--teacher", help="also report KL and top-1 agreement against this teacher")
+    e.add_argument("--text-field", default="text")
+    e.add_argument("--block-size", type=int, default=128)
+    e.add_argument("--batch-size", type=int, default=8)
+    e.add_argument("--max-blocks", type=int, default=None)
+    e.add_argument("--temperature", type=float, default=1.0, help="temperature of the reported KD divergence")
+    e.add_argument("--json", help="also write the numbers to this JSON file")
+    e.add_argument("--no-progress", action="store_true")
+
+    r = sub.add_parser("report", help="plots and report.md for a run; several runs: a comparison")
+    r.add_argument("runs", nargs="+", help="run directories")
+
+    sub.add_parser("config-reference", help="print every config key with its default and meaning")
+    return parser
+
+
+COMMANDS = {"train": cmd_train, "eval": cmd_eval, "report": cmd_report, "config-reference": cmd_config_reference}
+
+
+def main(argv: list[str] | None = None) -> int:
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    args = build_parser().parse_args(argv)
+    try:
+        return COMMANDS[args.command](args)
+    except LmdistillError as exc:
+        print(f"lmdistill: error: {exc}", file=sys.stderr)
+        return exc.exit_code
+    except KeyboardInterrupt:
+        print("lmdistill: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,439 @@
+"""Typed configuration: one dataclass per section, one line of documentation per field.
+
+A config is built from defaults, then a YAML file, then ``--set section.key=value``
+overrides and named CLI flags, and is validated once at the end. Every problem is a
+``ConfigError`` whose message names the key, the value and what is allowed, and
+suggests the nearest key for a typo. ``lmdistill config-reference`` prints the table
+of all fields from these docstrings (docs/config.md is generated from it).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import math
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, get_args, get_origin
+
+import yaml
+
+from .errors import ConfigError
+
+
+def doc(text: str, default: Any = dataclasses.MISSING, **kw: Any) -> Any:
+    """A dataclass field carrying its one-line documentation."""
+    if isinstance(default, (list, dict)):
+        value = default
+        return field(default_factory=lambda: type(value)(value), metadata={"doc": text}, **kw)
+    return field(default=default, metadata={"doc": text}, **kw)
+
+
+@dataclass
+class RunConfig:
+    """Where the run goes and how it is reproduced."""
+
+    output_dir: str | None = doc("Run directory. Default: runs/<name>-<date>-<time>.", None)
+    name: str = doc("Short run name used in the default output_dir and the report.", "distill")
+    overwrite: bool = doc("Replace an output_dir that already holds a run.", False)
+    seed: int = doc("Seed for Python, NumPy and torch; the same seed gives the same run on CPU.", 0)
+    device: Literal["auto", "cpu", "cuda"] = doc("auto = CUDA when available, else CPU.", "auto")
+    mixed_precision: Literal["auto", "no", "bf16", "fp16"] = doc(
+        "Autocast dtype. auto = bf16 on a GPU that supports it, fp32 ('no') on CPU.", "auto"
+    )
+
+
+@dataclass
+class ModelConfig:
+    """Teacher and student models."""
+
+    teacher: str | None = doc(
+        "Teacher: local directory or hub id. null = the embedded default teacher, "
+        "pretrained once on the embedded corpus and cached.",
+        None,
+    )
+    student: str | None = doc("Student to start from: local directory or hub id. null = build a fresh one.", None)
+    student_config: dict = doc(
+        "Overrides applied to the teacher's config to build a fresh student "
+        "(used when student is null), e.g. {num_hidden_layers: 2, hidden_size: 128}.",
+        {},
+    )
+    teacher_dtype: Literal["auto", "float32", "bfloat16", "float16"] = doc(
+        "dtype the teacher's weights are held in. auto = bfloat16 on GPU, float32 on CPU.", "auto"
+    )
+    trust_remote_code: bool = doc("Allow model code from the hub (only for models you trust).", False)
+
+
+@dataclass
+class DataConfig:
+    """Text sources, tokenization and packing."""
+
+    path: str | None = doc(
+        "Training text: a .txt/.jsonl/.json/.parquet file, a directory of them, or a datasets name. "
+        "null = the embedded corpus (CPython's reference documentation, pydoc_data).",
+        None,
+    )
+    dataset_config: str | None = doc("Config name for a datasets hub dataset.", None)
+    split: str = doc("Split of a datasets hub dataset.", "train")
+    text_field: str = doc("Field that holds the text in .jsonl/.parquet/datasets records.", "text")
+    eval_path: str | None = doc("Separate held-out file; null = hold out eval_fraction of the blocks.", None)
+    eval_fraction: float = doc("Fraction of packed blocks held out for evaluation when eval_path is null.", 0.05)
+    split_seed: int = doc("Seed of the train/eval split, kept apart from run.seed so that runs with other seeds "
+                          "(and the default teacher) share one held-out set.", 0)
+    block_size: int = doc("Tokens per packed training block (documents are joined with EOS).", 128)
+    max_eval_blocks: int | None = doc("Cap on evaluation blocks (null = all).", 64)
+    num_proc: int | None = doc("Processes for tokenization (null = 1).", None)
+
+
+@dataclass
+class DistillConfig:
+    """The distillation objective."""
+
+    temperature: float = doc("KD temperature at step 0 (seed default 2.0).", 2.0)
+    min_temperature: float = doc("KD temperature at the last step (seed default 1.5).", 1.5)
+    temperature_schedule: Literal["linear", "cosine", "constant"] = doc(
+        "How the temperature goes from temperature to min_temperature over the run.", "linear"
+    )
+    kd_weight: float = doc("loss = kd_weight * KD + (1 - kd_weight) * CE; in [0, 1].", 0.5)
+    scale_by_t2: bool = doc("Multiply the KD divergence by T^2 (Hinton et al. 2015).", True)
+    divergence: Literal["forward_kl", "reverse_kl", "jsd"] = doc(
+        "forward_kl = KL(teacher || student); reverse_kl = KL(student || teacher); jsd = Jensen-Shannon.",
+        "forward_kl",
+    )
+
+
+@dataclass
+class TrainConfig:
+    """Optimisation."""
+
+    batch_size: int = doc("Blocks per micro-batch (per process).", 8)
+    grad_accum: int = doc("Micro-batches per optimizer step.", 1)
+    epochs: int = doc("Passes over the training blocks (ignored when max_steps is set).", 1)
+    max_steps: int | None = doc("Optimizer steps to run; null = epochs x steps per epoch.", None)
+    lr: float = doc("Peak learning rate (AdamW).", 1e-3)
+    min_lr_ratio: float = doc("Cosine schedule ends at lr x min_lr_ratio.", 0.1)
+    lr_schedule: Literal["cosine", "constant"] = doc("After warmup: cosine decay or constant.", "cosine")
+    warmup_steps: int | None = doc("Linear LR warmup steps; null = 5% of the run.", None)
+    weight_decay: float = doc("AdamW weight decay (not applied to norms and biases).", 0.01)
+    betas: list = doc("AdamW betas.", [0.9, 0.95])
+    max_grad_norm: float | None = doc("Clip the global gradient norm to this; null = no clipping.", 1.0)
+    eval_every: int | None = doc("Evaluate every N optimizer steps, and at the start and end; null = about 10 "
+                                 "evaluations over the run.", None)
+    log_every: int = doc("Write a training metrics line every N steps.", 1)
+
+
+@dataclass
+class GuardConfig:
+    """What happens when a step goes wrong."""
+
+    enabled: bool = doc("Check loss terms and gradient norm before every optimizer step.", True)
+    max_consecutive_skips: int = doc("Stop the run (exit code 3) after this many skipped steps in a row.", 5)
+    spike: Literal["warn", "skip", "rollback"] = doc("What to do on a loss spike: warn, skip the step, or roll back.", "warn")
+    spike_window: int = doc("Recent steps the spike detector compares against.", 50)
+    spike_warmup: int = doc("Steps before the spike detector starts judging.", 20)
+    spike_factor: float = doc("A spike is a loss above median x spike_factor of the window ...", 1.3)
+    spike_mad: float = doc("... and more than spike_mad median absolute deviations above it.", 6.0)
+    rollback_keep: int = doc("Known-good states kept in memory for rollback (one every rollback_interval steps).", 2)
+    rollback_interval: int = doc("Steps between the known-good states kept for rollback.", 10)
+    rollback_lr_factor: float = doc("Multiply the LR by this after each rollback.", 0.5)
+    max_rollbacks: int = doc("Stop the run (exit code 3) after this many rollbacks.", 3)
+
+
+@dataclass
+class HealthConfig:
+    """The seed's 'what to monitor' list as live checks."""
+
+    start_loss_max: float = doc("Fire when the first training loss is above this (seed: 20).", 20.0)
+    ppl_max: float = doc("Fire when eval perplexity is above this after ppl_after_step (seed: 1e6).", 1e6)
+    ppl_after_step: int | None = doc("Step after which ppl_max applies; null = 20% of the run (seed: 5000 of 25000).", None)
+    plateau_window: int | None = doc("Steps per window for the 'loss not decreasing' check; null = 10% of the run, at least 10.", None)
+    plateau_patience: int = doc("Fire after this many consecutive windows without a lower mean loss.", 2)
+
+
+@dataclass
+class LossConfig:
+    """How the loss is computed."""
+
+    impl: Literal["auto", "full", "chunked"] = doc(
+        "full = logits of both models; chunked = fused linear+loss over token chunks (memory-flat); "
+        "auto = chunked when the logits would be large.",
+        "auto",
+    )
+    chunk_size: int = doc("Tokens per chunk for impl=chunked.", 1024)
+    auto_threshold_mib: float = doc("impl=auto switches to chunked above this size of fp32 logits per micro-batch.", 1024.0)
+
+
+@dataclass
+class CheckpointConfig:
+    """Resumable training state."""
+
+    every: int | None = doc("Save a checkpoint every N optimizer steps (and at the end); null = only at the end.", None)
+    keep: int = doc("Newest checkpoints kept.", 3)
+
+
+@dataclass
+class DebugConfig:
+    """Fault injection for tests and drills. Off by default; announced loudly when on."""
+
+    inject: list = doc(
+        "Faults: [{step: 7, where: teacher_logits|student_logits|loss|grad, value: nan|inf}].", []
+    )
+    loss_multiplier: dict = doc("Fake spikes: {step: factor} multiplies the loss at that step.", {})
+
+
+@dataclass
+class Config:
+    """A whole lmdistill run."""
+
+    run: RunConfig = field(default_factory=RunConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    distill: DistillConfig = field(default_factory=DistillConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
+    guard: GuardConfig = field(default_factory=GuardConfig)
+    health: HealthConfig = field(default_factory=HealthConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    debug: DebugConfig = field(default_factory=DebugConfig)
+
+    # ---- construction -------------------------------------------------------------
+    @classmethod
+    def from_dict(cls, data: dict | None) -> "Config":
+        cfg = cls()
+        for key, value in (data or {}).items():
+            cfg.set(key, value, whole_section_ok=True)
+        return cfg
+
+    @classmethod
+    def load(cls, path: str | Path | None = None, overrides: list[str] | None = None) -> "Config":
+        """Defaults, then the YAML file, then ``section.key=value`` overrides; validated."""
+        data: dict = {}
+        if path is not None:
+            data = load_yaml(path)
+        cfg = cls.from_dict(data)
+        for item in overrides or []:
+            cfg.apply_override(item)
+        cfg.validate()
+        return cfg
+
+    def apply_override(self, item: str) -> None:
+        key, sep, raw = item.partition("=")
+        if not sep or not key.strip():
+            raise ConfigError(f"--set expects key=value (e.g. distill.temperature=3.0), got {item!r}")
+        try:
+            value = yaml.safe_load(raw) if raw.strip() else None
+        except yaml.YAMLError:
+            value = raw
+        self.set(key.strip(), value)
+
+    def set(self, dotted: str, value: Any, whole_section_ok: bool = False) -> None:
+        """Set ``section.key`` (or a whole section from a mapping) with type checks."""
+        parts = dotted.split(".")
+        section_name = parts[0]
+        sections = {f.name: f for f in dataclasses.fields(self)}
+        if section_name not in sections:
+            raise ConfigError(_unknown_key_message(section_name, list(sections), "section"))
+        section = getattr(self, section_name)
+        if len(parts) == 1:
+            if not isinstance(value, dict):
+                raise ConfigError(
+                    f"config section '{section_name}' must be a mapping of keys, got {type(value).__name__}; "
+                    f"write e.g. '{section_name}:\\n  key: value'"
+                )
+            for key, sub in value.items():
+                self.set(f"{section_name}.{key}", sub)
+            return
+        key = ".".join(parts[1:])
+        fields = {f.name: f for f in dataclasses.fields(section)}
+        if key not in fields:
+            all_keys = [f"{section_name}.{k}" for k in fields] + [
+                f"{s}.{f.name}" for s in sections for f in dataclasses.fields(getattr(self, s))
+            ]
+            raise ConfigError(_unknown_key_message(dotted, all_keys, "key"))
+        hint = typing.get_type_hints(type(section))[key]
+        setattr(section, key, _coerce(dotted, value, hint))
+
+    # ---- validation ---------------------------------------------------------------
+    def validate(self) -> "Config":
+        d, t = self.distill, self.train
+
+        def bad(key: str, value: Any, allowed: str) -> ConfigError:
+            return ConfigError(f"{key} = {value!r} is not allowed: {allowed}")
+
+        if not (d.temperature > 0 and math.isfinite(d.temperature)):
+            raise bad("distill.temperature", d.temperature, "the KD temperature must be a finite number > 0 (seed default 2.0)")
+        if not (d.min_temperature > 0 and math.isfinite(d.min_temperature)):
+            raise bad("distill.min_temperature", d.min_temperature, "must be a finite number > 0 (seed default 1.5)")
+        if d.min_temperature > d.temperature:
+            raise ConfigError(
+                f"distill.min_temperature = {d.min_temperature} is above distill.temperature = {d.temperature}: "
+                "the temperature anneals downwards; set min_temperature <= temperature "
+                "(equal values give a constant temperature)"
+            )
+        if not 0.0 <= d.kd_weight <= 1.0:
+            raise bad("distill.kd_weight", d.kd_weight, "must be in [0, 1] (0 = plain LM training, 1 = pure KD)")
+        positive_ints = {
+            "train.batch_size": t.batch_size, "train.grad_accum": t.grad_accum, "train.epochs": t.epochs,
+            "train.log_every": t.log_every, "data.block_size": self.data.block_size,
+            "loss.chunk_size": self.loss.chunk_size, "checkpoint.keep": self.checkpoint.keep,
+            "guard.max_consecutive_skips": self.guard.max_consecutive_skips,
+            "guard.spike_window": self.guard.spike_window, "guard.rollback_keep": self.guard.rollback_keep,
+            "guard.rollback_interval": self.guard.rollback_interval,
+        }
+        optional_positive = {
+            "train.max_steps": t.max_steps, "train.eval_every": t.eval_every,
+            "checkpoint.every": self.checkpoint.every, "data.max_eval_blocks": self.data.max_eval_blocks,
+            "health.plateau_window": self.health.plateau_window,
+        }
+        for key, value in {**positive_ints, **{k: v for k, v in optional_positive.items() if v is not None}}.items():
+            if value < 1:
+                raise bad(key, value, "must be a whole number >= 1")
+        if self.data.block_size < 2:
+            raise bad("data.block_size", self.data.block_size, "must be >= 2 (a block needs a token and its successor)")
+        if not (t.lr > 0 and math.isfinite(t.lr)):
+            raise bad("train.lr", t.lr, "the learning rate must be a finite number > 0")
+        if not 0.0 <= t.min_lr_ratio <= 1.0:
+            raise bad("train.min_lr_ratio", t.min_lr_ratio, "must be in [0, 1]")
+        if t.warmup_steps is not None and t.warmup_steps < 0:
+            raise bad("train.warmup_steps", t.warmup_steps, "must be >= 0")
+        if t.max_grad_norm is not None and not t.max_grad_norm > 0:
+            raise bad("train.max_grad_norm", t.max_grad_norm, "must be > 0, or null for no clipping")
+        if len(t.betas) != 2 or not all(isinstance(b, (int, float)) and 0 <= b < 1 for b in t.betas):
+            raise bad("train.betas", t.betas, "must be two numbers in [0, 1), e.g. [0.9, 0.95]")
+        if not 0.0 < self.data.eval_fraction < 1.0:
+            raise bad("data.eval_fraction", self.data.eval_fraction, "must be between 0 and 1 (exclusive)")
+        if self.guard.spike_factor <= 1.0:
+            raise bad("guard.spike_factor", self.guard.spike_factor, "must be > 1 (a spike is a loss above the median)")
+        if not 0.0 < self.guard.rollback_lr_factor <= 1.0:
+            raise bad("guard.rollback_lr_factor", self.guard.rollback_lr_factor, "must be in (0, 1]")
+        _validate_injections(self.debug)
+        return self
+
+    # ---- output -------------------------------------------------------------------
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.to_dict(), sort_keys=False)
+
+
+INJECT_WHERE = ("teacher_logits", "student_logits", "loss", "grad")
+INJECT_VALUES = ("nan", "inf", "-inf")
+
+
+def _validate_injections(dbg: DebugConfig) -> None:
+    for i, item in enumerate(dbg.inject):
+        if not isinstance(item, dict) or set(item) - {"step", "where", "value", "rank"}:
+            raise ConfigError(
+                f"debug.inject[{i}] = {item!r} is not allowed: each entry is "
+                "{step: N, where: teacher_logits|student_logits|loss|grad, value: nan|inf}"
+            )
+        if not isinstance(item.get("step"), int) or item["step"] < 0:
+            raise ConfigError(f"debug.inject[{i}].step = {item.get('step')!r} must be a step number >= 0")
+        if item.get("where") not in INJECT_WHERE:
+            raise ConfigError(f"debug.inject[{i}].where = {item.get('where')!r} must be one of {', '.join(INJECT_WHERE)}")
+        if str(item.get("value", "nan")).lower() not in INJECT_VALUES:
+            raise ConfigError(f"debug.inject[{i}].value = {item.get('value')!r} must be nan, inf or -inf")
+    for step, factor in dbg.loss_multiplier.items():
+        if not isinstance(step, int) or not isinstance(factor, (int, float)):
+            raise ConfigError(
+                f"debug.loss_multiplier entry {step!r}: {factor!r} must be step: factor, e.g. {{30: 4.0}}"
+            )
+
+
+def load_yaml(path: str | Path) -> dict:
+    p = Path(path)
+    if not p.is_file():
+        raise ConfigError(f"config file {str(p)!r} does not exist; pass the path of a YAML file (see configs/)")
+    try:
+        data = yaml.safe_load(p.read_text())
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f" at line {mark.line + 1}" if mark else ""
+        raise ConfigError(f"config file {str(p)!r} is not valid YAML{where}; fix the syntax") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"config file {str(p)!r} must hold a mapping of sections (run:, model:, ...)")
+    return data
+
+
+def _unknown_key_message(key: str, candidates: list[str], what: str) -> str:
+    close = difflib.get_close_matches(key, candidates, n=1, cutoff=0.6)
+    if not close:  # a right key in the wrong section: match on the last part alone
+        by_leaf = {c.split(".")[-1]: c for c in reversed(candidates)}
+        near = difflib.get_close_matches(key.split(".")[-1], list(by_leaf), n=1, cutoff=0.6)
+        close = [by_leaf[near[0]]] if near else []
+    hint = f"; did you mean '{close[0]}'?" if close else "; run 'lmdistill config-reference' for the list"
+    return f"unknown config {what} '{key}'{hint}"
+
+
+def _coerce(key: str, value: Any, hint: Any) -> Any:
+    """Check ``value`` against the annotation ``hint``; convert the harmless cases."""
+    origin = get_origin(hint)
+    args = get_args(hint)
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        errors = []
+        for arg in args:
+            if arg is type(None):
+                continue
+            try:
+                return _coerce(key, value, arg)
+            except ConfigError as exc:
+                errors.append(exc)
+        raise errors[0]
+    if origin is Literal:
+        if value in args:
+            return value
+        allowed = ", ".join(repr(a) for a in args)
+        raise ConfigError(f"{key} = {value!r} is not allowed: choose one of {allowed}")
+    if hint is bool:
+        if isinstance(value, bool):
+            return value
+    elif hint is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        if isinstance(value, float) and value.is_integer():
+            return int(value)
+    elif hint is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        if isinstance(value, str):
+            try:
+                return float(value)  # YAML 1.1 reads '1e-3' as a string
+            except ValueError:
+                pass
+    elif hint is str:
+        if isinstance(value, str):
+            return value
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return str(value)
+    elif hint in (list, dict):
+        if isinstance(value, hint):
+            return value
+    else:  # pragma: no cover - a field type we did not plan for is our bug
+        raise AssertionError(f"unsupported config type {hint} for {key}")
+    type_name = {bool: "true or false", int: "a whole number", float: "a number", str: "a string",
+                 list: "a list", dict: "a mapping"}[hint]
+    raise ConfigError(f"{key} = {value!r} has the wrong type: expected {type_name}")
+
+
+def reference_markdown() -> str:
+    """Markdown table of every config key with type, default and documentation."""
+    lines = ["# Configuration reference", "",
+             "Every key, its default and what it does. Set keys in a YAML file (`--config`), "
+             "with `--set section.key=value`, or with the named flags of `lmdistill train --help`.", ""]
+    cfg = Config()
+    for section in dataclasses.fields(cfg):
+        obj = getattr(cfg, section.name)
+        lines += [f"## `{section.name}`", "", (type(obj).__doc__ or "").strip(), "",
+                  "| key | default | meaning |", "|---|---|---|"]
+        for f in dataclasses.fields(obj):
+            default = getattr(obj, f.name)
+            lines.append(f"| `{section.name}.{f.name}` | `{default!r}` | {f.metadata.get('doc', '')} |")
+        lines.append("")
+    return "\n".join(lines)

@@ -1,0 +1,24 @@
+"""Errors a user can act on.
+
+Anything raised as ``LmdistillError`` reaches the command line as one line on stderr
+and a non-zero exit code, never as a traceback. Reserve plain exceptions and asserts
+for our own invariants.
+"""
+
+from __future__ import annotations
+
+
+class LmdistillError(Exception):
+    """A problem with the user's input or environment; the message says what to do."""
+
+    exit_code = 2
+
+
+class ConfigError(LmdistillError):
+    """A config key, value or combination that cannot be used."""
+
+
+class TrainingStopped(LmdistillError):
+    """Training stopped on purpose by a guard (too many skipped steps or rollbacks)."""
+
+    exit_code = 3

@@ -1,0 +1,101 @@
+"""Held-out evaluation: perplexity, KD divergence and top-1 agreement with the teacher.
+
+Perplexity is exp(token-mean student cross-entropy on held-out blocks), never exp of
+the total (KD-mixed) loss and never capped: a broken model shows as 2.3e+12, which
+is what it is. Sums are taken over tokens and divided once, so batch size does not
+change the numbers.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+
+import torch
+import torch.nn.functional as F
+from tqdm.auto import tqdm
+
+from .losses import token_divergence
+
+
+def perplexity(mean_ce: float) -> float:
+    """exp(mean CE in nats/token); inf when that overflows a float, NaN stays NaN."""
+    try:
+        return math.exp(mean_ce)
+    except OverflowError:
+        return math.inf
+
+
+def format_ppl(ppl: float) -> str:
+    """A perplexity as it is: 61.23, 4102, 2.3e+12 -- never capped."""
+    return f"{ppl:.4g}"
+
+
+@torch.no_grad()
+def evaluate(
+    student,
+    teacher,
+    blocks: torch.Tensor,
+    *,
+    vocab_size: int,
+    temperature: float,
+    scale_by_t2: bool = True,
+    divergence: str = "forward_kl",
+    batch_size: int = 8,
+    device: torch.device | str = "cpu",
+    autocast=None,
+    reduce=None,
+    teacher_cache: dict | None = None,
+    desc: str = "eval",
+    progress: bool = True,
+) -> dict:
+    """Evaluate ``student`` (and ``teacher``, if given) on (num_blocks, block_size) ids.
+
+    ``reduce`` sums a tensor across processes (data-parallel eval: each rank passes its
+    own shard of ``blocks``). ``teacher_cache`` keeps the teacher's numbers between
+    calls: a frozen teacher on fixed blocks gives the same answer every time.
+
+    Returns eval_ce_loss, eval_ppl, eval_tokens and, with a teacher, eval_kd_loss
+    (as trained: at ``temperature``, times T^2 when enabled), eval_kl (plain KL at
+    T=1, comparable across runs), top1_agreement, teacher_ce_loss and teacher_ppl.
+    """
+    was_training = student.training
+    student.eval()
+    sums = torch.zeros(6, dtype=torch.float64)  # ce, kd, kl_t1, agree, teacher_ce, tokens
+    need_teacher_ce = teacher is not None and (teacher_cache is None or "teacher_ce_loss" not in teacher_cache)
+    batches = range(0, len(blocks), batch_size)
+    for start in tqdm(batches, desc=desc, leave=False, disable=not progress, unit="batch"):
+        ids = blocks[start : start + batch_size].to(device)
+        targets = ids[:, 1:].reshape(-1)
+        with autocast() if autocast else contextlib.nullcontext():
+            s_logits = student(input_ids=ids).logits[:, :-1, :vocab_size]
+            t_logits = teacher(input_ids=ids).logits[:, :-1, :vocab_size] if teacher is not None else None
+        s_flat = s_logits.reshape(-1, vocab_size).float()
+        sums[0] += F.cross_entropy(s_flat, targets, reduction="sum").item()
+        sums[5] += targets.numel()
+        if t_logits is not None:
+            t_flat = t_logits.reshape(-1, vocab_size).float()
+            kd = token_divergence(s_flat, t_flat, temperature, divergence).sum().item()
+            sums[1] += kd * (temperature**2 if scale_by_t2 else 1.0)
+            sums[2] += token_divergence(s_flat, t_flat, 1.0, "forward_kl").sum().item()
+            sums[3] += (s_flat.argmax(-1) == t_flat.argmax(-1)).sum().item()
+            if need_teacher_ce:
+                sums[4] += F.cross_entropy(t_flat, targets, reduction="sum").item()
+    if reduce is not None:
+        sums = reduce(sums)
+    if was_training:
+        student.train()
+    tokens = max(sums[5].item(), 1.0)
+    ce = sums[0].item() / tokens
+    out = {"eval_ce_loss": ce, "eval_ppl": perplexity(ce), "eval_tokens": int(sums[5].item())}
+    if teacher is not None:
+        if need_teacher_ce:
+            teacher_ce = sums[4].item() / tokens
+            if teacher_cache is not None:
+                teacher_cache["teacher_ce_loss"] = teacher_ce
+        else:
+            teacher_ce = teacher_cache["teacher_ce_loss"]
+        out.update(eval_kd_loss=sums[1].item() / tokens, eval_kl=sums[2].item() / tokens,
+                   top1_agreement=sums[3].item() / tokens, teacher_ce_loss=teacher_ce,
+                   teacher_ppl=perplexity(teacher_ce))
+    return out

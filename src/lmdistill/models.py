@@ -1,0 +1,184 @@
+"""Load the teacher and the student, freeze the teacher, check they share a tokenizer.
+
+Both are ordinary transformers causal LMs given by local directory or hub id; a
+student may also be built fresh from the teacher's config with overrides. The
+embedding matrices of real checkpoints are often padded past the tokenizer (Qwen2.5:
+151,936 rows for 0.5B, 152,064 for 7B, 151,665 real tokens), so the loss uses only
+the first ``len(tokenizer)`` logits of both models: the padded rows are excluded,
+never given probability.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from .errors import LmdistillError
+
+_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$|^[A-Za-z0-9][\w.-]*$")
+
+
+def resolve_source(source: str, role: str) -> str:
+    """A local model directory as an absolute path, or a hub id left as it is.
+
+    Something that looks like a path but is missing is an error here, before
+    transformers turns it into a confusing hub lookup.
+    """
+    path = Path(source).expanduser()
+    if path.exists():
+        if not (path / "config.json").is_file():
+            raise LmdistillError(
+                f"{role} '{source}' is a directory without config.json; give a directory written by save_pretrained"
+            )
+        return str(path.resolve())
+    # A hub id is 'name' or 'org/name'; anything else can only have been meant as a path.
+    if source.startswith((".", "/", "~")) or not _HUB_ID.match(source):
+        raise LmdistillError(f"{role} '{source}' does not exist; give a model directory or a hub id like 'Qwen/Qwen2.5-0.5B'")
+    return source
+
+
+def _hub_error(role: str, source: str, exc: Exception) -> LmdistillError:
+    offline = os.environ.get("HF_HUB_OFFLINE") == "1"
+    why = "HF_HUB_OFFLINE=1 is set and it is not in the local cache" if offline else str(exc).splitlines()[0][:200]
+    return LmdistillError(f"could not load {role} '{source}': {why}; check the name, or use a local directory")
+
+
+def load_tokenizer(source: str, role: str = "teacher"):
+    from transformers import AutoTokenizer
+
+    try:
+        return AutoTokenizer.from_pretrained(source)
+    except Exception as exc:
+        raise _hub_error(f"{role} tokenizer", source, exc) from None
+
+
+def load_causal_lm(source: str, role: str, dtype: torch.dtype, trust_remote_code: bool = False):
+    from transformers import AutoModelForCausalLM
+
+    try:
+        return AutoModelForCausalLM.from_pretrained(source, dtype=dtype, trust_remote_code=trust_remote_code)
+    except Exception as exc:
+        raise _hub_error(role, source, exc) from None
+
+
+def freeze(model: torch.nn.Module) -> torch.nn.Module:
+    """Teacher mode: eval (no dropout), no gradients. It never enters an optimizer."""
+    model.eval()
+    model.requires_grad_(False)
+    return model
+
+
+def _tokenizer_identity(tokenizer) -> tuple[dict, list]:
+    """(vocabulary, merges): what decides how text becomes ids."""
+    vocab = tokenizer.get_vocab()
+    merges: list = []
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    if backend is not None:
+        model = json.loads(backend.to_str()).get("model", {})
+        merges = model.get("merges", []) or []
+    return vocab, merges
+
+
+def check_same_tokenizer(teacher_tok, student_tok, teacher_name: str, student_name: str) -> None:
+    """Stop before training when the two tokenizers would map text to different ids."""
+    if teacher_tok is student_tok:
+        return
+    t_vocab, t_merges = _tokenizer_identity(teacher_tok)
+    s_vocab, s_merges = _tokenizer_identity(student_tok)
+    problem = None
+    if t_vocab != s_vocab:
+        differing = len(set(t_vocab.items()) ^ set(s_vocab.items()))
+        problem = f"vocabularies differ ({len(t_vocab)} vs {len(s_vocab)} tokens, {differing} entries not shared)"
+    elif t_merges != s_merges:
+        problem = f"BPE merges differ ({len(t_merges)} vs {len(s_merges)} merges)"
+    if problem:
+        raise LmdistillError(
+            f"teacher '{teacher_name}' and student '{student_name}' use different tokenizers: {problem}; "
+            "distillation needs one tokenizer (cross-tokenizer KD is not supported yet): pick a student from the "
+            "teacher's family or leave model.student empty to build one"
+        )
+
+
+def output_vocab_size(model) -> int:
+    emb = model.get_output_embeddings()
+    return emb.weight.shape[0] if emb is not None else model.config.vocab_size
+
+
+def check_vocab_covers(model, vocab_size: int, role: str, name: str) -> None:
+    rows = output_vocab_size(model)
+    if rows < vocab_size:
+        raise LmdistillError(
+            f"{role} '{name}' has {rows} output rows but the tokenizer has {vocab_size} tokens; the model does not "
+            "belong to this tokenizer"
+        )
+
+
+_SHRINK_KEYS = ("num_hidden_layers", "hidden_size", "intermediate_size", "num_attention_heads")
+
+
+def student_config_from_teacher(teacher_config, overrides: dict):
+    """The teacher's architecture with ``overrides``; with none, half the layers and width."""
+    config = teacher_config.__class__.from_dict(teacher_config.to_dict())
+    if not overrides:
+        missing = [k for k in _SHRINK_KEYS if getattr(config, k, None) is None]
+        if missing:
+            raise LmdistillError(
+                f"cannot shrink a {config.model_type} teacher automatically (no {', '.join(missing)} in its config); "
+                "set model.student_config or model.student"
+            )
+        heads = max(1, config.num_attention_heads // 2)
+        overrides = {
+            "num_hidden_layers": max(1, config.num_hidden_layers // 2),
+            "hidden_size": max(heads, config.hidden_size // 2),
+            "intermediate_size": max(1, config.intermediate_size // 2),
+            "num_attention_heads": heads,
+        }
+        if getattr(config, "num_key_value_heads", None) is not None:
+            kv = config.num_key_value_heads
+            while heads % kv:
+                kv -= 1
+            overrides["num_key_value_heads"] = min(kv, heads)
+    for key, value in overrides.items():
+        if not hasattr(config, key):
+            raise LmdistillError(f"model.student_config key '{key}' is not a field of {type(config).__name__}")
+        setattr(config, key, value)
+    if getattr(config, "head_dim", None) is not None and "head_dim" not in overrides:
+        config.head_dim = config.hidden_size // config.num_attention_heads
+    return config
+
+
+def build_fresh_student(config, seed: int):
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(seed)
+    try:
+        return AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    except Exception as exc:
+        raise LmdistillError(f"could not build a student from model.student_config: {exc}") from None
+
+
+def num_params(model) -> int:
+    """Unique parameters (tied weights counted once)."""
+    return sum(p.numel() for p in {id(p): p for p in model.parameters()}.values())
+
+
+@dataclass
+class ModelInfo:
+    name: str
+    architecture: str
+    params: int
+    num_layers: int | None
+    hidden_size: int | None
+    vocab_size: int
+
+    @classmethod
+    def of(cls, model, name: str) -> "ModelInfo":
+        cfg = model.config
+        return cls(name=name, architecture=(cfg.architectures or [type(model).__name__])[0],
+                   params=num_params(model), num_layers=getattr(cfg, "num_hidden_layers", None),
+                   hidden_size=getattr(cfg, "hidden_size", None), vocab_size=output_vocab_size(model))

@@ -1,0 +1,84 @@
+"""metrics.jsonl and TensorBoard, written side by side from the main process.
+
+Every line goes to metrics.jsonl first (flushed at once, so a killed run keeps all
+lines up to the kill) and every numeric value also becomes a TensorBoard scalar
+under the same name. Skipped steps and health events become TensorBoard text.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+# Scalars grouped under a TensorBoard section so the dashboard reads well.
+_TB_SECTIONS = {"loss": "train", "kd_loss": "train", "kd_loss_unscaled": "train", "ce_loss": "train",
+                "grad_norm": "train", "temperature": "schedule", "lr": "schedule", "tokens_per_s": "speed"}
+
+
+def tb_tag(key: str) -> str:
+    if key.startswith(("eval_", "teacher_", "top1")):
+        return f"eval/{key}"
+    return f"{_TB_SECTIONS.get(key, 'other')}/{key}"
+
+
+class MetricsLog:
+    def __init__(self, run_dir: Path, enabled: bool = True, tensorboard: bool = True):
+        self.enabled = enabled
+        self.path = run_dir / "metrics.jsonl"
+        self._file = None
+        self._tb = None
+        if not enabled:
+            return
+        self._file = open(self.path, "a", encoding="utf-8")
+        if tensorboard:
+            from torch.utils.tensorboard import SummaryWriter
+
+            self._tb = SummaryWriter(log_dir=str(run_dir / "tensorboard"))
+
+    def write(self, record: dict) -> None:
+        if not self.enabled:
+            return
+        # Python's json writes NaN/Infinity literals; readers in this package accept them.
+        self._file.write(json.dumps(record) + "\n")
+        self._file.flush()
+        if self._tb is None:
+            return
+        step = int(record.get("step", 0))
+        if record.get("skipped"):
+            self._tb.add_scalar("events/skipped_step", 1.0, step)
+            self._tb.add_text("events/skipped", f"step {step}: {record.get('reason')}", step)
+        if "health" in record:
+            self._tb.add_scalar(f"health/{record['health']}", 1.0, step)
+            self._tb.add_text("events/health", f"step {step}: [{record['health']}] {record.get('message', '')}", step)
+        if "event" in record:
+            self._tb.add_text("events/other", f"step {step}: {record['event']} {record.get('message', '')}", step)
+        for key, value in record.items():
+            if key in ("step", "epoch") or isinstance(value, bool) or not isinstance(value, (int, float)):
+                continue
+            self._tb.add_scalar(tb_tag(key), value if math.isfinite(value) else float("nan"), step)
+
+    def close(self) -> None:
+        if self._file:
+            self._file.close()
+            self._file = None
+        if self._tb:
+            self._tb.flush()
+            self._tb.close()
+            self._tb = None
+
+
+def read_metrics(path: Path) -> list[dict]:
+    """All complete lines of a metrics.jsonl; a last line cut by a kill is ignored."""
+    records = []
+    if not path.exists():
+        return records
+    for line in path.read_text(encoding="utf-8").splitlines():
+        line = line.strip()
+        if not line:
+            continue
+        try:
+            records.append(json.loads(line))
+        except json.JSONDecodeError:
+            continue
+    return records

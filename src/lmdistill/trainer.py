@@ -1,0 +1,522 @@
+"""The distillation loop, readable top to bottom.
+
+``train(cfg)`` loads the teacher and the student, packs the data, then runs: for each
+optimizer step, forward both models on every micro-batch, backward the student's
+loss (summed over tokens and divided once by the global number of target tokens),
+check loss terms and gradient norm, and only then step the optimizer. Device
+placement, mixed precision and multi-process runs go through accelerate.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import os
+import shutil
+import time
+from dataclasses import asdict, dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+
+import torch
+from tqdm.auto import tqdm
+
+from .config import Config
+from .data import BlockSampler, build_block_data
+from .errors import LmdistillError, TrainingStopped
+from .evaluate import evaluate, format_ppl
+from .guards import FaultInjector, GuardState, RollbackStore, SpikeDetector, first_nonfinite, stop_message
+from .losses import distillation_loss
+from .models import (ModelInfo, build_fresh_student, check_same_tokenizer, check_vocab_covers, freeze,
+                     load_causal_lm, load_tokenizer, resolve_source, student_config_from_teacher)
+from .monitor import HealthMonitor, verdict_line
+from .schedules import lr_at, temperature_at
+from .tracking import MetricsLog
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+@dataclass
+class RunResult:
+    run_dir: Path
+    status: str
+    steps: int
+    initial: dict = field(default_factory=dict)
+    final: dict = field(default_factory=dict)
+    health: dict = field(default_factory=dict)
+    student_dir: Path | None = None
+
+
+# --------------------------------------------------------------------------- run directory
+def _utcnow() -> str:
+    return datetime.now(timezone.utc).isoformat(timespec="seconds")
+
+
+def read_run_json(run_dir: Path) -> dict:
+    try:
+        return json.loads((run_dir / "run.json").read_text())
+    except (OSError, json.JSONDecodeError):
+        return {}
+
+
+def write_json_atomic(path: Path, data: dict) -> None:
+    """Write to a temporary file beside ``path`` and rename: readers never see half a file."""
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(json.dumps(data, indent=2, default=str))
+    os.replace(tmp, path)
+
+
+def choose_run_dir(cfg: Config) -> Path:
+    """The run directory for ``cfg``, refusing to clobber an existing run unless asked."""
+    if cfg.run.output_dir is None:
+        stamp = datetime.now().strftime("%Y%m%d-%H%M%S")
+        base = Path("runs") / f"{cfg.run.name}-{stamp}"
+        path, n = base, 1
+        while path.exists():
+            n += 1
+            path = base.with_name(f"{base.name}-{n}")
+        return path
+    path = Path(cfg.run.output_dir).expanduser()
+    if path.exists() and not path.is_dir():
+        raise LmdistillError(f"output directory '{path}' is a file; choose another --output-dir")
+    if path.exists() and any(path.iterdir()) and not cfg.run.overwrite:
+        status = read_run_json(path).get("status")
+        if status == "finished" or (path / "student").exists():
+            raise LmdistillError(
+                f"output directory '{path}' already holds a finished run; choose another --output-dir or pass "
+                "--overwrite to replace it"
+            )
+        if status is not None or (path / "metrics.jsonl").exists():
+            raise LmdistillError(
+                f"output directory '{path}' holds an unfinished run (status: {status or 'unknown'}); pass --overwrite "
+                "to start it over, or choose another --output-dir"
+            )
+        raise LmdistillError(
+            f"output directory '{path}' is not empty and is not an lmdistill run; choose another --output-dir"
+        )
+    return path
+
+
+def create_run_dir(path: Path, cfg: Config) -> None:
+    if path.exists() and cfg.run.overwrite:
+        shutil.rmtree(path)
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        (path / "config.yaml").write_text(cfg.to_yaml())
+    except OSError as exc:
+        raise LmdistillError(f"cannot write the run directory '{path}': {exc.strerror}; choose a writable "
+                             "--output-dir") from None
+
+
+def save_student(model, tokenizer, run_dir: Path) -> Path:
+    """save_pretrained + tokenizer into RUN_DIR/student, atomically, refusing non-finite weights."""
+    for name, tensor in model.state_dict().items():
+        if tensor.is_floating_point() and not torch.isfinite(tensor).all():
+            raise LmdistillError(f"refusing to save the student: tensor '{name}' holds NaN or Inf; the previous "
+                                 "files are kept")
+    final = run_dir / "student"
+    tmp = run_dir / ".student.tmp"
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    model.save_pretrained(tmp, safe_serialization=True)
+    tokenizer.save_pretrained(tmp)
+    if final.exists():
+        old = run_dir / ".student.old"
+        os.replace(final, old)
+        os.replace(tmp, final)
+        shutil.rmtree(old)
+    else:
+        os.replace(tmp, final)
+    return final
+
+
+# --------------------------------------------------------------------------- set-up helpers
+def make_accelerator(cfg: Config):
+    from accelerate import Accelerator
+
+    use_cpu = cfg.run.device == "cpu" or (cfg.run.device == "auto" and not torch.cuda.is_available())
+    if cfg.run.device == "cuda" and not torch.cuda.is_available():
+        raise LmdistillError("run.device = 'cuda' but no CUDA device is available; use run.device=auto or cpu")
+    precision = cfg.run.mixed_precision
+    if precision == "auto":
+        precision = "bf16" if (not use_cpu and torch.cuda.is_bf16_supported()) else "no"
+    return Accelerator(cpu=use_cpu, mixed_precision=precision)
+
+
+def _has_tokenizer_files(source: str) -> bool:
+    path = Path(source)
+    if not path.is_dir():
+        return True  # a hub id: assume it ships a tokenizer; loading tells otherwise
+    return any((path / f).exists() for f in ("tokenizer.json", "tokenizer_config.json", "vocab.json",
+                                             "tokenizer.model"))
+
+
+def load_models(cfg: Config, teacher=None, student=None, tokenizer=None, progress: bool = True):
+    """(teacher or None, student, tokenizer, teacher_name, student_name) with all checks done."""
+    needs_teacher = cfg.distill.kd_weight > 0
+    teacher_name = student_name = None
+    if needs_teacher and teacher is None:
+        if cfg.model.teacher is None:
+            from .default import ensure_default_teacher
+
+            cfg.model.teacher = str(ensure_default_teacher(progress=progress))
+        teacher_name = resolve_source(cfg.model.teacher, "model.teacher")
+        tokenizer = tokenizer or load_tokenizer(teacher_name, "teacher")
+        dtype = cfg.model.teacher_dtype
+        if dtype == "auto":
+            dtype = "bfloat16" if torch.cuda.is_available() and cfg.run.device != "cpu" else "float32"
+        teacher = load_causal_lm(teacher_name, "teacher", DTYPES[dtype], cfg.model.trust_remote_code)
+    elif teacher is not None:
+        teacher_name = cfg.model.teacher or type(teacher).__name__
+    if student is None:
+        if cfg.model.student is not None:
+            student_name = resolve_source(cfg.model.student, "model.student")
+            student = load_causal_lm(student_name, "student", torch.float32, cfg.model.trust_remote_code)
+            if _has_tokenizer_files(student_name):
+                student_tok = load_tokenizer(student_name, "student")
+                if tokenizer is None:
+                    tokenizer = student_tok
+                else:
+                    check_same_tokenizer(tokenizer, student_tok, teacher_name, student_name)
+        else:
+            if teacher is None:
+                raise LmdistillError("no student to train: set model.student, or a teacher to build one from")
+            config = student_config_from_teacher(teacher.config, cfg.model.student_config)
+            student = build_fresh_student(config, cfg.run.seed)
+            student_name = "fresh: " + ", ".join(f"{k}={v}" for k, v in (cfg.model.student_config or {}).items()) \
+                if cfg.model.student_config else "fresh: half of the teacher"
+    else:
+        student_name = cfg.model.student or type(student).__name__
+    if tokenizer is None:
+        raise LmdistillError("no tokenizer found: the student directory has none and there is no teacher")
+    vocab_size = len(tokenizer)
+    check_vocab_covers(student, vocab_size, "student", student_name)
+    if teacher is not None:
+        check_vocab_covers(teacher, vocab_size, "teacher", teacher_name)
+        freeze(teacher)
+    return teacher, student, tokenizer, teacher_name, student_name
+
+
+def make_optimizer(model, cfg: Config):
+    """AdamW; no weight decay on norms, biases and other 1-D parameters."""
+    decay, no_decay = [], []
+    for p in model.parameters():
+        if p.requires_grad:
+            (decay if p.dim() >= 2 else no_decay).append(p)
+    groups = [{"params": decay, "weight_decay": cfg.train.weight_decay},
+              {"params": no_decay, "weight_decay": 0.0}]
+    return torch.optim.AdamW(groups, lr=cfg.train.lr, betas=tuple(cfg.train.betas))
+
+
+# --------------------------------------------------------------------------- the loop
+def train(cfg: Config, *, teacher=None, student=None, tokenizer=None, progress: bool = True,
+          print_summary: bool = True) -> RunResult:
+    """Run one distillation (or, with kd_weight 0, plain LM training) as ``cfg`` says."""
+    cfg.validate()
+    started = time.perf_counter()
+    accelerator = make_accelerator(cfg)
+    from accelerate.utils import set_seed
+
+    set_seed(cfg.run.seed)
+    is_main = accelerator.is_main_process
+    run_dir = choose_run_dir(cfg)  # refuse early, before minutes of loading
+
+    teacher, student, tokenizer, teacher_name, student_name = load_models(cfg, teacher, student, tokenizer, progress)
+    vocab_size = len(tokenizer)
+    data = build_block_data(cfg.data, tokenizer)
+
+    world = accelerator.num_processes
+    sampler = BlockSampler(len(data.train), cfg.train.batch_size, cfg.run.seed, accelerator.process_index, world)
+    steps_per_epoch = sampler.micro_batches_per_epoch // cfg.train.grad_accum
+    if steps_per_epoch == 0:
+        need = cfg.train.batch_size * cfg.train.grad_accum * world
+        raise LmdistillError(
+            f"one optimizer step needs {need} blocks (batch_size x grad_accum x processes) but there are only "
+            f"{len(data.train)} training blocks; lower train.batch_size or add data"
+        )
+    total_steps = cfg.train.max_steps or cfg.train.epochs * steps_per_epoch
+    warmup = cfg.train.warmup_steps if cfg.train.warmup_steps is not None else int(0.05 * total_steps)
+    eval_every = cfg.train.eval_every or max(1, total_steps // 10)
+
+    optimizer = make_optimizer(student, cfg)
+    student, optimizer = accelerator.prepare(student, optimizer)
+    student.train()
+    device = accelerator.device
+    if teacher is not None:
+        teacher.to(device)
+    raw_student = accelerator.unwrap_model(student)
+    teacher_before = _fingerprint(teacher) if teacher is not None else None
+
+    if is_main:
+        create_run_dir(run_dir, cfg)
+    accelerator.wait_for_everyone()
+    log = MetricsLog(run_dir, enabled=is_main)
+    run_info = {
+        "status": "running", "started_at": _utcnow(), "command": "train",
+        "teacher": asdict(ModelInfo.of(teacher, teacher_name)) if teacher is not None else None,
+        "student": asdict(ModelInfo.of(raw_student, student_name)),
+        "data": data.describe(),
+        "plan": {"total_steps": total_steps, "steps_per_epoch": steps_per_epoch, "warmup_steps": warmup,
+                 "eval_every": eval_every,
+                 "processes": world, "device": str(device), "mixed_precision": accelerator.mixed_precision,
+                 "vocab_size": vocab_size},
+    }
+    if is_main:
+        write_json_atomic(run_dir / "run.json", run_info)
+
+    monitor = HealthMonitor(cfg.health, total_steps)
+    detector = SpikeDetector(cfg.guard.spike_window, cfg.guard.spike_warmup, cfg.guard.spike_factor, cfg.guard.spike_mad)
+    guard = GuardState()
+    rollback = RollbackStore(cfg.guard.rollback_keep, cfg.guard.rollback_interval) if cfg.guard.spike == "rollback" else None
+    injector = FaultInjector(cfg.debug, accelerator.process_index)
+    say = tqdm.write if progress else print
+
+    def announce(step: int, fired: list[tuple[str, str]]) -> None:
+        for check, message in fired:
+            if is_main:
+                say(f"[health:{check}] {message}")
+            log.write({"step": step, "health": check, "message": message})
+
+    if injector.active and is_main:
+        say(f"WARNING: fault injection is ON (debug section): {injector.describe()}")
+
+    def run_eval(step: int, temperature: float, desc: str) -> dict:
+        shard = data.eval[accelerator.process_index :: world]
+        result = evaluate(
+            raw_student if world == 1 else student, teacher, shard, vocab_size=vocab_size, temperature=temperature,
+            scale_by_t2=cfg.distill.scale_by_t2, divergence=cfg.distill.divergence,
+            batch_size=max(cfg.train.batch_size, 8), device=device, autocast=accelerator.autocast,
+            reduce=lambda t: accelerator.reduce(t.to(device), "sum").cpu(), teacher_cache=teacher_cache,
+            desc=desc, progress=progress and is_main,
+        )
+        log.write({"step": step, **result})
+        announce(step, monitor.on_eval(step, result["eval_ppl"]))
+        return result
+
+    teacher_cache: dict = {}
+    t_start = temperature_at(0, total_steps, cfg.distill.temperature, cfg.distill.min_temperature,
+                             cfg.distill.temperature_schedule)
+    initial = run_eval(0, t_start, "eval (before)")
+    last_eval = initial
+    status, step = "running", 0
+    bar = tqdm(total=total_steps, desc="distill" if teacher is not None else "train", unit="step",
+               disable=not (progress and is_main), dynamic_ncols=True)
+    micro = 0
+    try:
+        for step in range(total_steps):
+            t0 = time.perf_counter()
+            temperature = temperature_at(step, total_steps, cfg.distill.temperature, cfg.distill.min_temperature,
+                                         cfg.distill.temperature_schedule)
+            lr = lr_at(step, total_steps, cfg.train.lr, warmup, cfg.train.lr_schedule, cfg.train.min_lr_ratio)
+            lr *= guard.lr_scale
+            for group in optimizer.param_groups:
+                group["lr"] = lr
+            batches = [data.train[sampler.indices(micro + i)] for i in range(cfg.train.grad_accum)]
+            micro += cfg.train.grad_accum
+            epoch = sampler.epoch_of(micro - 1)
+
+            # The one normaliser for every term: valid targets across micro-batches and ranks.
+            local_tokens = sum(b[:, 1:].numel() for b in batches)
+            num_tokens = accelerator.reduce(torch.tensor(float(local_tokens), device=device), "sum").item()
+            # stats: loss, kd, kd_unscaled, ce, teacher_bad -- summed over micro-batches, already / num_tokens
+            stats = torch.zeros(5, device=device, dtype=torch.float64)
+            for i, ids in enumerate(batches):
+                ids = ids.to(device)
+                last = i == len(batches) - 1
+                with contextlib.nullcontext() if last else accelerator.no_sync(student):
+                    with accelerator.autocast():
+                        parts, teacher_bad = _micro_batch_loss(
+                            ids, student, teacher, vocab_size, temperature, cfg, num_tokens, injector, step)
+                    # DDP averages gradients over ranks; our loss is already a global mean.
+                    loss = parts.total * world
+                    if step in injector.loss_multiplier:
+                        loss = loss * injector.loss_multiplier[step]
+                    if i == 0:
+                        loss = injector.poison(loss, step, "loss")
+                    accelerator.backward(loss)
+                stats += torch.stack([loss.detach().double() / world, parts.kd.double(), parts.kd_unscaled.double(),
+                                      parts.ce.double(), teacher_bad.double()])
+            if injector.value(step, "grad") is not None:
+                first = next(p for p in raw_student.parameters() if p.grad is not None)
+                first.grad.view(-1)[0] = injector.value(step, "grad")
+            max_norm = cfg.train.max_grad_norm if cfg.train.max_grad_norm is not None else math.inf
+            grad_norm = accelerator.clip_grad_norm_(student.parameters(), max_norm)
+            # One reduction, one sync: every rank sees the same numbers and so decides the same.
+            stats = accelerator.reduce(torch.cat([stats, grad_norm.detach().double().view(1)]), "sum")
+            loss_v, kd_v, kd_u_v, ce_v, teacher_bad_v, grad_sum = stats.tolist()
+            values = {"loss": loss_v, "kd": kd_v, "ce": ce_v, "grad": grad_sum / world,
+                      "teacher_logits": math.nan if teacher_bad_v > 0 else 0.0}
+            record = {"step": step, "epoch": epoch, "temperature": temperature, "lr": lr, "loss": loss_v,
+                      "kd_loss": kd_v, "kd_loss_unscaled": kd_u_v, "ce_loss": ce_v, "grad_norm": grad_sum / world}
+
+            skip_reason = None
+            bad = first_nonfinite(values) if cfg.guard.enabled else None
+            if bad is not None:
+                skip_reason = f"nonfinite:{bad}"
+                guard.consecutive_skips += 1
+                guard.total_skips += 1
+                announce(step, monitor.on_nonfinite(step, bad))
+            else:
+                guard.consecutive_skips = 0
+                is_spike, median = detector.judge(loss_v) if cfg.guard.enabled else (False, math.nan)
+                if is_spike:
+                    action = {"warn": "kept", "skip": "step skipped", "rollback": "rolled back"}[cfg.guard.spike]
+                    announce(step, monitor.on_spike(step, loss_v, median, action))
+                    if cfg.guard.spike == "skip":
+                        skip_reason = "spike"
+                    elif cfg.guard.spike == "rollback":
+                        skip_reason = "spike"
+                        to_step = rollback.restore_latest(raw_student, optimizer) if rollback else None
+                        if to_step is not None:
+                            guard.rollbacks += 1
+                            guard.lr_scale *= cfg.guard.rollback_lr_factor
+                            log.write({"step": step, "event": "rollback", "to_step": to_step,
+                                       "lr_scale": guard.lr_scale,
+                                       "message": f"restored the state of step {to_step}; LR x{guard.lr_scale:g}"})
+                            if is_main:
+                                say(f"[guard] rolled back to the state of step {to_step} (LR scale {guard.lr_scale:g})")
+                            if guard.rollbacks > cfg.guard.max_rollbacks:
+                                raise TrainingStopped(
+                                    f"stopped after {guard.rollbacks} rollbacks (guard.max_rollbacks = "
+                                    f"{cfg.guard.max_rollbacks}): the loss keeps spiking; lower train.lr or check "
+                                    "the data")
+                else:
+                    detector.observe(loss_v)
+            if skip_reason is None:
+                optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            if skip_reason is None and rollback is not None:
+                rollback.maybe_save(step + 1, raw_student, optimizer)
+
+            elapsed = time.perf_counter() - t0
+            record["tokens_per_s"] = sum(b.numel() for b in batches) * world / elapsed
+            if skip_reason is not None:
+                log.write({"step": step, "skipped": True, "reason": skip_reason, **{k: v for k, v in record.items()
+                                                                                     if k != "step"}})
+                if guard.consecutive_skips >= cfg.guard.max_consecutive_skips:
+                    raise TrainingStopped(stop_message(bad, guard.consecutive_skips))
+            else:
+                announce(step, monitor.on_train_loss(step, loss_v))
+                if step % cfg.train.log_every == 0 or step == total_steps - 1:
+                    log.write(record)
+            bar.update(1)
+            bar.set_description(f"{'distill' if teacher is not None else 'train'} ep {epoch}")
+            bar.set_postfix(loss=f"{loss_v:.3f}", T=f"{temperature:.2f}", tok_s=f"{record['tokens_per_s']:.0f}",
+                            refresh=False)
+            done = step + 1
+            if done % eval_every == 0 and done < total_steps:
+                last_eval = run_eval(done, temperature, f"eval (step {done})")
+        status = "finished"
+    except TrainingStopped as exc:
+        status = "stopped"
+        run_info["exit_reason"] = str(exc)
+        raise
+    except KeyboardInterrupt:
+        status = "interrupted"
+        run_info["exit_reason"] = "interrupted by the user (Ctrl-C)"
+        raise
+    except BaseException as exc:
+        status = "failed"
+        run_info["exit_reason"] = f"{type(exc).__name__}: {exc}"
+        raise
+    finally:
+        bar.close()
+        if status not in ("running", "finished"):  # stopped early: leave a readable record of it
+            run_info["status"] = status
+            _finish(run_info, run_dir, monitor, log, is_main, started, step)
+
+    # ---------------------------------------------------------------- the end of a finished run
+    final_t = temperature_at(total_steps, total_steps, cfg.distill.temperature, cfg.distill.min_temperature,
+                             cfg.distill.temperature_schedule)
+    final = run_eval(total_steps, final_t, "eval (final)")
+    student_dir = None
+    if is_main:
+        student_dir = save_student(accelerator.unwrap_model(student), tokenizer, run_dir)
+    if teacher is not None and _fingerprint(teacher) != teacher_before:
+        raise AssertionError("the teacher's weights changed during training")  # our invariant, not user error
+    health = monitor.finalize()
+    run_info.update(status="finished", initial=_eval_summary(initial), final={**_eval_summary(final),
+                    "steps": total_steps, "skipped_steps": guard.total_skips, "rollbacks": guard.rollbacks,
+                    "tokens_per_s": _median_tokens_per_s(log.path) if is_main else None})
+    _finish(run_info, run_dir, monitor, log, is_main, started, total_steps)
+    result = RunResult(run_dir=run_dir, status="finished", steps=total_steps, initial=initial, final=final,
+                       health=health, student_dir=student_dir)
+    if is_main and print_summary:
+        print(summary_table(result))
+    return result
+
+
+def _micro_batch_loss(ids, student, teacher, vocab_size, temperature, cfg: Config, num_tokens, injector, step):
+    """LossParts for one micro-batch, and a 0-d flag: the teacher produced NaN or +Inf."""
+    targets = ids[:, 1:]
+    s_logits = student(input_ids=ids).logits[:, :-1, :vocab_size]
+    s_logits = injector.poison(s_logits, step, "student_logits")
+    t_logits = None
+    teacher_bad = torch.zeros((), device=ids.device)
+    if teacher is not None and cfg.distill.kd_weight > 0:
+        with torch.no_grad():
+            t_logits = teacher(input_ids=ids).logits[:, :-1, :vocab_size]
+            t_logits = injector.poison(t_logits, step, "teacher_logits")
+            # -inf is a legitimate masked entry; NaN or +inf is a broken teacher. max() finds both.
+            teacher_bad = (~torch.isfinite(t_logits.amax())).float()
+    parts = distillation_loss(s_logits, t_logits, targets, temperature=temperature, kd_weight=cfg.distill.kd_weight,
+                              scale_by_t2=cfg.distill.scale_by_t2, divergence=cfg.distill.divergence,
+                              num_tokens=num_tokens)
+    return parts, teacher_bad
+
+
+def _fingerprint(model) -> list[tuple[float, float]]:
+    """Cheap on-device checksums of every parameter, to catch a teacher that was modified."""
+    return [(p.detach().double().sum().item(), p.detach().double().square().sum().item()) for p in model.parameters()]
+
+
+def _eval_summary(result: dict) -> dict:
+    keys = ("eval_ce_loss", "eval_ppl", "eval_kd_loss", "eval_kl", "top1_agreement", "teacher_ce_loss", "teacher_ppl")
+    return {k: result[k] for k in keys if k in result}
+
+
+def _median_tokens_per_s(path: Path) -> float | None:
+    from .tracking import read_metrics
+
+    values = sorted(r["tokens_per_s"] for r in read_metrics(path) if "tokens_per_s" in r and not r.get("skipped"))
+    return values[len(values) // 2] if values else None
+
+
+def _finish(run_info: dict, run_dir: Path, monitor: HealthMonitor, log: MetricsLog, is_main: bool,
+            started: float, steps_done: int) -> None:
+    """health.json, run.json and the report: written for finished and stopped runs alike."""
+    log.close()
+    if not is_main:
+        return
+    health = monitor.finalize()
+    write_json_atomic(run_dir / "health.json", health)
+    run_info.update(finished_at=_utcnow(), wall_time_s=round(time.perf_counter() - started, 2),
+                    steps_done=steps_done, health_verdict=health["verdict"])
+    write_json_atomic(run_dir / "run.json", run_info)
+    try:
+        from .report import write_report
+    except ImportError:  # reporting is optional at this layer
+        return
+    try:
+        write_report(run_dir)
+    except Exception as exc:  # a report must never turn a good run into a failed one
+        print(f"warning: could not write report.md: {type(exc).__name__}: {exc}")
+
+
+def summary_table(result: RunResult) -> str:
+    i, f = result.initial, result.final
+    rows = []
+    if "teacher_ppl" in f:
+        rows.append(("teacher", f["teacher_ppl"], f["teacher_ce_loss"]))
+    rows.append(("student before", i["eval_ppl"], i["eval_ce_loss"]))
+    rows.append(("student after", f["eval_ppl"], f["eval_ce_loss"]))
+    width = max(len(r[0]) for r in rows) + 2
+    lines = ["", f"{'held-out':<{width}}{'perplexity':>14}{'CE nats/token':>16}"]
+    lines += [f"{name:<{width}}{format_ppl(ppl):>14}{ce:>16.4f}" for name, ppl, ce in rows]
+    if "top1_agreement" in f:
+        lines.append(f"top-1 agreement with the teacher: {f['top1_agreement']:.1%}; "
+                     f"KL(teacher || student) at T=1: {f['eval_kl']:.4f} nats/token")
+    lines.append(f"health: {verdict_line(result.health)}")
+    lines.append(f"run directory: {result.run_dir}")
+    return "\n".join(lines)
