@@ -48,6 +48,9 @@ def _add_train_parser(sub) -> None:
         p.add_argument("--" + name.replace("_", "-"), dest=name, type=str, default=None,
                        help=f"{help_text} [{key}]")
     p.add_argument("--overwrite", action="store_true", help="replace an output directory that holds a run")
+    p.add_argument("--resume", nargs="?", const=True, default=None, metavar="RUN_DIR",
+                   help="continue an unfinished run (RUN_DIR or --output-dir) from its newest valid checkpoint, "
+                        "with the run's saved config unless --config is given")
     p.add_argument("--no-progress", action="store_true", help="no progress bars (for logs)")
 
 
@@ -61,7 +64,16 @@ def _build_config(args) -> "Config":
             overrides.append(f"{key}={value}")
     if args.overwrite:
         overrides.append("run.overwrite=true")
-    return Config.load(args.config, overrides)
+    config_file = args.config
+    if args.resume is not None:
+        if isinstance(args.resume, str):
+            overrides.append(f"run.output_dir={args.resume}")
+        overrides.append("run.resume=true")
+        run_dir = args.resume if isinstance(args.resume, str) else args.output_dir
+        saved = Path(run_dir) / "config.yaml" if run_dir else None
+        if config_file is None and saved is not None and saved.is_file():
+            config_file = saved  # the run's own settings; flags still apply on top
+    return Config.load(config_file, overrides)
 
 
 def cmd_train(args) -> int:
@@ -120,6 +132,14 @@ def cmd_report(args) -> int:
     return main_report(args.runs)
 
 
+def cmd_export(args) -> int:
+    from .export import export_checkpoint
+
+    out = export_checkpoint(args.checkpoint, args.out_dir)
+    print(f"exported {args.checkpoint} -> {out} (loads with AutoModelForCausalLM.from_pretrained)")
+    return 0
+
+
 def cmd_config_reference(args) -> int:
     from .config import reference_markdown
 
@@ -147,11 +167,16 @@ def build_parser() -> argparse.ArgumentParser:
     r = sub.add_parser("report", help="plots and report.md for a run; several runs: a comparison")
     r.add_argument("runs", nargs="+", help="run directories")
 
+    x = sub.add_parser("export", help="write a Hugging Face model directory from a checkpoint")
+    x.add_argument("checkpoint", help="RUN_DIR/checkpoints/step-N, or a run directory (its newest valid checkpoint)")
+    x.add_argument("out_dir", help="new directory for the model")
+
     sub.add_parser("config-reference", help="print every config key with its default and meaning")
     return parser
 
 
-COMMANDS = {"train": cmd_train, "eval": cmd_eval, "report": cmd_report, "config-reference": cmd_config_reference}
+COMMANDS = {"train": cmd_train, "eval": cmd_eval, "report": cmd_report, "export": cmd_export,
+            "config-reference": cmd_config_reference}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -38,6 +38,7 @@ class RunConfig:
     output_dir: str | None = doc("Run directory. Default: runs/<name>-<date>-<time>.", None)
     name: str = doc("Short run name used in the default output_dir and the report.", "distill")
     overwrite: bool = doc("Replace an output_dir that already holds a run.", False)
+    resume: bool = doc("Continue the unfinished run in output_dir from its newest valid checkpoint.", False)
     seed: int = doc("Seed for Python, NumPy and torch; the same seed gives the same run on CPU.", 0)
     device: Literal["auto", "cpu", "cuda"] = doc("auto = CUDA when available, else CPU.", "auto")
     mixed_precision: Literal["auto", "no", "bf16", "fp16"] = doc(
@@ -181,6 +182,8 @@ class DebugConfig:
         "Faults: [{step: 7, where: teacher_logits|student_logits|loss|grad, value: nan|inf}].", []
     )
     loss_multiplier: dict = doc("Fake spikes: {step: factor} multiplies the loss at that step.", {})
+    exit_after_step: int | None = doc("Kill drill: end the process abruptly (exit code 137, no clean-up) right after "
+                                      "step N and its checkpoint, as a SIGKILL would.", None)
 
 
 @dataclass
@@ -308,6 +311,11 @@ class Config:
             raise bad("guard.spike_factor", self.guard.spike_factor, "must be > 1 (a spike is a loss above the median)")
         if not 0.0 < self.guard.rollback_lr_factor <= 1.0:
             raise bad("guard.rollback_lr_factor", self.guard.rollback_lr_factor, "must be in (0, 1]")
+        if self.run.resume and self.run.overwrite:
+            raise ConfigError("run.resume and run.overwrite contradict each other: resume continues the run in "
+                              "output_dir, overwrite deletes it; choose one")
+        if self.run.resume and not self.run.output_dir:
+            raise ConfigError("run.resume needs run.output_dir: the run directory to continue (--output-dir)")
         _validate_injections(self.debug)
         return self
 
@@ -361,11 +369,15 @@ def load_yaml(path: str | Path) -> dict:
 
 
 def _unknown_key_message(key: str, candidates: list[str], what: str) -> str:
-    close = difflib.get_close_matches(key, candidates, n=1, cutoff=0.6)
-    if not close:  # a right key in the wrong section: match on the last part alone
-        by_leaf = {c.split(".")[-1]: c for c in reversed(candidates)}
-        near = difflib.get_close_matches(key.split(".")[-1], list(by_leaf), n=1, cutoff=0.6)
-        close = [by_leaf[near[0]]] if near else []
+    leaf = key.split(".")[-1]
+    by_leaf = {c.split(".")[-1]: c for c in reversed(candidates)}
+    if leaf in by_leaf:  # a right key in the wrong section (or without one)
+        close = [by_leaf[leaf]]
+    else:
+        close = difflib.get_close_matches(key, candidates, n=1, cutoff=0.6)
+        if not close:
+            near = difflib.get_close_matches(leaf, list(by_leaf), n=1, cutoff=0.6)
+            close = [by_leaf[near[0]]] if near else []
     hint = f"; did you mean '{close[0]}'?" if close else "; run 'lmdistill config-reference' for the list"
     return f"unknown config {what} '{key}'{hint}"
 
@@ -387,7 +399,9 @@ def _coerce(key: str, value: Any, hint: Any) -> Any:
                 errors.append(exc)
         raise errors[0]
     if origin is Literal:
-        if value in args:
+        if value is False and "no" in args:
+            return "no"  # YAML 1.1 reads an unquoted `no` as false
+        if value in args and not isinstance(value, bool):
             return value
         allowed = ", ".join(repr(a) for a in args)
         raise ConfigError(f"{key} = {value!r} is not allowed: choose one of {allowed}")

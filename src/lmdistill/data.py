@@ -74,7 +74,10 @@ def load_texts(source: str | None, cfg: DataConfig, role: str = "data.path"):
         try:
             ds = datasets.load_dataset(builder, data_files=files, split="train", **kwargs)
         except Exception as exc:  # datasets raises many types for unreadable files
-            raise LmdistillError(f"could not read {role} '{source}': {str(exc).splitlines()[0]}") from None
+            if all(Path(f).stat().st_size == 0 for f in files):
+                raise LmdistillError(f"{role} '{source}' is empty; give a file with text in it") from None
+            detail = (str(exc).splitlines() or [type(exc).__name__])[0]
+            raise LmdistillError(f"could not read {role} '{source}': {detail}; check the file's format") from None
         description = f"{source} ({len(files)} file{'s' if len(files) > 1 else ''})"
     elif _HUB_ID.match(source) and not source.startswith((".", "~")):
         try:
@@ -108,7 +111,11 @@ def pack_blocks(texts, tokenizer, block_size: int, num_proc: int | None = None) 
         ids = tokenizer(batch["text"], add_special_tokens=False, verbose=False)["input_ids"]
         return {"ids": [x + [eos] for x in ids if x]}
 
+    if len(texts) == 0:
+        return torch.zeros((0, block_size), dtype=torch.long)
     tokenized = texts.map(tokenize, batched=True, remove_columns=texts.column_names, num_proc=num_proc)
+    if "ids" not in tokenized.column_names:  # every document was empty
+        return torch.zeros((0, block_size), dtype=torch.long)
     flat = np.fromiter(itertools.chain.from_iterable(tokenized["ids"]), dtype=np.int64)
     num_blocks = len(flat) // block_size
     return torch.from_numpy(flat[: num_blocks * block_size].copy()).view(num_blocks, block_size)

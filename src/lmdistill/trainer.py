@@ -22,6 +22,8 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
+from .checkpoint import (capture_rng_state, directory_hash, find_latest_valid, load_checkpoint, restore_rng_state,
+                         save_checkpoint)
 from .config import Config
 from .data import BlockSampler, build_block_data
 from .errors import LmdistillError, TrainingStopped
@@ -80,6 +82,11 @@ def choose_run_dir(cfg: Config) -> Path:
     path = Path(cfg.run.output_dir).expanduser()
     if path.exists() and not path.is_dir():
         raise LmdistillError(f"output directory '{path}' is a file; choose another --output-dir")
+    if cfg.run.resume:
+        if read_run_json(path).get("status") == "finished":
+            raise LmdistillError(f"the run in '{path}' already finished; there is nothing to resume (its student is "
+                                 f"in {path / 'student'})")
+        return path  # a missing or empty directory simply starts from step 0
     if path.exists() and any(path.iterdir()) and not cfg.run.overwrite:
         status = read_run_json(path).get("status")
         if status == "finished" or (path / "student").exists():
@@ -89,8 +96,8 @@ def choose_run_dir(cfg: Config) -> Path:
             )
         if status is not None or (path / "metrics.jsonl").exists():
             raise LmdistillError(
-                f"output directory '{path}' holds an unfinished run (status: {status or 'unknown'}); pass --overwrite "
-                "to start it over, or choose another --output-dir"
+                f"output directory '{path}' holds an unfinished run (status: {status or 'unknown'}); pass --resume "
+                "to continue it from its newest checkpoint, --overwrite to start it over, or another --output-dir"
             )
         raise LmdistillError(
             f"output directory '{path}' is not empty and is not an lmdistill run; choose another --output-dir"
@@ -103,7 +110,9 @@ def create_run_dir(path: Path, cfg: Config) -> None:
         shutil.rmtree(path)
     try:
         path.mkdir(parents=True, exist_ok=True)
-        (path / "config.yaml").write_text(cfg.to_yaml())
+        tmp = path / ".config.yaml.tmp"
+        tmp.write_text(cfg.to_yaml())
+        os.replace(tmp, path / "config.yaml")
     except OSError as exc:
         raise LmdistillError(f"cannot write the run directory '{path}': {exc.strerror}; choose a writable "
                              "--output-dir") from None
@@ -119,6 +128,9 @@ def save_student(model, tokenizer, run_dir: Path) -> Path:
     tmp = run_dir / ".student.tmp"
     if tmp.exists():
         shutil.rmtree(tmp)
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()  # one tiny file does not need a "Writing model shards" bar
     model.save_pretrained(tmp, safe_serialization=True)
     tokenizer.save_pretrained(tmp)
     if final.exists():
@@ -141,6 +153,14 @@ def make_accelerator(cfg: Config):
     precision = cfg.run.mixed_precision
     if precision == "auto":
         precision = "bf16" if (not use_cpu and torch.cuda.is_bf16_supported()) else "no"
+    # accelerate keeps one process-wide state; a second run in the same process (the default
+    # teacher's pretraining, then the distillation; tests) may want another precision.
+    # Reset it but keep the process group (PartialState) of a multi-process launch.
+    from accelerate.state import AcceleratorState, GradientState
+
+    if AcceleratorState._shared_state:
+        AcceleratorState._reset_state(reset_partial_state=False)
+        GradientState._reset_state()
     return Accelerator(cpu=use_cpu, mixed_precision=precision)
 
 
@@ -248,9 +268,39 @@ def train(cfg: Config, *, teacher=None, student=None, tokenizer=None, progress: 
     raw_student = accelerator.unwrap_model(student)
     teacher_before = _fingerprint(teacher) if teacher is not None else None
 
+    teacher_ref = _teacher_reference(cfg.model.teacher if teacher is not None else None)
+    resume_from = None
+    if cfg.run.resume:
+        resume_from, warnings = find_latest_valid(run_dir / "checkpoints")
+        for warning in warnings if is_main else []:
+            print(f"warning: {warning}")
     if is_main:
-        create_run_dir(run_dir, cfg)
+        if resume_from is None:
+            if cfg.run.resume:  # the attempt died before its first checkpoint: redo it from step 0
+                _trim_metrics(run_dir / "metrics.jsonl", 0)
+            create_run_dir(run_dir, cfg)
+            tokenizer.save_pretrained(run_dir / "tokenizer")  # once per run; checkpoints + this = a model
+        else:
+            _check_resume_compatible(run_dir, cfg, teacher_ref)
     accelerator.wait_for_everyone()
+    start_step, micro, initial = 0, 0, None
+    state: dict = {}
+    if resume_from is not None:
+        ckpt = load_checkpoint(resume_from)
+        raw_student.load_state_dict(ckpt.model_state)
+        optimizer.load_state_dict(ckpt.optimizer_state)
+        if ckpt.rng_state is not None:
+            restore_rng_state(ckpt.rng_state)
+        state = ckpt.trainer_state
+        if state.get("processes", 1) != world:
+            raise LmdistillError(
+                f"{resume_from} was written by a run with {state.get('processes', 1)} processes, this one has {world}; "
+                "the data order depends on the process count: resume with the same number of processes"
+            )
+        start_step, micro, initial = state["step"], state["micro_batches"], state["initial_eval"]
+        if is_main:
+            _trim_metrics(run_dir / "metrics.jsonl", start_step)
+            print(f"Resuming {run_dir} from {resume_from.name} (step {start_step} of {total_steps})")
     log = MetricsLog(run_dir, enabled=is_main)
     run_info = {
         "status": "running", "started_at": _utcnow(), "command": "train",
@@ -262,12 +312,18 @@ def train(cfg: Config, *, teacher=None, student=None, tokenizer=None, progress: 
                  "processes": world, "device": str(device), "mixed_precision": accelerator.mixed_precision,
                  "vocab_size": vocab_size},
     }
+    if resume_from is not None:
+        run_info["resumed_from_step"] = start_step
     if is_main:
         write_json_atomic(run_dir / "run.json", run_info)
 
     monitor = HealthMonitor(cfg.health, total_steps)
     detector = SpikeDetector(cfg.guard.spike_window, cfg.guard.spike_warmup, cfg.guard.spike_factor, cfg.guard.spike_mad)
     guard = GuardState()
+    if state:
+        guard = GuardState(**state["guard"])
+        detector.load_state_dict(state["spike_detector"])
+        monitor.load_state_dict(state["health"])
     rollback = RollbackStore(cfg.guard.rollback_keep, cfg.guard.rollback_interval) if cfg.guard.spike == "rollback" else None
     injector = FaultInjector(cfg.debug, accelerator.process_index)
     say = tqdm.write if progress else print
@@ -284,7 +340,7 @@ def train(cfg: Config, *, teacher=None, student=None, tokenizer=None, progress: 
     def run_eval(step: int, temperature: float, desc: str) -> dict:
         shard = data.eval[accelerator.process_index :: world]
         result = evaluate(
-            raw_student if world == 1 else student, teacher, shard, vocab_size=vocab_size, temperature=temperature,
+            raw_student, teacher, shard, vocab_size=vocab_size, temperature=temperature,
             scale_by_t2=cfg.distill.scale_by_t2, divergence=cfg.distill.divergence,
             batch_size=max(cfg.train.batch_size, 8), device=device, autocast=accelerator.autocast,
             reduce=lambda t: accelerator.reduce(t.to(device), "sum").cpu(), teacher_cache=teacher_cache,
@@ -297,14 +353,28 @@ def train(cfg: Config, *, teacher=None, student=None, tokenizer=None, progress: 
     teacher_cache: dict = {}
     t_start = temperature_at(0, total_steps, cfg.distill.temperature, cfg.distill.min_temperature,
                              cfg.distill.temperature_schedule)
-    initial = run_eval(0, t_start, "eval (before)")
-    last_eval = initial
-    status, step = "running", 0
-    bar = tqdm(total=total_steps, desc="distill" if teacher is not None else "train", unit="step",
+    if initial is None:
+        initial = run_eval(0, t_start, "eval (before)")
+
+    def checkpoint(done: int) -> None:
+        if is_main:
+            trainer_state = {
+                "step": done, "micro_batches": micro, "epoch": sampler.epoch_of(max(micro - 1, 0)),
+                "total_steps": total_steps, "processes": world, "initial_eval": initial, "guard": asdict(guard),
+                "spike_detector": detector.state_dict(), "health": monitor.state_dict(), "teacher": teacher_ref,
+            }
+            save_checkpoint(run_dir / "checkpoints", done, model_state=raw_student.state_dict(),
+                            optimizer_state=optimizer.state_dict(), trainer_state=trainer_state,
+                            rng_state=capture_rng_state(), keep=cfg.checkpoint.keep,
+                            extra_files={"config.yaml": cfg.to_yaml().encode(),
+                                         "student_config.json": raw_student.config.to_json_string().encode()})
+        accelerator.wait_for_everyone()
+
+    status, step = "running", start_step
+    bar = tqdm(total=total_steps, initial=start_step, desc="distill" if teacher is not None else "train", unit="step",
                disable=not (progress and is_main), dynamic_ncols=True)
-    micro = 0
     try:
-        for step in range(total_steps):
+        for step in range(start_step, total_steps):
             t0 = time.perf_counter()
             temperature = temperature_at(step, total_steps, cfg.distill.temperature, cfg.distill.min_temperature,
                                          cfg.distill.temperature_schedule)
@@ -406,7 +476,11 @@ def train(cfg: Config, *, teacher=None, student=None, tokenizer=None, progress: 
                             refresh=False)
             done = step + 1
             if done % eval_every == 0 and done < total_steps:
-                last_eval = run_eval(done, temperature, f"eval (step {done})")
+                run_eval(done, temperature, f"eval (step {done})")
+            if (cfg.checkpoint.every and done % cfg.checkpoint.every == 0) or done == total_steps:
+                checkpoint(done)
+            if cfg.debug.exit_after_step == done:
+                os._exit(137)  # the drill: no finally blocks, no flushes beyond what is already on disk
         status = "finished"
     except TrainingStopped as exc:
         status = "stopped"
@@ -445,6 +519,49 @@ def train(cfg: Config, *, teacher=None, student=None, tokenizer=None, progress: 
     if is_main and print_summary:
         print(summary_table(result))
     return result
+
+
+def _teacher_reference(source: str | None) -> dict | None:
+    """The teacher by path and content hash: checkpoints refer to it, never copy it."""
+    if source is None:
+        return None
+    path = Path(source)
+    return {"source": source, "hash": directory_hash(path) if path.is_dir() else None}
+
+
+def _check_resume_compatible(run_dir: Path, cfg: Config, teacher_ref: dict | None) -> None:
+    """Warn when a resume would not continue the same run."""
+    from .config import load_yaml
+
+    saved_path = run_dir / "config.yaml"
+    if saved_path.is_file():
+        saved, now = Config.from_dict(load_yaml(saved_path)).to_dict(), cfg.to_dict()
+        saved["run"]["resume"] = now["run"]["resume"]
+        changed = [f"{section}.{key}" for section in now for key in now[section]
+                   if saved.get(section, {}).get(key) != now[section][key]]
+        if changed:
+            print(f"warning: resuming with a changed config ({', '.join(changed)}); the resumed run will not match "
+                  "an uninterrupted one")
+    checkpoints = sorted((run_dir / "checkpoints").glob("step-*/trainer_state.json"))
+    if teacher_ref and checkpoints:
+        saved_teacher = json.loads(checkpoints[-1].read_text()).get("teacher") or {}
+        if saved_teacher.get("hash") and saved_teacher.get("hash") != teacher_ref.get("hash"):
+            print(f"warning: the teacher at {teacher_ref['source']} changed since the checkpoint was written "
+                  f"(content hash differs); resuming with the changed teacher")
+
+
+def _trim_metrics(path: Path, step: int) -> None:
+    """Drop metrics lines the resumed run will write again (training lines from ``step`` on)."""
+    from .tracking import read_metrics
+
+    if not path.exists():
+        return
+    # The eval at ``step`` was written just before the checkpoint it resumes from; keep it.
+    kept = [r for r in read_metrics(path)
+            if r.get("step", 0) < step or (0 < step == r.get("step") and "eval_ce_loss" in r)]
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text("".join(json.dumps(r) + "\n" for r in kept))
+    os.replace(tmp, path)
 
 
 def _micro_batch_loss(ids, student, teacher, vocab_size, temperature, cfg: Config, num_tokens, injector, step):

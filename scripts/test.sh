@@ -1,0 +1,11 @@
+#!/usr/bin/env bash
+# Set up a virtual environment (CPU torch) and run the test suite, offline.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+python3 -m venv .venv
+. .venv/bin/activate
+pip install --quiet --upgrade pip
+pip install --quiet "torch==2.13.0"          # the CPU build; see README for GPUs
+pip install --quiet -e ".[test]"
+export HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1
+python -m pytest -q -p no:cacheprovider "$@"

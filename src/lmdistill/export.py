@@ -1,0 +1,69 @@
+"""``lmdistill export CHECKPOINT OUT_DIR``: a Hugging Face model directory from any checkpoint.
+
+A checkpoint holds the student's weights and its model config (``student_config.json``);
+the tokenizer is saved once per run in ``RUN_DIR/tokenizer``. Together they make a
+directory that ``AutoModelForCausalLM.from_pretrained`` loads.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+
+from .checkpoint import find_latest_valid, load_checkpoint
+from .errors import LmdistillError
+
+
+def export_checkpoint(checkpoint: str | Path, out_dir: str | Path) -> Path:
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    checkpoint, out_dir = Path(checkpoint), Path(out_dir)
+    if (checkpoint / "checkpoints").is_dir():  # a run directory: take its newest valid checkpoint
+        newest, warnings = find_latest_valid(checkpoint / "checkpoints")
+        for warning in warnings:
+            print(f"warning: {warning}")
+        if newest is None:
+            raise LmdistillError(f"run directory '{checkpoint}' has no valid checkpoint to export")
+        checkpoint = newest
+    if not (checkpoint / "manifest.json").is_file():
+        raise LmdistillError(f"'{checkpoint}' is not a checkpoint directory (no manifest.json); give "
+                             "RUN_DIR/checkpoints/step-N or a run directory")
+    if out_dir.exists() and any(out_dir.iterdir()):
+        raise LmdistillError(f"output directory '{out_dir}' is not empty; choose a new directory")
+    ckpt = load_checkpoint(checkpoint)
+    if "student_config.json" not in ckpt.extra_files:
+        raise LmdistillError(f"checkpoint '{checkpoint}' does not record the student's model config; it was written "
+                             "by an older lmdistill")
+    config_dict = json.loads(ckpt.extra_files["student_config.json"])
+    config = AutoConfig.for_model(config_dict.pop("model_type"), **config_dict)
+    model = AutoModelForCausalLM.from_config(config)
+    missing, unexpected = model.load_state_dict(ckpt.model_state, strict=False)
+    if unexpected or [k for k in missing if k not in set(ckpt.tied_weights) | _tied_names(model)]:
+        raise LmdistillError(f"checkpoint weights do not match the recorded config (missing {missing[:3]}, "
+                             f"unexpected {unexpected[:3]})")
+    tokenizer_dir = checkpoint.parent.parent / "tokenizer"
+    tmp = out_dir.with_name(f".{out_dir.name}.tmp")
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    model.save_pretrained(tmp)
+    if tokenizer_dir.is_dir():
+        AutoTokenizer.from_pretrained(tokenizer_dir).save_pretrained(tmp)
+    else:
+        print(f"warning: no tokenizer at {tokenizer_dir}; the exported model has none")
+    if out_dir.exists():
+        out_dir.rmdir()
+    os.replace(tmp, out_dir)
+    return out_dir
+
+
+def _tied_names(model) -> set[str]:
+    """Parameter names that share storage with another (tied embeddings)."""
+    seen, tied = {}, set()
+    for name, tensor in model.state_dict().items():
+        key = tensor.data_ptr()
+        if key in seen:
+            tied.add(name)
+        seen[key] = name
+    return tied

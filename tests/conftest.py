@@ -1,0 +1,101 @@
+"""Shared fixtures: tiny real transformers models and tokenizers, built offline.
+
+Nothing here downloads anything: the tokenizer is trained with `tokenizers` on
+CPython's bundled documentation, models are built from configs and saved with
+save_pretrained, exactly as a user's local model directories would be.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+os.environ["HF_HUB_OFFLINE"] = "1"
+os.environ["HF_DATASETS_OFFLINE"] = "1"
+os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+REPO = Path(__file__).resolve().parents[1]
+TINY_VOCAB = 384
+
+
+@pytest.fixture(autouse=True)
+def _isolated_cache(tmp_path_factory, monkeypatch):
+    # A test must never build (or reuse) the real default teacher by accident.
+    monkeypatch.setenv("LMDISTILL_HOME", str(tmp_path_factory.getbasetemp() / "lmdistill-home"))
+
+
+@pytest.fixture(scope="session")
+def corpus_texts() -> list[str]:
+    from lmdistill.data import embedded_corpus_texts
+
+    return embedded_corpus_texts()[:24]
+
+
+@pytest.fixture(scope="session")
+def tiny_tokenizer(corpus_texts):
+    from lmdistill.default import train_tokenizer
+
+    return train_tokenizer(corpus_texts, vocab_size=TINY_VOCAB)
+
+
+def tiny_llama(vocab_size: int, hidden: int = 32, layers: int = 2, seed: int = 0, **overrides):
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    config = LlamaConfig(vocab_size=vocab_size, hidden_size=hidden, num_hidden_layers=layers, num_attention_heads=2,
+                         num_key_value_heads=2, intermediate_size=2 * hidden, max_position_embeddings=256,
+                         tie_word_embeddings=False, **overrides)
+    torch.manual_seed(seed)
+    return LlamaForCausalLM(config)
+
+
+@pytest.fixture(scope="session")
+def text_file(tmp_path_factory, corpus_texts) -> Path:
+    """A plain-text corpus file (read as one document)."""
+    path = tmp_path_factory.mktemp("data") / "corpus.txt"
+    path.write_text("\n\n".join(corpus_texts))
+    return path
+
+
+@pytest.fixture(scope="session")
+def teacher_dir(tmp_path_factory, tiny_tokenizer, text_file) -> Path:
+    """A tiny teacher, briefly pretrained on the test corpus so it knows something."""
+    from lmdistill.config import Config
+    from lmdistill.trainer import train
+
+    model = tiny_llama(len(tiny_tokenizer), hidden=48, layers=2, seed=1)
+    cfg = Config()
+    out = tmp_path_factory.mktemp("teacher-run") / "run"
+    cfg.run.output_dir, cfg.run.device = str(out), "cpu"
+    cfg.distill.kd_weight = 0.0
+    cfg.data.path, cfg.data.block_size = str(text_file), 64
+    cfg.train.batch_size, cfg.train.max_steps, cfg.train.lr = 8, 60, 3e-3
+    train(cfg, student=model, tokenizer=tiny_tokenizer, progress=False, print_summary=False)
+    return out / "student"
+
+
+@pytest.fixture(scope="session")
+def student_dir(tmp_path_factory, tiny_tokenizer) -> Path:
+    """An untrained tiny student saved with its tokenizer."""
+    path = tmp_path_factory.mktemp("student") / "model"
+    tiny_llama(len(tiny_tokenizer), hidden=32, layers=1, seed=2).save_pretrained(path)
+    tiny_tokenizer.save_pretrained(path)
+    return path
+
+
+def run_cli(*args: str, cwd: Path | None = None, env: dict | None = None, timeout: int = 600):
+    """Run ``python -m lmdistill ARGS`` in a fresh process; returns CompletedProcess."""
+    full_env = {**os.environ, **(env or {})}
+    full_env["PYTHONPATH"] = str(REPO / "src") + os.pathsep + full_env.get("PYTHONPATH", "")
+    return subprocess.run([sys.executable, "-m", "lmdistill", *args], cwd=cwd, env=full_env, capture_output=True,
+                          text=True, timeout=timeout)
+
+
+def read_jsonl(path: Path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]

@@ -1,0 +1,117 @@
+"""Checkpoints that survive a kill, and resume that is bit-exact on the CPU."""
+
+from __future__ import annotations
+
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from conftest import REPO, read_jsonl, run_cli
+
+STEPS = 14
+
+
+@pytest.fixture(scope="module")
+def small_text(tmp_path_factory, corpus_texts):
+    """About 10 steps per epoch at batch 2 x grad_accum 2, so a 14-step run crosses an epoch."""
+    path = tmp_path_factory.mktemp("resume-data") / "small.txt"
+    path.write_text("\n\n".join(corpus_texts[:3]))
+    return path
+
+
+def _train_args(teacher_dir, data, out, *extra):
+    return ("train", "--teacher", str(teacher_dir), "--data", str(data), "--output-dir", str(out),
+            "--batch-size", "2", "--grad-accum", "2", "--max-steps", str(STEPS), "--eval-every", "5",
+            "--set", "data.block_size=32", "--set", "checkpoint.every=1", "--set", "checkpoint.keep=2",
+            "--set", "model.student_config={num_hidden_layers: 1, hidden_size: 16, intermediate_size: 32, "
+                     "num_attention_heads: 2, num_key_value_heads: 2}",
+            "--no-progress", *extra)
+
+
+def _losses(run_dir):
+    return {r["step"]: (r["loss"], r["kd_loss"], r["ce_loss"], r["grad_norm"])
+            for r in read_jsonl(run_dir / "metrics.jsonl") if "loss" in r and "skipped" not in r}
+
+
+def _weights(run_dir):
+    return load_file(run_dir / "student" / "model.safetensors")
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory, teacher_dir, small_text):
+    out = tmp_path_factory.mktemp("resume") / "full"
+    proc = run_cli(*_train_args(teacher_dir, small_text, out))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return out
+
+
+def test_run_crosses_an_epoch(uninterrupted):
+    epochs = {r["epoch"] for r in read_jsonl(uninterrupted / "metrics.jsonl") if "epoch" in r}
+    assert epochs == {0, 1}
+
+
+@pytest.mark.parametrize("stop_at", [4, 10], ids=["mid-epoch", "after-epoch-boundary"])
+def test_resumed_run_is_bit_exact(tmp_path, teacher_dir, small_text, uninterrupted, stop_at):
+    out = tmp_path / "resumed"
+    first = run_cli(*_train_args(teacher_dir, small_text, out, "--set", f"debug.exit_after_step={stop_at}"))
+    assert first.returncode == 137, first.stderr[-2000:]
+    assert not (out / "student").exists()
+    # A plain re-run refuses and says how to continue.
+    refused = run_cli(*_train_args(teacher_dir, small_text, out))
+    assert refused.returncode == 2 and "--resume" in refused.stderr
+    resumed = run_cli(*_train_args(teacher_dir, small_text, out, "--resume"))
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert f"from step-{stop_at}" in resumed.stdout
+    assert _losses(out) == _losses(uninterrupted)  # every per-step value, exactly
+    want, got = _weights(uninterrupted), _weights(out)
+    assert want.keys() == got.keys()
+    assert all(torch.equal(want[k], got[k]) for k in want)
+
+
+def test_kill_at_random_moments(tmp_path, teacher_dir, small_text, uninterrupted):
+    """SIGKILL at 20 random moments (many inside a checkpoint save), resume each time."""
+    out = tmp_path / "killed"
+    env = {**os.environ, "PYTHONPATH": str(REPO / "src")}
+    rng = random.Random(1234)
+    kills = 0
+    for attempt in range(60):
+        args = _train_args(teacher_dir, small_text, out, *(("--resume",) if attempt else ()))
+        proc = subprocess.Popen([sys.executable, "-m", "lmdistill", *args], env=env, stdout=subprocess.DEVNULL,
+                                stderr=subprocess.PIPE, text=True)
+        if kills < 20:
+            # Importing torch and transformers takes a few seconds; aim past it into training.
+            time.sleep(rng.uniform(3.0, 9.0))
+            if proc.poll() is None:
+                proc.send_signal(signal.SIGKILL)
+                kills += 1
+        proc.wait(timeout=600)
+        if (out / "student" / "model.safetensors").exists() and proc.returncode == 0:
+            break
+    assert kills >= 20
+    assert proc.returncode == 0, proc.stderr.read()[-2000:] if proc.stderr else ""
+    want, got = _weights(uninterrupted), _weights(out)
+    assert all(torch.equal(want[k], got[k]) for k in want)
+    assert _losses(out) == _losses(uninterrupted)
+
+
+def test_corrupt_newest_checkpoint_falls_back(tmp_path, teacher_dir, small_text, uninterrupted):
+    out = tmp_path / "corrupt"
+    first = run_cli(*_train_args(teacher_dir, small_text, out, "--set", "debug.exit_after_step=6"))
+    assert first.returncode == 137
+    newest = out / "checkpoints" / "step-6" / "model.safetensors"
+    data = bytearray(newest.read_bytes())
+    data[len(data) // 2] ^= 0xFF  # one flipped byte
+    newest.write_bytes(bytes(data))
+    resumed = run_cli(*_train_args(teacher_dir, small_text, out, "--resume"))
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    assert "step-6" in resumed.stdout and "model.safetensors" in resumed.stdout  # the warning names the bad file
+    assert "from step-5" in resumed.stdout
+    want, got = _weights(uninterrupted), _weights(out)
+    assert all(torch.equal(want[k], got[k]) for k in want)

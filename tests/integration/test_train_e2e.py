@@ -1,0 +1,118 @@
+"""End to end through the CLI on tiny real models: what a user's first run must give."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+
+import pytest
+import torch
+import yaml
+from safetensors.torch import load_file
+
+from conftest import read_jsonl, run_cli
+
+TRAIN_KEYS = {"step", "epoch", "temperature", "lr", "loss", "kd_loss", "kd_loss_unscaled", "ce_loss", "grad_norm",
+              "tokens_per_s"}
+EVAL_KEYS = {"step", "eval_ce_loss", "eval_ppl", "eval_kd_loss", "teacher_ppl"}
+
+
+def _file_digests(directory):
+    return {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(directory.iterdir()) if p.is_file()}
+
+
+@pytest.fixture(scope="module")
+def e2e_run(tmp_path_factory, teacher_dir, text_file):
+    out = tmp_path_factory.mktemp("e2e") / "run"
+    teacher_files_before = _file_digests(teacher_dir)
+    proc = run_cli("train", "--teacher", str(teacher_dir), "--data", str(text_file), "--output-dir", str(out),
+                   "--batch-size", "4", "--max-steps", "40", "--eval-every", "10", "--lr", "3e-3",
+                   "--set", "data.block_size=64", "--set", "model.student_config={num_hidden_layers: 1, "
+                   "hidden_size: 32, intermediate_size: 64, num_attention_heads: 2, num_key_value_heads: 2}",
+                   "--no-progress")
+    return proc, out, teacher_files_before
+
+
+def test_run_succeeds_and_prints_summary(e2e_run):
+    proc, out, _ = e2e_run
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "Traceback" not in proc.stderr
+    for label in ("teacher", "student before", "student after", "run directory:"):
+        assert label in proc.stdout
+
+
+def test_metrics_have_contract_keys_and_are_finite(e2e_run):
+    _, out, _ = e2e_run
+    records = read_jsonl(out / "metrics.jsonl")
+    train = [r for r in records if "loss" in r and "skipped" not in r]
+    evals = [r for r in records if "eval_ce_loss" in r]
+    assert len(train) == 40
+    assert [r["step"] for r in train] == list(range(40))
+    for r in train:
+        assert TRAIN_KEYS <= set(r), TRAIN_KEYS - set(r)
+        assert all(math.isfinite(r[k]) for k in TRAIN_KEYS - {"step", "epoch"})
+        # KD is logged with and without T^2; the total mixes them as configured (kd_weight 0.5).
+        assert r["kd_loss"] == pytest.approx(r["kd_loss_unscaled"] * r["temperature"] ** 2, rel=1e-5)
+        assert r["loss"] == pytest.approx(0.5 * r["kd_loss"] + 0.5 * r["ce_loss"], rel=1e-5)
+    assert [r["step"] for r in evals] == [0, 10, 20, 30, 40]
+    for r in evals:
+        assert EVAL_KEYS <= set(r)
+        assert r["eval_ppl"] == pytest.approx(math.exp(r["eval_ce_loss"]), rel=1e-9)  # never exp(total loss)
+    # The temperature anneals linearly from 2.0 to 1.5 over the 40 steps.
+    assert train[0]["temperature"] == pytest.approx(2.0)
+    assert train[20]["temperature"] == pytest.approx(1.75)
+
+
+def test_student_perplexity_falls(e2e_run):
+    _, out, _ = e2e_run
+    evals = [r for r in read_jsonl(out / "metrics.jsonl") if "eval_ce_loss" in r]
+    assert evals[-1]["eval_ppl"] < 0.5 * evals[0]["eval_ppl"]
+    assert evals[-1]["eval_kd_loss"] < evals[0]["eval_kd_loss"]
+
+
+def test_student_directory_loads_with_transformers(e2e_run, text_file):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    _, out, _ = e2e_run
+    model = AutoModelForCausalLM.from_pretrained(out / "student")
+    tok = AutoTokenizer.from_pretrained(out / "student")
+    ids = tok(text_file.read_text()[:400], return_tensors="pt").input_ids
+    with torch.no_grad():
+        logits = model(ids).logits
+    assert logits.shape[-1] >= len(tok)
+    assert torch.isfinite(logits).all()
+    assert model.config.num_hidden_layers == 1 and model.config.hidden_size == 32
+
+
+def test_teacher_is_bit_identical_after_training(e2e_run, teacher_dir):
+    _, _, before = e2e_run
+    assert _file_digests(teacher_dir) == before
+
+
+def test_run_directory_contract(e2e_run):
+    _, out, _ = e2e_run
+    cfg = yaml.safe_load((out / "config.yaml").read_text())
+    assert cfg["train"]["max_steps"] == 40 and cfg["distill"]["temperature"] == 2.0
+    assert set(cfg) >= {"run", "model", "data", "distill", "train", "guard", "health", "checkpoint"}
+    health = json.loads((out / "health.json").read_text())
+    assert {c["name"] for c in health["checks"]} == {"start_loss", "loss_spike", "nonfinite", "eval_ppl",
+                                                     "loss_plateau"}
+    assert health["verdict"] in ("healthy", "attention")
+    assert list((out / "tensorboard").glob("events.out.tfevents.*"))
+    run = json.loads((out / "run.json").read_text())
+    assert run["status"] == "finished"
+    last_eval = [r for r in read_jsonl(out / "metrics.jsonl") if "eval_ce_loss" in r][-1]
+    assert run["final"]["eval_ppl"] == last_eval["eval_ppl"]
+
+
+def test_finished_run_directory_is_not_overwritten(e2e_run, teacher_dir, text_file):
+    _, out, _ = e2e_run
+    weights = load_file(out / "student" / "model.safetensors")
+    proc = run_cli("train", "--teacher", str(teacher_dir), "--data", str(text_file), "--output-dir", str(out),
+                   "--max-steps", "2", "--no-progress")
+    assert proc.returncode == 2
+    assert "already holds a finished run" in proc.stderr and "--overwrite" in proc.stderr
+    assert "Traceback" not in proc.stderr
+    after = load_file(out / "student" / "model.safetensors")
+    assert all(torch.equal(weights[k], after[k]) for k in weights)

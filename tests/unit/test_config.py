@@ -1,0 +1,312 @@
+"""Typed config: presets, typo suggestions, type and value validation, YAML round trip."""
+
+from __future__ import annotations
+
+import dataclasses
+import shlex
+from pathlib import Path
+
+import pytest
+import yaml
+
+from lmdistill.config import Config, ConfigError, load_yaml, reference_markdown
+from lmdistill.errors import LmdistillError
+
+REPO = Path(__file__).resolve().parents[2]
+PRESETS = sorted((REPO / "configs").glob("*.yaml"))
+
+def _preset_param(path: Path):
+    return pytest.param(path, id=path.name)
+
+
+def all_keys() -> list[tuple[str, str]]:
+    cfg = Config()
+    return [(s.name, f.name) for s in dataclasses.fields(cfg) for f in dataclasses.fields(getattr(cfg, s.name))]
+
+
+# ---- presets -------------------------------------------------------------------------------
+
+def test_there_are_presets():
+    assert PRESETS, f"no YAML presets in {REPO / 'configs'}; every shipped preset is loaded by the tests below"
+
+
+@pytest.mark.parametrize("path", [_preset_param(p) for p in PRESETS])
+def test_preset_loads_and_validates(path):
+    raw = yaml.safe_load(path.read_text())
+    assert isinstance(raw, dict) and raw, f"{path.name} is empty"
+    cfg = Config.load(path)
+    # every key in the file reached the config (nothing silently dropped)
+    for section, values in raw.items():
+        for key, value in (values or {}).items():
+            got = getattr(getattr(cfg, section), key)
+            if isinstance(value, float) or isinstance(got, float):
+                assert float(got) == pytest.approx(float(value)), f"{section}.{key}"
+            else:
+                assert got == value, f"{section}.{key}"
+
+
+@pytest.mark.parametrize("path", PRESETS, ids=[p.name for p in PRESETS])
+def test_preset_starts_with_the_command_that_runs_it(path):
+    first = path.read_text().splitlines()[0]
+    assert first.startswith("# "), f"{path.name}: first line must be a comment holding the command, got {first!r}"
+    words = shlex.split(first[2:], comments=False)
+    assert words[0] in ("lmdistill", "python", "accelerate"), first
+    assert f"--config configs/{path.name}" in first, f"{path.name}: the command must name its own file: {first!r}"
+
+
+# ---- unknown keys and suggestions ----------------------------------------------------------
+
+@pytest.mark.parametrize("key, suggestion", [
+    ("distill.temprature", "distill.temperature"),
+    ("distill.temperture", "distill.temperature"),
+    ("train.lr_schedul", "train.lr_schedule"),
+    ("data.blocksize", "data.block_size"),
+])
+def test_typo_suggests_the_nearest_key(key, suggestion):
+    with pytest.raises(ConfigError, match=rf"unknown config key '{key}'; did you mean '{suggestion}'"):
+        Config().set(key, 1)
+
+
+def test_typo_in_a_section_name_suggests_the_section():
+    with pytest.raises(ConfigError, match=r"did you mean 'distill'"):
+        Config.from_dict({"distil": {"temperature": 3.0}})
+
+
+@pytest.mark.parametrize("key, suggestion", [
+    ("train.temperature", "distill.temperature"),
+    ("data.kd_weight", "distill.kd_weight"),
+    ("run.warmup_steps", "train.warmup_steps"),
+])
+def test_right_key_in_wrong_section_suggests_the_right_section(key, suggestion):
+    with pytest.raises(ConfigError, match=rf"did you mean '{suggestion}'"):
+        Config().set(key, 1)
+
+
+def test_batch_size_in_model_section_suggests_train_batch_size():
+    with pytest.raises(ConfigError, match=r"did you mean 'train.batch_size'"):
+        Config().set("model.batch_size", 2)
+
+
+def test_every_key_in_every_wrong_section_suggests_its_own_section():
+    keys = all_keys()
+    owners: dict[str, set[str]] = {}
+    for section, leaf in keys:
+        owners.setdefault(leaf, set()).add(section)
+    wrong = []
+    for section in {s for s, _ in keys}:
+        for leaf, sections in owners.items():
+            if section in sections:
+                continue
+            try:
+                Config().set(f"{section}.{leaf}", None)
+            except ConfigError as exc:
+                if not any(f"did you mean '{s}.{leaf}'" in str(exc) for s in sections):
+                    wrong.append(f"{section}.{leaf}: {exc}")
+            else:
+                wrong.append(f"{section}.{leaf}: accepted")
+    assert not wrong, f"{len(wrong)} wrong suggestions, e.g. {wrong[:3]}"
+
+
+def test_config_error_is_a_user_error():
+    assert issubclass(ConfigError, LmdistillError)
+
+
+# ---- types ---------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("key, value, expected", [
+    ("train.batch_size", "eight", "expected a whole number"),
+    ("train.batch_size", 2.5, "expected a whole number"),
+    ("train.batch_size", True, "expected a whole number"),
+    ("train.batch_size", None, "expected a whole number"),
+    ("run.overwrite", "yes", "expected true or false"),
+    ("distill.temperature", "hot", "expected a number"),
+    ("train.betas", 0.9, "expected a list"),
+    ("model.student_config", [1, 2], "expected a mapping"),
+    ("distill.divergence", "kl", "choose one of 'forward_kl', 'reverse_kl', 'jsd'"),
+    ("run.device", "tpu", "choose one of"),
+])
+def test_wrong_types_are_rejected_naming_key_and_value(key, value, expected):
+    with pytest.raises(ConfigError) as info:
+        Config().set(key, value)
+    message = str(info.value)
+    assert key in message and repr(value) in message and expected in message
+
+
+def test_harmless_conversions():
+    cfg = Config()
+    cfg.set("train.lr", "1e-3")  # YAML 1.1 reads 1e-3 as a string
+    cfg.set("train.batch_size", 4.0)
+    cfg.set("distill.temperature", 3)
+    cfg.set("train.max_steps", None)
+    assert cfg.train.lr == 0.001 and isinstance(cfg.train.lr, float)
+    assert cfg.train.batch_size == 4 and isinstance(cfg.train.batch_size, int)
+    assert cfg.distill.temperature == 3.0 and isinstance(cfg.distill.temperature, float)
+    assert cfg.train.max_steps is None
+
+
+def test_mixed_precision_no_unquoted_is_accepted(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text("run:\n  mixed_precision: no\n")
+    assert Config.load(path).run.mixed_precision == "no"
+    assert Config.load(overrides=["run.mixed_precision=no"]).run.mixed_precision == "no"
+
+
+def test_mixed_precision_no_quoted_is_accepted(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text("run:\n  mixed_precision: 'no'\n")
+    assert Config.load(path).run.mixed_precision == "no"
+
+
+def test_yaml_scientific_notation_loads_as_float(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text("train:\n  lr: 1e-3\n")
+    assert Config.load(path).train.lr == pytest.approx(1e-3)
+
+
+def test_section_must_be_a_mapping():
+    with pytest.raises(ConfigError, match="must be a mapping"):
+        Config.from_dict({"distill": 3.0})
+
+
+# ---- values --------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("overrides, key", [
+    (["distill.temperature=0"], "distill.temperature"),
+    (["distill.temperature=-1"], "distill.temperature"),
+    (["distill.temperature=.inf"], "distill.temperature"),
+    (["distill.min_temperature=0"], "distill.min_temperature"),
+    (["distill.kd_weight=1.5"], "distill.kd_weight"),
+    (["distill.kd_weight=-0.1"], "distill.kd_weight"),
+    (["train.batch_size=0"], "train.batch_size"),
+    (["train.lr=0"], "train.lr"),
+    (["data.block_size=1"], "data.block_size"),
+    (["data.eval_fraction=1.0"], "data.eval_fraction"),
+    (["train.betas=[0.9]"], "train.betas"),
+    (["guard.spike_factor=1.0"], "guard.spike_factor"),
+])
+def test_invalid_values_name_the_key(overrides, key):
+    with pytest.raises(ConfigError, match=key.replace(".", r"\.")):
+        Config.load(overrides=overrides)
+
+
+def test_min_temperature_above_temperature_is_rejected():
+    with pytest.raises(ConfigError, match=r"min_temperature = 2.5 is above distill.temperature = 2.0"):
+        Config.load(overrides=["distill.min_temperature=2.5"])
+    # equal is allowed (constant temperature), and the boundaries of kd_weight too
+    cfg = Config.load(overrides=["distill.temperature=3", "distill.min_temperature=3", "distill.kd_weight=1"])
+    assert cfg.distill.min_temperature == cfg.distill.temperature == 3.0
+    assert Config.load(overrides=["distill.kd_weight=0"]).distill.kd_weight == 0.0
+
+
+def test_defaults_validate_and_match_the_seed():
+    cfg = Config.load()
+    assert cfg.distill.temperature == 2.0 and cfg.distill.min_temperature == 1.5
+    assert cfg.distill.scale_by_t2 is True
+
+
+# ---- files and overrides -------------------------------------------------------------------
+
+def test_invalid_yaml_is_a_config_error_with_line(tmp_path):
+    path = tmp_path / "broken.yaml"
+    path.write_text("run:\n  name: x\ntrain: [1, 2\n")
+    with pytest.raises(ConfigError, match=r"not valid YAML at line \d+"):
+        Config.load(path)
+
+
+def test_missing_config_file(tmp_path):
+    with pytest.raises(ConfigError, match="does not exist"):
+        Config.load(tmp_path / "nope.yaml")
+
+
+def test_yaml_that_is_not_a_mapping(tmp_path):
+    path = tmp_path / "list.yaml"
+    path.write_text("- a\n- b\n")
+    with pytest.raises(ConfigError, match="mapping"):
+        load_yaml(path)
+
+
+def test_empty_yaml_gives_defaults(tmp_path):
+    path = tmp_path / "empty.yaml"
+    path.write_text("# nothing\n")
+    assert Config.load(path).to_dict() == Config().to_dict()
+
+
+def test_set_without_equals_sign():
+    with pytest.raises(ConfigError, match="key=value"):
+        Config.load(overrides=["distill.temperature"])
+    with pytest.raises(ConfigError, match="key=value"):
+        Config.load(overrides=["=3"])
+
+
+def test_overrides_apply_after_the_file(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text("distill:\n  temperature: 4.0\n  min_temperature: 1.0\ntrain:\n  betas: [0.9, 0.99]\n")
+    cfg = Config.load(path, overrides=["distill.temperature=5", "train.betas=[0.8, 0.9]", "run.output_dir="])
+    assert cfg.distill.temperature == 5.0
+    assert cfg.distill.min_temperature == 1.0
+    assert cfg.train.betas == [0.8, 0.9]
+    assert cfg.run.output_dir is None
+
+
+# ---- debug.inject --------------------------------------------------------------------------
+
+def test_valid_injection_passes():
+    cfg = Config.from_dict({"debug": {"inject": [{"step": 3, "where": "loss", "value": "nan"},
+                                                 {"step": 0, "where": "grad", "value": "-inf", "rank": 1}],
+                                      "loss_multiplier": {30: 4.0}}})
+    cfg.validate()
+
+
+@pytest.mark.parametrize("entry, match", [
+    ({"step": 3, "where": "logits", "value": "nan"}, r"where = 'logits' must be one of"),
+    ({"step": 3, "where": "loss", "value": "zero"}, r"value = 'zero' must be nan, inf or -inf"),
+    ({"step": -1, "where": "loss"}, r"step = -1 must be a step number >= 0"),
+    ({"step": "3", "where": "loss"}, r"step = '3' must be a step number"),
+    ({"step": 3, "where": "loss", "when": 1}, r"debug.inject\[0\]"),
+    ("step 3", r"debug.inject\[0\]"),
+])
+def test_invalid_injection_is_rejected(entry, match):
+    cfg = Config.from_dict({"debug": {"inject": [entry]}})
+    with pytest.raises(ConfigError, match=match):
+        cfg.validate()
+
+
+def test_invalid_loss_multiplier_is_rejected():
+    cfg = Config.from_dict({"debug": {"loss_multiplier": {"thirty": 4.0}}})
+    with pytest.raises(ConfigError, match="loss_multiplier"):
+        cfg.validate()
+
+
+# ---- reference and round trip --------------------------------------------------------------
+
+def test_every_field_has_a_doc_line():
+    cfg = Config()
+    for s in dataclasses.fields(cfg):
+        for f in dataclasses.fields(getattr(cfg, s.name)):
+            assert f.metadata.get("doc", "").strip(), f"{s.name}.{f.name} has no documentation"
+
+
+def test_reference_markdown_lists_every_field():
+    text = reference_markdown()
+    keys = all_keys()
+    assert len(keys) > 40
+    for section, key in keys:
+        assert f"## `{section}`" in text
+        assert f"| `{section}.{key}` |" in text, f"{section}.{key} missing from the reference"
+    rows = [line for line in text.splitlines() if line.startswith("| `")]
+    assert len(rows) == len(keys)
+
+
+def test_to_yaml_round_trips():
+    cfg = Config.load(overrides=[
+        "distill.temperature=3.5", "distill.divergence=jsd", "train.betas=[0.8, 0.99]",
+        "model.student_config={num_hidden_layers: 2, hidden_size: 64}", "train.max_steps=17",
+        "debug.inject=[{step: 2, where: loss, value: nan}]", "debug.loss_multiplier={5: 3.0}",
+        "run.output_dir=/tmp/x", "health.ppl_max=1e6",
+    ])
+    text = cfg.to_yaml()
+    again = Config.from_dict(yaml.safe_load(text))
+    assert again.to_dict() == cfg.to_dict()
+    assert again.validate() is again
+    assert again.to_dict() != Config().to_dict()  # the overrides survived, not just the defaults
+    assert again.distill.divergence == "jsd" and again.debug.loss_multiplier == {5: 3.0}

@@ -1,0 +1,287 @@
+"""Text sources, packing, the train/eval split and the block sampler.
+
+Expected blocks are built here independently: tokenize each document with the tokenizer,
+append EOS, concatenate, drop the tail and cut into rows of ``block_size``.
+"""
+
+from __future__ import annotations
+
+import json
+from collections import Counter
+from pathlib import Path
+
+import pytest
+import torch
+
+from lmdistill.config import DataConfig
+from lmdistill.data import BlockSampler, build_block_data, load_texts, pack_blocks
+from lmdistill.errors import LmdistillError
+
+
+def expected_blocks(docs: list[str], tokenizer, block_size: int) -> torch.Tensor:
+    flat: list[int] = []
+    for doc in docs:
+        flat += tokenizer.encode(doc, add_special_tokens=False) + [tokenizer.eos_token_id]
+    n = len(flat) // block_size
+    return torch.tensor(flat[: n * block_size], dtype=torch.int64).view(n, block_size)
+
+
+@pytest.fixture(scope="module")
+def docs(corpus_texts) -> list[str]:
+    # eight real documents, trimmed so the file stays small and each has a distinct start
+    return [text[:1500] for text in corpus_texts[:8]]
+
+
+@pytest.fixture(scope="module")
+def jsonl_file(tmp_path_factory, docs) -> Path:
+    path = tmp_path_factory.mktemp("jsonl") / "docs.jsonl"
+    path.write_text("".join(json.dumps({"id": i, "body": d}) + "\n" for i, d in enumerate(docs)))
+    return path
+
+
+@pytest.fixture(scope="module")
+def eval_docs(corpus_texts) -> list[str]:
+    return [text[:1200] for text in corpus_texts[10:13]]
+
+
+# ---- loading -------------------------------------------------------------------------------
+
+def test_jsonl_with_non_default_text_field(jsonl_file, docs, tiny_tokenizer):
+    cfg = DataConfig(path=str(jsonl_file), text_field="body")
+    ds, description = load_texts(cfg.path, cfg)
+    assert ds.column_names == ["text"]
+    assert list(ds["text"]) == docs
+    assert str(jsonl_file) in description
+
+
+def test_parquet(tmp_path, docs, tiny_tokenizer):
+    pa = pytest.importorskip("pyarrow")
+    import pyarrow.parquet as pq
+
+    path = tmp_path / "docs.parquet"
+    pq.write_table(pa.table({"content": docs, "n": list(range(len(docs)))}), path)
+    cfg = DataConfig(path=str(path), text_field="content", block_size=32, max_eval_blocks=None)
+    ds, _ = load_texts(cfg.path, cfg)
+    assert list(ds["text"]) == docs
+    data = build_block_data(cfg, tiny_tokenizer)
+    everything = expected_blocks(docs, tiny_tokenizer, 32)
+    assert len(data.train) + len(data.eval) == len(everything)
+
+
+def test_txt_files_in_a_directory_are_one_document_each(tmp_path, docs, tiny_tokenizer):
+    folder = tmp_path / "texts"
+    folder.mkdir()
+    for i, doc in enumerate(docs[:3]):
+        (folder / f"{i:02d}.txt").write_text(doc)
+    cfg = DataConfig(path=str(folder))
+    ds, description = load_texts(cfg.path, cfg)
+    assert list(ds["text"]) == docs[:3]
+    assert "3 files" in description
+    blocks = pack_blocks(ds, tiny_tokenizer, 24)
+    assert torch.equal(blocks, expected_blocks(docs[:3], tiny_tokenizer, 24))
+
+
+def test_single_txt_file(tmp_path, docs, tiny_tokenizer):
+    path = tmp_path / "one.txt"
+    path.write_text(docs[0])
+    cfg = DataConfig(path=str(path))
+    ds, _ = load_texts(cfg.path, cfg)
+    assert list(ds["text"]) == [docs[0]]
+
+
+@pytest.mark.parametrize("block_size", [7, 32, 128])
+def test_packed_blocks_equal_documents_plus_eos_cut_into_blocks(jsonl_file, docs, tiny_tokenizer, block_size):
+    cfg = DataConfig(path=str(jsonl_file), text_field="body")
+    ds, _ = load_texts(cfg.path, cfg)
+    blocks = pack_blocks(ds, tiny_tokenizer, block_size)
+    expected = expected_blocks(docs, tiny_tokenizer, block_size)
+    assert blocks.dtype == torch.int64
+    assert blocks.shape == expected.shape
+    assert torch.equal(blocks, expected)
+    # EOS sits exactly at the end of each document in the stream, and nowhere else
+    lengths = [len(tiny_tokenizer.encode(d, add_special_tokens=False)) + 1 for d in docs]
+    ends, pos = [], -1
+    for n in lengths:
+        pos += n
+        ends.append(pos)
+    eos_positions = (blocks.reshape(-1) == tiny_tokenizer.eos_token_id).nonzero().flatten().tolist()
+    assert eos_positions == [e for e in ends if e < blocks.numel()]
+    assert sum(lengths) - blocks.numel() < block_size  # only the tail is dropped
+
+
+# ---- train / eval split --------------------------------------------------------------------
+
+def split(jsonl_file, tokenizer, **kw):
+    cfg = DataConfig(path=str(jsonl_file), text_field="body", block_size=32, max_eval_blocks=None, **kw)
+    return build_block_data(cfg, tokenizer)
+
+
+def rows(t: torch.Tensor) -> list[tuple]:
+    return [tuple(r.tolist()) for r in t]
+
+
+def test_eval_split_is_disjoint_and_covers_all_blocks(jsonl_file, docs, tiny_tokenizer):
+    everything = expected_blocks(docs, tiny_tokenizer, 32)
+    assert len(set(rows(everything))) == len(everything)  # precondition: rows are distinct
+    data = split(jsonl_file, tiny_tokenizer, eval_fraction=0.2)
+    assert set(rows(data.train)).isdisjoint(rows(data.eval))
+    assert Counter(rows(data.train)) + Counter(rows(data.eval)) == Counter(rows(everything))
+    assert len(data.eval) == round(0.2 * len(everything))
+    # train keeps the original order of its blocks
+    index = {r: i for i, r in enumerate(rows(everything))}
+    train_idx = [index[r] for r in rows(data.train)]
+    assert train_idx == sorted(train_idx)
+    assert data.describe()["train_blocks"] == len(data.train)
+
+
+def test_eval_split_is_deterministic_given_split_seed(jsonl_file, tiny_tokenizer):
+    a = split(jsonl_file, tiny_tokenizer, split_seed=3)
+    b = split(jsonl_file, tiny_tokenizer, split_seed=3)
+    c = split(jsonl_file, tiny_tokenizer, split_seed=4)
+    assert torch.equal(a.eval, b.eval) and torch.equal(a.train, b.train)
+    assert set(rows(a.eval)) != set(rows(c.eval))
+
+
+def test_max_eval_blocks_caps_the_eval_set(jsonl_file, tiny_tokenizer):
+    cfg = DataConfig(path=str(jsonl_file), text_field="body", block_size=32, eval_fraction=0.3, max_eval_blocks=2)
+    data = build_block_data(cfg, tiny_tokenizer)
+    assert len(data.eval) == 2
+
+
+def test_eval_path_is_used_when_given(tmp_path, jsonl_file, docs, eval_docs, tiny_tokenizer):
+    eval_file = tmp_path / "held_out.jsonl"
+    eval_file.write_text("".join(json.dumps({"body": d}) + "\n" for d in eval_docs))
+    cfg = DataConfig(path=str(jsonl_file), text_field="body", block_size=32, eval_path=str(eval_file),
+                     max_eval_blocks=None)
+    data = build_block_data(cfg, tiny_tokenizer)
+    assert torch.equal(data.train, expected_blocks(docs, tiny_tokenizer, 32))  # nothing held out of train
+    assert torch.equal(data.eval, expected_blocks(eval_docs, tiny_tokenizer, 32))
+    assert str(eval_file) in data.eval_source
+
+
+# ---- errors --------------------------------------------------------------------------------
+
+def test_too_short_data_names_the_path_and_the_fix(tmp_path, tiny_tokenizer):
+    path = tmp_path / "short.txt"
+    path.write_text("hello world")
+    with pytest.raises(LmdistillError) as info:
+        build_block_data(DataConfig(path=str(path), block_size=64), tiny_tokenizer)
+    message = str(info.value)
+    assert str(path) in message and "block_size" in message and "add text" in message
+
+
+def test_too_short_eval_path_names_it(tmp_path, jsonl_file, tiny_tokenizer):
+    eval_file = tmp_path / "tiny_eval.txt"
+    eval_file.write_text("hi")
+    cfg = DataConfig(path=str(jsonl_file), text_field="body", block_size=32, eval_path=str(eval_file))
+    with pytest.raises(LmdistillError, match="data.eval_path") as info:
+        build_block_data(cfg, tiny_tokenizer)
+    assert str(eval_file) in str(info.value)
+
+
+def test_empty_txt_file_is_a_clear_error(tmp_path, tiny_tokenizer):
+    path = tmp_path / "empty.txt"
+    path.write_text("")
+    with pytest.raises(LmdistillError) as info:
+        build_block_data(DataConfig(path=str(path), block_size=16), tiny_tokenizer)
+    assert str(path) in str(info.value)
+
+
+def test_empty_jsonl_file_is_a_clear_error(tmp_path, tiny_tokenizer):
+    path = tmp_path / "empty.jsonl"
+    path.write_text("")
+    with pytest.raises(LmdistillError) as info:
+        build_block_data(DataConfig(path=str(path), block_size=16), tiny_tokenizer)
+    assert str(path) in str(info.value)
+
+
+def test_missing_path(tmp_path):
+    missing = tmp_path / "missing.txt"
+    with pytest.raises(LmdistillError, match="does not exist") as info:
+        load_texts(str(missing), DataConfig())
+    assert str(missing) in str(info.value)
+
+
+def test_missing_relative_path_is_not_a_traceback():
+    # 'nope.txt' could be a datasets name; offline it must still end in a clear user error.
+    with pytest.raises(LmdistillError, match="nope.txt"):
+        load_texts("nope.txt", DataConfig())
+    with pytest.raises(LmdistillError, match="does not exist"):
+        load_texts("./nope.txt", DataConfig())
+
+
+def test_unsupported_extension(tmp_path):
+    path = tmp_path / "data.csv"
+    path.write_text("text\nhello\n")
+    with pytest.raises(LmdistillError, match=r"unsupported extension '\.csv'.*\.txt, \.jsonl or \.parquet"):
+        load_texts(str(path), DataConfig())
+
+
+def test_directory_without_data_files(tmp_path):
+    (tmp_path / "notes.csv").write_text("x")
+    with pytest.raises(LmdistillError, match="holds no .txt, .jsonl or .parquet files"):
+        load_texts(str(tmp_path), DataConfig())
+
+
+def test_missing_text_field_lists_the_fields(jsonl_file):
+    with pytest.raises(LmdistillError) as info:
+        load_texts(str(jsonl_file), DataConfig())  # default text_field 'text'
+    message = str(info.value)
+    assert "no field 'text'" in message and "body" in message and "id" in message
+    assert "data.text_field" in message
+
+
+# ---- BlockSampler --------------------------------------------------------------------------
+
+def epoch_indices(sampler: BlockSampler, epoch: int) -> list[int]:
+    per = sampler.micro_batches_per_epoch
+    return [i for m in range(epoch * per, (epoch + 1) * per) for i in sampler.indices(m).tolist()]
+
+
+def test_sampler_is_deterministic_for_the_same_seed():
+    a = BlockSampler(24, 3, seed=7)
+    b = BlockSampler(24, 3, seed=7)
+    assert [a.indices(m).tolist() for m in range(20)] == [b.indices(m).tolist() for m in range(20)]
+    # random access equals sequential access (the data position is one integer)
+    c = BlockSampler(24, 3, seed=7)
+    assert c.indices(13).tolist() == a.indices(13).tolist()
+    assert epoch_indices(a, 0) != epoch_indices(BlockSampler(24, 3, seed=8), 0)
+
+
+def test_sampler_reshuffles_every_epoch_and_uses_each_block_once():
+    s = BlockSampler(24, 3, seed=1)
+    assert s.micro_batches_per_epoch == 8
+    epochs = [epoch_indices(s, e) for e in range(3)]
+    for e in epochs:
+        assert sorted(e) == list(range(24))
+    assert epochs[0] != epochs[1] and epochs[1] != epochs[2]
+    assert s.epoch_of(7) == 0 and s.epoch_of(8) == 1
+    assert all(len(s.indices(m)) == 3 for m in range(24))
+
+
+def test_sampler_drops_the_ragged_tail_without_repeats():
+    s = BlockSampler(20, 3, seed=0)
+    assert s.micro_batches_per_epoch == 6
+    e = epoch_indices(s, 0)
+    assert len(e) == len(set(e)) == 18
+
+
+def test_two_ranks_take_disjoint_halves_of_each_global_batch():
+    r0 = BlockSampler(24, 3, seed=5, rank=0, world_size=2)
+    r1 = BlockSampler(24, 3, seed=5, rank=1, world_size=2)
+    single = BlockSampler(24, 6, seed=5)  # one process with the global batch size
+    assert r0.micro_batches_per_epoch == r1.micro_batches_per_epoch == 4
+    seen = []
+    for m in range(4):
+        a, b = r0.indices(m).tolist(), r1.indices(m).tolist()
+        assert len(a) == len(b) == 3
+        assert not set(a) & set(b)
+        assert a + b == single.indices(m).tolist()
+        seen += a + b
+    assert sorted(seen) == list(range(24))
+
+
+def test_sampler_without_shuffle_is_in_order():
+    s = BlockSampler(10, 2, seed=3, shuffle=False)
+    assert epoch_indices(s, 0) == list(range(10))
+    assert epoch_indices(s, 1) == list(range(10))
