@@ -1,0 +1,555 @@
+"""Chunked fused-linear distillation loss: KD + CE from hidden states, memory-flat.
+
+The full-logits path (``losses.distillation_loss``) needs every (tokens x vocab) logit of
+both models at once, in fp32, plus what autograd saves for backward: at 8192 tokens and a
+151936-token vocabulary that is tens of GiB. Here the lm_head matmuls are folded into the
+loss. The valid target rows are walked in chunks; for each chunk the student and teacher
+logits are computed, the loss terms and their gradient with respect to the chunk's logits
+are derived in closed form, and that gradient is pushed straight through the student's
+lm_head (into ``student_hidden``, ``student_weight`` and ``student_bias``) before the next
+chunk starts. Only one chunk's logits exist at any time and autograd saves nothing large:
+``backward`` merely scales the stored gradients by ``grad_output``.
+
+Semantics are those of ``distillation_loss`` on ``h @ W.T + b`` sliced to ``vocab_size``:
+fp32 log space whatever the input dtype, zero-probability teacher entries contribute exactly
+zero, sums over valid tokens divided once by ``num_tokens``, and exactly 0 with zero
+gradients when nothing is left after masking.
+
+Closed-form gradients, per token, with s = z_s / T, p = softmax(s), q = softmax(z_t / T):
+  forward KL  D = sum q (log q - log p)          dD/ds = p - q
+  reverse KL  D = sum p (log p - log q)          dD/ds = p * (log p - log q - D)
+  JSD(beta)   m = beta q + (1 - beta) p,
+              D = beta KL(q || m) + (1 - beta) KL(p || m)
+                                                  dD/ds = (1 - beta) p * (log p - log m - KL(p || m))
+  CE at T = 1 C = -log softmax(z_s)[y]            dC/dz_s = softmax(z_s) - onehot(y)
+and dD/dz_s = dD/ds / T, so the KD term T^2 * D has gradient T * dD/ds. The JSD form
+follows because the terms through log m sum to (1 - beta) * sum_i dp_i/ds_j, which is 0.
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from lmdistill.losses import DIVERGENCES, IGNORE_INDEX, Divergence, LossParts
+
+__all__ = ["fused_linear_distillation_loss", "FusedLinearDistillationLoss"]
+
+_FP32_MIN = torch.finfo(torch.float32).min
+_USE_WORKSPACE = True  # tests switch it off to check the allocation-only path too
+
+
+# --------------------------------------------------------------------------------------
+# Per-chunk math. Inputs are the chunk's rows; everything after the matmuls is fp32.
+#
+# ``ws(slot, rows)`` hands out a reusable fp32 (rows x vocab) buffer, or None (allocate).
+# On a CPU every fresh buffer of this size is mmap'ed and page-faulted in, which costs about
+# twice the arithmetic of an exp pass over it (measured: 120 ms vs 42 ms for 1024 x 32000),
+# so the eager path writes into buffers that live for the whole call. The compiled path gets
+# None everywhere and plain ops, which inductor fuses. Slot use per chunk:
+#   0: student logits, then teacher logits, then p_t or p_s     1: log p_s at T = 1 -> grad
+#   2: log p_s at T (unless T == 1)   3: log p_t    4, 5: divergence scratch
+# --------------------------------------------------------------------------------------
+
+
+def _no_workspace(slot: int, rows: int) -> None:
+    return None
+
+
+class _Workspace:
+    """Reusable flat fp32 buffers, one per slot, sized for the largest chunk of a call."""
+
+    def __init__(self, rows: int, vocab: int, device: torch.device):
+        self.rows, self.vocab, self.device = rows, vocab, device
+        self.bufs: dict[int, Tensor] = {}
+
+    def __call__(self, slot: int, rows: int) -> Tensor:
+        buf = self.bufs.get(slot)
+        if buf is None:
+            buf = self.bufs[slot] = torch.empty(self.rows * self.vocab, dtype=torch.float32, device=self.device)
+        return buf[: rows * self.vocab].view(rows, self.vocab)
+
+
+def _logits(h: Tensor, w: Tensor, b: Tensor | None, out: Tensor | None) -> Tensor:
+    """(C, H) x (V, H)^T + (V,) -> (C, V) fp32; the matmul itself runs in the input dtype."""
+    if out is not None and h.dtype == torch.float32:
+        return torch.mm(h, w.t(), out=out) if b is None else torch.addmm(b, h, w.t(), out=out)
+    z = F.linear(h, w, b)
+    return z.float() if out is None else out.copy_(z)
+
+
+def _forward_kl(ls: Tensor, lt: Tensor, need_grad: bool, ws) -> tuple[Tensor, Tensor | None]:
+    """KL(q || p) summed over the chunk, and dD/ds per entry. ``lt`` is consumed."""
+    rows = ls.shape[0]
+    pt = torch.exp(lt, out=ws(0, rows))
+    # q * (log q - log p) with 0 * log 0 = 0: a -inf teacher log-prob is clamped to the most
+    # negative finite float, so that entry is 0 * (huge) = 0 rather than 0 * inf = NaN.
+    # log p <= 0, so subtracting it cannot push the clamped value to -inf.
+    entries = lt.clamp_(min=_FP32_MIN).sub_(ls).mul_(pt)
+    kd = entries.sum()
+    if not need_grad:
+        return kd, None
+    grad = entries.copy_(ls).exp_().sub_(pt)  # p - q, in the buffer just freed
+    return kd, grad
+
+
+def _reverse_kl(ls: Tensor, lt: Tensor, need_grad: bool, ws) -> tuple[Tensor, Tensor | None]:
+    """KL(p || q) summed over the chunk, and dD/ds per entry. ``lt`` is consumed.
+
+    A teacher zero (log q = -inf) where the student has mass makes the divergence +inf by
+    definition, as in ``distillation_loss``; the trainer's non-finite guard handles that.
+    """
+    rows = ls.shape[0]
+    ps = torch.exp(ls, out=ws(0, rows))
+    diff = lt.neg_().add_(ls)  # log p - log q: finite, or +inf where q == 0
+    # p * diff is NaN only for p == 0 (underflow) times diff == inf; such an entry is 0 by
+    # the 0 * anything = 0 convention. Infinities are kept: they are the true value.
+    inf = float("inf")
+    entries = torch.mul(ps, diff, out=ws(4, rows)).nan_to_num_(nan=0.0, posinf=inf, neginf=-inf)
+    per_row = entries.sum(dim=-1, keepdim=True)
+    kd = per_row.sum()
+    if not need_grad:
+        return kd, None
+    grad = entries.copy_(diff).sub_(per_row).mul_(ps).nan_to_num_(nan=0.0, posinf=inf, neginf=-inf)
+    return kd, grad
+
+
+def _jsd(ls: Tensor, lt: Tensor, beta: float, need_grad: bool, ws) -> tuple[Tensor, Tensor | None]:
+    """Generalised JSD with weight ``beta`` on the teacher, and dD/ds. ``lt`` is consumed."""
+    rows = ls.shape[0]
+    pt = torch.exp(lt, out=ws(0, rows))
+    # log m = logaddexp(log q + log beta, log p + log(1 - beta)): finite wherever p > 0,
+    # because m >= (1 - beta) p; never formed as log(beta q + (1 - beta) p), which underflows.
+    log_m = torch.add(lt, math.log(beta), out=ws(4, rows))
+    log_m = torch.logaddexp(log_m, torch.add(ls, math.log1p(-beta), out=ws(5, rows)), out=log_m)
+    # Teacher side: q * (log q - log m), clamping -inf as in _forward_kl.
+    kd_t = lt.clamp_(min=_FP32_MIN).sub_(log_m).mul_(pt).sum()
+    del pt
+    ratio = log_m.neg_().add_(ls)  # log p - log m, finite
+    ps = torch.exp(ls, out=ws(0, rows))
+    kl_sm_rows = torch.mul(ratio, ps, out=lt).sum(dim=-1, keepdim=True)  # KL(p || m) per row
+    kd = beta * kd_t + (1.0 - beta) * kl_sm_rows.sum()
+    if not need_grad:
+        return kd, None
+    grad = ratio.sub_(kl_sm_rows).mul_(ps).mul_(1.0 - beta)
+    return kd, grad
+
+
+def _chunk_step(
+    h_c: Tensor,
+    w_s: Tensor,
+    b_s: Tensor | None,
+    ht_c: Tensor | None,
+    w_t: Tensor | None,
+    b_t: Tensor | None,
+    y_c: Tensor,
+    inv_t: Tensor,
+    c_kd: Tensor,
+    c_ce: Tensor,
+    divergence: str,
+    with_kd: bool,
+    same_t: bool,
+    need_grad: bool,
+    jsd_beta: float,
+    ws=_no_workspace,
+) -> tuple[Tensor | None, Tensor, Tensor]:
+    """Loss sums for one chunk and the gradient of the folded loss w.r.t. its student logits.
+
+    Args:
+        h_c: (C, Hs) student hidden rows; w_s: (V, Hs); b_s: (V,) or None.
+        ht_c: (C, Ht) teacher hidden rows; w_t: (V, Ht); b_t: (V,) or None.
+        y_c: (C,) targets, all valid.
+        inv_t, c_kd, c_ce: 0-d fp32 tensors: 1/T, and the coefficients that turn dD/ds and
+            dC/dz into d total/dz (weights, T or 1/T, and 1/num_tokens folded in). Tensors,
+            not floats, so a compiled version is not re-specialised on every temperature.
+        ws: workspace provider (see above); the returned grad may live in it.
+
+    Returns:
+        grad (C, V) fp32 or None, ce_sum (0-d fp32), kd_unscaled_sum (0-d fp32).
+    """
+    rows = h_c.shape[0]
+    zs = _logits(h_c, w_s, b_s, ws(0, rows))
+    ls1 = torch.log_softmax(zs, dim=-1, out=ws(1, rows))
+    ce_sum = -ls1.gather(1, y_c.unsqueeze(1)).sum()
+    kd_sum = ce_sum.new_zeros(())
+    grad_kd = None
+    if with_kd:
+        # Scale in place: the raw logits are not needed again.
+        ls = ls1 if same_t else torch.log_softmax(zs.mul_(inv_t), dim=-1, out=ws(2, rows))
+        del zs
+        zt = _logits(ht_c, w_t, b_t, ws(0, rows))
+        lt = torch.log_softmax(zt.mul_(inv_t), dim=-1, out=ws(3, rows))
+        del zt
+        if divergence == "forward_kl":
+            kd_sum, grad_kd = _forward_kl(ls, lt, need_grad, ws)
+        elif divergence == "reverse_kl":
+            kd_sum, grad_kd = _reverse_kl(ls, lt, need_grad, ws)
+        else:
+            kd_sum, grad_kd = _jsd(ls, lt, jsd_beta, need_grad, ws)
+        del ls, lt
+    else:
+        del zs
+    if not need_grad:
+        return None, ce_sum, kd_sum
+    # ls1 is no longer needed as a log-prob (the divergences never write into ls): turn it
+    # into c_ce * (softmax(z) - onehot(y)) in place, then add the KD part.
+    grad = ls1.exp_().mul_(c_ce)
+    grad.scatter_add_(1, y_c.unsqueeze(1), (-c_ce).expand(rows, 1))
+    if grad_kd is not None:
+        grad.addcmul_(grad_kd, c_kd)
+    return grad, ce_sum, kd_sum
+
+
+_compiled_step = None  # torch.compile(_chunk_step), built on first use
+_compile_broken = False  # set once compiling failed; then we stay eager
+
+
+def _step_fn(device: torch.device, use_compile: bool | None):
+    """Pick the eager or the compiled chunk step.
+
+    Compiling fuses the ~10 elementwise passes over each chunk's logits into a few kernels,
+    which is where the time goes on a GPU. On a CPU (auto mode) we stay eager: inductor
+    needs a C++ toolchain there and the first call takes tens of seconds.
+    """
+    global _compiled_step
+    if use_compile is None:
+        use_compile = device.type == "cuda"
+    if not use_compile or _compile_broken or not hasattr(torch, "compile"):
+        return _chunk_step
+    if _compiled_step is None:
+        _compiled_step = torch.compile(_chunk_step, dynamic=None)
+    return _compiled_step
+
+
+_mm_out_dtype_ok = True  # set False once torch.mm(..., out_dtype=) turned out unsupported
+
+
+def _add_matmul(acc: Tensor, a: Tensor, b: Tensor) -> None:
+    """``acc += a @ b`` with fp32 ``acc`` and ``a``, ``b`` in the model dtype.
+
+    For a bf16 model each chunk's product should reach the fp32 accumulator without first
+    being rounded to bf16: CUDA builds of torch >= 2.8 have ``mm(..., out_dtype=float32)``
+    (bf16 inputs, fp32 accumulate and output). Elsewhere the product is rounded once per
+    chunk, which the bf16 gradient test bounds.
+    """
+    global _mm_out_dtype_ok
+    if a.dtype == torch.float32:
+        acc.addmm_(a, b)
+        return
+    if _mm_out_dtype_ok and a.is_cuda:
+        try:
+            acc += torch.mm(a, b, out_dtype=torch.float32)
+            return
+        except (RuntimeError, TypeError, NotImplementedError):
+            _mm_out_dtype_ok = False
+    acc += (a @ b).float()
+
+
+@dataclass(frozen=True)
+class _Options:
+    """Static (non-tensor) settings of one call."""
+
+    divergence: str
+    with_kd: bool
+    same_t: bool  # T == 1: the CE log-softmax doubles as the student's KD log-softmax
+    jsd_beta: float
+    chunk_size: int
+    vocab_size: int
+    need_grad: tuple[bool, bool, bool]  # student hidden, weight, bias
+    all_valid: bool  # no ignored row: chunks are plain slices, no gathers
+    use_compile: bool | None
+    kd_coef: float  # kd_weight * T^2 (or kd_weight), multiplies the KD sum in ``total``
+    ce_coef: float  # 1 - kd_weight
+    denom: float  # the normaliser, >= 1
+
+
+class _FusedLinearKD(torch.autograd.Function):
+    """Loss and all student gradients in one pass over the chunks; backward only scales them."""
+
+    @staticmethod
+    def forward(ctx, h, w_s, b_s, ht, w_t, b_t, y, rows, inv_t, c_kd, c_ce, opts: _Options):
+        vocab = opts.vocab_size
+        need_h, need_w, need_b = opts.need_grad
+        need_grad = need_h or need_w or need_b
+        # Leading-row slices of a (V, H) matrix are views: padded rows are never read.
+        w_s_v = w_s[:vocab]
+        b_s_v = b_s[:vocab] if b_s is not None else None
+        w_t_v = w_t[:vocab] if opts.with_kd else None
+        b_t_v = b_t[:vocab] if (opts.with_kd and b_t is not None) else None
+
+        grad_h = torch.zeros_like(h) if need_h else None
+        # The weight gradient sums over every chunk: accumulate it in fp32 even for a bf16
+        # model, or the contributions of later chunks round away against the running sum.
+        grad_w = torch.zeros(w_s.shape, dtype=torch.float32, device=w_s.device) if need_w else None
+        grad_b = torch.zeros(b_s.shape, dtype=torch.float32, device=b_s.device) if need_b else None
+        ce_total = torch.zeros((), dtype=torch.float32, device=h.device)
+        kd_total = torch.zeros((), dtype=torch.float32, device=h.device)
+
+        step = _step_fn(h.device, opts.use_compile)
+        n_rows = rows.numel()
+        # Buffers reused across chunks in eager mode; a GPU's caching allocator already
+        # recycles memory, so there they would only pin extra memory for nothing.
+        workspace = _no_workspace
+        if _USE_WORKSPACE and h.device.type == "cpu" and n_rows:
+            workspace = _Workspace(min(opts.chunk_size, n_rows), vocab, h.device)
+        for start in range(0, n_rows, opts.chunk_size):
+            stop = min(start + opts.chunk_size, n_rows)
+            if opts.all_valid:
+                sel = slice(start, stop)
+                h_c, y_c = h[sel], y[sel]
+                ht_c = ht[sel] if opts.with_kd else None
+            else:
+                # Ignored rows never reach a matmul: gather the valid ones of this chunk.
+                sel = rows[start:stop]
+                h_c, y_c = h.index_select(0, sel), y.index_select(0, sel)
+                ht_c = ht.index_select(0, sel) if opts.with_kd else None
+            h_c = h_c.to(w_s.dtype)
+            if ht_c is not None:
+                ht_c = ht_c.to(w_t.dtype)
+            args = (h_c, w_s_v, b_s_v, ht_c, w_t_v, b_t_v, y_c, inv_t, c_kd, c_ce,
+                    opts.divergence, opts.with_kd, opts.same_t, need_grad, opts.jsd_beta)
+            if step is _chunk_step:
+                grad_z, ce_sum, kd_sum = step(*args, ws=workspace)
+            else:
+                try:
+                    grad_z, ce_sum, kd_sum = step(*args)
+                except Exception as exc:  # a compiler failure of any kind: fall back to eager
+                    _disable_compile(exc)
+                    step = _chunk_step
+                    grad_z, ce_sum, kd_sum = step(*args, ws=workspace)
+            ce_total += ce_sum
+            kd_total += kd_sum
+            if grad_z is None:
+                continue
+            if need_b:
+                grad_b[:vocab] += grad_z.sum(dim=0)
+            # Matmuls in the model dtype (bf16 tensor cores on a GPU); grad_z itself is fp32.
+            g_mm = grad_z.to(w_s.dtype)
+            del grad_z
+            if need_h:
+                gh = (g_mm @ w_s_v).to(h.dtype)
+                if opts.all_valid:
+                    grad_h[sel] = gh
+                else:
+                    grad_h.index_copy_(0, sel, gh)  # each row occurs once: copy, not add
+                del gh
+            if need_w:
+                _add_matmul(grad_w[:vocab], g_mm.t(), h_c)
+            del g_mm
+
+        total = (opts.kd_coef * kd_total + opts.ce_coef * ce_total) / opts.denom
+        ctx.grads = (grad_h, grad_w, grad_b)
+        ctx.dtypes = (h.dtype, w_s.dtype, b_s.dtype if b_s is not None else None)
+        ctx.mark_non_differentiable(ce_total, kd_total)
+        return total, ce_total, kd_total
+
+    @staticmethod
+    def backward(ctx, grad_total, _grad_ce, _grad_kd):
+        if ctx.grads is None:
+            raise RuntimeError(
+                "fused_linear_distillation_loss computes its gradients during forward and hands "
+                "them out once; backward through the same loss twice (retain_graph) is not supported"
+            )
+        grads, ctx.grads = ctx.grads, None  # release them as they leave
+        out = []
+        for g, dtype in zip(grads, ctx.dtypes):
+            # In place: these buffers are ours alone; scaling costs no extra (V, H) copy.
+            out.append(None if g is None else g.mul_(grad_total).to(dtype))
+        grad_h, grad_w, grad_b = out
+        return grad_h, grad_w, grad_b, None, None, None, None, None, None, None, None, None
+
+
+def _disable_compile(exc: Exception) -> None:
+    global _compile_broken
+    _compile_broken = True
+    warnings.warn(f"torch.compile of the fused KD loss failed ({exc!r:.300}); continuing in eager mode",
+                  RuntimeWarning, stacklevel=3)
+
+
+def fused_linear_distillation_loss(
+    student_hidden: Tensor,
+    student_weight: Tensor,
+    teacher_hidden: Tensor | None,
+    teacher_weight: Tensor | None,
+    targets: Tensor,
+    *,
+    temperature: float,
+    kd_weight: float,
+    scale_by_t2: bool = True,
+    divergence: Divergence = "forward_kl",
+    ignore_index: int = IGNORE_INDEX,
+    num_tokens: int | float | Tensor | None = None,
+    vocab_size: int | None = None,
+    student_bias: Tensor | None = None,
+    teacher_bias: Tensor | None = None,
+    chunk_size: int = 1024,
+    jsd_beta: float = 0.5,
+    use_compile: bool | None = None,
+) -> LossParts:
+    """``kd_weight * KD + (1 - kd_weight) * CE`` from hidden states, without full logits.
+
+    Equal to ``distillation_loss(h_s @ W_s[:v].T + b_s[:v], h_t @ W_t[:v].T + b_t[:v],
+    targets, ...)`` with ``v = vocab_size``, in value and in gradients, while holding only
+    ``chunk_size`` rows of (tokens x vocab) logits of each model at a time.
+
+    Args:
+        student_hidden: (..., Hs) final student hidden states (after the last norm), any
+            float dtype; position i predicts ``targets[i]`` (already shifted).
+        student_weight: (V, Hs) the student's lm_head weight (may be tied to the embeddings).
+        teacher_hidden: (..., Ht) teacher hidden states, same leading shape; None when
+            ``kd_weight == 0``. Never receives a gradient: the teacher is frozen.
+        teacher_weight: (V', Ht) the teacher's lm_head weight; V' may differ from V when
+            either embedding matrix is padded past the tokenizer.
+        targets: (...) int64 next-token ids; ``ignore_index`` marks positions without one.
+        temperature: KD temperature T > 0 (the CE term always uses T = 1).
+        kd_weight: in [0, 1].
+        scale_by_t2: multiply the divergence by T^2.
+        divergence: ``forward_kl``, ``reverse_kl`` or ``jsd`` (see ``losses.token_divergence``).
+        num_tokens: the normaliser: the global count of valid targets across micro-batches
+            and ranks. Defaults to this call's own count; a count of 0 divides by 1.
+        vocab_size: number of real tokens; only logits ``[:vocab_size]`` of both models
+            exist for the loss (padded rows get no probability and a zero gradient).
+            Defaults to ``min(V, V')``.
+        student_bias: (V,) or None; teacher_bias: (V',) or None.
+        chunk_size: valid-target rows per chunk. Peak extra memory is four (forward KL)
+            to six (JSD) fp32 (chunk_size x vocab_size) buffers, plus the fp32 (V, Hs)
+            weight gradient and the (N, Hs) hidden-state gradient.
+        jsd_beta: teacher weight of the JSD mixture, in (0, 1).
+        use_compile: torch.compile the per-chunk elementwise math; None = only on CUDA.
+
+    Returns:
+        LossParts(total, kd, kd_unscaled, ce, num_valid) as ``distillation_loss`` does:
+        ``total`` carries the graph (its backward only scales the gradients computed here),
+        the rest are detached fp32 scalars. With no valid target every part is exactly 0 and
+        the gradients are zero.
+    """
+    if not 0.0 <= kd_weight <= 1.0:
+        raise ValueError(f"kd_weight must be in [0, 1], got {kd_weight}")
+    if temperature <= 0:
+        raise ValueError(f"temperature must be > 0, got {temperature}")
+    if divergence not in DIVERGENCES:
+        raise ValueError(f"unknown divergence {divergence!r}; expected one of {DIVERGENCES}")
+    if not 0.0 < jsd_beta < 1.0:
+        raise ValueError(f"jsd_beta must be in (0, 1), got {jsd_beta}")
+    if chunk_size < 1:
+        raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
+    if student_weight.dim() != 2 or student_hidden.shape[-1] != student_weight.shape[1]:
+        raise ValueError(f"student_hidden {tuple(student_hidden.shape)} does not match "
+                         f"student_weight {tuple(student_weight.shape)}: expected (..., H) and (V, H)")
+    h = student_hidden.reshape(-1, student_hidden.shape[-1])
+    y = targets.reshape(-1)
+    if y.numel() != h.shape[0]:
+        raise ValueError(f"targets {tuple(targets.shape)} do not match student_hidden "
+                         f"{tuple(student_hidden.shape)}")
+    with_kd = kd_weight > 0
+    ht = None
+    if with_kd:
+        if teacher_hidden is None or teacher_weight is None:
+            raise ValueError("teacher_hidden and teacher_weight are required when kd_weight > 0")
+        if teacher_weight.dim() != 2 or teacher_hidden.shape[-1] != teacher_weight.shape[1]:
+            raise ValueError(f"teacher_hidden {tuple(teacher_hidden.shape)} does not match "
+                             f"teacher_weight {tuple(teacher_weight.shape)}: expected (..., H) and (V', H)")
+        ht = teacher_hidden.detach().reshape(-1, teacher_hidden.shape[-1])
+        if ht.shape[0] != h.shape[0]:
+            raise ValueError(f"teacher_hidden has {ht.shape[0]} rows, student_hidden {h.shape[0]}")
+    vocab_limit = student_weight.shape[0]
+    if teacher_weight is not None:
+        vocab_limit = min(vocab_limit, teacher_weight.shape[0])
+    vocab = vocab_limit if vocab_size is None else int(vocab_size)
+    if not 1 <= vocab <= vocab_limit:
+        raise ValueError(f"vocab_size must be in [1, {vocab_limit}] (the smaller lm_head), got {vocab}")
+    for name, bias, weight in (("student_bias", student_bias, student_weight),
+                               ("teacher_bias", teacher_bias, teacher_weight)):
+        if bias is not None and (weight is None or bias.shape != weight.shape[:1]):
+            raise ValueError(f"{name} must have shape (rows of its lm_head weight,), got {tuple(bias.shape)}")
+
+    valid = y != ignore_index
+    rows = valid.nonzero().squeeze(1)  # one host sync: the chunk loop needs the count
+    num_valid = rows.numel()
+    if num_valid and bool((((y < 0) | (y >= vocab)) & valid).any()):
+        raise ValueError(f"targets must lie in [0, {vocab}) or equal ignore_index={ignore_index}")
+    denom = float(num_tokens) if num_tokens is not None else float(max(num_valid, 1))
+    denom = max(denom, 1.0)  # no valid token anywhere: every sum is 0, and 0/1 = 0
+    t2 = temperature**2 if scale_by_t2 else 1.0
+
+    grad_on = torch.is_grad_enabled()
+    need = (grad_on and student_hidden.requires_grad, grad_on and student_weight.requires_grad,
+            grad_on and student_bias is not None and student_bias.requires_grad)
+    opts = _Options(
+        divergence=divergence, with_kd=with_kd, same_t=float(temperature) == 1.0,
+        jsd_beta=float(jsd_beta), chunk_size=int(chunk_size), vocab_size=vocab, need_grad=need,
+        all_valid=num_valid == h.shape[0], use_compile=use_compile,
+        kd_coef=kd_weight * t2, ce_coef=1.0 - kd_weight, denom=denom,
+    )
+    # d total / dz_s = kd_weight * t2 / T * dD/ds / denom + (1 - kd_weight) / denom * dC/dz.
+    dev = h.device
+    inv_t = torch.tensor(1.0 / temperature, dtype=torch.float32, device=dev)
+    c_kd = torch.tensor(kd_weight * t2 / temperature / denom, dtype=torch.float32, device=dev)
+    c_ce = torch.tensor((1.0 - kd_weight) / denom, dtype=torch.float32, device=dev)
+    total, ce_sum, kd_sum = _FusedLinearKD.apply(
+        h, student_weight, student_bias, ht,
+        teacher_weight.detach() if with_kd else None,
+        teacher_bias.detach() if (with_kd and teacher_bias is not None) else None,
+        y, rows, inv_t, c_kd, c_ce, opts,
+    )
+    return LossParts(
+        total=total,
+        kd=(kd_sum * t2 / denom).detach(),
+        kd_unscaled=(kd_sum / denom).detach(),
+        ce=(ce_sum / denom).detach(),
+        num_valid=num_valid,
+    )
+
+
+class FusedLinearDistillationLoss(torch.nn.Module):
+    """Module form of :func:`fused_linear_distillation_loss`, holding its options.
+
+    ``temperature`` and ``kd_weight`` are plain attributes so a schedule can set them each
+    step; per-call values in ``forward`` override them.
+
+    Example::
+
+        loss_fn = FusedLinearDistillationLoss(temperature=2.0, kd_weight=0.5)
+        parts = loss_fn(student_hidden, student.lm_head.weight,
+                        teacher_hidden, teacher.lm_head.weight, targets,
+                        vocab_size=len(tokenizer), num_tokens=global_valid_tokens)
+        parts.total.backward()
+    """
+
+    def __init__(self, *, temperature: float = 2.0, kd_weight: float = 0.5, scale_by_t2: bool = True,
+                 divergence: Divergence = "forward_kl", ignore_index: int = IGNORE_INDEX,
+                 chunk_size: int = 1024, jsd_beta: float = 0.5, use_compile: bool | None = None):
+        super().__init__()
+        self.temperature = temperature
+        self.kd_weight = kd_weight
+        self.scale_by_t2 = scale_by_t2
+        self.divergence = divergence
+        self.ignore_index = ignore_index
+        self.chunk_size = chunk_size
+        self.jsd_beta = jsd_beta
+        self.use_compile = use_compile
+
+    def forward(self, student_hidden: Tensor, student_weight: Tensor, teacher_hidden: Tensor | None,
+                teacher_weight: Tensor | None, targets: Tensor, *,
+                num_tokens: int | float | Tensor | None = None, vocab_size: int | None = None,
+                student_bias: Tensor | None = None, teacher_bias: Tensor | None = None,
+                temperature: float | None = None, kd_weight: float | None = None) -> LossParts:
+        """Shapes as in :func:`fused_linear_distillation_loss`."""
+        return fused_linear_distillation_loss(
+            student_hidden, student_weight, teacher_hidden, teacher_weight, targets,
+            temperature=self.temperature if temperature is None else temperature,
+            kd_weight=self.kd_weight if kd_weight is None else kd_weight,
+            scale_by_t2=self.scale_by_t2, divergence=self.divergence, ignore_index=self.ignore_index,
+            num_tokens=num_tokens, vocab_size=vocab_size, student_bias=student_bias,
+            teacher_bias=teacher_bias, chunk_size=self.chunk_size, jsd_beta=self.jsd_beta,
+            use_compile=self.use_compile,
+        )
+
+    def extra_repr(self) -> str:
+        return (f"temperature={self.temperature}, kd_weight={self.kd_weight}, scale_by_t2={self.scale_by_t2}, "
+                f"divergence={self.divergence!r}, chunk_size={self.chunk_size}")
