@@ -41,6 +41,8 @@ class RunConfig:
     resume: bool = doc("Continue the unfinished run in output_dir from its newest valid checkpoint.", False)
     seed: int = doc("Seed for Python, NumPy and torch; the same seed gives the same run on CPU.", 0)
     device: Literal["auto", "cpu", "cuda"] = doc("auto = CUDA when available, else CPU.", "auto")
+    trackers: list = doc("Extra experiment trackers through accelerate, e.g. [wandb] or [mlflow] (installed "
+                         "separately); TensorBoard and metrics.jsonl are always written.", [])
     mixed_precision: Literal["auto", "no", "bf16", "fp16"] = doc(
         "Autocast dtype. auto = bf16 on a GPU that supports it, fp32 ('no') on CPU.", "auto"
     )
@@ -316,6 +318,9 @@ class Config:
                               "output_dir, overwrite deletes it; choose one")
         if self.run.resume and not self.run.output_dir:
             raise ConfigError("run.resume needs run.output_dir: the run directory to continue (--output-dir)")
+        for tracker in self.run.trackers:
+            if tracker not in TRACKERS:
+                raise ConfigError(f"run.trackers entry {tracker!r} is not supported; choose from {', '.join(TRACKERS)}")
         _validate_injections(self.debug)
         return self
 
@@ -327,6 +332,9 @@ class Config:
         return yaml.safe_dump(self.to_dict(), sort_keys=False)
 
 
+# Tracker name -> the package that provides it (accelerate's integrations).
+TRACKERS = {"wandb": "wandb", "mlflow": "mlflow", "comet_ml": "comet_ml", "aim": "aim", "clearml": "clearml",
+            "dvclive": "dvclive", "swanlab": "swanlab", "trackio": "trackio"}
 INJECT_WHERE = ("teacher_logits", "student_logits", "loss", "grad")
 INJECT_VALUES = ("nan", "inf", "-inf")
 

@@ -68,8 +68,9 @@ def evaluate(
         ids = blocks[start : start + batch_size].to(device)
         targets = ids[:, 1:].reshape(-1)
         with autocast() if autocast else contextlib.nullcontext():
-            s_logits = student(input_ids=ids).logits[:, :-1, :vocab_size]
-            t_logits = teacher(input_ids=ids).logits[:, :-1, :vocab_size] if teacher is not None else None
+            s_logits = student(input_ids=ids, use_cache=False).logits[:, :-1, :vocab_size]
+            t_logits = (teacher(input_ids=ids, use_cache=False).logits[:, :-1, :vocab_size]
+                        if teacher is not None else None)
         s_flat = s_logits.reshape(-1, vocab_size).float()
         sums[0] += F.cross_entropy(s_flat, targets, reduction="sum").item()
         sums[5] += targets.numel()

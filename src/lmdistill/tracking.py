@@ -23,8 +23,9 @@ def tb_tag(key: str) -> str:
 
 
 class MetricsLog:
-    def __init__(self, run_dir: Path, enabled: bool = True, tensorboard: bool = True):
+    def __init__(self, run_dir: Path, enabled: bool = True, tensorboard: bool = True, accelerator=None):
         self.enabled = enabled
+        self._accelerator = accelerator  # extra trackers (wandb, mlflow, ...) via accelerate.log
         self.path = run_dir / "metrics.jsonl"
         self._file = None
         self._tb = None
@@ -42,9 +43,13 @@ class MetricsLog:
         # Python's json writes NaN/Infinity literals; readers in this package accept them.
         self._file.write(json.dumps(record) + "\n")
         self._file.flush()
+        step = int(record.get("step", 0))
+        numeric = {k: v for k, v in record.items() if k not in ("step", "epoch") and not isinstance(v, bool)
+                   and isinstance(v, (int, float))}
+        if self._accelerator is not None and numeric:
+            self._accelerator.log(numeric, step=step)
         if self._tb is None:
             return
-        step = int(record.get("step", 0))
         if record.get("skipped"):
             self._tb.add_scalar("events/skipped_step", 1.0, step)
             self._tb.add_text("events/skipped", f"step {step}: {record.get('reason')}", step)
@@ -53,12 +58,13 @@ class MetricsLog:
             self._tb.add_text("events/health", f"step {step}: [{record['health']}] {record.get('message', '')}", step)
         if "event" in record:
             self._tb.add_text("events/other", f"step {step}: {record['event']} {record.get('message', '')}", step)
-        for key, value in record.items():
-            if key in ("step", "epoch") or isinstance(value, bool) or not isinstance(value, (int, float)):
-                continue
+        for key, value in numeric.items():
             self._tb.add_scalar(tb_tag(key), value if math.isfinite(value) else float("nan"), step)
 
     def close(self) -> None:
+        if self._accelerator is not None:
+            self._accelerator.end_training()
+            self._accelerator = None
         if self._file:
             self._file.close()
             self._file = None

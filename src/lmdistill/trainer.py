@@ -161,7 +161,7 @@ def make_accelerator(cfg: Config):
     if AcceleratorState._shared_state:
         AcceleratorState._reset_state(reset_partial_state=False)
         GradientState._reset_state()
-    return Accelerator(cpu=use_cpu, mixed_precision=precision)
+    return Accelerator(cpu=use_cpu, mixed_precision=precision, log_with=cfg.run.trackers or None)
 
 
 def _has_tokenizer_files(source: str) -> bool:
@@ -178,9 +178,7 @@ def load_models(cfg: Config, teacher=None, student=None, tokenizer=None, progres
     teacher_name = student_name = None
     if needs_teacher and teacher is None:
         if cfg.model.teacher is None:
-            from .default import ensure_default_teacher
-
-            cfg.model.teacher = str(ensure_default_teacher(progress=progress))
+            raise LmdistillError("no teacher: set model.teacher (or leave it empty to use the embedded default)")
         teacher_name = resolve_source(cfg.model.teacher, "model.teacher")
         tokenizer = tokenizer or load_tokenizer(teacher_name, "teacher")
         dtype = cfg.model.teacher_dtype
@@ -234,13 +232,22 @@ def train(cfg: Config, *, teacher=None, student=None, tokenizer=None, progress: 
           print_summary: bool = True) -> RunResult:
     """Run one distillation (or, with kd_weight 0, plain LM training) as ``cfg`` says."""
     cfg.validate()
+    _check_trackers_installed(cfg)
+    run_dir = choose_run_dir(cfg)  # refuse early, before minutes of loading
+    if cfg.distill.kd_weight > 0 and teacher is None and cfg.model.teacher is None:
+        # Before this run's accelerator exists: pretraining the default teacher is a run of its own.
+        from .default import ensure_default_teacher
+
+        cfg.model.teacher = str(ensure_default_teacher(progress=progress))
     started = time.perf_counter()
     accelerator = make_accelerator(cfg)
     from accelerate.utils import set_seed
 
     set_seed(cfg.run.seed)
     is_main = accelerator.is_main_process
-    run_dir = choose_run_dir(cfg)  # refuse early, before minutes of loading
+    if "FSDP" in str(accelerator.distributed_type) or "DEEPSPEED" in str(accelerator.distributed_type):
+        raise LmdistillError(f"{accelerator.distributed_type} is not supported yet: launch with a DDP accelerate "
+                             "config (docs/distributed.md)")
 
     teacher, student, tokenizer, teacher_name, student_name = load_models(cfg, teacher, student, tokenizer, progress)
     vocab_size = len(tokenizer)
@@ -258,6 +265,11 @@ def train(cfg: Config, *, teacher=None, student=None, tokenizer=None, progress: 
     total_steps = cfg.train.max_steps or cfg.train.epochs * steps_per_epoch
     warmup = cfg.train.warmup_steps if cfg.train.warmup_steps is not None else int(0.05 * total_steps)
     eval_every = cfg.train.eval_every or max(1, total_steps // 10)
+    # Eval builds full logits (no gradients): keep a batch's logits under the same size budget.
+    eval_batch_size = max(1, min(max(cfg.train.batch_size, 8), int(cfg.loss.auto_threshold_mib * 2**20 // (
+        cfg.data.block_size * len(tokenizer) * 4 * 2))))
+    loss_impl = choose_loss_impl(cfg, cfg.train.batch_size * (cfg.data.block_size - 1), len(tokenizer), student,
+                                 teacher)
 
     optimizer = make_optimizer(student, cfg)
     student, optimizer = accelerator.prepare(student, optimizer)
@@ -301,14 +313,16 @@ def train(cfg: Config, *, teacher=None, student=None, tokenizer=None, progress: 
         if is_main:
             _trim_metrics(run_dir / "metrics.jsonl", start_step)
             print(f"Resuming {run_dir} from {resume_from.name} (step {start_step} of {total_steps})")
-    log = MetricsLog(run_dir, enabled=is_main)
+    if cfg.run.trackers:
+        accelerator.init_trackers(cfg.run.name, config=_flat_config(cfg))
+    log = MetricsLog(run_dir, enabled=is_main, accelerator=accelerator if cfg.run.trackers else None)
     run_info = {
         "status": "running", "started_at": _utcnow(), "command": "train",
         "teacher": asdict(ModelInfo.of(teacher, teacher_name)) if teacher is not None else None,
         "student": asdict(ModelInfo.of(raw_student, student_name)),
         "data": data.describe(),
         "plan": {"total_steps": total_steps, "steps_per_epoch": steps_per_epoch, "warmup_steps": warmup,
-                 "eval_every": eval_every,
+                 "eval_every": eval_every, "loss_impl": loss_impl,
                  "processes": world, "device": str(device), "mixed_precision": accelerator.mixed_precision,
                  "vocab_size": vocab_size},
     }
@@ -342,7 +356,7 @@ def train(cfg: Config, *, teacher=None, student=None, tokenizer=None, progress: 
         result = evaluate(
             raw_student, teacher, shard, vocab_size=vocab_size, temperature=temperature,
             scale_by_t2=cfg.distill.scale_by_t2, divergence=cfg.distill.divergence,
-            batch_size=max(cfg.train.batch_size, 8), device=device, autocast=accelerator.autocast,
+            batch_size=eval_batch_size, device=device, autocast=accelerator.autocast,
             reduce=lambda t: accelerator.reduce(t.to(device), "sum").cpu(), teacher_cache=teacher_cache,
             desc=desc, progress=progress and is_main,
         )
@@ -397,7 +411,8 @@ def train(cfg: Config, *, teacher=None, student=None, tokenizer=None, progress: 
                 with contextlib.nullcontext() if last else accelerator.no_sync(student):
                     with accelerator.autocast():
                         parts, teacher_bad = _micro_batch_loss(
-                            ids, student, teacher, vocab_size, temperature, cfg, num_tokens, injector, step)
+                            ids, student, teacher, vocab_size, temperature, cfg, num_tokens, injector, step,
+                            loss_impl, raw_student)
                     # DDP averages gradients over ranks; our loss is already a global mean.
                     loss = parts.total * world
                     if step in injector.loss_multiplier:
@@ -521,6 +536,23 @@ def train(cfg: Config, *, teacher=None, student=None, tokenizer=None, progress: 
     return result
 
 
+def _check_trackers_installed(cfg: Config) -> None:
+    import importlib.util
+
+    from .config import TRACKERS
+
+    for tracker in cfg.run.trackers:
+        if importlib.util.find_spec(TRACKERS[tracker]) is None:
+            raise LmdistillError(f"run.trackers asks for {tracker!r} but the package '{TRACKERS[tracker]}' is not "
+                                 f"installed; pip install {TRACKERS[tracker]}, or remove it from run.trackers")
+
+
+def _flat_config(cfg: Config) -> dict:
+    """section.key -> value with lists and mappings as text: what trackers accept as hyperparameters."""
+    return {f"{section}.{key}": value if isinstance(value, (int, float, str, bool)) or value is None else str(value)
+            for section, values in cfg.to_dict().items() for key, value in values.items()}
+
+
 def _teacher_reference(source: str | None) -> dict | None:
     """The teacher by path and content hash: checkpoints refer to it, never copy it."""
     if source is None:
@@ -564,22 +596,88 @@ def _trim_metrics(path: Path, step: int) -> None:
     os.replace(tmp, path)
 
 
-def _micro_batch_loss(ids, student, teacher, vocab_size, temperature, cfg: Config, num_tokens, injector, step):
+# Config fields that change logits after the lm_head; the fused loss does not model them.
+_LOGIT_TRANSFORMS = ("final_logit_softcapping", "logit_scale", "logits_scaling", "output_multiplier_scale")
+
+
+def fused_loss_unsupported(model) -> str | None:
+    """Why the chunked loss cannot reproduce ``model``'s logits, or None if it can."""
+    head = model.get_output_embeddings()
+    if not isinstance(head, torch.nn.Linear):
+        return f"{type(model).__name__} has no plain linear output layer"
+    for name in _LOGIT_TRANSFORMS:
+        if getattr(model.config, name, None) not in (None, 1, 1.0):
+            return f"{type(model).__name__} transforms its logits ({name})"
+    return None
+
+
+def choose_loss_impl(cfg: Config, tokens_per_micro_batch: int, vocab_size: int, student, teacher) -> str:
+    """``full`` or ``chunked`` for ``loss.impl`` (auto: chunked when the logits would be large)."""
+    if cfg.loss.impl == "full":
+        return "full"
+    problems = [p for p in (fused_loss_unsupported(m) for m in (student, teacher) if m is not None) if p]
+    if cfg.loss.impl == "chunked":
+        if problems:
+            raise LmdistillError(f"loss.impl = chunked is not possible: {problems[0]}; use loss.impl=full")
+        return "chunked"
+    models = 2 if teacher is not None else 1
+    logits_mib = tokens_per_micro_batch * vocab_size * 4 * models / 2**20
+    return "chunked" if not problems and logits_mib > cfg.loss.auto_threshold_mib else "full"
+
+
+def _micro_batch_loss(ids, student, teacher, vocab_size, temperature, cfg: Config, num_tokens, injector, step,
+                      impl: str = "full", raw_student=None):
     """LossParts for one micro-batch, and a 0-d flag: the teacher produced NaN or +Inf."""
     targets = ids[:, 1:]
-    s_logits = student(input_ids=ids).logits[:, :-1, :vocab_size]
+    if impl == "chunked":
+        return _chunked_micro_batch_loss(ids, targets, student, raw_student, teacher, vocab_size, temperature, cfg,
+                                         num_tokens, injector, step)
+    # use_cache=False: a training forward has no use for a KV cache (it would cost memory and time).
+    s_logits = student(input_ids=ids, use_cache=False).logits[:, :-1, :vocab_size]
     s_logits = injector.poison(s_logits, step, "student_logits")
     t_logits = None
     teacher_bad = torch.zeros((), device=ids.device)
     if teacher is not None and cfg.distill.kd_weight > 0:
         with torch.no_grad():
-            t_logits = teacher(input_ids=ids).logits[:, :-1, :vocab_size]
+            t_logits = teacher(input_ids=ids, use_cache=False).logits[:, :-1, :vocab_size]
             t_logits = injector.poison(t_logits, step, "teacher_logits")
             # -inf is a legitimate masked entry; NaN or +inf is a broken teacher. max() finds both.
             teacher_bad = (~torch.isfinite(t_logits.amax())).float()
     parts = distillation_loss(s_logits, t_logits, targets, temperature=temperature, kd_weight=cfg.distill.kd_weight,
                               scale_by_t2=cfg.distill.scale_by_t2, divergence=cfg.distill.divergence,
                               num_tokens=num_tokens)
+    return parts, teacher_bad
+
+
+def _chunked_micro_batch_loss(ids, targets, student, raw_student, teacher, vocab_size, temperature, cfg: Config,
+                              num_tokens, injector, step):
+    """The same loss from final hidden states: no (tokens x vocab) tensor for the whole batch.
+
+    The forward still goes through the (possibly DDP-wrapped) model so gradient sync
+    works; ``logits_to_keep=1`` makes it compute the logits of one position only.
+    """
+    from .fused import fused_linear_distillation_loss
+
+    hidden = student(input_ids=ids, output_hidden_states=True, logits_to_keep=1,
+                     use_cache=False).hidden_states[-1][:, :-1]
+    hidden = injector.poison(hidden, step, "student_logits")
+    head = raw_student.get_output_embeddings()
+    t_hidden = t_head = None
+    teacher_bad = torch.zeros((), device=ids.device)
+    if teacher is not None and cfg.distill.kd_weight > 0:
+        with torch.no_grad():
+            t_hidden = teacher(input_ids=ids, output_hidden_states=True, logits_to_keep=1,
+                               use_cache=False).hidden_states[-1][:, :-1]
+            t_hidden = injector.poison(t_hidden, step, "teacher_logits")
+            teacher_bad = (~torch.isfinite(t_hidden).all()).float()
+        t_head = teacher.get_output_embeddings()
+    parts = fused_linear_distillation_loss(
+        hidden.reshape(-1, hidden.shape[-1]), head.weight,
+        t_hidden.reshape(-1, t_hidden.shape[-1]) if t_hidden is not None else None,
+        t_head.weight if t_head is not None else None, targets.reshape(-1),
+        temperature=temperature, kd_weight=cfg.distill.kd_weight, scale_by_t2=cfg.distill.scale_by_t2,
+        divergence=cfg.distill.divergence, num_tokens=num_tokens, vocab_size=vocab_size, student_bias=head.bias,
+        teacher_bias=t_head.bias if t_head is not None else None, chunk_size=cfg.loss.chunk_size)
     return parts, teacher_bad
 
 

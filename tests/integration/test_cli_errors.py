@@ -30,8 +30,10 @@ def _assert_user_error(proc, *needles: str) -> str:
         (["--kd-weight", "1.5"], ["distill.kd_weight", "[0, 1]"]),
         (["--set", "distill.divergence=kl"], ["distill.divergence", "forward_kl"]),
         (["--set", "novalue"], ["--set expects key=value"]),
+        (["--set", "run.trackers=[wandb]"], ["wandb", "not installed", "pip install wandb"]),
     ],
-    ids=["typo", "wrong-section", "type", "temp-zero", "temp-negative", "min-above", "kd-weight", "choice", "set-syntax"],
+    ids=["typo", "wrong-section", "type", "temp-zero", "temp-negative", "min-above", "kd-weight", "choice", "set-syntax",
+         "tracker"],
 )
 def test_config_errors(tmp_path, args, needles):
     out = tmp_path / "run"

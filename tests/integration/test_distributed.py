@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import socket
 import subprocess
 import sys
 
@@ -17,11 +18,16 @@ STUDENT = ("model.student_config={num_hidden_layers: 1, hidden_size: 16, interme
 
 
 def _launch(nproc: int, *args: str) -> subprocess.CompletedProcess:
-    """``accelerate launch --cpu --num_processes N -m lmdistill ...`` as a user would type it."""
+    """``torchrun --nproc_per_node N -m lmdistill ...``: N CPU processes over gloo, as documented.
+
+    (``accelerate launch --cpu`` starts one process unless MPI is set up; torchrun needs nothing.)
+    """
     env = {**os.environ, "PYTHONPATH": str(REPO / "src"), "OMP_NUM_THREADS": "1"}
-    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--cpu", "--num_processes", str(nproc),
-           "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
-           "--main_process_port", str(29500 + os.getpid() % 1000), "-m", "lmdistill", *args]
+    with socket.socket() as sock:  # a free port for every launch: a reused one may still be in TIME_WAIT
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc), "--master_addr",
+           "127.0.0.1", "--master_port", str(port), "-m", "lmdistill", *args]
     return subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
 
 
@@ -74,7 +80,7 @@ def test_nan_on_one_rank_makes_every_rank_skip(tmp_path, teacher_dir, text_file)
     out = tmp_path / "ddp-nan"
     proc = _launch(2, *_common(teacher_dir, text_file, out, 2),
                    "--set", "debug.inject=[{step: 3, where: teacher_logits, value: nan, rank: 1}]",
-                   "--set", "checkpoint.every=1")
+                   "--set", "checkpoint.every=1", "--set", "checkpoint.keep=20")
     assert proc.returncode == 0, proc.stderr[-3000:]
     skipped = [(r["step"], r["reason"]) for r in read_jsonl(out / "metrics.jsonl") if r.get("skipped")]
     assert skipped == [(3, "nonfinite:teacher_logits")]

@@ -63,6 +63,10 @@ def test_resumed_run_is_bit_exact(tmp_path, teacher_dir, small_text, uninterrupt
     first = run_cli(*_train_args(teacher_dir, small_text, out, "--set", f"debug.exit_after_step={stop_at}"))
     assert first.returncode == 137, first.stderr[-2000:]
     assert not (out / "student").exists()
+    # A run killed mid-way still gets a report from what is on disk.
+    report = run_cli("report", str(out))
+    assert report.returncode == 0, report.stderr[-2000:]
+    assert "did not finish" in (out / "report.md").read_text()
     # A plain re-run refuses and says how to continue.
     refused = run_cli(*_train_args(teacher_dir, small_text, out))
     assert refused.returncode == 2 and "--resume" in refused.stderr

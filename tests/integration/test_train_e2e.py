@@ -116,3 +116,71 @@ def test_finished_run_directory_is_not_overwritten(e2e_run, teacher_dir, text_fi
     assert "Traceback" not in proc.stderr
     after = load_file(out / "student" / "model.safetensors")
     assert all(torch.equal(weights[k], after[k]) for k in weights)
+
+
+def test_tensorboard_holds_every_metric(e2e_run):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    _, out, _ = e2e_run
+    acc = EventAccumulator(str(out / "tensorboard"))
+    acc.Reload()
+    tags = set(acc.Tags()["scalars"])
+    for tag in ("train/loss", "train/kd_loss", "train/kd_loss_unscaled", "train/ce_loss", "train/grad_norm",
+                "schedule/temperature", "schedule/lr", "speed/tokens_per_s", "eval/eval_ppl", "eval/eval_ce_loss",
+                "eval/teacher_ppl", "eval/top1_agreement"):
+        assert tag in tags, tag
+    losses = [e.value for e in acc.Scalars("train/loss")]
+    logged = [r["loss"] for r in read_jsonl(out / "metrics.jsonl") if "loss" in r]
+    assert losses == pytest.approx(logged, rel=1e-6)
+
+
+def test_report_and_plots_match_metrics(e2e_run):
+    import re
+
+    import matplotlib.image as mpimg
+
+    _, out, _ = e2e_run
+    report = (out / "report.md").read_text()
+    last = [r for r in read_jsonl(out / "metrics.jsonl") if "eval_ce_loss" in r][-1]
+    assert f"{last['eval_ppl']:.4g}" in report and f"{last['teacher_ppl']:.4g}" in report
+    assert f"{last['eval_ce_loss']:.4f}" in report
+    pngs = sorted((out / "plots").glob("*.png"))
+    assert {p.name for p in pngs} >= {"losses.png", "schedule.png", "grad_norm.png", "perplexity.png",
+                                      "throughput.png"}
+    for png in pngs:
+        image = mpimg.imread(png)
+        assert image.shape[0] > 200 and image.shape[1] > 300
+        assert image.reshape(-1, image.shape[-1]).std(axis=0).max() > 0.05  # not a blank canvas
+        assert png.name in report
+    assert re.search(r"Verdict: (healthy|attention)", report)
+
+
+def test_report_command_compares_two_runs(e2e_run, teacher_dir):
+    _, out, _ = e2e_run
+    other = teacher_dir.parent  # the teacher's own pretraining run (plain LM training)
+    proc = run_cli("report", str(out), str(other))
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    comparison = next(line for line in proc.stdout.splitlines() if line.strip().endswith(".md"))
+    text = open(comparison.split()[-1]).read()
+    assert out.name in text and other.name in text
+
+
+def test_eval_command_on_the_run(e2e_run, text_file, teacher_dir):
+    _, out, _ = e2e_run
+    proc = run_cli("eval", str(out), "--data", str(text_file), "--teacher", str(teacher_dir), "--block-size", "64",
+                   "--max-blocks", "8", "--no-progress")
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "perplexity" in proc.stdout and "top-1 agreement" in proc.stdout
+
+
+def test_export_a_checkpoint(e2e_run, tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    _, out, _ = e2e_run
+    proc = run_cli("export", str(out / "checkpoints" / "step-40"), str(tmp_path / "exported"))
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    exported = AutoModelForCausalLM.from_pretrained(tmp_path / "exported")
+    final = AutoModelForCausalLM.from_pretrained(out / "student")
+    for (name, a), (_, b) in zip(exported.state_dict().items(), final.state_dict().items()):
+        assert torch.equal(a, b), name
+    assert (tmp_path / "exported" / "tokenizer.json").exists()
