@@ -239,8 +239,15 @@ def _add_matmul(acc: Tensor, a: Tensor, b: Tensor) -> None:
     """
     global _mm_out_dtype_ok
     if a.dtype == torch.float32:
-        acc.addmm_(a, b)
-        return
+        device = a.device.type
+        if not torch.is_autocast_enabled(device):
+            acc.addmm_(a, b)
+            return
+        # Autocast does not touch in-place ops: addmm_ would run this (V x N x H) product in
+        # fp32 while every other matmul of the step runs in the autocast dtype. Do as autocast
+        # would for an out-of-place matmul, keeping the fp32 accumulation below.
+        low = torch.get_autocast_dtype(device)
+        a, b = a.to(low), b.to(low)
     if _mm_out_dtype_ok and a.is_cuda:
         try:
             acc += torch.mm(a, b, out_dtype=torch.float32)

@@ -59,6 +59,9 @@ def load_tokenizer(source: str, role: str = "teacher"):
 
 def load_causal_lm(source: str, role: str, dtype: torch.dtype, trust_remote_code: bool = False):
     from transformers import AutoModelForCausalLM
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()  # a "Loading weights" bar per model only clutters the run's output
 
     try:
         return AutoModelForCausalLM.from_pretrained(source, dtype=dtype, trust_remote_code=trust_remote_code)

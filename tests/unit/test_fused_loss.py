@@ -346,3 +346,21 @@ def test_missing_teacher_and_bad_targets():
     y[0] = 53  # == V: out of range
     with pytest.raises(ValueError, match="targets"):
         fused_linear_distillation_loss(h, w, d["ht"].float(), d["wt"].float(), y, temperature=2.0, kd_weight=0.5)
+
+
+def test_autocast_with_fp32_master_weights_stays_close_to_fp32():
+    """The trainer's mixed-precision case: fp32 weights, bf16 autocast. Every matmul (the
+    in-place weight-gradient accumulation included) runs in bf16; the error stays bf16-sized."""
+    d = make_inputs(n=96, hs=64, ht=96, v=500, seed=3, ignore=range(5), student_bias=False)
+    kw = dict(temperature=2.0, kd_weight=0.5)
+    ref = run_reference(d, **kw)
+    h = d["h"].float().requires_grad_()
+    w = d["w"].float().requires_grad_()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        parts = fused_linear_distillation_loss(h, w, d["ht"].float(), d["wt"].float(), d["y"], chunk_size=32, **kw)
+    parts.total.backward()
+    assert w.grad.dtype == torch.float32
+    assert rel_err(parts.total, ref[0].total) <= 1e-2
+    assert rel_err(h.grad, ref[1]) <= BF16_GRAD_RTOL
+    assert rel_err(w.grad, ref[2]) <= BF16_GRAD_RTOL
+    assert rel_err(w.grad, ref[2]) > 1e-6  # it really ran in bf16, not silently in fp32
