@@ -485,10 +485,12 @@ def train(cfg: Config, *, teacher=None, student=None, tokenizer=None, progress: 
                 announce(step, monitor.on_train_loss(step, loss_v))
                 if step % cfg.train.log_every == 0 or step == total_steps - 1:
                     log.write(record)
+            bar.set_description(f"{'distill' if teacher is not None else 'train'} ep {epoch}", refresh=False)
+            postfix = {"loss": f"{loss_v:.3f}", "T": f"{temperature:.2f}", "tok/s": f"{record['tokens_per_s']:.0f}"}
+            if teacher is None:
+                del postfix["T"]  # plain LM training: no temperature in play
+            bar.set_postfix(postfix, refresh=False)
             bar.update(1)
-            bar.set_description(f"{'distill' if teacher is not None else 'train'} ep {epoch}")
-            bar.set_postfix(loss=f"{loss_v:.3f}", T=f"{temperature:.2f}", tok_s=f"{record['tokens_per_s']:.0f}",
-                            refresh=False)
             done = step + 1
             if done % eval_every == 0 and done < total_steps:
                 run_eval(done, temperature, f"eval (step {done})")

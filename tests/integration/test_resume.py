@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import random
 import signal
@@ -129,3 +130,38 @@ def test_corrupt_newest_checkpoint_falls_back(tmp_path, teacher_dir, small_text,
     assert "from step-5" in resumed.stdout
     want, got = _weights(uninterrupted), _weights(out)
     assert all(torch.equal(want[k], got[k]) for k in want)
+
+
+def test_failing_disk_write_stops_cleanly_and_keeps_the_previous_checkpoint(tmp_path, teacher_dir, small_text,
+                                                                           monkeypatch):
+    import errno
+
+    import lmdistill.checkpoint as ckpt_mod
+    from lmdistill.checkpoint import CheckpointError, find_latest_valid, load_checkpoint
+    from lmdistill.config import Config
+    from lmdistill.trainer import train
+
+    real_write = ckpt_mod._write_file
+    calls = {"n": 0}
+
+    def flaky_write(path, write):
+        if "step-3" in str(path.parent):
+            raise OSError(errno.ENOSPC, "No space left on device")
+        calls["n"] += 1
+        return real_write(path, write)
+
+    monkeypatch.setattr(ckpt_mod, "_write_file", flaky_write)
+    out = tmp_path / "run"
+    cfg = Config.load(None, [f"model.teacher={teacher_dir}", f"data.path={small_text}", f"run.output_dir={out}",
+                             "run.device=cpu", "data.block_size=32", "train.batch_size=2", "train.max_steps=6",
+                             "checkpoint.every=1", "model.student_config={num_hidden_layers: 1, hidden_size: 16, "
+                             "intermediate_size: 32, num_attention_heads: 2, num_key_value_heads: 2}"])
+    with pytest.raises(CheckpointError) as info:
+        train(cfg, progress=False, print_summary=False)
+    message = str(info.value)
+    assert "\n" not in message and "step-3" in message
+    newest, warnings = find_latest_valid(out / "checkpoints")
+    assert newest.name == "step-2" and not warnings
+    assert load_checkpoint(newest).step == 2
+    assert not list((out / "checkpoints").glob("step-3*"))
+    assert json.loads((out / "run.json").read_text())["status"] == "failed"

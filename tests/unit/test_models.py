@@ -165,3 +165,21 @@ def test_freeze_sets_eval_mode_and_no_grad():
     assert all(not p.requires_grad for p in model.parameters())
     loss = model(input_ids=torch.tensor([[1, 2, 3]])).logits.sum()
     assert not loss.requires_grad
+
+
+def test_save_student_refuses_non_finite_weights_and_keeps_previous_files(tmp_path, tiny_tokenizer):
+    import torch
+    from safetensors.torch import load_file
+
+    from lmdistill.errors import LmdistillError
+    from lmdistill.trainer import save_student
+
+    model = tiny_llama(len(tiny_tokenizer))
+    first = save_student(model, tiny_tokenizer, tmp_path)
+    saved = load_file(first / "model.safetensors")
+    with torch.no_grad():
+        model.model.layers[0].mlp.up_proj.weight[0, 0] = float("nan")
+    with pytest.raises(LmdistillError, match="up_proj.weight.*NaN or Inf"):
+        save_student(model, tiny_tokenizer, tmp_path)
+    again = load_file(first / "model.safetensors")
+    assert all(torch.equal(saved[k], again[k]) for k in saved)
