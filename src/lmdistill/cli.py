@@ -58,22 +58,26 @@ def _build_config(args) -> "Config":
     from .config import Config
 
     overrides = list(args.overrides)
-    for name, (key, _typ, _help) in TRAIN_FLAGS.items():
+    values: dict = {}  # named flags: paths and names verbatim, numbers parsed like --set values
+    for name, (key, typ, _help) in TRAIN_FLAGS.items():
         value = getattr(args, name)
         if value is not None:
-            overrides.append(f"{key}={value}")
+            if typ is str:
+                values[key] = value
+            else:
+                overrides.append(f"{key}={value}")
     if args.overwrite:
-        overrides.append("run.overwrite=true")
+        values["run.overwrite"] = True
     config_file = args.config
     if args.resume is not None:
         if isinstance(args.resume, str):
-            overrides.append(f"run.output_dir={args.resume}")
-        overrides.append("run.resume=true")
-        run_dir = args.resume if isinstance(args.resume, str) else args.output_dir
+            values["run.output_dir"] = args.resume
+        values["run.resume"] = True
+        run_dir = values.get("run.output_dir")
         saved = Path(run_dir) / "config.yaml" if run_dir else None
         if config_file is None and saved is not None and saved.is_file():
             config_file = saved  # the run's own settings; flags still apply on top
-    return Config.load(config_file, overrides)
+    return Config.load(config_file, overrides, values)
 
 
 def cmd_train(args) -> int:
@@ -88,32 +92,57 @@ def cmd_eval(args) -> int:
     import torch
 
     from .config import DataConfig
-    from .data import load_texts, pack_blocks
+    from .data import build_block_data, load_texts, pack_blocks
     from .evaluate import evaluate, format_ppl
-    from .models import check_same_tokenizer, freeze, load_causal_lm, load_tokenizer, resolve_source
+    from .models import (check_context_length, check_same_tokenizer, check_vocab_covers, freeze, load_causal_lm,
+                         load_tokenizer, resolve_source)
 
+    if args.block_size is not None and args.block_size < 2:
+        raise LmdistillError(f"--block-size {args.block_size} is too small; use 2 or more (e.g. 128)")
+    if args.batch_size < 1:
+        raise LmdistillError(f"--batch-size {args.batch_size} must be 1 or more")
     path = Path(args.model)
+    run_cfg = None
     if (path / "student" / "config.json").is_file():
-        path = path / "student"  # a run directory: evaluate its final student
+        # A run directory: its final student, on the run's own held-out blocks unless --data says otherwise.
+        from .config import Config, load_yaml
+
+        if (path / "config.yaml").is_file():
+            run_cfg = Config.from_dict(load_yaml(path / "config.yaml"))
+        path = path / "student"
     source = resolve_source(str(path) if path.exists() else args.model, "model")
+    device = "cuda" if torch.cuda.is_available() else "cpu"
     tokenizer = load_tokenizer(source, "model")
-    model = freeze(load_causal_lm(source, "model", torch.float32))
+    model = freeze(load_causal_lm(source, "model", torch.float32)).to(device)
+    check_vocab_covers(model, len(tokenizer), "model", source)
     teacher = None
     if args.teacher:
         t_source = resolve_source(args.teacher, "--teacher")
         check_same_tokenizer(load_tokenizer(t_source, "teacher"), tokenizer, t_source, source)
-        teacher = freeze(load_causal_lm(t_source, "teacher", torch.float32))
-    data_cfg = DataConfig(path=args.data, text_field=args.text_field, block_size=args.block_size)
-    texts, description = load_texts(args.data, data_cfg, role="--data")
-    blocks = pack_blocks(texts, tokenizer, args.block_size)
+        teacher = freeze(load_causal_lm(t_source, "teacher", torch.float32)).to(device)
+        check_vocab_covers(teacher, len(tokenizer), "teacher", t_source)
+    if run_cfg is not None and args.data is None:
+        if args.block_size is not None:
+            run_cfg.data.block_size = args.block_size
+        data = build_block_data(run_cfg.data, tokenizer)
+        blocks, block_size = data.eval, run_cfg.data.block_size
+        description = f"the run's held-out blocks ({data.eval_source}; source: {data.source})"
+    else:
+        block_size = args.block_size or 128
+        data_cfg = DataConfig(path=args.data, text_field=args.text_field, block_size=block_size)
+        texts, description = load_texts(args.data, data_cfg, role="--data")
+        blocks = pack_blocks(texts, tokenizer, block_size)
+    for m, role in ((model, "model"), (teacher, "teacher")):
+        if m is not None:
+            check_context_length(m, block_size, role, source if role == "model" else args.teacher)
     if args.max_blocks:
         blocks = blocks[: args.max_blocks]
     if len(blocks) == 0:
-        raise LmdistillError(f"--data '{args.data}' gives no block of {args.block_size} tokens; add text or lower "
+        raise LmdistillError(f"--data '{args.data}' gives no block of {block_size} tokens; add text or lower "
                              "--block-size")
     result = evaluate(model, teacher, blocks, vocab_size=len(tokenizer), temperature=args.temperature,
-                      batch_size=args.batch_size, progress=not args.no_progress)
-    print(f"model: {source}\ndata: {description} ({len(blocks)} blocks of {args.block_size} tokens)")
+                      batch_size=args.batch_size, device=device, progress=not args.no_progress)
+    print(f"model: {source}\ndata: {description} ({len(blocks)} blocks of {block_size} tokens)")
     print(f"perplexity {format_ppl(result['eval_ppl'])}  (CE {result['eval_ce_loss']:.4f} nats/token)")
     if teacher is not None:
         print(f"teacher perplexity {format_ppl(result['teacher_ppl'])}  (CE {result['teacher_ce_loss']:.4f})")
@@ -154,10 +183,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     e = sub.add_parser("eval", help="perplexity (and agreement with a teacher) of a saved model")
     e.add_argument("model", help="model directory, run directory, or hub id")
-    e.add_argument("--data", default=None, help="text file/directory/datasets name (default: embedded corpus)")
+    e.add_argument("--data", default=None, help="text file/directory/datasets name (default: a run's held-out "
+                                                "blocks, else the embedded corpus)")
     e.add_argument("--teacher", help="also report KL and top-1 agreement against this teacher")
     e.add_argument("--text-field", default="text")
-    e.add_argument("--block-size", type=int, default=128)
+    e.add_argument("--block-size", type=int, default=None, help="tokens per block (default: the run's, else 128)")
     e.add_argument("--batch-size", type=int, default=8)
     e.add_argument("--max-blocks", type=int, default=None)
     e.add_argument("--temperature", type=float, default=1.0, help="temperature of the reported KD divergence")
@@ -179,6 +209,12 @@ COMMANDS = {"train": cmd_train, "eval": cmd_eval, "report": cmd_report, "export"
             "config-reference": cmd_config_reference}
 
 
+def _torch_oom() -> type:
+    import torch
+
+    return getattr(torch, "OutOfMemoryError", MemoryError)
+
+
 def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
@@ -188,6 +224,11 @@ def main(argv: list[str] | None = None) -> int:
     except LmdistillError as exc:
         print(f"lmdistill: error: {exc}", file=sys.stderr)
         return exc.exit_code
+    except (MemoryError, _torch_oom()) as exc:  # a failed allocation on the CPU or the GPU
+        first = (str(exc).splitlines() or ["out of memory"])[0][:160]
+        print(f"lmdistill: error: out of memory ({first}); lower train.batch_size (raise train.grad_accum to keep "
+              "the batch), use loss.impl=chunked, or a smaller data.block_size", file=sys.stderr)
+        return 2
     except KeyboardInterrupt:
         print("lmdistill: interrupted", file=sys.stderr)
         return 130

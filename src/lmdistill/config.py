@@ -141,7 +141,7 @@ class GuardConfig:
     rollback_keep: int = doc("Known-good states kept in memory for rollback (one every rollback_interval steps).", 2)
     rollback_interval: int = doc("Steps between the known-good states kept for rollback.", 10)
     rollback_lr_factor: float = doc("Multiply the LR by this after each rollback.", 0.5)
-    max_rollbacks: int = doc("Stop the run (exit code 3) after this many rollbacks.", 3)
+    max_rollbacks: int = doc("Stop the run (exit code 3) at this many rollbacks.", 3)
 
 
 @dataclass
@@ -208,18 +208,22 @@ class Config:
     def from_dict(cls, data: dict | None) -> "Config":
         cfg = cls()
         for key, value in (data or {}).items():
-            cfg.set(key, value, whole_section_ok=True)
+            cfg.set(key, value)
         return cfg
 
     @classmethod
-    def load(cls, path: str | Path | None = None, overrides: list[str] | None = None) -> "Config":
-        """Defaults, then the YAML file, then ``section.key=value`` overrides; validated."""
+    def load(cls, path: str | Path | None = None, overrides: list[str] | None = None,
+             values: dict[str, Any] | None = None) -> "Config":
+        """Defaults, then the YAML file, then ``section.key=value`` overrides (values parsed as
+        YAML), then ``values`` (already typed, e.g. paths from named flags, set verbatim); validated."""
         data: dict = {}
         if path is not None:
             data = load_yaml(path)
         cfg = cls.from_dict(data)
         for item in overrides or []:
             cfg.apply_override(item)
+        for key, value in (values or {}).items():
+            cfg.set(key, value)
         cfg.validate()
         return cfg
 
@@ -233,7 +237,7 @@ class Config:
             value = raw
         self.set(key.strip(), value)
 
-    def set(self, dotted: str, value: Any, whole_section_ok: bool = False) -> None:
+    def set(self, dotted: str, value: Any) -> None:
         """Set ``section.key`` (or a whole section from a mapping) with type checks."""
         parts = dotted.split(".")
         section_name = parts[0]
@@ -242,6 +246,8 @@ class Config:
             raise ConfigError(_unknown_key_message(section_name, list(sections), "section"))
         section = getattr(self, section_name)
         if len(parts) == 1:
+            if value is None:  # a section whose keys are all commented out
+                return
             if not isinstance(value, dict):
                 raise ConfigError(
                     f"config section '{section_name}' must be a mapping of keys, got {type(value).__name__}; "
@@ -330,6 +336,13 @@ class Config:
 
     def to_yaml(self) -> str:
         return yaml.safe_dump(self.to_dict(), sort_keys=False)
+
+    def to_run_yaml(self) -> str:
+        """The config as saved in a run directory: without the one-off run.overwrite / run.resume
+        switches, so that resuming from it neither deletes the run nor contradicts itself."""
+        data = self.to_dict()
+        data["run"]["overwrite"] = data["run"]["resume"] = False
+        return yaml.safe_dump(data, sort_keys=False)
 
 
 # Tracker name -> the package that provides it (accelerate's integrations).

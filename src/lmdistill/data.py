@@ -108,7 +108,12 @@ def pack_blocks(texts, tokenizer, block_size: int, num_proc: int | None = None) 
         raise LmdistillError("the tokenizer has no EOS token to join documents with; set tokenizer.eos_token")
 
     def tokenize(batch):
-        ids = tokenizer(batch["text"], add_special_tokens=False, verbose=False)["input_ids"]
+        texts = [t if t is not None else "" for t in batch["text"]]
+        bad = next((t for t in texts if not isinstance(t, str)), None)
+        if bad is not None:
+            raise LmdistillError(f"a record's text field holds {type(bad).__name__} ({str(bad)[:40]!r}), not text; "
+                                 "set data.text_field to the field that holds the text")
+        ids = tokenizer(texts, add_special_tokens=False, verbose=False)["input_ids"]
         return {"ids": [x + [eos] for x in ids if x]}
 
     if len(texts) == 0:

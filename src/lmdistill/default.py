@@ -68,6 +68,11 @@ def ensure_default_teacher(progress: bool = True) -> Path:
     dest = default_teacher_dir()
     if (dest / "config.json").is_file() and (dest / "model.safetensors").is_file():
         return dest
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        from .errors import LmdistillError
+
+        raise LmdistillError("the default teacher is not cached yet and several processes would each build it; "
+                             "build it once with one process first (python train.py --max-steps 1), then launch")
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 

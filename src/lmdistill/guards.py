@@ -13,11 +13,11 @@ from __future__ import annotations
 import copy
 import math
 from collections import deque
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 
-from .config import DebugConfig, GuardConfig
+from .config import DebugConfig
 
 # The terms checked before every optimizer step, in the order they are reported.
 CHECKED_TERMS = ("teacher_logits", "kd", "ce", "loss", "grad")
@@ -119,7 +119,6 @@ class GuardState:
     total_skips: int = 0
     rollbacks: int = 0
     lr_scale: float = 1.0
-    last_reasons: list = field(default_factory=list)
 
 
 class FaultInjector:
@@ -162,14 +161,12 @@ NONFINITE_ADVICE = {
     "loss": "the total loss went non-finite: lower train.lr or check the data",
     "grad": "the gradient norm went non-finite: lower train.lr, keep train.max_grad_norm set, or use "
             "mixed_precision=no",
+    "spike": "the loss stays far above its recent median (a lasting level shift, not a spike): lower train.lr, "
+             "check the data, or use guard.spike=warn",
 }
 
 
 def stop_message(term: str, count: int) -> str:
-    return (f"stopped after {count} consecutive skipped steps: non-finite {term}; "
-            f"{NONFINITE_ADVICE.get(term, 'lower train.lr')}. The last good student is kept")
-
-
-def guard_config_summary(cfg: GuardConfig) -> str:
-    return (f"guard: non-finite check {'on' if cfg.enabled else 'OFF'}, spike policy {cfg.spike}, "
-            f"stop after {cfg.max_consecutive_skips} consecutive skips")
+    what = "loss spikes" if term == "spike" else f"non-finite {term}"
+    return (f"stopped after {count} consecutive skipped steps: {what}; "
+            f"{NONFINITE_ADVICE.get(term, 'lower train.lr')}. The last good checkpoint is kept")

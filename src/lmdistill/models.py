@@ -43,9 +43,12 @@ def resolve_source(source: str, role: str) -> str:
 
 
 def _hub_error(role: str, source: str, exc: Exception) -> LmdistillError:
-    offline = os.environ.get("HF_HUB_OFFLINE") == "1"
-    why = "HF_HUB_OFFLINE=1 is set and it is not in the local cache" if offline else str(exc).splitlines()[0][:200]
-    return LmdistillError(f"could not load {role} '{source}': {why}; check the name, or use a local directory")
+    detail = (str(exc).splitlines() or [type(exc).__name__])[0][:200]
+    if Path(source).exists():
+        return LmdistillError(f"could not load {role} from '{source}': {detail}")
+    if os.environ.get("HF_HUB_OFFLINE") == "1":
+        detail = "HF_HUB_OFFLINE=1 is set and it is not in the local cache"
+    return LmdistillError(f"could not load {role} '{source}': {detail}; check the name, or use a local directory")
 
 
 def load_tokenizer(source: str, role: str = "teacher"):
@@ -76,35 +79,41 @@ def freeze(model: torch.nn.Module) -> torch.nn.Module:
     return model
 
 
-def _tokenizer_identity(tokenizer) -> tuple[dict, list]:
-    """(vocabulary, merges): what decides how text becomes ids."""
-    vocab = tokenizer.get_vocab()
-    merges: list = []
+def _tokenizer_identity(tokenizer) -> dict:
+    """What decides how text becomes ids: vocabulary, merges, and the steps before them
+    (normalizer, pre-tokenizer) -- one vocabulary can still split text differently."""
+    identity = {"vocabulary": tokenizer.get_vocab(), "model type": None, "merges": [], "normalizer": None,
+                "pre-tokenizer": None}
     backend = getattr(tokenizer, "backend_tokenizer", None)
     if backend is not None:
-        model = json.loads(backend.to_str()).get("model", {})
-        merges = model.get("merges", []) or []
-    return vocab, merges
+        spec = json.loads(backend.to_str())
+        model = spec.get("model") or {}
+        identity.update({"model type": model.get("type"), "merges": model.get("merges") or [],
+                         "normalizer": spec.get("normalizer"), "pre-tokenizer": spec.get("pre_tokenizer")})
+    return identity
 
 
 def check_same_tokenizer(teacher_tok, student_tok, teacher_name: str, student_name: str) -> None:
     """Stop before training when the two tokenizers would map text to different ids."""
     if teacher_tok is student_tok:
         return
-    t_vocab, t_merges = _tokenizer_identity(teacher_tok)
-    s_vocab, s_merges = _tokenizer_identity(student_tok)
-    problem = None
-    if t_vocab != s_vocab:
-        differing = len(set(t_vocab.items()) ^ set(s_vocab.items()))
-        problem = f"vocabularies differ ({len(t_vocab)} vs {len(s_vocab)} tokens, {differing} entries not shared)"
-    elif t_merges != s_merges:
-        problem = f"BPE merges differ ({len(t_merges)} vs {len(s_merges)} merges)"
-    if problem:
-        raise LmdistillError(
-            f"teacher '{teacher_name}' and student '{student_name}' use different tokenizers: {problem}; "
-            "distillation needs one tokenizer (cross-tokenizer KD is not supported yet): pick a student from the "
-            "teacher's family or leave model.student empty to build one"
-        )
+    t, s = _tokenizer_identity(teacher_tok), _tokenizer_identity(student_tok)
+    differs = [part for part in t if t[part] != s[part]]
+    if not differs:
+        return
+    if differs[0] == "vocabulary":
+        shared = len(set(t["vocabulary"].items()) ^ set(s["vocabulary"].items()))
+        problem = (f"vocabularies differ ({len(t['vocabulary'])} vs {len(s['vocabulary'])} tokens, {shared} entries "
+                   "not shared)")
+    elif differs[0] == "merges":
+        problem = f"BPE merges differ ({len(t['merges'])} vs {len(s['merges'])} merges)"
+    else:
+        problem = f"the {differs[0]} differs (same vocabulary, different splitting of text)"
+    raise LmdistillError(
+        f"teacher '{teacher_name}' and student '{student_name}' use different tokenizers: {problem}; "
+        "distillation needs one tokenizer (cross-tokenizer KD is not supported yet): pick a student from the "
+        "teacher's family or leave model.student empty to build one"
+    )
 
 
 def output_vocab_size(model) -> int:
@@ -119,6 +128,14 @@ def check_vocab_covers(model, vocab_size: int, role: str, name: str) -> None:
             f"{role} '{name}' has {rows} output rows but the tokenizer has {vocab_size} tokens; the model does not "
             "belong to this tokenizer"
         )
+
+
+def check_context_length(model, block_size: int, role: str, name: str) -> None:
+    """A block longer than the model's positions would index past its position table (or extrapolate)."""
+    limit = getattr(model.config, "max_position_embeddings", None) or getattr(model.config, "n_positions", None)
+    if limit is not None and block_size > limit:
+        raise LmdistillError(f"data.block_size = {block_size} is longer than {role} '{name}' supports "
+                             f"({limit} positions); set data.block_size to {limit} or less")
 
 
 _SHRINK_KEYS = ("num_hidden_layers", "hidden_size", "intermediate_size", "num_attention_heads")

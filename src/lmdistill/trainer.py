@@ -30,7 +30,8 @@ from .errors import LmdistillError, TrainingStopped
 from .evaluate import evaluate, format_ppl
 from .guards import FaultInjector, GuardState, RollbackStore, SpikeDetector, first_nonfinite, stop_message
 from .losses import distillation_loss
-from .models import (ModelInfo, build_fresh_student, check_same_tokenizer, check_vocab_covers, freeze,
+from .models import (ModelInfo, build_fresh_student, check_context_length, check_same_tokenizer, check_vocab_covers,
+                     freeze,
                      load_causal_lm, load_tokenizer, resolve_source, student_config_from_teacher)
 from .monitor import HealthMonitor, verdict_line
 from .schedules import lr_at, temperature_at
@@ -82,6 +83,11 @@ def choose_run_dir(cfg: Config) -> Path:
     path = Path(cfg.run.output_dir).expanduser()
     if path.exists() and not path.is_dir():
         raise LmdistillError(f"output directory '{path}' is a file; choose another --output-dir")
+    if path.exists() and any(path.iterdir()) and not is_run_dir(path):
+        # --overwrite deletes the directory: only ever one that lmdistill wrote.
+        raise LmdistillError(
+            f"output directory '{path}' is not empty and is not an lmdistill run; choose another --output-dir"
+        )
     if cfg.run.resume:
         if read_run_json(path).get("status") == "finished":
             raise LmdistillError(f"the run in '{path}' already finished; there is nothing to resume (its student is "
@@ -94,15 +100,16 @@ def choose_run_dir(cfg: Config) -> Path:
                 f"output directory '{path}' already holds a finished run; choose another --output-dir or pass "
                 "--overwrite to replace it"
             )
-        if status is not None or (path / "metrics.jsonl").exists():
-            raise LmdistillError(
-                f"output directory '{path}' holds an unfinished run (status: {status or 'unknown'}); pass --resume "
-                "to continue it from its newest checkpoint, --overwrite to start it over, or another --output-dir"
-            )
         raise LmdistillError(
-            f"output directory '{path}' is not empty and is not an lmdistill run; choose another --output-dir"
+            f"output directory '{path}' holds an unfinished run (status: {status or 'unknown'}); pass --resume "
+            "to continue it from its newest checkpoint, --overwrite to start it over, or another --output-dir"
         )
     return path
+
+
+def is_run_dir(path: Path) -> bool:
+    """A directory lmdistill wrote (possibly killed before its first file was complete)."""
+    return any((path / name).exists() for name in ("run.json", "config.yaml", "metrics.jsonl", "checkpoints"))
 
 
 def create_run_dir(path: Path, cfg: Config) -> None:
@@ -111,7 +118,7 @@ def create_run_dir(path: Path, cfg: Config) -> None:
     try:
         path.mkdir(parents=True, exist_ok=True)
         tmp = path / ".config.yaml.tmp"
-        tmp.write_text(cfg.to_yaml())
+        tmp.write_text(cfg.to_run_yaml())
         os.replace(tmp, path / "config.yaml")
     except OSError as exc:
         raise LmdistillError(f"cannot write the run directory '{path}': {exc.strerror}; choose a writable "
@@ -159,7 +166,9 @@ def make_accelerator(cfg: Config):
     from accelerate.state import AcceleratorState, GradientState
 
     if AcceleratorState._shared_state:
-        AcceleratorState._reset_state(reset_partial_state=False)
+        # A single process may also switch devices (the CPU-only default teacher, then a GPU run).
+        single_process = int(os.environ.get("WORLD_SIZE", "1")) == 1
+        AcceleratorState._reset_state(reset_partial_state=single_process)
         GradientState._reset_state()
     return Accelerator(cpu=use_cpu, mixed_precision=precision, log_with=cfg.run.trackers or None)
 
@@ -172,7 +181,7 @@ def _has_tokenizer_files(source: str) -> bool:
                                              "tokenizer.model"))
 
 
-def load_models(cfg: Config, teacher=None, student=None, tokenizer=None, progress: bool = True):
+def load_models(cfg: Config, teacher=None, student=None, tokenizer=None):
     """(teacher or None, student, tokenizer, teacher_name, student_name) with all checks done."""
     needs_teacher = cfg.distill.kd_weight > 0
     teacher_name = student_name = None
@@ -187,6 +196,15 @@ def load_models(cfg: Config, teacher=None, student=None, tokenizer=None, progres
         teacher = load_causal_lm(teacher_name, "teacher", DTYPES[dtype], cfg.model.trust_remote_code)
     elif teacher is not None:
         teacher_name = cfg.model.teacher or type(teacher).__name__
+    teacher_config = teacher.config if teacher is not None else None
+    if teacher is None and cfg.model.teacher is not None and cfg.model.student is None and student is None:
+        # Plain LM training (kd_weight 0) of a fresh student shaped after the teacher: its
+        # config and tokenizer are enough, its weights are not needed.
+        from transformers import AutoConfig
+
+        teacher_name = resolve_source(cfg.model.teacher, "model.teacher")
+        tokenizer = tokenizer or load_tokenizer(teacher_name, "teacher")
+        teacher_config = AutoConfig.from_pretrained(teacher_name, trust_remote_code=cfg.model.trust_remote_code)
     if student is None:
         if cfg.model.student is not None:
             student_name = resolve_source(cfg.model.student, "model.student")
@@ -198,9 +216,9 @@ def load_models(cfg: Config, teacher=None, student=None, tokenizer=None, progres
                 else:
                     check_same_tokenizer(tokenizer, student_tok, teacher_name, student_name)
         else:
-            if teacher is None:
+            if teacher_config is None:
                 raise LmdistillError("no student to train: set model.student, or a teacher to build one from")
-            config = student_config_from_teacher(teacher.config, cfg.model.student_config)
+            config = student_config_from_teacher(teacher_config, cfg.model.student_config)
             student = build_fresh_student(config, cfg.run.seed)
             student_name = "fresh: " + ", ".join(f"{k}={v}" for k, v in (cfg.model.student_config or {}).items()) \
                 if cfg.model.student_config else "fresh: half of the teacher"
@@ -213,6 +231,9 @@ def load_models(cfg: Config, teacher=None, student=None, tokenizer=None, progres
     if teacher is not None:
         check_vocab_covers(teacher, vocab_size, "teacher", teacher_name)
         freeze(teacher)
+    for model, role, name in ((student, "student", student_name), (teacher, "teacher", teacher_name)):
+        if model is not None:
+            check_context_length(model, cfg.data.block_size, role, name)
     return teacher, student, tokenizer, teacher_name, student_name
 
 
@@ -249,7 +270,7 @@ def train(cfg: Config, *, teacher=None, student=None, tokenizer=None, progress: 
         raise LmdistillError(f"{accelerator.distributed_type} is not supported yet: launch with a DDP accelerate "
                              "config (docs/distributed.md)")
 
-    teacher, student, tokenizer, teacher_name, student_name = load_models(cfg, teacher, student, tokenizer, progress)
+    teacher, student, tokenizer, teacher_name, student_name = load_models(cfg, teacher, student, tokenizer)
     vocab_size = len(tokenizer)
     data = build_block_data(cfg.data, tokenizer)
 
@@ -280,7 +301,14 @@ def train(cfg: Config, *, teacher=None, student=None, tokenizer=None, progress: 
     raw_student = accelerator.unwrap_model(student)
     teacher_before = _fingerprint(teacher) if teacher is not None else None
 
-    teacher_ref = _teacher_reference(cfg.model.teacher if teacher is not None else None)
+    teacher_ref: dict | None = None  # path + content hash, computed on first use (hashing reads every file)
+
+    def teacher_reference() -> dict | None:
+        nonlocal teacher_ref
+        if teacher_ref is None and teacher is not None:
+            teacher_ref = _teacher_reference(cfg.model.teacher)
+        return teacher_ref
+
     resume_from = None
     if cfg.run.resume:
         resume_from, warnings = find_latest_valid(run_dir / "checkpoints")
@@ -293,13 +321,17 @@ def train(cfg: Config, *, teacher=None, student=None, tokenizer=None, progress: 
             create_run_dir(run_dir, cfg)
             tokenizer.save_pretrained(run_dir / "tokenizer")  # once per run; checkpoints + this = a model
         else:
-            _check_resume_compatible(run_dir, cfg, teacher_ref)
+            _check_resume_compatible(run_dir, resume_from, cfg, teacher_reference())
     accelerator.wait_for_everyone()
     start_step, micro, initial = 0, 0, None
     state: dict = {}
     if resume_from is not None:
         ckpt = load_checkpoint(resume_from)
-        raw_student.load_state_dict(ckpt.model_state)
+        try:
+            raw_student.load_state_dict(ckpt.model_state)
+        except RuntimeError as exc:
+            raise LmdistillError(f"{resume_from} does not fit this student ({str(exc).splitlines()[0][:160]}); resume "
+                                 "with the run's own model settings") from None
         optimizer.load_state_dict(ckpt.optimizer_state)
         if ckpt.rng_state is not None:
             restore_rng_state(ckpt.rng_state)
@@ -375,12 +407,13 @@ def train(cfg: Config, *, teacher=None, student=None, tokenizer=None, progress: 
             trainer_state = {
                 "step": done, "micro_batches": micro, "epoch": sampler.epoch_of(max(micro - 1, 0)),
                 "total_steps": total_steps, "processes": world, "initial_eval": initial, "guard": asdict(guard),
-                "spike_detector": detector.state_dict(), "health": monitor.state_dict(), "teacher": teacher_ref,
+                "spike_detector": detector.state_dict(), "health": monitor.state_dict(),
+                "teacher": teacher_reference(),
             }
             save_checkpoint(run_dir / "checkpoints", done, model_state=raw_student.state_dict(),
                             optimizer_state=optimizer.state_dict(), trainer_state=trainer_state,
                             rng_state=capture_rng_state(), keep=cfg.checkpoint.keep,
-                            extra_files={"config.yaml": cfg.to_yaml().encode(),
+                            extra_files={"config.yaml": cfg.to_run_yaml().encode(),
                                          "student_config.json": raw_student.config.to_json_string().encode()})
         accelerator.wait_for_everyone()
 
@@ -443,7 +476,6 @@ def train(cfg: Config, *, teacher=None, student=None, tokenizer=None, progress: 
                 guard.total_skips += 1
                 announce(step, monitor.on_nonfinite(step, bad))
             else:
-                guard.consecutive_skips = 0
                 is_spike, median = detector.judge(loss_v) if cfg.guard.enabled else (False, math.nan)
                 if is_spike:
                     action = {"warn": "kept", "skip": "step skipped", "rollback": "rolled back"}[cfg.guard.spike]
@@ -461,15 +493,24 @@ def train(cfg: Config, *, teacher=None, student=None, tokenizer=None, progress: 
                                        "message": f"restored the state of step {to_step}; LR x{guard.lr_scale:g}"})
                             if is_main:
                                 say(f"[guard] rolled back to the state of step {to_step} (LR scale {guard.lr_scale:g})")
-                            if guard.rollbacks > cfg.guard.max_rollbacks:
+                            if guard.rollbacks >= cfg.guard.max_rollbacks:
                                 raise TrainingStopped(
                                     f"stopped after {guard.rollbacks} rollbacks (guard.max_rollbacks = "
                                     f"{cfg.guard.max_rollbacks}): the loss keeps spiking; lower train.lr or check "
                                     "the data")
                 else:
                     detector.observe(loss_v)
+            if skip_reason == "spike":
+                bad = "spike"
+                guard.consecutive_skips += 1
+                guard.total_skips += 1
             if skip_reason is None:
+                guard.consecutive_skips = 0
                 optimizer.step()
+            elif accelerator.scaler is not None:
+                # fp16: clip_grad_norm_ already unscaled the gradients; the scaler must close this
+                # step (and lower its scale after an overflow) or the next unscale_ fails.
+                accelerator.scaler.update()
             optimizer.zero_grad(set_to_none=True)
             if skip_reason is None and rollback is not None:
                 rollback.maybe_save(step + 1, raw_student, optimizer)
@@ -563,22 +604,22 @@ def _teacher_reference(source: str | None) -> dict | None:
     return {"source": source, "hash": directory_hash(path) if path.is_dir() else None}
 
 
-def _check_resume_compatible(run_dir: Path, cfg: Config, teacher_ref: dict | None) -> None:
+def _check_resume_compatible(run_dir: Path, checkpoint: Path, cfg: Config, teacher_ref: dict | None) -> None:
     """Warn when a resume would not continue the same run."""
     from .config import load_yaml
 
     saved_path = run_dir / "config.yaml"
     if saved_path.is_file():
         saved, now = Config.from_dict(load_yaml(saved_path)).to_dict(), cfg.to_dict()
-        saved["run"]["resume"] = now["run"]["resume"]
+        for key in ("resume", "overwrite"):
+            saved["run"][key] = now["run"][key]
         changed = [f"{section}.{key}" for section in now for key in now[section]
                    if saved.get(section, {}).get(key) != now[section][key]]
         if changed:
             print(f"warning: resuming with a changed config ({', '.join(changed)}); the resumed run will not match "
                   "an uninterrupted one")
-    checkpoints = sorted((run_dir / "checkpoints").glob("step-*/trainer_state.json"))
-    if teacher_ref and checkpoints:
-        saved_teacher = json.loads(checkpoints[-1].read_text()).get("teacher") or {}
+    if teacher_ref:
+        saved_teacher = json.loads((checkpoint / "trainer_state.json").read_text()).get("teacher") or {}
         if saved_teacher.get("hash") and saved_teacher.get("hash") != teacher_ref.get("hash"):
             print(f"warning: the teacher at {teacher_ref['source']} changed since the checkpoint was written "
                   f"(content hash differs); resuming with the changed teacher")
@@ -591,8 +632,8 @@ def _trim_metrics(path: Path, step: int) -> None:
     if not path.exists():
         return
     # The eval at ``step`` was written just before the checkpoint it resumes from; keep it.
-    kept = [r for r in read_metrics(path)
-            if r.get("step", 0) < step or (0 < step == r.get("step") and "eval_ce_loss" in r)]
+    kept = [r for r in read_metrics(path) if r.get("step", 0) < step
+            or (0 < step == r.get("step") and ("eval_ce_loss" in r or r.get("health") == "eval_ppl"))]
     tmp = path.with_name(path.name + ".tmp")
     tmp.write_text("".join(json.dumps(r) + "\n" for r in kept))
     os.replace(tmp, path)
@@ -685,7 +726,8 @@ def _chunked_micro_batch_loss(ids, targets, student, raw_student, teacher, vocab
 
 def _fingerprint(model) -> list[tuple[float, float]]:
     """Cheap on-device checksums of every parameter, to catch a teacher that was modified."""
-    return [(p.detach().double().sum().item(), p.detach().double().square().sum().item()) for p in model.parameters()]
+    return [(p.detach().sum(dtype=torch.float64).item(),
+             torch.linalg.vector_norm(p.detach(), dtype=torch.float64).item()) for p in model.parameters()]
 
 
 def _eval_summary(result: dict) -> dict:

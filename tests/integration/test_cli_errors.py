@@ -100,4 +100,8 @@ def test_non_run_directory_is_not_touched(tmp_path, teacher_dir, text_file):
     (out / "notes.txt").write_text("keep me")
     proc = run_cli("train", "--teacher", str(teacher_dir), "--data", str(text_file), "--output-dir", str(out))
     _assert_user_error(proc, "not an lmdistill run")
+    # --overwrite deletes only what lmdistill wrote, never another directory.
+    proc = run_cli("train", "--teacher", str(teacher_dir), "--data", str(text_file), "--output-dir", str(out),
+                   "--overwrite")
+    _assert_user_error(proc, "not an lmdistill run")
     assert (out / "notes.txt").read_text() == "keep me"

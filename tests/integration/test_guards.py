@@ -177,3 +177,14 @@ def test_seed_replay_presets_stay_finite_and_learn(tmp_path, teacher_dir, text_f
     cfg = yaml.safe_load((out / "config.yaml").read_text())
     train_lines = [r for r in records if "temperature" in r]
     assert train_lines[0]["temperature"] == pytest.approx(cfg["distill"]["temperature"])
+
+
+def test_lasting_spikes_under_skip_stop_the_run(tmp_path, teacher_dir, text_file):
+    """guard.spike=skip counts its skips: a loss that stays high stops the run instead of skipping forever."""
+    out = tmp_path / "run"
+    cfg = _config(out, teacher_dir, text_file, train={"max_steps": 30}, guard={"spike": "skip", "spike_warmup": 6},
+                  debug={"loss_multiplier": {s: 20.0 for s in range(12, 30)}})
+    with pytest.raises(TrainingStopped, match="5 consecutive skipped steps: loss spikes"):
+        train(cfg, progress=False, print_summary=False)
+    skipped = [r["step"] for r in read_jsonl(out / "metrics.jsonl") if r.get("skipped")]
+    assert skipped == [12, 13, 14, 15, 16]

@@ -285,3 +285,10 @@ def test_sampler_without_shuffle_is_in_order():
     s = BlockSampler(10, 2, seed=3, shuffle=False)
     assert epoch_indices(s, 0) == list(range(10))
     assert epoch_indices(s, 1) == list(range(10))
+
+
+def test_non_text_field_is_a_clear_error(tmp_path, tiny_tokenizer):
+    path = tmp_path / "numbers.jsonl"
+    path.write_text('{"text": "hello world"}\n{"text": 12345}\n')
+    with pytest.raises(LmdistillError, match="text field holds int"):
+        build_block_data(DataConfig(path=str(path), block_size=4), tiny_tokenizer)
