@@ -570,7 +570,7 @@ def train(cfg: Config, *, teacher=None, student=None, tokenizer=None, progress: 
     health = monitor.finalize()
     run_info.update(status="finished", initial=_eval_summary(initial), final={**_eval_summary(final),
                     "steps": total_steps, "skipped_steps": guard.total_skips, "rollbacks": guard.rollbacks,
-                    "tokens_per_s": _median_tokens_per_s(log.path) if is_main else None})
+                    "tokens_per_s": _median_tokens_per_s(run_dir) if is_main else None})
     _finish(run_info, run_dir, monitor, log, is_main, started, total_steps)
     result = RunResult(run_dir=run_dir, status="finished", steps=total_steps, initial=initial, final=final,
                        health=health, student_dir=student_dir)
@@ -735,11 +735,11 @@ def _eval_summary(result: dict) -> dict:
     return {k: result[k] for k in keys if k in result}
 
 
-def _median_tokens_per_s(path: Path) -> float | None:
-    from .tracking import read_metrics
+def _median_tokens_per_s(run_dir: Path) -> float | None:
+    """The run's throughput figure, defined once in the report module (median of training lines)."""
+    from .report import load_run, median_tokens_per_s
 
-    values = sorted(r["tokens_per_s"] for r in read_metrics(path) if "tokens_per_s" in r and not r.get("skipped"))
-    return values[len(values) // 2] if values else None
+    return median_tokens_per_s(load_run(run_dir))
 
 
 def _finish(run_info: dict, run_dir: Path, monitor: HealthMonitor, log: MetricsLog, is_main: bool,
