@@ -48,3 +48,19 @@ def test_auto_picks_chunked_only_for_large_logits(teacher_dir):
     assert choose_loss_impl(cfg, 8 * 1024, 151_936, teacher, teacher) == "chunked"
     cfg.loss.impl = "full"
     assert choose_loss_impl(cfg, 8 * 1024, 151_936, teacher, teacher) == "full"
+
+
+def test_plain_lm_training_shapes_the_student_after_the_teacher_config(tmp_path, teacher_dir, text_file):
+    """kd_weight 0 with a teacher and no student: the teacher's config and tokenizer are enough."""
+    cfg = Config.load(None, [f"model.teacher={teacher_dir}", f"data.path={text_file}", f"run.output_dir={tmp_path}/r",
+                             "run.device=cpu", "distill.kd_weight=0", "data.block_size=32", "train.batch_size=2",
+                             "train.max_steps=3"])
+    result = train(cfg, progress=False, print_summary=False)
+    lines = [r for r in read_jsonl(tmp_path / "r" / "metrics.jsonl") if "loss" in r]
+    assert all(r["kd_loss"] == 0 and r["loss"] == r["ce_loss"] for r in lines)
+    assert "teacher_ppl" not in result.final  # no teacher was loaded
+    from transformers import AutoConfig
+
+    teacher_cfg, student_cfg = AutoConfig.from_pretrained(teacher_dir), AutoConfig.from_pretrained(result.student_dir)
+    assert student_cfg.num_hidden_layers == max(1, teacher_cfg.num_hidden_layers // 2)
+    assert student_cfg.hidden_size == teacher_cfg.hidden_size // 2

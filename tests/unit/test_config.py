@@ -317,3 +317,12 @@ def test_docs_config_reference_is_up_to_date():
     from lmdistill.config import reference_markdown
 
     assert (REPO / "docs" / "config.md").read_text().strip() == reference_markdown().strip()
+
+
+def test_saved_run_config_resumes_even_after_overwrite(tmp_path):
+    """A run started with --overwrite saves a config that --resume can load (no contradiction)."""
+    cfg = Config.load(None, ["run.overwrite=true", f"run.output_dir={tmp_path}"])
+    saved = tmp_path / "config.yaml"
+    saved.write_text(cfg.to_run_yaml())
+    resumed = Config.load(saved, [], {"run.resume": True})
+    assert resumed.run.resume and not resumed.run.overwrite
