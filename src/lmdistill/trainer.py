@@ -567,11 +567,10 @@ def train(cfg: Config, *, teacher=None, student=None, tokenizer=None, progress: 
         student_dir = save_student(accelerator.unwrap_model(student), tokenizer, run_dir)
     if teacher is not None and _fingerprint(teacher) != teacher_before:
         raise AssertionError("the teacher's weights changed during training")  # our invariant, not user error
-    health = monitor.finalize()
     run_info.update(status="finished", initial=_eval_summary(initial), final={**_eval_summary(final),
                     "steps": total_steps, "skipped_steps": guard.total_skips, "rollbacks": guard.rollbacks,
                     "tokens_per_s": _median_tokens_per_s(run_dir) if is_main else None})
-    _finish(run_info, run_dir, monitor, log, is_main, started, total_steps)
+    health = _finish(run_info, run_dir, monitor, log, is_main, started, total_steps)
     result = RunResult(run_dir=run_dir, status="finished", steps=total_steps, initial=initial, final=final,
                        health=health, student_dir=student_dir)
     if is_main and print_summary:
@@ -743,24 +742,25 @@ def _median_tokens_per_s(run_dir: Path) -> float | None:
 
 
 def _finish(run_info: dict, run_dir: Path, monitor: HealthMonitor, log: MetricsLog, is_main: bool,
-            started: float, steps_done: int) -> None:
-    """health.json, run.json and the report: written for finished and stopped runs alike."""
+            started: float, steps_done: int) -> dict:
+    """health.json, run.json and the report: written for finished and stopped runs alike.
+
+    Returns the final health summary (every process computes it; only the main one writes)."""
     log.close()
-    if not is_main:
-        return
     health = monitor.finalize()
+    if not is_main:
+        return health
     write_json_atomic(run_dir / "health.json", health)
     run_info.update(finished_at=_utcnow(), wall_time_s=round(time.perf_counter() - started, 2),
                     steps_done=steps_done, health_verdict=health["verdict"])
     write_json_atomic(run_dir / "run.json", run_info)
-    try:
-        from .report import write_report
-    except ImportError:  # reporting is optional at this layer
-        return
+    from .report import write_report
+
     try:
         write_report(run_dir)
     except Exception as exc:  # a report must never turn a good run into a failed one
         print(f"warning: could not write report.md: {type(exc).__name__}: {exc}")
+    return health
 
 
 def summary_table(result: RunResult) -> str:
