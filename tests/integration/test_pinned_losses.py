@@ -1,0 +1,93 @@
+"""The first 20 per-step losses of a short run of the default preset, pinned.
+
+Recorded on 2026-11-30 with lmdistill 0.1.0 (2-core x86-64 CPU, torch 2.13.0+cpu, fp32)
+before the trainer was restructured, for both loss implementations. A change that only
+moves code must reproduce them exactly; a change that alters the rounding of the step may
+move them within 1e-6 relative. A larger difference means the training step now computes
+something else: find out why before updating these numbers.
+
+The teacher is a small random Llama (initializer_range 0.2, so that its distribution is
+far from uniform and the KD term is not negligible), saved with save_pretrained; the
+student is built fresh from it as the default preset builds one.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from conftest import REPO, TINY_VOCAB, read_jsonl, tiny_llama
+from lmdistill.config import Config
+from lmdistill.trainer import train
+
+# (loss, kd_loss, ce_loss) at steps 0..19
+PINNED = {
+    "full": [
+    (3.9758853912353516, 1.4478213787078857, 6.503949165344238),
+    (3.985788345336914, 1.4281286001205444, 6.543448448181152),
+    (3.8661861419677734, 1.4318727254867554, 6.300499439239502),
+    (3.912062644958496, 1.415954351425171, 6.4081711769104),
+    (3.850196123123169, 1.37079656124115, 6.329596042633057),
+    (3.866755247116089, 1.3947129249572754, 6.338797569274902),
+    (3.902148485183716, 1.3818320035934448, 6.422464847564697),
+    (3.9140701293945312, 1.3955546617507935, 6.4325852394104),
+    (3.8723456859588623, 1.3861415386199951, 6.35854959487915),
+    (3.8972063064575195, 1.3575607538223267, 6.436851501464844),
+    (3.8578107357025146, 1.3993028402328491, 6.316318988800049),
+    (3.8228659629821777, 1.3679956197738647, 6.277735710144043),
+    (3.8854384422302246, 1.3737035989761353, 6.3971734046936035),
+    (3.8389394283294678, 1.3830680847167969, 6.294810771942139),
+    (3.8263421058654785, 1.3629587888717651, 6.289725303649902),
+    (3.824308395385742, 1.3741545677185059, 6.2744622230529785),
+    (3.891016721725464, 1.36394464969635, 6.418088912963867),
+    (3.7750799655914307, 1.3528645038604736, 6.197295188903809),
+    (3.8011159896850586, 1.3868262767791748, 6.215405464172363),
+    (3.825894594192505, 1.3635516166687012, 6.28823709487915),
+    ],
+    "chunked": [
+    (3.9758853912353516, 1.4478213787078857, 6.5039496421813965),
+    (3.985788345336914, 1.4281286001205444, 6.543448448181152),
+    (3.8661861419677734, 1.431873083114624, 6.300498962402344),
+    (3.912062644958496, 1.4159541130065918, 6.4081711769104),
+    (3.850196361541748, 1.3707966804504395, 6.329596042633057),
+    (3.866755247116089, 1.394713044166565, 6.338797569274902),
+    (3.9021482467651367, 1.3818318843841553, 6.422464847564697),
+    (3.9140701293945312, 1.3955546617507935, 6.4325852394104),
+    (3.872345447540283, 1.3861415386199951, 6.358549118041992),
+    (3.8972063064575195, 1.3575608730316162, 6.436851501464844),
+    (3.857811450958252, 1.3993029594421387, 6.316319942474365),
+    (3.8228654861450195, 1.3679956197738647, 6.277735233306885),
+    (3.8854386806488037, 1.3737038373947144, 6.3971734046936035),
+    (3.8389391899108887, 1.3830679655075073, 6.294810771942139),
+    (3.8263421058654785, 1.3629586696624756, 6.289725303649902),
+    (3.824308156967163, 1.3741549253463745, 6.27446174621582),
+    (3.891016721725464, 1.36394464969635, 6.418088436126709),
+    (3.7750799655914307, 1.3528647422790527, 6.19729471206665),
+    (3.8011162281036377, 1.3868262767791748, 6.2154059410095215),
+    (3.8258941173553467, 1.3635516166687012, 6.288236618041992),
+    ],
+}
+
+
+@pytest.fixture(scope="module")
+def random_teacher(tmp_path_factory, tiny_tokenizer) -> Path:
+    path = tmp_path_factory.mktemp("pinned") / "teacher"
+    model = tiny_llama(len(tiny_tokenizer), hidden=48, layers=2, seed=1, initializer_range=0.2)
+    model.save_pretrained(path)
+    tiny_tokenizer.save_pretrained(path)
+    return path
+
+
+@pytest.mark.parametrize("impl", ["full", "chunked"])
+def test_default_preset_losses_are_pinned(tmp_path, random_teacher, text_file, impl):
+    assert len(PINNED[impl]) == 20 and TINY_VOCAB == 384
+    cfg = Config.load(REPO / "configs" / "default.yaml",
+                      [f"model.teacher={random_teacher}", f"data.path={text_file}", f"run.output_dir={tmp_path / impl}",
+                       "run.device=cpu", "train.max_steps=20", "train.eval_every=10", f"loss.impl={impl}"])
+    train(cfg, progress=False, print_summary=False)
+    lines = [r for r in read_jsonl(tmp_path / impl / "metrics.jsonl") if "loss" in r and "skipped" not in r]
+    got = [(r["loss"], r["kd_loss"], r["ce_loss"]) for r in lines]
+    assert [r["step"] for r in lines] == list(range(20))
+    for step, (want_row, got_row) in enumerate(zip(PINNED[impl], got)):
+        assert got_row == pytest.approx(want_row, rel=1e-6, abs=0), f"step {step}"
