@@ -21,9 +21,9 @@ the student's weights in bf16 too (no autocast): that is what the anchor harness
 
 Variants, run one after another in one process on the same input ids, each starting from
 the same initial student weights and a fresh optimizer:
-  full     ``trainer._micro_batch_loss(..., impl="full")``: full logits of both models,
+  full     the trainer's ``signals.LiveLogits`` + ``objective.Objective``: full logits of both models,
            ``losses.distillation_loss`` (fp32 inside), autograd;
-  chunked  ``trainer._micro_batch_loss(..., impl="chunked")``: final hidden states through
+  chunked  ``signals.LiveHidden`` + ``objective.Objective``: final hidden states through
            ``fused.fused_linear_distillation_loss`` (torch.compile'd chunk math on CUDA);
   liger    final hidden states (``model.model(...).last_hidden_state``) through
            ``liger_kernel.chunked_loss.LigerFusedLinearJSDLoss`` with beta=0 (forward KL,
@@ -66,8 +66,10 @@ import time
 import torch
 
 from lmdistill.config import Config
-from lmdistill.guards import FaultInjector
-from lmdistill.trainer import _micro_batch_loss, make_optimizer
+from lmdistill.batch import Batch
+from lmdistill.objective import KDSpec, Objective
+from lmdistill.signals import make_signal
+from lmdistill.trainer import make_optimizer
 
 VARIANTS = ("full", "chunked", "liger")
 GOALS = {"chunked_over_liger_tokens_per_s": 1.10, "chunked_over_full_tokens_per_s": 1.4}
@@ -208,7 +210,8 @@ def main() -> None:
     cfg.distill.scale_by_t2 = True
     cfg.distill.divergence = "forward_kl"
     cfg.loss.chunk_size = args.chunk_size
-    injector = FaultInjector(cfg.debug)  # no faults configured: poison() is the identity
+    batch = Batch.from_blocks(ids)
+    spec = KDSpec(kd_weight=KD_WEIGHT, divergence="forward_kl", scale_by_t2=True)
     models_bytes = torch.cuda.memory_allocated(device) if cuda else None
     emit(records, models=True, n_student=n_s, n_teacher=n_t, flops_per_token=flops_per_token,
          models_gib=gib(models_bytes) if cuda else None, build_s=round(time.perf_counter() - t0, 1))
@@ -228,10 +231,14 @@ def main() -> None:
             return loss.detach()
 
         if variant in ("full", "chunked"):
+            # The trainer's own pieces: the live teacher signal and the objective of loss.impl=variant.
+            signal = make_signal(variant, teacher, vocab)
+            objective = Objective(spec, vocab, signal.student_output, student.get_output_embeddings(),
+                                  args.chunk_size)
+
             def step() -> torch.Tensor:
                 with amp():
-                    parts, _teacher_bad = _micro_batch_loss(ids, student, teacher, vocab, T, cfg, tokens, injector,
-                                                            0, impl=variant, raw_student=student)
+                    parts = objective(student, batch, signal(batch, T), T, tokens)
                 return finish(parts.total)
         else:
             def step() -> torch.Tensor:

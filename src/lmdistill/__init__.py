@@ -12,9 +12,17 @@ __version__ = "0.1.0"
 
 
 def train(cfg, **kwargs):
-    """Run a distillation; see ``lmdistill.trainer.train``."""
+    """Run a distillation; see ``lmdistill.trainer.train``.
+
+    An empty ``model.teacher`` is the embedded default teacher, built (once) before the run.
+    """
+    from .default import resolve_default_teacher
+    from .trainer import preflight
     from .trainer import train as _train
 
+    if kwargs.get("teacher") is None:
+        preflight(cfg)  # a bad config or output directory is refused before the teacher is built
+        resolve_default_teacher(cfg, progress=kwargs.get("progress", True))
     return _train(cfg, **kwargs)
 
 

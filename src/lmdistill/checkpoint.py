@@ -1,6 +1,6 @@
 """Resumable training checkpoints: atomic save, integrity manifest, retention, resume.
 
-Layout (DESIGN.md, run directory contract)::
+Layout (the run directory contract, see rundir.py)::
 
     runs/NAME/checkpoints/
       step-200/
@@ -44,6 +44,7 @@ import safetensors.torch
 import torch
 
 from lmdistill.errors import LmdistillError
+from lmdistill.paths import fsync_dir, replace_dir
 
 try:  # numpy comes with torch/datasets in practice; the RNG code works without it.
     import numpy as np
@@ -199,8 +200,8 @@ def save_checkpoint(
         # The manifest is what makes the directory a checkpoint, so it goes last: a crash
         # before this line leaves a directory that verification rejects as incomplete.
         _write_file(tmp / MANIFEST_FILE, lambda f: f.write(manifest_bytes))
-        _fsync_dir(tmp)
-        _install(tmp, final)
+        fsync_dir(tmp)
+        replace_dir(tmp, final, aside_name=f"{_TRASH_PREFIX}{final.name}-{os.getpid()}")
         installed = True
     except OSError as exc:
         raise _write_error(final, checkpoints_dir, exc) from exc
@@ -211,31 +212,6 @@ def save_checkpoint(
     if keep is not None:
         _apply_retention(checkpoints_dir, keep, protect=final)
     return final
-
-
-def _install(tmp: Path, final: Path) -> None:
-    """Rename the finished ``tmp`` into ``final``, replacing an older ``final`` safely.
-
-    A directory cannot be renamed over a non-empty one, so an existing ``step-N`` (the
-    same step saved again after a resume) is first moved aside to a ``.trash-`` name that
-    no reader considers, and removed only once the new one is in place.
-    """
-    parent = final.parent
-    aside = None
-    if final.exists():
-        aside = parent / f"{_TRASH_PREFIX}{final.name}-{os.getpid()}"
-        if aside.exists():
-            shutil.rmtree(aside)
-        os.replace(final, aside)
-    try:
-        os.replace(tmp, final)
-    except OSError:
-        if aside is not None:  # put the old checkpoint back before reporting the failure
-            os.replace(aside, final)
-        raise
-    _fsync_dir(parent)
-    if aside is not None:
-        shutil.rmtree(aside, ignore_errors=True)
 
 
 def _apply_retention(checkpoints_dir: Path, keep: int, protect: Path) -> None:
@@ -276,7 +252,7 @@ def _remove_dir_crash_safe(path: Path) -> None:
     if trash.exists():
         shutil.rmtree(trash)
     os.replace(path, trash)
-    _fsync_dir(path.parent)
+    fsync_dir(path.parent)
     shutil.rmtree(trash)
 
 
@@ -325,17 +301,6 @@ def _fsync_existing_file(path: Path) -> None:
         os.close(fd)
 
 
-def _fsync_dir(path: Path) -> None:
-    """fsync a directory so the renames and creations inside it survive a power loss."""
-    if os.name == "nt":  # Windows cannot open a directory for fsync; NTFS journals renames.
-        return
-    fd = os.open(path, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 def _check_extra_file_name(name: str) -> None:
     if (
         not isinstance(name, str)
@@ -366,24 +331,29 @@ def _iter_tensors(obj: Any, name: str) -> Iterator[tuple[str, torch.Tensor]]:
         yield name, obj
     elif isinstance(obj, Mapping):
         for key, value in obj.items():
-            yield from _iter_tensors(value, f"{name}[{key!r}]")
+            yield from _iter_tensors(value, f"{name}[{key!r}]" if name else str(key))
     elif isinstance(obj, (list, tuple)):
         for i, value in enumerate(obj):
             yield from _iter_tensors(value, f"{name}[{i}]")
 
 
+def first_nonfinite_tensor(state: Any, label: str = "") -> str | None:
+    """Name of the first float tensor nested in ``state`` that holds NaN or inf, else None."""
+    for name, tensor in _iter_tensors(state, label):
+        # One device sync per tensor; negligible next to writing the same bytes to disk.
+        if (tensor.is_floating_point() or tensor.is_complex()) and not bool(torch.isfinite(tensor).all()):
+            return name
+    return None
+
+
 def _check_finite(state: Any, label: str, final: Path) -> None:
     """Raise CheckpointError naming the first tensor in ``state`` holding NaN or inf."""
-    for name, tensor in _iter_tensors(state, label):
-        if not (tensor.is_floating_point() or tensor.is_complex()):
-            continue
-        # One device sync per tensor; negligible next to writing the same bytes to disk.
-        if not bool(torch.isfinite(tensor).all()):
-            num_bad = int((~torch.isfinite(tensor)).sum())
-            raise CheckpointError(
-                f"refusing to save checkpoint {final}: {name} has {num_bad} non-finite "
-                f"value(s); earlier checkpoints are untouched, resume from the last valid one"
-            )
+    name = first_nonfinite_tensor(state, label)
+    if name is not None:
+        raise CheckpointError(
+            f"refusing to save checkpoint {final}: {name} has non-finite value(s); earlier checkpoints "
+            "are untouched, resume from the last valid one"
+        )
 
 
 def _dedupe_tied_tensors(

@@ -81,7 +81,7 @@ def _build_config(args) -> "Config":
 
 
 def cmd_train(args) -> int:
-    from .trainer import train
+    from . import train
 
     cfg = _build_config(args)
     train(cfg, progress=not args.no_progress)

@@ -20,7 +20,9 @@ from typing import Any, Literal, get_args, get_origin
 
 import yaml
 
+from .divergences import DIVERGENCES
 from .errors import ConfigError
+from .faults import FAULT_SITES, FAULT_VALUES
 
 
 def doc(text: str, default: Any = dataclasses.MISSING, **kw: Any) -> Any:
@@ -94,17 +96,22 @@ class DataConfig:
 class DistillConfig:
     """The distillation objective."""
 
-    temperature: float = doc("KD temperature at step 0 (seed default 2.0).", 2.0)
-    min_temperature: float = doc("KD temperature at the last step (seed default 1.5).", 1.5)
+    temperature: float = doc("KD temperature at step 0.", 2.0)
+    min_temperature: float = doc("KD temperature at the last step (equal to temperature: constant).", 1.5)
     temperature_schedule: Literal["linear", "cosine", "constant"] = doc(
         "How the temperature goes from temperature to min_temperature over the run.", "linear"
     )
     kd_weight: float = doc("loss = kd_weight * KD + (1 - kd_weight) * CE; in [0, 1].", 0.5)
     scale_by_t2: bool = doc("Multiply the KD divergence by T^2 (Hinton et al. 2015).", True)
-    divergence: Literal["forward_kl", "reverse_kl", "jsd"] = doc(
-        "forward_kl = KL(teacher || student); reverse_kl = KL(student || teacher); jsd = Jensen-Shannon.",
+    divergence: Literal[DIVERGENCES] = doc(
+        "forward_kl = KL(teacher || student); reverse_kl = KL(student || teacher); jsd = generalised "
+        "Jensen-Shannon (jsd_beta); skew_kl, skew_reverse_kl = skewed KLs (skew_alpha); tvd = total variation.",
         "forward_kl",
     )
+    jsd_beta: float = doc("jsd: weight of the teacher in the mixture, in [0, 1] (0 = forward_kl, 1 = reverse_kl).",
+                          0.5)
+    skew_alpha: float = doc("skew_kl / skew_reverse_kl: share of the own distribution in the mixture, in [0, 1).",
+                            0.1)
 
 
 @dataclass
@@ -146,11 +153,12 @@ class GuardConfig:
 
 @dataclass
 class HealthConfig:
-    """The seed's 'what to monitor' list as live checks."""
+    """The original report's 'what to monitor' list as live checks."""
 
-    start_loss_max: float = doc("Fire when the first training loss is above this (seed: 20).", 20.0)
-    ppl_max: float = doc("Fire when eval perplexity is above this after ppl_after_step (seed: 1e6).", 1e6)
-    ppl_after_step: int | None = doc("Step after which ppl_max applies; null = 20% of the run (seed: 5000 of 25000).", None)
+    start_loss_max: float = doc("Fire when the first training loss is above this (the report's 20).", 20.0)
+    ppl_max: float = doc("Fire when eval perplexity is above this after ppl_after_step (the report's 1M).", 1e6)
+    ppl_after_step: int | None = doc("Step after which ppl_max applies; null = 20% of the run (the report's step "
+                                     "5000 of 25000).", None)
     plateau_window: int | None = doc("Steps per window for the 'loss not decreasing' check; null = 10% of the run, at least 10.", None)
     plateau_patience: int = doc("Fire after this many consecutive windows without a lower mean loss.", 2)
 
@@ -274,9 +282,9 @@ class Config:
             return ConfigError(f"{key} = {value!r} is not allowed: {allowed}")
 
         if not (d.temperature > 0 and math.isfinite(d.temperature)):
-            raise bad("distill.temperature", d.temperature, "the KD temperature must be a finite number > 0 (seed default 2.0)")
+            raise bad("distill.temperature", d.temperature, "the KD temperature must be a finite number > 0 (default 2.0)")
         if not (d.min_temperature > 0 and math.isfinite(d.min_temperature)):
-            raise bad("distill.min_temperature", d.min_temperature, "must be a finite number > 0 (seed default 1.5)")
+            raise bad("distill.min_temperature", d.min_temperature, "must be a finite number > 0 (default 1.5)")
         if d.min_temperature > d.temperature:
             raise ConfigError(
                 f"distill.min_temperature = {d.min_temperature} is above distill.temperature = {d.temperature}: "
@@ -285,6 +293,10 @@ class Config:
             )
         if not 0.0 <= d.kd_weight <= 1.0:
             raise bad("distill.kd_weight", d.kd_weight, "must be in [0, 1] (0 = plain LM training, 1 = pure KD)")
+        if not 0.0 <= d.jsd_beta <= 1.0:
+            raise bad("distill.jsd_beta", d.jsd_beta, "must be in [0, 1] (0 = forward_kl, 1 = reverse_kl)")
+        if not 0.0 <= d.skew_alpha < 1.0:
+            raise bad("distill.skew_alpha", d.skew_alpha, "must be in [0, 1) (0 = no skew)")
         positive_ints = {
             "train.batch_size": t.batch_size, "train.grad_accum": t.grad_accum, "train.epochs": t.epochs,
             "train.log_every": t.log_every, "data.block_size": self.data.block_size,
@@ -348,8 +360,6 @@ class Config:
 # Tracker name -> the package that provides it (accelerate's integrations).
 TRACKERS = {"wandb": "wandb", "mlflow": "mlflow", "comet_ml": "comet_ml", "aim": "aim", "clearml": "clearml",
             "dvclive": "dvclive", "swanlab": "swanlab", "trackio": "trackio"}
-INJECT_WHERE = ("teacher_logits", "student_logits", "loss", "grad")
-INJECT_VALUES = ("nan", "inf", "-inf")
 
 
 def _validate_injections(dbg: DebugConfig) -> None:
@@ -361,9 +371,9 @@ def _validate_injections(dbg: DebugConfig) -> None:
             )
         if not isinstance(item.get("step"), int) or item["step"] < 0:
             raise ConfigError(f"debug.inject[{i}].step = {item.get('step')!r} must be a step number >= 0")
-        if item.get("where") not in INJECT_WHERE:
-            raise ConfigError(f"debug.inject[{i}].where = {item.get('where')!r} must be one of {', '.join(INJECT_WHERE)}")
-        if str(item.get("value", "nan")).lower() not in INJECT_VALUES:
+        if item.get("where") not in FAULT_SITES:
+            raise ConfigError(f"debug.inject[{i}].where = {item.get('where')!r} must be one of {', '.join(FAULT_SITES)}")
+        if str(item.get("value", "nan")).lower() not in FAULT_VALUES:
             raise ConfigError(f"debug.inject[{i}].value = {item.get('value')!r} must be nan, inf or -inf")
     for step, factor in dbg.loss_multiplier.items():
         if not isinstance(step, int) or not isinstance(factor, (int, float)):

@@ -4,7 +4,7 @@ Documents are tokenized without special tokens, joined with EOS and cut into
 blocks of ``block_size`` tokens (the tail that does not fill a block is dropped).
 Every block is a full window, so all its next-token targets are valid.
 
-Batches come from ``BlockSampler``: a per-epoch permutation drawn from the seed, so
+Batches come from ``BlockSampler``: a per-epoch permutation drawn from ``run.seed``, so
 the data position of a run is a single integer (micro-batches consumed). That makes
 resume exact and lets each data-parallel rank take its own slice of a global batch.
 """
@@ -12,7 +12,6 @@ resume exact and lets each data-parallel rank take its own slice of a global bat
 from __future__ import annotations
 
 import itertools
-import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -21,10 +20,10 @@ import torch
 
 from .config import DataConfig
 from .errors import LmdistillError
+from .paths import is_hub_id
 
 EXTENSION_BUILDERS = {".txt": "text", ".text": "text", ".md": "text", ".jsonl": "json", ".json": "json",
                       ".parquet": "parquet"}
-_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")
 
 
 def embedded_corpus_texts() -> list[str]:
@@ -79,7 +78,7 @@ def load_texts(source: str | None, cfg: DataConfig, role: str = "data.path"):
             detail = (str(exc).splitlines() or [type(exc).__name__])[0]
             raise LmdistillError(f"could not read {role} '{source}': {detail}; check the file's format") from None
         description = f"{source} ({len(files)} file{'s' if len(files) > 1 else ''})"
-    elif _HUB_ID.match(source) and not source.startswith((".", "~")):
+    elif is_hub_id(source):
         try:
             ds = datasets.load_dataset(source, cfg.dataset_config, split=cfg.split)
         except Exception as exc:
@@ -159,7 +158,7 @@ def build_block_data(cfg: DataConfig, tokenizer) -> BlockData:
             )
         train_blocks = blocks
     else:
-        # Hold out whole blocks, drawn with the seed, so eval text never appears in training.
+        # Hold out whole blocks, drawn with data.split_seed, so eval text never appears in training.
         perm = torch.randperm(len(blocks), generator=torch.Generator().manual_seed(cfg.split_seed))
         num_eval = max(1, int(round(cfg.eval_fraction * len(blocks))))
         num_eval = min(num_eval, len(blocks) - 1)
@@ -172,7 +171,7 @@ def build_block_data(cfg: DataConfig, tokenizer) -> BlockData:
 
 
 class BlockSampler:
-    """Micro-batches of block indices, reshuffled every epoch from the seed.
+    """Micro-batches of block indices, reshuffled every epoch from ``seed``.
 
     A *global* micro-batch holds ``batch_size * world_size`` blocks; rank r takes its
     r-th slice. Micro-batch m of the run is a pure function of m, which is the whole

@@ -59,6 +59,19 @@ def train_tokenizer(texts: list[str], vocab_size: int, min_frequency: int = 2):
                                    unk_token=None, model_max_length=RECIPE["teacher"]["max_position_embeddings"])
 
 
+def needs_default_teacher(cfg: Config) -> bool:
+    """An empty ``model.teacher`` means the embedded default whenever a teacher is in play: for
+    KD, or to shape a fresh student (the CE-only baseline of a KD run trains the same student)."""
+    return cfg.model.teacher is None and (cfg.distill.kd_weight > 0 or cfg.model.student is None)
+
+
+def resolve_default_teacher(cfg: Config, progress: bool = True) -> Config:
+    """Fill in ``model.teacher`` with the embedded default teacher (built once) where it is needed."""
+    if needs_default_teacher(cfg):
+        cfg.model.teacher = str(ensure_default_teacher(progress=progress))
+    return cfg
+
+
 def default_teacher_dir() -> Path:
     return cache_home() / "teachers" / f"pydoc-llama-{recipe_key(embedded_corpus_texts())}"
 

@@ -41,6 +41,8 @@ def evaluate(
     temperature: float,
     scale_by_t2: bool = True,
     divergence: str = "forward_kl",
+    jsd_beta: float = 0.5,
+    skew_alpha: float = 0.1,
     batch_size: int = 8,
     device: torch.device | str = "cpu",
     autocast=None,
@@ -76,7 +78,8 @@ def evaluate(
         sums[5] += targets.numel()
         if t_logits is not None:
             t_flat = t_logits.reshape(-1, vocab_size).float()
-            kd = token_divergence(s_flat, t_flat, temperature, divergence).sum().item()
+            kd = token_divergence(s_flat, t_flat, temperature, divergence, jsd_beta=jsd_beta,
+                                  skew_alpha=skew_alpha).sum().item()
             sums[1] += kd * (temperature**2 if scale_by_t2 else 1.0)
             sums[2] += token_divergence(s_flat, t_flat, 1.0, "forward_kl").sum().item()
             sums[3] += (s_flat.argmax(-1) == t_flat.argmax(-1)).sum().item()

@@ -15,32 +15,27 @@ fp32 log space whatever the input dtype, zero-probability teacher entries contri
 zero, sums over valid tokens divided once by ``num_tokens``, and exactly 0 with zero
 gradients when nothing is left after masking.
 
-Closed-form gradients, per token, with s = z_s / T, p = softmax(s), q = softmax(z_t / T):
-  forward KL  D = sum q (log q - log p)          dD/ds = p - q
-  reverse KL  D = sum p (log p - log q)          dD/ds = p * (log p - log q - D)
-  JSD(beta)   m = beta q + (1 - beta) p,
-              D = beta KL(q || m) + (1 - beta) KL(p || m)
-                                                  dD/ds = (1 - beta) p * (log p - log m - KL(p || m))
-  CE at T = 1 C = -log softmax(z_s)[y]            dC/dz_s = softmax(z_s) - onehot(y)
-and dD/dz_s = dD/ds / T, so the KD term T^2 * D has gradient T * dD/ds. The JSD form
-follows because the terms through log m sum to (1 - beta) * sum_i dp_i/ds_j, which is 0.
+The closed-form gradient of each divergence with respect to the student's scaled logits
+s = z_s / T comes from its registry entry (``divergences.REGISTRY``, ``chunk``). With the CE
+term at T = 1, C = -log softmax(z_s)[y] and dC/dz_s = softmax(z_s) - onehot(y); and
+dD/dz_s = dD/ds / T, so the KD term T^2 * D has gradient T * dD/ds.
 """
 
 from __future__ import annotations
 
-import math
 import warnings
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from lmdistill.losses import DIVERGENCES, IGNORE_INDEX, Divergence, LossParts
+from .divergences import DivergenceParams, _no_workspace
+from .losses import IGNORE_INDEX, LossParts, check_loss_args, normaliser
 
 __all__ = ["fused_linear_distillation_loss", "FusedLinearDistillationLoss"]
 
-_FP32_MIN = torch.finfo(torch.float32).min
 _USE_WORKSPACE = True  # tests switch it off to check the allocation-only path too
 
 
@@ -55,10 +50,6 @@ _USE_WORKSPACE = True  # tests switch it off to check the allocation-only path t
 #   0: student logits, then teacher logits, then p_t or p_s     1: log p_s at T = 1 -> grad
 #   2: log p_s at T (unless T == 1)   3: log p_t    4, 5: divergence scratch
 # --------------------------------------------------------------------------------------
-
-
-def _no_workspace(slot: int, rows: int) -> None:
-    return None
 
 
 class _Workspace:
@@ -83,63 +74,6 @@ def _logits(h: Tensor, w: Tensor, b: Tensor | None, out: Tensor | None) -> Tenso
     return z.float() if out is None else out.copy_(z)
 
 
-def _forward_kl(ls: Tensor, lt: Tensor, need_grad: bool, ws) -> tuple[Tensor, Tensor | None]:
-    """KL(q || p) summed over the chunk, and dD/ds per entry. ``lt`` is consumed."""
-    rows = ls.shape[0]
-    pt = torch.exp(lt, out=ws(0, rows))
-    # q * (log q - log p) with 0 * log 0 = 0: a -inf teacher log-prob is clamped to the most
-    # negative finite float, so that entry is 0 * (huge) = 0 rather than 0 * inf = NaN.
-    # log p <= 0, so subtracting it cannot push the clamped value to -inf.
-    entries = lt.clamp_(min=_FP32_MIN).sub_(ls).mul_(pt)
-    kd = entries.sum()
-    if not need_grad:
-        return kd, None
-    grad = entries.copy_(ls).exp_().sub_(pt)  # p - q, in the buffer just freed
-    return kd, grad
-
-
-def _reverse_kl(ls: Tensor, lt: Tensor, need_grad: bool, ws) -> tuple[Tensor, Tensor | None]:
-    """KL(p || q) summed over the chunk, and dD/ds per entry. ``lt`` is consumed.
-
-    A teacher zero (log q = -inf) where the student has mass makes the divergence +inf by
-    definition, as in ``distillation_loss``; the trainer's non-finite guard handles that.
-    """
-    rows = ls.shape[0]
-    ps = torch.exp(ls, out=ws(0, rows))
-    diff = lt.neg_().add_(ls)  # log p - log q: finite, or +inf where q == 0
-    # p * diff is NaN only for p == 0 (underflow) times diff == inf; such an entry is 0 by
-    # the 0 * anything = 0 convention. Infinities are kept: they are the true value.
-    inf = float("inf")
-    entries = torch.mul(ps, diff, out=ws(4, rows)).nan_to_num_(nan=0.0, posinf=inf, neginf=-inf)
-    per_row = entries.sum(dim=-1, keepdim=True)
-    kd = per_row.sum()
-    if not need_grad:
-        return kd, None
-    grad = entries.copy_(diff).sub_(per_row).mul_(ps).nan_to_num_(nan=0.0, posinf=inf, neginf=-inf)
-    return kd, grad
-
-
-def _jsd(ls: Tensor, lt: Tensor, beta: float, need_grad: bool, ws) -> tuple[Tensor, Tensor | None]:
-    """Generalised JSD with weight ``beta`` on the teacher, and dD/ds. ``lt`` is consumed."""
-    rows = ls.shape[0]
-    pt = torch.exp(lt, out=ws(0, rows))
-    # log m = logaddexp(log q + log beta, log p + log(1 - beta)): finite wherever p > 0,
-    # because m >= (1 - beta) p; never formed as log(beta q + (1 - beta) p), which underflows.
-    log_m = torch.add(lt, math.log(beta), out=ws(4, rows))
-    log_m = torch.logaddexp(log_m, torch.add(ls, math.log1p(-beta), out=ws(5, rows)), out=log_m)
-    # Teacher side: q * (log q - log m), clamping -inf as in _forward_kl.
-    kd_t = lt.clamp_(min=_FP32_MIN).sub_(log_m).mul_(pt).sum()
-    del pt
-    ratio = log_m.neg_().add_(ls)  # log p - log m, finite
-    ps = torch.exp(ls, out=ws(0, rows))
-    kl_sm_rows = torch.mul(ratio, ps, out=lt).sum(dim=-1, keepdim=True)  # KL(p || m) per row
-    kd = beta * kd_t + (1.0 - beta) * kl_sm_rows.sum()
-    if not need_grad:
-        return kd, None
-    grad = ratio.sub_(kl_sm_rows).mul_(ps).mul_(1.0 - beta)
-    return kd, grad
-
-
 def _chunk_step(
     h_c: Tensor,
     w_s: Tensor,
@@ -151,11 +85,11 @@ def _chunk_step(
     inv_t: Tensor,
     c_kd: Tensor,
     c_ce: Tensor,
-    divergence: str,
+    kd_chunk,
+    params: DivergenceParams,
     with_kd: bool,
     same_t: bool,
     need_grad: bool,
-    jsd_beta: float,
     ws=_no_workspace,
 ) -> tuple[Tensor | None, Tensor, Tensor]:
     """Loss sums for one chunk and the gradient of the folded loss w.r.t. its student logits.
@@ -167,6 +101,7 @@ def _chunk_step(
         inv_t, c_kd, c_ce: 0-d fp32 tensors: 1/T, and the coefficients that turn dD/ds and
             dC/dz into d total/dz (weights, T or 1/T, and 1/num_tokens folded in). Tensors,
             not floats, so a compiled version is not re-specialised on every temperature.
+        kd_chunk, params: the divergence's closed form (``Divergence.chunk``) and its parameters.
         ws: workspace provider (see above); the returned grad may live in it.
 
     Returns:
@@ -185,12 +120,7 @@ def _chunk_step(
         zt = _logits(ht_c, w_t, b_t, ws(0, rows))
         lt = torch.log_softmax(zt.mul_(inv_t), dim=-1, out=ws(3, rows))
         del zt
-        if divergence == "forward_kl":
-            kd_sum, grad_kd = _forward_kl(ls, lt, need_grad, ws)
-        elif divergence == "reverse_kl":
-            kd_sum, grad_kd = _reverse_kl(ls, lt, need_grad, ws)
-        else:
-            kd_sum, grad_kd = _jsd(ls, lt, jsd_beta, need_grad, ws)
+        kd_sum, grad_kd = kd_chunk(ls, lt, params, need_grad, ws)
         del ls, lt
     else:
         del zs
@@ -261,13 +191,14 @@ def _add_matmul(acc: Tensor, a: Tensor, b: Tensor) -> None:
 class _Options:
     """Static (non-tensor) settings of one call."""
 
-    divergence: str
+    kd_chunk: Callable  # the divergence's closed form, ``Divergence.chunk``
+    params: DivergenceParams
     with_kd: bool
     same_t: bool  # T == 1: the CE log-softmax doubles as the student's KD log-softmax
-    jsd_beta: float
     chunk_size: int
     vocab_size: int
     need_grad: tuple[bool, bool, bool]  # student hidden, weight, bias
+    num_valid: int
     all_valid: bool  # no ignored row: chunks are plain slices, no gathers
     use_compile: bool | None
     kd_coef: float  # kd_weight * T^2 (or kd_weight), multiplies the KD sum in ``total``
@@ -298,7 +229,7 @@ class _FusedLinearKD(torch.autograd.Function):
         kd_total = torch.zeros((), dtype=torch.float32, device=h.device)
 
         step = _step_fn(h.device, opts.use_compile)
-        n_rows = rows.numel()
+        n_rows = opts.num_valid  # ``rows`` lists them, unless every row is valid (then None)
         # Buffers reused across chunks in eager mode; a GPU's caching allocator already
         # recycles memory, so there they would only pin extra memory for nothing.
         workspace = _no_workspace
@@ -319,7 +250,7 @@ class _FusedLinearKD(torch.autograd.Function):
             if ht_c is not None:
                 ht_c = ht_c.to(w_t.dtype)
             args = (h_c, w_s_v, b_s_v, ht_c, w_t_v, b_t_v, y_c, inv_t, c_kd, c_ce,
-                    opts.divergence, opts.with_kd, opts.same_t, need_grad, opts.jsd_beta)
+                    opts.kd_chunk, opts.params, opts.with_kd, opts.same_t, need_grad)
             if step is _chunk_step:
                 grad_z, ce_sum, kd_sum = step(*args, ws=workspace)
             else:
@@ -388,14 +319,16 @@ def fused_linear_distillation_loss(
     temperature: float,
     kd_weight: float,
     scale_by_t2: bool = True,
-    divergence: Divergence = "forward_kl",
+    divergence: str = "forward_kl",
+    jsd_beta: float = 0.5,
+    skew_alpha: float = 0.1,
     ignore_index: int = IGNORE_INDEX,
     num_tokens: int | float | Tensor | None = None,
+    all_valid: bool = False,
     vocab_size: int | None = None,
     student_bias: Tensor | None = None,
     teacher_bias: Tensor | None = None,
     chunk_size: int = 1024,
-    jsd_beta: float = 0.5,
     use_compile: bool | None = None,
 ) -> LossParts:
     """``kd_weight * KD + (1 - kd_weight) * CE`` from hidden states, without full logits.
@@ -416,9 +349,12 @@ def fused_linear_distillation_loss(
         temperature: KD temperature T > 0 (the CE term always uses T = 1).
         kd_weight: in [0, 1].
         scale_by_t2: multiply the divergence by T^2.
-        divergence: ``forward_kl``, ``reverse_kl`` or ``jsd`` (see ``losses.token_divergence``).
+        divergence, jsd_beta, skew_alpha: a name from ``divergences.REGISTRY`` with a
+            closed-form gradient, and its parameters (see ``losses.token_divergence``).
         num_tokens: the normaliser: the global count of valid targets across micro-batches
             and ranks. Defaults to this call's own count; a count of 0 divides by 1.
+        all_valid: the caller knows that no target is ``ignore_index``; saves the search
+            for valid rows (a device sync).
         vocab_size: number of real tokens; only logits ``[:vocab_size]`` of both models
             exist for the loss (padded rows get no probability and a zero gradient).
             Defaults to ``min(V, V')``.
@@ -426,7 +362,6 @@ def fused_linear_distillation_loss(
         chunk_size: valid-target rows per chunk. Peak extra memory is four (forward KL)
             to six (JSD) fp32 (chunk_size x vocab_size) buffers, plus the fp32 (V, Hs)
             weight gradient and the (N, Hs) hidden-state gradient.
-        jsd_beta: teacher weight of the JSD mixture, in (0, 1).
         use_compile: torch.compile the per-chunk elementwise math; None = only on CUDA.
 
     Returns:
@@ -435,14 +370,10 @@ def fused_linear_distillation_loss(
         the rest are detached fp32 scalars. With no valid target every part is exactly 0 and
         the gradients are zero.
     """
-    if not 0.0 <= kd_weight <= 1.0:
-        raise ValueError(f"kd_weight must be in [0, 1], got {kd_weight}")
-    if temperature <= 0:
-        raise ValueError(f"temperature must be > 0, got {temperature}")
-    if divergence not in DIVERGENCES:
-        raise ValueError(f"unknown divergence {divergence!r}; expected one of {DIVERGENCES}")
-    if not 0.0 < jsd_beta < 1.0:
-        raise ValueError(f"jsd_beta must be in (0, 1), got {jsd_beta}")
+    entry = check_loss_args(temperature, kd_weight, divergence, jsd_beta, skew_alpha)
+    if entry.chunk is None:
+        raise ValueError(f"divergence {divergence!r} has no closed-form gradient for the chunked loss; "
+                         "use the full-logits loss (losses.distillation_loss)")
     if chunk_size < 1:
         raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
     if student_weight.dim() != 2 or student_hidden.shape[-1] != student_weight.shape[1]:
@@ -475,22 +406,28 @@ def fused_linear_distillation_loss(
         if bias is not None and (weight is None or bias.shape != weight.shape[:1]):
             raise ValueError(f"{name} must have shape (rows of its lm_head weight,), got {tuple(bias.shape)}")
 
-    valid = y != ignore_index
-    rows = valid.nonzero().squeeze(1)  # one host sync: the chunk loop needs the count
-    num_valid = rows.numel()
-    if num_valid and bool((((y < 0) | (y >= vocab)) & valid).any()):
-        raise ValueError(f"targets must lie in [0, {vocab}) or equal ignore_index={ignore_index}")
-    denom = float(num_tokens) if num_tokens is not None else float(max(num_valid, 1))
-    denom = max(denom, 1.0)  # no valid token anywhere: every sum is 0, and 0/1 = 0
+    if all_valid:
+        rows, num_valid = None, h.shape[0]
+    else:
+        rows = (y != ignore_index).nonzero().squeeze(1)  # one host sync: the chunk loop needs the count
+        num_valid = rows.numel()
+        all_valid = num_valid == h.shape[0]
+    if num_valid:
+        out_of_range = (y < 0) | (y >= vocab)
+        if not all_valid:
+            out_of_range &= y != ignore_index
+        if bool(out_of_range.any()):
+            raise ValueError(f"targets must lie in [0, {vocab}) or equal ignore_index={ignore_index}")
+    denom = normaliser(num_tokens, num_valid)
     t2 = temperature**2 if scale_by_t2 else 1.0
 
     grad_on = torch.is_grad_enabled()
     need = (grad_on and student_hidden.requires_grad, grad_on and student_weight.requires_grad,
             grad_on and student_bias is not None and student_bias.requires_grad)
     opts = _Options(
-        divergence=divergence, with_kd=with_kd, same_t=float(temperature) == 1.0,
-        jsd_beta=float(jsd_beta), chunk_size=int(chunk_size), vocab_size=vocab, need_grad=need,
-        all_valid=num_valid == h.shape[0], use_compile=use_compile,
+        kd_chunk=entry.chunk, params=DivergenceParams(float(jsd_beta), float(skew_alpha)), with_kd=with_kd,
+        same_t=float(temperature) == 1.0, chunk_size=int(chunk_size), vocab_size=vocab, need_grad=need,
+        num_valid=num_valid, all_valid=all_valid, use_compile=use_compile,
         kd_coef=kd_weight * t2, ce_coef=1.0 - kd_weight, denom=denom,
     )
     # d total / dz_s = kd_weight * t2 / T * dD/ds / denom + (1 - kd_weight) / denom * dC/dz.
@@ -529,8 +466,9 @@ class FusedLinearDistillationLoss(torch.nn.Module):
     """
 
     def __init__(self, *, temperature: float = 2.0, kd_weight: float = 0.5, scale_by_t2: bool = True,
-                 divergence: Divergence = "forward_kl", ignore_index: int = IGNORE_INDEX,
-                 chunk_size: int = 1024, jsd_beta: float = 0.5, use_compile: bool | None = None):
+                 divergence: str = "forward_kl", ignore_index: int = IGNORE_INDEX,
+                 chunk_size: int = 1024, jsd_beta: float = 0.5, skew_alpha: float = 0.1,
+                 use_compile: bool | None = None):
         super().__init__()
         self.temperature = temperature
         self.kd_weight = kd_weight
@@ -539,6 +477,7 @@ class FusedLinearDistillationLoss(torch.nn.Module):
         self.ignore_index = ignore_index
         self.chunk_size = chunk_size
         self.jsd_beta = jsd_beta
+        self.skew_alpha = skew_alpha
         self.use_compile = use_compile
 
     def forward(self, student_hidden: Tensor, student_weight: Tensor, teacher_hidden: Tensor | None,
@@ -554,7 +493,7 @@ class FusedLinearDistillationLoss(torch.nn.Module):
             scale_by_t2=self.scale_by_t2, divergence=self.divergence, ignore_index=self.ignore_index,
             num_tokens=num_tokens, vocab_size=vocab_size, student_bias=student_bias,
             teacher_bias=teacher_bias, chunk_size=self.chunk_size, jsd_beta=self.jsd_beta,
-            use_compile=self.use_compile,
+            skew_alpha=self.skew_alpha, use_compile=self.use_compile,
         )
 
     def extra_repr(self) -> str:

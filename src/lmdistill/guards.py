@@ -1,11 +1,12 @@
 """Protection of the weights: non-finite checks, spike detection, in-memory rollback.
 
 The order of a guarded step is: forward and backward for every micro-batch, then
-compute the gradient norm, then *decide*, and only then call ``optimizer.step()``.
-A skipped step drops its gradients and leaves parameters and optimizer state
-bit-identical. The step counter, both schedules and the data cursor still advance
-past it (docs/stability.md), so a run with a skipped step stays aligned with the
-same run without the fault.
+compute the gradient norm, reduce the step's statistics across ranks in one collective,
+then ``Guard.decide``, and only then call ``optimizer.step()``. Every rank sees the same
+reduced numbers and so takes the same decision. A skipped step drops its gradients and
+leaves parameters and optimizer state bit-identical. The step counter, both schedules
+and the data cursor still advance past it (docs/stability.md), so a run with a skipped
+step stays aligned with the same run without the fault.
 """
 
 from __future__ import annotations
@@ -13,11 +14,11 @@ from __future__ import annotations
 import copy
 import math
 from collections import deque
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 
 import torch
 
-from .config import DebugConfig
+from .config import GuardConfig
 
 # The terms checked before every optimizer step, in the order they are reported.
 CHECKED_TERMS = ("teacher_logits", "kd", "ce", "loss", "grad")
@@ -36,7 +37,7 @@ class SpikeDetector:
 
     Median and median absolute deviation (MAD) instead of mean and std: one spike
     must not inflate the baseline that judges the next one. Both conditions must
-    hold: loss > median * factor (relative size, the seed's 17 -> 25 is 1.47x) and
+    hold: loss > median * factor (relative size; the original report's 17 -> 25 is 1.47x) and
     loss - median > mad_k * MAD (outside the normal noise of small batches).
     """
 
@@ -121,38 +122,6 @@ class GuardState:
     lr_scale: float = 1.0
 
 
-class FaultInjector:
-    """Debug faults from ``debug.inject`` and ``debug.loss_multiplier``; silent when empty."""
-
-    def __init__(self, cfg: DebugConfig, rank: int = 0):
-        self.faults: dict[tuple[int, str], float] = {}
-        for item in cfg.inject:
-            if item.get("rank", rank) == rank:
-                self.faults[(item["step"], item["where"])] = float(str(item.get("value", "nan")).lower())
-        self.loss_multiplier = {int(k): float(v) for k, v in cfg.loss_multiplier.items()}
-
-    @property
-    def active(self) -> bool:
-        return bool(self.faults or self.loss_multiplier)
-
-    def value(self, step: int, where: str) -> float | None:
-        return self.faults.get((step, where))
-
-    def poison(self, tensor: torch.Tensor, step: int, where: str) -> torch.Tensor:
-        """``tensor`` with its first element replaced by the injected value (a copy, graph kept)."""
-        value = self.value(step, where)
-        if value is None:
-            return tensor
-        out = tensor.clone()
-        out.view(-1)[0] = value
-        return out
-
-    def describe(self) -> str:
-        parts = [f"step {s}: {w}={v}" for (s, w), v in sorted(self.faults.items())]
-        parts += [f"step {s}: loss x{f}" for s, f in sorted(self.loss_multiplier.items())]
-        return "; ".join(parts)
-
-
 NONFINITE_ADVICE = {
     "teacher_logits": "the teacher itself produces non-finite logits: check the teacher's weights and dtype "
                       "(try model.teacher_dtype=float32)",
@@ -170,3 +139,104 @@ def stop_message(term: str, count: int) -> str:
     what = "loss spikes" if term == "spike" else f"non-finite {term}"
     return (f"stopped after {count} consecutive skipped steps: {what}; "
             f"{NONFINITE_ADVICE.get(term, 'lower train.lr')}. The last good checkpoint is kept")
+
+
+@dataclass
+class StepStats:
+    """One optimizer step's numbers as the guard sees them: summed over the step's
+    micro-batches (each already divided by the global token count) and reduced over ranks."""
+
+    loss: float
+    kd: float
+    kd_unscaled: float
+    ce: float
+    grad_norm: float
+    teacher_nonfinite: bool
+
+    def checked(self) -> dict[str, float]:
+        """The terms of CHECKED_TERMS; a broken teacher shows as a NaN of its own."""
+        return {"teacher_logits": math.nan if self.teacher_nonfinite else 0.0, "kd": self.kd, "ce": self.ce,
+                "loss": self.loss, "grad": self.grad_norm}
+
+
+@dataclass(frozen=True)
+class Decision:
+    """What to do with a step whose gradients are ready.
+
+    action: ``step`` (apply the update), ``skip`` (drop it) or ``rollback`` (drop it and
+    restore the newest known-good state). ``reason`` is what a skipped step's metrics line
+    says (``nonfinite:<term>`` or ``spike``); ``term`` names the culprit for a stop message;
+    ``spike_median`` is set whenever the loss was judged a spike, whatever the policy.
+    """
+
+    action: str
+    reason: str | None = None
+    term: str | None = None
+    spike_median: float | None = None
+
+    @property
+    def applies_update(self) -> bool:
+        return self.action == "step"
+
+
+class Guard:
+    """Decides, from a step's reduced statistics, whether its update may reach the weights.
+
+    Holds what must survive a checkpoint (counters, the spike detector's window) and, under
+    the ``rollback`` spike policy, the in-memory snapshots to go back to.
+    """
+
+    def __init__(self, cfg: GuardConfig):
+        self.cfg = cfg
+        self.state = GuardState()
+        self.detector = SpikeDetector(cfg.spike_window, cfg.spike_warmup, cfg.spike_factor, cfg.spike_mad)
+        self.snapshots = RollbackStore(cfg.rollback_keep, cfg.rollback_interval) if cfg.spike == "rollback" else None
+
+    def decide(self, stats: StepStats) -> Decision:
+        term = first_nonfinite(stats.checked()) if self.cfg.enabled else None
+        if term is not None:
+            return self._skipping(Decision("skip", f"nonfinite:{term}", term))
+        is_spike, median = self.detector.judge(stats.loss) if self.cfg.enabled else (False, math.nan)
+        if not is_spike:
+            self.detector.observe(stats.loss)
+            self.state.consecutive_skips = 0
+            return Decision("step")
+        if self.cfg.spike == "warn":
+            self.state.consecutive_skips = 0
+            return Decision("step", spike_median=median)
+        action = "rollback" if self.cfg.spike == "rollback" else "skip"
+        return self._skipping(Decision(action, "spike", "spike", median))
+
+    def _skipping(self, decision: Decision) -> Decision:
+        self.state.consecutive_skips += 1
+        self.state.total_skips += 1
+        return decision
+
+    def rollback(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> int | None:
+        """Restore the newest snapshot and lower the LR scale; its step, or None if there is none."""
+        to_step = self.snapshots.restore_latest(model, optimizer) if self.snapshots else None
+        if to_step is not None:
+            self.state.rollbacks += 1
+            self.state.lr_scale *= self.cfg.rollback_lr_factor
+        return to_step
+
+    def after_update(self, step: int, model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> None:
+        """Called once an update was applied: keep a known-good snapshot when one is due."""
+        if self.snapshots is not None:
+            self.snapshots.maybe_save(step, model, optimizer)
+
+    def stop_reason(self, decision: Decision) -> str | None:
+        """Why the run must stop after ``decision``, or None."""
+        if decision.action == "rollback" and self.state.rollbacks >= self.cfg.max_rollbacks:
+            return (f"stopped after {self.state.rollbacks} rollbacks (guard.max_rollbacks = "
+                    f"{self.cfg.max_rollbacks}): the loss keeps spiking; lower train.lr or check the data")
+        if self.state.consecutive_skips >= self.cfg.max_consecutive_skips:
+            return stop_message(decision.term or "loss", self.state.consecutive_skips)
+        return None
+
+    def state_dict(self) -> dict:
+        return {"guard": asdict(self.state), "spike_detector": self.detector.state_dict()}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.state = GuardState(**state["guard"])
+        self.detector.load_state_dict(state["spike_detector"])

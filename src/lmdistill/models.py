@@ -12,15 +12,15 @@ from __future__ import annotations
 
 import json
 import os
-import re
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
 from .errors import LmdistillError
+from .paths import is_hub_id
 
-_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$|^[A-Za-z0-9][\w.-]*$")
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
 def resolve_source(source: str, role: str) -> str:
@@ -36,8 +36,7 @@ def resolve_source(source: str, role: str) -> str:
                 f"{role} '{source}' is a directory without config.json; give a directory written by save_pretrained"
             )
         return str(path.resolve())
-    # A hub id is 'name' or 'org/name'; anything else can only have been meant as a path.
-    if source.startswith((".", "/", "~")) or not _HUB_ID.match(source):
+    if not is_hub_id(source):
         raise LmdistillError(f"{role} '{source}' does not exist; give a model directory or a hub id like 'Qwen/Qwen2.5-0.5B'")
     return source
 
@@ -202,3 +201,76 @@ class ModelInfo:
         return cls(name=name, architecture=(cfg.architectures or [type(model).__name__])[0],
                    params=num_params(model), num_layers=getattr(cfg, "num_hidden_layers", None),
                    hidden_size=getattr(cfg, "hidden_size", None), vocab_size=output_vocab_size(model))
+
+
+@dataclass
+class Models:
+    """The two models of a run, with the checks between them done."""
+
+    teacher: torch.nn.Module | None  # frozen; None for plain LM training without a teacher
+    student: torch.nn.Module
+    tokenizer: object
+    teacher_name: str | None
+    student_name: str
+
+
+def _has_tokenizer_files(source: str) -> bool:
+    path = Path(source)
+    if not path.is_dir():
+        return True  # a hub id: assume it ships a tokenizer; loading tells otherwise
+    return any((path / f).exists() for f in ("tokenizer.json", "tokenizer_config.json", "vocab.json",
+                                             "tokenizer.model"))
+
+
+def _teacher_dtype(cfg) -> torch.dtype:
+    dtype = cfg.model.teacher_dtype
+    if dtype == "auto":
+        dtype = "bfloat16" if torch.cuda.is_available() and cfg.run.device != "cpu" else "float32"
+    return DTYPES[dtype]
+
+
+def load_models(cfg, teacher=None, student=None, tokenizer=None) -> Models:
+    """Teacher (from ``model.teacher``), student (loaded, or built fresh from the teacher's
+    config) and the shared tokenizer, checked against each other; objects passed in are used as
+    they are. A teacher is loaded whenever one is named, also for plain LM training
+    (kd_weight 0): it shapes a fresh student and gives the held-out figures to compare with."""
+    teacher_name = student_name = None
+    if teacher is None and cfg.model.teacher is not None:
+        teacher_name = resolve_source(cfg.model.teacher, "model.teacher")
+        tokenizer = tokenizer or load_tokenizer(teacher_name, "teacher")
+        teacher = load_causal_lm(teacher_name, "teacher", _teacher_dtype(cfg), cfg.model.trust_remote_code)
+    elif teacher is not None:
+        teacher_name = cfg.model.teacher or type(teacher).__name__
+    if teacher is None and cfg.distill.kd_weight > 0:
+        raise LmdistillError("no teacher: set model.teacher (lmdistill.train and the command line use the embedded "
+                             "default teacher when it is empty)")
+    if student is None and cfg.model.student is not None:
+        student_name = resolve_source(cfg.model.student, "model.student")
+        student = load_causal_lm(student_name, "student", torch.float32, cfg.model.trust_remote_code)
+        if _has_tokenizer_files(student_name):
+            student_tok = load_tokenizer(student_name, "student")
+            if tokenizer is None:
+                tokenizer = student_tok
+            else:
+                check_same_tokenizer(tokenizer, student_tok, teacher_name, student_name)
+    elif student is None:
+        if teacher is None:
+            raise LmdistillError("no student to train: set model.student, or a teacher to build one from")
+        config = student_config_from_teacher(teacher.config, cfg.model.student_config)
+        student = build_fresh_student(config, cfg.run.seed)
+        overrides = cfg.model.student_config
+        student_name = ("fresh: " + ", ".join(f"{k}={v}" for k, v in overrides.items())) if overrides \
+            else "fresh: half of the teacher"
+    else:
+        student_name = cfg.model.student or type(student).__name__
+    if tokenizer is None:
+        raise LmdistillError("no tokenizer found: the student directory has none and there is no teacher")
+    vocab_size = len(tokenizer)
+    check_vocab_covers(student, vocab_size, "student", student_name)
+    if teacher is not None:
+        check_vocab_covers(teacher, vocab_size, "teacher", teacher_name)
+        freeze(teacher)
+    for model, role, name in ((student, "student", student_name), (teacher, "teacher", teacher_name)):
+        if model is not None:
+            check_context_length(model, cfg.data.block_size, role, name)
+    return Models(teacher, student, tokenizer, teacher_name, student_name)

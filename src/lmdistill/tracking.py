@@ -74,17 +74,23 @@ class MetricsLog:
             self._tb = None
 
 
-def read_metrics(path: Path) -> list[dict]:
-    """All complete lines of a metrics.jsonl; a last line cut by a kill is ignored."""
+def read_metrics(path: Path, bad_lines: list[int] | None = None) -> list[dict]:
+    """The JSON objects of a metrics.jsonl, in order. A line that does not parse (the last
+    one, cut short by a kill) is skipped; its 1-based number is appended to ``bad_lines``."""
     records = []
     if not path.exists():
         return records
-    for line in path.read_text(encoding="utf-8").splitlines():
-        line = line.strip()
-        if not line:
-            continue
-        try:
-            records.append(json.loads(line))
-        except json.JSONDecodeError:
-            continue
+    with open(path, encoding="utf-8", errors="replace") as f:
+        for lineno, line in enumerate(f, start=1):
+            line = line.strip()
+            if not line:
+                continue
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError:
+                record = None
+            if isinstance(record, dict):
+                records.append(record)
+            elif bad_lines is not None:
+                bad_lines.append(lineno)
     return records

@@ -1,19 +1,31 @@
 """The distillation loop, readable top to bottom.
 
-``train(cfg)`` loads the teacher and the student, packs the data, then runs: for each
-optimizer step, forward both models on every micro-batch, backward the student's
-loss (summed over tokens and divided once by the global number of target tokens),
-check loss terms and gradient norm, and only then step the optimizer. Device
-placement, mixed precision and multi-process runs go through accelerate.
+One optimizer step (``Trainer.train_step``)::
+
+    T, lr      = schedules(step)                      pure functions of the step
+    batches    = the step's micro-batches             the data cursor is one integer
+    num_tokens = valid targets, all micro-batches and ranks: the one normaliser
+    for batch in batches:
+        view   = signal(batch, T)                     the teacher's side (live model, cache, ...)
+        parts  = objective(student, batch, view, T, num_tokens)
+        backward(parts.total)
+    grad_norm  = clip(gradients)
+    stats      = reduce(loss terms, grad_norm)        one collective: every rank decides alike
+    decision   = guard.decide(stats)                  step, skip or roll back
+    apply(decision)                                   only now can the weights change
+
+``Trainer.train`` runs that step and, around it, what a run needs: logging, health checks,
+evaluation and checkpoints (``end_step``). Where the teacher's view comes from is the
+``signal`` (signals.py); what the loss computes is the ``objective`` (objective.py); the
+divergences are in divergences.py. Devices, mixed precision and data parallelism go through
+accelerate.
 """
 
 from __future__ import annotations
 
 import contextlib
-import json
 import math
-import os
-import shutil
+import statistics
 import time
 from dataclasses import asdict, dataclass, field
 from datetime import datetime, timezone
@@ -22,22 +34,25 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from .checkpoint import (capture_rng_state, directory_hash, find_latest_valid, load_checkpoint, restore_rng_state,
-                         save_checkpoint)
+from .batch import Batch
+from .checkpoint import capture_rng_state, directory_hash, find_latest_valid, load_checkpoint, restore_rng_state
+from .checkpoint import save_checkpoint
 from .config import Config
 from .data import BlockSampler, build_block_data
+from .devices import check_trackers_installed, flat_config, make_accelerator
 from .errors import LmdistillError, TrainingStopped
 from .evaluate import evaluate, format_ppl
-from .guards import FaultInjector, GuardState, RollbackStore, SpikeDetector, first_nonfinite, stop_message
-from .losses import distillation_loss
-from .models import (ModelInfo, build_fresh_student, check_context_length, check_same_tokenizer, check_vocab_covers,
-                     freeze,
-                     load_causal_lm, load_tokenizer, resolve_source, student_config_from_teacher)
+from .faults import FaultInjector
+from .guards import Decision, Guard, StepStats
+from .models import ModelInfo, load_models
 from .monitor import HealthMonitor, verdict_line
+from .objective import KDSpec, Objective
+from .rundir import RunDirectory
 from .schedules import lr_at, temperature_at
+from .signals import choose_loss_impl, make_signal
 from .tracking import MetricsLog
 
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+SPIKE_ACTIONS = {"warn": "kept", "skip": "step skipped", "rollback": "rolled back"}
 
 
 @dataclass
@@ -51,190 +66,40 @@ class RunResult:
     student_dir: Path | None = None
 
 
-# --------------------------------------------------------------------------- run directory
-def _utcnow() -> str:
-    return datetime.now(timezone.utc).isoformat(timespec="seconds")
+@dataclass
+class StepResult:
+    """What one optimizer step did, for logging and the progress bar."""
+
+    step: int
+    epoch: int
+    temperature: float
+    lr: float
+    stats: StepStats
+    decision: Decision
+    tokens_per_s: float
+
+    def record(self) -> dict:
+        """The step's line in metrics.jsonl."""
+        s = self.stats
+        line = {"step": self.step, "epoch": self.epoch, "temperature": self.temperature, "lr": self.lr,
+                "loss": s.loss, "kd_loss": s.kd, "kd_loss_unscaled": s.kd_unscaled, "ce_loss": s.ce,
+                "grad_norm": s.grad_norm, "tokens_per_s": self.tokens_per_s}
+        if not self.decision.applies_update:
+            line = {"step": self.step, "skipped": True, "reason": self.decision.reason,
+                    **{k: v for k, v in line.items() if k != "step"}}
+        return line
 
 
-def read_run_json(run_dir: Path) -> dict:
-    try:
-        return json.loads((run_dir / "run.json").read_text())
-    except (OSError, json.JSONDecodeError):
-        return {}
+@dataclass(frozen=True)
+class Plan:
+    """The run's numbers derived from the config and the data."""
 
-
-def write_json_atomic(path: Path, data: dict) -> None:
-    """Write to a temporary file beside ``path`` and rename: readers never see half a file."""
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(data, indent=2, default=str))
-    os.replace(tmp, path)
-
-
-def choose_run_dir(cfg: Config) -> Path:
-    """The run directory for ``cfg``, refusing to clobber an existing run unless asked."""
-    if cfg.run.output_dir is None:
-        stamp = datetime.now().strftime("%Y%m%d-%H%M%S")
-        base = Path("runs") / f"{cfg.run.name}-{stamp}"
-        path, n = base, 1
-        while path.exists():
-            n += 1
-            path = base.with_name(f"{base.name}-{n}")
-        return path
-    path = Path(cfg.run.output_dir).expanduser()
-    if path.exists() and not path.is_dir():
-        raise LmdistillError(f"output directory '{path}' is a file; choose another --output-dir")
-    if path.exists() and any(path.iterdir()) and not is_run_dir(path):
-        # --overwrite deletes the directory: only ever one that lmdistill wrote.
-        raise LmdistillError(
-            f"output directory '{path}' is not empty and is not an lmdistill run; choose another --output-dir"
-        )
-    if cfg.run.resume:
-        if read_run_json(path).get("status") == "finished":
-            raise LmdistillError(f"the run in '{path}' already finished; there is nothing to resume (its student is "
-                                 f"in {path / 'student'})")
-        return path  # a missing or empty directory simply starts from step 0
-    if path.exists() and any(path.iterdir()) and not cfg.run.overwrite:
-        status = read_run_json(path).get("status")
-        if status == "finished" or (path / "student").exists():
-            raise LmdistillError(
-                f"output directory '{path}' already holds a finished run; choose another --output-dir or pass "
-                "--overwrite to replace it"
-            )
-        raise LmdistillError(
-            f"output directory '{path}' holds an unfinished run (status: {status or 'unknown'}); pass --resume "
-            "to continue it from its newest checkpoint, --overwrite to start it over, or another --output-dir"
-        )
-    return path
-
-
-def is_run_dir(path: Path) -> bool:
-    """A directory lmdistill wrote (possibly killed before its first file was complete)."""
-    return any((path / name).exists() for name in ("run.json", "config.yaml", "metrics.jsonl", "checkpoints"))
-
-
-def create_run_dir(path: Path, cfg: Config) -> None:
-    if path.exists() and cfg.run.overwrite:
-        shutil.rmtree(path)
-    try:
-        path.mkdir(parents=True, exist_ok=True)
-        tmp = path / ".config.yaml.tmp"
-        tmp.write_text(cfg.to_run_yaml())
-        os.replace(tmp, path / "config.yaml")
-    except OSError as exc:
-        raise LmdistillError(f"cannot write the run directory '{path}': {exc.strerror}; choose a writable "
-                             "--output-dir") from None
-
-
-def save_student(model, tokenizer, run_dir: Path) -> Path:
-    """save_pretrained + tokenizer into RUN_DIR/student, atomically, refusing non-finite weights."""
-    for name, tensor in model.state_dict().items():
-        if tensor.is_floating_point() and not torch.isfinite(tensor).all():
-            raise LmdistillError(f"refusing to save the student: tensor '{name}' holds NaN or Inf; the previous "
-                                 "files are kept")
-    final = run_dir / "student"
-    tmp = run_dir / ".student.tmp"
-    if tmp.exists():
-        shutil.rmtree(tmp)
-    from transformers.utils import logging as hf_logging
-
-    hf_logging.disable_progress_bar()  # one tiny file does not need a "Writing model shards" bar
-    model.save_pretrained(tmp, safe_serialization=True)
-    tokenizer.save_pretrained(tmp)
-    if final.exists():
-        old = run_dir / ".student.old"
-        os.replace(final, old)
-        os.replace(tmp, final)
-        shutil.rmtree(old)
-    else:
-        os.replace(tmp, final)
-    return final
-
-
-# --------------------------------------------------------------------------- set-up helpers
-def make_accelerator(cfg: Config):
-    from accelerate import Accelerator
-
-    use_cpu = cfg.run.device == "cpu" or (cfg.run.device == "auto" and not torch.cuda.is_available())
-    if cfg.run.device == "cuda" and not torch.cuda.is_available():
-        raise LmdistillError("run.device = 'cuda' but no CUDA device is available; use run.device=auto or cpu")
-    precision = cfg.run.mixed_precision
-    if precision == "auto":
-        precision = "bf16" if (not use_cpu and torch.cuda.is_bf16_supported()) else "no"
-    # accelerate keeps one process-wide state; a second run in the same process (the default
-    # teacher's pretraining, then the distillation; tests) may want another precision.
-    # Reset it but keep the process group (PartialState) of a multi-process launch.
-    from accelerate.state import AcceleratorState, GradientState
-
-    if AcceleratorState._shared_state:
-        # A single process may also switch devices (the CPU-only default teacher, then a GPU run).
-        single_process = int(os.environ.get("WORLD_SIZE", "1")) == 1
-        AcceleratorState._reset_state(reset_partial_state=single_process)
-        GradientState._reset_state()
-    return Accelerator(cpu=use_cpu, mixed_precision=precision, log_with=cfg.run.trackers or None)
-
-
-def _has_tokenizer_files(source: str) -> bool:
-    path = Path(source)
-    if not path.is_dir():
-        return True  # a hub id: assume it ships a tokenizer; loading tells otherwise
-    return any((path / f).exists() for f in ("tokenizer.json", "tokenizer_config.json", "vocab.json",
-                                             "tokenizer.model"))
-
-
-def load_models(cfg: Config, teacher=None, student=None, tokenizer=None):
-    """(teacher or None, student, tokenizer, teacher_name, student_name) with all checks done."""
-    needs_teacher = cfg.distill.kd_weight > 0
-    teacher_name = student_name = None
-    if needs_teacher and teacher is None:
-        if cfg.model.teacher is None:
-            raise LmdistillError("no teacher: set model.teacher (or leave it empty to use the embedded default)")
-        teacher_name = resolve_source(cfg.model.teacher, "model.teacher")
-        tokenizer = tokenizer or load_tokenizer(teacher_name, "teacher")
-        dtype = cfg.model.teacher_dtype
-        if dtype == "auto":
-            dtype = "bfloat16" if torch.cuda.is_available() and cfg.run.device != "cpu" else "float32"
-        teacher = load_causal_lm(teacher_name, "teacher", DTYPES[dtype], cfg.model.trust_remote_code)
-    elif teacher is not None:
-        teacher_name = cfg.model.teacher or type(teacher).__name__
-    teacher_config = teacher.config if teacher is not None else None
-    if teacher is None and cfg.model.teacher is not None and cfg.model.student is None and student is None:
-        # Plain LM training (kd_weight 0) of a fresh student shaped after the teacher: its
-        # config and tokenizer are enough, its weights are not needed.
-        from transformers import AutoConfig
-
-        teacher_name = resolve_source(cfg.model.teacher, "model.teacher")
-        tokenizer = tokenizer or load_tokenizer(teacher_name, "teacher")
-        teacher_config = AutoConfig.from_pretrained(teacher_name, trust_remote_code=cfg.model.trust_remote_code)
-    if student is None:
-        if cfg.model.student is not None:
-            student_name = resolve_source(cfg.model.student, "model.student")
-            student = load_causal_lm(student_name, "student", torch.float32, cfg.model.trust_remote_code)
-            if _has_tokenizer_files(student_name):
-                student_tok = load_tokenizer(student_name, "student")
-                if tokenizer is None:
-                    tokenizer = student_tok
-                else:
-                    check_same_tokenizer(tokenizer, student_tok, teacher_name, student_name)
-        else:
-            if teacher_config is None:
-                raise LmdistillError("no student to train: set model.student, or a teacher to build one from")
-            config = student_config_from_teacher(teacher_config, cfg.model.student_config)
-            student = build_fresh_student(config, cfg.run.seed)
-            student_name = "fresh: " + ", ".join(f"{k}={v}" for k, v in (cfg.model.student_config or {}).items()) \
-                if cfg.model.student_config else "fresh: half of the teacher"
-    else:
-        student_name = cfg.model.student or type(student).__name__
-    if tokenizer is None:
-        raise LmdistillError("no tokenizer found: the student directory has none and there is no teacher")
-    vocab_size = len(tokenizer)
-    check_vocab_covers(student, vocab_size, "student", student_name)
-    if teacher is not None:
-        check_vocab_covers(teacher, vocab_size, "teacher", teacher_name)
-        freeze(teacher)
-    for model, role, name in ((student, "student", student_name), (teacher, "teacher", teacher_name)):
-        if model is not None:
-            check_context_length(model, cfg.data.block_size, role, name)
-    return teacher, student, tokenizer, teacher_name, student_name
+    total_steps: int
+    steps_per_epoch: int
+    warmup_steps: int
+    eval_every: int
+    eval_batch_size: int
+    loss_impl: str
 
 
 def make_optimizer(model, cfg: Config):
@@ -248,363 +113,400 @@ def make_optimizer(model, cfg: Config):
     return torch.optim.AdamW(groups, lr=cfg.train.lr, betas=tuple(cfg.train.betas))
 
 
-# --------------------------------------------------------------------------- the loop
 def train(cfg: Config, *, teacher=None, student=None, tokenizer=None, progress: bool = True,
           print_summary: bool = True) -> RunResult:
-    """Run one distillation (or, with kd_weight 0, plain LM training) as ``cfg`` says."""
-    cfg.validate()
-    _check_trackers_installed(cfg)
-    run_dir = choose_run_dir(cfg)  # refuse early, before minutes of loading
-    if cfg.distill.kd_weight > 0 and teacher is None and cfg.model.teacher is None:
-        # Before this run's accelerator exists: pretraining the default teacher is a run of its own.
-        from .default import ensure_default_teacher
+    """Run one distillation (or, with kd_weight 0, plain LM training) as ``cfg`` says.
 
-        cfg.model.teacher = str(ensure_default_teacher(progress=progress))
-    started = time.perf_counter()
-    accelerator = make_accelerator(cfg)
-    from accelerate.utils import set_seed
-
-    set_seed(cfg.run.seed)
-    is_main = accelerator.is_main_process
-    if "FSDP" in str(accelerator.distributed_type) or "DEEPSPEED" in str(accelerator.distributed_type):
-        raise LmdistillError(f"{accelerator.distributed_type} is not supported yet: launch with a DDP accelerate "
-                             "config (docs/distributed.md)")
-
-    teacher, student, tokenizer, teacher_name, student_name = load_models(cfg, teacher, student, tokenizer)
-    vocab_size = len(tokenizer)
-    data = build_block_data(cfg.data, tokenizer)
-
-    world = accelerator.num_processes
-    sampler = BlockSampler(len(data.train), cfg.train.batch_size, cfg.run.seed, accelerator.process_index, world)
-    steps_per_epoch = sampler.micro_batches_per_epoch // cfg.train.grad_accum
-    if steps_per_epoch == 0:
-        need = cfg.train.batch_size * cfg.train.grad_accum * world
-        raise LmdistillError(
-            f"one optimizer step needs {need} blocks (batch_size x grad_accum x processes) but there are only "
-            f"{len(data.train)} training blocks; lower train.batch_size or add data"
-        )
-    total_steps = cfg.train.max_steps or cfg.train.epochs * steps_per_epoch
-    warmup = cfg.train.warmup_steps if cfg.train.warmup_steps is not None else int(0.05 * total_steps)
-    eval_every = cfg.train.eval_every or max(1, total_steps // 10)
-    # Eval builds full logits (no gradients): keep a batch's logits under the same size budget.
-    eval_batch_size = max(1, min(max(cfg.train.batch_size, 8), int(cfg.loss.auto_threshold_mib * 2**20 // (
-        cfg.data.block_size * len(tokenizer) * 4 * 2))))
-    loss_impl = choose_loss_impl(cfg, cfg.train.batch_size * (cfg.data.block_size - 1), len(tokenizer), student,
-                                 teacher)
-
-    optimizer = make_optimizer(student, cfg)
-    student, optimizer = accelerator.prepare(student, optimizer)
-    student.train()
-    device = accelerator.device
-    if teacher is not None:
-        teacher.to(device)
-    raw_student = accelerator.unwrap_model(student)
-    teacher_before = _fingerprint(teacher) if teacher is not None else None
-
-    teacher_ref: dict | None = None  # path + content hash, computed on first use (hashing reads every file)
-
-    def teacher_reference() -> dict | None:
-        nonlocal teacher_ref
-        if teacher_ref is None and teacher is not None:
-            teacher_ref = _teacher_reference(cfg.model.teacher)
-        return teacher_ref
-
-    resume_from = None
-    if cfg.run.resume:
-        resume_from, warnings = find_latest_valid(run_dir / "checkpoints")
-        for warning in warnings if is_main else []:
-            print(f"warning: {warning}")
-    if is_main:
-        if resume_from is None:
-            if cfg.run.resume:  # the attempt died before its first checkpoint: redo it from step 0
-                _trim_metrics(run_dir / "metrics.jsonl", 0)
-            create_run_dir(run_dir, cfg)
-            tokenizer.save_pretrained(run_dir / "tokenizer")  # once per run; checkpoints + this = a model
-        else:
-            _check_resume_compatible(run_dir, resume_from, cfg, teacher_reference())
-    accelerator.wait_for_everyone()
-    start_step, micro, initial = 0, 0, None
-    state: dict = {}
-    if resume_from is not None:
-        ckpt = load_checkpoint(resume_from)
-        try:
-            raw_student.load_state_dict(ckpt.model_state)
-        except RuntimeError as exc:
-            raise LmdistillError(f"{resume_from} does not fit this student ({str(exc).splitlines()[0][:160]}); resume "
-                                 "with the run's own model settings") from None
-        optimizer.load_state_dict(ckpt.optimizer_state)
-        if ckpt.rng_state is not None:
-            restore_rng_state(ckpt.rng_state)
-        state = ckpt.trainer_state
-        if state.get("processes", 1) != world:
-            raise LmdistillError(
-                f"{resume_from} was written by a run with {state.get('processes', 1)} processes, this one has {world}; "
-                "the data order depends on the process count: resume with the same number of processes"
-            )
-        start_step, micro, initial = state["step"], state["micro_batches"], state["initial_eval"]
-        if is_main:
-            _trim_metrics(run_dir / "metrics.jsonl", start_step)
-            print(f"Resuming {run_dir} from {resume_from.name} (step {start_step} of {total_steps})")
-    if cfg.run.trackers:
-        accelerator.init_trackers(cfg.run.name, config=_flat_config(cfg))
-    log = MetricsLog(run_dir, enabled=is_main, accelerator=accelerator if cfg.run.trackers else None)
-    run_info = {
-        "status": "running", "started_at": _utcnow(), "command": "train",
-        "teacher": asdict(ModelInfo.of(teacher, teacher_name)) if teacher is not None else None,
-        "student": asdict(ModelInfo.of(raw_student, student_name)),
-        "data": data.describe(),
-        "plan": {"total_steps": total_steps, "steps_per_epoch": steps_per_epoch, "warmup_steps": warmup,
-                 "eval_every": eval_every, "loss_impl": loss_impl,
-                 "processes": world, "device": str(device), "mixed_precision": accelerator.mixed_precision,
-                 "vocab_size": vocab_size},
-    }
-    if resume_from is not None:
-        run_info["resumed_from_step"] = start_step
-    if is_main:
-        write_json_atomic(run_dir / "run.json", run_info)
-
-    monitor = HealthMonitor(cfg.health, total_steps)
-    detector = SpikeDetector(cfg.guard.spike_window, cfg.guard.spike_warmup, cfg.guard.spike_factor, cfg.guard.spike_mad)
-    guard = GuardState()
-    if state:
-        guard = GuardState(**state["guard"])
-        detector.load_state_dict(state["spike_detector"])
-        monitor.load_state_dict(state["health"])
-    rollback = RollbackStore(cfg.guard.rollback_keep, cfg.guard.rollback_interval) if cfg.guard.spike == "rollback" else None
-    injector = FaultInjector(cfg.debug, accelerator.process_index)
-    say = tqdm.write if progress else print
-
-    def announce(step: int, fired: list[tuple[str, str]]) -> None:
-        for check, message in fired:
-            if is_main:
-                say(f"[health:{check}] {message}")
-            log.write({"step": step, "health": check, "message": message})
-
-    if injector.active and is_main:
-        say(f"WARNING: fault injection is ON (debug section): {injector.describe()}")
-
-    def run_eval(step: int, temperature: float, desc: str) -> dict:
-        shard = data.eval[accelerator.process_index :: world]
-        result = evaluate(
-            raw_student, teacher, shard, vocab_size=vocab_size, temperature=temperature,
-            scale_by_t2=cfg.distill.scale_by_t2, divergence=cfg.distill.divergence,
-            batch_size=eval_batch_size, device=device, autocast=accelerator.autocast,
-            reduce=lambda t: accelerator.reduce(t.to(device), "sum").cpu(), teacher_cache=teacher_cache,
-            desc=desc, progress=progress and is_main,
-        )
-        log.write({"step": step, **result})
-        announce(step, monitor.on_eval(step, result["eval_ppl"]))
-        return result
-
-    teacher_cache: dict = {}
-    t_start = temperature_at(0, total_steps, cfg.distill.temperature, cfg.distill.min_temperature,
-                             cfg.distill.temperature_schedule)
-    if initial is None:
-        initial = run_eval(0, t_start, "eval (before)")
-
-    def checkpoint(done: int) -> None:
-        if is_main:
-            trainer_state = {
-                "step": done, "micro_batches": micro, "epoch": sampler.epoch_of(max(micro - 1, 0)),
-                "total_steps": total_steps, "processes": world, "initial_eval": initial, "guard": asdict(guard),
-                "spike_detector": detector.state_dict(), "health": monitor.state_dict(),
-                "teacher": teacher_reference(),
-            }
-            save_checkpoint(run_dir / "checkpoints", done, model_state=raw_student.state_dict(),
-                            optimizer_state=optimizer.state_dict(), trainer_state=trainer_state,
-                            rng_state=capture_rng_state(), keep=cfg.checkpoint.keep,
-                            extra_files={"config.yaml": cfg.to_run_yaml().encode(),
-                                         "student_config.json": raw_student.config.to_json_string().encode()})
-        accelerator.wait_for_everyone()
-
-    status, step = "running", start_step
-    bar = tqdm(total=total_steps, initial=start_step, desc="distill" if teacher is not None else "train", unit="step",
-               disable=not (progress and is_main), dynamic_ncols=True)
-    try:
-        for step in range(start_step, total_steps):
-            t0 = time.perf_counter()
-            temperature = temperature_at(step, total_steps, cfg.distill.temperature, cfg.distill.min_temperature,
-                                         cfg.distill.temperature_schedule)
-            lr = lr_at(step, total_steps, cfg.train.lr, warmup, cfg.train.lr_schedule, cfg.train.min_lr_ratio)
-            lr *= guard.lr_scale
-            for group in optimizer.param_groups:
-                group["lr"] = lr
-            batches = [data.train[sampler.indices(micro + i)] for i in range(cfg.train.grad_accum)]
-            micro += cfg.train.grad_accum
-            epoch = sampler.epoch_of(micro - 1)
-
-            # The one normaliser for every term: valid targets across micro-batches and ranks.
-            local_tokens = sum(b[:, 1:].numel() for b in batches)
-            num_tokens = accelerator.reduce(torch.tensor(float(local_tokens), device=device), "sum").item()
-            # stats: loss, kd, kd_unscaled, ce, teacher_bad -- summed over micro-batches, already / num_tokens
-            stats = torch.zeros(5, device=device, dtype=torch.float64)
-            for i, ids in enumerate(batches):
-                ids = ids.to(device)
-                last = i == len(batches) - 1
-                with contextlib.nullcontext() if last else accelerator.no_sync(student):
-                    with accelerator.autocast():
-                        parts, teacher_bad = _micro_batch_loss(
-                            ids, student, teacher, vocab_size, temperature, cfg, num_tokens, injector, step,
-                            loss_impl, raw_student)
-                    # DDP averages gradients over ranks; our loss is already a global mean.
-                    loss = parts.total * world
-                    if step in injector.loss_multiplier:
-                        loss = loss * injector.loss_multiplier[step]
-                    if i == 0:
-                        loss = injector.poison(loss, step, "loss")
-                    accelerator.backward(loss)
-                stats += torch.stack([loss.detach().double() / world, parts.kd.double(), parts.kd_unscaled.double(),
-                                      parts.ce.double(), teacher_bad.double()])
-            if injector.value(step, "grad") is not None:
-                first = next(p for p in raw_student.parameters() if p.grad is not None)
-                first.grad.view(-1)[0] = injector.value(step, "grad")
-            max_norm = cfg.train.max_grad_norm if cfg.train.max_grad_norm is not None else math.inf
-            grad_norm = accelerator.clip_grad_norm_(student.parameters(), max_norm)
-            # One reduction, one sync: every rank sees the same numbers and so decides the same.
-            stats = accelerator.reduce(torch.cat([stats, grad_norm.detach().double().view(1)]), "sum")
-            loss_v, kd_v, kd_u_v, ce_v, teacher_bad_v, grad_sum = stats.tolist()
-            values = {"loss": loss_v, "kd": kd_v, "ce": ce_v, "grad": grad_sum / world,
-                      "teacher_logits": math.nan if teacher_bad_v > 0 else 0.0}
-            record = {"step": step, "epoch": epoch, "temperature": temperature, "lr": lr, "loss": loss_v,
-                      "kd_loss": kd_v, "kd_loss_unscaled": kd_u_v, "ce_loss": ce_v, "grad_norm": grad_sum / world}
-
-            skip_reason = None
-            bad = first_nonfinite(values) if cfg.guard.enabled else None
-            if bad is not None:
-                skip_reason = f"nonfinite:{bad}"
-                guard.consecutive_skips += 1
-                guard.total_skips += 1
-                announce(step, monitor.on_nonfinite(step, bad))
-            else:
-                is_spike, median = detector.judge(loss_v) if cfg.guard.enabled else (False, math.nan)
-                if is_spike:
-                    action = {"warn": "kept", "skip": "step skipped", "rollback": "rolled back"}[cfg.guard.spike]
-                    announce(step, monitor.on_spike(step, loss_v, median, action))
-                    if cfg.guard.spike == "skip":
-                        skip_reason = "spike"
-                    elif cfg.guard.spike == "rollback":
-                        skip_reason = "spike"
-                        to_step = rollback.restore_latest(raw_student, optimizer) if rollback else None
-                        if to_step is not None:
-                            guard.rollbacks += 1
-                            guard.lr_scale *= cfg.guard.rollback_lr_factor
-                            log.write({"step": step, "event": "rollback", "to_step": to_step,
-                                       "lr_scale": guard.lr_scale,
-                                       "message": f"restored the state of step {to_step}; LR x{guard.lr_scale:g}"})
-                            if is_main:
-                                say(f"[guard] rolled back to the state of step {to_step} (LR scale {guard.lr_scale:g})")
-                            if guard.rollbacks >= cfg.guard.max_rollbacks:
-                                raise TrainingStopped(
-                                    f"stopped after {guard.rollbacks} rollbacks (guard.max_rollbacks = "
-                                    f"{cfg.guard.max_rollbacks}): the loss keeps spiking; lower train.lr or check "
-                                    "the data")
-                else:
-                    detector.observe(loss_v)
-            if skip_reason == "spike":
-                bad = "spike"
-                guard.consecutive_skips += 1
-                guard.total_skips += 1
-            if skip_reason is None:
-                guard.consecutive_skips = 0
-                optimizer.step()
-            elif accelerator.scaler is not None:
-                # fp16: clip_grad_norm_ already unscaled the gradients; the scaler must close this
-                # step (and lower its scale after an overflow) or the next unscale_ fails.
-                accelerator.scaler.update()
-            optimizer.zero_grad(set_to_none=True)
-            if skip_reason is None and rollback is not None:
-                rollback.maybe_save(step + 1, raw_student, optimizer)
-
-            elapsed = time.perf_counter() - t0
-            record["tokens_per_s"] = sum(b.numel() for b in batches) * world / elapsed
-            if skip_reason is not None:
-                log.write({"step": step, "skipped": True, "reason": skip_reason, **{k: v for k, v in record.items()
-                                                                                     if k != "step"}})
-                if guard.consecutive_skips >= cfg.guard.max_consecutive_skips:
-                    raise TrainingStopped(stop_message(bad, guard.consecutive_skips))
-            else:
-                announce(step, monitor.on_train_loss(step, loss_v))
-                if step % cfg.train.log_every == 0 or step == total_steps - 1:
-                    log.write(record)
-            bar.set_description(f"{'distill' if teacher is not None else 'train'} ep {epoch}", refresh=False)
-            postfix = {"loss": f"{loss_v:.3f}", "T": f"{temperature:.2f}", "tok/s": f"{record['tokens_per_s']:.0f}"}
-            if teacher is None:
-                del postfix["T"]  # plain LM training: no temperature in play
-            bar.set_postfix(postfix, refresh=False)
-            bar.update(1)
-            done = step + 1
-            if done % eval_every == 0 and done < total_steps:
-                run_eval(done, temperature, f"eval (step {done})")
-            if (cfg.checkpoint.every and done % cfg.checkpoint.every == 0) or done == total_steps:
-                checkpoint(done)
-            if cfg.debug.exit_after_step == done:
-                os._exit(137)  # the drill: no finally blocks, no flushes beyond what is already on disk
-        status = "finished"
-    except TrainingStopped as exc:
-        status = "stopped"
-        run_info["exit_reason"] = str(exc)
-        raise
-    except KeyboardInterrupt:
-        status = "interrupted"
-        run_info["exit_reason"] = "interrupted by the user (Ctrl-C)"
-        raise
-    except BaseException as exc:
-        status = "failed"
-        run_info["exit_reason"] = f"{type(exc).__name__}: {exc}"
-        raise
-    finally:
-        bar.close()
-        if status not in ("running", "finished"):  # stopped early: leave a readable record of it
-            run_info["status"] = status
-            _finish(run_info, run_dir, monitor, log, is_main, started, step)
-
-    # ---------------------------------------------------------------- the end of a finished run
-    final_t = temperature_at(total_steps, total_steps, cfg.distill.temperature, cfg.distill.min_temperature,
-                             cfg.distill.temperature_schedule)
-    final = run_eval(total_steps, final_t, "eval (final)")
-    student_dir = None
-    if is_main:
-        student_dir = save_student(accelerator.unwrap_model(student), tokenizer, run_dir)
-    if teacher is not None and _fingerprint(teacher) != teacher_before:
-        raise AssertionError("the teacher's weights changed during training")  # our invariant, not user error
-    run_info.update(status="finished", initial=_eval_summary(initial), final={**_eval_summary(final),
-                    "steps": total_steps, "skipped_steps": guard.total_skips, "rollbacks": guard.rollbacks,
-                    "tokens_per_s": _median_tokens_per_s(run_dir) if is_main else None})
-    health = _finish(run_info, run_dir, monitor, log, is_main, started, total_steps)
-    result = RunResult(run_dir=run_dir, status="finished", steps=total_steps, initial=initial, final=final,
-                       health=health, student_dir=student_dir)
-    if is_main and print_summary:
+    ``model.teacher`` must name the teacher (``lmdistill.train`` and the CLI fill in the
+    embedded default first). ``teacher``, ``student`` and ``tokenizer`` objects, when given,
+    are used instead of loading them.
+    """
+    trainer = Trainer(cfg, teacher=teacher, student=student, tokenizer=tokenizer, progress=progress)
+    result = trainer.train()
+    if trainer.is_main and print_summary:
         print(summary_table(result))
     return result
 
 
-def _check_trackers_installed(cfg: Config) -> None:
-    import importlib.util
-
-    from .config import TRACKERS
-
-    for tracker in cfg.run.trackers:
-        if importlib.util.find_spec(TRACKERS[tracker]) is None:
-            raise LmdistillError(f"run.trackers asks for {tracker!r} but the package '{TRACKERS[tracker]}' is not "
-                                 f"installed; pip install {TRACKERS[tracker]}, or remove it from run.trackers")
+def preflight(cfg: Config) -> RunDirectory:
+    """Every check that needs no model or data: the config, the trackers, the output directory.
+    Done first, so that a typo costs seconds, not a model load (or the default teacher's build)."""
+    cfg.validate()
+    check_trackers_installed(cfg)
+    return RunDirectory.for_config(cfg)
 
 
-def _flat_config(cfg: Config) -> dict:
-    """section.key -> value with lists and mappings as text: what trackers accept as hyperparameters."""
-    return {f"{section}.{key}": value if isinstance(value, (int, float, str, bool)) or value is None else str(value)
-            for section, values in cfg.to_dict().items() for key, value in values.items()}
+class Trainer:
+    def __init__(self, cfg: Config, *, teacher=None, student=None, tokenizer=None, progress: bool = True):
+        self.run = preflight(cfg)
+        self.cfg, self.progress = cfg, progress
+        self.started = time.perf_counter()
+        self.accelerator = make_accelerator(cfg)
+        from accelerate.utils import set_seed
+
+        set_seed(cfg.run.seed)
+        self.is_main, self.world = self.accelerator.is_main_process, self.accelerator.num_processes
+        self.device = self.accelerator.device
+        self._setup_models(load_models(cfg, teacher, student, tokenizer))
+        self._setup_resume()
+        self._setup_logging()
+        faults = FaultInjector(cfg.debug, self.accelerator.process_index)
+        faults.install(self)
+        if faults.active and self.is_main:
+            self.say(f"WARNING: fault injection is ON (debug section): {faults.describe()}")
+
+    # ------------------------------------------------------------------ set-up
+    def _setup_models(self, models) -> None:
+        cfg = self.cfg
+        self.models, self.tokenizer, self.vocab_size = models, models.tokenizer, len(models.tokenizer)
+        self.data = build_block_data(cfg.data, self.tokenizer)
+        self.sampler = BlockSampler(len(self.data.train), cfg.train.batch_size, cfg.run.seed,
+                                    self.accelerator.process_index, self.world)
+        self.plan = self._make_plan(models)
+        self.teacher = models.teacher
+        kd_teacher = self.teacher if cfg.distill.kd_weight > 0 else None
+        self.signal = make_signal(self.plan.loss_impl, kd_teacher, self.vocab_size)
+        optimizer = make_optimizer(models.student, cfg)
+        self.student, self.optimizer = self.accelerator.prepare(models.student, optimizer)
+        self.student.train()
+        if self.teacher is not None:
+            self.teacher.to(self.device)
+        self.raw_student = self.accelerator.unwrap_model(self.student)
+        d = cfg.distill
+        self.objective = Objective(KDSpec(d.kd_weight, d.divergence, d.scale_by_t2, d.jsd_beta, d.skew_alpha),
+                                   self.vocab_size, self.signal.student_output,
+                                   self.raw_student.get_output_embeddings(), cfg.loss.chunk_size)
+        self.teacher_before = _fingerprint(self.teacher) if self.teacher is not None else None
+        self._teacher_ref: dict | None = None
+
+    def _make_plan(self, models) -> Plan:
+        cfg, train_cfg = self.cfg, self.cfg.train
+        steps_per_epoch = self.sampler.micro_batches_per_epoch // train_cfg.grad_accum
+        if steps_per_epoch == 0:
+            need = train_cfg.batch_size * train_cfg.grad_accum * self.world
+            raise LmdistillError(
+                f"one optimizer step needs {need} blocks (batch_size x grad_accum x processes) but there are only "
+                f"{len(self.data.train)} training blocks; lower train.batch_size or add data")
+        total = train_cfg.max_steps or train_cfg.epochs * steps_per_epoch
+        warmup = train_cfg.warmup_steps if train_cfg.warmup_steps is not None else int(0.05 * total)
+        # Eval builds full logits (no gradients): keep a batch's logits under the same size budget.
+        eval_batch = max(1, min(max(train_cfg.batch_size, 8), int(cfg.loss.auto_threshold_mib * 2**20 // (
+            cfg.data.block_size * self.vocab_size * 4 * 2))))
+        from .divergences import get
+
+        kd_teacher = models.teacher if cfg.distill.kd_weight > 0 else None
+        try:
+            impl = choose_loss_impl(cfg.loss.impl, get(cfg.distill.divergence),
+                                    train_cfg.batch_size * (cfg.data.block_size - 1), self.vocab_size,
+                                    models.student, kd_teacher, cfg.loss.auto_threshold_mib)
+        except ValueError as exc:
+            raise LmdistillError(str(exc)) from None
+        return Plan(total, steps_per_epoch, warmup, train_cfg.eval_every or max(1, total // 10), eval_batch, impl)
+
+    def _setup_resume(self) -> None:
+        """Continue from the newest valid checkpoint (``--resume``), or start the run directory."""
+        cfg, run = self.cfg, self.run
+        self.start_step, self.micro, self.initial, state = 0, 0, None, {}
+        resume_from = None
+        if cfg.run.resume:
+            resume_from, warnings = find_latest_valid(run.checkpoints)
+            for warning in warnings if self.is_main else []:
+                print(f"warning: {warning}")
+        if self.is_main:
+            if resume_from is None:
+                if cfg.run.resume:  # the attempt died before its first checkpoint: redo it from step 0
+                    run.trim_metrics(0)
+                run.create(cfg)
+                self.tokenizer.save_pretrained(run.path / "tokenizer")  # once per run; checkpoints + this = a model
+            else:
+                _check_resume_compatible(run.path, resume_from, cfg, self.teacher_reference())
+        self.accelerator.wait_for_everyone()
+        self.guard = Guard(cfg.guard)
+        self.monitor = HealthMonitor(cfg.health, self.plan.total_steps)
+        if resume_from is not None:
+            state = self._load_checkpoint(resume_from)
+            self.start_step, self.micro, self.initial = state["step"], state["micro_batches"], state["initial_eval"]
+            self.guard.load_state_dict(state)
+            self.monitor.load_state_dict(state["health"])
+            if self.is_main:
+                run.trim_metrics(self.start_step)
+                print(f"Resuming {run.path} from {resume_from.name} (step {self.start_step} of "
+                      f"{self.plan.total_steps})")
+        self.resumed_from = resume_from
+
+    def _load_checkpoint(self, path: Path) -> dict:
+        ckpt = load_checkpoint(path)
+        try:
+            self.raw_student.load_state_dict(ckpt.model_state)
+        except RuntimeError as exc:
+            raise LmdistillError(f"{path} does not fit this student ({str(exc).splitlines()[0][:160]}); resume "
+                                 "with the run's own model settings") from None
+        self.optimizer.load_state_dict(ckpt.optimizer_state)
+        if ckpt.rng_state is not None:
+            restore_rng_state(ckpt.rng_state)
+        state = ckpt.trainer_state
+        if state.get("processes", 1) != self.world:
+            raise LmdistillError(
+                f"{path} was written by a run with {state.get('processes', 1)} processes, this one has "
+                f"{self.world}; the data order depends on the process count: resume with the same number of "
+                "processes")
+        return state
+
+    def _setup_logging(self) -> None:
+        cfg, models = self.cfg, self.models
+        if cfg.run.trackers:
+            self.accelerator.init_trackers(cfg.run.name, config=flat_config(cfg))
+        self.log = MetricsLog(self.run.path, enabled=self.is_main,
+                              accelerator=self.accelerator if cfg.run.trackers else None)
+        self.say = tqdm.write if self.progress else print
+        self.rates: list[float] = []  # tokens/s of every applied step this process ran
+        self.teacher_cache: dict = {}
+        self.run_info = {
+            "status": "running", "started_at": _utcnow(), "command": "train",
+            "teacher": asdict(ModelInfo.of(self.teacher, models.teacher_name)) if self.teacher is not None else None,
+            "student": asdict(ModelInfo.of(self.raw_student, models.student_name)),
+            "data": self.data.describe(),
+            "plan": {"total_steps": self.plan.total_steps, "steps_per_epoch": self.plan.steps_per_epoch,
+                     "warmup_steps": self.plan.warmup_steps, "eval_every": self.plan.eval_every,
+                     "loss_impl": self.plan.loss_impl, "processes": self.world, "device": str(self.device),
+                     "mixed_precision": self.accelerator.mixed_precision, "vocab_size": self.vocab_size},
+        }
+        if self.resumed_from is not None:
+            self.run_info["resumed_from_step"] = self.start_step
+        if self.is_main:
+            self.run.write_json("run.json", self.run_info)
+
+    # ------------------------------------------------------------------ the run
+    def train(self) -> RunResult:
+        total, status, step = self.plan.total_steps, "running", self.start_step
+        if self.initial is None:
+            self.initial = self.evaluate(0, self.temperature_at(0), "eval (before)")
+        self.bar = tqdm(total=total, initial=self.start_step, desc=self._phase(), unit="step",
+                        disable=not (self.progress and self.is_main), dynamic_ncols=True)
+        try:
+            for step in range(self.start_step, total):
+                self.end_step(self.train_step(step))
+            status = "finished"
+        except TrainingStopped as exc:
+            status, self.run_info["exit_reason"] = "stopped", str(exc)
+            raise
+        except KeyboardInterrupt:
+            status, self.run_info["exit_reason"] = "interrupted", "interrupted by the user (Ctrl-C)"
+            raise
+        except BaseException as exc:
+            status, self.run_info["exit_reason"] = "failed", f"{type(exc).__name__}: {exc}"
+            raise
+        finally:
+            self.bar.close()
+            if status != "finished":  # stopped early: leave a readable record of it
+                self.run_info["status"] = status
+                self._finish(step)
+        return self._finish_run()
+
+    def train_step(self, step: int) -> StepResult:
+        t0 = time.perf_counter()
+        temperature = self.temperature_at(step)
+        lr = self._set_lr(step)
+        batches = [self.signal.prepare(b) for b in self._next_batches()]
+        num_tokens = self._count_targets(batches)
+        sums = torch.zeros(5, device=self.device, dtype=torch.float64)  # loss, kd, kd_unscaled, ce, teacher_bad
+        for i, batch in enumerate(batches):
+            batch = batch.to(self.device)
+            last = i == len(batches) - 1
+            with contextlib.nullcontext() if last else self.accelerator.no_sync(self.student):
+                with self.accelerator.autocast():
+                    view = self.signal(batch, temperature)
+                    parts = self.objective(self.student, batch, view, temperature, num_tokens)
+                # DDP averages gradients over ranks; our loss is already a global mean.
+                self.accelerator.backward(parts.total * self.world)
+            bad = view.nonfinite.double() if view is not None else sums.new_zeros(())
+            sums += torch.stack([parts.total.detach().double(), parts.kd.double(), parts.kd_unscaled.double(),
+                                 parts.ce.double(), bad])
+        stats = self._reduce(sums, self.clip_gradients())
+        decision = self.guard.decide(stats)
+        self._apply(step, decision, stats)
+        epoch = self.sampler.epoch_of(self.micro - 1)
+        tokens = sum(b.input_ids.numel() for b in batches) * self.world
+        return StepResult(step, epoch, temperature, lr, stats, decision, tokens / (time.perf_counter() - t0))
+
+    def temperature_at(self, step: int) -> float:
+        d = self.cfg.distill
+        return temperature_at(step, self.plan.total_steps, d.temperature, d.min_temperature, d.temperature_schedule)
+
+    def _set_lr(self, step: int) -> float:
+        t = self.cfg.train
+        lr = lr_at(step, self.plan.total_steps, t.lr, self.plan.warmup_steps, t.lr_schedule, t.min_lr_ratio)
+        lr *= self.guard.state.lr_scale
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+        return lr
+
+    def _next_batches(self) -> list[Batch]:
+        """The step's micro-batches; advances the data cursor (micro-batches consumed)."""
+        accum = self.cfg.train.grad_accum
+        blocks = [self.data.train[self.sampler.indices(self.micro + i)] for i in range(accum)]
+        self.micro += accum
+        return [Batch.from_blocks(b) for b in blocks]
+
+    def _count_targets(self, batches: list[Batch]) -> float:
+        """Valid targets across the step's micro-batches and all ranks: the normaliser of every term."""
+        local = float(sum(b.num_targets for b in batches))
+        if self.world == 1:
+            return local  # counted on the host: no device round trip
+        return self.accelerator.reduce(torch.tensor(local, device=self.device), "sum").item()
+
+    def clip_gradients(self) -> torch.Tensor:
+        max_norm = self.cfg.train.max_grad_norm if self.cfg.train.max_grad_norm is not None else math.inf
+        return self.accelerator.clip_grad_norm_(self.student.parameters(), max_norm)
+
+    def _reduce(self, sums: torch.Tensor, grad_norm: torch.Tensor) -> StepStats:
+        # One reduction, one sync: every rank sees the same numbers and so decides the same.
+        reduced = self.accelerator.reduce(torch.cat([sums, grad_norm.detach().double().view(1)]), "sum")
+        loss, kd, kd_unscaled, ce, teacher_bad, grad_sum = reduced.tolist()
+        return StepStats(loss, kd, kd_unscaled, ce, grad_sum / self.world, teacher_bad > 0)
+
+    def _apply(self, step: int, decision: Decision, stats: StepStats) -> None:
+        """Carry out the guard's decision; only an applied update changes weights and optimizer state."""
+        if decision.reason is not None and decision.reason.startswith("nonfinite"):
+            self.announce(step, self.monitor.on_nonfinite(step, decision.term))
+        if decision.spike_median is not None:
+            action = SPIKE_ACTIONS[self.cfg.guard.spike]
+            self.announce(step, self.monitor.on_spike(step, stats.loss, decision.spike_median, action))
+        if decision.action == "rollback":
+            to_step = self.guard.rollback(self.raw_student, self.optimizer)
+            if to_step is not None:
+                scale = self.guard.state.lr_scale
+                self.log.write({"step": step, "event": "rollback", "to_step": to_step, "lr_scale": scale,
+                                "message": f"restored the state of step {to_step}; LR x{scale:g}"})
+                if self.is_main:
+                    self.say(f"[guard] rolled back to the state of step {to_step} (LR scale {scale:g})")
+        if decision.applies_update:
+            self.optimizer.step()
+        elif self.accelerator.scaler is not None:
+            # fp16: clip_grad_norm_ already unscaled the gradients; the scaler must close this
+            # step (and lower its scale after an overflow) or the next unscale_ fails.
+            self.accelerator.scaler.update()
+        self.optimizer.zero_grad(set_to_none=True)
+        if decision.applies_update:
+            self.guard.after_update(step + 1, self.raw_student, self.optimizer)
+
+    def end_step(self, result: StepResult) -> None:
+        """Log the step, then evaluate and checkpoint when due."""
+        step, stats = result.step, result.stats
+        if not result.decision.applies_update:
+            self.log.write(result.record())
+            stop = self.guard.stop_reason(result.decision)
+            if stop is not None:
+                raise TrainingStopped(stop)
+        else:
+            self.rates.append(result.tokens_per_s)
+            self.announce(step, self.monitor.on_train_loss(step, stats.loss))
+            if step % self.cfg.train.log_every == 0 or step == self.plan.total_steps - 1:
+                self.log.write(result.record())
+        self.bar.set_description(f"{self._phase()} ep {result.epoch}", refresh=False)
+        postfix = {"loss": f"{stats.loss:.3f}", "T": f"{result.temperature:.2f}", "tok/s": f"{result.tokens_per_s:.0f}"}
+        if self.cfg.distill.kd_weight == 0:
+            del postfix["T"]  # plain LM training: no temperature in play
+        self.bar.set_postfix(postfix, refresh=False)
+        self.bar.update(1)
+        done = step + 1
+        if done % self.plan.eval_every == 0 and done < self.plan.total_steps:
+            self.evaluate(done, result.temperature, f"eval (step {done})")
+        every = self.cfg.checkpoint.every
+        if (every and done % every == 0) or done == self.plan.total_steps:
+            self.save_checkpoint(done)
+
+    def _phase(self) -> str:
+        return "train" if self.cfg.distill.kd_weight == 0 else "distill"
+
+    def announce(self, step: int, fired: list[tuple[str, str]]) -> None:
+        for check, message in fired:
+            if self.is_main:
+                self.say(f"[health:{check}] {message}")
+            self.log.write({"step": step, "health": check, "message": message})
+
+    # ------------------------------------------------------------------ evaluation and checkpoints
+    def evaluate(self, step: int, temperature: float, desc: str) -> dict:
+        d = self.cfg.distill
+        shard = self.data.eval[self.accelerator.process_index :: self.world]
+        result = evaluate(
+            self.raw_student, self.teacher, shard, vocab_size=self.vocab_size, temperature=temperature,
+            scale_by_t2=d.scale_by_t2, divergence=d.divergence, jsd_beta=d.jsd_beta, skew_alpha=d.skew_alpha,
+            batch_size=self.plan.eval_batch_size, device=self.device, autocast=self.accelerator.autocast,
+            reduce=lambda t: self.accelerator.reduce(t.to(self.device), "sum").cpu(),
+            teacher_cache=self.teacher_cache, desc=desc, progress=self.progress and self.is_main,
+        )
+        self.log.write({"step": step, **result})
+        self.announce(step, self.monitor.on_eval(step, result["eval_ppl"]))
+        return result
+
+    def teacher_reference(self) -> dict | None:
+        """The teacher by path and content hash (computed once: hashing reads every file)."""
+        if self._teacher_ref is None and self.teacher is not None and self.cfg.model.teacher is not None:
+            path = Path(self.cfg.model.teacher)
+            self._teacher_ref = {"source": self.cfg.model.teacher,
+                                 "hash": directory_hash(path) if path.is_dir() else None}
+        return self._teacher_ref
+
+    def save_checkpoint(self, done: int) -> None:
+        if self.is_main:
+            trainer_state = {
+                "step": done, "micro_batches": self.micro, "epoch": self.sampler.epoch_of(max(self.micro - 1, 0)),
+                "total_steps": self.plan.total_steps, "processes": self.world, "initial_eval": self.initial,
+                **self.guard.state_dict(), "health": self.monitor.state_dict(), "teacher": self.teacher_reference(),
+            }
+            save_checkpoint(self.run.checkpoints, done, model_state=self.raw_student.state_dict(),
+                            optimizer_state=self.optimizer.state_dict(), trainer_state=trainer_state,
+                            rng_state=capture_rng_state(), keep=self.cfg.checkpoint.keep,
+                            extra_files={"config.yaml": self.cfg.to_run_yaml().encode(),
+                                         "student_config.json": self.raw_student.config.to_json_string().encode()})
+        self.accelerator.wait_for_everyone()
+
+    # ------------------------------------------------------------------ the end
+    def _finish_run(self) -> RunResult:
+        total = self.plan.total_steps
+        final = self.evaluate(total, self.temperature_at(total), "eval (final)")
+        student_dir = self.run.save_student(self.raw_student, self.tokenizer) if self.is_main else None
+        if self.teacher is not None and _fingerprint(self.teacher) != self.teacher_before:
+            raise AssertionError("the teacher's weights changed during training")  # our invariant, not user error
+        rate = statistics.median_high(self.rates) if self.rates else None
+        self.run_info.update(status="finished", initial=_eval_summary(self.initial), final={
+            **_eval_summary(final), "steps": total, "skipped_steps": self.guard.state.total_skips,
+            "rollbacks": self.guard.state.rollbacks, "tokens_per_s": rate})
+        health = self._finish(total)
+        return RunResult(run_dir=self.run.path, status="finished", steps=total, initial=self.initial, final=final,
+                         health=health, student_dir=student_dir)
+
+    def _finish(self, steps_done: int) -> dict:
+        """health.json, run.json and the report: written for finished and stopped runs alike.
+
+        Returns the final health summary (every process computes it; only the main one writes)."""
+        self.log.close()
+        health = self.monitor.finalize()
+        if not self.is_main:
+            return health
+        self.run.write_json("health.json", health)
+        self.run_info.update(finished_at=_utcnow(), wall_time_s=round(time.perf_counter() - self.started, 2),
+                             steps_done=steps_done, health_verdict=health["verdict"])
+        self.run.write_json("run.json", self.run_info)
+        from .report import write_report
+
+        try:
+            write_report(self.run.path)
+        except Exception as exc:  # a report must never turn a good run into a failed one
+            print(f"warning: could not write report.md: {type(exc).__name__}: {exc}")
+        return health
 
 
-def _teacher_reference(source: str | None) -> dict | None:
-    """The teacher by path and content hash: checkpoints refer to it, never copy it."""
-    if source is None:
-        return None
-    path = Path(source)
-    return {"source": source, "hash": directory_hash(path) if path.is_dir() else None}
+# ---------------------------------------------------------------------- helpers
+def _utcnow() -> str:
+    return datetime.now(timezone.utc).isoformat(timespec="seconds")
 
 
 def _check_resume_compatible(run_dir: Path, checkpoint: Path, cfg: Config, teacher_ref: dict | None) -> None:
     """Warn when a resume would not continue the same run."""
+    import json
+
     from .config import load_yaml
 
     saved_path = run_dir / "config.yaml"
@@ -624,105 +526,6 @@ def _check_resume_compatible(run_dir: Path, checkpoint: Path, cfg: Config, teach
                   f"(content hash differs); resuming with the changed teacher")
 
 
-def _trim_metrics(path: Path, step: int) -> None:
-    """Drop metrics lines the resumed run will write again (training lines from ``step`` on)."""
-    from .tracking import read_metrics
-
-    if not path.exists():
-        return
-    # The eval at ``step`` was written just before the checkpoint it resumes from; keep it.
-    kept = [r for r in read_metrics(path) if r.get("step", 0) < step
-            or (0 < step == r.get("step") and ("eval_ce_loss" in r or r.get("health") == "eval_ppl"))]
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text("".join(json.dumps(r) + "\n" for r in kept))
-    os.replace(tmp, path)
-
-
-# Config fields that change logits after the lm_head; the fused loss does not model them.
-_LOGIT_TRANSFORMS = ("final_logit_softcapping", "logit_scale", "logits_scaling", "output_multiplier_scale")
-
-
-def fused_loss_unsupported(model) -> str | None:
-    """Why the chunked loss cannot reproduce ``model``'s logits, or None if it can."""
-    head = model.get_output_embeddings()
-    if not isinstance(head, torch.nn.Linear):
-        return f"{type(model).__name__} has no plain linear output layer"
-    for name in _LOGIT_TRANSFORMS:
-        if getattr(model.config, name, None) not in (None, 1, 1.0):
-            return f"{type(model).__name__} transforms its logits ({name})"
-    return None
-
-
-def choose_loss_impl(cfg: Config, tokens_per_micro_batch: int, vocab_size: int, student, teacher) -> str:
-    """``full`` or ``chunked`` for ``loss.impl`` (auto: chunked when the logits would be large)."""
-    if cfg.loss.impl == "full":
-        return "full"
-    problems = [p for p in (fused_loss_unsupported(m) for m in (student, teacher) if m is not None) if p]
-    if cfg.loss.impl == "chunked":
-        if problems:
-            raise LmdistillError(f"loss.impl = chunked is not possible: {problems[0]}; use loss.impl=full")
-        return "chunked"
-    models = 2 if teacher is not None else 1
-    logits_mib = tokens_per_micro_batch * vocab_size * 4 * models / 2**20
-    return "chunked" if not problems and logits_mib > cfg.loss.auto_threshold_mib else "full"
-
-
-def _micro_batch_loss(ids, student, teacher, vocab_size, temperature, cfg: Config, num_tokens, injector, step,
-                      impl: str = "full", raw_student=None):
-    """LossParts for one micro-batch, and a 0-d flag: the teacher produced NaN or +Inf."""
-    targets = ids[:, 1:]
-    if impl == "chunked":
-        return _chunked_micro_batch_loss(ids, targets, student, raw_student, teacher, vocab_size, temperature, cfg,
-                                         num_tokens, injector, step)
-    # use_cache=False: a training forward has no use for a KV cache (it would cost memory and time).
-    s_logits = student(input_ids=ids, use_cache=False).logits[:, :-1, :vocab_size]
-    s_logits = injector.poison(s_logits, step, "student_logits")
-    t_logits = None
-    teacher_bad = torch.zeros((), device=ids.device)
-    if teacher is not None and cfg.distill.kd_weight > 0:
-        with torch.no_grad():
-            t_logits = teacher(input_ids=ids, use_cache=False).logits[:, :-1, :vocab_size]
-            t_logits = injector.poison(t_logits, step, "teacher_logits")
-            # -inf is a legitimate masked entry; NaN or +inf is a broken teacher. max() finds both.
-            teacher_bad = (~torch.isfinite(t_logits.amax())).float()
-    parts = distillation_loss(s_logits, t_logits, targets, temperature=temperature, kd_weight=cfg.distill.kd_weight,
-                              scale_by_t2=cfg.distill.scale_by_t2, divergence=cfg.distill.divergence,
-                              num_tokens=num_tokens)
-    return parts, teacher_bad
-
-
-def _chunked_micro_batch_loss(ids, targets, student, raw_student, teacher, vocab_size, temperature, cfg: Config,
-                              num_tokens, injector, step):
-    """The same loss from final hidden states: no (tokens x vocab) tensor for the whole batch.
-
-    The forward still goes through the (possibly DDP-wrapped) model so gradient sync
-    works; ``logits_to_keep=1`` makes it compute the logits of one position only.
-    """
-    from .fused import fused_linear_distillation_loss
-
-    hidden = student(input_ids=ids, output_hidden_states=True, logits_to_keep=1,
-                     use_cache=False).hidden_states[-1][:, :-1]
-    hidden = injector.poison(hidden, step, "student_logits")
-    head = raw_student.get_output_embeddings()
-    t_hidden = t_head = None
-    teacher_bad = torch.zeros((), device=ids.device)
-    if teacher is not None and cfg.distill.kd_weight > 0:
-        with torch.no_grad():
-            t_hidden = teacher(input_ids=ids, output_hidden_states=True, logits_to_keep=1,
-                               use_cache=False).hidden_states[-1][:, :-1]
-            t_hidden = injector.poison(t_hidden, step, "teacher_logits")
-            teacher_bad = (~torch.isfinite(t_hidden).all()).float()
-        t_head = teacher.get_output_embeddings()
-    parts = fused_linear_distillation_loss(
-        hidden.reshape(-1, hidden.shape[-1]), head.weight,
-        t_hidden.reshape(-1, t_hidden.shape[-1]) if t_hidden is not None else None,
-        t_head.weight if t_head is not None else None, targets.reshape(-1),
-        temperature=temperature, kd_weight=cfg.distill.kd_weight, scale_by_t2=cfg.distill.scale_by_t2,
-        divergence=cfg.distill.divergence, num_tokens=num_tokens, vocab_size=vocab_size, student_bias=head.bias,
-        teacher_bias=t_head.bias if t_head is not None else None, chunk_size=cfg.loss.chunk_size)
-    return parts, teacher_bad
-
-
 def _fingerprint(model) -> list[tuple[float, float]]:
     """Cheap on-device checksums of every parameter, to catch a teacher that was modified."""
     return [(p.detach().sum(dtype=torch.float64).item(),
@@ -732,35 +535,6 @@ def _fingerprint(model) -> list[tuple[float, float]]:
 def _eval_summary(result: dict) -> dict:
     keys = ("eval_ce_loss", "eval_ppl", "eval_kd_loss", "eval_kl", "top1_agreement", "teacher_ce_loss", "teacher_ppl")
     return {k: result[k] for k in keys if k in result}
-
-
-def _median_tokens_per_s(run_dir: Path) -> float | None:
-    """The run's throughput figure, defined once in the report module (median of training lines)."""
-    from .report import load_run, median_tokens_per_s
-
-    return median_tokens_per_s(load_run(run_dir))
-
-
-def _finish(run_info: dict, run_dir: Path, monitor: HealthMonitor, log: MetricsLog, is_main: bool,
-            started: float, steps_done: int) -> dict:
-    """health.json, run.json and the report: written for finished and stopped runs alike.
-
-    Returns the final health summary (every process computes it; only the main one writes)."""
-    log.close()
-    health = monitor.finalize()
-    if not is_main:
-        return health
-    write_json_atomic(run_dir / "health.json", health)
-    run_info.update(finished_at=_utcnow(), wall_time_s=round(time.perf_counter() - started, 2),
-                    steps_done=steps_done, health_verdict=health["verdict"])
-    write_json_atomic(run_dir / "run.json", run_info)
-    from .report import write_report
-
-    try:
-        write_report(run_dir)
-    except Exception as exc:  # a report must never turn a good run into a failed one
-        print(f"warning: could not write report.md: {type(exc).__name__}: {exc}")
-    return health
 
 
 def summary_table(result: RunResult) -> str:

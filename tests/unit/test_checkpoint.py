@@ -151,7 +151,9 @@ def test_round_trip_restores_weights_optimizer_trainer_state_and_rng(ckdir: Path
 
 def test_save_order_files_then_manifest_then_rename_then_fsync(ckdir: Path, monkeypatch) -> None:
     events: list[tuple[str, str]] = []
-    real_write, real_fsync_dir, real_replace = ckpt._write_file, ckpt._fsync_dir, os.replace
+    import lmdistill.paths as paths
+
+    real_write, real_fsync_dir, real_replace = ckpt._write_file, paths.fsync_dir, os.replace
 
     def write(path: Path, fn) -> None:
         real_write(path, fn)
@@ -166,8 +168,9 @@ def test_save_order_files_then_manifest_then_rename_then_fsync(ckdir: Path, monk
         events.append(("rename", f"{Path(src).name}->{Path(dst).name}"))
 
     monkeypatch.setattr(ckpt, "_write_file", write)
-    monkeypatch.setattr(ckpt, "_fsync_dir", fsync_dir)
-    monkeypatch.setattr(ckpt.os, "replace", replace)
+    monkeypatch.setattr(ckpt, "fsync_dir", fsync_dir)
+    monkeypatch.setattr(paths, "fsync_dir", fsync_dir)  # the directory publish (paths.replace_dir)
+    monkeypatch.setattr(os, "replace", replace)
     save_small(ckdir, 7, rng_state=capture_rng_state(), extra_files={"config.yaml": b"a: 1\n"})
 
     tmp_name = f".tmp-step-7-{os.getpid()}"

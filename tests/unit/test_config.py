@@ -122,7 +122,7 @@ def test_config_error_is_a_user_error():
     ("distill.temperature", "hot", "expected a number"),
     ("train.betas", 0.9, "expected a list"),
     ("model.student_config", [1, 2], "expected a mapping"),
-    ("distill.divergence", "kl", "choose one of 'forward_kl', 'reverse_kl', 'jsd'"),
+    ("distill.divergence", "kl", "choose one of 'forward_kl', 'reverse_kl', 'jsd', 'skew_kl', 'skew_reverse_kl', 'tvd'"),
     ("run.device", "tpu", "choose one of"),
 ])
 def test_wrong_types_are_rejected_naming_key_and_value(key, value, expected):

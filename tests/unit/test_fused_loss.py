@@ -324,7 +324,8 @@ def test_module_wrapper():
     (dict(divergence="kl"), "divergence"),
     (dict(chunk_size=0), "chunk_size"),
     (dict(vocab_size=54), "vocab_size"),
-    (dict(jsd_beta=1.0), "jsd_beta"),
+    (dict(jsd_beta=1.5), "jsd_beta"),
+    (dict(skew_alpha=1.0), "skew_alpha"),
 ])
 def test_invalid_arguments(kwargs, match):
     d = make_inputs()

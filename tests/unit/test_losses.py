@@ -14,7 +14,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from lmdistill.losses import IGNORE_INDEX, distillation_loss, shift_for_next_token, token_divergence
+from lmdistill.losses import IGNORE_INDEX, distillation_loss, token_divergence
 
 TEMPERATURES = [0.5, 1.0, 2.0, 3.0, 5.0, 10.0, 20.0]
 
@@ -218,16 +218,6 @@ def test_all_masked_batch_gives_zero_loss_and_zero_gradient(divergence):
     # also with a global normaliser of 0 passed in (no valid tokens anywhere)
     parts0 = distillation_loss(s, t, y, temperature=2.0, kd_weight=0.5, num_tokens=0)
     assert parts0.total.item() == 0.0
-
-
-def test_shift_for_next_token_masks_padding():
-    logits = torch.randn(1, 4, 5)
-    ids = torch.tensor([[3, 1, 4, 2]])
-    mask = torch.tensor([[1, 1, 1, 0]])
-    shifted, targets = shift_for_next_token(logits, ids, mask)
-    assert shifted.shape == (1, 3, 5)
-    assert torch.equal(shifted, logits[:, :3])
-    assert targets.tolist() == [[1, 4, IGNORE_INDEX]]
 
 
 # ---- normalisation and gradient accumulation ----------------------------------------------

@@ -172,14 +172,15 @@ def test_save_student_refuses_non_finite_weights_and_keeps_previous_files(tmp_pa
     from safetensors.torch import load_file
 
     from lmdistill.errors import LmdistillError
-    from lmdistill.trainer import save_student
+    from lmdistill.rundir import RunDirectory
 
+    run = RunDirectory(tmp_path)
     model = tiny_llama(len(tiny_tokenizer))
-    first = save_student(model, tiny_tokenizer, tmp_path)
+    first = run.save_student(model, tiny_tokenizer)
     saved = load_file(first / "model.safetensors")
     with torch.no_grad():
         model.model.layers[0].mlp.up_proj.weight[0, 0] = float("nan")
     with pytest.raises(LmdistillError, match="up_proj.weight.*NaN or Inf"):
-        save_student(model, tiny_tokenizer, tmp_path)
+        run.save_student(model, tiny_tokenizer)
     again = load_file(first / "model.safetensors")
     assert all(torch.equal(saved[k], again[k]) for k in saved)

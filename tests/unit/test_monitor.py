@@ -14,7 +14,8 @@ import pytest
 import torch
 
 from lmdistill.config import DebugConfig, GuardConfig, HealthConfig
-from lmdistill.guards import CHECKED_TERMS, FaultInjector, SpikeDetector, first_nonfinite
+from lmdistill.faults import FaultInjector, poison
+from lmdistill.guards import CHECKED_TERMS, SpikeDetector, first_nonfinite
 from lmdistill.monitor import HealthMonitor, verdict_line
 
 
@@ -242,17 +243,18 @@ def test_fault_injector_poison_replaces_first_element_and_keeps_autograd():
     assert inj.active
     x = torch.arange(1.0, 5.0, requires_grad=True)
     y = x * 2
-    out = inj.poison(y, 3, "loss")
+    out = poison(y, inj.value(3, "loss"))
     assert out is not y
     assert math.isnan(out[0].item())
     assert out[1:].tolist() == [4.0, 6.0, 8.0]
     assert y.tolist() == [2.0, 4.0, 6.0, 8.0]  # the input is not modified
     out[1:].sum().backward()
     assert x.grad.tolist() == [0.0, 2.0, 2.0, 2.0]
-    assert inj.poison(y, 4, "grad")[0].item() == -math.inf
-    # other steps or places: the very same tensor
-    assert inj.poison(y, 3, "grad") is y
-    assert inj.poison(y, 5, "loss") is y
+    assert poison(y, inj.value(4, "grad"))[0].item() == -math.inf
+    # other steps or places, or outside a training step: the very same tensor
+    assert poison(y, inj.value(3, "grad")) is y
+    assert poison(y, inj.value(5, "loss")) is y
+    assert poison(y, inj.value(None, "loss")) is y
 
 
 def test_fault_injector_rank_filter_and_multiplier():

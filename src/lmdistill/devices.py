@@ -1,0 +1,53 @@
+"""Devices, mixed precision, processes and trackers, through accelerate."""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+
+import torch
+
+from .config import TRACKERS, Config
+from .errors import LmdistillError
+
+
+def make_accelerator(cfg: Config):
+    """The accelerate ``Accelerator`` for one run: device, autocast dtype, trackers, processes.
+
+    accelerate keeps process-wide singletons, and one process may run several trainings one
+    after another (the Python API, the default teacher's pretraining before a distillation,
+    the tests), each with its own device and precision. Each run therefore starts from a
+    fresh accelerate state; a multi-process launch keeps its process group.
+    """
+    from accelerate import Accelerator
+    from accelerate.state import AcceleratorState, GradientState
+
+    use_cpu = cfg.run.device == "cpu" or (cfg.run.device == "auto" and not torch.cuda.is_available())
+    if cfg.run.device == "cuda" and not torch.cuda.is_available():
+        raise LmdistillError("run.device = 'cuda' but no CUDA device is available; use run.device=auto or cpu")
+    precision = cfg.run.mixed_precision
+    if precision == "auto":
+        precision = "bf16" if (not use_cpu and torch.cuda.is_bf16_supported()) else "no"
+    if AcceleratorState._shared_state:
+        single_process = int(os.environ.get("WORLD_SIZE", "1")) == 1
+        AcceleratorState._reset_state(reset_partial_state=single_process)
+        GradientState._reset_state()
+    accelerator = Accelerator(cpu=use_cpu, mixed_precision=precision, log_with=cfg.run.trackers or None)
+    kind = str(accelerator.distributed_type)
+    if "FSDP" in kind or "DEEPSPEED" in kind:
+        raise LmdistillError(f"{accelerator.distributed_type} is not supported yet: launch with a DDP accelerate "
+                             "config (docs/distributed.md)")
+    return accelerator
+
+
+def check_trackers_installed(cfg: Config) -> None:
+    for tracker in cfg.run.trackers:
+        if importlib.util.find_spec(TRACKERS[tracker]) is None:
+            raise LmdistillError(f"run.trackers asks for {tracker!r} but the package '{TRACKERS[tracker]}' is not "
+                                 f"installed; pip install {TRACKERS[tracker]}, or remove it from run.trackers")
+
+
+def flat_config(cfg: Config) -> dict:
+    """section.key -> value with lists and mappings as text: what trackers accept as hyperparameters."""
+    return {f"{section}.{key}": value if isinstance(value, (int, float, str, bool)) or value is None else str(value)
+            for section, values in cfg.to_dict().items() for key, value in values.items()}

@@ -1,0 +1,86 @@
+"""The objective: the loss of one micro-batch, given the teacher's view of it.
+
+``kd_weight * T^2 * D(teacher || student) + (1 - kd_weight) * CE``, each term summed over the
+batch's valid targets and divided once by ``num_tokens``, the global count of valid targets
+across the step's micro-batches and all ranks. D is a divergence from
+``divergences.REGISTRY``.
+
+The objective runs the student forward (through the wrapped model, so that data-parallel
+gradient synchronisation works) and computes what the teacher's view calls for: full logits
+next to ``TeacherLogits``, final hidden states next to ``TeacherHidden``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from .batch import Batch
+from .fused import fused_linear_distillation_loss
+from .losses import LossParts, distillation_loss
+from .signals import TeacherHidden, TeacherLogits, TeacherView
+
+
+@dataclass(frozen=True)
+class KDSpec:
+    """What the loss computes (the ``distill`` section of the config)."""
+
+    kd_weight: float
+    divergence: str = "forward_kl"
+    scale_by_t2: bool = True
+    jsd_beta: float = 0.5
+    skew_alpha: float = 0.1
+
+    def loss_kwargs(self) -> dict:
+        return {"kd_weight": self.kd_weight, "divergence": self.divergence, "scale_by_t2": self.scale_by_t2,
+                "jsd_beta": self.jsd_beta, "skew_alpha": self.skew_alpha}
+
+
+class Objective:
+    """``objective(student, batch, teacher_view, T, num_tokens) -> LossParts``.
+
+    ``student_output`` ("logits" or "hidden") must match the teacher signal's views; with no
+    teacher (kd_weight 0) it picks the full or the chunked form of the CE term alone.
+    ``head`` is the student's output layer (unwrapped), which the chunked form needs.
+    """
+
+    def __init__(self, spec: KDSpec, vocab_size: int, student_output: str, head: torch.nn.Module,
+                 chunk_size: int = 1024):
+        if student_output not in ("logits", "hidden"):
+            raise ValueError(f"student_output must be 'logits' or 'hidden', got {student_output!r}")
+        self.spec = spec
+        self.vocab_size = vocab_size
+        self.student_output = student_output
+        self.head = head
+        self.chunk_size = chunk_size
+
+    def __call__(self, student: torch.nn.Module, batch: Batch, teacher: TeacherView | None,
+                 temperature: float, num_tokens: float) -> LossParts:
+        if self.student_output == "hidden":
+            return self._from_hidden(student, batch, teacher, temperature, num_tokens)
+        return self._from_logits(student, batch, teacher, temperature, num_tokens)
+
+    def _from_logits(self, student, batch: Batch, teacher: TeacherLogits | None, temperature: float,
+                     num_tokens: float) -> LossParts:
+        out = student(input_ids=batch.input_ids, attention_mask=batch.attention_mask, use_cache=False)
+        logits = out.logits[:, :-1, : self.vocab_size]
+        return distillation_loss(logits, teacher.logits if teacher is not None else None, batch.targets,
+                                 temperature=temperature, num_tokens=num_tokens, all_valid=batch.all_valid,
+                                 **self.spec.loss_kwargs())
+
+    def _from_hidden(self, student, batch: Batch, teacher: TeacherHidden | None, temperature: float,
+                     num_tokens: float) -> LossParts:
+        # logits_to_keep=1: the forward computes one position's logits; the fused loss forms
+        # the rest chunk by chunk, never all (tokens x vocab) at once.
+        out = student(input_ids=batch.input_ids, attention_mask=batch.attention_mask, output_hidden_states=True,
+                      logits_to_keep=1, use_cache=False)
+        hidden = out.hidden_states[-1][:, :-1]
+        with_teacher = teacher is not None
+        return fused_linear_distillation_loss(
+            hidden.reshape(-1, hidden.shape[-1]), self.head.weight,
+            teacher.hidden.reshape(-1, teacher.hidden.shape[-1]) if with_teacher else None,
+            teacher.weight if with_teacher else None, batch.targets.reshape(-1),
+            temperature=temperature, num_tokens=num_tokens, all_valid=batch.all_valid, vocab_size=self.vocab_size,
+            student_bias=self.head.bias, teacher_bias=teacher.bias if with_teacher else None,
+            chunk_size=self.chunk_size, **self.spec.loss_kwargs())

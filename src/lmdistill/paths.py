@@ -1,0 +1,97 @@
+"""Files and names on disk: writes that readers never see half-done, and local path versus hub id.
+
+Every file lmdistill writes that another process (or a resumed run) may read goes through
+``atomic_write``: the bytes go to a temporary file beside the target, then one ``rename``
+puts them in place, so a reader finds the old file or the new one, never a mix. Whole
+directories (a saved model, a checkpoint) are published the same way by ``replace_dir``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+from collections.abc import Callable
+from pathlib import Path
+from typing import IO, Any
+
+# A hub id is 'name' or 'org/name'; names start with a letter or digit.
+_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[A-Za-z0-9][\w.-]*)?$")
+
+
+def is_hub_id(text: str) -> bool:
+    """Whether ``text`` can be a Hugging Face hub id (model or dataset), as opposed to a path.
+
+    Anything that starts like a path (``.``, ``/``, ``~``) or has more than one ``/`` can
+    only have been meant as a local path; callers check ``Path.exists`` first.
+    """
+    return bool(_HUB_ID.match(text)) and ".." not in text
+
+
+def atomic_write(path: Path, data: str | bytes | Callable[[IO[bytes]], Any], *, fsync: bool = False) -> Path:
+    """Write ``path`` in one step: a temporary file beside it, then ``os.replace``.
+
+    ``data`` is text (UTF-8), bytes, or a function that writes into the open binary file
+    (e.g. a figure's ``savefig``). With ``fsync`` the bytes reach the disk before the
+    rename, which is what a crash-safe record needs; plain reports do without. On any error
+    the temporary file is removed and the old ``path`` is left as it was.
+    """
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    try:
+        with open(tmp, "wb") as f:
+            if callable(data):
+                data(f)
+            else:
+                f.write(data.encode("utf-8") if isinstance(data, str) else data)
+            if fsync:
+                f.flush()
+                os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    return path
+
+
+def atomic_write_json(path: Path, obj: Any, *, fsync: bool = False) -> Path:
+    """``obj`` as indented JSON through :func:`atomic_write`."""
+    return atomic_write(path, json.dumps(obj, indent=2, default=str) + "\n", fsync=fsync)
+
+
+def fsync_dir(path: Path) -> None:
+    """fsync a directory so that renames and creations inside it survive a power loss."""
+    if os.name == "nt":  # Windows cannot open a directory; NTFS journals renames
+        return
+    fd = os.open(path, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def replace_dir(tmp: Path, final: Path, *, aside_name: str | None = None) -> None:
+    """Publish the finished directory ``tmp`` as ``final``, replacing an older ``final``.
+
+    A directory cannot be renamed over a non-empty one, so an existing ``final`` is first
+    moved aside (to ``aside_name`` in the same parent, default ``.<name>.old-<pid>``), the
+    new one is renamed in, and only then is the old one removed. A crash at any point leaves
+    either the old or the new directory under ``final`` (plus, at worst, the aside copy).
+    """
+    parent = final.parent
+    aside = None
+    if final.exists():
+        aside = parent / (aside_name or f".{final.name}.old-{os.getpid()}")
+        if aside.exists():
+            shutil.rmtree(aside)
+        os.replace(final, aside)
+    try:
+        os.replace(tmp, final)
+    except OSError:
+        if aside is not None:  # put the old directory back before reporting the failure
+            os.replace(aside, final)
+        raise
+    fsync_dir(parent)
+    if aside is not None:
+        shutil.rmtree(aside, ignore_errors=True)

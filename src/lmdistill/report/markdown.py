@@ -1,0 +1,332 @@
+"""report.md: one run's models, data, settings, final numbers, health and plots, in Markdown.
+
+Where the numbers come from (all from the files on disk, never recomputed):
+- "after": the last evaluation line of metrics.jsonl; "before": the one at step 0;
+- tokens/s: the median of ``tokens_per_s`` over the training lines (skipped steps excluded);
+- perplexity is printed with 4 significant digits and never capped: 2.3e+12 stays 2.3e+12.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable
+from pathlib import Path
+from typing import Any
+
+from ..paths import atomic_write
+from .plots import PLOT_FILES, plots_for
+from .reading import RunRecord, get, load_run, median_tokens_per_s, num, valid_rates, value_of
+
+DASH = "—"  # shown where a value is absent, so a table never has an empty cell
+
+
+# --------------------------------------------------------------------------- formatting
+def fmt_ppl(x: Any) -> str:
+    """Perplexity: 4 significant digits, never capped (2.3e+12 stays 2.3e+12)."""
+    v = num(x)
+    return DASH if v is None else f"{v:.4g}"
+
+
+def fmt_temp(x: Any) -> str:
+    v = num(x)
+    return DASH if v is None else f"{v:.3f}"
+
+
+def fmt_loss(x: Any) -> str:
+    v = num(x)
+    return DASH if v is None else f"{v:.4f}"
+
+
+def fmt_pct(x: Any) -> str:
+    v = num(x)
+    return DASH if v is None else f"{100 * v:.2f} %"
+
+
+def fmt_rate(x: Any) -> str:
+    v = num(x)
+    return DASH if v is None or not math.isfinite(v) else f"{v:,.0f}"
+
+
+def fmt_params(x: Any) -> str:
+    v = num(x)
+    if v is None:
+        return DASH
+    for scale, unit in ((1e9, "B"), (1e6, "M"), (1e3, "k")):
+        if v >= scale:
+            return f"{v / scale:.3g}{unit}"
+    return f"{v:.0f}"
+
+
+def fmt_duration(seconds: Any) -> str:
+    v = num(seconds)
+    if v is None:
+        return DASH
+    if v < 60:
+        return f"{v:.1f} s"
+    minutes, secs = divmod(round(v), 60)
+    hours, minutes = divmod(minutes, 60)
+    return f"{hours} h {minutes:02d} min {secs:02d} s" if hours else f"{minutes} min {secs:02d} s"
+
+
+def fmt_value(x: Any) -> str:
+    if x is None:
+        return DASH
+    if isinstance(x, bool):
+        return "yes" if x else "no"
+    if isinstance(x, float):
+        return f"{x:g}"
+    return str(x)
+
+
+def fmt_steps(steps: Iterable[Any], limit: int = 8) -> str:
+    steps = list(steps)
+    if not steps:
+        return DASH
+    shown = ", ".join(str(s) for s in steps[:limit])
+    return shown + (f" (+{len(steps) - limit} more)" if len(steps) > limit else "")
+
+
+def table(header: list[str], rows: list[list[Any]]) -> list[str]:
+    def cell(text: Any) -> str:  # text safe inside one Markdown table cell
+        return " ".join(str(text).split()).replace("|", "\\|") if text not in (None, "") else DASH
+
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    return lines + ["| " + " | ".join(cell(c) for c in row) + " |" for row in rows]
+
+
+# --------------------------------------------------------------------------- sections
+def status_line(record: RunRecord) -> tuple[str, str]:
+    """A short status for the title and a sentence that says what the report covers."""
+    last = record.last_step
+    upto = f"up to step {last}" if last is not None else "which has no step logged yet"
+    reason = (record.run_info or {}).get("exit_reason")
+    why = f": {reason}" if reason else ""
+    status = record.status
+    if status == "finished":
+        return "finished", f"The run finished{why}."
+    if status is None or status == "running":
+        return "did not finish", (
+            "The run did not finish: run.json is missing or still says it is running, so it was killed (or is "
+            f"still going). This report covers what was on disk when it was written, {upto}.")
+    return status, f"The run {status} before the end{why}. It did not finish; this report covers what it wrote, {upto}."
+
+
+def _model_rows(record: RunRecord) -> tuple[list[list[Any]], str | None]:
+    info = record.run_info or {}
+    rows, params = [], {}
+    for role in ("teacher", "student"):
+        m = info.get(role) if isinstance(info.get(role), dict) else {}
+        name = m.get("name") or get(record.config, f"model.{role}")
+        if role in info and info[role] is None:
+            name = "none (plain language-model training, no KD)"
+        params[role] = num(m.get("params"))
+        rows.append([role, fmt_value(name), fmt_value(m.get("architecture")), fmt_value(m.get("num_layers")),
+                     fmt_value(m.get("hidden_size")), fmt_params(m.get("params")), fmt_value(m.get("vocab_size"))])
+    ratio = None
+    if params["teacher"] and params["student"]:
+        ratio = (f"Compression: the student has {params['student'] / params['teacher']:.3g} of the teacher's "
+                 f"parameters ({params['teacher'] / params['student']:.3g}× smaller).")
+    return rows, ratio
+
+
+def _config_rows(record: RunRecord) -> list[list[Any]]:
+    cfg = record.config
+    steps = [line["step"] for line in record.train if value_of(line, "temperature") is not None]
+    temps = [value_of(line, "temperature") for line in record.train if value_of(line, "temperature") is not None]
+    observed = f"{fmt_temp(temps[0])} at step {steps[0]} → {fmt_temp(temps[-1])} at step {steps[-1]}" if steps \
+        else DASH
+    return [
+        ["KD temperature (configured start → end)",
+         f"{fmt_value(get(cfg, 'distill.temperature'))} → {fmt_value(get(cfg, 'distill.min_temperature'))}"],
+        ["KD temperature (logged)", observed],
+        ["KD weight (share of the KD term in the loss)", fmt_value(get(cfg, "distill.kd_weight"))],
+        ["divergence", fmt_value(get(cfg, "distill.divergence"))],
+        ["KD term multiplied by T²", fmt_value(get(cfg, "distill.scale_by_t2"))],
+        ["learning rate (peak)", fmt_value(get(cfg, "train.lr"))],
+        ["batch size (sequences)", fmt_value(get(cfg, "train.batch_size"))],
+        ["epochs", fmt_value(get(cfg, "train.epochs"))],
+        ["max steps", fmt_value(get(cfg, "train.max_steps"))],
+        ["steps logged", fmt_value(record.train[-1]["step"] if record.train else None)],
+    ]
+
+
+def _data_rows(record: RunRecord) -> list[list[Any]]:
+    data = (record.run_info or {}).get("data") or {}
+    return [
+        ["source", fmt_value(data.get("source") or get(record.config, "data.path"))],
+        ["block size (tokens)", fmt_value(data.get("block_size") or get(record.config, "data.block_size"))],
+        ["training blocks", fmt_value(data.get("train_blocks"))],
+        ["evaluation blocks", fmt_value(data.get("eval_blocks"))],
+        ["training tokens", fmt_value(data.get("train_tokens"))],
+    ]
+
+
+def _final_table(record: RunRecord) -> list[str]:
+    before, after = record.initial_eval or {}, record.final_eval or {}
+    header = ["metric", "student before (step 0)", f"student after (step {after.get('step', '?')})", "teacher"]
+    return table(header, [
+        ["perplexity (exp of eval CE)", fmt_ppl(before.get("eval_ppl")), fmt_ppl(after.get("eval_ppl")),
+         fmt_ppl(after.get("teacher_ppl"))],
+        ["eval CE (nats/token)", fmt_loss(before.get("eval_ce_loss")), fmt_loss(after.get("eval_ce_loss")),
+         fmt_loss(after.get("teacher_ce_loss"))],
+        ["KD term on eval data, as trained (eval_kd_loss)", fmt_loss(before.get("eval_kd_loss")),
+         fmt_loss(after.get("eval_kd_loss")), DASH],
+        ["KL(teacher ‖ student) at T=1, nats/token (eval_kl)", fmt_loss(before.get("eval_kl")),
+         fmt_loss(after.get("eval_kl")), DASH],
+        ["top-1 agreement with the teacher", fmt_pct(before.get("top1_agreement")),
+         fmt_pct(after.get("top1_agreement")), DASH],
+    ])
+
+
+def _run_rows(record: RunRecord) -> list[list[Any]]:
+    info = record.run_info or {}
+    tps = median_tokens_per_s(record)
+    tps_text = f"{fmt_rate(tps)} (median of {len(valid_rates(record))} training lines)" if tps is not None else DASH
+    wall = fmt_duration(info.get("wall_time_s")) if record.run_info is not None else "unknown (no run.json)"
+    rows = [["training throughput (tokens/s)", tps_text], ["wall time", wall],
+            ["started / finished", f"{fmt_value(info.get('started_at'))} / {fmt_value(info.get('finished_at'))}"]]
+    losses = [(line["step"], value_of(line, "loss")) for line in record.train]
+    finite = [(s, x) for s, x in losses if x is not None and math.isfinite(x)]
+    if finite:
+        (s0, l0), (s1, l1) = finite[0], finite[-1]
+        rows.append(["total loss, first → last logged", f"{l0:.4f} (step {s0}) → {l1:.4f} (step {s1})"])
+    # The original report's "any NaN warning": a guarded run logs its NaN losses in skipped lines.
+    bad = sorted(line["step"] for line in record.train + record.skipped
+                 if (x := value_of(line, "loss")) is not None and not math.isfinite(x))
+    rows.append(["steps with a non-finite total loss", f"{fmt_steps(bad)} ({len(bad)} in all)" if bad else "none"])
+    return rows
+
+
+def _temperature_table(record: RunRecord, max_rows: int = 7) -> list[str]:
+    """The original report's trajectory table: a few steps with T, the losses and perplexity."""
+    anchors = record.evals or record.train
+    if not anchors:
+        return ["No training or evaluation lines yet."]
+    if len(anchors) > max_rows:
+        # A fixed stride keeps the rows evenly spaced (0, 5000, 10000, ... as in the original
+        # report's table); the last line is always kept, it is the final state.
+        stride = math.ceil((len(anchors) - 1) / (max_rows - 1))
+        anchors = [anchors[i] for i in sorted(set(range(0, len(anchors), stride)) | {len(anchors) - 1})]
+    rows = []
+    for anchor in anchors:
+        train = _train_line_at(record, anchor["step"]) or {}
+        ev = anchor if record.evals else {}
+        rows.append([anchor["step"], fmt_temp(value_of(train, "temperature")), fmt_loss(value_of(train, "loss")),
+                     fmt_loss(value_of(train, "kd_loss")),
+                     fmt_loss(value_of(train, "ce_loss")), fmt_loss(ev.get("eval_ce_loss")), fmt_ppl(ev.get("eval_ppl"))])
+    lines = table(["step", "temperature T", "total loss", "KD term", "LM CE", "eval CE (nats/token)", "student ppl"],
+                  rows)
+    if record.evals:
+        lines += ["", "Rows are evaluation steps. The training columns come from the training line at that step or "
+                      "the nearest earlier one; for step 0, which is evaluated before any training, from the first "
+                      "training line."]
+    return lines
+
+
+def _train_line_at(record: RunRecord, step: int) -> dict[str, Any] | None:
+    best = None
+    for line in record.train:
+        if line["step"] > step:
+            break
+        best = line
+    return best if best is not None else (record.train[0] if record.train else None)
+
+
+def _health_section(record: RunRecord) -> list[str]:
+    if record.health is not None:
+        checks = [c for c in record.health.get("checks", []) if isinstance(c, dict)]
+        fired = [c for c in checks if c.get("status") == "fired"]
+        rows = []
+        for c in checks:
+            status = str(c.get("status", DASH)).replace("_", " ")
+            messages = c.get("messages") or []
+            rows.append([f"`{c.get('name', '?')}`", c.get("description"), f"**{status}**" if status == "fired"
+                         else status, fmt_steps(c.get("steps") or []), messages[0] if messages else None])
+        return [f"**Verdict: {record.health.get('verdict', DASH)}** ({len(fired)} of {len(checks)} checks fired).",
+                ""] + table(["check", "what it watches", "result", "at steps", "first message"], rows)
+    # No health.json: the verdict is written when the run ends, but the events that would
+    # have led to it are already in metrics.jsonl.
+    lines = ["No verdict: health.json is missing (it is written when the run ends, so a killed run has none).", ""]
+    if not record.health_events:
+        return lines + ["No health events in metrics.jsonl."]
+    shown = record.health_events[:20]
+    lines += [f"Health events in metrics.jsonl so far ({len(record.health_events)}):", ""]
+    lines += table(["step", "check", "message"], [[e["step"], f"`{e.get('health')}`", e.get("message")] for e in shown])
+    if len(record.health_events) > len(shown):
+        lines += ["", f"… and {len(record.health_events) - len(shown)} more."]
+    return lines
+
+
+def _grouped_steps(lines: list[dict[str, Any]], key: str) -> list[tuple[str, list[int]]]:
+    groups: dict[str, list[int]] = {}
+    for line in lines:
+        groups.setdefault(str(line.get(key, "unknown")), []).append(line["step"])
+    return sorted(groups.items(), key=lambda kv: -len(kv[1]))
+
+
+def _steps_section(record: RunRecord) -> list[str]:
+    lines = [f"Skipped steps (no optimizer update; weights and optimizer state untouched): **{len(record.skipped)}**."]
+    if record.skipped:
+        rows = [[f"`{reason}`", len(steps), fmt_steps(steps)] for reason, steps in _grouped_steps(record.skipped,
+                                                                                                    "reason")]
+        lines += [""] + table(["reason", "count", "steps"], rows)
+    if record.events:
+        parts = [f"{kind} × {len(steps)} (steps {fmt_steps(steps)})"
+                 for kind, steps in _grouped_steps(record.events, "event")]
+        lines += ["", "Guard events: " + ", ".join(parts) + "."]
+    return lines
+
+
+def _notes(record: RunRecord) -> list[str]:
+    notes = list(record.problems)
+    if not (record.run_dir / "metrics.jsonl").is_file():
+        notes.append("metrics.jsonl is missing: no step was logged")
+    if record.bad_lines:
+        last_only = record.bad_lines == [record.metrics_lines]
+        what = "the last line, cut short by a killed run" if last_only else f"lines {fmt_steps(record.bad_lines)}"
+        notes.append(f"{len(record.bad_lines)} of {record.metrics_lines} metrics.jsonl lines could not be read and "
+                     f"were skipped ({what})")
+    return notes
+
+
+# --------------------------------------------------------------------------- the report
+def write_report(run_dir: Path) -> Path:
+    """Write ``run_dir/report.md`` (and the plots it links); return the report's path."""
+    record = load_run(run_dir)
+    plots = plots_for(record)
+    return atomic_write(record.run_dir / "report.md", render_report(record, plots))
+
+
+def render_report(record: RunRecord, plots: list[Path]) -> str:
+    short, sentence = status_line(record)
+    out = [f"# Distillation run `{record.name}`: {short}", "", sentence, "", f"Run directory: `{record.run_dir}`", "",
+           "## What was distilled into what", ""]
+    model_rows, ratio = _model_rows(record)
+    if record.run_info is None:
+        out.append("Not recorded: run.json, which describes the models, is missing.")
+    else:
+        out += table(["role", "model", "architecture", "layers", "hidden size", "parameters", "vocabulary"],
+                     model_rows)
+    out += ["", ratio] if ratio else []
+    out += ["", "## Data", ""] + table(["", ""], _data_rows(record))
+    out += ["", "## Key configuration", ""] + table(["setting", "value"], _config_rows(record))
+    out += ["", "## Final metrics", ""]
+    if record.final_eval is None:
+        out.append("No evaluation yet: metrics.jsonl has no evaluation line.")
+    else:
+        out += ["From the last evaluation line of metrics.jsonl; \"before\" is the evaluation at step 0. Perplexity "
+                "is exp of the token-mean cross-entropy on held-out data, printed as computed (never capped).", ""]
+        out += _final_table(record)
+    out += [""] + table(["run", ""], _run_rows(record))
+    out += ["", "## Temperature and loss trajectory", ""] + _temperature_table(record)
+    out += ["", "## Health checks", ""] + _health_section(record)
+    out += ["", "## Skipped steps and guard events", ""] + _steps_section(record)
+    out += ["", "## Plots", ""]
+    for p in plots:
+        out += [f"### {PLOT_FILES[p.name]}", "", f"![{PLOT_FILES[p.name]}](plots/{p.name})", ""]
+    if not plots:
+        out += ["No plots: nothing plottable was logged yet.", ""]
+    notes = _notes(record)
+    if notes:
+        out += ["## Notes on the files read", ""] + [f"- {n}" for n in notes] + [""]
+    return "\n".join(out).rstrip() + "\n"

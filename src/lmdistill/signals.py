@@ -1,0 +1,156 @@
+"""Teacher signals: where the teacher's view of a batch comes from.
+
+The training step asks one question of the teacher per micro-batch -- ``signal(batch, T)``
+-- and hands the answer, a *teacher view*, to the objective. What the view holds decides
+how the student's side of the loss is computed:
+
+  TeacherLogits   the teacher's logits (B, L-1, V): the student's logits are formed too and
+                  ``losses.distillation_loss`` compares them (``loss.impl: full``).
+  TeacherHidden   the teacher's final hidden states and its lm_head: the student's hidden
+                  states go with them into ``fused.fused_linear_distillation_loss``, which
+                  never holds a (tokens x vocab) tensor for the whole batch (``chunked``).
+
+A new source (an offline cache of sparse targets, on-policy batches scored by a live
+teacher) is a new ``TeacherSignal`` and, if it hands out a new kind of view, one more case
+in ``objective.Objective``; the training loop does not change. ``prepare`` is the hook for
+sources that change the batch itself (on-policy generation) before its targets are counted.
+
+Every view carries ``nonfinite``: a 0-d flag, 1.0 when the teacher produced NaN or +Inf.
+It is a tensor so that the check costs no device sync; the trainer reduces it with the
+other step statistics. -Inf is a legitimate (masked) logit and is not flagged.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from .batch import Batch
+
+
+@dataclass
+class TeacherLogits:
+    """The teacher's logits at every position that predicts a target: (B, L-1, V), detached."""
+
+    logits: torch.Tensor
+    nonfinite: torch.Tensor
+
+
+@dataclass
+class TeacherHidden:
+    """The teacher's final hidden states (B, L-1, H) and its output layer, detached."""
+
+    hidden: torch.Tensor
+    weight: torch.Tensor
+    bias: torch.Tensor | None
+    nonfinite: torch.Tensor
+
+
+TeacherView = TeacherLogits | TeacherHidden
+
+
+class TeacherSignal:
+    """The interface: ``student_output`` says what the objective must compute from the student
+    ("logits" or "hidden") to meet this signal's views."""
+
+    student_output = "logits"
+
+    def prepare(self, batch: Batch) -> Batch:
+        """The batch the step trains on; live teachers take it as it is."""
+        return batch
+
+    def __call__(self, batch: Batch, temperature: float) -> TeacherView | None:
+        raise NotImplementedError
+
+
+class NoTeacher(TeacherSignal):
+    """Plain language-model training (kd_weight 0): no teacher runs during the step."""
+
+    def __init__(self, student_output: str = "logits"):
+        self.student_output = student_output
+
+    def __call__(self, batch: Batch, temperature: float) -> None:
+        return None
+
+
+class LiveLogits(TeacherSignal):
+    """A teacher model in memory, run forward on every micro-batch; its logits for the full path."""
+
+    student_output = "logits"
+
+    def __init__(self, teacher: torch.nn.Module, vocab_size: int):
+        self.teacher = teacher
+        self.vocab_size = vocab_size
+
+    @torch.no_grad()
+    def __call__(self, batch: Batch, temperature: float) -> TeacherLogits:
+        # use_cache=False: a training forward has no use for a KV cache (memory and time).
+        out = self.teacher(input_ids=batch.input_ids, attention_mask=batch.attention_mask, use_cache=False)
+        logits = out.logits[:, :-1, : self.vocab_size]
+        # -inf is a legitimate masked entry; NaN or +inf is a broken teacher. max() finds both.
+        return TeacherLogits(logits, (~torch.isfinite(logits.amax())).float())
+
+
+class LiveHidden(TeacherSignal):
+    """A teacher model in memory; its final hidden states and lm_head for the chunked path.
+
+    ``logits_to_keep=1`` makes the teacher compute the logits of one position only: the
+    fused loss forms the rest chunk by chunk from these hidden states.
+    """
+
+    student_output = "hidden"
+
+    def __init__(self, teacher: torch.nn.Module):
+        self.teacher = teacher
+
+    @torch.no_grad()
+    def __call__(self, batch: Batch, temperature: float) -> TeacherHidden:
+        out = self.teacher(input_ids=batch.input_ids, attention_mask=batch.attention_mask,
+                           output_hidden_states=True, logits_to_keep=1, use_cache=False)
+        hidden = out.hidden_states[-1][:, :-1]
+        head = self.teacher.get_output_embeddings()
+        return TeacherHidden(hidden, head.weight, head.bias, (~torch.isfinite(hidden).all()).float())
+
+
+# Config fields that change logits after the lm_head; the fused loss does not model them.
+_LOGIT_TRANSFORMS = ("final_logit_softcapping", "logit_scale", "logits_scaling", "output_multiplier_scale")
+
+
+def fused_loss_unsupported(model) -> str | None:
+    """Why the chunked loss cannot reproduce ``model``'s logits, or None if it can."""
+    head = model.get_output_embeddings()
+    if not isinstance(head, torch.nn.Linear):
+        return f"{type(model).__name__} has no plain linear output layer"
+    for name in _LOGIT_TRANSFORMS:
+        if getattr(model.config, name, None) not in (None, 1, 1.0):
+            return f"{type(model).__name__} transforms its logits ({name})"
+    return None
+
+
+def choose_loss_impl(impl: str, divergence, tokens_per_micro_batch: int, vocab_size: int, student,
+                     teacher, threshold_mib: float) -> str:
+    """``full`` or ``chunked`` for ``loss.impl`` (auto: chunked when the logits would be large).
+
+    Raises ValueError for ``chunked`` where it cannot work: a model whose logits the fused
+    loss cannot reproduce, or a divergence without a closed-form gradient.
+    """
+    if impl == "full":
+        return "full"
+    problems = [p for p in (fused_loss_unsupported(m) for m in (student, teacher) if m is not None) if p]
+    if teacher is not None and divergence.chunk is None:
+        problems.append(f"divergence {divergence.name!r} has no closed-form gradient")
+    if impl == "chunked":
+        if problems:
+            raise ValueError(f"loss.impl = chunked is not possible: {problems[0]}; use loss.impl=full")
+        return "chunked"
+    models = 2 if teacher is not None else 1
+    logits_mib = tokens_per_micro_batch * vocab_size * 4 * models / 2**20
+    return "chunked" if not problems and logits_mib > threshold_mib else "full"
+
+
+def make_signal(impl: str, teacher: torch.nn.Module | None, vocab_size: int) -> TeacherSignal:
+    """The live signal for loss implementation ``impl``; ``NoTeacher`` when no teacher is in play."""
+    if teacher is None:
+        return NoTeacher("hidden" if impl == "chunked" else "logits")
+    return LiveHidden(teacher) if impl == "chunked" else LiveLogits(teacher, vocab_size)
