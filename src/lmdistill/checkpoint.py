@@ -609,6 +609,12 @@ def restore_rng_state(state: Mapping[str, Any]) -> None:
 # --------------------------------------------------------------------------- hashing
 
 
+def model_reference(source: str) -> dict:
+    """A model by path and content hash: checkpoints refer to the teacher, never copy it."""
+    path = Path(source)
+    return {"source": source, "hash": directory_hash(path) if path.is_dir() else None}
+
+
 def directory_hash(path: Path) -> str:
     """Stable content hash of a model directory: ``"sha256:<64 hex digits>"``.
 

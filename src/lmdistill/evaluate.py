@@ -16,6 +16,7 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from .losses import token_divergence
+from .monitor import verdict_line
 
 
 def perplexity(mean_ce: float) -> float:
@@ -103,3 +104,22 @@ def evaluate(
                    top1_agreement=sums[3].item() / tokens, teacher_ce_loss=teacher_ce,
                    teacher_ppl=perplexity(teacher_ce))
     return out
+
+
+def summary_table(result) -> str:
+    """The table a run prints at its end: held-out perplexity of teacher and student, before and after."""
+    i, f = result.initial, result.final
+    rows = []
+    if "teacher_ppl" in f:
+        rows.append(("teacher", f["teacher_ppl"], f["teacher_ce_loss"]))
+    rows.append(("student before", i["eval_ppl"], i["eval_ce_loss"]))
+    rows.append(("student after", f["eval_ppl"], f["eval_ce_loss"]))
+    width = max(len(r[0]) for r in rows) + 2
+    lines = ["", f"{'held-out':<{width}}{'perplexity':>14}{'CE nats/token':>16}"]
+    lines += [f"{name:<{width}}{format_ppl(ppl):>14}{ce:>16.4f}" for name, ppl, ce in rows]
+    if "top1_agreement" in f:
+        lines.append(f"top-1 agreement with the teacher: {f['top1_agreement']:.1%}; "
+                     f"KL(teacher || student) at T=1: {f['eval_kl']:.4f} nats/token")
+    lines.append(f"health: {verdict_line(result.health)}")
+    lines.append(f"run directory: {result.run_dir}")
+    return "\n".join(lines)

@@ -181,6 +181,12 @@ def build_fresh_student(config, seed: int):
         raise LmdistillError(f"could not build a student from model.student_config: {exc}") from None
 
 
+def parameter_fingerprint(model) -> list[tuple[float, float]]:
+    """Cheap on-device checksums of every parameter, to catch a teacher that was modified."""
+    return [(p.detach().sum(dtype=torch.float64).item(),
+             torch.linalg.vector_norm(p.detach(), dtype=torch.float64).item()) for p in model.parameters()]
+
+
 def num_params(model) -> int:
     """Unique parameters (tied weights counted once)."""
     return sum(p.numel() for p in {id(p): p for p in model.parameters()}.values())

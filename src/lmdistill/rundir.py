@@ -139,3 +139,23 @@ class RunDirectory:
         tokenizer.save_pretrained(tmp)
         replace_dir(tmp, final, aside_name=".student.old")
         return final
+
+    def warn_if_resume_differs(self, checkpoint: Path, cfg, teacher_ref: dict | None) -> None:
+        """Warn when a resume would not continue the same run: a changed config or teacher."""
+        from .config import Config, load_yaml
+
+        saved_path = self.path / "config.yaml"
+        if saved_path.is_file():
+            saved, now = Config.from_dict(load_yaml(saved_path)).to_dict(), cfg.to_dict()
+            for key in ("resume", "overwrite"):
+                saved["run"][key] = now["run"][key]
+            changed = [f"{section}.{key}" for section in now for key in now[section]
+                       if saved.get(section, {}).get(key) != now[section][key]]
+            if changed:
+                print(f"warning: resuming with a changed config ({', '.join(changed)}); the resumed run will not match "
+                      "an uninterrupted one")
+        if teacher_ref:
+            saved_teacher = json.loads((checkpoint / "trainer_state.json").read_text()).get("teacher") or {}
+            if saved_teacher.get("hash") and saved_teacher.get("hash") != teacher_ref.get("hash"):
+                print(f"warning: the teacher at {teacher_ref['source']} changed since the checkpoint was written "
+                      f"(content hash differs); resuming with the changed teacher")

@@ -8,6 +8,9 @@ so the schedules carry on exactly as in a run without the fault.
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
+
+from .errors import LmdistillError
 
 
 def _progress(step: int, total_steps: int) -> float:
@@ -21,7 +24,7 @@ def temperature_at(step: int, total_steps: int, start: float, end: float, schedu
     """KD temperature at ``step`` of a run of ``total_steps`` optimizer steps.
 
     ``linear`` goes straight from ``start`` to ``end``: with start 2.0, end 1.5 and
-    25,000 steps it gives the seed's table 2.00, 1.90, ..., 1.50 at steps 0, 5000, ...,
+    25,000 steps it gives the original report's table 2.00, 1.90, ..., 1.50 at steps 0, 5000, ...,
     25000. ``cosine`` follows half a cosine; ``constant`` stays at ``start``.
     """
     if schedule == "constant":
@@ -51,3 +54,29 @@ def lr_at(step: int, total_steps: int, peak_lr: float, warmup_steps: int, schedu
     p = min(max((step - warmup_steps) / decay_steps, 0.0), 1.0)
     min_lr = peak_lr * min_lr_ratio
     return min_lr + (peak_lr - min_lr) * 0.5 * (1.0 + math.cos(math.pi * p))
+
+
+@dataclass(frozen=True)
+class Plan:
+    """A run's length and cadence, derived once from the config and the data."""
+
+    total_steps: int
+    steps_per_epoch: int
+    warmup_steps: int
+    eval_every: int
+    eval_batch_size: int
+
+    @classmethod
+    def for_run(cls, cfg, micro_batches_per_epoch: int, world: int, train_blocks: int, vocab_size: int) -> "Plan":
+        t = cfg.train
+        steps_per_epoch = micro_batches_per_epoch // t.grad_accum
+        if steps_per_epoch == 0:
+            raise LmdistillError(
+                f"one optimizer step needs {t.batch_size * t.grad_accum * world} blocks (batch_size x grad_accum x "
+                f"processes) but there are only {train_blocks} training blocks; lower train.batch_size or add data")
+        total = t.max_steps or t.epochs * steps_per_epoch
+        warmup = t.warmup_steps if t.warmup_steps is not None else int(0.05 * total)
+        # Eval builds full logits (no gradients): keep a batch's logits under the loss's size budget.
+        eval_batch = max(1, min(max(t.batch_size, 8), int(cfg.loss.auto_threshold_mib * 2**20 // (
+            cfg.data.block_size * vocab_size * 4 * 2))))
+        return cls(total, steps_per_epoch, warmup, t.eval_every or max(1, total // 10), eval_batch)

@@ -34,21 +34,22 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
+from . import divergences
 from .batch import Batch
-from .checkpoint import capture_rng_state, directory_hash, find_latest_valid, load_checkpoint, restore_rng_state
-from .checkpoint import save_checkpoint
+from .checkpoint import (capture_rng_state, find_latest_valid, load_checkpoint, model_reference, restore_rng_state,
+                         save_checkpoint)
 from .config import Config
 from .data import BlockSampler, build_block_data
 from .devices import check_trackers_installed, flat_config, make_accelerator
 from .errors import LmdistillError, TrainingStopped
-from .evaluate import evaluate, format_ppl
+from .evaluate import evaluate, summary_table
 from .faults import FaultInjector
 from .guards import Decision, Guard, StepStats
-from .models import ModelInfo, load_models
-from .monitor import HealthMonitor, verdict_line
+from .models import ModelInfo, load_models, parameter_fingerprint
+from .monitor import HealthMonitor
 from .objective import KDSpec, Objective
 from .rundir import RunDirectory
-from .schedules import lr_at, temperature_at
+from .schedules import Plan, lr_at, temperature_at
 from .signals import choose_loss_impl, make_signal
 from .tracking import MetricsLog
 
@@ -88,18 +89,6 @@ class StepResult:
             line = {"step": self.step, "skipped": True, "reason": self.decision.reason,
                     **{k: v for k, v in line.items() if k != "step"}}
         return line
-
-
-@dataclass(frozen=True)
-class Plan:
-    """The run's numbers derived from the config and the data."""
-
-    total_steps: int
-    steps_per_epoch: int
-    warmup_steps: int
-    eval_every: int
-    eval_batch_size: int
-    loss_impl: str
 
 
 def make_optimizer(model, cfg: Config):
@@ -162,10 +151,12 @@ class Trainer:
         self.data = build_block_data(cfg.data, self.tokenizer)
         self.sampler = BlockSampler(len(self.data.train), cfg.train.batch_size, cfg.run.seed,
                                     self.accelerator.process_index, self.world)
-        self.plan = self._make_plan(models)
+        self.plan = Plan.for_run(cfg, self.sampler.micro_batches_per_epoch, self.world, len(self.data.train),
+                                 self.vocab_size)
+        self.loss_impl = self._choose_loss_impl(models)
         self.teacher = models.teacher
         kd_teacher = self.teacher if cfg.distill.kd_weight > 0 else None
-        self.signal = make_signal(self.plan.loss_impl, kd_teacher, self.vocab_size)
+        self.signal = make_signal(self.loss_impl, kd_teacher, self.vocab_size)
         optimizer = make_optimizer(models.student, cfg)
         self.student, self.optimizer = self.accelerator.prepare(models.student, optimizer)
         self.student.train()
@@ -176,32 +167,18 @@ class Trainer:
         self.objective = Objective(KDSpec(d.kd_weight, d.divergence, d.scale_by_t2, d.jsd_beta, d.skew_alpha),
                                    self.vocab_size, self.signal.student_output,
                                    self.raw_student.get_output_embeddings(), cfg.loss.chunk_size)
-        self.teacher_before = _fingerprint(self.teacher) if self.teacher is not None else None
+        self.teacher_before = parameter_fingerprint(self.teacher) if self.teacher is not None else None
         self._teacher_ref: dict | None = None
 
-    def _make_plan(self, models) -> Plan:
-        cfg, train_cfg = self.cfg, self.cfg.train
-        steps_per_epoch = self.sampler.micro_batches_per_epoch // train_cfg.grad_accum
-        if steps_per_epoch == 0:
-            need = train_cfg.batch_size * train_cfg.grad_accum * self.world
-            raise LmdistillError(
-                f"one optimizer step needs {need} blocks (batch_size x grad_accum x processes) but there are only "
-                f"{len(self.data.train)} training blocks; lower train.batch_size or add data")
-        total = train_cfg.max_steps or train_cfg.epochs * steps_per_epoch
-        warmup = train_cfg.warmup_steps if train_cfg.warmup_steps is not None else int(0.05 * total)
-        # Eval builds full logits (no gradients): keep a batch's logits under the same size budget.
-        eval_batch = max(1, min(max(train_cfg.batch_size, 8), int(cfg.loss.auto_threshold_mib * 2**20 // (
-            cfg.data.block_size * self.vocab_size * 4 * 2))))
-        from .divergences import get
-
+    def _choose_loss_impl(self, models) -> str:
+        cfg = self.cfg
         kd_teacher = models.teacher if cfg.distill.kd_weight > 0 else None
         try:
-            impl = choose_loss_impl(cfg.loss.impl, get(cfg.distill.divergence),
-                                    train_cfg.batch_size * (cfg.data.block_size - 1), self.vocab_size,
+            return choose_loss_impl(cfg.loss.impl, divergences.get(cfg.distill.divergence),
+                                    cfg.train.batch_size * (cfg.data.block_size - 1), self.vocab_size,
                                     models.student, kd_teacher, cfg.loss.auto_threshold_mib)
         except ValueError as exc:
             raise LmdistillError(str(exc)) from None
-        return Plan(total, steps_per_epoch, warmup, train_cfg.eval_every or max(1, total // 10), eval_batch, impl)
 
     def _setup_resume(self) -> None:
         """Continue from the newest valid checkpoint (``--resume``), or start the run directory."""
@@ -219,7 +196,7 @@ class Trainer:
                 run.create(cfg)
                 self.tokenizer.save_pretrained(run.path / "tokenizer")  # once per run; checkpoints + this = a model
             else:
-                _check_resume_compatible(run.path, resume_from, cfg, self.teacher_reference())
+                run.warn_if_resume_differs(resume_from, cfg, self.teacher_reference())
         self.accelerator.wait_for_everyone()
         self.guard = Guard(cfg.guard)
         self.monitor = HealthMonitor(cfg.health, self.plan.total_steps)
@@ -266,10 +243,9 @@ class Trainer:
             "teacher": asdict(ModelInfo.of(self.teacher, models.teacher_name)) if self.teacher is not None else None,
             "student": asdict(ModelInfo.of(self.raw_student, models.student_name)),
             "data": self.data.describe(),
-            "plan": {"total_steps": self.plan.total_steps, "steps_per_epoch": self.plan.steps_per_epoch,
-                     "warmup_steps": self.plan.warmup_steps, "eval_every": self.plan.eval_every,
-                     "loss_impl": self.plan.loss_impl, "processes": self.world, "device": str(self.device),
-                     "mixed_precision": self.accelerator.mixed_precision, "vocab_size": self.vocab_size},
+            "plan": {**asdict(self.plan), "loss_impl": self.loss_impl, "processes": self.world,
+                     "device": str(self.device), "mixed_precision": self.accelerator.mixed_precision,
+                     "vocab_size": self.vocab_size},
         }
         if self.resumed_from is not None:
             self.run_info["resumed_from_step"] = self.start_step
@@ -443,9 +419,7 @@ class Trainer:
     def teacher_reference(self) -> dict | None:
         """The teacher by path and content hash (computed once: hashing reads every file)."""
         if self._teacher_ref is None and self.teacher is not None and self.cfg.model.teacher is not None:
-            path = Path(self.cfg.model.teacher)
-            self._teacher_ref = {"source": self.cfg.model.teacher,
-                                 "hash": directory_hash(path) if path.is_dir() else None}
+            self._teacher_ref = model_reference(self.cfg.model.teacher)
         return self._teacher_ref
 
     def save_checkpoint(self, done: int) -> None:
@@ -467,7 +441,7 @@ class Trainer:
         total = self.plan.total_steps
         final = self.evaluate(total, self.temperature_at(total), "eval (final)")
         student_dir = self.run.save_student(self.raw_student, self.tokenizer) if self.is_main else None
-        if self.teacher is not None and _fingerprint(self.teacher) != self.teacher_before:
+        if self.teacher is not None and parameter_fingerprint(self.teacher) != self.teacher_before:
             raise AssertionError("the teacher's weights changed during training")  # our invariant, not user error
         rate = statistics.median_high(self.rates) if self.rates else None
         self.run_info.update(status="finished", initial=_eval_summary(self.initial), final={
@@ -503,53 +477,6 @@ def _utcnow() -> str:
     return datetime.now(timezone.utc).isoformat(timespec="seconds")
 
 
-def _check_resume_compatible(run_dir: Path, checkpoint: Path, cfg: Config, teacher_ref: dict | None) -> None:
-    """Warn when a resume would not continue the same run."""
-    import json
-
-    from .config import load_yaml
-
-    saved_path = run_dir / "config.yaml"
-    if saved_path.is_file():
-        saved, now = Config.from_dict(load_yaml(saved_path)).to_dict(), cfg.to_dict()
-        for key in ("resume", "overwrite"):
-            saved["run"][key] = now["run"][key]
-        changed = [f"{section}.{key}" for section in now for key in now[section]
-                   if saved.get(section, {}).get(key) != now[section][key]]
-        if changed:
-            print(f"warning: resuming with a changed config ({', '.join(changed)}); the resumed run will not match "
-                  "an uninterrupted one")
-    if teacher_ref:
-        saved_teacher = json.loads((checkpoint / "trainer_state.json").read_text()).get("teacher") or {}
-        if saved_teacher.get("hash") and saved_teacher.get("hash") != teacher_ref.get("hash"):
-            print(f"warning: the teacher at {teacher_ref['source']} changed since the checkpoint was written "
-                  f"(content hash differs); resuming with the changed teacher")
-
-
-def _fingerprint(model) -> list[tuple[float, float]]:
-    """Cheap on-device checksums of every parameter, to catch a teacher that was modified."""
-    return [(p.detach().sum(dtype=torch.float64).item(),
-             torch.linalg.vector_norm(p.detach(), dtype=torch.float64).item()) for p in model.parameters()]
-
-
 def _eval_summary(result: dict) -> dict:
     keys = ("eval_ce_loss", "eval_ppl", "eval_kd_loss", "eval_kl", "top1_agreement", "teacher_ce_loss", "teacher_ppl")
     return {k: result[k] for k in keys if k in result}
-
-
-def summary_table(result: RunResult) -> str:
-    i, f = result.initial, result.final
-    rows = []
-    if "teacher_ppl" in f:
-        rows.append(("teacher", f["teacher_ppl"], f["teacher_ce_loss"]))
-    rows.append(("student before", i["eval_ppl"], i["eval_ce_loss"]))
-    rows.append(("student after", f["eval_ppl"], f["eval_ce_loss"]))
-    width = max(len(r[0]) for r in rows) + 2
-    lines = ["", f"{'held-out':<{width}}{'perplexity':>14}{'CE nats/token':>16}"]
-    lines += [f"{name:<{width}}{format_ppl(ppl):>14}{ce:>16.4f}" for name, ppl, ce in rows]
-    if "top1_agreement" in f:
-        lines.append(f"top-1 agreement with the teacher: {f['top1_agreement']:.1%}; "
-                     f"KL(teacher || student) at T=1: {f['eval_kl']:.4f} nats/token")
-    lines.append(f"health: {verdict_line(result.health)}")
-    lines.append(f"run directory: {result.run_dir}")
-    return "\n".join(lines)

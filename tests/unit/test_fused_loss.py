@@ -17,6 +17,7 @@ import pytest
 import torch
 
 import lmdistill.fused as fused_mod
+from lmdistill.divergences import DIVERGENCES
 from lmdistill.fused import FusedLinearDistillationLoss, fused_linear_distillation_loss
 from lmdistill.losses import distillation_loss
 
@@ -105,14 +106,17 @@ def assert_parity(ours, ref, rtol=RTOL):
         assert rel_err(a, b) <= rtol, f"{name}: relative error {rel_err(a, b):.2e}"
 
 
-@pytest.mark.parametrize("divergence", ["forward_kl", "reverse_kl", "jsd"])
+@pytest.mark.parametrize("divergence", DIVERGENCES)
 @pytest.mark.parametrize("temperature", [0.5, 1.0, 2.0, 5.0, 10.0])
 @pytest.mark.parametrize("kd_weight", [0.0, 0.5, 1.0])
 @pytest.mark.parametrize("scale_by_t2", [True, False])
 def test_parity_grid(divergence, temperature, kd_weight, scale_by_t2):
     d = make_inputs(seed=int(temperature * 10), ignore=(0, 5, 6, 7))
     kw = dict(temperature=temperature, kd_weight=kd_weight, scale_by_t2=scale_by_t2, divergence=divergence)
-    assert_parity(run_fused(d, chunk_size=8, **kw), run_reference(d, **kw))
+    # TVD's gradient has sign(p - q) in it: where a student and a teacher probability are equal
+    # to fp32 rounding, the two fp32 computations may take opposite signs. That moves the
+    # gradient by a few 1e-5 (measured 2.5e-5 here), so TVD gets a looser bound.
+    assert_parity(run_fused(d, chunk_size=8, **kw), run_reference(d, **kw), rtol=RTOL if divergence != "tvd" else 1e-4)
 
 
 @pytest.mark.parametrize("n,hs,ht,v,chunk_size", [
@@ -186,7 +190,7 @@ def test_both_padded_with_vocab_size():
     assert torch.equal(gb[41:], torch.zeros_like(gb[41:]))
 
 
-@pytest.mark.parametrize("divergence", ["forward_kl", "jsd"])
+@pytest.mark.parametrize("divergence", ["forward_kl", "jsd", "skew_kl", "skew_reverse_kl", "tvd"])
 def test_teacher_minus_inf_logits_stay_finite(divergence):
     """A -inf teacher bias (banned tokens) gives 0 * log 0 entries: exactly zero, not NaN."""
     d = make_inputs(teacher_bias=True, ignore=(2,))
