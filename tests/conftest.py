@@ -7,11 +7,14 @@ save_pretrained, exactly as a user's local model directories would be.
 
 from __future__ import annotations
 
+import contextlib
+import io
 import json
 import os
 import subprocess
 import sys
 from pathlib import Path
+from typing import NamedTuple
 
 import pytest
 
@@ -89,8 +92,30 @@ def student_dir(tmp_path_factory, tiny_tokenizer) -> Path:
     return path
 
 
+class CliResult(NamedTuple):
+    returncode: int
+    stdout: str
+    stderr: str
+
+
+def cli(*args: str) -> CliResult:
+    """Run ``lmdistill ARGS`` in this process through ``cli.main``, as the console script does.
+
+    Anything ``cli.main`` lets escape (a traceback, for a user) fails the calling test."""
+    from lmdistill.cli import main
+
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        try:
+            code = main(list(args))
+        except SystemExit as exc:  # argparse's own usage errors
+            code = exc.code
+    return CliResult(code, out.getvalue(), err.getvalue())
+
+
 def run_cli(*args: str, cwd: Path | None = None, env: dict | None = None, timeout: int = 600):
-    """Run ``python -m lmdistill ARGS`` in a fresh process; returns CompletedProcess."""
+    """Run ``python -m lmdistill ARGS`` in a fresh process; returns CompletedProcess. For what
+    needs a real process: exit codes of the entry point itself, kills, multi-process launches."""
     full_env = {**os.environ, **(env or {})}
     full_env["PYTHONPATH"] = str(REPO / "src") + os.pathsep + full_env.get("PYTHONPATH", "")
     return subprocess.run([sys.executable, "-m", "lmdistill", *args], cwd=cwd, env=full_env, capture_output=True,

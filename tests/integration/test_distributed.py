@@ -13,6 +13,8 @@ from safetensors.torch import load_file
 
 from conftest import REPO, read_jsonl, run_cli
 
+pytestmark = pytest.mark.slow
+
 STUDENT = ("model.student_config={num_hidden_layers: 1, hidden_size: 16, intermediate_size: 32, "
            "num_attention_heads: 2, num_key_value_heads: 2}")
 

@@ -9,7 +9,7 @@ import pytest
 import torch
 import yaml
 
-from conftest import read_jsonl, run_cli
+from conftest import cli, read_jsonl
 from lmdistill.checkpoint import load_checkpoint
 from lmdistill.config import Config
 from lmdistill.errors import TrainingStopped
@@ -33,19 +33,31 @@ def _config(out: Path, teacher_dir, text_file, **sections) -> Config:
     return cfg.validate()
 
 
-def _assert_states_equal(a, b):
-    assert a.keys() == b.keys()
-    for key in a:
-        if torch.is_tensor(a[key]):
-            assert torch.equal(a[key], b[key]), key
-        elif isinstance(a[key], dict):
-            _assert_states_equal(a[key], b[key])
-        elif isinstance(a[key], list):
-            assert len(a[key]) == len(b[key])
-            for x, y in zip(a[key], b[key]):
-                _assert_states_equal(x, y) if isinstance(x, dict) else None
-        else:
-            assert a[key] == b[key], key
+def _assert_states_equal(a, b, where="state"):
+    """Bit-identical nested state: tensors by torch.equal, dicts by key, lists element by element."""
+    if torch.is_tensor(a):
+        assert torch.is_tensor(b) and torch.equal(a, b), where
+    elif isinstance(a, dict):
+        assert isinstance(b, dict) and a.keys() == b.keys(), where
+        for key in a:
+            _assert_states_equal(a[key], b[key], f"{where}[{key!r}]")
+    elif isinstance(a, (list, tuple)):
+        assert isinstance(b, (list, tuple)) and len(a) == len(b), where
+        for i, (x, y) in enumerate(zip(a, b)):
+            _assert_states_equal(x, y, f"{where}[{i}]")
+    else:
+        assert a == b, where
+
+
+def test_state_comparison_sees_inside_lists():
+    """The helper above must fail on a difference anywhere, lists of tensors and numbers included."""
+    same = {"w": torch.ones(2), "groups": [torch.zeros(1), 3, {"lr": 0.1}]}
+    _assert_states_equal(same, {"w": torch.ones(2), "groups": [torch.zeros(1), 3, {"lr": 0.1}]})
+    for other in ({"w": torch.ones(2), "groups": [torch.ones(1), 3, {"lr": 0.1}]},
+                  {"w": torch.ones(2), "groups": [torch.zeros(1), 4, {"lr": 0.1}]},
+                  {"w": torch.ones(2), "groups": [torch.zeros(1), 3, {"lr": 0.2}]}):
+        with pytest.raises(AssertionError):
+            _assert_states_equal(same, other)
 
 
 @pytest.mark.parametrize("precision", ["no", "bf16"])
@@ -91,7 +103,7 @@ def test_masked_teacher_vocabulary_is_not_a_fault(tmp_path, teacher_dir, text_fi
 def test_consecutive_faults_stop_with_exit_code_3_and_name_the_teacher(tmp_path, teacher_dir, text_file):
     out = tmp_path / "run"
     faults = ", ".join(f"{{step: {s}, where: teacher_logits, value: nan}}" for s in range(3, 12))
-    proc = run_cli("train", "--teacher", str(teacher_dir), "--data", str(text_file), "--output-dir", str(out),
+    proc = cli("train", "--teacher", str(teacher_dir), "--data", str(text_file), "--output-dir", str(out),
                    "--batch-size", "2", "--max-steps", "20", "--set", "data.block_size=32",
                    "--set", f"model.student_config={SMALL_STUDENT}", "--set", f"debug.inject=[{faults}]",
                    "--set", "checkpoint.every=2", "--no-progress")
@@ -156,11 +168,12 @@ def test_same_seed_same_decisions(tmp_path, teacher_dir, text_file):
     assert [s for s, reason, _ in first if reason == "spike"] == [10, 14]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("preset", sorted(p.name for p in (Path(__file__).parents[2] / "configs").glob("seed-replay-*.yaml")))
 def test_seed_replay_presets_stay_finite_and_learn(tmp_path, teacher_dir, text_file, preset):
     """The seed's failing settings (T=3 -> 2 with T^2, and T=5, T=10; fp32 and bf16), shortened."""
     out = tmp_path / "run"
-    proc = run_cli("train", "--config", str(Path(__file__).parents[2] / "configs" / preset),
+    proc = cli("train", "--config", str(Path(__file__).parents[2] / "configs" / preset),
                    "--teacher", str(teacher_dir), "--data", str(text_file), "--output-dir", str(out),
                    "--max-steps", "30", "--batch-size", "4", "--eval-every", "15", "--set", "data.block_size=64",
                    "--set", f"model.student_config={SMALL_STUDENT}", "--set", "data.max_eval_blocks=16",

@@ -1,20 +1,23 @@
-"""Checkpoints that survive a kill, and resume that is bit-exact on the CPU."""
+"""Checkpoints that survive a kill, and resume that is bit-exact on the CPU.
+
+Runs that must die (a SIGKILL, or the kill drill's ``os._exit``) are real processes forked from
+a warm server (forked.py); the runs that finish go through ``cli.main`` in this process.
+"""
 
 from __future__ import annotations
 
 import json
-import os
 import random
-import signal
-import subprocess
-import sys
 import time
 
 import pytest
 import torch
 from safetensors.torch import load_file
 
-from conftest import REPO, read_jsonl, run_cli
+from conftest import cli, read_jsonl
+from forked import run_cli_forked, start_cli
+
+pytestmark = pytest.mark.slow
 
 STEPS = 14
 
@@ -48,7 +51,7 @@ def _weights(run_dir):
 @pytest.fixture(scope="module")
 def uninterrupted(tmp_path_factory, teacher_dir, small_text):
     out = tmp_path_factory.mktemp("resume") / "full"
-    proc = run_cli(*_train_args(teacher_dir, small_text, out))
+    proc = cli(*_train_args(teacher_dir, small_text, out))
     assert proc.returncode == 0, proc.stderr[-3000:]
     return out
 
@@ -61,17 +64,19 @@ def test_run_crosses_an_epoch(uninterrupted):
 @pytest.mark.parametrize("stop_at", [4, 10], ids=["mid-epoch", "after-epoch-boundary"])
 def test_resumed_run_is_bit_exact(tmp_path, teacher_dir, small_text, uninterrupted, stop_at):
     out = tmp_path / "resumed"
-    first = run_cli(*_train_args(teacher_dir, small_text, out, "--set", f"debug.exit_after_step={stop_at}"))
-    assert first.returncode == 137, first.stderr[-2000:]
+    log = tmp_path / "first.log"
+    first = run_cli_forked(*_train_args(teacher_dir, small_text, out, "--set", f"debug.exit_after_step={stop_at}"),
+                           log=str(log))
+    assert first == 137, log.read_text()[-2000:]
     assert not (out / "student").exists()
     # A run killed mid-way still gets a report from what is on disk.
-    report = run_cli("report", str(out))
+    report = cli("report", str(out))
     assert report.returncode == 0, report.stderr[-2000:]
     assert "killed" in (out / "report.md").read_text()
     # A plain re-run refuses and says how to continue.
-    refused = run_cli(*_train_args(teacher_dir, small_text, out))
+    refused = cli(*_train_args(teacher_dir, small_text, out))
     assert refused.returncode == 2 and "--resume" in refused.stderr
-    resumed = run_cli(*_train_args(teacher_dir, small_text, out, "--resume"))
+    resumed = cli(*_train_args(teacher_dir, small_text, out, "--resume"))
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert f"from step-{stop_at}" in resumed.stdout
     assert _losses(out) == _losses(uninterrupted)  # every per-step value, exactly
@@ -84,32 +89,30 @@ def test_kill_at_random_moments(tmp_path, teacher_dir, small_text):
     """SIGKILL at 20 random moments of training (many inside a checkpoint save), resume each time."""
     steps = 400  # long enough that 20 short-lived attempts cannot finish it
     reference = tmp_path / "reference"
-    done = run_cli(*_train_args(teacher_dir, small_text, reference, steps=steps))
+    done = cli(*_train_args(teacher_dir, small_text, reference, steps=steps))
     assert done.returncode == 0, done.stderr[-2000:]
     out = tmp_path / "killed"
-    metrics = out / "metrics.jsonl"
-    env = {**os.environ, "PYTHONPATH": str(REPO / "src")}
+    metrics, log = out / "metrics.jsonl", tmp_path / "attempts.log"
     rng = random.Random(1234)
     kills = 0
     for attempt in range(40):
         args = _train_args(teacher_dir, small_text, out, *(("--resume",) if attempt else ()), steps=steps)
         started = time.time()
-        proc = subprocess.Popen([sys.executable, "-m", "lmdistill", *args], env=env, stdout=subprocess.DEVNULL,
-                                stderr=subprocess.PIPE, text=True)
+        proc = start_cli(*args, log=str(log))
         if kills < 20:
             # Wait until this attempt is training (it rewrites metrics.jsonl on resume), then kill at a
             # random moment of the next 0.5 s: every step writes a checkpoint, so many kills hit a save.
-            while proc.poll() is None and not (metrics.exists() and metrics.stat().st_mtime > started):
+            while proc.is_alive() and not (metrics.exists() and metrics.stat().st_mtime > started):
                 time.sleep(0.02)
             time.sleep(rng.uniform(0.0, 0.5))
-            if proc.poll() is None:
-                proc.send_signal(signal.SIGKILL)
+            if proc.is_alive():
+                proc.kill()  # SIGKILL
                 kills += 1
-        proc.wait(timeout=600)
-        if proc.returncode == 0:
+        proc.join(600)
+        if proc.exitcode == 0:
             break
     assert kills >= 20
-    assert proc.returncode == 0, proc.stderr.read()[-2000:]
+    assert proc.exitcode == 0, log.read_text()[-2000:]
     want, got = _weights(reference), _weights(out)
     assert all(torch.equal(want[k], got[k]) for k in want)
     assert _losses(out) == _losses(reference)
@@ -117,14 +120,14 @@ def test_kill_at_random_moments(tmp_path, teacher_dir, small_text):
 
 def test_corrupt_newest_checkpoint_falls_back(tmp_path, teacher_dir, small_text, uninterrupted):
     out = tmp_path / "corrupt"
-    first = run_cli(*_train_args(teacher_dir, small_text, out, "--set", "debug.exit_after_step=6"))
-    assert first.returncode == 137
+    first = run_cli_forked(*_train_args(teacher_dir, small_text, out, "--set", "debug.exit_after_step=6"))
+    assert first == 137
     newest = out / "checkpoints" / "step-6" / "model.safetensors"
     data = bytearray(newest.read_bytes())
     data[len(data) // 2] ^= 0xFF  # one flipped byte
     newest.write_bytes(bytes(data))
     # --resume takes the run's saved config, drill included; a flag on top switches the drill off.
-    resumed = run_cli(*_train_args(teacher_dir, small_text, out, "--resume", "--set", "debug.exit_after_step=null"))
+    resumed = cli(*_train_args(teacher_dir, small_text, out, "--resume", "--set", "debug.exit_after_step=null"))
     assert resumed.returncode == 0, resumed.stderr[-2000:]
     assert "step-6" in resumed.stdout and "model.safetensors" in resumed.stdout  # the warning names the bad file
     assert "from step-5" in resumed.stdout

@@ -11,7 +11,7 @@ import torch
 import yaml
 from safetensors.torch import load_file
 
-from conftest import read_jsonl, run_cli
+from conftest import cli, read_jsonl
 
 TRAIN_KEYS = {"step", "epoch", "temperature", "lr", "loss", "kd_loss", "kd_loss_unscaled", "ce_loss", "grad_norm",
               "tokens_per_s"}
@@ -26,7 +26,7 @@ def _file_digests(directory):
 def e2e_run(tmp_path_factory, teacher_dir, text_file):
     out = tmp_path_factory.mktemp("e2e") / "run"
     teacher_files_before = _file_digests(teacher_dir)
-    proc = run_cli("train", "--teacher", str(teacher_dir), "--data", str(text_file), "--output-dir", str(out),
+    proc = cli("train", "--teacher", str(teacher_dir), "--data", str(text_file), "--output-dir", str(out),
                    "--batch-size", "4", "--max-steps", "40", "--eval-every", "10", "--lr", "3e-3",
                    "--set", "data.block_size=64", "--set", "model.student_config={num_hidden_layers: 1, "
                    "hidden_size: 32, intermediate_size: 64, num_attention_heads: 2, num_key_value_heads: 2}",
@@ -109,7 +109,7 @@ def test_run_directory_contract(e2e_run):
 def test_finished_run_directory_is_not_overwritten(e2e_run, teacher_dir, text_file):
     _, out, _ = e2e_run
     weights = load_file(out / "student" / "model.safetensors")
-    proc = run_cli("train", "--teacher", str(teacher_dir), "--data", str(text_file), "--output-dir", str(out),
+    proc = cli("train", "--teacher", str(teacher_dir), "--data", str(text_file), "--output-dir", str(out),
                    "--max-steps", "2", "--no-progress")
     assert proc.returncode == 2
     assert "already holds a finished run" in proc.stderr and "--overwrite" in proc.stderr
@@ -158,7 +158,7 @@ def test_report_and_plots_match_metrics(e2e_run):
 def test_report_command_compares_two_runs(e2e_run, teacher_dir):
     _, out, _ = e2e_run
     other = teacher_dir.parent  # the teacher's own pretraining run (plain LM training)
-    proc = run_cli("report", str(out), str(other))
+    proc = cli("report", str(out), str(other))
     assert proc.returncode == 0, proc.stderr[-2000:]
     comparison = next(line for line in proc.stdout.splitlines() if line.strip().endswith(".md"))
     text = open(comparison.split()[-1]).read()
@@ -167,7 +167,7 @@ def test_report_command_compares_two_runs(e2e_run, teacher_dir):
 
 def test_eval_command_on_the_run(e2e_run, text_file, teacher_dir):
     _, out, _ = e2e_run
-    proc = run_cli("eval", str(out), "--data", str(text_file), "--teacher", str(teacher_dir), "--block-size", "64",
+    proc = cli("eval", str(out), "--data", str(text_file), "--teacher", str(teacher_dir), "--block-size", "64",
                    "--max-blocks", "8", "--no-progress")
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert "perplexity" in proc.stdout and "top-1 agreement" in proc.stdout
@@ -177,7 +177,7 @@ def test_export_a_checkpoint(e2e_run, tmp_path):
     from transformers import AutoModelForCausalLM
 
     _, out, _ = e2e_run
-    proc = run_cli("export", str(out / "checkpoints" / "step-40"), str(tmp_path / "exported"))
+    proc = cli("export", str(out / "checkpoints" / "step-40"), str(tmp_path / "exported"))
     assert proc.returncode == 0, proc.stderr[-2000:]
     exported = AutoModelForCausalLM.from_pretrained(tmp_path / "exported")
     final = AutoModelForCausalLM.from_pretrained(out / "student")
