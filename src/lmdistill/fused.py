@@ -23,6 +23,7 @@ dD/dz_s = dD/ds / T, so the KD term T^2 * D has gradient T * dD/ds.
 
 from __future__ import annotations
 
+import itertools
 import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -34,7 +35,7 @@ from torch import Tensor
 from .divergences import DivergenceParams, _no_workspace
 from .losses import IGNORE_INDEX, LossParts, check_loss_args, normaliser
 
-__all__ = ["fused_linear_distillation_loss", "FusedLinearDistillationLoss"]
+__all__ = ["fused_linear_distillation_loss", "fused_logits_distillation_loss", "FusedLinearDistillationLoss"]
 
 _USE_WORKSPACE = True  # tests switch it off to check the allocation-only path too
 
@@ -66,8 +67,14 @@ class _Workspace:
         return buf[: rows * self.vocab].view(rows, self.vocab)
 
 
-def _logits(h: Tensor, w: Tensor, b: Tensor | None, out: Tensor | None) -> Tensor:
-    """(C, H) x (V, H)^T + (V,) -> (C, V) fp32; the matmul itself runs in the input dtype."""
+def _logits(h: Tensor, w: Tensor | None, b: Tensor | None, out: Tensor | None) -> Tensor:
+    """(C, H) x (V, H)^T + (V,) -> (C, V) fp32; the matmul itself runs in the input dtype.
+
+    With ``w`` None, ``h`` already holds the (C, V) logits: they are copied to fp32 (always a
+    copy: the chunk math scales them in place, and the caller's logits must stay as they are).
+    """
+    if w is None:
+        return h.to(torch.float32, copy=True) if out is None else out.copy_(h)
     if out is not None and h.dtype == torch.float32:
         return torch.mm(h, w.t(), out=out) if b is None else torch.addmm(b, h, w.t(), out=out)
     z = F.linear(h, w, b)
@@ -251,15 +258,7 @@ class _FusedLinearKD(torch.autograd.Function):
                 ht_c = ht_c.to(w_t.dtype)
             args = (h_c, w_s_v, b_s_v, ht_c, w_t_v, b_t_v, y_c, inv_t, c_kd, c_ce,
                     opts.kd_chunk, opts.params, opts.with_kd, opts.same_t, need_grad)
-            if step is _chunk_step:
-                grad_z, ce_sum, kd_sum = step(*args, ws=workspace)
-            else:
-                try:
-                    grad_z, ce_sum, kd_sum = step(*args)
-                except Exception as exc:  # a compiler failure of any kind: fall back to eager
-                    _disable_compile(exc)
-                    step = _chunk_step
-                    grad_z, ce_sum, kd_sum = step(*args, ws=workspace)
+            step, (grad_z, ce_sum, kd_sum) = _run_step(step, args, workspace)
             ce_total += ce_sum
             kd_total += kd_sum
             if grad_z is None:
@@ -300,6 +299,77 @@ class _FusedLinearKD(torch.autograd.Function):
             out.append(None if g is None else g.mul_(grad_total).to(dtype))
         grad_h, grad_w, grad_b = out
         return grad_h, grad_w, grad_b, None, None, None, None, None, None, None, None, None
+
+
+def _run_step(step, args: tuple, workspace):
+    """(the step function to use from now on, its result); a compiler failure falls back to eager."""
+    if step is _chunk_step:
+        return step, step(*args, ws=workspace)
+    try:
+        return step, step(*args)
+    except Exception as exc:  # a compiler failure of any kind: fall back to eager
+        _disable_compile(exc)
+        return _chunk_step, _chunk_step(*args, ws=workspace)
+
+
+def _row_blocks(*tensors: Tensor | None) -> list[tuple]:
+    """The rows of (..., D) tensors of one leading shape as aligned 2-D views, without copies.
+
+    One block of all rows when the leading dimensions flatten into a view (contiguous logits),
+    else one block per sequence (a ``[:, :-1, :V]`` slice of a model's padded logits).
+    """
+    first = tensors[0]
+    try:
+        return [tuple(t.view(-1, *t.shape[first.dim() - 1:]) if t is not None else None for t in tensors)]
+    except RuntimeError:
+        pass
+    blocks = []
+    for index in itertools.product(*map(range, first.shape[:-2])):
+        blocks.append(tuple(t[index] if t is not None else None for t in tensors))
+    return blocks
+
+
+class _LogitsKD(torch.autograd.Function):
+    """The full-logits loss with the closed-form gradients of ``_chunk_step``: no autograd graph
+    over (tokens x vocab) tensors, reused chunk buffers; backward only scales the stored gradient."""
+
+    @staticmethod
+    def forward(ctx, zs, zt, y, inv_t, c_kd, c_ce, opts: _Options):
+        need_grad = opts.need_grad[0]
+        # Ignored rows get no gradient: zeros there, and every valid row is written below.
+        grad = (torch.empty if opts.all_valid else torch.zeros)(zs.shape, dtype=torch.float32, device=zs.device) \
+            if need_grad else None
+        ce_total = torch.zeros((), dtype=torch.float32, device=zs.device)
+        kd_total = torch.zeros((), dtype=torch.float32, device=zs.device)
+        step = _step_fn(zs.device, opts.use_compile)
+        workspace = _no_workspace
+        if _USE_WORKSPACE and zs.device.type == "cpu" and opts.num_valid:
+            workspace = _Workspace(min(opts.chunk_size, zs.numel() // zs.shape[-1]), zs.shape[-1], zs.device)
+        for zs_b, zt_b, y_b, grad_b in _row_blocks(zs, zt, y.unsqueeze(-1), grad):
+            y_b = y_b.squeeze(-1)
+            rows = None if opts.all_valid else (y_b != IGNORE_INDEX).nonzero().squeeze(1)
+            n_rows = y_b.numel() if rows is None else rows.numel()
+            for start in range(0, n_rows, opts.chunk_size):
+                stop = min(start + opts.chunk_size, n_rows)
+                sel = slice(start, stop) if rows is None else rows[start:stop]
+                args = (zs_b[sel], None, None, zt_b[sel] if opts.with_kd else None, None, None, y_b[sel], inv_t, c_kd,
+                        c_ce, opts.kd_chunk, opts.params, opts.with_kd, opts.same_t, need_grad)
+                step, (grad_z, ce_sum, kd_sum) = _run_step(step, args, workspace)
+                ce_total += ce_sum
+                kd_total += kd_sum
+                if grad_z is not None:
+                    grad_b[sel] = grad_z
+        ctx.grad, ctx.dtype = grad, zs.dtype
+        ctx.mark_non_differentiable(ce_total, kd_total)
+        return (opts.kd_coef * kd_total + opts.ce_coef * ce_total) / opts.denom, ce_total, kd_total
+
+    @staticmethod
+    def backward(ctx, grad_total, _grad_ce, _grad_kd):
+        if ctx.grad is None:
+            raise RuntimeError("the fused logits loss hands out its gradient once; backward through the same loss "
+                               "twice (retain_graph) is not supported")
+        grad, ctx.grad = ctx.grad, None
+        return grad.mul_(grad_total).to(ctx.dtype), None, None, None, None, None, None
 
 
 def _disable_compile(exc: Exception) -> None:
@@ -353,8 +423,9 @@ def fused_linear_distillation_loss(
             closed-form gradient, and its parameters (see ``losses.token_divergence``).
         num_tokens: the normaliser: the global count of valid targets across micro-batches
             and ranks. Defaults to this call's own count; a count of 0 divides by 1.
-        all_valid: the caller knows that no target is ``ignore_index``; saves the search
-            for valid rows (a device sync).
+        all_valid: the caller vouches that every target is a token id in [0, vocab_size)
+            (packed text): the search for valid rows and the range check, each a device sync,
+            are skipped.
         vocab_size: number of real tokens; only logits ``[:vocab_size]`` of both models
             exist for the loss (padded rows get no probability and a zero gradient).
             Defaults to ``min(V, V')``.
@@ -406,17 +477,13 @@ def fused_linear_distillation_loss(
         if bias is not None and (weight is None or bias.shape != weight.shape[:1]):
             raise ValueError(f"{name} must have shape (rows of its lm_head weight,), got {tuple(bias.shape)}")
 
-    if all_valid:
+    if all_valid:  # the caller vouches for the targets: no search, no range check, no device sync
         rows, num_valid = None, h.shape[0]
     else:
         rows = (y != ignore_index).nonzero().squeeze(1)  # one host sync: the chunk loop needs the count
         num_valid = rows.numel()
         all_valid = num_valid == h.shape[0]
-    if num_valid:
-        out_of_range = (y < 0) | (y >= vocab)
-        if not all_valid:
-            out_of_range &= y != ignore_index
-        if bool(out_of_range.any()):
+        if num_valid and bool((((y < 0) | (y >= vocab)) & (y != ignore_index)).any()):
             raise ValueError(f"targets must lie in [0, {vocab}) or equal ignore_index={ignore_index}")
     denom = normaliser(num_tokens, num_valid)
     t2 = temperature**2 if scale_by_t2 else 1.0
@@ -448,6 +515,61 @@ def fused_linear_distillation_loss(
         ce=(ce_sum / denom).detach(),
         num_valid=num_valid,
     )
+
+
+def fused_logits_distillation_loss(
+    student_logits: Tensor,
+    teacher_logits: Tensor | None,
+    targets: Tensor,
+    *,
+    temperature: float,
+    kd_weight: float,
+    scale_by_t2: bool = True,
+    divergence: str = "forward_kl",
+    jsd_beta: float = 0.5,
+    skew_alpha: float = 0.1,
+    ignore_index: int = IGNORE_INDEX,
+    num_tokens: int | float | Tensor | None = None,
+    all_valid: bool = False,
+    chunk_size: int = 1024,
+    use_compile: bool | None = None,
+) -> LossParts:
+    """``losses.distillation_loss`` with the closed-form gradients of the chunked loss.
+
+    The same function of the same logits (shapes and arguments as there; ``chunk_size`` and
+    ``use_compile`` as in :func:`fused_linear_distillation_loss`), computed chunk by chunk in
+    reused fp32 buffers, with the gradient with respect to the student's logits formed in the
+    forward pass: no autograd graph over (tokens x vocab) tensors. The logits may be any view
+    (e.g. ``logits[:, :-1, :vocab_size]`` of a model's padded output); nothing is copied
+    whole. Only divergences with a closed form (``Divergence.chunk``) are accepted.
+    """
+    entry = check_loss_args(temperature, kd_weight, divergence, jsd_beta, skew_alpha)
+    if entry.chunk is None:
+        raise ValueError(f"divergence {divergence!r} has no closed-form gradient; use losses.distillation_loss")
+    with_kd = kd_weight > 0
+    if with_kd and (teacher_logits is None or teacher_logits.shape != student_logits.shape):
+        raise ValueError("teacher_logits of the student's shape are required when kd_weight > 0 (got "
+                         f"{None if teacher_logits is None else tuple(teacher_logits.shape)} for "
+                         f"{tuple(student_logits.shape)}); slice both to the tokenizer's length first")
+    if targets.shape != student_logits.shape[:-1]:
+        raise ValueError(f"targets {tuple(targets.shape)} do not match logits {tuple(student_logits.shape)}")
+    num_valid = targets.numel() if all_valid else int((targets != ignore_index).sum())
+    all_valid = num_valid == targets.numel()
+    denom = normaliser(num_tokens, num_valid)
+    t2 = temperature**2 if scale_by_t2 else 1.0
+    opts = _Options(
+        kd_chunk=entry.chunk, params=DivergenceParams(float(jsd_beta), float(skew_alpha)), with_kd=with_kd,
+        same_t=float(temperature) == 1.0, chunk_size=int(chunk_size), vocab_size=student_logits.shape[-1],
+        need_grad=(torch.is_grad_enabled() and student_logits.requires_grad, False, False), num_valid=num_valid,
+        all_valid=all_valid, use_compile=use_compile, kd_coef=kd_weight * t2, ce_coef=1.0 - kd_weight, denom=denom)
+    dev = student_logits.device
+    inv_t = torch.tensor(1.0 / temperature, dtype=torch.float32, device=dev)
+    c_kd = torch.tensor(kd_weight * t2 / temperature / denom, dtype=torch.float32, device=dev)
+    c_ce = torch.tensor((1.0 - kd_weight) / denom, dtype=torch.float32, device=dev)
+    total, ce_sum, kd_sum = _LogitsKD.apply(student_logits, teacher_logits.detach() if with_kd else None, targets,
+                                           inv_t, c_kd, c_ce, opts)
+    return LossParts(total=total, kd=(kd_sum * t2 / denom).detach(), kd_unscaled=(kd_sum / denom).detach(),
+                     ce=(ce_sum / denom).detach(), num_valid=num_valid)
 
 
 class FusedLinearDistillationLoss(torch.nn.Module):

@@ -17,7 +17,8 @@ from dataclasses import dataclass
 import torch
 
 from .batch import Batch
-from .fused import fused_linear_distillation_loss
+from . import divergences
+from .fused import fused_linear_distillation_loss, fused_logits_distillation_loss
 from .losses import LossParts, distillation_loss
 from .signals import TeacherHidden, TeacherLogits, TeacherView
 
@@ -54,6 +55,7 @@ class Objective:
         self.student_output = student_output
         self.head = head
         self.chunk_size = chunk_size
+        self.closed_form = divergences.get(spec.divergence).chunk is not None
 
     def __call__(self, student: torch.nn.Module, batch: Batch, teacher: TeacherView | None,
                  temperature: float, num_tokens: float) -> LossParts:
@@ -65,9 +67,12 @@ class Objective:
                      num_tokens: float) -> LossParts:
         out = student(input_ids=batch.input_ids, attention_mask=batch.attention_mask, use_cache=False)
         logits = out.logits[:, :-1, : self.vocab_size]
-        return distillation_loss(logits, teacher.logits if teacher is not None else None, batch.targets,
-                                 temperature=temperature, num_tokens=num_tokens, all_valid=batch.all_valid,
-                                 **self.spec.loss_kwargs())
+        # With a closed-form gradient the loss needs no autograd graph over (tokens x vocab):
+        # fewer passes over the logits and no fresh buffers per step (the autograd form is the
+        # reference, and the fallback for a divergence without a closed form).
+        loss = fused_logits_distillation_loss if self.closed_form else distillation_loss
+        return loss(logits, teacher.logits if teacher is not None else None, batch.targets, temperature=temperature,
+                    num_tokens=num_tokens, all_valid=batch.all_valid, **self.spec.loss_kwargs())
 
     def _from_hidden(self, student, batch: Batch, teacher: TeacherHidden | None, temperature: float,
                      num_tokens: float) -> LossParts:

@@ -162,7 +162,10 @@ class Trainer:
         self.student.train()
         if self.teacher is not None:
             self.teacher.to(self.device)
-        self.raw_student = self.accelerator.unwrap_model(self.student)
+        # Without accelerate's fp32-output wrapper: the step runs inside accelerator.autocast()
+        # itself, and the losses upcast the logits chunk by chunk; the wrapper would upcast the
+        # whole (tokens x vocab) output once more.
+        self.raw_student = self.accelerator.unwrap_model(self.student, keep_fp32_wrapper=False)
         d = cfg.distill
         self.objective = Objective(KDSpec(d.kd_weight, d.divergence, d.scale_by_t2, d.jsd_beta, d.skew_alpha),
                                    self.vocab_size, self.signal.student_output,

@@ -5,7 +5,8 @@ autograd; they share no code with lmdistill. Each divergence is checked in value
 gradient, at T = 1, 3 and 10, mixed with the CE term, with ignored positions and with a
 vocabulary padded past the tokenizer:
 
-- the full path: ``losses.distillation_loss`` on logits sliced to the real vocabulary;
+- the full path: ``losses.distillation_loss`` (autograd) and ``fused.fused_logits_distillation_loss``
+  (closed-form gradients, what the trainer runs) on logits sliced to the real vocabulary;
 - the chunked path: ``fused.fused_linear_distillation_loss`` on hidden states and lm_head
   weights with padded rows (``vocab_size``), with its hand-derived gradients.
 """
@@ -18,7 +19,7 @@ import pytest
 import torch
 
 from lmdistill.divergences import DIVERGENCES, REGISTRY
-from lmdistill.fused import fused_linear_distillation_loss
+from lmdistill.fused import fused_linear_distillation_loss, fused_logits_distillation_loss
 from lmdistill.losses import IGNORE_INDEX, distillation_loss
 
 N, H, V, PAD = 23, 10, 37, 5  # tokens, hidden width, real vocabulary, padded rows
@@ -79,9 +80,10 @@ def test_every_registry_entry_is_tested_here():
     assert {name for name, _, _ in PARAMS} == set(REGISTRY)
 
 
+@pytest.mark.parametrize("loss_fn", [distillation_loss, fused_logits_distillation_loss], ids=["autograd", "closed"])
 @pytest.mark.parametrize("temperature", [1.0, 3.0, 10.0])
 @pytest.mark.parametrize("name,jsd_beta,skew_alpha", PARAMS)
-def test_full_path_value_and_gradient(name, jsd_beta, skew_alpha, temperature):
+def test_full_path_value_and_gradient(name, jsd_beta, skew_alpha, temperature, loss_fn):
     h, w, ht, wt, y = inputs(seed=10 * DIVERGENCES.index(name) + int(temperature))
     zs = (h @ w.T).requires_grad_()  # (N, V + PAD): the model's padded logits
     zt = ht @ wt.T
@@ -89,8 +91,8 @@ def test_full_path_value_and_gradient(name, jsd_beta, skew_alpha, temperature):
     (ref_grad,) = torch.autograd.grad(ref_total, zs)
 
     ours_in = zs.detach().float().requires_grad_()
-    parts = distillation_loss(ours_in[:, :V], zt[:, :V].float(), y, temperature=temperature, kd_weight=0.7,
-                              divergence=name, jsd_beta=jsd_beta, skew_alpha=skew_alpha)
+    parts = loss_fn(ours_in[:, :V], zt[:, :V].float(), y, temperature=temperature, kd_weight=0.7,
+                    divergence=name, jsd_beta=jsd_beta, skew_alpha=skew_alpha)
     parts.total.backward()
     assert parts.kd_unscaled.item() == pytest.approx(ref_kd.item(), rel=2e-5, abs=1e-7)
     assert parts.total.item() == pytest.approx(ref_total.item(), rel=2e-5)
@@ -170,3 +172,38 @@ def test_unknown_names_and_bad_parameters_are_refused():
         distillation_loss(z, z, y, temperature=1.0, kd_weight=0.5, divergence="jsd", jsd_beta=1.5)
     with pytest.raises(ValueError, match="skew_alpha"):
         distillation_loss(z, z, y, temperature=1.0, kd_weight=0.5, divergence="skew_kl", skew_alpha=1.0)
+
+
+def test_closed_form_logits_loss_on_views_of_padded_3d_logits():
+    """The trainer's call: ``logits[:, :-1, :V]`` of (B, L, V + pad) model outputs, a view that does
+    not flatten; per-sequence blocks, chunks shorter than a sequence, bf16 in and out."""
+    g = torch.Generator().manual_seed(5)
+    zs = (torch.randn(3, 9, V + PAD, generator=g) * 2).to(torch.bfloat16).requires_grad_()
+    zt = (torch.randn(3, 9, V + PAD, generator=g) * 2).to(torch.bfloat16)
+    y = torch.randint(0, V, (3, 8), generator=g)
+    y[1, 2:5] = IGNORE_INDEX
+    kw = dict(temperature=2.0, kd_weight=0.5, num_tokens=40)
+    ours = fused_logits_distillation_loss(zs[:, :-1, :V], zt[:, :-1, :V], y, chunk_size=3, **kw)
+    ours.total.backward()
+    grad_ours, zs.grad = zs.grad.clone(), None
+    ref = distillation_loss(zs[:, :-1, :V], zt[:, :-1, :V], y, **kw)
+    ref.total.backward()
+    assert ours.num_valid == ref.num_valid == 21
+    for name in ("total", "kd", "kd_unscaled", "ce"):
+        assert getattr(ours, name).item() == pytest.approx(getattr(ref, name).item(), rel=1e-5), name
+    assert grad_ours.dtype == torch.bfloat16
+    # Both round an fp32 gradient to bf16 once; they differ by at most that rounding.
+    torch.testing.assert_close(grad_ours.float(), zs.grad.float(), rtol=1e-2, atol=1e-4)
+    assert torch.all(grad_ours[:, -1] == 0) and torch.all(grad_ours[..., V:] == 0)
+    assert torch.all(grad_ours[1, 2:5] == 0)
+
+
+def test_closed_form_logits_loss_gradient_is_handed_out_once():
+    zs = torch.randn(4, V, requires_grad=True)
+    parts = fused_logits_distillation_loss(zs, zs.detach() * 2, torch.arange(4), temperature=1.0, kd_weight=0.5)
+    parts.total.backward(retain_graph=True)
+    with pytest.raises(RuntimeError, match="once"):
+        parts.total.backward()
+    with torch.no_grad():
+        again = fused_logits_distillation_loss(zs, zs * 2, torch.arange(4), temperature=1.0, kd_weight=0.5)
+    assert again.total.item() == pytest.approx(parts.total.item(), rel=1e-6)
