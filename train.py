@@ -1,4 +1,4 @@
-"""The seed's command line: ``python train.py --batch-size 2 --epochs 1``.
+"""The original report's command line: ``python train.py --batch-size 2 --epochs 1``.
 
 A thin wrapper over ``lmdistill train`` (same flags; see ``lmdistill train --help``).
 """

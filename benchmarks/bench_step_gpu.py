@@ -233,8 +233,7 @@ def main() -> None:
         if variant in ("full", "chunked"):
             # The trainer's own pieces: the live teacher signal and the objective of loss.impl=variant.
             signal = make_signal(variant, teacher, vocab)
-            objective = Objective(spec, vocab, signal.student_output, student.get_output_embeddings(),
-                                  args.chunk_size)
+            objective = Objective(spec, vocab, signal.student_output, student, args.chunk_size)
 
             def step() -> torch.Tensor:
                 with amp():

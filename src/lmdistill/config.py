@@ -66,7 +66,8 @@ class ModelConfig:
         {},
     )
     teacher_dtype: Literal["auto", "float32", "bfloat16", "float16"] = doc(
-        "dtype the teacher's weights are held in. auto = bfloat16 on GPU, float32 on CPU.", "auto"
+        "dtype the teacher's weights are held in. auto = bfloat16 when the run computes in bf16 (the default on "
+        "a GPU), else float32.", "auto"
     )
     trust_remote_code: bool = doc("Allow model code from the hub (only for models you trust).", False)
 

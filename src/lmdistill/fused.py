@@ -75,7 +75,8 @@ def _logits(h: Tensor, w: Tensor | None, b: Tensor | None, out: Tensor | None) -
     """
     if w is None:
         return h.to(torch.float32, copy=True) if out is None else out.copy_(h)
-    if out is not None and h.dtype == torch.float32:
+    # mm(out=) is not covered by autocast: it would run in fp32 inside a bf16 step.
+    if out is not None and h.dtype == torch.float32 and not torch.is_autocast_enabled(h.device.type):
         return torch.mm(h, w.t(), out=out) if b is None else torch.addmm(b, h, w.t(), out=out)
     z = F.linear(h, w, b)
     return z.float() if out is None else out.copy_(z)
@@ -236,6 +237,8 @@ class _FusedLinearKD(torch.autograd.Function):
         kd_total = torch.zeros((), dtype=torch.float32, device=h.device)
 
         step = _step_fn(h.device, opts.use_compile)
+        autocast = torch.is_autocast_enabled(h.device.type)
+        mm_dtype = torch.get_autocast_dtype(h.device.type) if autocast else w_s.dtype
         n_rows = opts.num_valid  # ``rows`` lists them, unless every row is valid (then None)
         # Buffers reused across chunks in eager mode; a GPU's caching allocator already
         # recycles memory, so there they would only pin extra memory for nothing.
@@ -253,7 +256,7 @@ class _FusedLinearKD(torch.autograd.Function):
                 sel = rows[start:stop]
                 h_c, y_c = h.index_select(0, sel), y.index_select(0, sel)
                 ht_c = ht.index_select(0, sel) if opts.with_kd else None
-            h_c = h_c.to(w_s.dtype)
+            h_c = h_c.to(mm_dtype)
             if ht_c is not None:
                 ht_c = ht_c.to(w_t.dtype)
             args = (h_c, w_s_v, b_s_v, ht_c, w_t_v, b_t_v, y_c, inv_t, c_kd, c_ce,
@@ -265,8 +268,9 @@ class _FusedLinearKD(torch.autograd.Function):
                 continue
             if need_b:
                 grad_b[:vocab] += grad_z.sum(dim=0)
-            # Matmuls in the model dtype (bf16 tensor cores on a GPU); grad_z itself is fp32.
-            g_mm = grad_z.to(w_s.dtype)
+            # Matmuls in the model's (or autocast's) dtype; grad_z itself is fp32. Cast once here:
+            # each matmul below would otherwise cast it again under autocast.
+            g_mm = grad_z.to(mm_dtype)
             del grad_z
             if need_h:
                 gh = (g_mm @ w_s_v).to(h.dtype)

@@ -229,9 +229,13 @@ def _has_tokenizer_files(source: str) -> bool:
 
 
 def _teacher_dtype(cfg) -> torch.dtype:
+    """The frozen teacher's weights are only read: in a bf16 run, holding them in bf16 saves the
+    cast of every weight in every forward, and half the memory."""
     dtype = cfg.model.teacher_dtype
     if dtype == "auto":
-        dtype = "bfloat16" if torch.cuda.is_available() and cfg.run.device != "cpu" else "float32"
+        on_gpu = torch.cuda.is_available() and cfg.run.device != "cpu"
+        bf16 = cfg.run.mixed_precision == "bf16" or (cfg.run.mixed_precision == "auto" and on_gpu)
+        dtype = "bfloat16" if bf16 else "float32"
     return DTYPES[dtype]
 
 

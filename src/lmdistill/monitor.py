@@ -1,6 +1,6 @@
-"""The seed's "what to monitor" list as live, named health checks with a verdict.
+"""The original report's "what to monitor" list as live, named health checks with a verdict.
 
-Seed list -> check name:
+The original report's list -> check name:
   total loss > 20 at start          -> start_loss
   spikes such as 17 -> 25 -> 17     -> loss_spike   (detector in guards.SpikeDetector)
   any NaN warning                   -> nonfinite

@@ -20,7 +20,7 @@ from .batch import Batch
 from . import divergences
 from .fused import fused_linear_distillation_loss, fused_logits_distillation_loss
 from .losses import LossParts, distillation_loss
-from .signals import TeacherHidden, TeacherLogits, TeacherView
+from .signals import TeacherHidden, TeacherLogits, TeacherView, prediction_logits
 
 
 @dataclass(frozen=True)
@@ -43,17 +43,19 @@ class Objective:
 
     ``student_output`` ("logits" or "hidden") must match the teacher signal's views; with no
     teacher (kd_weight 0) it picks the full or the chunked form of the CE term alone.
-    ``head`` is the student's output layer (unwrapped), which the chunked form needs.
+    ``model`` is the unwrapped student: its class says which forward arguments it takes, and
+    its output layer is what the chunked form multiplies by.
     """
 
-    def __init__(self, spec: KDSpec, vocab_size: int, student_output: str, head: torch.nn.Module,
+    def __init__(self, spec: KDSpec, vocab_size: int, student_output: str, model: torch.nn.Module,
                  chunk_size: int = 1024):
         if student_output not in ("logits", "hidden"):
             raise ValueError(f"student_output must be 'logits' or 'hidden', got {student_output!r}")
         self.spec = spec
         self.vocab_size = vocab_size
         self.student_output = student_output
-        self.head = head
+        self.model = model
+        self.head = model.get_output_embeddings()
         self.chunk_size = chunk_size
         self.closed_form = divergences.get(spec.divergence).chunk is not None
 
@@ -65,8 +67,7 @@ class Objective:
 
     def _from_logits(self, student, batch: Batch, teacher: TeacherLogits | None, temperature: float,
                      num_tokens: float) -> LossParts:
-        out = student(input_ids=batch.input_ids, attention_mask=batch.attention_mask, use_cache=False)
-        logits = out.logits[:, :-1, : self.vocab_size]
+        logits = prediction_logits(self.model, batch, self.vocab_size, forward=student)
         # With a closed-form gradient the loss needs no autograd graph over (tokens x vocab):
         # fewer passes over the logits and no fresh buffers per step (the autograd form is the
         # reference, and the fallback for a divergence without a closed form).

@@ -22,6 +22,8 @@ other step statistics. -Inf is a legitimate (masked) logit and is not flagged.
 
 from __future__ import annotations
 
+import functools
+import inspect
 from dataclasses import dataclass
 
 import torch
@@ -48,6 +50,30 @@ class TeacherHidden:
 
 
 TeacherView = TeacherLogits | TeacherHidden
+
+
+def predicting_positions(model: torch.nn.Module, batch: Batch) -> dict:
+    """Forward kwargs that make ``model`` form logits only at positions 0 .. L-2, the ones with a
+    next token: the last position's logits (and a copy of the whole output to slice them off,
+    forward and backward) are never made. Empty for a model without ``logits_to_keep``."""
+    if not _accepts_logits_to_keep(type(model)):
+        return {}
+    return {"logits_to_keep": torch.arange(batch.input_ids.shape[1] - 1, device=batch.input_ids.device)}
+
+
+@functools.cache
+def _accepts_logits_to_keep(model_class: type) -> bool:
+    return "logits_to_keep" in inspect.signature(model_class.forward).parameters
+
+
+def prediction_logits(model: torch.nn.Module, batch: Batch, vocab_size: int, forward=None) -> torch.Tensor:
+    """(B, L-1, vocab_size) logits of the positions that predict a target (through ``forward``, the
+    possibly wrapped model, when given)."""
+    kwargs = predicting_positions(model, batch)
+    out = (forward or model)(input_ids=batch.input_ids, attention_mask=batch.attention_mask, use_cache=False,
+                             **kwargs)
+    logits = out.logits if kwargs else out.logits[:, :-1]
+    return logits[..., :vocab_size]
 
 
 class TeacherSignal:
@@ -83,11 +109,9 @@ class LiveLogits(TeacherSignal):
         self.teacher = teacher
         self.vocab_size = vocab_size
 
-    @torch.no_grad()
+    @torch.inference_mode()
     def __call__(self, batch: Batch, temperature: float) -> TeacherLogits:
-        # use_cache=False: a training forward has no use for a KV cache (memory and time).
-        out = self.teacher(input_ids=batch.input_ids, attention_mask=batch.attention_mask, use_cache=False)
-        logits = out.logits[:, :-1, : self.vocab_size]
+        logits = prediction_logits(self.teacher, batch, self.vocab_size)
         # -inf is a legitimate masked entry; NaN or +inf is a broken teacher. max() finds both.
         return TeacherLogits(logits, (~torch.isfinite(logits.amax())).float())
 

@@ -91,15 +91,16 @@ class StepResult:
         return line
 
 
-def make_optimizer(model, cfg: Config):
-    """AdamW; no weight decay on norms, biases and other 1-D parameters."""
+def make_optimizer(model, cfg: Config, fused: bool = False):
+    """AdamW; no weight decay on norms, biases and other 1-D parameters. ``fused``: one kernel for
+    all parameters (used on a GPU; on a CPU the per-parameter loop keeps the established rounding)."""
     decay, no_decay = [], []
     for p in model.parameters():
         if p.requires_grad:
             (decay if p.dim() >= 2 else no_decay).append(p)
     groups = [{"params": decay, "weight_decay": cfg.train.weight_decay},
               {"params": no_decay, "weight_decay": 0.0}]
-    return torch.optim.AdamW(groups, lr=cfg.train.lr, betas=tuple(cfg.train.betas))
+    return torch.optim.AdamW(groups, lr=cfg.train.lr, betas=tuple(cfg.train.betas), fused=fused or None)
 
 
 def train(cfg: Config, *, teacher=None, student=None, tokenizer=None, progress: bool = True,
@@ -157,7 +158,7 @@ class Trainer:
         self.teacher = models.teacher
         kd_teacher = self.teacher if cfg.distill.kd_weight > 0 else None
         self.signal = make_signal(self.loss_impl, kd_teacher, self.vocab_size)
-        optimizer = make_optimizer(models.student, cfg)
+        optimizer = make_optimizer(models.student, cfg, fused=self.device.type == "cuda")
         self.student, self.optimizer = self.accelerator.prepare(models.student, optimizer)
         self.student.train()
         if self.teacher is not None:
@@ -168,8 +169,7 @@ class Trainer:
         self.raw_student = self.accelerator.unwrap_model(self.student, keep_fp32_wrapper=False)
         d = cfg.distill
         self.objective = Objective(KDSpec(d.kd_weight, d.divergence, d.scale_by_t2, d.jsd_beta, d.skew_alpha),
-                                   self.vocab_size, self.signal.student_output,
-                                   self.raw_student.get_output_embeddings(), cfg.loss.chunk_size)
+                                   self.vocab_size, self.signal.student_output, self.raw_student, cfg.loss.chunk_size)
         self.teacher_before = parameter_fingerprint(self.teacher) if self.teacher is not None else None
         self._teacher_ref: dict | None = None
 

@@ -169,9 +169,9 @@ def test_same_seed_same_decisions(tmp_path, teacher_dir, text_file):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("preset", sorted(p.name for p in (Path(__file__).parents[2] / "configs").glob("seed-replay-*.yaml")))
+@pytest.mark.parametrize("preset", sorted(p.name for p in (Path(__file__).parents[2] / "configs").glob("replay-*.yaml")))
 def test_seed_replay_presets_stay_finite_and_learn(tmp_path, teacher_dir, text_file, preset):
-    """The seed's failing settings (T=3 -> 2 with T^2, and T=5, T=10; fp32 and bf16), shortened."""
+    """The original report's failing settings (T=3 -> 2 with T^2, and T=5, T=10; fp32 and bf16), shortened."""
     out = tmp_path / "run"
     proc = cli("train", "--config", str(Path(__file__).parents[2] / "configs" / preset),
                    "--teacher", str(teacher_dir), "--data", str(text_file), "--output-dir", str(out),

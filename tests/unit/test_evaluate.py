@@ -151,7 +151,7 @@ def test_training_mode_is_restored(student, blocks):
 def test_perplexity_overflow_gives_inf_and_nan_stays_nan():
     assert perplexity(0.0) == 1.0
     assert perplexity(math.log(485e6)) == pytest.approx(485e6)
-    assert perplexity(28.41) == pytest.approx(math.exp(28.41))  # the seed's eval loss: ~2.2e12, not capped
+    assert perplexity(28.41) == pytest.approx(math.exp(28.41))  # the original report's eval loss: ~2.2e12, not capped
     assert perplexity(1000.0) == math.inf
     assert math.isnan(perplexity(math.nan))
 

@@ -370,7 +370,7 @@ def test_minus_inf_teacher_entries_finite_for_all_temperatures(divergence):
 
 @pytest.mark.parametrize("temperature", TEMPERATURES)
 def test_seed_temperatures_are_finite_on_peaked_logits(temperature):
-    # The seed's NaN settings (T = 3 and up) replayed on peaked logits of a confident model.
+    # The original report's NaN settings (T = 3 and up) replayed on peaked logits of a confident model.
     g = torch.Generator().manual_seed(20)
     s = (torch.randn(32, 64, generator=g) * 30).requires_grad_(True)
     t = torch.randn(32, 64, generator=g) * 30

@@ -1,6 +1,6 @@
-"""The seed's health checks (monitor.py) and the guards that feed them (guards.py).
+"""The original report's health checks (monitor.py) and the guards that feed them (guards.py).
 
-Numbers come from the seed: start loss ~38 at T=3 against the healthy ~17, the spike
+Numbers come from the original report: start loss ~38 at T=3 against the healthy ~17, the spike
 pattern 17 -> 25 -> 17, and perplexity 2.3e12 against the 1M limit after step 5000 of 25000.
 """
 
@@ -130,7 +130,7 @@ def test_eval_ppl_fires_only_after_ppl_after_step():
 
 def test_eval_ppl_defaults_to_20_percent_of_the_run():
     mon = HealthMonitor(HealthConfig(), total_steps=25_000)
-    assert mon.ppl_after_step == 5000  # the seed's "after step 5000" of 25000
+    assert mon.ppl_after_step == 5000  # the original report's "after step 5000" of 25000
     assert mon.on_eval(4000, 2.3e12) == []
     assert mon.on_eval(5000, 2.3e12) != []
     assert HealthMonitor(HealthConfig(), total_steps=100).ppl_after_step == 20

@@ -1,6 +1,6 @@
 """Temperature and learning-rate schedules: pure functions of the step.
 
-Expected values are the seed's table and numbers worked out by hand below.
+Expected values are the original report's table and numbers worked out by hand below.
 """
 
 from __future__ import annotations
