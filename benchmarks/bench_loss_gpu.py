@@ -1,12 +1,12 @@
 """GPU loss-level benchmark: our chunked fused KD loss vs full logits vs Liger, same run.
 
-    python benchmarks/bench_loss_gpu.py --out bench_loss_gpu.json          # on a GPU, anchor shapes
+    python benchmarks/bench_loss_gpu.py --out bench_loss_gpu.json          # on a GPU, the real pairs' shapes
     python benchmarks/bench_loss_gpu.py --device cpu --small               # smoke test anywhere
 
-Shapes are the anchors of ../shared/PERFORMANCE.md (BT = 8192 tokens, bf16):
+Shapes are those of two real model pairs' output layers (BT = 8192 tokens, bf16):
   qwen2.5-0.5b<-1.5b heads  Hs 896,  Ht 1536, V 151936
   llama3-1b<-8b heads       Hs 2048, Ht 4096, V 128256
-(``--small``: BT 256, Hs 64, Ht 96, V 1000.) The loss is the anchors' one: forward KL at
+(``--small``: BT 256, Hs 64, Ht 96, V 1000.) The loss is the reference measurement's: forward KL at
 T = 2 with kd_weight 0.5 against hard-label CE, 10% of positions ignored, forward + backward.
 Methods:
   full   bf16 logits of both models, ``losses.distillation_loss`` (fp32 inside), autograd;

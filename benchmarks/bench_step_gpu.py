@@ -1,9 +1,9 @@
 """GPU step-level benchmark: one full KD training step, full logits vs our chunked loss vs Liger.
 
-    python benchmarks/bench_step_gpu.py --out step_gpu.json                        # H100/H200, anchor shapes
+    python benchmarks/bench_step_gpu.py --out step_gpu.json                        # H100/H200, the real pairs' shapes
     python benchmarks/bench_step_gpu.py --device cpu --small --steps 3 --warmup 1  # smoke test anywhere
 
-The step is the one of ../shared/PERFORMANCE.md's step-level anchor (issue 5): a
+The step is that of a real model pair: a
 Qwen2.5-0.5B-shaped student (hidden 896, 24 layers, 14 heads, 2 KV heads, MLP 4864,
 vocab 151936, tied embeddings) distilled from a Qwen2.5-1.5B-shaped teacher (hidden 1536,
 28 layers, 12 heads, 2 KV heads, MLP 8960, vocab 151936, tied), both random-initialised
@@ -16,8 +16,8 @@ AdamW step (``fused=True`` on CUDA; the parameter groups of ``trainer.make_optim
 Precision (the same for every variant): ``--precision autocast`` (default) is lmdistill's
 own training set-up: the student keeps fp32 master weights and runs under
 ``torch.autocast(bfloat16)``, the teacher holds bf16 weights. ``--precision bf16`` puts
-the student's weights in bf16 too (no autocast): that is what the anchor harness
-(../shared/bench/anchors_gpu.py) measured.
+the student's weights in bf16 too (no autocast): that is what the reference measurement
+(a reference measurement of Liger on an H200) used.
 
 Variants, run one after another in one process on the same input ids, each starting from
 the same initial student weights and a fresh optimizer:
@@ -30,25 +30,25 @@ the same initial student weights and a fresh optimizer:
            KL(teacher || student), at T on both models), ``weight_hard_loss = 1 - kd_weight``,
            ``weight_soft_loss = kd_weight * T^2``: Liger never multiplies its soft loss by
            T^2, so the T^2 is folded into its weight and the loss is the same function as
-           ours (the anchor harness used weight_soft_loss 0.5 instead; a scalar, the work is
+           ours (the reference measurement used weight_soft_loss 0.5 instead; a scalar, the work is
            identical). Liger normalises both terms by the number of valid targets in the
            call, which here equals lmdistill's ``num_tokens``. Compiled on CUDA only.
            Skipped, with the reason printed, when liger-kernel cannot be imported.
 
 Reported per variant: median step time over ``--steps`` timed steps after ``--warmup``
 steps (CUDA events around each step with a synchronize after it; ``time.perf_counter``
-on a CPU), tokens/s = B * (L - 1) / median time (target tokens, as the anchor harness
+on a CPU), tokens/s = B * (L - 1) / median time (target tokens, as the reference measurement
 counts them), MFU = tokens/s * (6 * Ns + 2 * Nt) / peak (989e12 dense bf16 FLOP/s for an
 H100/H200 SXM; ``--peak-tflops``), with Ns and Nt each model's unique parameters
 (``sum(p.numel() for p in model.parameters())``: embeddings included and a tied
 embedding counted once, standing for the lm_head matmul; attention-score FLOPs not
-counted), as the anchor does; and the peak memory above the models + optimizer baseline:
+counted), as the reference measurement does; and the peak memory above the models + optimizer baseline:
 ``torch.cuda.max_memory_allocated()`` over the timed steps minus ``memory_allocated()``
 right before them (after the warm-up steps created the AdamW state, gradients freed).
 On a CPU, MFU and memory are not measured (a note says so). An out-of-memory error in one
 variant is recorded as "OOM" and the run goes on with the next variant.
 Ratios: chunked tokens/s over liger's and over full's, and peak memory likewise.
-Goals (issue 5): chunked >= 1.10x Liger's tokens/s and >= 1.4x the full-logits step's.
+Goals: chunked >= 1.10x Liger's tokens/s and >= 1.4x the full-logits step's.
 """
 
 from __future__ import annotations
@@ -131,7 +131,7 @@ def main() -> None:
     p.add_argument("--variants", default=",".join(VARIANTS), help="comma-separated subset of full,chunked,liger")
     p.add_argument("--precision", default="autocast", choices=["autocast", "bf16"],
                    help="autocast: fp32 student master weights under bf16 autocast (lmdistill's set-up); "
-                        "bf16: bf16 student weights, no autocast (the anchor harness). Teacher: bf16 either way")
+                        "bf16: bf16 student weights, no autocast (the reference measurement). Teacher: bf16 either way")
     p.add_argument("--chunk-size", type=int, default=1024, help="loss.chunk_size for chunked")
     p.add_argument("--liger-chunk-size", type=int, default=1024, help="Liger's chunk_size")
     p.add_argument("--compile", default="auto", choices=["auto", "on", "off"],

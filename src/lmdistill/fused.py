@@ -340,8 +340,9 @@ class _LogitsKD(torch.autograd.Function):
     @staticmethod
     def forward(ctx, zs, zt, y, inv_t, c_kd, c_ce, opts: _Options):
         need_grad = opts.need_grad[0]
+        # The gradient is stored in the logits' dtype, each chunk rounded once as it is written.
         # Ignored rows get no gradient: zeros there, and every valid row is written below.
-        grad = (torch.empty if opts.all_valid else torch.zeros)(zs.shape, dtype=torch.float32, device=zs.device) \
+        grad = (torch.empty if opts.all_valid else torch.zeros)(zs.shape, dtype=zs.dtype, device=zs.device) \
             if need_grad else None
         ce_total = torch.zeros((), dtype=torch.float32, device=zs.device)
         kd_total = torch.zeros((), dtype=torch.float32, device=zs.device)
@@ -358,11 +359,13 @@ class _LogitsKD(torch.autograd.Function):
                 sel = slice(start, stop) if rows is None else rows[start:stop]
                 args = (zs_b[sel], None, None, zt_b[sel] if opts.with_kd else None, None, None, y_b[sel], inv_t, c_kd,
                         c_ce, opts.kd_chunk, opts.params, opts.with_kd, opts.same_t, need_grad)
-                step, (grad_z, ce_sum, kd_sum) = _run_step(step, args, workspace)
+                dest = grad_b[sel] if need_grad and rows is None and grad.dtype == torch.float32 else None
+                chunk_ws = _Into(workspace, dest) if dest is not None and workspace is not _no_workspace else workspace
+                step, (grad_z, ce_sum, kd_sum) = _run_step(step, args, chunk_ws)
                 ce_total += ce_sum
                 kd_total += kd_sum
-                if grad_z is not None:
-                    grad_b[sel] = grad_z
+                if grad_z is not None and (dest is None or grad_z.data_ptr() != dest.data_ptr()):
+                    grad_b[sel] = grad_z.to(grad_b.dtype)
         ctx.grad, ctx.dtype = grad, zs.dtype
         ctx.mark_non_differentiable(ce_total, kd_total)
         return (opts.kd_coef * kd_total + opts.ce_coef * ce_total) / opts.denom, ce_total, kd_total
@@ -373,7 +376,28 @@ class _LogitsKD(torch.autograd.Function):
             raise RuntimeError("the fused logits loss hands out its gradient once; backward through the same loss "
                                "twice (retain_graph) is not supported")
         grad, ctx.grad = ctx.grad, None
-        return grad.mul_(grad_total).to(ctx.dtype), None, None, None, None, None, None
+        return _scaled(grad, grad_total), None, None, None, None, None, None
+
+
+class _Into:
+    """A workspace whose slot 1, where a chunk's gradient is built, is the rows of the output
+    gradient themselves: the gradient is written once, never copied there afterwards."""
+
+    def __init__(self, workspace, dest: Tensor):
+        self.workspace, self.dest = workspace, dest
+
+    def __call__(self, slot: int, rows: int) -> Tensor:
+        return self.dest if slot == 1 else self.workspace(slot, rows)
+
+
+def _scaled(grad: Tensor, grad_output: Tensor) -> Tensor:
+    """``grad * grad_output`` in place; skipped on a CPU when grad_output is exactly 1 (the usual
+    case: a pass over a (tokens x vocab) tensor saved, and no sync on a GPU either way)."""
+    if grad_output.device.type == "cpu" and grad_output.numel() == 1 and float(grad_output) == 1.0:
+        return grad
+    if grad.dtype == torch.float32:
+        return grad.mul_(grad_output)
+    return grad.float().mul_(grad_output).to(grad.dtype)  # one rounding, as for the fp32 gradient
 
 
 def _disable_compile(exc: Exception) -> None:
