@@ -130,6 +130,13 @@ def tvd(log_p: Tensor, log_q: Tensor, params: DivergenceParams) -> Tensor:
 # --------------------------------------------------------------------------------------------
 
 
+def _log_mixture(log_a: Tensor, weight_a: float, log_b: Tensor, ws, rows: int) -> Tensor:
+    """log(weight_a * a + (1 - weight_a) * b) in slot 4 (slot 5 as scratch), 0 < weight_a < 1:
+    finite wherever a or b is non-zero, never formed as a log of a sum of probabilities."""
+    log_m = torch.add(log_a, math.log(weight_a), out=ws(4, rows))
+    return torch.logaddexp(log_m, torch.add(log_b, math.log1p(-weight_a), out=ws(5, rows)), out=log_m)
+
+
 def _softmax_jacobian(g: Tensor, p: Tensor, scratch: Tensor | None) -> Tensor:
     """p * (g - sum(p * g)) row by row, in place in ``g``: dD/ds from g = dD/dp."""
     row = torch.mul(p, g, out=scratch).sum(dim=-1, keepdim=True)
@@ -176,10 +183,7 @@ def _jsd_chunk(ls: Tensor, lt: Tensor, params: DivergenceParams, need_grad: bool
         return _reverse_kl_chunk(ls, lt, params, need_grad, ws)
     rows = ls.shape[0]
     pt = torch.exp(lt, out=ws(0, rows))
-    # log m = logaddexp(log q + log beta, log p + log(1 - beta)): finite wherever p > 0,
-    # because m >= (1 - beta) p.
-    log_m = torch.add(lt, math.log(beta), out=ws(4, rows))
-    log_m = torch.logaddexp(log_m, torch.add(ls, math.log1p(-beta), out=ws(5, rows)), out=log_m)
+    log_m = _log_mixture(lt, beta, ls, ws, rows)  # m = beta q + (1 - beta) p >= (1 - beta) p
     # Teacher side: q * (log q - log m), clamping -inf as in the forward KL.
     kd_t = lt.clamp_(min=_FP32_MIN).sub_(log_m).mul_(pt).sum()
     del pt
@@ -198,8 +202,7 @@ def _skew_kl_chunk(ls: Tensor, lt: Tensor, params: DivergenceParams, need_grad: 
     if alpha == 0.0:
         return _forward_kl_chunk(ls, lt, params, need_grad, ws)
     rows = ls.shape[0]
-    log_m = torch.add(lt, math.log(alpha), out=ws(4, rows))
-    log_m = torch.logaddexp(log_m, torch.add(ls, math.log1p(-alpha), out=ws(5, rows)), out=log_m)
+    log_m = _log_mixture(lt, alpha, ls, ws, rows)  # m = a q + (1 - a) p
     # t = p q / m, from logs: exactly 0 where q == 0, and at most p / alpha.
     t = torch.add(ls, lt, out=ws(5, rows)).sub_(log_m).exp_()
     pt = torch.exp(lt, out=ws(0, rows))
@@ -217,8 +220,7 @@ def _skew_reverse_kl_chunk(ls: Tensor, lt: Tensor, params: DivergenceParams, nee
     if alpha == 0.0:
         return _reverse_kl_chunk(ls, lt, params, need_grad, ws)
     rows = ls.shape[0]
-    log_m = torch.add(lt, math.log1p(-alpha), out=ws(4, rows))
-    log_m = torch.logaddexp(log_m, torch.add(ls, math.log(alpha), out=ws(5, rows)), out=log_m)
+    log_m = _log_mixture(ls, alpha, lt, ws, rows)  # m = a p + (1 - a) q
     ratio = log_m.neg_().add_(ls)  # log p - log m <= -log(alpha): finite
     ps = torch.exp(ls, out=ws(0, rows))
     kd = torch.mul(ps, ratio, out=ws(5, rows)).sum()

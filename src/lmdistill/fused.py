@@ -212,6 +212,29 @@ class _Options:
     kd_coef: float  # kd_weight * T^2 (or kd_weight), multiplies the KD sum in ``total``
     ce_coef: float  # 1 - kd_weight
     denom: float  # the normaliser, >= 1
+    t2: float  # T^2, or 1 without scale_by_t2
+
+
+def _prepare(entry, *, temperature: float, kd_weight: float, scale_by_t2: bool, jsd_beta: float,
+             skew_alpha: float, num_tokens, num_valid: int, all_valid: bool, chunk_size: int, vocab_size: int,
+             need_grad: tuple[bool, bool, bool], use_compile: bool | None, device: torch.device):
+    """A call's static options and the 0-d fp32 coefficients of its closed-form gradient:
+    d total / dz_s = kd_weight * T^2 / T * dD/ds / denom + (1 - kd_weight) / denom * dC/dz."""
+    denom = normaliser(num_tokens, num_valid)
+    t2 = temperature**2 if scale_by_t2 else 1.0
+    opts = _Options(kd_chunk=entry.chunk, params=DivergenceParams(float(jsd_beta), float(skew_alpha)),
+                    with_kd=kd_weight > 0, same_t=float(temperature) == 1.0, chunk_size=int(chunk_size),
+                    vocab_size=vocab_size, need_grad=need_grad, num_valid=num_valid, all_valid=all_valid,
+                    use_compile=use_compile, kd_coef=kd_weight * t2, ce_coef=1.0 - kd_weight, denom=denom, t2=t2)
+    coefficients = [torch.tensor(x, dtype=torch.float32, device=device)
+                    for x in (1.0 / temperature, kd_weight * t2 / temperature / denom, (1.0 - kd_weight) / denom)]
+    return opts, coefficients
+
+
+def _loss_parts(total: Tensor, ce_sum: Tensor, kd_sum: Tensor, opts: _Options) -> LossParts:
+    return LossParts(total=total, kd=(kd_sum * opts.t2 / opts.denom).detach(),
+                     kd_unscaled=(kd_sum / opts.denom).detach(), ce=(ce_sum / opts.denom).detach(),
+                     num_valid=opts.num_valid)
 
 
 class _FusedLinearKD(torch.autograd.Function):
@@ -513,36 +536,20 @@ def fused_linear_distillation_loss(
         all_valid = num_valid == h.shape[0]
         if num_valid and bool((((y < 0) | (y >= vocab)) & (y != ignore_index)).any()):
             raise ValueError(f"targets must lie in [0, {vocab}) or equal ignore_index={ignore_index}")
-    denom = normaliser(num_tokens, num_valid)
-    t2 = temperature**2 if scale_by_t2 else 1.0
-
     grad_on = torch.is_grad_enabled()
     need = (grad_on and student_hidden.requires_grad, grad_on and student_weight.requires_grad,
             grad_on and student_bias is not None and student_bias.requires_grad)
-    opts = _Options(
-        kd_chunk=entry.chunk, params=DivergenceParams(float(jsd_beta), float(skew_alpha)), with_kd=with_kd,
-        same_t=float(temperature) == 1.0, chunk_size=int(chunk_size), vocab_size=vocab, need_grad=need,
-        num_valid=num_valid, all_valid=all_valid, use_compile=use_compile,
-        kd_coef=kd_weight * t2, ce_coef=1.0 - kd_weight, denom=denom,
-    )
-    # d total / dz_s = kd_weight * t2 / T * dD/ds / denom + (1 - kd_weight) / denom * dC/dz.
-    dev = h.device
-    inv_t = torch.tensor(1.0 / temperature, dtype=torch.float32, device=dev)
-    c_kd = torch.tensor(kd_weight * t2 / temperature / denom, dtype=torch.float32, device=dev)
-    c_ce = torch.tensor((1.0 - kd_weight) / denom, dtype=torch.float32, device=dev)
+    opts, (inv_t, c_kd, c_ce) = _prepare(
+        entry, temperature=temperature, kd_weight=kd_weight, scale_by_t2=scale_by_t2, jsd_beta=jsd_beta,
+        skew_alpha=skew_alpha, num_tokens=num_tokens, num_valid=num_valid, all_valid=all_valid,
+        chunk_size=chunk_size, vocab_size=vocab, need_grad=need, use_compile=use_compile, device=h.device)
     total, ce_sum, kd_sum = _FusedLinearKD.apply(
         h, student_weight, student_bias, ht,
         teacher_weight.detach() if with_kd else None,
         teacher_bias.detach() if (with_kd and teacher_bias is not None) else None,
         y, rows, inv_t, c_kd, c_ce, opts,
     )
-    return LossParts(
-        total=total,
-        kd=(kd_sum * t2 / denom).detach(),
-        kd_unscaled=(kd_sum / denom).detach(),
-        ce=(ce_sum / denom).detach(),
-        num_valid=num_valid,
-    )
+    return _loss_parts(total, ce_sum, kd_sum, opts)
 
 
 def fused_logits_distillation_loss(
@@ -582,22 +589,15 @@ def fused_logits_distillation_loss(
     if targets.shape != student_logits.shape[:-1]:
         raise ValueError(f"targets {tuple(targets.shape)} do not match logits {tuple(student_logits.shape)}")
     num_valid = targets.numel() if all_valid else int((targets != ignore_index).sum())
-    all_valid = num_valid == targets.numel()
-    denom = normaliser(num_tokens, num_valid)
-    t2 = temperature**2 if scale_by_t2 else 1.0
-    opts = _Options(
-        kd_chunk=entry.chunk, params=DivergenceParams(float(jsd_beta), float(skew_alpha)), with_kd=with_kd,
-        same_t=float(temperature) == 1.0, chunk_size=int(chunk_size), vocab_size=student_logits.shape[-1],
-        need_grad=(torch.is_grad_enabled() and student_logits.requires_grad, False, False), num_valid=num_valid,
-        all_valid=all_valid, use_compile=use_compile, kd_coef=kd_weight * t2, ce_coef=1.0 - kd_weight, denom=denom)
-    dev = student_logits.device
-    inv_t = torch.tensor(1.0 / temperature, dtype=torch.float32, device=dev)
-    c_kd = torch.tensor(kd_weight * t2 / temperature / denom, dtype=torch.float32, device=dev)
-    c_ce = torch.tensor((1.0 - kd_weight) / denom, dtype=torch.float32, device=dev)
+    opts, (inv_t, c_kd, c_ce) = _prepare(
+        entry, temperature=temperature, kd_weight=kd_weight, scale_by_t2=scale_by_t2, jsd_beta=jsd_beta,
+        skew_alpha=skew_alpha, num_tokens=num_tokens, num_valid=num_valid, all_valid=num_valid == targets.numel(),
+        chunk_size=chunk_size, vocab_size=student_logits.shape[-1],
+        need_grad=(torch.is_grad_enabled() and student_logits.requires_grad, False, False), use_compile=use_compile,
+        device=student_logits.device)
     total, ce_sum, kd_sum = _LogitsKD.apply(student_logits, teacher_logits.detach() if with_kd else None, targets,
                                            inv_t, c_kd, c_ce, opts)
-    return LossParts(total=total, kd=(kd_sum * t2 / denom).detach(), kd_unscaled=(kd_sum / denom).detach(),
-                     ce=(ce_sum / denom).detach(), num_valid=num_valid)
+    return _loss_parts(total, ce_sum, kd_sum, opts)
 
 
 class FusedLinearDistillationLoss(torch.nn.Module):

@@ -21,30 +21,22 @@ DASH = "—"  # shown where a value is absent, so a table never has an empty cel
 
 
 # --------------------------------------------------------------------------- formatting
-def fmt_ppl(x: Any) -> str:
-    """Perplexity: 4 significant digits, never capped (2.3e+12 stays 2.3e+12)."""
-    v = num(x)
-    return DASH if v is None else f"{v:.4g}"
+def _number_format(spec: str, scale: float = 1.0, suffix: str = "", finite_only: bool = False):
+    """A formatter of metric values: ``spec`` applied to ``scale * x``, the dash when absent."""
+    def fmt(x: Any) -> str:
+        v = num(x)
+        if v is None or (finite_only and not math.isfinite(v)):
+            return DASH
+        return f"{scale * v:{spec}}{suffix}"
+
+    return fmt
 
 
-def fmt_temp(x: Any) -> str:
-    v = num(x)
-    return DASH if v is None else f"{v:.3f}"
-
-
-def fmt_loss(x: Any) -> str:
-    v = num(x)
-    return DASH if v is None else f"{v:.4f}"
-
-
-def fmt_pct(x: Any) -> str:
-    v = num(x)
-    return DASH if v is None else f"{100 * v:.2f} %"
-
-
-def fmt_rate(x: Any) -> str:
-    v = num(x)
-    return DASH if v is None or not math.isfinite(v) else f"{v:,.0f}"
+fmt_ppl = _number_format(".4g")  # 4 significant digits, never capped: 2.3e+12 stays 2.3e+12
+fmt_temp = _number_format(".3f")
+fmt_loss = _number_format(".4f")
+fmt_pct = _number_format(".2f", 100, " %")
+fmt_rate = _number_format(",.0f", finite_only=True)
 
 
 def fmt_params(x: Any) -> str:
