@@ -168,9 +168,10 @@ class HealthConfig:
 class LossConfig:
     """How the loss is computed."""
 
-    impl: Literal["auto", "full", "chunked"] = doc(
-        "full = logits of both models; chunked = fused linear+loss over token chunks (memory-flat); "
-        "auto = chunked when the logits would be large.",
+    impl: Literal["auto", "full", "chunked", "reference"] = doc(
+        "full = logits of both models, closed-form gradients; chunked = fused linear+loss over token chunks "
+        "(memory-flat); auto = chunked when the logits would be large; reference = full logits through autograd "
+        "(the slow reference the others are tested against).",
         "auto",
     )
     chunk_size: int = doc("Tokens per chunk for impl=chunked.", 1024)

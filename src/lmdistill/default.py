@@ -111,6 +111,9 @@ def ensure_default_teacher(progress: bool = True) -> Path:
     cfg.train.batch_size, cfg.train.epochs, cfg.train.lr = p["batch_size"], p["epochs"], p["lr"]
     cfg.train.warmup_steps = p["warmup_steps"]
     cfg.run.mixed_precision = p["mixed_precision"]
+    # bf16 training amplifies a last-bit difference in a gradient into a different model within
+    # a few hundred steps; the reference loss keeps this teacher the one the cache key names.
+    cfg.loss.impl = "reference"
     train(cfg, student=model, tokenizer=tokenizer, progress=progress, print_summary=False)
     # Publish atomically: the model directory appears complete or not at all. Another
     # process that got there first wins; ours is then discarded.

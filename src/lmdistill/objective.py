@@ -44,11 +44,12 @@ class Objective:
     ``student_output`` ("logits" or "hidden") must match the teacher signal's views; with no
     teacher (kd_weight 0) it picks the full or the chunked form of the CE term alone.
     ``model`` is the unwrapped student: its class says which forward arguments it takes, and
-    its output layer is what the chunked form multiplies by.
+    its output layer is what the chunked form multiplies by. ``reference`` computes the full
+    path with autograd on all positions' logits (``loss.impl: reference``).
     """
 
     def __init__(self, spec: KDSpec, vocab_size: int, student_output: str, model: torch.nn.Module,
-                 chunk_size: int = 1024):
+                 chunk_size: int = 1024, reference: bool = False):
         if student_output not in ("logits", "hidden"):
             raise ValueError(f"student_output must be 'logits' or 'hidden', got {student_output!r}")
         self.spec = spec
@@ -57,7 +58,9 @@ class Objective:
         self.model = model
         self.head = model.get_output_embeddings()
         self.chunk_size = chunk_size
-        self.closed_form = divergences.get(spec.divergence).chunk is not None
+        # ``reference``: the full path exactly as autograd computes it (loss.impl: reference).
+        self.reference = reference
+        self.closed_form = divergences.get(spec.divergence).chunk is not None and not reference
 
     def __call__(self, student: torch.nn.Module, batch: Batch, teacher: TeacherView | None,
                  temperature: float, num_tokens: float) -> LossParts:
@@ -67,7 +70,7 @@ class Objective:
 
     def _from_logits(self, student, batch: Batch, teacher: TeacherLogits | None, temperature: float,
                      num_tokens: float) -> LossParts:
-        logits = prediction_logits(self.model, batch, self.vocab_size, forward=student)
+        logits = prediction_logits(self.model, batch, self.vocab_size, forward=student, trim=not self.reference)
         # With a closed-form gradient the loss needs no autograd graph over (tokens x vocab):
         # fewer passes over the logits and no fresh buffers per step (the autograd form is the
         # reference, and the fallback for a divergence without a closed form).

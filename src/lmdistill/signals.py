@@ -66,10 +66,11 @@ def _accepts_logits_to_keep(model_class: type) -> bool:
     return "logits_to_keep" in inspect.signature(model_class.forward).parameters
 
 
-def prediction_logits(model: torch.nn.Module, batch: Batch, vocab_size: int, forward=None) -> torch.Tensor:
+def prediction_logits(model: torch.nn.Module, batch: Batch, vocab_size: int, forward=None,
+                      trim: bool = True) -> torch.Tensor:
     """(B, L-1, vocab_size) logits of the positions that predict a target (through ``forward``, the
-    possibly wrapped model, when given)."""
-    kwargs = predicting_positions(model, batch)
+    possibly wrapped model, when given). ``trim=False`` forms all L positions' logits and slices."""
+    kwargs = predicting_positions(model, batch) if trim else {}
     out = (forward or model)(input_ids=batch.input_ids, attention_mask=batch.attention_mask, use_cache=False,
                              **kwargs)
     logits = out.logits if kwargs else out.logits[:, :-1]
@@ -105,13 +106,14 @@ class LiveLogits(TeacherSignal):
 
     student_output = "logits"
 
-    def __init__(self, teacher: torch.nn.Module, vocab_size: int):
+    def __init__(self, teacher: torch.nn.Module, vocab_size: int, reference: bool = False):
         self.teacher = teacher
         self.vocab_size = vocab_size
+        self.reference = reference
 
     @torch.inference_mode()
     def __call__(self, batch: Batch, temperature: float) -> TeacherLogits:
-        logits = prediction_logits(self.teacher, batch, self.vocab_size)
+        logits = prediction_logits(self.teacher, batch, self.vocab_size, trim=not self.reference)
         # -inf is a legitimate masked entry; NaN or +inf is a broken teacher. max() finds both.
         return TeacherLogits(logits, (~torch.isfinite(logits.amax())).float())
 
@@ -159,8 +161,8 @@ def choose_loss_impl(impl: str, divergence, tokens_per_micro_batch: int, vocab_s
     Raises ValueError for ``chunked`` where it cannot work: a model whose logits the fused
     loss cannot reproduce, or a divergence without a closed-form gradient.
     """
-    if impl == "full":
-        return "full"
+    if impl in ("full", "reference"):
+        return impl
     problems = [p for p in (fused_loss_unsupported(m) for m in (student, teacher) if m is not None) if p]
     if teacher is not None and divergence.chunk is None:
         problems.append(f"divergence {divergence.name!r} has no closed-form gradient")
@@ -177,4 +179,6 @@ def make_signal(impl: str, teacher: torch.nn.Module | None, vocab_size: int) -> 
     """The live signal for loss implementation ``impl``; ``NoTeacher`` when no teacher is in play."""
     if teacher is None:
         return NoTeacher("hidden" if impl == "chunked" else "logits")
-    return LiveHidden(teacher) if impl == "chunked" else LiveLogits(teacher, vocab_size)
+    if impl == "chunked":
+        return LiveHidden(teacher)
+    return LiveLogits(teacher, vocab_size, reference=impl == "reference")

@@ -169,7 +169,8 @@ class Trainer:
         self.raw_student = self.accelerator.unwrap_model(self.student, keep_fp32_wrapper=False)
         d = cfg.distill
         self.objective = Objective(KDSpec(d.kd_weight, d.divergence, d.scale_by_t2, d.jsd_beta, d.skew_alpha),
-                                   self.vocab_size, self.signal.student_output, self.raw_student, cfg.loss.chunk_size)
+                                   self.vocab_size, self.signal.student_output, self.raw_student, cfg.loss.chunk_size,
+                                   reference=self.loss_impl == "reference")
         self.teacher_before = parameter_fingerprint(self.teacher) if self.teacher is not None else None
         self._teacher_ref: dict | None = None
 

@@ -3,7 +3,7 @@
 Recorded on 2026-11-30 with lmdistill 0.1.0 (2-core x86-64 CPU, torch 2.13.0+cpu, fp32)
 before the trainer was restructured, for both loss implementations. A change that only
 moves code must reproduce them exactly; a change that alters the rounding of the step may
-move them within 1e-6 relative. A larger difference means the training step now computes
+move them within 1e-6 relative (the full path's closed-form gradients did, by 2.5e-7). A larger difference means the training step now computes
 something else: find out why before updating these numbers.
 
 The teacher is a small random Llama (initializer_range 0.2, so that its distribution is
@@ -79,9 +79,13 @@ def random_teacher(tmp_path_factory, tiny_tokenizer) -> Path:
     return path
 
 
-@pytest.mark.parametrize("impl", ["full", "chunked"])
+@pytest.mark.parametrize("impl", ["full", "chunked", "reference"])
 def test_default_preset_losses_are_pinned(tmp_path, random_teacher, text_file, impl):
-    assert len(PINNED[impl]) == 20 and TINY_VOCAB == 384
+    """``reference`` (full logits through autograd) is the full path exactly as it was recorded:
+    bit for bit. The default teacher is pretrained with it, so a fresh cache builds the very
+    teacher its cache key names."""
+    pinned, rel = (PINNED["full"], 0) if impl == "reference" else (PINNED[impl], 1e-6)
+    assert len(pinned) == 20 and TINY_VOCAB == 384
     cfg = Config.load(REPO / "configs" / "default.yaml",
                       [f"model.teacher={random_teacher}", f"data.path={text_file}", f"run.output_dir={tmp_path / impl}",
                        "run.device=cpu", "train.max_steps=20", "train.eval_every=10", f"loss.impl={impl}"])
@@ -89,5 +93,5 @@ def test_default_preset_losses_are_pinned(tmp_path, random_teacher, text_file, i
     lines = [r for r in read_jsonl(tmp_path / impl / "metrics.jsonl") if "loss" in r and "skipped" not in r]
     got = [(r["loss"], r["kd_loss"], r["ce_loss"]) for r in lines]
     assert [r["step"] for r in lines] == list(range(20))
-    for step, (want_row, got_row) in enumerate(zip(PINNED[impl], got)):
-        assert got_row == pytest.approx(want_row, rel=1e-6, abs=0), f"step {step}"
+    for step, (want_row, got_row) in enumerate(zip(pinned, got)):
+        assert got_row == pytest.approx(want_row, rel=rel, abs=0), f"step {step}"
