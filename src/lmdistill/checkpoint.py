@@ -169,7 +169,7 @@ def save_checkpoint(
     except OSError as exc:
         raise _write_error(final, checkpoints_dir, exc) from exc
     # Leftovers of an earlier crash would otherwise hold the disk space this save needs.
-    _remove_leftovers(checkpoints_dir)
+    remove_leftovers(checkpoints_dir)
 
     tmp = checkpoints_dir / f"{_TMP_PREFIX}{final.name}-{os.getpid()}"
     installed = False
@@ -256,8 +256,10 @@ def _remove_dir_crash_safe(path: Path) -> None:
     shutil.rmtree(trash)
 
 
-def _remove_leftovers(checkpoints_dir: Path) -> None:
+def remove_leftovers(checkpoints_dir: Path) -> None:
     """Delete ``.tmp-*`` and ``.trash-*`` directories left by an interrupted save or cleanup."""
+    if not checkpoints_dir.is_dir():
+        return
     for entry in checkpoints_dir.iterdir():
         if entry.name.startswith((_TMP_PREFIX, _TRASH_PREFIX)):
             try:
@@ -544,6 +546,40 @@ def load_checkpoint(path: Path, map_location: str | torch.device = "cpu") -> Loa
         tied_weights=dict(tied),
         format_version=int(manifest["format_version"]),
     )
+
+
+def resume_point(checkpoints_dir: Path, announce: bool = True) -> Path | None:
+    """The newest valid checkpoint to resume from; None when none was written yet.
+
+    Checkpoints that all fail their check are refused (CheckpointError naming the newest and
+    why): resuming from step 0 instead would silently throw the run away."""
+    newest, warnings = find_latest_valid(checkpoints_dir)
+    for warning in warnings if announce else []:
+        print(f"warning: {warning}")
+    if newest is None and warnings:
+        raise CheckpointError(f"no valid checkpoint to resume in '{checkpoints_dir}': all {len(warnings)} are damaged "
+                              f"(newest: {warnings[0].removeprefix('skipping checkpoint ')}); restore them, or start "
+                              "over with --overwrite")
+    return newest
+
+
+def restore_training_state(path: Path, model: torch.nn.Module, optimizer, processes: int) -> dict[str, Any]:
+    """Load checkpoint ``path`` into ``model`` and ``optimizer`` and restore the RNGs; its trainer state."""
+    ckpt = load_checkpoint(path)
+    try:
+        model.load_state_dict(ckpt.model_state)
+    except RuntimeError as exc:
+        raise CheckpointError(f"{path} does not fit this student ({str(exc).splitlines()[0][:160]}); resume with "
+                              "the run's own model settings") from None
+    state = ckpt.trainer_state
+    if state.get("processes", 1) != processes:
+        raise CheckpointError(f"{path} was written by a run with {state.get('processes', 1)} processes, this one has "
+                              f"{processes}; the data order depends on the process count: resume with the same "
+                              "number of processes")
+    optimizer.load_state_dict(ckpt.optimizer_state)
+    if ckpt.rng_state is not None:
+        restore_rng_state(ckpt.rng_state)
+    return state
 
 
 # --------------------------------------------------------------------------- RNG

@@ -10,6 +10,8 @@ Exit codes: 0 success, 2 bad input or environment, 3 training stopped by a guard
 from __future__ import annotations
 
 import argparse
+import errno
+import math
 import os
 import sys
 from pathlib import Path
@@ -101,6 +103,11 @@ def cmd_eval(args) -> int:
         raise LmdistillError(f"--block-size {args.block_size} is too small; use 2 or more (e.g. 128)")
     if args.batch_size < 1:
         raise LmdistillError(f"--batch-size {args.batch_size} must be 1 or more")
+    if not (args.temperature > 0 and math.isfinite(args.temperature)):
+        raise LmdistillError(f"--temperature {args.temperature} is not allowed: the KD temperature must be a finite "
+                             "number > 0 (e.g. 1.0)")
+    if args.json:
+        check_writable_file(Path(args.json), "--json")
     path = Path(args.model)
     run_cfg = None
     if (path / "student" / "config.json").is_file():
@@ -149,10 +156,21 @@ def cmd_eval(args) -> int:
         print(f"KL(teacher || model) at T=1: {result['eval_kl']:.4f} nats/token; "
               f"top-1 agreement {result['top1_agreement']:.1%}")
     if args.json:
-        import json
+        from .paths import atomic_write_json
 
-        Path(args.json).write_text(json.dumps(result, indent=2))
+        atomic_write_json(Path(args.json), result)
     return 0
+
+
+def check_writable_file(path: Path, flag: str) -> None:
+    """Refuse an output file that cannot be written before the work that fills it."""
+    if path.is_dir():
+        raise LmdistillError(f"{flag} {path} is a directory; give a file name, e.g. {path / 'eval.json'}")
+    parent = path.parent if str(path.parent) else Path(".")
+    if not parent.is_dir():
+        raise LmdistillError(f"{flag} {path}: the directory {parent} does not exist; create it or choose another path")
+    if not os.access(parent, os.W_OK):
+        raise LmdistillError(f"{flag} {path}: cannot write in {parent}; choose a path you may write to")
 
 
 def cmd_report(args) -> int:
@@ -232,6 +250,24 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("lmdistill: interrupted", file=sys.stderr)
         return 130
+    except OSError as exc:  # a write (or read) the file system refused: say where and why
+        print(f"lmdistill: error: {os_error_message(exc)}", file=sys.stderr)
+        return 2
+
+
+def os_error_message(exc: OSError) -> str:
+    """One line for a file-system error: the path, the cause, what to do."""
+    path = exc.filename or "a file"
+    reason = exc.strerror or str(exc) or type(exc).__name__
+    advice = {errno.ENOSPC: f"free space on the disk that holds {path}; files written before are kept",
+              errno.EDQUOT: f"free space on the disk that holds {path}; files written before are kept",
+              errno.EROFS: "write somewhere else: that file system is read-only",
+              errno.EACCES: "choose a path you may write to, or change its permissions",
+              errno.EPERM: "choose a path you may write to, or change its permissions",
+              errno.EISDIR: "it is a directory; give a file name",
+              errno.ENOTDIR: "a part of the path is a file, not a directory; fix the path",
+              errno.ENOENT: "check the path"}.get(exc.errno, "check the path and the file system")
+    return f"{reason}: {path}; {advice}"
 
 
 if __name__ == "__main__":

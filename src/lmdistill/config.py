@@ -145,7 +145,9 @@ class GuardConfig:
     spike_window: int = doc("Recent steps the spike detector compares against.", 50)
     spike_warmup: int = doc("Steps before the spike detector starts judging.", 20)
     spike_factor: float = doc("A spike is a loss above median x spike_factor of the window ...", 1.3)
-    spike_mad: float = doc("... and more than spike_mad median absolute deviations above it.", 6.0)
+    spike_mad: float = doc("... and more than spike_mad median absolute deviations above it ...", 6.0)
+    spike_min_increase: float = doc("... and at least this many nats/token above it: a spike is material, not just "
+                                    "unusual for a very flat loss.", 0.5)
     rollback_keep: int = doc("Known-good states kept in memory for rollback (one every rollback_interval steps).", 2)
     rollback_interval: int = doc("Steps between the known-good states kept for rollback.", 10)
     rollback_lr_factor: float = doc("Multiply the LR by this after each rollback.", 0.5)
@@ -312,11 +314,12 @@ class Config:
             "checkpoint.every": self.checkpoint.every, "data.max_eval_blocks": self.data.max_eval_blocks,
             "health.plateau_window": self.health.plateau_window,
         }
+        if self.data.block_size < 2:
+            raise bad("data.block_size", self.data.block_size, "must be a whole number >= 2 (a block needs a token "
+                      "and its successor)")
         for key, value in {**positive_ints, **{k: v for k, v in optional_positive.items() if v is not None}}.items():
             if value < 1:
                 raise bad(key, value, "must be a whole number >= 1")
-        if self.data.block_size < 2:
-            raise bad("data.block_size", self.data.block_size, "must be >= 2 (a block needs a token and its successor)")
         if not (t.lr > 0 and math.isfinite(t.lr)):
             raise bad("train.lr", t.lr, "the learning rate must be a finite number > 0")
         if not 0.0 <= t.min_lr_ratio <= 1.0:
@@ -329,6 +332,8 @@ class Config:
             raise bad("train.betas", t.betas, "must be two numbers in [0, 1), e.g. [0.9, 0.95]")
         if not 0.0 < self.data.eval_fraction < 1.0:
             raise bad("data.eval_fraction", self.data.eval_fraction, "must be between 0 and 1 (exclusive)")
+        if not self.guard.spike_min_increase >= 0:
+            raise bad("guard.spike_min_increase", self.guard.spike_min_increase, "must be a number of nats >= 0")
         if self.guard.spike_factor <= 1.0:
             raise bad("guard.spike_factor", self.guard.spike_factor, "must be > 1 (a spike is a loss above the median)")
         if not 0.0 < self.guard.rollback_lr_factor <= 1.0:
@@ -386,10 +391,14 @@ def _validate_injections(dbg: DebugConfig) -> None:
 
 def load_yaml(path: str | Path) -> dict:
     p = Path(path)
+    if p.is_dir():
+        raise ConfigError(f"config file {str(p)!r} is a directory; pass the path of a YAML file (see configs/)")
     if not p.is_file():
         raise ConfigError(f"config file {str(p)!r} does not exist; pass the path of a YAML file (see configs/)")
     try:
-        data = yaml.safe_load(p.read_text())
+        data = yaml.safe_load(p.read_text(encoding="utf-8"))
+    except UnicodeDecodeError as exc:
+        raise ConfigError(f"config file {str(p)!r} is not UTF-8 text (byte {exc.start}); save it as UTF-8") from None
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f" at line {mark.line + 1}" if mark else ""

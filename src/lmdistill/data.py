@@ -11,7 +11,10 @@ resume exact and lets each data-parallel rank take its own slice of a global bat
 
 from __future__ import annotations
 
+import contextlib
 import itertools
+import logging
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -37,9 +40,12 @@ def embedded_corpus_texts() -> list[str]:
     return [topics[name] for name in sorted(topics)]
 
 
-def _data_files(path: Path) -> tuple[str, list[str]]:
+def _data_files(path: Path) -> tuple[str, list[str], list[Path]]:
+    """(datasets builder, the files it reads, the files of a directory it leaves out)."""
     if path.is_dir():
-        files = sorted(p for p in path.rglob("*") if p.is_file() and p.suffix.lower() in EXTENSION_BUILDERS)
+        found = sorted(p for p in path.rglob("*") if p.is_file() and not p.name.startswith("."))
+        files = [p for p in found if p.suffix.lower() in EXTENSION_BUILDERS]
+        ignored = [p for p in found if p.suffix.lower() not in EXTENSION_BUILDERS]
         if not files:
             raise LmdistillError(
                 f"data directory '{path}' holds no .txt, .jsonl or .parquet files; point data.path at a file or "
@@ -50,13 +56,27 @@ def _data_files(path: Path) -> tuple[str, list[str]]:
             raise LmdistillError(
                 f"data directory '{path}' mixes file types ({', '.join(sorted(builders))}); keep one type per directory"
             )
-        return builders.pop(), [str(p) for p in files]
+        return builders.pop(), [str(p) for p in files], ignored
     builder = EXTENSION_BUILDERS.get(path.suffix.lower())
     if builder is None:
         raise LmdistillError(
             f"data file '{path}' has an unsupported extension '{path.suffix}'; use .txt, .jsonl or .parquet"
         )
-    return builder, [str(path)]
+    return builder, [str(path)], []
+
+
+def _read_error(role: str, source: str, files: list[str], exc: Exception) -> LmdistillError:
+    """One line for a data file datasets could not read: the root cause, not its wrapper."""
+    if all(Path(f).stat().st_size == 0 for f in files):
+        return LmdistillError(f"{role} '{source}' is empty; give a file with text in it")
+    cause = exc
+    while cause.__cause__ is not None or cause.__context__ is not None:
+        cause = cause.__cause__ or cause.__context__
+        if isinstance(cause, UnicodeDecodeError):
+            return LmdistillError(f"{role} '{source}' is not UTF-8 text (a byte {cause.object[cause.start]:#04x} at "
+                                  f"position {cause.start} of a file); convert it to UTF-8, e.g. with iconv")
+    detail = (str(cause).splitlines() or [type(cause).__name__])[0][:200]
+    return LmdistillError(f"could not read {role} '{source}': {detail}; check the file's format")
 
 
 def load_texts(source: str | None, cfg: DataConfig, role: str = "data.path"):
@@ -68,16 +88,18 @@ def load_texts(source: str | None, cfg: DataConfig, role: str = "data.path"):
         return datasets.Dataset.from_dict({"text": embedded_corpus_texts()}), "embedded: CPython reference docs (pydoc_data)"
     path = Path(source).expanduser()
     if path.exists():
-        builder, files = _data_files(path)
+        builder, files, ignored = _data_files(path)
         kwargs = {"sample_by": "document"} if builder == "text" else {}
         try:
-            ds = datasets.load_dataset(builder, data_files=files, split="train", **kwargs)
+            with _quiet_logger("datasets"):  # its own error lines would repeat ours
+                ds = datasets.load_dataset(builder, data_files=files, split="train", **kwargs)
         except Exception as exc:  # datasets raises many types for unreadable files
-            if all(Path(f).stat().st_size == 0 for f in files):
-                raise LmdistillError(f"{role} '{source}' is empty; give a file with text in it") from None
-            detail = (str(exc).splitlines() or [type(exc).__name__])[0]
-            raise LmdistillError(f"could not read {role} '{source}': {detail}; check the file's format") from None
+            raise _read_error(role, source, files, exc) from None
         description = f"{source} ({len(files)} file{'s' if len(files) > 1 else ''})"
+        if ignored:
+            kinds = sorted({p.suffix or p.name for p in ignored})
+            _note(f"{role} '{source}': {len(ignored)} file(s) of a type that is not read ({', '.join(kinds[:5])}) "
+                  "left out; only .txt, .md, .jsonl, .json and .parquet are read")
     elif is_hub_id(source):
         try:
             ds = datasets.load_dataset(source, cfg.dataset_config, split=cfg.split)
@@ -97,7 +119,28 @@ def load_texts(source: str | None, cfg: DataConfig, role: str = "data.path"):
     ds = ds.select_columns([cfg.text_field])
     if cfg.text_field != "text":
         ds = ds.rename_column(cfg.text_field, "text")
+    missing = sum(1 for text in ds["text"] if not text)
+    if missing:
+        _note(f"{role} '{source}': {missing} of {len(ds)} record(s) have no text in '{cfg.text_field}' (null or "
+              "empty) and are left out")
     return ds, description
+
+
+def _note(message: str) -> None:
+    """A one-line notice, from the main process only."""
+    if int(os.environ.get("RANK", "0")) == 0:
+        print(f"note: {message}")
+
+
+@contextlib.contextmanager
+def _quiet_logger(name: str):
+    logger = logging.getLogger(name)
+    before = logger.level
+    logger.setLevel(logging.CRITICAL)
+    try:
+        yield
+    finally:
+        logger.setLevel(before)
 
 
 def pack_blocks(texts, tokenizer, block_size: int, num_proc: int | None = None) -> torch.Tensor:

@@ -15,6 +15,8 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
+from .progress import interactive
+
 from .losses import token_divergence
 from .monitor import verdict_line
 
@@ -67,7 +69,8 @@ def evaluate(
     sums = torch.zeros(6, dtype=torch.float64)  # ce, kd, kl_t1, agree, teacher_ce, tokens
     need_teacher_ce = teacher is not None and (teacher_cache is None or "teacher_ce_loss" not in teacher_cache)
     batches = range(0, len(blocks), batch_size)
-    for start in tqdm(batches, desc=desc, leave=False, disable=not progress, unit="batch"):
+    # A short bar, redrawn in place: only where a terminal shows it (a log gets the eval line).
+    for start in tqdm(batches, desc=desc, leave=False, disable=not (progress and interactive()), unit="batch"):
         ids = blocks[start : start + batch_size].to(device)
         targets = ids[:, 1:].reshape(-1)
         with autocast() if autocast else contextlib.nullcontext():

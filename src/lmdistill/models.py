@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -30,6 +31,9 @@ def resolve_source(source: str, role: str) -> str:
     transformers turns it into a confusing hub lookup.
     """
     path = Path(source).expanduser()
+    if path.is_file():
+        raise LmdistillError(f"{role} '{source}' is a file; give the directory that holds it and the weights (the "
+                             "directory save_pretrained wrote)")
     if path.exists():
         if not (path / "config.json").is_file():
             raise LmdistillError(
@@ -174,11 +178,62 @@ def student_config_from_teacher(teacher_config, overrides: dict):
 def build_fresh_student(config, seed: int):
     from transformers import AutoModelForCausalLM
 
+    check_config(config, "the student of model.student_config")
     torch.manual_seed(seed)
     try:
         return AutoModelForCausalLM.from_config(config, dtype=torch.float32)
     except Exception as exc:
-        raise LmdistillError(f"could not build a student from model.student_config: {exc}") from None
+        raise LmdistillError(f"could not build a student from model.student_config: {_last_line(exc)}") from None
+
+
+def _last_line(exc: Exception) -> str:
+    """The innermost line of an error message (library errors often wrap the useful one last)."""
+    lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
+    if not lines:
+        return type(exc).__name__
+    return re.sub(r"^\w+(Error|Exception): ", "", lines[-1])[:300].rstrip(".")
+
+
+def check_config(config, what: str) -> None:
+    """A config that save_pretrained will refuse at the end of training is refused now.
+
+    transformers validates its configs (``validate``: e.g. the hidden size must be a multiple
+    of the number of attention heads) when it saves them; check that before any step runs."""
+    validate = getattr(config, "validate", None)
+    if not callable(validate):
+        return
+    try:
+        validate()
+    except Exception as exc:  # the library's own validation errors, of several types
+        raise LmdistillError(f"{what} is not a valid {type(config).__name__}: {_last_line(exc)}; fix "
+                             "model.student_config") from None
+
+
+def check_causal(model, role: str, name: str, vocab_size: int) -> None:
+    """Distillation here is next-token prediction: a prediction may not see later tokens.
+
+    Probed on a 6-token input: change the last token, and no earlier position's logits may
+    move. A bidirectional model (BERT) fails it; so does a model whose config makes it crash,
+    which is better found now than after the training."""
+    device = next(model.parameters()).device
+    ids = (torch.arange(1, 7, device=device) % vocab_size).unsqueeze(0)
+    changed = ids.clone()
+    changed[0, -1] = (changed[0, -1] + 1) % vocab_size
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            before = model(input_ids=ids, use_cache=False).logits[0, :-1].float()
+            after = model(input_ids=changed, use_cache=False).logits[0, :-1].float()
+    except Exception as exc:  # whatever the model raises: report it on one line
+        raise LmdistillError(f"the {role} '{name}' does not run on a 6-token input ({_last_line(exc)}); check its "
+                             "config") from None
+    finally:
+        model.train(was_training)
+    if not torch.allclose(before, after, rtol=1e-3, atol=1e-3):
+        raise LmdistillError(f"the {role} '{name}' ({type(model).__name__}) is not a causal language model: its "
+                             "predictions at earlier positions change when a later token changes; distillation needs "
+                             "a causal LM (AutoModelForCausalLM: Llama, Qwen2, Mistral, GPT-2, ...)")
 
 
 def parameter_fingerprint(model) -> list[tuple[float, float]]:
@@ -283,4 +338,5 @@ def load_models(cfg, teacher=None, student=None, tokenizer=None) -> Models:
     for model, role, name in ((student, "student", student_name), (teacher, "teacher", teacher_name)):
         if model is not None:
             check_context_length(model, cfg.data.block_size, role, name)
+            check_causal(model, role, name, vocab_size)
     return Models(teacher, student, tokenizer, teacher_name, student_name)

@@ -6,6 +6,8 @@ The original report's list -> check name:
   any NaN warning                   -> nonfinite
   perplexity > 1M after step 5000   -> eval_ppl     (5000 of 25000 steps = 20% of the run)
   loss not decreasing steadily      -> loss_plateau
+and one more, because a distillation is only as good as its teacher:
+  teacher worse than a uniform guess -> teacher_ppl (held-out perplexity above the vocabulary size)
 Each check fires with one warning line and a health event in metrics.jsonl; the
 final state of every check goes to health.json.
 """
@@ -34,7 +36,7 @@ class Check:
 
 
 class HealthMonitor:
-    def __init__(self, cfg: HealthConfig, total_steps: int):
+    def __init__(self, cfg: HealthConfig, total_steps: int, vocab_size: int | None = None):
         self.cfg = cfg
         self.ppl_after_step = cfg.ppl_after_step if cfg.ppl_after_step is not None else int(0.2 * total_steps)
         self.window = cfg.plateau_window or max(10, total_steps // 10)
@@ -45,8 +47,12 @@ class HealthMonitor:
             "eval_ppl": Check("eval_ppl", f"eval perplexity at most {cfg.ppl_max:g} after step {self.ppl_after_step}"),
             "loss_plateau": Check("loss_plateau", f"mean loss falls from one {self.window}-step window to the next "
                                                   f"(fires after {cfg.plateau_patience} windows without a new low)"),
+            "teacher_ppl": Check("teacher_ppl", "the teacher's held-out perplexity is below a uniform guess over the "
+                                                f"vocabulary ({vocab_size or 'V'})"),
         }
+        self.vocab_size = vocab_size
         self._first_loss_seen = False
+        self._teacher_judged = False
         self._eval_checked = False
         self._window_losses: list[float] = []
         self._best_window_mean = math.inf
@@ -88,7 +94,18 @@ class HealthMonitor:
     def on_nonfinite(self, step: int, term: str) -> list[tuple[str, str]]:
         return [self.checks["nonfinite"].fire(step, f"non-finite {term} at step {step}: step skipped, weights untouched")]
 
-    def on_eval(self, step: int, ppl: float) -> list[tuple[str, str]]:
+    def on_eval(self, step: int, ppl: float, teacher_ppl: float | None = None) -> list[tuple[str, str]]:
+        fired = []
+        if teacher_ppl is not None and self.vocab_size and not self._teacher_judged:
+            self._teacher_judged = True  # once: a frozen teacher on fixed blocks gives the same figure
+            if not teacher_ppl <= self.vocab_size:  # NaN too
+                fired.append(self.checks["teacher_ppl"].fire(
+                    step, f"the teacher's held-out perplexity {teacher_ppl:.4g} is worse than a uniform guess over "
+                          f"its {self.vocab_size} tokens: check the teacher (its weights, its tokenizer, "
+                          "model.teacher_dtype)"))
+        return fired + self._on_student_eval(step, ppl)
+
+    def _on_student_eval(self, step: int, ppl: float) -> list[tuple[str, str]]:
         if step < self.ppl_after_step:
             return []
         self._eval_checked = True
@@ -104,6 +121,8 @@ class HealthMonitor:
             self.checks["loss_plateau"].status = "not_reached"
         if not self._first_loss_seen:
             self.checks["start_loss"].status = "not_reached"
+        if not self._teacher_judged and self.checks["teacher_ppl"].status == "passed":
+            self.checks["teacher_ppl"].status = "not_reached"  # no teacher was evaluated
         fired = [c.name for c in self.checks.values() if c.status == "fired"]
         return {
             "verdict": "attention" if fired else "healthy",

@@ -3,31 +3,56 @@
 Layout (tools and tests read it)::
 
     runs/NAME/
-      config.yaml        the resolved config
+      .lmdistill-run     the marker, written first: this directory is an lmdistill run
+      .lmdistill.lock    held (flock) by the process writing the run; the OS releases it on exit
+      config.yaml        the resolved config (of the latest start, resumes included)
       metrics.jsonl      one JSON object per line (training, eval, skipped steps, health events)
       health.json        each health check: passed, fired (at which steps) or not reached
-      run.json           status, models, data, final numbers
+      run.json           status, models, data, final numbers, the resumes
       checkpoints/       step-N/ with a SHA-256 manifest (checkpoint.py)
       tokenizer/         the tokenizer, once per run: with a checkpoint it makes a model
       student/           the final student: save_pretrained + tokenizer
       tensorboard/       event files
       report.md, plots/
 
-A directory is reused only on purpose: ``--resume`` continues an unfinished run,
-``--overwrite`` replaces a run; anything else that is not empty is refused.
+A directory is reused only on purpose: ``--resume`` continues an unfinished run, and
+``--overwrite`` replaces a run, removing only what lmdistill wrote: never a directory
+without the marker, one holding files lmdistill does not write, the current directory, one of
+its parents, or the home directory. Anything else that is not empty is refused. One process
+writes a run at a time: a second one (train, resume or overwrite) is refused with the pid and
+host of the one that holds the lock.
 """
 
 from __future__ import annotations
 
 import json
+import os
+import re
 import shutil
-from datetime import datetime
+import socket
+from datetime import datetime, timezone
 from pathlib import Path
 
 from .errors import LmdistillError
 from .paths import atomic_write, atomic_write_json, replace_dir
 
-_RUN_FILES = ("run.json", "config.yaml", "metrics.jsonl", "checkpoints")
+try:
+    import fcntl
+except ImportError:  # pragma: no cover - Windows: no advisory locks; one writer is on the user
+    fcntl = None
+
+MARKER = ".lmdistill-run"
+LOCK = ".lmdistill.lock"
+# Everything lmdistill writes at the top of a run directory (and the temporary names of its
+# atomic writes, ".<name>.tmp-<pid>"): --overwrite removes these and nothing else.
+WRITTEN = frozenset({MARKER, LOCK, "config.yaml", "metrics.jsonl", "health.json", "run.json", "checkpoints",
+                     "tokenizer", "student", "tensorboard", "report.md", "plots", ".student.tmp", ".student.old"})
+_TEMPORARY = re.compile(r"^\.[^/]+\.tmp-\d+$")
+_HELD: dict[Path, object] = {}  # run directories whose lock this process holds -> lock file descriptor
+
+
+def _written_by_us(name: str) -> bool:
+    return name in WRITTEN or bool(_TEMPORARY.match(name))
 
 
 class RunDirectory:
@@ -36,10 +61,32 @@ class RunDirectory:
     def __init__(self, path: Path):
         self.path = Path(path)
 
+    # ------------------------------------------------------------------ what is there
+    def entries(self) -> list[str]:
+        """Names in the directory, the lock file aside (it exists while anyone looks)."""
+        if not self.path.is_dir():
+            return []
+        return sorted(p.name for p in self.path.iterdir() if p.name != LOCK)
+
+    def is_run(self) -> bool:
+        """A directory lmdistill wrote: its marker, or (written before the marker existed) a
+        run.json of a training run beside only files lmdistill writes."""
+        if (self.path / MARKER).is_file():
+            return True
+        legacy = self.read_json("run.json").get("command") == "train"
+        return legacy and all(_written_by_us(name) for name in self.entries())
+
+    def foreign_entries(self) -> list[str]:
+        return [name for name in self.entries() if not _written_by_us(name)]
+
+    def status(self) -> str | None:
+        return self.read_json("run.json").get("status")
+
     # ------------------------------------------------------------------ choosing
     @classmethod
     def for_config(cls, cfg) -> "RunDirectory":
-        """The run directory for ``cfg``, refusing to clobber an existing run unless asked."""
+        """The run directory for ``cfg``, refusing to clobber anything unless asked, and never
+        to clobber what lmdistill did not write. Checks only; nothing is written here."""
         if cfg.run.output_dir is None:
             stamp = datetime.now().strftime("%Y%m%d-%H%M%S")
             base = Path("runs") / f"{cfg.run.name}-{stamp}"
@@ -48,48 +95,102 @@ class RunDirectory:
                 n += 1
                 path = base.with_name(f"{base.name}-{n}")
             return cls(path)
-        path = Path(cfg.run.output_dir).expanduser()
-        run = cls(path)
-        if path.exists() and not path.is_dir():
-            raise LmdistillError(f"output directory '{path}' is a file; choose another --output-dir")
-        if path.exists() and any(path.iterdir()) and not run.looks_like_a_run():
-            # --overwrite deletes the directory: only ever one that lmdistill wrote.
-            raise LmdistillError(
-                f"output directory '{path}' is not empty and is not an lmdistill run; choose another --output-dir"
-            )
-        if cfg.run.resume:
-            if run.read_json("run.json").get("status") == "finished":
-                raise LmdistillError(f"the run in '{path}' already finished; there is nothing to resume (its student "
-                                     f"is in {path / 'student'})")
-            return run  # a missing or empty directory simply starts from step 0
-        if path.exists() and any(path.iterdir()) and not cfg.run.overwrite:
-            status = run.read_json("run.json").get("status")
-            if status == "finished" or (path / "student").exists():
-                raise LmdistillError(
-                    f"output directory '{path}' already holds a finished run; choose another --output-dir or pass "
-                    "--overwrite to replace it"
-                )
-            raise LmdistillError(
-                f"output directory '{path}' holds an unfinished run (status: {status or 'unknown'}); pass --resume "
-                "to continue it from its newest checkpoint, --overwrite to start it over, or another --output-dir"
-            )
+        run = cls(Path(cfg.run.output_dir).expanduser())
+        run.check_reuse(cfg)
         return run
 
-    def looks_like_a_run(self) -> bool:
-        """A directory lmdistill wrote (possibly killed before its first file was complete)."""
-        return any((self.path / name).exists() for name in _RUN_FILES)
+    def check_reuse(self, cfg) -> None:
+        """The rules for an existing ``output_dir``; LmdistillError when they refuse."""
+        path = self.path
+        if path.exists() and not path.is_dir():
+            raise LmdistillError(f"output directory '{path}' is a file; choose another --output-dir")
+        if cfg.run.overwrite:
+            _refuse_protected(path)
+        if not self.entries():
+            return  # a new run (--resume too: a restart loop can always pass it)
+        if not self.is_run():
+            raise LmdistillError(f"output directory '{path}' is not empty and is not an lmdistill run; choose "
+                                 "another --output-dir")
+        status = self.status()
+        finished = status == "finished" or (path / "student").exists()
+        if cfg.run.resume:
+            if finished:
+                raise LmdistillError(f"the run in '{path}' already finished; there is nothing to resume (its "
+                                     f"student is in {path / 'student'})")
+            return
+        if cfg.run.overwrite:
+            foreign = self.foreign_entries()
+            if foreign:
+                shown = ", ".join(foreign[:3]) + (f" and {len(foreign) - 3} more" if len(foreign) > 3 else "")
+                raise LmdistillError(f"output directory '{path}' holds files lmdistill did not write ({shown}); "
+                                     "--overwrite only replaces what lmdistill wrote: move them, or choose another "
+                                     "--output-dir")
+            return
+        if finished:
+            raise LmdistillError(f"output directory '{path}' already holds a finished run; choose another "
+                                 "--output-dir or pass --overwrite to replace it")
+        raise LmdistillError(
+            f"output directory '{path}' holds an unfinished run (status: {status or 'unknown'}); pass --resume "
+            "to continue it from its newest checkpoint, --overwrite to start it over, or another --output-dir")
 
     # ------------------------------------------------------------------ writing
-    def create(self, cfg) -> None:
-        """Start the directory afresh (replacing a run under --overwrite) with the config in it."""
-        if self.path.exists() and cfg.run.overwrite:
-            shutil.rmtree(self.path)
+    def open_for_writing(self, cfg) -> None:
+        """Take the run's lock (creating the directory), then check the reuse rules again under
+        it: another process may have written here since ``for_config`` looked."""
         try:
             self.path.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise LmdistillError(f"cannot create the run directory '{self.path}': {exc.strerror}; choose a "
+                                 "writable --output-dir") from None
+        self._lock()
+        self.check_reuse(cfg)
+
+    def _lock(self) -> None:
+        key = self.path.resolve()
+        if fcntl is None or key in _HELD:
+            return
+        try:
+            fd = os.open(self.path / LOCK, os.O_RDWR | os.O_CREAT, 0o644)
+        except OSError as exc:
+            raise LmdistillError(f"cannot write in the run directory '{self.path}': {exc.strerror}; choose a "
+                                 "writable --output-dir") from None
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            holder = os.pread(fd, 200, 0).decode(errors="replace").strip() or "another process"
+            os.close(fd)
+            raise LmdistillError(f"output directory '{self.path}' is in use by another lmdistill process ({holder}); "
+                                 "wait for it to end, or choose another --output-dir") from None
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"pid {os.getpid()} on {socket.gethostname()}\n".encode(), 0)
+        _HELD[key] = fd
+
+    def release(self) -> None:
+        """Let go of the lock (the end of a run; the OS does it too when the process ends)."""
+        fd = _HELD.pop(self.path.resolve(), None)
+        if fd is not None:
+            fcntl.flock(fd, fcntl.LOCK_UN)
+            os.close(fd)
+
+    def create(self, cfg) -> None:
+        """Start the run afresh: under --overwrite, remove what the old run wrote (the lock
+        stays: this process holds it); then the marker, first, and the config."""
+        try:
+            self.path.mkdir(parents=True, exist_ok=True)
+            if cfg.run.overwrite:
+                for name in self.entries():
+                    target = self.path / name
+                    shutil.rmtree(target) if target.is_dir() and not target.is_symlink() else target.unlink()
+            self.mark()
             atomic_write(self.path / "config.yaml", cfg.to_run_yaml())
         except OSError as exc:
-            raise LmdistillError(f"cannot write the run directory '{self.path}': {exc.strerror}; choose a writable "
-                                 "--output-dir") from None
+            raise LmdistillError(f"cannot write the run directory '{self.path}': {exc.strerror}; choose a "
+                                 "writable --output-dir") from None
+
+    def mark(self) -> None:
+        if not (self.path / MARKER).is_file():
+            atomic_write_json(self.path / MARKER, {"format": "lmdistill-run", "version": 1,
+                                                   "created": datetime.now(timezone.utc).isoformat(timespec="seconds")})
 
     @property
     def checkpoints(self) -> Path:
@@ -101,24 +202,25 @@ class RunDirectory:
 
     def read_json(self, name: str) -> dict:
         try:
-            return json.loads((self.path / name).read_text())
-        except (OSError, json.JSONDecodeError):
+            data = json.loads((self.path / name).read_text(encoding="utf-8"))
+        except (OSError, ValueError):
             return {}
+        return data if isinstance(data, dict) else {}
 
     def write_json(self, name: str, data: dict) -> None:
         atomic_write_json(self.path / name, data)
 
-    def trim_metrics(self, step: int) -> None:
-        """Drop metrics lines a resumed run will write again (training lines from ``step`` on).
-
-        The eval at ``step`` was written just before the checkpoint it resumes from; it stays.
-        """
+    def trim_metrics(self, step: int, total_steps: int | None = None) -> None:
+        """Drop the metrics lines a resumed run writes again: training lines from ``step`` on, and
+        evaluations after it. The evaluation at ``step`` was written just before the checkpoint
+        the run resumes from and stays, unless it is the final one, which is done again."""
         from .tracking import read_metrics
 
         if not self.metrics.exists():
             return
+        keep_eval_at_step = 0 < step and step != total_steps
         kept = [r for r in read_metrics(self.metrics) if r.get("step", 0) < step
-                or (0 < step == r.get("step") and ("eval_ce_loss" in r or r.get("health") == "eval_ppl"))]
+                or (keep_eval_at_step and step == r.get("step") and ("eval_ce_loss" in r or r.get("health") == "eval_ppl"))]
         atomic_write(self.metrics, "".join(json.dumps(r) + "\n" for r in kept))
 
     def save_student(self, model, tokenizer) -> Path:
@@ -140,10 +242,12 @@ class RunDirectory:
         replace_dir(tmp, final, aside_name=".student.old")
         return final
 
-    def warn_if_resume_differs(self, checkpoint: Path, cfg, teacher_ref: dict | None) -> None:
-        """Warn when a resume would not continue the same run: a changed config or teacher."""
+    def warn_if_resume_differs(self, checkpoint: Path, cfg, teacher_ref: dict | None) -> list[str]:
+        """Warn when a resume would not continue the same run (a changed config or teacher);
+        the changed config keys."""
         from .config import Config, load_yaml
 
+        changed = []
         saved_path = self.path / "config.yaml"
         if saved_path.is_file():
             saved, now = Config.from_dict(load_yaml(saved_path)).to_dict(), cfg.to_dict()
@@ -152,10 +256,22 @@ class RunDirectory:
             changed = [f"{section}.{key}" for section in now for key in now[section]
                        if saved.get(section, {}).get(key) != now[section][key]]
             if changed:
-                print(f"warning: resuming with a changed config ({', '.join(changed)}); the resumed run will not match "
-                      "an uninterrupted one")
+                print(f"warning: resuming with a changed config ({', '.join(changed)}); the resumed run will "
+                      "not match an uninterrupted one")
         if teacher_ref:
             saved_teacher = json.loads((checkpoint / "trainer_state.json").read_text()).get("teacher") or {}
             if saved_teacher.get("hash") and saved_teacher.get("hash") != teacher_ref.get("hash"):
                 print(f"warning: the teacher at {teacher_ref['source']} changed since the checkpoint was written "
                       f"(content hash differs); resuming with the changed teacher")
+        return changed
+
+
+def _refuse_protected(path: Path) -> None:
+    """--overwrite never empties the current directory, one of its parents, or the home directory."""
+    target, cwd = path.resolve(), Path.cwd().resolve()
+    home = Path.home().resolve()
+    if target == cwd or target in cwd.parents or target == home or target == Path(target.anchor):
+        what = "the current directory" if target == cwd else "your home directory" if target == home \
+            else "a parent of the current directory"
+        raise LmdistillError(f"refusing --overwrite of '{path}': it is {what}; give the run's own directory "
+                             "(e.g. runs/NAME)")

@@ -3,6 +3,8 @@
 Every line goes to metrics.jsonl first (flushed at once, so a killed run keeps all
 lines up to the kill) and every numeric value also becomes a TensorBoard scalar
 under the same name. Skipped steps and health events become TensorBoard text.
+metrics.jsonl is strict JSON: a non-finite value is written as null, with its key listed in
+the line's ``nonfinite`` field.
 """
 
 from __future__ import annotations
@@ -40,8 +42,7 @@ class MetricsLog:
     def write(self, record: dict) -> None:
         if not self.enabled:
             return
-        # Python's json writes NaN/Infinity literals; readers in this package accept them.
-        self._file.write(json.dumps(record) + "\n")
+        self._file.write(json.dumps(strict_json(record), allow_nan=False) + "\n")
         self._file.flush()
         step = int(record.get("step", 0))
         numeric = {k: v for k, v in record.items() if k not in ("step", "epoch") and not isinstance(v, bool)
@@ -72,6 +73,15 @@ class MetricsLog:
             self._tb.flush()
             self._tb.close()
             self._tb = None
+
+
+def strict_json(record: dict) -> dict:
+    """``record`` as strict JSON allows: a NaN or infinite value becomes null, and its key is
+    listed under ``nonfinite`` (a NaN loss is a fact worth keeping, not a parse error)."""
+    bad = [k for k, v in record.items() if isinstance(v, float) and not math.isfinite(v)]
+    if not bad:
+        return record
+    return {**{k: (None if k in bad else v) for k, v in record.items()}, "nonfinite": bad}
 
 
 def read_metrics(path: Path, bad_lines: list[int] | None = None) -> list[dict]:

@@ -25,18 +25,18 @@ from __future__ import annotations
 
 import contextlib
 import math
+import signal
 import statistics
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict
 from datetime import datetime, timezone
-from pathlib import Path
 
 import torch
 from tqdm.auto import tqdm
 
 from . import divergences
 from .batch import Batch
-from .checkpoint import (capture_rng_state, find_latest_valid, load_checkpoint, model_reference, restore_rng_state,
+from .checkpoint import (capture_rng_state, model_reference, remove_leftovers, restore_training_state, resume_point,
                          save_checkpoint)
 from .config import Config
 from .data import BlockSampler, build_block_data
@@ -45,50 +45,19 @@ from .errors import LmdistillError, TrainingStopped
 from .evaluate import evaluate, summary_table
 from .faults import FaultInjector
 from .guards import Decision, Guard, StepStats
+from .interrupts import GracefulStop, Interrupted
 from .models import ModelInfo, load_models, parameter_fingerprint
 from .monitor import HealthMonitor
 from .objective import KDSpec, Objective
+from .paths import atomic_write
+from .progress import interactive, progress_bar
+from .results import RunResult, StepResult
 from .rundir import RunDirectory
 from .schedules import Plan, lr_at, temperature_at
 from .signals import choose_loss_impl, make_signal
 from .tracking import MetricsLog
 
 SPIKE_ACTIONS = {"warn": "kept", "skip": "step skipped", "rollback": "rolled back"}
-
-
-@dataclass
-class RunResult:
-    run_dir: Path
-    status: str
-    steps: int
-    initial: dict = field(default_factory=dict)
-    final: dict = field(default_factory=dict)
-    health: dict = field(default_factory=dict)
-    student_dir: Path | None = None
-
-
-@dataclass
-class StepResult:
-    """What one optimizer step did, for logging and the progress bar."""
-
-    step: int
-    epoch: int
-    temperature: float
-    lr: float
-    stats: StepStats
-    decision: Decision
-    tokens_per_s: float
-
-    def record(self) -> dict:
-        """The step's line in metrics.jsonl."""
-        s = self.stats
-        line = {"step": self.step, "epoch": self.epoch, "temperature": self.temperature, "lr": self.lr,
-                "loss": s.loss, "kd_loss": s.kd, "kd_loss_unscaled": s.kd_unscaled, "ce_loss": s.ce,
-                "grad_norm": s.grad_norm, "tokens_per_s": self.tokens_per_s}
-        if not self.decision.applies_update:
-            line = {"step": self.step, "skipped": True, "reason": self.decision.reason,
-                    **{k: v for k, v in line.items() if k != "step"}}
-        return line
 
 
 def make_optimizer(model, cfg: Config, fused: bool = False):
@@ -188,50 +157,36 @@ class Trainer:
         """Continue from the newest valid checkpoint (``--resume``), or start the run directory."""
         cfg, run = self.cfg, self.run
         self.start_step, self.micro, self.initial, state = 0, 0, None, {}
-        resume_from = None
-        if cfg.run.resume:
-            resume_from, warnings = find_latest_valid(run.checkpoints)
-            for warning in warnings if self.is_main else []:
-                print(f"warning: {warning}")
+        self.resume_changes: list[str] = []
+        if self.is_main:
+            run.open_for_writing(cfg)  # the lock first: nothing is written or removed without it
+        resume_from = resume_point(run.checkpoints, announce=self.is_main) if cfg.run.resume else None
         if self.is_main:
             if resume_from is None:
-                if cfg.run.resume:  # the attempt died before its first checkpoint: redo it from step 0
+                if cfg.run.resume:  # nothing to resume, or the attempt died before its first checkpoint
+                    print(f"note: no checkpoint in '{run.path}' yet: starting the run from step 0")
                     run.trim_metrics(0)
                 run.create(cfg)
                 self.tokenizer.save_pretrained(run.path / "tokenizer")  # once per run; checkpoints + this = a model
             else:
-                run.warn_if_resume_differs(resume_from, cfg, self.teacher_reference())
+                self.resume_changes = run.warn_if_resume_differs(resume_from, cfg, self.teacher_reference())
+                run.mark()
+                atomic_write(run.path / "config.yaml", cfg.to_run_yaml())  # the config this start runs with
+                remove_leftovers(run.checkpoints)
         self.accelerator.wait_for_everyone()
         self.guard = Guard(cfg.guard)
-        self.monitor = HealthMonitor(cfg.health, self.plan.total_steps)
+        self.monitor = HealthMonitor(cfg.health, self.plan.total_steps, self.vocab_size)
         if resume_from is not None:
-            state = self._load_checkpoint(resume_from)
+            state = restore_training_state(resume_from, self.raw_student, self.optimizer, self.world)
             self.start_step, self.micro, self.initial = state["step"], state["micro_batches"], state["initial_eval"]
             self.guard.load_state_dict(state)
             self.monitor.load_state_dict(state["health"])
             if self.is_main:
-                run.trim_metrics(self.start_step)
+                run.trim_metrics(self.start_step, self.plan.total_steps)
                 print(f"Resuming {run.path} from {resume_from.name} (step {self.start_step} of "
                       f"{self.plan.total_steps})")
         self.resumed_from = resume_from
-
-    def _load_checkpoint(self, path: Path) -> dict:
-        ckpt = load_checkpoint(path)
-        try:
-            self.raw_student.load_state_dict(ckpt.model_state)
-        except RuntimeError as exc:
-            raise LmdistillError(f"{path} does not fit this student ({str(exc).splitlines()[0][:160]}); resume "
-                                 "with the run's own model settings") from None
-        self.optimizer.load_state_dict(ckpt.optimizer_state)
-        if ckpt.rng_state is not None:
-            restore_rng_state(ckpt.rng_state)
-        state = ckpt.trainer_state
-        if state.get("processes", 1) != self.world:
-            raise LmdistillError(
-                f"{path} was written by a run with {state.get('processes', 1)} processes, this one has "
-                f"{self.world}; the data order depends on the process count: resume with the same number of "
-                "processes")
-        return state
+        self.last_checkpoint = self.start_step if resume_from is not None else None
 
     def _setup_logging(self) -> None:
         cfg, models = self.cfg, self.models
@@ -239,7 +194,7 @@ class Trainer:
             self.accelerator.init_trackers(cfg.run.name, config=flat_config(cfg))
         self.log = MetricsLog(self.run.path, enabled=self.is_main,
                               accelerator=self.accelerator if cfg.run.trackers else None)
-        self.say = tqdm.write if self.progress else print
+        self.say = tqdm.write if self.progress and interactive() else print
         self.rates: list[float] = []  # tokens/s of every applied step this process ran
         self.teacher_cache: dict = {}
         self.run_info = {
@@ -253,20 +208,36 @@ class Trainer:
         }
         if self.resumed_from is not None:
             self.run_info["resumed_from_step"] = self.start_step
+            earlier = self.run.read_json("run.json").get("resumes", []) if self.is_main else []
+            self.run_info["resumes"] = [*earlier, {"from_step": self.start_step, "at": _utcnow(),
+                                                   "changed_config": self.resume_changes}]
         if self.is_main:
             self.run.write_json("run.json", self.run_info)
 
     # ------------------------------------------------------------------ the run
     def train(self) -> RunResult:
+        try:
+            with GracefulStop(self._record_abort) as self.stop:
+                return self._run()
+        finally:
+            if self.is_main:
+                self.run.release()
+
+    def _run(self) -> RunResult:
         total, status, step = self.plan.total_steps, "running", self.start_step
         if self.initial is None:
             self.initial = self.evaluate(0, self.temperature_at(0), "eval (before)")
-        self.bar = tqdm(total=total, initial=self.start_step, desc=self._phase(), unit="step",
-                        disable=not (self.progress and self.is_main), dynamic_ncols=True)
+        self.bar = progress_bar(total, self.start_step, self._phase(), self.progress and self.is_main)
         try:
             for step in range(self.start_step, total):
-                self.end_step(self.train_step(step))
+                result = self.train_step(step)
+                self.end_step(result)
+                if result.stats.stop_requested:
+                    self._stop_on_signal(step + 1)
             status = "finished"
+        except Interrupted as exc:
+            status, self.run_info["exit_reason"] = "interrupted", str(exc)
+            raise
         except TrainingStopped as exc:
             status, self.run_info["exit_reason"] = "stopped", str(exc)
             raise
@@ -280,8 +251,26 @@ class Trainer:
             self.bar.close()
             if status != "finished":  # stopped early: leave a readable record of it
                 self.run_info["status"] = status
-                self._finish(step)
+                with contextlib.suppress(OSError):  # e.g. the disk is full: the error in flight says so
+                    self._finish(step)
         return self._finish_run()
+
+    def _stop_on_signal(self, done: int) -> None:
+        """Every rank saw the request in the step's reduction: checkpoint (unless this step wrote
+        one), then stop."""
+        if self.last_checkpoint != done:
+            self.save_checkpoint(done)
+        signum = self.stop.signum or signal.SIGTERM  # another rank got it: stop alike
+        name = signal.Signals(signum).name
+        raise Interrupted(f"{name} at step {done} of {self.plan.total_steps}: checkpoint step-{done} written; "
+                          f"continue with --resume", signum)
+
+    def _record_abort(self, signum: int) -> None:
+        """A second signal: the process ends now; only the status is recorded."""
+        if self.is_main:
+            self.run_info.update(status="interrupted", exit_reason=f"{signal.Signals(signum).name} twice: stopped "
+                                 "at once; resume from the newest checkpoint")
+            self.run.write_json("run.json", self.run_info)
 
     def train_step(self, step: int) -> StepResult:
         t0 = time.perf_counter()
@@ -340,10 +329,12 @@ class Trainer:
         return self.accelerator.clip_grad_norm_(self.student.parameters(), max_norm)
 
     def _reduce(self, sums: torch.Tensor, grad_norm: torch.Tensor) -> StepStats:
-        # One reduction, one sync: every rank sees the same numbers and so decides the same.
-        reduced = self.accelerator.reduce(torch.cat([sums, grad_norm.detach().double().view(1)]), "sum")
-        loss, kd, kd_unscaled, ce, teacher_bad, grad_sum = reduced.tolist()
-        return StepStats(loss, kd, kd_unscaled, ce, grad_sum / self.world, teacher_bad > 0)
+        # One reduction, one sync: every rank sees the same numbers and so decides the same,
+        # a stop requested by a signal on any rank included.
+        stop = sums.new_tensor([float(self.stop.signum is not None)])
+        reduced = self.accelerator.reduce(torch.cat([sums, grad_norm.detach().double().view(1), stop]), "sum")
+        loss, kd, kd_unscaled, ce, teacher_bad, grad_sum, stop_requests = reduced.tolist()
+        return StepStats(loss, kd, kd_unscaled, ce, grad_sum / self.world, teacher_bad > 0, stop_requests > 0)
 
     def _apply(self, step: int, decision: Decision, stats: StepStats) -> None:
         """Carry out the guard's decision; only an applied update changes weights and optimizer state."""
@@ -375,7 +366,7 @@ class Trainer:
         step, stats = result.step, result.stats
         if not result.decision.applies_update:
             self.log.write(result.record())
-            stop = self.guard.stop_reason(result.decision)
+            stop = self.guard.stop_reason(result.decision, kept=self.last_checkpoint is not None)
             if stop is not None:
                 raise TrainingStopped(stop)
         else:
@@ -417,7 +408,7 @@ class Trainer:
             teacher_cache=self.teacher_cache, desc=desc, progress=self.progress and self.is_main,
         )
         self.log.write({"step": step, **result})
-        self.announce(step, self.monitor.on_eval(step, result["eval_ppl"]))
+        self.announce(step, self.monitor.on_eval(step, result["eval_ppl"], result.get("teacher_ppl")))
         return result
 
     def teacher_reference(self) -> dict | None:
@@ -427,6 +418,7 @@ class Trainer:
         return self._teacher_ref
 
     def save_checkpoint(self, done: int) -> None:
+        self.last_checkpoint = done
         if self.is_main:
             trainer_state = {
                 "step": done, "micro_batches": self.micro, "epoch": self.sampler.epoch_of(max(self.micro - 1, 0)),

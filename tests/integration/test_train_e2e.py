@@ -97,7 +97,7 @@ def test_run_directory_contract(e2e_run):
     assert set(cfg) >= {"run", "model", "data", "distill", "train", "guard", "health", "checkpoint"}
     health = json.loads((out / "health.json").read_text())
     assert {c["name"] for c in health["checks"]} == {"start_loss", "loss_spike", "nonfinite", "eval_ppl",
-                                                     "loss_plateau"}
+                                                     "loss_plateau", "teacher_ppl"}
     assert health["verdict"] in ("healthy", "attention")
     assert list((out / "tensorboard").glob("events.out.tfevents.*"))
     run = json.loads((out / "run.json").read_text())

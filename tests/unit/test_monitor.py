@@ -191,7 +191,7 @@ def test_finalize_healthy_run():
     health = mon.finalize()
     assert health["verdict"] == "healthy" and health["fired"] == []
     assert statuses(health) == {"start_loss": "passed", "loss_spike": "passed", "nonfinite": "passed",
-                                "eval_ppl": "passed", "loss_plateau": "passed"}
+                                "eval_ppl": "passed", "loss_plateau": "passed", "teacher_ppl": "not_reached"}
     assert verdict_line(health).startswith("HEALTHY")
 
 
@@ -199,7 +199,7 @@ def test_finalize_not_reached_and_fired():
     mon = HealthMonitor(HealthConfig(), total_steps=25_000)
     health = mon.finalize()
     assert statuses(health) == {"start_loss": "not_reached", "loss_spike": "passed", "nonfinite": "passed",
-                                "eval_ppl": "not_reached", "loss_plateau": "not_reached"}
+                                "eval_ppl": "not_reached", "loss_plateau": "not_reached", "teacher_ppl": "not_reached"}
     assert health["verdict"] == "healthy"
 
     mon = HealthMonitor(HealthConfig(), total_steps=25_000)
@@ -213,7 +213,7 @@ def test_finalize_not_reached_and_fired():
     assert statuses(health)["loss_plateau"] == "not_reached"
     by_name = {c["name"]: c for c in health["checks"]}
     assert by_name["nonfinite"]["steps"] == [436] and "ce" in by_name["nonfinite"]["messages"][0]
-    assert verdict_line(health).startswith("ATTENTION: 4 of 5")
+    assert verdict_line(health).startswith("ATTENTION: 4 of 6")
 
 
 def test_monitor_state_round_trip_continues_the_same_way():
@@ -264,3 +264,30 @@ def test_fault_injector_rank_filter_and_multiplier():
     assert rank1.value(1, "loss") == math.inf
     assert rank0.loss_multiplier == {30: 4.0}
     assert not FaultInjector(DebugConfig()).active
+
+
+def test_teacher_worse_than_uniform_fires_once_and_a_good_teacher_passes():
+    """A uniform guess over V tokens has perplexity V: a teacher above it knows less than nothing."""
+    bad = HealthMonitor(HealthConfig(), total_steps=100, vocab_size=4096)
+    fired = bad.on_eval(0, 4000.0, teacher_ppl=19150.0)
+    assert [name for name, _ in fired] == ["teacher_ppl"] and "1.915e+04" in fired[0][1] and "4096" in fired[0][1]
+    assert bad.on_eval(50, 300.0, teacher_ppl=19150.0) == []  # judged once
+    assert "teacher_ppl" in bad.finalize()["fired"]
+    good = HealthMonitor(HealthConfig(), total_steps=100, vocab_size=4096)
+    assert good.on_eval(0, 4000.0, teacher_ppl=145.2) == []
+    assert statuses(good.finalize())["teacher_ppl"] == "passed"
+    nan = HealthMonitor(HealthConfig(), total_steps=100, vocab_size=4096)
+    assert [name for name, _ in nan.on_eval(0, 10.0, teacher_ppl=float("nan"))] == ["teacher_ppl"]
+
+
+def test_spike_must_be_material_as_well_as_unusual():
+    """A healthy pure-KD loss near 0.14 wobbling to 0.19 is 1.4x its median and many MADs out, but
+    only 0.05 nats: no spike under the default floor of 0.5 nats. A 20x jump still is one."""
+    g = GuardConfig()
+    detector = SpikeDetector(g.spike_window, g.spike_warmup, g.spike_factor, g.spike_mad, g.spike_min_increase)
+    feed(detector, [0.138 + 0.001 * (i % 3) for i in range(30)])
+    assert detector.judge(0.190) == (False, pytest.approx(0.139))
+    assert detector.judge(0.138 * 20)[0]
+    no_floor = SpikeDetector(g.spike_window, g.spike_warmup, g.spike_factor, g.spike_mad, 0.0)
+    feed(no_floor, [0.138 + 0.001 * (i % 3) for i in range(30)])
+    assert no_floor.judge(0.190)[0]  # the floor is what keeps it quiet
