@@ -19,6 +19,10 @@ from typing import NamedTuple
 import pytest
 
 os.environ["HF_HUB_OFFLINE"] = "1"
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    # Two workers share two cores: a second OpenMP thread per worker would only spin against
+    # the other worker (the models here are tiny; their ops do not need it).
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
 os.environ["HF_DATASETS_OFFLINE"] = "1"
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")

@@ -178,7 +178,7 @@ def save_checkpoint(
             shutil.rmtree(tmp)
         tmp.mkdir()
         metadata = {"format": "pt", _TIED_METADATA_KEY: json.dumps(tied, sort_keys=True)}
-        safetensors.torch.save_file(tensors, str(tmp / MODEL_FILE), metadata=metadata)
+        save_safetensors(tensors, tmp / MODEL_FILE, metadata)
         _fsync_existing_file(tmp / MODEL_FILE)
         if optimizer_state is not None:
             _write_file(tmp / OPTIMIZER_FILE, lambda f: torch.save(dict(optimizer_state), f))
@@ -212,6 +212,16 @@ def save_checkpoint(
     if keep is not None:
         _apply_retention(checkpoints_dir, keep, protect=final)
     return final
+
+
+def save_safetensors(tensors: Mapping[str, torch.Tensor], path: Path, metadata: dict | None = None) -> None:
+    """``safetensors.torch.save_file``, its I/O failures raised as the OSError they are
+    (safetensors reports a full disk as a SafetensorError of its own)."""
+    try:
+        safetensors.torch.save_file(dict(tensors), str(path), metadata=metadata)
+    except safetensors.SafetensorError as exc:
+        code = errno.ENOSPC if "No space left" in str(exc) else errno.EIO
+        raise OSError(code, os.strerror(code), str(path)) from exc
 
 
 def _apply_retention(checkpoints_dir: Path, keep: int, protect: Path) -> None:

@@ -12,6 +12,8 @@ import os
 import shutil
 from pathlib import Path
 
+from safetensors import SafetensorError
+
 from .checkpoint import find_latest_valid, load_checkpoint
 from .errors import LmdistillError
 
@@ -30,6 +32,8 @@ def export_checkpoint(checkpoint: str | Path, out_dir: str | Path) -> Path:
     if not (checkpoint / "manifest.json").is_file():
         raise LmdistillError(f"'{checkpoint}' is not a checkpoint directory (no manifest.json); give "
                              "RUN_DIR/checkpoints/step-N or a run directory")
+    if out_dir.exists() and not out_dir.is_dir():
+        raise LmdistillError(f"output '{out_dir}' is a file; give the name of a new directory for the model")
     if out_dir.exists() and any(out_dir.iterdir()):
         raise LmdistillError(f"output directory '{out_dir}' is not empty; choose a new directory")
     ckpt = load_checkpoint(checkpoint)
@@ -45,16 +49,22 @@ def export_checkpoint(checkpoint: str | Path, out_dir: str | Path) -> Path:
                              f"unexpected {unexpected[:3]})")
     tokenizer_dir = checkpoint.parent.parent / "tokenizer"
     tmp = out_dir.with_name(f".{out_dir.name}.tmp")
-    if tmp.exists():
-        shutil.rmtree(tmp)
-    model.save_pretrained(tmp)
-    if tokenizer_dir.is_dir():
-        AutoTokenizer.from_pretrained(tokenizer_dir).save_pretrained(tmp)
-    else:
-        print(f"warning: no tokenizer at {tokenizer_dir}; the exported model has none")
-    if out_dir.exists():
-        out_dir.rmdir()
-    os.replace(tmp, out_dir)
+    try:
+        if tmp.exists():
+            shutil.rmtree(tmp)
+        model.save_pretrained(tmp)
+        if tokenizer_dir.is_dir():
+            AutoTokenizer.from_pretrained(tokenizer_dir).save_pretrained(tmp)
+        else:
+            print(f"warning: no tokenizer at {tokenizer_dir}; the exported model has none")
+        if out_dir.exists():
+            out_dir.rmdir()
+        os.replace(tmp, out_dir)
+    except (OSError, SafetensorError) as exc:
+        shutil.rmtree(tmp, ignore_errors=True)
+        reason = getattr(exc, "strerror", None) or str(exc).splitlines()[0][:160]
+        raise LmdistillError(f"could not write the model to '{out_dir}': {reason}; choose a writable place with "
+                             "free space") from None
     return out_dir
 
 

@@ -230,7 +230,8 @@ def check_causal(model, role: str, name: str, vocab_size: int) -> None:
                              "config") from None
     finally:
         model.train(was_training)
-    if not torch.allclose(before, after, rtol=1e-3, atol=1e-3):
+    # A causal model computes the earlier positions without the changed token: the same numbers.
+    if (before - after).abs().max() > 1e-5 * (1.0 + before.abs().max()):
         raise LmdistillError(f"the {role} '{name}' ({type(model).__name__}) is not a causal language model: its "
                              "predictions at earlier positions change when a later token changes; distillation needs "
                              "a causal LM (AutoModelForCausalLM: Llama, Qwen2, Mistral, GPT-2, ...)")

@@ -104,6 +104,10 @@ class RunDirectory:
         path = self.path
         if path.exists() and not path.is_dir():
             raise LmdistillError(f"output directory '{path}' is a file; choose another --output-dir")
+        holder = self._holder()
+        if holder is not None:
+            raise LmdistillError(f"output directory '{path}' is in use by another lmdistill process ({holder}); wait "
+                                 "for it to end, or choose another --output-dir")
         if cfg.run.overwrite:
             _refuse_protected(path)
         if not self.entries():
@@ -144,6 +148,25 @@ class RunDirectory:
                                  "writable --output-dir") from None
         self._lock()
         self.check_reuse(cfg)
+
+    def _holder(self) -> str | None:
+        """Who holds this run's lock, when another process does (a probe: taken and let go)."""
+        lock = self.path / LOCK
+        if fcntl is None or self.path.resolve() in _HELD or not lock.is_file():
+            return None
+        try:
+            fd = os.open(lock, os.O_RDONLY)
+        except OSError:
+            return None
+        try:
+            fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        except OSError:
+            return os.pread(fd, 200, 0).decode(errors="replace").strip() or "another process"
+        else:
+            fcntl.flock(fd, fcntl.LOCK_UN)
+            return None
+        finally:
+            os.close(fd)
 
     def _lock(self) -> None:
         key = self.path.resolve()
@@ -225,6 +248,7 @@ class RunDirectory:
 
     def save_student(self, model, tokenizer) -> Path:
         """save_pretrained + tokenizer into ``student/``, atomically, refusing non-finite weights."""
+        from safetensors import SafetensorError
         from transformers.utils import logging as hf_logging
 
         from .checkpoint import first_nonfinite_tensor
@@ -234,12 +258,18 @@ class RunDirectory:
             raise LmdistillError(f"refusing to save the student: tensor '{bad}' holds NaN or Inf; the previous "
                                  "files are kept")
         final, tmp = self.path / "student", self.path / ".student.tmp"
-        if tmp.exists():
-            shutil.rmtree(tmp)
         hf_logging.disable_progress_bar()  # one tiny file does not need a "Writing model shards" bar
-        model.save_pretrained(tmp, safe_serialization=True)
-        tokenizer.save_pretrained(tmp)
-        replace_dir(tmp, final, aside_name=".student.old")
+        try:
+            if tmp.exists():
+                shutil.rmtree(tmp)
+            model.save_pretrained(tmp, safe_serialization=True)
+            tokenizer.save_pretrained(tmp)
+            replace_dir(tmp, final, aside_name=".student.old")
+        except (OSError, SafetensorError) as exc:
+            shutil.rmtree(tmp, ignore_errors=True)
+            reason = getattr(exc, "strerror", None) or str(exc).splitlines()[0][:160]
+            raise LmdistillError(f"could not save the student in '{final}': {reason}; fix that (free disk space?), "
+                                 "then run again with --resume: the final checkpoint is kept") from None
         return final
 
     def warn_if_resume_differs(self, checkpoint: Path, cfg, teacher_ref: dict | None) -> list[str]:

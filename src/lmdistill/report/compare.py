@@ -30,7 +30,7 @@ def compare_runs(run_dirs: list[Path], out_dir: Path) -> Path:
     Each run's numbers come from its own files exactly as in its report.md.
     """
     if not run_dirs:
-        raise LmdistillError("compare_runs: no run directories given; pass two or more runs/NAME")
+        raise LmdistillError("report: no run directories given; pass two or more runs/NAME")
     records = [load_run(d) for d in run_dirs]
     labels = unique_labels(records)
     out_dir = Path(out_dir)
