@@ -144,7 +144,7 @@ class GuardConfig:
     spike: Literal["warn", "skip", "rollback"] = doc("What to do on a loss spike: warn, skip the step, or roll back.", "warn")
     spike_window: int = doc("Recent steps the spike detector compares against.", 50)
     spike_warmup: int = doc("Steps before the spike detector starts judging.", 20)
-    spike_factor: float = doc("A spike is a loss above median x spike_factor of the window ...", 1.3)
+    spike_factor: float = doc("A spike is a loss above median x spike_factor of the window ...", 1.4)
     spike_mad: float = doc("... and more than spike_mad median absolute deviations above it ...", 6.0)
     spike_min_increase: float = doc("... and at least this many nats/token above it: a spike is material, not just "
                                     "unusual for a very flat loss.", 0.5)

@@ -97,7 +97,18 @@ class RunDirectory:
             return cls(path)
         run = cls(Path(cfg.run.output_dir).expanduser())
         run.check_reuse(cfg)
+        run.check_writable()
         return run
+
+    def check_writable(self) -> None:
+        """The directory, or the nearest existing one above it, must take new files (checked now,
+        before minutes of loading; a read-only file system counts as not writable)."""
+        existing = self.path.absolute()
+        while not existing.exists() and existing != existing.parent:
+            existing = existing.parent
+        if existing.is_dir() and not os.access(existing, os.W_OK | os.X_OK):
+            raise LmdistillError(f"cannot write the run directory '{self.path}': {existing} is not writable (or on a "
+                                 "read-only file system); choose another --output-dir")
 
     def check_reuse(self, cfg) -> None:
         """The rules for an existing ``output_dir``; LmdistillError when they refuse."""
