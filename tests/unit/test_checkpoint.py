@@ -443,21 +443,36 @@ def test_failing_final_rename_keeps_previous_checkpoint(ckdir: Path, monkeypatch
     assert find_latest_valid(ckdir) == (previous, [])
 
 
+def _blocks_writes(directory: Path) -> bool:
+    probe = directory / "probe"
+    try:
+        probe.mkdir()
+    except OSError:
+        return True
+    probe.rmdir()
+    return False
+
+
 def test_read_only_directory_raises_checkpoint_error(ckdir: Path) -> None:
+    """chmod blocks writes for a normal user; root ignores modes, so there the directory is made
+    read-only for real with a read-only bind mount of itself."""
+    import subprocess
+
     previous = save_small(ckdir, 1)
     ckdir.chmod(0o555)
+    mounted = False
     try:
-        probe = ckdir / "probe"
-        try:
-            probe.mkdir()
-        except PermissionError:
-            pass
-        else:
-            probe.rmdir()
-            pytest.skip("running as root (or on a file system ignoring modes): chmod cannot block")
+        if not _blocks_writes(ckdir):
+            mounted = subprocess.run(["mount", "-o", "bind,ro", str(ckdir), str(ckdir)],
+                                     capture_output=True).returncode == 0
+            if not mounted:
+                pytest.skip("root without the right to mount: neither chmod nor a read-only mount can block writes")
+        assert _blocks_writes(ckdir)
         with pytest.raises(CheckpointError, match="could not write checkpoint .*step-2"):
             save_small(ckdir, 2)
     finally:
+        if mounted:
+            subprocess.run(["umount", str(ckdir)], check=True)
         ckdir.chmod(0o755)
     assert find_latest_valid(ckdir) == (previous, [])
 
