@@ -220,8 +220,12 @@ def save_safetensors(tensors: Mapping[str, torch.Tensor], path: Path, metadata: 
     try:
         safetensors.torch.save_file(dict(tensors), str(path), metadata=metadata)
     except safetensors.SafetensorError as exc:
-        code = errno.ENOSPC if "No space left" in str(exc) else errno.EIO
-        raise OSError(code, os.strerror(code), str(path)) from exc
+        raise safetensors_os_error(exc, path) from exc
+
+
+def safetensors_os_error(exc: Exception, path) -> OSError:
+    code = errno.ENOSPC if "No space left" in str(exc) else errno.EIO
+    return OSError(code, os.strerror(code), str(path))
 
 
 def _apply_retention(checkpoints_dir: Path, keep: int, protect: Path) -> None:

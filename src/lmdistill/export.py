@@ -8,14 +8,11 @@ directory that ``AutoModelForCausalLM.from_pretrained`` loads.
 from __future__ import annotations
 
 import json
-import os
-import shutil
 from pathlib import Path
-
-from safetensors import SafetensorError
 
 from .checkpoint import find_latest_valid, load_checkpoint
 from .errors import LmdistillError
+from .models import save_model_dir
 
 
 def export_checkpoint(checkpoint: str | Path, out_dir: str | Path) -> Path:
@@ -48,23 +45,16 @@ def export_checkpoint(checkpoint: str | Path, out_dir: str | Path) -> Path:
         raise LmdistillError(f"checkpoint weights do not match the recorded config (missing {missing[:3]}, "
                              f"unexpected {unexpected[:3]})")
     tokenizer_dir = checkpoint.parent.parent / "tokenizer"
-    tmp = out_dir.with_name(f".{out_dir.name}.tmp")
+    tokenizer = None
+    if tokenizer_dir.is_dir():
+        tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
+    else:
+        print(f"warning: no tokenizer at {tokenizer_dir}; the exported model has none")
     try:
-        if tmp.exists():
-            shutil.rmtree(tmp)
-        model.save_pretrained(tmp)
-        if tokenizer_dir.is_dir():
-            AutoTokenizer.from_pretrained(tokenizer_dir).save_pretrained(tmp)
-        else:
-            print(f"warning: no tokenizer at {tokenizer_dir}; the exported model has none")
-        if out_dir.exists():
-            out_dir.rmdir()
-        os.replace(tmp, out_dir)
-    except (OSError, SafetensorError) as exc:
-        shutil.rmtree(tmp, ignore_errors=True)
-        reason = getattr(exc, "strerror", None) or str(exc).splitlines()[0][:160]
-        raise LmdistillError(f"could not write the model to '{out_dir}': {reason}; choose a writable place with "
-                             "free space") from None
+        save_model_dir(model, tokenizer, out_dir)
+    except OSError as exc:
+        raise LmdistillError(f"could not write the model to '{out_dir}': {exc.strerror}; choose a writable place "
+                             "with free space") from None
     return out_dir
 
 

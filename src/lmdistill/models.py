@@ -13,13 +13,14 @@ from __future__ import annotations
 import json
 import os
 import re
+import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
 from .errors import LmdistillError
-from .paths import is_hub_id
+from .paths import is_hub_id, replace_dir
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -241,6 +242,33 @@ def parameter_fingerprint(model) -> list[tuple[float, float]]:
     """Cheap on-device checksums of every parameter, to catch a teacher that was modified."""
     return [(p.detach().sum(dtype=torch.float64).item(),
              torch.linalg.vector_norm(p.detach(), dtype=torch.float64).item()) for p in model.parameters()]
+
+
+def save_model_dir(model, tokenizer, final: Path) -> Path:
+    """save_pretrained (and the tokenizer, when given) into a temporary directory beside ``final``,
+    then one rename: ``final`` is the old model or the new one, never half of one. Failures are
+    OSErrors (safetensors' own report of a full disk included), the temporary directory gone."""
+    from safetensors import SafetensorError
+    from transformers.utils import logging as hf_logging
+
+    from .checkpoint import safetensors_os_error
+
+    hf_logging.disable_progress_bar()  # a "Writing model shards" bar for a few files is noise
+    tmp = final.with_name(f".{final.name}.tmp")
+    try:
+        if tmp.exists():
+            shutil.rmtree(tmp)
+        model.save_pretrained(tmp, safe_serialization=True)
+        if tokenizer is not None:
+            tokenizer.save_pretrained(tmp)
+        replace_dir(tmp, final, aside_name=f".{final.name}.old")
+    except SafetensorError as exc:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise safetensors_os_error(exc, final) from exc
+    except OSError:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return final
 
 
 def num_params(model) -> int:

@@ -34,7 +34,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 from .errors import LmdistillError
-from .paths import atomic_write, atomic_write_json, replace_dir
+from .paths import atomic_write, atomic_write_json
 
 try:
     import fcntl
@@ -259,29 +259,19 @@ class RunDirectory:
 
     def save_student(self, model, tokenizer) -> Path:
         """save_pretrained + tokenizer into ``student/``, atomically, refusing non-finite weights."""
-        from safetensors import SafetensorError
-        from transformers.utils import logging as hf_logging
-
         from .checkpoint import first_nonfinite_tensor
+        from .models import save_model_dir
 
         bad = first_nonfinite_tensor(model.state_dict())
         if bad is not None:
             raise LmdistillError(f"refusing to save the student: tensor '{bad}' holds NaN or Inf; the previous "
                                  "files are kept")
-        final, tmp = self.path / "student", self.path / ".student.tmp"
-        hf_logging.disable_progress_bar()  # one tiny file does not need a "Writing model shards" bar
+        final = self.path / "student"
         try:
-            if tmp.exists():
-                shutil.rmtree(tmp)
-            model.save_pretrained(tmp, safe_serialization=True)
-            tokenizer.save_pretrained(tmp)
-            replace_dir(tmp, final, aside_name=".student.old")
-        except (OSError, SafetensorError) as exc:
-            shutil.rmtree(tmp, ignore_errors=True)
-            reason = getattr(exc, "strerror", None) or str(exc).splitlines()[0][:160]
-            raise LmdistillError(f"could not save the student in '{final}': {reason}; fix that (free disk space?), "
-                                 "then run again with --resume: the final checkpoint is kept") from None
-        return final
+            return save_model_dir(model, tokenizer, final)
+        except OSError as exc:
+            raise LmdistillError(f"could not save the student in '{final}': {exc.strerror}; fix that (free disk "
+                                 "space?), then run again with --resume: the final checkpoint is kept") from None
 
     def warn_if_resume_differs(self, checkpoint: Path, cfg, teacher_ref: dict | None) -> list[str]:
         """Warn when a resume would not continue the same run (a changed config or teacher);
