@@ -577,11 +577,27 @@ def resume_point(checkpoints_dir: Path, announce: bool = True) -> Path | None:
     return newest
 
 
-def restore_training_state(path: Path, model: torch.nn.Module, optimizer, processes: int) -> dict[str, Any]:
-    """Load checkpoint ``path`` into ``model`` and ``optimizer`` and restore the RNGs; its trainer state."""
+PROJECTION_FILE = "hidden_projection.safetensors"
+
+
+def projection_file(projection: torch.nn.Module | None) -> dict[str, bytes]:
+    """The hidden-state projection as a checkpoint's extra file (nothing when there is none to
+    train). It is kept apart from the student's weights, so an exported student never has it."""
+    if projection is None or not any(True for _ in projection.parameters()):
+        return {}
+    from safetensors.torch import save
+
+    return {PROJECTION_FILE: save({k: v.detach().contiguous() for k, v in projection.state_dict().items()})}
+
+
+def restore_training_state(path: Path, model: torch.nn.Module, optimizer, processes: int,
+                           projection: torch.nn.Module | None = None) -> dict[str, Any]:
+    """Load checkpoint ``path`` into ``model`` (and the hidden-state ``projection``) and
+    ``optimizer`` and restore the RNGs; its trainer state."""
     ckpt = load_checkpoint(path)
     try:
         model.load_state_dict(ckpt.model_state)
+        _restore_projection(path, ckpt, projection)
     except RuntimeError as exc:
         raise CheckpointError(f"{path} does not fit this student ({str(exc).splitlines()[0][:160]}); resume with "
                               "the run's own model settings") from None
@@ -594,6 +610,19 @@ def restore_training_state(path: Path, model: torch.nn.Module, optimizer, proces
     if ckpt.rng_state is not None:
         restore_rng_state(ckpt.rng_state)
     return state
+
+
+def _restore_projection(path: Path, ckpt: "LoadedCheckpoint", projection: torch.nn.Module | None) -> None:
+    wanted = bool(projection_file(projection))
+    stored = PROJECTION_FILE in ckpt.extra_files
+    if wanted != stored:
+        raise CheckpointError(
+            f"{path} was written {'without' if wanted else 'with'} a trained hidden-state projection and this run "
+            f"{'has' if wanted else 'has none'}; resume with the run's own distill.hidden settings")
+    if wanted:
+        from safetensors.torch import load
+
+        projection.load_state_dict(load(ckpt.extra_files[PROJECTION_FILE]))
 
 
 # --------------------------------------------------------------------------- RNG

@@ -1,4 +1,4 @@
-"""The ``lmdistill`` command: train, eval, report, config-reference.
+"""The ``lmdistill`` command: train, eval, report, export, prune, config-reference.
 
 User errors (``LmdistillError``) end as one line on stderr and a non-zero exit code;
 a traceback means a bug in lmdistill.
@@ -187,6 +187,45 @@ def cmd_export(args) -> int:
     return 0
 
 
+def cmd_prune(args) -> int:
+    from .config import Config
+    from .data import build_block_data
+    from .default import resolve_default_teacher
+    from .models import load_models, num_params, save_model_dir
+
+    values = {"model.student_init": "teacher"}
+    if args.teacher:
+        values["model.teacher"] = args.teacher
+    if args.data:
+        values["data.path"] = args.data
+    cfg = Config.load(args.config, args.overrides, values)
+    out = Path(args.out)
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        raise LmdistillError(f"--out '{out}' already exists and is not an empty directory; choose a new directory")
+    if not out.exists():
+        check_writable_file(out, "--out")
+    resolve_default_teacher(cfg)
+    models = load_models(cfg, train_blocks=lambda tokenizer: build_block_data(cfg.data, tokenizer).train)
+    teacher, student = models.teacher, models.student
+    importance = models.layer_importance
+    print(f"teacher: {models.teacher_name} ({teacher.config.num_hidden_layers} layers, {num_params(teacher):,} "
+          f"parameters)")
+    method = cfg.model.prune.layers
+    print(f"layers kept ({method}" + (", block influence = 1 - cos(layer input, layer output)" if importance else "")
+          + "):")
+    for layer in range(teacher.config.num_hidden_layers):
+        score = f"  influence {importance[layer]:.4f}" if importance else ""
+        kept = f"  -> student layer {models.student_layers.index(layer)}" if layer in models.student_layers else ""
+        print(f"  teacher layer {layer:>3}{score}{kept}")
+    c = student.config
+    print(f"student: {c.num_hidden_layers} layers, hidden {c.hidden_size}, MLP {c.intermediate_size}, "
+          f"{c.num_attention_heads} heads / {c.num_key_value_heads} key-value heads ({cfg.model.prune.width} width), "
+          f"{num_params(student):,} parameters")
+    save_model_dir(student, models.tokenizer, out)
+    print(f"wrote {out} (loads with AutoModelForCausalLM.from_pretrained; train it with --student {out})")
+    return 0
+
+
 def cmd_config_reference(args) -> int:
     from .config import reference_markdown
 
@@ -219,12 +258,22 @@ def build_parser() -> argparse.ArgumentParser:
     x.add_argument("checkpoint", help="RUN_DIR/checkpoints/step-N, or a run directory (its newest valid checkpoint)")
     x.add_argument("out_dir", help="new directory for the model")
 
+    pr = sub.add_parser("prune", help="write a student cut out of the teacher (no training)",
+                        description="Cut a smaller model of the teacher's family out of the teacher, as "
+                                    "model.student_init: teacher does before training, and save it.")
+    pr.add_argument("--teacher", help="teacher model directory or hub id (default: the embedded default teacher)")
+    pr.add_argument("--out", required=True, help="new directory for the pruned student")
+    pr.add_argument("--data", help="calibration text (default: the embedded corpus) [data.path]")
+    pr.add_argument("--config", help="YAML config file: its model and data sections are used")
+    pr.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                    help="e.g. --set model.student_config={num_hidden_layers: 2} --set model.prune.layers=uniform")
+
     sub.add_parser("config-reference", help="print every config key with its default and meaning")
     return parser
 
 
 COMMANDS = {"train": cmd_train, "eval": cmd_eval, "report": cmd_report, "export": cmd_export,
-            "config-reference": cmd_config_reference}
+            "prune": cmd_prune, "config-reference": cmd_config_reference}
 
 
 def _torch_oom() -> type:

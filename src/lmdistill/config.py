@@ -51,6 +51,21 @@ class RunConfig:
 
 
 @dataclass
+class PruneConfig:
+    """How a student started from the teacher (model.student_init: teacher) is cut out of it."""
+
+    layers: Literal["importance", "uniform"] = doc(
+        "Which teacher layers the student keeps. importance = the layers that change the hidden state most "
+        "(block influence, 1 - cosine(layer input, layer output), on calibration blocks); uniform = evenly "
+        "spaced, first and last included.", "importance")
+    width: Literal["importance", "first"] = doc(
+        "Which hidden channels, MLP neurons and attention heads the student keeps when it is narrower. "
+        "importance = the largest mean activation magnitude on calibration blocks; first = the first ones.",
+        "importance")
+    calibration_blocks: int = doc("Training blocks the importances are measured on.", 32)
+
+
+@dataclass
 class ModelConfig:
     """Teacher and student models."""
 
@@ -65,6 +80,10 @@ class ModelConfig:
         "(used when student is null), e.g. {num_hidden_layers: 2, hidden_size: 128}.",
         {},
     )
+    student_init: Literal["random", "teacher"] = doc(
+        "Weights of a student built fresh (model.student null): random, or cut out of the teacher's "
+        "(model.prune says how; Llama, Mistral and Qwen2/3 teachers).", "random")
+    prune: PruneConfig = field(default_factory=PruneConfig, metadata={"doc": "Pruning of a teacher-started student."})
     teacher_dtype: Literal["auto", "float32", "bfloat16", "float16"] = doc(
         "dtype the teacher's weights are held in. auto = bfloat16 when the run computes in bf16 (the default on "
         "a GPU), else float32.", "auto"
@@ -94,6 +113,18 @@ class DataConfig:
 
 
 @dataclass
+class HiddenConfig:
+    """Intermediate-layer distillation: student hidden states pulled towards the teacher's."""
+
+    weight: float = doc("Weight of the hidden-state term added to the loss (0 = off).", 0.0)
+    loss: Literal["cosine", "mse"] = doc("Per position: cosine = 1 - cosine similarity; mse = mean squared "
+                                         "difference over the hidden size.", "cosine")
+    layers: str | list = doc("Pairs [[student_layer, teacher_layer], ...] of 0-based layers whose outputs are "
+                             "compared, or auto: a pruned student's layers to their sources, otherwise the "
+                             "student's layers spread evenly over the teacher's (last to last).", "auto")
+
+
+@dataclass
 class DistillConfig:
     """The distillation objective."""
 
@@ -113,6 +144,8 @@ class DistillConfig:
                           0.5)
     skew_alpha: float = doc("skew_kl / skew_reverse_kl: share of the own distribution in the mixture, in [0, 1).",
                             0.1)
+    hidden: HiddenConfig = field(default_factory=HiddenConfig,
+                                 metadata={"doc": "Intermediate-layer (hidden-state) distillation."})
 
 
 @dataclass
@@ -163,7 +196,7 @@ class HealthConfig:
     ppl_after_step: int | None = doc("Step after which ppl_max applies; null = 20% of the run (the report's step "
                                      "5000 of 25000).", None)
     plateau_window: int | None = doc("Steps per window for the 'loss not decreasing' check; null = 10% of the run, at least 10.", None)
-    plateau_patience: int = doc("Fire after this many consecutive windows without a lower mean loss.", 2)
+    plateau_patience: int = doc("Fire after this many consecutive windows without a lower mean loss.", 3)
 
 
 @dataclass
@@ -250,33 +283,36 @@ class Config:
         self.set(key.strip(), value)
 
     def set(self, dotted: str, value: Any) -> None:
-        """Set ``section.key`` (or a whole section from a mapping) with type checks."""
+        """Set ``section.key`` (or ``section.subsection.key``, or a whole (sub)section from a
+        mapping) with type checks."""
         parts = dotted.split(".")
-        section_name = parts[0]
-        sections = {f.name: f for f in dataclasses.fields(self)}
-        if section_name not in sections:
-            raise ConfigError(_unknown_key_message(section_name, list(sections), "section"))
-        section = getattr(self, section_name)
-        if len(parts) == 1:
-            if value is None:  # a section whose keys are all commented out
+        owner: Any = self
+        for depth, name in enumerate(parts):
+            fields = {f.name: f for f in dataclasses.fields(owner)}
+            if name not in fields:
+                if depth == 0:
+                    raise ConfigError(_unknown_key_message(name, list(fields), "section"))
+                raise ConfigError(_unknown_key_message(dotted, [k for k, _ in leaf_fields(self)], "key"))
+            hint = typing.get_type_hints(type(owner))[name]
+            last = depth == len(parts) - 1
+            if dataclasses.is_dataclass(hint):
+                if not last:
+                    owner = getattr(owner, name)
+                    continue
+                if value is None:  # a section whose keys are all commented out
+                    return
+                if not isinstance(value, dict):
+                    where = ".".join(parts)
+                    raise ConfigError(
+                        f"config section '{where}' must be a mapping of keys, got {type(value).__name__}; "
+                        f"write e.g. '{parts[-1]}:\\n  key: value'"
+                    )
+                for key, sub in value.items():
+                    self.set(f"{dotted}.{key}", sub)
                 return
-            if not isinstance(value, dict):
-                raise ConfigError(
-                    f"config section '{section_name}' must be a mapping of keys, got {type(value).__name__}; "
-                    f"write e.g. '{section_name}:\\n  key: value'"
-                )
-            for key, sub in value.items():
-                self.set(f"{section_name}.{key}", sub)
-            return
-        key = ".".join(parts[1:])
-        fields = {f.name: f for f in dataclasses.fields(section)}
-        if key not in fields:
-            all_keys = [f"{section_name}.{k}" for k in fields] + [
-                f"{s}.{f.name}" for s in sections for f in dataclasses.fields(getattr(self, s))
-            ]
-            raise ConfigError(_unknown_key_message(dotted, all_keys, "key"))
-        hint = typing.get_type_hints(type(section))[key]
-        setattr(section, key, _coerce(dotted, value, hint))
+            if not last:
+                raise ConfigError(_unknown_key_message(dotted, [k for k, _ in leaf_fields(self)], "key"))
+            setattr(owner, name, _coerce(dotted, value, hint))
 
     # ---- validation ---------------------------------------------------------------
     def validate(self) -> "Config":
@@ -299,6 +335,16 @@ class Config:
             raise bad("distill.kd_weight", d.kd_weight, "must be in [0, 1] (0 = plain LM training, 1 = pure KD)")
         if not 0.0 <= d.jsd_beta <= 1.0:
             raise bad("distill.jsd_beta", d.jsd_beta, "must be in [0, 1] (0 = forward_kl, 1 = reverse_kl)")
+        if not (d.hidden.weight >= 0 and math.isfinite(d.hidden.weight)):
+            raise bad("distill.hidden.weight", d.hidden.weight, "must be a finite number >= 0 (0 = no hidden-state term)")
+        if not (d.hidden.layers == "auto" or isinstance(d.hidden.layers, list)):
+            raise bad("distill.hidden.layers", d.hidden.layers, "use auto or a list of [student_layer, teacher_layer] "
+                      "pairs, e.g. [[0, 1], [1, 3]]")
+        if self.model.student_init == "teacher" and self.model.student is not None:
+            raise ConfigError("model.student_init = 'teacher' builds the student out of the teacher, but model.student "
+                              "names one to load; unset model.student or use model.student_init: random")
+        if self.model.prune.calibration_blocks < 1:
+            raise bad("model.prune.calibration_blocks", self.model.prune.calibration_blocks, "must be a whole number >= 1")
         if not 0.0 <= d.skew_alpha < 1.0:
             raise bad("distill.skew_alpha", d.skew_alpha, "must be in [0, 1) (0 = no skew)")
         positive_ints = {
@@ -412,8 +458,12 @@ def load_yaml(path: str | Path) -> dict:
 
 def _unknown_key_message(key: str, candidates: list[str], what: str) -> str:
     leaf = key.split(".")[-1]
+    tail = key.partition(".")[2]
     by_leaf = {c.split(".")[-1]: c for c in reversed(candidates)}
-    if leaf in by_leaf:  # a right key in the wrong section (or without one)
+    same_tail = [c for c in candidates if tail and c.endswith("." + tail)]
+    if same_tail:  # a right key in the wrong section
+        close = same_tail[:1]
+    elif leaf in by_leaf:  # a right key name in the wrong section (or without one)
         close = [by_leaf[leaf]]
     else:
         close = difflib.get_close_matches(key, candidates, n=1, cutoff=0.6)
@@ -478,6 +528,26 @@ def _coerce(key: str, value: Any, hint: Any) -> Any:
     raise ConfigError(f"{key} = {value!r} has the wrong type: expected {type_name}")
 
 
+def _get(obj: Any, dotted: str) -> Any:
+    for name in dotted.split("."):
+        obj = getattr(obj, name)
+    return obj
+
+
+def leaf_fields(obj: Any, prefix: str = "") -> list[tuple[str, dataclasses.Field]]:
+    """Every settable key under ``obj`` (a config or a section) as ``(dotted name, field)``,
+    subsections flattened (``distill.hidden.weight``)."""
+    out = []
+    for f in dataclasses.fields(obj):
+        value = getattr(obj, f.name)
+        name = f"{prefix}{f.name}"
+        if dataclasses.is_dataclass(value):
+            out += leaf_fields(value, name + ".")
+        else:
+            out.append((name, f))
+    return out
+
+
 def reference_markdown() -> str:
     """Markdown table of every config key with type, default and documentation."""
     lines = ["# Configuration reference", "",
@@ -488,8 +558,8 @@ def reference_markdown() -> str:
         obj = getattr(cfg, section.name)
         lines += [f"## `{section.name}`", "", (type(obj).__doc__ or "").strip(), "",
                   "| key | default | meaning |", "|---|---|---|"]
-        for f in dataclasses.fields(obj):
-            default = getattr(obj, f.name)
-            lines.append(f"| `{section.name}.{f.name}` | `{default!r}` | {f.metadata.get('doc', '')} |")
+        for dotted, f in leaf_fields(obj, section.name + "."):
+            default = _get(cfg, dotted)
+            lines.append(f"| `{dotted}` | `{default!r}` | {f.metadata.get('doc', '')} |")
         lines.append("")
     return "\n".join(lines)

@@ -21,7 +21,7 @@ import torch
 from .config import GuardConfig
 
 # The terms checked before every optimizer step, in the order they are reported.
-CHECKED_TERMS = ("teacher_logits", "kd", "ce", "loss", "grad")
+CHECKED_TERMS = ("teacher_logits", "kd", "ce", "hidden", "loss", "grad")
 
 
 def first_nonfinite(values: dict[str, float]) -> str | None:
@@ -158,11 +158,15 @@ class StepStats:
     grad_norm: float
     teacher_nonfinite: bool
     stop_requested: bool = False  # a signal asked for a stop, on any rank
+    hidden: float | None = None  # the hidden-state term (distill.hidden), unweighted
 
     def checked(self) -> dict[str, float]:
         """The terms of CHECKED_TERMS; a broken teacher shows as a NaN of its own."""
-        return {"teacher_logits": math.nan if self.teacher_nonfinite else 0.0, "kd": self.kd, "ce": self.ce,
-                "loss": self.loss, "grad": self.grad_norm}
+        terms = {"teacher_logits": math.nan if self.teacher_nonfinite else 0.0, "kd": self.kd, "ce": self.ce,
+                 "loss": self.loss, "grad": self.grad_norm}
+        if self.hidden is not None:
+            terms["hidden"] = self.hidden
+        return terms
 
 
 @dataclass(frozen=True)

@@ -92,6 +92,7 @@ class LossParts:
     kd_unscaled: torch.Tensor  # the same divergence without T^2
     ce: torch.Tensor  # student next-token cross-entropy
     num_valid: int  # valid target tokens in *this* call (not the normaliser)
+    hidden: torch.Tensor | None = None  # the hidden-state term, unweighted (when distill.hidden is on)
 
 
 def distillation_loss(

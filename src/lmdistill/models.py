@@ -302,6 +302,11 @@ class Models:
     tokenizer: object
     teacher_name: str | None
     student_name: str
+    # For a student cut out of the teacher: the teacher layer each of its layers came from, and
+    # the block influence of every teacher layer (None when not measured).
+    student_layers: list[int] | None = None
+    layer_importance: list[float] | None = None
+    student_channels: list[int] | None = None  # the teacher hidden channel of each student channel
 
 
 def _has_tokenizer_files(source: str) -> bool:
@@ -323,12 +328,16 @@ def _teacher_dtype(cfg) -> torch.dtype:
     return DTYPES[dtype]
 
 
-def load_models(cfg, teacher=None, student=None, tokenizer=None) -> Models:
+def load_models(cfg, teacher=None, student=None, tokenizer=None, train_blocks=None) -> Models:
     """Teacher (from ``model.teacher``), student (loaded, or built fresh from the teacher's
     config) and the shared tokenizer, checked against each other; objects passed in are used as
     they are. A teacher is loaded whenever one is named, also for plain LM training
-    (kd_weight 0): it shapes a fresh student and gives the held-out figures to compare with."""
+    (kd_weight 0): it shapes a fresh student and gives the held-out figures to compare with.
+
+    ``train_blocks(tokenizer) -> (N, L) token ids`` gives the calibration data of a student cut
+    out of the teacher (``model.student_init: teacher``)."""
     teacher_name = student_name = None
+    pruned = None
     if teacher is None and cfg.model.teacher is not None:
         teacher_name = resolve_source(cfg.model.teacher, "model.teacher")
         tokenizer = tokenizer or load_tokenizer(teacher_name, "teacher")
@@ -350,11 +359,16 @@ def load_models(cfg, teacher=None, student=None, tokenizer=None) -> Models:
     elif student is None:
         if teacher is None:
             raise LmdistillError("no student to train: set model.student, or a teacher to build one from")
-        config = student_config_from_teacher(teacher.config, cfg.model.student_config)
-        student = build_fresh_student(config, cfg.run.seed)
         overrides = cfg.model.student_config
-        student_name = ("fresh: " + ", ".join(f"{k}={v}" for k, v in overrides.items())) if overrides \
-            else "fresh: half of the teacher"
+        shape = ", ".join(f"{k}={v}" for k, v in overrides.items()) if overrides else "half of the teacher"
+        if cfg.model.student_init == "teacher":
+            pruned = cut_from_teacher(cfg, teacher, tokenizer, train_blocks)
+            student = pruned.model
+            student_name = f"from the teacher ({cfg.model.prune.layers} layers {pruned.layers}): {shape}"
+        else:
+            config = student_config_from_teacher(teacher.config, overrides)
+            student = build_fresh_student(config, cfg.run.seed)
+            student_name = f"fresh: {shape}"
     else:
         student_name = cfg.model.student or type(student).__name__
     if tokenizer is None:
@@ -368,4 +382,30 @@ def load_models(cfg, teacher=None, student=None, tokenizer=None) -> Models:
         if model is not None:
             check_context_length(model, cfg.data.block_size, role, name)
             check_causal(model, role, name, vocab_size)
-    return Models(teacher, student, tokenizer, teacher_name, student_name)
+    return Models(teacher, student, tokenizer, teacher_name, student_name,
+                  pruned.layers if pruned else None, pruned.layer_importance if pruned else None,
+                  pruned.channels if pruned else None)
+
+
+def calibration_ids(blocks: torch.Tensor, count: int) -> torch.Tensor:
+    """``count`` blocks spread evenly over ``blocks`` (all of them when there are fewer)."""
+    if len(blocks) <= count:
+        return blocks
+    return blocks[torch.linspace(0, len(blocks) - 1, count).round().long()]
+
+
+def cut_from_teacher(cfg, teacher, tokenizer, train_blocks):
+    """The student of ``model.student_config`` pruned out of ``teacher`` (``model.prune``)."""
+    from . import prune
+
+    config = prune.student_config(teacher.config, cfg.model.student_config)
+    check_config(config, "the student of model.student_config")
+    p = cfg.model.prune
+    calibration = None
+    if "importance" in (p.layers, p.width):
+        if train_blocks is None:
+            raise LmdistillError("model.prune: importance needs calibration data; use model.prune.layers: uniform "
+                                 "and model.prune.width: first, or give the training data")
+        device = next(teacher.parameters()).device
+        calibration = calibration_ids(train_blocks(tokenizer), p.calibration_blocks).to(device)
+    return prune.prune_teacher(teacher, config, p.layers, p.width, calibration)

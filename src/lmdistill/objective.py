@@ -12,15 +12,17 @@ next to ``TeacherLogits``, final hidden states next to ``TeacherHidden``.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
+from typing import Callable
 
 import torch
 
 from .batch import Batch
 from . import divergences
 from .fused import fused_linear_distillation_loss, fused_logits_distillation_loss
+from .hidden import HiddenProjection, hidden_state_loss
 from .losses import LossParts, distillation_loss
-from .signals import TeacherHidden, TeacherLogits, TeacherView, prediction_logits
+from .signals import TeacherHidden, TeacherLogits, TeacherView, layer_outputs, prediction_logits
 
 
 @dataclass(frozen=True)
@@ -38,6 +40,18 @@ class KDSpec:
                 "jsd_beta": self.jsd_beta, "skew_alpha": self.skew_alpha}
 
 
+@dataclass
+class HiddenTerm:
+    """The hidden-state term (``distill.hidden``): ``weight * hidden_state_loss`` over the
+    student layers paired with the teacher layers the signal's views carry."""
+
+    weight: float
+    kind: str
+    student_layers: tuple[int, ...]
+    projection: HiddenProjection
+    forward: Callable  # the projection as the step calls it (wrapped for data parallelism)
+
+
 class Objective:
     """``objective(student, batch, teacher_view, T, num_tokens) -> LossParts``.
 
@@ -49,7 +63,7 @@ class Objective:
     """
 
     def __init__(self, spec: KDSpec, vocab_size: int, student_output: str, model: torch.nn.Module,
-                 chunk_size: int = 1024, reference: bool = False):
+                 chunk_size: int = 1024, reference: bool = False, hidden: HiddenTerm | None = None):
         if student_output not in ("logits", "hidden"):
             raise ValueError(f"student_output must be 'logits' or 'hidden', got {student_output!r}")
         self.spec = spec
@@ -61,25 +75,33 @@ class Objective:
         # ``reference``: the full path exactly as autograd computes it (loss.impl: reference).
         self.reference = reference
         self.closed_form = divergences.get(spec.divergence).chunk is not None and not reference
+        self.hidden = hidden
 
     def __call__(self, student: torch.nn.Module, batch: Batch, teacher: TeacherView | None,
                  temperature: float, num_tokens: float) -> LossParts:
-        if self.student_output == "hidden":
-            return self._from_hidden(student, batch, teacher, temperature, num_tokens)
-        return self._from_logits(student, batch, teacher, temperature, num_tokens)
+        compute = self._from_hidden if self.student_output == "hidden" else self._from_logits
+        parts, states = compute(student, batch, teacher, temperature, num_tokens)
+        h = self.hidden
+        if h is None:
+            return parts
+        term = hidden_state_loss(layer_outputs(states, h.student_layers), teacher.layers, h.projection, h.kind,
+                                 batch.targets, num_tokens, batch.all_valid, forward=h.forward)
+        return replace(parts, total=parts.total + h.weight * term, hidden=term.detach())
 
     def _from_logits(self, student, batch: Batch, teacher: TeacherLogits | None, temperature: float,
-                     num_tokens: float) -> LossParts:
-        logits = prediction_logits(self.model, batch, self.vocab_size, forward=student, trim=not self.reference)
+                     num_tokens: float) -> tuple[LossParts, tuple | None]:
+        logits = prediction_logits(self.model, batch, self.vocab_size, forward=student, trim=not self.reference,
+                                   hidden_states=self.hidden is not None)
+        logits, states = logits if self.hidden is not None else (logits, None)
         # With a closed-form gradient the loss needs no autograd graph over (tokens x vocab):
         # fewer passes over the logits and no fresh buffers per step (the autograd form is the
         # reference, and the fallback for a divergence without a closed form).
         loss = fused_logits_distillation_loss if self.closed_form else distillation_loss
         return loss(logits, teacher.logits if teacher is not None else None, batch.targets, temperature=temperature,
-                    num_tokens=num_tokens, all_valid=batch.all_valid, **self.spec.loss_kwargs())
+                    num_tokens=num_tokens, all_valid=batch.all_valid, **self.spec.loss_kwargs()), states
 
     def _from_hidden(self, student, batch: Batch, teacher: TeacherHidden | None, temperature: float,
-                     num_tokens: float) -> LossParts:
+                     num_tokens: float) -> tuple[LossParts, tuple]:
         # logits_to_keep=1: the forward computes one position's logits; the fused loss forms
         # the rest chunk by chunk, never all (tokens x vocab) at once.
         out = student(input_ids=batch.input_ids, attention_mask=batch.attention_mask, output_hidden_states=True,
@@ -92,4 +114,4 @@ class Objective:
             teacher.weight if with_teacher else None, batch.targets.reshape(-1),
             temperature=temperature, num_tokens=num_tokens, all_valid=batch.all_valid, vocab_size=self.vocab_size,
             student_bias=self.head.bias, teacher_bias=teacher.bias if with_teacher else None,
-            chunk_size=self.chunk_size, **self.spec.loss_kwargs())
+            chunk_size=self.chunk_size, **self.spec.loss_kwargs()), out.hidden_states

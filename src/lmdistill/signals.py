@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import functools
 import inspect
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -33,10 +33,12 @@ from .batch import Batch
 
 @dataclass
 class TeacherLogits:
-    """The teacher's logits at every position that predicts a target: (B, L-1, V), detached."""
+    """The teacher's logits at every position that predicts a target: (B, L-1, V), detached.
+    ``layers``: the outputs (B, L-1, H) of the teacher layers the hidden-state term asked for."""
 
     logits: torch.Tensor
     nonfinite: torch.Tensor
+    layers: list[torch.Tensor] = field(default_factory=list)
 
 
 @dataclass
@@ -47,6 +49,7 @@ class TeacherHidden:
     weight: torch.Tensor
     bias: torch.Tensor | None
     nonfinite: torch.Tensor
+    layers: list[torch.Tensor] = field(default_factory=list)
 
 
 TeacherView = TeacherLogits | TeacherHidden
@@ -67,14 +70,23 @@ def _accepts_logits_to_keep(model_class: type) -> bool:
 
 
 def prediction_logits(model: torch.nn.Module, batch: Batch, vocab_size: int, forward=None,
-                      trim: bool = True) -> torch.Tensor:
+                      trim: bool = True, hidden_states: bool = False):
     """(B, L-1, vocab_size) logits of the positions that predict a target (through ``forward``, the
-    possibly wrapped model, when given). ``trim=False`` forms all L positions' logits and slices."""
+    possibly wrapped model, when given). ``trim=False`` forms all L positions' logits and slices.
+    With ``hidden_states``: ``(logits, outputs.hidden_states)``."""
     kwargs = predicting_positions(model, batch) if trim else {}
+    if hidden_states:
+        kwargs["output_hidden_states"] = True
     out = (forward or model)(input_ids=batch.input_ids, attention_mask=batch.attention_mask, use_cache=False,
                              **kwargs)
-    logits = out.logits if kwargs else out.logits[:, :-1]
-    return logits[..., :vocab_size]
+    logits = out.logits if "logits_to_keep" in kwargs else out.logits[:, :-1]
+    logits = logits[..., :vocab_size]
+    return (logits, out.hidden_states) if hidden_states else logits
+
+
+def layer_outputs(hidden_states, layers: tuple[int, ...]) -> list[torch.Tensor]:
+    """The outputs of decoder ``layers`` (0-based) at the positions that predict a target."""
+    return [hidden_states[i + 1][:, :-1] for i in layers]
 
 
 class TeacherSignal:
@@ -106,16 +118,26 @@ class LiveLogits(TeacherSignal):
 
     student_output = "logits"
 
-    def __init__(self, teacher: torch.nn.Module, vocab_size: int, reference: bool = False):
+    def __init__(self, teacher: torch.nn.Module, vocab_size: int, reference: bool = False,
+                 layers: tuple[int, ...] = ()):
         self.teacher = teacher
         self.vocab_size = vocab_size
         self.reference = reference
+        self.layers = layers  # teacher layers whose outputs the hidden-state term compares with
 
-    @torch.inference_mode()
     def __call__(self, batch: Batch, temperature: float) -> TeacherLogits:
-        logits = prediction_logits(self.teacher, batch, self.vocab_size, trim=not self.reference)
-        # -inf is a legitimate masked entry; NaN or +inf is a broken teacher. max() finds both.
-        return TeacherLogits(logits, (~torch.isfinite(logits.amax())).float())
+        # Layer outputs take part in the hidden-state term's autograd graph as constants, which
+        # inference-mode tensors cannot; plain no_grad then.
+        with torch.no_grad() if self.layers else torch.inference_mode():
+            if not self.layers:
+                logits = prediction_logits(self.teacher, batch, self.vocab_size, trim=not self.reference)
+                layers = []
+            else:
+                logits, states = prediction_logits(self.teacher, batch, self.vocab_size, trim=not self.reference,
+                                                   hidden_states=True)
+                layers = layer_outputs(states, self.layers)
+            # -inf is a legitimate masked entry; NaN or +inf is a broken teacher. max() finds both.
+            return TeacherLogits(logits, (~torch.isfinite(logits.amax())).float(), layers)
 
 
 class LiveHidden(TeacherSignal):
@@ -127,8 +149,9 @@ class LiveHidden(TeacherSignal):
 
     student_output = "hidden"
 
-    def __init__(self, teacher: torch.nn.Module):
+    def __init__(self, teacher: torch.nn.Module, layers: tuple[int, ...] = ()):
         self.teacher = teacher
+        self.layers = layers
 
     @torch.no_grad()
     def __call__(self, batch: Batch, temperature: float) -> TeacherHidden:
@@ -136,7 +159,8 @@ class LiveHidden(TeacherSignal):
                            output_hidden_states=True, logits_to_keep=1, use_cache=False)
         hidden = out.hidden_states[-1][:, :-1]
         head = self.teacher.get_output_embeddings()
-        return TeacherHidden(hidden, head.weight, head.bias, (~torch.isfinite(hidden).all()).float())
+        return TeacherHidden(hidden, head.weight, head.bias, (~torch.isfinite(hidden).all()).float(),
+                             layer_outputs(out.hidden_states, self.layers))
 
 
 # Config fields that change logits after the lm_head; the fused loss does not model them.
@@ -175,10 +199,12 @@ def choose_loss_impl(impl: str, divergence, tokens_per_micro_batch: int, vocab_s
     return "chunked" if not problems and logits_mib > threshold_mib else "full"
 
 
-def make_signal(impl: str, teacher: torch.nn.Module | None, vocab_size: int) -> TeacherSignal:
-    """The live signal for loss implementation ``impl``; ``NoTeacher`` when no teacher is in play."""
+def make_signal(impl: str, teacher: torch.nn.Module | None, vocab_size: int,
+                layers: tuple[int, ...] = ()) -> TeacherSignal:
+    """The live signal for loss implementation ``impl``; ``NoTeacher`` when no teacher is in play.
+    ``layers``: teacher layers whose outputs the views carry (the hidden-state term)."""
     if teacher is None:
         return NoTeacher("hidden" if impl == "chunked" else "logits")
     if impl == "chunked":
-        return LiveHidden(teacher)
-    return LiveLogits(teacher, vocab_size, reference=impl == "reference")
+        return LiveHidden(teacher, layers)
+    return LiveLogits(teacher, vocab_size, reference=impl == "reference", layers=layers)

@@ -36,8 +36,8 @@ from tqdm.auto import tqdm
 
 from . import divergences
 from .batch import Batch
-from .checkpoint import (capture_rng_state, model_reference, remove_leftovers, restore_training_state, resume_point,
-                         save_checkpoint)
+from .checkpoint import (capture_rng_state, model_reference, projection_file, remove_leftovers, restore_training_state,
+                         resume_point, save_checkpoint)
 from .config import Config
 from .data import BlockSampler, build_block_data
 from .devices import check_trackers_installed, flat_config, make_accelerator
@@ -45,10 +45,11 @@ from .errors import LmdistillError, TrainingStopped
 from .evaluate import evaluate, summary_table
 from .faults import FaultInjector
 from .guards import Decision, Guard, StepStats
+from .hidden import HiddenProjection, hidden_pairs
 from .interrupts import GracefulStop, Interrupted
 from .models import ModelInfo, load_models, parameter_fingerprint
 from .monitor import HealthMonitor
-from .objective import KDSpec, Objective
+from .objective import HiddenTerm, KDSpec, Objective
 from .paths import atomic_write
 from .progress import interactive, progress_bar
 from .results import RunResult, StepResult
@@ -60,11 +61,13 @@ from .tracking import MetricsLog
 SPIKE_ACTIONS = {"warn": "kept", "skip": "step skipped", "rollback": "rolled back"}
 
 
-def make_optimizer(model, cfg: Config, fused: bool = False):
+def make_optimizer(model, cfg: Config, fused: bool = False, extra: torch.nn.Module | None = None):
     """AdamW; no weight decay on norms, biases and other 1-D parameters. ``fused``: one kernel for
-    all parameters (used on a GPU; on a CPU the per-parameter loop keeps the established rounding)."""
+    all parameters (used on a GPU; on a CPU the per-parameter loop keeps the established rounding).
+    ``extra``: more trained parameters after the model's (the hidden-state projection)."""
     decay, no_decay = [], []
-    for p in model.parameters():
+    params = list(model.parameters()) + (list(extra.parameters()) if extra is not None else [])
+    for p in params:
         if p.requires_grad:
             (decay if p.dim() >= 2 else no_decay).append(p)
     groups = [{"params": decay, "weight_decay": cfg.train.weight_decay},
@@ -106,7 +109,8 @@ class Trainer:
         set_seed(cfg.run.seed)
         self.is_main, self.world = self.accelerator.is_main_process, self.accelerator.num_processes
         self.device = self.accelerator.device
-        self._setup_models(load_models(cfg, teacher, student, tokenizer))
+        self.data = None
+        self._setup_models(load_models(cfg, teacher, student, tokenizer, train_blocks=self._train_blocks))
         self._setup_resume()
         self._setup_logging()
         faults = FaultInjector(cfg.debug, self.accelerator.process_index)
@@ -115,21 +119,40 @@ class Trainer:
             self.say(f"WARNING: fault injection is ON (debug section): {faults.describe()}")
 
     # ------------------------------------------------------------------ set-up
+    def _train_blocks(self, tokenizer) -> torch.Tensor:
+        if self.data is None:
+            self.data = build_block_data(self.cfg.data, tokenizer)
+        return self.data.train
+
     def _setup_models(self, models) -> None:
         cfg = self.cfg
         self.models, self.tokenizer, self.vocab_size = models, models.tokenizer, len(models.tokenizer)
-        self.data = build_block_data(cfg.data, self.tokenizer)
+        self._train_blocks(self.tokenizer)
         self.sampler = BlockSampler(len(self.data.train), cfg.train.batch_size, cfg.run.seed,
                                     self.accelerator.process_index, self.world)
         self.plan = Plan.for_run(cfg, self.sampler.micro_batches_per_epoch, self.world, len(self.data.train),
                                  self.vocab_size)
-        self.loss_impl = self._choose_loss_impl(models)
         self.teacher = models.teacher
-        kd_teacher = self.teacher if cfg.distill.kd_weight > 0 else None
-        self.signal = make_signal(self.loss_impl, kd_teacher, self.vocab_size)
-        optimizer = make_optimizer(models.student, cfg, fused=self.device.type == "cuda")
-        self.student, self.optimizer = self.accelerator.prepare(models.student, optimizer)
+        h = cfg.distill.hidden
+        pairs = hidden_pairs(h.layers, models.student, self.teacher, models.student_layers) if h.weight > 0 else []
+        self.live_teacher = self.teacher if cfg.distill.kd_weight > 0 or pairs else None
+        self.loss_impl = self._choose_loss_impl(models)
+        self.signal = make_signal(self.loss_impl, self.live_teacher, self.vocab_size, tuple(t for _, t in pairs))
+        self.projection = HiddenProjection(pairs, models.student.config.hidden_size,
+                                           self.teacher.config.hidden_size) if pairs else None
+        if self.projection is not None and models.student_channels is not None:
+            self.projection.start_from_channels(models.student_channels)
+        trained = self.projection if self.projection is not None and self.projection.trainable else None
+        optimizer = make_optimizer(models.student, cfg, fused=self.device.type == "cuda", extra=trained)
+        self.student, self.optimizer, *wrapped = self.accelerator.prepare(models.student, optimizer,
+                                                                          *([trained] if trained else []))
         self.student.train()
+        # What a rollback snapshot or a checkpoint's optimizer state covers: the student and
+        # the projection it is trained with.
+        self.trained = self.accelerator.unwrap_model(self.student, keep_fp32_wrapper=False) if trained is None \
+            else torch.nn.ModuleDict({"student": self.accelerator.unwrap_model(self.student,
+                                                                                keep_fp32_wrapper=False),
+                                      "projection": trained})
         if self.teacher is not None:
             self.teacher.to(self.device)
         # Without accelerate's fp32-output wrapper: the step runs inside accelerator.autocast()
@@ -137,19 +160,20 @@ class Trainer:
         # whole (tokens x vocab) output once more.
         self.raw_student = self.accelerator.unwrap_model(self.student, keep_fp32_wrapper=False)
         d = cfg.distill
+        hidden = HiddenTerm(h.weight, h.loss, tuple(s for s, _ in pairs), self.projection,
+                            wrapped[0] if wrapped else self.projection) if pairs else None
         self.objective = Objective(KDSpec(d.kd_weight, d.divergence, d.scale_by_t2, d.jsd_beta, d.skew_alpha),
                                    self.vocab_size, self.signal.student_output, self.raw_student, cfg.loss.chunk_size,
-                                   reference=self.loss_impl == "reference")
+                                   reference=self.loss_impl == "reference", hidden=hidden)
         self.teacher_before = parameter_fingerprint(self.teacher) if self.teacher is not None else None
         self._teacher_ref: dict | None = None
 
     def _choose_loss_impl(self, models) -> str:
         cfg = self.cfg
-        kd_teacher = models.teacher if cfg.distill.kd_weight > 0 else None
         try:
             return choose_loss_impl(cfg.loss.impl, divergences.get(cfg.distill.divergence),
                                     cfg.train.batch_size * (cfg.data.block_size - 1), self.vocab_size,
-                                    models.student, kd_teacher, cfg.loss.auto_threshold_mib)
+                                    models.student, self.live_teacher, cfg.loss.auto_threshold_mib)
         except ValueError as exc:
             raise LmdistillError(str(exc)) from None
 
@@ -177,7 +201,8 @@ class Trainer:
         self.guard = Guard(cfg.guard)
         self.monitor = HealthMonitor(cfg.health, self.plan.total_steps, self.vocab_size)
         if resume_from is not None:
-            state = restore_training_state(resume_from, self.raw_student, self.optimizer, self.world)
+            state = restore_training_state(resume_from, self.raw_student, self.optimizer, self.world,
+                                           projection=self.projection)
             self.start_step, self.micro, self.initial = state["step"], state["micro_batches"], state["initial_eval"]
             self.guard.load_state_dict(state)
             self.monitor.load_state_dict(state["health"])
@@ -278,7 +303,8 @@ class Trainer:
         lr = self._set_lr(step)
         batches = [self.signal.prepare(b) for b in self._next_batches()]
         num_tokens = self._count_targets(batches)
-        sums = torch.zeros(5, device=self.device, dtype=torch.float64)  # loss, kd, kd_unscaled, ce, teacher_bad
+        # loss, kd, kd_unscaled, ce, teacher_bad, hidden
+        sums = torch.zeros(6, device=self.device, dtype=torch.float64)
         for i, batch in enumerate(batches):
             batch = batch.to(self.device)
             last = i == len(batches) - 1
@@ -289,8 +315,9 @@ class Trainer:
                 # DDP averages gradients over ranks; our loss is already a global mean.
                 self.accelerator.backward(parts.total * self.world)
             bad = view.nonfinite.double() if view is not None else sums.new_zeros(())
+            hidden = parts.hidden.double() if parts.hidden is not None else sums.new_zeros(())
             sums += torch.stack([parts.total.detach().double(), parts.kd.double(), parts.kd_unscaled.double(),
-                                 parts.ce.double(), bad])
+                                 parts.ce.double(), bad, hidden])
         stats = self._reduce(sums, self.clip_gradients())
         decision = self.guard.decide(stats)
         self._apply(step, decision, stats)
@@ -326,15 +353,16 @@ class Trainer:
 
     def clip_gradients(self) -> torch.Tensor:
         max_norm = self.cfg.train.max_grad_norm if self.cfg.train.max_grad_norm is not None else math.inf
-        return self.accelerator.clip_grad_norm_(self.student.parameters(), max_norm)
+        return self.accelerator.clip_grad_norm_(self.trained.parameters(), max_norm)
 
     def _reduce(self, sums: torch.Tensor, grad_norm: torch.Tensor) -> StepStats:
         # One reduction, one sync: every rank sees the same numbers and so decides the same,
         # a stop requested by a signal on any rank included.
         stop = sums.new_tensor([float(self.stop.signum is not None)])
         reduced = self.accelerator.reduce(torch.cat([sums, grad_norm.detach().double().view(1), stop]), "sum")
-        loss, kd, kd_unscaled, ce, teacher_bad, grad_sum, stop_requests = reduced.tolist()
-        return StepStats(loss, kd, kd_unscaled, ce, grad_sum / self.world, teacher_bad > 0, stop_requests > 0)
+        loss, kd, kd_unscaled, ce, teacher_bad, hidden, grad_sum, stop_requests = reduced.tolist()
+        return StepStats(loss, kd, kd_unscaled, ce, grad_sum / self.world, teacher_bad > 0, stop_requests > 0,
+                         hidden if self.projection is not None else None)
 
     def _apply(self, step: int, decision: Decision, stats: StepStats) -> None:
         """Carry out the guard's decision; only an applied update changes weights and optimizer state."""
@@ -344,7 +372,7 @@ class Trainer:
             action = SPIKE_ACTIONS[self.cfg.guard.spike]
             self.announce(step, self.monitor.on_spike(step, stats.loss, decision.spike_median, action))
         if decision.action == "rollback":
-            to_step = self.guard.rollback(self.raw_student, self.optimizer)
+            to_step = self.guard.rollback(self.trained, self.optimizer)
             if to_step is not None:
                 scale = self.guard.state.lr_scale
                 self.log.write({"step": step, "event": "rollback", "to_step": to_step, "lr_scale": scale,
@@ -359,7 +387,7 @@ class Trainer:
             self.accelerator.scaler.update()
         self.optimizer.zero_grad(set_to_none=True)
         if decision.applies_update:
-            self.guard.after_update(step + 1, self.raw_student, self.optimizer)
+            self.guard.after_update(step + 1, self.trained, self.optimizer)
 
     def end_step(self, result: StepResult) -> None:
         """Log the step, then evaluate and checkpoint when due."""
@@ -429,7 +457,8 @@ class Trainer:
                             optimizer_state=self.optimizer.state_dict(), trainer_state=trainer_state,
                             rng_state=capture_rng_state(), keep=self.cfg.checkpoint.keep,
                             extra_files={"config.yaml": self.cfg.to_run_yaml().encode(),
-                                         "student_config.json": self.raw_student.config.to_json_string().encode()})
+                                         "student_config.json": self.raw_student.config.to_json_string().encode(),
+                                         **projection_file(self.projection)})
         self.accelerator.wait_for_everyone()
 
     # ------------------------------------------------------------------ the end

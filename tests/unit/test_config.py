@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from lmdistill.config import Config, ConfigError, load_yaml, reference_markdown
+from lmdistill.config import Config, ConfigError, leaf_fields, load_yaml, reference_markdown
 from lmdistill.errors import LmdistillError
 
 REPO = Path(__file__).resolve().parents[2]
@@ -20,8 +20,10 @@ def _preset_param(path: Path):
 
 
 def all_keys() -> list[tuple[str, str]]:
+    """(section, key) of every settable key, subsection keys as 'hidden.weight'."""
     cfg = Config()
-    return [(s.name, f.name) for s in dataclasses.fields(cfg) for f in dataclasses.fields(getattr(cfg, s.name))]
+    return [(s.name, dotted) for s in dataclasses.fields(cfg)
+            for dotted, _ in leaf_fields(getattr(cfg, s.name))]
 
 
 # ---- presets -------------------------------------------------------------------------------
@@ -280,10 +282,8 @@ def test_invalid_loss_multiplier_is_rejected():
 # ---- reference and round trip --------------------------------------------------------------
 
 def test_every_field_has_a_doc_line():
-    cfg = Config()
-    for s in dataclasses.fields(cfg):
-        for f in dataclasses.fields(getattr(cfg, s.name)):
-            assert f.metadata.get("doc", "").strip(), f"{s.name}.{f.name} has no documentation"
+    for dotted, f in leaf_fields(Config()):
+        assert f.metadata.get("doc", "").strip(), f"{dotted} has no documentation"
 
 
 def test_reference_markdown_lists_every_field():
@@ -302,7 +302,7 @@ def test_to_yaml_round_trips():
         "distill.temperature=3.5", "distill.divergence=jsd", "train.betas=[0.8, 0.99]",
         "model.student_config={num_hidden_layers: 2, hidden_size: 64}", "train.max_steps=17",
         "debug.inject=[{step: 2, where: loss, value: nan}]", "debug.loss_multiplier={5: 3.0}",
-        "run.output_dir=/tmp/x", "health.ppl_max=1e6",
+        "run.output_dir=/tmp/x", "health.ppl_max=1e6", "distill.hidden.layers=[[0, 1]]", "model.prune.layers=uniform",
     ])
     text = cfg.to_yaml()
     again = Config.from_dict(yaml.safe_load(text))
@@ -310,6 +310,7 @@ def test_to_yaml_round_trips():
     assert again.validate() is again
     assert again.to_dict() != Config().to_dict()  # the overrides survived, not just the defaults
     assert again.distill.divergence == "jsd" and again.debug.loss_multiplier == {5: 3.0}
+    assert again.distill.hidden.layers == [[0, 1]] and again.model.prune.layers == "uniform"
 
 
 def test_docs_config_reference_is_up_to_date():

@@ -199,15 +199,18 @@ def _temperature_table(record: RunRecord, max_rows: int = 7) -> list[str]:
         # report's table); the last line is always kept, it is the final state.
         stride = math.ceil((len(anchors) - 1) / (max_rows - 1))
         anchors = [anchors[i] for i in sorted(set(range(0, len(anchors), stride)) | {len(anchors) - 1})]
+    hidden = any("hidden_loss" in line for line in record.train)  # the run trained a hidden-state term
     rows = []
     for anchor in anchors:
         train = _train_line_at(record, anchor["step"]) or {}
         ev = anchor if record.evals else {}
+        terms = [fmt_loss(value_of(train, "kd_loss")), fmt_loss(value_of(train, "ce_loss"))]
+        if hidden:
+            terms.append(fmt_loss(value_of(train, "hidden_loss")))
         rows.append([anchor["step"], fmt_temp(value_of(train, "temperature")), fmt_loss(value_of(train, "loss")),
-                     fmt_loss(value_of(train, "kd_loss")),
-                     fmt_loss(value_of(train, "ce_loss")), fmt_loss(ev.get("eval_ce_loss")), fmt_ppl(ev.get("eval_ppl"))])
-    lines = table(["step", "temperature T", "total loss", "KD term", "LM CE", "eval CE (nats/token)", "student ppl"],
-                  rows)
+                     *terms, fmt_loss(ev.get("eval_ce_loss")), fmt_ppl(ev.get("eval_ppl"))])
+    lines = table(["step", "temperature T", "total loss", "KD term", "LM CE", *(["hidden term"] if hidden else []),
+                   "eval CE (nats/token)", "student ppl"], rows)
     if record.evals:
         lines += ["", "Rows are evaluation steps. The training columns come from the training line at that step or "
                       "the nearest earlier one; for step 0, which is evaluated before any training, from the first "

@@ -93,7 +93,7 @@ def _finish_axes(fig, ax, title: str, ylabel: str, *, legend: bool = True, xlabe
 
 def _plot_losses(record: RunRecord, path: Path) -> Path | None:
     terms = [("loss", "total loss", "tab:blue"), ("kd_loss", "KD term (×T² if scaled)", "tab:green"),
-             ("ce_loss", "LM cross-entropy", "tab:orange")]
+             ("ce_loss", "LM cross-entropy", "tab:orange"), ("hidden_loss", "hidden-state term", "tab:purple")]
     curves = {key: series(record.train, key) for key, _, _ in terms}
     if not any(curves[key][0] for key, _, _ in terms):
         return None
