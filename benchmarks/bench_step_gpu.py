@@ -10,7 +10,7 @@ vocab 151936, tied embeddings) distilled from a Qwen2.5-1.5B-shaped teacher (hid
 from their configs (no download), SDPA attention, B=8, L=1024, forward KL at T=2 with
 T^2, kd_weight 0.5 against hard-label CE, every position a valid target. One step =
 teacher forward (no grad) + student forward + loss + backward (+ optional clipping) +
-AdamW step (``fused=True`` on CUDA; the parameter groups of ``trainer.make_optimizer``)
+AdamW step (``fused=True`` on CUDA; the parameter groups of ``schedules.make_optimizer``)
 + ``zero_grad(set_to_none=True)``.
 
 Precision (the same for every variant): ``--precision autocast`` (default) is lmdistill's
@@ -69,7 +69,7 @@ from lmdistill.config import Config
 from lmdistill.batch import Batch
 from lmdistill.objective import KDSpec, Objective
 from lmdistill.signals import make_signal
-from lmdistill.trainer import make_optimizer
+from lmdistill.schedules import make_optimizer
 
 VARIANTS = ("full", "chunked", "liger")
 GOALS = {"chunked_over_liger_tokens_per_s": 1.10, "chunked_over_full_tokens_per_s": 1.4}
@@ -168,7 +168,7 @@ def main() -> None:
                           else "student and teacher bf16 weights, no autocast"),
                batch_size=B, seq_len=L, steps=args.steps, warmup=warmup, chunk_size=args.chunk_size,
                liger_chunk_size=args.liger_chunk_size, max_grad_norm=args.max_grad_norm or None,
-               optimizer=f"AdamW(fused={cuda}) with trainer.make_optimizer's parameter groups",
+               optimizer=f"AdamW(fused={cuda}) with schedules.make_optimizer's parameter groups",
                shapes="small" if args.small else "anchor (Qwen2.5-0.5B <- 1.5B)")
 
     # ----------------------------------------------------------------- Liger, if importable

@@ -103,6 +103,8 @@ def main() -> None:
     parser.add_argument("--corpus", choices=["embedded", "stdlib"], default="embedded")
     parser.add_argument("--variants", default=",".join(VARIANTS), help="comma-separated subset of: "
                                                                        + ", ".join(VARIANTS))
+    parser.add_argument("--seed", type=int, default=0, help="run.seed of every run (data order; pruning does not "
+                                                            "depend on it)")
     parser.add_argument("--work", default="bench-student-init", help="directory for the runs")
     parser.add_argument("--out", default=None, help="JSON results file")
     args = parser.parse_args()
@@ -117,11 +119,12 @@ def main() -> None:
     rows = []
     for name in names:
         description, overrides = VARIANTS[name]
-        run = work / f"{args.corpus}-{name}"
+        tag = f"{args.corpus}-{name}" + (f"-seed{args.seed}" if args.seed else "")
+        run = work / tag
         sets = [x for o in overrides for x in ("--set", o)]
         started = time.perf_counter()
-        lmdistill("train", "--batch-size", "2", "--epochs", "1", "--output-dir", str(run), "--overwrite",
-                  "--no-progress", *flags, *sets, log=work / f"{args.corpus}-{name}.log")
+        lmdistill("train", "--batch-size", "2", "--epochs", "1", "--seed", str(args.seed), "--output-dir", str(run),
+                  "--overwrite", "--no-progress", *flags, *sets, log=work / f"{tag}.log")
         info = json.loads((run / "run.json").read_text())
         final = info["final"]
         rows.append({"variant": name, "description": description, "overrides": overrides,
@@ -145,7 +148,7 @@ def main() -> None:
         print(f"| {r['description']} | {r['eval_ppl']:.1f} | {r['eval_ce']:.4f} | {gap} | {r['top1']:.1%} | "
               f"{r['health']} |")
     if args.out:
-        meta = {"corpus": args.corpus, **about, "command": "lmdistill train --batch-size 2 --epochs 1 + overrides",
+        meta = {"corpus": args.corpus, "seed": args.seed, **about, "command": "lmdistill train --batch-size 2 --epochs 1 + overrides",
                 "python": platform.python_version(), "machine": platform.machine(), "cpus": os.cpu_count()}
         Path(args.out).write_text(json.dumps({"meta": meta, "rows": rows}, indent=1) + "\n")
 

@@ -80,9 +80,10 @@ class ModelConfig:
         "(used when student is null), e.g. {num_hidden_layers: 2, hidden_size: 128}.",
         {},
     )
-    student_init: Literal["random", "teacher"] = doc(
-        "Weights of a student built fresh (model.student null): random, or cut out of the teacher's "
-        "(model.prune says how; Llama, Mistral and Qwen2/3 teachers).", "random")
+    student_init: Literal["auto", "teacher", "random"] = doc(
+        "Weights of a student built fresh (model.student null): teacher = cut out of the teacher's "
+        "(model.prune says how; Llama, Mistral and Qwen2/3 teachers); random = a fresh initialisation; "
+        "auto = teacher where the teacher's family allows it, else random.", "auto")
     prune: PruneConfig = field(default_factory=PruneConfig, metadata={"doc": "Pruning of a teacher-started student."})
     teacher_dtype: Literal["auto", "float32", "bfloat16", "float16"] = doc(
         "dtype the teacher's weights are held in. auto = bfloat16 when the run computes in bf16 (the default on "

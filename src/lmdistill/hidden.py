@@ -270,10 +270,19 @@ def hidden_state_loss(
     return total / (denom * n_pairs)
 
 
-def hidden_pairs(layers: Any, student, teacher, sources: list[int] | None) -> list[tuple[int, int]]:
-    """The layer pairs of ``distill.hidden.layers`` for these two models (``sources``: the
-    teacher layer each layer of a pruned student came from, used by ``auto``)."""
+def build_projection(cfg, models) -> HiddenProjection | None:
+    """The projection of the hidden-state term (``distill.hidden``, config ``cfg``) between the
+    two models, with its layer pairs; None when the term is off. A pruned student's maps start
+    as the inverse of its width pruning."""
+    if cfg.weight <= 0:
+        return None
+    student, teacher = models.student, models.teacher
     if teacher is None:
         raise ConfigError("distill.hidden.weight > 0 needs a teacher to compare hidden states with; set "
                           "model.teacher, or distill.hidden.weight: 0")
-    return resolve_layer_map(layers, student.config.num_hidden_layers, teacher.config.num_hidden_layers, sources)
+    pairs = resolve_layer_map(cfg.layers, student.config.num_hidden_layers, teacher.config.num_hidden_layers,
+                              models.student_layers)
+    projection = HiddenProjection(pairs, student.config.hidden_size, teacher.config.hidden_size)
+    if models.student_channels is not None:
+        projection.start_from_channels(models.student_channels)
+    return projection

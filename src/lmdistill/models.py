@@ -361,7 +361,7 @@ def load_models(cfg, teacher=None, student=None, tokenizer=None, train_blocks=No
             raise LmdistillError("no student to train: set model.student, or a teacher to build one from")
         overrides = cfg.model.student_config
         shape = ", ".join(f"{k}={v}" for k, v in overrides.items()) if overrides else "half of the teacher"
-        if cfg.model.student_init == "teacher":
+        if student_init(cfg, teacher) == "teacher":
             pruned = cut_from_teacher(cfg, teacher, tokenizer, train_blocks)
             student = pruned.model
             student_name = f"from the teacher ({cfg.model.prune.layers} layers {pruned.layers}): {shape}"
@@ -385,6 +385,16 @@ def load_models(cfg, teacher=None, student=None, tokenizer=None, train_blocks=No
     return Models(teacher, student, tokenizer, teacher_name, student_name,
                   pruned.layers if pruned else None, pruned.layer_importance if pruned else None,
                   pruned.channels if pruned else None)
+
+
+def student_init(cfg, teacher) -> str:
+    """``model.student_init`` with ``auto`` decided: cut from the teacher where pruning supports
+    the teacher's family."""
+    from .prune import SUPPORTED
+
+    if cfg.model.student_init != "auto":
+        return cfg.model.student_init
+    return "teacher" if teacher.config.model_type in SUPPORTED else "random"
 
 
 def calibration_ids(blocks: torch.Tensor, count: int) -> torch.Tensor:

@@ -1,4 +1,4 @@
-"""Temperature and learning-rate schedules: pure functions of the optimizer step.
+"""The optimizer, and the temperature and learning-rate schedules: pure functions of the step.
 
 Being pure functions of ``step`` (never of how many updates were applied) keeps
 resume and skipped steps simple: a skipped step still advances the step counter,
@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+
+import torch
 
 from .errors import LmdistillError
 
@@ -80,3 +82,17 @@ class Plan:
         eval_batch = max(1, min(max(t.batch_size, 8), int(cfg.loss.auto_threshold_mib * 2**20 // (
             cfg.data.block_size * vocab_size * 4 * 2))))
         return cls(total, steps_per_epoch, warmup, t.eval_every or max(1, total // 10), eval_batch)
+
+
+def make_optimizer(model, cfg, fused: bool = False, extra: torch.nn.Module | None = None):
+    """AdamW; no weight decay on norms, biases and other 1-D parameters. ``fused``: one kernel for
+    all parameters (used on a GPU; on a CPU the per-parameter loop keeps the established rounding).
+    ``extra``: more trained parameters after the model's (the hidden-state projection)."""
+    decay, no_decay = [], []
+    params = list(model.parameters()) + (list(extra.parameters()) if extra is not None else [])
+    for p in params:
+        if p.requires_grad:
+            (decay if p.dim() >= 2 else no_decay).append(p)
+    groups = [{"params": decay, "weight_decay": cfg.train.weight_decay},
+              {"params": no_decay, "weight_decay": 0.0}]
+    return torch.optim.AdamW(groups, lr=cfg.train.lr, betas=tuple(cfg.train.betas), fused=fused or None)

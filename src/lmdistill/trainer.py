@@ -45,7 +45,7 @@ from .errors import LmdistillError, TrainingStopped
 from .evaluate import evaluate, summary_table
 from .faults import FaultInjector
 from .guards import Decision, Guard, StepStats
-from .hidden import HiddenProjection, hidden_pairs
+from .hidden import build_projection
 from .interrupts import GracefulStop, Interrupted
 from .models import ModelInfo, load_models, parameter_fingerprint
 from .monitor import HealthMonitor
@@ -54,25 +54,11 @@ from .paths import atomic_write
 from .progress import interactive, progress_bar
 from .results import RunResult, StepResult
 from .rundir import RunDirectory
-from .schedules import Plan, lr_at, temperature_at
+from .schedules import Plan, lr_at, make_optimizer, temperature_at
 from .signals import choose_loss_impl, make_signal
 from .tracking import MetricsLog
 
 SPIKE_ACTIONS = {"warn": "kept", "skip": "step skipped", "rollback": "rolled back"}
-
-
-def make_optimizer(model, cfg: Config, fused: bool = False, extra: torch.nn.Module | None = None):
-    """AdamW; no weight decay on norms, biases and other 1-D parameters. ``fused``: one kernel for
-    all parameters (used on a GPU; on a CPU the per-parameter loop keeps the established rounding).
-    ``extra``: more trained parameters after the model's (the hidden-state projection)."""
-    decay, no_decay = [], []
-    params = list(model.parameters()) + (list(extra.parameters()) if extra is not None else [])
-    for p in params:
-        if p.requires_grad:
-            (decay if p.dim() >= 2 else no_decay).append(p)
-    groups = [{"params": decay, "weight_decay": cfg.train.weight_decay},
-              {"params": no_decay, "weight_decay": 0.0}]
-    return torch.optim.AdamW(groups, lr=cfg.train.lr, betas=tuple(cfg.train.betas), fused=fused or None)
 
 
 def train(cfg: Config, *, teacher=None, student=None, tokenizer=None, progress: bool = True,
@@ -133,26 +119,12 @@ class Trainer:
         self.plan = Plan.for_run(cfg, self.sampler.micro_batches_per_epoch, self.world, len(self.data.train),
                                  self.vocab_size)
         self.teacher = models.teacher
-        h = cfg.distill.hidden
-        pairs = hidden_pairs(h.layers, models.student, self.teacher, models.student_layers) if h.weight > 0 else []
+        self.projection = build_projection(cfg.distill.hidden, models)  # None: no hidden-state term
+        pairs = self.projection.pairs if self.projection is not None else ()
         self.live_teacher = self.teacher if cfg.distill.kd_weight > 0 or pairs else None
         self.loss_impl = self._choose_loss_impl(models)
         self.signal = make_signal(self.loss_impl, self.live_teacher, self.vocab_size, tuple(t for _, t in pairs))
-        self.projection = HiddenProjection(pairs, models.student.config.hidden_size,
-                                           self.teacher.config.hidden_size) if pairs else None
-        if self.projection is not None and models.student_channels is not None:
-            self.projection.start_from_channels(models.student_channels)
-        trained = self.projection if self.projection is not None and self.projection.trainable else None
-        optimizer = make_optimizer(models.student, cfg, fused=self.device.type == "cuda", extra=trained)
-        self.student, self.optimizer, *wrapped = self.accelerator.prepare(models.student, optimizer,
-                                                                          *([trained] if trained else []))
-        self.student.train()
-        # What a rollback snapshot or a checkpoint's optimizer state covers: the student and
-        # the projection it is trained with.
-        self.trained = self.accelerator.unwrap_model(self.student, keep_fp32_wrapper=False) if trained is None \
-            else torch.nn.ModuleDict({"student": self.accelerator.unwrap_model(self.student,
-                                                                                keep_fp32_wrapper=False),
-                                      "projection": trained})
+        project = self._prepare(models.student)
         if self.teacher is not None:
             self.teacher.to(self.device)
         # Without accelerate's fp32-output wrapper: the step runs inside accelerator.autocast()
@@ -160,13 +132,25 @@ class Trainer:
         # whole (tokens x vocab) output once more.
         self.raw_student = self.accelerator.unwrap_model(self.student, keep_fp32_wrapper=False)
         d = cfg.distill
-        hidden = HiddenTerm(h.weight, h.loss, tuple(s for s, _ in pairs), self.projection,
-                            wrapped[0] if wrapped else self.projection) if pairs else None
+        hidden = HiddenTerm(d.hidden.weight, d.hidden.loss, tuple(s for s, _ in pairs), self.projection,
+                            project) if pairs else None
         self.objective = Objective(KDSpec(d.kd_weight, d.divergence, d.scale_by_t2, d.jsd_beta, d.skew_alpha),
                                    self.vocab_size, self.signal.student_output, self.raw_student, cfg.loss.chunk_size,
                                    reference=self.loss_impl == "reference", hidden=hidden)
         self.teacher_before = parameter_fingerprint(self.teacher) if self.teacher is not None else None
         self._teacher_ref: dict | None = None
+
+    def _prepare(self, student):
+        """The optimizer, and accelerate's wrapping of the student and of a trained projection;
+        returns the projection as the step calls it."""
+        trained = self.projection if self.projection is not None and self.projection.trainable else None
+        optimizer = make_optimizer(student, self.cfg, fused=self.device.type == "cuda", extra=trained)
+        self.student, self.optimizer, *wrapped = self.accelerator.prepare(student, optimizer, *filter(None, [trained]))
+        self.student.train()
+        raw = self.accelerator.unwrap_model(self.student, keep_fp32_wrapper=False)
+        # What a rollback snapshot covers: the student and the projection trained with it.
+        self.trained = raw if trained is None else torch.nn.ModuleDict({"student": raw, "projection": trained})
+        return wrapped[0] if wrapped else self.projection
 
     def _choose_loss_impl(self, models) -> str:
         cfg = self.cfg

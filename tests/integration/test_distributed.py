@@ -105,3 +105,24 @@ def test_ddp_resume_after_kill(tmp_path, teacher_dir, text_file, single_and_ddp)
     assert [r["loss"] for r in _train_lines(out)] == [r["loss"] for r in _train_lines(reference)]
     wa, wb = load_file(reference / "student" / "model.safetensors"), load_file(out / "student" / "model.safetensors")
     assert all(torch.equal(wa[k], wb[k]) for k in wa)
+
+
+def test_hidden_term_and_pruned_start_two_ranks_match_one(tmp_path, teacher_dir, text_file):
+    """The projection is wrapped for data parallelism like the student: its gradients are
+    averaged over the ranks, and both ranks end with the same weights as one process."""
+    extra = ("--set", "model.student_init=teacher", "--set", "distill.hidden.weight=1.0")
+    single = run_cli(*_common(teacher_dir, text_file, tmp_path / "single", 4), *extra)
+    assert single.returncode == 0, single.stderr[-3000:]
+    ddp = _launch(2, *_common(teacher_dir, text_file, tmp_path / "ddp", 2), *extra)
+    assert ddp.returncode == 0, ddp.stderr[-3000:]
+    a, b = _train_lines(tmp_path / "single"), _train_lines(tmp_path / "ddp")
+    assert len(a) == len(b) == 8
+    for x, y in zip(a, b):
+        for key in ("loss", "hidden_loss", "grad_norm"):
+            assert y[key] == pytest.approx(x[key], rel=1e-5, abs=1e-6), (x["step"], key)
+    for name in ("model.safetensors", "hidden_projection.safetensors"):
+        wa = load_file(tmp_path / "single" / "checkpoints" / "step-8" / name)
+        wb = load_file(tmp_path / "ddp" / "checkpoints" / "step-8" / name)
+        assert wa.keys() == wb.keys()
+        for k in wa:
+            torch.testing.assert_close(wb[k], wa[k], rtol=1e-4, atol=1e-5)

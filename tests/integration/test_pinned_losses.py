@@ -8,7 +8,8 @@ something else: find out why before updating these numbers.
 
 The teacher is a small random Llama (initializer_range 0.2, so that its distribution is
 far from uniform and the KD term is not negligible), saved with save_pretrained; the
-student is built fresh from it as the default preset builds one.
+student is built fresh from it with random weights (``model.student_init: random``, the
+default until students were cut out of the teacher), so these values also pin that path.
 """
 
 from __future__ import annotations
@@ -70,6 +71,56 @@ PINNED = {
 }
 
 
+# The default since students are cut out of the teacher (model.student_init: auto -> teacher,
+# importance pruning), recorded on 2026-11-30 the same way.
+PINNED_PRUNED = {
+    "full": [
+    (3.873293399810791, 1.3255490064620972, 6.421037673950195),
+    (3.9090394973754883, 1.3478350639343262, 6.47024393081665),
+    (3.8815786838531494, 1.3033894300460815, 6.459767818450928),
+    (3.8636531829833984, 1.2887226343154907, 6.438583850860596),
+    (3.8290727138519287, 1.222205400466919, 6.435939788818359),
+    (3.8445334434509277, 1.2423306703567505, 6.446735858917236),
+    (3.797290563583374, 1.2903317213058472, 6.304249286651611),
+    (3.762600898742676, 1.2461683750152588, 6.279033660888672),
+    (3.7973225116729736, 1.2210742235183716, 6.373570919036865),
+    (3.834446430206299, 1.2025372982025146, 6.466355800628662),
+    (3.8270516395568848, 1.2389174699783325, 6.415185451507568),
+    (3.771732807159424, 1.2059874534606934, 6.337478160858154),
+    (3.7736752033233643, 1.1994776725769043, 6.347872734069824),
+    (3.721151113510132, 1.2425084114074707, 6.199793338775635),
+    (3.72214937210083, 1.2224838733673096, 6.22181510925293),
+    (3.745303153991699, 1.2238825559616089, 6.2667236328125),
+    (3.8204915523529053, 1.2464650869369507, 6.39451789855957),
+    (3.820098638534546, 1.2270843982696533, 6.413112640380859),
+    (3.7553412914276123, 1.2019351720809937, 6.3087477684021),
+    (3.737820625305176, 1.2289252281188965, 6.246716022491455),
+    ],
+    "chunked": [
+    (3.87329363822937, 1.3255490064620972, 6.4210381507873535),
+    (3.9090394973754883, 1.3478351831436157, 6.47024393081665),
+    (3.8815791606903076, 1.3033894300460815, 6.459768772125244),
+    (3.8636534214019775, 1.2887226343154907, 6.438584327697754),
+    (3.8290722370147705, 1.2222055196762085, 6.435938835144043),
+    (3.8445334434509277, 1.242330551147461, 6.446735858917236),
+    (3.7972910404205322, 1.2903317213058472, 6.304250240325928),
+    (3.762600898742676, 1.2461683750152588, 6.279033660888672),
+    (3.7973225116729736, 1.2210742235183716, 6.373570919036865),
+    (3.8344461917877197, 1.202537178993225, 6.466355323791504),
+    (3.827051877975464, 1.238917350769043, 6.415185928344727),
+    (3.7717323303222656, 1.2059874534606934, 6.337477207183838),
+    (3.7736752033233643, 1.1994776725769043, 6.347872734069824),
+    (3.721151351928711, 1.2425084114074707, 6.199793815612793),
+    (3.722149610519409, 1.2224839925765991, 6.22181510925293),
+    (3.745303153991699, 1.2238825559616089, 6.2667236328125),
+    (3.820491313934326, 1.2464652061462402, 6.394517421722412),
+    (3.820098638534546, 1.2270843982696533, 6.413112640380859),
+    (3.7553415298461914, 1.2019351720809937, 6.308748245239258),
+    (3.737820625305176, 1.2289252281188965, 6.246716022491455),
+    ],
+}
+
+
 @pytest.fixture(scope="module")
 def random_teacher(tmp_path_factory, tiny_tokenizer) -> Path:
     path = tmp_path_factory.mktemp("pinned") / "teacher"
@@ -88,10 +139,26 @@ def test_default_preset_losses_are_pinned(tmp_path, random_teacher, text_file, i
     assert len(pinned) == 20 and TINY_VOCAB == 384
     cfg = Config.load(REPO / "configs" / "default.yaml",
                       [f"model.teacher={random_teacher}", f"data.path={text_file}", f"run.output_dir={tmp_path / impl}",
-                       "run.device=cpu", "train.max_steps=20", "train.eval_every=10", f"loss.impl={impl}"])
+                       "run.device=cpu", "train.max_steps=20", "train.eval_every=10", f"loss.impl={impl}",
+                       "model.student_init=random"])
     train(cfg, progress=False, print_summary=False)
     lines = [r for r in read_jsonl(tmp_path / impl / "metrics.jsonl") if "loss" in r and "skipped" not in r]
     got = [(r["loss"], r["kd_loss"], r["ce_loss"]) for r in lines]
     assert [r["step"] for r in lines] == list(range(20))
     for step, (want_row, got_row) in enumerate(zip(pinned, got)):
         assert got_row == pytest.approx(want_row, rel=rel, abs=0), f"step {step}"
+
+
+@pytest.mark.parametrize("impl", ["full", "chunked"])
+def test_default_preset_with_a_pruned_start_is_pinned(tmp_path, random_teacher, text_file, impl):
+    """The default preset as it stands: the student cut out of the teacher by importance."""
+    cfg = Config.load(REPO / "configs" / "default.yaml",
+                      [f"model.teacher={random_teacher}", f"data.path={text_file}", f"run.output_dir={tmp_path / impl}",
+                       "run.device=cpu", "train.max_steps=20", "train.eval_every=10", f"loss.impl={impl}"])
+    assert cfg.model.student_init == "auto"
+    train(cfg, progress=False, print_summary=False)
+    lines = [r for r in read_jsonl(tmp_path / impl / "metrics.jsonl") if "loss" in r and "skipped" not in r]
+    got = [(r["loss"], r["kd_loss"], r["ce_loss"]) for r in lines]
+    assert [r["step"] for r in lines] == list(range(20))
+    for step, (want_row, got_row) in enumerate(zip(PINNED_PRUNED[impl], got)):
+        assert got_row == pytest.approx(want_row, rel=1e-6, abs=0), f"step {step}"

@@ -6,7 +6,8 @@ from __future__ import annotations
 import pytest
 import torch
 from transformers import (AutoModelForCausalLM, GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM,
-                          Qwen2Config, Qwen2ForCausalLM, Qwen3Config, Qwen3ForCausalLM)
+                          MistralConfig, MistralForCausalLM, Qwen2Config, Qwen2ForCausalLM, Qwen3Config,
+                          Qwen3ForCausalLM)
 
 from lmdistill.errors import LmdistillError
 from lmdistill.prune import prune_teacher, student_config, uniform_layers
@@ -32,7 +33,7 @@ def same_shape(model) -> dict:
 
 
 @pytest.mark.parametrize("family, config_class", [(LlamaForCausalLM, LlamaConfig), (Qwen2ForCausalLM, Qwen2Config),
-                                                  (Qwen3ForCausalLM, Qwen3Config)])
+                                                  (Qwen3ForCausalLM, Qwen3Config), (MistralForCausalLM, MistralConfig)])
 @pytest.mark.parametrize("tied", [False, True])
 @pytest.mark.parametrize("layers", ["importance", "uniform"])
 def test_nothing_removed_reproduces_the_teacher_exactly(family, config_class, tied, layers):
@@ -198,3 +199,15 @@ def test_other_families_are_refused_naming_the_supported_ones():
                                              "'gpt2'") as info:
         student_config(gpt2.config, {})
     assert "\n" not in str(info.value)
+
+
+def test_qwen2_biases_follow_their_rows():
+    t = teacher(Qwen2ForCausalLM, Qwen2Config)
+    config = student_config(t.config, {"hidden_size": 16, "num_attention_heads": 2, "num_key_value_heads": 1})
+    pruned = prune_teacher(t, config, "uniform", "first")
+    s_attn, t_attn = pruned.model.model.layers[1].self_attn, t.model.layers[1].self_attn
+    # first width: kept group 0 (key/value head 0) and its first two query heads (0, 1), head size 8
+    assert torch.equal(s_attn.q_proj.bias, t_attn.q_proj.bias[:16])
+    assert torch.equal(s_attn.k_proj.bias, t_attn.k_proj.bias[:8])
+    assert torch.equal(s_attn.v_proj.bias, t_attn.v_proj.bias[:8])
+    assert torch.equal(s_attn.q_proj.weight, t_attn.q_proj.weight[:16, :16])
