@@ -130,35 +130,31 @@ def random_teacher(tmp_path_factory, tiny_tokenizer) -> Path:
     return path
 
 
+def _check_first_losses(out, teacher, text_file, impl, pinned, rel, *overrides) -> None:
+    """A 20-step run of the default preset; its (loss, kd_loss, ce_loss) per step against ``pinned``."""
+    cfg = Config.load(REPO / "configs" / "default.yaml",
+                      [f"model.teacher={teacher}", f"data.path={text_file}", f"run.output_dir={out}",
+                       "run.device=cpu", "train.max_steps=20", "train.eval_every=10", f"loss.impl={impl}", *overrides])
+    train(cfg, progress=False, print_summary=False)
+    lines = [r for r in read_jsonl(out / "metrics.jsonl") if "loss" in r and "skipped" not in r]
+    got = [(r["loss"], r["kd_loss"], r["ce_loss"]) for r in lines]
+    assert [r["step"] for r in lines] == list(range(20)) and len(pinned) == 20
+    for step, (want_row, got_row) in enumerate(zip(pinned, got)):
+        assert got_row == pytest.approx(want_row, rel=rel, abs=0), f"step {step}"
+
+
 @pytest.mark.parametrize("impl", ["full", "chunked", "reference"])
 def test_default_preset_losses_are_pinned(tmp_path, random_teacher, text_file, impl):
     """``reference`` (full logits through autograd) is the full path exactly as it was recorded:
     bit for bit. The default teacher is pretrained with it, so a fresh cache builds the very
     teacher its cache key names."""
+    assert TINY_VOCAB == 384
     pinned, rel = (PINNED["full"], 0) if impl == "reference" else (PINNED[impl], 1e-6)
-    assert len(pinned) == 20 and TINY_VOCAB == 384
-    cfg = Config.load(REPO / "configs" / "default.yaml",
-                      [f"model.teacher={random_teacher}", f"data.path={text_file}", f"run.output_dir={tmp_path / impl}",
-                       "run.device=cpu", "train.max_steps=20", "train.eval_every=10", f"loss.impl={impl}",
-                       "model.student_init=random"])
-    train(cfg, progress=False, print_summary=False)
-    lines = [r for r in read_jsonl(tmp_path / impl / "metrics.jsonl") if "loss" in r and "skipped" not in r]
-    got = [(r["loss"], r["kd_loss"], r["ce_loss"]) for r in lines]
-    assert [r["step"] for r in lines] == list(range(20))
-    for step, (want_row, got_row) in enumerate(zip(pinned, got)):
-        assert got_row == pytest.approx(want_row, rel=rel, abs=0), f"step {step}"
+    _check_first_losses(tmp_path / impl, random_teacher, text_file, impl, pinned, rel, "model.student_init=random")
 
 
 @pytest.mark.parametrize("impl", ["full", "chunked"])
 def test_default_preset_with_a_pruned_start_is_pinned(tmp_path, random_teacher, text_file, impl):
-    """The default preset as it stands: the student cut out of the teacher by importance."""
-    cfg = Config.load(REPO / "configs" / "default.yaml",
-                      [f"model.teacher={random_teacher}", f"data.path={text_file}", f"run.output_dir={tmp_path / impl}",
-                       "run.device=cpu", "train.max_steps=20", "train.eval_every=10", f"loss.impl={impl}"])
-    assert cfg.model.student_init == "auto"
-    train(cfg, progress=False, print_summary=False)
-    lines = [r for r in read_jsonl(tmp_path / impl / "metrics.jsonl") if "loss" in r and "skipped" not in r]
-    got = [(r["loss"], r["kd_loss"], r["ce_loss"]) for r in lines]
-    assert [r["step"] for r in lines] == list(range(20))
-    for step, (want_row, got_row) in enumerate(zip(PINNED_PRUNED[impl], got)):
-        assert got_row == pytest.approx(want_row, rel=1e-6, abs=0), f"step {step}"
+    """The default preset as it stands (model.student_init: auto): the student cut out of the
+    teacher by importance."""
+    _check_first_losses(tmp_path / impl, random_teacher, text_file, impl, PINNED_PRUNED[impl], 1e-6)
