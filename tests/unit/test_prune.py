@@ -32,10 +32,13 @@ def same_shape(model) -> dict:
     return {k: getattr(model.config, k) for k in SHAPE}
 
 
-@pytest.mark.parametrize("family, config_class", [(LlamaForCausalLM, LlamaConfig), (Qwen2ForCausalLM, Qwen2Config),
-                                                  (Qwen3ForCausalLM, Qwen3Config), (MistralForCausalLM, MistralConfig)])
-@pytest.mark.parametrize("tied", [False, True])
-@pytest.mark.parametrize("layers", ["importance", "uniform"])
+@pytest.mark.parametrize("family, config_class, tied, layers", [
+    (LlamaForCausalLM, LlamaConfig, False, "importance"),
+    (LlamaForCausalLM, LlamaConfig, True, "uniform"),
+    (Qwen2ForCausalLM, Qwen2Config, False, "importance"),  # q/k/v biases
+    (Qwen3ForCausalLM, Qwen3Config, True, "importance"),  # q/k norms
+    (MistralForCausalLM, MistralConfig, False, "uniform"),
+], ids=["llama", "llama-tied", "qwen2", "qwen3-tied", "mistral"])
 def test_nothing_removed_reproduces_the_teacher_exactly(family, config_class, tied, layers):
     t = teacher(family, config_class, tie_word_embeddings=tied)
     x = ids()
