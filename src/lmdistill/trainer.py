@@ -234,10 +234,11 @@ class Trainer:
 
     def _run(self) -> RunResult:
         total, status, step = self.plan.total_steps, "running", self.start_step
-        if self.initial is None:
-            self.initial = self.evaluate(0, self.temperature_at(0), "eval (before)")
-        self.bar = progress_bar(total, self.start_step, self._phase(), self.progress and self.is_main)
+        self.bar = None
         try:
+            if self.initial is None:
+                self.initial = self.evaluate(0, self.temperature_at(0), "eval (before)")
+            self.bar = progress_bar(total, self.start_step, self._phase(), self.progress and self.is_main)
             for step in range(self.start_step, total):
                 result = self.train_step(step)
                 self.end_step(result)
@@ -257,7 +258,8 @@ class Trainer:
             status, self.run_info["exit_reason"] = "failed", f"{type(exc).__name__}: {exc}"
             raise
         finally:
-            self.bar.close()
+            if self.bar is not None:
+                self.bar.close()
             if status != "finished":  # stopped early: leave a readable record of it
                 self.run_info["status"] = status
                 with contextlib.suppress(OSError):  # e.g. the disk is full: the error in flight says so
