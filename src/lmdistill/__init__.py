@@ -14,14 +14,25 @@ __version__ = "0.1.0"
 def train(cfg, **kwargs):
     """Run a distillation; see ``lmdistill.trainer.train``.
 
+    ``cfg`` is a ``Config``, or the path of a YAML config file (loaded with ``Config.load``).
     An empty ``model.teacher`` is the embedded default teacher, built (once) before the run.
     """
+    import os
+
+    if isinstance(cfg, (str, os.PathLike)):
+        cfg = Config.load(cfg)
+    elif not isinstance(cfg, Config):
+        raise TypeError(f"lmdistill.train expects a Config or the path of a YAML config file, got "
+                        f"{type(cfg).__name__}; e.g. train(Config.load('configs/default.yaml', "
+                        "['train.max_steps=50']))")
     from .default import resolve_default_teacher
+    from .devices import check_precision
     from .trainer import preflight
     from .trainer import train as _train
 
     if kwargs.get("teacher") is None:
         preflight(cfg)  # a bad config or output directory is refused before the teacher is built
+        check_precision(cfg)  # and fp16 on a machine without CUDA
         resolve_default_teacher(cfg, progress=kwargs.get("progress", True))
     return _train(cfg, **kwargs)
 

@@ -79,7 +79,16 @@ def _build_config(args) -> "Config":
         saved = Path(run_dir) / "config.yaml" if run_dir else None
         if config_file is None and saved is not None and saved.is_file():
             config_file = saved  # the run's own settings; flags still apply on top
+        elif config_file is None and saved is not None and _is_run(saved.parent):
+            raise LmdistillError(f"run '{run_dir}' has no config.yaml; pass the run's settings with --config FILE "
+                                 "(without them the resume would use the defaults, not the run's)")
     return Config.load(config_file, overrides, values)
+
+
+def _is_run(path: Path) -> bool:
+    from .rundir import RunDirectory
+
+    return RunDirectory(path).is_run()
 
 
 def cmd_train(args) -> int:
@@ -98,11 +107,14 @@ def cmd_eval(args) -> int:
     from .evaluate import evaluate, format_ppl
     from .models import (check_context_length, check_same_tokenizer, check_vocab_covers, freeze, load_causal_lm,
                          load_tokenizer, resolve_source)
+    from .rundir import MARKER
 
     if args.block_size is not None and args.block_size < 2:
         raise LmdistillError(f"--block-size {args.block_size} is too small; use 2 or more (e.g. 128)")
     if args.batch_size < 1:
         raise LmdistillError(f"--batch-size {args.batch_size} must be 1 or more")
+    if args.max_blocks is not None and args.max_blocks < 1:
+        raise LmdistillError(f"--max-blocks {args.max_blocks} must be 1 or more (leave it out to evaluate every block)")
     if not (args.temperature > 0 and math.isfinite(args.temperature)):
         raise LmdistillError(f"--temperature {args.temperature} is not allowed: the KD temperature must be a finite "
                              "number > 0 (e.g. 1.0)")
@@ -110,6 +122,13 @@ def cmd_eval(args) -> int:
         check_writable_file(Path(args.json), "--json")
     path = Path(args.model)
     run_cfg = None
+    if (path / "manifest.json").is_file():
+        raise LmdistillError(f"'{path}' is a training checkpoint, not a model directory; export it first: lmdistill "
+                             f"export {path} OUT, then lmdistill eval OUT")
+    if (path / MARKER).is_file() and not (path / "student" / "config.json").is_file():
+        raise LmdistillError(f"run '{path}' has no final student yet (the run did not finish); export its newest "
+                             f"checkpoint with lmdistill export {path} OUT and evaluate OUT, or finish the run with "
+                             f"lmdistill train --resume {path}")
     if (path / "student" / "config.json").is_file():
         # A run directory: its final student, on the run's own held-out blocks unless --data says otherwise.
         from .config import Config, load_yaml
@@ -142,7 +161,7 @@ def cmd_eval(args) -> int:
     for m, role in ((model, "model"), (teacher, "teacher")):
         if m is not None:
             check_context_length(m, block_size, role, source if role == "model" else args.teacher)
-    if args.max_blocks:
+    if args.max_blocks is not None:
         blocks = blocks[: args.max_blocks]
     if len(blocks) == 0:
         raise LmdistillError(f"--data '{args.data}' gives no block of {block_size} tokens; add text or lower "
@@ -287,7 +306,12 @@ def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     args = build_parser().parse_args(argv)
     try:
-        return COMMANDS[args.command](args)
+        code = COMMANDS[args.command](args)
+        sys.stdout.flush()  # a reader that went away (| head) shows here, not as a warning at exit
+        return code
+    except BrokenPipeError:  # the reader of our output went away: nothing to say, and no one to say it to
+        _silence_stdout()
+        return 141  # 128 + SIGPIPE, what a shell reports for a process the pipe ended
     except LmdistillError as exc:
         print(f"lmdistill: error: {exc}", file=sys.stderr)
         return exc.exit_code
@@ -304,12 +328,23 @@ def main(argv: list[str] | None = None) -> int:
         return 2
 
 
+def _silence_stdout() -> None:
+    """Point stdout at os.devnull, so that the flush at exit does not fail again on the closed pipe
+    (the pattern of Python's signal documentation, "Note on SIGPIPE")."""
+    try:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+    except (OSError, ValueError):  # stdout is not a file descriptor (captured, or closed)
+        pass
+
+
 def os_error_message(exc: OSError) -> str:
     """One line for a file-system error: the path, the cause, what to do."""
-    path = exc.filename or "a file"
+    path = exc.filename or "standard output or a file"
     reason = exc.strerror or str(exc) or type(exc).__name__
-    advice = {errno.ENOSPC: f"free space on the disk that holds {path}; files written before are kept",
-              errno.EDQUOT: f"free space on the disk that holds {path}; files written before are kept",
+    disk = f"the disk that holds {path}" if exc.filename else "its disk"
+    advice = {errno.ENOSPC: f"free space on {disk}; files written before are kept",
+              errno.EDQUOT: f"free space on {disk}; files written before are kept",
               errno.EROFS: "write somewhere else: that file system is read-only",
               errno.EACCES: "choose a path you may write to, or change its permissions",
               errno.EPERM: "choose a path you may write to, or change its permissions",

@@ -38,10 +38,12 @@ class RunConfig:
     """Where the run goes and how it is reproduced."""
 
     output_dir: str | None = doc("Run directory. Default: runs/<name>-<date>-<time>.", None)
-    name: str = doc("Short run name used in the default output_dir and the report.", "distill")
+    name: str = doc("Short run name (a plain name, no '/') used in the default output_dir and the report.",
+                    "distill")
     overwrite: bool = doc("Replace an output_dir that already holds a run.", False)
     resume: bool = doc("Continue the unfinished run in output_dir from its newest valid checkpoint.", False)
-    seed: int = doc("Seed for Python, NumPy and torch; the same seed gives the same run on CPU.", 0)
+    seed: int = doc("Seed for Python, NumPy and torch, in [0, 2**32 - 1]; the same seed gives the same run on CPU.",
+                    0)
     device: Literal["auto", "cpu", "cuda"] = doc("auto = CUDA when available, else CPU.", "auto")
     trackers: list = doc("Extra experiment trackers through accelerate, e.g. [wandb] or [mlflow] (installed "
                          "separately); TensorBoard and metrics.jsonl are always written.", [])
@@ -262,6 +264,9 @@ class Config:
              values: dict[str, Any] | None = None) -> "Config":
         """Defaults, then the YAML file, then ``section.key=value`` overrides (values parsed as
         YAML), then ``values`` (already typed, e.g. paths from named flags, set verbatim); validated."""
+        if overrides is not None and not isinstance(overrides, (list, tuple)):
+            raise ConfigError(f"overrides must be a list of 'key=value' strings, e.g. ['train.max_steps=3'], got "
+                              f"{type(overrides).__name__} {overrides!r}")
         data: dict = {}
         if path is not None:
             data = load_yaml(path)
@@ -317,82 +322,10 @@ class Config:
 
     # ---- validation ---------------------------------------------------------------
     def validate(self) -> "Config":
-        d, t = self.distill, self.train
-
-        def bad(key: str, value: Any, allowed: str) -> ConfigError:
-            return ConfigError(f"{key} = {value!r} is not allowed: {allowed}")
-
-        if not (d.temperature > 0 and math.isfinite(d.temperature)):
-            raise bad("distill.temperature", d.temperature, "the KD temperature must be a finite number > 0 (default 2.0)")
-        if not (d.min_temperature > 0 and math.isfinite(d.min_temperature)):
-            raise bad("distill.min_temperature", d.min_temperature, "must be a finite number > 0 (default 1.5)")
-        if d.min_temperature > d.temperature:
-            raise ConfigError(
-                f"distill.min_temperature = {d.min_temperature} is above distill.temperature = {d.temperature}: "
-                "the temperature anneals downwards; set min_temperature <= temperature "
-                "(equal values give a constant temperature)"
-            )
-        if not 0.0 <= d.kd_weight <= 1.0:
-            raise bad("distill.kd_weight", d.kd_weight, "must be in [0, 1] (0 = plain LM training, 1 = pure KD)")
-        if not 0.0 <= d.jsd_beta <= 1.0:
-            raise bad("distill.jsd_beta", d.jsd_beta, "must be in [0, 1] (0 = forward_kl, 1 = reverse_kl)")
-        if not (d.hidden.weight >= 0 and math.isfinite(d.hidden.weight)):
-            raise bad("distill.hidden.weight", d.hidden.weight, "must be a finite number >= 0 (0 = no hidden-state term)")
-        if not (d.hidden.layers == "auto" or isinstance(d.hidden.layers, list)):
-            raise bad("distill.hidden.layers", d.hidden.layers, "use auto or a list of [student_layer, teacher_layer] "
-                      "pairs, e.g. [[0, 1], [1, 3]]")
-        if self.model.student_init == "teacher" and self.model.student is not None:
-            raise ConfigError("model.student_init = 'teacher' builds the student out of the teacher, but model.student "
-                              "names one to load; unset model.student or use model.student_init: random")
-        if self.model.prune.calibration_blocks < 1:
-            raise bad("model.prune.calibration_blocks", self.model.prune.calibration_blocks, "must be a whole number >= 1")
-        if not 0.0 <= d.skew_alpha < 1.0:
-            raise bad("distill.skew_alpha", d.skew_alpha, "must be in [0, 1) (0 = no skew)")
-        positive_ints = {
-            "train.batch_size": t.batch_size, "train.grad_accum": t.grad_accum, "train.epochs": t.epochs,
-            "train.log_every": t.log_every, "data.block_size": self.data.block_size,
-            "loss.chunk_size": self.loss.chunk_size, "checkpoint.keep": self.checkpoint.keep,
-            "guard.max_consecutive_skips": self.guard.max_consecutive_skips,
-            "guard.spike_window": self.guard.spike_window, "guard.rollback_keep": self.guard.rollback_keep,
-            "guard.rollback_interval": self.guard.rollback_interval,
-        }
-        optional_positive = {
-            "train.max_steps": t.max_steps, "train.eval_every": t.eval_every,
-            "checkpoint.every": self.checkpoint.every, "data.max_eval_blocks": self.data.max_eval_blocks,
-            "health.plateau_window": self.health.plateau_window,
-        }
-        if self.data.block_size < 2:
-            raise bad("data.block_size", self.data.block_size, "must be a whole number >= 2 (a block needs a token "
-                      "and its successor)")
-        for key, value in {**positive_ints, **{k: v for k, v in optional_positive.items() if v is not None}}.items():
-            if value < 1:
-                raise bad(key, value, "must be a whole number >= 1")
-        if not (t.lr > 0 and math.isfinite(t.lr)):
-            raise bad("train.lr", t.lr, "the learning rate must be a finite number > 0")
-        if not 0.0 <= t.min_lr_ratio <= 1.0:
-            raise bad("train.min_lr_ratio", t.min_lr_ratio, "must be in [0, 1]")
-        if t.warmup_steps is not None and t.warmup_steps < 0:
-            raise bad("train.warmup_steps", t.warmup_steps, "must be >= 0")
-        if t.max_grad_norm is not None and not t.max_grad_norm > 0:
-            raise bad("train.max_grad_norm", t.max_grad_norm, "must be > 0, or null for no clipping")
-        if len(t.betas) != 2 or not all(isinstance(b, (int, float)) and 0 <= b < 1 for b in t.betas):
-            raise bad("train.betas", t.betas, "must be two numbers in [0, 1), e.g. [0.9, 0.95]")
-        if not 0.0 < self.data.eval_fraction < 1.0:
-            raise bad("data.eval_fraction", self.data.eval_fraction, "must be between 0 and 1 (exclusive)")
-        if not self.guard.spike_min_increase >= 0:
-            raise bad("guard.spike_min_increase", self.guard.spike_min_increase, "must be a number of nats >= 0")
-        if self.guard.spike_factor <= 1.0:
-            raise bad("guard.spike_factor", self.guard.spike_factor, "must be > 1 (a spike is a loss above the median)")
-        if not 0.0 < self.guard.rollback_lr_factor <= 1.0:
-            raise bad("guard.rollback_lr_factor", self.guard.rollback_lr_factor, "must be in (0, 1]")
-        if self.run.resume and self.run.overwrite:
-            raise ConfigError("run.resume and run.overwrite contradict each other: resume continues the run in "
-                              "output_dir, overwrite deletes it; choose one")
-        if self.run.resume and not self.run.output_dir:
-            raise ConfigError("run.resume needs run.output_dir: the run directory to continue (--output-dir)")
-        for tracker in self.run.trackers:
-            if tracker not in TRACKERS:
-                raise ConfigError(f"run.trackers entry {tracker!r} is not supported; choose from {', '.join(TRACKERS)}")
+        """Every check that needs only the config: one ConfigError naming the key and what is allowed."""
+        _check_objective(self)
+        _check_numbers(self)
+        _check_run(self)
         _validate_injections(self.debug)
         return self
 
@@ -409,6 +342,142 @@ class Config:
         data = self.to_dict()
         data["run"]["overwrite"] = data["run"]["resume"] = False
         return yaml.safe_dump(data, sort_keys=False)
+
+
+def _bad(key: str, value: Any, allowed: str) -> ConfigError:
+    return ConfigError(f"{key} = {value!r} is not allowed: {allowed}")
+
+
+def _check_objective(cfg: "Config") -> None:
+    """The distillation objective and the student's start."""
+    d = cfg.distill
+    if not (d.temperature > 0 and math.isfinite(d.temperature)):
+        raise _bad("distill.temperature", d.temperature, "the KD temperature must be a finite number > 0 (default 2.0)")
+    if not (d.min_temperature > 0 and math.isfinite(d.min_temperature)):
+        raise _bad("distill.min_temperature", d.min_temperature, "must be a finite number > 0 (default 1.5)")
+    if d.min_temperature > d.temperature:
+        raise ConfigError(
+            f"distill.min_temperature = {d.min_temperature} is above distill.temperature = {d.temperature}: "
+            "the temperature anneals downwards; set min_temperature <= temperature "
+            "(equal values give a constant temperature)"
+        )
+    if not 0.0 <= d.kd_weight <= 1.0:
+        raise _bad("distill.kd_weight", d.kd_weight, "must be in [0, 1] (0 = plain LM training, 1 = pure KD)")
+    if not 0.0 <= d.jsd_beta <= 1.0:
+        raise _bad("distill.jsd_beta", d.jsd_beta, "must be in [0, 1] (0 = forward_kl, 1 = reverse_kl)")
+    if not (d.hidden.weight >= 0 and math.isfinite(d.hidden.weight)):
+        raise _bad("distill.hidden.weight", d.hidden.weight, "must be a finite number >= 0 (0 = no hidden-state term)")
+    if not (d.hidden.layers == "auto" or isinstance(d.hidden.layers, list)):
+        raise _bad("distill.hidden.layers", d.hidden.layers, "use auto or a list of [student_layer, teacher_layer] "
+                  "pairs, e.g. [[0, 1], [1, 3]]")
+    if cfg.model.student_init == "teacher" and cfg.model.student is not None:
+        raise ConfigError("model.student_init = 'teacher' builds the student out of the teacher, but model.student "
+                          "names one to load; unset model.student or use model.student_init: random")
+    if cfg.model.prune.calibration_blocks < 1:
+        raise _bad("model.prune.calibration_blocks", cfg.model.prune.calibration_blocks, "must be a whole number >= 1")
+    if not 0.0 <= d.skew_alpha < 1.0:
+        raise _bad("distill.skew_alpha", d.skew_alpha, "must be in [0, 1) (0 = no skew)")
+
+
+def _check_numbers(cfg: "Config") -> None:
+    """Counts, rates and thresholds: in range and finite."""
+    t = cfg.train
+    positive_ints = {
+        "train.batch_size": t.batch_size, "train.grad_accum": t.grad_accum, "train.epochs": t.epochs,
+        "train.log_every": t.log_every, "data.block_size": cfg.data.block_size,
+        "loss.chunk_size": cfg.loss.chunk_size, "checkpoint.keep": cfg.checkpoint.keep,
+        "guard.max_consecutive_skips": cfg.guard.max_consecutive_skips,
+        "guard.spike_window": cfg.guard.spike_window, "guard.rollback_keep": cfg.guard.rollback_keep,
+        "guard.rollback_interval": cfg.guard.rollback_interval,
+        "guard.max_rollbacks": cfg.guard.max_rollbacks, "health.plateau_patience": cfg.health.plateau_patience,
+    }
+    optional_positive = {
+        "train.max_steps": t.max_steps, "train.eval_every": t.eval_every,
+        "checkpoint.every": cfg.checkpoint.every, "data.max_eval_blocks": cfg.data.max_eval_blocks,
+        "health.plateau_window": cfg.health.plateau_window, "data.num_proc": cfg.data.num_proc,
+        "debug.exit_after_step": cfg.debug.exit_after_step,
+    }
+    if cfg.data.block_size < 2:
+        raise _bad("data.block_size", cfg.data.block_size, "must be a whole number >= 2 (a block needs a token "
+                  "and its successor)")
+    for key, value in {**positive_ints, **{k: v for k, v in optional_positive.items() if v is not None}}.items():
+        if value < 1:
+            raise _bad(key, value, "must be a whole number >= 1")
+    if not (t.lr > 0 and math.isfinite(t.lr)):
+        raise _bad("train.lr", t.lr, "the learning rate must be a finite number > 0")
+    if not 0.0 <= t.min_lr_ratio <= 1.0:
+        raise _bad("train.min_lr_ratio", t.min_lr_ratio, "must be in [0, 1]")
+    if t.warmup_steps is not None and t.warmup_steps < 0:
+        raise _bad("train.warmup_steps", t.warmup_steps, "must be >= 0")
+    if t.max_grad_norm is not None and not t.max_grad_norm > 0:
+        raise _bad("train.max_grad_norm", t.max_grad_norm, "must be > 0, or null for no clipping")
+    if len(t.betas) != 2 or not all(isinstance(b, (int, float)) and 0 <= b < 1 for b in t.betas):
+        raise _bad("train.betas", t.betas, "must be two numbers in [0, 1), e.g. [0.9, 0.95]")
+    if not 0.0 < cfg.data.eval_fraction < 1.0:
+        raise _bad("data.eval_fraction", cfg.data.eval_fraction, "must be between 0 and 1 (exclusive)")
+    if not cfg.guard.spike_min_increase >= 0:
+        raise _bad("guard.spike_min_increase", cfg.guard.spike_min_increase, "must be a number of nats >= 0")
+    if cfg.guard.spike_factor <= 1.0:
+        raise _bad("guard.spike_factor", cfg.guard.spike_factor, "must be > 1 (a spike is a loss above the median)")
+    if not 0.0 < cfg.guard.rollback_lr_factor <= 1.0:
+        raise _bad("guard.rollback_lr_factor", cfg.guard.rollback_lr_factor, "must be in (0, 1]")
+    for key, value in _float_values(cfg):
+        if value is not None and not math.isfinite(value):
+            raise _bad(key, value, "must be a finite number (not NaN or infinity)")
+    for key in ("distill.temperature", "distill.min_temperature"):
+        if _get(cfg, key) > MAX_TEMPERATURE:
+            raise _bad(key, _get(cfg, key), f"the KD temperature must be at most {MAX_TEMPERATURE:g}: the loss is "
+                      "scaled by T^2 and the logits are divided by T, and both must stay finite in fp32")
+    for key in ("run.seed", "data.split_seed"):
+        if not 0 <= _get(cfg, key) <= MAX_SEED:
+            raise _bad(key, _get(cfg, key), "a seed must be a whole number in [0, 2**32 - 1]")
+    non_negative = {"train.weight_decay": t.weight_decay, "guard.spike_mad": cfg.guard.spike_mad,
+                    "guard.spike_warmup": cfg.guard.spike_warmup,
+                    "health.ppl_after_step": cfg.health.ppl_after_step}
+    for key, value in non_negative.items():
+        if value is not None and value < 0:
+            raise _bad(key, value, "must be >= 0")
+    for key in ("health.ppl_max", "loss.auto_threshold_mib"):
+        if not _get(cfg, key) > 0:
+            raise _bad(key, _get(cfg, key), "must be a number > 0")
+
+
+def _check_run(cfg: "Config") -> None:
+    """Names, devices and the run's switches."""
+    name = cfg.run.name
+    if "/" in name or "\\" in name or name in ("", ".", ".."):
+        raise _bad("run.name", name, "give a plain name (no '/' or '\\', not '.' or '..'); to choose where "
+                  "the run goes, set run.output_dir (--output-dir) to a path")
+    if cfg.run.mixed_precision == "fp16" and cfg.run.device == "cpu":  # without CUDA: devices.check_precision
+        raise ConfigError(fp16_on_cpu_message("run.device = 'cpu'"))
+    if cfg.run.resume and cfg.run.overwrite:
+        raise ConfigError("run.resume and run.overwrite contradict each other: resume continues the run in "
+                          "output_dir, overwrite deletes it; choose one")
+    if cfg.run.resume and not cfg.run.output_dir:
+        raise ConfigError("run.resume needs run.output_dir: the run directory to continue (--output-dir)")
+    for tracker in cfg.run.trackers:
+        if tracker not in TRACKERS:
+            raise ConfigError(f"run.trackers entry {tracker!r} is not supported; choose from {', '.join(TRACKERS)}")
+
+
+def fp16_on_cpu_message(why: str) -> str:
+    return f"run.mixed_precision = fp16 needs a CUDA GPU ({why}); on the CPU use bf16 or no"
+
+
+MAX_TEMPERATURE = 1000.0
+MAX_SEED = 2**32 - 1  # what NumPy's seed (and so accelerate's set_seed) accepts
+
+
+def _float_values(cfg: "Config") -> list[tuple[str, Any]]:
+    """``(dotted key, value)`` of every float-typed key (``float`` or ``float | None``)."""
+    out = []
+    for dotted, f in leaf_fields(cfg):
+        owner_path, _, name = dotted.rpartition(".")
+        owner = _get(cfg, owner_path)
+        hint = typing.get_type_hints(type(owner))[name]
+        if hint is float or (get_origin(hint) in (typing.Union, types.UnionType) and float in get_args(hint)):
+            out.append((dotted, getattr(owner, name)))
+    return out
 
 
 # Tracker name -> the package that provides it (accelerate's integrations).
@@ -436,14 +505,45 @@ def _validate_injections(dbg: DebugConfig) -> None:
             )
 
 
+class _DuplicateKey(Exception):
+    def __init__(self, key: Any, line: int):
+        super().__init__(key, line)
+        self.key, self.line = key, line
+
+
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """yaml.safe_load that refuses a key given twice in one mapping (PyYAML keeps the last one
+    silently: a repeated key, or a repeated section, would drop settings without a word)."""
+
+    def construct_mapping(self, node, deep=False):
+        if isinstance(node, yaml.MappingNode):
+            seen = set()
+            for key_node, _ in node.value:
+                if key_node.tag == "tag:yaml.org,2002:merge":
+                    continue  # `<<: *base` and a key overriding what it merges in are not duplicates
+                key = self.construct_object(key_node, deep=deep)
+                try:
+                    duplicate = key in seen
+                except TypeError:  # an unhashable key: the base class reports it
+                    break
+                if duplicate:
+                    raise _DuplicateKey(key, key_node.start_mark.line + 1)
+                seen.add(key)
+        return super().construct_mapping(node, deep=deep)
+
+
 def load_yaml(path: str | Path) -> dict:
     p = Path(path)
     if p.is_dir():
         raise ConfigError(f"config file {str(p)!r} is a directory; pass the path of a YAML file (see configs/)")
+    if p.exists() and not p.is_file():
+        raise ConfigError(f"config file {str(p)!r} is not a regular file; pass the path of a YAML file (see configs/)")
     if not p.is_file():
         raise ConfigError(f"config file {str(p)!r} does not exist; pass the path of a YAML file (see configs/)")
     try:
-        data = yaml.safe_load(p.read_text(encoding="utf-8"))
+        data = yaml.load(p.read_text(encoding="utf-8"), Loader=_UniqueKeyLoader)
+    except _DuplicateKey as exc:
+        raise ConfigError(f"config file {str(p)!r}: duplicate key {exc.key!r} at line {exc.line}; keep one") from None
     except UnicodeDecodeError as exc:
         raise ConfigError(f"config file {str(p)!r} is not UTF-8 text (byte {exc.start}); save it as UTF-8") from None
     except yaml.YAMLError as exc:

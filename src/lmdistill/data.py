@@ -12,6 +12,7 @@ resume exact and lets each data-parallel rank take its own slice of a global bat
 from __future__ import annotations
 
 import contextlib
+import errno
 import itertools
 import logging
 import os
@@ -65,10 +66,23 @@ def _data_files(path: Path) -> tuple[str, list[str], list[Path]]:
     return builder, [str(path)], []
 
 
-def _read_error(role: str, source: str, files: list[str], exc: Exception) -> LmdistillError:
+def _read_error(role: str, source: str, files: list[str], exc: Exception, text_field: str = "text") -> LmdistillError:
     """One line for a data file datasets could not read: the root cause, not its wrapper."""
     if all(Path(f).stat().st_size == 0 for f in files):
         return LmdistillError(f"{role} '{source}' is empty; give a file with text in it")
+    chain = [exc]
+    while chain[-1].__cause__ is not None or chain[-1].__context__ is not None:
+        chain.append(chain[-1].__cause__ or chain[-1].__context__)
+    if any("corresponds to no data" in str(c) for c in chain):  # datasets' words for zero records
+        return LmdistillError(f"{role} '{source}' has no records (none with a non-empty '{text_field}' field); give "
+                              f"records with text, e.g. one {{\"{text_field}\": \"...\"}} object per line of a .jsonl")
+    data_files = {str(Path(f).resolve()) for f in files}
+    for c in chain:
+        if (isinstance(c, OSError) and c.errno in _CACHE_ERRNOS
+                and not (c.filename and str(Path(str(c.filename)).resolve()) in data_files)):
+            where = f": {c.filename}" if c.filename else ""
+            return LmdistillError(f"{c.strerror or c}{where}: datasets could not write its cache while loading {role} "
+                                  f"'{source}'; set HF_DATASETS_CACHE (or HF_HOME) to a writable directory")
     cause = exc
     while cause.__cause__ is not None or cause.__context__ is not None:
         cause = cause.__cause__ or cause.__context__
@@ -77,6 +91,10 @@ def _read_error(role: str, source: str, files: list[str], exc: Exception) -> Lmd
                                   f"position {cause.start} of a file); convert it to UTF-8, e.g. with iconv")
     detail = (str(cause).splitlines() or [type(cause).__name__])[0][:200]
     return LmdistillError(f"could not read {role} '{source}': {detail}; check the file's format")
+
+
+# A data file datasets only reads; these errors on another path are its cache that cannot be written.
+_CACHE_ERRNOS = (errno.EROFS, errno.EACCES, errno.EPERM, errno.ENOSPC, errno.EDQUOT, errno.ENOTDIR)
 
 
 def load_texts(source: str | None, cfg: DataConfig, role: str = "data.path"):
@@ -94,7 +112,7 @@ def load_texts(source: str | None, cfg: DataConfig, role: str = "data.path"):
             with _quiet_logger("datasets"):  # its own error lines would repeat ours
                 ds = datasets.load_dataset(builder, data_files=files, split="train", **kwargs)
         except Exception as exc:  # datasets raises many types for unreadable files
-            raise _read_error(role, source, files, exc) from None
+            raise _read_error(role, source, files, exc, cfg.text_field) from None
         description = f"{source} ({len(files)} file{'s' if len(files) > 1 else ''})"
         if ignored:
             kinds = sorted({p.suffix or p.name for p in ignored})

@@ -7,8 +7,8 @@ import os
 
 import torch
 
-from .config import TRACKERS, Config
-from .errors import LmdistillError
+from .config import TRACKERS, Config, fp16_on_cpu_message
+from .errors import ConfigError, LmdistillError
 
 
 def make_accelerator(cfg: Config):
@@ -25,6 +25,7 @@ def make_accelerator(cfg: Config):
     use_cpu = cfg.run.device == "cpu" or (cfg.run.device == "auto" and not torch.cuda.is_available())
     if cfg.run.device == "cuda" and not torch.cuda.is_available():
         raise LmdistillError("run.device = 'cuda' but no CUDA device is available; use run.device=auto or cpu")
+    check_precision(cfg)  # validate() knows only run.device; here the machine is known
     precision = cfg.run.mixed_precision
     if precision == "auto":
         precision = "bf16" if (not use_cpu and torch.cuda.is_bf16_supported()) else "no"
@@ -38,6 +39,19 @@ def make_accelerator(cfg: Config):
         raise LmdistillError(f"{accelerator.distributed_type} is not supported yet: launch with a DDP accelerate "
                              "config (docs/distributed.md)")
     return accelerator
+
+
+def uses_cpu(cfg: Config) -> bool:
+    """Whether the run computes on the CPU (run.device cpu, or auto without a CUDA device)."""
+    return cfg.run.device == "cpu" or (cfg.run.device == "auto" and not torch.cuda.is_available())
+
+
+def check_precision(cfg: Config) -> None:
+    """fp16 autocast exists only on a GPU: on the CPU accelerate would silently compute in fp32.
+    Checked on the machine that runs (a config may be written for another one)."""
+    if cfg.run.mixed_precision == "fp16" and uses_cpu(cfg):
+        why = "run.device = 'cpu'" if cfg.run.device == "cpu" else "no CUDA device is available"
+        raise ConfigError(fp16_on_cpu_message(why))
 
 
 def check_trackers_installed(cfg: Config) -> None:

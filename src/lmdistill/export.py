@@ -13,12 +13,26 @@ from pathlib import Path
 from .checkpoint import find_latest_valid, load_checkpoint
 from .errors import LmdistillError
 from .models import save_model_dir
+from .rundir import MARKER
 
 
 def export_checkpoint(checkpoint: str | Path, out_dir: str | Path) -> Path:
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
     checkpoint, out_dir = Path(checkpoint), Path(out_dir)
+    try:
+        target, cwd = out_dir.resolve(), Path.cwd().resolve()
+    except OSError:  # the current directory was removed: out_dir cannot be it
+        target = cwd = None
+    if cwd is not None and (target == cwd or target in cwd.parents):
+        what = "the current directory" if target == cwd else "a parent of the current directory"
+        raise LmdistillError(f"output '{out_dir}' is {what}; give the name of a new directory for the model, "
+                             "e.g. exported-model")
+    is_run = (checkpoint / MARKER).is_file()
+    if is_run and not any(p.name.startswith("step-") for p in _entries(checkpoint / "checkpoints")):
+        raise LmdistillError(f"run '{checkpoint}' has no checkpoint yet (it stopped before its first one); nothing to "
+                             f"export; continue it with lmdistill train --resume {checkpoint} (checkpoint.every N "
+                             "writes one every N steps)")
     if (checkpoint / "checkpoints").is_dir():  # a run directory: take its newest valid checkpoint
         newest, warnings = find_latest_valid(checkpoint / "checkpoints")
         for warning in warnings:
@@ -56,6 +70,10 @@ def export_checkpoint(checkpoint: str | Path, out_dir: str | Path) -> Path:
         raise LmdistillError(f"could not write the model to '{out_dir}': {exc.strerror}; choose a writable place "
                              "with free space") from None
     return out_dir
+
+
+def _entries(path: Path) -> list[Path]:
+    return list(path.iterdir()) if path.is_dir() else []
 
 
 def _tied_names(model) -> set[str]:

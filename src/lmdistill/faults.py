@@ -108,10 +108,10 @@ class FaultInjector:
             value = self._value(where)
             if value is None:
                 return output
-            if output.hidden_states is not None:  # the chunked path reads the final hidden states
+            # Both: the full path reads the logits, the chunked path the final hidden states.
+            output.logits = poison(output.logits, value)
+            if output.hidden_states is not None:
                 output.hidden_states = (*output.hidden_states[:-1], poison(output.hidden_states[-1], value))
-            else:
-                output.logits = poison(output.logits, value)
             return output
 
         return hook

@@ -40,10 +40,28 @@ def resolve_source(source: str, role: str) -> str:
             raise LmdistillError(
                 f"{role} '{source}' is a directory without config.json; give a directory written by save_pretrained"
             )
+        _check_config_json(path / "config.json", role)
         return str(path.resolve())
     if not is_hub_id(source):
         raise LmdistillError(f"{role} '{source}' does not exist; give a model directory or a hub id like 'Qwen/Qwen2.5-0.5B'")
     return source
+
+
+def _check_config_json(path: Path, role: str) -> None:
+    """config.json must be a JSON object; checked first, so that a broken one is not blamed on
+    the tokenizer (which reads it too)."""
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except UnicodeDecodeError:
+        raise LmdistillError(f"{role}: {path} is not UTF-8 text; write it again with save_pretrained") from None
+    except ValueError as exc:
+        raise LmdistillError(f"{role}: {path} is not valid JSON (line {getattr(exc, 'lineno', '?')}: "
+                             f"{getattr(exc, 'msg', exc)}); write it again with save_pretrained") from None
+    except OSError as exc:
+        raise LmdistillError(f"{role}: cannot read {path}: {exc.strerror or exc}") from None
+    if not isinstance(data, dict):
+        raise LmdistillError(f"{role}: {path} holds a JSON {type(data).__name__}, not an object of settings "
+                             "({\"model_type\": ...}); write it again with save_pretrained")
 
 
 def _hub_error(role: str, source: str, exc: Exception) -> LmdistillError:
@@ -58,6 +76,9 @@ def _hub_error(role: str, source: str, exc: Exception) -> LmdistillError:
 def load_tokenizer(source: str, role: str = "teacher"):
     from transformers import AutoTokenizer
 
+    if not _has_tokenizer_files(source):
+        raise LmdistillError(f"{role} '{source}' has no tokenizer files (tokenizer.json, tokenizer_config.json, ...); "
+                             f"save the tokenizer beside the model: tokenizer.save_pretrained('{source}')")
     try:
         return AutoTokenizer.from_pretrained(source)
     except Exception as exc:
@@ -97,14 +118,14 @@ def _tokenizer_identity(tokenizer) -> dict:
     return identity
 
 
-def check_same_tokenizer(teacher_tok, student_tok, teacher_name: str, student_name: str) -> None:
-    """Stop before training when the two tokenizers would map text to different ids."""
+def tokenizer_difference(teacher_tok, student_tok) -> str | None:
+    """How two tokenizers would map text to different ids, in words; None when they would not."""
     if teacher_tok is student_tok:
-        return
+        return None
     t, s = _tokenizer_identity(teacher_tok), _tokenizer_identity(student_tok)
     differs = [part for part in t if t[part] != s[part]]
     if not differs:
-        return
+        return None
     if differs[0] == "vocabulary":
         shared = len(set(t["vocabulary"].items()) ^ set(s["vocabulary"].items()))
         problem = (f"vocabularies differ ({len(t['vocabulary'])} vs {len(s['vocabulary'])} tokens, {shared} entries "
@@ -113,6 +134,14 @@ def check_same_tokenizer(teacher_tok, student_tok, teacher_name: str, student_na
         problem = f"BPE merges differ ({len(t['merges'])} vs {len(s['merges'])} merges)"
     else:
         problem = f"the {differs[0]} differs (same vocabulary, different splitting of text)"
+    return problem
+
+
+def check_same_tokenizer(teacher_tok, student_tok, teacher_name: str, student_name: str) -> None:
+    """Stop before training when the two tokenizers would map text to different ids."""
+    problem = tokenizer_difference(teacher_tok, student_tok)
+    if problem is None:
+        return
     raise LmdistillError(
         f"teacher '{teacher_name}' and student '{student_name}' use different tokenizers: {problem}; "
         "distillation needs one tokenizer (cross-tokenizer KD is not supported yet): pick a student from the "
@@ -170,10 +199,41 @@ def student_config_from_teacher(teacher_config, overrides: dict):
     for key, value in overrides.items():
         if not hasattr(config, key):
             raise LmdistillError(f"model.student_config key '{key}' is not a field of {type(config).__name__}")
-        setattr(config, key, value)
+        value = _checked_student_value(config, key, value)
+        try:
+            setattr(config, key, value)
+        except Exception as exc:  # transformers' (strict dataclass) validation of the field, of several types
+            raise LmdistillError(f"model.student_config.{key} = {value!r} is not allowed: {_last_line(exc)}") from None
     if getattr(config, "head_dim", None) is not None and "head_dim" not in overrides:
         config.head_dim = config.hidden_size // config.num_attention_heads
     return config
+
+
+# The keys that give a model its shape: each a count or a size, so a whole number >= 1.
+_SHAPE_KEYS = ("num_hidden_layers", "hidden_size", "intermediate_size", "num_attention_heads", "num_key_value_heads",
+               "head_dim")
+_ACTIVATION_KEYS = ("hidden_act", "hidden_activation", "activation_function")
+
+
+def _checked_student_value(config, key: str, value):
+    """One ``model.student_config`` value checked before it reaches the config: shape keys are
+    whole numbers >= 1 (a whole float becomes an int), activations are ones transformers knows."""
+    where = f"model.student_config.{key} = {value!r}"
+    if key in _SHAPE_KEYS and value is not None:
+        if isinstance(value, float) and value.is_integer():
+            value = int(value)
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise LmdistillError(f"{where} is not allowed: it must be a whole number >= 1 (the teacher has "
+                                 f"{getattr(config, key, None)})")
+    if key in _ACTIVATION_KEYS and isinstance(getattr(config, key, None), str):
+        from transformers.activations import ACT2FN
+
+        if not isinstance(value, str) or value not in ACT2FN:
+            known = ", ".join(a for a in ("silu", "gelu", "gelu_pytorch_tanh", "relu") if a in ACT2FN)
+            raise LmdistillError(f"{where} is not an activation {type(config).__name__} knows; use one of the "
+                                 f"transformers activations ({known}, ...), e.g. the teacher's "
+                                 f"{getattr(config, key)!r}")
+    return value
 
 
 def build_fresh_student(config, seed: int):
@@ -314,7 +374,7 @@ def _has_tokenizer_files(source: str) -> bool:
     if not path.is_dir():
         return True  # a hub id: assume it ships a tokenizer; loading tells otherwise
     return any((path / f).exists() for f in ("tokenizer.json", "tokenizer_config.json", "vocab.json",
-                                             "tokenizer.model"))
+                                             "tokenizer.model", "vocab.txt", "spiece.model", "merges.txt"))
 
 
 def _teacher_dtype(cfg) -> torch.dtype:
@@ -338,9 +398,12 @@ def load_models(cfg, teacher=None, student=None, tokenizer=None, train_blocks=No
     out of the teacher (``model.student_init: teacher``)."""
     teacher_name = student_name = None
     pruned = None
+    run_tokenizer_checked = False
     if teacher is None and cfg.model.teacher is not None:
         teacher_name = resolve_source(cfg.model.teacher, "model.teacher")
         tokenizer = tokenizer or load_tokenizer(teacher_name, "teacher")
+        check_run_tokenizer(cfg, tokenizer, teacher_name)  # before the teacher's weights are loaded
+        run_tokenizer_checked = True
         teacher = load_causal_lm(teacher_name, "teacher", _teacher_dtype(cfg), cfg.model.trust_remote_code)
     elif teacher is not None:
         teacher_name = cfg.model.teacher or type(teacher).__name__
@@ -373,6 +436,8 @@ def load_models(cfg, teacher=None, student=None, tokenizer=None, train_blocks=No
         student_name = cfg.model.student or type(student).__name__
     if tokenizer is None:
         raise LmdistillError("no tokenizer found: the student directory has none and there is no teacher")
+    if not run_tokenizer_checked:
+        check_run_tokenizer(cfg, tokenizer, teacher_name or student_name)
     vocab_size = len(tokenizer)
     check_vocab_covers(student, vocab_size, "student", student_name)
     if teacher is not None:
@@ -397,6 +462,25 @@ def student_init(cfg, teacher) -> str:
     return "teacher" if teacher.config.model_type in SUPPORTED else "random"
 
 
+def check_run_tokenizer(cfg, tokenizer, name: str | None) -> None:
+    """A resumed run continues a student trained on the ids of the run's saved tokenizer
+    (RUN/tokenizer); a teacher (or student) with another tokenizer would mix two in one run.
+    Without a checkpoint the run starts over and saves the new tokenizer: nothing to check."""
+    if not cfg.run.resume or not cfg.run.output_dir or tokenizer is None:
+        return
+    run = Path(cfg.run.output_dir).expanduser()
+    saved = run / "tokenizer"
+    checkpoints = run / "checkpoints"
+    has_checkpoint = checkpoints.is_dir() and any(p.name.startswith("step-") for p in checkpoints.iterdir())
+    if not (saved.is_dir() and has_checkpoint):
+        return
+    problem = tokenizer_difference(load_tokenizer(str(saved), "the run's saved"), tokenizer)
+    if problem is not None:
+        raise LmdistillError(f"cannot resume '{run}': its student was trained with the tokenizer in {saved}, and "
+                             f"'{name}' uses another ({problem}); resume with the run's own teacher, or start a new "
+                             "run (another --output-dir)")
+
+
 def calibration_ids(blocks: torch.Tensor, count: int) -> torch.Tensor:
     """``count`` blocks spread evenly over ``blocks`` (all of them when there are fewer)."""
     if len(blocks) <= count:
@@ -418,4 +502,10 @@ def cut_from_teacher(cfg, teacher, tokenizer, train_blocks):
                                  "and model.prune.width: first, or give the training data")
         device = next(teacher.parameters()).device
         calibration = calibration_ids(train_blocks(tokenizer), p.calibration_blocks).to(device)
-    return prune.prune_teacher(teacher, config, p.layers, p.width, calibration)
+    try:
+        return prune.prune_teacher(teacher, config, p.layers, p.width, calibration)
+    except (LmdistillError, MemoryError, getattr(torch, "OutOfMemoryError", MemoryError)):
+        raise
+    except Exception as exc:  # building the student from model.student_config failed inside the library
+        raise LmdistillError(f"could not build a student from model.student_config: {_last_line(exc)}; fix "
+                             "model.student_config") from None

@@ -35,7 +35,8 @@ def atomic_write(path: Path, data: str | bytes | Callable[[IO[bytes]], Any], *, 
     ``data`` is text (UTF-8), bytes, or a function that writes into the open binary file
     (e.g. a figure's ``savefig``). With ``fsync`` the bytes reach the disk before the
     rename, which is what a crash-safe record needs; plain reports do without. On any error
-    the temporary file is removed and the old ``path`` is left as it was.
+    the temporary file is removed and the old ``path`` is left as it was; an OSError that
+    names no file (a full disk) is raised again naming ``path``.
     """
     path = Path(path)
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
@@ -49,6 +50,11 @@ def atomic_write(path: Path, data: str | bytes | Callable[[IO[bytes]], Any], *, 
                 f.flush()
                 os.fsync(f.fileno())
         os.replace(tmp, path)
+    except OSError as exc:
+        tmp.unlink(missing_ok=True)
+        if exc.filename is None:  # a failed write (a full disk) names no file: name the one we were writing
+            raise OSError(exc.errno, exc.strerror or str(exc), str(path)) from exc
+        raise
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise

@@ -132,6 +132,10 @@ class RunDirectory:
             if finished:
                 raise LmdistillError(f"the run in '{path}' already finished; there is nothing to resume (its "
                                      f"student is in {path / 'student'})")
+            if self.checkpoints.exists() and not self.checkpoints.is_dir():
+                raise LmdistillError(f"'{self.checkpoints}' is a file, not the run's checkpoint directory; rename "
+                                     "or remove it, then resume (without a checkpoint the run starts again from "
+                                     "step 0)")
             return
         if cfg.run.overwrite:
             foreign = self.foreign_entries()

@@ -19,7 +19,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import cli, read_jsonl, tiny_llama
+from conftest import cli, read_jsonl
 from forked import start_cli
 
 SMALL_STUDENT = ("model.student_config={num_hidden_layers: 1, hidden_size: 16, intermediate_size: 32, "
@@ -383,3 +383,250 @@ def test_progress_in_a_log_is_plain_lines(tmp_path, teacher_dir, text_file):
     assert "\r" not in proc.stderr
     progress = [line for line in proc.stderr.splitlines() if "step " in line and "/40" in line]
     assert 4 <= len(progress) <= 12 and progress[-1].startswith("distill") and "40/40 (100%)" in progress[-1]
+
+
+# --------------------------------------------------------------------------- hostile probe: models and data
+def _unfinished(run: Path) -> Path:
+    """``run`` made an unfinished run again: no final student, status running."""
+    import shutil
+
+    shutil.rmtree(run / "student")
+    info = json.loads((run / "run.json").read_text())
+    (run / "run.json").write_text(json.dumps({**info, "status": "running"}))
+    return run
+
+
+def _teacher_copy(teacher_dir: Path, dest: Path, drop: tuple[str, ...] = ()) -> Path:
+    import shutil
+
+    shutil.copytree(teacher_dir, dest, ignore=shutil.ignore_patterns(*drop))
+    return dest
+
+
+@pytest.mark.parametrize("student_config, needle", [
+    ("{num_attention_heads: 0}", "model.student_config.num_attention_heads = 0 is not allowed: it must be a whole "
+                                 "number >= 1"),
+    ("{num_hidden_layers: -1}", "model.student_config.num_hidden_layers = -1"),
+    ("{num_hidden_layers: 1.5}", "model.student_config.num_hidden_layers = 1.5"),
+    ("{hidden_size: abc}", "model.student_config.hidden_size = 'abc'"),
+    ("{hidden_size: 0}", "model.student_config.hidden_size = 0"),
+    ("{hidden_act: foo}", "model.student_config.hidden_act = 'foo' is not an activation"),
+    ("{rms_norm_eps: abc}", "model.student_config.rms_norm_eps = 'abc' is not allowed"),
+], ids=["heads-0", "layers-negative", "layers-fraction", "hidden-text", "hidden-0", "activation", "eps-text"])
+@pytest.mark.parametrize("init", ["teacher", "random"])
+def test_impossible_student_config_values_are_one_line_naming_the_key(tmp_path, teacher_dir, text_file,
+                                                                       student_config, needle, init):
+    out = tmp_path / "run"
+    proc = cli("train", "--teacher", str(teacher_dir), "--data", str(text_file), "--output-dir", str(out),
+               "--max-steps", "2", "--set", f"model.student_config={student_config}", "--set",
+               f"model.student_init={init}", "--no-progress")
+    _one_error_line(proc, needle)
+    assert len(proc.stderr.strip().splitlines()) == 1 and not out.exists()
+
+
+def test_broken_teacher_directories_name_what_is_missing(tmp_path, teacher_dir, text_file):
+    out = tmp_path / "run"
+    no_tokenizer = _teacher_copy(teacher_dir, tmp_path / "no-tokenizer", drop=("tokenizer*", "special_tokens*"))
+    _one_error_line(cli("train", "--teacher", str(no_tokenizer), "--data", str(text_file), "--output-dir", str(out)),
+                    "has no tokenizer files", "save_pretrained")
+    _one_error_line(cli("eval", str(no_tokenizer), "--no-progress"), "model", "has no tokenizer files")
+    listed = _teacher_copy(teacher_dir, tmp_path / "config-list")
+    (listed / "config.json").write_text("[]")
+    line = _one_error_line(cli("train", "--teacher", str(listed), "--data", str(text_file), "--output-dir", str(out)),
+                           "config.json", "holds a JSON list")
+    assert "tokenizer" not in line
+    (listed / "config.json").write_text('{"model_type": "llama", ')
+    _one_error_line(cli("train", "--teacher", str(listed), "--data", str(text_file), "--output-dir", str(out)),
+                    "config.json is not valid JSON")
+    assert not out.exists()
+
+
+@pytest.mark.parametrize("name, content", [
+    ("empty_array.json", "[]"),
+    ("blank_lines.jsonl", "\n\n\n\n"),
+    ("empty_records.jsonl", "{}\n" * 20),
+], ids=["json-array", "blank-lines", "no-text-field"])
+def test_data_without_records_says_so(tmp_path, teacher_dir, name, content):
+    data = tmp_path / name
+    data.write_text(content)
+    out = tmp_path / "run"
+    line = _one_error_line(cli(*_args(teacher_dir, data, out)), name, "has no records",
+                           "none with a non-empty 'text' field")
+    assert "Instruction" not in line and not out.exists()
+
+
+def test_an_unwritable_datasets_cache_is_reported_as_such(tmp_path, teacher_dir, text_file, monkeypatch):
+    import datasets
+
+    a_file = tmp_path / "a-file"
+    a_file.write_text("x")
+    monkeypatch.setattr(datasets.config, "HF_DATASETS_CACHE", a_file / "cache")  # cannot be created: ENOTDIR
+    out = tmp_path / "run"
+    line = _one_error_line(cli(*_args(teacher_dir, text_file, out)), str(a_file / "cache"),
+                           "datasets could not write its cache", "HF_DATASETS_CACHE")
+    assert "format" not in line and not out.exists()
+
+
+# --------------------------------------------------------------------------- hostile probe: commands
+def test_eval_of_a_checkpoint_or_an_unfinished_run_says_to_export(finished_run):
+    checkpoint = next((finished_run / "checkpoints").glob("step-*"))
+    _one_error_line(cli("eval", str(checkpoint), "--no-progress"), "training checkpoint",
+                    f"lmdistill export {checkpoint}")
+    run = _unfinished(finished_run)
+    _one_error_line(cli("eval", str(run), "--no-progress"), "has no final student yet", f"lmdistill export {run} OUT",
+                    "--resume")
+
+
+@pytest.mark.parametrize("value", ["0", "-1"])
+def test_eval_max_blocks_must_be_positive(finished_run, value):
+    _one_error_line(cli("eval", str(finished_run), "--max-blocks", value, "--no-progress"), f"--max-blocks {value}",
+                    "1 or more")
+
+
+def test_export_of_a_run_without_a_checkpoint_or_into_the_current_directory(finished_run, tmp_path, monkeypatch):
+    import shutil
+
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    monkeypatch.chdir(empty)
+    for out in (".", str(tmp_path)):
+        _one_error_line(cli("export", str(finished_run), out), "give the name of a new directory")
+    assert not any(empty.iterdir())
+    shutil.rmtree(finished_run / "checkpoints")
+    _one_error_line(cli("export", str(_unfinished(finished_run)), str(tmp_path / "model")),
+                    f"run '{finished_run}' has no checkpoint yet")
+    assert not (tmp_path / "model").exists()
+
+
+def test_a_full_disk_names_the_file_being_written(finished_run, tmp_path, monkeypatch):
+    import io
+
+    import lmdistill.paths as paths
+
+    class FullDisk(io.BytesIO):
+        def write(self, data):
+            raise OSError(errno.ENOSPC, "No space left on device")  # as a real full disk: no file named
+
+    out = tmp_path / "out"
+    out.mkdir()
+    target = out / "e.json"
+
+    def fill(f):
+        FullDisk().write(b"x")
+
+    with pytest.raises(OSError) as info:
+        paths.atomic_write(target, fill)
+    assert info.value.errno == errno.ENOSPC and info.value.filename == str(target) and not list(out.iterdir())
+    monkeypatch.setattr(paths, "open", lambda *a, **k: FullDisk(), raising=False)
+    _one_error_line(cli("eval", str(finished_run), "--json", str(target), "--no-progress", "--max-blocks", "1"),
+                    "No space left on device", str(target), "free space on the disk that holds")
+    assert not target.exists()
+
+
+def test_a_reader_that_goes_away_ends_quietly_with_141():
+    import subprocess
+    import sys
+
+    from conftest import REPO
+
+    env = {**os.environ, "PYTHONPATH": str(REPO / "src") + os.pathsep + os.environ.get("PYTHONPATH", "")}
+    proc = subprocess.Popen([sys.executable, "-m", "lmdistill", "config-reference"], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, env=env)
+    proc.stdout.close()  # `| head -c1` that has already gone
+    stderr = proc.stderr.read().decode()
+    assert proc.wait(60) == 141 and stderr == "", stderr
+
+
+def test_a_failing_standard_output_is_named(monkeypatch):
+    import contextlib
+    import io
+
+    from lmdistill.cli import main
+
+    class Closed(io.StringIO):
+        def __init__(self, exc):
+            super().__init__()
+            self.exc = exc
+
+        def write(self, text):
+            raise self.exc
+
+    err = io.StringIO()
+    with contextlib.redirect_stdout(Closed(BrokenPipeError(errno.EPIPE, "Broken pipe"))), \
+            contextlib.redirect_stderr(err):
+        assert main(["config-reference"]) == 141
+    assert err.getvalue() == ""
+    with contextlib.redirect_stdout(Closed(OSError(errno.ENOSPC, "No space left on device"))), \
+            contextlib.redirect_stderr(err):
+        assert main(["config-reference"]) == 2
+    assert err.getvalue().count("\n") == 1 and "No space left on device: standard output or a file" in err.getvalue()
+
+
+# --------------------------------------------------------------------------- hostile probe: resume and report
+def test_resume_without_the_run_config_or_with_checkpoints_a_file_is_refused(finished_run, teacher_dir, text_file):
+    import shutil
+
+    run = _unfinished(finished_run)
+    saved = (run / "config.yaml").read_text()
+    (run / "config.yaml").unlink()
+    before = _tree(run)
+    _one_error_line(cli("train", "--resume", str(run), "--no-progress"), f"run '{run}' has no config.yaml",
+                    "--config FILE")
+    assert _tree(run) == before
+    (run / "config.yaml").write_text(saved)
+    shutil.rmtree(run / "checkpoints")
+    (run / "checkpoints").write_text("not a directory")
+    before = _tree(run)
+    _one_error_line(cli(*_args(teacher_dir, text_file, run, "--resume")), str(run / "checkpoints"), "is a file")
+    assert _tree(run) == before
+
+
+def test_resume_with_a_teacher_of_another_tokenizer_is_refused(finished_run, teacher_dir, text_file, tmp_path):
+    run = _unfinished(finished_run)
+    other = _teacher_copy(teacher_dir, tmp_path / "swapped")
+    spec = json.loads((other / "tokenizer.json").read_text())
+    vocab = spec["model"]["vocab"]
+    a, b = [k for k in vocab if not k.startswith("<")][10:12]
+    vocab[a], vocab[b] = vocab[b], vocab[a]
+    (other / "tokenizer.json").write_text(json.dumps(spec))
+    before = _tree(run)
+    _one_error_line(cli(*_args(other, text_file, run, "--resume")), "cannot resume",
+                    "its student was trained with the tokenizer in", str(run / "tokenizer"))
+    assert _tree(run) == before
+
+
+@pytest.mark.parametrize("config", ["run: 5\n", "- a\n- b\n"], ids=["section-scalar", "list"])
+def test_report_of_a_run_whose_config_is_not_a_mapping(finished_run, config):
+    (finished_run / "config.yaml").write_text(config)
+    proc = cli("report", str(finished_run))
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "treated as missing" in (finished_run / "report.md").read_text()
+
+
+def test_fp16_on_the_cpu_and_a_path_as_run_name_are_refused(tmp_path, teacher_dir, text_file, monkeypatch):
+    out = tmp_path / "run"
+    _one_error_line(cli(*_args(teacher_dir, text_file, out, "--device", "cpu", "--mixed-precision", "fp16")),
+                    "run.mixed_precision = fp16 needs a CUDA GPU (run.device = 'cpu')", "bf16 or no")
+    with monkeypatch.context() as patch:
+        patch.setattr(torch.cuda, "is_available", lambda: False)
+        _one_error_line(cli(*_args(teacher_dir, text_file, out, "--mixed-precision", "fp16")),
+                        "fp16 needs a CUDA GPU (no CUDA device is available)", "bf16 or no")
+    _one_error_line(cli(*_args(teacher_dir, text_file, out, "--set", f"run.name={tmp_path / 'x'}")), "run.name",
+                    "run.output_dir")
+    assert not out.exists() and not (tmp_path / "x").exists()
+
+
+def test_the_python_api_takes_a_config_path(tmp_path):
+    import lmdistill
+
+    taken = tmp_path / "taken"
+    taken.mkdir()
+    (taken / "mine.txt").write_text("keep")
+    path = tmp_path / "c.yaml"
+    path.write_text(f"run:\n  output_dir: {taken}\n")
+    with pytest.raises(lmdistill.LmdistillError, match="is not an lmdistill run"):  # the file's output_dir was used
+        lmdistill.train(str(path))
+    with pytest.raises(lmdistill.LmdistillError, match="is not an lmdistill run"):
+        lmdistill.train(path)
+    with pytest.raises(TypeError, match="expects a Config or the path of a YAML config file"):
+        lmdistill.train({"run": {}})

@@ -67,7 +67,10 @@ def test_metrics_have_contract_keys_and_are_finite(e2e_run):
 def test_student_perplexity_falls(e2e_run):
     _, out, _ = e2e_run
     evals = [r for r in read_jsonl(out / "metrics.jsonl") if "eval_ce_loss" in r]
-    assert evals[-1]["eval_ppl"] < 0.5 * evals[0]["eval_ppl"]
+    # The student is cut out of the teacher (model.student_init: auto): it starts well below a
+    # uniform guess over the 384 tokens, and training still takes a quarter off its perplexity.
+    assert evals[0]["eval_ppl"] < 384
+    assert evals[-1]["eval_ppl"] < 0.75 * evals[0]["eval_ppl"]
     assert evals[-1]["eval_kd_loss"] < evals[0]["eval_kd_loss"]
 
 

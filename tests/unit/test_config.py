@@ -327,3 +327,103 @@ def test_saved_run_config_resumes_even_after_overwrite(tmp_path):
     saved.write_text(cfg.to_run_yaml())
     resumed = Config.load(saved, [], {"run.resume": True})
     assert resumed.run.resume and not resumed.run.overwrite
+
+
+# ---- hostile values: non-finite numbers, ranges, names, files --------------------------------
+
+def _float_keys() -> list[str]:
+    from lmdistill.config import _float_values
+
+    return [key for key, _ in _float_values(Config())]
+
+
+def test_every_float_key_is_checked_for_nan_and_infinity():
+    keys = _float_keys()
+    assert "guard.spike_factor" in keys and "distill.hidden.weight" in keys and "train.max_grad_norm" in keys
+    accepted = []
+    for key in keys:
+        for raw in (".nan", ".inf", "-.inf"):
+            try:
+                Config.load(overrides=[f"{key}={raw}"])
+            except ConfigError as exc:
+                assert key in str(exc) and "\n" not in str(exc), str(exc)
+            else:
+                accepted.append(f"{key}={raw}")
+    assert not accepted, accepted
+
+
+@pytest.mark.parametrize("override, needle", [
+    ("guard.spike_factor=.nan", "guard.spike_factor = nan is not allowed: must be a finite number"),
+    ("health.start_loss_max=.nan", "health.start_loss_max = nan"),
+    ("loss.auto_threshold_mib=.inf", "loss.auto_threshold_mib = inf"),
+    ("train.weight_decay=.nan", "train.weight_decay = nan"),
+    ("distill.temperature=.nan", "the KD temperature must be a finite number > 0"),  # the key's own message stays
+    ("run.seed=-1", "run.seed = -1 is not allowed: a seed must be a whole number in [0, 2**32 - 1]"),
+    ("run.seed=4294967296", "run.seed = 4294967296"),
+    ("data.split_seed=100000000000000000000000", "data.split_seed"),
+    ("data.num_proc=0", "data.num_proc = 0 is not allowed: must be a whole number >= 1"),
+    ("data.num_proc=-1", "data.num_proc = -1"),
+    ("distill.temperature=1e200", "must be at most 1000"),
+    ("train.weight_decay=-1", "train.weight_decay = -1.0 is not allowed: must be >= 0"),
+    ("guard.spike_mad=-1", "guard.spike_mad"),
+    ("guard.spike_warmup=-5", "guard.spike_warmup = -5"),
+    ("guard.max_rollbacks=0", "guard.max_rollbacks = 0 is not allowed: must be a whole number >= 1"),
+    ("health.ppl_max=-1", "health.ppl_max = -1.0 is not allowed: must be a number > 0"),
+    ("health.ppl_max=0", "health.ppl_max"),
+    ("health.plateau_patience=0", "health.plateau_patience"),
+    ("health.ppl_after_step=-1", "health.ppl_after_step = -1"),
+    ("debug.exit_after_step=0", "debug.exit_after_step = 0"),
+    ("debug.exit_after_step=-1", "debug.exit_after_step"),
+    ("loss.auto_threshold_mib=0", "loss.auto_threshold_mib = 0.0 is not allowed: must be a number > 0"),
+    ("run.name=/tmp/elsewhere", "set run.output_dir"),
+    ("run.name=a/b", "give a plain name"),
+    ("run.name=a\\b", "give a plain name"),
+    ("run.name=..", "give a plain name"),
+    ("run.name=.", "give a plain name"),
+], ids=lambda v: v if "=" in str(v) else "")
+def test_out_of_range_values_are_refused_naming_the_key(override, needle):
+    with pytest.raises(ConfigError) as info:
+        Config.load(overrides=[override])
+    assert needle in str(info.value) and "\n" not in str(info.value)
+
+
+@pytest.mark.parametrize("override", ["run.seed=0", "run.seed=4294967295", "data.num_proc=2", "data.num_proc=null",
+                                      "distill.temperature=1000", "train.weight_decay=0", "guard.spike_mad=0",
+                                      "guard.spike_warmup=0", "health.ppl_after_step=0", "debug.exit_after_step=1",
+                                      "guard.max_rollbacks=1", "run.name=my-run_2"])
+def test_the_boundaries_are_allowed(override):
+    Config.load(overrides=[override])
+
+
+def test_fp16_is_refused_on_the_cpu():
+    with pytest.raises(ConfigError, match=r"run.mixed_precision = fp16 needs a CUDA GPU .*on the CPU use bf16 or no"):
+        Config.load(overrides=["run.device=cpu", "run.mixed_precision=fp16"])
+    Config.load(overrides=["run.device=cpu", "run.mixed_precision=bf16"])
+
+
+@pytest.mark.parametrize("text, key, line", [
+    ("train:\n  max_steps: 3\n  max_steps: 5\n", "max_steps", 3),
+    ("train:\n  max_steps: 3\nrun:\n  seed: 1\ntrain:\n  lr: 0.1\n", "train", 5),
+], ids=["key", "section"])
+def test_duplicate_keys_in_a_config_file_are_refused(tmp_path, text, key, line):
+    path = tmp_path / "dup.yaml"
+    path.write_text(text)
+    with pytest.raises(ConfigError, match=rf"config file '.*dup.yaml': duplicate key '{key}' at line {line}; keep one"):
+        load_yaml(path)
+
+
+def test_yaml_merge_keys_are_not_duplicates(tmp_path):
+    path = tmp_path / "merge.yaml"
+    path.write_text("base: &b\n  max_steps: 3\n  lr: 0.1\ntrain:\n  <<: *b\n  max_steps: 4\n")
+    assert load_yaml(path)["train"] == {"max_steps": 4, "lr": 0.1}
+
+
+def test_a_config_path_that_is_not_a_regular_file():
+    with pytest.raises(ConfigError, match="'/dev/null' is not a regular file"):
+        Config.load("/dev/null")
+
+
+def test_overrides_must_be_a_list():
+    with pytest.raises(ConfigError, match=r"overrides must be a list of 'key=value' strings.*got str"):
+        Config.load(None, "train.max_steps=3")
+    assert Config.load(None, ("train.max_steps=3",)).train.max_steps == 3

@@ -79,7 +79,10 @@ def load_run(run_dir: Path | str) -> RunRecord:
         raise LmdistillError(f"{run_dir}: not a run directory (it has none of {', '.join(_RUN_FILES)}); {hint}")
     problems: list[str] = []
     config = _read_file(run_dir / "config.yaml", yaml.safe_load, problems) or {}
-    name = (config.get("run") or {}).get("name")
+    if not all(isinstance(section, dict) or section is None for section in config.values()):
+        problems.append("config.yaml does not hold a mapping of sections (run:, model:, ...); treated as missing")
+        config = {}
+    name = get(config, "run.name")
     record = RunRecord(run_dir=run_dir, name=str(name) if name else run_dir.resolve().name, config=config,
                        run_info=_read_file(run_dir / "run.json", json.loads, problems),
                        health=_read_file(run_dir / "health.json", json.loads, problems), problems=problems)
