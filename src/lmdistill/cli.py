@@ -4,7 +4,8 @@ User errors (``LmdistillError``) end as one line on stderr and a non-zero exit c
 a traceback means a bug in lmdistill.
 
 Exit codes: 0 success, 2 bad input or environment, 3 training stopped by a guard
-(too many consecutive non-finite steps or rollbacks), 130 interrupted.
+(too many consecutive non-finite steps or rollbacks), 128 + the signal after SIGTERM, SIGINT or
+SIGHUP (143, 130, 129), 141 when the reader of the output went away.
 """
 
 from __future__ import annotations

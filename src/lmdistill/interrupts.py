@@ -1,9 +1,10 @@
-"""Stopping a run on SIGTERM or SIGINT without losing it.
+"""Stopping a run on SIGTERM, SIGINT or SIGHUP without losing it.
 
-Clusters send SIGTERM before they preempt a job; a user presses Ctrl-C. The first signal
-only asks: the run finishes the step it is in, writes a checkpoint, records the status
-"interrupted" with the signal's name and exits with 128 + the signal number (143 for
-SIGTERM, 130 for SIGINT). A second signal does not wait: the run records the status and
+Clusters send SIGTERM before they preempt a job; a user presses Ctrl-C; a closed terminal
+or SSH session sends SIGHUP. The first signal only asks: the run finishes the step it is in,
+writes a checkpoint, records the status "interrupted" with the signal's name and exits with
+128 + the signal number (143 for SIGTERM, 130 for SIGINT, 129 for SIGHUP). A second signal
+does not wait: the run records the status and
 ends at once; the newest complete checkpoint is the one it resumes from (checkpoints are
 written atomically, so one cut short is never taken for a complete one).
 """
@@ -18,7 +19,7 @@ from collections.abc import Callable
 
 from .errors import LmdistillError
 
-HANDLED = (signal.SIGTERM, signal.SIGINT)
+HANDLED = tuple(getattr(signal, name) for name in ("SIGTERM", "SIGINT", "SIGHUP") if hasattr(signal, name))
 
 
 class Interrupted(LmdistillError):
@@ -53,12 +54,19 @@ class GracefulStop:
         name = signal.Signals(signum).name
         if self.signum is None:
             self.signum = signum
-            print(f"lmdistill: {name} received: finishing this step and writing a checkpoint "
-                  f"(send it again to stop at once)", file=sys.stderr, flush=True)
+            _say(f"lmdistill: {name} received: finishing this step and writing a checkpoint "
+                 f"(send it again to stop at once)")
             return
-        print(f"lmdistill: {name} again: stopping now; the newest complete checkpoint is kept",
-              file=sys.stderr, flush=True)
+        _say(f"lmdistill: {name} again: stopping now; the newest complete checkpoint is kept")
         try:
             self.on_abort(signum)
         finally:
             os._exit(128 + signum)  # no clean-up left to run: every file is written atomically
+
+
+def _say(message: str) -> None:
+    """To stderr, if it is still there (after SIGHUP the terminal may be gone)."""
+    try:
+        print(message, file=sys.stderr, flush=True)
+    except OSError:
+        pass

@@ -296,7 +296,8 @@ def test_resume_records_its_config_and_writes_no_line_twice(tmp_path, teacher_di
 
 # --------------------------------------------------------------------------- signals
 @pytest.mark.slow
-def test_sigterm_finishes_the_step_checkpoints_and_exits_143(tmp_path, teacher_dir, text_file):
+@pytest.mark.parametrize("signum, code", [(signal.SIGTERM, 143), (signal.SIGHUP, 129)], ids=["SIGTERM", "SIGHUP"])
+def test_sigterm_finishes_the_step_checkpoints_and_exits_143(tmp_path, teacher_dir, text_file, signum, code):
     out = tmp_path / "run"
     log = tmp_path / "term.log"
     proc = start_cli(*_args(teacher_dir, text_file, out, steps=100_000), log=str(log))
@@ -305,11 +306,11 @@ def test_sigterm_finishes_the_step_checkpoints_and_exits_143(tmp_path, teacher_d
     while proc.is_alive() and time.time() < deadline and not (
             metrics.is_file() and sum(1 for r in read_jsonl(metrics) if "loss" in r) >= 3):
         time.sleep(0.05)
-    os.kill(proc.pid, signal.SIGTERM)
+    os.kill(proc.pid, signum)
     proc.join(120)
-    assert proc.exitcode == 143, log.read_text()[-2000:]
+    assert proc.exitcode == code, log.read_text()[-2000:]
     info = json.loads((out / "run.json").read_text())
-    assert info["status"] == "interrupted" and "SIGTERM" in info["exit_reason"]
+    assert info["status"] == "interrupted" and signal.Signals(signum).name in info["exit_reason"]
     done = max(r["step"] for r in read_jsonl(metrics) if "loss" in r) + 1
     assert (out / "checkpoints" / f"step-{done}").is_dir()
     assert "checkpoint step-" in log.read_text() and "Traceback" not in log.read_text()
