@@ -187,6 +187,8 @@ def check_writable_file(path: Path, flag: str) -> None:
     if path.is_dir():
         raise LmdistillError(f"{flag} {path} is a directory; give a file name, e.g. {path / 'eval.json'}")
     parent = path.parent if str(path.parent) else Path(".")
+    if parent.exists() and not parent.is_dir():
+        raise LmdistillError(f"{flag} {path}: {parent} is a file, not a directory; choose another path")
     if not parent.is_dir():
         raise LmdistillError(f"{flag} {path}: the directory {parent} does not exist; create it or choose another path")
     if not os.access(parent, os.W_OK):
@@ -219,12 +221,20 @@ def cmd_prune(args) -> int:
     if args.data:
         values["data.path"] = args.data
     cfg = Config.load(args.config, args.overrides, values)
+    from .export import check_new_model_dir
+    from .prune import SUPPORTED
+
+    check_new_model_dir(args.out, "--out")
     out = Path(args.out)
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise LmdistillError(f"--out '{out}' already exists and is not an empty directory; choose a new directory")
     if not out.exists():
         check_writable_file(out, "--out")
     resolve_default_teacher(cfg)
+    family = _model_type(cfg.model.teacher)
+    if family is not None and family not in SUPPORTED:
+        raise LmdistillError(f"lmdistill prune needs a teacher of the {', '.join(SUPPORTED)} families; "
+                             f"'{cfg.model.teacher}' is a {family} model")
     models = load_models(cfg, train_blocks=lambda tokenizer: build_block_data(cfg.data, tokenizer).train)
     teacher, student = models.teacher, models.student
     importance = models.layer_importance
@@ -244,6 +254,16 @@ def cmd_prune(args) -> int:
     save_model_dir(student, models.tokenizer, out)
     print(f"wrote {out} (loads with AutoModelForCausalLM.from_pretrained; train it with --student {out})")
     return 0
+
+
+def _model_type(source: str) -> str | None:
+    """``model_type`` from a local model directory's config.json (None for a hub id or no file)."""
+    import json
+
+    try:
+        return json.loads((Path(source) / "config.json").read_text()).get("model_type")
+    except (OSError, ValueError, AttributeError):
+        return None
 
 
 def cmd_config_reference(args) -> int:
@@ -308,7 +328,8 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         code = COMMANDS[args.command](args)
-        sys.stdout.flush()  # a reader that went away (| head) shows here, not as a warning at exit
+        if sys.stdout is not None:  # None when the process was started with stdout closed
+            sys.stdout.flush()  # a reader that went away (| head) shows here, not as a warning at exit
         return code
     except BrokenPipeError:  # the reader of our output went away: nothing to say, and no one to say it to
         _silence_stdout()

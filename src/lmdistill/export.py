@@ -16,18 +16,28 @@ from .models import save_model_dir
 from .rundir import MARKER
 
 
+def check_new_model_dir(out_dir: str | Path, what: str) -> None:
+    """Refuse a model output that is the current directory or one of its parents (they would be
+    replaced by the model directory), or an empty name."""
+    if not str(out_dir).strip():  # (Path("") would read as ".")
+        raise LmdistillError(f"{what} is an empty path; give the name of a new directory for the model")
+    try:
+        target, cwd = Path(out_dir).resolve(), Path.cwd().resolve()
+    except OSError:  # the current directory was removed: out_dir cannot be it
+        return
+    if target == cwd or target in cwd.parents:
+        where = "the current directory" if target == cwd else "a parent of the current directory"
+        raise LmdistillError(f"{what} '{out_dir}' is {where}; give the name of a new directory for the model, "
+                             "e.g. exported-model")
+
+
 def export_checkpoint(checkpoint: str | Path, out_dir: str | Path) -> Path:
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
+    check_new_model_dir(out_dir, "output")
     checkpoint, out_dir = Path(checkpoint), Path(out_dir)
-    try:
-        target, cwd = out_dir.resolve(), Path.cwd().resolve()
-    except OSError:  # the current directory was removed: out_dir cannot be it
-        target = cwd = None
-    if cwd is not None and (target == cwd or target in cwd.parents):
-        what = "the current directory" if target == cwd else "a parent of the current directory"
-        raise LmdistillError(f"output '{out_dir}' is {what}; give the name of a new directory for the model, "
-                             "e.g. exported-model")
+    if not checkpoint.exists():
+        raise LmdistillError(f"'{checkpoint}' does not exist; give RUN_DIR/checkpoints/step-N or a run directory")
     is_run = (checkpoint / MARKER).is_file()
     if is_run and not any(p.name.startswith("step-") for p in _entries(checkpoint / "checkpoints")):
         raise LmdistillError(f"run '{checkpoint}' has no checkpoint yet (it stopped before its first one); nothing to "

@@ -65,6 +65,11 @@ def student_config(teacher_config, overrides: dict):
     from .models import student_config_from_teacher
 
     check_supported(teacher_config)
+    vocab = overrides.get("vocab_size", teacher_config.vocab_size)
+    if vocab != teacher_config.vocab_size:
+        raise LmdistillError(f"model.student_config: vocab_size = {vocab!r} differs from the teacher's "
+                             f"{teacher_config.vocab_size}; a student cut out of the teacher keeps its vocabulary "
+                             "(and its tokenizer): leave vocab_size out")
     config = student_config_from_teacher(teacher_config, overrides)
     if "head_dim" not in overrides:
         config.head_dim = head_dim(teacher_config)

@@ -631,3 +631,18 @@ def test_the_python_api_takes_a_config_path(tmp_path):
         lmdistill.train(path)
     with pytest.raises(TypeError, match="expects a Config or the path of a YAML config file"):
         lmdistill.train({"run": {}})
+
+
+def test_export_of_a_path_that_does_not_exist_says_so(tmp_path):
+    proc = cli("export", str(tmp_path / "nope"), str(tmp_path / "out"))
+    assert proc.returncode == 2 and "does not exist" in proc.stderr and not (tmp_path / "out").exists()
+
+
+def test_a_closed_standard_output_ends_without_a_traceback(tmp_path):
+    import subprocess
+    import sys
+
+    proc = subprocess.run([sys.executable, "-c", "import os, sys; os.close(1); "
+                           "from lmdistill.cli import main; sys.stdout = None; sys.exit(main(['config-reference']))"],
+                          capture_output=True, text=True, timeout=120)
+    assert "Traceback" not in proc.stderr, proc.stderr[-2000:]

@@ -147,3 +147,30 @@ def test_prune_command_writes_a_loadable_student_and_prints_importances(tmp_path
     again = cli("prune", "--teacher", str(teacher_dir), "--data", str(text_file), "--out", str(out))
     assert again.returncode == 2 and "not an empty directory" in again.stderr
     assert (out / "model.safetensors").is_file()
+
+
+def test_prune_refuses_outputs_it_cannot_use(tmp_path, teacher_dir, text_file, monkeypatch):
+    base = ("prune", "--teacher", str(teacher_dir), "--data", str(text_file), "--set", "data.block_size=32")
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    monkeypatch.chdir(empty)
+    for out, message in ((".", "is the current directory"), ("", "empty path"),
+                         (str(text_file / "s"), "is a file, not a directory")):
+        proc = cli(*base, "--out", out)
+        assert proc.returncode == 2 and message in proc.stderr, (out, proc.stderr)
+        assert len(proc.stderr.strip().splitlines()) == 1
+    assert list(empty.iterdir()) == []
+    proc = cli(*base, "--out", str(tmp_path / "s"), "--set", "model.student_config={vocab_size: 100}")
+    assert proc.returncode == 2 and "vocab_size = 100 differs from the teacher's 384" in proc.stderr
+
+
+def test_prune_of_another_family_says_prune_needs_a_llama_family_teacher(tmp_path, tiny_tokenizer, text_file):
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    gpt2 = tmp_path / "gpt2"
+    GPT2LMHeadModel(GPT2Config(vocab_size=len(tiny_tokenizer), n_embd=16, n_layer=2, n_head=2)).save_pretrained(gpt2)
+    tiny_tokenizer.save_pretrained(gpt2)
+    proc = cli("prune", "--teacher", str(gpt2), "--data", str(text_file), "--out", str(tmp_path / "s"))
+    assert proc.returncode == 2
+    assert "lmdistill prune needs a teacher of the llama, mistral, qwen2, qwen3 families" in proc.stderr
+    assert "is a gpt2 model" in proc.stderr and not (tmp_path / "s").exists()
