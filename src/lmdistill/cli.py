@@ -17,7 +17,12 @@ import os
 import sys
 from pathlib import Path
 
+from typing import TYPE_CHECKING
+
 from .errors import LmdistillError
+
+if TYPE_CHECKING:
+    from .config import Config
 
 # Named flags of `train` -> config keys. Everything else goes through --set.
 TRAIN_FLAGS = {

@@ -13,20 +13,17 @@ from pathlib import Path
 from .checkpoint import find_latest_valid, load_checkpoint
 from .errors import LmdistillError
 from .models import save_model_dir
+from .paths import protected_place
 from .rundir import MARKER
 
 
 def check_new_model_dir(out_dir: str | Path, what: str) -> None:
-    """Refuse a model output that is the current directory or one of its parents (they would be
-    replaced by the model directory), or an empty name."""
+    """Refuse a model output that is the current directory, one of its parents or the home
+    directory (it would be replaced by the model directory), or an empty name."""
     if not str(out_dir).strip():  # (Path("") would read as ".")
         raise LmdistillError(f"{what} is an empty path; give the name of a new directory for the model")
-    try:
-        target, cwd = Path(out_dir).resolve(), Path.cwd().resolve()
-    except OSError:  # the current directory was removed: out_dir cannot be it
-        return
-    if target == cwd or target in cwd.parents:
-        where = "the current directory" if target == cwd else "a parent of the current directory"
+    where = protected_place(out_dir)
+    if where is not None:
         raise LmdistillError(f"{what} '{out_dir}' is {where}; give the name of a new directory for the model, "
                              "e.g. exported-model")
 

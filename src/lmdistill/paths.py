@@ -101,3 +101,20 @@ def replace_dir(tmp: Path, final: Path, *, aside_name: str | None = None) -> Non
     fsync_dir(parent)
     if aside is not None:
         shutil.rmtree(aside, ignore_errors=True)
+
+
+def protected_place(path: str | Path) -> str | None:
+    """What ``path`` is if replacing it would take more than a directory of ours with it: "the
+    current directory", "a parent of the current directory" (the root included) or "your home
+    directory"; None otherwise (also when the current directory no longer exists)."""
+    try:
+        target, cwd = Path(path).resolve(), Path.cwd().resolve()
+    except OSError:
+        return None
+    if target == cwd:
+        return "the current directory"
+    if target == Path.home().resolve():
+        return "your home directory"
+    if target in cwd.parents or target == Path(target.anchor):
+        return "a parent of the current directory"
+    return None

@@ -34,7 +34,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 from .errors import LmdistillError
-from .paths import atomic_write, atomic_write_json
+from .paths import atomic_write, atomic_write_json, protected_place
 
 try:
     import fcntl
@@ -303,10 +303,7 @@ class RunDirectory:
 
 def _refuse_protected(path: Path) -> None:
     """--overwrite never empties the current directory, one of its parents, or the home directory."""
-    target, cwd = path.resolve(), Path.cwd().resolve()
-    home = Path.home().resolve()
-    if target == cwd or target in cwd.parents or target == home or target == Path(target.anchor):
-        what = "the current directory" if target == cwd else "your home directory" if target == home \
-            else "a parent of the current directory"
+    what = protected_place(path)
+    if what is not None:
         raise LmdistillError(f"refusing --overwrite of '{path}': it is {what}; give the run's own directory "
                              "(e.g. runs/NAME)")
