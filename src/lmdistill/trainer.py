@@ -127,10 +127,6 @@ class Trainer:
         project = self._prepare(models.student)
         if self.teacher is not None:
             self.teacher.to(self.device)
-        # Without accelerate's fp32-output wrapper: the step runs inside accelerator.autocast()
-        # itself, and the losses upcast the logits chunk by chunk; the wrapper would upcast the
-        # whole (tokens x vocab) output once more.
-        self.raw_student = self.accelerator.unwrap_model(self.student, keep_fp32_wrapper=False)
         d = cfg.distill
         hidden = HiddenTerm(d.hidden.weight, d.hidden.loss, tuple(s for s, _ in pairs), self.projection,
                             project) if pairs else None
@@ -147,7 +143,10 @@ class Trainer:
         optimizer = make_optimizer(student, self.cfg, fused=self.device.type == "cuda", extra=trained)
         self.student, self.optimizer, *wrapped = self.accelerator.prepare(student, optimizer, *filter(None, [trained]))
         self.student.train()
-        raw = self.accelerator.unwrap_model(self.student, keep_fp32_wrapper=False)
+        # Without accelerate's fp32-output wrapper: the step runs inside accelerator.autocast()
+        # itself, and the losses upcast the logits chunk by chunk; the wrapper would upcast the
+        # whole (tokens x vocab) output once more.
+        raw = self.raw_student = self.accelerator.unwrap_model(self.student, keep_fp32_wrapper=False)
         # What a rollback snapshot covers: the student and the projection trained with it.
         self.trained = raw if trained is None else torch.nn.ModuleDict({"student": raw, "projection": trained})
         return wrapped[0] if wrapped else self.projection
