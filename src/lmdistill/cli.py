@@ -109,7 +109,7 @@ def cmd_eval(args) -> int:
     import torch
 
     from .config import DataConfig
-    from .data import build_block_data, load_texts, pack_blocks
+    from .data import block_data_of, build_block_data
     from .evaluate import evaluate, format_ppl
     from .models import (check_context_length, check_same_tokenizer, check_vocab_covers, freeze, load_causal_lm,
                          load_tokenizer, resolve_source)
@@ -162,13 +162,12 @@ def cmd_eval(args) -> int:
     else:
         block_size = args.block_size or 128
         data_cfg = DataConfig(path=args.data, text_field=args.text_field, block_size=block_size)
-        texts, description = load_texts(args.data, data_cfg, role="--data")
-        blocks = pack_blocks(texts, tokenizer, block_size)
+        blocks, description = block_data_of(args.data, data_cfg, tokenizer, role="--data")
     for m, role in ((model, "model"), (teacher, "teacher")):
         if m is not None:
             check_context_length(m, block_size, role, source if role == "model" else args.teacher)
     if args.max_blocks is not None:
-        blocks = blocks[: args.max_blocks]
+        blocks = blocks.subset(slice(0, args.max_blocks))
     if len(blocks) == 0:
         raise LmdistillError(f"--data '{args.data}' gives no block of {block_size} tokens; add text or lower "
                              "--block-size")

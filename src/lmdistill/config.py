@@ -112,7 +112,15 @@ class DataConfig:
                           "(and the default teacher) share one held-out set.", 0)
     block_size: int = doc("Tokens per packed training block (documents are joined with EOS).", 128)
     max_eval_blocks: int | None = doc("Cap on evaluation blocks (null = all).", 64)
-    num_proc: int | None = doc("Processes for tokenization (null = 1).", None)
+    num_proc: int | None = doc("Processes that tokenize a new data store (null = one per CPU core, up to 8).", None)
+    sources: list | None = doc(
+        "A weighted mixture instead of data.path: a list of {path: ..., weight: ...} (path null = the embedded "
+        "corpus; optional name). Each source's share of the blocks seen follows its weight.", None)
+    loss_on: Literal["auto", "assistant", "all"] = doc(
+        "Which tokens chat and prompt/completion data train on: assistant = the assistant turns (completions) "
+        "only, all = every token; auto = assistant for such data, all for plain text.", "auto")
+    max_tokens: int | None = doc("Take at most this many tokens of each source (null = all of it).", None)
+    store_dir: str | None = doc("Where tokenized data stores are kept (null = $LMDISTILL_HOME/stores).", None)
 
 
 @dataclass
@@ -395,6 +403,7 @@ def _check_numbers(cfg: "Config") -> None:
         "train.max_steps": t.max_steps, "train.eval_every": t.eval_every,
         "checkpoint.every": cfg.checkpoint.every, "data.max_eval_blocks": cfg.data.max_eval_blocks,
         "health.plateau_window": cfg.health.plateau_window, "data.num_proc": cfg.data.num_proc,
+        "data.max_tokens": cfg.data.max_tokens,
         "debug.exit_after_step": cfg.debug.exit_after_step,
     }
     if cfg.data.block_size < 2:
@@ -413,6 +422,7 @@ def _check_numbers(cfg: "Config") -> None:
         raise _bad("train.max_grad_norm", t.max_grad_norm, "must be > 0, or null for no clipping")
     if len(t.betas) != 2 or not all(isinstance(b, (int, float)) and 0 <= b < 1 for b in t.betas):
         raise _bad("train.betas", t.betas, "must be two numbers in [0, 1), e.g. [0.9, 0.95]")
+    _check_sources(cfg.data)
     if not 0.0 < cfg.data.eval_fraction < 1.0:
         raise _bad("data.eval_fraction", cfg.data.eval_fraction, "must be between 0 and 1 (exclusive)")
     if not cfg.guard.spike_min_increase >= 0:
@@ -440,6 +450,41 @@ def _check_numbers(cfg: "Config") -> None:
     for key in ("health.ppl_max", "loss.auto_threshold_mib"):
         if not _get(cfg, key) > 0:
             raise _bad(key, _get(cfg, key), "must be a number > 0")
+
+
+def _check_sources(data: "DataConfig") -> None:
+    """A mixture: a non-empty list of {path, weight[, name]} with finite weights > 0, names unique."""
+    if data.sources is None:
+        return
+    if data.path is not None:
+        raise ConfigError("data.path and data.sources are both set; give one source in data.path or a mixture in "
+                          "data.sources")
+    if not isinstance(data.sources, list) or not data.sources:
+        raise _bad("data.sources", data.sources, "must be a non-empty list of {path: ..., weight: ...}")
+    names = []
+    for i, entry in enumerate(data.sources):
+        where = f"data.sources[{i}]"
+        if not isinstance(entry, dict) or "path" not in entry:
+            raise _bad(where, entry, "must be a mapping with a path (null = the embedded corpus) and a weight, "
+                       "e.g. {path: data/chat.jsonl, weight: 2}")
+        unknown = sorted(set(entry) - {"path", "weight", "name"})
+        if unknown:
+            raise _bad(where, entry, f"has unknown key(s) {', '.join(unknown)}; allowed: path, weight, name")
+        path, weight = entry["path"], entry.get("weight", 1.0)
+        if path is not None and (not isinstance(path, str) or not path.strip()):
+            raise _bad(f"{where}.path", path, "must be a file, a directory or a datasets name (null = embedded)")
+        if isinstance(weight, bool) or not isinstance(weight, (int, float)) or not (math.isfinite(weight)
+                                                                                     and weight > 0):
+            raise _bad(f"{where}.weight", weight, "a mixture weight must be a finite number > 0")
+        names.append(str(entry.get("name") or path or "embedded"))
+    duplicates = sorted({n for n in names if names.count(n) > 1})
+    if duplicates:
+        raise _bad("data.sources", duplicates[0], "two sources have this name; give each a distinct name")
+
+
+def source_names(data: "DataConfig") -> list[str]:
+    """The display names of a mixture's sources (data.sources[i].name, else its path)."""
+    return [str(e.get("name") or e["path"] or "embedded") for e in data.sources or []]
 
 
 def _check_run(cfg: "Config") -> None:

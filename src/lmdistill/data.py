@@ -1,30 +1,36 @@
-"""Text sources -> tokenized, packed blocks -> deterministic, resumable batches.
+"""A run's data: sources -> tokenized stores on disk -> blocks -> deterministic, resumable batches.
 
-Documents are tokenized without special tokens, joined with EOS and cut into
-blocks of ``block_size`` tokens (the tail that does not fill a block is dropped).
-Every block is a full window, so all its next-token targets are valid.
+A source is the embedded corpus, a plain-text file (one document), a .jsonl/.json/.parquet
+file, a directory of one of these kinds, or a ``datasets`` name. Its records are plain
+``text``, chat ``messages`` or ``prompt`` + ``completion`` (``chat.py``). Each source is
+tokenized once into a memory-mapped store (``store.py``); each start cuts the stores into
+blocks for its own block size and holds out whole blocks for evaluation (``blocks.py``).
 
-Batches come from ``BlockSampler``: a per-epoch permutation drawn from ``run.seed``, so
-the data position of a run is a single integer (micro-batches consumed). That makes
-resume exact and lets each data-parallel rank take its own slice of a global batch.
+Batches come from a sampler, a pure function of the run's micro-batch counter: a per-epoch
+permutation drawn from ``run.seed`` for one source, a weighted schedule for a mixture
+(``data.sources``). So the data position of a run is that one integer, resume is exact, and
+each data-parallel rank takes its own slice of a global batch.
 """
 
 from __future__ import annotations
 
 import contextlib
 import errno
-import itertools
+import hashlib
 import logging
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
-import numpy as np
-import torch
-
-from .config import DataConfig
+from .blocks import BlockSampler, Blocks, ConcatBlocks, MixtureSampler, layout_blocks, split_blocks
+from .chat import record_format
+from .config import DataConfig, source_names
 from .errors import LmdistillError
 from .paths import is_hub_id
+from .store import SourcePlan, Store, open_or_build, plan_files, plan_records, stores_home
+
+__all__ = ["BlockData", "BlockSampler", "MixtureSampler", "build_block_data", "make_sampler", "open_store",
+           "plan_source", "embedded_corpus_texts"]
 
 EXTENSION_BUILDERS = {".txt": "text", ".text": "text", ".md": "text", ".jsonl": "json", ".json": "json",
                       ".parquet": "parquet"}
@@ -97,52 +103,101 @@ def _read_error(role: str, source: str, files: list[str], exc: Exception, text_f
 _CACHE_ERRNOS = (errno.EROFS, errno.EACCES, errno.EPERM, errno.ENOSPC, errno.EDQUOT, errno.ENOTDIR)
 
 
-def load_texts(source: str | None, cfg: DataConfig, role: str = "data.path"):
-    """Load a text source as a ``datasets.Dataset`` with one column, ``text``."""
-    import datasets
+def plan_source(source: str | None, cfg: DataConfig, role: str = "data.path") -> SourcePlan:
+    """What a store for ``source`` is built from; reads no more of the source than its listing.
 
-    datasets.disable_progress_bars()
+    Plain-text files are read by the store's workers directly (a file is one document, read in
+    pieces); .jsonl/.json/.parquet files and datasets names go through ``datasets``, loaded
+    only when a store has to be built (a local file's store is found by its size and
+    modification time)."""
     if source is None:
-        return datasets.Dataset.from_dict({"text": embedded_corpus_texts()}), "embedded: CPython reference docs (pydoc_data)"
+        texts = embedded_corpus_texts()
+        digest = hashlib.sha256("\0".join(texts).encode()).hexdigest()
+        return RecordSource("embedded: CPython reference docs (pydoc_data)", {"embedded": digest}, cfg.text_field,
+                            lambda: (datasets_module().Dataset.from_dict({"text": texts}), "text"))
     path = Path(source).expanduser()
     if path.exists():
         builder, files, ignored = _data_files(path)
-        kwargs = {"sample_by": "document"} if builder == "text" else {}
-        try:
-            with _quiet_logger("datasets"):  # its own error lines would repeat ours
-                ds = datasets.load_dataset(builder, data_files=files, split="train", **kwargs)
-        except Exception as exc:  # datasets raises many types for unreadable files
-            raise _read_error(role, source, files, exc, cfg.text_field) from None
         description = f"{source} ({len(files)} file{'s' if len(files) > 1 else ''})"
         if ignored:
             kinds = sorted({p.suffix or p.name for p in ignored})
             _note(f"{role} '{source}': {len(ignored)} file(s) of a type that is not read ({', '.join(kinds[:5])}) "
                   "left out; only .txt, .md, .jsonl, .json and .parquet are read")
-    elif is_hub_id(source):
-        try:
-            ds = datasets.load_dataset(source, cfg.dataset_config, split=cfg.split)
-        except Exception as exc:
-            raise LmdistillError(
-                f"{role} '{source}' is not a local file and could not be loaded as a datasets name "
-                f"({type(exc).__name__}); check the path, or the name and your network"
-            ) from None
+        if all(Path(f).stat().st_size == 0 for f in files):
+            raise LmdistillError(f"{role} '{source}' is empty; give a file with text in it")
+        if builder == "text":
+            return plan_files(files, description)
+        identity = {"files": [_file_identity(f) for f in files], "builder": builder}
+        return RecordSource(description, identity, cfg.text_field,
+                            lambda: _load_local(builder, files, role, source, cfg))
+    if is_hub_id(source):
+        ds = _load_hub(source, cfg, role)
         description = f"datasets: {source}" + (f"/{cfg.dataset_config}" if cfg.dataset_config else "") + f" [{cfg.split}]"
-    else:
-        raise LmdistillError(f"{role} '{source}' does not exist; give a .txt, .jsonl or .parquet file or a directory")
-    if cfg.text_field not in ds.column_names:
-        raise LmdistillError(
-            f"{role} '{source}' has no field '{cfg.text_field}' (fields: {', '.join(ds.column_names)}); "
-            "set data.text_field to the one that holds the text"
-        )
-    ds = ds.select_columns([cfg.text_field])
-    if cfg.text_field != "text":
-        ds = ds.rename_column(cfg.text_field, "text")
-    missing = sum(1 for text in ds["text"] if not text)
-    if missing:
-        _note(f"{role} '{source}': {missing} of {len(ds)} record(s) have no text in '{cfg.text_field}' (null or "
-              "empty) and are left out")
-    return ds, description
+        identity = {"datasets": ds._fingerprint, "name": source, "config": cfg.dataset_config, "split": cfg.split}
+        return RecordSource(description, identity, cfg.text_field, lambda: _record_format(ds, role, source, cfg))
+    raise LmdistillError(f"{role} '{source}' does not exist; give a .txt, .jsonl or .parquet file or a directory")
 
+
+class RecordSource(SourcePlan):
+    """Records through ``datasets``: the dataset is loaded (and the shards cut) on ``prepare``."""
+
+    def __init__(self, description: str, identity: dict, text_field: str, loader):
+        super().__init__("records", "text", description, identity, text_field=text_field)
+        self._loader = loader
+
+    def prepare(self) -> None:
+        dataset, fmt = self._loader()
+        full = plan_records(dataset, fmt, self.description, self.identity, self.text_field)
+        self.fmt, self.shards, self.dataset, self.work = fmt, full.shards, dataset, full.work
+
+
+def datasets_module():
+    import datasets
+
+    datasets.disable_progress_bars()
+    return datasets
+
+
+def _file_identity(name: str) -> list:
+    path = Path(name).resolve()
+    stat = path.stat()
+    return [str(path), stat.st_size, stat.st_mtime_ns]
+
+
+def _load_local(builder: str, files: list[str], role: str, source: str, cfg: DataConfig):
+    datasets = datasets_module()
+    try:
+        with _quiet_logger("datasets"):  # its own error lines would repeat ours
+            ds = datasets.load_dataset(builder, data_files=files, split="train")
+    except Exception as exc:  # datasets raises many types for unreadable files
+        raise _read_error(role, source, files, exc, cfg.text_field) from None
+    return _record_format(ds, role, source, cfg)
+
+
+def _load_hub(source: str, cfg: DataConfig, role: str):
+    datasets = datasets_module()
+    try:
+        return datasets.load_dataset(source, cfg.dataset_config, split=cfg.split)
+    except Exception as exc:
+        raise LmdistillError(
+            f"{role} '{source}' is not a local file and could not be loaded as a datasets name "
+            f"({type(exc).__name__}); check the path, or the name and your network"
+        ) from None
+
+
+def _record_format(ds, role: str, source: str, cfg: DataConfig) -> tuple:
+    """(the dataset with only the fields a format reads, its format). The first record's format
+    is the source's; the build checks every other record against it."""
+    columns = ds.column_names
+    wanted = [c for c in (cfg.text_field, "messages", "prompt", "completion") if c in columns]
+    if not wanted:
+        raise LmdistillError(
+            f"{role} '{source}' has no field '{cfg.text_field}' (fields: {', '.join(columns)}); set data.text_field "
+            "to the one that holds the text, or give chat records ('messages') or 'prompt' and 'completion'")
+    ds = ds.select_columns(list(dict.fromkeys(wanted)))
+    first = next((record_format(r, cfg.text_field) for r in ds.select(range(min(len(ds), 64)))
+                  if record_format(r, cfg.text_field)), None)
+    return ds, first or "text"
 
 def _note(message: str) -> None:
     """A one-line notice, from the main process only."""
@@ -161,112 +216,142 @@ def _quiet_logger(name: str):
         logger.setLevel(before)
 
 
-def pack_blocks(texts, tokenizer, block_size: int, num_proc: int | None = None) -> torch.Tensor:
-    """Tokenize, join documents with EOS and cut into (num_blocks, block_size) int64."""
-    eos = tokenizer.eos_token_id
-    if eos is None:
-        raise LmdistillError("the tokenizer has no EOS token to join documents with; set tokenizer.eos_token")
+@dataclass
+class SourceData:
+    """One source of a run: its store, and its blocks in this run's layout."""
 
-    def tokenize(batch):
-        texts = [t if t is not None else "" for t in batch["text"]]
-        bad = next((t for t in texts if not isinstance(t, str)), None)
-        if bad is not None:
-            raise LmdistillError(f"a record's text field holds {type(bad).__name__} ({str(bad)[:40]!r}), not text; "
-                                 "set data.text_field to the field that holds the text")
-        ids = tokenizer(texts, add_special_tokens=False, verbose=False)["input_ids"]
-        return {"ids": [x + [eos] for x in ids if x]}
+    name: str
+    weight: float
+    store: Store
+    built: bool
+    loss_on: str
+    train: Blocks
+    eval: Blocks | None
 
-    if len(texts) == 0:
-        return torch.zeros((0, block_size), dtype=torch.long)
-    tokenized = texts.map(tokenize, batched=True, remove_columns=texts.column_names, num_proc=num_proc)
-    if "ids" not in tokenized.column_names:  # every document was empty
-        return torch.zeros((0, block_size), dtype=torch.long)
-    flat = np.fromiter(itertools.chain.from_iterable(tokenized["ids"]), dtype=np.int64)
-    num_blocks = len(flat) // block_size
-    return torch.from_numpy(flat[: num_blocks * block_size].copy()).view(num_blocks, block_size)
+    def record(self) -> dict:
+        m = self.store.manifest
+        return {"name": self.name, "weight": self.weight, "source": m["source"], "store": str(self.store.path),
+                "fingerprint": self.store.fingerprint, "built": self.built, "format": m["format"],
+                "loss_on": self.loss_on, "tokens": m["tokens"], "documents": m["documents"],
+                "skipped_no_assistant": m["skipped_no_assistant"], "train_blocks": len(self.train),
+                "train_targets": self.train.num_targets}
 
 
 @dataclass
 class BlockData:
-    train: torch.Tensor  # (num_train_blocks, block_size)
-    eval: torch.Tensor  # (num_eval_blocks, block_size)
+    """The run's blocks: train (a mixture's sources one after another) and eval."""
+
+    train: Blocks | ConcatBlocks
+    eval: Blocks | ConcatBlocks
     source: str
     eval_source: str
+    sources: list[SourceData]
+    eval_store: SourceData | None = None
+    layout: dict = field(default_factory=dict)
+
+    @property
+    def weights(self) -> list[float] | None:
+        return [s.weight for s in self.sources] if len(self.sources) > 1 else None
 
     def describe(self) -> dict:
         return {"source": self.source, "eval_source": self.eval_source, "train_blocks": len(self.train),
-                "eval_blocks": len(self.eval), "block_size": self.train.shape[1],
-                "train_tokens": self.train.numel()}
+                "eval_blocks": len(self.eval), "block_size": self.train.block_size,
+                "train_tokens": len(self.train) * self.train.block_size, "train_targets": self.train.num_targets,
+                "eval_targets": self.eval.num_targets, "sources": [s.record() for s in self.sources],
+                "eval_store": self.eval_store.record() if self.eval_store else None, "layout": self.layout}
 
 
-def build_block_data(cfg: DataConfig, tokenizer) -> BlockData:
-    """Load, tokenize and pack the training text; split off (or load) the eval blocks."""
-    texts, source = load_texts(cfg.path, cfg)
-    blocks = pack_blocks(texts, tokenizer, cfg.block_size, cfg.num_proc)
-    minimum = 1 if cfg.eval_path else 2
-    if len(blocks) < minimum:
+def _say(message: str) -> None:
+    if int(os.environ.get("RANK", "0")) == 0:
+        print(message)
+
+
+def open_store(source: str | None, cfg: DataConfig, tokenizer, role: str = "data.path",
+               progress: bool = True) -> tuple[Store, bool]:
+    """The tokenized store of ``source``, built on first use (see ``store.py``)."""
+    plan = plan_source(source, cfg, role)
+    return open_or_build(plan, tokenizer, home=stores_home(cfg.store_dir), num_proc=cfg.num_proc,
+                         max_tokens=cfg.max_tokens, say=_say, progress=progress and _is_main())
+
+
+def _is_main() -> bool:
+    return int(os.environ.get("RANK", "0")) == 0
+
+
+def _loss_on(cfg: DataConfig, store: Store, role: str, source: str | None) -> str:
+    if cfg.loss_on == "auto":
+        return "assistant" if store.chat else "all"
+    if cfg.loss_on == "assistant" and not store.chat:
+        raise LmdistillError(f"data.loss_on is 'assistant' but {role} '{source or 'embedded'}' is plain text with no "
+                             "assistant turns; use data.loss_on: all (or auto), or give chat / prompt-completion records")
+    return cfg.loss_on
+
+
+def _source_data(name: str, weight: float, source: str | None, cfg: DataConfig, tokenizer, role: str,
+                 hold_out: bool, progress: bool) -> SourceData:
+    store, built = open_store(source, cfg, tokenizer, role, progress)
+    if not built:
+        _say(f"data: {store.manifest['source']}: {store.num_tokens:,} tokens from the store {store.path}")
+    if store.manifest["skipped_no_assistant"]:
+        _note(f"{role} '{source or 'embedded'}': {store.manifest['skipped_no_assistant']} record(s) without an "
+              "assistant turn (or with an empty completion) left out")
+    if store.manifest["empty_records"]:
+        _note(f"{role} '{source or 'embedded'}': {store.manifest['empty_records']} of {store.manifest['records']} "
+              f"record(s) have no text in "
+              f"'{cfg.text_field}' (null or empty) and are left out")
+    loss_on = _loss_on(cfg, store, role, source)
+    layout = layout_blocks(store, cfg.block_size, loss_on)
+    minimum = 2 if hold_out else 1
+    if len(layout.starts) < minimum:
         raise LmdistillError(
-            f"data '{cfg.path or 'embedded'}' gives {len(blocks)} block(s) of {cfg.block_size} tokens, fewer than "
-            f"{minimum} needed; add text or lower data.block_size"
+            f"{role} '{source or 'embedded'}' gives {len(layout.starts)} block(s) of {cfg.block_size} tokens, fewer "
+            f"than {minimum} needed; add text or lower {'--block-size' if role.startswith('--') else 'data.block_size'}"
         )
-    if cfg.eval_path:
-        eval_texts, eval_source = load_texts(cfg.eval_path, cfg, role="data.eval_path")
-        eval_blocks = pack_blocks(eval_texts, tokenizer, cfg.block_size, cfg.num_proc)
-        if len(eval_blocks) == 0:
-            raise LmdistillError(
-                f"data.eval_path '{cfg.eval_path}' gives no block of {cfg.block_size} tokens; add text or lower "
-                "data.block_size"
-            )
-        train_blocks = blocks
+    train, held_out = split_blocks(layout, store, loss_on == "assistant", cfg.eval_fraction if hold_out else None,
+                                   cfg.split_seed)
+    return SourceData(name, weight, store, built, loss_on, train, held_out)
+
+
+def build_block_data(cfg: DataConfig, tokenizer, progress: bool = True) -> BlockData:
+    """The run's sources as stores (built on first use), cut into blocks; eval blocks split off
+    (whole blocks, with ``data.split_seed``) or taken from ``data.eval_path``."""
+    entries = cfg.sources or [{"path": cfg.path, "weight": 1.0}]
+    names = source_names(cfg) if cfg.sources else [cfg.path or "embedded"]
+    hold_out = cfg.eval_path is None
+    sources = [_source_data(name, float(e.get("weight", 1.0)), e["path"], cfg, tokenizer,
+                            "data.sources" if cfg.sources else "data.path", hold_out, progress)
+               for name, e in zip(names, entries)]
+    train = sources[0].train if len(sources) == 1 else ConcatBlocks([s.train for s in sources])
+    eval_store = None
+    if hold_out:
+        cap = None if cfg.max_eval_blocks is None else max(1, cfg.max_eval_blocks // len(sources))
+        parts = [s.eval.subset(slice(0, cap)) for s in sources]
+        eval_blocks = parts[0] if len(parts) == 1 else ConcatBlocks(parts)
+        eval_source = (f"{len(eval_blocks)} held-out blocks ({cfg.eval_fraction:.0%}"
+                       f"{' of each source' if len(sources) > 1 else ''})")
     else:
-        # Hold out whole blocks, drawn with data.split_seed, so eval text never appears in training.
-        perm = torch.randperm(len(blocks), generator=torch.Generator().manual_seed(cfg.split_seed))
-        num_eval = max(1, int(round(cfg.eval_fraction * len(blocks))))
-        num_eval = min(num_eval, len(blocks) - 1)
-        eval_blocks = blocks[perm[:num_eval].sort().values]
-        train_blocks = blocks[perm[num_eval:].sort().values]
-        eval_source = f"{num_eval} held-out blocks ({cfg.eval_fraction:.0%})"
-    if cfg.max_eval_blocks is not None:
-        eval_blocks = eval_blocks[: cfg.max_eval_blocks]
-    return BlockData(train=train_blocks, eval=eval_blocks, source=source, eval_source=eval_source)
+        eval_store = _source_data("eval", 1.0, cfg.eval_path, cfg, tokenizer, "data.eval_path", False, progress)
+        eval_blocks = eval_store.train.subset(slice(0, cfg.max_eval_blocks))
+        eval_source = eval_store.store.manifest["source"]
+    if len(eval_blocks) == 0:
+        raise LmdistillError(f"data.eval_path '{cfg.eval_path}' gives no block of {cfg.block_size} tokens; add text "
+                             "or lower data.block_size")
+    source = sources[0].store.manifest["source"] if len(sources) == 1 else "mixture: " + ", ".join(
+        f"{s.name} ({s.weight:g})" for s in sources)
+    layout = {"block_size": cfg.block_size, "split_seed": cfg.split_seed,
+              "eval_fraction": cfg.eval_fraction if hold_out else None, "train": train.digest(),
+              "eval": eval_blocks.digest()}
+    return BlockData(train, eval_blocks, source, eval_source, sources, eval_store, layout)
 
 
-class BlockSampler:
-    """Micro-batches of block indices, reshuffled every epoch from ``seed``.
+def block_data_of(source: str | None, cfg: DataConfig, tokenizer, role: str = "--data") -> tuple[Blocks, str]:
+    """Every block of one source (no split): what ``lmdistill eval --data`` scores."""
+    data = _source_data(source or "embedded", 1.0, source, cfg, tokenizer, role, False, True)
+    return data.train, data.store.manifest["source"]
 
-    A *global* micro-batch holds ``batch_size * world_size`` blocks; rank r takes its
-    r-th slice. Micro-batch m of the run is a pure function of m, which is the whole
-    data position saved in a checkpoint.
-    """
 
-    def __init__(self, num_blocks: int, batch_size: int, seed: int, rank: int = 0, world_size: int = 1,
-                 shuffle: bool = True):
-        self.num_blocks = num_blocks
-        self.batch_size = batch_size
-        self.seed = seed
-        self.rank = rank
-        self.world_size = world_size
-        self.shuffle = shuffle
-        self.micro_batches_per_epoch = num_blocks // (batch_size * world_size)
-        self._perm_epoch: int | None = None
-        self._perm: torch.Tensor | None = None
-
-    def _permutation(self, epoch: int) -> torch.Tensor:
-        if self._perm_epoch != epoch:
-            if self.shuffle:
-                g = torch.Generator().manual_seed(self.seed * 100_003 + epoch)
-                self._perm = torch.randperm(self.num_blocks, generator=g)
-            else:
-                self._perm = torch.arange(self.num_blocks)
-            self._perm_epoch = epoch
-        return self._perm
-
-    def epoch_of(self, micro_batch: int) -> int:
-        return micro_batch // self.micro_batches_per_epoch
-
-    def indices(self, micro_batch: int) -> torch.Tensor:
-        """Block indices of this rank for the run's ``micro_batch``-th micro-batch."""
-        epoch, index = divmod(micro_batch, self.micro_batches_per_epoch)
-        global_size = self.batch_size * self.world_size
-        start = index * global_size + self.rank * self.batch_size
-        return self._permutation(epoch)[start : start + self.batch_size]
+def make_sampler(data: BlockData, batch_size: int, seed: int, rank: int = 0, world_size: int = 1):
+    """The run's sampler: one source's blocks reshuffled per epoch, or a weighted mixture."""
+    if data.weights is None:
+        return BlockSampler(len(data.train), batch_size, seed, rank, world_size)
+    return MixtureSampler([len(s.train) for s in data.sources], data.weights, batch_size, seed, rank, world_size)

@@ -17,7 +17,8 @@ from tqdm.auto import tqdm
 
 from .progress import interactive
 
-from .losses import token_divergence
+from .batch import Batch
+from .losses import IGNORE_INDEX, token_divergence
 from .monitor import verdict_line
 
 
@@ -54,7 +55,9 @@ def evaluate(
     desc: str = "eval",
     progress: bool = True,
 ) -> dict:
-    """Evaluate ``student`` (and ``teacher``, if given) on (num_blocks, block_size) ids.
+    """Evaluate ``student`` (and ``teacher``, if given) on ``blocks``: a store's blocks (only
+    their targets are scored: not padding, not a prompt under ``loss_on: assistant``) or a
+    (num_blocks, block_size) tensor of packed ids.
 
     ``reduce`` sums a tensor across processes (data-parallel eval: each rank passes its
     own shard of ``blocks``). ``teacher_cache`` keeps the teacher's numbers between
@@ -71,13 +74,18 @@ def evaluate(
     batches = range(0, len(blocks), batch_size)
     # A short bar, redrawn in place: only where a terminal shows it (a log gets the eval line).
     for start in tqdm(batches, desc=desc, leave=False, disable=not (progress and interactive()), unit="batch"):
-        ids = blocks[start : start + batch_size].to(device)
-        targets = ids[:, 1:].reshape(-1)
+        batch = _batch(blocks, start, batch_size)
+        ids = batch.input_ids.to(device)
+        targets = batch.targets.reshape(-1).to(device)
+        keep = None if batch.all_valid else targets != IGNORE_INDEX  # padding, prompts: not scored
         with autocast() if autocast else contextlib.nullcontext():
             s_logits = student(input_ids=ids, use_cache=False).logits[:, :-1, :vocab_size]
             t_logits = (teacher(input_ids=ids, use_cache=False).logits[:, :-1, :vocab_size]
                         if teacher is not None else None)
         s_flat = s_logits.reshape(-1, vocab_size).float()
+        if keep is not None:
+            s_flat, targets = s_flat[keep], targets[keep]
+            t_logits = t_logits.reshape(-1, vocab_size)[keep] if t_logits is not None else None
         sums[0] += F.cross_entropy(s_flat, targets, reduction="sum").item()
         sums[5] += targets.numel()
         if t_logits is not None:
@@ -107,6 +115,14 @@ def evaluate(
                    top1_agreement=sums[3].item() / tokens, teacher_ce_loss=teacher_ce,
                    teacher_ppl=perplexity(teacher_ce))
     return out
+
+
+def _batch(blocks, start: int, size: int) -> Batch:
+    """Rows [start, start + size) of a store's blocks, or of a (N, L) tensor of packed ids."""
+    rows = range(start, min(start + size, len(blocks)))
+    if isinstance(blocks, torch.Tensor):
+        return Batch.from_blocks(blocks[rows.start : rows.stop])
+    return blocks.batch(rows)
 
 
 def summary_table(result) -> str:

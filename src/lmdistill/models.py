@@ -367,6 +367,8 @@ class Models:
     student_layers: list[int] | None = None
     layer_importance: list[float] | None = None
     student_channels: list[int] | None = None  # the teacher hidden channel of each student channel
+    # Teacher and student tokenizers with different chat templates: an error for chat data only.
+    chat_template_problem: str | None = None
 
 
 def _has_tokenizer_files(source: str) -> bool:
@@ -396,7 +398,7 @@ def load_models(cfg, teacher=None, student=None, tokenizer=None, train_blocks=No
 
     ``train_blocks(tokenizer) -> (N, L) token ids`` gives the calibration data of a student cut
     out of the teacher (``model.student_init: teacher``)."""
-    teacher_name = student_name = None
+    teacher_name = student_name = template_problem = None
     pruned = None
     run_tokenizer_checked = False
     if teacher is None and cfg.model.teacher is not None:
@@ -419,6 +421,7 @@ def load_models(cfg, teacher=None, student=None, tokenizer=None, train_blocks=No
                 tokenizer = student_tok
             else:
                 check_same_tokenizer(tokenizer, student_tok, teacher_name, student_name)
+                template_problem = chat_template_difference(tokenizer, student_tok, teacher_name, student_name)
     elif student is None:
         if teacher is None:
             raise LmdistillError("no student to train: set model.student, or a teacher to build one from")
@@ -449,7 +452,22 @@ def load_models(cfg, teacher=None, student=None, tokenizer=None, train_blocks=No
             check_causal(model, role, name, vocab_size)
     return Models(teacher, student, tokenizer, teacher_name, student_name,
                   pruned.layers if pruned else None, pruned.layer_importance if pruned else None,
-                  pruned.channels if pruned else None)
+                  pruned.channels if pruned else None, template_problem)
+
+
+def chat_template_difference(teacher_tok, student_tok, teacher_name, student_name) -> str | None:
+    """Why chat data would be rendered differently for the two models; None when it would not
+    (same template, or the student's tokenizer has none and the teacher's renders for both)."""
+    t, s = teacher_tok.chat_template, student_tok.chat_template
+    if not s or t == s:
+        return None
+    if not t:
+        return (f"the student '{student_name}' has a chat template but the teacher '{teacher_name}' has none; chat "
+                "data must be rendered the same for both: give the teacher's tokenizer the student's template "
+                "(chat_template.jinja), or use plain-text data")
+    return (f"teacher '{teacher_name}' and student '{student_name}' have different chat templates, so one "
+            "conversation would be rendered two ways; give both the same chat_template.jinja, or use plain-text "
+            "data")
 
 
 def student_init(cfg, teacher) -> str:
@@ -481,11 +499,12 @@ def check_run_tokenizer(cfg, tokenizer, name: str | None) -> None:
                              "run (another --output-dir)")
 
 
-def calibration_ids(blocks: torch.Tensor, count: int) -> torch.Tensor:
-    """``count`` blocks spread evenly over ``blocks`` (all of them when there are fewer)."""
-    if len(blocks) <= count:
-        return blocks
-    return blocks[torch.linspace(0, len(blocks) - 1, count).round().long()]
+def calibration_ids(blocks, count: int) -> torch.Tensor:
+    """The ids of ``count`` blocks spread evenly over ``blocks`` (a store's blocks or an (N, L)
+    tensor; all of them when there are fewer)."""
+    rows = torch.arange(len(blocks)) if len(blocks) <= count else torch.linspace(0, len(blocks) - 1,
+                                                                                  count).round().long()
+    return blocks[rows] if isinstance(blocks, torch.Tensor) else blocks.ids(rows)
 
 
 def cut_from_teacher(cfg, teacher, tokenizer, train_blocks):

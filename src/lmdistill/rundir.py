@@ -277,9 +277,10 @@ class RunDirectory:
             raise LmdistillError(f"could not save the student in '{final}': {exc.strerror}; fix that (free disk "
                                  "space?), then run again with --resume: the final checkpoint is kept") from None
 
-    def warn_if_resume_differs(self, checkpoint: Path, cfg, teacher_ref: dict | None) -> list[str]:
-        """Warn when a resume would not continue the same run (a changed config or teacher);
-        the changed config keys."""
+    def warn_if_resume_differs(self, checkpoint: Path, cfg, teacher_ref: dict | None,
+                               data_layout: dict | None = None) -> list[str]:
+        """Warn when a resume would not continue the same run (a changed config, teacher or
+        data); the changed config keys."""
         from .config import Config, load_yaml
 
         changed = []
@@ -293,8 +294,13 @@ class RunDirectory:
             if changed:
                 print(f"warning: resuming with a changed config ({', '.join(changed)}); the resumed run will "
                       "not match an uninterrupted one")
+        state = json.loads((checkpoint / "trainer_state.json").read_text())
+        saved_data = state.get("data") or {}
+        if data_layout and saved_data.get("train") and saved_data.get("train") != data_layout.get("train"):
+            print("warning: the training blocks differ from the checkpoint's (the data, its tokenization or the "
+                  "block layout changed); the resumed run will not see the blocks an uninterrupted one would")
         if teacher_ref:
-            saved_teacher = json.loads((checkpoint / "trainer_state.json").read_text()).get("teacher") or {}
+            saved_teacher = state.get("teacher") or {}
             if saved_teacher.get("hash") and saved_teacher.get("hash") != teacher_ref.get("hash"):
                 print(f"warning: the teacher at {teacher_ref['source']} changed since the checkpoint was written "
                       f"(content hash differs); resuming with the changed teacher")

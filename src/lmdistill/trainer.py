@@ -39,7 +39,7 @@ from .batch import Batch
 from .checkpoint import (capture_rng_state, model_reference, projection_file, remove_leftovers, restore_training_state,
                          resume_point, save_checkpoint)
 from .config import Config
-from .data import BlockSampler, build_block_data
+from .data import build_block_data, make_sampler
 from .devices import check_trackers_installed, flat_config, make_accelerator
 from .errors import LmdistillError, TrainingStopped
 from .evaluate import evaluate, summary_table
@@ -114,8 +114,10 @@ class Trainer:
         cfg = self.cfg
         self.models, self.tokenizer, self.vocab_size = models, models.tokenizer, len(models.tokenizer)
         self._train_blocks(self.tokenizer)
-        self.sampler = BlockSampler(len(self.data.train), cfg.train.batch_size, cfg.run.seed,
-                                    self.accelerator.process_index, self.world)
+        if models.chat_template_problem and any(s.store.chat for s in self.data.sources):
+            raise LmdistillError(models.chat_template_problem)
+        self.sampler = make_sampler(self.data, cfg.train.batch_size, cfg.run.seed, self.accelerator.process_index,
+                                    self.world)
         self.plan = Plan.for_run(cfg, self.sampler.micro_batches_per_epoch, self.world, len(self.data.train),
                                  self.vocab_size)
         self.teacher = models.teacher
@@ -176,7 +178,8 @@ class Trainer:
                 run.create(cfg)
                 self.tokenizer.save_pretrained(run.path / "tokenizer")  # once per run; checkpoints + this = a model
             else:
-                self.resume_changes = run.warn_if_resume_differs(resume_from, cfg, self.teacher_reference())
+                self.resume_changes = run.warn_if_resume_differs(resume_from, cfg, self.teacher_reference(),
+                                                                  self.data.layout)
                 run.mark()
                 atomic_write(run.path / "config.yaml", cfg.to_run_yaml())  # the config this start runs with
                 remove_leftovers(run.checkpoints)
@@ -325,9 +328,9 @@ class Trainer:
     def _next_batches(self) -> list[Batch]:
         """The step's micro-batches; advances the data cursor (micro-batches consumed)."""
         accum = self.cfg.train.grad_accum
-        blocks = [self.data.train[self.sampler.indices(self.micro + i)] for i in range(accum)]
+        batches = [self.data.train.batch(self.sampler.indices(self.micro + i)) for i in range(accum)]
         self.micro += accum
-        return [Batch.from_blocks(b) for b in blocks]
+        return batches
 
     def _count_targets(self, batches: list[Batch]) -> float:
         """Valid targets across the step's micro-batches and all ranks: the normaliser of every term."""
@@ -386,7 +389,7 @@ class Trainer:
             self.rates.append(result.tokens_per_s)
             self.announce(step, self.monitor.on_train_loss(step, stats.loss))
             if step % self.cfg.train.log_every == 0 or step == self.plan.total_steps - 1:
-                self.log.write(result.record())
+                self.log.write({**result.record(), **self._source_share()})
         self.bar.set_description(f"{self._phase()} ep {result.epoch}", refresh=False)
         postfix = {"loss": f"{stats.loss:.3f}", "T": f"{result.temperature:.2f}", "tok/s": f"{result.tokens_per_s:.0f}"}
         if self.cfg.distill.kd_weight == 0:
@@ -403,6 +406,14 @@ class Trainer:
     def _phase(self) -> str:
         return "train" if self.cfg.distill.kd_weight == 0 else "distill"
 
+    def _source_share(self) -> dict:
+        """A mixture's share of the blocks seen so far, per source (by name); {} for one source."""
+        if self.data.weights is None:
+            return {}
+        seen = self.sampler.seen(self.micro * self.cfg.train.batch_size * self.world)
+        total = max(int(seen.sum()), 1)
+        return {"source_share": {s.name: int(n) / total for s, n in zip(self.data.sources, seen)}}
+
     def announce(self, step: int, fired: list[tuple[str, str]]) -> None:
         for check, message in fired:
             if self.is_main:
@@ -412,7 +423,7 @@ class Trainer:
     # ------------------------------------------------------------------ evaluation and checkpoints
     def evaluate(self, step: int, temperature: float, desc: str) -> dict:
         d = self.cfg.distill
-        shard = self.data.eval[self.accelerator.process_index :: self.world]
+        shard = self.data.eval.subset(slice(self.accelerator.process_index, None, self.world))
         result = evaluate(
             self.raw_student, self.teacher, shard, vocab_size=self.vocab_size, temperature=temperature,
             scale_by_t2=d.scale_by_t2, divergence=d.divergence, jsd_beta=d.jsd_beta, skew_alpha=d.skew_alpha,
@@ -437,6 +448,7 @@ class Trainer:
                 "step": done, "micro_batches": self.micro, "epoch": self.sampler.epoch_of(max(self.micro - 1, 0)),
                 "total_steps": self.plan.total_steps, "processes": self.world, "initial_eval": self.initial,
                 **self.guard.state_dict(), "health": self.monitor.state_dict(), "teacher": self.teacher_reference(),
+                "data": self.data.layout,
             }
             save_checkpoint(self.run.checkpoints, done, model_state=self.raw_student.state_dict(),
                             optimizer_state=self.optimizer.state_dict(), trainer_state=trainer_state,

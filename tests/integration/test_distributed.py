@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import socket
 import subprocess
@@ -19,12 +20,14 @@ STUDENT = ("model.student_config={num_hidden_layers: 1, hidden_size: 16, interme
            "num_attention_heads: 2, num_key_value_heads: 2}")
 
 
-def _launch(nproc: int, *args: str) -> subprocess.CompletedProcess:
+def _launch(nproc: int, *args: str, home=None) -> subprocess.CompletedProcess:
     """``torchrun --nproc_per_node N -m lmdistill ...``: N CPU processes over gloo, as documented.
 
     (``accelerate launch --cpu`` starts one process unless MPI is set up; torchrun needs nothing.)
     """
     env = {**os.environ, "PYTHONPATH": str(REPO / "src"), "OMP_NUM_THREADS": "1"}
+    if home is not None:
+        env["LMDISTILL_HOME"] = str(home)
     with socket.socket() as sock:  # a free port for every launch: a reused one may still be in TIME_WAIT
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]
@@ -51,9 +54,19 @@ def single_and_ddp(tmp_path_factory, teacher_dir, text_file):
     base = tmp_path_factory.mktemp("ddp")
     single = run_cli(*_common(teacher_dir, text_file, base / "single", 4))
     assert single.returncode == 0, single.stderr[-3000:]
-    ddp = _launch(2, *_common(teacher_dir, text_file, base / "ddp", 2))
+    # A home with no data store yet: both ranks ask for one, one builds it, the other waits for it.
+    ddp = _launch(2, *_common(teacher_dir, text_file, base / "ddp", 2), home=base / "home")
     assert ddp.returncode == 0, ddp.stderr[-3000:]
     return base / "single", base / "ddp"
+
+
+def test_two_ranks_build_one_store_and_both_map_it(single_and_ddp):
+    home = single_and_ddp[1].parent / "home" / "stores"
+    entries = sorted(p.name for p in home.iterdir())
+    stores = [name for name in entries if (home / name / "manifest.json").is_file()]
+    assert len(stores) == 1 and entries == [stores[0], stores[0] + ".lock"]  # no second copy, no leftovers
+    run = json.loads((single_and_ddp[1] / "run.json").read_text())
+    assert run["data"]["sources"][0]["store"] == str(home / stores[0])
 
 
 def test_two_ranks_match_one_rank_with_the_same_global_batch(single_and_ddp):

@@ -456,16 +456,29 @@ def test_data_without_records_says_so(tmp_path, teacher_dir, name, content):
     assert "Instruction" not in line and not out.exists()
 
 
-def test_an_unwritable_datasets_cache_is_reported_as_such(tmp_path, teacher_dir, text_file, monkeypatch):
+def test_an_unwritable_datasets_cache_is_reported_as_such(tmp_path, teacher_dir, corpus_texts, monkeypatch):
     import datasets
 
+    records = tmp_path / "records.jsonl"  # .jsonl goes through datasets (plain text is read directly)
+    records.write_text("".join(json.dumps({"text": t}) + "\n" for t in corpus_texts[:12]))
     a_file = tmp_path / "a-file"
     a_file.write_text("x")
     monkeypatch.setattr(datasets.config, "HF_DATASETS_CACHE", a_file / "cache")  # cannot be created: ENOTDIR
     out = tmp_path / "run"
-    line = _one_error_line(cli(*_args(teacher_dir, text_file, out)), str(a_file / "cache"),
+    line = _one_error_line(cli(*_args(teacher_dir, records, out)), str(a_file / "cache"),
                            "datasets could not write its cache", "HF_DATASETS_CACHE")
     assert "format" not in line and not out.exists()
+
+
+def test_an_unwritable_store_dir_is_reported_with_the_fix(tmp_path, teacher_dir, corpus_texts):
+    text = tmp_path / "fresh.txt"  # text no store holds yet: the store must be written
+    text.write_text("\n".join(corpus_texts[:12]))
+    a_file = tmp_path / "a-file"
+    a_file.write_text("x")
+    out = tmp_path / "run"
+    _one_error_line(cli(*_args(teacher_dir, text, out, "--set", f"data.store_dir={a_file / 'stores'}")),
+                    str(a_file / "stores"), "data.store_dir")
+    assert not out.exists()
 
 
 # --------------------------------------------------------------------------- hostile probe: commands

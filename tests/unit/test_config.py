@@ -427,3 +427,37 @@ def test_overrides_must_be_a_list():
     with pytest.raises(ConfigError, match=r"overrides must be a list of 'key=value' strings.*got str"):
         Config.load(None, "train.max_steps=3")
     assert Config.load(None, ("train.max_steps=3",)).train.max_steps == 3
+
+
+@pytest.mark.parametrize("sources, match", [
+    ([], r"data.sources.*non-empty list"),
+    ([{"weight": 1}], r"data.sources\[0\].*must be a mapping with a path"),
+    ([{"path": "a.txt", "weight": 0}], r"data.sources\[0\].weight.*finite number > 0"),
+    ([{"path": "a.txt", "weight": -2}], r"data.sources\[0\].weight"),
+    ([{"path": "a.txt", "weight": float("nan")}], r"data.sources\[0\].weight"),
+    ([{"path": "a.txt", "weight": "heavy"}], r"data.sources\[0\].weight"),
+    ([{"path": "a.txt", "weigth": 1}], r"unknown key\(s\) weigth"),
+    ([{"path": "a.txt"}, {"path": "a.txt"}], r"two sources have this name"),
+    ([{"path": ""}], r"data.sources\[0\].path"),
+])
+def test_bad_mixtures_are_one_line_errors(sources, match):
+    cfg = Config()
+    cfg.data.sources = sources
+    with pytest.raises(ConfigError, match=match):
+        cfg.validate()
+
+
+def test_a_mixture_and_a_path_contradict_each_other():
+    cfg = Config()
+    cfg.set("data.path", "a.txt")
+    cfg.set("data.sources", [{"path": "b.txt", "weight": 1}])
+    with pytest.raises(ConfigError, match="data.path and data.sources are both set"):
+        cfg.validate()
+
+
+def test_a_valid_mixture_passes_and_loss_on_is_checked():
+    cfg = Config()
+    cfg.set("data.sources", [{"path": None, "weight": 2}, {"path": "chat.jsonl", "weight": 1, "name": "chat"}])
+    cfg.validate()
+    with pytest.raises(ConfigError, match="data.loss_on"):
+        cfg.set("data.loss_on", "prompts")

@@ -1,4 +1,4 @@
-"""Text sources, packing, the train/eval split and the block sampler.
+"""Text sources through the block store: packing, the train/eval split and the block sampler.
 
 Expected blocks are built here independently: tokenize each document with the tokenizer,
 append EOS, concatenate, drop the tail and cut into rows of ``block_size``.
@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from lmdistill.config import DataConfig
-from lmdistill.data import BlockSampler, build_block_data, load_texts, pack_blocks
+from lmdistill.data import BlockSampler, block_data_of, build_block_data, plan_source
 from lmdistill.errors import LmdistillError
 
 
@@ -24,6 +24,16 @@ def expected_blocks(docs: list[str], tokenizer, block_size: int) -> torch.Tensor
         flat += tokenizer.encode(doc, add_special_tokens=False) + [tokenizer.eos_token_id]
     n = len(flat) // block_size
     return torch.tensor(flat[: n * block_size], dtype=torch.int64).view(n, block_size)
+
+
+def all_ids(blocks) -> torch.Tensor:
+    return blocks.ids(slice(None))
+
+
+def pack(source, tokenizer, block_size: int, **kw) -> torch.Tensor:
+    """Every block of one source, through its store."""
+    blocks, _ = block_data_of(str(source), DataConfig(path=str(source), block_size=block_size, **kw), tokenizer)
+    return all_ids(blocks)
 
 
 @pytest.fixture(scope="module")
@@ -47,10 +57,9 @@ def eval_docs(corpus_texts) -> list[str]:
 # ---- loading -------------------------------------------------------------------------------
 
 def test_jsonl_with_non_default_text_field(jsonl_file, docs, tiny_tokenizer):
-    cfg = DataConfig(path=str(jsonl_file), text_field="body")
-    ds, description = load_texts(cfg.path, cfg)
-    assert ds.column_names == ["text"]
-    assert list(ds["text"]) == docs
+    cfg = DataConfig(path=str(jsonl_file), text_field="body", block_size=7)
+    blocks, description = block_data_of(cfg.path, cfg, tiny_tokenizer)
+    assert torch.equal(all_ids(blocks), expected_blocks(docs, tiny_tokenizer, 7))
     assert str(jsonl_file) in description
 
 
@@ -61,8 +70,6 @@ def test_parquet(tmp_path, docs, tiny_tokenizer):
     path = tmp_path / "docs.parquet"
     pq.write_table(pa.table({"content": docs, "n": list(range(len(docs)))}), path)
     cfg = DataConfig(path=str(path), text_field="content", block_size=32, max_eval_blocks=None)
-    ds, _ = load_texts(cfg.path, cfg)
-    assert list(ds["text"]) == docs
     data = build_block_data(cfg, tiny_tokenizer)
     everything = expected_blocks(docs, tiny_tokenizer, 32)
     assert len(data.train) + len(data.eval) == len(everything)
@@ -73,27 +80,20 @@ def test_txt_files_in_a_directory_are_one_document_each(tmp_path, docs, tiny_tok
     folder.mkdir()
     for i, doc in enumerate(docs[:3]):
         (folder / f"{i:02d}.txt").write_text(doc)
-    cfg = DataConfig(path=str(folder))
-    ds, description = load_texts(cfg.path, cfg)
-    assert list(ds["text"]) == docs[:3]
+    blocks, description = block_data_of(str(folder), DataConfig(path=str(folder), block_size=24), tiny_tokenizer)
     assert "3 files" in description
-    blocks = pack_blocks(ds, tiny_tokenizer, 24)
-    assert torch.equal(blocks, expected_blocks(docs[:3], tiny_tokenizer, 24))
+    assert torch.equal(all_ids(blocks), expected_blocks(docs[:3], tiny_tokenizer, 24))
 
 
 def test_single_txt_file(tmp_path, docs, tiny_tokenizer):
     path = tmp_path / "one.txt"
     path.write_text(docs[0])
-    cfg = DataConfig(path=str(path))
-    ds, _ = load_texts(cfg.path, cfg)
-    assert list(ds["text"]) == [docs[0]]
+    assert torch.equal(pack(path, tiny_tokenizer, 16), expected_blocks([docs[0]], tiny_tokenizer, 16))
 
 
 @pytest.mark.parametrize("block_size", [7, 32, 128])
 def test_packed_blocks_equal_documents_plus_eos_cut_into_blocks(jsonl_file, docs, tiny_tokenizer, block_size):
-    cfg = DataConfig(path=str(jsonl_file), text_field="body")
-    ds, _ = load_texts(cfg.path, cfg)
-    blocks = pack_blocks(ds, tiny_tokenizer, block_size)
+    blocks = pack(jsonl_file, tiny_tokenizer, block_size, text_field="body")
     expected = expected_blocks(docs, tiny_tokenizer, block_size)
     assert blocks.dtype == torch.int64
     assert blocks.shape == expected.shape
@@ -116,19 +116,19 @@ def split(jsonl_file, tokenizer, **kw):
     return build_block_data(cfg, tokenizer)
 
 
-def rows(t: torch.Tensor) -> list[tuple]:
-    return [tuple(r.tolist()) for r in t]
+def rows(blocks) -> list[tuple]:
+    return [tuple(r.tolist()) for r in all_ids(blocks)]
 
 
 def test_eval_split_is_disjoint_and_covers_all_blocks(jsonl_file, docs, tiny_tokenizer):
     everything = expected_blocks(docs, tiny_tokenizer, 32)
-    assert len(set(rows(everything))) == len(everything)  # precondition: rows are distinct
+    assert len(set(map(tuple, everything.tolist()))) == len(everything)  # precondition: rows are distinct
     data = split(jsonl_file, tiny_tokenizer, eval_fraction=0.2)
     assert set(rows(data.train)).isdisjoint(rows(data.eval))
-    assert Counter(rows(data.train)) + Counter(rows(data.eval)) == Counter(rows(everything))
+    assert Counter(rows(data.train)) + Counter(rows(data.eval)) == Counter(map(tuple, everything.tolist()))
     assert len(data.eval) == round(0.2 * len(everything))
     # train keeps the original order of its blocks
-    index = {r: i for i, r in enumerate(rows(everything))}
+    index = {r: i for i, r in enumerate(map(tuple, everything.tolist()))}
     train_idx = [index[r] for r in rows(data.train)]
     assert train_idx == sorted(train_idx)
     assert data.describe()["train_blocks"] == len(data.train)
@@ -138,7 +138,7 @@ def test_eval_split_is_deterministic_given_split_seed(jsonl_file, tiny_tokenizer
     a = split(jsonl_file, tiny_tokenizer, split_seed=3)
     b = split(jsonl_file, tiny_tokenizer, split_seed=3)
     c = split(jsonl_file, tiny_tokenizer, split_seed=4)
-    assert torch.equal(a.eval, b.eval) and torch.equal(a.train, b.train)
+    assert rows(a.eval) == rows(b.eval) and rows(a.train) == rows(b.train)
     assert set(rows(a.eval)) != set(rows(c.eval))
 
 
@@ -154,8 +154,8 @@ def test_eval_path_is_used_when_given(tmp_path, jsonl_file, docs, eval_docs, tin
     cfg = DataConfig(path=str(jsonl_file), text_field="body", block_size=32, eval_path=str(eval_file),
                      max_eval_blocks=None)
     data = build_block_data(cfg, tiny_tokenizer)
-    assert torch.equal(data.train, expected_blocks(docs, tiny_tokenizer, 32))  # nothing held out of train
-    assert torch.equal(data.eval, expected_blocks(eval_docs, tiny_tokenizer, 32))
+    assert torch.equal(all_ids(data.train), expected_blocks(docs, tiny_tokenizer, 32))  # nothing held out of train
+    assert torch.equal(all_ids(data.eval), expected_blocks(eval_docs, tiny_tokenizer, 32))
     assert str(eval_file) in data.eval_source
 
 
@@ -198,34 +198,34 @@ def test_empty_jsonl_file_is_a_clear_error(tmp_path, tiny_tokenizer):
 def test_missing_path(tmp_path):
     missing = tmp_path / "missing.txt"
     with pytest.raises(LmdistillError, match="does not exist") as info:
-        load_texts(str(missing), DataConfig())
+        plan_source(str(missing), DataConfig())
     assert str(missing) in str(info.value)
 
 
 def test_missing_relative_path_is_not_a_traceback():
     # 'nope.txt' could be a datasets name; offline it must still end in a clear user error.
     with pytest.raises(LmdistillError, match="nope.txt"):
-        load_texts("nope.txt", DataConfig())
+        plan_source("nope.txt", DataConfig())
     with pytest.raises(LmdistillError, match="does not exist"):
-        load_texts("./nope.txt", DataConfig())
+        plan_source("./nope.txt", DataConfig())
 
 
 def test_unsupported_extension(tmp_path):
     path = tmp_path / "data.csv"
     path.write_text("text\nhello\n")
     with pytest.raises(LmdistillError, match=r"unsupported extension '\.csv'.*\.txt, \.jsonl or \.parquet"):
-        load_texts(str(path), DataConfig())
+        plan_source(str(path), DataConfig())
 
 
 def test_directory_without_data_files(tmp_path):
     (tmp_path / "notes.csv").write_text("x")
     with pytest.raises(LmdistillError, match="holds no .txt, .jsonl or .parquet files"):
-        load_texts(str(tmp_path), DataConfig())
+        plan_source(str(tmp_path), DataConfig())
 
 
-def test_missing_text_field_lists_the_fields(jsonl_file):
+def test_missing_text_field_lists_the_fields(jsonl_file, tiny_tokenizer):
     with pytest.raises(LmdistillError) as info:
-        load_texts(str(jsonl_file), DataConfig())  # default text_field 'text'
+        build_block_data(DataConfig(path=str(jsonl_file)), tiny_tokenizer)  # default text_field 'text'
     message = str(info.value)
     assert "no field 'text'" in message and "body" in message and "id" in message
     assert "data.text_field" in message

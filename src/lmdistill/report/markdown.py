@@ -150,7 +150,27 @@ def _data_rows(record: RunRecord) -> list[list[Any]]:
         ["training blocks", fmt_value(data.get("train_blocks"))],
         ["evaluation blocks", fmt_value(data.get("eval_blocks"))],
         ["training tokens", fmt_value(data.get("train_tokens"))],
+        ["target tokens: training / evaluation (tokens with a loss on them)",
+         f"{fmt_value(data.get('train_targets'))} / {fmt_value(data.get('eval_targets'))}"],
     ]
+
+
+def _source_rows(record: RunRecord) -> list[list[Any]]:
+    """One row per source: its store, format, what the loss is on, and its share of the blocks seen."""
+    data = (record.run_info or {}).get("data") or {}
+    shares = next((line["source_share"] for line in reversed(record.train) if "source_share" in line), {})
+    rows = []
+    for s in data.get("sources") or []:
+        skipped = s.get("skipped_no_assistant") or 0
+        rows.append([s.get("name"), fmt_value(s.get("weight")), s.get("format"), s.get("loss_on"),
+                     fmt_value(s.get("tokens")), fmt_value(s.get("train_targets")),
+                     f"{shares[s['name']]:.1%}" if s.get("name") in shares else DASH,
+                     fmt_value(skipped) if skipped else "0", f"`{s.get('store')}`"])
+    return rows
+
+
+SOURCE_HEADER = ["source", "weight", "format", "loss on", "tokens", "training targets", "share of blocks seen",
+                 "records skipped (no assistant turn)", "store"]
 
 
 def _final_table(record: RunRecord) -> list[str]:
@@ -304,6 +324,9 @@ def render_report(record: RunRecord, plots: list[Path]) -> str:
                      model_rows)
     out += ["", ratio] if ratio else []
     out += ["", "## Data", ""] + table(["", ""], _data_rows(record))
+    sources = _source_rows(record)
+    if sources:
+        out += ["", "Sources (each tokenized once into a data store):", ""] + table(SOURCE_HEADER, sources)
     out += ["", "## Key configuration", ""] + table(["setting", "value"], _config_rows(record))
     out += ["", "## Final metrics", ""]
     if record.final_eval is None:

@@ -1,0 +1,628 @@
+"""The tokenized block store: a source's token ids on disk, memory-mapped, built once.
+
+A store holds one source (a file, a directory of files, a ``datasets`` name, the embedded
+corpus) tokenized with one tokenizer::
+
+    <store>/
+      manifest.json   written last: format version, what the store was built from (source
+                      files with sizes and hashes, or a datasets fingerprint; the tokenizer's
+                      content hash), token and document counts, dtypes, per-file SHA-256
+      tokens.bin      every token id, documents back to back, uint16 (vocabularies up to
+                      65,536) or uint32
+      docs.bin        int64: where each document ends in tokens.bin
+      mask.bin        chat and prompt/completion data only: uint8, 1 on the tokens a
+                      model should learn to produce (assistant turns, completions)
+
+Plain text gets an EOS after every document, as training has always packed it; a chat
+conversation ends however its template ends it.
+
+Why token ids and not blocks: tokenizing is the expensive part and depends only on the
+source and the tokenizer. Cutting into blocks, packing conversations and the train/eval
+split are cheap, depend on the run's settings (``data.block_size``, ``data.loss_on``,
+``data.split_seed``), and are computed on each start (``layout_blocks``), so another block
+size never tokenizes again.
+
+Building. The source is cut into shards of about ``SHARD_BYTES`` of text; ``data.num_proc``
+worker processes tokenize them, one core each, into shard files of a build directory beside
+the store. A shard is done when its marker file is; a killed build, run again, keeps the
+finished shards and redoes the rest. When all are done their contents are joined into the
+store's files in a temporary directory that is renamed into place in one step, so a store
+at its final path is always complete. A file lock (``<key>.lock``) makes every other
+process (the other ranks of a torchrun job, a second run on the same data) wait for the
+build and then map the same files: nothing is tokenized or stored twice.
+
+Where: ``data.store_dir`` or ``$LMDISTILL_HOME/stores``, in a directory named by the
+*key*: a hash of the source (file paths, sizes and modification times, or the datasets
+fingerprint), the tokenizer's content hash and the options that change the ids. The
+manifest's *fingerprint* is the hash of the stored ids themselves: what a teacher cache
+and a checkpoint record, so that they match the data, not the path it came from.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import multiprocessing
+import os
+import shutil
+import sys
+import time
+from collections.abc import Iterator
+from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from .errors import LmdistillError
+from .paths import atomic_write_json, fsync_dir
+from .progress import progress_bar
+
+FORMAT_VERSION = 1
+SHARD_BYTES = 16 << 20  # a worker's unit of work: about this much text
+PIECE_BYTES = 1 << 20  # a plain-text file is tokenized in pieces of about this size, cut after a newline
+MANIFEST = "manifest.json"
+
+
+# ---------------------------------------------------------------------------- the source
+@dataclass
+class SourcePlan:
+    """What a build reads, and how it is cut into shards.
+
+    kind "files": plain-text files, one document each; a shard is a byte range of one file.
+    kind "records": a ``datasets.Dataset`` (jsonl, parquet, a hub name, the embedded
+    corpus); a shard is a range of records. ``fmt`` is the records' format (text,
+    messages, prompt_completion; see ``chat.py``).
+    """
+
+    kind: str
+    fmt: str
+    description: str
+    identity: dict  # what the key hashes: where the source came from, in a form that changes when it does
+    # ("files", [(path, start, end, ends the file), ...]) | ("records", start, end)
+    shards: list[tuple] = field(default_factory=list)
+    dataset: object | None = None
+    text_field: str = "text"
+    work: int = 0  # bytes or records, for the progress bar
+
+    @property
+    def chat(self) -> bool:
+        return self.fmt != "text"
+
+    def prepare(self) -> None:
+        """Load what the build reads (records sources load their dataset here)."""
+
+
+def plan_files(files: list[str], description: str) -> SourcePlan:
+    """Plain-text files, each one document. A shard is about SHARD_BYTES: several small files
+    whole, or a piece of a large one cut after a newline."""
+    ranges, identity = [], []
+    for name in files:
+        path = Path(name).resolve()
+        stat = path.stat()
+        identity.append([str(path), stat.st_size, stat.st_mtime_ns])
+        start = 0
+        while start < stat.st_size:
+            end = _cut_after_newline(path, start + SHARD_BYTES, stat.st_size)
+            ranges.append((str(path), start, end, end == stat.st_size))
+            start = end
+    shards, current, size = [], [], 0
+    for r in ranges:
+        if current and size + (r[2] - r[1]) > SHARD_BYTES:
+            shards.append(("files", current))
+            current, size = [], 0
+        current.append(r)
+        size += r[2] - r[1]
+    if current:
+        shards.append(("files", current))
+    return SourcePlan("files", "text", description, {"files": identity}, shards, work=sum(r[2] - r[1] for r in ranges))
+
+
+def _cut_after_newline(path: Path, at: int, size: int) -> int:
+    """The first byte after a newline at or after ``at`` (the file's end if there is none).
+
+    A newline byte never occurs inside a multi-byte UTF-8 character, so a cut there never
+    splits one."""
+    if at >= size:
+        return size
+    with open(path, "rb") as f:
+        f.seek(at)
+        while chunk := f.read(1 << 16):
+            hit = chunk.find(b"\n")
+            if hit >= 0:
+                return at + hit + 1
+            at += len(chunk)
+    return size
+
+
+def plan_records(dataset, fmt: str, description: str, identity: dict, text_field: str = "text") -> SourcePlan:
+    """A datasets.Dataset, cut into shards of about SHARD_BYTES of records."""
+    n = len(dataset)
+    size = max(int(getattr(dataset.data, "nbytes", 0) or 0), 1)
+    per_shard = max(1, int(n * SHARD_BYTES / size))
+    shards = [("records", start, min(start + per_shard, n)) for start in range(0, n, per_shard)]
+    return SourcePlan("records", fmt, description, identity, shards, dataset, text_field, work=n)
+
+
+# ---------------------------------------------------------------------------- workers
+_WORKER: dict = {}
+
+
+def _init_worker(tokenizer, dataset, fmt: str, text_field: str) -> None:
+    """Per process: the tokenizer and dataset, and one core each (num_proc is the parallelism)."""
+    os.environ["TOKENIZERS_PARALLELISM"] = "false"
+    _WORKER.update(tokenizer=tokenizer, dataset=dataset, fmt=fmt, text_field=text_field)
+
+
+class RecordError(Exception):
+    """A record a build cannot take: the message, and which record (for the parent's one line)."""
+
+    def __init__(self, message: str, record: int | None = None):
+        super().__init__(message)
+        self.record = record
+
+
+def _tokenize_shard(index: int, shard: tuple, out_dir: str, dtype: str) -> dict:
+    """Tokenize one shard into ``shard-NNNNN.*`` files of ``out_dir``; returns its counts.
+
+    The marker (``.json``) is written last, by rename: a shard without one is redone."""
+    tokenizer, fmt = _WORKER["tokenizer"], _WORKER["fmt"]
+    ids, ends, mask, counts = [], [], [], {"skipped_no_assistant": 0, "empty": 0, "records": 0}
+    if shard[0] == "files":
+        for path, start, end, last in shard[1]:
+            before = len(ids)
+            for piece in tokenizer(_text_pieces(path, start, end), add_special_tokens=False,
+                                   verbose=False)["input_ids"]:
+                ids.extend(piece)
+            if last and (len(ids) > before or start > 0):  # the file's end: its document ends with EOS
+                ids.append(tokenizer.eos_token_id)
+                ends.append(len(ids))
+    else:
+        _, start, end = shard
+        _records_to_ids(_WORKER["dataset"], start, end, fmt, tokenizer, ids, ends, mask, counts)
+    base = Path(out_dir) / f"shard-{index:05d}"
+    array = np.asarray(ids, dtype=dtype)
+    if len(ids) and int(array.max()) != max(ids):  # a wider id than the dtype holds: the vocabulary grew
+        raise RecordError(f"token id {max(ids)} does not fit the store's {dtype}")
+    array.tofile(f"{base}.tokens")
+    np.asarray(ends, dtype=np.int64).tofile(f"{base}.ends")
+    if fmt != "text":
+        np.asarray(mask, dtype=np.uint8).tofile(f"{base}.mask")
+    result = {"tokens": len(ids), "documents": len(ends), **counts}
+    atomic_write_json(Path(f"{base}.json"), result, fsync=True)
+    return result
+
+
+def _text_pieces(path: str, start: int, end: int) -> list[str]:
+    """The text of bytes [start, end) of ``path`` in pieces of about PIECE_BYTES cut after a newline."""
+    with open(path, "rb") as f:
+        f.seek(start)
+        data = f.read(end - start)
+    pieces, at = [], 0
+    while at < len(data):
+        cut = data.find(b"\n", at + PIECE_BYTES) + 1 if at + PIECE_BYTES < len(data) else len(data)
+        cut = cut if cut > 0 else len(data)
+        try:
+            pieces.append(data[at:cut].decode("utf-8"))
+        except UnicodeDecodeError as exc:
+            raise RecordError(f"'{path}' is not UTF-8 text (a byte {data[at + exc.start]:#04x} at byte offset "
+                              f"{start + at + exc.start}); convert it to UTF-8, e.g. with iconv") from None
+        at = cut
+    return pieces
+
+
+def _records_to_ids(dataset, start: int, end: int, fmt: str, tokenizer, ids, ends, mask, counts) -> None:
+    from . import chat
+
+    rows = dataset[start:end]
+    columns = list(rows)
+    records = [dict(zip(columns, values)) for values in zip(*rows.values())]
+    counts["records"] += len(records)
+    text_field = _WORKER["text_field"]
+    if fmt == "text":
+        texts = []
+        for number, record in enumerate(records, start):
+            text = record.get(text_field)
+            if text is not None and not isinstance(text, str):
+                raise RecordError(f"a record's text field holds {type(text).__name__} ({str(text)[:40]!r}), not "
+                                  "text; set data.text_field to the field that holds the text", number)
+            _check_format(record, fmt, text_field, number)
+            if text:
+                texts.append(text)
+            else:
+                counts["empty"] += 1
+        for doc in tokenizer(texts, add_special_tokens=False, verbose=False)["input_ids"] if texts else []:
+            if doc:
+                ids.extend(doc)
+                ids.append(tokenizer.eos_token_id)
+                ends.append(len(ids))
+        return
+    for number, record in enumerate(records, start):
+        _check_format(record, fmt, text_field, number)
+        try:
+            doc, doc_mask = chat.encode_record(record, tokenizer, fmt, text_field)
+        except chat.NoAssistantTurn:
+            counts["skipped_no_assistant"] += 1
+            continue
+        except LmdistillError as exc:
+            raise RecordError(str(exc), number) from None
+        ids.extend(doc)
+        mask.extend(doc_mask)
+        ends.append(len(ids))
+
+
+def _check_format(record: dict, fmt: str, text_field: str, number: int) -> None:
+    from .chat import record_format
+
+    found = record_format(record, text_field)
+    if found != fmt and not (fmt == "text" and found is None):  # a record without text is counted, not an error
+        what = "no text, messages or prompt/completion field" if found is None else f"a '{found}' record"
+        raise RecordError(f"mixed formats: this source's first record is '{fmt}' but record {number} has {what}; "
+                          "keep one format per source (use data.sources for a mixture)", number)
+
+
+# ---------------------------------------------------------------------------- the store on disk
+@dataclass
+class Store:
+    """A finished store, memory-mapped. Nothing is read until a block is."""
+
+    path: Path
+    manifest: dict
+    tokens: np.ndarray
+    doc_ends: np.ndarray
+    mask: np.ndarray | None
+
+    @property
+    def fingerprint(self) -> str:
+        return self.manifest["fingerprint"]
+
+    @property
+    def chat(self) -> bool:
+        return self.mask is not None
+
+    @property
+    def num_tokens(self) -> int:
+        return int(self.manifest["tokens"])
+
+    @classmethod
+    def open(cls, path: Path) -> "Store":
+        path = Path(path)
+        try:
+            manifest = json.loads((path / MANIFEST).read_text())
+        except (OSError, ValueError) as exc:
+            raise LmdistillError(f"data store '{path}' has no readable {MANIFEST} ({exc.__class__.__name__}); delete "
+                                 "the directory and run again to rebuild it") from None
+        if manifest.get("format_version") != FORMAT_VERSION:
+            raise LmdistillError(f"data store '{path}' has format version {manifest.get('format_version')}, this "
+                                 f"lmdistill reads {FORMAT_VERSION}; delete the directory and run again to rebuild it")
+        arrays = {}
+        for name, record in manifest["files"].items():
+            file = path / name
+            size = file.stat().st_size if file.exists() else None
+            if size != record["bytes"]:
+                raise LmdistillError(f"data store '{path}' is damaged: {name} has {size} bytes, its manifest says "
+                                     f"{record['bytes']}; delete the directory and run again to rebuild it")
+            arrays[name] = (np.memmap(file, dtype=record["dtype"], mode="r") if record["bytes"]
+                            else np.zeros(0, dtype=record["dtype"]))
+        return cls(path, manifest, arrays["tokens.bin"], arrays["docs.bin"], arrays.get("mask.bin"))
+
+    def verify(self) -> None:
+        """Check every file against its SHA-256 in the manifest (reads all of them)."""
+        for name, record in self.manifest["files"].items():
+            if _sha256(self.path / name) != record["sha256"]:
+                raise LmdistillError(f"data store '{self.path}' is damaged: {name} does not match its SHA-256 in the "
+                                     "manifest; delete the directory and run again to rebuild it")
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 22):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def tokenizer_hash(tokenizer) -> str:
+    """What decides the ids: the tokenizer's full definition, its EOS and its chat template."""
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    spec = backend.to_str() if backend is not None else json.dumps(tokenizer.get_vocab(), sort_keys=True)
+    template = tokenizer.chat_template if isinstance(tokenizer.chat_template, str) else json.dumps(
+        tokenizer.chat_template, sort_keys=True)
+    parts = [spec, str(tokenizer.eos_token_id), template or ""]
+    return "sha256:" + hashlib.sha256("\0".join(parts).encode()).hexdigest()
+
+
+def id_dtype(vocab_size: int) -> str:
+    """The narrowest unsigned type that holds every id of the vocabulary."""
+    return "uint16" if vocab_size <= 1 << 16 else "uint32"
+
+
+def store_key(plan: SourcePlan, tokenizer, max_tokens: int | None) -> dict:
+    """Everything that changes the stored ids; its hash names the store's directory."""
+    return {"format_version": FORMAT_VERSION, "source": plan.identity,
+            "text_field": plan.text_field if plan.kind == "records" else None, "max_tokens": max_tokens,
+            "tokenizer": tokenizer_hash(tokenizer), "dtype": id_dtype(len(tokenizer)),
+            "shard_bytes": SHARD_BYTES, "piece_bytes": PIECE_BYTES}
+
+
+def key_name(key: dict) -> str:
+    return hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:20]
+
+
+def stores_home(store_dir: str | None) -> Path:
+    if store_dir:
+        return Path(store_dir).expanduser()
+    from .default import cache_home
+
+    return cache_home() / "stores"
+
+
+@contextlib.contextmanager
+def _locked(path: Path, say) -> Iterator[None]:
+    """An exclusive lock on ``path``; says once that it waits when another process holds it."""
+    import fcntl
+
+    with open(path, "a+") as f:
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            say(f"waiting for another process to finish building the data store ({path.with_suffix('')})")
+            fcntl.flock(f, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
+
+
+def open_or_build(plan: SourcePlan, tokenizer, *, home: Path, num_proc: int | None, max_tokens: int | None,
+                  say=print, progress: bool = True) -> tuple[Store, bool]:
+    """The store for ``plan`` and ``tokenizer``: opened if it exists, else built. (store, built)."""
+    key = store_key(plan, tokenizer, max_tokens)
+    final = home / key_name(key)
+    if (final / MANIFEST).exists():
+        return Store.open(final), False
+    try:
+        home.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise LmdistillError(f"cannot create the data store directory '{home}' ({exc.strerror}); set "
+                             "data.store_dir (or LMDISTILL_HOME) to a writable directory") from None
+    with _locked(home / f"{final.name}.lock", say):
+        if (final / MANIFEST).exists():  # built by the process we waited for
+            return Store.open(final), False
+        _build(plan, tokenizer, key, final, num_proc, max_tokens, say, progress)
+    return Store.open(final), True
+
+
+def _build(plan: SourcePlan, tokenizer, key: dict, final: Path, num_proc: int | None, max_tokens: int | None,
+           say, progress: bool) -> None:
+    plan.prepare()
+    if tokenizer.eos_token_id is None and plan.fmt in ("text", "prompt_completion"):
+        raise LmdistillError("the tokenizer has no EOS token to end documents with; set tokenizer.eos_token")
+    if plan.fmt == "messages":
+        from .chat import check_chat_template
+
+        check_chat_template(tokenizer, plan.description)
+    build = final.with_name(final.name + ".build")
+    started = _start_build_dir(build, key, plan)
+    todo = [i for i in range(len(plan.shards)) if not (build / f"shard-{i:05d}.json").exists()]
+    procs = max(1, min(num_proc or default_num_proc(), len(todo) or 1))
+    if started and len(todo) < len(plan.shards):
+        say(f"note: resuming the data store build in '{build}': {len(plan.shards) - len(todo)} of "
+            f"{len(plan.shards)} shards are done")
+    say(f"tokenizing {plan.description} into a data store ({len(plan.shards)} shard(s), {procs} process(es)): "
+        f"{final}")
+    t0 = time.perf_counter()
+    try:
+        results = _run_shards(plan, tokenizer, build, todo, procs, max_tokens, progress, key["dtype"])
+        manifest = _assemble(plan, key, build, final, results, max_tokens, tokenizer)
+    except RecordError as exc:
+        shutil.rmtree(build, ignore_errors=True)  # bad input: nothing is kept half-way
+        where = f", record {exc.record}" if exc.record is not None else ""
+        raise LmdistillError(f"{plan.description}{where}: {exc}") from None
+    except OSError as exc:  # a full disk, a read-only directory: the finished shards stay for a rerun
+        shutil.rmtree(final.with_name(f"{final.name}.tmp-{os.getpid()}"), ignore_errors=True)
+        raise LmdistillError(f"could not write the data store in '{final.parent}' ({exc.strerror or exc}); free "
+                             "space there or set data.store_dir (or LMDISTILL_HOME) to another directory, then run "
+                             "again: finished shards are kept") from None
+    seconds = time.perf_counter() - t0
+    say(f"data store built: {manifest['tokens']:,} tokens in {manifest['documents']:,} documents, "
+        f"{_mib(manifest)} MiB, {seconds:.1f} s ({manifest['tokens'] / max(seconds, 1e-9):,.0f} tokens/s)")
+
+
+def _mib(manifest: dict) -> str:
+    return f"{sum(r['bytes'] for r in manifest['files'].values()) / 2**20:.1f}"
+
+
+def default_num_proc() -> int:
+    return max(1, min(8, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1))
+
+
+def _start_build_dir(build: Path, key: dict, plan: SourcePlan) -> bool:
+    """Make or reuse the build directory; True when finished shards of an earlier attempt are kept."""
+    record = json.loads(json.dumps({"key": key, "shards": plan.shards}))  # as it reads back from the file
+    plan_file = build / "plan.json"
+    if plan_file.exists():
+        try:
+            if json.loads(plan_file.read_text()) == record:
+                return True
+        except ValueError:
+            pass
+    shutil.rmtree(build, ignore_errors=True)
+    build.mkdir(parents=True)
+    atomic_write_json(plan_file, record, fsync=True)
+    return False
+
+
+def _run_shards(plan: SourcePlan, tokenizer, build: Path, todo: list[int], procs: int, max_tokens: int | None,
+                progress: bool, dtype: str) -> list[dict]:
+    """Tokenize the shards not yet done; returns every shard's counts, in order (up to max_tokens)."""
+    results: dict[int, dict] = {}
+    for i in range(len(plan.shards)):
+        if i not in todo:
+            results[i] = json.loads((build / f"shard-{i:05d}.json").read_text())
+    work = [_shard_work(s) for s in plan.shards]
+    # A bar for work that takes a while (more than one shard); a small source is done at once.
+    bar = progress_bar(plan.work, sum(work[i] for i in results), "tokenizing", progress and len(plan.shards) > 1,
+                       unit="B" if plan.kind == "files" else "records")
+    t0, tokens_now = time.perf_counter(), 0
+
+    def done(i: int, result: dict) -> None:
+        nonlocal tokens_now
+        results[i] = result
+        tokens_now += result["tokens"]
+        bar.update(work[i])
+        bar.set_postfix({"tokens/s": f"{tokens_now / max(time.perf_counter() - t0, 1e-9):,.0f}"})
+
+    def enough() -> bool:  # the shards in order up to max_tokens are all done
+        if max_tokens is None:
+            return False
+        total = 0
+        for i in range(len(plan.shards)):
+            if i not in results:
+                return False
+            total += results[i]["tokens"]
+            if total >= max_tokens:
+                return True
+        return True
+
+    args = (tokenizer, plan.dataset, plan.fmt, plan.text_field)
+    try:
+        if procs == 1:
+            with _single_threaded_tokenizer():
+                _WORKER.clear()
+                _init_worker(*args)
+                for i in todo:
+                    if enough():
+                        break
+                    done(i, _tokenize_shard(i, plan.shards[i], str(build), dtype))
+        else:
+            _run_pool(plan, build, todo, procs, dtype, args, done, enough)
+    finally:
+        bar.close()
+        _WORKER.clear()
+    prefix = []  # the shards in order, up to the first missing one (later ones are past max_tokens)
+    while len(prefix) in results:
+        prefix.append(results[len(prefix)])
+    return prefix
+
+
+def _run_pool(plan, build, todo, procs, dtype, args, done, enough) -> None:
+    context = multiprocessing.get_context("fork" if sys.platform.startswith("linux") else "spawn")
+    with ProcessPoolExecutor(procs, mp_context=context, initializer=_init_worker, initargs=args) as pool:
+        pending, queue = {}, list(todo)
+        try:
+            while queue or pending:
+                while queue and len(pending) < 2 * procs and not enough():
+                    i = queue.pop(0)
+                    pending[pool.submit(_tokenize_shard, i, plan.shards[i], str(build), dtype)] = i
+                if not pending:
+                    break
+                finished, _ = wait(pending, return_when=FIRST_COMPLETED)
+                for future in finished:
+                    done(pending.pop(future), future.result())
+        except BaseException:
+            for future in pending:
+                future.cancel()
+            raise
+
+
+@contextlib.contextmanager
+def _single_threaded_tokenizer():
+    before = os.environ.get("TOKENIZERS_PARALLELISM")
+    os.environ["TOKENIZERS_PARALLELISM"] = "false"
+    try:
+        yield
+    finally:
+        if before is None:
+            os.environ.pop("TOKENIZERS_PARALLELISM", None)
+        else:
+            os.environ["TOKENIZERS_PARALLELISM"] = before
+
+
+def _shard_work(shard: tuple) -> int:
+    return sum(end - start for _, start, end, _ in shard[1]) if shard[0] == "files" else shard[2] - shard[1]
+
+
+def _assemble(plan: SourcePlan, key: dict, build: Path, final: Path, results: list[dict], max_tokens: int | None,
+              tokenizer) -> dict:
+    """Join the shard files into the store's files, in a temporary directory renamed into place."""
+    total = sum(r["tokens"] for r in results)
+    skipped = sum(r["skipped_no_assistant"] for r in results)
+    documents = sum(r["documents"] for r in results)
+    if plan.chat and documents == 0 and skipped:
+        raise RecordError(f"none of its {skipped} conversation(s) has an assistant turn to train on; give "
+                          "records with an assistant message (or a completion)")
+    keep = total if max_tokens is None else min(total, max_tokens)
+    tmp = final.with_name(f"{final.name}.tmp-{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
+    names = ["tokens", "ends"] + (["mask"] if plan.chat else [])
+    ends = _join_ends(build, results, keep, chat=plan.chat)
+    if plan.chat:  # a conversation is kept whole or not at all
+        keep = int(ends[-1]) if len(ends) else 0
+    files = {}
+    for name in names:
+        out_name = {"tokens": "tokens.bin", "ends": "docs.bin", "mask": "mask.bin"}[name]
+        dtype = {"tokens": key["dtype"], "ends": "int64", "mask": "uint8"}[name]
+        if name == "ends":
+            ends.tofile(tmp / out_name)
+        else:
+            _concat(build, len(results), name, tmp / out_name, keep * np.dtype(dtype).itemsize)
+        files[out_name] = {"dtype": dtype, "bytes": (tmp / out_name).stat().st_size, "sha256": _sha256(tmp / out_name)}
+    fingerprint = hashlib.sha256(json.dumps({n: f["sha256"] for n, f in files.items()}, sort_keys=True).encode())
+    manifest = {
+        "format_version": FORMAT_VERSION, "fingerprint": "sha256:" + fingerprint.hexdigest(), "key": key,
+        "source": plan.description, "format": plan.fmt, "tokens": keep, "documents": len(ends),
+        "tokens_before_cap": total, "skipped_no_assistant": skipped,
+        "empty_records": sum(r["empty"] for r in results), "records": sum(r["records"] for r in results),
+        "vocab_size": len(tokenizer),
+        "eos_id": tokenizer.eos_token_id, "pad_id": _pad_id(tokenizer), "files": files,
+        "source_files": _source_files(plan), "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+    }
+    atomic_write_json(tmp / MANIFEST, manifest, fsync=True)
+    for name in files:
+        with open(tmp / name, "rb") as f:
+            os.fsync(f.fileno())
+    fsync_dir(tmp)
+    os.replace(tmp, final)
+    fsync_dir(final.parent)
+    shutil.rmtree(build, ignore_errors=True)
+    return manifest
+
+
+def _pad_id(tokenizer) -> int:
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    return int(pad) if pad is not None else 0
+
+
+def _source_files(plan: SourcePlan) -> list[dict]:
+    if plan.kind != "files":
+        return []
+    return [{"path": path, "bytes": size} for path, size, _ in plan.identity["files"]]
+
+
+def _join_ends(build: Path, results: list[dict], keep: int, chat: bool) -> np.ndarray:
+    """Document ends across shards, as offsets into the joined tokens, cut at ``keep`` tokens."""
+    parts, offset = [], 0
+    for i, result in enumerate(results):
+        parts.append(np.fromfile(build / f"shard-{i:05d}.ends", dtype=np.int64) + offset)
+        offset += result["tokens"]
+    ends = np.concatenate(parts) if parts else np.zeros(0, dtype=np.int64)
+    ends = ends[ends <= keep]
+    if not chat and keep and (len(ends) == 0 or ends[-1] < keep):
+        ends = np.append(ends, keep)  # text cut by max_tokens: its last document ends at the cut
+    return ends.astype(np.int64)
+
+
+def _concat(build: Path, shards: int, name: str, out: Path, limit: int) -> None:
+    """Append the shards' ``name`` files into ``out``, stopping after ``limit`` bytes."""
+    left = limit
+    with open(out, "wb") as dst:
+        for i in range(shards):
+            if left <= 0:
+                break
+            with open(build / f"shard-{i:05d}.{name}", "rb") as src:
+                while left > 0 and (chunk := src.read(min(1 << 22, left))):
+                    dst.write(chunk)
+                    left -= len(chunk)

@@ -1,0 +1,341 @@
+"""The tokenized block store: files and manifest, reuse, parallel and resumed builds, chat
+packing and masks, mixtures. References are computed here by hand: the tokenizer called on
+each document, the chat layout written out, the samplers' counts tallied."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import multiprocessing
+import os
+from collections import Counter
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from chat_fixtures import END_OF_TURN, chat_tokenizer
+from lmdistill import store as store_module
+from lmdistill.blocks import MixtureSampler, layout_blocks, quotas
+from lmdistill.config import DataConfig
+from lmdistill.data import build_block_data, make_sampler, open_store
+from lmdistill.errors import LmdistillError
+from lmdistill.losses import IGNORE_INDEX
+
+
+def ids_of(tokenizer, text: str) -> list[int]:
+    return tokenizer.encode(text, add_special_tokens=False)
+
+
+@pytest.fixture(scope="module")
+def docs(corpus_texts) -> list[str]:
+    return [t[:2000] for t in corpus_texts[:10]]
+
+
+@pytest.fixture()
+def home(tmp_path) -> Path:
+    return tmp_path / "stores"
+
+
+def cfg_for(path, home, **kw) -> DataConfig:
+    return DataConfig(path=str(path) if path else None, store_dir=str(home), **kw)
+
+
+def write_jsonl(path: Path, records: list[dict]) -> Path:
+    path.write_text("".join(json.dumps(r) + "\n" for r in records))
+    return path
+
+
+# ---- the store on disk ---------------------------------------------------------------------
+
+def test_store_holds_each_document_then_eos_in_uint16_with_hashes(tmp_path, home, docs, tiny_tokenizer):
+    source = write_jsonl(tmp_path / "d.jsonl", [{"text": d} for d in docs])
+    store, built = open_store(str(source), cfg_for(source, home), tiny_tokenizer)
+    assert built
+    expected, ends = [], []
+    for d in docs:
+        expected += ids_of(tiny_tokenizer, d) + [tiny_tokenizer.eos_token_id]
+        ends.append(len(expected))
+    assert store.tokens.dtype == np.uint16 and store.tokens.tolist() == expected
+    assert store.doc_ends.tolist() == ends and store.mask is None
+    manifest = json.loads((store.path / "manifest.json").read_text())
+    for name, record in manifest["files"].items():
+        assert hashlib.sha256((store.path / name).read_bytes()).hexdigest() == record["sha256"]
+    assert manifest["tokens"] == len(expected) and manifest["documents"] == len(docs)
+    assert manifest["key"]["tokenizer"].startswith("sha256:")
+    assert list(home.iterdir()) == [store.path] or {p.suffix for p in home.iterdir()} <= {"", ".lock"}
+
+
+def test_second_open_does_not_tokenize(tmp_path, home, docs, tiny_tokenizer, monkeypatch):
+    source = tmp_path / "a.txt"
+    source.write_text(docs[0])
+    first, built = open_store(str(source), cfg_for(source, home), tiny_tokenizer)
+    monkeypatch.setattr(store_module, "_tokenize_shard", lambda *a: pytest.fail("tokenized again"))
+    again, built_again = open_store(str(source), cfg_for(source, home), tiny_tokenizer)
+    assert built and not built_again and again.path == first.path and again.fingerprint == first.fingerprint
+
+
+def test_a_changed_file_gets_a_new_store(tmp_path, home, docs, tiny_tokenizer):
+    source = tmp_path / "a.txt"
+    source.write_text(docs[0])
+    first, _ = open_store(str(source), cfg_for(source, home), tiny_tokenizer)
+    source.write_text(docs[1])
+    second, built = open_store(str(source), cfg_for(source, home), tiny_tokenizer)
+    assert built and second.path != first.path and second.fingerprint != first.fingerprint
+    assert second.tokens.tolist() == ids_of(tiny_tokenizer, docs[1]) + [tiny_tokenizer.eos_token_id]
+
+
+def small_shards(monkeypatch):
+    monkeypatch.setattr(store_module, "SHARD_BYTES", 3000)
+    monkeypatch.setattr(store_module, "PIECE_BYTES", 700)
+
+
+def test_parallel_build_equals_one_process_and_decodes_to_the_text(tmp_path, docs, tiny_tokenizer, monkeypatch):
+    small_shards(monkeypatch)
+    source = tmp_path / "big.txt"
+    text = "\n".join(docs)
+    source.write_text(text)
+    one, _ = open_store(str(source), cfg_for(source, tmp_path / "one", num_proc=1), tiny_tokenizer)
+    two, _ = open_store(str(source), cfg_for(source, tmp_path / "two", num_proc=2), tiny_tokenizer)
+    assert one.manifest["key"] == two.manifest["key"]
+    assert len(one.manifest["key"]["source"]["files"]) == 1
+    assert (one.path / "tokens.bin").read_bytes() == (two.path / "tokens.bin").read_bytes()
+    assert one.fingerprint == two.fingerprint
+    ids = one.tokens.tolist()
+    assert ids[-1] == tiny_tokenizer.eos_token_id and ids.count(tiny_tokenizer.eos_token_id) == 1
+    assert tiny_tokenizer.decode(ids[:-1]) == text  # cut into pieces after newlines, nothing lost or doubled
+
+
+def _killed_build(source: str, home: str, tokenizer, after: int) -> None:
+    """Child process: build, dying like SIGKILL (no cleanup) after ``after`` shards."""
+    store_module.SHARD_BYTES, store_module.PIECE_BYTES = 3000, 700
+    real, done = store_module._tokenize_shard, []
+
+    def dying(*args):
+        if len(done) == after:
+            os._exit(137)
+        done.append(real(*args))
+        return done[-1]
+
+    store_module._tokenize_shard = dying
+    open_store(source, cfg_for(source, home, num_proc=1), tokenizer, progress=False)
+
+
+def test_killed_build_resumes_and_equals_an_uninterrupted_one(tmp_path, docs, tiny_tokenizer, monkeypatch, capsys):
+    source = tmp_path / "big.txt"
+    source.write_text("\n".join(docs))
+    child = multiprocessing.get_context("fork").Process(
+        target=_killed_build, args=(str(source), str(tmp_path / "k"), tiny_tokenizer, 2))
+    child.start()
+    child.join()
+    assert child.exitcode == 137
+    leftovers = sorted(p.name for p in (tmp_path / "k").iterdir())
+    assert not any((tmp_path / "k" / n / "manifest.json").exists() for n in leftovers)  # nothing usable yet
+    build = next(tmp_path.glob("k/*.build"))
+    assert len(list(build.glob("shard-*.json"))) == 2
+    small_shards(monkeypatch)
+    resumed, built = open_store(str(source), cfg_for(source, tmp_path / "k", num_proc=1), tiny_tokenizer)
+    assert built and "resuming the data store build" in capsys.readouterr().out
+    clean, _ = open_store(str(source), cfg_for(source, tmp_path / "clean", num_proc=1), tiny_tokenizer)
+    assert (resumed.path / "tokens.bin").read_bytes() == (clean.path / "tokens.bin").read_bytes()
+    assert not build.exists()
+
+
+def _build_in_child(source: str, home: str, tokenizer, log: str) -> None:
+    real = store_module._build
+
+    def logged(*args, **kw):
+        with open(log, "a") as f:
+            f.write(f"{os.getpid()}\n")
+        import time
+
+        time.sleep(0.5)  # the other process arrives while this one holds the lock
+        return real(*args, **kw)
+
+    store_module._build = logged
+    open_store(source, cfg_for(source, home, num_proc=1), tokenizer, progress=False)
+
+
+def test_two_processes_build_one_store_once(tmp_path, docs, tiny_tokenizer):
+    source, log = tmp_path / "a.txt", tmp_path / "builds.log"
+    source.write_text(docs[2])
+    ctx = multiprocessing.get_context("fork")
+    children = [ctx.Process(target=_build_in_child, args=(str(source), str(tmp_path / "h"), tiny_tokenizer, str(log)))
+                for _ in range(2)]
+    for c in children:
+        c.start()
+    for c in children:
+        c.join()
+    assert [c.exitcode for c in children] == [0, 0]
+    assert len(log.read_text().split()) == 1  # one process tokenized; the other waited and mapped its files
+    assert len([p for p in (tmp_path / "h").iterdir() if (p / "manifest.json").exists()]) == 1
+
+
+def test_a_damaged_store_is_refused_with_the_fix(tmp_path, home, docs, tiny_tokenizer):
+    source = tmp_path / "a.txt"
+    source.write_text(docs[0])
+    store, _ = open_store(str(source), cfg_for(source, home), tiny_tokenizer)
+    with open(store.path / "tokens.bin", "r+b") as f:
+        f.truncate(10)
+    with pytest.raises(LmdistillError, match=r"is damaged: tokens.bin has 10 bytes.*delete the directory"):
+        open_store(str(source), cfg_for(source, home), tiny_tokenizer)
+
+
+def test_bad_record_leaves_no_store_and_names_the_record(tmp_path, home, tiny_tokenizer):
+    source = write_jsonl(tmp_path / "bad.jsonl", [{"text": "fine words"}, {"text": "more"}, {"text": 7}])
+    with pytest.raises(LmdistillError, match=r"record 2: a record's text field holds int"):
+        open_store(str(source), cfg_for(source, home), tiny_tokenizer)
+    assert [p for p in home.iterdir() if p.suffix != ".lock"] == []
+
+
+def test_max_tokens_takes_the_first_tokens_of_text(tmp_path, home, docs, tiny_tokenizer):
+    source = write_jsonl(tmp_path / "d.jsonl", [{"text": d} for d in docs])
+    full, _ = open_store(str(source), cfg_for(source, home), tiny_tokenizer)
+    capped, _ = open_store(str(source), cfg_for(source, home, max_tokens=1000), tiny_tokenizer)
+    assert capped.num_tokens == 1000 and capped.tokens.tolist() == full.tokens[:1000].tolist()
+    assert capped.path != full.path
+
+
+def test_id_dtype_is_the_narrowest_that_holds_the_vocabulary():
+    assert store_module.id_dtype(384) == "uint16" and store_module.id_dtype(65_536) == "uint16"
+    assert store_module.id_dtype(65_537) == "uint32" and store_module.id_dtype(151_936) == "uint32"
+
+
+# ---- chat data -----------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def chat_tok(tiny_tokenizer):
+    return chat_tokenizer(tiny_tokenizer)
+
+
+def conversation(i: int) -> list[dict]:
+    return [{"role": "user", "content": f"What is item {i}?"},
+            {"role": "assistant", "content": f"Item {i} is a number."},
+            {"role": "user", "content": "And then?"},
+            {"role": "assistant", "content": "Nothing more."}]
+
+
+def assistant_tokens(tokenizer, messages) -> int:
+    """By hand: an assistant turn trains on its content, the end-of-turn token and the newline after it."""
+    return sum(len(ids_of(tokenizer, m["content"])) + 1 + len(ids_of(tokenizer, "\n"))
+               for m in messages if m["role"] == "assistant")
+
+
+def test_chat_store_masks_assistant_turns_and_packs_whole_conversations(tmp_path, home, chat_tok):
+    convs = [conversation(i) for i in range(12)]
+    source = write_jsonl(tmp_path / "chat.jsonl", [{"messages": c} for c in convs]
+                         + [{"messages": [{"role": "user", "content": "no reply"}]}])
+    cfg = cfg_for(source, home, block_size=64, max_eval_blocks=None)
+    store, _ = open_store(str(source), cfg, chat_tok)
+    assert store.chat and store.manifest["skipped_no_assistant"] == 1 and store.manifest["documents"] == 12
+    assert int(store.mask.sum()) == sum(assistant_tokens(chat_tok, c) for c in convs)
+    lengths = np.diff(np.concatenate([[0], store.doc_ends]))
+    assert lengths.max() <= 64  # each conversation fits a block: none may be split
+    layout = layout_blocks(store, 64, "assistant")
+    starts = set(np.concatenate([[0], store.doc_ends[:-1]]).tolist())
+    assert set(layout.starts.tolist()) <= starts  # every block starts at a conversation
+    assert (layout.lengths <= 64).all() and layout.lengths.sum() == store.num_tokens
+    # Greedy: a block is closed only when the next conversation would not fit in it.
+    for start, length in zip(layout.starts[:-1], layout.lengths[:-1]):
+        nxt = int(np.searchsorted(store.doc_ends, start + length, side="right"))
+        assert length + lengths[nxt] > 64
+    # Every target of every block is an assistant token: the hand count, as no block starts on one.
+    data = build_block_data(DataConfig(path=str(source), store_dir=str(home), block_size=64, max_eval_blocks=None,
+                                       eval_fraction=0.2), chat_tok)
+    total = sum(assistant_tokens(chat_tok, c) for c in convs)
+    assert data.train.num_targets + data.eval.num_targets == total
+    valid = []
+    for part in (data.train, data.eval):
+        batch = part.batch(range(len(part)))
+        assert batch.num_targets == part.num_targets == int((batch.targets != IGNORE_INDEX).sum())
+        valid += batch.targets[batch.targets != IGNORE_INDEX].tolist()
+    role_ids = set(chat_tok.convert_tokens_to_ids(["<|user|>", "<|assistant|>"]))
+    assert not role_ids & set(valid)  # no role header is ever a target
+    assert valid.count(chat_tok.convert_tokens_to_ids(END_OF_TURN)) == 2 * len(convs)
+
+
+def test_loss_on_all_trains_on_every_real_token_but_not_padding(tmp_path, home, chat_tok):
+    source = write_jsonl(tmp_path / "chat.jsonl", [{"messages": conversation(i)} for i in range(6)])
+    store, _ = open_store(str(source), cfg_for(source, home), chat_tok)
+    layout = layout_blocks(store, 64, "all")
+    assert layout.targets.tolist() == (layout.lengths - 1).tolist()
+
+
+def test_prompt_completion_strings_train_on_the_completion_and_eos(tmp_path, home, tiny_tokenizer):
+    records = [{"prompt": f"Question {i}:", "completion": f" answer number {i}."} for i in range(5)]
+    source = write_jsonl(tmp_path / "pc.jsonl", records)
+    store, _ = open_store(str(source), cfg_for(source, home), tiny_tokenizer)
+    expected = sum(len(ids_of(tiny_tokenizer, r["completion"])) + 1 for r in records)
+    assert int(store.mask.sum()) == expected
+
+
+def test_chat_errors_are_one_line_and_leave_nothing(tmp_path, home, tiny_tokenizer, chat_tok):
+    chat = write_jsonl(tmp_path / "chat.jsonl", [{"messages": conversation(0)}])
+    with pytest.raises(LmdistillError, match="no chat template"):
+        open_store(str(chat), cfg_for(chat, home), tiny_tokenizer)
+    lonely = write_jsonl(tmp_path / "lonely.jsonl", [{"messages": [{"role": "user", "content": "hi"}]}] * 3)
+    with pytest.raises(LmdistillError, match="none of its 3 conversation"):
+        open_store(str(lonely), cfg_for(lonely, home), chat_tok)
+    mixed = write_jsonl(tmp_path / "mixed.jsonl", [{"messages": conversation(0)}, {"text": "plain words"}])
+    with pytest.raises(LmdistillError, match=r"record 1: mixed formats"):
+        open_store(str(mixed), cfg_for(mixed, home), chat_tok)
+    assert [p for p in home.iterdir() if p.suffix != ".lock"] == []
+
+
+def test_loss_on_assistant_for_plain_text_is_refused(tmp_path, home, docs, tiny_tokenizer):
+    source = tmp_path / "a.txt"
+    source.write_text(docs[0])
+    with pytest.raises(LmdistillError, match="loss_on is 'assistant' but data.path"):
+        build_block_data(cfg_for(source, home, loss_on="assistant", block_size=16), tiny_tokenizer)
+
+
+# ---- mixtures ------------------------------------------------------------------------------
+
+def test_quotas_follow_the_weights_and_sum_to_the_period():
+    assert quotas([1, 1], 1000) == [500, 500]
+    assert quotas([1, 2], 1000) == [333, 667]
+    assert quotas([1e-9, 1], 1000) == [1, 999]  # every source is seen
+    assert sum(quotas([0.3, 0.3, 0.4], 7)) == 7
+
+
+def test_mixture_shares_are_exact_per_period_and_each_source_walks_its_epochs():
+    s = MixtureSampler([30, 50], [1, 3], batch_size=4, seed=2)
+    slots = 2 * MixtureSampler.PERIOD
+    rows = [r for m in range(slots // 4) for r in s.indices(m).tolist()]
+    per_source = Counter(0 if r < 30 else 1 for r in rows)
+    assert per_source == {0: 500, 1: 1500}
+    assert s.seen(slots).tolist() == [500, 1500]
+    first = [r for r in rows if r < 30][:30]
+    assert sorted(first) == list(range(30))  # a whole epoch of source 0 before any repeat
+
+
+def test_mixture_is_a_pure_function_of_the_micro_batch_and_ranks_split_it():
+    a = MixtureSampler([30, 50], [2, 1], batch_size=3, seed=5)
+    fresh = MixtureSampler([30, 50], [2, 1], batch_size=3, seed=5)
+    seq = [a.indices(m).tolist() for m in range(400)]
+    assert fresh.indices(399).tolist() == seq[399]  # random access equals sequential (resume)
+    r0 = MixtureSampler([30, 50], [2, 1], batch_size=3, seed=5, rank=0, world_size=2)
+    r1 = MixtureSampler([30, 50], [2, 1], batch_size=3, seed=5, rank=1, world_size=2)
+    single = MixtureSampler([30, 50], [2, 1], batch_size=6, seed=5)
+    for m in range(50):
+        assert r0.indices(m).tolist() + r1.indices(m).tolist() == single.indices(m).tolist()
+    assert MixtureSampler([30, 50], [2, 1], batch_size=3, seed=6).indices(0).tolist() != seq[0] or \
+        MixtureSampler([30, 50], [2, 1], batch_size=3, seed=6).indices(1).tolist() != seq[1]
+
+
+def test_a_mixture_of_two_sources_draws_their_blocks(tmp_path, home, docs, tiny_tokenizer):
+    a, b = tmp_path / "a.txt", tmp_path / "b.txt"
+    a.write_text("\n".join(docs[:5]))
+    b.write_text("\n".join(docs[5:]))
+    cfg = DataConfig(sources=[{"path": str(a), "weight": 3}, {"path": str(b), "weight": 1, "name": "bee"}],
+                     store_dir=str(home), block_size=16)
+    data = build_block_data(cfg, tiny_tokenizer)
+    assert [s.name for s in data.sources] == [str(a), "bee"] and data.weights == [3.0, 1.0]
+    assert len(data.train) == len(data.sources[0].train) + len(data.sources[1].train)
+    sampler = make_sampler(data, 4, seed=0)
+    rows = torch.cat([sampler.indices(m) for m in range(250)])
+    batch = data.train.batch(rows[:8])
+    assert torch.equal(batch.input_ids, torch.stack([data.train.ids([r])[0] for r in rows[:8].tolist()]))
+    from_a = int((rows < len(data.sources[0].train)).sum())
+    assert from_a == 750  # 3:1 over one period of 1000 slots
