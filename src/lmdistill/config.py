@@ -120,6 +120,9 @@ class DataConfig:
         "Which tokens chat and prompt/completion data train on: assistant = the assistant turns (completions) "
         "only, all = every token; auto = assistant for such data, all for plain text.", "auto")
     max_tokens: int | None = doc("Take at most this many tokens of each source (null = all of it).", None)
+    streaming: bool = doc("Read .jsonl/.parquet files and datasets names as a stream (datasets' streaming=True): "
+                          "nothing is converted or downloaded up front, and with max_tokens only that much is read.",
+                          False)
     store_dir: str | None = doc("Where tokenized data stores are kept (null = $LMDISTILL_HOME/stores).", None)
 
 

@@ -128,8 +128,19 @@ def plan_source(source: str | None, cfg: DataConfig, role: str = "data.path") ->
         if builder == "text":
             return plan_files(files, description)
         identity = {"files": [_file_identity(f) for f in files], "builder": builder}
+        if cfg.streaming:  # the same records in the same order: the same store as without streaming
+            return StreamSource(description, identity, cfg.text_field, role, source,
+                                lambda: datasets_module().load_dataset(builder, data_files=files, split="train",
+                                                                       streaming=True))
         return RecordSource(description, identity, cfg.text_field,
                             lambda: _load_local(builder, files, role, source, cfg))
+    if is_hub_id(source) and cfg.streaming:
+        description = (f"datasets (streaming): {source}" + (f"/{cfg.dataset_config}" if cfg.dataset_config else "")
+                       + f" [{cfg.split}]")
+        identity = {"datasets_stream": source, "config": cfg.dataset_config, "split": cfg.split}
+        return StreamSource(description, identity, cfg.text_field, role, source,
+                            lambda: datasets_module().load_dataset(source, cfg.dataset_config, split=cfg.split,
+                                                                   streaming=True))
     if is_hub_id(source):
         ds = _load_hub(source, cfg, role)
         description = f"datasets: {source}" + (f"/{cfg.dataset_config}" if cfg.dataset_config else "") + f" [{cfg.split}]"
@@ -149,6 +160,44 @@ class RecordSource(SourcePlan):
         dataset, fmt = self._loader()
         full = plan_records(dataset, fmt, self.description, self.identity, self.text_field)
         self.fmt, self.shards, self.dataset, self.work = fmt, full.shards, dataset, full.work
+
+
+class StreamSource(SourcePlan):
+    """Records read as a stream (``data.streaming``): shards of ``STREAM_RECORDS`` records are
+    made while the stream is read, and reading stops once ``data.max_tokens`` are stored."""
+
+    STREAM_RECORDS = 2048
+
+    def __init__(self, description: str, identity: dict, text_field: str, role: str, source: str, opener):
+        super().__init__("records", "text", description, identity, shards=None, text_field=text_field)
+        self.role, self.source, self._opener = role, source, opener
+
+    def prepare(self) -> None:
+        try:
+            self.dataset = self._opener()
+            first = next(iter(self.dataset), None)
+        except Exception as exc:  # datasets raises many types for a name or file it cannot stream
+            raise LmdistillError(f"{self.role} '{self.source}' could not be read as a stream ({type(exc).__name__}: "
+                                 f"{str(exc).splitlines()[0][:160] if str(exc) else ''}); check the name, the "
+                                 "network, or set data.streaming=false") from None
+        if first is None:
+            raise LmdistillError(f"{self.role} '{self.source}' has no records; give records with text")
+        self.fmt = record_format(first, self.text_field)
+        if self.fmt is None:
+            raise LmdistillError(
+                f"{self.role} '{self.source}' has no field '{self.text_field}' (fields: {', '.join(first)}); set "
+                "data.text_field to the one that holds the text, or give chat records ('messages') or 'prompt' and "
+                "'completion'")
+
+    def iter_shards(self):
+        batch, first, index = [], 0, 0
+        for number, record in enumerate(self.dataset):
+            batch.append(record)
+            if len(batch) == self.STREAM_RECORDS:
+                yield index, ("rows", first, batch)
+                batch, first, index = [], number + 1, index + 1
+        if batch:
+            yield index, ("rows", first, batch)
 
 
 def datasets_module():

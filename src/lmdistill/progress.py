@@ -29,7 +29,7 @@ def progress_bar(total: int, initial: int, desc: str, enabled: bool, unit: str =
 class LineProgress:
     """One plain line per 10% of ``total`` or per ``every_s`` seconds: done, rate, ETA, postfix."""
 
-    def __init__(self, total: int, initial: int, desc: str, enabled: bool = True, unit: str = "step",
+    def __init__(self, total: int | None, initial: int, desc: str, enabled: bool = True, unit: str = "step",
                  every_s: float = 30.0, stream=None):
         self.total, self.n, self.desc, self.enabled, self.unit = total, initial, desc, enabled, unit
         self.every_s, self.stream = every_s, stream or sys.stderr
@@ -59,9 +59,12 @@ class LineProgress:
     def line(self, now: float) -> str:
         elapsed = now - self.start_t
         rate = (self.n - self.start_n) / elapsed if elapsed > 0 else 0.0
-        eta = (self.total - self.n) / rate if rate > 0 else None
-        parts = [f"{self.desc}: {self.unit} {self.n}/{self.total} ({100 * self.n / max(self.total, 1):.0f}%)",
-                 f"elapsed {_clock(elapsed)}", f"ETA {_clock(eta) if eta is not None else '?'}"]
+        eta = (self.total - self.n) / rate if rate > 0 and self.total else None
+        if not self.total:  # open-ended work (a stream): how far, no ETA
+            parts = [f"{self.desc}: {self.unit} {self.n}", f"elapsed {_clock(elapsed)}"]
+        else:
+            parts = [f"{self.desc}: {self.unit} {self.n}/{self.total} ({100 * self.n / max(self.total, 1):.0f}%)",
+                     f"elapsed {_clock(elapsed)}", f"ETA {_clock(eta) if eta is not None else '?'}"]
         parts += [f"{key} {value}" for key, value in self.postfix.items()]
         return ", ".join(parts)
 

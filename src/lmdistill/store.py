@@ -80,8 +80,9 @@ class SourcePlan:
     fmt: str
     description: str
     identity: dict  # what the key hashes: where the source came from, in a form that changes when it does
-    # ("files", [(path, start, end, ends the file), ...]) | ("records", start, end)
-    shards: list[tuple] = field(default_factory=list)
+    # ("files", [(path, start, end, ends the file), ...]) | ("records", start, end) | ("rows", first, records);
+    # None for a stream, whose shards are made while it is read (``iter_shards``)
+    shards: list[tuple] | None = field(default_factory=list)
     dataset: object | None = None
     text_field: str = "text"
     work: int = 0  # bytes or records, for the progress bar
@@ -92,6 +93,10 @@ class SourcePlan:
 
     def prepare(self) -> None:
         """Load what the build reads (records sources load their dataset here)."""
+
+    def iter_shards(self) -> Iterator[tuple[int, tuple]]:
+        """(index, shard) in order; a stream makes them as it is read (``shards`` is None then)."""
+        return enumerate(self.shards)
 
 
 def plan_files(files: list[str], description: str) -> SourcePlan:
@@ -178,9 +183,13 @@ def _tokenize_shard(index: int, shard: tuple, out_dir: str, dtype: str) -> dict:
             if last and (len(ids) > before or start > 0):  # the file's end: its document ends with EOS
                 ids.append(tokenizer.eos_token_id)
                 ends.append(len(ids))
-    else:
+    elif shard[0] == "records":
         _, start, end = shard
-        _records_to_ids(_WORKER["dataset"], start, end, fmt, tokenizer, ids, ends, mask, counts)
+        rows = _WORKER["dataset"][start:end]
+        records = [dict(zip(rows, values)) for values in zip(*rows.values())]
+        _records_to_ids(records, start, fmt, tokenizer, ids, ends, mask, counts)
+    else:  # ("rows", number of the first record, the records): a piece of a stream
+        _records_to_ids(shard[2], shard[1], fmt, tokenizer, ids, ends, mask, counts)
     base = Path(out_dir) / f"shard-{index:05d}"
     array = np.asarray(ids, dtype=dtype)
     if len(ids) and int(array.max()) != max(ids):  # a wider id than the dtype holds: the vocabulary grew
@@ -212,12 +221,10 @@ def _text_pieces(path: str, start: int, end: int) -> list[str]:
     return pieces
 
 
-def _records_to_ids(dataset, start: int, end: int, fmt: str, tokenizer, ids, ends, mask, counts) -> None:
+def _records_to_ids(records: list[dict], start: int, fmt: str, tokenizer, ids, ends, mask, counts) -> None:
+    """Append the ids (and mask, and document ends) of ``records``, numbered from ``start``."""
     from . import chat
 
-    rows = dataset[start:end]
-    columns = list(rows)
-    records = [dict(zip(columns, values)) for values in zip(*rows.values())]
     counts["records"] += len(records)
     text_field = _WORKER["text_field"]
     if fmt == "text":
@@ -404,17 +411,17 @@ def _build(plan: SourcePlan, tokenizer, key: dict, final: Path, num_proc: int | 
 
         check_chat_template(tokenizer, plan.description)
     build = final.with_name(final.name + ".build")
-    started = _start_build_dir(build, key, plan)
-    todo = [i for i in range(len(plan.shards)) if not (build / f"shard-{i:05d}.json").exists()]
-    procs = max(1, min(num_proc or default_num_proc(), len(todo) or 1))
-    if started and len(todo) < len(plan.shards):
-        say(f"note: resuming the data store build in '{build}': {len(plan.shards) - len(todo)} of "
-            f"{len(plan.shards)} shards are done")
-    say(f"tokenizing {plan.description} into a data store ({len(plan.shards)} shard(s), {procs} process(es)): "
-        f"{final}")
+    finished = _start_build_dir(build, key, plan)
+    procs = max(1, num_proc or default_num_proc())
+    if plan.shards is not None:
+        procs = min(procs, max(1, len(plan.shards) - len(finished)))
+    if finished:
+        say(f"note: resuming the data store build in '{build}': {len(finished)} shard(s) are done")
+    shards = "a stream" if plan.shards is None else f"{len(plan.shards)} shard(s)"
+    say(f"tokenizing {plan.description} into a data store ({shards}, {procs} process(es)): {final}")
     t0 = time.perf_counter()
     try:
-        results = _run_shards(plan, tokenizer, build, todo, procs, max_tokens, progress, key["dtype"])
+        results = _run_shards(plan, tokenizer, build, finished, procs, max_tokens, progress, key["dtype"])
         manifest = _assemble(plan, key, build, final, results, max_tokens, tokenizer)
     except RecordError as exc:
         shutil.rmtree(build, ignore_errors=True)  # bad input: nothing is kept half-way
@@ -438,66 +445,63 @@ def default_num_proc() -> int:
     return max(1, min(8, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1))
 
 
-def _start_build_dir(build: Path, key: dict, plan: SourcePlan) -> bool:
-    """Make or reuse the build directory; True when finished shards of an earlier attempt are kept."""
+def _start_build_dir(build: Path, key: dict, plan: SourcePlan) -> dict[int, dict]:
+    """Make or reuse the build directory; the finished shards (index -> counts) an earlier
+    attempt of the same build left, which are kept."""
     record = json.loads(json.dumps({"key": key, "shards": plan.shards}))  # as it reads back from the file
     plan_file = build / "plan.json"
     if plan_file.exists():
         try:
-            if json.loads(plan_file.read_text()) == record:
-                return True
+            same = json.loads(plan_file.read_text()) == record
         except ValueError:
-            pass
+            same = False
+        if same:
+            return {int(p.name[6:11]): json.loads(p.read_text()) for p in sorted(build.glob("shard-*.json"))}
     shutil.rmtree(build, ignore_errors=True)
     build.mkdir(parents=True)
     atomic_write_json(plan_file, record, fsync=True)
-    return False
+    return {}
 
 
-def _run_shards(plan: SourcePlan, tokenizer, build: Path, todo: list[int], procs: int, max_tokens: int | None,
-                progress: bool, dtype: str) -> list[dict]:
-    """Tokenize the shards not yet done; returns every shard's counts, in order (up to max_tokens)."""
-    results: dict[int, dict] = {}
-    for i in range(len(plan.shards)):
-        if i not in todo:
-            results[i] = json.loads((build / f"shard-{i:05d}.json").read_text())
-    work = [_shard_work(s) for s in plan.shards]
-    # A bar for work that takes a while (more than one shard); a small source is done at once.
-    bar = progress_bar(plan.work, sum(work[i] for i in results), "tokenizing", progress and len(plan.shards) > 1,
-                       unit="B" if plan.kind == "files" else "records")
+def _run_shards(plan: SourcePlan, tokenizer, build: Path, finished: dict[int, dict], procs: int,
+                max_tokens: int | None, progress: bool, dtype: str) -> list[dict]:
+    """Tokenize the shards not yet finished, in order, stopping once the shards so far hold
+    ``max_tokens``; returns the counts of the shards the store is made of, in order."""
+    results = dict(finished)
+    stream = plan.shards is None
+    done_work = 0 if stream else sum(_shard_work(s) for i, s in enumerate(plan.shards) if i in results)
+    # A bar for work that takes a while (a stream, or more than one shard); a small source is done at once.
+    bar = progress_bar(None if stream else plan.work, done_work, "tokenizing",
+                       progress and (stream or len(plan.shards) > 1), unit="B" if plan.kind == "files" else "records")
     t0, tokens_now = time.perf_counter(), 0
 
-    def done(i: int, result: dict) -> None:
+    def done(i: int, shard: tuple, result: dict) -> None:
         nonlocal tokens_now
         results[i] = result
         tokens_now += result["tokens"]
-        bar.update(work[i])
+        bar.update(_shard_work(shard))
         bar.set_postfix({"tokens/s": f"{tokens_now / max(time.perf_counter() - t0, 1e-9):,.0f}"})
 
-    def enough() -> bool:  # the shards in order up to max_tokens are all done
-        if max_tokens is None:
-            return False
-        total = 0
-        for i in range(len(plan.shards)):
-            if i not in results:
-                return False
+    def enough() -> bool:  # the shards in order so far hold max_tokens
+        total, i = 0, 0
+        while max_tokens is not None and i in results:
             total += results[i]["tokens"]
             if total >= max_tokens:
                 return True
-        return True
+            i += 1
+        return False
 
+    tasks = ((i, shard) for i, shard in plan.iter_shards() if i not in results)
     args = (tokenizer, plan.dataset, plan.fmt, plan.text_field)
     try:
         if procs == 1:
             with _single_threaded_tokenizer():
                 _WORKER.clear()
                 _init_worker(*args)
-                for i in todo:
-                    if enough():
-                        break
-                    done(i, _tokenize_shard(i, plan.shards[i], str(build), dtype))
+                while not enough() and (task := next(tasks, None)) is not None:
+                    done(*task, _tokenize_shard(task[0], task[1], str(build), dtype))
         else:
-            _run_pool(plan, build, todo, procs, dtype, args, done, enough)
+            _run_pool(tasks, build, procs, dtype, args, done, enough)
     finally:
         bar.close()
         _WORKER.clear()
@@ -507,20 +511,20 @@ def _run_shards(plan: SourcePlan, tokenizer, build: Path, todo: list[int], procs
     return prefix
 
 
-def _run_pool(plan, build, todo, procs, dtype, args, done, enough) -> None:
+def _run_pool(tasks, build: Path, procs: int, dtype: str, args: tuple, done, enough) -> None:
+    """Shards over ``procs`` worker processes, at most two each in flight, taken in order."""
     context = multiprocessing.get_context("fork" if sys.platform.startswith("linux") else "spawn")
     with ProcessPoolExecutor(procs, mp_context=context, initializer=_init_worker, initargs=args) as pool:
-        pending, queue = {}, list(todo)
+        pending: dict = {}
         try:
-            while queue or pending:
-                while queue and len(pending) < 2 * procs and not enough():
-                    i = queue.pop(0)
-                    pending[pool.submit(_tokenize_shard, i, plan.shards[i], str(build), dtype)] = i
+            while True:
+                while len(pending) < 2 * procs and not enough() and (task := next(tasks, None)) is not None:
+                    pending[pool.submit(_tokenize_shard, task[0], task[1], str(build), dtype)] = task
                 if not pending:
                     break
                 finished, _ = wait(pending, return_when=FIRST_COMPLETED)
                 for future in finished:
-                    done(pending.pop(future), future.result())
+                    done(*pending.pop(future), future.result())
         except BaseException:
             for future in pending:
                 future.cancel()
@@ -541,7 +545,10 @@ def _single_threaded_tokenizer():
 
 
 def _shard_work(shard: tuple) -> int:
-    return sum(end - start for _, start, end, _ in shard[1]) if shard[0] == "files" else shard[2] - shard[1]
+    """Bytes of text (files) or records (records, rows): the progress bar's unit."""
+    if shard[0] == "files":
+        return sum(end - start for _, start, end, _ in shard[1])
+    return shard[2] - shard[1] if shard[0] == "records" else len(shard[2])
 
 
 def _assemble(plan: SourcePlan, key: dict, build: Path, final: Path, results: list[dict], max_tokens: int | None,

@@ -339,3 +339,41 @@ def test_a_mixture_of_two_sources_draws_their_blocks(tmp_path, home, docs, tiny_
     assert torch.equal(batch.input_ids, torch.stack([data.train.ids([r])[0] for r in rows[:8].tolist()]))
     from_a = int((rows < len(data.sources[0].train)).sum())
     assert from_a == 750  # 3:1 over one period of 1000 slots
+
+
+# ---- streaming -----------------------------------------------------------------------------
+
+def test_a_streamed_jsonl_gives_the_same_store_as_a_loaded_one(tmp_path, docs, tiny_tokenizer, monkeypatch):
+    from lmdistill.data import StreamSource
+
+    monkeypatch.setattr(StreamSource, "STREAM_RECORDS", 3)  # several shards from 10 records
+    source = write_jsonl(tmp_path / "d.jsonl", [{"text": d} for d in docs])
+    loaded, _ = open_store(str(source), cfg_for(source, tmp_path / "a"), tiny_tokenizer)
+    streamed, _ = open_store(str(source), cfg_for(source, tmp_path / "b", streaming=True, num_proc=2), tiny_tokenizer)
+    assert streamed.fingerprint == loaded.fingerprint and streamed.manifest["documents"] == len(docs)
+
+
+def test_streaming_stops_reading_once_max_tokens_are_stored(tmp_path, docs, tiny_tokenizer, monkeypatch):
+    from lmdistill.data import StreamSource
+
+    monkeypatch.setattr(StreamSource, "STREAM_RECORDS", 2)
+    records = [{"text": d} for d in docs] * 20  # 200 records, about 100 shards
+    source = write_jsonl(tmp_path / "d.jsonl", records)
+    first_two = sum(len(ids_of(tiny_tokenizer, d)) + 1 for d in docs[:2])
+    store, _ = open_store(str(source), cfg_for(source, tmp_path / "s", streaming=True, num_proc=1,
+                                                max_tokens=first_two - 5), tiny_tokenizer)
+    assert store.num_tokens == first_two - 5
+    assert store.manifest["records"] == 2  # one shard of two records was read, nothing more
+
+
+def test_an_open_ended_progress_line_says_how_far_without_an_eta():
+    import io
+
+    from lmdistill.progress import LineProgress
+
+    out = io.StringIO()
+    bar = LineProgress(None, 0, "tokenizing", unit="records", every_s=0.0, stream=out)
+    bar.set_postfix({"tokens/s": "1,000"})
+    bar.update(2048)
+    assert out.getvalue().startswith("tokenizing: records 2048, elapsed 0:00, tokens/s 1,000")
+    assert "ETA" not in out.getvalue() and "%" not in out.getvalue()
