@@ -60,7 +60,7 @@ from .paths import atomic_write_json, fsync_dir
 from .progress import progress_bar
 
 FORMAT_VERSION = 1
-SHARD_BYTES = 16 << 20  # a worker's unit of work: about this much text
+SHARD_BYTES = 4 << 20  # a worker's unit of work: about this much text (small enough to balance 2-8 workers)
 PIECE_BYTES = 1 << 20  # a plain-text file is tokenized in pieces of about this size, cut after a newline
 MANIFEST = "manifest.json"
 
@@ -604,9 +604,9 @@ def _pad_id(tokenizer) -> int:
 
 
 def _source_files(plan: SourcePlan) -> list[dict]:
-    if plan.kind != "files":
-        return []
-    return [{"path": path, "bytes": size} for path, size, _ in plan.identity["files"]]
+    """The local files a store was made from, with their sizes and SHA-256 (read once more, at build time)."""
+    files = plan.identity.get("files") or []
+    return [{"path": path, "bytes": size, "sha256": _sha256(Path(path))} for path, size, _ in files]
 
 
 def _join_ends(build: Path, results: list[dict], keep: int, chat: bool) -> np.ndarray:

@@ -64,6 +64,8 @@ def test_store_holds_each_document_then_eos_in_uint16_with_hashes(tmp_path, home
         assert hashlib.sha256((store.path / name).read_bytes()).hexdigest() == record["sha256"]
     assert manifest["tokens"] == len(expected) and manifest["documents"] == len(docs)
     assert manifest["key"]["tokenizer"].startswith("sha256:")
+    assert manifest["source_files"] == [{"path": str(source.resolve()), "bytes": source.stat().st_size,
+                                         "sha256": hashlib.sha256(source.read_bytes()).hexdigest()}]
     assert list(home.iterdir()) == [store.path] or {p.suffix for p in home.iterdir()} <= {"", ".lock"}
 
 
