@@ -33,6 +33,7 @@ class Batch:
     attention_mask: torch.Tensor | None
     targets: torch.Tensor
     num_targets: int
+    rows: torch.Tensor | None = None  # the blocks' rows in the run's train (or eval) blocks, when they came from there
 
     @property
     def all_valid(self) -> bool:
@@ -64,4 +65,4 @@ class Batch:
 
     def to(self, device: torch.device | str) -> "Batch":
         mask = self.attention_mask.to(device) if self.attention_mask is not None else None
-        return Batch(self.input_ids.to(device), mask, self.targets.to(device), self.num_targets)
+        return Batch(self.input_ids.to(device), mask, self.targets.to(device), self.num_targets, self.rows)

@@ -104,10 +104,13 @@ class Blocks:
     """
 
     def __init__(self, store: Store, starts: np.ndarray, lengths: np.ndarray | None, targets: np.ndarray | None,
-                 block_size: int, use_mask: bool):
+                 block_size: int, use_mask: bool, origin: np.ndarray | None = None):
         self.store, self.block_size, self.use_mask = store, block_size, use_mask
         self.starts, self.lengths, self.targets = starts, lengths, targets
         self.full = lengths is None  # plain text: every block is block_size real tokens, all targets valid
+        # Each row's number in the set it was taken from (a run's train or eval blocks): what a
+        # batch reports as ``rows``, and what a teacher cache is indexed by.
+        self.origin = np.arange(len(starts), dtype=np.int64) if origin is None else origin
 
     def __len__(self) -> int:
         return len(self.starts)
@@ -116,7 +119,16 @@ class Blocks:
         rows = _as_index(rows, len(self))
         pick = (lambda a: None if a is None else a[rows])
         return Blocks(self.store, self.starts[rows], pick(self.lengths), pick(self.targets), self.block_size,
-                      self.use_mask)
+                      self.use_mask, self.origin[rows])
+
+    def numbered(self) -> "Blocks":
+        """The same blocks as a set of their own: rows numbered 0 .. n-1."""
+        return Blocks(self.store, self.starts, self.lengths, self.targets, self.block_size, self.use_mask)
+
+    def shifted(self, offset: int) -> "Blocks":
+        """The same blocks, numbered from ``offset`` (their place in a mixture)."""
+        return Blocks(self.store, self.starts, self.lengths, self.targets, self.block_size, self.use_mask,
+                      self.origin + offset)
 
     @property
     def num_targets(self) -> int:
@@ -127,10 +139,11 @@ class Blocks:
         return self._read(_as_index(rows, len(self)))[0]
 
     def batch(self, rows) -> Batch:
-        ids, loss_mask = self._read(_as_index(rows, len(self)))
-        if loss_mask is None:
-            return Batch.from_blocks(ids)
-        return Batch.from_ids(ids, None, loss_mask)
+        rows = _as_index(rows, len(self))
+        ids, loss_mask = self._read(rows)
+        batch = Batch.from_blocks(ids) if loss_mask is None else Batch.from_ids(ids, None, loss_mask)
+        batch.rows = torch.from_numpy(self.origin[rows])
+        return batch
 
     def _read(self, rows: np.ndarray) -> tuple[torch.Tensor, torch.Tensor | None]:
         size, tokens = self.block_size, self.store.tokens
@@ -158,9 +171,10 @@ class Blocks:
 class ConcatBlocks:
     """Several ``Blocks`` (one per source of a mixture) as one list of rows."""
 
-    def __init__(self, parts: list[Blocks]):
-        self.parts = parts
+    def __init__(self, parts: list[Blocks], number: bool = True):
+        """``number``: the rows of the parts, one after another, become the set's row numbers."""
         self.offsets = np.cumsum([0] + [len(p) for p in parts])
+        self.parts = [p.shifted(int(o)) for p, o in zip(parts, self.offsets)] if number else parts
         self.block_size = parts[0].block_size
 
     def __len__(self) -> int:
@@ -178,7 +192,7 @@ class ConcatBlocks:
 
     def subset(self, rows) -> "ConcatBlocks | Blocks":
         pieces = [self.parts[p].subset(local) for p, _, local in self._split(rows)]
-        return pieces[0] if len(pieces) == 1 else ConcatBlocks(pieces)
+        return pieces[0] if len(pieces) == 1 else ConcatBlocks(pieces, number=False)
 
     def ids(self, rows) -> torch.Tensor:
         return self.batch(rows).input_ids
@@ -188,12 +202,16 @@ class ConcatBlocks:
         ids = torch.empty((len(rows), self.block_size), dtype=torch.int64)
         mask = torch.empty((len(rows), self.block_size), dtype=torch.bool)
         full = True
+        numbers = torch.empty(len(rows), dtype=torch.int64)
         for p, positions, local in self._split(rows):
             part_ids, part_mask = self.parts[p]._read(local)
+            numbers[positions] = torch.from_numpy(self.parts[p].origin[local])
             ids[positions] = part_ids
             mask[positions] = part_mask if part_mask is not None else True
             full &= part_mask is None
-        return Batch.from_blocks(ids) if full else Batch.from_ids(ids, None, mask)
+        batch = Batch.from_blocks(ids) if full else Batch.from_ids(ids, None, mask)
+        batch.rows = numbers
+        return batch
 
     def digest(self) -> str:
         return "sha256:" + hashlib.sha256("".join(p.digest() for p in self.parts).encode()).hexdigest()
@@ -216,7 +234,9 @@ def split_blocks(layout: Layout, store: Store, use_mask: bool, eval_fraction: fl
     n = len(everything)
     perm = torch.randperm(n, generator=torch.Generator().manual_seed(split_seed))
     num_eval = min(max(1, int(round(eval_fraction * n))), n - 1)
-    return everything.subset(perm[num_eval:].sort().values), everything.subset(perm[:num_eval].sort().values)
+    train, held_out = (everything.subset(perm[num_eval:].sort().values),
+                       everything.subset(perm[:num_eval].sort().values))
+    return train.numbered(), held_out.numbered()  # each a set of its own, numbered from 0
 
 
 # ---------------------------------------------------------------------------- samplers

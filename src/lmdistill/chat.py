@@ -212,7 +212,7 @@ def _checked_messages(messages: Any, name: str) -> list[dict]:
     if not _is_sequence(messages):
         raise LmdistillError(f"{name} must be a list of {{role, content}} messages; found {_kind(messages)}")
     if not messages:
-        raise LmdistillError(f"{name} is an empty list")
+        raise LmdistillError(f"{name} is an empty list; give its {{role, content}} messages or leave the record out")
     return [_checked_message(message, f"{name}[{i}]") for i, message in enumerate(messages)]
 
 
@@ -232,7 +232,10 @@ def _is_sequence(value: Any) -> bool:
 
 
 def _kind(value: Any) -> str:
-    return "null" if value is None else f"a {type(value).__name__}"
+    if value is None:
+        return "null"
+    name = type(value).__name__
+    return f"{'an' if name[0] in 'aeiou' else 'a'} {name}"
 
 
 def _one_line(exc: Exception, limit: int = 200) -> str:

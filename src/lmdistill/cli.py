@@ -15,6 +15,7 @@ import errno
 import math
 import os
 import sys
+import time
 from pathlib import Path
 
 from typing import TYPE_CHECKING
@@ -36,6 +37,7 @@ TRAIN_FLAGS = {
     "min_temperature": ("distill.min_temperature", float, "KD temperature at the end (default 1.5)"),
     "kd_weight": ("distill.kd_weight", float, "weight of the KD term, in [0, 1]"),
     "teacher": ("model.teacher", str, "teacher model directory or hub id"),
+    "teacher_cache": ("model.teacher_cache", str, "distill from this teacher cache (lmdistill cache-teacher)"),
     "student": ("model.student", str, "student model directory or hub id (default: build one)"),
     "data": ("data.path", str, "training text: .txt/.jsonl/.parquet file, directory, or datasets name"),
     "output_dir": ("run.output_dir", str, "run directory"),
@@ -160,9 +162,12 @@ def cmd_eval(args) -> int:
         blocks, block_size = data.eval, run_cfg.data.block_size
         description = f"the run's held-out blocks ({data.eval_source}; source: {data.source})"
     else:
-        block_size = args.block_size or 128
-        data_cfg = DataConfig(path=args.data, text_field=args.text_field, block_size=block_size)
-        blocks, description = block_data_of(args.data, data_cfg, tokenizer, role="--data")
+        # Another text for a run's student: cut as the run cut its data (block size, stores, loss_on).
+        data_cfg = run_cfg.data if run_cfg is not None else DataConfig()
+        data_cfg.path, data_cfg.text_field, data_cfg.sources = args.data, args.text_field, None
+        block_size = data_cfg.block_size = args.block_size or (run_cfg.data.block_size if run_cfg else 128)
+        blocks, description = block_data_of(args.data, data_cfg, tokenizer, role="--data",
+                                            progress=not args.no_progress)
     for m, role in ((model, "model"), (teacher, "teacher")):
         if m is not None:
             check_context_length(m, block_size, role, source if role == "model" else args.teacher)
@@ -260,6 +265,77 @@ def cmd_prune(args) -> int:
     return 0
 
 
+def cmd_cache_teacher(args) -> int:
+    """Run the teacher once over the run's train and eval blocks and write the cache (see cache.py)."""
+    import torch
+
+    from . import cache as tc
+    from .checkpoint import model_reference
+    from .config import Config
+    from .data import build_block_data
+    from .default import resolve_default_teacher
+    from .models import freeze, load_causal_lm, load_tokenizer, resolve_source
+    from .progress import progress_bar
+
+    values = {k: v for k, v in {"model.teacher": args.teacher, "data.path": args.data, "cache.mode": args.mode}.items()
+              if v is not None}
+    overrides = list(args.overrides) + [f"{key}={value}" for key, value in (
+        ("cache.samples", args.samples), ("cache.k", args.k), ("cache.temperature", args.temperature)) if value is not None]
+    cfg = Config.load(args.config, overrides, values)
+    cfg.validate()
+    out = Path(args.out)
+    world, rank = int(os.environ.get("WORLD_SIZE", "1")), int(os.environ.get("RANK", "0"))
+    if world > 1:
+        import torch.distributed as dist
+
+        dist.init_process_group("gloo")
+    resolve_default_teacher(cfg, progress=not args.no_progress and rank == 0)
+    teacher_name = resolve_source(cfg.model.teacher, "model.teacher")
+    tokenizer = load_tokenizer(teacher_name, "teacher")
+    data = build_block_data(cfg.data, tokenizer, progress=not args.no_progress)
+    request = tc.build_request(cfg, tokenizer, data, model_reference(teacher_name), len(tokenizer))
+    complete = tc.prepare_out(out, request, args.overwrite) if rank == 0 else False
+    if world > 1:
+        flag = torch.tensor([int(complete)])
+        dist.broadcast(flag, 0)
+        complete = bool(flag.item())
+    if complete:
+        if rank == 0:
+            print(f"teacher cache '{out}' is already complete for this teacher, data and settings; nothing to do")
+        return 0
+    per_token = tc.bytes_per_token(cfg.cache.mode, len(tokenizer), cfg.cache.samples, cfg.cache.k)
+    if rank == 0:
+        positions = (len(data.train) + len(data.eval)) * request["positions_per_block"]
+        print(f"caching the teacher: {tc.describe(request)}, {positions:,} positions -> {out}\n"
+              f"estimated size {tc.estimated_bytes(request) / 2**20:,.1f} MiB: {per_token} bytes per position "
+              f"({per_token / tc.dense_fp16_bytes(len(tokenizer)):.2%} of fp16 logits at V={len(tokenizer):,})")
+    device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0"))) if torch.cuda.is_available() else (
+        torch.device("cpu"))
+    teacher = freeze(load_causal_lm(teacher_name, "teacher", torch.float32, cfg.model.trust_remote_code)).to(device)
+    todo = tc.shards_to_do(out, request, rank, world)
+    blocks = {"train": data.train, "eval": data.eval}
+    bar = progress_bar(sum((end - start) for _, _, start, end in todo) * request["positions_per_block"], 0,
+                       "teacher", not args.no_progress and rank == 0, unit="tok")
+    started = time.perf_counter()
+    for split, index, start, end in todo:
+        tc.write_shard(out, teacher, blocks[split], split, index, start, end, request, cfg.cache.batch_size, device,
+                       on_batch=bar.update)
+        bar.set_postfix({"tokens/s": f"{bar.n / max(time.perf_counter() - started, 1e-9):,.0f}"})
+    bar.close()
+    if world > 1:
+        dist.barrier()
+    if rank == 0:
+        manifest = tc.finish(out, request)
+        size = sum(s["bytes"] for s in manifest["shards"].values())
+        print(f"teacher cache written: {out} ({len(manifest['shards'])} shards, {size / 2**20:,.1f} MiB, "
+              f"{tc.elapsed_since(started)}); teacher held-out perplexity {manifest['teacher_eval']['teacher_ppl']:.4g}\n"
+              f"train from it: lmdistill train --teacher-cache {out} --data ... (the same data settings)")
+    if world > 1:
+        dist.barrier()
+        dist.destroy_process_group()
+    return 0
+
+
 def _model_type(source: str) -> str | None:
     """``model_type`` from a local model directory's config.json (None for a hub id or no file)."""
     import json
@@ -312,12 +388,27 @@ def build_parser() -> argparse.ArgumentParser:
     pr.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                     help="e.g. --set model.student_config={num_hidden_layers: 2} --set model.prune.layers=uniform")
 
+    c = sub.add_parser("cache-teacher", help="run the teacher once and write a cache to distill from",
+                       description="Run the teacher over the train and eval blocks of the data (as training would "
+                                   "pack them) and keep sparse targets (sampled, topk) or dense logits.")
+    c.add_argument("--teacher", help="teacher model directory or hub id (default: the embedded default teacher)")
+    c.add_argument("--data", help="training text, as for train [data.path]")
+    c.add_argument("--out", required=True, help="directory for the cache")
+    c.add_argument("--mode", choices=["sampled", "topk", "dense"], help="what to keep per position [cache.mode]")
+    c.add_argument("--samples", type=int, help="draws per position, sampled mode [cache.samples]")
+    c.add_argument("--k", type=int, help="logits kept per position, topk mode [cache.k]")
+    c.add_argument("--temperature", type=float, help="capture temperature [cache.temperature]")
+    c.add_argument("--config", help="YAML config file: its model, data and cache sections are used")
+    c.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
+    c.add_argument("--overwrite", action="store_true", help="replace a different cache in --out")
+    c.add_argument("--no-progress", action="store_true")
+
     sub.add_parser("config-reference", help="print every config key with its default and meaning")
     return parser
 
 
 COMMANDS = {"train": cmd_train, "eval": cmd_eval, "report": cmd_report, "export": cmd_export,
-            "prune": cmd_prune, "config-reference": cmd_config_reference}
+            "prune": cmd_prune, "cache-teacher": cmd_cache_teacher, "config-reference": cmd_config_reference}
 
 
 def _torch_oom() -> type:

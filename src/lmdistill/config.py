@@ -77,6 +77,9 @@ class ModelConfig:
         None,
     )
     student: str | None = doc("Student to start from: local directory or hub id. null = build a fresh one.", None)
+    teacher_cache: str | None = doc(
+        "A teacher cache (lmdistill cache-teacher) to distill from instead of running the teacher: no teacher model "
+        "is loaded. A fresh student is built from the teacher's config (random start).", None)
     student_config: dict = doc(
         "Overrides applied to the teacher's config to build a fresh student "
         "(used when student is null), e.g. {num_hidden_layers: 2, hidden_size: 128}.",
@@ -124,6 +127,21 @@ class DataConfig:
                           "nothing is converted or downloaded up front, and with max_tokens only that much is read.",
                           False)
     store_dir: str | None = doc("Where tokenized data stores are kept (null = $LMDISTILL_HOME/stores).", None)
+
+
+@dataclass
+class CacheConfig:
+    """The offline teacher cache (lmdistill cache-teacher): what it keeps per position."""
+
+    mode: Literal["sampled", "topk", "dense"] = doc(
+        "sampled = S draws from the teacher's distribution (unbiased random-sampled KD); topk = the k largest "
+        "and a tail bucket (biased); dense = every logit (small vocabularies).", "sampled")
+    samples: int = doc("Draws per position in sampled mode.", 12)
+    k: int = doc("Logits kept per position in topk mode.", 12)
+    temperature: float | None = doc("Capture temperature (null = distill.temperature).", None)
+    seed: int = doc("Seed of the draws (each shard's draws follow from it, so a rerun is byte-identical).", 0)
+    shard_blocks: int = doc("Blocks per shard file.", 64)
+    batch_size: int = doc("Blocks per teacher forward while building.", 8)
 
 
 @dataclass
@@ -260,6 +278,7 @@ class Config:
     guard: GuardConfig = field(default_factory=GuardConfig)
     health: HealthConfig = field(default_factory=HealthConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    cache: CacheConfig = field(default_factory=CacheConfig)
     debug: DebugConfig = field(default_factory=DebugConfig)
 
     # ---- construction -------------------------------------------------------------
@@ -401,7 +420,14 @@ def _check_numbers(cfg: "Config") -> None:
         "guard.spike_window": cfg.guard.spike_window, "guard.rollback_keep": cfg.guard.rollback_keep,
         "guard.rollback_interval": cfg.guard.rollback_interval,
         "guard.max_rollbacks": cfg.guard.max_rollbacks, "health.plateau_patience": cfg.health.plateau_patience,
+        "cache.samples": cfg.cache.samples, "cache.k": cfg.cache.k, "cache.shard_blocks": cfg.cache.shard_blocks,
+        "cache.batch_size": cfg.cache.batch_size,
     }
+    if cfg.cache.samples > 255:
+        raise _bad("cache.samples", cfg.cache.samples, "must be at most 255 (counts are stored in one byte)")
+    if cfg.cache.temperature is not None and not 0 < cfg.cache.temperature <= MAX_TEMPERATURE:
+        raise _bad("cache.temperature", cfg.cache.temperature, f"must be in (0, {MAX_TEMPERATURE:g}], or null for "
+                  "distill.temperature")
     optional_positive = {
         "train.max_steps": t.max_steps, "train.eval_every": t.eval_every,
         "checkpoint.every": cfg.checkpoint.every, "data.max_eval_blocks": cfg.data.max_eval_blocks,
@@ -441,7 +467,7 @@ def _check_numbers(cfg: "Config") -> None:
         if _get(cfg, key) > MAX_TEMPERATURE:
             raise _bad(key, _get(cfg, key), f"the KD temperature must be at most {MAX_TEMPERATURE:g}: the loss is "
                       "scaled by T^2 and the logits are divided by T, and both must stay finite in fp32")
-    for key in ("run.seed", "data.split_seed"):
+    for key in ("run.seed", "data.split_seed", "cache.seed"):
         if not 0 <= _get(cfg, key) <= MAX_SEED:
             raise _bad(key, _get(cfg, key), "a seed must be a whole number in [0, 2**32 - 1]")
     non_negative = {"train.weight_decay": t.weight_decay, "guard.spike_mad": cfg.guard.spike_mad,

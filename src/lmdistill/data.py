@@ -17,6 +17,7 @@ from __future__ import annotations
 import contextlib
 import errno
 import hashlib
+import itertools
 import logging
 import os
 from dataclasses import dataclass, field
@@ -27,7 +28,7 @@ from .chat import record_format
 from .config import DataConfig, source_names
 from .errors import LmdistillError
 from .paths import is_hub_id
-from .store import SourcePlan, Store, open_or_build, plan_files, plan_records, stores_home
+from .store import RecordError, SourcePlan, Store, open_or_build, plan_files, plan_records, stores_home
 
 __all__ = ["BlockData", "BlockSampler", "MixtureSampler", "build_block_data", "make_sampler", "open_store",
            "plan_source", "embedded_corpus_texts"]
@@ -134,6 +135,9 @@ def plan_source(source: str | None, cfg: DataConfig, role: str = "data.path") ->
                                                                        streaming=True))
         return RecordSource(description, identity, cfg.text_field,
                             lambda: _load_local(builder, files, role, source, cfg))
+    if path.suffix.lower() in EXTENSION_BUILDERS:  # a file's name, never a datasets name: no hub look-up
+        raise LmdistillError(f"{role} '{source}' does not exist; check the path (relative paths are from "
+                             f"'{Path.cwd()}')")
     if is_hub_id(source) and cfg.streaming:
         description = (f"datasets (streaming): {source}" + (f"/{cfg.dataset_config}" if cfg.dataset_config else "")
                        + f" [{cfg.split}]")
@@ -174,15 +178,18 @@ class StreamSource(SourcePlan):
 
     def prepare(self) -> None:
         try:
-            self.dataset = self._opener()
-            first = next(iter(self.dataset), None)
+            with _quiet_logger("datasets"):  # its own error lines would repeat ours
+                self.dataset = self._opener()
+                head = list(itertools.islice(self.dataset, FORMAT_PROBE))
         except Exception as exc:  # datasets raises many types for a name or file it cannot stream
-            raise LmdistillError(f"{self.role} '{self.source}' could not be read as a stream ({type(exc).__name__}: "
-                                 f"{str(exc).splitlines()[0][:160] if str(exc) else ''}); check the name, the "
-                                 "network, or set data.streaming=false") from None
-        if first is None:
+            raise LmdistillError(f"{self.role} '{self.source}' could not be read as a stream ({_one_line(exc)}); "
+                                 "check the name, the network, or set data.streaming=false") from None
+        if not head:
             raise LmdistillError(f"{self.role} '{self.source}' has no records; give records with text")
-        self.fmt = record_format(first, self.text_field)
+        first = head[0]
+        # The first record with a format is the source's, as for a loaded source (a null text first is no error).
+        self.fmt = next((f for f in (record_format(r, self.text_field) for r in head) if f),
+                        "text" if self.text_field in first else None)
         if self.fmt is None:
             raise LmdistillError(
                 f"{self.role} '{self.source}' has no field '{self.text_field}' (fields: {', '.join(first)}); set "
@@ -191,13 +198,45 @@ class StreamSource(SourcePlan):
 
     def iter_shards(self):
         batch, first, index = [], 0, 0
-        for number, record in enumerate(self.dataset):
+        for number, record in enumerate(self._records()):
             batch.append(record)
             if len(batch) == self.STREAM_RECORDS:
                 yield index, ("rows", first, batch)
                 batch, first, index = [], number + 1, index + 1
         if batch:
             yield index, ("rows", first, batch)
+
+
+    def _records(self):
+        """The stream's records; a failure part-way (a broken line deep in a file, a dropped
+        connection) is a one-line error, not a traceback from inside datasets."""
+        records, number = iter(self.dataset), 0
+        with _quiet_logger("datasets"):
+            while True:
+                try:
+                    record = next(records)
+                except StopIteration:
+                    return
+                except Exception as exc:  # noqa: BLE001 - datasets and pyarrow raise many types
+                    raise self._stream_error(number, exc) from None
+                yield record
+                number += 1
+
+    def _stream_error(self, number: int, exc: Exception) -> Exception:
+        what = f"reading the stream stopped after {number:,} record(s): {_one_line(exc)}"
+        if self.identity.get("files"):  # a local file: bad input, so its build is not kept (RecordError)
+            return RecordError(f"{what}; fix the file (a broken line?) or set data.streaming=false to have it "
+                               "checked as a whole")
+        return LmdistillError(f"{self.role} '{self.source}': {what}; check the network and run again (finished "
+                              "shards are kept), or set data.streaming=false")
+
+
+def _one_line(exc: Exception) -> str:
+    text = str(exc).splitlines()[0][:160] if str(exc).strip() else ""
+    return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
+
+
+FORMAT_PROBE = 64  # records read to find a source's format (the first that has one)
 
 
 def datasets_module():
@@ -244,7 +283,7 @@ def _record_format(ds, role: str, source: str, cfg: DataConfig) -> tuple:
             f"{role} '{source}' has no field '{cfg.text_field}' (fields: {', '.join(columns)}); set data.text_field "
             "to the one that holds the text, or give chat records ('messages') or 'prompt' and 'completion'")
     ds = ds.select_columns(list(dict.fromkeys(wanted)))
-    first = next((record_format(r, cfg.text_field) for r in ds.select(range(min(len(ds), 64)))
+    first = next((record_format(r, cfg.text_field) for r in ds.select(range(min(len(ds), FORMAT_PROBE)))
                   if record_format(r, cfg.text_field)), None)
     return ds, first or "text"
 
@@ -352,9 +391,11 @@ def _source_data(name: str, weight: float, source: str | None, cfg: DataConfig, 
     layout = layout_blocks(store, cfg.block_size, loss_on)
     minimum = 2 if hold_out else 1
     if len(layout.starts) < minimum:
+        more = ("add text" if store.manifest["tokens_before_cap"] <= store.num_tokens  # else max_tokens cut it short
+                else f"raise data.max_tokens (now {cfg.max_tokens:,})")
         raise LmdistillError(
             f"{role} '{source or 'embedded'}' gives {len(layout.starts)} block(s) of {cfg.block_size} tokens, fewer "
-            f"than {minimum} needed; add text or lower {'--block-size' if role.startswith('--') else 'data.block_size'}"
+            f"than {minimum} needed; {more} or lower {'--block-size' if role.startswith('--') else 'data.block_size'}"
         )
     train, held_out = split_blocks(layout, store, loss_on == "assistant", cfg.eval_fraction if hold_out else None,
                                    cfg.split_seed)
@@ -393,9 +434,10 @@ def build_block_data(cfg: DataConfig, tokenizer, progress: bool = True) -> Block
     return BlockData(train, eval_blocks, source, eval_source, sources, eval_store, layout)
 
 
-def block_data_of(source: str | None, cfg: DataConfig, tokenizer, role: str = "--data") -> tuple[Blocks, str]:
+def block_data_of(source: str | None, cfg: DataConfig, tokenizer, role: str = "--data",
+                  progress: bool = True) -> tuple[Blocks, str]:
     """Every block of one source (no split): what ``lmdistill eval --data`` scores."""
-    data = _source_data(source or "embedded", 1.0, source, cfg, tokenizer, role, False, True)
+    data = _source_data(source or "embedded", 1.0, source, cfg, tokenizer, role, False, progress)
     return data.train, data.store.manifest["source"]
 
 

@@ -62,7 +62,8 @@ def train_tokenizer(texts: list[str], vocab_size: int, min_frequency: int = 2):
 def needs_default_teacher(cfg: Config) -> bool:
     """An empty ``model.teacher`` means the embedded default whenever a teacher is in play: for
     KD, or to shape a fresh student (the CE-only baseline of a KD run trains the same student)."""
-    return cfg.model.teacher is None and (cfg.distill.kd_weight > 0 or cfg.model.student is None)
+    return (cfg.model.teacher is None and cfg.model.teacher_cache is None
+            and (cfg.distill.kd_weight > 0 or cfg.model.student is None))
 
 
 def resolve_default_teacher(cfg: Config, progress: bool = True) -> Config:

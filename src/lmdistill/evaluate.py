@@ -54,6 +54,7 @@ def evaluate(
     teacher_cache: dict | None = None,
     desc: str = "eval",
     progress: bool = True,
+    cached=None,
 ) -> dict:
     """Evaluate ``student`` (and ``teacher``, if given) on ``blocks``: a store's blocks (only
     their targets are scored: not padding, not a prompt under ``loss_on: assistant``) or a
@@ -63,6 +64,9 @@ def evaluate(
     own shard of ``blocks``). ``teacher_cache`` keeps the teacher's numbers between
     calls: a frozen teacher on fixed blocks gives the same answer every time.
 
+    ``cached``: a teacher cache's signal for the eval split (``signals.CachedTeacher``) in place
+    of ``teacher``; the teacher's CE then comes from ``teacher_cache`` (the cache's manifest).
+
     Returns eval_ce_loss, eval_ppl, eval_tokens and, with a teacher, eval_kd_loss
     (as trained: at ``temperature``, times T^2 when enabled), eval_kl (plain KL at
     T=1, comparable across runs), top1_agreement, teacher_ce_loss and teacher_ppl.
@@ -71,6 +75,7 @@ def evaluate(
     student.eval()
     sums = torch.zeros(6, dtype=torch.float64)  # ce, kd, kl_t1, agree, teacher_ce, tokens
     need_teacher_ce = teacher is not None and (teacher_cache is None or "teacher_ce_loss" not in teacher_cache)
+    with_teacher = teacher is not None or cached is not None
     batches = range(0, len(blocks), batch_size)
     # A short bar, redrawn in place: only where a terminal shows it (a log gets the eval line).
     for start in tqdm(batches, desc=desc, leave=False, disable=not (progress and interactive()), unit="batch"):
@@ -83,9 +88,22 @@ def evaluate(
             t_logits = (teacher(input_ids=ids, use_cache=False).logits[:, :-1, :vocab_size]
                         if teacher is not None else None)
         s_flat = s_logits.reshape(-1, vocab_size).float()
+        sparse = None
+        if cached is not None:
+            view = cached(batch, temperature)
+            if cached.cache.mode == "dense":
+                t_logits = view.logits
+            else:
+                sparse = (view.targets, cached(batch, 1.0).targets if cached.cache.mode == "sampled" else None)
         if keep is not None:
             s_flat, targets = s_flat[keep], targets[keep]
             t_logits = t_logits.reshape(-1, vocab_size)[keep] if t_logits is not None else None
+            sparse = tuple(t.rows(keep) if t is not None else None for t in sparse) if sparse else None
+        if sparse is not None:
+            sums[5] += targets.numel()
+            sums[0] += F.cross_entropy(s_flat, targets, reduction="sum").item()
+            sums[1:4] += _sparse_sums(s_flat, targets, sparse, temperature, scale_by_t2)
+            continue
         sums[0] += F.cross_entropy(s_flat, targets, reduction="sum").item()
         sums[5] += targets.numel()
         if t_logits is not None:
@@ -104,7 +122,7 @@ def evaluate(
     tokens = max(sums[5].item(), 1.0)
     ce = sums[0].item() / tokens
     out = {"eval_ce_loss": ce, "eval_ppl": perplexity(ce), "eval_tokens": int(sums[5].item())}
-    if teacher is not None:
+    if with_teacher:
         if need_teacher_ce:
             teacher_ce = sums[4].item() / tokens
             if teacher_cache is not None:
@@ -115,6 +133,22 @@ def evaluate(
                    top1_agreement=sums[3].item() / tokens, teacher_ce_loss=teacher_ce,
                    teacher_ppl=perplexity(teacher_ce))
     return out
+
+
+def _sparse_sums(s_flat, targets, sparse, temperature: float, scale_by_t2: bool) -> torch.Tensor:
+    """KD (as trained), KL at T = 1 and top-1 agreement sums against a cache's sparse targets.
+
+    KL at T = 1 comes from the draws re-weighted to T = 1 (sampled), or is the bucketed KL at
+    the capture temperature (top-k, which has nothing else); the teacher's top-1 is its most
+    likely cached id (exact for top-k; for sampled, whenever the argmax was drawn)."""
+    from .sparse import _chunk
+
+    at_t, at_one = sparse
+    _, _, kd = _chunk(s_flat, None, None, targets, at_t, 1.0 / temperature, 0.0, 0.0, True, False)
+    kl = kd if at_one is None else _chunk(s_flat, None, None, targets, at_one, 1.0, 0.0, 0.0, True, False)[2]
+    best = torch.where(at_t.weights > 0, at_t.logp, float("-inf")).argmax(-1, keepdim=True)
+    agree = (s_flat.argmax(-1) == at_t.ids.gather(1, best).squeeze(1)).sum()
+    return torch.stack([kd * (temperature**2 if scale_by_t2 else 1.0), kl, agree.double()]).double()
 
 
 def _batch(blocks, start: int, size: int) -> Batch:

@@ -398,6 +398,8 @@ def load_models(cfg, teacher=None, student=None, tokenizer=None, train_blocks=No
 
     ``train_blocks(tokenizer) -> (N, L) token ids`` gives the calibration data of a student cut
     out of the teacher (``model.student_init: teacher``)."""
+    if cfg.model.teacher_cache is not None and teacher is None:
+        return _models_for_cache(cfg, student, tokenizer)
     teacher_name = student_name = template_problem = None
     pruned = None
     run_tokenizer_checked = False
@@ -453,6 +455,45 @@ def load_models(cfg, teacher=None, student=None, tokenizer=None, train_blocks=No
     return Models(teacher, student, tokenizer, teacher_name, student_name,
                   pruned.layers if pruned else None, pruned.layer_importance if pruned else None,
                   pruned.channels if pruned else None, template_problem)
+
+
+def _models_for_cache(cfg, student, tokenizer) -> Models:
+    """A run from a teacher cache: the student (given, or fresh from the teacher's config file) and
+    the tokenizer; the teacher's weights are never loaded."""
+    from transformers import AutoConfig
+
+    from .cache import TeacherCache
+
+    cache = TeacherCache.open(cfg.model.teacher_cache, verify=False)  # is it one? (its shards are checked later)
+    cache_dir = cache.path
+    teacher_name = cfg.model.teacher or cache.manifest["teacher"]["source"]
+    student_name = None
+    if student is None and cfg.model.student is not None:
+        student_name = resolve_source(cfg.model.student, "model.student")
+        student = load_causal_lm(student_name, "student", torch.float32, cfg.model.trust_remote_code)
+        if tokenizer is None and _has_tokenizer_files(student_name):
+            tokenizer = load_tokenizer(student_name, "student")
+    elif student is None:
+        if cfg.model.student_init == "teacher":
+            raise LmdistillError("model.student_init: teacher needs the teacher's weights, which a cached run does not "
+                                 "load; cut the student first (lmdistill prune --out DIR) and pass --student DIR")
+        if teacher_name is None:
+            raise LmdistillError("no student: set model.student, or model.teacher (its config shapes a fresh student)")
+        teacher_name = resolve_source(teacher_name, "model.teacher")
+        config = student_config_from_teacher(AutoConfig.from_pretrained(teacher_name), cfg.model.student_config)
+        student = build_fresh_student(config, cfg.run.seed)
+        student_name = f"fresh: {cfg.model.student_config or 'half of the teacher'} (teacher cache run)"
+    else:
+        student_name = cfg.model.student or type(student).__name__
+    if tokenizer is None and teacher_name is not None:
+        tokenizer = load_tokenizer(resolve_source(teacher_name, "model.teacher"), "teacher")
+    if tokenizer is None:
+        raise LmdistillError("no tokenizer: the student directory has none; set model.teacher to the cached teacher")
+    check_run_tokenizer(cfg, tokenizer, student_name)
+    check_vocab_covers(student, len(tokenizer), "student", student_name)
+    check_context_length(student, cfg.data.block_size, "student", student_name)
+    check_causal(student, "student", student_name, len(tokenizer))
+    return Models(None, student, tokenizer, f"cache: {cache_dir}", student_name)
 
 
 def chat_template_difference(teacher_tok, student_tok, teacher_name, student_name) -> str | None:

@@ -7,7 +7,8 @@ across the step's micro-batches and all ranks. D is a divergence from
 
 The objective runs the student forward (through the wrapped model, so that data-parallel
 gradient synchronisation works) and computes what the teacher's view calls for: full logits
-next to ``TeacherLogits``, final hidden states next to ``TeacherHidden``.
+next to ``TeacherLogits``, final hidden states next to ``TeacherHidden`` and next to the
+sparse targets of a cache (``TeacherSparse``, through ``sparse.sparse_distillation_loss``).
 """
 
 from __future__ import annotations
@@ -22,7 +23,8 @@ from . import divergences
 from .fused import fused_linear_distillation_loss, fused_logits_distillation_loss
 from .hidden import HiddenProjection, hidden_state_loss
 from .losses import LossParts, distillation_loss
-from .signals import TeacherHidden, TeacherLogits, TeacherView, layer_outputs, prediction_logits
+from .signals import TeacherHidden, TeacherLogits, TeacherSparse, TeacherView, layer_outputs, prediction_logits
+from .sparse import sparse_distillation_loss
 
 
 @dataclass(frozen=True)
@@ -79,7 +81,10 @@ class Objective:
 
     def __call__(self, student: torch.nn.Module, batch: Batch, teacher: TeacherView | None,
                  temperature: float, num_tokens: float) -> LossParts:
-        compute = self._from_hidden if self.student_output == "hidden" else self._from_logits
+        if isinstance(teacher, TeacherSparse):
+            compute = self._from_sparse
+        else:
+            compute = self._from_hidden if self.student_output == "hidden" else self._from_logits
         parts, states = compute(student, batch, teacher, temperature, num_tokens)
         h = self.hidden
         if h is None:
@@ -99,6 +104,19 @@ class Objective:
         loss = fused_logits_distillation_loss if self.closed_form else distillation_loss
         return loss(logits, teacher.logits if teacher is not None else None, batch.targets, temperature=temperature,
                     num_tokens=num_tokens, all_valid=batch.all_valid, **self.spec.loss_kwargs()), states
+
+    def _from_sparse(self, student, batch: Batch, teacher: TeacherSparse, temperature: float,
+                     num_tokens: float) -> tuple[LossParts, tuple]:
+        """Sparse targets from a cache: the student's logits chunk by chunk from its hidden states."""
+        out = student(input_ids=batch.input_ids, attention_mask=batch.attention_mask, output_hidden_states=True,
+                      logits_to_keep=1, use_cache=False)
+        hidden = out.hidden_states[-1][:, :-1]
+        s = self.spec
+        return sparse_distillation_loss(hidden.reshape(-1, hidden.shape[-1]), self.head.weight,
+                                        batch.targets.reshape(-1), teacher.targets, temperature=temperature,
+                                        kd_weight=s.kd_weight, scale_by_t2=s.scale_by_t2, num_tokens=num_tokens,
+                                        vocab_size=self.vocab_size, student_bias=self.head.bias,
+                                        chunk_size=self.chunk_size), out.hidden_states
 
     def _from_hidden(self, student, batch: Batch, teacher: TeacherHidden | None, temperature: float,
                      num_tokens: float) -> tuple[LossParts, tuple]:

@@ -52,7 +52,17 @@ class TeacherHidden:
     layers: list[torch.Tensor] = field(default_factory=list)
 
 
-TeacherView = TeacherLogits | TeacherHidden
+@dataclass
+class TeacherSparse:
+    """Sparse teacher targets for every predicting position, flattened to (B * (L-1), slots)
+    (``sparse.SparseTargets``), from an offline cache."""
+
+    targets: object
+    nonfinite: torch.Tensor
+    layers: list[torch.Tensor] = field(default_factory=list)
+
+
+TeacherView = TeacherLogits | TeacherHidden | TeacherSparse
 
 
 def predicting_positions(model: torch.nn.Module, batch: Batch) -> dict:
@@ -176,6 +186,28 @@ def fused_loss_unsupported(model) -> str | None:
         if getattr(model.config, name, None) not in (None, 1, 1.0):
             return f"{type(model).__name__} transforms its logits ({name})"
     return None
+
+
+class CachedTeacher(TeacherSignal):
+    """An offline teacher cache (``cache.py``): no teacher runs; a batch's blocks are looked up by
+    their rows. Dense caches give logits (the full path, every divergence); sampled and top-k
+    caches give sparse targets, which the objective meets with the student's hidden states."""
+
+    def __init__(self, cache, split: str = "train"):
+        self.cache, self.split = cache, split
+        self.student_output = "logits" if cache.mode == "dense" else "hidden"
+
+    def __call__(self, batch: Batch, temperature: float) -> TeacherLogits | TeacherSparse:
+        if batch.rows is None:
+            raise ValueError("a cached teacher needs the batch's block rows (Batch.rows)")
+        view = self.cache.targets(self.split, batch.rows, temperature)
+        device = batch.input_ids.device
+        if self.cache.mode == "dense":
+            logits = view.to(device)
+            return TeacherLogits(logits, (~torch.isfinite(logits) & (logits != float("-inf"))).any().float())
+        moved = type(view)(*(t.to(device) if t is not None else None for t in (view.ids, view.weights, view.logp,
+                                                                              view.tail, view.entropy)))
+        return TeacherSparse(moved, (~torch.isfinite(moved.weights)).any().float())
 
 
 def choose_loss_impl(impl: str, divergence, tokens_per_micro_batch: int, vocab_size: int, student,

@@ -194,13 +194,22 @@ def _tokenize_shard(index: int, shard: tuple, out_dir: str, dtype: str) -> dict:
     array = np.asarray(ids, dtype=dtype)
     if len(ids) and int(array.max()) != max(ids):  # a wider id than the dtype holds: the vocabulary grew
         raise RecordError(f"token id {max(ids)} does not fit the store's {dtype}")
-    array.tofile(f"{base}.tokens")
-    np.asarray(ends, dtype=np.int64).tofile(f"{base}.ends")
+    _write_synced(f"{base}.tokens", array)
+    _write_synced(f"{base}.ends", np.asarray(ends, dtype=np.int64))
     if fmt != "text":
-        np.asarray(mask, dtype=np.uint8).tofile(f"{base}.mask")
+        _write_synced(f"{base}.mask", np.asarray(mask, dtype=np.uint8))
     result = {"tokens": len(ids), "documents": len(ends), **counts}
     atomic_write_json(Path(f"{base}.json"), result, fsync=True)
     return result
+
+
+def _write_synced(path: str, array: np.ndarray) -> None:
+    """``array`` into ``path``, on the disk before the shard's marker is: after a power loss a
+    marker never vouches for a shard file that did not reach the disk."""
+    with open(path, "wb") as f:
+        array.tofile(f)
+        f.flush()
+        os.fsync(f.fileno())
 
 
 def _text_pieces(path: str, start: int, end: int) -> list[str]:
@@ -308,8 +317,9 @@ class Store:
             file = path / name
             size = file.stat().st_size if file.exists() else None
             if size != record["bytes"]:
-                raise LmdistillError(f"data store '{path}' is damaged: {name} has {size} bytes, its manifest says "
-                                     f"{record['bytes']}; delete the directory and run again to rebuild it")
+                found = "is missing" if size is None else f"has {size} bytes"
+                raise LmdistillError(f"data store '{path}' is damaged: {name} {found}, its manifest says "
+                                     f"{record['bytes']} bytes; delete the directory and run again to rebuild it")
             arrays[name] = (np.memmap(file, dtype=record["dtype"], mode="r") if record["bytes"]
                             else np.zeros(0, dtype=record["dtype"]))
         return cls(path, manifest, arrays["tokens.bin"], arrays["docs.bin"], arrays.get("mask.bin"))
@@ -370,7 +380,11 @@ def _locked(path: Path, say) -> Iterator[None]:
     """An exclusive lock on ``path``; says once that it waits when another process holds it."""
     import fcntl
 
-    with open(path, "a+") as f:
+    try:
+        f = open(path, "a+")
+    except OSError as exc:  # a read-only store_dir: the lock file is the first thing written there
+        raise _unwritable(path.parent, exc) from None
+    with f:
         try:
             fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
@@ -387,18 +401,22 @@ def open_or_build(plan: SourcePlan, tokenizer, *, home: Path, num_proc: int | No
     """The store for ``plan`` and ``tokenizer``: opened if it exists, else built. (store, built)."""
     key = store_key(plan, tokenizer, max_tokens)
     final = home / key_name(key)
-    if (final / MANIFEST).exists():
+    if final.exists():  # only ever renamed into place whole: a damaged one is refused, not built over
         return Store.open(final), False
     try:
         home.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
-        raise LmdistillError(f"cannot create the data store directory '{home}' ({exc.strerror}); set "
-                             "data.store_dir (or LMDISTILL_HOME) to a writable directory") from None
+        raise _unwritable(home, exc) from None
     with _locked(home / f"{final.name}.lock", say):
-        if (final / MANIFEST).exists():  # built by the process we waited for
+        if final.exists():  # built by the process we waited for
             return Store.open(final), False
         _build(plan, tokenizer, key, final, num_proc, max_tokens, say, progress)
     return Store.open(final), True
+
+
+def _unwritable(home: Path, exc: OSError) -> LmdistillError:
+    return LmdistillError(f"cannot write in the data store directory '{home}' ({exc.strerror or exc}); set "
+                          "data.store_dir (or LMDISTILL_HOME) to a writable directory")
 
 
 def _build(plan: SourcePlan, tokenizer, key: dict, final: Path, num_proc: int | None, max_tokens: int | None,
@@ -429,12 +447,21 @@ def _build(plan: SourcePlan, tokenizer, key: dict, final: Path, num_proc: int | 
         raise LmdistillError(f"{plan.description}{where}: {exc}") from None
     except OSError as exc:  # a full disk, a read-only directory: the finished shards stay for a rerun
         shutil.rmtree(final.with_name(f"{final.name}.tmp-{os.getpid()}"), ignore_errors=True)
+        if _is_source_file(exc, plan):  # not the store's fault: a source file went away or cannot be read
+            raise LmdistillError(f"{plan.description}: cannot read {exc.filename} ({exc.strerror or exc}); check "
+                                 "that the file is there and readable, then run again") from None
         raise LmdistillError(f"could not write the data store in '{final.parent}' ({exc.strerror or exc}); free "
                              "space there or set data.store_dir (or LMDISTILL_HOME) to another directory, then run "
                              "again: finished shards are kept") from None
     seconds = time.perf_counter() - t0
     say(f"data store built: {manifest['tokens']:,} tokens in {manifest['documents']:,} documents, "
         f"{_mib(manifest)} MiB, {seconds:.1f} s ({manifest['tokens'] / max(seconds, 1e-9):,.0f} tokens/s)")
+
+
+def _is_source_file(exc: OSError, plan: SourcePlan) -> bool:
+    """Whether ``exc`` is about one of the source's own files rather than the store's."""
+    sources = {entry[0] for entry in plan.identity.get("files") or []}
+    return exc.filename is not None and str(Path(os.fsdecode(exc.filename)).resolve()) in sources
 
 
 def _mib(manifest: dict) -> str:
@@ -456,11 +483,25 @@ def _start_build_dir(build: Path, key: dict, plan: SourcePlan) -> dict[int, dict
         except ValueError:
             same = False
         if same:
-            return {int(p.name[6:11]): json.loads(p.read_text()) for p in sorted(build.glob("shard-*.json"))}
+            finished = {int(p.name[6:11]): json.loads(p.read_text()) for p in sorted(build.glob("shard-*.json"))}
+            return {i: r for i, r in finished.items() if _shard_intact(build, i, r, key["dtype"], plan.chat)}
     shutil.rmtree(build, ignore_errors=True)
     build.mkdir(parents=True)
     atomic_write_json(plan_file, record, fsync=True)
     return {}
+
+
+def _shard_intact(build: Path, index: int, result: dict, dtype: str, chat: bool) -> bool:
+    """Whether a finished shard's files hold what its marker counts (else it is redone): a
+    truncated shard would otherwise be joined into a store whose documents end past its tokens."""
+    sizes = {"tokens": result["tokens"] * np.dtype(dtype).itemsize, "ends": result["documents"] * 8}
+    if chat:
+        sizes["mask"] = result["tokens"]
+    for name, size in sizes.items():
+        file = build / f"shard-{index:05d}.{name}"
+        if not file.exists() or file.stat().st_size != size:
+            return False
+    return True
 
 
 def _run_shards(plan: SourcePlan, tokenizer, build: Path, finished: dict[int, dict], procs: int,
@@ -561,8 +602,9 @@ def _assemble(plan: SourcePlan, key: dict, build: Path, final: Path, results: li
         raise RecordError(f"none of its {skipped} conversation(s) has an assistant turn to train on; give "
                           "records with an assistant message (or a completion)")
     keep = total if max_tokens is None else min(total, max_tokens)
+    for stale in final.parent.glob(f"{final.name}.tmp-*"):  # a killed join's, as large as the store (we hold the lock)
+        shutil.rmtree(stale, ignore_errors=True)
     tmp = final.with_name(f"{final.name}.tmp-{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir()
     names = ["tokens", "ends"] + (["mask"] if plan.chat else [])
     ends = _join_ends(build, results, keep, chat=plan.chat)

@@ -36,6 +36,7 @@ from tqdm.auto import tqdm
 
 from . import divergences
 from .batch import Batch
+from .cache import open_for_run
 from .checkpoint import (capture_rng_state, model_reference, projection_file, remove_leftovers, restore_training_state,
                          resume_point, save_checkpoint)
 from .config import Config
@@ -55,7 +56,7 @@ from .progress import interactive, progress_bar
 from .results import RunResult, StepResult
 from .rundir import RunDirectory
 from .schedules import Plan, lr_at, make_optimizer, temperature_at
-from .signals import choose_loss_impl, make_signal
+from .signals import CachedTeacher, choose_loss_impl, make_signal
 from .tracking import MetricsLog
 
 SPIKE_ACTIONS = {"warn": "kept", "skip": "step skipped", "rollback": "rolled back"}
@@ -107,7 +108,7 @@ class Trainer:
     # ------------------------------------------------------------------ set-up
     def _train_blocks(self, tokenizer) -> torch.Tensor:
         if self.data is None:
-            self.data = build_block_data(self.cfg.data, tokenizer)
+            self.data = build_block_data(self.cfg.data, tokenizer, progress=self.progress)
         return self.data.train
 
     def _setup_models(self, models) -> None:
@@ -121,11 +122,17 @@ class Trainer:
         self.plan = Plan.for_run(cfg, self.sampler.micro_batches_per_epoch, self.world, len(self.data.train),
                                  self.vocab_size)
         self.teacher = models.teacher
+        self.cache = (open_for_run(cfg, self.tokenizer, self.data, self.vocab_size, say=self._note)
+                      if cfg.model.teacher_cache else None)  # a teacher cache: no teacher model at all
         self.projection = build_projection(cfg.distill.hidden, models)  # None: no hidden-state term
         pairs = self.projection.pairs if self.projection is not None else ()
         self.live_teacher = self.teacher if cfg.distill.kd_weight > 0 or pairs else None
-        self.loss_impl = self._choose_loss_impl(models)
-        self.signal = make_signal(self.loss_impl, self.live_teacher, self.vocab_size, tuple(t for _, t in pairs))
+        if self.cache is not None:
+            self.signal = CachedTeacher(self.cache)
+            self.loss_impl = "chunked" if self.signal.student_output == "hidden" else "full"
+        else:
+            self.loss_impl = self._choose_loss_impl(models)
+            self.signal = make_signal(self.loss_impl, self.live_teacher, self.vocab_size, tuple(t for _, t in pairs))
         project = self._prepare(models.student)
         if self.teacher is not None:
             self.teacher.to(self.device)
@@ -137,6 +144,10 @@ class Trainer:
                                    reference=self.loss_impl == "reference", hidden=hidden)
         self.teacher_before = parameter_fingerprint(self.teacher) if self.teacher is not None else None
         self._teacher_ref: dict | None = None
+
+    def _note(self, message: str) -> None:
+        if self.is_main:
+            print(message)
 
     def _prepare(self, student):
         """The optimizer, and accelerate's wrapping of the student and of a trained projection;
@@ -207,10 +218,15 @@ class Trainer:
                               accelerator=self.accelerator if cfg.run.trackers else None)
         self.say = tqdm.write if self.progress and interactive() else print
         self.rates: list[float] = []  # tokens/s of every applied step this process ran
-        self.teacher_cache: dict = {}
+        # The teacher's held-out CE: measured once (a frozen teacher on fixed blocks), or the cache's.
+        self.teacher_cache: dict = {"teacher_ce_loss": self.cache.manifest["teacher_eval"]["teacher_ce_loss"]} \
+            if self.cache is not None else {}
         self.run_info = {
             "status": "running", "started_at": _utcnow(), "command": "train",
             "teacher": asdict(ModelInfo.of(self.teacher, models.teacher_name)) if self.teacher is not None else None,
+            "teacher_cache": ({"path": str(self.cache.path), "mode": self.cache.mode,
+                               "capture_temperature": self.cache.temperature}
+                              if self.cache is not None else None),
             "student": asdict(ModelInfo.of(self.raw_student, models.student_name)),
             "data": self.data.describe(),
             "plan": {**asdict(self.plan), "loss_impl": self.loss_impl, "processes": self.world,
@@ -430,6 +446,7 @@ class Trainer:
             batch_size=self.plan.eval_batch_size, device=self.device, autocast=self.accelerator.autocast,
             reduce=lambda t: self.accelerator.reduce(t.to(self.device), "sum").cpu(),
             teacher_cache=self.teacher_cache, desc=desc, progress=self.progress and self.is_main,
+            cached=CachedTeacher(self.cache, "eval") if self.cache is not None else None,
         )
         self.log.write({"step": step, **result})
         self.announce(step, self.monitor.on_eval(step, result["eval_ppl"], result.get("teacher_ppl")))

@@ -103,12 +103,12 @@ def test_none_valued_keys_and_tuples_are_accepted(tok):
 @pytest.mark.parametrize("messages, match", [
     ("hello", r"messages must be a list of \{role, content\} messages; found a str"),
     ({"role": "user", "content": "hi"}, "found a dict"),
-    ([], "messages is an empty list"),
+    ([], r"messages is an empty list; give its \{role, content\} messages or leave the record out"),
     (["hi"], r"messages\[0\] is a str, not a \{role, content\} message"),
     ([{"content": "hi"}], r"messages\[0\] has no role"),
     ([{"role": "user", "content": "hi"}, {"role": "assistant"}], r"messages\[1\] has no content"),
     ([{"role": "user", "content": ["a", "b"]}], r"messages\[0\]\.content is a list, not a string"),
-    ([{"role": 1, "content": "hi"}], r"messages\[0\]\.role is a int, not a string"),
+    ([{"role": 1, "content": "hi"}], r"messages\[0\]\.role is an int, not a string"),
 ])
 def test_bad_messages(tok, messages, match):
     with pytest.raises(LmdistillError, match=match) as info:

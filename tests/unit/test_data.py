@@ -292,3 +292,18 @@ def test_non_text_field_is_a_clear_error(tmp_path, tiny_tokenizer):
     path.write_text('{"text": "hello world"}\n{"text": 12345}\n')
     with pytest.raises(LmdistillError, match="text field holds int"):
         build_block_data(DataConfig(path=str(path), block_size=4), tiny_tokenizer)
+
+
+def test_a_missing_file_with_a_data_extension_is_not_looked_up_on_the_hub(tmp_path, monkeypatch):
+    import lmdistill.data as data_module
+
+    monkeypatch.setattr(data_module, "datasets_module", lambda: pytest.fail("no datasets look-up for a file name"))
+    for streaming in (False, True):
+        with pytest.raises(LmdistillError, match=r"data.path 'nope.jsonl' does not exist; check the path"):
+            plan_source("nope.jsonl", DataConfig(streaming=streaming))
+
+
+def test_too_few_blocks_after_max_tokens_says_to_raise_it(jsonl_file, tiny_tokenizer):
+    cfg = DataConfig(path=str(jsonl_file), text_field="body", block_size=32, max_tokens=5)
+    with pytest.raises(LmdistillError, match=r"raise data.max_tokens \(now 5\) or lower data.block_size"):
+        build_block_data(cfg, tiny_tokenizer)

@@ -379,3 +379,131 @@ def test_an_open_ended_progress_line_says_how_far_without_an_eta():
     bar.update(2048)
     assert out.getvalue().startswith("tokenizing: records 2048, elapsed 0:00, tokens/s 1,000")
     assert "ETA" not in out.getvalue() and "%" not in out.getvalue()
+
+
+def test_batches_report_their_rows_in_the_set_they_came_from(tmp_path, home, docs, tiny_tokenizer):
+    a, b = tmp_path / "a.txt", tmp_path / "b.txt"
+    a.write_text("\n".join(docs[:5]))
+    b.write_text("\n".join(docs[5:]))
+    cfg = DataConfig(sources=[{"path": str(a), "weight": 1}, {"path": str(b), "weight": 1}], store_dir=str(home),
+                     block_size=16, max_eval_blocks=None)
+    data = build_block_data(cfg, tiny_tokenizer)
+    rows = torch.tensor([len(data.train) - 1, 0, 3])
+    assert data.train.batch(rows).rows.tolist() == rows.tolist()
+    shard = data.eval.subset(slice(1, None, 2))  # what rank 1 of 2 evaluates
+    assert shard.batch(range(len(shard))).rows.tolist() == list(range(1, len(data.eval), 2))
+    assert torch.equal(shard.ids(range(len(shard))), data.eval.ids(range(1, len(data.eval), 2)))
+
+
+# ---- hostile input: damaged stores, unwritable places, broken streams ----------------------------------------------
+
+def test_a_store_directory_without_its_manifest_is_refused_not_built_over(tmp_path, home, docs, tiny_tokenizer):
+    source = tmp_path / "a.txt"
+    source.write_text(docs[0])
+    store, _ = open_store(str(source), cfg_for(source, home), tiny_tokenizer)
+    (store.path / "manifest.json").unlink()
+    with pytest.raises(LmdistillError, match=r"has no readable manifest.json.*delete the directory"):
+        open_store(str(source), cfg_for(source, home), tiny_tokenizer)
+
+
+def test_a_missing_store_file_is_named_missing(tmp_path, home, docs, tiny_tokenizer):
+    source = tmp_path / "a.txt"
+    source.write_text(docs[0])
+    store, _ = open_store(str(source), cfg_for(source, home), tiny_tokenizer)
+    (store.path / "tokens.bin").unlink()
+    with pytest.raises(LmdistillError, match=r"damaged: tokens.bin is missing, its manifest says \d+ bytes"):
+        open_store(str(source), cfg_for(source, home), tiny_tokenizer)
+
+
+def test_a_read_only_store_dir_is_named_with_the_setting_that_moves_it(tmp_path, home, docs, tiny_tokenizer,
+                                                                       monkeypatch):
+    import builtins
+    import errno
+
+    source = tmp_path / "a.txt"
+    source.write_text(docs[0])
+    home.mkdir()
+
+    def read_only(path, *args, **kw):  # the lock file is the first write there (root ignores chmod)
+        if str(path).endswith(".lock"):
+            raise OSError(errno.EROFS, "Read-only file system", str(path))
+        return builtins.open(path, *args, **kw)
+
+    monkeypatch.setattr(store_module, "open", read_only, raising=False)
+    with pytest.raises(LmdistillError, match=r"cannot write in the data store directory .*set data.store_dir"):
+        open_store(str(source), cfg_for(source, home), tiny_tokenizer)
+
+
+def test_a_killed_join_leaves_no_temporary_copy_behind(tmp_path, home, docs, tiny_tokenizer):
+    import shutil
+
+    source = tmp_path / "a.txt"
+    source.write_text(docs[0])
+    store, _ = open_store(str(source), cfg_for(source, home), tiny_tokenizer)
+    shutil.rmtree(store.path)
+    stale = home / f"{store.path.name}.tmp-999999"  # what a process killed while joining its shards leaves
+    stale.mkdir()
+    (stale / "tokens.bin").write_bytes(b"\0" * 64)
+    open_store(str(source), cfg_for(source, home), tiny_tokenizer)
+    assert not stale.exists()
+
+
+def test_a_truncated_finished_shard_is_redone_not_joined(tmp_path, docs, tiny_tokenizer, monkeypatch):
+    source = tmp_path / "big.txt"
+    source.write_text("\n".join(docs))
+    child = multiprocessing.get_context("fork").Process(
+        target=_killed_build, args=(str(source), str(tmp_path / "k"), tiny_tokenizer, 2))
+    child.start()
+    child.join()
+    build = next(tmp_path.glob("k/*.build"))
+    with open(build / "shard-00000.tokens", "r+b") as f:  # a power loss after the marker reached the disk
+        f.truncate(6)
+    small_shards(monkeypatch)
+    resumed, _ = open_store(str(source), cfg_for(source, tmp_path / "k", num_proc=1), tiny_tokenizer)
+    clean, _ = open_store(str(source), cfg_for(source, tmp_path / "clean", num_proc=1), tiny_tokenizer)
+    assert resumed.fingerprint == clean.fingerprint
+
+
+def test_a_source_file_that_cannot_be_read_is_not_blamed_on_the_store_dir(tmp_path, home, docs, tiny_tokenizer):
+    source = tmp_path / "a.txt"
+    source.write_text(docs[0])
+    plan = store_module.plan_files([str(source)], "a.txt (1 file)")
+    source.unlink()  # gone between the listing and the build
+    with pytest.raises(LmdistillError, match=r"a.txt \(1 file\): cannot read .*a.txt \(No such file") as info:
+        store_module.open_or_build(plan, tiny_tokenizer, home=home, num_proc=1, max_tokens=None, progress=False)
+    assert "free space" not in str(info.value)
+
+
+class _BreaksAfter:
+    """A stream that yields ``records`` and then fails, as datasets does on a broken line deep in a file."""
+
+    def __init__(self, records: list[dict], after: int):
+        self.records, self.after = records, after
+
+    def __iter__(self):
+        for i, record in enumerate(self.records):
+            if i == self.after:
+                raise ValueError("JSON parse error: Invalid encoding in string.")
+            yield record
+
+
+@pytest.mark.parametrize("local", [True, False])
+def test_a_stream_that_breaks_part_way_is_one_line_not_a_traceback(tmp_path, home, docs, tiny_tokenizer, monkeypatch,
+                                                                   local):
+    from lmdistill.data import StreamSource
+
+    monkeypatch.setattr(StreamSource, "STREAM_RECORDS", 2)
+    identity = {"files": [[str(tmp_path / "d.jsonl"), 1, 1]], "builder": "json"} if local else {"datasets_stream": "x"}
+    plan = StreamSource("d.jsonl (1 file)", identity, "text", "data.path", "d.jsonl",
+                        lambda: _BreaksAfter([{"text": d} for d in docs] * 10, after=70))
+    with pytest.raises(LmdistillError, match=r"reading the stream stopped after 70 record\(s\): ValueError: JSON"):
+        store_module.open_or_build(plan, tiny_tokenizer, home=home, num_proc=1, max_tokens=None, progress=False)
+    builds = list(home.glob("*.build"))
+    assert (builds == []) if local else (len(list(builds[0].glob("shard-*.json"))) == 35)  # a network drop keeps them
+
+
+def test_a_stream_whose_first_record_has_no_text_is_read_like_a_loaded_one(tmp_path, docs, tiny_tokenizer):
+    source = write_jsonl(tmp_path / "d.jsonl", [{"text": None}] + [{"text": d} for d in docs])
+    loaded, _ = open_store(str(source), cfg_for(source, tmp_path / "a"), tiny_tokenizer)
+    streamed, _ = open_store(str(source), cfg_for(source, tmp_path / "b", streaming=True), tiny_tokenizer)
+    assert streamed.fingerprint == loaded.fingerprint and streamed.manifest["empty_records"] == 1

@@ -1,0 +1,164 @@
+"""The offline teacher cache end to end: a dense cache trains exactly like the live teacher, a
+killed build resumes byte-identical, two processes build the same cache as one, and a cache
+that does not fit the run is refused with one line naming the difference."""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from conftest import REPO, cli, read_jsonl
+
+STUDENT = ("model.student_config={num_hidden_layers: 1, hidden_size: 16, intermediate_size: 32, "
+           "num_attention_heads: 2, num_key_value_heads: 2}")
+DATA = ("--set", "data.block_size=32", "--set", "data.max_eval_blocks=8")
+
+
+def _cache(teacher_dir, small_text, out: Path, *extra: str):
+    return cli("cache-teacher", "--teacher", str(teacher_dir), "--data", str(small_text), "--out", str(out),
+               "--no-progress", *DATA, "--set", "cache.shard_blocks=16", *extra)
+
+
+def _train(small_text, out: Path, *extra: str, steps: int = 6):
+    return cli("train", "--data", str(small_text), "--output-dir", str(out), "--batch-size", "2", "--max-steps",
+               str(steps), "--no-progress", *DATA, "--set", STUDENT, "--set", "model.student_init=random", *extra)
+
+
+def _files(path: Path) -> dict[str, bytes]:
+    return {p.name: p.read_bytes() for p in sorted(path.iterdir()) if p.is_file()}
+
+
+@pytest.fixture(scope="module")
+def small_text(tmp_path_factory, corpus_texts) -> Path:
+    """A small corpus (a few hundred blocks): a dense cache of it stays a few MiB."""
+    path = tmp_path_factory.mktemp("cache-data") / "small.txt"
+    path.write_text("\n\n".join(corpus_texts[:3]))
+    return path
+
+
+@pytest.fixture(scope="module")
+def dense_cache(tmp_path_factory, teacher_dir, small_text) -> Path:
+    out = tmp_path_factory.mktemp("cache") / "dense"
+    proc = _cache(teacher_dir, small_text, out, "--mode", "dense")
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    return out
+
+
+def test_dense_cache_trains_like_the_live_teacher(tmp_path, teacher_dir, small_text, dense_cache):
+    live = _train(small_text, tmp_path / "live", "--teacher", str(teacher_dir), "--set", "loss.impl=full")
+    assert live.returncode == 0, live.stderr[-2000:]
+    cached = _train(small_text, tmp_path / "cached", "--teacher-cache", str(dense_cache))
+    assert cached.returncode == 0, cached.stderr[-2000:]
+    a = [r for r in read_jsonl(tmp_path / "live" / "metrics.jsonl") if "loss" in r]
+    b = [r for r in read_jsonl(tmp_path / "cached" / "metrics.jsonl") if "loss" in r]
+    assert [r["step"] for r in a] == [r["step"] for r in b] and len(a) == 6
+    for x, y in zip(a, b):  # the annealed temperature is re-applied to the cached fp32 logits exactly
+        for key in ("loss", "kd_loss", "ce_loss"):
+            assert y[key] == pytest.approx(x[key], rel=1e-5), (x["step"], key)
+    ea = [r for r in read_jsonl(tmp_path / "live" / "metrics.jsonl") if "teacher_ppl" in r]
+    eb = [r for r in read_jsonl(tmp_path / "cached" / "metrics.jsonl") if "teacher_ppl" in r]
+    assert eb[-1]["teacher_ppl"] == pytest.approx(ea[-1]["teacher_ppl"], rel=1e-5)
+    assert eb[-1]["eval_kl"] == pytest.approx(ea[-1]["eval_kl"], rel=1e-4)
+
+
+def test_sampled_cache_trains_and_reports_the_teacher(tmp_path, teacher_dir, small_text):
+    out = tmp_path / "sampled"
+    assert _cache(teacher_dir, small_text, out).returncode == 0
+    proc = _train(small_text, tmp_path / "run", "--teacher-cache", str(out), "--set", "distill.temperature=2.0",
+                  "--set", "distill.min_temperature=2.0")
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    evals = [r for r in read_jsonl(tmp_path / "run" / "metrics.jsonl") if "teacher_ppl" in r]
+    assert evals and all(r["eval_kl"] > 0 and 0 <= r["top1_agreement"] <= 1 for r in evals)
+    assert "self-normalised" not in proc.stdout  # trained at the capture temperature: no re-weighting
+
+
+def _one_error(proc, *needles):
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    lines = [line for line in proc.stderr.splitlines() if line.startswith("lmdistill: error:")]
+    assert len(lines) == 1 and "Traceback" not in proc.stderr, proc.stderr
+    for needle in needles:
+        assert needle in lines[0], lines[0]
+
+
+def test_a_cache_that_does_not_fit_the_run_is_refused(tmp_path, teacher_dir, small_text, dense_cache, corpus_texts):
+    _one_error(_train(small_text, tmp_path / "a", "--teacher-cache", str(dense_cache), "--set", "data.block_size=16"),
+               "block size", "32", "16")
+    other = tmp_path / "other.txt"
+    other.write_text("\n".join(corpus_texts[5:20]))
+    _one_error(_train(other, tmp_path / "b", "--teacher-cache", str(dense_cache)), "other data")
+    _one_error(_train(small_text, tmp_path / "c", "--teacher-cache", str(tmp_path)), "not a teacher cache")
+    assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()
+
+
+def test_a_corrupt_shard_is_refused(tmp_path, teacher_dir, small_text, dense_cache):
+    import shutil
+
+    copy = tmp_path / "copy"
+    shutil.copytree(dense_cache, copy)
+    shard = copy / "train-00001.safetensors"
+    data = bytearray(shard.read_bytes())
+    data[-1] ^= 0xFF
+    shard.write_bytes(bytes(data))
+    _one_error(_train(small_text, tmp_path / "run", "--teacher-cache", str(copy)), "train-00001", "SHA-256")
+
+
+def test_a_different_cache_is_not_overwritten_without_asking(tmp_path, teacher_dir, small_text, dense_cache):
+    import shutil
+
+    copy = tmp_path / "copy"
+    shutil.copytree(dense_cache, copy)
+    before = _files(copy)
+    _one_error(_cache(teacher_dir, small_text, copy, "--mode", "topk"), "different teacher cache", "--overwrite")
+    assert _files(copy) == before
+    again = _cache(teacher_dir, small_text, copy, "--mode", "dense")
+    assert again.returncode == 0 and "already complete" in again.stdout
+
+
+KILLED_BUILD = """
+import os, sys
+from lmdistill import cache
+from lmdistill.cli import main
+real, done = cache.write_shard, []
+def dying(*args, **kw):
+    if len(done) == 2:
+        os._exit(137)  # as SIGKILL: no cleanup, no flush
+    done.append(real(*args, **kw))
+cache.write_shard = dying
+main(sys.argv[1:])
+"""
+
+
+def test_a_killed_build_resumes_byte_identical(tmp_path, teacher_dir, small_text):
+    killed, clean = tmp_path / "killed", tmp_path / "clean"
+    # A fresh process (a fork of this one could deadlock in torch's thread pool).
+    args = ["cache-teacher", "--teacher", str(teacher_dir), "--data", str(small_text), "--out", str(killed),
+            "--no-progress", *DATA, "--set", "cache.shard_blocks=16"]
+    env = {**os.environ, "PYTHONPATH": str(REPO / "src"), "OMP_NUM_THREADS": "1"}
+    child = subprocess.run([sys.executable, "-c", KILLED_BUILD, *args], env=env, capture_output=True, timeout=300)
+    assert child.returncode == 137 and not (killed / "manifest.json").exists(), child.stderr[-2000:]
+    assert len(list(killed.glob("*.safetensors"))) == 2
+    _one_error(_train(small_text, tmp_path / "run", "--teacher-cache", str(killed)), "unfinished cache build")
+    assert _cache(teacher_dir, small_text, killed).returncode == 0
+    assert _cache(teacher_dir, small_text, clean).returncode == 0
+    assert _files(killed) == _files(clean)
+
+
+@pytest.mark.slow
+def test_two_processes_build_the_cache_one_process_builds(tmp_path, teacher_dir, small_text, dense_cache):
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    out = tmp_path / "two"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
+           "--master_port", str(port), "-m", "lmdistill", "cache-teacher", "--teacher", str(teacher_dir), "--data",
+           str(small_text), "--out", str(out), "--mode", "dense", "--no-progress", *DATA,
+           "--set", "cache.shard_blocks=16"]
+    env = {**os.environ, "PYTHONPATH": str(REPO / "src"), "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert _files(out) == _files(dense_cache)

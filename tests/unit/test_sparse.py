@@ -1,0 +1,119 @@
+"""KD from sparse teacher targets against independent references: the sampled estimator's
+mean over many draws against the dense loss and gradient (statistical tolerance), top-k with
+its tail bucket against its closed form written with autograd, CE alone against cross_entropy."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from lmdistill.losses import IGNORE_INDEX
+from lmdistill.sparse import SparseTargets, sparse_distillation_loss
+
+T = 2.0
+
+
+def problem(seed: int = 0, n: int = 5, hidden: int = 8, vocab: int = 40):
+    g = torch.Generator().manual_seed(seed)
+    h = torch.randn(n, hidden, generator=g)
+    w = torch.randn(vocab, hidden, generator=g) * 0.7
+    zt = torch.randn(n, vocab, generator=g) * 2.0
+    y = torch.randint(0, vocab, (n,), generator=g)
+    return h, w, zt, y
+
+
+def dense_reference(h, w, zt, y, kd_weight):
+    """KD (forward KL at T, times T^2) + CE written out, with autograd for the gradients."""
+    h, w = h.clone().requires_grad_(), w.clone().requires_grad_()
+    zs = h @ w.t()
+    p = F.softmax(zt / T, -1)
+    kl = (p * (F.log_softmax(zt / T, -1) - F.log_softmax(zs / T, -1))).sum(-1).mean()
+    ce = F.cross_entropy(zs, y)
+    total = kd_weight * T * T * kl + (1 - kd_weight) * ce
+    total.backward()
+    return total.detach(), h.grad, w.grad
+
+
+def sampled_targets(zt, samples: int, g) -> SparseTargets:
+    """S draws per row from softmax(zt / T), as unique ids with their counts / S."""
+    p = F.softmax(zt / T, -1)
+    draws = torch.multinomial(p, samples, replacement=True, generator=g)
+    ids = torch.zeros_like(draws)
+    weights = torch.zeros(draws.shape)
+    for r in range(len(draws)):
+        unique, counts = draws[r].unique(return_counts=True)
+        ids[r, : len(unique)] = unique
+        weights[r, : len(unique)] = counts / samples
+    logp = F.log_softmax(zt / T, -1).gather(1, ids)
+    return SparseTargets(ids, weights, logp)
+
+
+def test_the_sampled_estimator_is_unbiased_for_the_dense_loss_and_gradient():
+    h, w, zt, y = problem()
+    want, want_h, want_w = dense_reference(h, w, zt, y, kd_weight=0.5)
+    g = torch.Generator().manual_seed(1)
+    values, grads_h, grads_w = [], [], []
+    for _ in range(1500):
+        hh, ww = h.clone().requires_grad_(), w.clone().requires_grad_()
+        parts = sparse_distillation_loss(hh, ww, y, sampled_targets(zt, 12, g), temperature=T, kd_weight=0.5)
+        parts.total.backward()
+        values.append(parts.total.detach())
+        grads_h.append(hh.grad)
+        grads_w.append(ww.grad)
+    for draws, reference in ((torch.stack(values), want), (torch.stack(grads_h), want_h),
+                             (torch.stack(grads_w), want_w)):
+        mean, sem = draws.mean(0), draws.std(0) / len(draws) ** 0.5
+        assert ((mean - reference).abs() <= 5 * sem + 1e-6).all(), (mean - reference).abs().max()
+    # and a single draw is not the dense value: the test above has something to find
+    assert (torch.stack(values) - want).abs().max() > 10 * (torch.stack(values).std() / 1500**0.5)
+
+
+def test_sampled_targets_equal_to_the_full_distribution_give_the_dense_loss_exactly():
+    h, w, zt, y = problem(seed=3)
+    want, want_h, want_w = dense_reference(h, w, zt, y, kd_weight=0.7)
+    ids = torch.arange(zt.shape[1]).expand(len(zt), -1).contiguous()
+    full = SparseTargets(ids, F.softmax(zt / T, -1), F.log_softmax(zt / T, -1))
+    hh, ww = h.clone().requires_grad_(), w.clone().requires_grad_()
+    parts = sparse_distillation_loss(hh, ww, y, full, temperature=T, kd_weight=0.7, chunk_size=2)
+    parts.total.backward()
+    torch.testing.assert_close(parts.total.detach(), want, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(hh.grad, want_h, rtol=1e-4, atol=1e-6)
+    torch.testing.assert_close(ww.grad, want_w, rtol=1e-4, atol=1e-6)
+
+
+def test_topk_with_its_tail_bucket_matches_the_bucketed_kl_closed_form():
+    h, w, zt, y = problem(seed=5)
+    k = 6
+    p = F.softmax(zt / T, -1)
+    top_p, ids = p.topk(k, dim=-1)
+    tail = 1 - top_p.sum(-1)
+    targets = SparseTargets(ids, top_p, top_p.log(), tail)
+    # Reference: the KL between the (k + 1)-bucket distributions, differentiated by autograd.
+    hr, wr = h.clone().requires_grad_(), w.clone().requires_grad_()
+    q = F.softmax(hr @ wr.t() / T, -1)
+    q_top = q.gather(1, ids)
+    q_tail = 1 - q_top.sum(-1)
+    bucket_kl = (top_p * (top_p.log() - q_top.log())).sum(-1) + tail * (tail.log() - q_tail.log())
+    ce = F.cross_entropy(hr @ wr.t(), y)
+    (0.5 * T * T * bucket_kl.mean() + 0.5 * ce).backward()
+    hh, ww = h.clone().requires_grad_(), w.clone().requires_grad_()
+    parts = sparse_distillation_loss(hh, ww, y, targets, temperature=T, kd_weight=0.5, chunk_size=3)
+    parts.total.backward()
+    torch.testing.assert_close(parts.kd_unscaled, bucket_kl.mean().detach(), rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(hh.grad, hr.grad, rtol=1e-4, atol=1e-6)
+    torch.testing.assert_close(ww.grad, wr.grad, rtol=1e-4, atol=1e-6)
+
+
+def test_ce_only_and_ignored_rows():
+    h, w, zt, y = problem(seed=7)
+    y = y.clone()
+    y[1] = IGNORE_INDEX
+    hh, ww = h.clone().requires_grad_(), w.clone().requires_grad_()
+    parts = sparse_distillation_loss(hh, ww, y, None, temperature=T, kd_weight=0.0)
+    parts.total.backward()
+    hr, wr = h.clone().requires_grad_(), w.clone().requires_grad_()
+    F.cross_entropy(hr @ wr.t(), y, ignore_index=IGNORE_INDEX).backward()
+    torch.testing.assert_close(parts.total.detach(), F.cross_entropy(h @ w.t(), y, ignore_index=IGNORE_INDEX))
+    torch.testing.assert_close(hh.grad, hr.grad)
+    torch.testing.assert_close(ww.grad, wr.grad)
+    assert parts.num_valid == len(y) - 1 and hh.grad[1].abs().sum() == 0
