@@ -162,3 +162,34 @@ def test_two_processes_build_the_cache_one_process_builds(tmp_path, teacher_dir,
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert _files(out) == _files(dense_cache)
+
+
+def test_a_cached_run_resumes_bit_exact(tmp_path, teacher_dir, small_text):
+    """Kill a run from a sampled cache after step 3 and resume it: the same losses and weights as
+    a run straight through (the signal changes, the loop's resume does not)."""
+    from safetensors.torch import load_file
+
+    from forked import run_cli_forked
+
+    cache = tmp_path / "cache"
+    assert _cache(teacher_dir, small_text, cache).returncode == 0
+    args = ("--teacher-cache", str(cache), "--set", "checkpoint.every=1", "--set", "distill.temperature=2.0",
+            "--set", "distill.min_temperature=2.0")
+    straight = tmp_path / "straight"
+    assert _train(small_text, straight, *args).returncode == 0
+    resumed = tmp_path / "resumed"
+    first = run_cli_forked("train", "--data", str(small_text), "--output-dir", str(resumed), "--batch-size", "2",
+                           "--max-steps", "6", "--no-progress", *DATA, "--set", STUDENT,
+                           "--set", "model.student_init=random", *args, "--set", "debug.exit_after_step=3",
+                           log=str(tmp_path / "first.log"))
+    assert first == 137, (tmp_path / "first.log").read_text()[-2000:]
+    again = _train(small_text, resumed, *args, "--resume")
+    assert again.returncode == 0 and "from step-3" in again.stdout, again.stderr[-2000:]
+
+    def losses(run):
+        return [(r["step"], r["loss"]) for r in read_jsonl(run / "metrics.jsonl") if "loss" in r]
+
+    assert losses(resumed) == losses(straight)
+    want = load_file(straight / "checkpoints" / "step-6" / "model.safetensors")
+    got = load_file(resumed / "checkpoints" / "step-6" / "model.safetensors")
+    assert want.keys() == got.keys() and all((want[k] == got[k]).all() for k in want)
