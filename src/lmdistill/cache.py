@@ -51,6 +51,7 @@ import torch
 from .errors import LmdistillError
 from .paths import atomic_write_json, fsync_dir, protected_place
 from .sparse import SparseTargets
+from .store import _sha256
 
 FORMAT_VERSION = 1
 MODES = ("sampled", "topk", "dense")
@@ -241,14 +242,6 @@ class TeacherCache:
 def _torch_safe(dtype: str) -> str:
     """torch has no uint16/uint32 arithmetic to speak of: widen ids on reading."""
     return {"uint16": "int32", "uint32": "int64"}.get(dtype, dtype)
-
-
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(1 << 22):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 # ---------------------------------------------------------------------------- building
