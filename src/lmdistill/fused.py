@@ -314,18 +314,19 @@ class _FusedLinearKD(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_total, _grad_ce, _grad_kd):
-        if ctx.grads is None:
-            raise RuntimeError(
-                "fused_linear_distillation_loss computes its gradients during forward and hands "
-                "them out once; backward through the same loss twice (retain_graph) is not supported"
-            )
-        grads, ctx.grads = ctx.grads, None  # release them as they leave
-        out = []
-        for g, dtype in zip(grads, ctx.dtypes):
-            # In place: these buffers are ours alone; scaling costs no extra (V, H) copy.
-            out.append(None if g is None else g.mul_(grad_total).to(dtype))
-        grad_h, grad_w, grad_b = out
+        grad_h, grad_w, grad_b = hand_out_grads(ctx, grad_total, "fused_linear_distillation_loss")
         return grad_h, grad_w, grad_b, None, None, None, None, None, None, None, None, None
+
+
+def hand_out_grads(ctx, grad_total: Tensor, name: str) -> list[Tensor | None]:
+    """The gradients a chunked loss computed during forward (``ctx.grads``, in ``ctx.dtypes``),
+    scaled by ``grad_total`` and handed out once: they are released as they leave."""
+    if ctx.grads is None:
+        raise RuntimeError(f"{name} computes its gradients during forward and hands them out once; backward "
+                           "through the same loss twice (retain_graph) is not supported")
+    grads, ctx.grads = ctx.grads, None
+    # In place: these buffers are ours alone; scaling costs no extra (V, H) copy.
+    return [None if g is None else g.mul_(grad_total).to(dtype) for g, dtype in zip(grads, ctx.dtypes)]
 
 
 def _run_step(step, args: tuple, workspace):

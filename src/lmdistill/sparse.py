@@ -32,7 +32,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from .fused import _add_matmul, _logits
+from .fused import _add_matmul, _logits, hand_out_grads
 from .losses import IGNORE_INDEX, LossParts, normaliser
 
 __all__ = ["SparseTargets", "sparse_distillation_loss"]
@@ -141,11 +141,8 @@ class _SparseKD(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_total, _grad_ce, _grad_kd):
-        if ctx.grads is None:
-            raise RuntimeError("sparse_distillation_loss hands out its gradients once; retain_graph is not supported")
-        grads, ctx.grads = ctx.grads, None
-        out = [None if g is None else g.mul_(grad_total).to(dtype) for g, dtype in zip(grads, ctx.dtypes)]
-        return out[0], out[1], out[2], None, None, None, None
+        grad_h, grad_w, grad_b = hand_out_grads(ctx, grad_total, "sparse_distillation_loss")
+        return grad_h, grad_w, grad_b, None, None, None, None
 
 
 def sparse_distillation_loss(student_hidden: Tensor, student_weight: Tensor, targets: Tensor,
