@@ -2,18 +2,19 @@
 
 Every variant is the default command (``lmdistill train --batch-size 2 --epochs 1``) with a
 random-start student of the default shape (a cached run cannot cut its student out of the
-teacher without loading it), the same blocks in the same order, a constant KD temperature of 2
-(the caches' capture temperature) and the same number of optimizer steps:
+teacher without loading it), the same blocks in the same order, the same number of optimizer
+steps and, for each of T = 1 and T = 2, a constant KD temperature equal to the caches'
+capture temperature:
 
-  ce       CE only (kd_weight 0)
-  live     KD from the live teacher (forward KL, dense)
-  sampled  KD from a sampled cache, S = 12 draws per position (random-sampled KD)
-  topk     KD from a top-k cache, k = 12 with its tail bucket
+  ce          CE only (kd_weight 0; no temperature)
+  live@T      KD from the live teacher (forward KL, dense)
+  sampled@T   KD from a sampled cache, S = 12 draws per position (random-sampled KD)
+  topk@T      KD from a top-k cache, k = 12 with its tail bucket
 
 Reported per variant: held-out perplexity, the expected calibration error (ECE: 15 equal-width
 bins of the student's top probability, against whether its top token is the held-out token),
 and training tokens/s (median over the logged steps); the cache builds' time and size; the
-ratios sampled/ce and sampled/live of tokens/s, side by side in this one run.
+ratios sampled/ce and sampled/live of tokens/s and of perplexity, side by side in this one run.
 
     python benchmarks/bench_cache.py --corpus embedded --out benchmarks/results/cache_embedded.json
     python benchmarks/bench_cache.py --corpus stdlib --out benchmarks/results/cache_stdlib.json
@@ -32,9 +33,13 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_student_init import corpus_setup, lmdistill  # noqa: E402
 
-CONSTANT_T = ["--set", "distill.temperature=2.0", "--set", "distill.min_temperature=2.0"]
+TEMPERATURES = (1.0, 2.0)
 COMMON = ["train", "--batch-size", "2", "--epochs", "1", "--no-progress", "--overwrite",
-          "--set", "model.student_init=random", *CONSTANT_T]
+          "--set", "model.student_init=random"]
+
+
+def constant_temperature(t: float) -> list[str]:
+    return ["--set", f"distill.temperature={t}", "--set", f"distill.min_temperature={t}"]
 
 
 def expected_calibration_error(run: Path, bins: int = 15) -> float:
@@ -92,31 +97,31 @@ def main() -> None:
     data, teacher_flag = flag("--data"), flag("--teacher")
     result = {"corpus": described, "machine": f"{platform.machine()}, Python {platform.python_version()}",
               "date": time.strftime("%Y-%m-%d"), "caches": {}, "variants": {}}
-    for mode, extra in (("sampled", ["--samples", "12"]), ("topk", ["--k", "12"])):
-        out = work / f"cache-{mode}"
-        start = time.perf_counter()
-        lmdistill("cache-teacher", *teacher_flag, *data, "--out", str(out), "--mode", mode, *extra,
-                  "--temperature", "2.0", "--no-progress", "--overwrite", log=work / f"cache-{mode}.log")
-        manifest = json.loads((out / "manifest.json").read_text())
-        result["caches"][mode] = {"seconds": time.perf_counter() - start,
-                                  "bytes": sum(s["bytes"] for s in manifest["shards"].values()),
-                                  "bytes_per_token": manifest["bytes_per_token"],
-                                  "dense_fp16_per_token": 2 * manifest["vocab_size"]}
-    variants = {
-        "ce": [*flags, "--kd-weight", "0"],
-        "live": [*flags],
-        "sampled": [*data, *teacher_flag, "--teacher-cache", str(work / "cache-sampled")],
-        "topk": [*data, *teacher_flag, "--teacher-cache", str(work / "cache-topk")],
-    }
+    variants = {"ce": [*flags, "--kd-weight", "0"]}
+    for t in TEMPERATURES:
+        for mode, extra in (("sampled", ["--samples", "12"]), ("topk", ["--k", "12"])):
+            out = work / f"cache-{mode}@{t:g}"
+            start = time.perf_counter()
+            lmdistill("cache-teacher", *teacher_flag, *data, "--out", str(out), "--mode", mode, *extra,
+                      "--temperature", str(t), "--no-progress", "--overwrite", log=work / f"cache-{mode}@{t:g}.log")
+            manifest = json.loads((out / "manifest.json").read_text())
+            result["caches"][f"{mode}@{t:g}"] = {"seconds": time.perf_counter() - start,
+                                                 "bytes": sum(s["bytes"] for s in manifest["shards"].values()),
+                                                 "bytes_per_token": manifest["bytes_per_token"],
+                                                 "dense_fp16_per_token": 2 * manifest["vocab_size"]}
+            variants[f"{mode}@{t:g}"] = [*data, *teacher_flag, "--teacher-cache", str(out), *constant_temperature(t)]
+        variants[f"live@{t:g}"] = [*flags, *constant_temperature(t)]
     for name, extra in variants.items():
         run = work / f"run-{name}"
         print(f"{name} ...", flush=True)
         lmdistill(*COMMON, *extra, "--output-dir", str(run), log=work / f"{name}.log")
         result["variants"][name] = summary(run)
     v = result["variants"]
-    result["ratios"] = {"sampled_vs_ce_tokens_per_s": v["sampled"]["tokens_per_s"] / v["ce"]["tokens_per_s"],
-                        "sampled_vs_live_tokens_per_s": v["sampled"]["tokens_per_s"] / v["live"]["tokens_per_s"],
-                        "sampled_ppl_vs_live": v["sampled"]["eval_ppl"] / v["live"]["eval_ppl"]}
+    result["ratios"] = {f"T={t:g}": {
+        "sampled_vs_ce_tokens_per_s": v[f"sampled@{t:g}"]["tokens_per_s"] / v["ce"]["tokens_per_s"],
+        "sampled_vs_live_tokens_per_s": v[f"sampled@{t:g}"]["tokens_per_s"] / v[f"live@{t:g}"]["tokens_per_s"],
+        "sampled_ppl_vs_live": v[f"sampled@{t:g}"]["eval_ppl"] / v[f"live@{t:g}"]["eval_ppl"],
+        "topk_ppl_vs_live": v[f"topk@{t:g}"]["eval_ppl"] / v[f"live@{t:g}"]["eval_ppl"]} for t in TEMPERATURES}
     print(json.dumps(result, indent=2))
     if args.out:
         args.out.write_text(json.dumps(result, indent=2) + "\n")

@@ -117,3 +117,27 @@ def test_ce_only_and_ignored_rows():
     torch.testing.assert_close(hh.grad, hr.grad)
     torch.testing.assert_close(ww.grad, wr.grad)
     assert parts.num_valid == len(y) - 1 and hh.grad[1].abs().sum() == 0
+
+
+def test_systematic_draws_are_unbiased_and_never_miss_by_a_whole_draw():
+    """The cache's draws: each token's count is floor(S p) or ceil(S p) (independent draws
+    would give anything from 0 to S), and counts / S averages to p over many rows."""
+    from lmdistill.cache import capture
+
+    samples, rows = 12, 4000
+    zt = torch.tensor([3.0, 2.2, 1.0, 0.5, 0.0, -0.5, -1.0, -3.0, float("-inf")])
+    p = F.softmax(zt / T, -1).double()
+    kept = capture(zt.expand(rows, -1).contiguous(), "sampled", T, samples, 0, torch.Generator().manual_seed(5))
+    counts = torch.zeros(rows, len(zt), dtype=torch.float64).scatter_add_(1, kept["ids"], kept["counts"].double())
+    assert (counts.sum(1) == samples).all()
+    assert counts[:, -1].eq(0).all(), "a token of probability 0 was drawn"
+    expected = samples * p
+    assert ((counts >= expected.floor() - 1e-9) & (counts <= expected.ceil() + 1e-9)).all()
+    share = counts / samples
+    sem = share.std(0) / rows**0.5
+    assert ((share.mean(0) - p).abs() <= 5 * sem + 1e-9).all()
+    # less spread than independent draws, whose per-token variance is p (1 - p) / S
+    assert (share.var(0)[:-1] < p[:-1] * (1 - p[:-1]) / samples).all()
+    # the stored logits and log-normaliser are the teacher's
+    torch.testing.assert_close(kept["logits"], zt.expand(rows, -1).gather(1, kept["ids"]))
+    torch.testing.assert_close(kept["logz"][0], torch.logsumexp(zt / T, 0))
