@@ -131,6 +131,25 @@ def unique_with_counts(draws: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]
     return ids, counts
 
 
+def retempered(ids, counts, logits, logz, entropy, samples: float, t_capture: float,
+               temperature: float) -> SparseTargets:
+    """Sampled targets at ``temperature`` from draws made at ``t_capture``.
+
+    At the capture temperature the draws' own frequencies ``counts / S`` (exact in
+    expectation). At another one, self-normalised importance weights
+    ``w_j ~ c_j exp(z_j (1/T - 1/T_c))``, with log Z_T estimated from the same draws: consistent
+    as S grows, biased for a few draws (the weights stay on the ids that were drawn).
+    """
+    if temperature == t_capture:
+        logp = logits / t_capture - logz.unsqueeze(1)
+        return SparseTargets(ids, counts / samples, logp, None, entropy)
+    log_ratio = torch.where(counts > 0, counts.log() + logits * (1 / temperature - 1 / t_capture), float("-inf"))
+    weights = torch.softmax(log_ratio, dim=-1)
+    log_z = logz + torch.logsumexp(log_ratio, dim=-1) - math.log(samples)
+    logp = logits / temperature - log_z.unsqueeze(1)
+    return SparseTargets(ids, weights, logp)
+
+
 # ---------------------------------------------------------------------------- the cache on disk
 @dataclass
 class TeacherCache:
@@ -215,17 +234,7 @@ class TeacherCache:
             logp = logits / t_c - logz.unsqueeze(1)
             return SparseTargets(ids, logp.exp(), logp, data["tail"].flatten())
         counts = data["counts"].float().flatten(0, 1)
-        samples = float(self.manifest["samples"])
-        if temperature == t_c:  # exact in expectation: the draws' own frequencies
-            logp = logits / t_c - logz.unsqueeze(1)
-            return SparseTargets(ids, counts / samples, logp, None, entropy)
-        # Another temperature: self-normalised importance weights w_j ~ c_j exp(z_j (1/T - 1/T_c)),
-        # and log Z_T estimated from the same draws (biased, consistent; docs/cache.md).
-        log_ratio = torch.where(counts > 0, counts.log() + logits * (1 / temperature - 1 / t_c), float("-inf"))
-        weights = torch.softmax(log_ratio, dim=-1)
-        log_z = logz + torch.logsumexp(log_ratio, dim=-1) - math.log(samples)
-        logp = logits / temperature - log_z.unsqueeze(1)
-        return SparseTargets(ids, weights, logp)
+        return retempered(ids, counts, logits, logz, entropy, float(self.manifest["samples"]), t_c, temperature)
 
     def check_run(self, tokenizer, data, vocab_size: int) -> None:
         """One line naming what differs when this cache was not built for this run's data."""

@@ -75,6 +75,12 @@ def test_sampled_cache_trains_and_reports_the_teacher(tmp_path, teacher_dir, sma
     evals = [r for r in read_jsonl(tmp_path / "run" / "metrics.jsonl") if "teacher_ppl" in r]
     assert evals and all(r["eval_kl"] > 0 and 0 <= r["top1_agreement"] <= 1 for r in evals)
     assert "self-normalised" not in proc.stdout  # trained at the capture temperature: no re-weighting
+    # the default anneal (2.0 to 1.5) from a cache captured at 2.0: re-weighted, said once
+    annealed = _train(small_text, tmp_path / "annealed", "--teacher-cache", str(out))
+    assert annealed.returncode == 0, annealed.stderr[-2000:]
+    assert annealed.stdout.count("self-normalised importance weights") == 1, annealed.stdout
+    lines = [r for r in read_jsonl(tmp_path / "annealed" / "metrics.jsonl") if "loss" in r]
+    assert lines[-1]["temperature"] < 2.0 and all(r["kd_loss"] > 0 for r in lines)
 
 
 def _one_error(proc, *needles):

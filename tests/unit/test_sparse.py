@@ -141,3 +141,41 @@ def test_systematic_draws_are_unbiased_and_never_miss_by_a_whole_draw():
     # the stored logits and log-normaliser are the teacher's
     torch.testing.assert_close(kept["logits"], zt.expand(rows, -1).gather(1, kept["ids"]))
     torch.testing.assert_close(kept["logz"][0], torch.logsumexp(zt / T, 0))
+
+
+def _retempered_mean(zt, samples: int, t_capture: float, t: float, rows: int = 3000):
+    """Mean over many rows of the re-tempered weights, spread over the vocabulary, and the
+    re-tempered log-probabilities of the drawn ids against the true ones."""
+    from lmdistill.cache import capture, retempered
+
+    kept = capture(zt.expand(rows, -1).contiguous(), "sampled", t_capture, samples, 0,
+                   torch.Generator().manual_seed(samples))
+    got = retempered(kept["ids"], kept["counts"].float(), kept["logits"], kept["logz"], kept["entropy"],
+                     float(samples), t_capture, t)
+    spread = torch.zeros(rows, len(zt), dtype=torch.float64).scatter_add_(1, got.ids, got.weights.double())
+    true_logp = F.log_softmax(zt / t, -1).expand(rows, -1).gather(1, got.ids)
+    logp_error = ((got.logp - true_logp).abs() * (got.weights > 0)).sum() / (got.weights > 0).sum()
+    return spread, got, float(logp_error)
+
+
+def test_retempering_sampled_draws_is_consistent_and_biased_for_few_draws():
+    """Draws made at T_c = 1, trained at T = 2: self-normalised importance weights. Per row
+    they sum to 1; with many draws their mean is the T = 2 distribution and the estimated
+    log-probabilities are the true ones; with few draws the mean stays measurably nearer the
+    capture distribution (the documented bias)."""
+    zt = torch.linspace(4.0, -4.0, 24)
+    p2 = F.softmax(zt / 2.0, -1).double()
+    p1 = F.softmax(zt / 1.0, -1).double()
+    many, got, logp_error = _retempered_mean(zt, 255, 1.0, 2.0)
+    torch.testing.assert_close(got.weights.sum(1), torch.ones(len(got.weights)))
+    assert (many.mean(0) - p2).abs().sum() < 0.01
+    assert logp_error < 0.05
+    few, _, few_logp_error = _retempered_mean(zt, 4, 1.0, 2.0)
+    bias = (few.mean(0) - p2).abs().sum()
+    assert bias > 0.1 and bias > 4 * (many.mean(0) - p2).abs().sum()
+    assert (few.mean(0) - p1).abs().sum() < (p2 - p1).abs().sum()  # pulled towards the capture distribution
+    assert few_logp_error > 4 * logp_error
+    # at the capture temperature: the draws' own frequencies, and the stored entropy
+    same, got1, _ = _retempered_mean(zt, 12, 1.0, 1.0)
+    torch.testing.assert_close(same.mean(0), p1, atol=0.01, rtol=0)
+    assert got1.entropy is not None
