@@ -34,6 +34,7 @@ class Batch:
     targets: torch.Tensor
     num_targets: int
     rows: torch.Tensor | None = None  # the blocks' rows in the run's train (or eval) blocks, when they came from there
+    generated: bool = False  # prompts continued by the student (an on-policy step): the objective's on-policy loss
 
     @property
     def all_valid(self) -> bool:
@@ -65,4 +66,5 @@ class Batch:
 
     def to(self, device: torch.device | str) -> "Batch":
         mask = self.attention_mask.to(device) if self.attention_mask is not None else None
-        return Batch(self.input_ids.to(device), mask, self.targets.to(device), self.num_targets, self.rows)
+        return Batch(self.input_ids.to(device), mask, self.targets.to(device), self.num_targets, self.rows,
+                     self.generated)

@@ -145,6 +145,26 @@ class CacheConfig:
 
 
 @dataclass
+class OnPolicyConfig:
+    """On-policy distillation: on some steps the student writes continuations of prompts and
+    learns on them, scored by the teacher (GKD, on-policy reverse KL)."""
+
+    fraction: float = doc("Chance that a step is on-policy, drawn per step from run.seed (the same on every "
+                          "process); 0 = off, 1 = every step.", 0.0)
+    prompt_tokens: int = doc("Prompt length: the first prompt_tokens tokens of each block.", 32)
+    max_new_tokens: int = doc("Tokens the student writes per prompt (fewer when it ends with EOS).", 64)
+    sample_temperature: float = doc("Sampling temperature of the student's generations (apart from the KD "
+                                    "temperature).", 1.0)
+    top_p: float = doc("Nucleus sampling: keep the smallest set of tokens with this much probability; 1 = all.",
+                       1.0)
+    loss: Literal["full", "sampled_token"] = doc(
+        "full = the divergence over the whole vocabulary at every generated position; sampled_token = "
+        "log q(x) - log p(x) of the written token as a REINFORCE advantage (needs only the teacher's "
+        "log-probability of that token).", "full")
+    divergence: Literal[DIVERGENCES] = doc("The divergence of on-policy steps with loss full.", "reverse_kl")
+
+
+@dataclass
 class HiddenConfig:
     """Intermediate-layer distillation: student hidden states pulled towards the teacher's."""
 
@@ -178,6 +198,8 @@ class DistillConfig:
                             0.1)
     hidden: HiddenConfig = field(default_factory=HiddenConfig,
                                  metadata={"doc": "Intermediate-layer (hidden-state) distillation."})
+    on_policy: OnPolicyConfig = field(default_factory=OnPolicyConfig,
+                                      metadata={"doc": "On-policy distillation on the student's own generations."})
 
 
 @dataclass
@@ -407,6 +429,33 @@ def _check_objective(cfg: "Config") -> None:
         raise _bad("model.prune.calibration_blocks", cfg.model.prune.calibration_blocks, "must be a whole number >= 1")
     if not 0.0 <= d.skew_alpha < 1.0:
         raise _bad("distill.skew_alpha", d.skew_alpha, "must be in [0, 1) (0 = no skew)")
+    _check_on_policy(cfg)
+
+
+def _check_on_policy(cfg: "Config") -> None:
+    o = cfg.distill.on_policy
+    if not 0.0 <= o.fraction <= 1.0:
+        raise _bad("distill.on_policy.fraction", o.fraction, "must be in [0, 1] (0 = off, 1 = every step)")
+    if o.fraction == 0:
+        return
+    for key, value in (("prompt_tokens", o.prompt_tokens), ("max_new_tokens", o.max_new_tokens)):
+        if not isinstance(value, int) or value < 1:
+            raise _bad(f"distill.on_policy.{key}", value, "must be a whole number >= 1")
+    if o.prompt_tokens >= cfg.data.block_size:
+        raise _bad("distill.on_policy.prompt_tokens", o.prompt_tokens, f"must be shorter than a block "
+                   f"(data.block_size {cfg.data.block_size})")
+    if not o.sample_temperature > 0:
+        raise _bad("distill.on_policy.sample_temperature", o.sample_temperature, "must be > 0")
+    if not 0.0 < o.top_p <= 1.0:
+        raise _bad("distill.on_policy.top_p", o.top_p, "must be in (0, 1] (1 = no nucleus cut)")
+    if cfg.model.teacher_cache is not None:
+        raise ConfigError("distill.on_policy needs a live teacher to score what the student writes; a teacher cache "
+                          "only holds the teacher's view of the training text: set distill.on_policy.fraction=0 "
+                          "or train with --teacher")
+    if cfg.distill.kd_weight == 0:
+        raise ConfigError("distill.on_policy trains the student on the teacher's scores of its own text, and "
+                          "distill.kd_weight is 0 (no teacher): set distill.kd_weight > 0 or "
+                          "distill.on_policy.fraction=0")
 
 
 def _check_numbers(cfg: "Config") -> None:

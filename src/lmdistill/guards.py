@@ -159,6 +159,7 @@ class StepStats:
     teacher_nonfinite: bool
     stop_requested: bool = False  # a signal asked for a stop, on any rank
     hidden: float | None = None  # the hidden-state term (distill.hidden), unweighted
+    on_policy: bool = False  # the student's own generations: a loss of another kind, judged apart
 
     def checked(self) -> dict[str, float]:
         """The terms of CHECKED_TERMS; a broken teacher shows as a NaN of its own."""
@@ -199,17 +200,21 @@ class Guard:
     def __init__(self, cfg: GuardConfig):
         self.cfg = cfg
         self.state = GuardState()
-        self.detector = SpikeDetector(cfg.spike_window, cfg.spike_warmup, cfg.spike_factor, cfg.spike_mad,
-                                      cfg.spike_min_increase)
+        # On-policy steps (reverse KL on the student's own text) have losses of another scale than
+        # off-policy ones: each kind is judged against its own recent window.
+        self.detector, self.on_policy_detector = (
+            SpikeDetector(cfg.spike_window, cfg.spike_warmup, cfg.spike_factor, cfg.spike_mad, cfg.spike_min_increase)
+            for _ in range(2))
         self.snapshots = RollbackStore(cfg.rollback_keep, cfg.rollback_interval) if cfg.spike == "rollback" else None
 
     def decide(self, stats: StepStats) -> Decision:
         term = first_nonfinite(stats.checked()) if self.cfg.enabled else None
         if term is not None:
             return self._skipping(Decision("skip", f"nonfinite:{term}", term))
-        is_spike, median = self.detector.judge(stats.loss) if self.cfg.enabled else (False, math.nan)
+        detector = self.on_policy_detector if stats.on_policy else self.detector
+        is_spike, median = detector.judge(stats.loss) if self.cfg.enabled else (False, math.nan)
         if not is_spike:
-            self.detector.observe(stats.loss)
+            detector.observe(stats.loss)
             self.state.consecutive_skips = 0
             return Decision("step")
         if self.cfg.spike == "warn":
@@ -246,8 +251,11 @@ class Guard:
         return None
 
     def state_dict(self) -> dict:
-        return {"guard": asdict(self.state), "spike_detector": self.detector.state_dict()}
+        return {"guard": asdict(self.state), "spike_detector": self.detector.state_dict(),
+                "on_policy_spike_detector": self.on_policy_detector.state_dict()}
 
     def load_state_dict(self, state: dict) -> None:
         self.state = GuardState(**state["guard"])
         self.detector.load_state_dict(state["spike_detector"])
+        if "on_policy_spike_detector" in state:  # checkpoints from before on-policy training have none
+            self.on_policy_detector.load_state_dict(state["on_policy_spike_detector"])

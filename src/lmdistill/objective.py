@@ -24,6 +24,7 @@ from .fused import fused_linear_distillation_loss, fused_logits_distillation_los
 from .hidden import HiddenProjection, hidden_state_loss
 from .losses import LossParts, distillation_loss
 from .signals import TeacherHidden, TeacherLogits, TeacherSparse, TeacherView, layer_outputs, prediction_logits
+from .onpolicy import sampled_token_loss, teacher_token_logprobs
 from .sparse import sparse_distillation_loss
 
 
@@ -40,6 +41,16 @@ class KDSpec:
     def loss_kwargs(self) -> dict:
         return {"kd_weight": self.kd_weight, "divergence": self.divergence, "scale_by_t2": self.scale_by_t2,
                 "jsd_beta": self.jsd_beta, "skew_alpha": self.skew_alpha}
+
+
+@dataclass(frozen=True)
+class OnPolicySpec:
+    """What the loss computes on a batch the student wrote (``distill.on_policy``): ``spec``'s
+    divergence over the vocabulary (``loss`` full), or the sampled-token estimator. The KD
+    weight is 1: the student's own text is not ground truth to train CE on."""
+
+    spec: KDSpec
+    loss: str = "full"
 
 
 @dataclass
@@ -65,7 +76,8 @@ class Objective:
     """
 
     def __init__(self, spec: KDSpec, vocab_size: int, student_output: str, model: torch.nn.Module,
-                 chunk_size: int = 1024, reference: bool = False, hidden: HiddenTerm | None = None):
+                 chunk_size: int = 1024, reference: bool = False, hidden: HiddenTerm | None = None,
+                 on_policy: OnPolicySpec | None = None):
         if student_output not in ("logits", "hidden"):
             raise ValueError(f"student_output must be 'logits' or 'hidden', got {student_output!r}")
         self.spec = spec
@@ -76,16 +88,21 @@ class Objective:
         self.chunk_size = chunk_size
         # ``reference``: the full path exactly as autograd computes it (loss.impl: reference).
         self.reference = reference
-        self.closed_form = divergences.get(spec.divergence).chunk is not None and not reference
         self.hidden = hidden
+        self.on_policy = on_policy
 
     def __call__(self, student: torch.nn.Module, batch: Batch, teacher: TeacherView | None,
                  temperature: float, num_tokens: float) -> LossParts:
+        spec = self.spec
+        if batch.generated and self.on_policy is not None:
+            spec = self.on_policy.spec
+            if self.on_policy.loss == "sampled_token":
+                return self._sampled_token(student, batch, teacher, num_tokens)
         if isinstance(teacher, TeacherSparse):
             compute = self._from_sparse
         else:
             compute = self._from_hidden if self.student_output == "hidden" else self._from_logits
-        parts, states = compute(student, batch, teacher, temperature, num_tokens)
+        parts, states = compute(student, batch, teacher, temperature, num_tokens, spec)
         h = self.hidden
         if h is None:
             return parts
@@ -94,24 +111,25 @@ class Objective:
         return replace(parts, total=parts.total + h.weight * term, hidden=term.detach())
 
     def _from_logits(self, student, batch: Batch, teacher: TeacherLogits | None, temperature: float,
-                     num_tokens: float) -> tuple[LossParts, tuple | None]:
+                     num_tokens: float, spec: KDSpec) -> tuple[LossParts, tuple | None]:
         logits = prediction_logits(self.model, batch, self.vocab_size, forward=student, trim=not self.reference,
                                    hidden_states=self.hidden is not None)
         logits, states = logits if self.hidden is not None else (logits, None)
         # With a closed-form gradient the loss needs no autograd graph over (tokens x vocab):
         # fewer passes over the logits and no fresh buffers per step (the autograd form is the
         # reference, and the fallback for a divergence without a closed form).
-        loss = fused_logits_distillation_loss if self.closed_form else distillation_loss
+        closed_form = divergences.get(spec.divergence).chunk is not None and not self.reference
+        loss = fused_logits_distillation_loss if closed_form else distillation_loss
         return loss(logits, teacher.logits if teacher is not None else None, batch.targets, temperature=temperature,
-                    num_tokens=num_tokens, all_valid=batch.all_valid, **self.spec.loss_kwargs()), states
+                    num_tokens=num_tokens, all_valid=batch.all_valid, **spec.loss_kwargs()), states
 
     def _from_sparse(self, student, batch: Batch, teacher: TeacherSparse, temperature: float,
-                     num_tokens: float) -> tuple[LossParts, tuple]:
+                     num_tokens: float, spec: KDSpec) -> tuple[LossParts, tuple]:
         """Sparse targets from a cache: the student's logits chunk by chunk from its hidden states."""
         out = student(input_ids=batch.input_ids, attention_mask=batch.attention_mask, output_hidden_states=True,
                       logits_to_keep=1, use_cache=False)
         hidden = out.hidden_states[-1][:, :-1]
-        s = self.spec
+        s = spec
         return sparse_distillation_loss(hidden.reshape(-1, hidden.shape[-1]), self.head.weight,
                                         batch.targets.reshape(-1), teacher.targets, temperature=temperature,
                                         kd_weight=s.kd_weight, scale_by_t2=s.scale_by_t2, num_tokens=num_tokens,
@@ -119,7 +137,7 @@ class Objective:
                                         chunk_size=self.chunk_size), out.hidden_states
 
     def _from_hidden(self, student, batch: Batch, teacher: TeacherHidden | None, temperature: float,
-                     num_tokens: float) -> tuple[LossParts, tuple]:
+                     num_tokens: float, spec: KDSpec) -> tuple[LossParts, tuple]:
         # logits_to_keep=1: the forward computes one position's logits; the fused loss forms
         # the rest chunk by chunk, never all (tokens x vocab) at once.
         out = student(input_ids=batch.input_ids, attention_mask=batch.attention_mask, output_hidden_states=True,
@@ -132,4 +150,11 @@ class Objective:
             teacher.weight if with_teacher else None, batch.targets.reshape(-1),
             temperature=temperature, num_tokens=num_tokens, all_valid=batch.all_valid, vocab_size=self.vocab_size,
             student_bias=self.head.bias, teacher_bias=teacher.bias if with_teacher else None,
-            chunk_size=self.chunk_size, **self.spec.loss_kwargs()), out.hidden_states
+            chunk_size=self.chunk_size, **spec.loss_kwargs()), out.hidden_states
+
+    def _sampled_token(self, student, batch: Batch, teacher: TeacherLogits | TeacherHidden,
+                       num_tokens: float) -> LossParts:
+        """The per-token reverse-KL estimator on the student's own text (``onpolicy.py``)."""
+        logits = prediction_logits(self.model, batch, self.vocab_size, forward=student)
+        teacher_logp = teacher_token_logprobs(teacher, batch.targets, self.vocab_size, self.chunk_size)
+        return sampled_token_loss(logits, teacher_logp, batch.targets, num_tokens)

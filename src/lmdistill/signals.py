@@ -12,8 +12,10 @@ how the student's side of the loss is computed:
 
 A new source (an offline cache of sparse targets, on-policy batches scored by a live
 teacher) is a new ``TeacherSignal`` and, if it hands out a new kind of view, one more case
-in ``objective.Objective``; the training loop does not change. ``prepare`` is the hook for
-sources that change the batch itself (on-policy generation) before its targets are counted.
+in ``objective.Objective``; the training loop does not change. ``prepare_step`` is the hook
+for sources that change the step's batches themselves (on-policy generation, ``onpolicy.py``)
+before their targets are counted, and ``metrics`` adds what such a source did to the step's
+log line.
 
 Every view carries ``nonfinite``: a 0-d flag, 1.0 when the teacher produced NaN or +Inf.
 It is a tensor so that the check costs no device sync; the trainer reduces it with the
@@ -105,9 +107,13 @@ class TeacherSignal:
 
     student_output = "logits"
 
-    def prepare(self, batch: Batch) -> Batch:
-        """The batch the step trains on; live teachers take it as it is."""
-        return batch
+    def prepare_step(self, batches: list[Batch], step: int) -> list[Batch]:
+        """The batches optimizer step ``step`` trains on; live teachers take them as they are."""
+        return batches
+
+    def metrics(self) -> dict:
+        """What this source did in the last step, for its log line."""
+        return {}
 
     def __call__(self, batch: Batch, temperature: float) -> TeacherView | None:
         raise NotImplementedError

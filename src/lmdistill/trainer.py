@@ -50,7 +50,8 @@ from .hidden import build_projection
 from .interrupts import GracefulStop, Interrupted
 from .models import ModelInfo, load_models, parameter_fingerprint
 from .monitor import HealthMonitor
-from .objective import HiddenTerm, KDSpec, Objective
+from .objective import HiddenTerm, KDSpec, Objective, OnPolicySpec
+from .onpolicy import on_policy_signal
 from .paths import atomic_write
 from .progress import interactive, progress_bar
 from .results import RunResult, StepResult
@@ -137,11 +138,18 @@ class Trainer:
         if self.teacher is not None:
             self.teacher.to(self.device)
         d = cfg.distill
+        on_policy = None
+        if d.on_policy.fraction > 0:  # the student writes, the live teacher scores (onpolicy.py)
+            self.signal = on_policy_signal(d.on_policy, self.signal, self.raw_student, self.tokenizer, cfg.run.seed,
+                                           self.accelerator.process_index, self.device,
+                                           (lambda t: self.accelerator.reduce(t, "sum")) if self.world > 1 else None)
+            on_policy = OnPolicySpec(KDSpec(1.0, d.on_policy.divergence, d.scale_by_t2, d.jsd_beta, d.skew_alpha),
+                                     d.on_policy.loss)
         hidden = HiddenTerm(d.hidden.weight, d.hidden.loss, tuple(s for s, _ in pairs), self.projection,
                             project) if pairs else None
         self.objective = Objective(KDSpec(d.kd_weight, d.divergence, d.scale_by_t2, d.jsd_beta, d.skew_alpha),
                                    self.vocab_size, self.signal.student_output, self.raw_student, cfg.loss.chunk_size,
-                                   reference=self.loss_impl == "reference", hidden=hidden)
+                                   reference=self.loss_impl == "reference", hidden=hidden, on_policy=on_policy)
         self.teacher_before = parameter_fingerprint(self.teacher) if self.teacher is not None else None
         self._teacher_ref: dict | None = None
 
@@ -305,7 +313,7 @@ class Trainer:
         t0 = time.perf_counter()
         temperature = self.temperature_at(step)
         lr = self._set_lr(step)
-        batches = [self.signal.prepare(b) for b in self._next_batches()]
+        batches = self.signal.prepare_step(self._next_batches(), step)
         num_tokens = self._count_targets(batches)
         # loss, kd, kd_unscaled, ce, teacher_bad, hidden
         sums = torch.zeros(6, device=self.device, dtype=torch.float64)
@@ -322,7 +330,7 @@ class Trainer:
             hidden = parts.hidden.double() if parts.hidden is not None else sums.new_zeros(())
             sums += torch.stack([parts.total.detach().double(), parts.kd.double(), parts.kd_unscaled.double(),
                                  parts.ce.double(), bad, hidden])
-        stats = self._reduce(sums, self.clip_gradients())
+        stats = self._reduce(sums, self.clip_gradients(), any(b.generated for b in batches))
         decision = self.guard.decide(stats)
         self._apply(step, decision, stats)
         epoch = self.sampler.epoch_of(self.micro - 1)
@@ -359,14 +367,14 @@ class Trainer:
         max_norm = self.cfg.train.max_grad_norm if self.cfg.train.max_grad_norm is not None else math.inf
         return self.accelerator.clip_grad_norm_(self.trained.parameters(), max_norm)
 
-    def _reduce(self, sums: torch.Tensor, grad_norm: torch.Tensor) -> StepStats:
+    def _reduce(self, sums: torch.Tensor, grad_norm: torch.Tensor, on_policy: bool) -> StepStats:
         # One reduction, one sync: every rank sees the same numbers and so decides the same,
         # a stop requested by a signal on any rank included.
         stop = sums.new_tensor([float(self.stop.signum is not None)])
         reduced = self.accelerator.reduce(torch.cat([sums, grad_norm.detach().double().view(1), stop]), "sum")
         loss, kd, kd_unscaled, ce, teacher_bad, hidden, grad_sum, stop_requests = reduced.tolist()
         return StepStats(loss, kd, kd_unscaled, ce, grad_sum / self.world, teacher_bad > 0, stop_requests > 0,
-                         hidden if self.projection is not None else None)
+                         hidden if self.projection is not None else None, on_policy)
 
     def _apply(self, step: int, decision: Decision, stats: StepStats) -> None:
         """Carry out the guard's decision; only an applied update changes weights and optimizer state."""
@@ -403,9 +411,11 @@ class Trainer:
                 raise TrainingStopped(stop)
         else:
             self.rates.append(result.tokens_per_s)
-            self.announce(step, self.monitor.on_train_loss(step, stats.loss))
+            # The loss checks follow one kind of step: on-policy losses are of another scale.
+            if stats.on_policy == (self.cfg.distill.on_policy.fraction >= 1.0):
+                self.announce(step, self.monitor.on_train_loss(step, stats.loss))
             if step % self.cfg.train.log_every == 0 or step == self.plan.total_steps - 1:
-                self.log.write({**result.record(), **self._source_share()})
+                self.log.write({**result.record(), **self._source_share(), **self.signal.metrics()})
         self.bar.set_description(f"{self._phase()} ep {result.epoch}", refresh=False)
         postfix = {"loss": f"{stats.loss:.3f}", "T": f"{result.temperature:.2f}", "tok/s": f"{result.tokens_per_s:.0f}"}
         if self.cfg.distill.kd_weight == 0:

@@ -1,0 +1,228 @@
+"""On-policy distillation: on some steps the student learns on text it wrote itself.
+
+Off-policy KD trains the student on text it would never write; at generation time its own
+mistakes take it where it never trained (exposure bias). On an on-policy step the prompts of
+the step's blocks (their first ``prompt_tokens`` tokens) are continued by the student, and
+the teacher scores every written token (GKD, Agarwal et al. 2024; on-policy reverse KL as
+in MiniLLM and the Qwen3 report).
+
+How it plugs in: ``OnPolicy`` is a teacher signal that wraps the live one. Its ``prepare``
+turns a step's batches into prompt + continuation batches when the step is drawn on-policy
+(``is_on_policy``: a pure function of the run's seed and the step, the same on every
+process), and the objective meets a generated batch with ``distill.on_policy.divergence``
+(or the sampled-token estimator) in place of the off-policy loss. Every written token up to
+and including the first EOS is a target; prompt, padding and everything after EOS are not.
+
+Samples are reproducible: a micro-batch's generation is seeded from (run.seed, step, process,
+micro-batch), so a resumed run writes the same continuations from the same weights, and the
+checkpoint needs no sampler state.
+
+The generator sits behind a small interface (``Generator``) so that a faster engine can
+replace transformers' ``generate`` without touching the loop.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import time
+from dataclasses import dataclass
+from typing import Protocol
+
+import torch
+
+from .batch import Batch
+from .signals import TeacherSignal, TeacherView
+
+
+def _uniform(*key) -> float:
+    """A uniform number in [0, 1) that depends only on ``key``."""
+    digest = hashlib.sha256("/".join(map(str, key)).encode()).digest()
+    return int.from_bytes(digest[:8], "little") / 2**64
+
+
+def _seed(*key) -> int:
+    return int(_uniform(*key) * 2**63)
+
+
+def is_on_policy(seed: int, step: int, fraction: float) -> bool:
+    """Whether optimizer step ``step`` is on-policy: drawn from (seed, step) alone."""
+    return fraction >= 1.0 or (fraction > 0.0 and _uniform("on-policy", seed, step) < fraction)
+
+
+@dataclass(frozen=True)
+class Sampling:
+    max_new_tokens: int
+    temperature: float = 1.0
+    top_p: float = 1.0
+
+
+class Generator(Protocol):
+    """``generator(prompts, sampling, seed) -> (B, P + N) ids``: each row's prompt (B, P) continued
+    by up to N sampled tokens; rows that ended early are padded after their EOS."""
+
+    def __call__(self, prompts: torch.Tensor, sampling: Sampling, seed: int) -> torch.Tensor: ...
+
+
+class HFGenerator:
+    """transformers' ``generate`` on the (unwrapped) student: KV cache, batched, no gradients, in
+    eval mode (the student goes back to train mode after), the torch RNG forked and seeded."""
+
+    def __init__(self, model: torch.nn.Module, eos_token_id: int, pad_token_id: int):
+        self.model, self.eos, self.pad = model, eos_token_id, pad_token_id
+
+    def config(self, sampling: Sampling, use_cache: bool = True):
+        from transformers import GenerationConfig
+
+        return GenerationConfig(do_sample=True, temperature=sampling.temperature, top_p=sampling.top_p, top_k=0,
+                                max_new_tokens=sampling.max_new_tokens, eos_token_id=self.eos,
+                                pad_token_id=self.pad, use_cache=use_cache)
+
+    def __call__(self, prompts: torch.Tensor, sampling: Sampling, seed: int, use_cache: bool = True) -> torch.Tensor:
+        was_training = self.model.training
+        self.model.eval()
+        devices = [prompts.device] if prompts.device.type == "cuda" else []
+        try:
+            with torch.random.fork_rng(devices=devices), torch.no_grad():
+                torch.manual_seed(seed)
+                return self.model.generate(input_ids=prompts, attention_mask=torch.ones_like(prompts),
+                                           generation_config=self.config(sampling, use_cache))
+        finally:
+            self.model.train(was_training)
+
+
+def rollout_batch(sequences: torch.Tensor, prompt_len: int, eos_token_id: int) -> Batch:
+    """The training batch of prompts continued by the student: targets are the written tokens up
+    to and including each row's first EOS; the rest of the row (padding) is masked out."""
+    written = sequences[:, prompt_len:]
+    is_eos = written == eos_token_id
+    # a token is kept when no EOS came before it (the EOS itself is kept: ending is learned too)
+    before = torch.cumsum(is_eos.int(), dim=1) - is_eos.int()
+    keep = before == 0
+    attention = torch.ones_like(sequences)
+    attention[:, prompt_len:] = keep.long()
+    loss_mask = torch.zeros_like(sequences)
+    loss_mask[:, prompt_len:] = keep.long()
+    batch = Batch.from_ids(sequences, attention, loss_mask)
+    batch.generated = True
+    return batch
+
+
+@dataclass
+class RolloutStats:
+    """What the last step's generation did (empty on off-policy steps): tokens and rows over all
+    processes, seconds of this process."""
+
+    on_policy: bool = False
+    generated_tokens: int = 0
+    rows: int = 0
+    seconds: float = 0.0
+
+    def record(self) -> dict:
+        out = {"on_policy": self.on_policy}
+        if self.on_policy:
+            out.update(generated_tokens=self.generated_tokens,
+                       mean_generated_length=self.generated_tokens / max(self.rows, 1),
+                       generation_tokens_per_s=self.generated_tokens / max(self.seconds, 1e-9),
+                       generation_seconds=self.seconds)
+        return out
+
+
+class OnPolicy(TeacherSignal):
+    """The live teacher signal, on the student's own continuations on on-policy steps."""
+
+    def __init__(self, inner: TeacherSignal, generator: Generator, sampling: Sampling, prompt_tokens: int,
+                 fraction: float, seed: int, rank: int, eos_token_id: int, device: torch.device | str = "cpu",
+                 reduce=None):
+        self.inner, self.generator, self.sampling, self.device = inner, generator, sampling, device
+        self.reduce = reduce  # sums a tensor over processes (the logged counts are global); None: one process
+        self.student_output = inner.student_output
+        self.prompt_tokens, self.fraction, self.seed, self.rank = prompt_tokens, fraction, seed, rank
+        self.eos = eos_token_id
+        self.stats = RolloutStats()
+
+    def prepare_step(self, batches: list[Batch], step: int) -> list[Batch]:
+        """The step's batches: as they are off-policy, prompts continued by the student on-policy."""
+        if not is_on_policy(self.seed, step, self.fraction):
+            self.stats = RolloutStats()
+            return batches
+        t0 = time.perf_counter()
+        out, written, rows = [], 0, 0
+        for index, batch in enumerate(batches):
+            prompts = batch.input_ids[:, : self.prompt_tokens].to(self.device)
+            sequences = self.generator(prompts, self.sampling,
+                                       _seed("rollout", self.seed, step, self.rank, index)).cpu()
+            rolled = rollout_batch(sequences, self.prompt_tokens, self.eos)
+            written += rolled.num_targets
+            rows += len(sequences)
+            out.append(rolled)
+        seconds = time.perf_counter() - t0
+        if self.reduce is not None:
+            written, rows = (int(x) for x in self.reduce(torch.tensor([written, rows], device=self.device)).tolist())
+        self.stats = RolloutStats(True, written, rows, seconds)
+        return out
+
+    def __call__(self, batch: Batch, temperature: float) -> TeacherView | None:
+        return self.inner(batch, temperature)
+
+    def metrics(self) -> dict:
+        return self.stats.record()
+
+
+def on_policy_signal(settings, inner: TeacherSignal, student: torch.nn.Module, tokenizer, seed: int, rank: int,
+                     device, reduce=None) -> OnPolicy:
+    """The run's on-policy signal (``distill.on_policy``) around its live teacher signal."""
+    from .errors import LmdistillError
+
+    eos = tokenizer.eos_token_id
+    if eos is None:
+        raise LmdistillError("distill.on_policy needs the tokenizer's EOS token to end the student's generations, "
+                             "and this tokenizer has none; set its eos_token or turn on-policy off")
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos
+    sampling = Sampling(settings.max_new_tokens, settings.sample_temperature, settings.top_p)
+    return OnPolicy(inner, HFGenerator(student, eos, pad), sampling, settings.prompt_tokens, settings.fraction, seed,
+                    rank, eos, device, reduce)
+
+
+# ---------------------------------------------------------------------------- the sampled-token loss
+def teacher_token_logprobs(view, targets: torch.Tensor, vocab_size: int, chunk_size: int = 1024) -> torch.Tensor:
+    """log p_teacher(target) at every position (B, L-1), fp32, from a live teacher's view: its
+    logits, or its hidden states and output layer (then one chunk of rows' logits at a time)."""
+    safe = targets.clamp(min=0)
+    if hasattr(view, "logits"):
+        return torch.log_softmax(view.logits[..., :vocab_size].float(), -1).gather(-1, safe.unsqueeze(-1)).squeeze(-1)
+    hidden = view.hidden.reshape(-1, view.hidden.shape[-1])
+    flat = safe.reshape(-1)
+    out = torch.empty(flat.shape, dtype=torch.float32, device=hidden.device)
+    weight = view.weight[:vocab_size]
+    bias = view.bias[:vocab_size] if view.bias is not None else None
+    for start in range(0, len(flat), chunk_size):
+        rows = slice(start, start + chunk_size)
+        logits = torch.nn.functional.linear(hidden[rows], weight, bias).float()
+        out[rows] = torch.log_softmax(logits, -1).gather(1, flat[rows].unsqueeze(1)).squeeze(1)
+    return out.reshape(targets.shape)
+
+
+def sampled_token_loss(student_logits: torch.Tensor, teacher_logp: torch.Tensor, targets: torch.Tensor,
+                       num_tokens: float):
+    """The per-token reverse-KL estimator on the student's own samples.
+
+    For a token x written by the student, ``k(x) = log q(x) - log p(x)`` (student minus
+    teacher, at temperature 1) is a one-sample estimate of KL(q || p) at that position. Used as
+    a fixed advantage on the student's log-probability, ``loss = k(x) log q(x)``, its gradient
+    ``k(x) grad log q(x)`` has, over x ~ q, the expected value of the exact reverse-KL gradient
+    (score function: ``sum_x q(x) grad log q(x) = 0``). Only the teacher's log-probability of
+    the written token is needed. The value of ``total`` and ``kd`` is the mean of k (the
+    per-token reverse-KL estimate); ``ce`` is the student's NLL of its own text (not trained).
+    """
+    from .losses import IGNORE_INDEX, LossParts, normaliser
+
+    valid = targets != IGNORE_INDEX
+    logq = torch.log_softmax(student_logits.float(), -1).gather(-1, targets.clamp(min=0).unsqueeze(-1)).squeeze(-1)
+    advantage = (logq - teacher_logp).detach()
+    denom = normaliser(num_tokens, int(valid.sum()))
+    zero = logq.new_zeros(())
+    # value: the mean of k (what is logged as the loss); gradient: k grad log q
+    total = torch.where(valid, advantage * (1 + logq - logq.detach()), zero).sum() / denom
+    kd = torch.where(valid, advantage, zero).sum() / denom
+    ce = -torch.where(valid, logq, zero).sum().detach() / denom
+    return LossParts(total=total, kd=kd, kd_unscaled=kd, ce=ce, num_valid=int(valid.sum()))

@@ -1,0 +1,91 @@
+"""On-policy distillation end to end: fraction 0 changes nothing, on-policy steps follow the
+per-step draw and log what they generated, a killed on-policy run resumes to the same
+samples and weights, two processes agree on every draw, and what cannot work is refused."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from conftest import cli, read_jsonl, run_cli
+from lmdistill.onpolicy import is_on_policy
+
+STUDENT = ("model.student_config={num_hidden_layers: 1, hidden_size: 16, intermediate_size: 32, "
+           "num_attention_heads: 2, num_key_value_heads: 2}")
+ON = ("--set", "distill.on_policy.fraction=0.5", "--set", "distill.on_policy.prompt_tokens=8",
+      "--set", "distill.on_policy.max_new_tokens=12")
+
+
+def _args(teacher_dir, text_file, out, *extra, steps: int = 6, batch_size: int = 2):
+    return ("train", "--teacher", str(teacher_dir), "--data", str(text_file), "--output-dir", str(out),
+            "--batch-size", str(batch_size), "--max-steps", str(steps), "--no-progress", "--set",
+            "data.block_size=32", "--set", "data.max_eval_blocks=8", "--set", STUDENT,
+            "--set", "model.student_init=random", *extra)
+
+
+def _steps(run_dir):
+    return [r for r in read_jsonl(run_dir / "metrics.jsonl") if "loss" in r]
+
+
+def test_fraction_zero_is_the_off_policy_run(tmp_path, teacher_dir, text_file):
+    plain = cli(*_args(teacher_dir, text_file, tmp_path / "plain"))
+    zero = cli(*_args(teacher_dir, text_file, tmp_path / "zero", "--set", "distill.on_policy.fraction=0",
+                      "--set", "distill.on_policy.loss=sampled_token", "--set", "distill.on_policy.max_new_tokens=3"))
+    assert plain.returncode == 0 and zero.returncode == 0, zero.stderr[-2000:]
+    a, b = _steps(tmp_path / "plain"), _steps(tmp_path / "zero")
+    assert [r["loss"] for r in a] == [r["loss"] for r in b] and not any("on_policy" in r for r in b)
+    wa, wb = (load_file(p / "student" / "model.safetensors") for p in (tmp_path / "plain", tmp_path / "zero"))
+    assert all(torch.equal(wa[k], wb[k]) for k in wa)
+
+
+@pytest.mark.parametrize("loss", ["full", "sampled_token"])
+def test_on_policy_steps_follow_the_draw_and_log_their_generations(tmp_path, teacher_dir, text_file, loss):
+    proc = cli(*_args(teacher_dir, text_file, tmp_path / "run", *ON, "--set", f"distill.on_policy.loss={loss}",
+                      "--seed", "3"))
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    lines = _steps(tmp_path / "run")
+    assert [r["on_policy"] for r in lines] == [is_on_policy(3, s, 0.5) for s in range(6)]
+    on = [r for r in lines if r["on_policy"]]
+    assert on and all(0 < r["generated_tokens"] <= 2 * 12 and r["generation_tokens_per_s"] > 0 for r in on)
+    assert all(r["mean_generated_length"] == pytest.approx(r["generated_tokens"] / 2) for r in on)
+    # on-policy steps train the divergence alone (kd_weight 1 there): the loss is the KD term
+    assert all(r["loss"] == pytest.approx(r["kd_loss"], rel=1e-6) for r in on)
+    off = [r for r in lines if not r["on_policy"]]
+    assert all(r["loss"] == pytest.approx(0.5 * r["kd_loss"] + 0.5 * r["ce_loss"], rel=1e-5) for r in off)
+
+
+def test_a_killed_on_policy_run_resumes_to_the_same_samples_and_weights(tmp_path, teacher_dir, text_file):
+    args = (*ON, "--set", "checkpoint.every=2", "--set", "distill.on_policy.fraction=0.7")
+    whole = cli(*_args(teacher_dir, text_file, tmp_path / "whole", *args))
+    assert whole.returncode == 0, whole.stderr[-2000:]
+    first = run_cli(*_args(teacher_dir, text_file, tmp_path / "cut", *args, "--set", "debug.exit_after_step=3"))
+    assert first.returncode != 0
+    resumed = cli(*_args(teacher_dir, text_file, tmp_path / "cut", *args, "--set", "debug.exit_after_step=null"),
+                  "--resume")
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    a, b = _steps(tmp_path / "whole"), _steps(tmp_path / "cut")
+    assert any(r["on_policy"] for r in a[2:])
+    keys = ("loss", "on_policy", "generated_tokens")
+    assert [[r.get(k) for k in keys] for r in a] == [[r.get(k) for k in keys] for r in b]
+    wa, wb = (load_file(p / "student" / "model.safetensors") for p in (tmp_path / "whole", tmp_path / "cut"))
+    assert all(torch.equal(wa[k], wb[k]) for k in wa)
+
+
+def _one_error(proc, *needles):
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    lines = [line for line in proc.stderr.splitlines() if line.startswith("lmdistill: error:")]
+    assert len(lines) == 1 and "Traceback" not in proc.stderr, proc.stderr
+    for needle in needles:
+        assert needle in lines[0], lines[0]
+
+
+def test_what_cannot_work_is_refused_before_anything_is_written(tmp_path, teacher_dir, text_file):
+    _one_error(cli(*_args(teacher_dir, text_file, tmp_path / "a", *ON, "--kd-weight", "0")), "kd_weight")
+    _one_error(cli(*_args(teacher_dir, text_file, tmp_path / "b", *ON, "--set", "distill.on_policy.prompt_tokens=32")),
+               "prompt_tokens", "block")
+    _one_error(cli(*_args(teacher_dir, text_file, tmp_path / "c", *ON, "--teacher-cache", str(tmp_path))),
+               "live teacher")
+    _one_error(cli(*_args(teacher_dir, text_file, tmp_path / "d", "--set", "distill.on_policy.fraction=1.5")),
+               "fraction")
+    assert not any((tmp_path / n).exists() for n in "abcd")

@@ -1,0 +1,114 @@
+"""On-policy pieces against independent references: the sampled-token estimator's expected
+gradient against the exact reverse-KL gradient (enumerating a tiny vocabulary), the masking
+of prompt, padding and post-EOS positions against hand counts, the per-step draw, and the
+generator (seeded, prompt kept, train mode restored)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from lmdistill.losses import IGNORE_INDEX
+from lmdistill.onpolicy import (HFGenerator, Sampling, is_on_policy, rollout_batch, sampled_token_loss,
+                                teacher_token_logprobs)
+from lmdistill.signals import TeacherHidden, TeacherLogits
+
+
+def test_sampled_token_gradient_in_expectation_is_the_reverse_kl_gradient():
+    g = torch.Generator().manual_seed(0)
+    positions, vocab = 3, 5
+    zs = torch.randn(positions, vocab, generator=g, dtype=torch.float64)
+    zt = torch.randn(positions, vocab, generator=g, dtype=torch.float64)
+    log_p = F.log_softmax(zt, -1)
+    # the reference: autograd through KL(q || p) = sum_x q (log q - log p), summed over positions
+    z = zs.clone().requires_grad_()
+    log_q = F.log_softmax(z, -1)
+    (log_q.exp() * (log_q - log_p)).sum().backward()
+    want = z.grad
+    # the estimator, every combination of written tokens weighted by its probability under q
+    q = F.softmax(zs, -1)
+    expected = torch.zeros_like(zs)
+    for pos in range(positions):
+        for x in range(vocab):
+            targets = torch.full((positions,), IGNORE_INDEX)
+            targets[pos] = x
+            z = zs.clone().requires_grad_()
+            parts = sampled_token_loss(z, log_p.gather(1, targets.clamp(min=0).unsqueeze(1)).squeeze(1), targets,
+                                       num_tokens=1)
+            parts.total.backward()
+            expected += q[pos, x] * z.grad
+            # its value (and the logged loss): log q(x) - log p(x) at that position
+            assert parts.total.item() == pytest.approx(parts.kd.item(), abs=1e-6)
+            assert parts.kd.item() == pytest.approx((F.log_softmax(zs[pos], -1)[x] - log_p[pos, x]).item(), abs=1e-6)
+    torch.testing.assert_close(expected, want.to(expected.dtype), rtol=1e-5, atol=1e-7)
+
+
+def test_teacher_token_logprobs_from_hidden_states_equal_those_from_logits():
+    g = torch.Generator().manual_seed(1)
+    hidden = torch.randn(2, 7, 8, generator=g)
+    head = torch.nn.Linear(8, 11)
+    targets = torch.randint(0, 11, (2, 7), generator=g)
+    targets[0, :3] = IGNORE_INDEX
+    with torch.no_grad():
+        logits = head(hidden)
+    from_logits = teacher_token_logprobs(TeacherLogits(logits, torch.zeros(())), targets, 11)
+    from_hidden = teacher_token_logprobs(TeacherHidden(hidden, head.weight.detach(), head.bias.detach(),
+                                                       torch.zeros(())), targets, 11, chunk_size=4)
+    torch.testing.assert_close(from_hidden, from_logits, rtol=1e-5, atol=1e-6)
+    want = F.log_softmax(logits, -1)[1, 4, targets[1, 4]]
+    assert from_logits[1, 4].item() == pytest.approx(want.item(), rel=1e-6)
+
+
+def test_rollout_targets_are_the_written_tokens_up_to_the_first_eos():
+    eos, pad = 9, 9
+    prompt = [[1, 2, 3], [4, 5, 6]]
+    written = [[7, 9, pad, pad],   # ends after one token: targets 7 and the EOS
+               [8, 8, 8, 8]]       # never ends: all four written tokens
+    sequences = torch.tensor([p + w for p, w in zip(prompt, written)])
+    batch = rollout_batch(sequences, prompt_len=3, eos_token_id=eos)
+    assert batch.generated and batch.num_targets == 2 + 4
+    want = torch.full((2, 6), IGNORE_INDEX)
+    want[0, 2:4] = torch.tensor([7, 9])  # position 2 (last prompt token) predicts the first written one
+    want[1, 2:6] = torch.tensor([8, 8, 8, 8])
+    assert torch.equal(batch.targets, want)
+    assert batch.attention_mask.tolist() == [[1, 1, 1, 1, 1, 0, 0], [1] * 7]
+
+
+def test_the_on_policy_draw_is_a_function_of_seed_and_step():
+    assert not any(is_on_policy(0, s, 0.0) for s in range(200))
+    assert all(is_on_policy(0, s, 1.0) for s in range(200))
+    draws = [is_on_policy(3, s, 0.5) for s in range(2000)]
+    assert 0.45 < sum(draws) / len(draws) < 0.55
+    assert draws == [is_on_policy(3, s, 0.5) for s in range(2000)]
+    assert draws != [is_on_policy(4, s, 0.5) for s in range(2000)]
+
+
+@pytest.fixture(scope="module")
+def tiny_student():
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=32, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                         num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=64,
+                         eos_token_id=31, pad_token_id=31, bos_token_id=None)
+    return LlamaForCausalLM(config)
+
+
+def test_generation_is_seeded_keeps_the_prompt_and_restores_train_mode(tiny_student):
+    generator = HFGenerator(tiny_student, eos_token_id=31, pad_token_id=31)
+    tiny_student.train()
+    prompts = torch.tensor([[1, 2, 3, 4], [5, 6, 7, 8]])
+    state = torch.random.get_rng_state()
+    a = generator(prompts, Sampling(max_new_tokens=6), seed=11)
+    assert torch.equal(torch.random.get_rng_state(), state), "generation moved the global RNG"
+    assert tiny_student.training
+    b = generator(prompts, Sampling(max_new_tokens=6), seed=11)
+    c = generator(prompts, Sampling(max_new_tokens=6), seed=12)
+    assert torch.equal(a, b) and not torch.equal(a, c)
+    assert a.shape[0] == 2 and 4 < a.shape[1] <= 10 and torch.equal(a[:, :4], prompts)
+    # sampling is the student's: at a tiny temperature it writes its greedy continuation
+    greedy = tiny_student.generate(input_ids=prompts, attention_mask=torch.ones_like(prompts), do_sample=False,
+                                   max_new_tokens=6, pad_token_id=31)
+    cold = generator(prompts, Sampling(max_new_tokens=6, temperature=1e-4), seed=5)
+    assert torch.equal(cold, greedy)
