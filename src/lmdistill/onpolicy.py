@@ -167,6 +167,19 @@ class OnPolicy(TeacherSignal):
     def metrics(self) -> dict:
         return self.stats.record()
 
+    def judge(self, student, teacher, eval_blocks, tokenizer, vocab_size: int, prompts: int = 16,
+              shown: int = 3) -> dict:
+        """At an evaluation: the student continues the prompts of the first ``prompts`` held-out
+        blocks (the same ones, with the same seed, at every evaluation); the teacher-judged scores
+        of ``generation_quality`` and ``shown`` prompt/continuation pairs as text."""
+        n = min(prompts, len(eval_blocks))
+        heads = eval_blocks.batch(range(n)).input_ids[:, : self.prompt_tokens]
+        scores, written = generation_quality(student, teacher, heads, self.sampling, self.seed, self.eos,
+                                             self.generator.pad, vocab_size)
+        samples = [{"prompt": tokenizer.decode(heads[i]), "continuation": tokenizer.decode(written[i])}
+                   for i in range(min(shown, n))]
+        return {**scores, "gen_prompts": n, "gen_samples": samples}
+
 
 def on_policy_signal(settings, inner: TeacherSignal, student: torch.nn.Module, tokenizer, seed: int, rank: int,
                      device, reduce=None) -> OnPolicy:
@@ -226,3 +239,52 @@ def sampled_token_loss(student_logits: torch.Tensor, teacher_logp: torch.Tensor,
     kd = torch.where(valid, advantage, zero).sum() / denom
     ce = -torch.where(valid, logq, zero).sum().detach() / denom
     return LossParts(total=total, kd=kd, kd_unscaled=kd, ce=ce, num_valid=int(valid.sum()))
+
+
+# ---------------------------------------------------------------------------- judging generations
+def repeated_ngram_share(rows: list[list[int]], n: int = 4) -> float:
+    """Share of the n-grams of the rows that repeat an earlier n-gram of the same row."""
+    total = repeated = 0
+    for row in rows:
+        grams = [tuple(row[i : i + n]) for i in range(len(row) - n + 1)]
+        total += len(grams)
+        repeated += len(grams) - len(set(grams))
+    return repeated / total if total else 0.0
+
+
+@torch.no_grad()
+def generation_quality(student: torch.nn.Module, teacher: torch.nn.Module, prompts: torch.Tensor,
+                       sampling: Sampling, seed: int, eos_token_id: int, pad_token_id: int, vocab_size: int,
+                       batch_size: int = 8) -> tuple[dict, list[list[int]]]:
+    """The student continues ``prompts`` (N, P) (seeded: the same prompts and seed give the same
+    draws from the same weights); returns the teacher-judged score and the continuations.
+
+    gen_teacher_nll: the teacher's NLL per written token (lower: text the teacher finds likely);
+    gen_student_nll: the student's own NLL per written token; gen_repetition: the share of
+    repeated 4-grams; gen_length: mean written tokens (up to and including EOS).
+    """
+    from .signals import prediction_logits
+
+    generator = HFGenerator(student, eos_token_id, pad_token_id)
+    device = next(student.parameters()).device
+    sums = torch.zeros(3, dtype=torch.float64)  # teacher nll, student nll, tokens
+    written: list[list[int]] = []
+    for start in range(0, len(prompts), batch_size):
+        chunk = prompts[start : start + batch_size].to(device)
+        batch = rollout_batch(generator(chunk, sampling, _seed("judge", seed, start)), chunk.shape[1], eos_token_id)
+        valid = batch.targets != -100
+        safe = batch.targets.clamp(min=0).unsqueeze(-1)
+        was_training = student.training
+        student.eval()
+        for i, model in enumerate((teacher, student)):
+            logits = prediction_logits(model, batch, vocab_size).float()
+            nll = -torch.log_softmax(logits, -1).gather(-1, safe).squeeze(-1)
+            sums[i] += nll[valid].sum().double().cpu()
+        student.train(was_training)
+        sums[2] += valid.sum().cpu()
+        for row, keep in zip(batch.input_ids[:, 1:], valid):
+            written.append(row[keep].tolist())
+    tokens = max(float(sums[2]), 1.0)
+    return {"gen_teacher_nll": float(sums[0]) / tokens, "gen_student_nll": float(sums[1]) / tokens,
+            "gen_repetition": repeated_ngram_share(written), "gen_length": float(sums[2]) / max(len(prompts), 1)}, \
+        written

@@ -51,7 +51,7 @@ from .interrupts import GracefulStop, Interrupted
 from .models import ModelInfo, load_models, parameter_fingerprint
 from .monitor import HealthMonitor
 from .objective import HiddenTerm, KDSpec, Objective, OnPolicySpec
-from .onpolicy import on_policy_signal
+from .onpolicy import OnPolicy, on_policy_signal
 from .paths import atomic_write
 from .progress import interactive, progress_bar
 from .results import RunResult, StepResult
@@ -458,6 +458,9 @@ class Trainer:
             teacher_cache=self.teacher_cache, desc=desc, progress=self.progress and self.is_main,
             cached=CachedTeacher(self.cache, "eval") if self.cache is not None else None,
         )
+        if isinstance(self.signal, OnPolicy) and self.is_main:  # the student's own text, judged by the teacher
+            result.update(self.signal.judge(self.raw_student, self.teacher, self.data.eval, self.tokenizer,
+                                            self.vocab_size))
         self.log.write({"step": step, **result})
         self.announce(step, self.monitor.on_eval(step, result["eval_ppl"], result.get("teacher_ppl")))
         return result

@@ -53,6 +53,12 @@ def test_on_policy_steps_follow_the_draw_and_log_their_generations(tmp_path, tea
     assert all(r["loss"] == pytest.approx(r["kd_loss"], rel=1e-6) for r in on)
     off = [r for r in lines if not r["on_policy"]]
     assert all(r["loss"] == pytest.approx(0.5 * r["kd_loss"] + 0.5 * r["ce_loss"], rel=1e-5) for r in off)
+    # every evaluation judges the student's continuations of the same held-out prompts
+    evals = [r for r in read_jsonl(tmp_path / "run" / "metrics.jsonl") if "eval_ppl" in r]
+    assert len(evals) >= 2 and all(r["gen_teacher_nll"] > 0 and 0 < r["gen_length"] <= 12 for r in evals)
+    assert evals[0]["gen_samples"][0]["prompt"] == evals[-1]["gen_samples"][0]["prompt"]
+    report = (tmp_path / "run" / "report.md").read_text()
+    assert "## The student's own text (on-policy)" in report and (tmp_path / "run" / "plots" / "generations.png").is_file()
 
 
 def test_a_killed_on_policy_run_resumes_to_the_same_samples_and_weights(tmp_path, teacher_dir, text_file):

@@ -112,3 +112,30 @@ def test_generation_is_seeded_keeps_the_prompt_and_restores_train_mode(tiny_stud
                                    max_new_tokens=6, pad_token_id=31)
     cold = generator(prompts, Sampling(max_new_tokens=6, temperature=1e-4), seed=5)
     assert torch.equal(cold, greedy)
+
+
+def test_repeated_ngram_share_against_a_hand_count():
+    from lmdistill.onpolicy import repeated_ngram_share
+
+    # row 1: 4-grams (1234) (2341) (3412) (4123) (1234): one repeat of five; row 2: too short
+    assert repeated_ngram_share([[1, 2, 3, 4, 1, 2, 3, 4], [5, 6, 7]]) == pytest.approx(1 / 5)
+    assert repeated_ngram_share([[1, 1, 1, 1, 1, 1]]) == pytest.approx(2 / 3)
+    assert repeated_ngram_share([]) == 0.0
+
+
+def test_generation_quality_scores_the_written_tokens_with_each_model(tiny_student):
+    from lmdistill.onpolicy import generation_quality
+
+    prompts = torch.tensor([[1, 2, 3], [4, 5, 6], [7, 8, 9]])
+    scores, written = generation_quality(tiny_student, tiny_student, prompts, Sampling(max_new_tokens=5), seed=2,
+                                         eos_token_id=31, pad_token_id=31, vocab_size=32, batch_size=2)
+    assert scores["gen_teacher_nll"] == pytest.approx(scores["gen_student_nll"], rel=1e-6)
+    assert len(written) == 3 and scores["gen_length"] == pytest.approx(sum(map(len, written)) / 3)
+    # the teacher's NLL of a row, by hand: one forward over prompt + written tokens
+    one, (tokens,) = generation_quality(tiny_student, tiny_student, prompts[:1], Sampling(max_new_tokens=5), seed=2,
+                                        eos_token_id=31, pad_token_id=31, vocab_size=32)
+    row = torch.tensor([[1, 2, 3, *tokens]])
+    with torch.no_grad():
+        logp = torch.log_softmax(tiny_student(input_ids=row).logits[0, :-1].float(), -1)
+    nll = -logp[2:].gather(1, row[0, 3:].unsqueeze(1)).sum()
+    assert one["gen_teacher_nll"] == pytest.approx(nll.item() / len(tokens), rel=1e-5)

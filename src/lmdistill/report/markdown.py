@@ -272,6 +272,31 @@ def _health_section(record: RunRecord) -> list[str]:
     return lines
 
 
+def _generations_section(record: RunRecord) -> list[str]:
+    """On-policy runs: the student's continuations of held-out prompts at each evaluation."""
+    judged = [e for e in record.evals if "gen_teacher_nll" in e]
+    if not judged:
+        return []
+    on = [line for line in record.train if line.get("on_policy")]
+    lines = ["", "## The student's own text (on-policy)", "",
+             f"On-policy steps: **{len(on)}** of {len(record.train)} logged. At each evaluation the student "
+             f"continues the first tokens of {judged[-1].get('gen_prompts', '?')} held-out blocks with the same "
+             "seed; the teacher's NLL per written token is the teacher-judged score (lower is better).", ""]
+    lines += table(["step", "teacher NLL / token", "student's own NLL", "repeated 4-grams", "tokens written"],
+                   [[e["step"], fmt_value(e["gen_teacher_nll"]), fmt_value(e.get("gen_student_nll")),
+                     f"{100 * e.get('gen_repetition', 0):.1f}%", fmt_value(e.get("gen_length"))] for e in judged])
+    for title, e in (("before", judged[0]), ("after", judged[-1])):
+        for sample in e.get("gen_samples", [])[:2]:
+            lines += ["", f"*{title} (step {e['step']})*: prompt `{_one_line(sample['prompt'])}` "
+                          f"→ `{_one_line(sample['continuation'])}`"]
+    return lines
+
+
+def _one_line(text: str, limit: int = 160) -> str:
+    flat = " ".join(text.split()).replace("`", "'")
+    return flat if len(flat) <= limit else flat[: limit - 1] + "…"
+
+
 def _grouped_steps(lines: list[dict[str, Any]], key: str) -> list[tuple[str, list[int]]]:
     groups: dict[str, list[int]] = {}
     for line in lines:
@@ -337,6 +362,7 @@ def render_report(record: RunRecord, plots: list[Path]) -> str:
         out += _final_table(record)
     out += [""] + table(["run", ""], _run_rows(record))
     out += ["", "## Temperature and loss trajectory", ""] + _temperature_table(record)
+    out += _generations_section(record)
     out += ["", "## Health checks", ""] + _health_section(record)
     out += ["", "## Skipped steps and guard events", ""] + _steps_section(record)
     out += ["", "## Plots", ""]

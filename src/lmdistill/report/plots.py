@@ -16,6 +16,7 @@ PLOT_FILES: dict[str, str] = {
     "grad_norm.png": "Gradient norm",
     "perplexity.png": "Held-out perplexity: student vs teacher",
     "throughput.png": "Throughput",
+    "generations.png": "The student's own text, judged by the teacher (on-policy runs)",
 }
 COMPARE_PLOT_FILES: dict[str, str] = {
     "compare_loss.png": "Training loss",
@@ -214,9 +215,23 @@ def _plot_throughput(record: RunRecord, path: Path) -> Path | None:
     return _save(fig, path)
 
 
+def _plot_generations(record: RunRecord, path: Path) -> Path | None:
+    steps, teacher = series(record.evals, "gen_teacher_nll")
+    if not steps:
+        return None
+    _, student = series(record.evals, "gen_student_nll")
+    fig, (ax,) = _new_figure(height=4.0)
+    ax.plot(steps, teacher, "o-", color="tab:red", markersize=4, label="teacher NLL (teacher-judged score)")
+    if len(student) == len(steps):
+        ax.plot(steps, student, "s--", color="tab:blue", markersize=3, label="student's own NLL")
+    _finish_axes(fig, ax, f"{record.name}: NLL per token of the student's continuations of held-out prompts "
+                 "(lower is better)", "nats/token", xlabel="optimizer step (step 0 = student before distillation)")
+    return _save(fig, path)
+
+
 _PLOTTERS: dict[str, Callable[[RunRecord, Path], Path | None]] = {
     "losses.png": _plot_losses, "schedule.png": _plot_schedule, "grad_norm.png": _plot_grad_norm,
-    "perplexity.png": _plot_perplexity, "throughput.png": _plot_throughput,
+    "perplexity.png": _plot_perplexity, "throughput.png": _plot_throughput, "generations.png": _plot_generations,
 }
 
 
