@@ -117,13 +117,13 @@ class RolloutStats:
     rows: int = 0
     seconds: float = 0.0
 
-    def record(self) -> dict:
+    def record(self, step_seconds: float) -> dict:
         out = {"on_policy": self.on_policy}
         if self.on_policy:
             out.update(generated_tokens=self.generated_tokens,
                        mean_generated_length=self.generated_tokens / max(self.rows, 1),
                        generation_tokens_per_s=self.generated_tokens / max(self.seconds, 1e-9),
-                       generation_seconds=self.seconds)
+                       generation_seconds=self.seconds, generation_share=self.seconds / max(step_seconds, 1e-9))
         return out
 
 
@@ -164,8 +164,8 @@ class OnPolicy(TeacherSignal):
     def __call__(self, batch: Batch, temperature: float) -> TeacherView | None:
         return self.inner(batch, temperature)
 
-    def metrics(self) -> dict:
-        return self.stats.record()
+    def metrics(self, step_seconds: float) -> dict:
+        return self.stats.record(step_seconds)
 
     def judge(self, student, teacher, eval_blocks, tokenizer, vocab_size: int, prompts: int = 16,
               shown: int = 3) -> dict:

@@ -30,6 +30,7 @@ class StepResult:
     stats: StepStats
     decision: Decision
     tokens_per_s: float
+    seconds: float = 0.0  # the step's wall-clock time
 
     def record(self) -> dict:
         """The step's line in metrics.jsonl."""

@@ -111,8 +111,8 @@ class TeacherSignal:
         """The batches optimizer step ``step`` trains on; live teachers take them as they are."""
         return batches
 
-    def metrics(self) -> dict:
-        """What this source did in the last step, for its log line."""
+    def metrics(self, step_seconds: float) -> dict:
+        """What this source did in the last step (which took ``step_seconds``), for its log line."""
         return {}
 
     def __call__(self, batch: Batch, temperature: float) -> TeacherView | None:

@@ -335,7 +335,8 @@ class Trainer:
         self._apply(step, decision, stats)
         epoch = self.sampler.epoch_of(self.micro - 1)
         tokens = sum(b.input_ids.numel() for b in batches) * self.world
-        return StepResult(step, epoch, temperature, lr, stats, decision, tokens / (time.perf_counter() - t0))
+        seconds = time.perf_counter() - t0
+        return StepResult(step, epoch, temperature, lr, stats, decision, tokens / seconds, seconds)
 
     def temperature_at(self, step: int) -> float:
         d = self.cfg.distill
@@ -415,7 +416,7 @@ class Trainer:
             if stats.on_policy == (self.cfg.distill.on_policy.fraction >= 1.0):
                 self.announce(step, self.monitor.on_train_loss(step, stats.loss))
             if step % self.cfg.train.log_every == 0 or step == self.plan.total_steps - 1:
-                self.log.write({**result.record(), **self._source_share(), **self.signal.metrics()})
+                self.log.write({**result.record(), **self._source_share(), **self.signal.metrics(result.seconds)})
         self.bar.set_description(f"{self._phase()} ep {result.epoch}", refresh=False)
         postfix = {"loss": f"{stats.loss:.3f}", "T": f"{result.temperature:.2f}", "tok/s": f"{result.tokens_per_s:.0f}"}
         if self.cfg.distill.kd_weight == 0:

@@ -48,6 +48,7 @@ def test_on_policy_steps_follow_the_draw_and_log_their_generations(tmp_path, tea
     assert [r["on_policy"] for r in lines] == [is_on_policy(3, s, 0.5) for s in range(6)]
     on = [r for r in lines if r["on_policy"]]
     assert on and all(0 < r["generated_tokens"] <= 2 * 12 and r["generation_tokens_per_s"] > 0 for r in on)
+    assert all(0 < r["generation_share"] < 1 for r in on)
     assert all(r["mean_generated_length"] == pytest.approx(r["generated_tokens"] / 2) for r in on)
     # on-policy steps train the divergence alone (kd_weight 1 there): the loss is the KD term
     assert all(r["loss"] == pytest.approx(r["kd_loss"], rel=1e-6) for r in on)
