@@ -8,9 +8,9 @@ student cut out of the default teacher, the temperature annealed from 2.0 to 1.5
   gkd         half the steps on-policy (fraction 0.5), the others off-policy forward KL
   on-token    every step on-policy, the sampled-token estimator (loss sampled_token)
 
-Each final student then continues the same 64 held-out prompts (32 tokens each, 64 new
-tokens, sampling temperature 1, the same seed); the teacher's NLL per written token is the
-teacher-judged score. Also: held-out perplexity, the share of step time spent generating
+Each final student then continues the same held-out prompts (the first 32 tokens of up to 64
+held-out blocks: all 44 of the embedded default; 64 new tokens, sampling temperature 1, the
+same seed); the teacher's NLL per written token is the teacher-judged score. Also: held-out perplexity, the share of step time spent generating
 on on-policy steps, and the generation throughput of one student with and without the KV
 cache (``generate(use_cache=...)``), side by side, for 64 and 256 new tokens.
 
@@ -60,10 +60,10 @@ def judged(run: Path, prompts: int, seed: int) -> dict:
     data = build_block_data(cfg.data, tokenizer, progress=False)
     student = AutoModelForCausalLM.from_pretrained(run / "student").eval()
     teacher = AutoModelForCausalLM.from_pretrained(cfg.model.teacher).eval()
-    heads = data.eval.batch(range(prompts)).input_ids[:, :32]
+    heads = data.eval.batch(range(min(prompts, len(data.eval)))).input_ids[:, :32]
     scores, _ = generation_quality(student, teacher, heads, Sampling(max_new_tokens=64), seed, tokenizer.eos_token_id,
                                    tokenizer.eos_token_id, len(tokenizer))
-    return scores
+    return {**scores, "judged_prompts": len(heads)}
 
 
 def cache_speedup(run: Path, rows: int = 8, new_tokens: int = 128, repeats: int = 3) -> dict:

@@ -57,10 +57,12 @@ class Sampling:
 
 
 class Generator(Protocol):
-    """``generator(prompts, sampling, seed) -> (B, P + N) ids``: each row's prompt (B, P) continued
-    by up to N sampled tokens; rows that ended early are padded after their EOS."""
+    """``generator(prompts, sampling, seed, attention_mask) -> (B, P + N) ids``: each row's prompt
+    (B, P; shorter prompts padded on the left, ``attention_mask`` 0 there) continued by up to N
+    sampled tokens; rows that ended early are padded after their EOS."""
 
-    def __call__(self, prompts: torch.Tensor, sampling: Sampling, seed: int) -> torch.Tensor: ...
+    def __call__(self, prompts: torch.Tensor, sampling: Sampling, seed: int,
+                 attention_mask: torch.Tensor | None = None) -> torch.Tensor: ...
 
 
 class HFGenerator:
@@ -77,34 +79,73 @@ class HFGenerator:
                                 max_new_tokens=sampling.max_new_tokens, eos_token_id=self.eos,
                                 pad_token_id=self.pad, use_cache=use_cache)
 
-    def __call__(self, prompts: torch.Tensor, sampling: Sampling, seed: int, use_cache: bool = True) -> torch.Tensor:
+    def __call__(self, prompts: torch.Tensor, sampling: Sampling, seed: int,
+                 attention_mask: torch.Tensor | None = None, use_cache: bool = True) -> torch.Tensor:
         was_training = self.model.training
         self.model.eval()
         devices = [prompts.device] if prompts.device.type == "cuda" else []
         try:
             with torch.random.fork_rng(devices=devices), torch.no_grad():
                 torch.manual_seed(seed)
-                return self.model.generate(input_ids=prompts, attention_mask=torch.ones_like(prompts),
+                mask = attention_mask if attention_mask is not None else torch.ones_like(prompts)
+                return self.model.generate(input_ids=prompts, attention_mask=mask,
                                            generation_config=self.config(sampling, use_cache))
         finally:
             self.model.train(was_training)
 
 
-def rollout_batch(sequences: torch.Tensor, prompt_len: int, eos_token_id: int) -> Batch:
-    """The training batch of prompts continued by the student: targets are the written tokens up
-    to and including each row's first EOS; the rest of the row (padding) is masked out."""
-    written = sequences[:, prompt_len:]
+def left_padded(prompts: list[torch.Tensor], pad_token_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Prompts of different lengths as one (B, P) batch padded on the left, and its mask."""
+    width = max(len(p) for p in prompts)
+    ids = torch.full((len(prompts), width), pad_token_id, dtype=torch.long)
+    mask = torch.zeros((len(prompts), width), dtype=torch.long)
+    for row, prompt in enumerate(prompts):
+        ids[row, width - len(prompt):] = prompt
+        mask[row, width - len(prompt):] = 1
+    return ids, mask
+
+
+def rollout_batch(prompts: list[torch.Tensor], written: torch.Tensor, eos_token_id: int, pad_token_id: int) -> Batch:
+    """The training batch of prompts continued by the student, each row ``prompt + written`` from
+    position 0 (padded on the right, as the generator's positions counted them). Targets are the
+    written tokens up to and including each row's first EOS; prompt, padding and everything
+    after EOS are not targets and not attended to."""
     is_eos = written == eos_token_id
-    # a token is kept when no EOS came before it (the EOS itself is kept: ending is learned too)
-    before = torch.cumsum(is_eos.int(), dim=1) - is_eos.int()
-    keep = before == 0
-    attention = torch.ones_like(sequences)
-    attention[:, prompt_len:] = keep.long()
-    loss_mask = torch.zeros_like(sequences)
-    loss_mask[:, prompt_len:] = keep.long()
-    batch = Batch.from_ids(sequences, attention, loss_mask)
+    keep = (torch.cumsum(is_eos.int(), dim=1) - is_eos.int()) == 0  # nothing but itself an EOS before it
+    width = max(len(p) for p in prompts) + written.shape[1]
+    ids = torch.full((len(prompts), width), pad_token_id, dtype=torch.long)
+    attention = torch.zeros_like(ids)
+    loss_mask = torch.zeros_like(ids)
+    for row, prompt in enumerate(prompts):
+        n, kept = len(prompt), int(keep[row].sum())
+        ids[row, :n] = prompt
+        ids[row, n : n + kept] = written[row, :kept]
+        attention[row, : n + kept] = 1
+        loss_mask[row, n : n + kept] = 1
+    batch = Batch.from_ids(ids, attention, loss_mask)
     batch.generated = True
     return batch
+
+
+def prompts_of(batch: Batch, prompt_tokens: int) -> list[torch.Tensor]:
+    """Each row's prompt: its first ``prompt_tokens`` tokens for packed text, or for data with
+    targets only on some tokens (chat, prompt/completion) everything before the row's first
+    target: the first record's prompt."""
+    if batch.all_valid:
+        return list(batch.input_ids[:, :prompt_tokens])
+    prompts = []
+    for ids, targets in zip(batch.input_ids, batch.targets):
+        first = int(torch.nonzero(targets != -100)[0]) if (targets != -100).any() else prompt_tokens - 1
+        prompts.append(ids[: first + 1])
+    return prompts
+
+
+def continue_prompts(generator: Generator, prompts: list[torch.Tensor], sampling: Sampling, seed: int,
+                     eos_token_id: int, pad_token_id: int, device) -> Batch:
+    """One batched generation (left-padded where prompts differ) and its training batch."""
+    ids, mask = left_padded(prompts, pad_token_id)
+    sequences = generator(ids.to(device), sampling, seed, attention_mask=mask.to(device)).cpu()
+    return rollout_batch(prompts, sequences[:, ids.shape[1]:], eos_token_id, pad_token_id)
 
 
 @dataclass
@@ -132,12 +173,13 @@ class OnPolicy(TeacherSignal):
 
     def __init__(self, inner: TeacherSignal, generator: Generator, sampling: Sampling, prompt_tokens: int,
                  fraction: float, seed: int, rank: int, eos_token_id: int, device: torch.device | str = "cpu",
-                 reduce=None):
+                 reduce=None, pad_token_id: int | None = None):
         self.inner, self.generator, self.sampling, self.device = inner, generator, sampling, device
         self.reduce = reduce  # sums a tensor over processes (the logged counts are global); None: one process
         self.student_output = inner.student_output
         self.prompt_tokens, self.fraction, self.seed, self.rank = prompt_tokens, fraction, seed, rank
         self.eos = eos_token_id
+        self.pad = pad_token_id if pad_token_id is not None else eos_token_id
         self.stats = RolloutStats()
 
     def prepare_step(self, batches: list[Batch], step: int) -> list[Batch]:
@@ -148,12 +190,11 @@ class OnPolicy(TeacherSignal):
         t0 = time.perf_counter()
         out, written, rows = [], 0, 0
         for index, batch in enumerate(batches):
-            prompts = batch.input_ids[:, : self.prompt_tokens].to(self.device)
-            sequences = self.generator(prompts, self.sampling,
-                                       _seed("rollout", self.seed, step, self.rank, index)).cpu()
-            rolled = rollout_batch(sequences, self.prompt_tokens, self.eos)
+            rolled = continue_prompts(self.generator, prompts_of(batch, self.prompt_tokens), self.sampling,
+                                      _seed("rollout", self.seed, step, self.rank, index), self.eos, self.pad,
+                                      self.device)
             written += rolled.num_targets
-            rows += len(sequences)
+            rows += len(rolled.input_ids)
             out.append(rolled)
         seconds = time.perf_counter() - t0
         if self.reduce is not None:
@@ -173,9 +214,9 @@ class OnPolicy(TeacherSignal):
         blocks (the same ones, with the same seed, at every evaluation); the teacher-judged scores
         of ``generation_quality`` and ``shown`` prompt/continuation pairs as text."""
         n = min(prompts, len(eval_blocks))
-        heads = eval_blocks.batch(range(n)).input_ids[:, : self.prompt_tokens]
-        scores, written = generation_quality(student, teacher, heads, self.sampling, self.seed, self.eos,
-                                             self.generator.pad, vocab_size)
+        heads = prompts_of(eval_blocks.batch(range(n)), self.prompt_tokens)
+        scores, written = generation_quality(student, teacher, heads, self.sampling, self.seed, self.eos, self.pad,
+                                             vocab_size)
         samples = [{"prompt": tokenizer.decode(heads[i]), "continuation": tokenizer.decode(written[i])}
                    for i in range(min(shown, n))]
         return {**scores, "gen_prompts": n, "gen_samples": samples}
@@ -193,7 +234,7 @@ def on_policy_signal(settings, inner: TeacherSignal, student: torch.nn.Module, t
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos
     sampling = Sampling(settings.max_new_tokens, settings.sample_temperature, settings.top_p)
     return OnPolicy(inner, HFGenerator(student, eos, pad), sampling, settings.prompt_tokens, settings.fraction, seed,
-                    rank, eos, device, reduce)
+                    rank, eos, device, reduce, pad)
 
 
 # ---------------------------------------------------------------------------- the sampled-token loss
@@ -253,10 +294,10 @@ def repeated_ngram_share(rows: list[list[int]], n: int = 4) -> float:
 
 
 @torch.no_grad()
-def generation_quality(student: torch.nn.Module, teacher: torch.nn.Module, prompts: torch.Tensor,
+def generation_quality(student: torch.nn.Module, teacher: torch.nn.Module, prompts: list[torch.Tensor],
                        sampling: Sampling, seed: int, eos_token_id: int, pad_token_id: int, vocab_size: int,
                        batch_size: int = 8) -> tuple[dict, list[list[int]]]:
-    """The student continues ``prompts`` (N, P) (seeded: the same prompts and seed give the same
+    """The student continues ``prompts`` (token id rows) (seeded: the same prompts and seed give the same
     draws from the same weights); returns the teacher-judged score and the continuations.
 
     gen_teacher_nll: the teacher's NLL per written token (lower: text the teacher finds likely);
@@ -270,8 +311,8 @@ def generation_quality(student: torch.nn.Module, teacher: torch.nn.Module, promp
     sums = torch.zeros(3, dtype=torch.float64)  # teacher nll, student nll, tokens
     written: list[list[int]] = []
     for start in range(0, len(prompts), batch_size):
-        chunk = prompts[start : start + batch_size].to(device)
-        batch = rollout_batch(generator(chunk, sampling, _seed("judge", seed, start)), chunk.shape[1], eos_token_id)
+        batch = continue_prompts(generator, list(prompts[start : start + batch_size]), sampling,
+                                 _seed("judge", seed, start), eos_token_id, pad_token_id, device).to(device)
         valid = batch.targets != -100
         safe = batch.targets.clamp(min=0).unsqueeze(-1)
         was_training = student.training

@@ -61,18 +61,31 @@ def test_teacher_token_logprobs_from_hidden_states_equal_those_from_logits():
 
 
 def test_rollout_targets_are_the_written_tokens_up_to_the_first_eos():
-    eos, pad = 9, 9
-    prompt = [[1, 2, 3], [4, 5, 6]]
-    written = [[7, 9, pad, pad],   # ends after one token: targets 7 and the EOS
-               [8, 8, 8, 8]]       # never ends: all four written tokens
-    sequences = torch.tensor([p + w for p, w in zip(prompt, written)])
-    batch = rollout_batch(sequences, prompt_len=3, eos_token_id=eos)
+    eos, pad = 9, 0
+    prompts = [torch.tensor([1, 2, 3]), torch.tensor([4, 5])]
+    written = torch.tensor([[7, 9, 9, 9],    # ends after one token: targets 7 and the EOS
+                            [8, 8, 8, 8]])   # never ends: all four written tokens
+    batch = rollout_batch(prompts, written, eos_token_id=eos, pad_token_id=pad)
     assert batch.generated and batch.num_targets == 2 + 4
+    # rows start at position 0 (as generation counted them) and are padded on the right
+    assert batch.input_ids.tolist() == [[1, 2, 3, 7, 9, 0, 0], [4, 5, 8, 8, 8, 8, 0]]
+    assert batch.attention_mask.tolist() == [[1, 1, 1, 1, 1, 0, 0], [1, 1, 1, 1, 1, 1, 0]]
     want = torch.full((2, 6), IGNORE_INDEX)
-    want[0, 2:4] = torch.tensor([7, 9])  # position 2 (last prompt token) predicts the first written one
-    want[1, 2:6] = torch.tensor([8, 8, 8, 8])
+    want[0, 2:4] = torch.tensor([7, 9])  # position 2 (the last prompt token) predicts the first written one
+    want[1, 1:5] = torch.tensor([8, 8, 8, 8])
     assert torch.equal(batch.targets, want)
-    assert batch.attention_mask.tolist() == [[1, 1, 1, 1, 1, 0, 0], [1] * 7]
+
+
+def test_prompts_are_the_first_tokens_of_text_and_what_precedes_the_first_target_of_chat():
+    from lmdistill.batch import Batch
+    from lmdistill.onpolicy import prompts_of
+
+    text = Batch.from_blocks(torch.arange(20).reshape(2, 10))
+    assert [p.tolist() for p in prompts_of(text, 4)] == [[0, 1, 2, 3], [10, 11, 12, 13]]
+    ids = torch.arange(1, 9).repeat(2, 1)
+    loss_mask = torch.tensor([[0, 0, 0, 1, 1, 0, 1, 1], [0, 0, 0, 0, 0, 1, 1, 1]])
+    chat = Batch.from_ids(ids, None, loss_mask)  # targets from the 4th and the 6th token on
+    assert [p.tolist() for p in prompts_of(chat, 4)] == [[1, 2, 3], [1, 2, 3, 4, 5]]
 
 
 def test_the_on_policy_draw_is_a_function_of_seed_and_step():
@@ -139,3 +152,19 @@ def test_generation_quality_scores_the_written_tokens_with_each_model(tiny_stude
         logp = torch.log_softmax(tiny_student(input_ids=row).logits[0, :-1].float(), -1)
     nll = -logp[2:].gather(1, row[0, 3:].unsqueeze(1)).sum()
     assert one["gen_teacher_nll"] == pytest.approx(nll.item() / len(tokens), rel=1e-5)
+
+
+def test_prompts_of_different_lengths_are_continued_as_each_alone(tiny_student):
+    """Left padding with its mask: a short prompt batched with a long one is continued as when
+    it is alone (greedy at a tiny temperature), so positions and masking are right."""
+    from lmdistill.onpolicy import continue_prompts
+
+    generator = HFGenerator(tiny_student, eos_token_id=31, pad_token_id=0)
+    cold = Sampling(max_new_tokens=5, temperature=1e-4)
+    short, long = torch.tensor([3, 4]), torch.tensor([5, 6, 7, 8, 9, 10])
+    together = continue_prompts(generator, [short, long], cold, 1, 31, 0, "cpu")
+    alone = [continue_prompts(generator, [p], cold, 1, 31, 0, "cpu") for p in (short, long)]
+    for row, single in enumerate(alone):
+        n = int(single.attention_mask.sum())
+        assert together.input_ids[row, :n].tolist() == single.input_ids[0, :n].tolist()
+        assert int(together.attention_mask[row].sum()) == n
