@@ -448,6 +448,13 @@ def _check_on_policy(cfg: "Config") -> None:
         raise _bad("distill.on_policy.sample_temperature", o.sample_temperature, "must be > 0")
     if not 0.0 < o.top_p <= 1.0:
         raise _bad("distill.on_policy.top_p", o.top_p, "must be in (0, 1] (1 = no nucleus cut)")
+    if o.loss == "sampled_token" and (o.sample_temperature != 1.0 or o.top_p != 1.0):
+        raise ConfigError("distill.on_policy.loss = sampled_token estimates the reverse-KL gradient from tokens drawn "
+                          "from the student's own distribution: set distill.on_policy.sample_temperature=1 and "
+                          "top_p=1, or use loss full")
+    if o.loss == "sampled_token" and cfg.distill.hidden.weight > 0:
+        raise ConfigError("distill.on_policy.loss = sampled_token has no hidden-state term on its steps: set "
+                          "distill.hidden.weight=0 or use distill.on_policy.loss=full")
     if cfg.model.teacher_cache is not None:
         raise ConfigError("distill.on_policy needs a live teacher to score what the student writes; a teacher cache "
                           "only holds the teacher's view of the training text: set distill.on_policy.fraction=0 "

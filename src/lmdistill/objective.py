@@ -24,7 +24,7 @@ from .fused import fused_linear_distillation_loss, fused_logits_distillation_los
 from .hidden import HiddenProjection, hidden_state_loss
 from .losses import LossParts, distillation_loss
 from .signals import TeacherHidden, TeacherLogits, TeacherSparse, TeacherView, layer_outputs, prediction_logits
-from .onpolicy import sampled_token_loss, teacher_token_logprobs
+from .onpolicy import sampled_token_loss, teacher_token_logprobs, token_logprobs, token_logprobs_from_hidden
 from .sparse import sparse_distillation_loss
 
 
@@ -154,7 +154,15 @@ class Objective:
 
     def _sampled_token(self, student, batch: Batch, teacher: TeacherLogits | TeacherHidden,
                        num_tokens: float) -> LossParts:
-        """The per-token reverse-KL estimator on the student's own text (``onpolicy.py``)."""
-        logits = prediction_logits(self.model, batch, self.vocab_size, forward=student)
+        """The per-token reverse-KL estimator on the student's own text (``onpolicy.py``); on the
+        chunked path log q(x) comes chunk by chunk from the hidden states."""
+        if self.student_output == "hidden":
+            out = student(input_ids=batch.input_ids, attention_mask=batch.attention_mask, output_hidden_states=True,
+                          logits_to_keep=1, use_cache=False)
+            student_logp = token_logprobs_from_hidden(out.hidden_states[-1][:, :-1], self.head.weight, self.head.bias,
+                                                      batch.targets, self.vocab_size, self.chunk_size)
+        else:
+            student_logp = token_logprobs(prediction_logits(self.model, batch, self.vocab_size, forward=student),
+                                          batch.targets)
         teacher_logp = teacher_token_logprobs(teacher, batch.targets, self.vocab_size, self.chunk_size)
-        return sampled_token_loss(logits, teacher_logp, batch.targets, num_tokens)
+        return sampled_token_loss(student_logp, teacher_logp, batch.targets, num_tokens)

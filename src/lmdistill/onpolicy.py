@@ -23,6 +23,7 @@ replace transformers' ``generate`` without touching the loop.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import time
 from dataclasses import dataclass
@@ -67,10 +68,14 @@ class Generator(Protocol):
 
 class HFGenerator:
     """transformers' ``generate`` on the (unwrapped) student: KV cache, batched, no gradients, in
-    eval mode (the student goes back to train mode after), the torch RNG forked and seeded."""
+    eval mode (the student goes back to train mode after), the torch RNG forked and seeded,
+    under the run's autocast. Only the sampling settings given here apply: the model's own
+    ``generation_config`` (a repetition penalty, min_p, ... shipped with a checkpoint) is set
+    aside for the call, so the tokens are drawn from the student's distribution as trained."""
 
-    def __init__(self, model: torch.nn.Module, eos_token_id: int, pad_token_id: int):
+    def __init__(self, model: torch.nn.Module, eos_token_id: int, pad_token_id: int, autocast=None):
         self.model, self.eos, self.pad = model, eos_token_id, pad_token_id
+        self.autocast = autocast or contextlib.nullcontext
 
     def config(self, sampling: Sampling, use_cache: bool = True):
         from transformers import GenerationConfig
@@ -81,16 +86,20 @@ class HFGenerator:
 
     def __call__(self, prompts: torch.Tensor, sampling: Sampling, seed: int,
                  attention_mask: torch.Tensor | None = None, use_cache: bool = True) -> torch.Tensor:
-        was_training = self.model.training
+        from transformers import GenerationConfig
+
+        was_training, own = self.model.training, getattr(self.model, "generation_config", None)
         self.model.eval()
+        self.model.generation_config = GenerationConfig()  # neutral defaults under ours
         devices = [prompts.device] if prompts.device.type == "cuda" else []
         try:
-            with torch.random.fork_rng(devices=devices), torch.no_grad():
+            with torch.random.fork_rng(devices=devices), torch.no_grad(), self.autocast():
                 torch.manual_seed(seed)
                 mask = attention_mask if attention_mask is not None else torch.ones_like(prompts)
                 return self.model.generate(input_ids=prompts, attention_mask=mask,
                                            generation_config=self.config(sampling, use_cache))
         finally:
+            self.model.generation_config = own
             self.model.train(was_training)
 
 
@@ -128,15 +137,17 @@ def rollout_batch(prompts: list[torch.Tensor], written: torch.Tensor, eos_token_
 
 
 def prompts_of(batch: Batch, prompt_tokens: int) -> list[torch.Tensor]:
-    """Each row's prompt: its first ``prompt_tokens`` tokens for packed text, or for data with
-    targets only on some tokens (chat, prompt/completion) everything before the row's first
-    target: the first record's prompt."""
-    if batch.all_valid:
-        return list(batch.input_ids[:, :prompt_tokens])
+    """Each row's prompt, decided row by row: where the row's first tokens are not targets (chat,
+    prompt/completion: a masked prompt) everything before its first target, the first record's
+    prompt; otherwise (packed text, ``loss_on: all``, the later piece of a split record) its
+    first ``prompt_tokens`` tokens."""
     prompts = []
-    for ids, targets in zip(batch.input_ids, batch.targets):
-        first = int(torch.nonzero(targets != -100)[0]) if (targets != -100).any() else prompt_tokens - 1
-        prompts.append(ids[: first + 1])
+    real = batch.attention_mask.sum(1).tolist() if batch.attention_mask is not None else \
+        [batch.input_ids.shape[1]] * len(batch.input_ids)
+    for ids, targets, length in zip(batch.input_ids, batch.targets, real):
+        valid = torch.nonzero(targets != -100)
+        first = int(valid[0]) if len(valid) else 0
+        prompts.append(ids[: first + 1] if first > 0 else ids[: min(prompt_tokens, max(int(length) - 1, 1))])
     return prompts
 
 
@@ -223,7 +234,7 @@ class OnPolicy(TeacherSignal):
 
 
 def on_policy_signal(settings, inner: TeacherSignal, student: torch.nn.Module, tokenizer, seed: int, rank: int,
-                     device, reduce=None) -> OnPolicy:
+                     device, reduce=None, autocast=None) -> OnPolicy:
     """The run's on-policy signal (``distill.on_policy``) around its live teacher signal."""
     from .errors import LmdistillError
 
@@ -233,45 +244,79 @@ def on_policy_signal(settings, inner: TeacherSignal, student: torch.nn.Module, t
                              "and this tokenizer has none; set its eos_token or turn on-policy off")
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos
     sampling = Sampling(settings.max_new_tokens, settings.sample_temperature, settings.top_p)
-    return OnPolicy(inner, HFGenerator(student, eos, pad), sampling, settings.prompt_tokens, settings.fraction, seed,
-                    rank, eos, device, reduce, pad)
+    return OnPolicy(inner, HFGenerator(student, eos, pad, autocast), sampling, settings.prompt_tokens,
+                    settings.fraction, seed, rank, eos, device, reduce, pad)
+
+
+def check_lengths(settings, block_size: int, chat: bool, models: dict) -> None:
+    """A prompt and its continuation must fit every model's positions: the longest prompt is
+    ``prompt_tokens`` for packed text, and up to a block for chat data."""
+    from .errors import LmdistillError
+
+    longest = (block_size - 1 if chat else settings.prompt_tokens) + settings.max_new_tokens
+    for role, model in models.items():
+        limit = getattr(getattr(model, "config", None), "max_position_embeddings", None)
+        if limit is not None and longest > limit:
+            raise LmdistillError(f"on-policy rows reach {longest} tokens (prompt up to "
+                                 f"{longest - settings.max_new_tokens} + distill.on_policy.max_new_tokens "
+                                 f"{settings.max_new_tokens}), more than the {role}'s {limit} positions; lower "
+                                 "distill.on_policy.max_new_tokens" + (" or data.block_size" if chat else
+                                                                        " or distill.on_policy.prompt_tokens"))
 
 
 # ---------------------------------------------------------------------------- the sampled-token loss
+def token_logprobs(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """log softmax(logits)[target] at every position, fp32 (0 where the target is -100)."""
+    safe = targets.clamp(min=0).unsqueeze(-1)
+    return torch.log_softmax(logits.float(), -1).gather(-1, safe).squeeze(-1)
+
+
+def token_logprobs_from_hidden(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
+                               targets: torch.Tensor, vocab_size: int, chunk_size: int = 1024) -> torch.Tensor:
+    """The same from hidden states (..., H) and an output layer, one chunk of rows' logits at a
+    time: under autograd each chunk is recomputed in backward (activation checkpointing), so
+    no (tokens x vocab) tensor is kept."""
+    from torch.utils.checkpoint import checkpoint
+
+    flat_h, flat_y = hidden.reshape(-1, hidden.shape[-1]), targets.reshape(-1)
+    w, b = weight[:vocab_size], (bias[:vocab_size] if bias is not None else None)
+
+    def chunk(h, y):
+        return token_logprobs(torch.nn.functional.linear(h, w, b), y)
+
+    parts = []
+    for start in range(0, len(flat_y), chunk_size):
+        h, y = flat_h[start : start + chunk_size], flat_y[start : start + chunk_size]
+        parts.append(checkpoint(chunk, h, y, use_reentrant=False) if torch.is_grad_enabled() else chunk(h, y))
+    return torch.cat(parts).reshape(targets.shape)
+
+
 def teacher_token_logprobs(view, targets: torch.Tensor, vocab_size: int, chunk_size: int = 1024) -> torch.Tensor:
     """log p_teacher(target) at every position (B, L-1), fp32, from a live teacher's view: its
-    logits, or its hidden states and output layer (then one chunk of rows' logits at a time)."""
-    safe = targets.clamp(min=0)
-    if hasattr(view, "logits"):
-        return torch.log_softmax(view.logits[..., :vocab_size].float(), -1).gather(-1, safe.unsqueeze(-1)).squeeze(-1)
-    hidden = view.hidden.reshape(-1, view.hidden.shape[-1])
-    flat = safe.reshape(-1)
-    out = torch.empty(flat.shape, dtype=torch.float32, device=hidden.device)
-    weight = view.weight[:vocab_size]
-    bias = view.bias[:vocab_size] if view.bias is not None else None
-    for start in range(0, len(flat), chunk_size):
-        rows = slice(start, start + chunk_size)
-        logits = torch.nn.functional.linear(hidden[rows], weight, bias).float()
-        out[rows] = torch.log_softmax(logits, -1).gather(1, flat[rows].unsqueeze(1)).squeeze(1)
-    return out.reshape(targets.shape)
+    logits, or its hidden states and output layer (one chunk of rows' logits at a time)."""
+    with torch.no_grad():
+        if hasattr(view, "logits"):
+            return token_logprobs(view.logits[..., :vocab_size], targets)
+        return token_logprobs_from_hidden(view.hidden, view.weight, view.bias, targets, vocab_size, chunk_size)
 
 
-def sampled_token_loss(student_logits: torch.Tensor, teacher_logp: torch.Tensor, targets: torch.Tensor,
+def sampled_token_loss(student_logp: torch.Tensor, teacher_logp: torch.Tensor, targets: torch.Tensor,
                        num_tokens: float):
     """The per-token reverse-KL estimator on the student's own samples.
 
-    For a token x written by the student, ``k(x) = log q(x) - log p(x)`` (student minus
-    teacher, at temperature 1) is a one-sample estimate of KL(q || p) at that position. Used as
-    a fixed advantage on the student's log-probability, ``loss = k(x) log q(x)``, its gradient
-    ``k(x) grad log q(x)`` has, over x ~ q, the expected value of the exact reverse-KL gradient
-    (score function: ``sum_x q(x) grad log q(x) = 0``). Only the teacher's log-probability of
-    the written token is needed. The value of ``total`` and ``kd`` is the mean of k (the
-    per-token reverse-KL estimate); ``ce`` is the student's NLL of its own text (not trained).
+    ``student_logp``: log q(x) of each written token x (with its graph); ``teacher_logp``:
+    log p(x). ``k(x) = log q(x) - log p(x)`` (student minus teacher, at temperature 1) is a
+    one-sample estimate of KL(q || p) at that position. Used as a fixed advantage on the
+    student's log-probability, ``loss = k(x) log q(x)``, its gradient ``k(x) grad log q(x)`` has,
+    over x ~ q, the expected value of the exact reverse-KL gradient (score function:
+    ``sum_x q(x) grad log q(x) = 0``). Only the teacher's log-probability of the written token is
+    needed. The value of ``total`` and ``kd`` is the mean of k (the per-token reverse-KL
+    estimate); ``ce`` is the student's NLL of its own text (not trained).
     """
     from .losses import IGNORE_INDEX, LossParts, normaliser
 
     valid = targets != IGNORE_INDEX
-    logq = torch.log_softmax(student_logits.float(), -1).gather(-1, targets.clamp(min=0).unsqueeze(-1)).squeeze(-1)
+    logq = student_logp
     advantage = (logq - teacher_logp).detach()
     denom = normaliser(num_tokens, int(valid.sum()))
     zero = logq.new_zeros(())

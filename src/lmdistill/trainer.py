@@ -51,7 +51,7 @@ from .interrupts import GracefulStop, Interrupted
 from .models import ModelInfo, load_models, parameter_fingerprint
 from .monitor import HealthMonitor
 from .objective import HiddenTerm, KDSpec, Objective, OnPolicySpec
-from .onpolicy import OnPolicy, on_policy_signal
+from .onpolicy import OnPolicy, check_lengths, on_policy_signal
 from .paths import atomic_write
 from .progress import interactive, progress_bar
 from .results import RunResult, StepResult
@@ -140,9 +140,12 @@ class Trainer:
         d = cfg.distill
         on_policy = None
         if d.on_policy.fraction > 0:  # the student writes, the live teacher scores (onpolicy.py)
+            check_lengths(d.on_policy, cfg.data.block_size, any(s.store.chat for s in self.data.sources),
+                          {"student": self.raw_student, "teacher": self.teacher})
+            reduce = (lambda t: self.accelerator.reduce(t, "sum")) if self.world > 1 else None
             self.signal = on_policy_signal(d.on_policy, self.signal, self.raw_student, self.tokenizer, cfg.run.seed,
-                                           self.accelerator.process_index, self.device,
-                                           (lambda t: self.accelerator.reduce(t, "sum")) if self.world > 1 else None)
+                                           self.accelerator.process_index, self.device, reduce,
+                                           self.accelerator.autocast)
             on_policy = OnPolicySpec(KDSpec(1.0, d.on_policy.divergence, d.scale_by_t2, d.jsd_beta, d.skew_alpha),
                                      d.on_policy.loss)
         hidden = HiddenTerm(d.hidden.weight, d.hidden.loss, tuple(s for s, _ in pairs), self.projection,
@@ -406,7 +409,7 @@ class Trainer:
         """Log the step, then evaluate and checkpoint when due."""
         step, stats = result.step, result.stats
         if not result.decision.applies_update:
-            self.log.write(result.record())
+            self.log.write({**result.record(), **self.signal.metrics(result.seconds)})
             stop = self.guard.stop_reason(result.decision, kept=self.last_checkpoint is not None)
             if stop is not None:
                 raise TrainingStopped(stop)
@@ -459,9 +462,11 @@ class Trainer:
             teacher_cache=self.teacher_cache, desc=desc, progress=self.progress and self.is_main,
             cached=CachedTeacher(self.cache, "eval") if self.cache is not None else None,
         )
-        if isinstance(self.signal, OnPolicy) and self.is_main:  # the student's own text, judged by the teacher
-            result.update(self.signal.judge(self.raw_student, self.teacher, self.data.eval, self.tokenizer,
-                                            self.vocab_size))
+        if isinstance(self.signal, OnPolicy):  # the student's own text, judged by the teacher (on one process)
+            if self.is_main:
+                result.update(self.signal.judge(self.raw_student, self.teacher, self.data.eval, self.tokenizer,
+                                                self.vocab_size))
+            self.accelerator.wait_for_everyone()  # the others wait here, not inside a collective or at exit
         self.log.write({"step": step, **result})
         self.announce(step, self.monitor.on_eval(step, result["eval_ppl"], result.get("teacher_ppl")))
         return result

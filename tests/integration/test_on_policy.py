@@ -95,4 +95,32 @@ def test_what_cannot_work_is_refused_before_anything_is_written(tmp_path, teache
                "live teacher")
     _one_error(cli(*_args(teacher_dir, text_file, tmp_path / "d", "--set", "distill.on_policy.fraction=1.5")),
                "fraction")
-    assert not any((tmp_path / n).exists() for n in "abcd")
+    _one_error(cli(*_args(teacher_dir, text_file, tmp_path / "e", *ON, "--set", "distill.on_policy.loss=sampled_token",
+                      "--set", "distill.on_policy.top_p=0.9")), "sampled_token", "top_p=1")
+    _one_error(cli(*_args(teacher_dir, text_file, tmp_path / "f", *ON, "--set",
+                          "distill.on_policy.max_new_tokens=100000")), "max_new_tokens", "positions")
+    assert not any((tmp_path / n).exists() for n in "abcdef")
+
+
+def test_a_prompt_completion_jsonl_gives_its_prompts_to_on_policy_steps(tmp_path, teacher_dir, corpus_texts):
+    """Records {prompt, completion}: off-policy steps train on the completions, on-policy steps
+    continue the prompts, which are exactly the records' prompt strings."""
+    import json
+
+    records = []
+    for i, text in enumerate(corpus_texts[:40]):
+        words = text.split()
+        records.append({"prompt": f"Q{i}: " + " ".join(words[:4]), "completion": " " + " ".join(words[4:8])})
+    data = tmp_path / "pairs.jsonl"
+    data.write_text("\n".join(json.dumps(r) for r in records))
+    out = tmp_path / "run"
+    # blocks of 96 tokens hold whole records (a record longer than a block is split, and its
+    # later pieces start with targets: no prompt to continue)
+    proc = cli(*_args(teacher_dir, data, out, *ON, "--set", "distill.on_policy.fraction=1", "--seed", "2",
+                      "--set", "data.block_size=96"))
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    lines = _steps(out)
+    assert all(r["on_policy"] for r in lines) and all(r["generated_tokens"] > 0 for r in lines)
+    samples = [s for r in read_jsonl(out / "metrics.jsonl") if "gen_samples" in r for s in r["gen_samples"]]
+    prompts = {r["prompt"] for r in records}
+    assert samples and all(s["prompt"] in prompts for s in samples), samples[:2]

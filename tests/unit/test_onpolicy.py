@@ -34,8 +34,9 @@ def test_sampled_token_gradient_in_expectation_is_the_reverse_kl_gradient():
             targets = torch.full((positions,), IGNORE_INDEX)
             targets[pos] = x
             z = zs.clone().requires_grad_()
-            parts = sampled_token_loss(z, log_p.gather(1, targets.clamp(min=0).unsqueeze(1)).squeeze(1), targets,
-                                       num_tokens=1)
+            student_logp = F.log_softmax(z, -1).gather(1, targets.clamp(min=0).unsqueeze(1)).squeeze(1)
+            parts = sampled_token_loss(student_logp, log_p.gather(1, targets.clamp(min=0).unsqueeze(1)).squeeze(1),
+                                       targets, num_tokens=1)
             parts.total.backward()
             expected += q[pos, x] * z.grad
             # its value (and the logged loss): log q(x) - log p(x) at that position
@@ -86,6 +87,13 @@ def test_prompts_are_the_first_tokens_of_text_and_what_precedes_the_first_target
     loss_mask = torch.tensor([[0, 0, 0, 1, 1, 0, 1, 1], [0, 0, 0, 0, 0, 1, 1, 1]])
     chat = Batch.from_ids(ids, None, loss_mask)  # targets from the 4th and the 6th token on
     assert [p.tolist() for p in prompts_of(chat, 4)] == [[1, 2, 3], [1, 2, 3, 4, 5]]
+    # decided row by row: a text row (every token a target) next to a chat row, as in a mixture,
+    # keeps its first prompt_tokens tokens; a short padded row keeps what it has, less one
+    ids = torch.arange(1, 9).repeat(3, 1)
+    attention = torch.tensor([[1] * 8, [1] * 8, [1, 1, 1, 0, 0, 0, 0, 0]])
+    loss_mask = torch.tensor([[1] * 8, [0, 0, 0, 0, 0, 1, 1, 1], [1] * 8])
+    mixed = Batch.from_ids(ids, attention, loss_mask)
+    assert [p.tolist() for p in prompts_of(mixed, 4)] == [[1, 2, 3, 4], [1, 2, 3, 4, 5], [1, 2]]
 
 
 def test_the_on_policy_draw_is_a_function_of_seed_and_step():
@@ -168,3 +176,40 @@ def test_prompts_of_different_lengths_are_continued_as_each_alone(tiny_student):
         n = int(single.attention_mask.sum())
         assert together.input_ids[row, :n].tolist() == single.input_ids[0, :n].tolist()
         assert int(together.attention_mask[row].sum()) == n
+
+
+def test_student_token_logprobs_from_hidden_states_match_logits_in_value_and_gradient():
+    from lmdistill.onpolicy import token_logprobs, token_logprobs_from_hidden
+
+    g = torch.Generator().manual_seed(4)
+    hidden = torch.randn(2, 9, 8, generator=g)
+    weight = torch.randn(13, 8, generator=g)
+    targets = torch.randint(0, 13, (2, 9), generator=g)
+    targets[1, 5:] = IGNORE_INDEX
+    grads = []
+    for chunked in (False, True):
+        h, w = hidden.clone().requires_grad_(), weight.clone().requires_grad_()
+        logp = token_logprobs_from_hidden(h, w, None, targets, 13, chunk_size=4) if chunked else \
+            token_logprobs(h @ w.t(), targets)
+        (logp * (targets != IGNORE_INDEX)).sum().backward()
+        grads.append((logp.detach(), h.grad, w.grad))
+    for a, b in zip(*grads):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+
+
+def test_the_models_own_generation_settings_do_not_change_the_samples(tiny_student):
+    """A checkpoint's generation_config (a repetition penalty, banned tokens) is set aside: the
+    samples are the student's distribution at the configured temperature."""
+    from transformers import GenerationConfig
+
+    generator = HFGenerator(tiny_student, eos_token_id=31, pad_token_id=31)
+    prompts = torch.tensor([[1, 2, 3, 4], [5, 6, 7, 8]])
+    plain = generator(prompts, Sampling(max_new_tokens=8), seed=3)
+    own = tiny_student.generation_config
+    tiny_student.generation_config = GenerationConfig(repetition_penalty=5.0, no_repeat_ngram_size=1,
+                                                      suppress_tokens=list(range(10, 20)))
+    try:
+        assert torch.equal(generator(prompts, Sampling(max_new_tokens=8), seed=3), plain)
+        assert tiny_student.generation_config.repetition_penalty == 5.0  # put back after the call
+    finally:
+        tiny_student.generation_config = own

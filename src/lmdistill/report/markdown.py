@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from ..paths import atomic_write
-from .plots import PLOT_FILES, plots_for
+from .plots import OPTIONAL_PLOT_FILES, PLOT_FILES, plots_for
 from .reading import RunRecord, get, load_run, median_tokens_per_s, num, valid_rates, value_of
 
 DASH = "—"  # shown where a value is absent, so a table never has an empty cell
@@ -367,7 +367,8 @@ def render_report(record: RunRecord, plots: list[Path]) -> str:
     out += ["", "## Skipped steps and guard events", ""] + _steps_section(record)
     out += ["", "## Plots", ""]
     for p in plots:
-        out += [f"### {PLOT_FILES[p.name]}", "", f"![{PLOT_FILES[p.name]}](plots/{p.name})", ""]
+        title = {**PLOT_FILES, **OPTIONAL_PLOT_FILES}[p.name]
+        out += [f"### {title}", "", f"![{title}](plots/{p.name})", ""]
     if not plots:
         out += ["No plots: nothing plottable was logged yet.", ""]
     notes = _notes(record)

@@ -16,7 +16,10 @@ PLOT_FILES: dict[str, str] = {
     "grad_norm.png": "Gradient norm",
     "perplexity.png": "Held-out perplexity: student vs teacher",
     "throughput.png": "Throughput",
-    "generations.png": "The student's own text, judged by the teacher (on-policy runs)",
+}
+# Plots of what only some runs log: on-policy runs judge the student's own text.
+OPTIONAL_PLOT_FILES: dict[str, str] = {
+    "generations.png": "The student's own text, judged by the teacher",
 }
 COMPARE_PLOT_FILES: dict[str, str] = {
     "compare_loss.png": "Training loss",
