@@ -591,22 +591,32 @@ def projection_file(projection: torch.nn.Module | None) -> dict[str, bytes]:
 
 
 def restore_training_state(path: Path, model: torch.nn.Module, optimizer, processes: int,
-                           projection: torch.nn.Module | None = None) -> dict[str, Any]:
+                           projection: torch.nn.Module | None = None, strategy: str = "ddp") -> dict[str, Any]:
     """Load checkpoint ``path`` into ``model`` (and the hidden-state ``projection``) and
-    ``optimizer`` and restore the RNGs; its trainer state."""
+    ``optimizer`` and restore the RNGs; its trainer state. Under ``strategy`` fsdp the full
+    state dicts in the checkpoint are sharded into the model and optimizer on every process."""
     ckpt = load_checkpoint(path)
+    state = ckpt.trainer_state
+    if state.get("strategy", "ddp") != strategy:
+        raise CheckpointError(f"{path} was written with parallel.strategy = {state.get('strategy', 'ddp')}, this run "
+                              f"uses {strategy}; resume with parallel.strategy={state.get('strategy', 'ddp')}")
     try:
-        model.load_state_dict(ckpt.model_state)
+        if strategy == "fsdp":
+            from .sharding import load_full_state
+
+            load_full_state(model, optimizer, ckpt.model_state, ckpt.optimizer_state)
+        else:
+            model.load_state_dict(ckpt.model_state)
         _restore_projection(path, ckpt, projection)
     except RuntimeError as exc:
         raise CheckpointError(f"{path} does not fit this student ({str(exc).splitlines()[0][:160]}); resume with "
                               "the run's own model settings") from None
-    state = ckpt.trainer_state
     if state.get("processes", 1) != processes:
         raise CheckpointError(f"{path} was written by a run with {state.get('processes', 1)} processes, this one has "
                               f"{processes}; the data order depends on the process count: resume with the same "
                               "number of processes")
-    optimizer.load_state_dict(ckpt.optimizer_state)
+    if strategy != "fsdp":
+        optimizer.load_state_dict(ckpt.optimizer_state)
     if ckpt.rng_state is not None:
         restore_rng_state(ckpt.rng_state)
     return state

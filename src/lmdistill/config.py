@@ -276,6 +276,16 @@ class CheckpointConfig:
 
 
 @dataclass
+class ParallelConfig:
+    """How several processes share the work (torchrun --nproc_per_node N)."""
+
+    strategy: Literal["ddp", "fsdp"] = doc(
+        "ddp = every process holds the whole student (gradients all-reduced); fsdp = torch's FSDP2: each "
+        "process holds 1/N of the student's weights, gradients and AdamW state, and of the teacher's weights "
+        "(multi-process launches only).", "ddp")
+
+
+@dataclass
 class DebugConfig:
     """Fault injection for tests and drills. Off by default; announced loudly when on."""
 
@@ -301,6 +311,7 @@ class Config:
     health: HealthConfig = field(default_factory=HealthConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     cache: CacheConfig = field(default_factory=CacheConfig)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
     debug: DebugConfig = field(default_factory=DebugConfig)
 
     # ---- construction -------------------------------------------------------------

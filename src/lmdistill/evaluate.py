@@ -55,6 +55,7 @@ def evaluate(
     desc: str = "eval",
     progress: bool = True,
     cached=None,
+    forward_calls: int | None = None,
 ) -> dict:
     """Evaluate ``student`` (and ``teacher``, if given) on ``blocks``: a store's blocks (only
     their targets are scored: not padding, not a prompt under ``loss_on: assistant``) or a
@@ -66,6 +67,9 @@ def evaluate(
 
     ``cached``: a teacher cache's signal for the eval split (``signals.CachedTeacher``) in place
     of ``teacher``; the teacher's CE then comes from ``teacher_cache`` (the cache's manifest).
+
+    ``forward_calls``: run at least this many forwards (sharded models gather their weights in
+    every forward, so every process must run as many); the extra ones score nothing.
 
     Returns eval_ce_loss, eval_ppl, eval_tokens and, with a teacher, eval_kd_loss
     (as trained: at ``temperature``, times T^2 when enabled), eval_kl (plain KL at
@@ -115,6 +119,13 @@ def evaluate(
             sums[3] += (s_flat.argmax(-1) == t_flat.argmax(-1)).sum().item()
             if need_teacher_ce:
                 sums[4] += F.cross_entropy(t_flat, targets, reduction="sum").item()
+    for _ in range(len(batches), forward_calls or 0):
+        ids = _batch(blocks, 0, 1).input_ids.to(device) if len(blocks) else torch.zeros((1, 2), dtype=torch.long,
+                                                                                         device=device)
+        with autocast() if autocast else contextlib.nullcontext():
+            for model in (student, teacher):
+                if model is not None:
+                    model(input_ids=ids, use_cache=False)
     if reduce is not None:
         sums = reduce(sums)
     if was_training:

@@ -300,8 +300,11 @@ def check_causal(model, role: str, name: str, vocab_size: int) -> None:
 
 def parameter_fingerprint(model) -> list[tuple[float, float]]:
     """Cheap on-device checksums of every parameter, to catch a teacher that was modified."""
+    if hasattr(model, "reshard"):  # FSDP2: back to the shards (a root stays gathered after its forward)
+        model.reshard()
+    local = [p.to_local() if hasattr(p, "to_local") else p for p in model.parameters()]  # a shard: this process's part
     return [(p.detach().sum(dtype=torch.float64).item(),
-             torch.linalg.vector_norm(p.detach(), dtype=torch.float64).item()) for p in model.parameters()]
+             torch.linalg.vector_norm(p.detach(), dtype=torch.float64).item()) for p in local]
 
 
 def save_model_dir(model, tokenizer, final: Path) -> Path:

@@ -57,6 +57,7 @@ from .progress import interactive, progress_bar
 from .results import RunResult, StepResult
 from .rundir import RunDirectory
 from .schedules import Plan, lr_at, make_optimizer, temperature_at
+from .sharding import check_fsdp, full_model_state, full_optimizer_state, full_tensor, shard, unsharded_copy
 from .signals import CachedTeacher, choose_loss_impl, make_signal
 from .tracking import MetricsLog
 
@@ -97,6 +98,9 @@ class Trainer:
         set_seed(cfg.run.seed)
         self.is_main, self.world = self.accelerator.is_main_process, self.accelerator.num_processes
         self.device = self.accelerator.device
+        self.fsdp = cfg.parallel.strategy == "fsdp"
+        if self.fsdp:
+            check_fsdp(cfg, self.world)
         self.data = None
         self._setup_models(load_models(cfg, teacher, student, tokenizer, train_blocks=self._train_blocks))
         self._setup_resume()
@@ -137,6 +141,8 @@ class Trainer:
         project = self._prepare(models.student)
         if self.teacher is not None:
             self.teacher.to(self.device)
+            if self.fsdp:
+                shard(self.teacher, self.accelerator.mixed_precision, self.device)
         d = cfg.distill
         on_policy = None
         if d.on_policy.fraction > 0:  # the student writes, the live teacher scores (onpolicy.py)
@@ -164,6 +170,12 @@ class Trainer:
         """The optimizer, and accelerate's wrapping of the student and of a trained projection;
         returns the projection as the step calls it."""
         trained = self.projection if self.projection is not None and self.projection.trainable else None
+        if self.fsdp:  # torch's FSDP2 in place of accelerate's DDP wrapper (sharding.py)
+            self.student = self.raw_student = self.trained = shard(student.to(self.device),
+                                                                   self.accelerator.mixed_precision, self.device)
+            self.optimizer = make_optimizer(student, self.cfg, fused=self.device.type == "cuda")
+            student.train()
+            return None
         optimizer = make_optimizer(student, self.cfg, fused=self.device.type == "cuda", extra=trained)
         self.student, self.optimizer, *wrapped = self.accelerator.prepare(student, optimizer, *filter(None, [trained]))
         self.student.train()
@@ -210,7 +222,7 @@ class Trainer:
         self.monitor = HealthMonitor(cfg.health, self.plan.total_steps, self.vocab_size)
         if resume_from is not None:
             state = restore_training_state(resume_from, self.raw_student, self.optimizer, self.world,
-                                           projection=self.projection)
+                                           projection=self.projection, strategy=cfg.parallel.strategy)
             self.start_step, self.micro, self.initial = state["step"], state["micro_batches"], state["initial_eval"]
             self.guard.load_state_dict(state)
             self.monitor.load_state_dict(state["health"])
@@ -369,7 +381,7 @@ class Trainer:
 
     def clip_gradients(self) -> torch.Tensor:
         max_norm = self.cfg.train.max_grad_norm if self.cfg.train.max_grad_norm is not None else math.inf
-        return self.accelerator.clip_grad_norm_(self.trained.parameters(), max_norm)
+        return full_tensor(self.accelerator.clip_grad_norm_(self.trained.parameters(), max_norm))
 
     def _reduce(self, sums: torch.Tensor, grad_norm: torch.Tensor, on_policy: bool) -> StepStats:
         # One reduction, one sync: every rank sees the same numbers and so decides the same,
@@ -461,6 +473,8 @@ class Trainer:
             reduce=lambda t: self.accelerator.reduce(t.to(self.device), "sum").cpu(),
             teacher_cache=self.teacher_cache, desc=desc, progress=self.progress and self.is_main,
             cached=CachedTeacher(self.cache, "eval") if self.cache is not None else None,
+            forward_calls=math.ceil(math.ceil(len(self.data.eval) / self.world) / self.plan.eval_batch_size)
+            if self.fsdp else None,
         )
         if isinstance(self.signal, OnPolicy):  # the student's own text, judged by the teacher (on one process)
             if self.is_main:
@@ -479,15 +493,20 @@ class Trainer:
 
     def save_checkpoint(self, done: int) -> None:
         self.last_checkpoint = done
+        if self.fsdp:  # gathered on every process (collectives), written by the main one
+            model_state, optimizer_state = full_model_state(self.raw_student), full_optimizer_state(
+                self.raw_student, self.optimizer)
+        else:
+            model_state, optimizer_state = self.raw_student.state_dict(), self.optimizer.state_dict()
         if self.is_main:
             trainer_state = {
                 "step": done, "micro_batches": self.micro, "epoch": self.sampler.epoch_of(max(self.micro - 1, 0)),
                 "total_steps": self.plan.total_steps, "processes": self.world, "initial_eval": self.initial,
                 **self.guard.state_dict(), "health": self.monitor.state_dict(), "teacher": self.teacher_reference(),
-                "data": self.data.layout,
+                "data": self.data.layout, "strategy": self.cfg.parallel.strategy,
             }
-            save_checkpoint(self.run.checkpoints, done, model_state=self.raw_student.state_dict(),
-                            optimizer_state=self.optimizer.state_dict(), trainer_state=trainer_state,
+            save_checkpoint(self.run.checkpoints, done, model_state=model_state,
+                            optimizer_state=optimizer_state, trainer_state=trainer_state,
                             rng_state=capture_rng_state(), keep=self.cfg.checkpoint.keep,
                             extra_files={"config.yaml": self.cfg.to_run_yaml().encode(),
                                          "student_config.json": self.raw_student.config.to_json_string().encode(),
@@ -498,7 +517,11 @@ class Trainer:
     def _finish_run(self) -> RunResult:
         total = self.plan.total_steps
         final = self.evaluate(total, self.temperature_at(total), "eval (final)")
-        student_dir = self.run.save_student(self.raw_student, self.tokenizer) if self.is_main else None
+        student = self.raw_student
+        if self.fsdp:  # the whole student, as an ordinary model
+            state = full_model_state(student)
+            student = unsharded_copy(student, state) if self.is_main else None
+        student_dir = self.run.save_student(student, self.tokenizer) if self.is_main else None
         if self.teacher is not None and parameter_fingerprint(self.teacher) != self.teacher_before:
             raise AssertionError("the teacher's weights changed during training")  # our invariant, not user error
         rate = statistics.median_high(self.rates) if self.rates else None

@@ -1,0 +1,105 @@
+"""Per-process memory of the student's parameters, gradients and AdamW state: FSDP2 against DDP.
+
+A Llama-shaped student of about 55M parameters on 2 CPU processes (gloo). After one
+forward, backward and AdamW step, every process adds up the storage its own tensors hold
+(``untyped_storage().nbytes()`` of each local tensor: a DTensor's local shard under FSDP,
+the whole tensor under DDP), separately for parameters, gradients and optimizer state. Both
+strategies run in one invocation, one after the other, with the same model and batch.
+
+    python benchmarks/bench_fsdp_memory.py --out benchmarks/results/fsdp_memory_cpu.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+SHAPE = {"vocab_size": 4096, "hidden_size": 640, "intermediate_size": 1728, "num_hidden_layers": 10,
+         "num_attention_heads": 10, "num_key_value_heads": 10, "max_position_embeddings": 256}
+
+
+def local_bytes(tensors) -> int:
+    total = 0
+    for t in tensors:
+        if t is None:
+            continue
+        t = t.to_local() if hasattr(t, "to_local") else t
+        total += t.untyped_storage().nbytes()
+    return total
+
+
+def worker(strategy: str, out: Path) -> None:
+    import torch
+    import torch.distributed as dist
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from lmdistill.sharding import shard
+
+    dist.init_process_group("gloo")
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(LlamaConfig(**SHAPE))
+    params = sum(p.numel() for p in model.parameters())
+    if strategy == "fsdp":
+        model = shard(model, "no", torch.device("cpu"))
+    else:
+        model = torch.nn.parallel.DistributedDataParallel(model)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
+    ids = torch.randint(0, SHAPE["vocab_size"], (2, 64), generator=torch.Generator().manual_seed(dist.get_rank()))
+    model(input_ids=ids, labels=ids).loss.backward()
+    optimizer.step()
+    state = [v for s in optimizer.state.values() for v in s.values() if torch.is_tensor(v) and v.dim() > 0]
+    sizes = {"parameters": local_bytes(model.parameters()), "gradients": local_bytes(p.grad for p in model.parameters()),
+             "optimizer_state": local_bytes(state)}
+    sizes["total"] = sum(sizes.values())
+    gathered = [None] * dist.get_world_size()
+    dist.all_gather_object(gathered, sizes)
+    if dist.get_rank() == 0:
+        out.write_text(json.dumps({"strategy": strategy, "parameters": params, "per_rank": gathered}))
+    dist.destroy_process_group()
+
+
+def launch(strategy: str, out: Path) -> dict:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
+           "--master_port", str(port), __file__, "--worker", strategy, "--result", str(out)]
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
+    if proc.returncode != 0:
+        sys.exit(f"{strategy} run failed:\n{proc.stderr[-3000:]}")
+    return json.loads(out.read_text())
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--out", type=Path)
+    parser.add_argument("--worker", choices=["ddp", "fsdp"], help=argparse.SUPPRESS)
+    parser.add_argument("--result", type=Path, help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.worker:
+        worker(args.worker, args.result)
+        return
+    import torch
+
+    tmp = Path(f"/tmp/lmdistill-bench-fsdp-{os.getpid()}.json")
+    runs = {s: launch(s, tmp) for s in ("ddp", "fsdp")}
+    tmp.unlink(missing_ok=True)
+    ddp, fsdp = (max(r["total"] for r in runs[s]["per_rank"]) for s in ("ddp", "fsdp"))
+    result = {"machine": f"{platform.machine()}, Python {platform.python_version()}, torch {torch.__version__}",
+              "date": time.strftime("%Y-%m-%d"), "processes": 2, "shape": SHAPE,
+              "parameters": runs["ddp"]["parameters"], "runs": runs, "fsdp_vs_ddp_per_rank": fsdp / ddp}
+    print(json.dumps(result, indent=2))
+    if args.out:
+        args.out.write_text(json.dumps(result, indent=2) + "\n")
+
+
+if __name__ == "__main__":
+    main()

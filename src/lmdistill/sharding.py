@@ -1,0 +1,107 @@
+"""Fully sharded data parallelism (``parallel.strategy: fsdp``) with torch's FSDP2.
+
+``fully_shard`` is applied to every decoder layer and then to the whole model, for the student
+(trained) and the teacher (forward only). Each process then holds 1/N of every weight, and of
+the student's gradients and AdamW state. A layer's weights are gathered for its forward and
+backward and freed after (``reshard_after_forward``). The root (embeddings, final norm,
+lm_head) stays gathered from the forward to the end of the backward. So the chunked loss,
+which multiplies the student's hidden states by ``lm_head.weight`` outside the model's
+forward, sees the whole matrix, and its gradient is reduce-scattered with the rest.
+
+On a GPU the parameters compute in bf16 (``run.mixed_precision: bf16``) and gradients are
+reduced in fp32. The CPU (gloo) computes in fp32.
+
+Checkpoints: the full state dict of the student and of its optimizer is gathered to every
+process (``torch.distributed.checkpoint.state_dict``), and the main process writes it with the
+atomic protocol of ``checkpoint.py``. Resume loads it on every process and shards it again.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .errors import LmdistillError
+
+
+def decoder_layers(model: torch.nn.Module) -> list[torch.nn.Module]:
+    """The repeated blocks of a transformers causal LM (``model.layers``, or ``h`` for GPT-2 style)."""
+    base = getattr(model, "base_model", model)
+    for name in ("layers", "h", "blocks"):
+        layers = getattr(base, name, None)
+        if isinstance(layers, torch.nn.ModuleList):
+            return list(layers)
+    raise LmdistillError(f"parallel.strategy = fsdp cannot find the decoder layers of {type(model).__name__}; "
+                         "use parallel.strategy=ddp")
+
+
+def shard(model: torch.nn.Module, mixed_precision: str, device: torch.device) -> torch.nn.Module:
+    """``fully_shard`` each decoder layer, then the root; in place, returns the model."""
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+
+    policy = MixedPrecisionPolicy()
+    if mixed_precision == "bf16" and device.type == "cuda":
+        policy = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
+    for layer in decoder_layers(model):
+        fully_shard(layer, mp_policy=policy, reshard_after_forward=True)
+    fully_shard(model, mp_policy=policy)
+    return model
+
+
+def is_sharded(model: torch.nn.Module) -> bool:
+    from torch.distributed.fsdp import FSDPModule
+
+    return isinstance(model, FSDPModule)
+
+
+def full_tensor(t: torch.Tensor) -> torch.Tensor:
+    """A DTensor gathered (a collective: every process calls it), any other tensor as it is."""
+    from torch.distributed.tensor import DTensor
+
+    return t.full_tensor() if isinstance(t, DTensor) else t
+
+
+def full_model_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """The whole state dict on the CPU of every process (a collective)."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+    return get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+
+
+def full_optimizer_state(model: torch.nn.Module, optimizer) -> dict:
+    """The optimizer's whole state, keyed by parameter names (a collective)."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
+
+    return get_optimizer_state_dict(model, optimizer,
+                                    options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+
+
+def load_full_state(model: torch.nn.Module, optimizer, model_state: dict, optimizer_state: dict) -> None:
+    """Shard a full state dict (every process passes the whole one) into ``model`` and ``optimizer``."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict, set_optimizer_state_dict
+
+    options = StateDictOptions(full_state_dict=True)
+    set_model_state_dict(model, model_state, options=options)
+    set_optimizer_state_dict(model, optimizer, optimizer_state, options=options)
+
+
+def check_fsdp(cfg, world: int) -> None:
+    """What parallel.strategy = fsdp does not support yet: one line each, before anything runs."""
+    if world < 2:
+        raise LmdistillError("parallel.strategy = fsdp shards over several processes and this is one: launch with "
+                             "torchrun --nproc_per_node N (docs/distributed.md), or use parallel.strategy=ddp")
+    for unsupported, what in ((cfg.guard.spike == "rollback", "guard.spike = rollback"),
+                              (cfg.distill.hidden.weight > 0, "the hidden-state term (distill.hidden.weight > 0)"),
+                              (cfg.distill.on_policy.fraction > 0, "on-policy steps (distill.on_policy.fraction > 0)")):
+        if unsupported:
+            raise LmdistillError(f"parallel.strategy = fsdp does not support {what} yet; use parallel.strategy=ddp")
+
+
+def unsharded_copy(model: torch.nn.Module, state: dict[str, torch.Tensor]) -> torch.nn.Module:
+    """An ordinary (unsharded) model of ``model``'s class and config holding ``state``, on the CPU:
+    what ``save_pretrained`` writes as a plain Hugging Face directory."""
+    from torch.distributed.fsdp import FSDPModule
+
+    plain = next(c for c in type(model).__mro__ if not issubclass(c, FSDPModule) and issubclass(c, torch.nn.Module))
+    copy = plain(model.config)
+    copy.load_state_dict(state)
+    return copy.eval()
