@@ -2,8 +2,8 @@
 
 A Llama-shaped student of about 55M parameters on 2 CPU processes (gloo). After one
 forward, backward and AdamW step, every process adds up the storage its own tensors hold
-(``untyped_storage().nbytes()`` of each local tensor: a DTensor's local shard under FSDP,
-the whole tensor under DDP), separately for parameters, gradients and optimizer state. Both
+(the distinct ``untyped_storage()`` sizes behind its local tensors: a DTensor's local shard
+under FSDP, the whole tensor under DDP; a buffer shared by several tensors counts once), separately for parameters, gradients and optimizer state. Both
 strategies run in one invocation, one after the other, with the same model and batch.
 
     python benchmarks/bench_fsdp_memory.py --out benchmarks/results/fsdp_memory_cpu.json
@@ -26,13 +26,16 @@ SHAPE = {"vocab_size": 4096, "hidden_size": 640, "intermediate_size": 1728, "num
 
 
 def local_bytes(tensors) -> int:
-    total = 0
+    """Bytes of the distinct storages behind ``tensors`` (local shards of DTensors): a storage
+    shared by several views (a flat buffer) is counted once."""
+    seen: dict[int, int] = {}
     for t in tensors:
         if t is None:
             continue
         t = t.to_local() if hasattr(t, "to_local") else t
-        total += t.untyped_storage().nbytes()
-    return total
+        storage = t.untyped_storage()
+        seen[storage.data_ptr()] = storage.nbytes()
+    return sum(seen.values())
 
 
 def worker(strategy: str, out: Path) -> None:
@@ -62,7 +65,9 @@ def worker(strategy: str, out: Path) -> None:
     dist.all_gather_object(gathered, sizes)
     if dist.get_rank() == 0:
         out.write_text(json.dumps({"strategy": strategy, "parameters": params, "per_rank": gathered}))
-    dist.destroy_process_group()
+    dist.barrier()
+    # DDP's reducer can hang gloo's teardown on this torch build; the numbers are out, leave now
+    os._exit(0)
 
 
 def launch(strategy: str, out: Path) -> dict:
