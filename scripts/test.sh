@@ -8,6 +8,7 @@ pip install --quiet --upgrade pip
 pip install --quiet "torch==2.13.0"          # the CPU build; see README for GPUs
 pip install --quiet -e ".[test]"
 export HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1
-# Two workers (pytest-xdist): most tests are tiny models whose time goes to Python, one core each.
+# Two workers (pytest-xdist): most tests are tiny models whose time goes to Python, one core each;
+# worksteal keeps both busy to the end when the few long multi-process tests land late.
 # The 15 slowest tests are listed at the end; -m "not slow" skips the long integration tests.
-python -m pytest -q -p no:cacheprovider -n 2 --durations=15 "$@"
+python -m pytest -q -p no:cacheprovider -n 2 --dist worksteal --durations=15 "$@"

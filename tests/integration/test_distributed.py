@@ -98,13 +98,25 @@ def test_main_process_writes_alone(single_and_ddp):
 
 
 def test_nan_on_one_rank_makes_every_rank_skip(tmp_path, teacher_dir, text_file):
+    """Also with on-policy steps: each rank writes continuations of its own prompts, and all take
+    the same on-policy steps (a rank that disagreed would hang the gradient all-reduce)."""
+    from lmdistill.onpolicy import is_on_policy
+
     out = tmp_path / "ddp-nan"
     proc = _launch(2, *_common(teacher_dir, text_file, out, 2),
                    "--set", "debug.inject=[{step: 3, where: teacher_logits, value: nan, rank: 1}]",
-                   "--set", "checkpoint.every=1", "--set", "checkpoint.keep=20")
+                   "--set", "checkpoint.every=1", "--set", "checkpoint.keep=20", "--set", "distill.hidden.weight=0",
+                   "--set", "distill.on_policy.fraction=0.5", "--set", "distill.on_policy.prompt_tokens=8",
+                   "--set", "distill.on_policy.max_new_tokens=6", "--seed", "5")
     assert proc.returncode == 0, proc.stderr[-3000:]
-    skipped = [(r["step"], r["reason"]) for r in read_jsonl(out / "metrics.jsonl") if r.get("skipped")]
+    lines = read_jsonl(out / "metrics.jsonl")
+    skipped = [(r["step"], r["reason"]) for r in lines if r.get("skipped")]
     assert skipped == [(3, "nonfinite:teacher_logits")]
+    steps = [r for r in lines if "loss" in r]
+    assert [r["on_policy"] for r in steps] == [is_on_policy(5, s, 0.5) for s in range(8)]
+    on = [r for r in steps if r["on_policy"]]
+    assert on and all(r["mean_generated_length"] == pytest.approx(r["generated_tokens"] / 4) for r in on)
+    assert all(6 < r["generated_tokens"] <= 4 * 6 for r in on)  # both ranks' rows are counted
     from lmdistill.checkpoint import load_checkpoint
 
     before, after = load_checkpoint(out / "checkpoints" / "step-3"), load_checkpoint(out / "checkpoints" / "step-4")
@@ -127,23 +139,6 @@ def test_ddp_resume_after_kill(tmp_path, teacher_dir, text_file, single_and_ddp)
         wb = load_file(out / "checkpoints" / "step-8" / name)
         assert wa.keys() == wb.keys() and all(torch.equal(wa[k], wb[k]) for k in wa), name
 
-
-
-def test_two_ranks_agree_on_every_on_policy_draw(tmp_path, teacher_dir, text_file):
-    """Each rank writes continuations of its own prompts; all take the same on-policy steps
-    (a rank that disagreed would hang the gradient all-reduce) and the counts are global."""
-    from lmdistill.onpolicy import is_on_policy
-
-    out = tmp_path / "ddp-on-policy"
-    proc = _launch(2, *_common(teacher_dir, text_file, out, 2), "--set", "distill.hidden.weight=0",
-                   "--set", "distill.on_policy.fraction=0.5", "--set", "distill.on_policy.prompt_tokens=8",
-                   "--set", "distill.on_policy.max_new_tokens=6", "--max-steps", "4", "--seed", "5")
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    lines = _train_lines(out)
-    assert [r["on_policy"] for r in lines] == [is_on_policy(5, s, 0.5) for s in range(4)]
-    on = [r for r in lines if r["on_policy"]]
-    assert on and all(r["mean_generated_length"] == pytest.approx(r["generated_tokens"] / 4) for r in on)
-    assert all(6 < r["generated_tokens"] <= 4 * 6 for r in on)  # both ranks' rows are counted
 
 
 def _fsdp_args(teacher_dir, text_file, out, batch_size, *extra):

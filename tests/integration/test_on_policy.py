@@ -63,7 +63,8 @@ def test_on_policy_steps_follow_the_draw_and_log_their_generations(tmp_path, tea
 
 
 def test_a_killed_on_policy_run_resumes_to_the_same_samples_and_weights(tmp_path, teacher_dir, text_file):
-    args = (*ON, "--set", "checkpoint.every=2", "--set", "distill.on_policy.fraction=0.7")
+    args = (*ON, "--set", "checkpoint.every=2", "--set", "distill.on_policy.fraction=0.7",
+            "--set", "distill.on_policy.max_new_tokens=6")
     whole = cli(*_args(teacher_dir, text_file, tmp_path / "whole", *args))
     assert whole.returncode == 0, whole.stderr[-2000:]
     first = run_cli(*_args(teacher_dir, text_file, tmp_path / "cut", *args, "--set", "debug.exit_after_step=3"))
