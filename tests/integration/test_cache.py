@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import REPO, cli, read_jsonl
+from conftest import REPO, cli, one_error_line, read_jsonl
 
 STUDENT = ("model.student_config={num_hidden_layers: 1, hidden_size: 16, intermediate_size: 32, "
            "num_attention_heads: 2, num_key_value_heads: 2}")
@@ -83,21 +83,13 @@ def test_sampled_cache_trains_and_reports_the_teacher(tmp_path, teacher_dir, sma
     assert lines[-1]["temperature"] < 2.0 and all(r["kd_loss"] > 0 for r in lines)
 
 
-def _one_error(proc, *needles):
-    assert proc.returncode == 2, proc.stderr[-2000:]
-    lines = [line for line in proc.stderr.splitlines() if line.startswith("lmdistill: error:")]
-    assert len(lines) == 1 and "Traceback" not in proc.stderr, proc.stderr
-    for needle in needles:
-        assert needle in lines[0], lines[0]
-
-
 def test_a_cache_that_does_not_fit_the_run_is_refused(tmp_path, teacher_dir, small_text, dense_cache, corpus_texts):
-    _one_error(_train(small_text, tmp_path / "a", "--teacher-cache", str(dense_cache), "--set", "data.block_size=16"),
+    one_error_line(_train(small_text, tmp_path / "a", "--teacher-cache", str(dense_cache), "--set", "data.block_size=16"),
                "block size", "32", "16")
     other = tmp_path / "other.txt"
     other.write_text("\n".join(corpus_texts[5:20]))
-    _one_error(_train(other, tmp_path / "b", "--teacher-cache", str(dense_cache)), "other data")
-    _one_error(_train(small_text, tmp_path / "c", "--teacher-cache", str(tmp_path)), "not a teacher cache")
+    one_error_line(_train(other, tmp_path / "b", "--teacher-cache", str(dense_cache)), "other data")
+    one_error_line(_train(small_text, tmp_path / "c", "--teacher-cache", str(tmp_path)), "not a teacher cache")
     assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()
 
 
@@ -110,7 +102,7 @@ def test_a_corrupt_shard_is_refused(tmp_path, teacher_dir, small_text, dense_cac
     data = bytearray(shard.read_bytes())
     data[-1] ^= 0xFF
     shard.write_bytes(bytes(data))
-    _one_error(_train(small_text, tmp_path / "run", "--teacher-cache", str(copy)), "train-00001", "SHA-256")
+    one_error_line(_train(small_text, tmp_path / "run", "--teacher-cache", str(copy)), "train-00001", "SHA-256")
 
 
 def test_a_different_cache_is_not_overwritten_without_asking(tmp_path, teacher_dir, small_text, dense_cache):
@@ -119,7 +111,7 @@ def test_a_different_cache_is_not_overwritten_without_asking(tmp_path, teacher_d
     copy = tmp_path / "copy"
     shutil.copytree(dense_cache, copy)
     before = _files(copy)
-    _one_error(_cache(teacher_dir, small_text, copy, "--mode", "topk"), "different teacher cache", "--overwrite")
+    one_error_line(_cache(teacher_dir, small_text, copy, "--mode", "topk"), "different teacher cache", "--overwrite")
     assert _files(copy) == before
     again = _cache(teacher_dir, small_text, copy, "--mode", "dense")
     assert again.returncode == 0 and "already complete" in again.stdout
@@ -148,7 +140,7 @@ def test_a_killed_build_resumes_byte_identical(tmp_path, teacher_dir, small_text
     child = subprocess.run([sys.executable, "-c", KILLED_BUILD, *args], env=env, capture_output=True, timeout=300)
     assert child.returncode == 137 and not (killed / "manifest.json").exists(), child.stderr[-2000:]
     assert len(list(killed.glob("*.safetensors"))) == 2
-    _one_error(_train(small_text, tmp_path / "run", "--teacher-cache", str(killed)), "unfinished cache build")
+    one_error_line(_train(small_text, tmp_path / "run", "--teacher-cache", str(killed)), "unfinished cache build")
     assert _cache(teacher_dir, small_text, killed).returncode == 0
     assert _cache(teacher_dir, small_text, clean).returncode == 0
     assert _files(killed) == _files(clean)

@@ -19,7 +19,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import cli, read_jsonl
+from conftest import cli, one_error_line, read_jsonl
 from forked import start_cli
 
 SMALL_STUDENT = ("model.student_config={num_hidden_layers: 1, hidden_size: 16, intermediate_size: 32, "
@@ -30,15 +30,6 @@ def _args(teacher_dir, data, out, *extra, steps=4):
     return ("train", "--teacher", str(teacher_dir), "--data", str(data), "--output-dir", str(out), "--batch-size",
             "2", "--max-steps", str(steps), "--set", "data.block_size=32", "--set", SMALL_STUDENT,
             "--set", "data.max_eval_blocks=4", "--no-progress", *extra)
-
-
-def _one_error_line(proc, *needles: str, code: int = 2) -> str:
-    assert proc.returncode == code, (proc.returncode, proc.stderr[-2000:])
-    lines = [line for line in proc.stderr.strip().splitlines() if line.startswith("lmdistill: error:")]
-    assert len(lines) == 1, proc.stderr
-    for needle in needles:
-        assert needle in lines[0], lines[0]
-    return lines[0]
 
 
 def _tree(path: Path) -> dict[str, bytes]:
@@ -59,7 +50,7 @@ def test_overwrite_of_a_directory_lmdistill_did_not_write_is_refused(tmp_path, t
     (project / "config.yaml").write_text("my: own config\n")
     (project / "notes.txt").write_text("keep me")
     before = _tree(project)
-    line = _one_error_line(cli(*_args(teacher_dir, text_file, project, "--overwrite")), "not an lmdistill run")
+    line = one_error_line(cli(*_args(teacher_dir, text_file, project, "--overwrite")), "not an lmdistill run")
     assert "--overwrite" not in line  # never suggested for a directory that is not a run
     assert _tree(project) == before
 
@@ -81,7 +72,7 @@ def test_overwrite_never_empties_the_current_a_parent_or_the_home_directory(fini
         target = finished_run
     what = {"cwd": "the current directory", "parent": "a parent of the current directory",
             "home": "your home directory"}[where]
-    _one_error_line(cli(*_args(teacher_dir, text_file, target, "--overwrite")), "refusing --overwrite", what)
+    one_error_line(cli(*_args(teacher_dir, text_file, target, "--overwrite")), "refusing --overwrite", what)
     (finished_run / "checkpoints" / "sub").rmdir() if where == "parent" else None
     assert _tree(finished_run) == before
 
@@ -90,7 +81,7 @@ def test_overwrite_of_a_run_with_foreign_files_is_refused_and_of_a_clean_run_wor
                                                                                   text_file):
     (finished_run / "notes.txt").write_text("mine")
     before = _tree(finished_run)
-    _one_error_line(cli(*_args(teacher_dir, text_file, finished_run, "--overwrite")), "notes.txt",
+    one_error_line(cli(*_args(teacher_dir, text_file, finished_run, "--overwrite")), "notes.txt",
                     "files lmdistill did not write")
     assert _tree(finished_run) == before
     (finished_run / "notes.txt").unlink()
@@ -114,7 +105,7 @@ def test_a_second_writer_is_refused_naming_the_holder(tmp_path, teacher_dir, tex
     try:
         holder = f"pid {first.pid} on "
         for extra in (("--resume",), ("--overwrite",), ()):
-            _one_error_line(cli(*_args(teacher_dir, text_file, out, *extra)), "in use by another lmdistill process",
+            one_error_line(cli(*_args(teacher_dir, text_file, out, *extra)), "in use by another lmdistill process",
                             holder)
     finally:
         first.kill()  # SIGKILL: no clean-up runs; the OS releases the lock
@@ -128,7 +119,7 @@ def test_an_impossible_student_shape_is_refused_before_training(tmp_path, teache
     out = tmp_path / "run"
     proc = cli("train", "--teacher", str(teacher_dir), "--data", str(text_file), "--output-dir", str(out),
                "--max-steps", "3", "--set", "model.student_config={hidden_size: 7}")
-    _one_error_line(proc, "model.student_config", "hidden size (7) is not a multiple")
+    one_error_line(proc, "model.student_config", "hidden size (7) is not a multiple")
     assert not out.exists()
 
 
@@ -140,9 +131,9 @@ def test_bidirectional_models_are_refused(tmp_path, teacher_dir, text_file, tiny
                                num_attention_heads=2, intermediate_size=64)).save_pretrained(bert)
     tiny_tokenizer.save_pretrained(bert)
     out = tmp_path / "run"
-    _one_error_line(cli("train", "--teacher", str(bert), "--data", str(text_file), "--output-dir", str(out)),
+    one_error_line(cli("train", "--teacher", str(bert), "--data", str(text_file), "--output-dir", str(out)),
                     "teacher", "BertLMHeadModel", "not a causal language model")
-    _one_error_line(cli("train", "--teacher", str(teacher_dir), "--student", str(bert), "--data", str(text_file),
+    one_error_line(cli("train", "--teacher", str(teacher_dir), "--student", str(bert), "--data", str(text_file),
                         "--output-dir", str(out)), "student", "not a causal language model")
     assert not out.exists()
 
@@ -162,7 +153,7 @@ def test_a_full_disk_during_a_checkpoint_is_one_line_and_keeps_the_previous_one(
     monkeypatch.setattr(ckpt, "_write_file", full_disk)
     out = tmp_path / "run"
     proc = cli(*_args(teacher_dir, text_file, out, "--set", "checkpoint.every=2", steps=6))
-    _one_error_line(proc, "step-4", "No space left on device", "free disk space")
+    one_error_line(proc, "step-4", "No space left on device", "free disk space")
     assert ckpt.find_latest_valid(out / "checkpoints") == (out / "checkpoints" / "step-2", [])
     assert json.loads((out / "run.json").read_text())["status"] == "failed"
 
@@ -170,33 +161,33 @@ def test_a_full_disk_during_a_checkpoint_is_one_line_and_keeps_the_previous_one(
 def test_write_failures_of_eval_and_export_are_one_line(finished_run, tmp_path, monkeypatch):
     import lmdistill.paths as paths
 
-    _one_error_line(cli("eval", str(finished_run), "--json", str(tmp_path), "--no-progress"), "is a directory")
-    _one_error_line(cli("eval", str(finished_run), "--json", str(tmp_path / "no" / "e.json"), "--no-progress"),
+    one_error_line(cli("eval", str(finished_run), "--json", str(tmp_path), "--no-progress"), "is a directory")
+    one_error_line(cli("eval", str(finished_run), "--json", str(tmp_path / "no" / "e.json"), "--no-progress"),
                     "does not exist")
     a_file = tmp_path / "a-file"
     a_file.write_text("x")
-    _one_error_line(cli("export", str(finished_run), str(a_file)), "is a file")
+    one_error_line(cli("export", str(finished_run), str(a_file)), "is a file")
     assert a_file.read_text() == "x"
 
     def read_only(path, data, **kwargs):
         raise OSError(errno.EROFS, "Read-only file system", str(path))
 
     monkeypatch.setattr(paths, "atomic_write", read_only)
-    _one_error_line(cli("eval", str(finished_run), "--json", str(tmp_path / "e.json"), "--no-progress"),
+    one_error_line(cli("eval", str(finished_run), "--json", str(tmp_path / "e.json"), "--no-progress"),
                     "Read-only file system", "e.json", "write somewhere else")
 
 
 def test_a_config_file_that_is_not_utf8_or_is_a_directory(tmp_path):
     latin = tmp_path / "latin.yaml"
     latin.write_bytes("run:\n  name: caf\xe9\n".encode("latin-1"))
-    _one_error_line(cli("train", "--config", str(latin)), "not UTF-8", "save it as UTF-8")
-    _one_error_line(cli("train", "--config", str(tmp_path)), "is a directory")
+    one_error_line(cli("train", "--config", str(latin)), "not UTF-8", "save it as UTF-8")
+    one_error_line(cli("train", "--config", str(tmp_path)), "is a directory")
 
 
 # --------------------------------------------------------------------------- options and messages
 def test_eval_temperature_must_be_positive(finished_run):
     for value in ("0", "-3", "nan"):
-        _one_error_line(cli("eval", str(finished_run), "--temperature", value), "--temperature", "> 0")
+        one_error_line(cli("eval", str(finished_run), "--temperature", value), "--temperature", "> 0")
 
 
 def test_resume_of_nothing_starts_a_new_run_and_damaged_checkpoints_are_refused(tmp_path, teacher_dir, text_file):
@@ -213,23 +204,23 @@ def test_resume_of_nothing_starts_a_new_run_and_damaged_checkpoints_are_refused(
     for step_dir in (damaged / "checkpoints").iterdir():
         (step_dir / "model.safetensors").write_bytes(b"corrupt")
     metrics = (damaged / "metrics.jsonl").read_text()
-    _one_error_line(cli(*_args(teacher_dir, text_file, damaged, "--resume", steps=3)),
+    one_error_line(cli(*_args(teacher_dir, text_file, damaged, "--resume", steps=3)),
                     "no valid checkpoint to resume", "model.safetensors", "--overwrite")
     assert (damaged / "metrics.jsonl").read_text() == metrics  # nothing restarted from step 0
 
 
 def test_misleading_inputs_get_messages_that_say_what_is_wrong(tmp_path, teacher_dir, text_file):
     out = tmp_path / "run"
-    _one_error_line(cli("train", "--teacher", str(teacher_dir), "--student", str(teacher_dir / "config.json"),
+    one_error_line(cli("train", "--teacher", str(teacher_dir), "--student", str(teacher_dir / "config.json"),
                         "--data", str(text_file), "--output-dir", str(out)), "is a file", "directory")
-    _one_error_line(cli("train", "--set", "data.block_size=0", "--output-dir", str(out)), "data.block_size", ">= 2")
+    one_error_line(cli("train", "--set", "data.block_size=0", "--output-dir", str(out)), "data.block_size", ">= 2")
     latin = tmp_path / "latin.txt"
     latin.write_bytes("caf\xe9 ".encode("latin-1") * 50)
-    _one_error_line(cli(*_args(teacher_dir, latin, out)), "not UTF-8 text", "convert it to UTF-8")
+    one_error_line(cli(*_args(teacher_dir, latin, out)), "not UTF-8 text", "convert it to UTF-8")
     broken = tmp_path / "broken.jsonl"
     broken.write_text('{"text": "fine"}\n{"text": "cut\n')
     proc = cli(*_args(teacher_dir, broken, out))
-    _one_error_line(proc, "could not read data.path")
+    one_error_line(proc, "could not read data.path")
     assert len(proc.stderr.strip().splitlines()) == 1
     assert not out.exists()
 
@@ -238,7 +229,7 @@ def test_a_guard_stop_without_a_checkpoint_says_so(tmp_path, teacher_dir, text_f
     faults = ", ".join(f"{{step: {s}, where: loss, value: nan}}" for s in range(0, 6))
     out = tmp_path / "run"
     proc = cli(*_args(teacher_dir, text_file, out, "--set", f"debug.inject=[{faults}]", steps=10))
-    line = _one_error_line(proc, "5 consecutive skipped steps", code=3)
+    line = one_error_line(proc, "5 consecutive skipped steps", code=3)
     assert "No checkpoint was written before the stop" in line and "last good checkpoint is kept" not in line
 
 
@@ -421,23 +412,23 @@ def test_impossible_student_config_values_are_one_line_naming_the_key(tmp_path, 
     proc = cli("train", "--teacher", str(teacher_dir), "--data", str(text_file), "--output-dir", str(out),
                "--max-steps", "2", "--set", f"model.student_config={student_config}", "--set",
                f"model.student_init={init}", "--no-progress")
-    _one_error_line(proc, needle)
+    one_error_line(proc, needle)
     assert len(proc.stderr.strip().splitlines()) == 1 and not out.exists()
 
 
 def test_broken_teacher_directories_name_what_is_missing(tmp_path, teacher_dir, text_file):
     out = tmp_path / "run"
     no_tokenizer = _teacher_copy(teacher_dir, tmp_path / "no-tokenizer", drop=("tokenizer*", "special_tokens*"))
-    _one_error_line(cli("train", "--teacher", str(no_tokenizer), "--data", str(text_file), "--output-dir", str(out)),
+    one_error_line(cli("train", "--teacher", str(no_tokenizer), "--data", str(text_file), "--output-dir", str(out)),
                     "has no tokenizer files", "save_pretrained")
-    _one_error_line(cli("eval", str(no_tokenizer), "--no-progress"), "model", "has no tokenizer files")
+    one_error_line(cli("eval", str(no_tokenizer), "--no-progress"), "model", "has no tokenizer files")
     listed = _teacher_copy(teacher_dir, tmp_path / "config-list")
     (listed / "config.json").write_text("[]")
-    line = _one_error_line(cli("train", "--teacher", str(listed), "--data", str(text_file), "--output-dir", str(out)),
+    line = one_error_line(cli("train", "--teacher", str(listed), "--data", str(text_file), "--output-dir", str(out)),
                            "config.json", "holds a JSON list")
     assert "tokenizer" not in line
     (listed / "config.json").write_text('{"model_type": "llama", ')
-    _one_error_line(cli("train", "--teacher", str(listed), "--data", str(text_file), "--output-dir", str(out)),
+    one_error_line(cli("train", "--teacher", str(listed), "--data", str(text_file), "--output-dir", str(out)),
                     "config.json is not valid JSON")
     assert not out.exists()
 
@@ -451,7 +442,7 @@ def test_data_without_records_says_so(tmp_path, teacher_dir, name, content):
     data = tmp_path / name
     data.write_text(content)
     out = tmp_path / "run"
-    line = _one_error_line(cli(*_args(teacher_dir, data, out)), name, "has no records",
+    line = one_error_line(cli(*_args(teacher_dir, data, out)), name, "has no records",
                            "none with a non-empty 'text' field")
     assert "Instruction" not in line and not out.exists()
 
@@ -465,7 +456,7 @@ def test_an_unwritable_datasets_cache_is_reported_as_such(tmp_path, teacher_dir,
     a_file.write_text("x")
     monkeypatch.setattr(datasets.config, "HF_DATASETS_CACHE", a_file / "cache")  # cannot be created: ENOTDIR
     out = tmp_path / "run"
-    line = _one_error_line(cli(*_args(teacher_dir, records, out)), str(a_file / "cache"),
+    line = one_error_line(cli(*_args(teacher_dir, records, out)), str(a_file / "cache"),
                            "datasets could not write its cache", "HF_DATASETS_CACHE")
     assert "format" not in line and not out.exists()
 
@@ -476,7 +467,7 @@ def test_an_unwritable_store_dir_is_reported_with_the_fix(tmp_path, teacher_dir,
     a_file = tmp_path / "a-file"
     a_file.write_text("x")
     out = tmp_path / "run"
-    _one_error_line(cli(*_args(teacher_dir, text, out, "--set", f"data.store_dir={a_file / 'stores'}")),
+    one_error_line(cli(*_args(teacher_dir, text, out, "--set", f"data.store_dir={a_file / 'stores'}")),
                     str(a_file / "stores"), "data.store_dir")
     assert not out.exists()
 
@@ -484,16 +475,16 @@ def test_an_unwritable_store_dir_is_reported_with_the_fix(tmp_path, teacher_dir,
 # --------------------------------------------------------------------------- hostile probe: commands
 def test_eval_of_a_checkpoint_or_an_unfinished_run_says_to_export(finished_run):
     checkpoint = next((finished_run / "checkpoints").glob("step-*"))
-    _one_error_line(cli("eval", str(checkpoint), "--no-progress"), "training checkpoint",
+    one_error_line(cli("eval", str(checkpoint), "--no-progress"), "training checkpoint",
                     f"lmdistill export {checkpoint}")
     run = _unfinished(finished_run)
-    _one_error_line(cli("eval", str(run), "--no-progress"), "has no final student yet", f"lmdistill export {run} OUT",
+    one_error_line(cli("eval", str(run), "--no-progress"), "has no final student yet", f"lmdistill export {run} OUT",
                     "--resume")
 
 
 @pytest.mark.parametrize("value", ["0", "-1"])
 def test_eval_max_blocks_must_be_positive(finished_run, value):
-    _one_error_line(cli("eval", str(finished_run), "--max-blocks", value, "--no-progress"), f"--max-blocks {value}",
+    one_error_line(cli("eval", str(finished_run), "--max-blocks", value, "--no-progress"), f"--max-blocks {value}",
                     "1 or more")
 
 
@@ -504,10 +495,10 @@ def test_export_of_a_run_without_a_checkpoint_or_into_the_current_directory(fini
     empty.mkdir()
     monkeypatch.chdir(empty)
     for out in (".", str(tmp_path)):
-        _one_error_line(cli("export", str(finished_run), out), "give the name of a new directory")
+        one_error_line(cli("export", str(finished_run), out), "give the name of a new directory")
     assert not any(empty.iterdir())
     shutil.rmtree(finished_run / "checkpoints")
-    _one_error_line(cli("export", str(_unfinished(finished_run)), str(tmp_path / "model")),
+    one_error_line(cli("export", str(_unfinished(finished_run)), str(tmp_path / "model")),
                     f"run '{finished_run}' has no checkpoint yet")
     assert not (tmp_path / "model").exists()
 
@@ -532,7 +523,7 @@ def test_a_full_disk_names_the_file_being_written(finished_run, tmp_path, monkey
         paths.atomic_write(target, fill)
     assert info.value.errno == errno.ENOSPC and info.value.filename == str(target) and not list(out.iterdir())
     monkeypatch.setattr(paths, "open", lambda *a, **k: FullDisk(), raising=False)
-    _one_error_line(cli("eval", str(finished_run), "--json", str(target), "--no-progress", "--max-blocks", "1"),
+    one_error_line(cli("eval", str(finished_run), "--json", str(target), "--no-progress", "--max-blocks", "1"),
                     "No space left on device", str(target), "free space on the disk that holds")
     assert not target.exists()
 
@@ -584,14 +575,14 @@ def test_resume_without_the_run_config_or_with_checkpoints_a_file_is_refused(fin
     saved = (run / "config.yaml").read_text()
     (run / "config.yaml").unlink()
     before = _tree(run)
-    _one_error_line(cli("train", "--resume", str(run), "--no-progress"), f"run '{run}' has no config.yaml",
+    one_error_line(cli("train", "--resume", str(run), "--no-progress"), f"run '{run}' has no config.yaml",
                     "--config FILE")
     assert _tree(run) == before
     (run / "config.yaml").write_text(saved)
     shutil.rmtree(run / "checkpoints")
     (run / "checkpoints").write_text("not a directory")
     before = _tree(run)
-    _one_error_line(cli(*_args(teacher_dir, text_file, run, "--resume")), str(run / "checkpoints"), "is a file")
+    one_error_line(cli(*_args(teacher_dir, text_file, run, "--resume")), str(run / "checkpoints"), "is a file")
     assert _tree(run) == before
 
 
@@ -604,7 +595,7 @@ def test_resume_with_a_teacher_of_another_tokenizer_is_refused(finished_run, tea
     vocab[a], vocab[b] = vocab[b], vocab[a]
     (other / "tokenizer.json").write_text(json.dumps(spec))
     before = _tree(run)
-    _one_error_line(cli(*_args(other, text_file, run, "--resume")), "cannot resume",
+    one_error_line(cli(*_args(other, text_file, run, "--resume")), "cannot resume",
                     "its student was trained with the tokenizer in", str(run / "tokenizer"))
     assert _tree(run) == before
 
@@ -619,13 +610,13 @@ def test_report_of_a_run_whose_config_is_not_a_mapping(finished_run, config):
 
 def test_fp16_on_the_cpu_and_a_path_as_run_name_are_refused(tmp_path, teacher_dir, text_file, monkeypatch):
     out = tmp_path / "run"
-    _one_error_line(cli(*_args(teacher_dir, text_file, out, "--device", "cpu", "--mixed-precision", "fp16")),
+    one_error_line(cli(*_args(teacher_dir, text_file, out, "--device", "cpu", "--mixed-precision", "fp16")),
                     "run.mixed_precision = fp16 needs a CUDA GPU (run.device = 'cpu')", "bf16 or no")
     with monkeypatch.context() as patch:
         patch.setattr(torch.cuda, "is_available", lambda: False)
-        _one_error_line(cli(*_args(teacher_dir, text_file, out, "--mixed-precision", "fp16")),
+        one_error_line(cli(*_args(teacher_dir, text_file, out, "--mixed-precision", "fp16")),
                         "fp16 needs a CUDA GPU (no CUDA device is available)", "bf16 or no")
-    _one_error_line(cli(*_args(teacher_dir, text_file, out, "--set", f"run.name={tmp_path / 'x'}")), "run.name",
+    one_error_line(cli(*_args(teacher_dir, text_file, out, "--set", f"run.name={tmp_path / 'x'}")), "run.name",
                     "run.output_dir")
     assert not out.exists() and not (tmp_path / "x").exists()
 

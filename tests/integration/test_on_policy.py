@@ -8,7 +8,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from conftest import cli, read_jsonl, run_cli
+from conftest import cli, one_error_line, read_jsonl, run_cli
 from lmdistill.onpolicy import is_on_policy
 
 STUDENT = ("model.student_config={num_hidden_layers: 1, hidden_size: 16, intermediate_size: 32, "
@@ -80,25 +80,17 @@ def test_a_killed_on_policy_run_resumes_to_the_same_samples_and_weights(tmp_path
     assert all(torch.equal(wa[k], wb[k]) for k in wa)
 
 
-def _one_error(proc, *needles):
-    assert proc.returncode == 2, proc.stderr[-2000:]
-    lines = [line for line in proc.stderr.splitlines() if line.startswith("lmdistill: error:")]
-    assert len(lines) == 1 and "Traceback" not in proc.stderr, proc.stderr
-    for needle in needles:
-        assert needle in lines[0], lines[0]
-
-
 def test_what_cannot_work_is_refused_before_anything_is_written(tmp_path, teacher_dir, text_file):
-    _one_error(cli(*_args(teacher_dir, text_file, tmp_path / "a", *ON, "--kd-weight", "0")), "kd_weight")
-    _one_error(cli(*_args(teacher_dir, text_file, tmp_path / "b", *ON, "--set", "distill.on_policy.prompt_tokens=32")),
+    one_error_line(cli(*_args(teacher_dir, text_file, tmp_path / "a", *ON, "--kd-weight", "0")), "kd_weight")
+    one_error_line(cli(*_args(teacher_dir, text_file, tmp_path / "b", *ON, "--set", "distill.on_policy.prompt_tokens=32")),
                "prompt_tokens", "block")
-    _one_error(cli(*_args(teacher_dir, text_file, tmp_path / "c", *ON, "--teacher-cache", str(tmp_path))),
+    one_error_line(cli(*_args(teacher_dir, text_file, tmp_path / "c", *ON, "--teacher-cache", str(tmp_path))),
                "live teacher")
-    _one_error(cli(*_args(teacher_dir, text_file, tmp_path / "d", "--set", "distill.on_policy.fraction=1.5")),
+    one_error_line(cli(*_args(teacher_dir, text_file, tmp_path / "d", "--set", "distill.on_policy.fraction=1.5")),
                "fraction")
-    _one_error(cli(*_args(teacher_dir, text_file, tmp_path / "e", *ON, "--set", "distill.on_policy.loss=sampled_token",
+    one_error_line(cli(*_args(teacher_dir, text_file, tmp_path / "e", *ON, "--set", "distill.on_policy.loss=sampled_token",
                       "--set", "distill.on_policy.top_p=0.9")), "sampled_token", "top_p=1")
-    _one_error(cli(*_args(teacher_dir, text_file, tmp_path / "f", *ON, "--set",
+    one_error_line(cli(*_args(teacher_dir, text_file, tmp_path / "f", *ON, "--set",
                           "distill.on_policy.max_new_tokens=100000")), "max_new_tokens", "positions")
     assert not any((tmp_path / n).exists() for n in "abcdef")
 
