@@ -91,6 +91,18 @@ class Objective:
         self.hidden = hidden
         self.on_policy = on_policy
 
+    @classmethod
+    def for_run(cls, cfg, vocab_size: int, student_output: str, model: torch.nn.Module, reference: bool = False,
+                hidden: HiddenTerm | None = None) -> "Objective":
+        """The objective of a run's config: its ``distill`` section, and ``distill.on_policy``'s
+        loss for the batches the student wrote."""
+        d, o = cfg.distill, cfg.distill.on_policy
+        spec = KDSpec(d.kd_weight, d.divergence, d.scale_by_t2, d.jsd_beta, d.skew_alpha)
+        on_policy = OnPolicySpec(replace(spec, kd_weight=1.0, divergence=o.divergence), o.loss) \
+            if o.fraction > 0 else None
+        return cls(spec, vocab_size, student_output, model, cfg.loss.chunk_size, reference=reference, hidden=hidden,
+                   on_policy=on_policy)
+
     def __call__(self, student: torch.nn.Module, batch: Batch, teacher: TeacherView | None,
                  temperature: float, num_tokens: float) -> LossParts:
         spec = self.spec

@@ -233,10 +233,17 @@ class OnPolicy(TeacherSignal):
         return {**scores, "gen_prompts": n, "gen_samples": samples}
 
 
-def on_policy_signal(settings, inner: TeacherSignal, student: torch.nn.Module, tokenizer, seed: int, rank: int,
-                     device, reduce=None, autocast=None) -> OnPolicy:
-    """The run's on-policy signal (``distill.on_policy``) around its live teacher signal."""
+def on_policy_signal(cfg, inner: TeacherSignal, student: torch.nn.Module, teacher: torch.nn.Module, tokenizer, data,
+                     accelerator) -> OnPolicy:
+    """The run's on-policy signal (``distill.on_policy``) around its live teacher signal: checked
+    against the models' positions, generating under the run's autocast, its counts summed over
+    the processes."""
     from .errors import LmdistillError
+
+    settings = cfg.distill.on_policy
+    check_lengths(settings, cfg.data.block_size, any(s.store.chat for s in data.sources),
+                  {"student": student, "teacher": teacher})
+    reduce = (lambda t: accelerator.reduce(t, "sum")) if accelerator.num_processes > 1 else None
 
     eos = tokenizer.eos_token_id
     if eos is None:
@@ -244,8 +251,8 @@ def on_policy_signal(settings, inner: TeacherSignal, student: torch.nn.Module, t
                              "and this tokenizer has none; set its eos_token or turn on-policy off")
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos
     sampling = Sampling(settings.max_new_tokens, settings.sample_temperature, settings.top_p)
-    return OnPolicy(inner, HFGenerator(student, eos, pad, autocast), sampling, settings.prompt_tokens,
-                    settings.fraction, seed, rank, eos, device, reduce, pad)
+    return OnPolicy(inner, HFGenerator(student, eos, pad, accelerator.autocast), sampling, settings.prompt_tokens,
+                    settings.fraction, cfg.run.seed, accelerator.process_index, eos, accelerator.device, reduce, pad)
 
 
 def check_lengths(settings, block_size: int, chat: bool, models: dict) -> None:

@@ -96,6 +96,13 @@ def check_fsdp(cfg, world: int) -> None:
             raise LmdistillError(f"parallel.strategy = fsdp does not support {what} yet; use parallel.strategy=ddp")
 
 
+def whole_model(model: torch.nn.Module, is_main: bool) -> torch.nn.Module | None:
+    """The sharded ``model`` gathered into an ordinary one on the main process (None elsewhere);
+    every process must call it."""
+    state = full_model_state(model)
+    return unsharded_copy(model, state) if is_main else None
+
+
 def unsharded_copy(model: torch.nn.Module, state: dict[str, torch.Tensor]) -> torch.nn.Module:
     """An ordinary (unsharded) model of ``model``'s class and config holding ``state``, on the CPU:
     what ``save_pretrained`` writes as a plain Hugging Face directory."""

@@ -50,14 +50,14 @@ from .hidden import build_projection
 from .interrupts import GracefulStop, Interrupted
 from .models import ModelInfo, load_models, parameter_fingerprint
 from .monitor import HealthMonitor
-from .objective import HiddenTerm, KDSpec, Objective, OnPolicySpec
-from .onpolicy import OnPolicy, check_lengths, on_policy_signal
+from .objective import HiddenTerm, Objective
+from .onpolicy import OnPolicy, on_policy_signal
 from .paths import atomic_write
 from .progress import interactive, progress_bar
 from .results import RunResult, StepResult
 from .rundir import RunDirectory
 from .schedules import Plan, lr_at, make_optimizer, temperature_at
-from .sharding import check_fsdp, full_model_state, full_optimizer_state, full_tensor, shard, unsharded_copy
+from .sharding import check_fsdp, full_model_state, full_optimizer_state, full_tensor, shard, whole_model
 from .signals import CachedTeacher, choose_loss_impl, make_signal
 from .tracking import MetricsLog
 
@@ -143,22 +143,13 @@ class Trainer:
             self.teacher.to(self.device)
             if self.fsdp:
                 shard(self.teacher, self.accelerator.mixed_precision, self.device)
-        d = cfg.distill
-        on_policy = None
-        if d.on_policy.fraction > 0:  # the student writes, the live teacher scores (onpolicy.py)
-            check_lengths(d.on_policy, cfg.data.block_size, any(s.store.chat for s in self.data.sources),
-                          {"student": self.raw_student, "teacher": self.teacher})
-            reduce = (lambda t: self.accelerator.reduce(t, "sum")) if self.world > 1 else None
-            self.signal = on_policy_signal(d.on_policy, self.signal, self.raw_student, self.tokenizer, cfg.run.seed,
-                                           self.accelerator.process_index, self.device, reduce,
-                                           self.accelerator.autocast)
-            on_policy = OnPolicySpec(KDSpec(1.0, d.on_policy.divergence, d.scale_by_t2, d.jsd_beta, d.skew_alpha),
-                                     d.on_policy.loss)
-        hidden = HiddenTerm(d.hidden.weight, d.hidden.loss, tuple(s for s, _ in pairs), self.projection,
-                            project) if pairs else None
-        self.objective = Objective(KDSpec(d.kd_weight, d.divergence, d.scale_by_t2, d.jsd_beta, d.skew_alpha),
-                                   self.vocab_size, self.signal.student_output, self.raw_student, cfg.loss.chunk_size,
-                                   reference=self.loss_impl == "reference", hidden=hidden, on_policy=on_policy)
+        if cfg.distill.on_policy.fraction > 0:  # the student writes, the live teacher scores (onpolicy.py)
+            self.signal = on_policy_signal(cfg, self.signal, self.raw_student, self.teacher, self.tokenizer, self.data,
+                                           self.accelerator)
+        hidden = HiddenTerm(cfg.distill.hidden.weight, cfg.distill.hidden.loss, tuple(s for s, _ in pairs),
+                            self.projection, project) if pairs else None
+        self.objective = Objective.for_run(cfg, self.vocab_size, self.signal.student_output, self.raw_student,
+                                           reference=self.loss_impl == "reference", hidden=hidden)
         self.teacher_before = parameter_fingerprint(self.teacher) if self.teacher is not None else None
         self._teacher_ref: dict | None = None
 
@@ -253,6 +244,7 @@ class Trainer:
             "student": asdict(ModelInfo.of(self.raw_student, models.student_name)),
             "data": self.data.describe(),
             "plan": {**asdict(self.plan), "loss_impl": self.loss_impl, "processes": self.world,
+                     "strategy": self.cfg.parallel.strategy,
                      "device": str(self.device), "mixed_precision": self.accelerator.mixed_precision,
                      "vocab_size": self.vocab_size},
         }
@@ -517,10 +509,7 @@ class Trainer:
     def _finish_run(self) -> RunResult:
         total = self.plan.total_steps
         final = self.evaluate(total, self.temperature_at(total), "eval (final)")
-        student = self.raw_student
-        if self.fsdp:  # the whole student, as an ordinary model
-            state = full_model_state(student)
-            student = unsharded_copy(student, state) if self.is_main else None
+        student = whole_model(self.raw_student, self.is_main) if self.fsdp else self.raw_student
         student_dir = self.run.save_student(student, self.tokenizer) if self.is_main else None
         if self.teacher is not None and parameter_fingerprint(self.teacher) != self.teacher_before:
             raise AssertionError("the teacher's weights changed during training")  # our invariant, not user error
