@@ -149,20 +149,30 @@ def test_fsdp_on_two_ranks_matches_one_process_through_a_kill(tmp_path, teacher_
     """FSDP2 (gloo, 2 ranks x batch 2) against 1 process x batch 4. The FSDP run computes the
     full-logits loss until it is killed after step 4, then resumes (the full checkpoint sharded
     again) with the chunked loss, which multiplies by the student's lm_head outside its forward.
-    Per-step losses, gradient norms and held-out perplexities agree within 1e-5, and the final
-    student (gathered into an ordinary model directory) and checkpoint within 1e-4."""
+    A NaN from the teacher on one rank at step 2 is skipped by every rank with the weights
+    untouched. Per-step losses, gradient norms and held-out perplexities agree within 1e-5, and
+    the final student (gathered into an ordinary model directory) and checkpoint within 1e-4."""
     from transformers import AutoModelForCausalLM
 
     single, fsdp = tmp_path / "single", tmp_path / "fsdp"
-    one = run_cli(*_fsdp_args(teacher_dir, text_file, single, 4))
+    nan_at_2 = "debug.inject=[{step: 2, where: teacher_logits, value: nan%s}]"
+    one = run_cli(*_fsdp_args(teacher_dir, text_file, single, 4, "--set", nan_at_2 % ""))
     assert one.returncode == 0, one.stderr[-3000:]
-    args = _fsdp_args(teacher_dir, text_file, fsdp, 2, "--set", "parallel.strategy=fsdp")
+    # Step 2's teacher gives NaN on rank 1 only: every rank must skip it, as the one process does.
+    args = _fsdp_args(teacher_dir, text_file, fsdp, 2, "--set", "parallel.strategy=fsdp", "--set",
+                      nan_at_2 % ", rank: 1", "--set", "checkpoint.every=1", "--set", "checkpoint.keep=20")
     first = _launch(2, *args, "--set", "loss.impl=full", "--set", "debug.exit_after_step=4")
     assert first.returncode != 0 and (fsdp / "checkpoints" / "step-4").is_dir()
     resumed = _launch(2, *args, "--set", "loss.impl=chunked", "--set", "debug.exit_after_step=null", "--resume")
     assert resumed.returncode == 0, resumed.stderr[-3000:]
-    a, b = _train_lines(single), _train_lines(fsdp)
-    assert [r["step"] for r in b] == list(range(8)) and len(a) == 8
+    for run in (single, fsdp):
+        skipped = [(r["step"], r["reason"]) for r in read_jsonl(run / "metrics.jsonl") if r.get("skipped")]
+        assert skipped == [(2, "nonfinite:teacher_logits")], run
+    before, after = (load_file(fsdp / "checkpoints" / f"step-{n}" / "model.safetensors") for n in (2, 3))
+    assert all(torch.equal(before[k], after[k]) for k in before)  # the skipped step changed no weight
+    a = [r for r in read_jsonl(single / "metrics.jsonl") if "loss" in r and not r.get("skipped")]
+    b = [r for r in read_jsonl(fsdp / "metrics.jsonl") if "loss" in r and not r.get("skipped")]
+    assert [r["step"] for r in b] == [0, 1, 3, 4, 5, 6, 7] == [r["step"] for r in a]
     for x, y in zip(a, b):
         for key in ("loss", "kd_loss", "ce_loss", "grad_norm"):
             assert y[key] == pytest.approx(x[key], rel=1e-5, abs=1e-6), (x["step"], key)
