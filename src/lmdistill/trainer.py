@@ -373,7 +373,8 @@ class Trainer:
 
     def clip_gradients(self) -> torch.Tensor:
         max_norm = self.cfg.train.max_grad_norm if self.cfg.train.max_grad_norm is not None else math.inf
-        return full_tensor(self.accelerator.clip_grad_norm_(self.trained.parameters(), max_norm))
+        norm = self.accelerator.clip_grad_norm_(self.trained.parameters(), max_norm)
+        return full_tensor(norm) if self.fsdp else norm  # FSDP2: a DTensor over the shards
 
     def _reduce(self, sums: torch.Tensor, grad_norm: torch.Tensor, on_policy: bool) -> StepStats:
         # One reduction, one sync: every rank sees the same numbers and so decides the same,
