@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import errno
+import faulthandler
 import math
 import os
 import sys
@@ -420,6 +421,10 @@ def _torch_oom() -> type:
 def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not faulthandler.is_enabled():
+        # One process of a launch dying in native code (an abort in a collective library) otherwise
+        # leaves only the launcher's exit code; this writes every thread's Python stack to stderr.
+        faulthandler.enable()
     args = build_parser().parse_args(argv)
     try:
         code = COMMANDS[args.command](args)
