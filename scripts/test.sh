@@ -4,7 +4,6 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 python3 -m venv .venv
 . .venv/bin/activate
-pip install --quiet --upgrade pip
 pip install --quiet "torch==2.13.0"          # the CPU build; see README for GPUs
 pip install --quiet -e ".[test]"
 export HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1
