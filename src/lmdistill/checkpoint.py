@@ -12,6 +12,13 @@ Layout (the run directory contract, see rundir.py)::
         manifest.json         written LAST: name, size and SHA-256 of every file above
       step-300/ ...
 
+A sharded checkpoint (``parallel.strategy: fsdp``) holds, in place of ``model.safetensors`` and
+``optimizer.pt``, the files of ``torch.distributed.checkpoint``: one ``__R_0.distcp`` per process
+R with that process's shards of the weights and AdamW state, and ``.metadata``, the map of
+every tensor's shards. Every process writes its file into the staging directory
+(``staging_dir``), then the main process adds the rest and the manifest, which lists the
+shard files like any other (layout ``sharded``, format version 2).
+
 A checkpoint exists only if its directory is named ``step-N`` *and* its manifest lists
 every file with the right size and hash. Everything else -- a ``.tmp-*`` directory left
 by a crash mid-save, a ``.trash-*`` directory left by a crash mid-cleanup, a ``step-N``
@@ -19,7 +26,8 @@ whose file was truncated or bit-flipped -- is skipped with a warning and never l
 
 Crash safety comes from ordering, not from locks: files are written and fsync'ed into a
 temporary directory beside the final one, the manifest last, then one ``rename`` puts the
-directory in place. One writer per checkpoints directory is assumed (rank 0 under DDP).
+directory in place. One writer per checkpoints directory is assumed (rank 0 under DDP; under
+FSDP the main process, after every process has written its shard).
 """
 
 from __future__ import annotations
@@ -54,14 +62,17 @@ except ImportError:  # pragma: no cover - exercised only in a numpy-free install
 logger = logging.getLogger(__name__)
 
 FORMAT_NAME = "lmdistill-checkpoint"
-FORMAT_VERSION = 1
-"""Bumped when the layout changes incompatibly; newer versions are refused on load."""
+FORMAT_VERSION = 2
+"""Bumped when the layout changes incompatibly; newer versions are refused on load. Version 2
+added sharded checkpoints; a checkpoint in one file is still written as version 1."""
 
 MANIFEST_FILE = "manifest.json"
 MODEL_FILE = "model.safetensors"
 OPTIMIZER_FILE = "optimizer.pt"
 RNG_FILE = "rng_state.pt"
 TRAINER_STATE_FILE = "trainer_state.json"
+SHARDS_METADATA_FILE = ".metadata"  # torch.distributed.checkpoint's map of the shards
+SHARDED = "sharded"
 _RESERVED_FILES = frozenset(
     {MANIFEST_FILE, MODEL_FILE, OPTIMIZER_FILE, RNG_FILE, TRAINER_STATE_FILE}
 )
@@ -96,6 +107,9 @@ class LoadedCheckpoint:
     extra_files: dict[str, bytes] = field(default_factory=dict)
     tied_weights: dict[str, str] = field(default_factory=dict)
     format_version: int = FORMAT_VERSION
+    sharded: bool = False
+    """The weights and optimizer state are DCP shards in ``path`` (``sharding.load_shards``);
+    ``model_state`` is then empty and ``optimizer_state`` None."""
 
 
 # --------------------------------------------------------------------------- paths
@@ -124,16 +138,37 @@ def list_checkpoints(checkpoints_dir: Path) -> list[Path]:
 # --------------------------------------------------------------------------- save
 
 
+def staging_dir(checkpoints_dir: Path, step: int) -> Path:
+    """Where every process writes its shards of the sharded checkpoint of ``step`` before the
+    main process completes it (``save_checkpoint(sharded_in=...)``): the same path on all."""
+    return Path(checkpoints_dir) / f"{_TMP_PREFIX}{checkpoint_dir_name(step)}-shards"
+
+
+def make_staging_dir(checkpoints_dir: Path, step: int) -> Path:
+    """The main process's part before the shards are written: clean up after earlier crashes,
+    then create ``staging_dir`` empty."""
+    checkpoints_dir = Path(checkpoints_dir)
+    staging = staging_dir(checkpoints_dir, step)
+    try:
+        checkpoints_dir.mkdir(parents=True, exist_ok=True)
+        remove_leftovers(checkpoints_dir)
+        staging.mkdir()
+    except OSError as exc:
+        raise _write_error(checkpoints_dir / checkpoint_dir_name(step), checkpoints_dir, exc) from exc
+    return staging
+
+
 def save_checkpoint(
     checkpoints_dir: Path,
     step: int,
     *,
-    model_state: Mapping[str, torch.Tensor],
+    model_state: Mapping[str, torch.Tensor] | None,
     optimizer_state: Mapping[str, Any] | None,
     trainer_state: Mapping[str, Any],
     rng_state: Mapping[str, Any] | None = None,
     keep: int | None = 3,
     extra_files: Mapping[str, bytes] | None = None,
+    sharded_in: Path | None = None,
 ) -> Path:
     """Write ``checkpoints_dir/step-{step}`` atomically and return its path.
 
@@ -142,6 +177,9 @@ def save_checkpoint(
     JSON-able dict (tuples come back as lists, dict keys as strings). ``rng_state``: from
     ``capture_rng_state()``. ``extra_files``: plain file name -> bytes. ``keep``: how many
     valid checkpoints to keep after this one is in place (None keeps all).
+    ``sharded_in``: the ``staging_dir`` where every process wrote its shards of the weights and
+    optimizer (``sharding.save_shards``, which checked them); ``model_state`` and
+    ``optimizer_state`` are then None, and this completes that directory into the checkpoint.
 
     Raises CheckpointError -- leaving every earlier checkpoint untouched -- if a model or
     optimizer tensor is not finite, or if the directory cannot be written.
@@ -158,28 +196,33 @@ def save_checkpoint(
 
     # Everything that can be refused is refused before the first byte hits the disk, so
     # a refusal can never leave a half-written directory behind.
-    _check_finite(model_state, "model_state", final)
-    if optimizer_state is not None:
-        _check_finite(optimizer_state, "optimizer_state", final)
     trainer_state_bytes = _encode_trainer_state(trainer_state)
-    tensors, tied = _dedupe_tied_tensors(model_state)
+    if sharded_in is None:
+        _check_finite(model_state, "model_state", final)
+        if optimizer_state is not None:
+            _check_finite(optimizer_state, "optimizer_state", final)
+        tensors, tied = _dedupe_tied_tensors(model_state)
+        try:
+            checkpoints_dir.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise _write_error(final, checkpoints_dir, exc) from exc
+        # Leftovers of an earlier crash would otherwise hold the disk space this save needs.
+        remove_leftovers(checkpoints_dir)
+        tmp = checkpoints_dir / f"{_TMP_PREFIX}{final.name}-{os.getpid()}"
+    elif model_state is not None or optimizer_state is not None:
+        raise ValueError("a sharded checkpoint's weights and optimizer state are in its shards, not in arguments")
+    else:
+        tmp = Path(sharded_in)
 
-    try:
-        checkpoints_dir.mkdir(parents=True, exist_ok=True)
-    except OSError as exc:
-        raise _write_error(final, checkpoints_dir, exc) from exc
-    # Leftovers of an earlier crash would otherwise hold the disk space this save needs.
-    remove_leftovers(checkpoints_dir)
-
-    tmp = checkpoints_dir / f"{_TMP_PREFIX}{final.name}-{os.getpid()}"
     installed = False
     try:
-        if tmp.exists():
-            shutil.rmtree(tmp)
-        tmp.mkdir()
-        metadata = {"format": "pt", _TIED_METADATA_KEY: json.dumps(tied, sort_keys=True)}
-        save_safetensors(tensors, tmp / MODEL_FILE, metadata)
-        _fsync_existing_file(tmp / MODEL_FILE)
+        if sharded_in is None:
+            if tmp.exists():
+                shutil.rmtree(tmp)
+            tmp.mkdir()
+            metadata = {"format": "pt", _TIED_METADATA_KEY: json.dumps(tied, sort_keys=True)}
+            save_safetensors(tensors, tmp / MODEL_FILE, metadata)
+            _fsync_existing_file(tmp / MODEL_FILE)
         if optimizer_state is not None:
             _write_file(tmp / OPTIMIZER_FILE, lambda f: torch.save(dict(optimizer_state), f))
         if rng_state is not None:
@@ -190,7 +233,8 @@ def save_checkpoint(
 
         manifest = {
             "format": FORMAT_NAME,
-            "format_version": FORMAT_VERSION,
+            "format_version": 1 if sharded_in is None else 2,
+            **({"layout": SHARDED} if sharded_in is not None else {}),
             "step": step,
             "created_unix": time.time(),
             "extra_files": sorted(extra_files),
@@ -464,7 +508,8 @@ def verify_checkpoint(path: Path, *, check_hashes: bool = True) -> list[str]:
         return [problem or f"{path}: invalid manifest"]
     problems = []
     files: dict[str, Any] = manifest["files"]
-    for required in (MODEL_FILE, TRAINER_STATE_FILE):
+    weights = SHARDS_METADATA_FILE if manifest.get("layout") == SHARDED else MODEL_FILE
+    for required in (weights, TRAINER_STATE_FILE):
         if required not in files:
             problems.append(f"{path / required}: not listed in the manifest")
     for name, record in sorted(files.items()):
@@ -522,13 +567,16 @@ def load_checkpoint(path: Path, map_location: str | torch.device = "cpu") -> Loa
     assert manifest is not None  # verify_checkpoint just read it
     files = manifest["files"]
     device = str(map_location)
+    sharded = manifest.get("layout") == SHARDED
+    model_state, tied = {}, {}
     try:
-        model_state = safetensors.torch.load_file(str(path / MODEL_FILE), device=device)
-        with safetensors.safe_open(str(path / MODEL_FILE), framework="pt") as f:
-            metadata = f.metadata() or {}
-        tied = json.loads(metadata.get(_TIED_METADATA_KEY, "{}"))
-        for alias, stored in tied.items():
-            model_state[alias] = model_state[stored]
+        if not sharded:
+            model_state = safetensors.torch.load_file(str(path / MODEL_FILE), device=device)
+            with safetensors.safe_open(str(path / MODEL_FILE), framework="pt") as f:
+                metadata = f.metadata() or {}
+            tied = json.loads(metadata.get(_TIED_METADATA_KEY, "{}"))
+            for alias, stored in tied.items():
+                model_state[alias] = model_state[stored]
         optimizer_state = None
         if OPTIMIZER_FILE in files:
             optimizer_state = torch.load(
@@ -559,6 +607,7 @@ def load_checkpoint(path: Path, map_location: str | torch.device = "cpu") -> Loa
         extra_files=extra_files,
         tied_weights=dict(tied),
         format_version=int(manifest["format_version"]),
+        sharded=sharded,
     )
 
 
@@ -590,36 +639,57 @@ def projection_file(projection: torch.nn.Module | None) -> dict[str, bytes]:
     return {PROJECTION_FILE: save({k: v.detach().contiguous() for k, v in projection.state_dict().items()})}
 
 
-def restore_training_state(path: Path, model: torch.nn.Module, optimizer, processes: int,
+def check_resumable(path: Path, processes: int, batch_size: int, strategy: str) -> None:
+    """Refuse, before anything is loaded or written, a resume of checkpoint ``path`` that cannot
+    continue its run: another global micro-batch (``batch_size`` x ``processes`` blocks fixes the
+    data order; the process count alone may change), or whole weights into FSDP."""
+    try:
+        state = json.loads((Path(path) / TRAINER_STATE_FILE).read_text(encoding="utf-8"))
+        manifest, _ = _read_manifest(Path(path))
+    except (OSError, ValueError) as exc:
+        raise CheckpointError(f"cannot read {path / TRAINER_STATE_FILE}: {exc}") from None
+    saved_processes = state.get("processes", 1)
+    saved_batch = state.get("global_batch")  # absent from checkpoints of older versions
+    if saved_batch is None and saved_processes != processes:
+        raise CheckpointError(f"{path} was written by a run with {saved_processes} processes, this one has "
+                              f"{processes}; the data order depends on the process count: resume with the same "
+                              "number of processes")
+    if saved_batch is not None and saved_batch != batch_size * processes:
+        fix = (f"--batch-size {saved_batch // processes}" if saved_batch % processes == 0 else
+               f"a number of processes that divides {saved_batch}")
+        raise CheckpointError(f"{path} was written with a global batch of {saved_batch} blocks per micro-batch "
+                              f"({saved_batch // saved_processes} x {saved_processes} processes) and this run's is "
+                              f"{batch_size} x {processes}; the data order depends on it: resume with {fix}")
+    if strategy == "fsdp" and (manifest or {}).get("layout") != SHARDED:
+        raise CheckpointError(f"{path} holds whole weights (written without FSDP); resume it with "
+                              "parallel.strategy=ddp")
+
+
+def restore_training_state(path: Path, model: torch.nn.Module, optimizer, processes: int, batch_size: int,
                            projection: torch.nn.Module | None = None, strategy: str = "ddp") -> dict[str, Any]:
     """Load checkpoint ``path`` into ``model`` (and the hidden-state ``projection``) and
-    ``optimizer`` and restore the RNGs; its trainer state. Under ``strategy`` fsdp the full
-    state dicts in the checkpoint are sharded into the model and optimizer on every process."""
-    ckpt = load_checkpoint(path)
-    state = ckpt.trainer_state
-    if state.get("strategy", "ddp") != strategy:
-        raise CheckpointError(f"{path} was written with parallel.strategy = {state.get('strategy', 'ddp')}, this run "
-                              f"uses {strategy}; resume with parallel.strategy={state.get('strategy', 'ddp')}")
-    try:
-        if strategy == "fsdp":
-            from .sharding import load_full_state
+    ``optimizer`` and restore the RNGs; its trainer state.
 
-            load_full_state(model, optimizer, ckpt.model_state, ckpt.optimizer_state)
+    A sharded checkpoint loads onto any number of processes, sharded (``strategy`` fsdp) or not:
+    DCP reshards it. Any checkpoint resumes with another process count as long as the global
+    micro-batch is the same (``check_resumable``)."""
+    check_resumable(path, processes, batch_size, strategy)
+    ckpt = load_checkpoint(path)
+    try:
+        if ckpt.sharded:
+            from .sharding import load_shards
+
+            load_shards(path, model, optimizer)
         else:
             model.load_state_dict(ckpt.model_state)
+            optimizer.load_state_dict(ckpt.optimizer_state)
         _restore_projection(path, ckpt, projection)
     except RuntimeError as exc:
         raise CheckpointError(f"{path} does not fit this student ({str(exc).splitlines()[0][:160]}); resume with "
                               "the run's own model settings") from None
-    if state.get("processes", 1) != processes:
-        raise CheckpointError(f"{path} was written by a run with {state.get('processes', 1)} processes, this one has "
-                              f"{processes}; the data order depends on the process count: resume with the same "
-                              "number of processes")
-    if strategy != "fsdp":
-        optimizer.load_state_dict(ckpt.optimizer_state)
     if ckpt.rng_state is not None:
         restore_rng_state(ckpt.rng_state)
-    return state
+    return ckpt.trainer_state
 
 
 def _restore_projection(path: Path, ckpt: "LoadedCheckpoint", projection: torch.nn.Module | None) -> None:

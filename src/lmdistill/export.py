@@ -1,8 +1,9 @@
 """``lmdistill export CHECKPOINT OUT_DIR``: a Hugging Face model directory from any checkpoint.
 
-A checkpoint holds the student's weights and its model config (``student_config.json``);
-the tokenizer is saved once per run in ``RUN_DIR/tokenizer``. Together they make a
-directory that ``AutoModelForCausalLM.from_pretrained`` loads.
+A checkpoint holds the student's weights (in one file, or in the shards of an FSDP run's
+processes) and its model config (``student_config.json``); the tokenizer is saved once per run
+in ``RUN_DIR/tokenizer``. Together they make a directory that
+``AutoModelForCausalLM.from_pretrained`` loads.
 """
 
 from __future__ import annotations
@@ -61,7 +62,17 @@ def export_checkpoint(checkpoint: str | Path, out_dir: str | Path) -> Path:
     config_dict = json.loads(ckpt.extra_files["student_config.json"])
     config = AutoConfig.for_model(config_dict.pop("model_type"), **config_dict)
     model = AutoModelForCausalLM.from_config(config)
-    missing, unexpected = model.load_state_dict(ckpt.model_state, strict=False)
+    if ckpt.sharded:  # the shards of every process that wrote them, gathered into this one model
+        from .sharding import load_shards
+
+        try:
+            load_shards(checkpoint, model)
+        except RuntimeError as exc:
+            raise LmdistillError(f"checkpoint shards do not match the recorded config ({str(exc).splitlines()[0][:160]})"
+                                 ) from None
+        missing, unexpected = [], []
+    else:
+        missing, unexpected = model.load_state_dict(ckpt.model_state, strict=False)
     if unexpected or [k for k in missing if k not in set(ckpt.tied_weights) | _tied_names(model)]:
         raise LmdistillError(f"checkpoint weights do not match the recorded config (missing {missing[:3]}, "
                              f"unexpected {unexpected[:3]})")

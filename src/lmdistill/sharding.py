@@ -11,12 +11,18 @@ forward, sees the whole matrix, and its gradient is reduce-scattered with the re
 On a GPU the parameters compute in bf16 (``run.mixed_precision: bf16``) and gradients are
 reduced in fp32. The CPU (gloo) computes in fp32.
 
-Checkpoints: the full state dict of the student and of its optimizer is gathered to every
-process (``torch.distributed.checkpoint.state_dict``), and the main process writes it with the
-atomic protocol of ``checkpoint.py``. Resume loads it on every process and shards it again.
+Checkpoints are sharded: every process writes its own shard of the student and of its AdamW
+state through ``torch.distributed.checkpoint`` (DCP) into the checkpoint's staging directory,
+then the main process adds the rest and the manifest with the atomic protocol of
+``checkpoint.py``. DCP records each tensor's global shape and every shard's place in it, so a
+checkpoint loads onto any number of processes, sharded or not (``load_shards``).
 """
 
 from __future__ import annotations
+
+import sys
+import warnings
+from pathlib import Path
 
 import torch
 
@@ -48,9 +54,10 @@ def shard(model: torch.nn.Module, mixed_precision: str, device: torch.device) ->
 
 
 def is_sharded(model: torch.nn.Module) -> bool:
-    from torch.distributed.fsdp import FSDPModule
-
-    return isinstance(model, FSDPModule)
+    """Whether ``fully_shard`` was applied to ``model`` (without importing FSDP into runs that
+    never shard: no model can be an FSDPModule before torch.distributed.fsdp is imported)."""
+    fsdp = sys.modules.get("torch.distributed.fsdp")
+    return fsdp is not None and isinstance(model, fsdp.FSDPModule)
 
 
 def full_tensor(t: torch.Tensor) -> torch.Tensor:
@@ -67,21 +74,72 @@ def full_model_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     return get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
 
 
-def full_optimizer_state(model: torch.nn.Module, optimizer) -> dict:
-    """The optimizer's whole state, keyed by parameter names (a collective)."""
-    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
+def training_state(model: torch.nn.Module, optimizer=None) -> dict:
+    """``{"model": ..., "optimizer": ...}`` keyed by parameter names: this process's shards of a
+    sharded model (DTensors), whole tensors of an ordinary one. The optimizer's state is created
+    if no step made it yet, so the dict is also the template that ``load_shards`` fills."""
+    from torch.distributed.checkpoint.state_dict import get_model_state_dict, get_state_dict
 
-    return get_optimizer_state_dict(model, optimizer,
-                                    options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    if optimizer is None:
+        return {"model": get_model_state_dict(model)}
+    model_state, optimizer_state = get_state_dict(model, optimizer)
+    return {"model": model_state, "optimizer": optimizer_state}
 
 
-def load_full_state(model: torch.nn.Module, optimizer, model_state: dict, optimizer_state: dict) -> None:
-    """Shard a full state dict (every process passes the whole one) into ``model`` and ``optimizer``."""
-    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict, set_optimizer_state_dict
+def save_shards(directory: Path, model: torch.nn.Module, optimizer, step: int) -> None:
+    """Every process writes its shards of ``model`` and ``optimizer`` after ``step`` into
+    ``directory`` (which exists); a collective. Refused on every process, before anything is written, if any shard
+    holds NaN or inf."""
+    import torch.distributed as dist
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.tensor import DTensor
 
-    options = StateDictOptions(full_state_dict=True)
-    set_model_state_dict(model, model_state, options=options)
-    set_optimizer_state_dict(model, optimizer, optimizer_state, options=options)
+    from .checkpoint import CheckpointError, first_nonfinite_tensor
+
+    state = training_state(model, optimizer)
+    local = _map_tensors(state, lambda t: t.to_local() if isinstance(t, DTensor) else t)
+    bad = first_nonfinite_tensor(local)
+    flag = torch.tensor([0.0 if bad is None else 1.0], device=_device_of(model))
+    dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+    if flag.item():
+        where = f"{bad} has" if bad is not None else "another process's shard has"
+        raise CheckpointError(f"refusing to save the checkpoint of step {step}: {where} non-finite "
+                              "value(s); earlier checkpoints are untouched, resume from the last valid one")
+    try:
+        dcp.save(state, storage_writer=dcp.FileSystemWriter(directory, sync_files=True))
+    except OSError as exc:
+        raise CheckpointError(f"could not write checkpoint shards into {directory}: {exc.strerror or exc}; free disk "
+                              "space or make it writable, then resume (earlier checkpoints are untouched)") from None
+
+
+def load_shards(directory: Path, model: torch.nn.Module, optimizer=None) -> None:
+    """Fill ``model`` (and ``optimizer``) from the shards in ``directory``, whatever the number of
+    processes that wrote them and that read them now; a collective when a process group is up."""
+    import torch.distributed as dist
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import set_model_state_dict, set_optimizer_state_dict
+
+    state = training_state(model, optimizer)
+    with warnings.catch_warnings():  # (one process reading alone is meant, and DCP would say so)
+        warnings.filterwarnings("ignore", message=".*assuming the intent is to load in a single process")
+        dcp.load(state, storage_reader=dcp.FileSystemReader(directory), no_dist=not dist.is_initialized())
+    set_model_state_dict(model, state["model"])
+    if optimizer is not None:
+        set_optimizer_state_dict(model, optimizer, state["optimizer"])
+
+
+def _map_tensors(obj, fn):
+    if isinstance(obj, torch.Tensor):
+        return fn(obj)
+    if isinstance(obj, dict):
+        return {k: _map_tensors(v, fn) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(_map_tensors(v, fn) for v in obj)
+    return obj
+
+
+def _device_of(model: torch.nn.Module) -> torch.device:
+    return next(model.parameters()).device
 
 
 def check_fsdp(cfg, world: int) -> None:

@@ -31,6 +31,7 @@ from dataclasses import dataclass, field
 import torch
 
 from .batch import Batch
+from .sharding import is_sharded
 
 
 @dataclass
@@ -143,8 +144,10 @@ class LiveLogits(TeacherSignal):
 
     def __call__(self, batch: Batch, temperature: float) -> TeacherLogits:
         # Layer outputs take part in the hidden-state term's autograd graph as constants, which
-        # inference-mode tensors cannot; plain no_grad then.
-        with torch.no_grad() if self.layers else torch.inference_mode():
+        # inference-mode tensors cannot; plain no_grad then. So for a sharded teacher: FSDP keeps
+        # its all-gather buffers, and buffers made in inference mode refuse the next gather
+        # outside it (an evaluation).
+        with torch.no_grad() if self.layers or is_sharded(self.teacher) else torch.inference_mode():
             if not self.layers:
                 logits = prediction_logits(self.teacher, batch, self.vocab_size, trim=not self.reference)
                 layers = []

@@ -37,8 +37,8 @@ from tqdm.auto import tqdm
 from . import divergences
 from .batch import Batch
 from .cache import open_for_run
-from .checkpoint import (capture_rng_state, model_reference, projection_file, remove_leftovers, restore_training_state,
-                         resume_point, save_checkpoint)
+from .checkpoint import (capture_rng_state, check_resumable, make_staging_dir, model_reference, projection_file,
+                         remove_leftovers, restore_training_state, resume_point, save_checkpoint, staging_dir)
 from .config import Config
 from .data import build_block_data, make_sampler
 from .devices import check_trackers_installed, flat_config, make_accelerator
@@ -57,7 +57,7 @@ from .progress import interactive, progress_bar
 from .results import RunResult, StepResult
 from .rundir import RunDirectory
 from .schedules import Plan, lr_at, make_optimizer, temperature_at
-from .sharding import check_fsdp, full_model_state, full_optimizer_state, full_tensor, shard, whole_model
+from .sharding import check_fsdp, full_tensor, save_shards, shard, whole_model
 from .signals import CachedTeacher, choose_loss_impl, make_signal
 from .tracking import MetricsLog
 
@@ -195,6 +195,8 @@ class Trainer:
         if self.is_main:
             run.open_for_writing(cfg)  # the lock first: nothing is written or removed without it
         resume_from = resume_point(run.checkpoints, announce=self.is_main) if cfg.run.resume else None
+        if resume_from is not None:
+            check_resumable(resume_from, self.world, cfg.train.batch_size, cfg.parallel.strategy)
         if self.is_main:
             if resume_from is None:
                 if cfg.run.resume:  # nothing to resume, or the attempt died before its first checkpoint
@@ -213,7 +215,8 @@ class Trainer:
         self.monitor = HealthMonitor(cfg.health, self.plan.total_steps, self.vocab_size)
         if resume_from is not None:
             state = restore_training_state(resume_from, self.raw_student, self.optimizer, self.world,
-                                           projection=self.projection, strategy=cfg.parallel.strategy)
+                                           cfg.train.batch_size, projection=self.projection,
+                                           strategy=cfg.parallel.strategy)
             self.start_step, self.micro, self.initial = state["step"], state["micro_batches"], state["initial_eval"]
             self.guard.load_state_dict(state)
             self.monitor.load_state_dict(state["health"])
@@ -486,21 +489,25 @@ class Trainer:
 
     def save_checkpoint(self, done: int) -> None:
         self.last_checkpoint = done
-        if self.fsdp:  # gathered on every process (collectives), written by the main one
-            model_state, optimizer_state = full_model_state(self.raw_student), full_optimizer_state(
-                self.raw_student, self.optimizer)
-        else:
-            model_state, optimizer_state = self.raw_student.state_dict(), self.optimizer.state_dict()
+        staged = None
+        if self.fsdp:  # every process writes its shards into the staging directory the main one made
+            staged = make_staging_dir(self.run.checkpoints, done) if self.is_main else \
+                staging_dir(self.run.checkpoints, done)
+            self.accelerator.wait_for_everyone()
+            save_shards(staged, self.raw_student, self.optimizer, done)
         if self.is_main:
             trainer_state = {
                 "step": done, "micro_batches": self.micro, "epoch": self.sampler.epoch_of(max(self.micro - 1, 0)),
-                "total_steps": self.plan.total_steps, "processes": self.world, "initial_eval": self.initial,
+                "total_steps": self.plan.total_steps, "processes": self.world,
+                "global_batch": self.cfg.train.batch_size * self.world, "initial_eval": self.initial,
                 **self.guard.state_dict(), "health": self.monitor.state_dict(), "teacher": self.teacher_reference(),
                 "data": self.data.layout, "strategy": self.cfg.parallel.strategy,
             }
-            save_checkpoint(self.run.checkpoints, done, model_state=model_state,
-                            optimizer_state=optimizer_state, trainer_state=trainer_state,
-                            rng_state=capture_rng_state(), keep=self.cfg.checkpoint.keep,
+            save_checkpoint(self.run.checkpoints, done,
+                            model_state=None if self.fsdp else self.raw_student.state_dict(),
+                            optimizer_state=None if self.fsdp else self.optimizer.state_dict(),
+                            trainer_state=trainer_state, rng_state=capture_rng_state(),
+                            keep=self.cfg.checkpoint.keep, sharded_in=staged,
                             extra_files={"config.yaml": self.cfg.to_run_yaml().encode(),
                                          "student_config.json": self.raw_student.config.to_json_string().encode(),
                                          **projection_file(self.projection)})

@@ -4,15 +4,18 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import socket
 import subprocess
 import sys
+import tempfile
+from pathlib import Path
 
 import pytest
 import torch
 from safetensors.torch import load_file
 
-from conftest import REPO, read_jsonl, run_cli
+from conftest import REPO, cli, one_error_line, read_jsonl, run_cli
 
 pytestmark = pytest.mark.slow
 
@@ -123,75 +126,180 @@ def test_nan_on_one_rank_makes_every_rank_skip(tmp_path, teacher_dir, text_file)
     assert all(torch.equal(before.model_state[k], after.model_state[k]) for k in before.model_state)
 
 
-def test_ddp_resume_after_kill(tmp_path, teacher_dir, text_file, single_and_ddp):
-    _, reference = single_and_ddp
-    out = tmp_path / "ddp-resume"
-    first = _launch(2, *_common(teacher_dir, text_file, out, 2), "--set", "debug.exit_after_step=4")
-    assert first.returncode != 0 and not (out / "student").exists()
-    # A different number of processes is refused with a clear message: the data order depends on it.
-    one = run_cli(*_common(teacher_dir, text_file, out, 4), "--resume")
-    assert one.returncode == 2 and "same number of processes" in one.stderr
-    resumed = _launch(2, *_common(teacher_dir, text_file, out, 2), "--resume")
-    assert resumed.returncode == 0, resumed.stderr[-3000:]
-    assert [r["loss"] for r in _train_lines(out)] == [r["loss"] for r in _train_lines(reference)]
-    for name in ("model.safetensors", "hidden_projection.safetensors"):
-        wa = load_file(reference / "checkpoints" / "step-8" / name)
-        wb = load_file(out / "checkpoints" / "step-8" / name)
-        assert wa.keys() == wb.keys() and all(torch.equal(wa[k], wb[k]) for k in wa), name
+# ---------------------------------------------------------------------------------------------
+# DDP and FSDP through a kill, against one process. Every run below: hidden term off, a NaN from
+# the teacher at step 2 (on rank 1 only, in the 2-process runs), a checkpoint after every step.
 
 
+def _kill_args(teacher_dir, text_file, out, batch_size, *extra, nan_rank=""):
+    return (*_common(teacher_dir, text_file, out, batch_size), "--set", "distill.hidden.weight=0",
+            "--set", f"debug.inject=[{{step: 2, where: teacher_logits, value: nan{nan_rank}}}]",
+            "--set", "checkpoint.every=1", "--set", "checkpoint.keep=20", *extra)
 
-def _fsdp_args(teacher_dir, text_file, out, batch_size, *extra):
-    return (*_common(teacher_dir, text_file, out, batch_size), "--set", "distill.hidden.weight=0", *extra)
+
+def _rewound(run_dir, to_step, dest):
+    """A copy of killed run ``run_dir`` as if it had been killed right after ``to_step``: its later
+    checkpoints removed (writing a checkpoint never changes the run, so nothing else differs)."""
+    shutil.copytree(run_dir, dest)
+    for ckpt in (dest / "checkpoints").glob("step-*"):
+        if int(ckpt.name.split("-")[1]) > to_step:
+            shutil.rmtree(ckpt)
+    return dest
 
 
-def test_fsdp_on_two_ranks_matches_one_process_through_a_kill(tmp_path, teacher_dir, text_file):
-    """FSDP2 (gloo, 2 ranks x batch 2) against 1 process x batch 4. The FSDP run computes the
-    full-logits loss until it is killed after step 4, then resumes (the full checkpoint sharded
-    again) with the chunked loss, which multiplies by the student's lm_head outside its forward.
-    A NaN from the teacher on one rank at step 2 is skipped by every rank with the weights
-    untouched. Per-step losses, gradient norms and held-out perplexities agree within 1e-5, and
-    the final student (gathered into an ordinary model directory) and checkpoint within 1e-4."""
-    from transformers import AutoModelForCausalLM
+@pytest.fixture(scope="module")
+def killed_runs(tmp_path_factory, teacher_dir, text_file):
+    """One process x batch 4, uninterrupted; DDP and FSDP, 2 ranks x batch 2, each killed after
+    step 6, then a copy of each resumed from its step-4 checkpoint, so that steps 5 and 6 exist
+    twice: run straight through, and run after a resume."""
+    base = tmp_path_factory.mktemp("killed")
+    single = run_cli(*_kill_args(teacher_dir, text_file, base / "single", 4))
+    assert single.returncode == 0, single.stderr[-3000:]
+    runs = {"single": base / "single"}
+    for strategy in ("ddp", "fsdp"):
+        killed, resumed = base / strategy, base / f"{strategy}-resumed"
+        # FSDP takes the chunked loss, which multiplies by the root's lm_head outside the forward;
+        # the others the full logits (auto, at this size)
+        strategy_arg = ("--set", f"parallel.strategy={strategy}", "--set",
+                        "loss.impl=chunked" if strategy == "fsdp" else "loss.impl=auto")
+        first = _launch(2, *_kill_args(teacher_dir, text_file, killed, 2, *strategy_arg, nan_rank=", rank: 1"),
+                        "--set", "debug.exit_after_step=6")
+        assert first.returncode != 0 and (killed / "checkpoints" / "step-6").is_dir(), first.stderr[-3000:]
+        assert not (killed / "student").exists()
+        _rewound(killed, 4, resumed)
+        again = _launch(2, *_kill_args(teacher_dir, text_file, resumed, 2, *strategy_arg, nan_rank=", rank: 1"),
+                        "--set", "debug.exit_after_step=null", "--resume")  # (the saved config has the drill)
+        assert again.returncode == 0 and "from step-4" in again.stdout, again.stderr[-3000:]
+        runs[strategy], runs[f"{strategy}-resumed"] = killed, resumed
+    return runs
 
-    single, fsdp = tmp_path / "single", tmp_path / "fsdp"
-    nan_at_2 = "debug.inject=[{step: 2, where: teacher_logits, value: nan%s}]"
-    one = run_cli(*_fsdp_args(teacher_dir, text_file, single, 4, "--set", nan_at_2 % ""))
-    assert one.returncode == 0, one.stderr[-3000:]
-    # Step 2's teacher gives NaN on rank 1 only: every rank must skip it, as the one process does.
-    args = _fsdp_args(teacher_dir, text_file, fsdp, 2, "--set", "parallel.strategy=fsdp", "--set",
-                      nan_at_2 % ", rank: 1", "--set", "checkpoint.every=1", "--set", "checkpoint.keep=20")
-    first = _launch(2, *args, "--set", "loss.impl=full", "--set", "debug.exit_after_step=4")
-    assert first.returncode != 0 and (fsdp / "checkpoints" / "step-4").is_dir()
-    resumed = _launch(2, *args, "--set", "loss.impl=chunked", "--set", "debug.exit_after_step=null", "--resume")
-    assert resumed.returncode == 0, resumed.stderr[-3000:]
-    for run in (single, fsdp):
+
+def _checkpoint_tensors(run_dir, step) -> dict[str, torch.Tensor]:
+    """Every tensor of checkpoint step-N, weights and AdamW state, read with torch's own tools
+    (safetensors and torch.load for one file, DCP's converter for shards) as flat name -> tensor."""
+    from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
+
+    path = run_dir / "checkpoints" / f"step-{step}"
+    if (path / "model.safetensors").is_file():
+        state = {"model": load_file(path / "model.safetensors"),
+                 "optimizer": torch.load(path / "optimizer.pt", weights_only=True)["state"]}
+    else:
+        with tempfile.TemporaryDirectory() as tmp:
+            dcp_to_torch_save(path, Path(tmp) / "whole.pt")
+            state = torch.load(Path(tmp) / "whole.pt", weights_only=False)
+        state["optimizer"] = state["optimizer"]["state"]
+    return dict(_flat(state))
+
+
+def _flat(obj, prefix=""):
+    if isinstance(obj, torch.Tensor):
+        yield prefix, obj
+    elif isinstance(obj, dict):
+        for key, value in obj.items():
+            yield from _flat(value, f"{prefix}/{key}")
+
+
+_TIMING = {"tokens_per_s"}
+
+
+def test_kill_and_resume_is_bit_exact(killed_runs):
+    """Steps 5 and 6 after a resume from step 4 equal the same steps run straight through: every
+    logged value, and every weight and AdamW tensor of the step-6 checkpoint, bit for bit."""
+    for strategy in ("ddp", "fsdp"):
+        straight, resumed = killed_runs[strategy], killed_runs[f"{strategy}-resumed"]
+        a = {r["step"]: r for r in _train_lines(straight)}
+        b = {r["step"]: r for r in _train_lines(resumed)}
+        for step in (4, 5):  # (steps count from 0 in metrics.jsonl: the 5th and 6th)
+            assert {k: v for k, v in b[step].items() if k not in _TIMING} == \
+                {k: v for k, v in a[step].items() if k not in _TIMING}, (strategy, step)
+        want, got = _checkpoint_tensors(straight, 6), _checkpoint_tensors(resumed, 6)
+        assert want.keys() == got.keys() and len(want) > 10, strategy
+        assert all(torch.equal(want[k], got[k]) for k in want), strategy
+
+
+def _eval_ppl(run_dir):
+    return [r["eval_ppl"] for r in read_jsonl(run_dir / "metrics.jsonl") if "eval_ppl" in r]
+
+
+def _assert_close_runs(got, want, losses=("loss", "kd_loss", "ce_loss", "grad_norm")):
+    """Same steps taken and skipped, per-step values within 1e-5, held-out perplexities within
+    1e-5, final checkpoint weights within 1e-4 (float sums in another order: documented)."""
+    for run in (got, want):
         skipped = [(r["step"], r["reason"]) for r in read_jsonl(run / "metrics.jsonl") if r.get("skipped")]
         assert skipped == [(2, "nonfinite:teacher_logits")], run
-    before, after = (load_file(fsdp / "checkpoints" / f"step-{n}" / "model.safetensors") for n in (2, 3))
-    assert all(torch.equal(before[k], after[k]) for k in before)  # the skipped step changed no weight
-    a = [r for r in read_jsonl(single / "metrics.jsonl") if "loss" in r and not r.get("skipped")]
-    b = [r for r in read_jsonl(fsdp / "metrics.jsonl") if "loss" in r and not r.get("skipped")]
+    a, b = _train_lines(want), _train_lines(got)
     assert [r["step"] for r in b] == [0, 1, 3, 4, 5, 6, 7] == [r["step"] for r in a]
     for x, y in zip(a, b):
-        for key in ("loss", "kd_loss", "ce_loss", "grad_norm"):
+        for key in losses:
             assert y[key] == pytest.approx(x[key], rel=1e-5, abs=1e-6), (x["step"], key)
-    ea = [r for r in read_jsonl(single / "metrics.jsonl") if "eval_ppl" in r]
-    eb = [r for r in read_jsonl(fsdp / "metrics.jsonl") if "eval_ppl" in r]
-    assert [r["eval_ppl"] for r in eb] == pytest.approx([r["eval_ppl"] for r in ea], rel=1e-5)
-    want = AutoModelForCausalLM.from_pretrained(single / "student").state_dict()
-    got = AutoModelForCausalLM.from_pretrained(fsdp / "student").state_dict()
-    assert want.keys() == got.keys()
-    for name in want:
-        torch.testing.assert_close(got[name], want[name], rtol=1e-4, atol=1e-5)
-    wa = load_file(single / "checkpoints" / "step-8" / "model.safetensors")
-    wb = load_file(fsdp / "checkpoints" / "step-8" / "model.safetensors")
+    assert _eval_ppl(got) == pytest.approx(_eval_ppl(want), rel=1e-5) and len(_eval_ppl(want)) == 3
+    wa = {k: v for k, v in _checkpoint_tensors(want, 8).items() if k.startswith("/model/")}
+    wb = {k: v for k, v in _checkpoint_tensors(got, 8).items() if k.startswith("/model/")}
     assert wa.keys() == wb.keys()
     for name in wa:
         torch.testing.assert_close(wb[name], wa[name], rtol=1e-4, atol=1e-5)
 
 
-def test_fsdp_refuses_one_process_and_what_it_does_not_support(tmp_path, teacher_dir, text_file):
-    one = run_cli(*_fsdp_args(teacher_dir, text_file, tmp_path / "one", 2, "--set", "parallel.strategy=fsdp"))
-    assert one.returncode == 2 and "torchrun --nproc_per_node" in one.stderr and "Traceback" not in one.stderr
+def test_fsdp_matches_one_process_and_ddp(killed_runs):
+    """FSDP2 (gloo, 2 ranks x batch 2, the chunked loss multiplying by the root's lm_head outside
+    the model's forward) against 1 process x batch 4 and against DDP over the same steps; the
+    final student, gathered from the shards into an ordinary directory, loads and matches."""
+    from transformers import AutoModelForCausalLM
+
+    fsdp = killed_runs["fsdp-resumed"]
+    _assert_close_runs(fsdp, killed_runs["single"])
+    _assert_close_runs(fsdp, killed_runs["ddp-resumed"])
+    assert json.loads((fsdp / "run.json").read_text())["plan"]["strategy"] == "fsdp"
+    want = AutoModelForCausalLM.from_pretrained(killed_runs["single"] / "student").state_dict()
+    got = AutoModelForCausalLM.from_pretrained(fsdp / "student").state_dict()
+    assert want.keys() == got.keys()
+    for name in want:
+        torch.testing.assert_close(got[name], want[name], rtol=1e-4, atol=1e-5)
+
+
+def test_fsdp_checkpoints_are_shards_and_a_skipped_step_changes_nothing(killed_runs):
+    fsdp = killed_runs["fsdp"]
+    step6 = fsdp / "checkpoints" / "step-6"
+    manifest = json.loads((step6 / "manifest.json").read_text())
+    assert manifest["layout"] == "sharded" and manifest["format_version"] == 2
+    assert {"__0_0.distcp", "__1_0.distcp", ".metadata"} <= set(manifest["files"])  # a file per rank
+    assert not (step6 / "model.safetensors").exists() and not list((fsdp / "checkpoints").glob(".tmp-*"))
+    # The NaN on rank 1 at step 2 (the third): every rank skipped it, no weight or AdamW tensor moved.
+    before, after = _checkpoint_tensors(fsdp, 2), _checkpoint_tensors(fsdp, 3)
+    assert before.keys() == after.keys() and all(torch.equal(before[k], after[k]) for k in before)
+
+
+def test_sharded_checkpoint_exports_to_the_gathered_student(killed_runs, tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    fsdp = killed_runs["fsdp-resumed"]
+    done = cli("export", str(fsdp / "checkpoints" / "step-8"), str(tmp_path / "exported"))
+    assert done.returncode == 0, done.stderr
+    want = AutoModelForCausalLM.from_pretrained(fsdp / "student").state_dict()
+    got = AutoModelForCausalLM.from_pretrained(tmp_path / "exported").state_dict()
+    assert want.keys() == got.keys() and all(torch.equal(want[k], got[k]) for k in want)
+
+
+def test_fsdp_run_resumes_in_one_process(killed_runs, tmp_path, teacher_dir, text_file):
+    """DCP reshards the 2-rank checkpoint into one unsharded process (batch 4: the same global
+    batch, hence the same data order). Its newest checkpoint has a corrupt shard: the resume falls
+    back to the one before, naming the file."""
+    copy = _rewound(killed_runs["fsdp"], 6, tmp_path / "one")
+    shard = copy / "checkpoints" / "step-6" / "__1_0.distcp"
+    data = bytearray(shard.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    shard.write_bytes(bytes(data))
+    args = _kill_args(teacher_dir, text_file, copy, 4, "--set", "parallel.strategy=ddp", "--set",
+                      "debug.exit_after_step=null", "--resume")
+    wrong = cli(*_kill_args(teacher_dir, text_file, copy, 2, "--set", "parallel.strategy=ddp", "--resume"))
+    one_error_line(wrong, "global batch of 4", "--batch-size 4")
+    resumed = cli(*args)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert "__1_0.distcp" in resumed.stdout and "from step-5" in resumed.stdout
+    _assert_close_runs(copy, killed_runs["single"])
+
+
+def test_fsdp_refuses_one_process(tmp_path, teacher_dir, text_file):
+    one = run_cli(*_kill_args(teacher_dir, text_file, tmp_path / "one", 2, "--set", "parallel.strategy=fsdp"))
+    one_error_line(one, "torchrun --nproc_per_node")
     assert not (tmp_path / "one").exists()

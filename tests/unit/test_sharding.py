@@ -1,0 +1,36 @@
+"""FSDP2 pieces that need no second process: torch shards over a process group of one."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.distributed as dist
+
+from lmdistill.batch import Batch
+from lmdistill.sharding import is_sharded, shard
+from lmdistill.signals import LiveLogits
+
+from conftest import tiny_llama
+
+
+@pytest.fixture
+def group_of_one():
+    dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
+    yield
+    dist.destroy_process_group()
+
+
+def test_a_sharded_teacher_serves_training_steps_and_then_evaluation(group_of_one):
+    """A teacher's forward in a training step, then one in an evaluation (no_grad): FSDP reuses
+    its gather buffers across them, which inference mode in the first would break."""
+    plain = tiny_llama(64, hidden=16, layers=2, seed=3).eval()
+    teacher = shard(tiny_llama(64, hidden=16, layers=2, seed=3).eval(), "no", torch.device("cpu"))
+    assert is_sharded(teacher) and not is_sharded(plain)
+    ids = torch.randint(0, 64, (2, 8), generator=torch.Generator().manual_seed(0))
+    batch = Batch(ids, None, ids, 16)
+    stepped = LiveLogits(teacher, 64)(batch, 1.0).logits
+    with torch.no_grad():
+        evaluated = teacher(input_ids=ids).logits[:, :-1]
+        want = plain(input_ids=ids).logits[:, :-1]
+    torch.testing.assert_close(stepped, want)
+    torch.testing.assert_close(evaluated, want)
