@@ -234,7 +234,9 @@ class Trainer:
         self.log = MetricsLog(self.run.path, enabled=self.is_main,
                               accelerator=self.accelerator if cfg.run.trackers else None)
         self.say = tqdm.write if self.progress and interactive() else print
-        self.rates: list[float] = []  # tokens/s of every applied step this process ran
+        # tokens/s of every applied step this process ran, apart for on-policy steps (generation
+        # makes them another population: one median over both would describe neither)
+        self.rates: dict[bool, list[float]] = {False: [], True: []}
         # The teacher's held-out CE: measured once (a frozen teacher on fixed blocks), or the cache's.
         self.teacher_cache: dict = {"teacher_ce_loss": self.cache.manifest["teacher_eval"]["teacher_ce_loss"]} \
             if self.cache is not None else {}
@@ -422,7 +424,7 @@ class Trainer:
             if stop is not None:
                 raise TrainingStopped(stop)
         else:
-            self.rates.append(result.tokens_per_s)
+            self.rates[stats.on_policy].append(result.tokens_per_s)
             # The loss checks follow one kind of step: on-policy losses are of another scale.
             if stats.on_policy == (self.cfg.distill.on_policy.fraction >= 1.0):
                 self.announce(step, self.monitor.on_train_loss(step, stats.loss))
@@ -521,10 +523,11 @@ class Trainer:
         student_dir = self.run.save_student(student, self.tokenizer) if self.is_main else None
         if self.teacher is not None and parameter_fingerprint(self.teacher) != self.teacher_before:
             raise AssertionError("the teacher's weights changed during training")  # our invariant, not user error
-        rate = statistics.median_high(self.rates) if self.rates else None
+        rate, on_policy_rate = (statistics.median_high(r) if r else None for r in (self.rates[False], self.rates[True]))
         self.run_info.update(status="finished", initial=_eval_summary(self.initial), final={
             **_eval_summary(final), "steps": total, "skipped_steps": self.guard.state.total_skips,
-            "rollbacks": self.guard.state.rollbacks, "tokens_per_s": rate})
+            "rollbacks": self.guard.state.rollbacks, "tokens_per_s": rate,
+            **({"on_policy_tokens_per_s": on_policy_rate} if on_policy_rate is not None else {})})
         health = self._finish(total)
         return RunResult(run_dir=self.run.path, status="finished", steps=total, initial=self.initial, final=final,
                          health=health, student_dir=student_dir)

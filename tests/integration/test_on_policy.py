@@ -4,6 +4,9 @@ samples and weights, two processes agree on every draw, and what cannot work is 
 
 from __future__ import annotations
 
+import json
+import statistics
+
 import pytest
 import torch
 from safetensors.torch import load_file
@@ -58,6 +61,12 @@ def test_on_policy_steps_follow_the_draw_and_log_their_generations(tmp_path, tea
     evals = [r for r in read_jsonl(tmp_path / "run" / "metrics.jsonl") if "eval_ppl" in r]
     assert len(evals) >= 2 and all(r["gen_teacher_nll"] > 0 and 0 < r["gen_length"] <= 12 for r in evals)
     assert evals[0]["gen_samples"][0]["prompt"] == evals[-1]["gen_samples"][0]["prompt"]
+    # throughput: a median per kind of step, in run.json and in the report (generation makes
+    # on-policy steps another population)
+    final = json.loads((tmp_path / "run" / "run.json").read_text())["final"]
+    assert final["tokens_per_s"] == statistics.median_high(r["tokens_per_s"] for r in off)
+    assert final["on_policy_tokens_per_s"] == statistics.median_high(r["tokens_per_s"] for r in on)
+    assert "throughput of on-policy steps" in (tmp_path / "run" / "report.md").read_text()
     report = (tmp_path / "run" / "report.md").read_text()
     assert "## The student's own text (on-policy)" in report and (tmp_path / "run" / "plots" / "generations.png").is_file()
 

@@ -2,7 +2,8 @@
 
 Where the numbers come from (all from the files on disk, never recomputed):
 - "after": the last evaluation line of metrics.jsonl; "before": the one at step 0;
-- tokens/s: the median of ``tokens_per_s`` over the training lines (skipped steps excluded);
+- tokens/s: the median of ``tokens_per_s`` over the training lines (skipped steps excluded),
+  on-policy steps apart;
 - perplexity is printed with 4 significant digits and never capped: 2.3e+12 stays 2.3e+12.
 """
 
@@ -195,7 +196,13 @@ def _run_rows(record: RunRecord) -> list[list[Any]]:
     tps = median_tokens_per_s(record)
     tps_text = f"{fmt_rate(tps)} (median of {len(valid_rates(record))} training lines)" if tps is not None else DASH
     wall = fmt_duration(info.get("wall_time_s")) if record.run_info is not None else "unknown (no run.json)"
-    rows = [["training throughput (tokens/s)", tps_text], ["wall time", wall],
+    rows = [["training throughput (tokens/s)", tps_text]]
+    on_policy = median_tokens_per_s(record, on_policy=True)
+    if on_policy is not None:
+        rows[0][0] = "training throughput of ordinary steps (tokens/s)"
+        rows.append(["throughput of on-policy steps, generation included (tokens/s)",
+                     f"{fmt_rate(on_policy)} (median of {len(valid_rates(record, on_policy=True))} training lines)"])
+    rows += [["wall time", wall],
             ["started / finished", f"{fmt_value(info.get('started_at'))} / {fmt_value(info.get('finished_at'))}"]]
     losses = [(line["step"], value_of(line, "loss")) for line in record.train]
     finite = [(s, x) for s, x in losses if x is not None and math.isfinite(x)]

@@ -166,13 +166,16 @@ def get(mapping: Any, dotted: str) -> Any:
     return node
 
 
-def valid_rates(record: RunRecord) -> list[float]:
-    _, rates = series(record.train, "tokens_per_s")
+def valid_rates(record: RunRecord, on_policy: bool = False) -> list[float]:
+    """tokens_per_s of the training lines of one kind: ordinary steps, or on-policy steps (whose
+    time includes generation; the two are kept apart, as in run.json)."""
+    _, rates = series([line for line in record.train if bool(line.get("on_policy")) == on_policy], "tokens_per_s")
     return [x for x in rates if math.isfinite(x) and x > 0]
 
 
-def median_tokens_per_s(record: RunRecord) -> float | None:
-    """The throughput figure: median tokens_per_s over the training lines (the upper middle
-    value for an even count: an actual logged value, as the trainer's run.json gives)."""
-    values = valid_rates(record)
+def median_tokens_per_s(record: RunRecord, on_policy: bool = False) -> float | None:
+    """The throughput figure: median tokens_per_s over the training lines of ordinary steps (or
+    of on-policy ones); the upper middle value for an even count: an actual logged value, as
+    the trainer's run.json gives."""
+    values = valid_rates(record, on_policy)
     return statistics.median_high(values) if values else None
