@@ -40,13 +40,21 @@ def decoder_layers(model: torch.nn.Module) -> list[torch.nn.Module]:
                          "use parallel.strategy=ddp")
 
 
+def precision_policy(mixed_precision: str, device: torch.device):
+    """FSDP's mixed precision for ``run.mixed_precision``: on a GPU with bf16, parameters are
+    gathered and computed in bf16 and gradients reduced in fp32; otherwise fp32 throughout."""
+    from torch.distributed.fsdp import MixedPrecisionPolicy
+
+    if mixed_precision == "bf16" and device.type == "cuda":
+        return MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
+    return MixedPrecisionPolicy()
+
+
 def shard(model: torch.nn.Module, mixed_precision: str, device: torch.device) -> torch.nn.Module:
     """``fully_shard`` each decoder layer, then the root; in place, returns the model."""
-    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+    from torch.distributed.fsdp import fully_shard
 
-    policy = MixedPrecisionPolicy()
-    if mixed_precision == "bf16" and device.type == "cuda":
-        policy = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
+    policy = precision_policy(mixed_precision, device)
     for layer in decoder_layers(model):
         fully_shard(layer, mp_policy=policy, reshard_after_forward=True)
     fully_shard(model, mp_policy=policy)

@@ -34,3 +34,13 @@ def test_a_sharded_teacher_serves_training_steps_and_then_evaluation(group_of_on
         want = plain(input_ids=ids).logits[:, :-1]
     torch.testing.assert_close(stepped, want)
     torch.testing.assert_close(evaluated, want)
+
+
+def test_bf16_on_a_gpu_computes_in_bf16_and_reduces_in_fp32():
+    from lmdistill.sharding import precision_policy
+
+    gpu = precision_policy("bf16", torch.device("cuda", 0))
+    assert (gpu.param_dtype, gpu.reduce_dtype) == (torch.bfloat16, torch.float32)
+    for mixed, device in (("bf16", "cpu"), ("no", "cuda"), ("fp16", "cpu")):
+        policy = precision_policy(mixed, torch.device(device))
+        assert (policy.param_dtype, policy.reduce_dtype) == (None, None), (mixed, device)  # fp32 as stored
