@@ -44,3 +44,20 @@ def test_bf16_on_a_gpu_computes_in_bf16_and_reduces_in_fp32():
     for mixed, device in (("bf16", "cpu"), ("no", "cuda"), ("fp16", "cpu")):
         policy = precision_policy(mixed, torch.device(device))
         assert (policy.param_dtype, policy.reduce_dtype) == (None, None), (mixed, device)  # fp32 as stored
+
+
+@pytest.mark.parametrize("setting, named", [("guard.spike=rollback", "guard.spike = rollback"),
+                                            ("distill.hidden.weight=1.0", "hidden-state term"),
+                                            ("distill.on_policy.fraction=0.5", "on-policy steps")])
+def test_what_fsdp_does_not_support_is_refused_in_one_line(setting, named):
+    from lmdistill.config import Config
+    from lmdistill.errors import LmdistillError
+    from lmdistill.sharding import check_fsdp
+
+    cfg = Config()
+    check_fsdp(cfg, world=2)  # the defaults are supported
+    cfg.apply_override(setting)
+    with pytest.raises(LmdistillError) as refused:
+        check_fsdp(cfg, world=2)
+    message = str(refused.value)
+    assert named in message and "parallel.strategy=ddp" in message and "\n" not in message
