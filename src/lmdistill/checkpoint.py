@@ -216,6 +216,7 @@ def save_checkpoint(
 
     installed = False
     try:
+        shards = _written_shards(tmp, final) if sharded_in is not None else None
         if sharded_in is None:
             if tmp.exists():
                 shutil.rmtree(tmp)
@@ -234,7 +235,7 @@ def save_checkpoint(
         manifest = {
             "format": FORMAT_NAME,
             "format_version": 1 if sharded_in is None else 2,
-            **({"layout": SHARDED} if sharded_in is not None else {}),
+            **({"layout": SHARDED, "shard_files": shards} if sharded_in is not None else {}),
             "step": step,
             "created_unix": time.time(),
             "extra_files": sorted(extra_files),
@@ -256,6 +257,24 @@ def save_checkpoint(
     if keep is not None:
         _apply_retention(checkpoints_dir, keep, protect=final)
     return final
+
+
+def _written_shards(staging: Path, final: Path) -> list[str]:
+    """The files of the shard map in ``staging``, each one checked to be there: a shard this
+    process cannot see (an output directory that is not shared between machines) refuses the
+    save instead of making a checkpoint that verifies but cannot load."""
+    from .sharding import shard_files
+
+    try:
+        names = shard_files(staging)
+    except CheckpointError as exc:
+        raise CheckpointError(f"could not complete checkpoint {final}: {exc}") from None
+    missing = [name for name in names if not (staging / name).is_file()]
+    if missing:
+        raise CheckpointError(f"could not complete checkpoint {final}: {staging / missing[0]} is not there (of "
+                              f"{len(names)} files the shard map lists); every process must write into the same "
+                              "directory: put --output-dir on a file system all machines share")
+    return names
 
 
 def save_safetensors(tensors: Mapping[str, torch.Tensor], path: Path, metadata: dict | None = None) -> None:
@@ -366,12 +385,12 @@ def _check_extra_file_name(name: str) -> None:
         not isinstance(name, str)
         or not name
         or name in _RESERVED_FILES
-        or name.startswith(".")
+        or name.startswith((".", "__"))  # (``__R_0.distcp``: the shards of a sharded checkpoint)
         or "/" in name
         or "\\" in name
     ):
         raise ValueError(
-            f"extra file name {name!r} must be a plain file name, not hidden and not one of "
+            f"extra file name {name!r} must be a plain file name, not hidden, not starting with '__' and not one of "
             f"{sorted(_RESERVED_FILES)}"
         )
 
@@ -508,8 +527,11 @@ def verify_checkpoint(path: Path, *, check_hashes: bool = True) -> list[str]:
         return [problem or f"{path}: invalid manifest"]
     problems = []
     files: dict[str, Any] = manifest["files"]
-    weights = SHARDS_METADATA_FILE if manifest.get("layout") == SHARDED else MODEL_FILE
-    for required in (weights, TRAINER_STATE_FILE):
+    sharded = manifest.get("layout") == SHARDED
+    weights = manifest.get("shard_files") if sharded else [MODEL_FILE]
+    if not isinstance(weights, list) or (sharded and SHARDS_METADATA_FILE not in weights):
+        return [f"{path / MANIFEST_FILE}: a sharded checkpoint's manifest without its list of shard files"]
+    for required in (*weights, TRAINER_STATE_FILE):
         if required not in files:
             problems.append(f"{path / required}: not listed in the manifest")
     for name, record in sorted(files.items()):
@@ -549,14 +571,16 @@ def find_latest_valid(checkpoints_dir: Path) -> tuple[Path | None, list[str]]:
 # --------------------------------------------------------------------------- load
 
 
-def load_checkpoint(path: Path, map_location: str | torch.device = "cpu") -> LoadedCheckpoint:
+def load_checkpoint(path: Path, map_location: str | torch.device = "cpu", *,
+                    check_hashes: bool = True) -> LoadedCheckpoint:
     """Verify ``path`` against its manifest, then load everything onto ``map_location``.
 
     Raises CheckpointError naming the bad file if verification fails; nothing from an
-    unverified directory is ever deserialized.
+    unverified directory is ever deserialized. ``check_hashes=False`` when ``path`` was just
+    verified with them (``resume_point``): the sizes are still checked.
     """
     path = Path(path)
-    problems = verify_checkpoint(path)
+    problems = verify_checkpoint(path, check_hashes=check_hashes)
     if problems:
         more = f" (and {len(problems) - 1} more problem(s))" if len(problems) > 1 else ""
         raise CheckpointError(
@@ -661,21 +685,23 @@ def check_resumable(path: Path, processes: int, batch_size: int, strategy: str) 
                               f"({saved_batch // saved_processes} x {saved_processes} processes) and this run's is "
                               f"{batch_size} x {processes}; the data order depends on it: resume with {fix}")
     if strategy == "fsdp" and (manifest or {}).get("layout") != SHARDED:
-        raise CheckpointError(f"{path} holds whole weights (written without FSDP); resume it with "
-                              "parallel.strategy=ddp")
+        raise CheckpointError(f"{path} holds whole weights, not FSDP shards; resume it with parallel.strategy=ddp")
 
 
 def restore_training_state(path: Path, model: torch.nn.Module, optimizer, processes: int, batch_size: int,
-                           projection: torch.nn.Module | None = None, strategy: str = "ddp") -> dict[str, Any]:
+                           projection: torch.nn.Module | None = None, strategy: str = "ddp",
+                           verified: bool = False) -> dict[str, Any]:
     """Load checkpoint ``path`` into ``model`` (and the hidden-state ``projection``) and
-    ``optimizer`` and restore the RNGs; its trainer state.
+    ``optimizer`` and restore the RNGs; its trainer state. ``verified``: its hashes were just
+    checked (``resume_point``), only the sizes are checked again.
 
     A sharded checkpoint loads onto any number of processes, sharded (``strategy`` fsdp) or not:
     DCP reshards it. Any checkpoint resumes with another process count as long as the global
     micro-batch is the same (``check_resumable``)."""
     check_resumable(path, processes, batch_size, strategy)
-    ckpt = load_checkpoint(path)
+    ckpt = load_checkpoint(path, check_hashes=not verified)
     try:
+        _restore_projection(path, ckpt, projection)  # first: a mismatch is said plainly
         if ckpt.sharded:
             from .sharding import load_shards
 
@@ -683,7 +709,6 @@ def restore_training_state(path: Path, model: torch.nn.Module, optimizer, proces
         else:
             model.load_state_dict(ckpt.model_state)
             optimizer.load_state_dict(ckpt.optimizer_state)
-        _restore_projection(path, ckpt, projection)
     except RuntimeError as exc:
         raise CheckpointError(f"{path} does not fit this student ({str(exc).splitlines()[0][:160]}); resume with "
                               "the run's own model settings") from None

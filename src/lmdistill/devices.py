@@ -65,3 +65,25 @@ def flat_config(cfg: Config) -> dict:
     """section.key -> value with lists and mappings as text: what trackers accept as hyperparameters."""
     return {f"{section}.{key}": value if isinstance(value, (int, float, str, bool)) or value is None else str(value)
             for section, values in cfg.to_dict().items() for key, value in values.items()}
+
+
+def on_main(accelerator, work):
+    """``work()`` on the main process; every process returns its result, or raises its error: a
+    failure there must not leave the others waiting in the next collective."""
+    from accelerate.utils import broadcast_object_list
+
+    outcome, failure = [None, None], None
+    if accelerator.is_main_process:
+        try:
+            outcome = [work(), None]
+        except Exception as exc:
+            failure = exc
+            outcome = [None, exc if isinstance(exc, LmdistillError) else
+                       LmdistillError(f"the main process failed: {type(exc).__name__}: {exc}")]
+    if accelerator.num_processes > 1:
+        outcome = broadcast_object_list(outcome)
+    if failure is not None:
+        raise failure
+    if outcome[1] is not None:
+        raise outcome[1]
+    return outcome[0]

@@ -278,12 +278,15 @@ class RunDirectory:
                                  "space?), then run again with --resume: the final checkpoint is kept") from None
 
     def warn_if_resume_differs(self, checkpoint: Path, cfg, teacher_ref: dict | None,
-                               data_layout: dict | None = None) -> list[str]:
+                               data_layout: dict | None = None, processes: int = 1) -> list[str]:
         """Warn when a resume would not continue the same run (a changed config, teacher or
-        data); the changed config keys."""
+        data); the changed config keys. Another batch size for another number of processes
+        (the same global batch) and another parallel strategy are noted, not warned about: the
+        run continues with the same blocks, to float precision."""
         from .config import Config, load_yaml
 
         changed = []
+        state = json.loads((checkpoint / "trainer_state.json").read_text())
         saved_path = self.path / "config.yaml"
         if saved_path.is_file():
             saved, now = Config.from_dict(load_yaml(saved_path)).to_dict(), cfg.to_dict()
@@ -291,10 +294,18 @@ class RunDirectory:
                 saved["run"][key] = now["run"][key]
             changed = [f"{section}.{key}" for section in now for key in now[section]
                        if saved.get(section, {}).get(key) != now[section][key]]
-            if changed:
-                print(f"warning: resuming with a changed config ({', '.join(changed)}); the resumed run will "
+            layout = [key for key in ("train.batch_size", "parallel.strategy") if key in changed]
+            if layout and state.get("global_batch") == cfg.train.batch_size * processes:
+                print(f"note: resuming on {processes} process(es) x batch {cfg.train.batch_size} with "
+                      f"parallel.strategy = {cfg.parallel.strategy} (the checkpoint's: {state.get('processes')} x "
+                      f"{saved['train']['batch_size']}, {saved['parallel']['strategy']}): the same blocks in the "
+                      "same order; the numbers follow the uninterrupted run to float precision")
+                shown = [key for key in changed if key not in layout]
+            else:
+                shown = changed
+            if shown:
+                print(f"warning: resuming with a changed config ({', '.join(shown)}); the resumed run will "
                       "not match an uninterrupted one")
-        state = json.loads((checkpoint / "trainer_state.json").read_text())
         saved_data = state.get("data") or {}
         if data_layout and saved_data.get("train") and saved_data.get("train") != data_layout.get("train"):
             print("warning: the training blocks differ from the checkpoint's (the data, its tokenization or the "

@@ -37,11 +37,11 @@ from tqdm.auto import tqdm
 from . import divergences
 from .batch import Batch
 from .cache import open_for_run
-from .checkpoint import (capture_rng_state, check_resumable, make_staging_dir, model_reference, projection_file,
-                         remove_leftovers, restore_training_state, resume_point, save_checkpoint, staging_dir)
+from .checkpoint import (capture_rng_state, make_staging_dir, model_reference, projection_file, remove_leftovers,
+                         restore_training_state, resume_point, save_checkpoint)
 from .config import Config
 from .data import build_block_data, make_sampler
-from .devices import check_trackers_installed, flat_config, make_accelerator
+from .devices import check_trackers_installed, flat_config, make_accelerator, on_main
 from .errors import LmdistillError, TrainingStopped
 from .evaluate import evaluate, summary_table
 from .faults import FaultInjector
@@ -190,40 +190,39 @@ class Trainer:
     def _setup_resume(self) -> None:
         """Continue from the newest valid checkpoint (``--resume``), or start the run directory."""
         cfg, run = self.cfg, self.run
-        self.start_step, self.micro, self.initial, state = 0, 0, None, {}
+        self.start_step, self.micro, self.initial = 0, 0, None
         self.resume_changes: list[str] = []
         if self.is_main:
             run.open_for_writing(cfg)  # the lock first: nothing is written or removed without it
-        resume_from = resume_point(run.checkpoints, announce=self.is_main) if cfg.run.resume else None
-        if resume_from is not None:
-            check_resumable(resume_from, self.world, cfg.train.batch_size, cfg.parallel.strategy)
-        if self.is_main:
-            if resume_from is None:
+        # The main process picks the checkpoint (hashing every file once); every process loads that one.
+        resume_from = on_main(self.accelerator, lambda: resume_point(run.checkpoints)) if cfg.run.resume else None
+        self.guard = Guard(cfg.guard)
+        self.monitor = HealthMonitor(cfg.health, self.plan.total_steps, self.vocab_size)
+        if resume_from is None:
+            if self.is_main:
                 if cfg.run.resume:  # nothing to resume, or the attempt died before its first checkpoint
                     print(f"note: no checkpoint in '{run.path}' yet: starting the run from step 0")
                     run.trim_metrics(0)
                 run.create(cfg)
                 self.tokenizer.save_pretrained(run.path / "tokenizer")  # once per run; checkpoints + this = a model
-            else:
-                self.resume_changes = run.warn_if_resume_differs(resume_from, cfg, self.teacher_reference(),
-                                                                  self.data.layout)
-                run.mark()
-                atomic_write(run.path / "config.yaml", cfg.to_run_yaml())  # the config this start runs with
-                remove_leftovers(run.checkpoints)
-        self.accelerator.wait_for_everyone()
-        self.guard = Guard(cfg.guard)
-        self.monitor = HealthMonitor(cfg.health, self.plan.total_steps, self.vocab_size)
-        if resume_from is not None:
+        else:
+            # Everything that can refuse the resume comes before the run directory is touched.
             state = restore_training_state(resume_from, self.raw_student, self.optimizer, self.world,
                                            cfg.train.batch_size, projection=self.projection,
-                                           strategy=cfg.parallel.strategy)
+                                           strategy=cfg.parallel.strategy, verified=True)
             self.start_step, self.micro, self.initial = state["step"], state["micro_batches"], state["initial_eval"]
             self.guard.load_state_dict(state)
             self.monitor.load_state_dict(state["health"])
             if self.is_main:
+                self.resume_changes = run.warn_if_resume_differs(resume_from, cfg, self.teacher_reference(),
+                                                                  self.data.layout, processes=self.world)
+                run.mark()
+                atomic_write(run.path / "config.yaml", cfg.to_run_yaml())  # the config this start runs with
+                remove_leftovers(run.checkpoints)
                 run.trim_metrics(self.start_step, self.plan.total_steps)
                 print(f"Resuming {run.path} from {resume_from.name} (step {self.start_step} of "
                       f"{self.plan.total_steps})")
+        self.accelerator.wait_for_everyone()
         self.resumed_from = resume_from
         self.last_checkpoint = self.start_step if resume_from is not None else None
 
@@ -493,11 +492,10 @@ class Trainer:
         self.last_checkpoint = done
         staged = None
         if self.fsdp:  # every process writes its shards into the staging directory the main one made
-            staged = make_staging_dir(self.run.checkpoints, done) if self.is_main else \
-                staging_dir(self.run.checkpoints, done)
-            self.accelerator.wait_for_everyone()
+            staged = on_main(self.accelerator, lambda: make_staging_dir(self.run.checkpoints, done))
             save_shards(staged, self.raw_student, self.optimizer, done)
-        if self.is_main:
+
+        def complete() -> None:  # the main process: the rest, the manifest, the rename
             trainer_state = {
                 "step": done, "micro_batches": self.micro, "epoch": self.sampler.epoch_of(max(self.micro - 1, 0)),
                 "total_steps": self.plan.total_steps, "processes": self.world,
@@ -513,7 +511,8 @@ class Trainer:
                             extra_files={"config.yaml": self.cfg.to_run_yaml().encode(),
                                          "student_config.json": self.raw_student.config.to_json_string().encode(),
                                          **projection_file(self.projection)})
-        self.accelerator.wait_for_everyone()
+
+        on_main(self.accelerator, complete)
 
     # ------------------------------------------------------------------ the end
     def _finish_run(self) -> RunResult:

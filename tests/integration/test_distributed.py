@@ -291,11 +291,16 @@ def test_fsdp_run_resumes_in_one_process(killed_runs, tmp_path, teacher_dir, tex
     shard.write_bytes(bytes(data))
     args = _kill_args(teacher_dir, text_file, copy, 4, "--set", "parallel.strategy=ddp", "--set",
                       "debug.exit_after_step=null", "--resume")
+    before = _tree(copy)
     wrong = cli(*_kill_args(teacher_dir, text_file, copy, 2, "--set", "parallel.strategy=ddp", "--resume"))
     one_error_line(wrong, "global batch of 4", "--batch-size 4")
+    assert _tree(copy) == before  # refused before anything was written
     resumed = cli(*args)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert "__1_0.distcp" in resumed.stdout and "from step-5" in resumed.stdout
+    # Another count and strategy with the same global batch is a note, not a "will not match" warning.
+    assert "note: resuming on 1 process(es) x batch 4 with parallel.strategy = ddp" in resumed.stdout
+    assert not any("train.batch_size" in line for line in resumed.stdout.splitlines() if "warning" in line)
     _assert_close_runs(copy, killed_runs["single"])
 
 
@@ -303,3 +308,10 @@ def test_fsdp_refuses_one_process(tmp_path, teacher_dir, text_file):
     one = run_cli(*_kill_args(teacher_dir, text_file, tmp_path / "one", 2, "--set", "parallel.strategy=fsdp"))
     one_error_line(one, "torchrun --nproc_per_node")
     assert not (tmp_path / "one").exists()
+
+
+def _tree(run_dir) -> dict[str, bytes]:
+    """Every file of a run directory with its content (the lock file, which records the pid of
+    whoever holds it, aside)."""
+    return {str(p.relative_to(run_dir)): p.read_bytes() for p in sorted(run_dir.rglob("*"))
+            if p.is_file() and p.name != ".lmdistill.lock"}

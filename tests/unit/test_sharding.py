@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
 import torch.distributed as dist
@@ -61,3 +63,181 @@ def test_what_fsdp_does_not_support_is_refused_in_one_line(setting, named):
         check_fsdp(cfg, world=2)
     message = str(refused.value)
     assert named in message and "parallel.strategy=ddp" in message and "\n" not in message
+
+
+# ------------------------------------------------------------------ sharded checkpoints
+
+
+def _sharded(seed: int = 3, layers: int = 2, hidden: int = 16):
+    model = shard(tiny_llama(64, hidden=hidden, layers=layers, seed=seed), "no", torch.device("cpu"))
+    return model, torch.optim.AdamW(model.parameters(), lr=1e-2)
+
+
+def _step(model, optimizer, seed: int = 0):
+    ids = torch.randint(0, 64, (2, 8), generator=torch.Generator().manual_seed(seed))
+    model(input_ids=ids, labels=ids).loss.backward()
+    optimizer.step()
+    optimizer.zero_grad()
+
+
+def _save(model, optimizer, checkpoints, step: int):
+    from lmdistill.checkpoint import make_staging_dir, save_checkpoint
+    from lmdistill.sharding import save_shards
+
+    staged = make_staging_dir(checkpoints, step)
+    save_shards(staged, model, optimizer, step)
+    return save_checkpoint(checkpoints, step, model_state=None, optimizer_state=None, trainer_state={"step": step},
+                           sharded_in=staged)
+
+
+def test_a_sharded_checkpoint_loads_into_an_ordinary_model_and_optimizer(group_of_one, tmp_path):
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict
+
+    from lmdistill.checkpoint import load_checkpoint, verify_checkpoint
+    from lmdistill.sharding import load_shards
+
+    model, optimizer = _sharded()
+    for seed in range(2):
+        _step(model, optimizer, seed)
+    path = _save(model, optimizer, tmp_path / "checkpoints", 2)
+    assert verify_checkpoint(path) == [] and not list((tmp_path / "checkpoints").glob(".tmp-*"))
+    manifest = json.loads((path / "manifest.json").read_text())
+    assert manifest["layout"] == "sharded" and manifest["shard_files"] == [".metadata", "__0_0.distcp"]
+    assert load_checkpoint(path).sharded
+    # The reference: the sharded model's own state, gathered whole by torch.
+    want_model, want_optim = get_state_dict(model, optimizer, options=StateDictOptions(full_state_dict=True))
+    plain = tiny_llama(64, hidden=16, layers=2, seed=99)
+    plain_optimizer = torch.optim.AdamW(plain.parameters(), lr=1e-2)
+    load_shards(path, plain, plain_optimizer)
+    got_model, got_optim = get_state_dict(plain, plain_optimizer)
+    assert all(torch.equal(got_model[k], want_model[k]) for k in want_model)
+    assert got_optim["state"].keys() == want_optim["state"].keys()
+    for name, state in want_optim["state"].items():
+        assert all(torch.equal(got_optim["state"][name][k], v) for k, v in state.items()), name
+
+
+def test_a_checkpoint_before_the_first_update_changes_nothing(group_of_one, tmp_path):
+    """torch creates a missing optimizer state with a zero step that counts as AdamW's first:
+    a checkpoint written before any update must not do that, nor store it."""
+    from lmdistill.checkpoint import CheckpointError  # noqa: F401 (the module the save goes through)
+    from lmdistill.sharding import load_shards, read_shard_metadata
+
+    saved, saved_optimizer = _sharded()
+    twin, twin_optimizer = _sharded()
+    path = _save(saved, saved_optimizer, tmp_path / "checkpoints", 0)
+    assert not saved_optimizer.state
+    assert not any(key.startswith("optimizer.") for key in read_shard_metadata(path).state_dict_metadata)
+    _step(saved, saved_optimizer)
+    _step(twin, twin_optimizer)
+    assert all(torch.equal(a.to_local(), b.to_local()) for a, b in zip(saved.parameters(), twin.parameters()))
+    fresh = tiny_llama(64, hidden=16, layers=2, seed=99)
+    fresh_optimizer = torch.optim.AdamW(fresh.parameters(), lr=1e-2)
+    load_shards(path, fresh, fresh_optimizer)
+    assert not fresh_optimizer.state  # as it was at the save: the first update makes it
+
+
+@pytest.mark.parametrize("layers, hidden, says", [(1, 16, "weight(s) it does not have"),
+                                                  (3, 16, "weight(s) missing"),
+                                                  (2, 24, "in the checkpoint and")])
+def test_a_checkpoint_of_another_model_is_refused_not_loaded_in_part(group_of_one, tmp_path, layers, hidden, says):
+    from lmdistill.checkpoint import CheckpointError
+    from lmdistill.sharding import load_shards
+
+    model, optimizer = _sharded()
+    _step(model, optimizer)
+    path = _save(model, optimizer, tmp_path / "checkpoints", 1)
+    other = tiny_llama(64, hidden=hidden, layers=layers, seed=5)
+    before = {k: v.clone() for k, v in other.state_dict().items()}
+    with pytest.raises(CheckpointError) as refused:
+        load_shards(path, other, torch.optim.AdamW(other.parameters()))
+    assert says in str(refused.value) and "\n" not in str(refused.value)
+    assert all(torch.equal(before[k], v) for k, v in other.state_dict().items())
+
+
+def test_a_shard_the_main_process_cannot_see_refuses_the_save(group_of_one, tmp_path):
+    """(An output directory that is not shared between machines.) Without the check the
+    checkpoint would verify, be picked by --resume, and fail to load."""
+    from lmdistill.checkpoint import CheckpointError, make_staging_dir, save_checkpoint, verify_checkpoint
+    from lmdistill.sharding import save_shards
+
+    model, optimizer = _sharded()
+    _step(model, optimizer)
+    checkpoints = tmp_path / "checkpoints"
+    staged = make_staging_dir(checkpoints, 1)
+    save_shards(staged, model, optimizer, 1)
+    (staged / "__0_0.distcp").rename(tmp_path / "elsewhere.distcp")
+    with pytest.raises(CheckpointError, match="__0_0.distcp is not there.*file system all machines share"):
+        save_checkpoint(checkpoints, 1, model_state=None, optimizer_state=None, trainer_state={}, sharded_in=staged)
+    assert not (checkpoints / "step-1").exists() and not staged.exists()
+    # A manifest that does not list the shard files is not a checkpoint either.
+    path = _save(model, optimizer, checkpoints, 2)
+    manifest = json.loads((path / "manifest.json").read_text())
+    del manifest["shard_files"]
+    (path / "manifest.json").write_text(json.dumps(manifest))
+    assert "without its list of shard files" in verify_checkpoint(path)[0]
+
+
+def test_a_full_disk_while_writing_shards_is_one_line(group_of_one, tmp_path, monkeypatch):
+    import errno
+    import os
+
+    from lmdistill.checkpoint import CheckpointError, make_staging_dir
+    from lmdistill.sharding import save_shards
+
+    model, optimizer = _sharded()
+    _step(model, optimizer)
+    staged = make_staging_dir(tmp_path / "checkpoints", 1)
+
+    def full(fd):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    monkeypatch.setattr(os, "fsync", full)
+    with pytest.raises(CheckpointError) as refused:
+        save_shards(staged, model, optimizer, 1)
+    message = str(refused.value)
+    assert "No space left on device" in message and "free disk space" in message and "\n" not in message
+
+
+def test_a_shard_map_that_would_run_code_is_refused(tmp_path):
+    import pickle
+
+    from lmdistill.checkpoint import CheckpointError
+    from lmdistill.sharding import read_shard_metadata
+
+    marker = tmp_path / "ran"
+
+    class Payload:
+        def __reduce__(self):
+            return (open, (str(marker), "w"))
+
+    (tmp_path / ".metadata").write_bytes(pickle.dumps(Payload()))
+    with pytest.raises(CheckpointError, match="has no place in a checkpoint's shard map"):
+        read_shard_metadata(tmp_path)
+    assert not marker.exists()
+
+
+def test_what_a_resume_can_change_is_checked_before_anything_loads(tmp_path):
+    from lmdistill.checkpoint import CheckpointError, check_resumable
+
+    path = tmp_path / "step-4"
+    path.mkdir()
+
+    def written(state, layout=None):
+        (path / "trainer_state.json").write_text(json.dumps(state))
+        manifest = {"format": "lmdistill-checkpoint", "format_version": 2 if layout else 1, "files": {},
+                    **({"layout": layout} if layout else {})}
+        (path / "manifest.json").write_text(json.dumps(manifest))
+
+    written({"processes": 2, "global_batch": 4}, "sharded")
+    check_resumable(path, processes=1, batch_size=4, strategy="ddp")  # 2 x 2 continues as 1 x 4
+    check_resumable(path, processes=4, batch_size=1, strategy="fsdp")  # or as 4 x 1
+    with pytest.raises(CheckpointError, match="global batch of 4 .* resume with --batch-size 4"):
+        check_resumable(path, processes=1, batch_size=2, strategy="ddp")
+    with pytest.raises(CheckpointError, match="a number of processes that divides 4"):
+        check_resumable(path, processes=3, batch_size=1, strategy="ddp")
+    written({"processes": 2, "global_batch": 4})
+    with pytest.raises(CheckpointError, match="whole weights, not FSDP shards; resume it with parallel.strategy=ddp"):
+        check_resumable(path, processes=2, batch_size=2, strategy="fsdp")
+    written({"processes": 2})  # an older checkpoint: no global batch recorded, the count must stay
+    with pytest.raises(CheckpointError, match="with the same number of processes"):
+        check_resumable(path, processes=1, batch_size=4, strategy="ddp")
