@@ -280,15 +280,17 @@ def test_sharded_checkpoint_exports_to_the_gathered_student(killed_runs, tmp_pat
     assert want.keys() == got.keys() and all(torch.equal(want[k], got[k]) for k in want)
 
 
-def test_fsdp_run_resumes_in_one_process(killed_runs, tmp_path, teacher_dir, text_file):
-    """DCP reshards the 2-rank checkpoint into one unsharded process (batch 4: the same global
-    batch, hence the same data order). Its newest checkpoint has a corrupt shard: the resume falls
-    back to the one before, naming the file."""
-    copy = _rewound(killed_runs["fsdp"], 6, tmp_path / "one")
-    shard = copy / "checkpoints" / "step-6" / "__1_0.distcp"
-    data = bytearray(shard.read_bytes())
+@pytest.mark.parametrize("strategy, newest_file", [("fsdp", "__1_0.distcp"), ("ddp", "model.safetensors")])
+def test_a_two_process_run_resumes_in_one_process(killed_runs, tmp_path, teacher_dir, text_file, strategy,
+                                                  newest_file):
+    """2 ranks x batch 2 continue as 1 process x batch 4: the same global batch, hence the same
+    data order (DCP reshards FSDP's shards into one unsharded process). The newest checkpoint has
+    a corrupt file: the resume falls back to the one before, naming it."""
+    copy = _rewound(killed_runs[strategy], 6, tmp_path / "one")
+    damaged = copy / "checkpoints" / "step-6" / newest_file
+    data = bytearray(damaged.read_bytes())
     data[len(data) // 2] ^= 0xFF
-    shard.write_bytes(bytes(data))
+    damaged.write_bytes(bytes(data))
     args = _kill_args(teacher_dir, text_file, copy, 4, "--set", "parallel.strategy=ddp", "--set",
                       "debug.exit_after_step=null", "--resume")
     before = _tree(copy)
@@ -297,8 +299,8 @@ def test_fsdp_run_resumes_in_one_process(killed_runs, tmp_path, teacher_dir, tex
     assert _tree(copy) == before  # refused before anything was written
     resumed = cli(*args)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
-    assert "__1_0.distcp" in resumed.stdout and "from step-5" in resumed.stdout
-    # Another count and strategy with the same global batch is a note, not a "will not match" warning.
+    assert newest_file in resumed.stdout and "from step-5" in resumed.stdout
+    # Another count (and strategy) with the same global batch is a note, not a "will not match" warning.
     assert "note: resuming on 1 process(es) x batch 4 with parallel.strategy = ddp" in resumed.stdout
     assert not any("train.batch_size" in line for line in resumed.stdout.splitlines() if "warning" in line)
     _assert_close_runs(copy, killed_runs["single"])
