@@ -671,7 +671,7 @@ def check_resumable(path: Path, processes: int, batch_size: int, strategy: str) 
         state = json.loads((Path(path) / TRAINER_STATE_FILE).read_text(encoding="utf-8"))
         manifest, _ = _read_manifest(Path(path))
     except (OSError, ValueError) as exc:
-        raise CheckpointError(f"cannot read {path / TRAINER_STATE_FILE}: {exc}") from None
+        raise CheckpointError(f"cannot read {Path(path) / TRAINER_STATE_FILE}: {exc}") from None
     saved_processes = state.get("processes", 1)
     saved_batch = state.get("global_batch")  # absent from checkpoints of older versions
     if saved_batch is None and saved_processes != processes:
