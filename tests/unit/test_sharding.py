@@ -38,6 +38,40 @@ def test_a_sharded_teacher_serves_training_steps_and_then_evaluation(group_of_on
     torch.testing.assert_close(evaluated, want)
 
 
+@pytest.mark.parametrize("impl, output", [("full", "logits"), ("chunked", "hidden")])
+def test_a_distillation_step_of_a_sharded_student_is_the_ordinary_one(group_of_one, impl, output):
+    """The objective and the teacher signal of both loss paths, on sharded models (gathered and
+    reduce-scattered by FSDP, even in a group of one) against the same models unsharded: the
+    loss, and every weight after an AdamW step. The chunked path multiplies by the student's
+    lm_head outside its forward; the 2-process test runs it against one process and DDP."""
+    from lmdistill.config import Config
+    from lmdistill.objective import Objective
+    from lmdistill.signals import make_signal
+
+    ids = torch.randint(0, 64, (2, 12), generator=torch.Generator().manual_seed(1))
+    targets = ids[:, 1:].clone()
+    targets[0, :3] = -100
+    batch = Batch(ids, None, targets, int((targets != -100).sum()))
+    results = []
+    for sharded in (False, True):
+        student, teacher = tiny_llama(64, hidden=16, layers=2, seed=3), tiny_llama(64, hidden=24, layers=2, seed=4)
+        if sharded:
+            student, teacher = (shard(m, "no", torch.device("cpu")) for m in (student, teacher))
+        optimizer = torch.optim.AdamW(student.parameters(), lr=1e-2)
+        objective = Objective.for_run(Config(), 64, output, student)
+        view = make_signal(impl, teacher.eval(), 64)(batch, 2.0)
+        parts = objective(student, batch, view, 2.0, batch.num_targets)
+        parts.total.backward()
+        optimizer.step()
+        weights = {k: (v.full_tensor() if hasattr(v, "full_tensor") else v).detach().clone()
+                   for k, v in student.state_dict().items()}
+        results.append((parts.total.detach(), weights))
+    (loss, want), (sharded_loss, got) = results
+    torch.testing.assert_close(sharded_loss, loss, rtol=1e-6, atol=1e-7)
+    for name in want:
+        torch.testing.assert_close(got[name], want[name], rtol=1e-5, atol=1e-7)
+
+
 def test_bf16_on_a_gpu_computes_in_bf16_and_reduces_in_fp32():
     from lmdistill.sharding import precision_policy
 
