@@ -281,8 +281,7 @@ def check_fsdp(cfg, world: int) -> None:
         raise LmdistillError("parallel.strategy = fsdp shards over several processes and this is one: launch with "
                              "torchrun --nproc_per_node N (docs/distributed.md), or use parallel.strategy=ddp")
     for unsupported, what in ((cfg.guard.spike == "rollback", "guard.spike = rollback"),
-                              (cfg.distill.hidden.weight > 0, "the hidden-state term (distill.hidden.weight > 0)"),
-                              (cfg.distill.on_policy.fraction > 0, "on-policy steps (distill.on_policy.fraction > 0)")):
+                              (cfg.distill.hidden.weight > 0, "the hidden-state term (distill.hidden.weight > 0)")):
         if unsupported:
             raise LmdistillError(f"parallel.strategy = fsdp does not support {what} yet; use parallel.strategy=ddp")
 

@@ -473,8 +473,8 @@ class Trainer:
             forward_calls=math.ceil(math.ceil(len(self.data.eval) / self.world) / self.plan.eval_batch_size)
             if self.fsdp else None,
         )
-        if isinstance(self.signal, OnPolicy):  # the student's own text, judged by the teacher (on one process)
-            if self.is_main:
+        if isinstance(self.signal, OnPolicy):  # the student's own text, judged by the teacher: on one process,
+            if self.is_main or self.fsdp:      # or on all alike when the models are sharded (their forwards gather)
                 result.update(self.signal.judge(self.raw_student, self.teacher, self.data.eval, self.tokenizer,
                                                 self.vocab_size))
             self.accelerator.wait_for_everyone()  # the others wait here, not inside a collective or at exit

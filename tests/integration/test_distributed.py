@@ -100,18 +100,28 @@ def test_main_process_writes_alone(single_and_ddp):
     assert len(list((ddp / "tensorboard").glob("events.out.tfevents.*"))) == 1
 
 
-def test_nan_on_one_rank_makes_every_rank_skip(tmp_path, teacher_dir, text_file):
+def _on_policy_args(teacher_dir, text_file, out, strategy):
+    return (*_common(teacher_dir, text_file, out, 2),
+            "--set", "debug.inject=[{step: 3, where: teacher_logits, value: nan, rank: 1}]",
+            "--set", "checkpoint.every=1", "--set", "checkpoint.keep=20", "--set", "distill.hidden.weight=0",
+            "--set", "distill.on_policy.fraction=0.5", "--set", "distill.on_policy.prompt_tokens=8",
+            "--set", "distill.on_policy.max_new_tokens=6", "--seed", "5", "--set", f"parallel.strategy={strategy}")
+
+
+@pytest.fixture(scope="module")
+def on_policy_ddp(tmp_path_factory, teacher_dir, text_file):
+    out = tmp_path_factory.mktemp("on-policy") / "ddp"
+    proc = _launch(2, *_on_policy_args(teacher_dir, text_file, out, "ddp"))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return out
+
+
+def test_nan_on_one_rank_makes_every_rank_skip(on_policy_ddp):
     """Also with on-policy steps: each rank writes continuations of its own prompts, and all take
     the same on-policy steps (a rank that disagreed would hang the gradient all-reduce)."""
     from lmdistill.onpolicy import is_on_policy
 
-    out = tmp_path / "ddp-nan"
-    proc = _launch(2, *_common(teacher_dir, text_file, out, 2),
-                   "--set", "debug.inject=[{step: 3, where: teacher_logits, value: nan, rank: 1}]",
-                   "--set", "checkpoint.every=1", "--set", "checkpoint.keep=20", "--set", "distill.hidden.weight=0",
-                   "--set", "distill.on_policy.fraction=0.5", "--set", "distill.on_policy.prompt_tokens=8",
-                   "--set", "distill.on_policy.max_new_tokens=6", "--seed", "5")
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    out = on_policy_ddp
     lines = read_jsonl(out / "metrics.jsonl")
     skipped = [(r["step"], r["reason"]) for r in lines if r.get("skipped")]
     assert skipped == [(3, "nonfinite:teacher_logits")]
@@ -124,6 +134,30 @@ def test_nan_on_one_rank_makes_every_rank_skip(tmp_path, teacher_dir, text_file)
 
     before, after = load_checkpoint(out / "checkpoints" / "step-3"), load_checkpoint(out / "checkpoints" / "step-4")
     assert all(torch.equal(before.model_state[k], after.model_state[k]) for k in before.model_state)
+
+
+def test_on_policy_steps_under_fsdp_match_ddp(on_policy_ddp, tmp_path, teacher_dir, text_file):
+    """The sharded student generates with both processes in step (each for its own prompts), and
+    is judged at every evaluation on both: the same continuations as under DDP, hence the same
+    per-step values and teacher-judged scores, to float precision."""
+    out = tmp_path / "fsdp"
+    proc = _launch(2, *_on_policy_args(teacher_dir, text_file, out, "fsdp"))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    a = [r for r in read_jsonl(on_policy_ddp / "metrics.jsonl") if "loss" in r]
+    b = [r for r in read_jsonl(out / "metrics.jsonl") if "loss" in r]
+    assert [(r["step"], r.get("on_policy"), r.get("skipped")) for r in b] == \
+        [(r["step"], r.get("on_policy"), r.get("skipped")) for r in a]
+    for x, y in zip(a, b):
+        assert y.get("generated_tokens") == x.get("generated_tokens"), x["step"]
+        for key in ("loss", "kd_loss", "ce_loss", "grad_norm"):
+            if key in x and not x.get("skipped"):
+                assert y[key] == pytest.approx(x[key], rel=1e-5, abs=1e-6), (x["step"], key)
+    ea = [r for r in read_jsonl(on_policy_ddp / "metrics.jsonl") if "gen_teacher_nll" in r]
+    eb = [r for r in read_jsonl(out / "metrics.jsonl") if "gen_teacher_nll" in r]
+    assert len(eb) == len(ea) == 3
+    for x, y in zip(ea, eb):
+        assert y["gen_samples"] == x["gen_samples"]
+        assert y["gen_teacher_nll"] == pytest.approx(x["gen_teacher_nll"], rel=1e-5)
 
 
 # ---------------------------------------------------------------------------------------------

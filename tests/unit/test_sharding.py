@@ -83,9 +83,9 @@ def test_bf16_on_a_gpu_computes_in_bf16_and_reduces_in_fp32():
 
 
 @pytest.mark.parametrize("setting, named", [("guard.spike=rollback", "guard.spike = rollback"),
-                                            ("distill.hidden.weight=1.0", "hidden-state term"),
-                                            ("distill.on_policy.fraction=0.5", "on-policy steps")])
+                                            ("distill.hidden.weight=1.0", "hidden-state term")])
 def test_what_fsdp_does_not_support_is_refused_in_one_line(setting, named):
+    """(On-policy steps are supported: the sharded student generates with every process in step.)"""
     from lmdistill.config import Config
     from lmdistill.errors import LmdistillError
     from lmdistill.sharding import check_fsdp
