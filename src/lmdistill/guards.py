@@ -80,15 +80,18 @@ class SpikeDetector:
 @dataclass
 class Snapshot:
     step: int
-    model: dict
-    optimizer: dict
+    model: dict[str, torch.Tensor]
+    optimizer: dict  # parameter -> its state
+    groups: list[dict]  # the optimizer's settings per parameter group, without the parameters
 
 
 class RollbackStore:
     """Known-good copies of the student and optimizer state, held on the CPU.
 
     Costs ``keep`` x (weights + optimizer state) of host memory, which is why it is
-    only filled when the spike policy is ``rollback``.
+    only filled when the spike policy is ``rollback``. Each process keeps its own tensors: a
+    sharded (FSDP) model's local shards, an ordinary one's whole tensors. Restoring copies
+    them back in place, so a sharded model stays sharded as it was.
     """
 
     def __init__(self, keep: int, interval: int):
@@ -98,22 +101,38 @@ class RollbackStore:
     def maybe_save(self, step: int, model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> None:
         if step % self.interval:
             return
-        to_cpu = lambda obj: copy.deepcopy(  # noqa: E731 - a one-off mapper
-            {k: v.detach().cpu().clone() if torch.is_tensor(v) else v for k, v in obj.items()}
-        )
-        opt_state = optimizer.state_dict()
-        opt_copy = {"param_groups": copy.deepcopy(opt_state["param_groups"]),
-                    "state": {k: to_cpu(v) for k, v in opt_state["state"].items()}}
-        self.snapshots.append(Snapshot(step, to_cpu(model.state_dict()), opt_copy))
+        kept = lambda v: _local(v).detach().to("cpu", copy=True) if torch.is_tensor(v) else copy.deepcopy(v)  # noqa: E731
+        self.snapshots.append(Snapshot(
+            step, {k: kept(v) for k, v in model.state_dict().items()},
+            {p: {k: kept(v) for k, v in state.items()} for p, state in optimizer.state.items()},
+            [{k: copy.deepcopy(v) for k, v in group.items() if k != "params"} for group in optimizer.param_groups]))
 
     def restore_latest(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> int | None:
         """Load the newest snapshot into ``model`` and ``optimizer``; its step, or None if empty."""
         if not self.snapshots:
             return None
         snap = self.snapshots[-1]
-        model.load_state_dict(snap.model)
-        optimizer.load_state_dict(copy.deepcopy(snap.optimizer))
+        with torch.no_grad():
+            for name, tensor in model.state_dict().items():
+                _local(tensor).copy_(snap.model[name])
+            for param in [p for p in optimizer.state if p not in snap.optimizer]:
+                del optimizer.state[param]  # (no state yet at the snapshot)
+            for param, saved in snap.optimizer.items():
+                state = optimizer.state[param]
+                for key, value in saved.items():
+                    if torch.is_tensor(value) and torch.is_tensor(state.get(key)):
+                        _local(state[key]).copy_(value)
+                    else:  # (a value that is not a tensor: AdamW keeps none, other optimizers may)
+                        state[key] = copy.deepcopy(value)
+        for group, saved in zip(optimizer.param_groups, snap.groups):
+            group.update(copy.deepcopy(saved))
         return snap.step
+
+
+def _local(tensor: torch.Tensor) -> torch.Tensor:
+    """The tensor this process holds: a DTensor's local shard, any other tensor itself."""
+    to_local = getattr(tensor, "to_local", None)
+    return to_local() if to_local is not None else tensor
 
 
 @dataclass

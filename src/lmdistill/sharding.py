@@ -280,10 +280,9 @@ def check_fsdp(cfg, world: int) -> None:
     if world < 2:
         raise LmdistillError("parallel.strategy = fsdp shards over several processes and this is one: launch with "
                              "torchrun --nproc_per_node N (docs/distributed.md), or use parallel.strategy=ddp")
-    for unsupported, what in ((cfg.guard.spike == "rollback", "guard.spike = rollback"),
-                              (cfg.distill.hidden.weight > 0, "the hidden-state term (distill.hidden.weight > 0)")):
-        if unsupported:
-            raise LmdistillError(f"parallel.strategy = fsdp does not support {what} yet; use parallel.strategy=ddp")
+    if cfg.distill.hidden.weight > 0:
+        raise LmdistillError("parallel.strategy = fsdp does not support the hidden-state term (distill.hidden.weight "
+                             "> 0) yet; use parallel.strategy=ddp")
 
 
 def whole_model(model: torch.nn.Module, is_main: bool) -> torch.nn.Module | None:

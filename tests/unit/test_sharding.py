@@ -82,21 +82,46 @@ def test_bf16_on_a_gpu_computes_in_bf16_and_reduces_in_fp32():
         assert (policy.param_dtype, policy.reduce_dtype) == (None, None), (mixed, device)  # fp32 as stored
 
 
-@pytest.mark.parametrize("setting, named", [("guard.spike=rollback", "guard.spike = rollback"),
-                                            ("distill.hidden.weight=1.0", "hidden-state term")])
-def test_what_fsdp_does_not_support_is_refused_in_one_line(setting, named):
-    """(On-policy steps are supported: the sharded student generates with every process in step.)"""
+def test_what_fsdp_does_not_support_is_refused_in_one_line():
+    """(Rollback snapshots and on-policy steps are supported: see the tests of each.)"""
     from lmdistill.config import Config
     from lmdistill.errors import LmdistillError
     from lmdistill.sharding import check_fsdp
 
     cfg = Config()
-    check_fsdp(cfg, world=2)  # the defaults are supported
-    cfg.apply_override(setting)
+    cfg.apply_override("guard.spike=rollback")
+    cfg.apply_override("distill.on_policy.fraction=0.5")
+    check_fsdp(cfg, world=2)
+    cfg.apply_override("distill.hidden.weight=1.0")
     with pytest.raises(LmdistillError) as refused:
         check_fsdp(cfg, world=2)
     message = str(refused.value)
-    assert named in message and "parallel.strategy=ddp" in message and "\n" not in message
+    assert "hidden-state term" in message and "parallel.strategy=ddp" in message and "\n" not in message
+
+
+def test_a_rollback_restores_each_process_its_own_shards(group_of_one):
+    """The rollback snapshot of a sharded student and its AdamW: local shards kept on the CPU,
+    copied back in place after two more updates: every weight and optimizer tensor as it was."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict
+
+    from lmdistill.guards import RollbackStore
+
+    model, optimizer = _sharded()
+    _step(model, optimizer, 0)
+    store = RollbackStore(keep=2, interval=1)
+    store.maybe_save(1, model, optimizer)
+    full = StateDictOptions(full_state_dict=True)
+    want_model, want_optim = get_state_dict(model, optimizer, options=full)
+    optimizer.param_groups[0]["lr"] = 0.5  # (the guard lowers the LR scale after a rollback; restored too)
+    for seed in (1, 2):
+        _step(model, optimizer, seed)
+    assert store.restore_latest(model, optimizer) == 1
+    got_model, got_optim = get_state_dict(model, optimizer, options=full)
+    assert all(torch.equal(got_model[k], want_model[k]) for k in want_model)
+    for name, state in want_optim["state"].items():
+        assert all(torch.equal(got_optim["state"][name][k], v) for k, v in state.items()), name
+    assert optimizer.param_groups[0]["lr"] == 1e-2
+    assert all(isinstance(p, torch.distributed.tensor.DTensor) for p in model.parameters())  # still sharded
 
 
 # ------------------------------------------------------------------ sharded checkpoints
