@@ -169,6 +169,7 @@ def save_checkpoint(
     keep: int | None = 3,
     extra_files: Mapping[str, bytes] | None = None,
     sharded_in: Path | None = None,
+    shard_records: Mapping[str, dict] | None = None,
 ) -> Path:
     """Write ``checkpoints_dir/step-{step}`` atomically and return its path.
 
@@ -180,6 +181,8 @@ def save_checkpoint(
     ``sharded_in``: the ``staging_dir`` where every process wrote its shards of the weights and
     optimizer (``sharding.save_shards``, which checked them); ``model_state`` and
     ``optimizer_state`` are then None, and this completes that directory into the checkpoint.
+    ``shard_records``: size and SHA-256 of shard files, as each process measured its own
+    (``sharding.save_shards``); they are not read again here unless their size differs.
 
     Raises CheckpointError -- leaving every earlier checkpoint untouched -- if a model or
     optimizer tensor is not finite, or if the directory cannot be written.
@@ -239,7 +242,7 @@ def save_checkpoint(
             "step": step,
             "created_unix": time.time(),
             "extra_files": sorted(extra_files),
-            "files": {p.name: _file_record(p) for p in sorted(tmp.iterdir())},
+            "files": {p.name: _known_or_measured(p, shard_records or {}) for p in sorted(tmp.iterdir())},
         }
         manifest_bytes = (json.dumps(manifest, indent=2, sort_keys=True) + "\n").encode()
         # The manifest is what makes the directory a checkpoint, so it goes last: a crash
@@ -487,8 +490,16 @@ def _sha256_file(path: Path) -> str:
     return digest.hexdigest()
 
 
-def _file_record(path: Path) -> dict[str, Any]:
+def file_record(path: Path) -> dict[str, Any]:
+    """What the manifest records of a file: its size and SHA-256."""
     return {"size": path.stat().st_size, "sha256": _sha256_file(path)}
+
+
+def _known_or_measured(path: Path, known: Mapping[str, dict]) -> dict[str, Any]:
+    record = known.get(path.name)
+    if record is not None and record.get("size") == path.stat().st_size:
+        return dict(record)
+    return file_record(path)
 
 
 def _read_manifest(path: Path) -> tuple[dict[str, Any] | None, str | None]:

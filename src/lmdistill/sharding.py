@@ -96,17 +96,20 @@ def training_state(model: torch.nn.Module, optimizer=None) -> dict:
     return {"model": model_state, "optimizer": optimizer_state}
 
 
-def save_shards(directory: Path, model: torch.nn.Module, optimizer, step: int) -> None:
+def save_shards(directory: Path, model: torch.nn.Module, optimizer, step: int) -> dict[str, dict]:
     """Every process writes its shards of ``model`` and ``optimizer`` after ``step`` into
     ``directory`` (which exists); a collective. An optimizer that has not stepped yet is left out
     (its state is created by the first update, as in an uninterrupted run). Refused on every
-    process, before anything is written, if any shard holds NaN or inf."""
+    process, before anything is written, if any shard holds NaN or inf.
+
+    Returns the manifest records (size, SHA-256) of every process's shard files: each process
+    hashes its own, in parallel, so the main process does not read them all at each save."""
     import torch.distributed as dist
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint.api import CheckpointException
     from torch.distributed.tensor import DTensor
 
-    from .checkpoint import CheckpointError, first_nonfinite_tensor
+    from .checkpoint import CheckpointError, file_record, first_nonfinite_tensor
 
     state = training_state(model, optimizer if optimizer.state else None)
     local = _map_tensors(state, lambda t: t.to_local() if isinstance(t, DTensor) else t)
@@ -123,6 +126,10 @@ def save_shards(directory: Path, model: torch.nn.Module, optimizer, step: int) -
         raise CheckpointError(f"could not write checkpoint shards into {directory}: {_first_failure(exc)}; free "
                               "disk space or make it writable, then resume (earlier checkpoints are untouched)"
                               ) from None
+    mine = {path.name: file_record(path) for path in sorted(Path(directory).glob(f"__{dist.get_rank()}_*.distcp"))}
+    everyone: list[dict] = [{} for _ in range(dist.get_world_size())]
+    dist.all_gather_object(everyone, mine)
+    return {name: record for records in everyone for name, record in records.items()}
 
 
 def load_shards(directory: Path, model: torch.nn.Module, optimizer=None) -> None:

@@ -490,10 +490,10 @@ class Trainer:
 
     def save_checkpoint(self, done: int) -> None:
         self.last_checkpoint = done
-        staged = None
-        if self.fsdp:  # every process writes its shards into the staging directory the main one made
+        staged, shard_records = None, None
+        if self.fsdp:  # every process writes (and hashes) its shards in the staging directory the main one made
             staged = on_main(self.accelerator, lambda: make_staging_dir(self.run.checkpoints, done))
-            save_shards(staged, self.raw_student, self.optimizer, done)
+            shard_records = save_shards(staged, self.raw_student, self.optimizer, done)
 
         def complete() -> None:  # the main process: the rest, the manifest, the rename
             trainer_state = {
@@ -507,7 +507,7 @@ class Trainer:
                             model_state=None if self.fsdp else self.raw_student.state_dict(),
                             optimizer_state=None if self.fsdp else self.optimizer.state_dict(),
                             trainer_state=trainer_state, rng_state=capture_rng_state(),
-                            keep=self.cfg.checkpoint.keep, sharded_in=staged,
+                            keep=self.cfg.checkpoint.keep, sharded_in=staged, shard_records=shard_records,
                             extra_files={"config.yaml": self.cfg.to_run_yaml().encode(),
                                          "student_config.json": self.raw_student.config.to_json_string().encode(),
                                          **projection_file(self.projection)})

@@ -144,9 +144,10 @@ def _save(model, optimizer, checkpoints, step: int):
     from lmdistill.sharding import save_shards
 
     staged = make_staging_dir(checkpoints, step)
-    save_shards(staged, model, optimizer, step)
+    records = save_shards(staged, model, optimizer, step)
+    assert list(records) == ["__0_0.distcp"]  # each process hashes the file it wrote
     return save_checkpoint(checkpoints, step, model_state=None, optimizer_state=None, trainer_state={"step": step},
-                           sharded_in=staged)
+                           sharded_in=staged, shard_records=records)
 
 
 def test_a_sharded_checkpoint_loads_into_an_ordinary_model_and_optimizer(group_of_one, tmp_path):
@@ -159,6 +160,7 @@ def test_a_sharded_checkpoint_loads_into_an_ordinary_model_and_optimizer(group_o
     for seed in range(2):
         _step(model, optimizer, seed)
     path = _save(model, optimizer, tmp_path / "checkpoints", 2)
+    # (the hashes the process measured of its own shard are those of the file: verified afresh)
     assert verify_checkpoint(path) == [] and not list((tmp_path / "checkpoints").glob(".tmp-*"))
     manifest = json.loads((path / "manifest.json").read_text())
     assert manifest["layout"] == "sharded" and manifest["shard_files"] == [".metadata", "__0_0.distcp"]
