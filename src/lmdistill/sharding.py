@@ -55,6 +55,9 @@ def shard(model: torch.nn.Module, mixed_precision: str, device: torch.device) ->
     from torch.distributed.fsdp import fully_shard
 
     policy = precision_policy(mixed_precision, device)
+    # transformers returns views among a model's outputs (hidden states), and FSDP warns that an
+    # in-place change of one would skip a gather. Nothing here changes a model output in place.
+    warnings.filterwarnings("ignore", message=r"FSDP2-wrapped module .* returned a view tensor")
     for layer in decoder_layers(model):
         fully_shard(layer, mp_policy=policy, reshard_after_forward=True)
     fully_shard(model, mp_policy=policy)
