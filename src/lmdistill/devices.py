@@ -69,21 +69,23 @@ def flat_config(cfg: Config) -> dict:
 
 def on_main(accelerator, work):
     """``work()`` on the main process; every process returns its result, or raises its error: a
-    failure there must not leave the others waiting in the next collective."""
+    failure there must not leave the others waiting in the next collective. The main process
+    raises the error itself; the others an ``LmdistillError`` with its message (what reaches
+    them is text: not every exception can be rebuilt in another process)."""
     from accelerate.utils import broadcast_object_list
 
     outcome, failure = [None, None], None
     if accelerator.is_main_process:
         try:
             outcome = [work(), None]
-        except Exception as exc:
+        except BaseException as exc:  # (KeyboardInterrupt too: the others must not wait for ever)
             failure = exc
-            outcome = [None, exc if isinstance(exc, LmdistillError) else
-                       LmdistillError(f"the main process failed: {type(exc).__name__}: {exc}")]
+            outcome = [None, str(exc) if isinstance(exc, LmdistillError) else
+                       f"the main process failed: {type(exc).__name__}: {exc}"]
     if accelerator.num_processes > 1:
         outcome = broadcast_object_list(outcome)
     if failure is not None:
         raise failure
     if outcome[1] is not None:
-        raise outcome[1]
+        raise LmdistillError(outcome[1])
     return outcome[0]

@@ -74,20 +74,19 @@ class HFGenerator:
     ``generation_config`` (a repetition penalty, min_p, ... shipped with a checkpoint) is set
     aside for the call, so the tokens are drawn from the student's distribution as trained."""
 
-    def __init__(self, model: torch.nn.Module, eos_token_id: int, pad_token_id: int, autocast=None,
-                 synced: bool = False):
+    def __init__(self, model: torch.nn.Module, eos_token_id: int, pad_token_id: int, autocast=None):
         self.model, self.eos, self.pad = model, eos_token_id, pad_token_id
         self.autocast = autocast or contextlib.nullcontext
-        # A sharded student gathers its weights in every forward, on every process together: a
-        # process whose rows all ended keeps stepping until every process's rows have.
-        self.synced = synced
 
     def config(self, sampling: Sampling, use_cache: bool = True):
         from transformers import GenerationConfig
 
+        # remove_invalid_values: a student whose logits went NaN still writes (tokens of no
+        # meaning) instead of failing in the sampler; the step's loss then decides, and a NaN
+        # loss is skipped by the guard on every process alike.
         return GenerationConfig(do_sample=True, temperature=sampling.temperature, top_p=sampling.top_p, top_k=0,
                                 max_new_tokens=sampling.max_new_tokens, eos_token_id=self.eos,
-                                pad_token_id=self.pad, use_cache=use_cache)
+                                pad_token_id=self.pad, use_cache=use_cache, remove_invalid_values=True)
 
     def __call__(self, prompts: torch.Tensor, sampling: Sampling, seed: int,
                  attention_mask: torch.Tensor | None = None, use_cache: bool = True) -> torch.Tensor:
@@ -101,7 +100,9 @@ class HFGenerator:
             with torch.random.fork_rng(devices=devices), torch.no_grad(), self.autocast():
                 torch.manual_seed(seed)
                 mask = attention_mask if attention_mask is not None else torch.ones_like(prompts)
-                return self.model.generate(input_ids=prompts, attention_mask=mask, synced_gpus=self.synced,
+                # A sharded student gathers its weights in every forward, on all processes together:
+                # one whose rows have all ended keeps stepping until every process's rows have.
+                return self.model.generate(input_ids=prompts, attention_mask=mask, synced_gpus=is_sharded(self.model),
                                            generation_config=self.config(sampling, use_cache))
         finally:
             self.model.generation_config = own
@@ -232,7 +233,7 @@ class OnPolicy(TeacherSignal):
         n = min(prompts, len(eval_blocks))
         heads = prompts_of(eval_blocks.batch(range(n)), self.prompt_tokens)
         scores, written = generation_quality(student, teacher, heads, self.sampling, self.seed, self.eos, self.pad,
-                                             vocab_size, synced=self.generator.synced)
+                                             vocab_size)
         samples = [{"prompt": tokenizer.decode(heads[i]), "continuation": tokenizer.decode(written[i])}
                    for i in range(min(shown, n))]
         return {**scores, "gen_prompts": n, "gen_samples": samples}
@@ -256,8 +257,7 @@ def on_policy_signal(cfg, inner: TeacherSignal, student: torch.nn.Module, teache
                              "and this tokenizer has none; set its eos_token or turn on-policy off")
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos
     sampling = Sampling(settings.max_new_tokens, settings.sample_temperature, settings.top_p)
-    generator = HFGenerator(student, eos, pad, accelerator.autocast, synced=is_sharded(student))
-    return OnPolicy(inner, generator, sampling, settings.prompt_tokens,
+    return OnPolicy(inner, HFGenerator(student, eos, pad, accelerator.autocast), sampling, settings.prompt_tokens,
                     settings.fraction, cfg.run.seed, accelerator.process_index, eos, accelerator.device, reduce, pad)
 
 
@@ -354,18 +354,18 @@ def repeated_ngram_share(rows: list[list[int]], n: int = 4) -> float:
 @torch.no_grad()
 def generation_quality(student: torch.nn.Module, teacher: torch.nn.Module, prompts: list[torch.Tensor],
                        sampling: Sampling, seed: int, eos_token_id: int, pad_token_id: int, vocab_size: int,
-                       batch_size: int = 8, synced: bool = False) -> tuple[dict, list[list[int]]]:
+                       batch_size: int = 8) -> tuple[dict, list[list[int]]]:
     """The student continues ``prompts`` (token id rows) (seeded: the same prompts and seed give the same
     draws from the same weights); returns the teacher-judged score and the continuations.
 
     gen_teacher_nll: the teacher's NLL per written token (lower: text the teacher finds likely);
     gen_student_nll: the student's own NLL per written token; gen_repetition: the share of
-    repeated 4-grams; gen_length: mean written tokens (up to and including EOS). ``synced``: a
-    sharded student, judged on every process alike (``HFGenerator``).
+    repeated 4-grams; gen_length: mean written tokens (up to and including EOS). A sharded
+    student is judged on every process alike.
     """
     from .signals import prediction_logits
 
-    generator = HFGenerator(student, eos_token_id, pad_token_id, synced=synced)
+    generator = HFGenerator(student, eos_token_id, pad_token_id)
     device = next(student.parameters()).device
     sums = torch.zeros(3, dtype=torch.float64)  # teacher nll, student nll, tokens
     written: list[list[int]] = []

@@ -5,6 +5,7 @@ samples and weights, two processes agree on every draw, and what cannot work is 
 from __future__ import annotations
 
 import json
+import math
 import statistics
 
 import pytest
@@ -126,3 +127,15 @@ def test_a_prompt_completion_jsonl_gives_its_prompts_to_on_policy_steps(tmp_path
     samples = [s for r in read_jsonl(out / "metrics.jsonl") if "gen_samples" in r for s in r["gen_samples"]]
     prompts = {r["prompt"] for r in records}
     assert samples and all(s["prompt"] in prompts for s in samples), samples[:2]
+
+
+def test_nan_logits_while_the_student_writes_do_not_crash_the_step(tmp_path, teacher_dir, text_file):
+    """NaN in the student's logits during an on-policy step, generation included (torch's sampler
+    refuses NaN probabilities): the tokens are still written and the step's loss decides. Here
+    the poisoned entry is at a prompt position, which is no target: the step trains normally."""
+    proc = cli(*_args(teacher_dir, text_file, tmp_path / "run", *ON, "--set", "distill.on_policy.fraction=1",
+                      "--set", "debug.inject=[{step: 2, where: student_logits, value: nan}]"))
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    lines = _steps(tmp_path / "run")
+    assert [r["step"] for r in lines] == list(range(6)) and not any(r.get("skipped") for r in lines)
+    assert lines[2]["on_policy"] and lines[2]["generated_tokens"] > 0 and math.isfinite(lines[2]["loss"])

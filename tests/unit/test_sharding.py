@@ -72,6 +72,28 @@ def test_a_distillation_step_of_a_sharded_student_is_the_ordinary_one(group_of_o
         torch.testing.assert_close(got[name], want[name], rtol=1e-5, atol=1e-7)
 
 
+def test_a_sharded_student_generates_in_step_with_the_other_processes(group_of_one):
+    """On-policy rollouts from a sharded student: ``generate`` keeps every process stepping until
+    all have finished (``synced_gpus``; otherwise a process done early would leave the others
+    waiting in their next gather), and the tokens are those of the unsharded student."""
+    from lmdistill.onpolicy import HFGenerator, Sampling
+
+    plain = tiny_llama(64, hidden=16, layers=2, seed=3)
+    sharded = shard(tiny_llama(64, hidden=16, layers=2, seed=3), "no", torch.device("cpu"))
+    prompts = torch.randint(0, 64, (3, 5), generator=torch.Generator().manual_seed(2))
+    asked = []
+    generate = sharded.generate
+
+    def recorded(*args, **kwargs):
+        asked.append(kwargs.get("synced_gpus"))
+        return generate(*args, **kwargs)
+
+    sharded.generate = recorded
+    got = HFGenerator(sharded, 63, 0)(prompts, Sampling(6), seed=11)
+    want = HFGenerator(plain, 63, 0)(prompts, Sampling(6), seed=11)
+    assert asked == [True] and torch.equal(got, want)
+
+
 def test_bf16_on_a_gpu_computes_in_bf16_and_reduces_in_fp32():
     from lmdistill.sharding import precision_policy
 
