@@ -192,8 +192,8 @@ class Trainer:
         cfg, run = self.cfg, self.run
         self.start_step, self.micro, self.initial = 0, 0, None
         self.resume_changes: list[str] = []
-        if self.is_main:
-            run.open_for_writing(cfg)  # the lock first: nothing is written or removed without it
+        # The lock first (the main process takes it): nothing is written or removed without it.
+        on_main(self.accelerator, lambda: run.open_for_writing(cfg))
         # The main process picks the checkpoint (hashing every file once); every process loads that one.
         resume_from = on_main(self.accelerator, lambda: resume_point(run.checkpoints)) if cfg.run.resume else None
         self.guard = Guard(cfg.guard)
