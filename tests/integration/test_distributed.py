@@ -160,6 +160,22 @@ def test_on_policy_steps_under_fsdp_match_ddp(on_policy_ddp, tmp_path, teacher_d
         assert y["gen_teacher_nll"] == pytest.approx(x["gen_teacher_nll"], rel=1e-5)
 
 
+def test_sharded_processes_that_stop_writing_at_different_times_stay_in_step(tmp_path):
+    """Rank 0 writes 1 token, rank 1 all 8: the sharded student keeps both in step (a process
+    done early goes on joining the others' gathers) and each writes the unsharded tokens."""
+    env = {**os.environ, "PYTHONPATH": str(REPO / "src"), "OMP_NUM_THREADS": "1"}
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    script = Path(__file__).with_name("sharded_generation.py")
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr",
+                           "127.0.0.1", "--master_port", str(port), str(script), str(tmp_path)],
+                          env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    results = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1)]
+    assert [r["written"] for r in results] == [1, 8] and all(r["same_as_unsharded"] for r in results)
+
+
 # ---------------------------------------------------------------------------------------------
 # DDP and FSDP through a kill, against one process. Every run below: hidden term off, a NaN from
 # the teacher at step 2 (on rank 1 only, in the 2-process runs), a checkpoint after every step.
