@@ -53,6 +53,7 @@ import torch
 
 from lmdistill.errors import LmdistillError
 from lmdistill.paths import fsync_dir, replace_dir
+from lmdistill.sharding import local_tensor
 
 try:  # numpy comes with torch/datasets in practice; the RNG code works without it.
     import numpy as np
@@ -420,8 +421,10 @@ def _iter_tensors(obj: Any, name: str) -> Iterator[tuple[str, torch.Tensor]]:
 
 
 def first_nonfinite_tensor(state: Any, label: str = "") -> str | None:
-    """Name of the first float tensor nested in ``state`` that holds NaN or inf, else None."""
+    """Name of the first float tensor nested in ``state`` that holds NaN or inf, else None. Of a
+    sharded tensor, this process's shard is checked (no collective)."""
     for name, tensor in _iter_tensors(state, label):
+        tensor = local_tensor(tensor)
         # One device sync per tensor; negligible next to writing the same bytes to disk.
         if (tensor.is_floating_point() or tensor.is_complex()) and not bool(torch.isfinite(tensor).all()):
             return name

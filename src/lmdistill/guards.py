@@ -19,6 +19,7 @@ from dataclasses import asdict, dataclass
 import torch
 
 from .config import GuardConfig
+from .sharding import local_tensor
 
 # The terms checked before every optimizer step, in the order they are reported.
 CHECKED_TERMS = ("teacher_logits", "kd", "ce", "hidden", "loss", "grad")
@@ -101,7 +102,9 @@ class RollbackStore:
     def maybe_save(self, step: int, model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> None:
         if step % self.interval:
             return
-        kept = lambda v: _local(v).detach().to("cpu", copy=True) if torch.is_tensor(v) else copy.deepcopy(v)  # noqa: E731
+        def kept(value):
+            return local_tensor(value).detach().to("cpu", copy=True) if torch.is_tensor(value) else copy.deepcopy(value)
+
         self.snapshots.append(Snapshot(
             step, {k: kept(v) for k, v in model.state_dict().items()},
             {p: {k: kept(v) for k, v in state.items()} for p, state in optimizer.state.items()},
@@ -114,25 +117,19 @@ class RollbackStore:
         snap = self.snapshots[-1]
         with torch.no_grad():
             for name, tensor in model.state_dict().items():
-                _local(tensor).copy_(snap.model[name])
+                local_tensor(tensor).copy_(snap.model[name])
             for param in [p for p in optimizer.state if p not in snap.optimizer]:
                 del optimizer.state[param]  # (no state yet at the snapshot)
             for param, saved in snap.optimizer.items():
                 state = optimizer.state[param]
                 for key, value in saved.items():
                     if torch.is_tensor(value) and torch.is_tensor(state.get(key)):
-                        _local(state[key]).copy_(value)
+                        local_tensor(state[key]).copy_(value)
                     else:  # (a value that is not a tensor: AdamW keeps none, other optimizers may)
                         state[key] = copy.deepcopy(value)
         for group, saved in zip(optimizer.param_groups, snap.groups):
             group.update(copy.deepcopy(saved))
         return snap.step
-
-
-def _local(tensor: torch.Tensor) -> torch.Tensor:
-    """The tensor this process holds: a DTensor's local shard, any other tensor itself."""
-    to_local = getattr(tensor, "to_local", None)
-    return to_local() if to_local is not None else tensor
 
 
 @dataclass

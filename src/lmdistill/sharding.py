@@ -71,6 +71,12 @@ def is_sharded(model: torch.nn.Module) -> bool:
     return fsdp is not None and isinstance(model, fsdp.FSDPModule)
 
 
+def local_tensor(t: torch.Tensor) -> torch.Tensor:
+    """The tensor this process holds: a DTensor's local shard, any other tensor itself."""
+    to_local = getattr(t, "to_local", None)
+    return to_local() if to_local is not None else t
+
+
 def full_tensor(t: torch.Tensor) -> torch.Tensor:
     """A DTensor gathered (a collective: every process calls it), any other tensor as it is."""
     from torch.distributed.tensor import DTensor
@@ -110,13 +116,11 @@ def save_shards(directory: Path, model: torch.nn.Module, optimizer, step: int) -
     import torch.distributed as dist
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint.api import CheckpointException
-    from torch.distributed.tensor import DTensor
 
     from .checkpoint import CheckpointError, file_record, first_nonfinite_tensor
 
     state = training_state(model, optimizer if optimizer.state else None)
-    local = _map_tensors(state, lambda t: t.to_local() if isinstance(t, DTensor) else t)
-    bad = first_nonfinite_tensor(local)
+    bad = first_nonfinite_tensor(state)  # (this process's shards)
     flag = torch.tensor([0.0 if bad is None else 1.0], device=_device_of(model))
     dist.all_reduce(flag, op=dist.ReduceOp.MAX)
     if flag.item():
@@ -269,16 +273,6 @@ def _safe_planner():
             super().load_bytes(read_item, value)
 
     return SafePlanner()
-
-
-def _map_tensors(obj, fn):
-    if isinstance(obj, torch.Tensor):
-        return fn(obj)
-    if isinstance(obj, dict):
-        return {k: _map_tensors(v, fn) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return type(obj)(_map_tensors(v, fn) for v in obj)
-    return obj
 
 
 def _device_of(model: torch.nn.Module) -> torch.device:
