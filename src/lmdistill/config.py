@@ -79,7 +79,8 @@ class ModelConfig:
     student: str | None = doc("Student to start from: local directory or hub id. null = build a fresh one.", None)
     teacher_cache: str | None = doc(
         "A teacher cache (lmdistill cache-teacher) to distill from instead of running the teacher: no teacher model "
-        "is loaded. A fresh student is built from the teacher's config (random start).", None)
+        "runs. A fresh student starts as model.student_init says: cut out of the cached teacher (its weights are "
+        "loaded for the cut only, and must be on disk), or random with model.student_init: random.", None)
     student_config: dict = doc(
         "Overrides applied to the teacher's config to build a fresh student "
         "(used when student is null), e.g. {num_hidden_layers: 2, hidden_size: 128}.",

@@ -7,6 +7,8 @@ for our own invariants.
 
 from __future__ import annotations
 
+import re
+
 
 class LmdistillError(Exception):
     """A problem with the user's input or environment; the message says what to do."""
@@ -22,3 +24,12 @@ class TrainingStopped(LmdistillError):
     """Training stopped on purpose by a guard (too many skipped steps or rollbacks)."""
 
     exit_code = 3
+
+
+def last_line(exc: BaseException) -> str:
+    """The innermost line of an error message (library errors often wrap the useful one last),
+    without a leading ``SomethingError:``."""
+    lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
+    if not lines:
+        return type(exc).__name__
+    return re.sub(r"^\w+(Error|Exception): ", "", lines[-1])[:300].rstrip(".")

@@ -12,29 +12,33 @@ from __future__ import annotations
 
 import json
 import os
-import re
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
-from .errors import LmdistillError
+from .errors import LmdistillError, last_line
+from .gguf import converted_dir, gguf_file_of
 from .paths import is_hub_id, replace_dir
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
 def resolve_source(source: str, role: str) -> str:
-    """A local model directory as an absolute path, or a hub id left as it is.
+    """A local model directory as an absolute path, or a hub id left as it is. A GGUF file (or a
+    directory holding one and no config.json) becomes the directory it was converted into.
 
     Something that looks like a path but is missing is an error here, before
     transformers turns it into a confusing hub lookup.
     """
+    gguf = gguf_file_of(source, role)
+    if gguf is not None:  # converted once into an ordinary directory, found again by its content
+        return str(converted_dir(gguf, role))
     path = Path(source).expanduser()
     if path.is_file():
         raise LmdistillError(f"{role} '{source}' is a file; give the directory that holds it and the weights (the "
-                             "directory save_pretrained wrote)")
+                             "directory save_pretrained wrote), or a .gguf file")
     if path.exists():
         if not (path / "config.json").is_file():
             raise LmdistillError(
@@ -203,7 +207,7 @@ def student_config_from_teacher(teacher_config, overrides: dict):
         try:
             setattr(config, key, value)
         except Exception as exc:  # transformers' (strict dataclass) validation of the field, of several types
-            raise LmdistillError(f"model.student_config.{key} = {value!r} is not allowed: {_last_line(exc)}") from None
+            raise LmdistillError(f"model.student_config.{key} = {value!r} is not allowed: {last_line(exc)}") from None
     if getattr(config, "head_dim", None) is not None and "head_dim" not in overrides:
         config.head_dim = config.hidden_size // config.num_attention_heads
     return config
@@ -244,15 +248,7 @@ def build_fresh_student(config, seed: int):
     try:
         return AutoModelForCausalLM.from_config(config, dtype=torch.float32)
     except Exception as exc:
-        raise LmdistillError(f"could not build a student from model.student_config: {_last_line(exc)}") from None
-
-
-def _last_line(exc: Exception) -> str:
-    """The innermost line of an error message (library errors often wrap the useful one last)."""
-    lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
-    if not lines:
-        return type(exc).__name__
-    return re.sub(r"^\w+(Error|Exception): ", "", lines[-1])[:300].rstrip(".")
+        raise LmdistillError(f"could not build a student from model.student_config: {last_line(exc)}") from None
 
 
 def check_config(config, what: str) -> None:
@@ -266,7 +262,7 @@ def check_config(config, what: str) -> None:
     try:
         validate()
     except Exception as exc:  # the library's own validation errors, of several types
-        raise LmdistillError(f"{what} is not a valid {type(config).__name__}: {_last_line(exc)}; fix "
+        raise LmdistillError(f"{what} is not a valid {type(config).__name__}: {last_line(exc)}; fix "
                              "model.student_config") from None
 
 
@@ -287,7 +283,7 @@ def check_causal(model, role: str, name: str, vocab_size: int) -> None:
             before = model(input_ids=ids, use_cache=False).logits[0, :-1].float()
             after = model(input_ids=changed, use_cache=False).logits[0, :-1].float()
     except Exception as exc:  # whatever the model raises: report it on one line
-        raise LmdistillError(f"the {role} '{name}' does not run on a 6-token input ({_last_line(exc)}); check its "
+        raise LmdistillError(f"the {role} '{name}' does not run on a 6-token input ({last_line(exc)}); check its "
                              "config") from None
     finally:
         model.train(was_training)
@@ -402,7 +398,7 @@ def load_models(cfg, teacher=None, student=None, tokenizer=None, train_blocks=No
     ``train_blocks(tokenizer) -> (N, L) token ids`` gives the calibration data of a student cut
     out of the teacher (``model.student_init: teacher``)."""
     if cfg.model.teacher_cache is not None and teacher is None:
-        return _models_for_cache(cfg, student, tokenizer)
+        return _models_for_cache(cfg, student, tokenizer, train_blocks)
     teacher_name = student_name = template_problem = None
     pruned = None
     run_tokenizer_checked = False
@@ -460,9 +456,12 @@ def load_models(cfg, teacher=None, student=None, tokenizer=None, train_blocks=No
                   pruned.channels if pruned else None, template_problem)
 
 
-def _models_for_cache(cfg, student, tokenizer) -> Models:
-    """A run from a teacher cache: the student (given, or fresh from the teacher's config file) and
-    the tokenizer; the teacher's weights are never loaded."""
+def _models_for_cache(cfg, student, tokenizer, train_blocks=None) -> Models:
+    """A run from a teacher cache: the student and the tokenizer. No teacher takes part in the
+    training. A fresh student starts as a live run's would (``model.student_init``): cut out of
+    the cached teacher, whose weights are loaded for the cut only and dropped before training,
+    or (``random``) built from the teacher's config file; a cached run and a live one with the
+    same settings then start from the same student."""
     from transformers import AutoConfig
 
     from .cache import TeacherCache
@@ -471,21 +470,29 @@ def _models_for_cache(cfg, student, tokenizer) -> Models:
     cache_dir = cache.path
     teacher_name = cfg.model.teacher or cache.manifest["teacher"]["source"]
     student_name = None
+    pruned = None
     if student is None and cfg.model.student is not None:
         student_name = resolve_source(cfg.model.student, "model.student")
         student = load_causal_lm(student_name, "student", torch.float32, cfg.model.trust_remote_code)
         if tokenizer is None and _has_tokenizer_files(student_name):
             tokenizer = load_tokenizer(student_name, "student")
     elif student is None:
-        if cfg.model.student_init == "teacher":
-            raise LmdistillError("model.student_init: teacher needs the teacher's weights, which a cached run does not "
-                                 "load; cut the student first (lmdistill prune --out DIR) and pass --student DIR")
         if teacher_name is None:
             raise LmdistillError("no student: set model.student, or model.teacher (its config shapes a fresh student)")
-        teacher_name = resolve_source(teacher_name, "model.teacher")
-        config = student_config_from_teacher(AutoConfig.from_pretrained(teacher_name), cfg.model.student_config)
-        student = build_fresh_student(config, cfg.run.seed)
-        student_name = f"fresh: {cfg.model.student_config or 'half of the teacher'} (teacher cache run)"
+        overrides = cfg.model.student_config
+        shape = ", ".join(f"{k}={v}" for k, v in overrides.items()) if overrides else "half of the teacher"
+        if cfg.model.student_init != "random":
+            teacher_name, pruned, tokenizer = _cut_from_cached_teacher(cfg, cache, teacher_name, tokenizer,
+                                                                      train_blocks)
+        if pruned is not None:
+            student = pruned.model
+            student_name = (f"from the teacher ({cfg.model.prune.layers} layers {pruned.layers}): {shape} "
+                            "(teacher cache run)")
+        else:
+            teacher_name = resolve_source(teacher_name, "model.teacher")
+            config = student_config_from_teacher(AutoConfig.from_pretrained(teacher_name), overrides)
+            student = build_fresh_student(config, cfg.run.seed)
+            student_name = f"fresh: {shape} (teacher cache run)"
     else:
         student_name = cfg.model.student or type(student).__name__
     if tokenizer is None and teacher_name is not None:
@@ -496,7 +503,81 @@ def _models_for_cache(cfg, student, tokenizer) -> Models:
     check_vocab_covers(student, len(tokenizer), "student", student_name)
     check_context_length(student, cfg.data.block_size, "student", student_name)
     check_causal(student, "student", student_name, len(tokenizer))
-    return Models(None, student, tokenizer, f"cache: {cache_dir}", student_name)
+    return Models(None, student, tokenizer, f"cache: {cache_dir}", student_name,
+                  pruned.layers if pruned else None, pruned.layer_importance if pruned else None,
+                  pruned.channels if pruned else None)
+
+
+def _cut_from_cached_teacher(cfg, cache, source: str, tokenizer, train_blocks):
+    """(teacher name, the student cut out of the cached teacher, tokenizer) for a cached run, cut
+    exactly as a live run cuts it (same dtype, same calibration blocks); the student is None where
+    ``auto`` meets a family pruning does not support (a live run starts that one random too).
+
+    The teacher's weights are loaded for the cut only: dropped before this returns, so the run
+    holds no teacher. Where they are not on disk, one line with the two ways on: cut the
+    student elsewhere and pass it, or ask for a random start explicitly."""
+    import gc
+
+    from transformers import AutoConfig
+
+    from .prune import SUPPORTED
+
+    if not Path(source).expanduser().exists() and not is_hub_id(source):
+        raise _teacher_not_on_disk(cfg, source, "the directory no longer exists")
+    name = resolve_source(source, "model.teacher")
+    try:
+        config = AutoConfig.from_pretrained(name, trust_remote_code=cfg.model.trust_remote_code)
+    except Exception as exc:  # transformers' errors for a model it cannot find or read, of several types
+        if Path(name).is_dir():
+            raise LmdistillError(f"cannot read the config of the teacher '{name}': {last_line(exc)}") from None
+        raise _teacher_not_on_disk(cfg, source, _offline_reason(exc)) from None
+    if cfg.model.student_init == "auto" and config.model_type not in SUPPORTED:
+        return name, None, tokenizer
+    _check_cached_teacher(cache, name)
+    try:
+        tokenizer = tokenizer or load_tokenizer(name, "teacher")
+        teacher = load_causal_lm(name, "teacher", _teacher_dtype(cfg), cfg.model.trust_remote_code)
+    except LmdistillError as exc:
+        if Path(name).is_dir():  # there, but unreadable: its own message says what is wrong
+            raise
+        raise _teacher_not_on_disk(cfg, source, str(exc).split("; ")[0]) from None
+    try:
+        pruned = cut_from_teacher(cfg, teacher, tokenizer, train_blocks)
+    finally:
+        del teacher
+        gc.collect()  # the weights go now, not whenever a reference cycle in the model is collected
+    return name, pruned, tokenizer
+
+
+def _check_cached_teacher(cache, name: str) -> None:
+    """The teacher a cached run cuts its student from must be the one the cache was built from
+    (the manifest's content hash of its directory, where it recorded one): a student cut from
+    another teacher would not start where the cache's targets lead."""
+    from .checkpoint import directory_hash
+
+    recorded = cache.manifest["teacher"].get("hash")
+    if recorded and Path(name).is_dir() and directory_hash(Path(name)) != recorded:
+        raise LmdistillError(
+            f"the teacher '{name}' is not the one teacher cache '{cache.path}' was built from (its content hash "
+            f"differs from the manifest's {recorded[:19]}...); set model.teacher to that teacher to cut the student "
+            "from it, or set model.student_init=random")
+
+
+def _offline_reason(exc: Exception) -> str:
+    if os.environ.get("HF_HUB_OFFLINE") == "1":
+        return "HF_HUB_OFFLINE=1 is set and it is not in the local cache"
+    return last_line(exc)
+
+
+def _teacher_not_on_disk(cfg, source: str, why: str) -> LmdistillError:
+    mode = cfg.model.student_init
+    how = "cuts the student out of the teacher" if mode == "teacher" else \
+        "cuts the student out of the teacher (as a run with the live teacher does)"
+    return LmdistillError(
+        f"model.student_init: {mode} {how}, but the cached teacher '{source}' is not on disk ({why}); cut the "
+        "student where the teacher is (lmdistill prune --teacher T --out DIR, with this run's data settings) and "
+        "train with --student DIR (or give --teacher PATH where it is now), or set model.student_init=random for a "
+        "random start (not comparable with a live run's student)")
 
 
 def chat_template_difference(teacher_tok, student_tok, teacher_name, student_name) -> str | None:
@@ -570,5 +651,5 @@ def cut_from_teacher(cfg, teacher, tokenizer, train_blocks):
     except (LmdistillError, MemoryError, getattr(torch, "OutOfMemoryError", MemoryError)):
         raise
     except Exception as exc:  # building the student from model.student_config failed inside the library
-        raise LmdistillError(f"could not build a student from model.student_config: {_last_line(exc)}; fix "
+        raise LmdistillError(f"could not build a student from model.student_config: {last_line(exc)}; fix "
                              "model.student_config") from None

@@ -230,8 +230,8 @@ class OnPolicy(TeacherSignal):
         """At an evaluation: the student continues the prompts of the first ``prompts`` held-out
         blocks (the same ones, with the same seed, at every evaluation); the teacher-judged scores
         of ``generation_quality`` and ``shown`` prompt/continuation pairs as text."""
-        n = min(prompts, len(eval_blocks))
-        heads = prompts_of(eval_blocks.batch(range(n)), self.prompt_tokens)
+        heads = held_out_prompts(eval_blocks, prompts, self.prompt_tokens)
+        n = len(heads)
         scores, written = generation_quality(student, teacher, heads, self.sampling, self.seed, self.eos, self.pad,
                                              vocab_size)
         samples = [{"prompt": tokenizer.decode(heads[i]), "continuation": tokenizer.decode(written[i])}
@@ -359,9 +359,12 @@ def generation_quality(student: torch.nn.Module, teacher: torch.nn.Module, promp
     draws from the same weights); returns the teacher-judged score and the continuations.
 
     gen_teacher_nll: the teacher's NLL per written token (lower: text the teacher finds likely);
-    gen_student_nll: the student's own NLL per written token; gen_repetition: the share of
-    repeated 4-grams; gen_length: mean written tokens (up to and including EOS). A sharded
-    student is judged on every process alike.
+    gen_student_nll: the student's own NLL per written token; gen_reverse_kl: their difference,
+    the mean of log q(x) - log p(x) over the student's own tokens x ~ q, a Monte Carlo estimate of
+    KL(student || teacher) per written token (by the chain rule, summed over a row it estimates the
+    KL of whole continuations; only when x is drawn from q itself: temperature 1, top_p 1);
+    gen_repetition: the share of repeated 4-grams; gen_length: mean written tokens (up to and
+    including EOS). A sharded student is judged on every process alike.
     """
     from .signals import prediction_logits
 
@@ -386,5 +389,72 @@ def generation_quality(student: torch.nn.Module, teacher: torch.nn.Module, promp
             written.append(row[keep].tolist())
     tokens = max(float(sums[2]), 1.0)
     return {"gen_teacher_nll": float(sums[0]) / tokens, "gen_student_nll": float(sums[1]) / tokens,
+            "gen_reverse_kl": float(sums[0] - sums[1]) / tokens,
             "gen_repetition": repeated_ngram_share(written), "gen_length": float(sums[2]) / max(len(prompts), 1)}, \
         written
+
+
+def held_out_prompts(blocks, count: int, prompt_tokens: int) -> list[torch.Tensor]:
+    """The prompts (``prompts_of``) of the first ``count`` blocks, all of them when there are fewer:
+    a fixed set, so that every judgement of a model with one seed sees the same prompts."""
+    return prompts_of(blocks.batch(range(min(count, len(blocks)))), prompt_tokens)
+
+
+# ---------------------------------------------------------------------------- lmdistill eval --generate
+def judge_generations(student, teacher, blocks, tokenizer, vocab_size: int, block_size: int, prompts: int,
+                      prompt_tokens: int, sampling: Sampling, seed: int, shown: int = 3) -> dict:
+    """Any student's own text, judged by a teacher (``lmdistill eval --generate``): the student
+    continues the prompts of the first ``prompts`` of ``blocks``, and ``generation_quality`` scores
+    what it wrote. Returns those scores (``gen_reverse_kl`` among them: KL(student || teacher) on
+    the student's own samples), the settings, and ``shown`` decoded samples.
+
+    Seeded like an on-policy run's evaluation: the same model, prompts and seed give the same
+    numbers. Settings that do not fit the models are one line each, before anything is generated."""
+    from .errors import LmdistillError
+
+    if prompt_tokens >= block_size:
+        raise LmdistillError(f"--prompt-tokens {prompt_tokens} must be shorter than a block ({block_size} tokens): "
+                             "the prompts are each block's first tokens; lower --prompt-tokens or raise --block-size")
+    eos = tokenizer.eos_token_id
+    if eos is None:
+        raise LmdistillError("--generate needs the tokenizer's EOS token to end the model's continuations, and this "
+                             "tokenizer has none; set eos_token in its tokenizer_config.json")
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos
+    heads = held_out_prompts(blocks, prompts, prompt_tokens)
+    longest_prompt = max(prompt_tokens, *(len(h) for h in heads))
+    longest = longest_prompt + sampling.max_new_tokens
+    for role, model in (("model", student), ("teacher", teacher)):
+        limit = getattr(model.config, "max_position_embeddings", None) or getattr(model.config, "n_positions", None)
+        if limit is not None and longest > limit:
+            raise LmdistillError(f"generated rows would reach {longest} tokens (prompts of up to {longest_prompt} + "
+                                 f"--max-new-tokens {sampling.max_new_tokens}), more than the {role}'s {limit} "
+                                 "positions; lower --max-new-tokens or --prompt-tokens")
+    scores, written = generation_quality(student, teacher, heads, sampling, seed, eos, pad, vocab_size)
+    samples = [{"prompt": tokenizer.decode(heads[i]), "continuation": tokenizer.decode(written[i])}
+               for i in range(min(shown, len(heads)))]
+    return {**scores, "gen_prompts": len(heads), "gen_prompt_tokens": prompt_tokens,
+            "gen_max_new_tokens": sampling.max_new_tokens, "gen_sample_temperature": sampling.temperature,
+            "gen_seed": seed, "gen_samples": samples}
+
+
+def describe_generations(judged: dict) -> list[str]:
+    """``judge_generations``' numbers as a few lines for the terminal."""
+    t = judged["gen_sample_temperature"]
+    caveat = "" if t == 1 else (f"; at temperature {t:g} the samples are not from the model's own distribution, so "
+                                "this is not an estimate of that KL")
+    sample = judged["gen_samples"][0] if judged["gen_samples"] else None
+    lines = [f"generations: {judged['gen_prompts']} held-out prompts of {judged['gen_prompt_tokens']} tokens, up to "
+             f"{judged['gen_max_new_tokens']} new tokens, temperature {t:g}, seed {judged['gen_seed']}",
+             f"  teacher NLL of the model's samples {judged['gen_teacher_nll']:.4f} nats/token; the model's own NLL "
+             f"{judged['gen_student_nll']:.4f}",
+             f"  reverse KL(model || teacher) on its own samples: {judged['gen_reverse_kl']:.4f} nats/token "
+             f"(teacher NLL - own NLL){caveat}",
+             f"  repeated 4-grams {judged['gen_repetition']:.1%}; mean length {judged['gen_length']:.1f} tokens"]
+    if sample is not None:
+        lines.append(f"  e.g. {_one_line(sample['prompt'], 60)!r} -> {_one_line(sample['continuation'], 100)!r}")
+    return lines
+
+
+def _one_line(text: str, limit: int) -> str:
+    flat = " ".join(text.split())
+    return flat if len(flat) <= limit else flat[: limit - 1] + "…"

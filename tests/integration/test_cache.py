@@ -191,3 +191,101 @@ def test_a_cached_run_resumes_bit_exact(tmp_path, teacher_dir, small_text):
     want = load_file(straight / "checkpoints" / "step-6" / "model.safetensors")
     got = load_file(resumed / "checkpoints" / "step-6" / "model.safetensors")
     assert want.keys() == got.keys() and all((want[k] == got[k]).all() for k in want)
+
+
+CUT = "model.student_config={num_hidden_layers: 1, hidden_size: 24, intermediate_size: 48}"
+
+
+def _cut_run(small_text, out: Path, cache: Path, *extra: str):
+    """A cached run whose student is not given: one step at a learning rate too small to move a
+    weight, so the final student is the one the run started from."""
+    return cli("train", "--data", str(small_text), "--output-dir", str(out), "--batch-size", "2", "--max-steps", "1",
+               "--no-progress", *DATA, "--set", CUT, "--set", "train.lr=1e-12", "--teacher-cache", str(cache), *extra)
+
+
+def test_a_cached_run_cuts_its_student_out_of_the_teacher_on_disk(tmp_path, teacher_dir, small_text, dense_cache,
+                                                                  monkeypatch):
+    """The same student as lmdistill prune cuts with the same settings (and a live run starts from),
+    and the teacher loaded for the cut is gone before training."""
+    import gc
+    import json
+    import weakref
+
+    import torch
+    from safetensors.torch import load_file
+
+    from lmdistill import models as models_module
+    from lmdistill.config import Config
+    from lmdistill.data import build_block_data
+
+    pruned = tmp_path / "pruned"
+    proc = cli("prune", "--teacher", str(teacher_dir), "--data", str(small_text), "--out", str(pruned), *DATA,
+               "--set", CUT)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    run = tmp_path / "run"
+    proc = _cut_run(small_text, run, dense_cache)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert json.loads((run / "run.json").read_text())["student"]["name"].startswith("from the teacher")
+    want, got = load_file(pruned / "model.safetensors"), load_file(run / "student" / "model.safetensors")
+    assert want.keys() == got.keys()
+    for key in want:
+        assert torch.allclose(got[key], want[key], rtol=0, atol=1e-6), key
+
+    # in the process: the teacher's weights were loaded once, for the cut, and no longer exist
+    cfg = Config.load(None, [CUT, "data.block_size=32", "data.max_eval_blocks=8"],
+                      {"data.path": str(small_text), "model.teacher_cache": str(dense_cache)})
+    loaded = []
+    real = models_module.load_causal_lm
+
+    def recording(*args, **kwargs):
+        model = real(*args, **kwargs)
+        loaded.append(weakref.ref(model))
+        return model
+
+    monkeypatch.setattr(models_module, "load_causal_lm", recording)
+    models = models_module.load_models(cfg, train_blocks=lambda tok: build_block_data(cfg.data, tok).train)
+    gc.collect()
+    assert models.teacher is None and len(loaded) == 1 and loaded[0]() is None
+    assert all(torch.equal(models.student.state_dict()[k], want[k]) for k in want)
+    # model.student_init: random keeps the fresh start
+    cfg.model.student_init = "random"
+    fresh = models_module.load_models(cfg)
+    assert fresh.student_name.startswith("fresh") and len(loaded) == 1
+    assert not torch.equal(fresh.student.state_dict()["model.norm.weight"], want["model.norm.weight"])
+
+
+def test_a_cache_whose_teacher_is_gone_or_other_is_refused_in_one_line(tmp_path, teacher_dir, small_text,
+                                                                      tiny_tokenizer):
+    import json
+    import shutil
+
+    from conftest import tiny_llama
+
+    teacher = tmp_path / "teacher"
+    shutil.copytree(teacher_dir, teacher)
+    cache = tmp_path / "cache"
+    assert _cache(teacher, small_text, cache, "--set", "cache.samples=2").returncode == 0
+    moved = tmp_path / "moved"
+    teacher.rename(moved)
+    for init in ("auto", "teacher"):
+        proc = _cut_run(small_text, tmp_path / init, cache, "--set", f"model.student_init={init}")
+        one_error_line(proc, f"model.student_init: {init}", str(teacher), "no longer exists",
+                       "lmdistill prune --teacher T --out DIR", "--student DIR", "model.student_init=random")
+        assert not (tmp_path / init).exists()
+    # a hub teacher that is not in the local cache (the tests run with HF_HUB_OFFLINE=1)
+    hub = tmp_path / "hub-cache"
+    shutil.copytree(cache, hub)
+    manifest = json.loads((hub / "manifest.json").read_text())
+    manifest["teacher"] = {"source": "nobody-here/no-such-teacher", "hash": None}
+    (hub / "manifest.json").write_text(json.dumps(manifest))
+    one_error_line(_cut_run(small_text, tmp_path / "h", hub), "'nobody-here/no-such-teacher' is not on disk",
+                   "HF_HUB_OFFLINE=1", "--student DIR", "model.student_init=random")
+    # another teacher than the cache's: refused, named by its content hash
+    other = tmp_path / "other"
+    tiny_llama(len(tiny_tokenizer), hidden=48, layers=2, seed=5).save_pretrained(other)
+    tiny_tokenizer.save_pretrained(other)
+    one_error_line(_cut_run(small_text, tmp_path / "o", cache, "--teacher", str(other)),
+                   "is not the one teacher cache", "content hash", "model.student_init=random")
+    # the same teacher where it is now: cut from it
+    proc = _cut_run(small_text, tmp_path / "found", cache, "--teacher", str(moved))
+    assert proc.returncode == 0, proc.stderr[-2000:]

@@ -213,3 +213,24 @@ def test_the_models_own_generation_settings_do_not_change_the_samples(tiny_stude
         assert tiny_student.generation_config.repetition_penalty == 5.0  # put back after the call
     finally:
         tiny_student.generation_config = own
+
+
+def test_gen_reverse_kl_is_zero_against_the_same_weights_and_positive_against_others(tiny_student):
+    """gen_reverse_kl = teacher NLL - student NLL of the student's own samples, an estimate of
+    KL(student || teacher): 0 for a teacher with the student's weights (another object), clearly
+    positive for a teacher the student does not match (a sharper student than a near-uniform one)."""
+    import copy
+
+    from lmdistill.onpolicy import generation_quality
+
+    prompts = torch.tensor([[1, 2, 3], [4, 5, 6], [7, 8, 9], [10, 11, 12]])
+    settings = dict(sampling=Sampling(max_new_tokens=6), seed=3, eos_token_id=31, pad_token_id=31, vocab_size=32)
+    same, _ = generation_quality(tiny_student, copy.deepcopy(tiny_student), prompts, **settings)
+    assert same["gen_reverse_kl"] == pytest.approx(same["gen_teacher_nll"] - same["gen_student_nll"], abs=1e-12)
+    assert abs(same["gen_reverse_kl"]) < 1e-5 and same["gen_teacher_nll"] > 1.0
+    sharp = copy.deepcopy(tiny_student)
+    with torch.no_grad():
+        sharp.lm_head.weight.mul_(30.0)  # nearly deterministic next tokens; the teacher spreads its mass
+    other, _ = generation_quality(sharp, tiny_student, prompts, **settings)
+    assert other["gen_reverse_kl"] == pytest.approx(other["gen_teacher_nll"] - other["gen_student_nll"], abs=1e-12)
+    assert other["gen_reverse_kl"] > 0.5

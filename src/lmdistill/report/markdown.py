@@ -289,9 +289,11 @@ def _generations_section(record: RunRecord) -> list[str]:
              f"On-policy steps: **{len(on)}** of {len(record.train)} logged. At each evaluation the student "
              f"continues the first tokens of {judged[-1].get('gen_prompts', '?')} held-out blocks with the same "
              "seed; the teacher's NLL per written token is the teacher-judged score (lower is better).", ""]
-    lines += table(["step", "teacher NLL / token", "student's own NLL", "repeated 4-grams", "tokens written"],
+    lines += table(["step", "teacher NLL / token", "student's own NLL", "reverse KL (difference)", "repeated 4-grams",
+                    "tokens written"],
                    [[e["step"], fmt_value(e["gen_teacher_nll"]), fmt_value(e.get("gen_student_nll")),
-                     f"{100 * e.get('gen_repetition', 0):.1f}%", fmt_value(e.get("gen_length"))] for e in judged])
+                     fmt_value(e.get("gen_reverse_kl")), f"{100 * e.get('gen_repetition', 0):.1f}%",
+                     fmt_value(e.get("gen_length"))] for e in judged])
     for title, e in (("before", judged[0]), ("after", judged[-1])):
         for sample in e.get("gen_samples", [])[:2]:
             lines += ["", f"*{title} (step {e['step']})*: prompt `{_one_line(sample['prompt'])}` "

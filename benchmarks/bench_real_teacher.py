@@ -1,0 +1,129 @@
+"""Distillation recipes on a real pretrained teacher (SmolLM2-135M-Instruct), at equal steps.
+
+The teacher is the GGUF file ``benchmarks/real_teacher.py`` fetches. Every row trains the same
+student, cut from the teacher (``--student-layers``, default its 15 most influential layers at
+full width), on the same blocks in the same order for the same number of optimizer steps, then
+reports held-out perplexity and the share of the CE-only -> teacher gap it closed, in nats:
+(CE_ce-only - CE_row) / (CE_ce-only - CE_teacher).
+
+  ce        CE only (kd_weight 0)
+  recipe    the original report's recipe: kd 0.5, T annealed 2.0 -> 1.5
+  kd_t1     pure KD at T = 1 (kd 1)
+  cache_kd1 pure KD at T = 1 from a sampled cache (S = 12 draws per position, captured at T = 1);
+            the cached run cuts the same student from the teacher's weights on disk
+
+A CPU affords few steps on a 135M teacher, so the corpus is cut to its first ``--max-tokens``
+tokens (data.max_tokens; the same blocks for every row) and evaluated only at the start and the
+end. The results go to ``--out`` as JSON and a markdown table on stdout.
+
+    python benchmarks/real_teacher.py --fetch-only
+    OMP_NUM_THREADS=1 python benchmarks/bench_real_teacher.py --corpus embedded --out benchmarks/results/real_embedded.json
+    OMP_NUM_THREADS=1 python benchmarks/bench_real_teacher.py --corpus stdlib --out benchmarks/results/real_stdlib.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from bench_student_init import lmdistill, stdlib_corpus  # noqa: E402
+from real_teacher import fetch  # noqa: E402
+
+VARIANTS = {
+    "ce": ["--kd-weight", "0"],
+    "recipe": ["--kd-weight", "0.5", "--temperature", "2.0", "--min-temperature", "1.5"],
+    "kd_t1": ["--kd-weight", "1", "--temperature", "1", "--min-temperature", "1"],
+    "cache_kd1": ["--kd-weight", "1", "--temperature", "1", "--min-temperature", "1"],
+}
+
+
+def summary(run: Path) -> dict:
+    lines = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
+    evals = [r for r in lines if "eval_ppl" in r]
+    rates = [r["tokens_per_s"] for r in lines if "tokens_per_s" in r]
+    info = json.loads((run / "run.json").read_text())
+    final = info.get("final") or {}
+    return {"eval_ppl": evals[-1]["eval_ppl"], "eval_ce": evals[-1]["eval_ce_loss"],
+            "eval_kl": final.get("eval_kl"), "top1_agreement": final.get("top1_agreement"),
+            "start_ppl": evals[0]["eval_ppl"], "teacher_ce": evals[-1].get("teacher_ce_loss"),
+            "teacher_ppl": evals[-1].get("teacher_ppl"), "tokens_per_s": statistics.median(rates) if rates else None,
+            "steps": info.get("steps_done"), "student": info["student"]["name"],
+            "student_params": info["student"]["params"], "wall_s": info.get("wall_time_s")}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--corpus", choices=["embedded", "stdlib"], default="embedded")
+    parser.add_argument("--variants", default=",".join(VARIANTS))
+    parser.add_argument("--steps", type=int, default=130)
+    parser.add_argument("--max-tokens", type=int, default=40_000)
+    parser.add_argument("--student-layers", type=int, default=15)
+    parser.add_argument("--lr", default="3e-4")
+    parser.add_argument("--work", default="/tmp/lmdistill-bench-real")
+    parser.add_argument("--out", required=True)
+    parser.add_argument("--report-only", action="store_true", help="rebuild --out and the table from the runs in "
+                                                                   "--work; train nothing")
+    args = parser.parse_args()
+    work = Path(args.work) / args.corpus
+    work.mkdir(parents=True, exist_ok=True)
+    teacher = str(fetch(say=lambda _: None))
+    data = [] if args.corpus == "embedded" else ["--data", str(stdlib_corpus(Path(args.work)))]
+    common = ["--teacher", teacher, *data, "--batch-size", "2", "--max-steps", str(args.steps), "--eval-every",
+              str(args.steps), "--lr", args.lr, "--no-progress",
+              "--set", f"data.max_tokens={args.max_tokens}", "--set", "data.eval_fraction=0.1",
+              "--set", "model.student_init=teacher",
+              "--set", f"model.student_config={{num_hidden_layers: {args.student_layers}}}"]
+    results: dict = {"machine": f"{platform.machine()}, {os.cpu_count()} cores, torch threads "
+                                f"{os.environ.get('OMP_NUM_THREADS', 'default')}",
+                     "corpus": args.corpus, "steps": args.steps, "max_tokens": args.max_tokens,
+                     "lr": args.lr, "batch": "2 x 128 tokens", "rows": {}}
+    for name in args.variants.split(","):
+        run = work / name
+        if args.report_only:
+            if (run / "run.json").is_file() and json.loads((run / "run.json").read_text())["status"] == "finished":
+                results["rows"][name] = summary(run)
+            continue
+        extra = list(VARIANTS[name])
+        if name.startswith("cache"):
+            cache = work / "cache-s12-t1"
+            started = time.perf_counter()
+            lmdistill("cache-teacher", "--teacher", teacher, *data, "--out", str(cache), "--mode", "sampled",
+                      "--samples", "12", "--temperature", "1", "--no-progress",
+                      "--set", f"data.max_tokens={args.max_tokens}", "--set", "data.eval_fraction=0.1",
+                      log=work / "cache.log")
+            results["cache_build_s"] = round(time.perf_counter() - started, 1)
+            results["cache_mib"] = sum(p.stat().st_size for p in cache.rglob("*") if p.is_file()) / 2**20
+            extra += ["--teacher-cache", str(cache)]
+        print(f"{args.corpus}: {name}", flush=True)
+        lmdistill("train", *common, *extra, "--output-dir", str(run), "--overwrite", log=work / f"{name}.log")
+        results["rows"][name] = summary(run)
+        Path(args.out).write_text(json.dumps(results, indent=2) + "\n")
+    rows = results["rows"]
+    t_ce = next((r["teacher_ce"] for r in rows.values() if r.get("teacher_ce") is not None), None)
+    base = rows.get("ce", {}).get("eval_ce")
+    print(f"\n{args.corpus}: {args.steps} steps of 2 x 128 tokens, lr {args.lr}\n")
+    print("| row | held-out ppl | CE nats | gap closed | KL(teacher\\|\\|student) | top-1 agreement | tokens/s |\n"
+          "|---|---|---|---|---|---|---|")
+    if t_ce is not None:
+        print(f"| teacher | {rows[next(iter(rows))]['teacher_ppl']:.2f} | {t_ce:.4f} | | 0 | 100% | |")
+    for name, r in rows.items():
+        # The share of the CE-only -> teacher gap closed, in nats; undefined when the CE-only student
+        # is already at or past the teacher on this held-out text.
+        gap = (base - r["eval_ce"]) / (base - t_ce) if base is not None and t_ce is not None and base > t_ce else None
+        r["gap_closed"] = gap
+        kl = "" if r.get("eval_kl") is None else f"{r['eval_kl']:.4f}"
+        top1 = "" if r.get("top1_agreement") is None else f"{r['top1_agreement']:.1%}"
+        print(f"| {name} | {r['eval_ppl']:.2f} | {r['eval_ce']:.4f} | "
+              f"{'n/a' if gap is None else f'{gap:.1%}'} | {kl} | {top1} | {r['tokens_per_s'] or 0:.0f} |")
+    Path(args.out).write_text(json.dumps(results, indent=2) + "\n")
+
+
+if __name__ == "__main__":
+    main()
