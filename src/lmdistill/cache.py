@@ -15,8 +15,10 @@ keeps, per predicting position, what the mode needs:
 A cache is a directory::
 
     CACHE/
-      build.json            what the build was asked to do (written first; a rerun with the
-                            same request resumes)
+      .lmdistill-cache      the marker, written first: this directory is a teacher cache
+      .lmdistill-cache.lock held (flock) by the build writing the cache; names its pid meanwhile
+      build.json            what the build was asked to do (a rerun with the same request
+                            resumes)
       train-00000.safetensors ...   rows [i R, (i + 1) R) of the train blocks, in row order
       eval-00000.safetensors  ...   the same for the eval blocks (also the teacher's CE sum)
       manifest.json         written last: format version, mode, S or k, capture temperature,
@@ -33,6 +35,11 @@ Building is deterministic: shard i draws its samples from a generator seeded by 
 split, i), so a build killed and rerun (finished shards are kept: each is renamed into place
 when complete) ends byte-identical to an uninterrupted one, and ``torchrun --nproc_per_node
 N`` (shard i on rank i mod N) writes the same cache as one process.
+
+Only a cache is ever replaced (``--overwrite``): a directory with the marker (or, written
+before the marker existed, a manifest or build.json of this format) and nothing but cache
+files in it. One build writes a cache at a time: rank 0 holds the lock from the first check to
+the manifest, and a second build is refused naming the first's pid.
 """
 
 from __future__ import annotations
@@ -41,7 +48,8 @@ import hashlib
 import json
 import math
 import os
-import shutil
+import re
+import socket
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -50,13 +58,19 @@ import numpy as np
 import torch
 
 from .errors import LmdistillError
-from .paths import atomic_write_json, fsync_dir, protected_place
+from .paths import atomic_write_json, fsync_dir, is_plain_file, open_no_link, protected_place
 from .sparse import SparseTargets
 from .store import _sha256
 
 FORMAT_VERSION = 1
 MODES = ("sampled", "topk", "dense")
 MANIFEST, BUILD = "manifest.json", "build.json"
+MARKER, LOCK = ".lmdistill-cache", ".lmdistill-cache.lock"
+# A marker's content is fixed: caches built alike stay byte-identical, the marker included.
+MARKER_CONTENT = {"format": "lmdistill-teacher-cache", "version": 1}
+_CACHE_FILE = re.compile(r"^(train|eval)-\d{5}\.safetensors$")
+_TEMPORARY = re.compile(r"^\.(.+)\.tmp-\d+$")  # an unfinished shard or JSON write: ".<name>.tmp-<pid>"
+_HELD: dict[Path, int] = {}  # caches whose build lock this process holds -> the lock's descriptor
 
 
 # ---------------------------------------------------------------------------- the format
@@ -289,27 +303,132 @@ def build_request(cfg, tokenizer, data, teacher_ref: dict, vocab_size: int) -> d
 
 
 def prepare_out(out: Path, request: dict, overwrite: bool) -> bool:
-    """Get ``out`` ready for a build of ``request``; True when the cache there is already complete."""
+    """Get ``out`` ready for a build of ``request``; True when the cache there is already complete.
+
+    Takes the build lock (held until ``release``; under torchrun rank 0 alone calls this, and
+    holds it for all ranks of its launch): two builds into one directory would otherwise mix
+    their shards under one manifest. ``out`` is checked before anything is written into it,
+    and again under the lock."""
     if out.exists() and not out.is_dir():
         raise LmdistillError(f"--out '{out}' is a file; give a directory for the cache")
     what = protected_place(out)
     if what is not None:
         raise LmdistillError(f"refusing to write a teacher cache into '{out}': it is {what}; give a new directory")
-    if (out / MANIFEST).is_file() or (out / BUILD).is_file():
-        earlier = json.loads((out / BUILD).read_text()) if (out / BUILD).is_file() else None
+    _check_ours(out)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise LmdistillError(f"cannot create the cache directory '{out}' ({exc.strerror}); give a writable "
+                             "--out") from None
+    _lock(out)
+    is_cache = _check_ours(out)  # again: another process may have written here meanwhile
+    if is_cache:
+        earlier = _read_json(out / BUILD)
         if earlier == request:
-            return (out / MANIFEST).is_file()
-        if not overwrite:
+            if is_plain_file(out / MANIFEST):
+                return True
+            _mark(out)  # resuming a build (one started before caches had a marker gets one)
+            return False
+        # (a marker alone is a build killed before it began: nothing to keep, nothing to ask)
+        started = earlier is not None or any(n == MANIFEST or _CACHE_FILE.match(n) for n in os.listdir(out))
+        if started and not overwrite:
             differs = _first_difference(earlier or {}, request)
             raise LmdistillError(f"'{out}' holds a different teacher cache ({differs}); pass --overwrite to replace it, "
                                  "or give another --out")
-        shutil.rmtree(out)
-    elif out.exists() and any(out.iterdir()):
-        raise LmdistillError(f"--out '{out}' is a directory that is not a teacher cache and not empty; give a new "
-                             "or empty directory (lmdistill never deletes what it did not write)")
-    out.mkdir(parents=True, exist_ok=True)
+        for entry in os.scandir(out):  # only cache files are left (checked above); the lock we hold stays
+            if entry.name != LOCK:
+                os.unlink(entry.path)
+    _mark(out)
     atomic_write_json(out / BUILD, request, fsync=True)
     return False
+
+
+def _check_ours(out: Path) -> bool:
+    """Whether ``out`` holds a teacher cache (True) or nothing (False); LmdistillError for a
+    directory holding anything else. A cache is the marker, or (a cache written before the
+    marker existed) a manifest or build.json of this format, with only cache files beside it."""
+    if not out.is_dir():
+        return False
+    names = sorted(os.listdir(out))
+    if not names or names == [LOCK] and is_plain_file(out / LOCK):
+        return False
+    legacy = any(_is_cache_record(_read_json(out / name)) for name in (MANIFEST, BUILD))
+    if not is_plain_file(out / MARKER) and not legacy:
+        raise LmdistillError(f"--out '{out}' is a directory that is not a teacher cache and not empty; give a new "
+                             "or empty directory (lmdistill never deletes what it did not write)")
+    foreign = [name for name in names if not _cache_file(out / name)]
+    if foreign:
+        raise LmdistillError(f"--out '{out}' holds a teacher cache and files lmdistill did not write ({foreign[0]}"
+                             f"{f' and {len(foreign) - 1} more' if len(foreign) > 1 else ''}); move them out, or give "
+                             "another --out (lmdistill never deletes what it did not write)")
+    return True
+
+
+def _cache_file(path: Path) -> bool:
+    """A regular file (never a link) with a name a cache build writes."""
+    match = _TEMPORARY.match(path.name)
+    name = match.group(1) if match else path.name
+    return is_plain_file(path) and (name in (MARKER, LOCK, BUILD, MANIFEST) or bool(_CACHE_FILE.match(name)))
+
+
+def _is_cache_record(record) -> bool:
+    """A build.json or manifest.json of this format (what a cache without a marker is known by)."""
+    return isinstance(record, dict) and record.get("format_version") == FORMAT_VERSION and \
+        record.get("mode") in MODES and {"capture_temperature", "shard_rows", "rows", "tokenizer"} <= record.keys()
+
+
+def _read_json(path: Path):
+    if not is_plain_file(path):
+        return None
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+
+
+def _mark(out: Path) -> None:
+    if not is_plain_file(out / MARKER):  # (the rename replaces a link, never writes through it)
+        atomic_write_json(out / MARKER, MARKER_CONTENT, fsync=True)
+
+
+def _lock(out: Path) -> None:
+    """Take ``out``'s build lock, or stop in one line naming the build that holds it."""
+    import fcntl
+
+    key = out.resolve()
+    if key in _HELD:
+        return
+    try:
+        fd = open_no_link(out / LOCK, os.O_RDWR | os.O_CREAT, "teacher cache lock")
+    except OSError as exc:
+        raise LmdistillError(f"cannot write in the cache directory '{out}' ({exc.strerror}); give a writable "
+                             "--out") from None
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        holder = os.pread(fd, 200, 0).decode(errors="replace").strip() or "another process"
+        os.close(fd)
+        raise LmdistillError(f"another cache-teacher is writing '{out}' ({holder}); wait for it to end, or give "
+                             "another --out") from None
+    os.ftruncate(fd, 0)
+    os.pwrite(fd, f"pid {os.getpid()} on {socket.gethostname()}\n".encode(), 0)
+    _HELD[key] = fd
+
+
+def release(out: Path) -> None:
+    """Let go of ``out``'s build lock (the OS does it too when the process ends). The lock file is
+    emptied, not removed (removing it would let a waiting process lock a file no one else sees),
+    so a finished cache is the same bytes whoever built it."""
+    import fcntl
+
+    fd = _HELD.pop(out.resolve(), None)
+    if fd is not None:
+        try:
+            os.ftruncate(fd, 0)
+        except OSError:
+            pass
+        fcntl.flock(fd, fcntl.LOCK_UN)
+        os.close(fd)
 
 
 def _first_difference(a: dict, b: dict, prefix: str = "") -> str:

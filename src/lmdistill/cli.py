@@ -330,46 +330,52 @@ def cmd_cache_teacher(args) -> int:
     tokenizer = load_tokenizer(teacher_name, "teacher")
     data = build_block_data(cfg.data, tokenizer, progress=not args.no_progress)
     request = tc.build_request(cfg, tokenizer, data, model_reference(teacher_name), len(tokenizer))
-    complete = tc.prepare_out(out, request, args.overwrite) if rank == 0 else False
-    if world > 1:
-        flag = torch.tensor([int(complete)])
-        dist.broadcast(flag, 0)
-        complete = bool(flag.item())
-    if complete:
+    # Rank 0 holds the cache's build lock for the whole launch (its other ranks write under it).
+    try:
+        complete = tc.prepare_out(out, request, args.overwrite) if rank == 0 else False
+        if world > 1:
+            flag = torch.tensor([int(complete)])
+            dist.broadcast(flag, 0)
+            complete = bool(flag.item())
+        if complete:
+            if rank == 0:
+                print(f"teacher cache '{out}' is already complete for this teacher, data and settings; nothing to do")
+            return 0
+        per_token = tc.bytes_per_token(cfg.cache.mode, len(tokenizer), cfg.cache.samples, cfg.cache.k)
         if rank == 0:
-            print(f"teacher cache '{out}' is already complete for this teacher, data and settings; nothing to do")
+            positions = (len(data.train) + len(data.eval)) * request["positions_per_block"]
+            print(f"caching the teacher: {tc.describe(request)}, {positions:,} positions -> {out}\n"
+                  f"estimated size {tc.estimated_bytes(request) / 2**20:,.1f} MiB: {per_token} bytes per position "
+                  f"({per_token / tc.dense_fp16_bytes(len(tokenizer)):.2%} of fp16 logits at V={len(tokenizer):,})")
+        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0"))) if torch.cuda.is_available() else (
+            torch.device("cpu"))
+        teacher = freeze(load_causal_lm(teacher_name, "teacher", torch.float32, cfg.model.trust_remote_code)).to(device)
+        todo = tc.shards_to_do(out, request, rank, world)
+        blocks = {"train": data.train, "eval": data.eval}
+        bar = progress_bar(sum((end - start) for _, _, start, end in todo) * request["positions_per_block"], 0,
+                           "teacher", not args.no_progress and rank == 0, unit="tok")
+        started = time.perf_counter()
+        for split, index, start, end in todo:
+            tc.write_shard(out, teacher, blocks[split], split, index, start, end, request, cfg.cache.batch_size, device,
+                           on_batch=bar.update)
+            bar.set_postfix({"tokens/s": f"{bar.n / max(time.perf_counter() - started, 1e-9):,.0f}"})
+        bar.close()
+        if world > 1:
+            dist.barrier()
+        if rank == 0:
+            manifest = tc.finish(out, request)
+            size = sum(s["bytes"] for s in manifest["shards"].values())
+            print(f"teacher cache written: {out} ({len(manifest['shards'])} shards, {size / 2**20:,.1f} MiB, "
+                  f"{tc.elapsed_since(started)}); teacher held-out perplexity "
+                  f"{manifest['teacher_eval']['teacher_ppl']:.4g}\n"
+                  f"train from it: lmdistill train --teacher-cache {out} --data ... (the same data settings)")
+        if world > 1:
+            dist.barrier()
+            dist.destroy_process_group()
         return 0
-    per_token = tc.bytes_per_token(cfg.cache.mode, len(tokenizer), cfg.cache.samples, cfg.cache.k)
-    if rank == 0:
-        positions = (len(data.train) + len(data.eval)) * request["positions_per_block"]
-        print(f"caching the teacher: {tc.describe(request)}, {positions:,} positions -> {out}\n"
-              f"estimated size {tc.estimated_bytes(request) / 2**20:,.1f} MiB: {per_token} bytes per position "
-              f"({per_token / tc.dense_fp16_bytes(len(tokenizer)):.2%} of fp16 logits at V={len(tokenizer):,})")
-    device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0"))) if torch.cuda.is_available() else (
-        torch.device("cpu"))
-    teacher = freeze(load_causal_lm(teacher_name, "teacher", torch.float32, cfg.model.trust_remote_code)).to(device)
-    todo = tc.shards_to_do(out, request, rank, world)
-    blocks = {"train": data.train, "eval": data.eval}
-    bar = progress_bar(sum((end - start) for _, _, start, end in todo) * request["positions_per_block"], 0,
-                       "teacher", not args.no_progress and rank == 0, unit="tok")
-    started = time.perf_counter()
-    for split, index, start, end in todo:
-        tc.write_shard(out, teacher, blocks[split], split, index, start, end, request, cfg.cache.batch_size, device,
-                       on_batch=bar.update)
-        bar.set_postfix({"tokens/s": f"{bar.n / max(time.perf_counter() - started, 1e-9):,.0f}"})
-    bar.close()
-    if world > 1:
-        dist.barrier()
-    if rank == 0:
-        manifest = tc.finish(out, request)
-        size = sum(s["bytes"] for s in manifest["shards"].values())
-        print(f"teacher cache written: {out} ({len(manifest['shards'])} shards, {size / 2**20:,.1f} MiB, "
-              f"{tc.elapsed_since(started)}); teacher held-out perplexity {manifest['teacher_eval']['teacher_ppl']:.4g}\n"
-              f"train from it: lmdistill train --teacher-cache {out} --data ... (the same data settings)")
-    if world > 1:
-        dist.barrier()
-        dist.destroy_process_group()
-    return 0
+    finally:
+        if rank == 0:
+            tc.release(out)
 
 
 def _model_type(source: str) -> str | None:

@@ -17,21 +17,18 @@ never used and two processes (the ranks of one launch) convert once between them
 
 from __future__ import annotations
 
-import contextlib
-import fcntl
 import hashlib
 import importlib.util
 import json
 import os
 import shutil
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import torch
 
 from .errors import LmdistillError, last_line
-from .paths import atomic_write_json, replace_dir
+from .paths import atomic_write_json, exclusive_lock, replace_dir
 
 RECORD = "lmdistill-gguf.json"
 FORMAT_VERSION = 1
@@ -89,7 +86,8 @@ def converted_dir(path: Path, role: str, *, home: Path | None = None, say=print)
     except OSError as exc:
         raise LmdistillError(f"cannot write the converted GGUF model in '{home}' ({exc.strerror or exc}); set "
                              "LMDISTILL_HOME to a writable directory") from None
-    with _locked(home / f"{final.name}.lock", say, path):
+    with exclusive_lock(home / f"{final.name}.lock", "GGUF conversion lock",
+                        lambda: say(f"waiting for another process to finish converting {path.name}")):
         if _is_complete(final, digest):  # converted by the process we waited for
             return final
         for stale in home.glob(f".{final.name}.tmp-*"):  # a killed conversion's (we hold the lock)
@@ -123,20 +121,6 @@ def _is_complete(final: Path, digest: str) -> bool:
     except (OSError, ValueError):
         return False
     return isinstance(record, dict) and record.get("sha256") == digest and record.get("version") == FORMAT_VERSION
-
-
-@contextlib.contextmanager
-def _locked(lock: Path, say, path: Path) -> Iterator[None]:
-    with open(lock, "a+") as f:
-        try:
-            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            say(f"waiting for another process to finish converting {path.name}")
-            fcntl.flock(f, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(f, fcntl.LOCK_UN)
 
 
 def _convert(path: Path, out: Path, role: str) -> dict:

@@ -8,11 +8,14 @@ directories (a saved model, a checkpoint) are published the same way by ``replac
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import json
 import os
 import re
 import shutil
-from collections.abc import Callable
+import stat
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import IO, Any
 
@@ -41,7 +44,7 @@ def atomic_write(path: Path, data: str | bytes | Callable[[IO[bytes]], Any], *, 
     path = Path(path)
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     try:
-        with open(tmp, "wb") as f:
+        with open(tmp, "wb", opener=_no_link_opener) as f:
             if callable(data):
                 data(f)
             else:
@@ -59,6 +62,64 @@ def atomic_write(path: Path, data: str | bytes | Callable[[IO[bytes]], Any], *, 
         tmp.unlink(missing_ok=True)
         raise
     return path
+
+
+NOFOLLOW = getattr(os, "O_NOFOLLOW", 0)  # (0 where the system has no such flag)
+
+
+def _no_link_opener(name, flags: int) -> int:
+    # A link planted where the temporary file goes would otherwise send the bytes to its target.
+    return os.open(name, flags | NOFOLLOW, 0o666)
+
+
+def open_no_link(path: Path, flags: int, what: str) -> int:
+    """``os.open(path, flags)`` for lmdistill's own lock and marker files, refusing a symbolic link
+    (LmdistillError naming it): opened through a link, a lock would truncate and rewrite whatever
+    file the link points to. Also refuses anything that is not a regular file (a FIFO, a device)."""
+    from .errors import LmdistillError
+
+    try:
+        fd = os.open(path, flags | NOFOLLOW | getattr(os, "O_NONBLOCK", 0), 0o644)  # a FIFO must not hang us
+    except OSError as exc:
+        if exc.errno in (errno.ELOOP, errno.EMLINK) or os.path.islink(path):
+            raise LmdistillError(f"'{path}' is a symbolic link, not the {what} lmdistill writes there; lmdistill "
+                                 "never writes through a link: remove the link, or choose another directory") from None
+        raise
+    if not stat.S_ISREG(os.fstat(fd).st_mode):
+        os.close(fd)
+        raise LmdistillError(f"'{path}' is not a regular file, so it cannot be the {what} lmdistill writes there; "
+                             "remove it, or choose another directory")
+    return fd
+
+
+@contextlib.contextmanager
+def exclusive_lock(path: Path, what: str, on_wait: Callable[[], None]) -> Iterator[None]:
+    """Hold an exclusive ``flock`` on the file ``path`` (created if missing, never through a link)
+    for the ``with`` block; ``on_wait()`` is called once if another process holds it first. The
+    lock goes with the process, so a killed holder never leaves it taken."""
+    import fcntl
+
+    fd = open_no_link(path, os.O_RDWR | os.O_CREAT, what)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            on_wait()
+            fcntl.flock(fd, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(fd, fcntl.LOCK_UN)
+    finally:
+        os.close(fd)
+
+
+def is_plain_file(path: Path) -> bool:
+    """A regular file at ``path`` itself, not a link to one (``Path.is_file`` follows links)."""
+    try:
+        return stat.S_ISREG(os.lstat(path).st_mode)
+    except OSError:
+        return False
 
 
 def atomic_write_json(path: Path, obj: Any, *, fsync: bool = False) -> Path:

@@ -17,10 +17,12 @@ Layout (tools and tests read it)::
 
 A directory is reused only on purpose: ``--resume`` continues an unfinished run, and
 ``--overwrite`` replaces a run, removing only what lmdistill wrote: never a directory
-without the marker, one holding files lmdistill does not write, the current directory, one of
-its parents, or the home directory. Anything else that is not empty is refused. One process
-writes a run at a time: a second one (train, resume or overwrite) is refused with the pid and
-host of the one that holds the lock.
+without the marker, one holding files lmdistill does not write (anywhere in its tree:
+checkpoints/, student/ and the other subdirectories are checked file by file), the current
+directory, one of its parents, or the home directory. Anything else that is not empty is
+refused. One process writes a run at a time: a second one (train, resume or overwrite) is
+refused with the pid and host of the one that holds the lock. The lock and the marker are
+never opened through a symbolic link (a planted link would have its target rewritten).
 """
 
 from __future__ import annotations
@@ -34,7 +36,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 from .errors import LmdistillError
-from .paths import atomic_write, atomic_write_json, protected_place
+from .paths import atomic_write, atomic_write_json, is_plain_file, open_no_link, protected_place
 
 try:
     import fcntl
@@ -48,6 +50,21 @@ LOCK = ".lmdistill.lock"
 WRITTEN = frozenset({MARKER, LOCK, "config.yaml", "metrics.jsonl", "health.json", "run.json", "checkpoints",
                      "tokenizer", "student", "tensorboard", "report.md", "plots", ".student.tmp", ".student.old"})
 _TEMPORARY = re.compile(r"^\.[^/]+\.tmp-\d+$")
+# What lmdistill writes below the top level, directory by directory (see _foreign_below).
+_TOP_FILES = frozenset({MARKER, LOCK, "config.yaml", "metrics.jsonl", "health.json", "run.json", "report.md"})
+_SCRATCH_DIRS = frozenset({".student.tmp", ".student.old"})  # save_model_dir's own: it deletes them itself
+_MODEL_FILES = frozenset({
+    "config.json", "generation_config.json", "model.safetensors", "model.safetensors.index.json",
+    "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json",
+    "chat_template.jinja", "chat_template.json",
+    # the vocabulary files transformers' tokenizer classes save (their VOCAB_FILES_NAMES)
+    "bpe.codes", "byte_maps.json", "dict.txt", "emoji.json", "entity_vocab.json", "merges.txt", "normalizer.json",
+    "prophetnet.tokenizer", "sentencepiece.bpe.model", "sentencepiece.model", "source.spm", "spiece.model",
+    "spm.model", "spm_char.model", "target.spm", "target_vocab.json", "tokenizer.model", "vocab-src.json",
+    "vocab-tgt.json", "vocab.json", "vocab.txt", "word_pronunciation.json", "word_shape.json"})
+_MODEL_SHARD = re.compile(r"^model-\d+-of-\d+\.safetensors$")
+_STEP_DIR = re.compile(r"^step-\d+$")
+_DCP_SHARD = re.compile(r"^__\d+_\d+\.distcp$")
 _HELD: dict[Path, object] = {}  # run directories whose lock this process holds -> lock file descriptor
 
 
@@ -66,18 +83,22 @@ class RunDirectory:
         """Names in the directory, the lock file aside (it exists while anyone looks)."""
         if not self.path.is_dir():
             return []
-        return sorted(p.name for p in self.path.iterdir() if p.name != LOCK)
+        return sorted(p.name for p in self.path.iterdir() if p.name != LOCK or not is_plain_file(p))
 
     def is_run(self) -> bool:
         """A directory lmdistill wrote: its marker, or (written before the marker existed) a
         run.json of a training run beside only files lmdistill writes."""
-        if (self.path / MARKER).is_file():
+        if is_plain_file(self.path / MARKER):  # a link named like the marker proves nothing
             return True
         legacy = self.read_json("run.json").get("command") == "train"
         return legacy and all(_written_by_us(name) for name in self.entries())
 
     def foreign_entries(self) -> list[str]:
-        return [name for name in self.entries() if not _written_by_us(name)]
+        """Paths (relative, the whole tree) that lmdistill did not write: what --overwrite must
+        not delete. Links count as foreign (lmdistill writes none)."""
+        if not self.path.is_dir():
+            return []
+        return _foreign_below(self.path, _top_level)
 
     def status(self) -> str | None:
         return self.read_json("run.json").get("status")
@@ -167,10 +188,10 @@ class RunDirectory:
     def _holder(self) -> str | None:
         """Who holds this run's lock, when another process does (a probe: taken and let go)."""
         lock = self.path / LOCK
-        if fcntl is None or self.path.resolve() in _HELD or not lock.is_file():
+        if fcntl is None or self.path.resolve() in _HELD or not os.path.lexists(lock):
             return None
         try:
-            fd = os.open(lock, os.O_RDONLY)
+            fd = open_no_link(lock, os.O_RDONLY, "run lock")  # a link there: one line naming it
         except OSError:
             return None
         try:
@@ -188,7 +209,7 @@ class RunDirectory:
         if fcntl is None or key in _HELD:
             return
         try:
-            fd = os.open(self.path / LOCK, os.O_RDWR | os.O_CREAT, 0o644)
+            fd = open_no_link(self.path / LOCK, os.O_RDWR | os.O_CREAT, "run lock")
         except OSError as exc:
             raise LmdistillError(f"cannot write in the run directory '{self.path}': {exc.strerror}; choose a "
                                  "writable --output-dir") from None
@@ -226,7 +247,7 @@ class RunDirectory:
                                  "writable --output-dir") from None
 
     def mark(self) -> None:
-        if not (self.path / MARKER).is_file():
+        if not is_plain_file(self.path / MARKER):  # (the rename replaces a link, never writes through it)
             atomic_write_json(self.path / MARKER, {"format": "lmdistill-run", "version": 1,
                                                    "created": datetime.now(timezone.utc).isoformat(timespec="seconds")})
 
@@ -316,6 +337,89 @@ class RunDirectory:
                 print(f"warning: the teacher at {teacher_ref['source']} changed since the checkpoint was written "
                       f"(content hash differs); resuming with the changed teacher")
         return changed
+
+
+def _foreign_below(directory: Path, accept, prefix: str = "") -> list[str]:
+    """Relative paths under ``directory`` that ``accept`` does not claim. ``accept(entry)`` says
+    True for a file (or a scratch directory) of lmdistill's, a rule like itself for a directory
+    of lmdistill's whose contents are checked in turn, or False. Links are never claimed."""
+    found = []
+    with os.scandir(directory) as entries:
+        for entry in sorted(entries, key=lambda e: e.name):
+            verdict = False if entry.is_symlink() else accept(entry)
+            if callable(verdict):
+                found += _foreign_below(Path(entry.path), verdict, f"{prefix}{entry.name}/")
+            elif not verdict:
+                found.append(prefix + entry.name)
+    return found
+
+
+def _top_level(entry):
+    name = entry.name
+    if not entry.is_dir(follow_symlinks=False):
+        return entry.is_file(follow_symlinks=False) and (name in _TOP_FILES or bool(_TEMPORARY.match(name)))
+    if name in _SCRATCH_DIRS:
+        return True
+    if name == "checkpoints":
+        return _in_checkpoints
+    if name in ("student", "tokenizer"):
+        return _in_model_dir
+    if name == "tensorboard":
+        return lambda e: e.is_file(follow_symlinks=False) and e.name.startswith("events.out.tfevents.")
+    if name == "plots":
+        from .report.plots import OPTIONAL_PLOT_FILES, PLOT_FILES
+
+        names = set(PLOT_FILES) | set(OPTIONAL_PLOT_FILES)
+        return lambda e: e.is_file(follow_symlinks=False) and (e.name in names or bool(
+            _TEMPORARY.match(e.name) and e.name[1:].rsplit(".tmp-", 1)[0] in names))
+    return False
+
+
+def _in_checkpoints(entry):
+    if not entry.is_dir(follow_symlinks=False):
+        return False
+    if entry.name.startswith((".tmp-", ".trash-")):
+        return True  # an interrupted save's or clean-up's: the next save deletes it anyway
+    if not _STEP_DIR.match(entry.name):
+        return False
+    from .checkpoint import MANIFEST_FILE, MODEL_FILE, OPTIMIZER_FILE, PROJECTION_FILE, RNG_FILE, \
+        SHARDS_METADATA_FILE, TRAINER_STATE_FILE
+
+    names = {MANIFEST_FILE, MODEL_FILE, OPTIMIZER_FILE, RNG_FILE, TRAINER_STATE_FILE, SHARDS_METADATA_FILE,
+             PROJECTION_FILE, "config.yaml", "student_config.json"}
+    try:  # and whatever else the checkpoint's own manifest lists
+        listed = json.loads((Path(entry.path) / MANIFEST_FILE).read_text()).get("files")
+        names |= set(listed) if isinstance(listed, dict) else set()
+    except (OSError, ValueError, AttributeError):
+        pass
+    return lambda e: e.is_file(follow_symlinks=False) and (e.name in names or bool(_DCP_SHARD.match(e.name)))
+
+
+def _in_model_dir(entry):
+    """save_pretrained's files: the model's, the tokenizer's, and the code of a remote-code model."""
+    if entry.is_dir(follow_symlinks=False):
+        return entry.name == "additional_chat_templates" and (
+            lambda e: e.is_file(follow_symlinks=False) and e.name.endswith(".jinja"))
+    if not entry.is_file(follow_symlinks=False):
+        return False
+    name = entry.name
+    return name in _MODEL_FILES or bool(_MODEL_SHARD.match(name)) or (
+        name.endswith(".py") and name in _remote_code(Path(entry.path).parent))
+
+
+def _remote_code(directory: Path) -> set[str]:
+    """The .py files a remote-code model's config.json / tokenizer_config.json name in ``auto_map``."""
+    files = set()
+    for config in ("config.json", "tokenizer_config.json"):
+        try:
+            auto_map = json.loads((directory / config).read_text()).get("auto_map") or {}
+        except (OSError, ValueError, AttributeError):
+            continue
+        for value in auto_map.values() if isinstance(auto_map, dict) else ():
+            for ref in value if isinstance(value, list) else [value]:
+                if isinstance(ref, str) and "." in ref:
+                    files.add(ref.split("--")[-1].rsplit(".", 1)[0] + ".py")
+    return files
 
 
 def _refuse_protected(path: Path) -> None:

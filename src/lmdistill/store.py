@@ -56,7 +56,7 @@ from pathlib import Path
 import numpy as np
 
 from .errors import LmdistillError
-from .paths import atomic_write_json, fsync_dir
+from .paths import atomic_write_json, exclusive_lock, fsync_dir
 from .progress import progress_bar
 
 FORMAT_VERSION = 1
@@ -378,22 +378,14 @@ def stores_home(store_dir: str | None) -> Path:
 @contextlib.contextmanager
 def _locked(path: Path, say) -> Iterator[None]:
     """An exclusive lock on ``path``; says once that it waits when another process holds it."""
-    import fcntl
-
-    try:
-        f = open(path, "a+")
-    except OSError as exc:  # a read-only store_dir: the lock file is the first thing written there
-        raise _unwritable(path.parent, exc) from None
-    with f:
-        try:
-            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            say(f"waiting for another process to finish building the data store ({path.with_suffix('')})")
-            fcntl.flock(f, fcntl.LOCK_EX)
-        try:
+    try:  # never through a link: a planted one would have us create or lock its target
+        with exclusive_lock(path, "data store build lock", lambda: say(
+                f"waiting for another process to finish building the data store ({path.with_suffix('')})")):
             yield
-        finally:
-            fcntl.flock(f, fcntl.LOCK_UN)
+    except OSError as exc:  # a read-only store_dir: the lock file is the first thing written there
+        if exc.filename is not None and Path(exc.filename) == path:
+            raise _unwritable(path.parent, exc) from None
+        raise
 
 
 def open_or_build(plan: SourcePlan, tokenizer, *, home: Path, num_proc: int | None, max_tokens: int | None,

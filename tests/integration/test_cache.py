@@ -8,6 +8,7 @@ import os
 import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -115,6 +116,112 @@ def test_a_different_cache_is_not_overwritten_without_asking(tmp_path, teacher_d
     assert _files(copy) == before
     again = _cache(teacher_dir, small_text, copy, "--mode", "dense")
     assert again.returncode == 0 and "already complete" in again.stdout
+
+
+def test_overwrite_replaces_a_teacher_cache_and_nothing_else(tmp_path, teacher_dir, small_text, dense_cache):
+    """--overwrite replaces only a directory that is a cache through and through: a web project
+    with a manifest.json, a run's checkpoint, or a cache with a file of the user's beside it are
+    refused in one line that does not offer --overwrite, and left as they were."""
+    import json
+    import shutil
+
+    web = tmp_path / "web"
+    web.mkdir()
+    (web / "manifest.json").write_text(json.dumps({"name": "app", "start_url": "/", "icons": []}))
+    (web / "app.js").write_text("console.log('mine')\n")
+    step = tmp_path / "run" / "checkpoints" / "step-4"
+    step.mkdir(parents=True)
+    (step / "manifest.json").write_text(json.dumps({"format": "lmdistill-checkpoint", "format_version": 1,
+                                                    "step": 4, "files": {}}))
+    (step / "model.safetensors").write_bytes(b"weights")
+    for target in (web, step):
+        before = _files(target)
+        for extra in ((), ("--overwrite",)):
+            line = one_error_line(_cache(teacher_dir, small_text, target, "--mode", "topk", *extra),
+                                  "not a teacher cache")
+            assert "--overwrite" not in line
+        assert _files(target) == before
+    copy = tmp_path / "copy"
+    shutil.copytree(dense_cache, copy)
+    assert (copy / ".lmdistill-cache").is_file()  # a cache carries its marker
+    (copy / "notes.txt").write_text("mine")
+    before = _files(copy)
+    line = one_error_line(_cache(teacher_dir, small_text, copy, "--mode", "topk", "--overwrite"), "notes.txt",
+                          "files lmdistill did not write")
+    assert "--overwrite" not in line and _files(copy) == before
+    # a cache written before caches had a marker is still known by its manifest
+    (copy / "notes.txt").unlink()
+    (copy / ".lmdistill-cache").unlink()
+    again = _cache(teacher_dir, small_text, copy, "--mode", "dense")
+    assert again.returncode == 0 and "already complete" in again.stdout, again.stderr[-2000:]
+    one_error_line(_cache(teacher_dir, small_text, copy, "--mode", "topk"), "different teacher cache", "--overwrite")
+
+
+def test_the_cache_lock_is_never_opened_through_a_link(tmp_path, teacher_dir, small_text):
+    """A lock link planted in --out: the build stops in one line and the link's target keeps its
+    bytes (opened through the link, the lock would truncate it and write a pid into it)."""
+    from lmdistill import cache as tc
+    from lmdistill.errors import LmdistillError
+
+    victim = tmp_path / "precious.txt"
+    victim.write_text("precious\n")
+    out = tmp_path / "cache"
+    out.mkdir()
+    (out / tc.LOCK).symlink_to(victim)
+    one_error_line(_cache(teacher_dir, small_text, out), "not a teacher cache and not empty")  # not "empty"
+    with pytest.raises(LmdistillError, match="is a symbolic link"):  # the lock itself, whatever the checks
+        tc._lock(out)
+    assert victim.read_text() == "precious\n" and (out / tc.LOCK).is_symlink()
+
+
+PAUSED_BUILD = """
+import sys, time
+from pathlib import Path
+from lmdistill import cache
+from lmdistill.cli import main
+go = Path(sys.argv.pop(1))
+real, done = cache.write_shard, []
+def pausing(*args, **kw):
+    done.append(real(*args, **kw))
+    if len(done) == 1:  # one shard written: say so, and wait for the test
+        (go.parent / "paused").touch()
+        while not go.exists():
+            time.sleep(0.05)
+cache.write_shard = pausing
+sys.exit(main(sys.argv[1:]))
+"""
+
+
+def test_a_second_build_into_the_same_directory_is_refused_while_the_first_runs(tmp_path, teacher_dir, small_text):
+    """Two builds into one --out at two temperatures: the second (even with --overwrite) stops in
+    one line naming the first's pid and writes nothing; the first ends with a cache whose shards
+    are all its own. Once the first has ended, the second may replace it."""
+    from lmdistill.cache import TeacherCache
+
+    out, go = tmp_path / "cache", tmp_path / "go"
+    args = ["cache-teacher", "--teacher", str(teacher_dir), "--data", str(small_text), "--out", str(out),
+            "--no-progress", *DATA, "--set", "cache.shard_blocks=16", "--temperature", "1"]
+    env = {**os.environ, "PYTHONPATH": str(REPO / "src"), "OMP_NUM_THREADS": "1"}
+    first = subprocess.Popen([sys.executable, "-c", PAUSED_BUILD, str(go), *args], env=env, stdout=subprocess.PIPE,
+                             stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.time() + 300
+        while not (tmp_path / "paused").exists() and first.poll() is None and time.time() < deadline:
+            time.sleep(0.1)
+        assert (tmp_path / "paused").exists(), first.stderr.read()[-2000:] if first.poll() is not None else "slow"
+        before = _files(out)
+        second = _cache(teacher_dir, small_text, out, "--temperature", "2", "--overwrite")
+        one_error_line(second, "another cache-teacher is writing", str(out), f"pid {first.pid} on ",
+                       "another --out")
+        assert _files(out) == before
+    finally:
+        go.touch()
+        _, err = first.communicate(timeout=300)
+    assert first.returncode == 0, err[-2000:]
+    assert TeacherCache.open(out).temperature == 1.0  # every shard matches the manifest (verified on open)
+    again = _cache(teacher_dir, small_text, out, "--temperature", "2", "--overwrite")
+    assert again.returncode == 0, again.stderr[-2000:]
+    assert TeacherCache.open(out).temperature == 2.0
 
 
 KILLED_BUILD = """

@@ -93,6 +93,57 @@ def test_overwrite_of_a_run_with_foreign_files_is_refused_and_of_a_clean_run_wor
     assert max(r["step"] for r in lines if "loss" in r) == 1 and old_metrics != (finished_run / "metrics.jsonl").read_text()
 
 
+def test_overwrite_refuses_user_files_inside_the_runs_own_subdirectories(finished_run, teacher_dir, text_file):
+    """--overwrite checks the whole tree, not only the top level: a file of the user's in
+    checkpoints/step-N, student/, tokenizer/, tensorboard/ or plots/ is named and nothing goes;
+    everything lmdistill wrote there (the report's plots included) is replaced."""
+    assert cli("report", str(finished_run)).returncode == 0  # plots/ and report.md too
+    step = next((finished_run / "checkpoints").glob("step-*")).name
+    cases = [(f"checkpoints/{step}/notes.txt", f"checkpoints/{step}/notes.txt"),
+             ("checkpoints/mine/a.txt", "checkpoints/mine"), ("student/my_notes.txt", "student/my_notes.txt"),
+             ("tokenizer/extra.txt", "tokenizer/extra.txt"),
+             ("tensorboard/analysis.ipynb", "tensorboard/analysis.ipynb"),
+             ("plots/mine.png", "plots/mine.png")]
+    for written, named in cases:
+        path = finished_run / written
+        created = path.parent if not path.parent.exists() else None
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text("mine")
+        before = _tree(finished_run)
+        one_error_line(cli(*_args(teacher_dir, text_file, finished_run, "--overwrite")), named,
+                       "files lmdistill did not write")
+        assert _tree(finished_run) == before
+        path.unlink()
+        created.rmdir() if created else None
+    proc = cli(*_args(teacher_dir, text_file, finished_run, "--overwrite", steps=2))
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert max(r["step"] for r in read_jsonl(finished_run / "metrics.jsonl") if "loss" in r) == 1
+
+
+def test_the_run_lock_and_marker_are_never_followed_through_a_link(tmp_path, finished_run, teacher_dir, text_file):
+    """A link planted as the lock (a new, a finished run) is refused in one line naming it, and its
+    target keeps its bytes; a link planted as the marker does not make a directory a run."""
+    victim = tmp_path / "precious.txt"
+    victim.write_text("precious\n")
+    fresh = tmp_path / "fresh"
+    fresh.mkdir()
+    (fresh / ".lmdistill.lock").symlink_to(victim)
+    (finished_run / ".lmdistill.lock").unlink()
+    (finished_run / ".lmdistill.lock").symlink_to(victim)
+    for run, starts in ((fresh, ((), ("--resume",), ("--overwrite",))),
+                        (finished_run, (("--resume",), ("--overwrite",)))):
+        for extra in starts:
+            one_error_line(cli(*_args(teacher_dir, text_file, run, *extra)), str(run / ".lmdistill.lock"),
+                           "symbolic link", "remove the link")
+    assert victim.read_text() == "precious\n" and not (fresh / "run.json").exists()
+    project = tmp_path / "project"
+    project.mkdir()
+    (project / "config.yaml").write_text("my: own config\n")
+    (project / ".lmdistill-run").symlink_to(victim)
+    one_error_line(cli(*_args(teacher_dir, text_file, project, "--overwrite")), "not an lmdistill run")
+    assert (project / "config.yaml").read_text() == "my: own config\n" and victim.read_text() == "precious\n"
+
+
 # --------------------------------------------------------------------------- one writer per run
 @pytest.mark.slow
 def test_a_second_writer_is_refused_naming_the_holder(tmp_path, teacher_dir, text_file):

@@ -176,3 +176,15 @@ def test_train_and_eval_take_a_gguf_teacher_from_the_command_line(tmp_path, tiny
     done = subprocess.run([sys.executable, "-m", "lmdistill", "eval", str(bad), "--data", str(text_file)],
                           capture_output=True, text=True, env=env, timeout=120)
     one_error_line(done, "could not be read as a GGUF model")
+
+
+def test_the_conversion_lock_is_never_opened_through_a_link(tmp_path, tiny_gguf):
+    path, _ = tiny_gguf
+    home = tmp_path / "home"
+    home.mkdir()
+    target = tmp_path / "precious.txt"
+    target.write_text("keep me")
+    (home / f"{lgguf.sha256_of(path)[:16]}.lock").symlink_to(target)
+    with pytest.raises(LmdistillError, match="is a symbolic link, not the GGUF conversion lock"):
+        lgguf.converted_dir(path, "teacher", home=home, say=lambda _: None)
+    assert target.read_text() == "keep me"

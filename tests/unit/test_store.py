@@ -417,21 +417,42 @@ def test_a_missing_store_file_is_named_missing(tmp_path, home, docs, tiny_tokeni
 
 def test_a_read_only_store_dir_is_named_with_the_setting_that_moves_it(tmp_path, home, docs, tiny_tokenizer,
                                                                        monkeypatch):
-    import builtins
     import errno
 
     source = tmp_path / "a.txt"
     source.write_text(docs[0])
     home.mkdir()
+    from lmdistill import paths
+
+    real = paths.open_no_link
 
     def read_only(path, *args, **kw):  # the lock file is the first write there (root ignores chmod)
         if str(path).endswith(".lock"):
             raise OSError(errno.EROFS, "Read-only file system", str(path))
-        return builtins.open(path, *args, **kw)
+        return real(path, *args, **kw)
 
-    monkeypatch.setattr(store_module, "open", read_only, raising=False)
+    monkeypatch.setattr(paths, "open_no_link", read_only)
     with pytest.raises(LmdistillError, match=r"cannot write in the data store directory .*set data.store_dir"):
         open_store(str(source), cfg_for(source, home), tiny_tokenizer)
+
+
+def test_the_build_lock_is_never_opened_through_a_link(tmp_path, home, docs, tiny_tokenizer):
+    """A link planted where the build lock goes: one line naming it, and its target is neither
+    created nor touched (opened through the link, the lock would create or lock that file)."""
+    import shutil
+
+    source = tmp_path / "a.txt"
+    source.write_text(docs[0])
+    store, _ = open_store(str(source), cfg_for(source, home), tiny_tokenizer)
+    shutil.rmtree(store.path)  # to be built again, under the lock beside it
+    lock = store.path.with_name(f"{store.path.name}.lock")
+    lock.unlink()
+    target = tmp_path / "not-a-lock"
+    lock.symlink_to(target)
+    with pytest.raises(LmdistillError, match=r"is a symbolic link.*remove the link") as info:
+        open_store(str(source), cfg_for(source, home), tiny_tokenizer)
+    assert str(lock) in str(info.value) and not target.exists() and lock.is_symlink()
+    assert not store.path.exists()
 
 
 def test_a_killed_join_leaves_no_temporary_copy_behind(tmp_path, home, docs, tiny_tokenizer):
