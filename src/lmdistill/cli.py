@@ -157,12 +157,16 @@ def cmd_eval(args) -> int:
         check_same_tokenizer(load_tokenizer(t_source, "teacher"), tokenizer, t_source, source)
         teacher = freeze(load_causal_lm(t_source, "teacher", torch.float32)).to(device)
         check_vocab_covers(teacher, len(tokenizer), "teacher", t_source)
-    if run_cfg is not None and args.data is None:
+    if args.data is None:
+        # A run's own held-out blocks; for any other model, the held-out split a default run of the
+        # embedded corpus keeps (not every block of it: the other 95% is what such a run trains on).
+        data_cfg = run_cfg.data if run_cfg is not None else DataConfig()
         if args.block_size is not None:
-            run_cfg.data.block_size = args.block_size
-        data = build_block_data(run_cfg.data, tokenizer)
-        blocks, block_size = data.eval, run_cfg.data.block_size
-        description = f"the run's held-out blocks ({data.eval_source}; source: {data.source})"
+            data_cfg.block_size = args.block_size
+        data = build_block_data(data_cfg, tokenizer)
+        blocks, block_size = data.eval, data_cfg.block_size
+        whose = "the run's" if run_cfg is not None else "the embedded corpus'"
+        description = f"{whose} held-out blocks ({data.eval_source}; source: {data.source})"
     else:
         # Another text for a run's student: cut as the run cut its data (block size, stores, loss_on).
         data_cfg = run_cfg.data if run_cfg is not None else DataConfig()
@@ -403,7 +407,7 @@ def build_parser() -> argparse.ArgumentParser:
     e = sub.add_parser("eval", help="perplexity (and agreement with a teacher) of a saved model")
     e.add_argument("model", help="model directory, run directory, or hub id")
     e.add_argument("--data", default=None, help="text file/directory/datasets name (default: a run's held-out "
-                                                "blocks, else the embedded corpus)")
+                                                "blocks, else the embedded corpus' held-out blocks)")
     e.add_argument("--teacher", help="also report KL and top-1 agreement against this teacher")
     e.add_argument("--text-field", default="text")
     e.add_argument("--block-size", type=int, default=None, help="tokens per block (default: the run's, else 128)")

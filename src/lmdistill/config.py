@@ -170,8 +170,10 @@ class HiddenConfig:
     """Intermediate-layer distillation: student hidden states pulled towards the teacher's."""
 
     weight: float = doc("Weight of the hidden-state term added to the loss (0 = off).", 0.0)
-    loss: Literal["cosine", "mse"] = doc("Per position: cosine = 1 - cosine similarity; mse = mean squared "
-                                         "difference over the hidden size.", "cosine")
+    loss: Literal["cosine", "mse", "nmse"] = doc(
+        "Per position: cosine = 1 - cosine similarity; mse = mean squared difference over the hidden size; "
+        "nmse = mse divided by the teacher's mean square at that position (scale-free: a real model's few huge "
+        "activations do not swamp it).", "cosine")
     layers: str | list = doc("Pairs [[student_layer, teacher_layer], ...] of 0-based layers whose outputs are "
                              "compared, or auto: a pruned student's layers to their sources, otherwise the "
                              "student's layers spread evenly over the teacher's (last to last).", "auto")

@@ -60,3 +60,14 @@ def test_generation_that_does_not_fit_the_models_is_one_line(student_dir, teache
                    "258 tokens", "256 positions", "--max-new-tokens")
     one_error_line(_eval(student_dir, text_file, *teacher, *GENERATE, "--prompt-tokens", "32"),
                    "--prompt-tokens 32", "shorter than a block", "--block-size")
+
+
+def test_eval_without_data_scores_the_embedded_held_out_split_only(student_dir, tiny_tokenizer):
+    from lmdistill.config import DataConfig
+    from lmdistill.data import build_block_data
+
+    held_out = build_block_data(DataConfig(), tiny_tokenizer, progress=False)
+    proc = cli("eval", str(student_dir), "--no-progress")
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert f"({len(held_out.eval)} blocks of 128 tokens)" in proc.stdout
+    assert "the embedded corpus' held-out blocks" in proc.stdout and len(held_out.eval) < len(held_out.train)

@@ -42,6 +42,8 @@ def ref_loss(student, teacher, weights, kind, targets, num_tokens):
                     term = 1.0 - dot / (nx * ny)
                 else:
                     term = ((x - y) ** 2).sum() / y.shape[0]
+                    if kind == "nmse":
+                        term = term / torch.clamp((y * y).sum() / y.shape[0], min=EPS)
                 total = total + term
     return total / max(float(num_tokens), 1.0) / n_pairs
 
@@ -86,7 +88,7 @@ def run_ref(student, teacher, projection, kind, targets, num_tokens):
 
 # ---- value and gradient against the reference ------------------------------------------------
 
-@pytest.mark.parametrize("kind", ["cosine", "mse"])
+@pytest.mark.parametrize("kind", ["cosine", "mse", "nmse"])
 @pytest.mark.parametrize("widths", [(8, 8), (6, 8), (8, 5)])
 @pytest.mark.parametrize("masked", [False, True])
 def test_value_and_gradient_match_reference(kind, widths, masked):
@@ -123,7 +125,7 @@ def test_value_and_gradient_match_reference(kind, widths, masked):
             torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-9)
 
 
-@pytest.mark.parametrize("kind", ["cosine", "mse"])
+@pytest.mark.parametrize("kind", ["cosine", "mse", "nmse"])
 def test_float64_inputs_stay_float64_and_match_reference_tightly(kind):
     student, teacher, targets = make_case(seed=3, hs=4, ht=7, dtype=torch.float64)
     targets[1, 0] = IGNORE
@@ -166,6 +168,29 @@ def test_cosine_ignores_scale_and_mse_does_not():
     assert anti == pytest.approx(2.0, rel=1e-6)
 
 
+def test_nmse_is_scale_free_per_position_and_a_huge_position_does_not_swamp_it():
+    student, teacher, targets = make_case(seed=7, hs=8, ht=8)
+    projection = HiddenProjection([(0, 0), (1, 1)], 8, 8)
+    both_scaled = hidden_state_loss([3.0 * h for h in student], [3.0 * h for h in teacher], projection, "nmse",
+                                    targets, 10).item()
+    assert both_scaled == pytest.approx(hidden_state_loss(student, teacher, projection, "nmse", targets, 10).item(),
+                                        rel=1e-5)
+    # one position of the teacher (and the student's error there) blown up 1000x, as a real model's
+    # first-token activations are: plain mse is then that position; nmse is unchanged
+    sink_t = [h.clone() for h in teacher]
+    sink_s = [h.clone() for h in student]
+    for s, t in zip(sink_s, sink_t):
+        s[:, 0] = t[:, 0] * 1000 + (s[:, 0] - t[:, 0]) * 1000
+        t[:, 0] *= 1000
+    for kind, change in (("mse", "large"), ("nmse", "none")):
+        before = hidden_state_loss(student, teacher, projection, kind, targets, 10).item()
+        after = hidden_state_loss(sink_s, sink_t, projection, kind, targets, 10).item()
+        if change == "large":
+            assert after > 1000 * before
+        else:
+            assert after == pytest.approx(before, rel=1e-4)
+
+
 def test_cosine_of_zero_and_tiny_vectors():
     student, teacher, targets = make_case(seed=6, batch=1, positions=3, hs=8, ht=8, n_pairs=1)
     student[0][0, 0] = 0.0
@@ -183,7 +208,7 @@ def test_cosine_of_zero_and_tiny_vectors():
 
 # ---- masking and accumulation ---------------------------------------------------------------
 
-@pytest.mark.parametrize("kind", ["cosine", "mse"])
+@pytest.mark.parametrize("kind", ["cosine", "mse", "nmse"])
 def test_ignored_positions_change_nothing_and_get_no_gradient(kind):
     student, teacher, targets = make_case(seed=7, hs=6, ht=8)
     keep = torch.ones_like(targets, dtype=torch.bool)
@@ -218,7 +243,7 @@ def test_no_valid_target_gives_zero_loss_and_zero_gradient():
             assert torch.equal(g, torch.zeros_like(g))
 
 
-@pytest.mark.parametrize("kind", ["cosine", "mse"])
+@pytest.mark.parametrize("kind", ["cosine", "mse", "nmse"])
 def test_micro_batches_with_shared_num_tokens_add_up_to_the_whole_batch(kind):
     student, teacher, targets = make_case(seed=9, batch=4, positions=6, hs=6, ht=8)
     targets[1, 2:] = IGNORE
@@ -254,7 +279,7 @@ def test_micro_batches_with_shared_num_tokens_add_up_to_the_whole_batch(kind):
 
 # ---- numerics -------------------------------------------------------------------------------
 
-@pytest.mark.parametrize("kind", ["cosine", "mse"])
+@pytest.mark.parametrize("kind", ["cosine", "mse", "nmse"])
 def test_bf16_inputs_give_fp32_close_to_float64_reference(kind):
     student64, teacher64, targets = make_case(seed=10, hs=16, ht=24, dtype=torch.float64)
     targets[0, 0] = IGNORE

@@ -139,7 +139,7 @@ def _config_rows(record: RunRecord) -> list[list[Any]]:
         ["batch size (sequences)", fmt_value(get(cfg, "train.batch_size"))],
         ["epochs", fmt_value(get(cfg, "train.epochs"))],
         ["max steps", fmt_value(get(cfg, "train.max_steps"))],
-        ["steps logged", fmt_value(record.train[-1]["step"] if record.train else None)],
+        ["optimizer steps done", fmt_value(record.train[-1]["step"] + 1 if record.train else None)],  # 0-based
     ]
 
 
