@@ -23,6 +23,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 from lmdistill.cache import systematic_draws
 from lmdistill.config import Config, load_yaml
 from lmdistill.data import build_block_data
+from lmdistill.models import resolve_source
 
 
 def noise(p: torch.Tensor, samples: int, draw, repeats: int, g: torch.Generator) -> float:
@@ -45,7 +46,7 @@ def main() -> None:
     cfg = Config.from_dict(load_yaml(args.run / "config.yaml"))
     tokenizer = AutoTokenizer.from_pretrained(args.run / "tokenizer")
     data = build_block_data(cfg.data, tokenizer, progress=False)
-    teacher = AutoModelForCausalLM.from_pretrained(cfg.model.teacher).eval()
+    teacher = AutoModelForCausalLM.from_pretrained(resolve_source(cfg.model.teacher, "teacher")).eval()  # GGUF too
     student = AutoModelForCausalLM.from_pretrained(args.run / "student").eval()
     batch = data.train.batch(range(args.blocks))
     vocab, s = len(tokenizer), args.samples

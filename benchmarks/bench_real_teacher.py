@@ -11,6 +11,8 @@ reports held-out perplexity and the share of the CE-only -> teacher gap it close
   kd_t1     pure KD at T = 1 (kd 1)
   cache_kd1 pure KD at T = 1 from a sampled cache (S = 12 draws per position, captured at T = 1);
             the cached run cuts the same student from the teacher's weights on disk
+  kd05_t1   the recipe's kd weight (0.5) at the cache's temperature (T = 1), live teacher
+  cache_kd05  the same from the sampled cache
 
 A CPU affords few steps on a 135M teacher, so the corpus is cut to its first ``--max-tokens``
 tokens (data.max_tokens; the same blocks for every row) and evaluated only at the start and the
@@ -27,6 +29,7 @@ import argparse
 import json
 import os
 import platform
+import re
 import statistics
 import sys
 import time
@@ -41,6 +44,8 @@ VARIANTS = {
     "recipe": ["--kd-weight", "0.5", "--temperature", "2.0", "--min-temperature", "1.5"],
     "kd_t1": ["--kd-weight", "1", "--temperature", "1", "--min-temperature", "1"],
     "cache_kd1": ["--kd-weight", "1", "--temperature", "1", "--min-temperature", "1"],
+    "kd05_t1": ["--kd-weight", "0.5", "--temperature", "1", "--min-temperature", "1"],
+    "cache_kd05": ["--kd-weight", "0.5", "--temperature", "1", "--min-temperature", "1"],
 }
 
 
@@ -84,6 +89,20 @@ def main() -> None:
                                 f"{os.environ.get('OMP_NUM_THREADS', 'default')}",
                      "corpus": args.corpus, "steps": args.steps, "max_tokens": args.max_tokens,
                      "lr": args.lr, "batch": "2 x 128 tokens", "rows": {}}
+    out = Path(args.out)
+    if out.is_file():  # rows of an earlier call with the same settings are kept (run a few variants at a time)
+        earlier = json.loads(out.read_text())
+        if all(earlier.get(k) == results[k] for k in ("corpus", "steps", "max_tokens", "lr")):
+            results["rows"] = earlier["rows"]
+            results.update({k: earlier[k] for k in ("cache_build_s", "cache_mib") if k in earlier})
+    if args.report_only:  # the cache build's figures, from its own record
+        cache = work / "cache-s12-t1"
+        log = work / "cache.log"
+        if (cache / "manifest.json").is_file():
+            results["cache_mib"] = sum(p.stat().st_size for p in cache.rglob("*") if p.is_file()) / 2**20
+        found = re.search(r"MiB, ([0-9.]+) s\)", log.read_text()) if log.is_file() else None
+        if found:
+            results["cache_build_s"] = float(found.group(1))
     for name in args.variants.split(","):
         run = work / name
         if args.report_only:
@@ -93,12 +112,14 @@ def main() -> None:
         extra = list(VARIANTS[name])
         if name.startswith("cache"):
             cache = work / "cache-s12-t1"
+            built_before = (cache / "manifest.json").is_file()
             started = time.perf_counter()
             lmdistill("cache-teacher", "--teacher", teacher, *data, "--out", str(cache), "--mode", "sampled",
                       "--samples", "12", "--temperature", "1", "--no-progress",
                       "--set", f"data.max_tokens={args.max_tokens}", "--set", "data.eval_fraction=0.1",
                       log=work / "cache.log")
-            results["cache_build_s"] = round(time.perf_counter() - started, 1)
+            if not built_before:
+                results["cache_build_s"] = round(time.perf_counter() - started, 1)
             results["cache_mib"] = sum(p.stat().st_size for p in cache.rglob("*") if p.is_file()) / 2**20
             extra += ["--teacher-cache", str(cache)]
         print(f"{args.corpus}: {name}", flush=True)

@@ -49,7 +49,6 @@ import json
 import math
 import os
 import re
-import socket
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -58,7 +57,7 @@ import numpy as np
 import torch
 
 from .errors import LmdistillError
-from .paths import atomic_write_json, fsync_dir, is_plain_file, open_no_link, protected_place
+from .paths import LockHeld, atomic_write_json, claim_lock, fsync_dir, is_plain_file, protected_place
 from .sparse import SparseTargets
 from .store import _sha256
 
@@ -393,26 +392,17 @@ def _mark(out: Path) -> None:
 
 def _lock(out: Path) -> None:
     """Take ``out``'s build lock, or stop in one line naming the build that holds it."""
-    import fcntl
-
     key = out.resolve()
     if key in _HELD:
         return
     try:
-        fd = open_no_link(out / LOCK, os.O_RDWR | os.O_CREAT, "teacher cache lock")
+        _HELD[key] = claim_lock(out / LOCK, "teacher cache lock")
+    except LockHeld as held:
+        raise LmdistillError(f"another cache-teacher is writing '{out}' ({held.holder}); wait for it to end, or give "
+                             "another --out") from None
     except OSError as exc:
         raise LmdistillError(f"cannot write in the cache directory '{out}' ({exc.strerror}); give a writable "
                              "--out") from None
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except OSError:
-        holder = os.pread(fd, 200, 0).decode(errors="replace").strip() or "another process"
-        os.close(fd)
-        raise LmdistillError(f"another cache-teacher is writing '{out}' ({holder}); wait for it to end, or give "
-                             "another --out") from None
-    os.ftruncate(fd, 0)
-    os.pwrite(fd, f"pid {os.getpid()} on {socket.gethostname()}\n".encode(), 0)
-    _HELD[key] = fd
 
 
 def release(out: Path) -> None:

@@ -114,6 +114,33 @@ def exclusive_lock(path: Path, what: str, on_wait: Callable[[], None]) -> Iterat
         os.close(fd)
 
 
+class LockHeld(Exception):
+    """Another process holds a lock that ``claim_lock`` does not wait for; ``holder`` says who."""
+
+    def __init__(self, holder: str):
+        super().__init__(holder)
+        self.holder = holder
+
+
+def claim_lock(path: Path, what: str) -> int:
+    """Take the exclusive ``flock`` on ``path`` now or not at all, and write "pid N on HOST" in it
+    for whoever finds it taken. Returns the open descriptor: the lock lasts until it is closed (or
+    the process ends). Raises LockHeld naming the holder, or OSError when the file cannot be made."""
+    import fcntl
+    import socket
+
+    fd = open_no_link(path, os.O_RDWR | os.O_CREAT, what)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        holder = os.pread(fd, 200, 0).decode(errors="replace").strip() or "another process"
+        os.close(fd)
+        raise LockHeld(holder) from None
+    os.ftruncate(fd, 0)
+    os.pwrite(fd, f"pid {os.getpid()} on {socket.gethostname()}\n".encode(), 0)
+    return fd
+
+
 def is_plain_file(path: Path) -> bool:
     """A regular file at ``path`` itself, not a link to one (``Path.is_file`` follows links)."""
     try:

@@ -31,12 +31,11 @@ import json
 import os
 import re
 import shutil
-import socket
 from datetime import datetime, timezone
 from pathlib import Path
 
 from .errors import LmdistillError
-from .paths import atomic_write, atomic_write_json, is_plain_file, open_no_link, protected_place
+from .paths import LockHeld, atomic_write, atomic_write_json, claim_lock, is_plain_file, open_no_link, protected_place
 
 try:
     import fcntl
@@ -209,20 +208,13 @@ class RunDirectory:
         if fcntl is None or key in _HELD:
             return
         try:
-            fd = open_no_link(self.path / LOCK, os.O_RDWR | os.O_CREAT, "run lock")
+            _HELD[key] = claim_lock(self.path / LOCK, "run lock")
+        except LockHeld as held:
+            raise LmdistillError(f"output directory '{self.path}' is in use by another lmdistill process "
+                                 f"({held.holder}); wait for it to end, or choose another --output-dir") from None
         except OSError as exc:
             raise LmdistillError(f"cannot write in the run directory '{self.path}': {exc.strerror}; choose a "
                                  "writable --output-dir") from None
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError:
-            holder = os.pread(fd, 200, 0).decode(errors="replace").strip() or "another process"
-            os.close(fd)
-            raise LmdistillError(f"output directory '{self.path}' is in use by another lmdistill process ({holder}); "
-                                 "wait for it to end, or choose another --output-dir") from None
-        os.ftruncate(fd, 0)
-        os.pwrite(fd, f"pid {os.getpid()} on {socket.gethostname()}\n".encode(), 0)
-        _HELD[key] = fd
 
     def release(self) -> None:
         """Let go of the lock (the end of a run; the OS does it too when the process ends)."""
