@@ -94,6 +94,13 @@ class FaultInjector:
         def end_step_then_exit(result, *args, **kwargs):
             out = end_step(result, *args, **kwargs)
             if self.exit_after_step == result.step + 1:
+                import torch.distributed as dist
+
+                if dist.is_available() and dist.is_initialized():
+                    # Every process past the step first (its checkpoint published by the main one):
+                    # the drill is a crash after step N, not a race between one rank's exit and
+                    # the launcher stopping the others mid-save.
+                    dist.barrier()
                 os._exit(137)  # the drill: no finally blocks, no flushes beyond what is already on disk
             return out
 

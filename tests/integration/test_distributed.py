@@ -85,7 +85,10 @@ def test_two_ranks_match_one_rank_with_the_same_global_batch(single_and_ddp):
         wb = load_file(ddp / "checkpoints" / "step-8" / name)
         assert wa.keys() == wb.keys()
         for k in wa:
-            torch.testing.assert_close(wb[k], wa[k], rtol=1e-4, atol=1e-5)
+            # AdamW divides by sqrt(v): where a gradient is ~0, the order of float sums can flip
+            # its sign and move a weight by up to 2 lr per step. Measured: 2.9e-5 at one of 512
+            # entries on an Intel Xeon (none above 1e-5 on the AMD EPYC these were first run on).
+            torch.testing.assert_close(wb[k], wa[k], rtol=1e-4, atol=1e-4)
     # Evaluation is sharded over the ranks and reduced: the same held-out numbers.
     ea = [r for r in read_jsonl(single / "metrics.jsonl") if "eval_ce_loss" in r]
     eb = [r for r in read_jsonl(ddp / "metrics.jsonl") if "eval_ce_loss" in r]

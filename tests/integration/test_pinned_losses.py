@@ -145,11 +145,14 @@ def _check_first_losses(out, teacher, text_file, impl, pinned, rel, *overrides) 
 
 @pytest.mark.parametrize("impl", ["full", "chunked", "reference"])
 def test_default_preset_losses_are_pinned(tmp_path, random_teacher, text_file, impl):
-    """``reference`` (full logits through autograd) is the full path exactly as it was recorded:
-    bit for bit. The default teacher is pretrained with it, so a fresh cache builds the very
-    teacher its cache key names."""
+    """``reference`` (full logits through autograd) is the full path as it was recorded. The
+    default teacher is pretrained with it, so a fresh cache builds the very teacher its cache
+    key names. It was bit for bit on the CPU that recorded these (an AMD EPYC); another CPU's
+    BLAS kernels round differently (an Intel Xeon: 2.4e-7 at step 4), hence 1e-6 as for the
+    other paths."""
     assert TINY_VOCAB == 384
-    pinned, rel = (PINNED["full"], 0) if impl == "reference" else (PINNED[impl], 1e-6)
+    pinned = PINNED["full"] if impl == "reference" else PINNED[impl]
+    rel = 1e-6
     _check_first_losses(tmp_path / impl, random_teacher, text_file, impl, pinned, rel, "model.student_init=random")
 
 

@@ -94,7 +94,7 @@ def test_pruning_the_real_teacher_keeps_gqa_groups_and_tied_embeddings(real_teac
 
 @pytest.fixture(scope="module")
 def real_runs(tmp_path_factory, real_teacher_dir, real_teacher, real_tokenizer, text_file):
-    """Two steps from one cut student on the full-logits and the chunked loss path."""
+    """Two steps from one cut student (2 layers, 192 wide) on the full-logits and the chunked loss path."""
     from lmdistill.config import Config
     from lmdistill.trainer import train
 
@@ -104,7 +104,10 @@ def real_runs(tmp_path_factory, real_teacher_dir, real_teacher, real_tokenizer, 
         out = tmp_path_factory.mktemp(f"real-{impl}") / "run"
         cfg.run.output_dir, cfg.run.device = str(out), "cpu"
         cfg.model.teacher = str(real_teacher_dir)
-        cfg.model.student_config = {"num_hidden_layers": 2}
+        # 2 layers, a third of the width: the tied embedding (49,152 rows) stays the largest part,
+        # and every checkpoint holds it three times (weights, AdamW's two moments)
+        cfg.model.student_config = {"num_hidden_layers": 2, "hidden_size": 192, "intermediate_size": 512,
+                                    "num_attention_heads": 3, "num_key_value_heads": 1}
         cfg.model.prune.layers, cfg.model.prune.width = "uniform", "first"
         cfg.data.path, cfg.data.block_size, cfg.data.max_tokens = str(text_file), 32, 2000
         cfg.data.store_dir = str(out.parent / "stores")  # a module fixture runs outside the per-test LMDISTILL_HOME

@@ -8,15 +8,12 @@ original model's logits and the original tokenizer's ids.
 from __future__ import annotations
 
 import json
-import os
 import shutil
-import subprocess
-import sys
 
 import pytest
 import torch
 
-from conftest import one_error_line
+from conftest import cli, one_error_line
 from gguf_fixtures import write_tiny_gguf
 from lmdistill import gguf as lgguf
 from lmdistill.errors import LmdistillError
@@ -154,28 +151,24 @@ def test_a_damaged_or_unsupported_gguf_is_one_line(tmp_path, tiny_gguf, tiny_tok
     assert not any(p.is_dir() for p in (tmp_path / "home").iterdir())  # no conversion kept from any of them
 
 
-def test_train_and_eval_take_a_gguf_teacher_from_the_command_line(tmp_path, tiny_gguf, text_file):
+def test_train_and_eval_take_a_gguf_teacher_from_the_command_line(tmp_path, tiny_gguf, text_file, monkeypatch):
     path, _ = tiny_gguf
-    env = {**os.environ, "LMDISTILL_HOME": str(tmp_path / "home")}
+    monkeypatch.setenv("LMDISTILL_HOME", str(tmp_path / "home"))  # a home where it was never converted
     run = tmp_path / "run"
-    cmd = [sys.executable, "-m", "lmdistill", "train", "--teacher", str(path), "--data", str(text_file),
-           "--max-steps", "2", "--batch-size", "2", "--output-dir", str(run), "--no-progress",
-           "--set", "data.block_size=32", "--set", "model.student_config={num_hidden_layers: 1}"]
-    done = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300)
+    done = cli("train", "--teacher", str(path), "--data", str(text_file), "--max-steps", "2", "--batch-size", "2",
+               "--output-dir", str(run), "--no-progress", "--set", "data.block_size=32",
+               "--set", "model.student_config={num_hidden_layers: 1}")
     assert done.returncode == 0, done.stderr[-2000:]
     assert "converting the GGUF file tiny.gguf (model.teacher" in done.stdout
     student = json.loads((run / "student" / "config.json").read_text())
     assert "quantization_config" not in student and student["num_hidden_layers"] == 1
-    again = subprocess.run([sys.executable, "-m", "lmdistill", "eval", str(path), "--data", str(text_file),
-                            "--block-size", "32", "--max-blocks", "2", "--no-progress"], capture_output=True,
-                           text=True, env=env, timeout=120)
+    again = cli("eval", str(path), "--data", str(text_file), "--block-size", "32", "--max-blocks", "2",
+                "--no-progress")
     assert again.returncode == 0, again.stderr[-2000:]
     assert "perplexity" in again.stdout and "converting" not in again.stdout  # the conversion is found, not redone
     bad = tmp_path / "bad.gguf"
     bad.write_bytes(b"GGUF" + b"\0" * 64)
-    done = subprocess.run([sys.executable, "-m", "lmdistill", "eval", str(bad), "--data", str(text_file)],
-                          capture_output=True, text=True, env=env, timeout=120)
-    one_error_line(done, "could not be read as a GGUF model")
+    one_error_line(cli("eval", str(bad), "--data", str(text_file)), "could not be read as a GGUF model")
 
 
 def test_the_conversion_lock_is_never_opened_through_a_link(tmp_path, tiny_gguf):
