@@ -13,6 +13,8 @@ reports held-out perplexity and the share of the CE-only -> teacher gap it close
             the cached run cuts the same student from the teacher's weights on disk
   kd05_t1   the recipe's kd weight (0.5) at the cache's temperature (T = 1), live teacher
   cache_kd05  the same from the sampled cache
+  recipe_hidden  the original recipe plus the hidden-state term (cosine, weight 1, each student
+            layer against the teacher layer it was cut from)
 
 A CPU affords few steps on a 135M teacher, so the corpus is cut to its first ``--max-tokens``
 tokens (data.max_tokens; the same blocks for every row) and evaluated only at the start and the
@@ -46,6 +48,8 @@ VARIANTS = {
     "cache_kd1": ["--kd-weight", "1", "--temperature", "1", "--min-temperature", "1"],
     "kd05_t1": ["--kd-weight", "0.5", "--temperature", "1", "--min-temperature", "1"],
     "cache_kd05": ["--kd-weight", "0.5", "--temperature", "1", "--min-temperature", "1"],
+    "recipe_hidden": ["--kd-weight", "0.5", "--temperature", "2.0", "--min-temperature", "1.5",
+                      "--set", "distill.hidden.weight=1.0"],
 }
 
 
