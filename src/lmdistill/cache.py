@@ -57,9 +57,8 @@ import numpy as np
 import torch
 
 from .errors import LmdistillError
-from .paths import LockHeld, atomic_write_json, claim_lock, fsync_dir, is_plain_file, protected_place
+from .paths import LockHeld, atomic_write_json, claim_lock, fsync_dir, is_plain_file, protected_place, sha256_file
 from .sparse import SparseTargets
-from .store import _sha256
 
 FORMAT_VERSION = 1
 MODES = ("sampled", "topk", "dense")
@@ -192,7 +191,7 @@ class TeacherCache:
         """Every shard's SHA-256 against the manifest: a corrupt shard is an error, never used."""
         for name, record in self.manifest["shards"].items():
             file = self.path / name
-            if not file.is_file() or file.stat().st_size != record["bytes"] or _sha256(file) != record["sha256"]:
+            if not file.is_file() or file.stat().st_size != record["bytes"] or sha256_file(file) != record["sha256"]:
                 raise LmdistillError(f"teacher cache '{self.path}': shard {name} does not match its SHA-256 in the "
                                      "manifest (damaged or changed); rebuild the cache with lmdistill cache-teacher")
 
@@ -486,7 +485,7 @@ def finish(out: Path, request: dict) -> dict:
     shards, ce_sum, ce_tokens = {}, 0.0, 0
     for split, index, _, _ in shard_plan(request):
         name = f"{split}-{index:05d}.safetensors"
-        shards[name] = {"bytes": (out / name).stat().st_size, "sha256": _sha256(out / name)}
+        shards[name] = {"bytes": (out / name).stat().st_size, "sha256": sha256_file(out / name)}
         if split == "eval":
             with safe_open(out / name, framework="np") as f:
                 ce_sum += float(f.get_tensor("teacher_ce_sum")[0])

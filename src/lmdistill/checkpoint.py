@@ -52,7 +52,7 @@ import safetensors.torch
 import torch
 
 from lmdistill.errors import LmdistillError
-from lmdistill.paths import fsync_dir, replace_dir
+from lmdistill.paths import fsync_dir, replace_dir, sha256_file
 from lmdistill.sharding import local_tensor
 
 try:  # numpy comes with torch/datasets in practice; the RNG code works without it.
@@ -84,7 +84,6 @@ _TIED_METADATA_KEY = "lmdistill.tied_weights"
 _STEP_DIR_RE = re.compile(r"^step-(\d+)$")
 _TMP_PREFIX = ".tmp-"
 _TRASH_PREFIX = ".trash-"
-_HASH_CHUNK_BYTES = 8 * 1024 * 1024
 
 
 class CheckpointError(LmdistillError):
@@ -485,17 +484,9 @@ def _dedupe_tied_tensors(
 # --------------------------------------------------------------------------- verify
 
 
-def _sha256_file(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(_HASH_CHUNK_BYTES):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
 def file_record(path: Path) -> dict[str, Any]:
     """What the manifest records of a file: its size and SHA-256."""
-    return {"size": path.stat().st_size, "sha256": _sha256_file(path)}
+    return {"size": path.stat().st_size, "sha256": sha256_file(path)}
 
 
 def _known_or_measured(path: Path, known: Mapping[str, dict]) -> dict[str, Any]:
@@ -562,7 +553,7 @@ def verify_checkpoint(path: Path, *, check_hashes: bool = True) -> list[str]:
                 f"{file_path}: size mismatch, {size} bytes on disk but the manifest records "
                 f"{record.get('size')} (truncated or overwritten)"
             )
-        elif check_hashes and _sha256_file(file_path) != record.get("sha256"):
+        elif check_hashes and sha256_file(file_path) != record.get("sha256"):
             problems.append(f"{file_path}: SHA-256 hash mismatch (file corrupted)")
     return problems
 
@@ -840,7 +831,7 @@ def directory_hash(path: Path) -> str:
             name = relative.encode("utf-8")
             digest.update(len(name).to_bytes(8, "little") + name)
             digest.update(file_path.stat().st_size.to_bytes(8, "little"))
-            digest.update(bytes.fromhex(_sha256_file(file_path)))
+            digest.update(bytes.fromhex(sha256_file(file_path)))
     except OSError as exc:
         raise CheckpointError(
             f"cannot hash {root}: {exc}; check that the directory is readable"

@@ -17,7 +17,6 @@ never used and two processes (the ranks of one launch) convert once between them
 
 from __future__ import annotations
 
-import hashlib
 import importlib.util
 import json
 import os
@@ -28,7 +27,7 @@ from pathlib import Path
 import torch
 
 from .errors import LmdistillError, last_line
-from .paths import atomic_write_json, exclusive_lock, replace_dir
+from .paths import atomic_write_json, exclusive_lock, replace_dir, sha256_file
 
 RECORD = "lmdistill-gguf.json"
 FORMAT_VERSION = 1
@@ -56,11 +55,7 @@ def sha256_of(path: Path) -> str:
     st = path.stat()
     key = (str(path), st.st_size, st.st_mtime_ns, st.st_ino)
     if key not in _digests:
-        h = hashlib.sha256()
-        with open(path, "rb") as f:
-            while chunk := f.read(1 << 23):
-                h.update(chunk)
-        _digests[key] = h.hexdigest()
+        _digests[key] = sha256_file(path)
     return _digests[key]
 
 

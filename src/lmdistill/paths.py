@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import hashlib
 import json
 import os
 import re
@@ -30,6 +31,15 @@ def is_hub_id(text: str) -> bool:
     only have been meant as a local path; callers check ``Path.exists`` first.
     """
     return bool(_HUB_ID.match(text)) and ".." not in text
+
+
+def sha256_file(path: Path) -> str:
+    """The SHA-256 (hex) of the file at ``path``, read in 8 MiB pieces."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 23):
+            digest.update(chunk)
+    return digest.hexdigest()
 
 
 def atomic_write(path: Path, data: str | bytes | Callable[[IO[bytes]], Any], *, fsync: bool = False) -> Path:

@@ -56,7 +56,7 @@ from pathlib import Path
 import numpy as np
 
 from .errors import LmdistillError
-from .paths import atomic_write_json, exclusive_lock, fsync_dir
+from .paths import atomic_write_json, exclusive_lock, fsync_dir, sha256_file
 from .progress import progress_bar
 
 FORMAT_VERSION = 1
@@ -327,17 +327,9 @@ class Store:
     def verify(self) -> None:
         """Check every file against its SHA-256 in the manifest (reads all of them)."""
         for name, record in self.manifest["files"].items():
-            if _sha256(self.path / name) != record["sha256"]:
+            if sha256_file(self.path / name) != record["sha256"]:
                 raise LmdistillError(f"data store '{self.path}' is damaged: {name} does not match its SHA-256 in the "
                                      "manifest; delete the directory and run again to rebuild it")
-
-
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(1 << 22):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def tokenizer_hash(tokenizer) -> str:
@@ -610,7 +602,7 @@ def _assemble(plan: SourcePlan, key: dict, build: Path, final: Path, results: li
             ends.tofile(tmp / out_name)
         else:
             _concat(build, len(results), name, tmp / out_name, keep * np.dtype(dtype).itemsize)
-        files[out_name] = {"dtype": dtype, "bytes": (tmp / out_name).stat().st_size, "sha256": _sha256(tmp / out_name)}
+        files[out_name] = {"dtype": dtype, "bytes": (tmp / out_name).stat().st_size, "sha256": sha256_file(tmp / out_name)}
     fingerprint = hashlib.sha256(json.dumps({n: f["sha256"] for n, f in files.items()}, sort_keys=True).encode())
     manifest = {
         "format_version": FORMAT_VERSION, "fingerprint": "sha256:" + fingerprint.hexdigest(), "key": key,
@@ -640,7 +632,7 @@ def _pad_id(tokenizer) -> int:
 def _source_files(plan: SourcePlan) -> list[dict]:
     """The local files a store was made from, with their sizes and SHA-256 (read once more, at build time)."""
     files = plan.identity.get("files") or []
-    return [{"path": path, "bytes": size, "sha256": _sha256(Path(path))} for path, size, _ in files]
+    return [{"path": path, "bytes": size, "sha256": sha256_file(Path(path))} for path, size, _ in files]
 
 
 def _join_ends(build: Path, results: list[dict], keep: int, chat: bool) -> np.ndarray:
