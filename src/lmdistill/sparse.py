@@ -35,7 +35,7 @@ from torch import Tensor
 from .fused import _add_matmul, _logits, hand_out_grads
 from .losses import IGNORE_INDEX, LossParts, normaliser
 
-__all__ = ["SparseTargets", "sparse_distillation_loss"]
+__all__ = ["SparseTargets", "sparse_distillation_loss", "sparse_logits_distillation_loss"]
 
 
 @dataclass
@@ -65,10 +65,10 @@ class SparseTargets:
                              pick(self.entropy))
 
 
-def _chunk(h_c, w, b, y_c, t: SparseTargets, inv_t: float, c_kd: float, c_ce: float, with_kd: bool,
+def _chunk(zs: Tensor, y_c, t: SparseTargets, inv_t: float, c_kd: float, c_ce: float, with_kd: bool,
            need_grad: bool) -> tuple[Tensor | None, Tensor, Tensor]:
-    """(grad of the folded loss w.r.t. the chunk's logits, CE sum, KD sum) for one chunk."""
-    zs = _logits(h_c, w, b, None)
+    """(grad of the folded loss w.r.t. the chunk's logits ``zs``, CE sum, KD sum) for one chunk.
+    ``zs`` is fp32 and this function's own (it is scaled in place)."""
     ls1 = torch.log_softmax(zs, dim=-1)
     ce_sum = -ls1.gather(1, y_c.unsqueeze(1)).sum()
     kd_sum = ce_sum.new_zeros(())
@@ -100,6 +100,12 @@ def _chunk(h_c, w, b, y_c, t: SparseTargets, inv_t: float, c_kd: float, c_ce: fl
     return grad, ce_sum, kd_sum
 
 
+def sparse_kd_sum(logits: Tensor, targets: Tensor, teacher: SparseTargets, temperature: float) -> Tensor:
+    """The KD sum (forward KL at ``temperature``, without T^2) of ``logits`` (N, V) predicting
+    ``targets`` (N,) against ``teacher``, with no gradient (evaluation); ``logits`` is not changed."""
+    return _chunk(logits.to(torch.float32, copy=True), targets, teacher, 1.0 / temperature, 0.0, 0.0, True, False)[2]
+
+
 class _SparseKD(torch.autograd.Function):
     """Loss and student gradients in one pass over the chunks; backward only scales them."""
 
@@ -119,9 +125,9 @@ class _SparseKD(torch.autograd.Function):
         for start in range(0, len(rows), chunk):
             sel = rows[start : start + chunk]
             h_c = h.index_select(0, sel).to(mm_dtype)
-            grad_z, ce_sum, kd_sum = _chunk(h_c, w_v, b_v, y.index_select(0, sel), targets.rows(sel),
-                                            settings["inv_t"], settings["c_kd"], settings["c_ce"],
-                                            settings["with_kd"], need_grad)
+            grad_z, ce_sum, kd_sum = _chunk(_logits(h_c, w_v, b_v, None), y.index_select(0, sel),
+                                            targets.rows(sel), settings["inv_t"], settings["c_kd"],
+                                            settings["c_ce"], settings["with_kd"], need_grad)
             ce_total += ce_sum
             kd_total += kd_sum
             if grad_z is None:
@@ -145,6 +151,62 @@ class _SparseKD(torch.autograd.Function):
         return grad_h, grad_w, grad_b, None, None, None, None
 
 
+class _SparseLogitsKD(torch.autograd.Function):
+    """The same loss from logits the model has already formed (when tokens x vocabulary is small):
+    the gradient with respect to the logits is formed in the forward pass, and autograd takes it
+    back through the lm_head as for plain CE, with no hand-written matmuls."""
+
+    @staticmethod
+    def forward(ctx, z, y, rows, targets: SparseTargets, settings: dict):
+        need_grad = settings["need"][0]
+        grad_z = torch.zeros(z.shape, dtype=torch.float32, device=z.device) if need_grad else None
+        ce_total = torch.zeros((), dtype=torch.float32, device=z.device)
+        kd_total = torch.zeros((), dtype=torch.float32, device=z.device)
+        chunk = settings["chunk_size"]
+        for start in range(0, len(rows), chunk):
+            sel = rows[start : start + chunk]
+            grad_c, ce_sum, kd_sum = _chunk(z.index_select(0, sel).float(), y.index_select(0, sel),
+                                            targets.rows(sel), settings["inv_t"], settings["c_kd"],
+                                            settings["c_ce"], settings["with_kd"], need_grad)
+            ce_total += ce_sum
+            kd_total += kd_sum
+            if grad_c is not None:
+                grad_z.index_copy_(0, sel, grad_c)
+        total = (settings["kd_coef"] * kd_total + settings["ce_coef"] * ce_total) / settings["denom"]
+        ctx.grads, ctx.dtypes = (grad_z,), (z.dtype,)
+        ctx.mark_non_differentiable(ce_total, kd_total)
+        return total, ce_total, kd_total
+
+    @staticmethod
+    def backward(ctx, grad_total, _grad_ce, _grad_kd):
+        (grad_z,) = hand_out_grads(ctx, grad_total, "sparse_logits_distillation_loss")
+        return grad_z, None, None, None, None
+
+
+def _settings(y: Tensor, teacher: SparseTargets | None, temperature: float, kd_weight: float, scale_by_t2: bool,
+              num_tokens, chunk_size: int, ignore_index: int, need: tuple[bool, bool, bool]) -> tuple:
+    """(rows with a target, the constants of the folded loss, teacher or an empty stand-in, T^2)."""
+    rows = (y != ignore_index).nonzero().squeeze(1)
+    t2 = temperature**2 if scale_by_t2 else 1.0
+    denom = normaliser(num_tokens, rows.numel())
+    with_kd = kd_weight > 0 and teacher is not None
+    settings = {
+        "chunk_size": int(chunk_size), "with_kd": with_kd, "inv_t": 1.0 / temperature, "need": need,
+        "c_kd": kd_weight * t2 / temperature / denom, "c_ce": (1.0 - kd_weight) / denom,
+        "kd_coef": kd_weight * t2, "ce_coef": 1.0 - kd_weight, "denom": denom,
+    }
+    if teacher is None:  # CE only: an empty target set keeps one code path
+        zeros = torch.zeros((y.numel(), 1), dtype=torch.float32, device=y.device)
+        teacher = SparseTargets(y.new_zeros((y.numel(), 1)), zeros, zeros)
+    return rows, settings, teacher, t2
+
+
+def _parts(total: Tensor, ce_sum: Tensor, kd_sum: Tensor, t2: float, settings: dict, rows: Tensor) -> LossParts:
+    denom = settings["denom"]
+    return LossParts(total=total, kd=(kd_sum * t2 / denom).detach(), kd_unscaled=(kd_sum / denom).detach(),
+                     ce=(ce_sum / denom).detach(), num_valid=rows.numel())
+
+
 def sparse_distillation_loss(student_hidden: Tensor, student_weight: Tensor, targets: Tensor,
                              teacher: SparseTargets | None, *, temperature: float, kd_weight: float,
                              scale_by_t2: bool = True, num_tokens=None, vocab_size: int | None = None,
@@ -158,22 +220,29 @@ def sparse_distillation_loss(student_hidden: Tensor, student_weight: Tensor, tar
     """
     h = student_hidden.reshape(-1, student_hidden.shape[-1])
     y = targets.reshape(-1)
-    rows = (y != ignore_index).nonzero().squeeze(1)
-    vocab = int(vocab_size or student_weight.shape[0])
-    t2 = temperature**2 if scale_by_t2 else 1.0
-    denom = normaliser(num_tokens, rows.numel())
-    with_kd = kd_weight > 0 and teacher is not None
     grad_on = torch.is_grad_enabled()
-    settings = {
-        "vocab": vocab, "chunk_size": int(chunk_size), "with_kd": with_kd, "inv_t": 1.0 / temperature,
-        "need": (grad_on and student_hidden.requires_grad, grad_on and student_weight.requires_grad,
-                 grad_on and student_bias is not None and student_bias.requires_grad),
-        "c_kd": kd_weight * t2 / temperature / denom, "c_ce": (1.0 - kd_weight) / denom,
-        "kd_coef": kd_weight * t2, "ce_coef": 1.0 - kd_weight, "denom": denom,
-    }
-    if teacher is None:  # CE only: an empty target set keeps one code path
-        teacher = SparseTargets(y.new_zeros((y.numel(), 1)), h.new_zeros((y.numel(), 1), dtype=torch.float32),
-                                h.new_zeros((y.numel(), 1), dtype=torch.float32))
+    need = (grad_on and student_hidden.requires_grad, grad_on and student_weight.requires_grad,
+            grad_on and student_bias is not None and student_bias.requires_grad)
+    rows, settings, teacher, t2 = _settings(y, teacher, temperature, kd_weight, scale_by_t2, num_tokens, chunk_size,
+                                            ignore_index, need)
+    settings["vocab"] = int(vocab_size or student_weight.shape[0])
     total, ce_sum, kd_sum = _SparseKD.apply(h, student_weight, student_bias, y, rows, teacher, settings)
-    return LossParts(total=total, kd=(kd_sum * t2 / denom).detach(), kd_unscaled=(kd_sum / denom).detach(),
-                     ce=(ce_sum / denom).detach(), num_valid=rows.numel())
+    return _parts(total, ce_sum, kd_sum, t2, settings, rows)
+
+
+def sparse_logits_distillation_loss(student_logits: Tensor, targets: Tensor, teacher: SparseTargets | None, *,
+                                    temperature: float, kd_weight: float, scale_by_t2: bool = True,
+                                    num_tokens=None, chunk_size: int = 1024,
+                                    ignore_index: int = IGNORE_INDEX) -> LossParts:
+    """:func:`sparse_distillation_loss` from the student's logits (..., V) instead of its hidden
+    states: the same value and gradient, for when the logits are small enough to form whole
+    (``loss.impl`` full; the lm_head's backward is then the one autograd runs for plain CE)."""
+    z = student_logits.reshape(-1, student_logits.shape[-1])
+    y = targets.reshape(-1)
+    if y.numel() != z.shape[0]:
+        raise ValueError(f"targets {tuple(targets.shape)} do not match logits {tuple(student_logits.shape)}")
+    need = (torch.is_grad_enabled() and student_logits.requires_grad, False, False)
+    rows, settings, teacher, t2 = _settings(y, teacher, temperature, kd_weight, scale_by_t2, num_tokens, chunk_size,
+                                            ignore_index, need)
+    total, ce_sum, kd_sum = _SparseLogitsKD.apply(z, y, rows, teacher, settings)
+    return _parts(total, ce_sum, kd_sum, t2, settings, rows)

@@ -133,10 +133,12 @@ class Trainer:
         pairs = self.projection.pairs if self.projection is not None else ()
         self.live_teacher = self.teacher if cfg.distill.kd_weight > 0 or pairs else None
         if self.cache is not None:
-            self.signal = CachedTeacher(self.cache)
-            self.loss_impl = "chunked" if self.signal.student_output == "hidden" else "full"
+            # A dense cache holds whole logits (the full path); sparse targets meet the student's
+            # whole logits when they are small, else its hidden states chunk by chunk.
+            self.loss_impl = "full" if self.cache.mode == "dense" else self._choose_loss_impl(models, teacher=None)
+            self.signal = CachedTeacher(self.cache, student_output="hidden" if self.loss_impl == "chunked" else "logits")
         else:
-            self.loss_impl = self._choose_loss_impl(models)
+            self.loss_impl = self._choose_loss_impl(models, self.live_teacher)
             self.signal = make_signal(self.loss_impl, self.live_teacher, self.vocab_size, tuple(t for _, t in pairs))
         project = self._prepare(models.student)
         if self.teacher is not None:
@@ -164,10 +166,10 @@ class Trainer:
         if self.fsdp:  # torch's FSDP2 in place of accelerate's DDP wrapper (sharding.py)
             self.student = self.raw_student = self.trained = shard(student.to(self.device),
                                                                    self.accelerator.mixed_precision, self.device)
-            self.optimizer = make_optimizer(student, self.cfg, fused=self.device.type == "cuda")
+            self.optimizer = make_optimizer(student, self.cfg)
             student.train()
             return None
-        optimizer = make_optimizer(student, self.cfg, fused=self.device.type == "cuda", extra=trained)
+        optimizer = make_optimizer(student, self.cfg, extra=trained)
         self.student, self.optimizer, *wrapped = self.accelerator.prepare(student, optimizer, *filter(None, [trained]))
         self.student.train()
         # Without accelerate's fp32-output wrapper: the step runs inside accelerator.autocast()
@@ -178,12 +180,12 @@ class Trainer:
         self.trained = raw if trained is None else torch.nn.ModuleDict({"student": raw, "projection": trained})
         return wrapped[0] if wrapped else self.projection
 
-    def _choose_loss_impl(self, models) -> str:
+    def _choose_loss_impl(self, models, teacher: torch.nn.Module | None) -> str:
         cfg = self.cfg
         try:
             return choose_loss_impl(cfg.loss.impl, divergences.get(cfg.distill.divergence),
                                     cfg.train.batch_size * (cfg.data.block_size - 1), self.vocab_size,
-                                    models.student, self.live_teacher, cfg.loss.auto_threshold_mib)
+                                    models.student, teacher, cfg.loss.auto_threshold_mib)
         except ValueError as exc:
             raise LmdistillError(str(exc)) from None
 

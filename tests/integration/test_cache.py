@@ -4,6 +4,7 @@ that does not fit the run is refused with one line naming the difference."""
 
 from __future__ import annotations
 
+import json
 import os
 import socket
 import subprocess
@@ -76,6 +77,19 @@ def test_sampled_cache_trains_and_reports_the_teacher(tmp_path, teacher_dir, sma
     evals = [r for r in read_jsonl(tmp_path / "run" / "metrics.jsonl") if "teacher_ppl" in r]
     assert evals and all(r["eval_kl"] > 0 and 0 <= r["top1_agreement"] <= 1 for r in evals)
     assert "self-normalised" not in proc.stdout  # trained at the capture temperature: no re-weighting
+    # Small logits: the sparse targets meet the student's whole logits (auto -> full); the
+    # chunked path from hidden states is the same loss step for step.
+    chunked = _train(small_text, tmp_path / "chunked", "--teacher-cache", str(out), "--set", "distill.temperature=2.0",
+                     "--set", "distill.min_temperature=2.0", "--set", "loss.impl=chunked")
+    assert chunked.returncode == 0, chunked.stderr[-2000:]
+    impl = {run: json.loads((tmp_path / run / "run.json").read_text())["plan"]["loss_impl"]
+            for run in ("run", "chunked")}
+    assert impl == {"run": "full", "chunked": "chunked"}
+    steps = {run: [(r["step"], r["loss"], r["kd_loss"]) for r in read_jsonl(tmp_path / run / "metrics.jsonl")
+                   if "loss" in r] for run in ("run", "chunked")}
+    assert len(steps["run"]) == 6 and [s for s, *_ in steps["run"]] == [s for s, *_ in steps["chunked"]]
+    for (_, loss, kd), (_, loss_c, kd_c) in zip(steps["run"], steps["chunked"]):
+        assert loss == pytest.approx(loss_c, rel=1e-4) and kd == pytest.approx(kd_c, rel=1e-4)
     # the default anneal (2.0 to 1.5) from a cache captured at 2.0: re-weighted, said once
     annealed = _train(small_text, tmp_path / "annealed", "--teacher-cache", str(out))
     assert annealed.returncode == 0, annealed.stderr[-2000:]

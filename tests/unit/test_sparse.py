@@ -1,14 +1,16 @@
 """KD from sparse teacher targets against independent references: the sampled estimator's
 mean over many draws against the dense loss and gradient (statistical tolerance), top-k with
-its tail bucket against its closed form written with autograd, CE alone against cross_entropy."""
+its tail bucket against its closed form written with autograd, CE alone against cross_entropy.
+The exact references are met by both paths: from hidden states (chunked) and from whole logits."""
 
 from __future__ import annotations
 
+import pytest
 import torch
 import torch.nn.functional as F
 
 from lmdistill.losses import IGNORE_INDEX
-from lmdistill.sparse import SparseTargets, sparse_distillation_loss
+from lmdistill.sparse import SparseTargets, sparse_distillation_loss, sparse_logits_distillation_loss
 
 T = 2.0
 
@@ -32,6 +34,20 @@ def dense_reference(h, w, zt, y, kd_weight):
     total = kd_weight * T * T * kl + (1 - kd_weight) * ce
     total.backward()
     return total.detach(), h.grad, w.grad
+
+
+def sparse_loss(path: str, h, w, y, targets, **kwargs):
+    """The loss and the gradients of ``h`` and ``w`` by one of the two paths."""
+    hh, ww = h.clone().requires_grad_(), w.clone().requires_grad_()
+    if path == "hidden":
+        parts = sparse_distillation_loss(hh, ww, y, targets, **kwargs)
+    else:  # the logits formed whole, the lm_head's backward left to autograd
+        parts = sparse_logits_distillation_loss(hh @ ww.t(), y, targets, **kwargs)
+    parts.total.backward()
+    return parts, hh.grad, ww.grad
+
+
+PATHS = pytest.mark.parametrize("path", ["hidden", "logits"])
 
 
 def sampled_targets(zt, samples: int, g) -> SparseTargets:
@@ -68,20 +84,20 @@ def test_the_sampled_estimator_is_unbiased_for_the_dense_loss_and_gradient():
     assert (torch.stack(values) - want).abs().max() > 10 * (torch.stack(values).std() / 1500**0.5)
 
 
-def test_sampled_targets_equal_to_the_full_distribution_give_the_dense_loss_exactly():
+@PATHS
+def test_sampled_targets_equal_to_the_full_distribution_give_the_dense_loss_exactly(path):
     h, w, zt, y = problem(seed=3)
     want, want_h, want_w = dense_reference(h, w, zt, y, kd_weight=0.7)
     ids = torch.arange(zt.shape[1]).expand(len(zt), -1).contiguous()
     full = SparseTargets(ids, F.softmax(zt / T, -1), F.log_softmax(zt / T, -1))
-    hh, ww = h.clone().requires_grad_(), w.clone().requires_grad_()
-    parts = sparse_distillation_loss(hh, ww, y, full, temperature=T, kd_weight=0.7, chunk_size=2)
-    parts.total.backward()
+    parts, grad_h, grad_w = sparse_loss(path, h, w, y, full, temperature=T, kd_weight=0.7, chunk_size=2)
     torch.testing.assert_close(parts.total.detach(), want, rtol=1e-5, atol=1e-6)
-    torch.testing.assert_close(hh.grad, want_h, rtol=1e-4, atol=1e-6)
-    torch.testing.assert_close(ww.grad, want_w, rtol=1e-4, atol=1e-6)
+    torch.testing.assert_close(grad_h, want_h, rtol=1e-4, atol=1e-6)
+    torch.testing.assert_close(grad_w, want_w, rtol=1e-4, atol=1e-6)
 
 
-def test_topk_with_its_tail_bucket_matches_the_bucketed_kl_closed_form():
+@PATHS
+def test_topk_with_its_tail_bucket_matches_the_bucketed_kl_closed_form(path):
     h, w, zt, y = problem(seed=5)
     k = 6
     p = F.softmax(zt / T, -1)
@@ -96,27 +112,38 @@ def test_topk_with_its_tail_bucket_matches_the_bucketed_kl_closed_form():
     bucket_kl = (top_p * (top_p.log() - q_top.log())).sum(-1) + tail * (tail.log() - q_tail.log())
     ce = F.cross_entropy(hr @ wr.t(), y)
     (0.5 * T * T * bucket_kl.mean() + 0.5 * ce).backward()
-    hh, ww = h.clone().requires_grad_(), w.clone().requires_grad_()
-    parts = sparse_distillation_loss(hh, ww, y, targets, temperature=T, kd_weight=0.5, chunk_size=3)
-    parts.total.backward()
+    parts, grad_h, grad_w = sparse_loss(path, h, w, y, targets, temperature=T, kd_weight=0.5, chunk_size=3)
     torch.testing.assert_close(parts.kd_unscaled, bucket_kl.mean().detach(), rtol=1e-5, atol=1e-6)
-    torch.testing.assert_close(hh.grad, hr.grad, rtol=1e-4, atol=1e-6)
-    torch.testing.assert_close(ww.grad, wr.grad, rtol=1e-4, atol=1e-6)
+    torch.testing.assert_close(grad_h, hr.grad, rtol=1e-4, atol=1e-6)
+    torch.testing.assert_close(grad_w, wr.grad, rtol=1e-4, atol=1e-6)
 
 
-def test_ce_only_and_ignored_rows():
+@PATHS
+def test_ce_only_and_ignored_rows(path):
     h, w, zt, y = problem(seed=7)
     y = y.clone()
     y[1] = IGNORE_INDEX
-    hh, ww = h.clone().requires_grad_(), w.clone().requires_grad_()
-    parts = sparse_distillation_loss(hh, ww, y, None, temperature=T, kd_weight=0.0)
-    parts.total.backward()
+    parts, grad_h, grad_w = sparse_loss(path, h, w, y, None, temperature=T, kd_weight=0.0)
     hr, wr = h.clone().requires_grad_(), w.clone().requires_grad_()
     F.cross_entropy(hr @ wr.t(), y, ignore_index=IGNORE_INDEX).backward()
     torch.testing.assert_close(parts.total.detach(), F.cross_entropy(h @ w.t(), y, ignore_index=IGNORE_INDEX))
-    torch.testing.assert_close(hh.grad, hr.grad)
-    torch.testing.assert_close(ww.grad, wr.grad)
-    assert parts.num_valid == len(y) - 1 and hh.grad[1].abs().sum() == 0
+    torch.testing.assert_close(grad_h, hr.grad)
+    torch.testing.assert_close(grad_w, wr.grad)
+    assert parts.num_valid == len(y) - 1 and grad_h[1].abs().sum() == 0
+
+
+def test_the_logits_path_takes_a_batch_of_sequences_and_refuses_mismatched_targets():
+    """(B, L, V) logits with (B, L) targets, as the trainer passes them; the value equals the
+    flattened call's."""
+    h, w, zt, y = problem(seed=9, n=6)
+    top_p, ids = F.softmax(zt / T, -1).topk(4, dim=-1)
+    targets = SparseTargets(ids, top_p, top_p.log(), 1 - top_p.sum(-1))
+    flat = sparse_logits_distillation_loss(h @ w.t(), y, targets, temperature=T, kd_weight=0.5)
+    batched = sparse_logits_distillation_loss((h @ w.t()).view(2, 3, -1), y.view(2, 3), targets, temperature=T,
+                                              kd_weight=0.5)
+    torch.testing.assert_close(batched.total, flat.total)
+    with pytest.raises(ValueError, match="do not match"):
+        sparse_logits_distillation_loss(h @ w.t(), y[:4], targets, temperature=T, kd_weight=0.5)
 
 
 def test_systematic_draws_are_unbiased_and_never_miss_by_a_whole_draw():
