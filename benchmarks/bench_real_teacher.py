@@ -17,6 +17,8 @@ reports held-out perplexity and the share of the CE-only -> teacher gap it close
             layer against the teacher layer it was cut from)
   gkd       the original recipe with half the steps on-policy (GKD: distill.on_policy.fraction 0.5,
             32-token prompts, 64 new tokens, reverse KL over the vocabulary)
+  gkd_t1    the same at T = 1 (kd 0.5): its off-policy twin is kd05_t1, and T = 1 is the
+            temperature the generations are sampled and judged at
 
 ``--cut 40m`` trains a depth-and-width cut instead (14 layers, hidden 384, MLP 1024, 6 query / 2
 key-value heads: 40.9M parameters); its runs go to their own directory.
@@ -63,6 +65,9 @@ VARIANTS = {
     "gkd": ["--kd-weight", "0.5", "--temperature", "2.0", "--min-temperature", "1.5",
             "--set", "distill.on_policy.fraction=0.5", "--set", "distill.on_policy.prompt_tokens=32",
             "--set", "distill.on_policy.max_new_tokens=64"],
+    "gkd_t1": ["--kd-weight", "0.5", "--temperature", "1", "--min-temperature", "1",
+               "--set", "distill.on_policy.fraction=0.5", "--set", "distill.on_policy.prompt_tokens=32",
+               "--set", "distill.on_policy.max_new_tokens=64"],
 }
 # The students: the 15-layer depth cut at full width (81.4M parameters), and a depth-and-width cut
 # (40.9M, of which 18.9M is the tied embedding).
