@@ -51,7 +51,7 @@ import safetensors
 import safetensors.torch
 import torch
 
-from lmdistill.errors import LmdistillError
+from lmdistill.errors import LmdistillError, last_line
 from lmdistill.paths import fsync_dir, replace_dir, sha256_file
 from lmdistill.sharding import local_tensor
 
@@ -518,11 +518,12 @@ def _read_manifest(path: Path) -> tuple[dict[str, Any] | None, str | None]:
     return manifest, None
 
 
-def verify_checkpoint(path: Path, *, check_hashes: bool = True) -> list[str]:
+def verify_checkpoint(path: Path, *, check_hashes: bool = True, skip: frozenset[str] = frozenset()) -> list[str]:
     """Problems with checkpoint directory ``path``, one string each naming the bad file.
 
     An empty list means the manifest exists and every file it lists has the recorded
     size and (with ``check_hashes``) SHA-256. ``check_hashes=False`` only checks sizes.
+    Files named in ``skip`` are not checked (nor needed): they will not be read.
     """
     path = Path(path)
     if not path.is_dir():
@@ -541,6 +542,8 @@ def verify_checkpoint(path: Path, *, check_hashes: bool = True) -> list[str]:
             problems.append(f"{path / required}: not listed in the manifest")
     for name, record in sorted(files.items()):
         file_path = path / name
+        if name in skip:
+            continue
         if "/" in name or "\\" in name or name in ("", ".", "..") or not isinstance(record, dict):
             problems.append(f"{path / MANIFEST_FILE}: bad entry for {name!r}")
             continue
@@ -558,15 +561,16 @@ def verify_checkpoint(path: Path, *, check_hashes: bool = True) -> list[str]:
     return problems
 
 
-def find_latest_valid(checkpoints_dir: Path) -> tuple[Path | None, list[str]]:
-    """Newest ``step-N`` whose manifest verifies (hashes included), and warnings.
+def find_latest_valid(checkpoints_dir: Path, skip: frozenset[str] = frozenset()) -> tuple[Path | None, list[str]]:
+    """Newest ``step-N`` whose manifest verifies (hashes included; not the files in ``skip``), and
+    warnings.
 
     Each warning names a newer checkpoint that was skipped and its bad file. Directories
     not named ``step-N`` (temporary or trash directories) are ignored silently.
     """
     warnings: list[str] = []
     for path in reversed(list_checkpoints(Path(checkpoints_dir))):
-        problems = verify_checkpoint(path)
+        problems = verify_checkpoint(path, skip=skip)
         if not problems:
             return path, warnings
         warnings.append(f"skipping checkpoint {path}: " + "; ".join(problems))
@@ -577,15 +581,17 @@ def find_latest_valid(checkpoints_dir: Path) -> tuple[Path | None, list[str]]:
 
 
 def load_checkpoint(path: Path, map_location: str | torch.device = "cpu", *,
-                    check_hashes: bool = True) -> LoadedCheckpoint:
+                    check_hashes: bool = True, optimizer: bool = True) -> LoadedCheckpoint:
     """Verify ``path`` against its manifest, then load everything onto ``map_location``.
 
     Raises CheckpointError naming the bad file if verification fails; nothing from an
     unverified directory is ever deserialized. ``check_hashes=False`` when ``path`` was just
-    verified with them (``resume_point``): the sizes are still checked.
+    verified with them (``resume_point``): the sizes are still checked. ``optimizer=False``
+    (export): ``optimizer.pt`` is neither needed nor read (``optimizer_state`` is None).
     """
     path = Path(path)
-    problems = verify_checkpoint(path, check_hashes=check_hashes)
+    problems = verify_checkpoint(path, check_hashes=check_hashes,
+                                 skip=frozenset() if optimizer else frozenset({OPTIMIZER_FILE}))
     if problems:
         more = f" (and {len(problems) - 1} more problem(s))" if len(problems) > 1 else ""
         raise CheckpointError(
@@ -607,14 +613,12 @@ def load_checkpoint(path: Path, map_location: str | torch.device = "cpu", *,
             for alias, stored in tied.items():
                 model_state[alias] = model_state[stored]
         optimizer_state = None
-        if OPTIMIZER_FILE in files:
-            optimizer_state = torch.load(
-                path / OPTIMIZER_FILE, map_location=map_location, weights_only=True
-            )
+        if OPTIMIZER_FILE in files and optimizer:
+            optimizer_state = _load_tensors(path / OPTIMIZER_FILE, map_location)
         rng_state = None
         if RNG_FILE in files:
             # RNG states must stay on the CPU whatever the model's device (restore needs it).
-            rng_state = torch.load(path / RNG_FILE, map_location="cpu", weights_only=True)
+            rng_state = _load_tensors(path / RNG_FILE, "cpu")
         trainer_state = json.loads((path / TRAINER_STATE_FILE).read_text(encoding="utf-8"))
         extra_files = {name: (path / name).read_bytes() for name in manifest.get("extra_files", [])}
     except (
@@ -625,7 +629,7 @@ def load_checkpoint(path: Path, map_location: str | torch.device = "cpu", *,
         pickle.UnpicklingError,
         safetensors.SafetensorError,
     ) as exc:
-        raise CheckpointError(f"cannot load checkpoint {path}: {exc}") from exc
+        raise CheckpointError(f"cannot load checkpoint {path}: {last_line(exc)}") from exc
     return LoadedCheckpoint(
         path=path,
         step=int(manifest["step"]),
@@ -638,6 +642,17 @@ def load_checkpoint(path: Path, map_location: str | torch.device = "cpu", *,
         format_version=int(manifest["format_version"]),
         sharded=sharded,
     )
+
+
+def _load_tensors(file: Path, map_location) -> Any:
+    """``torch.load`` of a file lmdistill wrote: tensors and plain values only (weights_only). A
+    file holding anything else is refused in one line, and never loaded another way."""
+    try:
+        return torch.load(file, map_location=map_location, weights_only=True)
+    except pickle.UnpicklingError:
+        raise CheckpointError(f"{file} is not a checkpoint file lmdistill wrote (it holds Python objects, not only "
+                              "tensors) and was not loaded; use a checkpoint lmdistill wrote (move this one away to "
+                              "resume from an older one)") from None
 
 
 def resume_point(checkpoints_dir: Path, announce: bool = True) -> Path | None:
@@ -668,15 +683,25 @@ def projection_file(projection: torch.nn.Module | None) -> dict[str, bytes]:
     return {PROJECTION_FILE: save({k: v.detach().contiguous() for k, v in projection.state_dict().items()})}
 
 
-def check_resumable(path: Path, processes: int, batch_size: int, strategy: str) -> None:
+def check_resumable(path: Path, processes: int, batch_size: int, strategy: str,
+                    total_steps: int | None = None) -> None:
     """Refuse, before anything is loaded or written, a resume of checkpoint ``path`` that cannot
-    continue its run: another global micro-batch (``batch_size`` x ``processes`` blocks fixes the
+    continue its run: a trainer state lmdistill did not write, a step past this run's
+    ``total_steps``, another global micro-batch (``batch_size`` x ``processes`` blocks fixes the
     data order; the process count alone may change), or whole weights into FSDP."""
+    file = Path(path) / TRAINER_STATE_FILE
     try:
-        state = json.loads((Path(path) / TRAINER_STATE_FILE).read_text(encoding="utf-8"))
+        state = json.loads(file.read_text(encoding="utf-8"))
         manifest, _ = _read_manifest(Path(path))
     except (OSError, ValueError) as exc:
-        raise CheckpointError(f"cannot read {Path(path) / TRAINER_STATE_FILE}: {exc}") from None
+        raise CheckpointError(f"cannot read {file}: {exc}") from None
+    problem = _trainer_state_problem(state)
+    if problem is not None:
+        raise CheckpointError(damaged_state_message(path, problem))
+    if total_steps is not None and state["step"] > total_steps:
+        raise CheckpointError(f"checkpoint {path} is at step {state['step']}, past this run's {total_steps} steps "
+                              f"(train.max_steps, or train.epochs); resume with --max-steps {state['step']} or more "
+                              f"(the run was planned for {state.get('total_steps', 'more')} steps)")
     saved_processes = state.get("processes", 1)
     saved_batch = state.get("global_batch")  # absent from checkpoints of older versions
     if saved_batch is None and saved_processes != processes:
@@ -693,9 +718,35 @@ def check_resumable(path: Path, processes: int, batch_size: int, strategy: str) 
         raise CheckpointError(f"{path} holds whole weights, not FSDP shards; resume it with parallel.strategy=ddp")
 
 
+def _trainer_state_problem(state: Any) -> str | None:
+    """What is wrong with a checkpoint's trainer state for a resume, or None (the nested guard and
+    health states are checked as they are loaded: ``damaged_state_message``)."""
+    if not isinstance(state, dict):
+        return f"a JSON {type(state).__name__}, not an object"
+    for key in ("step", "micro_batches"):
+        value = state.get(key)
+        if not isinstance(value, int) or isinstance(value, bool) or value < 0:
+            return f"{key} is {value!r}, not a whole number >= 0"
+    for key in ("processes", "global_batch", "total_steps"):
+        value = state.get(key, 1)
+        if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+            return f"{key} is {value!r}, not a whole number >= 1"
+    for key in ("guard", "spike_detector", "health"):
+        if not isinstance(state.get(key), dict):
+            return f"{key} is {state.get(key)!r}, not an object"
+    if state.get("initial_eval") is not None and not isinstance(state["initial_eval"], dict):
+        return f"initial_eval is {state['initial_eval']!r}, not an object"
+    return None
+
+
+def damaged_state_message(path: Path, problem: str) -> str:
+    return (f"{Path(path) / TRAINER_STATE_FILE} is damaged or was not written by lmdistill ({problem}); move the "
+            f"checkpoint {path} away to resume from an older one, or start over with --overwrite")
+
+
 def restore_training_state(path: Path, model: torch.nn.Module, optimizer, processes: int, batch_size: int,
                            projection: torch.nn.Module | None = None, strategy: str = "ddp",
-                           verified: bool = False) -> dict[str, Any]:
+                           verified: bool = False, total_steps: int | None = None) -> dict[str, Any]:
     """Load checkpoint ``path`` into ``model`` (and the hidden-state ``projection``) and
     ``optimizer`` and restore the RNGs; its trainer state. ``verified``: its hashes were just
     checked (``resume_point``), only the sizes are checked again.
@@ -703,7 +754,7 @@ def restore_training_state(path: Path, model: torch.nn.Module, optimizer, proces
     A sharded checkpoint loads onto any number of processes, sharded (``strategy`` fsdp) or not:
     DCP reshards it. Any checkpoint resumes with another process count as long as the global
     micro-batch is the same (``check_resumable``)."""
-    check_resumable(path, processes, batch_size, strategy)
+    check_resumable(path, processes, batch_size, strategy, total_steps)
     ckpt = load_checkpoint(path, check_hashes=not verified)
     try:
         _restore_projection(path, ckpt, projection)  # first: a mismatch is said plainly

@@ -37,8 +37,9 @@ from tqdm.auto import tqdm
 from . import divergences
 from .batch import Batch
 from .cache import open_for_run
-from .checkpoint import (capture_rng_state, make_staging_dir, model_reference, projection_file, remove_leftovers,
-                         restore_training_state, resume_point, save_checkpoint)
+from .checkpoint import (CheckpointError, capture_rng_state, damaged_state_message, make_staging_dir,
+                         model_reference, projection_file, remove_leftovers, restore_training_state, resume_point,
+                         save_checkpoint)
 from .config import Config
 from .data import build_block_data, make_sampler
 from .devices import check_trackers_installed, flat_config, make_accelerator, on_main
@@ -211,10 +212,14 @@ class Trainer:
             # Everything that can refuse the resume comes before the run directory is touched.
             state = restore_training_state(resume_from, self.raw_student, self.optimizer, self.world,
                                            cfg.train.batch_size, projection=self.projection,
-                                           strategy=cfg.parallel.strategy, verified=True)
-            self.start_step, self.micro, self.initial = state["step"], state["micro_batches"], state["initial_eval"]
-            self.guard.load_state_dict(state)
-            self.monitor.load_state_dict(state["health"])
+                                           strategy=cfg.parallel.strategy, verified=True,
+                                           total_steps=self.plan.total_steps)
+            self.start_step, self.micro, self.initial = state["step"], state["micro_batches"], state.get("initial_eval")
+            try:
+                self.guard.load_state_dict(state)
+                self.monitor.load_state_dict(state["health"])
+            except (KeyError, TypeError, ValueError, AttributeError) as exc:
+                raise CheckpointError(damaged_state_message(resume_from, f"guard or health state: {exc!r}")) from None
             if self.is_main:
                 self.resume_changes = run.warn_if_resume_differs(resume_from, cfg, self.teacher_reference(),
                                                                   self.data.layout, processes=self.world)

@@ -306,7 +306,8 @@ def test_what_a_resume_can_change_is_checked_before_anything_loads(tmp_path):
     path.mkdir()
 
     def written(state, layout=None):
-        (path / "trainer_state.json").write_text(json.dumps(state))
+        base = {"step": 4, "micro_batches": 8, "guard": {}, "spike_detector": {}, "health": {}}
+        (path / "trainer_state.json").write_text(json.dumps({**base, **state}))
         manifest = {"format": "lmdistill-checkpoint", "format_version": 2 if layout else 1, "files": {},
                     **({"layout": layout} if layout else {})}
         (path / "manifest.json").write_text(json.dumps(manifest))

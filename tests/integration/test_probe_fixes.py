@@ -1,0 +1,105 @@
+"""Inputs a hostile probe of the command line found trusted: a resume past --max-steps, crafted
+checkpoints and teacher caches, a bidirectional model in eval, a cache from another teacher.
+
+Each case: one line naming the problem and the fix, a non-zero exit, no traceback (``cli`` runs
+``cli.main`` in this process), and nothing written that was refused.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+
+from conftest import cli, one_error_line
+
+SMALL_STUDENT = ("model.student_config={num_hidden_layers: 1, hidden_size: 16, intermediate_size: 32, "
+                 "num_attention_heads: 2, num_key_value_heads: 2}")
+
+
+def _args(teacher_dir, data, out, *extra, steps=4):
+    return ("train", "--teacher", str(teacher_dir), "--data", str(data), "--output-dir", str(out), "--batch-size",
+            "2", "--max-steps", str(steps), "--set", "data.block_size=32", "--set", SMALL_STUDENT,
+            "--set", "data.max_eval_blocks=4", "--no-progress", *extra)
+
+
+def _tree(path: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(path)): p.read_bytes() for p in sorted(path.rglob("*")) if p.is_file()}
+
+
+@pytest.fixture
+def unfinished_run(tmp_path, teacher_dir, text_file) -> Path:
+    """A 4-step run with checkpoints at steps 2 and 4, made unfinished again (no student, running)."""
+    out = tmp_path / "run"
+    assert cli(*_args(teacher_dir, text_file, out, "--set", "checkpoint.every=2")).returncode == 0
+    shutil.rmtree(out / "student")
+    info = json.loads((out / "run.json").read_text())
+    (out / "run.json").write_text(json.dumps({**info, "status": "running"}))
+    return out
+
+
+def _rewrite(step_dir: Path, name: str, content: bytes | None) -> None:
+    """Replace (or, with None, delete) a checkpoint file and record it in the manifest, as a crafted
+    checkpoint would: every size and hash matches."""
+    from lmdistill.checkpoint import file_record
+
+    manifest = json.loads((step_dir / "manifest.json").read_text())
+    if content is None:
+        (step_dir / name).unlink(missing_ok=True)
+        del manifest["files"][name]
+    else:
+        (step_dir / name).write_bytes(content)
+        manifest["files"][name] = file_record(step_dir / name)
+    (step_dir / "manifest.json").write_text(json.dumps(manifest))
+
+
+# --------------------------------------------------------------------------- checkpoints
+def test_resume_with_max_steps_below_the_checkpoint_is_refused_before_anything_is_written(unfinished_run,
+                                                                                          teacher_dir, text_file):
+    before = _tree(unfinished_run)
+    one_error_line(cli(*_args(teacher_dir, text_file, unfinished_run, "--resume", steps=3)),
+                   "step-4 is at step 4, past this run's 3 steps", "--max-steps 4 or more")
+    assert _tree(unfinished_run) == before
+
+
+def test_a_crafted_trainer_state_is_one_line_saying_it_is_damaged(unfinished_run, teacher_dir, text_file):
+    step_dir = unfinished_run / "checkpoints" / "step-4"
+    state = json.loads((step_dir / "trainer_state.json").read_text())
+    for crafted, needle in (({**state, "step": "abc"}, "step is 'abc'"), ([1, 2], "a JSON list"),
+                            ({**state, "guard": {"nonsense": 1}}, "guard or health state")):
+        _rewrite(step_dir, "trainer_state.json", json.dumps(crafted).encode())
+        before = _tree(unfinished_run)
+        one_error_line(cli(*_args(teacher_dir, text_file, unfinished_run, "--resume")),
+                       "trainer_state.json is damaged or was not written by lmdistill", needle,
+                       "resume from an older one")
+        assert _tree(unfinished_run) == before
+
+
+def test_a_crafted_pickle_is_refused_without_suggesting_an_unsafe_load(unfinished_run, teacher_dir, text_file,
+                                                                       tmp_path):
+    import argparse
+
+    import torch
+
+    step_dir = unfinished_run / "checkpoints" / "step-4"
+    torch.save({"state": argparse.Namespace(evil=True)}, tmp_path / "crafted.pt")
+    _rewrite(step_dir, "optimizer.pt", (tmp_path / "crafted.pt").read_bytes())
+    line = one_error_line(cli(*_args(teacher_dir, text_file, unfinished_run, "--resume")),
+                          "optimizer.pt is not a checkpoint file lmdistill wrote", "was not loaded")
+    assert "weights_only" not in line
+
+
+def test_export_needs_no_optimizer_state(unfinished_run, tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    step_dir = unfinished_run / "checkpoints" / "step-4"
+    (step_dir / "optimizer.pt").unlink()  # deleted to save space: the manifest still lists it
+    for target, out in ((step_dir, "deleted"), (unfinished_run, "deleted-from-run")):
+        proc = cli("export", str(target), str(tmp_path / out))
+        assert proc.returncode == 0 and "warning" not in proc.stdout, proc.stdout + proc.stderr
+    _rewrite(step_dir, "optimizer.pt", None)  # never written
+    proc = cli("export", str(unfinished_run), str(tmp_path / "unlisted"))
+    assert proc.returncode == 0, proc.stderr
+    AutoModelForCausalLM.from_pretrained(tmp_path / "unlisted")
