@@ -114,8 +114,8 @@ def cmd_eval(args) -> int:
     from .config import DataConfig
     from .data import block_data_of, build_block_data
     from .evaluate import evaluate, format_ppl
-    from .models import (check_context_length, check_same_tokenizer, check_vocab_covers, freeze, load_causal_lm,
-                         load_tokenizer, resolve_source)
+    from .models import (check_causal, check_context_length, check_same_tokenizer, check_vocab_covers, freeze,
+                         load_causal_lm, load_tokenizer, resolve_source)
     from .rundir import MARKER
 
     if args.block_size is not None and args.block_size < 2:
@@ -151,12 +151,14 @@ def cmd_eval(args) -> int:
     tokenizer = load_tokenizer(source, "model")
     model = freeze(load_causal_lm(source, "model", torch.float32)).to(device)
     check_vocab_covers(model, len(tokenizer), "model", source)
+    check_causal(model, "model", source, len(tokenizer))  # a perplexity of next-token predictions, as train
     teacher = None
     if args.teacher:
         t_source = resolve_source(args.teacher, "--teacher")
         check_same_tokenizer(load_tokenizer(t_source, "teacher"), tokenizer, t_source, source)
         teacher = freeze(load_causal_lm(t_source, "teacher", torch.float32)).to(device)
         check_vocab_covers(teacher, len(tokenizer), "teacher", t_source)
+        check_causal(teacher, "teacher", t_source, len(tokenizer))
     if args.data is None:
         # A run's own held-out blocks; for any other model, the held-out split a default run of the
         # embedded corpus keeps (not every block of it: the other 95% is what such a run trains on).

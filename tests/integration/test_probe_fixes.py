@@ -103,3 +103,16 @@ def test_export_needs_no_optimizer_state(unfinished_run, tmp_path):
     proc = cli("export", str(unfinished_run), str(tmp_path / "unlisted"))
     assert proc.returncode == 0, proc.stderr
     AutoModelForCausalLM.from_pretrained(tmp_path / "unlisted")
+
+
+# --------------------------------------------------------------------------- eval
+def test_eval_refuses_a_bidirectional_model_as_train_does(tmp_path, teacher_dir, tiny_tokenizer):
+    from transformers import BertConfig, BertForMaskedLM
+
+    bert = tmp_path / "bert"
+    BertForMaskedLM(BertConfig(vocab_size=len(tiny_tokenizer), hidden_size=32, num_hidden_layers=1,
+                               num_attention_heads=2, intermediate_size=64)).save_pretrained(bert)
+    tiny_tokenizer.save_pretrained(bert)
+    one_error_line(cli("eval", str(bert), "--max-blocks", "2", "--no-progress"), "model", "not a causal language model")
+    one_error_line(cli("eval", str(teacher_dir), "--teacher", str(bert), "--max-blocks", "2", "--no-progress"),
+                   "teacher", "not a causal language model")
