@@ -12,6 +12,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import math
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -349,7 +350,7 @@ class Config:
         if not sep or not key.strip():
             raise ConfigError(f"--set expects key=value (e.g. distill.temperature=3.0), got {item!r}")
         try:
-            value = yaml.safe_load(raw) if raw.strip() else None
+            value = parse_yaml(raw, f"--set {key.strip()}") if raw.strip() else None
         except yaml.YAMLError:
             value = raw
         self.set(key.strip(), value)
@@ -572,9 +573,14 @@ def _check_sources(data: "DataConfig") -> None:
         path, weight = entry["path"], entry.get("weight", 1.0)
         if path is not None and (not isinstance(path, str) or not path.strip()):
             raise _bad(f"{where}.path", path, "must be a file, a directory or a datasets name (null = embedded)")
-        if isinstance(weight, bool) or not isinstance(weight, (int, float)) or not (math.isfinite(weight)
-                                                                                     and weight > 0):
+        try:  # a number as any float key takes it ('1e-9' included)
+            weight = _coerce(f"{where}.weight", weight, float)
+        except ConfigError:
+            raise _bad(f"{where}.weight", weight, "a mixture weight must be a finite number > 0") from None
+        if not (math.isfinite(weight) and weight > 0):
             raise _bad(f"{where}.weight", weight, "a mixture weight must be a finite number > 0")
+        if "weight" in entry:
+            entry["weight"] = weight
         names.append(str(entry.get("name") or path or "embedded"))
     duplicates = sorted({n for n in names if names.count(n) > 1})
     if duplicates:
@@ -655,9 +661,42 @@ class _DuplicateKey(Exception):
         self.key, self.line = key, line
 
 
+class _TooLarge(Exception):
+    """YAML nested too deep, or expanding through aliases to too many values."""
+
+
+MAX_YAML_DEPTH = 32
+MAX_YAML_VALUES = 100_000  # values after aliases are expanded: a config holds a few hundred
+
+
 class _UniqueKeyLoader(yaml.SafeLoader):
     """yaml.safe_load that refuses a key given twice in one mapping (PyYAML keeps the last one
-    silently: a repeated key, or a repeated section, would drop settings without a word)."""
+    silently: a repeated key, or a repeated section, would drop settings without a word), and
+    bounds what a config may be: nested at most MAX_YAML_DEPTH levels (deeper ones end in a
+    RecursionError), at most MAX_YAML_VALUES values once every alias is expanded (an alias bomb,
+    nine levels of nine ``*a``, is a few hundred bytes and 9**9 values). Numbers in exponent
+    notation without a dot (``1e-9``, which YAML 1.1 reads as a string) are numbers, as in YAML 1.2."""
+
+    def __init__(self, stream):
+        super().__init__(stream)
+        self._depth = 0
+        self._values: dict[int, int] = {}  # id(node) -> how many values it expands to
+
+    def compose_node(self, parent, index):
+        self._depth += 1
+        try:
+            if self._depth > MAX_YAML_DEPTH:
+                raise _TooLarge(f"is nested more than {MAX_YAML_DEPTH} levels deep")
+            node = super().compose_node(parent, index)
+        finally:
+            self._depth -= 1
+        if id(node) not in self._values:  # (an alias is the node it names: counted again where it is used)
+            children = node.value if isinstance(node, yaml.SequenceNode) else [
+                part for pair in node.value for part in pair] if isinstance(node, yaml.MappingNode) else []
+            self._values[id(node)] = 1 + sum(self._values[id(child)] for child in children)
+        if self._values[id(node)] > MAX_YAML_VALUES:
+            raise _TooLarge(f"expands to more than {MAX_YAML_VALUES:,} values through its aliases (*name)")
+        return node
 
     def construct_mapping(self, node, deep=False):
         if isinstance(node, yaml.MappingNode):
@@ -676,6 +715,24 @@ class _UniqueKeyLoader(yaml.SafeLoader):
         return super().construct_mapping(node, deep=deep)
 
 
+# YAML 1.2's floats with an exponent and no dot (1e-9, 5E+3), which YAML 1.1 leaves as strings
+_UniqueKeyLoader.add_implicit_resolver(
+    "tag:yaml.org,2002:float", re.compile(r"^[-+]?(?:[0-9][0-9_]*(?:\.[0-9_]*)?|\.[0-9_]+)[eE][-+]?[0-9]+$"),
+    list("-+0123456789."))
+
+
+def parse_yaml(text: str, where: str) -> Any:
+    """``text`` read as YAML by the one loader of config values (files and ``--set``); ConfigError
+    naming ``where`` for a duplicate key or a document too deep or too large. Syntax errors are
+    the caller's (``yaml.YAMLError``)."""
+    try:
+        return yaml.load(text, Loader=_UniqueKeyLoader)
+    except _DuplicateKey as exc:
+        raise ConfigError(f"{where}: duplicate key {exc.key!r} at line {exc.line}; keep one") from None
+    except _TooLarge as exc:
+        raise ConfigError(f"{where} {exc}; write the values out plainly (a config needs neither)") from None
+
+
 def load_yaml(path: str | Path) -> dict:
     p = Path(path)
     if p.is_dir():
@@ -685,9 +742,7 @@ def load_yaml(path: str | Path) -> dict:
     if not p.is_file():
         raise ConfigError(f"config file {str(p)!r} does not exist; pass the path of a YAML file (see configs/)")
     try:
-        data = yaml.load(p.read_text(encoding="utf-8"), Loader=_UniqueKeyLoader)
-    except _DuplicateKey as exc:
-        raise ConfigError(f"config file {str(p)!r}: duplicate key {exc.key!r} at line {exc.line}; keep one") from None
+        data = parse_yaml(p.read_text(encoding="utf-8"), f"config file {str(p)!r}")
     except UnicodeDecodeError as exc:
         raise ConfigError(f"config file {str(p)!r} is not UTF-8 text (byte {exc.start}); save it as UTF-8") from None
     except yaml.YAMLError as exc:
@@ -797,7 +852,11 @@ def reference_markdown() -> str:
     """Markdown table of every config key with type, default and documentation."""
     lines = ["# Configuration reference", "",
              "Every key, its default and what it does. Set keys in a YAML file (`--config`), "
-             "with `--set section.key=value`, or with the named flags of `lmdistill train --help`.", ""]
+             "with `--set section.key=value`, or with the named flags of `lmdistill train --help`.", "",
+             "Files and `--set` values are read alike: a number in exponent notation is a number wherever it "
+             "appears (`1e-9`, which YAML 1.1 leaves a string, as a mixture weight too), a key given twice is "
+             f"refused, and so is YAML nested more than {MAX_YAML_DEPTH} levels deep or expanding through its "
+             f"aliases (`*name`) to more than {MAX_YAML_VALUES:,} values.", ""]
     cfg = Config()
     for section in dataclasses.fields(cfg):
         obj = getattr(cfg, section.name)

@@ -461,3 +461,45 @@ def test_a_valid_mixture_passes_and_loss_on_is_checked():
     cfg.validate()
     with pytest.raises(ConfigError, match="data.loss_on"):
         cfg.set("data.loss_on", "prompts")
+
+
+def test_numbers_in_exponent_notation_are_numbers_wherever_config_values_are_read(tmp_path):
+    """YAML 1.1 reads 1e-9 (no dot) as a string; every config value reads it as a number, as --lr 1e-4 does."""
+    path = tmp_path / "c.yaml"
+    path.write_text("data:\n  sources:\n    - {path: a.txt, weight: 1e-9}\n    - {path: b.txt, weight: 2E+1}\n"
+                    "model:\n  student_config: {rope_theta: 1e6}\n")
+    cfg = Config.load(path)
+    assert [s["weight"] for s in cfg.data.sources] == [1e-9, 20.0]
+    assert cfg.model.student_config == {"rope_theta": 1e6}
+    cfg = Config.load(None, ["data.sources=[{path: a.txt, weight: 1e-9}]", "train.lr=1e-4"])
+    assert cfg.data.sources[0]["weight"] == 1e-9 and cfg.train.lr == 1e-4
+    cfg = Config()
+    cfg.set("data.sources", [{"path": "a.txt", "weight": "1e-9"}])  # a string through the Python API
+    assert cfg.validate().data.sources[0]["weight"] == 1e-9
+    assert Config.load(None, ["run.name=1e5"]).run.name == "100000.0"  # a string key keeps taking numbers
+
+
+def _alias_bomb(levels: int = 9) -> str:
+    lines = ["a0: &a0 [x, x, x, x, x, x, x, x, x]"]
+    lines += [f"a{i}: &a{i} [{', '.join([f'*a{i - 1}'] * 9)}]" for i in range(1, levels)]
+    return "{" + ", ".join(lines) + "}"
+
+
+def test_alias_bombs_and_deep_nesting_are_refused_naming_the_file_or_flag(tmp_path):
+    bomb = tmp_path / "bomb.yaml"
+    bomb.write_text("model:\n  student_config: " + _alias_bomb() + "\n")
+    with pytest.raises(ConfigError, match=r"config file '.*bomb.yaml' expands to more than 100,000 values"):
+        Config.load(bomb)
+    with pytest.raises(ConfigError, match=r"--set model.student_config expands to more than 100,000 values"):
+        Config.load(None, ["model.student_config=" + _alias_bomb()])
+    deep = tmp_path / "deep.yaml"
+    deep.write_text("model:\n  student_config: " + "[" * 5000 + "]" * 5000 + "\n")
+    with pytest.raises(ConfigError, match=r"config file '.*deep.yaml' is nested more than 32 levels deep"):
+        Config.load(deep)
+    with pytest.raises(ConfigError, match=r"--set model.student_config is nested more than 32 levels deep"):
+        Config.load(None, ["model.student_config=" + "{a: " * 5000 + "1" + "}" * 5000])
+    # a few aliases, as a config might use, still load
+    fine = tmp_path / "fine.yaml"
+    fine.write_text("model:\n  student_config: &shape {num_hidden_layers: 2}\n"
+                    "debug:\n  loss_multiplier: {}\n  inject: [{step: 1, where: loss, value: nan}]\n")
+    assert Config.load(fine).model.student_config == {"num_hidden_layers": 2}

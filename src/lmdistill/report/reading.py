@@ -17,7 +17,8 @@ from typing import Any
 
 import yaml
 
-from ..errors import LmdistillError
+from ..config import parse_yaml
+from ..errors import ConfigError, LmdistillError
 from ..tracking import read_metrics
 
 EVAL_KEYS = ("eval_ce_loss", "eval_ppl", "eval_kd_loss", "eval_kl", "teacher_ppl", "top1_agreement")
@@ -78,7 +79,7 @@ def load_run(run_dir: Path | str) -> RunRecord:
     if not any((run_dir / name).is_file() for name in _RUN_FILES):
         raise LmdistillError(f"{run_dir}: not a run directory (it has none of {', '.join(_RUN_FILES)}); {hint}")
     problems: list[str] = []
-    config = _read_file(run_dir / "config.yaml", yaml.safe_load, problems) or {}
+    config = _read_file(run_dir / "config.yaml", lambda text: parse_yaml(text, "config.yaml"), problems) or {}
     if not all(isinstance(section, dict) or section is None for section in config.values()):
         problems.append("config.yaml does not hold a mapping of sections (run:, model:, ...); treated as missing")
         config = {}
@@ -98,7 +99,7 @@ def _read_file(path: Path, parse, problems: list[str]) -> dict | None:
         return None
     try:
         data = parse(path.read_text(encoding="utf-8"))
-    except (ValueError, yaml.YAMLError, UnicodeDecodeError) as err:
+    except (ValueError, yaml.YAMLError, UnicodeDecodeError, ConfigError) as err:
         problems.append(f"{path.name} could not be parsed ({type(err).__name__}); treated as missing")
         return None
     if not isinstance(data, dict):
