@@ -178,10 +178,19 @@ class TeacherCache:
                 path / BUILD).is_file() else "not a teacher cache"
             raise LmdistillError(f"model.teacher_cache '{path}' is {what}; give the directory lmdistill "
                                  "cache-teacher --out wrote")
-        manifest = json.loads((path / MANIFEST).read_text())
-        if manifest.get("format_version") != FORMAT_VERSION:
+        try:
+            manifest = json.loads((path / MANIFEST).read_text(encoding="utf-8"))
+        except (UnicodeDecodeError, ValueError) as exc:
+            manifest, problem = None, f"not valid JSON: {exc}"
+        else:
+            problem = manifest_problem(manifest)
+        if isinstance(manifest, dict) and isinstance(manifest.get("format_version"), int) and \
+                manifest["format_version"] != FORMAT_VERSION:
             raise LmdistillError(f"teacher cache '{path}' has format version {manifest.get('format_version')}; this "
                                  f"lmdistill reads {FORMAT_VERSION}: rebuild it with lmdistill cache-teacher")
+        if problem is not None:
+            raise LmdistillError(f"teacher cache '{path}': {MANIFEST} is damaged or was not written by lmdistill "
+                                 f"({problem}); rebuild the cache with lmdistill cache-teacher")
         cache = cls(path, manifest)
         if verify:
             cache.verify()
@@ -273,6 +282,56 @@ class TeacherCache:
                 raise LmdistillError(f"teacher cache '{self.path}': this run's {split} blocks are not the ones it was "
                                      f"built for (other data.max_eval_blocks, data.loss_on or sources); match the "
                                      "cache's settings or rebuild it")
+
+
+def manifest_problem(m) -> str | None:
+    """What makes ``m`` something other than a manifest ``finish`` wrote, in words; None when it has
+    that shape: the mode known, the numbers of the right type and range, the tensors those of the
+    mode, and one shard record for every shard of its blocks (and no other)."""
+    def whole(value, least: int) -> bool:
+        return isinstance(value, int) and not isinstance(value, bool) and value >= least
+
+    if not isinstance(m, dict):
+        return f"a JSON {type(m).__name__}, not an object"
+    if m.get("format_version") != FORMAT_VERSION:
+        return f"format_version is {m.get('format_version')!r}"
+    if m.get("mode") not in MODES:
+        return f"mode {m.get('mode')!r} is none of {', '.join(MODES)}"
+    wanted = {"samples": m["mode"] == "sampled", "k": m["mode"] == "topk"}
+    for key, least in (("shard_rows", 1), ("positions_per_block", 1), ("vocab_size", 1), ("seed", 0),
+                       *((key, 1) for key, used in wanted.items() if used)):
+        if not whole(m.get(key), least):
+            return f"{key} is {m.get(key)!r}, not a whole number >= {least}"
+    temperature = m.get("capture_temperature")
+    if isinstance(temperature, bool) or not isinstance(temperature, (int, float)) or \
+            not (math.isfinite(temperature) and temperature > 0):
+        return f"capture_temperature is {temperature!r}, not a number > 0"
+    rows = m.get("rows")
+    if not isinstance(rows, dict) or not all(whole(rows.get(split), 0) for split in ("train", "eval")):
+        return f"rows is {rows!r}, not the train and eval block counts"
+    if not isinstance(m.get("tokenizer"), str) or not isinstance(m.get("teacher"), dict):
+        return "the tokenizer hash or the teacher reference is missing"
+    data = m.get("data")
+    if not isinstance(data, dict) or not isinstance(data.get("layout"), dict) or not isinstance(
+            data.get("sources"), list) or not all(isinstance(s, dict) and "fingerprint" in s for s in data["sources"]):
+        return "the data it was built from (layout, sources) is missing"
+    layout = tensor_layout(m["mode"], m["positions_per_block"], m["vocab_size"], m.get("samples") or 0,
+                           m.get("k") or 0)
+    if m.get("tensors") != {name: dtype for name, (_, dtype) in layout.items()}:
+        return f"its tensors are not those of a {m['mode']} cache"
+    shards, names = m.get("shards"), {f"{split}-{i:05d}.safetensors" for split, i, _, _ in shard_plan(m)}
+    if not isinstance(shards, dict) or set(shards) != names:
+        return (f"its shard list does not match its {rows['train']} train and {rows['eval']} eval blocks "
+                f"({len(names)} shards)")
+    for name, record in shards.items():
+        if not isinstance(record, dict) or not whole(record.get("bytes"), 0) or not isinstance(record.get("sha256"),
+                                                                                              str):
+            return f"the record of shard {name} is not its size and SHA-256"
+    evaluated = m.get("teacher_eval")
+    if not isinstance(evaluated, dict) or isinstance(evaluated.get("teacher_ce_loss"), bool) or \
+            not isinstance(evaluated.get("teacher_ce_loss"), (int, float)):
+        return "the teacher's held-out loss (teacher_eval) is missing"
+    return None
 
 
 def _torch_safe(dtype: str) -> str:

@@ -468,6 +468,8 @@ def _models_for_cache(cfg, student, tokenizer, train_blocks=None) -> Models:
 
     cache = TeacherCache.open(cfg.model.teacher_cache, verify=False)  # is it one? (its shards are checked later)
     cache_dir = cache.path
+    if cfg.model.teacher is not None:  # named beside the cache: it must be the cache's own teacher
+        _check_cached_teacher(cache, resolve_source(cfg.model.teacher, "model.teacher"))
     teacher_name = cfg.model.teacher or cache.manifest["teacher"]["source"]
     student_name = None
     pruned = None
@@ -533,7 +535,8 @@ def _cut_from_cached_teacher(cfg, cache, source: str, tokenizer, train_blocks):
         raise _teacher_not_on_disk(cfg, source, _offline_reason(exc)) from None
     if cfg.model.student_init == "auto" and config.model_type not in SUPPORTED:
         return name, None, tokenizer
-    _check_cached_teacher(cache, name)
+    if cfg.model.teacher is None:  # (a named one was checked already)
+        _check_cached_teacher(cache, name)
     try:
         tokenizer = tokenizer or load_tokenizer(name, "teacher")
         teacher = load_causal_lm(name, "teacher", _teacher_dtype(cfg), cfg.model.trust_remote_code)
@@ -550,17 +553,25 @@ def _cut_from_cached_teacher(cfg, cache, source: str, tokenizer, train_blocks):
 
 
 def _check_cached_teacher(cache, name: str) -> None:
-    """The teacher a cached run cuts its student from must be the one the cache was built from
-    (the manifest's content hash of its directory, where it recorded one): a student cut from
-    another teacher would not start where the cache's targets lead."""
+    """The teacher a cached run names, or cuts its student from, must be the one the cache was
+    built from (the manifest's content hash of its directory where it recorded one, else its
+    name): the cache's targets are that teacher's, and a student cut from or shaped by another
+    would not start where they lead."""
     from .checkpoint import directory_hash
 
-    recorded = cache.manifest["teacher"].get("hash")
-    if recorded and Path(name).is_dir() and directory_hash(Path(name)) != recorded:
-        raise LmdistillError(
-            f"the teacher '{name}' is not the one teacher cache '{cache.path}' was built from (its content hash "
-            f"differs from the manifest's {recorded[:19]}...); set model.teacher to that teacher to cut the student "
-            "from it, or set model.student_init=random")
+    recorded = cache.manifest["teacher"]
+    if recorded.get("hash") and Path(name).is_dir():
+        if directory_hash(Path(name)) == recorded["hash"]:
+            return
+        why = f"its content hash differs from the manifest's {recorded['hash'][:19]}..."
+    elif name == recorded.get("source"):
+        return
+    else:
+        why = f"the cache records the teacher {recorded.get('source')!r}"
+    raise LmdistillError(
+        f"the teacher '{name}' is not the one teacher cache '{cache.path}' was built from ({why}); the cache's "
+        "targets are that teacher's: leave model.teacher (--teacher) out, set it to that teacher, or rebuild the "
+        "cache with lmdistill cache-teacher --teacher for this one")
 
 
 def _offline_reason(exc: Exception) -> str:

@@ -250,7 +250,8 @@ class Trainer:
             "status": "running", "started_at": _utcnow(), "command": "train",
             "teacher": asdict(ModelInfo.of(self.teacher, models.teacher_name)) if self.teacher is not None else None,
             "teacher_cache": ({"path": str(self.cache.path), "mode": self.cache.mode,
-                               "capture_temperature": self.cache.temperature}
+                               "capture_temperature": self.cache.temperature,
+                               "teacher": self.cache.manifest["teacher"].get("source")}
                               if self.cache is not None else None),
             "student": asdict(ModelInfo.of(self.raw_student, models.student_name)),
             "data": self.data.describe(),

@@ -66,6 +66,9 @@ def test_dense_cache_trains_like_the_live_teacher(tmp_path, teacher_dir, small_t
     eb = [r for r in read_jsonl(tmp_path / "cached" / "metrics.jsonl") if "teacher_ppl" in r]
     assert eb[-1]["teacher_ppl"] == pytest.approx(ea[-1]["teacher_ppl"], rel=1e-5)
     assert eb[-1]["eval_kl"] == pytest.approx(ea[-1]["eval_kl"], rel=1e-4)
+    # the report names the cache (and its teacher) where the teacher would be, not "no KD"
+    report = (tmp_path / "cached" / "report.md").read_text()
+    assert f"teacher cache {dense_cache} (dense; teacher {teacher_dir}" in report and "no KD" not in report
 
 
 def test_sampled_cache_trains_and_reports_the_teacher(tmp_path, teacher_dir, small_text):
@@ -106,6 +109,51 @@ def test_a_cache_that_does_not_fit_the_run_is_refused(tmp_path, teacher_dir, sma
     one_error_line(_train(other, tmp_path / "b", "--teacher-cache", str(dense_cache)), "other data")
     one_error_line(_train(small_text, tmp_path / "c", "--teacher-cache", str(tmp_path)), "not a teacher cache")
     assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()
+
+
+@pytest.mark.parametrize("craft, needle", [
+    (lambda m: {**m, "shards": {}}, "its shard list does not match its"),
+    (lambda m: {**m, "mode": "bogus"}, "mode 'bogus' is none of sampled, topk, dense"),
+    (lambda m: {**m, "shard_rows": "abc"}, "shard_rows is 'abc'"),
+    (lambda m: {**m, "tensors": {"logits": "float64"}}, "its tensors are not those of a dense cache"),
+    (lambda m: [m], "a JSON list, not an object"),
+    (lambda m: json.dumps(m)[:200], "not valid JSON"),
+], ids=["no-shards", "mode", "type", "tensors", "not-an-object", "truncated"])
+def test_a_crafted_or_damaged_manifest_is_refused_in_one_line(tmp_path, small_text, dense_cache, craft, needle):
+    import shutil
+
+    copy = tmp_path / "copy"
+    shutil.copytree(dense_cache, copy)
+    crafted = craft(json.loads((copy / "manifest.json").read_text()))
+    (copy / "manifest.json").write_text(crafted if isinstance(crafted, str) else json.dumps(crafted))
+    one_error_line(_train(small_text, tmp_path / "run", "--teacher-cache", str(copy)),
+                   f"teacher cache '{copy}': manifest.json is damaged or was not written by lmdistill", needle,
+                   "rebuild the cache")
+    assert not (tmp_path / "run").exists()
+
+
+def test_topk_with_k_above_the_vocabulary_is_refused_before_anything_runs(tmp_path, teacher_dir, small_text):
+    out = tmp_path / "cache"
+    one_error_line(_cache(teacher_dir, small_text, out, "--mode", "topk", "--k", "100000"),
+                   "cache.k = 100000 (--k) is above the vocabulary of 384 tokens", "give --k 384 or less")
+    assert not out.exists()
+
+
+def test_a_named_teacher_must_be_the_caches_own(tmp_path, teacher_dir, small_text, dense_cache, tiny_tokenizer):
+    from conftest import tiny_llama
+
+    other = tmp_path / "other"
+    tiny_llama(len(tiny_tokenizer), hidden=48, layers=2, seed=5).save_pretrained(other)
+    tiny_tokenizer.save_pretrained(other)
+    one_error_line(_train(small_text, tmp_path / "a", "--teacher-cache", str(dense_cache), "--teacher", str(other)),
+                   f"the teacher '{other}' is not the one teacher cache '{dense_cache}' was built from",
+                   "content hash", "leave model.teacher (--teacher) out")
+    one_error_line(_train(small_text, tmp_path / "b", "--teacher-cache", str(dense_cache), "--teacher",
+                          "someone/another-teacher"), "the cache records the teacher")
+    assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()
+    same = _train(small_text, tmp_path / "c", "--teacher-cache", str(dense_cache), "--teacher", str(teacher_dir),
+                  steps=1)
+    assert same.returncode == 0, same.stderr[-2000:]
 
 
 def test_a_corrupt_shard_is_refused(tmp_path, teacher_dir, small_text, dense_cache):
@@ -406,7 +454,7 @@ def test_a_cache_whose_teacher_is_gone_or_other_is_refused_in_one_line(tmp_path,
     tiny_llama(len(tiny_tokenizer), hidden=48, layers=2, seed=5).save_pretrained(other)
     tiny_tokenizer.save_pretrained(other)
     one_error_line(_cut_run(small_text, tmp_path / "o", cache, "--teacher", str(other)),
-                   "is not the one teacher cache", "content hash", "model.student_init=random")
+                   "is not the one teacher cache", "content hash", "leave model.teacher (--teacher) out")
     # the same teacher where it is now: cut from it
     proc = _cut_run(small_text, tmp_path / "found", cache, "--teacher", str(moved))
     assert proc.returncode == 0, proc.stderr[-2000:]

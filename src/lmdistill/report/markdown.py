@@ -110,7 +110,11 @@ def _model_rows(record: RunRecord) -> tuple[list[list[Any]], str | None]:
     for role in ("teacher", "student"):
         m = info.get(role) if isinstance(info.get(role), dict) else {}
         name = m.get("name") or get(record.config, f"model.{role}")
-        if role in info and info[role] is None:
+        cache = info.get("teacher_cache") if role == "teacher" else None
+        if isinstance(cache, dict):  # no teacher model in the run: its targets come from the cache
+            of = f"; teacher {cache['teacher']}" if cache.get("teacher") else ""
+            name = f"teacher cache {cache.get('path')} ({cache.get('mode')}{of})"
+        elif role in info and info[role] is None:
             name = "none (plain language-model training, no KD)"
         params[role] = num(m.get("params"))
         rows.append([role, fmt_value(name), fmt_value(m.get("architecture")), fmt_value(m.get("num_layers")),
