@@ -264,11 +264,17 @@ def _safe_reader(directory: Path):
 
 def _safe_planner():
     """DCP's load planner, with the non-tensor values (optimizer settings) read as weights-only."""
+    import pickle
+
     from torch.distributed.checkpoint.default_planner import DefaultLoadPlanner
 
     class SafePlanner(DefaultLoadPlanner):
         def load_bytes(self, read_item, value):
-            torch.load(value, weights_only=True)  # refuses anything but plain values and tensors
+            try:
+                torch.load(value, weights_only=True)  # refuses anything but plain values and tensors
+            except pickle.UnpicklingError:  # (never torch's advice to load it unsafely)
+                raise ValueError(f"{read_item.dest_index.fqn} holds Python objects, not only tensors: not a "
+                                 "checkpoint lmdistill wrote; it was not loaded") from None
             value.seek(0)
             super().load_bytes(read_item, value)
 

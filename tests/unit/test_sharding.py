@@ -325,3 +325,20 @@ def test_what_a_resume_can_change_is_checked_before_anything_loads(tmp_path):
     written({"processes": 2})  # an older checkpoint: no global batch recorded, the count must stay
     with pytest.raises(CheckpointError, match="with the same number of processes"):
         check_resumable(path, processes=1, batch_size=4, strategy="ddp")
+
+
+def test_a_crafted_value_in_the_shards_is_refused_without_suggesting_an_unsafe_load():
+    import argparse
+    import io
+    from types import SimpleNamespace
+
+    from lmdistill.sharding import _safe_planner
+
+    crafted = io.BytesIO()
+    torch.save({"lr": argparse.Namespace(evil=True)}, crafted)
+    crafted.seek(0)
+    item = SimpleNamespace(dest_index=SimpleNamespace(fqn="optimizer.param_groups"))
+    with pytest.raises(ValueError, match="optimizer.param_groups holds Python objects.*not a checkpoint lmdistill "
+                                         "wrote") as caught:
+        _safe_planner().load_bytes(item, crafted)
+    assert "weights_only" not in str(caught.value) and "can still be loaded" not in str(caught.value)
