@@ -14,6 +14,7 @@ each data-parallel rank takes its own slice of a global batch.
 
 from __future__ import annotations
 
+import codecs
 import contextlib
 import errno
 import hashlib
@@ -51,7 +52,7 @@ def embedded_corpus_texts() -> list[str]:
 def _data_files(path: Path) -> tuple[str, list[str], list[Path]]:
     """(datasets builder, the files it reads, the files of a directory it leaves out)."""
     if path.is_dir():
-        found = sorted(p for p in path.rglob("*") if p.is_file() and not p.name.startswith("."))
+        found = _visible_files(path)
         files = [p for p in found if p.suffix.lower() in EXTENSION_BUILDERS]
         ignored = [p for p in found if p.suffix.lower() not in EXTENSION_BUILDERS]
         if not files:
@@ -71,6 +72,37 @@ def _data_files(path: Path) -> tuple[str, list[str], list[Path]]:
             f"data file '{path}' has an unsupported extension '{path.suffix}'; use .txt, .jsonl or .parquet"
         )
     return builder, [str(path)], []
+
+
+def _visible_files(folder: Path) -> list[Path]:
+    """The files under ``folder``, sorted, without hidden ones or anything in a hidden directory
+    (``.git/``, ``.ipynb_checkpoints/``), which are not even walked."""
+    found = []
+    for parent, dirs, names in os.walk(folder):
+        dirs[:] = [d for d in dirs if not d.startswith(".")]
+        found += [Path(parent, name) for name in names if not name.startswith(".")]
+    return sorted(p for p in found if p.is_file())
+
+
+def _check_utf8(path: str, role: str) -> None:
+    """A one-line error naming the file, line and byte offset of the first byte that is not
+    UTF-8 (pyarrow takes such bytes into its strings and fails only when a record is read)."""
+    decoder, offset, lines = codecs.getincrementaldecoder("utf-8")(), 0, 0
+    with open(path, "rb") as f:
+        while True:
+            chunk = f.read(1 << 23)
+            held = len(decoder.getstate()[0])  # the start of a character cut at the previous chunk's end
+            try:
+                decoder.decode(chunk, final=not chunk)
+            except UnicodeDecodeError as exc:
+                at = offset - held + exc.start
+                line = lines + chunk.count(b"\n", 0, max(0, exc.start - held)) + 1
+                raise LmdistillError(f"{role}: '{path}' is not UTF-8 text (a byte "
+                                     f"{exc.object[exc.start]:#04x} on line {line}, at byte offset {at}); convert it "
+                                     "to UTF-8, e.g. with iconv") from None
+            if not chunk:
+                return
+            offset, lines = offset + len(chunk), lines + chunk.count(b"\n")
 
 
 def _read_error(role: str, source: str, files: list[str], exc: Exception, text_field: str = "text") -> LmdistillError:
@@ -110,7 +142,7 @@ def plan_source(source: str | None, cfg: DataConfig, role: str = "data.path") ->
     Plain-text files are read by the store's workers directly (a file is one document, read in
     pieces); .jsonl/.json/.parquet files and datasets names go through ``datasets``, loaded
     only when a store has to be built (a local file's store is found by its size and
-    modification time)."""
+    modification time, then checked against its SHA-256)."""
     if source is None:
         texts = embedded_corpus_texts()
         digest = hashlib.sha256("\0".join(texts).encode()).hexdigest()
@@ -253,10 +285,15 @@ def _file_identity(name: str) -> list:
 
 
 def _load_local(builder: str, files: list[str], role: str, source: str, cfg: DataConfig):
+    if builder == "json":
+        for name in files:
+            _check_utf8(name, role)
     datasets = datasets_module()
     try:
         with _quiet_logger("datasets"):  # its own error lines would repeat ours
-            ds = datasets.load_dataset(builder, data_files=files, split="train")
+            # Converted afresh: datasets keys its cache of a local file by path and modification time
+            # only, so a file rewritten keeping its time (cp -p, rsync -a, tar) would be read as it was.
+            ds = datasets.load_dataset(builder, data_files=files, split="train", download_mode="force_redownload")
     except Exception as exc:  # datasets raises many types for unreadable files
         raise _read_error(role, source, files, exc, cfg.text_field) from None
     return _record_format(ds, role, source, cfg)

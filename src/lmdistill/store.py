@@ -36,6 +36,11 @@ Where: ``data.store_dir`` or ``$LMDISTILL_HOME/stores``, in a directory named by
 fingerprint), the tokenizer's content hash and the options that change the ids. The
 manifest's *fingerprint* is the hash of the stored ids themselves: what a teacher cache
 and a checkpoint record, so that they match the data, not the path it came from.
+
+Each start hashes the source files against the manifest (a file can change and keep its size
+and modification time: ``cp -p``, ``rsync -a``, ``tar``) and builds a stale store again; it
+refuses a damaged one (``Store.open``: the manifest's shape, file sizes, document ends, ids
+past the vocabulary) with one line saying to delete it.
 """
 
 from __future__ import annotations
@@ -302,27 +307,42 @@ class Store:
         return int(self.manifest["tokens"])
 
     @classmethod
-    def open(cls, path: Path) -> "Store":
+    def open(cls, path: Path, vocab_size: int) -> "Store":
+        """The store at ``path``, for a tokenizer of ``vocab_size`` ids; a damaged one is refused.
+
+        Checked at every open, without hashing: the manifest's shape, each file's size against
+        the counts, the document ends, and every id below ``vocab_size`` (one max over the
+        memory map: a bad id would otherwise fail mid-run inside the model)."""
         path = Path(path)
         try:
             manifest = json.loads((path / MANIFEST).read_text())
         except (OSError, ValueError) as exc:
             raise LmdistillError(f"data store '{path}' has no readable {MANIFEST} ({exc.__class__.__name__}); delete "
                                  "the directory and run again to rebuild it") from None
-        if manifest.get("format_version") != FORMAT_VERSION:
+        if isinstance(manifest, dict) and manifest.get("format_version") != FORMAT_VERSION:
             raise LmdistillError(f"data store '{path}' has format version {manifest.get('format_version')}, this "
                                  f"lmdistill reads {FORMAT_VERSION}; delete the directory and run again to rebuild it")
-        arrays = {}
-        for name, record in manifest["files"].items():
-            file = path / name
-            size = file.stat().st_size if file.exists() else None
-            if size != record["bytes"]:
-                found = "is missing" if size is None else f"has {size} bytes"
-                raise LmdistillError(f"data store '{path}' is damaged: {name} {found}, its manifest says "
-                                     f"{record['bytes']} bytes; delete the directory and run again to rebuild it")
-            arrays[name] = (np.memmap(file, dtype=record["dtype"], mode="r") if record["bytes"]
-                            else np.zeros(0, dtype=record["dtype"]))
-        return cls(path, manifest, arrays["tokens.bin"], arrays["docs.bin"], arrays.get("mask.bin"))
+        problem = _manifest_problem(manifest, vocab_size) or _files_problem(path, manifest)
+        if problem is None:
+            arrays = {name: np.memmap(path / name, dtype=record["dtype"], mode="r") if record["bytes"]
+                      else np.zeros(0, dtype=record["dtype"]) for name, record in manifest["files"].items()}
+            store = cls(path, manifest, arrays["tokens.bin"], arrays["docs.bin"], arrays.get("mask.bin"))
+            problem = store._contents_problem(vocab_size)
+            if problem is None:
+                return store
+        raise LmdistillError(f"data store '{path}' is damaged: {problem}; delete the directory and run again to "
+                             "rebuild it")
+
+    def _contents_problem(self, vocab_size: int) -> str | None:
+        """What is wrong with the ids or document ends (None if nothing)."""
+        top = int(self.tokens.max()) if len(self.tokens) else 0
+        if top >= vocab_size:
+            return f"tokens.bin holds token id {top:,}, past the tokenizer's {vocab_size:,} ids"
+        ends = self.doc_ends
+        in_order = len(ends) == 0 or (ends[0] >= 0 and not np.any(ends[1:] < ends[:-1]))
+        if not in_order or (int(ends[-1]) if len(ends) else 0) != self.num_tokens:
+            return "docs.bin does not hold document ends in order up to the last token"
+        return None
 
     def verify(self) -> None:
         """Check every file against its SHA-256 in the manifest (reads all of them)."""
@@ -330,6 +350,73 @@ class Store:
             if sha256_file(self.path / name) != record["sha256"]:
                 raise LmdistillError(f"data store '{self.path}' is damaged: {name} does not match its SHA-256 in the "
                                      "manifest; delete the directory and run again to rebuild it")
+
+
+# The files a store may hold, with the dtypes each may have; the manifest's counts that must be whole numbers.
+_FILE_DTYPES = {"tokens.bin": ("uint16", "uint32"), "docs.bin": ("int64",), "mask.bin": ("uint8",)}
+_COUNTS = ("tokens", "documents", "tokens_before_cap", "skipped_no_assistant", "empty_records", "records", "pad_id")
+
+
+def _manifest_problem(manifest, vocab_size: int) -> str | None:
+    """What makes a manifest unusable (None if nothing): every field a run reads, checked in
+    this one place before any is used."""
+    if not isinstance(manifest, dict):
+        return f"{MANIFEST} holds a JSON {type(manifest).__name__}, not an object"
+    for name in _COUNTS:
+        value = manifest.get(name)
+        if not isinstance(value, int) or isinstance(value, bool) or value < 0:
+            return f"{MANIFEST} has no whole number '{name}'"
+    if not all(isinstance(manifest.get(name), str) for name in ("fingerprint", "source", "format")):
+        return f"{MANIFEST} lacks its fingerprint, source or format"
+    files = manifest.get("files")
+    wanted = {"tokens.bin", "docs.bin"} | ({"mask.bin"} if manifest["format"] != "text" else set())
+    if not isinstance(files, dict) or set(files) != wanted:
+        return f"{MANIFEST} does not list {', '.join(sorted(wanted))} under 'files'"
+    for name, record in files.items():
+        if (not isinstance(record, dict) or record.get("dtype") not in _FILE_DTYPES[name]
+                or not isinstance(record.get("bytes"), int) or not isinstance(record.get("sha256"), str)):
+            return f"{MANIFEST} lacks the dtype ({' or '.join(_FILE_DTYPES[name])}), bytes or sha256 of {name}"
+    tokens, documents = manifest["tokens"], manifest["documents"]
+    sizes = {"tokens.bin": tokens * np.dtype(files["tokens.bin"]["dtype"]).itemsize, "docs.bin": documents * 8,
+             "mask.bin": tokens}
+    for name, record in files.items():
+        if record["bytes"] != sizes[name]:
+            return (f"{MANIFEST} counts {tokens:,} tokens in {documents:,} documents, which {name} would hold in "
+                    f"{sizes[name]:,} bytes, not the {record['bytes']:,} it lists")
+    if manifest["pad_id"] >= vocab_size:
+        return f"{MANIFEST} has pad id {manifest['pad_id']:,}, past the tokenizer's {vocab_size:,} ids"
+    sources = manifest.get("source_files")
+    if not isinstance(sources, list) or not all(
+            isinstance(f, dict) and isinstance(f.get("path"), str) and isinstance(f.get("sha256"), str)
+            for f in sources):
+        return f"{MANIFEST} lacks the paths and SHA-256 of its source files"
+    return None
+
+
+def _files_problem(path: Path, manifest: dict) -> str | None:
+    """Whether the store's files are there, its own (no link out of the store), and of their sizes."""
+    for name, record in manifest["files"].items():
+        file = path / name
+        if file.is_symlink():
+            return f"{name} is a symbolic link (to {os.readlink(file)}), not a file of the store"
+        size = file.stat().st_size if file.is_file() else None
+        if size != record["bytes"]:
+            found = ("is missing" if not file.exists() else "is not a file") if size is None else f"has {size} bytes"
+            return f"{name} {found}, its manifest says {record['bytes']} bytes"
+    return None
+
+
+def _changed_source(manifest: dict) -> str | None:
+    """The first source file whose content is not what the store was built from, read and
+    hashed in full (None if none is): a file can change and keep its size and modification
+    time (``cp -p``, ``rsync -a``, ``tar``), which is all the store's key sees."""
+    for source in manifest["source_files"]:
+        try:
+            if sha256_file(Path(source["path"])) != source["sha256"]:
+                return source["path"]
+        except OSError:
+            return source["path"]
+    return None
 
 
 def tokenizer_hash(tokenizer) -> str:
@@ -385,17 +472,34 @@ def open_or_build(plan: SourcePlan, tokenizer, *, home: Path, num_proc: int | No
     """The store for ``plan`` and ``tokenizer``: opened if it exists, else built. (store, built)."""
     key = store_key(plan, tokenizer, max_tokens)
     final = home / key_name(key)
-    if final.exists():  # only ever renamed into place whole: a damaged one is refused, not built over
-        return Store.open(final), False
+    try:  # only ever renamed into place whole: a damaged one is refused, not built over
+        store = Store.open(final, len(tokenizer)) if final.exists() else None
+    except LmdistillError:
+        if final.exists():
+            raise
+        store = None  # set aside meanwhile by a process that builds it again (its source changed)
+    if store is not None:
+        if (changed := _changed_source(store.manifest)) is None:
+            return store, False
+        say(f"note: {changed} is not the file the data store {final} was built from (same size and modification "
+            "time, other content); building it again")
     try:
         home.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
         raise _unwritable(home, exc) from None
     with _locked(home / f"{final.name}.lock", say):
-        if final.exists():  # built by the process we waited for
-            return Store.open(final), False
+        if final.exists():
+            store = Store.open(final, len(tokenizer))
+            if _changed_source(store.manifest) is None:  # built by the process we waited for
+                return store, False
+            stale = final.with_name(f"{final.name}.tmp-stale-{os.getpid()}")  # swept like a killed join's copy
+            try:
+                os.replace(final, stale)
+            except OSError as exc:
+                raise _unwritable(home, exc) from None
+            shutil.rmtree(stale, ignore_errors=True)
         _build(plan, tokenizer, key, final, num_proc, max_tokens, say, progress)
-    return Store.open(final), True
+    return Store.open(final, len(tokenizer)), True
 
 
 def _unwritable(home: Path, exc: OSError) -> LmdistillError:
@@ -413,18 +517,20 @@ def _build(plan: SourcePlan, tokenizer, key: dict, final: Path, num_proc: int | 
 
         check_chat_template(tokenizer, plan.description)
     build = final.with_name(final.name + ".build")
-    finished = _start_build_dir(build, key, plan)
-    procs = max(1, num_proc or default_num_proc())
-    if plan.shards is not None:
-        procs = min(procs, max(1, len(plan.shards) - len(finished)))
-    if finished:
-        say(f"note: resuming the data store build in '{build}': {len(finished)} shard(s) are done")
-    shards = "a stream" if plan.shards is None else f"{len(plan.shards)} shard(s)"
-    say(f"tokenizing {plan.description} into a data store ({shards}, {procs} process(es)): {final}")
     t0 = time.perf_counter()
     try:
+        # Hashed before they are tokenized: a source changed meanwhile leaves a store that is found stale.
+        sources = _source_files(plan)
+        finished = _start_build_dir(build, key, plan, sources)
+        procs = max(1, num_proc or default_num_proc())
+        if plan.shards is not None:
+            procs = min(procs, max(1, len(plan.shards) - len(finished)))
+        if finished:
+            say(f"note: resuming the data store build in '{build}': {len(finished)} shard(s) are done")
+        shards = "a stream" if plan.shards is None else f"{len(plan.shards)} shard(s)"
+        say(f"tokenizing {plan.description} into a data store ({shards}, {procs} process(es)): {final}")
         results = _run_shards(plan, tokenizer, build, finished, procs, max_tokens, progress, key["dtype"])
-        manifest = _assemble(plan, key, build, final, results, max_tokens, tokenizer)
+        manifest = _assemble(plan, key, build, final, results, max_tokens, tokenizer, sources)
     except RecordError as exc:
         shutil.rmtree(build, ignore_errors=True)  # bad input: nothing is kept half-way
         where = f", record {exc.record}" if exc.record is not None else ""
@@ -456,10 +562,10 @@ def default_num_proc() -> int:
     return max(1, min(8, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1))
 
 
-def _start_build_dir(build: Path, key: dict, plan: SourcePlan) -> dict[int, dict]:
+def _start_build_dir(build: Path, key: dict, plan: SourcePlan, sources: list[dict]) -> dict[int, dict]:
     """Make or reuse the build directory; the finished shards (index -> counts) an earlier
-    attempt of the same build left, which are kept."""
-    record = json.loads(json.dumps({"key": key, "shards": plan.shards}))  # as it reads back from the file
+    attempt of the same build, of the same source content, left, which are kept."""
+    record = json.loads(json.dumps({"key": key, "shards": plan.shards, "sources": sources}))  # as it reads back
     plan_file = build / "plan.json"
     if plan_file.exists():
         try:
@@ -577,7 +683,7 @@ def _shard_work(shard: tuple) -> int:
 
 
 def _assemble(plan: SourcePlan, key: dict, build: Path, final: Path, results: list[dict], max_tokens: int | None,
-              tokenizer) -> dict:
+              tokenizer, sources: list[dict]) -> dict:
     """Join the shard files into the store's files, in a temporary directory renamed into place."""
     total = sum(r["tokens"] for r in results)
     skipped = sum(r["skipped_no_assistant"] for r in results)
@@ -611,7 +717,7 @@ def _assemble(plan: SourcePlan, key: dict, build: Path, final: Path, results: li
         "empty_records": sum(r["empty"] for r in results), "records": sum(r["records"] for r in results),
         "vocab_size": len(tokenizer),
         "eos_id": tokenizer.eos_token_id, "pad_id": _pad_id(tokenizer), "files": files,
-        "source_files": _source_files(plan), "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "source_files": sources, "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
     }
     atomic_write_json(tmp / MANIFEST, manifest, fsync=True)
     for name in files:
@@ -630,7 +736,7 @@ def _pad_id(tokenizer) -> int:
 
 
 def _source_files(plan: SourcePlan) -> list[dict]:
-    """The local files a store was made from, with their sizes and SHA-256 (read once more, at build time)."""
+    """The local files a store is made from, with their sizes and SHA-256 (what each start checks them against)."""
     files = plan.identity.get("files") or []
     return [{"path": path, "bytes": size, "sha256": sha256_file(Path(path))} for path, size, _ in files]
 

@@ -498,6 +498,36 @@ def test_data_without_records_says_so(tmp_path, teacher_dir, name, content):
     assert "Instruction" not in line and not out.exists()
 
 
+def test_a_jsonl_file_that_is_not_utf8_is_one_line_naming_it_in_train_and_eval(tmp_path, teacher_dir, corpus_texts):
+    good = "".join(json.dumps({"text": t}) + "\n" for t in corpus_texts[:6]).encode()
+    latin = tmp_path / "latin.jsonl"
+    latin.write_bytes(good + '{"text": "caf\xe9"}\n'.encode("latin-1") + good)
+    out = tmp_path / "run"
+    for args in (_args(teacher_dir, latin, out), ("eval", str(teacher_dir), "--data", str(latin), "--no-progress")):
+        one_error_line(cli(*args), str(latin), "not UTF-8 text", f"line 7, at byte offset {len(good) + 13}",
+                        "convert it to UTF-8")
+    assert not out.exists()
+
+
+def test_a_store_with_ids_past_the_vocabulary_is_refused_naming_the_store_not_the_student(tmp_path, teacher_dir,
+                                                                                          corpus_texts):
+    import numpy as np
+
+    text = tmp_path / "fresh.txt"
+    text.write_text("\n".join(corpus_texts[:12]))
+    stores = tmp_path / "stores"
+    run = _args(teacher_dir, text, tmp_path / "run", "--set", f"data.store_dir={stores}", steps=1)
+    assert cli(*run).returncode == 0
+    store = next(p.parent for p in stores.glob("*/manifest.json"))
+    tokens = np.memmap(store / "tokens.bin", dtype=np.uint16, mode="r+")
+    tokens[100] = 65535  # bytes overwritten in place: every size still matches the manifest
+    tokens.flush()
+    del tokens
+    line = one_error_line(cli(*run, "--overwrite"), f"data store '{store}' is damaged", "token id 65,535",
+                          "delete the directory and run again to rebuild it")
+    assert "student_config" not in line
+
+
 def test_an_unwritable_datasets_cache_is_reported_as_such(tmp_path, teacher_dir, corpus_texts, monkeypatch):
     import datasets
 
@@ -573,7 +603,9 @@ def test_a_full_disk_names_the_file_being_written(finished_run, tmp_path, monkey
     with pytest.raises(OSError) as info:
         paths.atomic_write(target, fill)
     assert info.value.errno == errno.ENOSPC and info.value.filename == str(target) and not list(out.iterdir())
-    monkeypatch.setattr(paths, "open", lambda *a, **k: FullDisk(), raising=False)
+    real_open = open  # reads (the data store's check of its source files) still work: only writes fail
+    monkeypatch.setattr(paths, "open", lambda file, mode="r", *a, **k: FullDisk() if "w" in mode else
+                        real_open(file, mode, *a, **k), raising=False)
     one_error_line(cli("eval", str(finished_run), "--json", str(target), "--no-progress", "--max-blocks", "1"),
                     "No space left on device", str(target), "free space on the disk that holds")
     assert not target.exists()

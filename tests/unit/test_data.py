@@ -85,6 +85,29 @@ def test_txt_files_in_a_directory_are_one_document_each(tmp_path, docs, tiny_tok
     assert torch.equal(all_ids(blocks), expected_blocks(docs[:3], tiny_tokenizer, 24))
 
 
+def test_hidden_files_and_directories_of_a_data_directory_are_not_read(tmp_path, docs, tiny_tokenizer, capsys):
+    folder = tmp_path / "texts"
+    for name, doc in [("00.txt", docs[0]), ("sub/01.txt", docs[1]), (".notes.txt", docs[2]),
+                      (".ipynb_checkpoints/00-checkpoint.txt", docs[3]), (".git/HEAD", "ref: main"),
+                      (".git/objects/ab/cdef", "blob"), ("sub/.cache/02.txt", docs[4])]:
+        (folder / name).parent.mkdir(parents=True, exist_ok=True)
+        (folder / name).write_text(doc)
+    blocks, description = block_data_of(str(folder), DataConfig(path=str(folder), block_size=24), tiny_tokenizer)
+    assert "2 files" in description
+    assert torch.equal(all_ids(blocks), expected_blocks(docs[:2], tiny_tokenizer, 24))
+    assert "left out" not in capsys.readouterr().out  # not even counted as files of another type
+
+
+def test_a_jsonl_file_that_is_not_utf8_names_the_file_line_and_byte_offset(tmp_path, docs, tiny_tokenizer):
+    lines = "".join(json.dumps({"text": d}) + "\n" for d in docs[:3]).encode()
+    path = tmp_path / "latin.jsonl"
+    path.write_bytes(lines + '{"text": "caf\xe9"}\n'.encode("latin-1") + lines)
+    with pytest.raises(LmdistillError) as info:
+        block_data_of(str(path), DataConfig(path=str(path), block_size=16), tiny_tokenizer)
+    assert str(info.value) == (f"--data: '{path}' is not UTF-8 text (a byte 0xe9 on line 4, at byte offset "
+                               f"{len(lines) + 13}); convert it to UTF-8, e.g. with iconv")
+
+
 def test_single_txt_file(tmp_path, docs, tiny_tokenizer):
     path = tmp_path / "one.txt"
     path.write_text(docs[0])

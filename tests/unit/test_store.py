@@ -514,6 +514,7 @@ def test_a_stream_that_breaks_part_way_is_one_line_not_a_traceback(tmp_path, hom
     from lmdistill.data import StreamSource
 
     monkeypatch.setattr(StreamSource, "STREAM_RECORDS", 2)
+    (tmp_path / "d.jsonl").write_text("{}\n")  # a local source's files are hashed before the build reads them
     identity = {"files": [[str(tmp_path / "d.jsonl"), 1, 1]], "builder": "json"} if local else {"datasets_stream": "x"}
     plan = StreamSource("d.jsonl (1 file)", identity, "text", "data.path", "d.jsonl",
                         lambda: _BreaksAfter([{"text": d} for d in docs] * 10, after=70))
@@ -528,3 +529,120 @@ def test_a_stream_whose_first_record_has_no_text_is_read_like_a_loaded_one(tmp_p
     loaded, _ = open_store(str(source), cfg_for(source, tmp_path / "a"), tiny_tokenizer)
     streamed, _ = open_store(str(source), cfg_for(source, tmp_path / "b", streaming=True), tiny_tokenizer)
     assert streamed.fingerprint == loaded.fingerprint and streamed.manifest["empty_records"] == 1
+
+
+# ---- stale sources and damaged stores that keep their sizes -----------------------------------------------------
+
+def _rewrite_keeping_size_and_time(path: Path, data: bytes) -> None:
+    """What ``cp -p``, ``rsync -a`` or ``tar`` do: other content, the same size and modification time."""
+    before = path.stat()
+    assert len(data) == before.st_size
+    path.write_bytes(data)
+    os.utime(path, ns=(before.st_atime_ns, before.st_mtime_ns))
+
+
+@pytest.mark.parametrize("name", ["a.txt", "a.jsonl"])
+def test_a_source_changed_with_the_same_size_and_time_is_built_again(tmp_path, home, tiny_tokenizer, name, capsys):
+    source = tmp_path / name
+    old, new = "alpha beta gamma delta " * 30, "delta gamma beta alpha " * 30
+    encode = (lambda t: t.encode()) if name.endswith(".txt") else (lambda t: (json.dumps({"text": t}) + "\n").encode())
+    source.write_bytes(encode(old))
+    first, _ = open_store(str(source), cfg_for(source, home), tiny_tokenizer)
+    _rewrite_keeping_size_and_time(source, encode(new))
+    second, built = open_store(str(source), cfg_for(source, home), tiny_tokenizer)
+    assert built and second.path == first.path  # the same key: the stale store was replaced
+    assert second.tokens.tolist() == ids_of(tiny_tokenizer, new) + [tiny_tokenizer.eos_token_id]
+    assert "is not the file the data store" in capsys.readouterr().out
+    assert not open_store(str(source), cfg_for(source, home), tiny_tokenizer)[1]  # and now it is current
+    assert sorted(p.name for p in home.iterdir()) == sorted([first.path.name, f"{first.path.name}.lock"])
+
+
+def test_a_killed_build_whose_source_changed_redoes_its_shards(tmp_path, docs, tiny_tokenizer, monkeypatch):
+    source = tmp_path / "big.txt"
+    text = "\n".join(docs)
+    source.write_text(text)
+    child = multiprocessing.get_context("fork").Process(
+        target=_killed_build, args=(str(source), str(tmp_path / "k"), tiny_tokenizer, 2))
+    child.start()
+    child.join()
+    assert list(tmp_path.glob("k/*.build/shard-00001.json"))
+    _rewrite_keeping_size_and_time(source, text.translate(str.maketrans("ae", "ea")).encode())  # the same cuts
+    small_shards(monkeypatch)
+    resumed, _ = open_store(str(source), cfg_for(source, tmp_path / "k", num_proc=1), tiny_tokenizer)
+    clean, _ = open_store(str(source), cfg_for(source, tmp_path / "clean", num_proc=1), tiny_tokenizer)
+    assert resumed.fingerprint == clean.fingerprint
+
+
+def test_ids_past_the_vocabulary_are_refused_naming_the_store(tmp_path, home, docs, tiny_tokenizer):
+    source = tmp_path / "a.txt"
+    source.write_text(docs[0])
+    store, _ = open_store(str(source), cfg_for(source, home), tiny_tokenizer)
+    tokens = np.memmap(store.path / "tokens.bin", dtype=np.uint16, mode="r+")
+    tokens[7] = 60000  # overwritten in place: the file keeps its size
+    tokens.flush()
+    del tokens
+    with pytest.raises(LmdistillError, match=r"damaged: tokens.bin holds token id 60,000, past the tokenizer's 384 "
+                                             r"ids; delete the directory and run again to rebuild it") as info:
+        open_store(str(source), cfg_for(source, home), tiny_tokenizer)
+    assert str(store.path) in str(info.value)
+
+
+def _set(manifest: dict, keys: tuple, value) -> dict:
+    """``manifest`` with the value at ``keys`` replaced (deleted if ``value`` is ``_set``)."""
+    *parents, last = keys
+    holder = manifest
+    for key in parents:
+        holder = holder[key]
+    if value is _set:
+        del holder[last]
+    else:
+        holder[last] = value
+    return manifest
+
+
+@pytest.mark.parametrize("craft, says", [
+    (lambda m: [m], "manifest.json holds a JSON list, not an object"),
+    (lambda m: _set(m, ("files",), _set), "does not list docs.bin, tokens.bin under 'files'"),
+    (lambda m: _set(m, ("files", "tokens.bin", "bytes"), _set), "lacks the dtype (uint16 or uint32), bytes or sha256"),
+    (lambda m: _set(m, ("files", "tokens.bin", "dtype"), "object"), "lacks the dtype (uint16 or uint32)"),
+    (lambda m: _set(m, ("files", "../../etc/passwd"), {"dtype": "uint8", "bytes": 1, "sha256": ""}), "does not list"),
+    (lambda m: _set(m, ("tokens",), m["tokens"] * 10), "which tokens.bin would hold in"),
+    (lambda m: _set(m, ("tokens",), "many"), "has no whole number 'tokens'"),
+    (lambda m: _set(m, ("pad_id",), 1000), "pad id 1,000, past the tokenizer's 384 ids"),
+    (lambda m: _set(m, ("source_files",), {}), "lacks the paths and SHA-256 of its source files"),
+], ids=["list", "no-files", "no-bytes", "object-dtype", "foreign-file", "inflated-tokens", "tokens-text", "pad-id",
+        "source-files"])
+def test_a_crafted_manifest_is_one_line_saying_the_store_is_damaged(tmp_path, home, docs, tiny_tokenizer, craft, says):
+    source = tmp_path / "a.txt"
+    source.write_text(docs[0])
+    store, _ = open_store(str(source), cfg_for(source, home), tiny_tokenizer)
+    manifest = store.path / "manifest.json"
+    manifest.write_text(json.dumps(craft(json.loads(manifest.read_text()))))
+    with pytest.raises(LmdistillError) as info:
+        open_store(str(source), cfg_for(source, home), tiny_tokenizer)
+    message = str(info.value)
+    assert f"data store '{store.path}' is damaged: " in message and says in message, message
+    assert message.endswith("delete the directory and run again to rebuild it") and "\n" not in message
+
+
+def test_store_files_that_link_elsewhere_or_end_documents_past_the_tokens_are_refused(tmp_path, home, docs,
+                                                                                    tiny_tokenizer):
+    source = tmp_path / "a.txt"
+    source.write_text(docs[0])
+    store, _ = open_store(str(source), cfg_for(source, home), tiny_tokenizer)
+    tokens = store.path / "tokens.bin"
+    elsewhere = tmp_path / "elsewhere.bin"
+    tokens.rename(elsewhere)
+    tokens.symlink_to(elsewhere)
+    with pytest.raises(LmdistillError, match=r"damaged: tokens.bin is a symbolic link \(to .*elsewhere.bin\), not a "
+                                             r"file of the store; delete the directory"):
+        open_store(str(source), cfg_for(source, home), tiny_tokenizer)
+    tokens.unlink()
+    elsewhere.rename(tokens)
+    ends = np.memmap(store.path / "docs.bin", dtype=np.int64, mode="r+")
+    ends[-1] += 5
+    ends.flush()
+    del ends
+    with pytest.raises(LmdistillError, match=r"damaged: docs.bin does not hold document ends in order up to the "
+                                             r"last token"):
+        open_store(str(source), cfg_for(source, home), tiny_tokenizer)
