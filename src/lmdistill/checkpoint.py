@@ -361,17 +361,35 @@ def _write_error(final: Path, checkpoints_dir: Path, exc: OSError) -> Checkpoint
     else:
         hint = f"check the file system holding {checkpoints_dir}"
     return CheckpointError(
-        f"could not write checkpoint {final}: {reason}; {hint}, then resume from the last "
-        f"valid checkpoint (earlier checkpoints are untouched)"
+        f"could not write checkpoint {final}: {reason}; {hint}, then rerun with --resume to continue from "
+        f"the last valid checkpoint (earlier checkpoints are untouched)"
     )
 
 
 def _write_file(path: Path, write: Callable[[IO[bytes]], Any]) -> None:
     """Create ``path``, let ``write`` fill it, and fsync it before returning."""
     with open(path, "wb") as f:
-        write(f)
+        try:
+            write(f)
+        except RuntimeError as exc:
+            if "inline_container" not in str(exc) and "PytorchStreamWriter" not in str(exc):
+                raise
+            raise torch_write_os_error(exc, path) from exc
         f.flush()
         os.fsync(f.fileno())
+
+
+def torch_write_os_error(exc: RuntimeError, path: Path) -> OSError:
+    """``torch.save`` reports a write that failed -- a full disk, mostly -- as a RuntimeError of its
+    zip writer ("[enforce fail at inline_container.cc:...] unexpected pos ..."); the OSError it is."""
+    try:
+        stats = os.statvfs(Path(path).parent)
+        full = stats.f_bavail * stats.f_frsize < 1 << 20
+    except OSError:
+        full = False
+    if full:
+        return OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(path))
+    return OSError(errno.EIO, f"{os.strerror(errno.EIO)} ({last_line(exc)})", str(path))
 
 
 def _fsync_existing_file(path: Path) -> None:

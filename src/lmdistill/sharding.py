@@ -20,6 +20,7 @@ checkpoint loads onto any number of processes, sharded or not (``load_shards``).
 
 from __future__ import annotations
 
+import shutil
 import sys
 import warnings
 from pathlib import Path
@@ -130,9 +131,11 @@ def save_shards(directory: Path, model: torch.nn.Module, optimizer, step: int) -
     try:
         dcp.save(state, storage_writer=dcp.FileSystemWriter(directory, sync_files=True))
     except CheckpointException as exc:  # (a BaseException: what failed, on any process, is inside)
+        if dist.get_rank() == 0:  # every process is past its writes: the half-written shards go
+            shutil.rmtree(directory, ignore_errors=True)
         raise CheckpointError(f"could not write checkpoint shards into {directory}: {_first_failure(exc)}; free "
-                              "disk space or make it writable, then resume (earlier checkpoints are untouched)"
-                              ) from None
+                              "disk space or make it writable, then rerun with --resume (earlier checkpoints are "
+                              "untouched)") from None
     mine = {path.name: file_record(path) for path in sorted(Path(directory).glob(f"__{dist.get_rank()}_*.distcp"))}
     everyone: list[dict] = [{} for _ in range(dist.get_world_size())]
     dist.all_gather_object(everyone, mine)

@@ -414,6 +414,51 @@ def test_failing_write_raises_and_keeps_previous_checkpoint(
     assert torch.all(load_checkpoint(previous).model_state["weight"] == 1.0)
 
 
+@pytest.mark.parametrize("full", [True, False])
+def test_torch_save_failing_mid_write_is_one_line_and_keeps_previous_checkpoint(
+    ckdir: Path, monkeypatch, full: bool
+) -> None:
+    # On a full disk torch.save does not raise the OSError: its zip writer notices the short
+    # write and raises "[enforce fail at inline_container.cc:672] . unexpected pos 768 vs 662".
+    previous = save_small(ckdir, 1, value=1.0)
+    before = _snapshot(previous)
+    real_save, real_statvfs = torch.save, os.statvfs
+
+    def short_write(obj, f, *args, **kwargs):
+        f.write(b"PK\x03\x04 half a zip")
+        raise RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 768 vs 662")
+
+    def statvfs(path):
+        stats = real_statvfs(path)
+        return os.statvfs_result((*stats[:4], 0 if full else stats.f_bavail, *stats[5:]))
+
+    monkeypatch.setattr(torch, "save", short_write)
+    monkeypatch.setattr(os, "statvfs", statvfs)
+    with pytest.raises(CheckpointError) as info:
+        save_small(ckdir, 2, value=2.0)
+    message = str(info.value)
+    assert "\n" not in message and str(ckdir / "step-2") in message and "--resume" in message
+    if full:
+        assert "No space left on device" in message and "free disk space" in message
+    else:
+        assert "Input/output error" in message and "unexpected pos" in message
+    monkeypatch.setattr(torch, "save", real_save)
+    assert sorted(os.listdir(ckdir)) == ["step-1"]  # no half-written step-2, no staging directory
+    assert _snapshot(previous) == before
+    assert find_latest_valid(ckdir) == (previous, [])
+    assert torch.all(load_checkpoint(previous).model_state["weight"] == 1.0)
+
+
+def test_a_runtime_error_that_is_not_a_write_is_not_called_one(ckdir: Path, monkeypatch) -> None:
+    def broken(obj, f, *args, **kwargs):
+        raise RuntimeError("something else")
+
+    monkeypatch.setattr(torch, "save", broken)
+    with pytest.raises(RuntimeError, match="something else"):
+        save_small(ckdir, 1)
+    assert not ckdir.exists() or os.listdir(ckdir) == []
+
+
 def test_failing_model_write_raises_checkpoint_error(ckdir: Path, monkeypatch) -> None:
     previous = save_small(ckdir, 1)
 

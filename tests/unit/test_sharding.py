@@ -279,6 +279,7 @@ def test_a_full_disk_while_writing_shards_is_one_line(group_of_one, tmp_path, mo
         save_shards(staged, model, optimizer, 1)
     message = str(refused.value)
     assert "No space left on device" in message and "free disk space" in message and "\n" not in message
+    assert "--resume" in message and not staged.exists()  # the half-written shards are removed
 
 
 def test_a_shard_map_that_would_run_code_is_refused(tmp_path):
