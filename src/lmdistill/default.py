@@ -15,10 +15,13 @@ import hashlib
 import json
 import os
 import shutil
+import signal
 from pathlib import Path
 
 from .config import Config
 from .data import embedded_corpus_texts
+from .errors import LmdistillError
+from .paths import exclusive_lock
 
 # Changing anything here changes the cache key, so a stale teacher is never reused.
 RECIPE = {
@@ -78,35 +81,69 @@ def default_teacher_dir() -> Path:
 
 
 def ensure_default_teacher(progress: bool = True) -> Path:
-    """Path of the cached default teacher; pretrains it first when there is none."""
+    """Path of the cached default teacher; pretrains it first when there is none.
+
+    The pretraining runs in ``teachers/.work-NAME`` (NAME keyed by the recipe and the corpus),
+    under a lock that a second process waits for: a pretraining stopped by a signal, or killed
+    after a checkpoint, continues from its newest checkpoint the next time, instead of starting
+    over in a directory of its own."""
     dest = default_teacher_dir()
-    if (dest / "config.json").is_file() and (dest / "model.safetensors").is_file():
+    if _is_built(dest):
         return dest
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:
-        from .errors import LmdistillError
-
         raise LmdistillError("the default teacher is not cached yet and several processes would each build it; "
                              "build it once with one process first (python train.py --max-steps 1), then launch")
-    import torch
-    from transformers import LlamaConfig, LlamaForCausalLM
+    lock = dest.parent / f".{dest.name}.lock"
+    try:
+        dest.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise LmdistillError(f"cannot create {dest.parent} for the default teacher: {exc.strerror}; make "
+                             "$LMDISTILL_HOME writable or point it elsewhere") from None
+    with exclusive_lock(lock, "default teacher lock", lambda: print(
+            f"Another process is pretraining the default teacher into {dest}; waiting for it", flush=True)):
+        if not _is_built(dest):  # (another process may have built it while this one waited)
+            _pretrain(dest, progress)
+    return dest
 
+
+def _is_built(dest: Path) -> bool:
+    return (dest / "config.json").is_file() and (dest / "model.safetensors").is_file()
+
+
+def _pretrain(dest: Path, progress: bool) -> None:
+    """Pretrain the default teacher into ``dest`` (the caller holds its lock), continuing the
+    pretraining of an earlier attempt where it left a checkpoint."""
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+
+    from .checkpoint import find_latest_valid
+    from .interrupts import Interrupted
     from .trainer import train
+
+    _remove_abandoned_work_dirs(dest)
+    work = dest.parent / f".work-{dest.name}"
+    resume = find_latest_valid(work / "checkpoints")[0] is not None and (work / "tokenizer").is_dir()
+    if not resume and work.exists():
+        shutil.rmtree(work)  # an attempt stopped before its first checkpoint: nothing to keep
 
     texts = embedded_corpus_texts()
     p = RECIPE["pretrain"]
-    print(f"No cached default teacher: pretraining one on the embedded corpus (once; a few minutes on a CPU).\n"
-          f"It will be cached at {dest}")
-    tokenizer = train_tokenizer(texts, RECIPE["tokenizer"]["vocab_size"], RECIPE["tokenizer"]["min_frequency"])
+    if resume:
+        print(f"No cached default teacher: continuing the pretraining stopped earlier in {work}.\n"
+              f"It will be cached at {dest}")
+        tokenizer = PreTrainedTokenizerFast.from_pretrained(work / "tokenizer")  # the one its checkpoints fit
+    else:
+        print(f"No cached default teacher: pretraining one on the embedded corpus (once; a few minutes on a CPU).\n"
+              f"It will be cached at {dest}")
+        tokenizer = train_tokenizer(texts, RECIPE["tokenizer"]["vocab_size"], RECIPE["tokenizer"]["min_frequency"])
     config = LlamaConfig(vocab_size=len(tokenizer), bos_token_id=tokenizer.eos_token_id,
                          eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.eos_token_id, **RECIPE["teacher"])
     torch.manual_seed(p["seed"])
     model = LlamaForCausalLM(config)
 
-    work = dest.parent / f".work-{dest.name}-{os.getpid()}"
-    if work.exists():
-        shutil.rmtree(work)
     cfg = Config()
     cfg.run.name, cfg.run.output_dir, cfg.run.seed, cfg.run.device = "default-teacher", str(work), p["seed"], "cpu"
+    cfg.run.resume = resume
     cfg.distill.kd_weight = 0.0
     cfg.data.block_size = p["block_size"]
     cfg.train.batch_size, cfg.train.epochs, cfg.train.lr = p["batch_size"], p["epochs"], p["lr"]
@@ -115,13 +152,34 @@ def ensure_default_teacher(progress: bool = True) -> Path:
     # bf16 training amplifies a last-bit difference in a gradient into a different model within
     # a few hundred steps; the reference loss keeps this teacher the one the cache key names.
     cfg.loss.impl = "reference"
-    train(cfg, student=model, tokenizer=tokenizer, progress=progress, print_summary=False)
-    # Publish atomically: the model directory appears complete or not at all. Another
-    # process that got there first wins; ours is then discarded.
     try:
-        os.replace(work / "student", dest)
-    except OSError:
-        if not (dest / "model.safetensors").is_file():
-            raise
-    shutil.move(str(work), str(dest.parent / f"{dest.name}-pretraining-run-{os.getpid()}"))
-    return dest
+        train(cfg, student=model, tokenizer=tokenizer, progress=progress, print_summary=False)
+    except Interrupted as exc:  # its "--resume" is not for the user's run: any rerun continues this one
+        signum = exc.exit_code - 128
+        raise Interrupted(f"{signal.Signals(signum).name} during the default teacher's pretraining: its checkpoint "
+                          f"is kept in {work}; rerun the same command to continue the pretraining", signum) from None
+    # Publish atomically: the model directory appears complete or not at all.
+    os.replace(work / "student", dest)
+    record = dest.parent / f"{dest.name}-pretraining-run"
+    if record.exists():
+        shutil.rmtree(record)
+    shutil.move(str(work), str(record))
+
+
+def _remove_abandoned_work_dirs(dest: Path) -> None:
+    """Remove ``.work-NAME-PID`` directories, where earlier versions pretrained, of processes that
+    are gone (they could not be resumed)."""
+    for old in dest.parent.glob(f".work-{dest.name}-*"):
+        pid = old.name.rsplit("-", 1)[1]
+        if pid.isdigit() and not _alive(int(pid)):
+            shutil.rmtree(old, ignore_errors=True)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True

@@ -116,3 +116,58 @@ def test_eval_refuses_a_bidirectional_model_as_train_does(tmp_path, teacher_dir,
     one_error_line(cli("eval", str(bert), "--max-blocks", "2", "--no-progress"), "model", "not a causal language model")
     one_error_line(cli("eval", str(teacher_dir), "--teacher", str(bert), "--max-blocks", "2", "--no-progress"),
                    "teacher", "not a causal language model")
+
+
+# --------------------------------------------------------------------------- the default teacher
+@pytest.fixture
+def tiny_default_recipe(tmp_path, monkeypatch, corpus_texts):
+    """The embedded default teacher's recipe, shrunk to a pretraining of a few seconds."""
+    import lmdistill.data
+    import lmdistill.default as default
+
+    monkeypatch.setenv("LMDISTILL_HOME", str(tmp_path / "home"))
+    monkeypatch.setattr(default, "RECIPE", {
+        "version": 1, "tokenizer": {"type": "byte-level BPE", "vocab_size": 300, "min_frequency": 2},
+        "teacher": {"hidden_size": 16, "num_hidden_layers": 1, "num_attention_heads": 2, "num_key_value_heads": 2,
+                    "intermediate_size": 32, "max_position_embeddings": 64, "tie_word_embeddings": False},
+        "pretrain": {"block_size": 32, "batch_size": 8, "epochs": 1, "lr": 3e-3, "warmup_steps": 2, "seed": 1,
+                     "mixed_precision": "no"}})
+    for module in (default, lmdistill.data):
+        monkeypatch.setattr(module, "embedded_corpus_texts", lambda: corpus_texts[:3])
+    return default
+
+
+def test_an_interrupted_default_teacher_pretraining_continues_on_the_rerun(tiny_default_recipe, monkeypatch):
+    import os
+    import signal
+
+    from lmdistill.interrupts import Interrupted
+    from lmdistill.trainer import Trainer
+
+    default = tiny_default_recipe
+    dest = default.default_teacher_dir()
+    abandoned = dest.parent / f".work-{dest.name}-999999999"  # an earlier version's, of a process long gone
+    abandoned.mkdir(parents=True)
+    steps: list[int] = []
+    real_step = Trainer.train_step
+
+    def ctrl_c_at_step_2(self, step):
+        steps.append(step)
+        if step == 2 and len(steps) == 3:
+            os.kill(os.getpid(), signal.SIGINT)  # seen at the end of this step: checkpoint step-3, then stop
+        return real_step(self, step)
+
+    monkeypatch.setattr(Trainer, "train_step", ctrl_c_at_step_2)
+    with pytest.raises(Interrupted) as stopped:
+        default.ensure_default_teacher(progress=False)
+    assert "rerun the same command to continue the pretraining" in str(stopped.value)
+    assert "--resume" not in str(stopped.value) and stopped.value.exit_code == 130
+    work = dest.parent / f".work-{dest.name}"
+    assert (work / "checkpoints" / "step-3").is_dir() and not abandoned.exists()
+
+    steps.clear()
+    assert default.ensure_default_teacher(progress=False) == dest
+    assert steps[0] == 3 and len(steps) > 1  # continued, not started over
+    assert (dest / "model.safetensors").is_file()
+    assert sorted(p.name for p in dest.parent.iterdir()) == sorted(
+        [dest.name, f"{dest.name}-pretraining-run", f".{dest.name}.lock"])  # no .work-* left
