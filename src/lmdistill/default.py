@@ -99,8 +99,8 @@ def ensure_default_teacher(progress: bool = True) -> Path:
     except OSError as exc:
         raise LmdistillError(f"cannot create {dest.parent} for the default teacher: {exc.strerror}; make "
                              "$LMDISTILL_HOME writable or point it elsewhere") from None
-    with exclusive_lock(lock, "default teacher lock", lambda: print(
-            f"Another process is pretraining the default teacher into {dest}; waiting for it", flush=True)):
+    with exclusive_lock(lock, "default teacher lock", lambda holder: print(
+            f"Another process ({holder}) is pretraining the default teacher into {dest}; waiting for it", flush=True)):
         if not _is_built(dest):  # (another process may have built it while this one waited)
             _pretrain(dest, progress)
     return dest

@@ -82,7 +82,7 @@ def converted_dir(path: Path, role: str, *, home: Path | None = None, say=print)
         raise LmdistillError(f"cannot write the converted GGUF model in '{home}' ({exc.strerror or exc}); set "
                              "LMDISTILL_HOME to a writable directory") from None
     with exclusive_lock(home / f"{final.name}.lock", "GGUF conversion lock",
-                        lambda: say(f"waiting for another process to finish converting {path.name}")):
+                        lambda holder: say(f"waiting for another process ({holder}) to finish converting {path.name}")):
         if _is_complete(final, digest):  # converted by the process we waited for
             return final
         for stale in home.glob(f".{final.name}.tmp-*"):  # a killed conversion's (we hold the lock)

@@ -103,10 +103,12 @@ def open_no_link(path: Path, flags: int, what: str) -> int:
 
 
 @contextlib.contextmanager
-def exclusive_lock(path: Path, what: str, on_wait: Callable[[], None]) -> Iterator[None]:
+def exclusive_lock(path: Path, what: str, on_wait: Callable[[str], None]) -> Iterator[None]:
     """Hold an exclusive ``flock`` on the file ``path`` (created if missing, never through a link)
-    for the ``with`` block; ``on_wait()`` is called once if another process holds it first. The
-    lock goes with the process, so a killed holder never leaves it taken."""
+    for the ``with`` block; ``on_wait(holder)`` is called once if another process holds it first,
+    ``holder`` naming it ("pid N on HOST", as the holder wrote it in the file). The lock goes with
+    the process (and the processes it forked, which share the descriptor), so a killed holder
+    never leaves it taken."""
     import fcntl
 
     fd = open_no_link(path, os.O_RDWR | os.O_CREAT, what)
@@ -114,8 +116,9 @@ def exclusive_lock(path: Path, what: str, on_wait: Callable[[], None]) -> Iterat
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
-            on_wait()
+            on_wait(_lock_holder(fd))
             fcntl.flock(fd, fcntl.LOCK_EX)
+        _sign_lock(fd)
         try:
             yield
         finally:
@@ -137,18 +140,28 @@ def claim_lock(path: Path, what: str) -> int:
     for whoever finds it taken. Returns the open descriptor: the lock lasts until it is closed (or
     the process ends). Raises LockHeld naming the holder, or OSError when the file cannot be made."""
     import fcntl
-    import socket
 
     fd = open_no_link(path, os.O_RDWR | os.O_CREAT, what)
     try:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except OSError:
-        holder = os.pread(fd, 200, 0).decode(errors="replace").strip() or "another process"
+        holder = _lock_holder(fd)
         os.close(fd)
         raise LockHeld(holder) from None
+    _sign_lock(fd)
+    return fd
+
+
+def _sign_lock(fd: int) -> None:
+    """Write "pid N on HOST" in a lock file this process just took, for whoever finds it taken."""
+    import socket
+
     os.ftruncate(fd, 0)
     os.pwrite(fd, f"pid {os.getpid()} on {socket.gethostname()}\n".encode(), 0)
-    return fd
+
+
+def _lock_holder(fd: int) -> str:
+    return os.pread(fd, 200, 0).decode(errors="replace").strip() or "another process"
 
 
 def is_plain_file(path: Path) -> bool:

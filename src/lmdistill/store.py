@@ -51,7 +51,9 @@ import json
 import multiprocessing
 import os
 import shutil
+import signal
 import sys
+import threading
 import time
 from collections.abc import Iterator
 from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
@@ -159,10 +161,40 @@ def plan_records(dataset, fmt: str, description: str, identity: dict, text_field
 _WORKER: dict = {}
 
 
-def _init_worker(tokenizer, dataset, fmt: str, text_field: str) -> None:
-    """Per process: the tokenizer and dataset, and one core each (num_proc is the parallelism)."""
+def _init_worker(tokenizer, dataset, fmt: str, text_field: str, parent: int | None = None) -> None:
+    """Per process: the tokenizer and dataset, and one core each (num_proc is the parallelism).
+    A worker of the build process ``parent`` ends with it (``_die_with_parent``)."""
+    if parent is not None:
+        _die_with_parent(parent)
     os.environ["TOKENIZERS_PARALLELISM"] = "false"
     _WORKER.update(tokenizer=tokenizer, dataset=dataset, fmt=fmt, text_field=text_field)
+
+
+def _die_with_parent(parent: int) -> None:
+    """End this worker process when ``parent`` ends, a SIGKILL (the OOM killer) included: a forked
+    worker shares the store lock's descriptor, so one left running would hold the lock, and every
+    later build would wait for it forever. On Linux the kernel sends the SIGKILL (PR_SET_PDEATHSIG);
+    elsewhere a thread watches for the parent to change."""
+    if sys.platform.startswith("linux"):
+        import ctypes
+
+        try:
+            if ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGKILL) == 0:
+                if os.getppid() != parent:  # it died before the request took
+                    os._exit(1)
+                return
+        except (OSError, AttributeError):
+            pass
+    threading.Thread(target=_watch_parent, args=(parent,), daemon=True).start()
+
+
+_PR_SET_PDEATHSIG = 1  # <linux/prctl.h>
+
+
+def _watch_parent(parent: int) -> None:
+    while os.getppid() == parent:
+        time.sleep(1)
+    os._exit(1)
 
 
 class RecordError(Exception):
@@ -458,8 +490,9 @@ def stores_home(store_dir: str | None) -> Path:
 def _locked(path: Path, say) -> Iterator[None]:
     """An exclusive lock on ``path``; says once that it waits when another process holds it."""
     try:  # never through a link: a planted one would have us create or lock its target
-        with exclusive_lock(path, "data store build lock", lambda: say(
-                f"waiting for another process to finish building the data store ({path.with_suffix('')})")):
+        with exclusive_lock(path, "data store build lock", lambda holder: say(
+                f"waiting for another process ({holder}) to finish building the data store "
+                f"({path.with_suffix('')}); if that process is stuck, end it")):
             yield
     except OSError as exc:  # a read-only store_dir: the lock file is the first thing written there
         if exc.filename is not None and Path(exc.filename) == path:
@@ -645,7 +678,8 @@ def _run_shards(plan: SourcePlan, tokenizer, build: Path, finished: dict[int, di
 def _run_pool(tasks, build: Path, procs: int, dtype: str, args: tuple, done, enough) -> None:
     """Shards over ``procs`` worker processes, at most two each in flight, taken in order."""
     context = multiprocessing.get_context("fork" if sys.platform.startswith("linux") else "spawn")
-    with ProcessPoolExecutor(procs, mp_context=context, initializer=_init_worker, initargs=args) as pool:
+    with ProcessPoolExecutor(procs, mp_context=context, initializer=_init_worker,
+                             initargs=(*args, os.getpid())) as pool:
         pending: dict = {}
         try:
             while True:

@@ -646,3 +646,92 @@ def test_store_files_that_link_elsewhere_or_end_documents_past_the_tokens_are_re
     with pytest.raises(LmdistillError, match=r"damaged: docs.bin does not hold document ends in order up to the "
                                              r"last token"):
         open_store(str(source), cfg_for(source, home), tiny_tokenizer)
+
+
+# ---- a killed build --------------------------------------------------------------------------
+
+def test_a_waiter_for_the_store_lock_is_told_which_process_holds_it(tmp_path):
+    import threading
+
+    from lmdistill.paths import claim_lock
+
+    lock = tmp_path / "store.lock"
+    held = claim_lock(lock, "data store build lock")  # as a build in another process would hold it
+    threading.Timer(0.3, os.close, args=(held,)).start()
+    said: list[str] = []
+    with store_module._locked(lock, said.append):
+        pass
+    assert len(said) == 1 and f"another process (pid {os.getpid()} on " in said[0] and "stuck, end it" in said[0]
+
+
+_BUILD_SCRIPT = """
+import os, sys, time
+from pathlib import Path
+from transformers import PreTrainedTokenizerFast
+from lmdistill import store
+tokenizer_dir, source, pids, mode, home = sys.argv[1:]
+real_init = store._init_worker
+
+def init(*args):
+    real_init(*args)
+    (Path(pids) / str(os.getpid())).touch()
+
+def stuck(*args):
+    time.sleep(600)
+
+store._init_worker = init
+if mode == "stuck":
+    store._tokenize_shard = stuck
+store.SHARD_BYTES, store.PIECE_BYTES = 3000, 700
+plan = store.plan_files([source], "big.txt (1 file)")
+store.open_or_build(plan, PreTrainedTokenizerFast.from_pretrained(tokenizer_dir), home=Path(home), num_proc=2,
+                    max_tokens=None, progress=False)
+print("built")
+"""
+
+
+def _running(pid: int) -> bool:
+    """The process is there and not a zombie (nobody may reap an orphan in a container)."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except (OSError, IndexError):
+        return False
+
+
+@pytest.mark.skipif(not os.path.isdir("/proc/self"), reason="reads /proc")
+def test_the_workers_of_a_killed_parallel_build_end_with_it(tmp_path, docs, tiny_tokenizer):
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    tiny_tokenizer.save_pretrained(tmp_path / "tokenizer")
+    source = tmp_path / "big.txt"
+    source.write_text("\n".join(docs))
+    pids = tmp_path / "pids"
+    pids.mkdir()
+
+    def build(mode: str, **kwargs):
+        args = [sys.executable, "-c", _BUILD_SCRIPT, str(tmp_path / "tokenizer"), str(source), str(pids), mode,
+                str(tmp_path / "stores")]
+        return subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, **kwargs)
+
+    parent, workers = build("stuck"), []
+    try:
+        deadline = time.monotonic() + 120
+        while len(workers := [int(p.name) for p in pids.iterdir()]) < 2:
+            assert parent.poll() is None and time.monotonic() < deadline, parent.communicate()
+            time.sleep(0.1)
+        parent.send_signal(signal.SIGKILL)  # the parent only, as the OOM killer does
+        parent.wait()
+        deadline = time.monotonic() + 5
+        while any(map(_running, workers)) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert not any(map(_running, workers)), "the build's workers outlived it"
+        again = build("build")
+        out, err = again.communicate(timeout=120)  # a worker left holding the store lock: it would wait forever
+        assert again.returncode == 0 and "built" in out and "waiting" not in out, out + err
+    finally:
+        for pid in workers:  # (only if they outlived the build: the processes this test started)
+            if _running(pid):
+                os.kill(pid, signal.SIGKILL)
