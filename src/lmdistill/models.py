@@ -483,18 +483,23 @@ def _models_for_cache(cfg, student, tokenizer, train_blocks=None) -> Models:
             raise LmdistillError("no student: set model.student, or model.teacher (its config shapes a fresh student)")
         overrides = cfg.model.student_config
         shape = ", ".join(f"{k}={v}" for k, v in overrides.items()) if overrides else "half of the teacher"
-        if cfg.model.student_init != "random":
-            teacher_name, pruned, tokenizer = _cut_from_cached_teacher(cfg, cache, teacher_name, tokenizer,
-                                                                      train_blocks)
-        if pruned is not None:
-            student = pruned.model
-            student_name = (f"from the teacher ({cfg.model.prune.layers} layers {pruned.layers}): {shape} "
-                            "(teacher cache run)")
+        resumed = _student_to_resume(cfg)
+        if resumed is not None:  # its weights come from the checkpoint: nothing to cut, no teacher needed
+            student, student_name, tokenizer = resumed
+            student_name += " (teacher cache run)"
         else:
-            teacher_name = resolve_source(teacher_name, "model.teacher")
-            config = student_config_from_teacher(AutoConfig.from_pretrained(teacher_name), overrides)
-            student = build_fresh_student(config, cfg.run.seed)
-            student_name = f"fresh: {shape} (teacher cache run)"
+            if cfg.model.student_init != "random":
+                teacher_name, pruned, tokenizer = _cut_from_cached_teacher(cfg, cache, teacher_name, tokenizer,
+                                                                          train_blocks)
+            if pruned is not None:
+                student = pruned.model
+                student_name = (f"from the teacher ({cfg.model.prune.layers} layers {pruned.layers}): {shape} "
+                                "(teacher cache run)")
+            else:
+                teacher_name = resolve_source(teacher_name, "model.teacher")
+                config = student_config_from_teacher(AutoConfig.from_pretrained(teacher_name), overrides)
+                student = build_fresh_student(config, cfg.run.seed)
+                student_name = f"fresh: {shape} (teacher cache run)"
     else:
         student_name = cfg.model.student or type(student).__name__
     if tokenizer is None and teacher_name is not None:
@@ -508,6 +513,31 @@ def _models_for_cache(cfg, student, tokenizer, train_blocks=None) -> Models:
     return Models(None, student, tokenizer, f"cache: {cache_dir}", student_name,
                   pruned.layers if pruned else None, pruned.layer_importance if pruned else None,
                   pruned.channels if pruned else None)
+
+
+def _student_to_resume(cfg):
+    """(student, name, tokenizer) for ``--resume`` of a cached run that has a checkpoint: the
+    student's architecture from the newest checkpoint's ``student_config.json`` (the resume then
+    loads its weights) and the run's saved tokenizer, so that a student once cut from the teacher
+    resumes without the teacher's weights on disk. None when there is nothing to resume from."""
+    from transformers import AutoConfig
+
+    if not cfg.run.resume or cfg.run.output_dir is None:
+        return None
+    run = Path(cfg.run.output_dir).expanduser()
+    steps = [p for p in (run / "checkpoints").glob("step-*")
+             if p.name[5:].isdigit() and (p / "manifest.json").is_file() and (p / "student_config.json").is_file()]
+    if not steps or not (run / "tokenizer").is_dir():
+        return None
+    newest = max(steps, key=lambda p: int(p.name[5:]))
+    try:
+        recorded = json.loads((newest / "student_config.json").read_text())
+        config = AutoConfig.for_model(recorded.pop("model_type"), **recorded)
+    except (OSError, ValueError, KeyError, TypeError, AttributeError) as exc:
+        raise LmdistillError(f"cannot read the student's config in checkpoint '{newest}' ({last_line(exc)}); it is "
+                             "damaged: move it away to resume from an older checkpoint") from None
+    return (build_fresh_student(config, cfg.run.seed), f"resumed from {newest.name}",
+            load_tokenizer(str(run / "tokenizer"), "the run's saved tokenizer"))
 
 
 def _cut_from_cached_teacher(cfg, cache, source: str, tokenizer, train_blocks):

@@ -365,6 +365,37 @@ def test_a_cached_run_resumes_bit_exact(tmp_path, teacher_dir, small_text):
 CUT = "model.student_config={num_hidden_layers: 1, hidden_size: 24, intermediate_size: 48}"
 
 
+def test_a_cached_run_with_a_cut_student_resumes_without_the_teacher_on_disk(tmp_path, teacher_dir, small_text):
+    """The student was cut from the teacher when the run started; its resume takes the student's
+    shape from the checkpoint and needs no teacher weights (the teacher is gone by then), and
+    ends where a run straight through ends."""
+    import shutil
+
+    from safetensors.torch import load_file
+
+    from forked import run_cli_forked
+
+    teacher = tmp_path / "teacher"
+    shutil.copytree(teacher_dir, teacher)
+    cache = tmp_path / "cache"
+    assert _cache(teacher, small_text, cache).returncode == 0
+    args = ("--data", str(small_text), "--batch-size", "2", "--max-steps", "4", "--no-progress", *DATA,
+            "--set", CUT, "--teacher-cache", str(cache), "--set", "checkpoint.every=1")
+    straight = tmp_path / "straight"
+    proc = cli("train", *args, "--output-dir", str(straight))
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    resumed = tmp_path / "resumed"
+    first = run_cli_forked("train", *args, "--output-dir", str(resumed), "--set", "debug.exit_after_step=2",
+                           log=str(tmp_path / "first.log"))
+    assert first == 137, (tmp_path / "first.log").read_text()[-2000:]
+    shutil.rmtree(teacher)
+    again = cli("train", *args, "--output-dir", str(resumed), "--resume")
+    assert again.returncode == 0 and "from step-2" in again.stdout, again.stderr[-2000:]
+    want = load_file(straight / "checkpoints" / "step-4" / "model.safetensors")
+    got = load_file(resumed / "checkpoints" / "step-4" / "model.safetensors")
+    assert want.keys() == got.keys() and all((want[k] == got[k]).all() for k in want)
+
+
 def _cut_run(small_text, out: Path, cache: Path, *extra: str):
     """A cached run whose student is not given: one step at a learning rate too small to move a
     weight, so the final student is the one the run started from."""
