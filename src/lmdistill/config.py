@@ -299,6 +299,8 @@ class DebugConfig:
     loss_multiplier: dict = doc("Fake spikes: {step: factor} multiplies the loss at that step.", {})
     exit_after_step: int | None = doc("Kill drill: end the process abruptly (exit code 137, no clean-up) right after "
                                       "step N and its checkpoint, as a SIGKILL would.", None)
+    exit_rank: int | None = doc("Test hook for a dead peer: with exit_after_step, only the process of this rank "
+                                "ends (at once, not waiting for the others); null = every process.", None)
 
 
 @dataclass
@@ -648,6 +650,8 @@ def _validate_injections(dbg: DebugConfig) -> None:
             raise ConfigError(f"debug.inject[{i}].where = {item.get('where')!r} must be one of {', '.join(FAULT_SITES)}")
         if str(item.get("value", "nan")).lower() not in FAULT_VALUES:
             raise ConfigError(f"debug.inject[{i}].value = {item.get('value')!r} must be nan, inf or -inf")
+    if dbg.exit_rank is not None and dbg.exit_rank < 0:
+        raise _bad("debug.exit_rank", dbg.exit_rank, "must be a process rank >= 0, or null for every process")
     for step, factor in dbg.loss_multiplier.items():
         if not isinstance(step, int) or not isinstance(factor, (int, float)):
             raise ConfigError(

@@ -89,3 +89,14 @@ def on_main(accelerator, work):
     if outcome[1] is not None:
         raise LmdistillError(outcome[1])
     return outcome[0]
+
+
+# How a collective fails when another process of the run is gone (gloo's TCP transport; torch
+# raises them as RuntimeError or its subclass DistBackendError).
+_PEER_GONE = ("connection closed by peer", "connection reset by peer", "broken pipe")
+
+
+def lost_peer(exc: BaseException) -> bool:
+    """Whether ``exc`` is a collective that failed because another process of the run died."""
+    return isinstance(exc, RuntimeError) and any(text in str(exc).lower() for text in _PEER_GONE)
+

@@ -26,6 +26,10 @@ class TrainingStopped(LmdistillError):
     exit_code = 3
 
 
+class PeerLost(LmdistillError):
+    """Another process of a multi-process run died; this one stopped too (checkpoints are kept)."""
+
+
 def last_line(exc: BaseException) -> str:
     """The innermost line of an error message (library errors often wrap the useful one last),
     without a leading ``SomethingError:``."""

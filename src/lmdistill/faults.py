@@ -13,7 +13,9 @@ Faults are installed around a ``Trainer`` from the outside and never appear in i
                                    fake spike);
   exit_after_step                  the end-of-step bookkeeping is wrapped: once step N and
                                    its checkpoint are done the process ends as a SIGKILL
-                                   would end it (exit code 137, no clean-up).
+                                   would end it (exit code 137, no clean-up);
+  exit_rank                        with exit_after_step: only that rank ends, at once, and the
+                                   others go on to find a dead peer in their next collective.
 
 Hooks only fire inside the training step they target, never during evaluation.
 """
@@ -38,6 +40,7 @@ class FaultInjector:
                 self.faults[(item["step"], item["where"])] = float(str(item.get("value", "nan")).lower())
         self.loss_multiplier = {int(k): float(v) for k, v in debug_cfg.loss_multiplier.items()}
         self.exit_after_step = debug_cfg.exit_after_step
+        self.exit_rank, self.rank = debug_cfg.exit_rank, rank  # exit_rank None: every process ends
         self.step: int | None = None  # the training step running now; None outside of one
         self._micro_batch = 0
 
@@ -49,7 +52,8 @@ class FaultInjector:
         parts = [f"step {s}: {w}={v}" for (s, w), v in sorted(self.faults.items())]
         parts += [f"step {s}: loss x{f}" for s, f in sorted(self.loss_multiplier.items())]
         if self.exit_after_step is not None:
-            parts.append(f"exit (code 137) after step {self.exit_after_step}")
+            on = f" on rank {self.exit_rank}" if self.exit_rank is not None else ""
+            parts.append(f"exit (code 137) after step {self.exit_after_step}{on}")
         return "; ".join(parts)
 
     def value(self, step: int | None, where: str) -> float | None:
@@ -93,10 +97,10 @@ class FaultInjector:
 
         def end_step_then_exit(result, *args, **kwargs):
             out = end_step(result, *args, **kwargs)
-            if self.exit_after_step == result.step + 1:
+            if self.exit_after_step == result.step + 1 and self.exit_rank in (None, self.rank):
                 import torch.distributed as dist
 
-                if dist.is_available() and dist.is_initialized():
+                if self.exit_rank is None and dist.is_available() and dist.is_initialized():
                     # Every process past the step first (its checkpoint published by the main one):
                     # the drill is a crash after step N, not a race between one rank's exit and
                     # the launcher stopping the others mid-save.

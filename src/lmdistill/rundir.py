@@ -72,7 +72,8 @@ def _written_by_us(name: str) -> bool:
 
 
 class RunDirectory:
-    """One run's directory; the trainer writes it through these methods (main process only)."""
+    """One run's directory; the trainer writes it through these methods (main process only, but
+    for ``record_abandoned``)."""
 
     def __init__(self, path: Path):
         self.path = Path(path)
@@ -222,6 +223,28 @@ class RunDirectory:
         if fd is not None:
             fcntl.flock(fd, fcntl.LOCK_UN)
             os.close(fd)
+
+    def record_abandoned(self, reason: str) -> bool:
+        """For a process that does not write the run, after another one died: mark run.json
+        "failed" with ``reason`` if it still says "running" and no process holds the run's lock,
+        i.e. the main process is gone (the OS let go of its lock). A live main process records
+        the run itself. Returns whether run.json was marked."""
+        if not is_plain_file(self.path / "run.json"):
+            return False  # (not written yet, or on a file system this machine does not share)
+        try:
+            self._lock()
+        except LmdistillError:
+            return False
+        try:
+            info = self.read_json("run.json")
+            if info.get("status") != "running":
+                return False
+            info.update(status="failed", exit_reason=reason,
+                        finished_at=datetime.now(timezone.utc).isoformat(timespec="seconds"))
+            self.write_json("run.json", info)
+            return True
+        finally:
+            self.release()
 
     def create(self, cfg) -> None:
         """Start the run afresh: under --overwrite, remove what the old run wrote (the lock

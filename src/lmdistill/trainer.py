@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import shutil
 import signal
 import statistics
 import time
@@ -42,8 +43,8 @@ from .checkpoint import (CheckpointError, capture_rng_state, damaged_state_messa
                          save_checkpoint)
 from .config import Config
 from .data import build_block_data, make_sampler
-from .devices import check_trackers_installed, flat_config, make_accelerator, on_main
-from .errors import LmdistillError, TrainingStopped
+from .devices import check_trackers_installed, flat_config, lost_peer, make_accelerator, on_main
+from .errors import LmdistillError, PeerLost, TrainingStopped
 from .evaluate import evaluate, summary_table
 from .faults import FaultInjector
 from .guards import Decision, Guard, StepStats
@@ -281,15 +282,23 @@ class Trainer:
         total, status, step = self.plan.total_steps, "running", self.start_step
         self.bar = None
         try:
-            if self.initial is None:
-                self.initial = self.evaluate(0, self.temperature_at(0), "eval (before)")
-            self.bar = progress_bar(total, self.start_step, self._phase(), self.progress and self.is_main)
-            for step in range(self.start_step, total):
-                result = self.train_step(step)
-                self.end_step(result)
-                if result.stats.stop_requested:
-                    self._stop_on_signal(step + 1)
-            status = "finished"
+            with self._peers_watched(lambda: step):
+                if self.initial is None:
+                    self.initial = self.evaluate(0, self.temperature_at(0), "eval (before)")
+                self.bar = progress_bar(total, self.start_step, self._phase(), self.progress and self.is_main)
+                for step in range(self.start_step, total):
+                    result = self.train_step(step)
+                    self.end_step(result)
+                    if result.stats.stop_requested:
+                        self._stop_on_signal(step + 1)
+                self.bar.close()
+                status = "finished"
+                return self._finish_run()
+        except PeerLost as exc:
+            status, self.run_info["exit_reason"] = "failed", str(exc)
+            if not self.is_main:  # the main process may be the one that died: then no one else records it
+                self.run.record_abandoned(str(exc))
+            raise
         except Interrupted as exc:
             status, self.run_info["exit_reason"] = "interrupted", str(exc)
             raise
@@ -309,7 +318,22 @@ class Trainer:
                 self.run_info["status"] = status
                 with contextlib.suppress(OSError):  # e.g. the disk is full: the error in flight says so
                     self._finish(step)
-        return self._finish_run()
+
+    @contextlib.contextmanager
+    def _peers_watched(self, step):
+        """A collective that fails because another process of the run died (the launcher may also
+        send this one SIGTERM) ends this one with a ``PeerLost`` line, not the backend's traceback.
+        ``step()``: the step running now."""
+        try:
+            yield
+        except Exception as exc:
+            if self.world == 1 or not lost_peer(exc):
+                raise
+            rank = self.accelerator.process_index
+            who = f"the process of rank {1 - rank}" if self.world == 2 else "another process"
+            raise PeerLost(f"{who} of this run died (rank {rank} lost its connection to it in step {step() + 1} of "
+                           f"{self.plan.total_steps}): the run stopped; rerun with --resume to continue from the "
+                           "newest checkpoint (checkpoints are kept)") from None
 
     def _stop_on_signal(self, done: int) -> None:
         """Every rank saw the request in the step's reduction: checkpoint (unless this step wrote
@@ -501,7 +525,11 @@ class Trainer:
         staged, shard_records = None, None
         if self.fsdp:  # every process writes (and hashes) its shards in the staging directory the main one made
             staged = on_main(self.accelerator, lambda: make_staging_dir(self.run.checkpoints, done))
-            shard_records = save_shards(staged, self.raw_student, self.optimizer, done)
+            try:
+                shard_records = save_shards(staged, self.raw_student, self.optimizer, done)
+            except BaseException:  # e.g. another process died mid-save: no half-written shards are left
+                shutil.rmtree(staged, ignore_errors=True)
+                raise
 
         def complete() -> None:  # the main process: the rest, the manifest, the rename
             trainer_state = {

@@ -23,8 +23,9 @@ STUDENT = ("model.student_config={num_hidden_layers: 1, hidden_size: 16, interme
            "num_attention_heads: 2, num_key_value_heads: 2}")
 
 
-def _launch(nproc: int, *args: str, home=None) -> subprocess.CompletedProcess:
+def _launch(nproc: int, *args: str, home=None, logs=None) -> subprocess.CompletedProcess:
     """``torchrun --nproc_per_node N -m lmdistill ...``: N CPU processes over gloo, as documented.
+    With ``logs``, each process's stdout and stderr go to files there (see ``_rank_output``).
 
     (``accelerate launch --cpu`` starts one process unless MPI is set up; torchrun needs nothing.)
     """
@@ -35,7 +36,8 @@ def _launch(nproc: int, *args: str, home=None) -> subprocess.CompletedProcess:
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc), "--master_addr",
-           "127.0.0.1", "--master_port", str(port), "-m", "lmdistill", *args]
+           "127.0.0.1", "--master_port", str(port), *(("--log-dir", str(logs), "--redirects", "3") if logs else ()),
+           "-m", "lmdistill", *args]
     return subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
 
 
@@ -370,3 +372,33 @@ def _tree(run_dir) -> dict[str, bytes]:
     whoever holds it, aside)."""
     return {str(p.relative_to(run_dir)): p.read_bytes() for p in sorted(run_dir.rglob("*"))
             if p.is_file() and p.name != ".lmdistill.lock"}
+
+
+# ---------------------------------------------------------------------------------------------
+# A process of the run dies: the other one stops with one line, and the run is recorded as failed.
+
+
+def _rank_output(logs, rank: int) -> str:
+    """What the process of local rank ``rank`` wrote, stdout then stderr (torchrun --redirects 3)."""
+    (folder,) = {p.parent for p in logs.rglob(f"attempt_*/{rank}/stderr.log")}
+    return (folder / "stdout.log").read_text() + (folder / "stderr.log").read_text()
+
+
+@pytest.mark.parametrize("dead, strategy", [(1, "ddp"), (0, "ddp"), (0, "fsdp")])
+def test_a_dead_process_stops_the_other_with_one_line(tmp_path, teacher_dir, text_file, dead, strategy):
+    """One rank ends abruptly after step 3 (and its checkpoint); the survivor finds it gone in its
+    next collective, and perhaps gets the launcher's SIGTERM too: one line naming the dead rank and
+    --resume, no traceback, a failed run.json (written by rank 1 when rank 0 is the one that died),
+    no staging directory left."""
+    out, logs = tmp_path / "run", tmp_path / "logs"
+    proc = _launch(2, *_common(teacher_dir, text_file, out, 2), "--set", "distill.hidden.weight=0", "--set",
+                   "checkpoint.every=1", "--set", "debug.exit_after_step=3", "--set", f"debug.exit_rank={dead}",
+                   "--set", f"parallel.strategy={strategy}", logs=logs)
+    assert proc.returncode != 0
+    survivor = _rank_output(logs, 1 - dead)
+    lines = [line for line in survivor.splitlines() if line.startswith("lmdistill: error:")]
+    assert len(lines) == 1 and "Traceback" not in survivor, survivor[-3000:]
+    assert f"process of rank {dead} " in lines[0] and "--resume" in lines[0], lines[0]
+    run = json.loads((out / "run.json").read_text())
+    assert run["status"] == "failed" and f"rank {dead}" in run["exit_reason"], run
+    assert (out / "checkpoints" / "step-3").is_dir() and not list((out / "checkpoints").glob(".tmp-*"))

@@ -374,6 +374,7 @@ def test_every_float_key_is_checked_for_nan_and_infinity():
     ("health.ppl_after_step=-1", "health.ppl_after_step = -1"),
     ("debug.exit_after_step=0", "debug.exit_after_step = 0"),
     ("debug.exit_after_step=-1", "debug.exit_after_step"),
+    ("debug.exit_rank=-1", "debug.exit_rank = -1 is not allowed: must be a process rank >= 0"),
     ("loss.auto_threshold_mib=0", "loss.auto_threshold_mib = 0.0 is not allowed: must be a number > 0"),
     ("run.name=/tmp/elsewhere", "set run.output_dir"),
     ("run.name=a/b", "give a plain name"),
@@ -390,6 +391,7 @@ def test_out_of_range_values_are_refused_naming_the_key(override, needle):
 @pytest.mark.parametrize("override", ["run.seed=0", "run.seed=4294967295", "data.num_proc=2", "data.num_proc=null",
                                       "distill.temperature=1000", "train.weight_decay=0", "guard.spike_mad=0",
                                       "guard.spike_warmup=0", "health.ppl_after_step=0", "debug.exit_after_step=1",
+                                      "debug.exit_rank=0",
                                       "guard.max_rollbacks=1", "run.name=my-run_2"])
 def test_the_boundaries_are_allowed(override):
     Config.load(overrides=[override])
