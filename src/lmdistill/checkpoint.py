@@ -36,6 +36,7 @@ import errno
 import hashlib
 import json
 import logging
+import math
 import os
 import pickle
 import random
@@ -782,13 +783,63 @@ def restore_training_state(path: Path, model: torch.nn.Module, optimizer, proces
             load_shards(path, model, optimizer)
         else:
             model.load_state_dict(ckpt.model_state)
+            problem = optimizer_state_problem(ckpt.optimizer_state, optimizer)
+            if problem is not None:  # a wrong-shaped state crashes the fused AdamW step (signal 11)
+                raise CheckpointError(f"{path / OPTIMIZER_FILE}: the checkpoint's optimizer state is damaged or "
+                                      f"not lmdistill's ({problem}); move the checkpoint {path} away to resume "
+                                      "from an older one, or start over with --overwrite")
             optimizer.load_state_dict(ckpt.optimizer_state)
-    except RuntimeError as exc:
+    except (RuntimeError, ValueError) as exc:
         raise CheckpointError(f"{path} does not fit this student ({str(exc).splitlines()[0][:160]}); resume with "
                               "the run's own model settings") from None
     if ckpt.rng_state is not None:
         restore_rng_state(ckpt.rng_state)
     return ckpt.trainer_state
+
+
+def _finite(value: Any) -> bool:
+    if isinstance(value, torch.Tensor) and value.numel() == 1:
+        value = value.item()
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def optimizer_state_problem(state: Any, optimizer) -> str | None:
+    """What is wrong with a saved ``optimizer.state_dict()`` for ``optimizer``, or None: every
+    per-parameter tensor must have its parameter's shape, the step and settings sane numbers."""
+    if not isinstance(state, dict) or not isinstance(state.get("state"), dict) \
+            or not isinstance(state.get("param_groups"), list):
+        return f"a {type(state).__name__}, not an optimizer state dict"
+    groups = state["param_groups"]
+    if len(groups) != len(optimizer.param_groups):
+        return f"{len(groups)} parameter group(s), the optimizer has {len(optimizer.param_groups)}"
+    params = {}
+    for saved, group in zip(groups, optimizer.param_groups):
+        if not isinstance(saved, dict) or not isinstance(saved.get("params"), list) \
+                or len(saved["params"]) != len(group["params"]) \
+                or not all(isinstance(i, int) for i in saved["params"]):
+            return "parameter groups that do not match the optimizer's"
+        params.update(zip(saved["params"], group["params"]))
+        lr, betas, eps, decay = (saved.get(k) for k in ("lr", "betas", "eps", "weight_decay"))
+        if not _finite(lr) or float(lr) < 0:
+            return f"lr {lr!r}"
+        if betas is not None and (not isinstance(betas, (list, tuple)) or len(betas) != 2
+                                  or not all(_finite(b) and 0 <= float(b) < 1 for b in betas)):
+            return f"betas {betas!r}"
+        if eps is not None and (not _finite(eps) or float(eps) <= 0):
+            return f"eps {eps!r}"
+        if decay is not None and not _finite(decay):
+            return f"weight_decay {decay!r}"
+    for key, entries in state["state"].items():
+        if key not in params or not isinstance(entries, dict):
+            return f"state for unknown parameter {key!r}"
+        for name, value in entries.items():
+            if name == "step":
+                if not _finite(value) or float(value) < 0:
+                    return f"step {value!r} of parameter {key!r}"
+            elif isinstance(value, torch.Tensor) and value.shape != params[key].shape:
+                return (f"{name} of parameter {key!r} has shape {tuple(value.shape)}, the parameter "
+                        f"{tuple(params[key].shape)}")
+    return None
 
 
 def _restore_projection(path: Path, ckpt: "LoadedCheckpoint", projection: torch.nn.Module | None) -> None:

@@ -91,6 +91,37 @@ def test_a_crafted_pickle_is_refused_without_suggesting_an_unsafe_load(unfinishe
     assert "weights_only" not in line
 
 
+def test_a_crafted_optimizer_state_is_one_line_saying_it_is_damaged(unfinished_run, teacher_dir, text_file,
+                                                                     tmp_path):
+    import io
+
+    import torch
+
+    step_dir = unfinished_run / "checkpoints" / "step-4"
+    state = torch.load(step_dir / "optimizer.pt", weights_only=True)
+
+    def crafted(change):
+        copy = {"state": {k: dict(v) for k, v in state["state"].items()},
+                "param_groups": [dict(g) for g in state["param_groups"]]}
+        change(copy)
+        return copy
+
+    def wrong_shape(s):  # the fused AdamW step dies of signal 11 on these (#37)
+        s["state"][0]["exp_avg"] = torch.zeros(3)
+
+    for bad, needle in ((crafted(wrong_shape), "exp_avg of parameter 0 has shape (3,)"),
+                        (crafted(lambda s: s["param_groups"][0].update(lr=float("nan"))), "lr nan"),
+                        (crafted(lambda s: s["param_groups"][0].update(betas=(2, 5))), "betas (2, 5)"),
+                        (torch.zeros(3), "a Tensor, not an optimizer state dict")):
+        buffer = io.BytesIO()
+        torch.save(bad, buffer)
+        _rewrite(step_dir, "optimizer.pt", buffer.getvalue())
+        before = _tree(unfinished_run)
+        one_error_line(cli(*_args(teacher_dir, text_file, unfinished_run, "--resume")),
+                       "optimizer state is damaged or not lmdistill's", needle, "resume from an older one")
+        assert _tree(unfinished_run) == before
+
+
 def test_export_needs_no_optimizer_state(unfinished_run, tmp_path):
     from transformers import AutoModelForCausalLM
 
