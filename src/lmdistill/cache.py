@@ -203,6 +203,10 @@ class TeacherCache:
             if not file.is_file() or file.stat().st_size != record["bytes"] or sha256_file(file) != record["sha256"]:
                 raise LmdistillError(f"teacher cache '{self.path}': shard {name} does not match its SHA-256 in the "
                                      "manifest (damaged or changed); rebuild the cache with lmdistill cache-teacher")
+            problem = shard_values_problem(file, self.manifest)
+            if problem is not None:
+                raise LmdistillError(f"teacher cache '{self.path}': shard {name} is damaged ({problem}); rebuild the "
+                                     "cache with lmdistill cache-teacher")
 
     @property
     def mode(self) -> str:
@@ -302,6 +306,8 @@ def manifest_problem(m) -> str | None:
                        *((key, 1) for key, used in wanted.items() if used)):
         if not whole(m.get(key), least):
             return f"{key} is {m.get(key)!r}, not a whole number >= {least}"
+    if m["mode"] == "topk" and m["k"] >= m["vocab_size"]:
+        return f"k = {m['k']} leaves no tail below the vocabulary of {m['vocab_size']} tokens"
     temperature = m.get("capture_temperature")
     if isinstance(temperature, bool) or not isinstance(temperature, (int, float)) or \
             not (math.isfinite(temperature) and temperature > 0):
@@ -331,6 +337,30 @@ def manifest_problem(m) -> str | None:
     if not isinstance(evaluated, dict) or isinstance(evaluated.get("teacher_ce_loss"), bool) or \
             not isinstance(evaluated.get("teacher_ce_loss"), (int, float)):
         return "the teacher's held-out loss (teacher_eval) is missing"
+    return None
+
+
+def shard_values_problem(file: Path, m: dict) -> str | None:
+    """What makes a shard's values something ``write_shard`` never writes, in words; None when
+    they fit the manifest: ids in [0, vocab), counts summing to S at every position (sampled),
+    tail masses in [0, 1] (topk), no NaN. (A hash matches whatever was hashed: a cache built by
+    another program, or hashed after it was changed, needs its values checked too.)"""
+    from safetensors import safe_open
+
+    with safe_open(file, framework="np") as f:
+        t = {name: f.get_tensor(name) for name in m["tensors"]}
+    for name, values in t.items():
+        if values.dtype.kind == "f" and (np.isnan(values).any() or np.isposinf(values).any()):
+            return f"{name} holds NaN or +inf"
+    if "ids" in t and t["ids"].size and (int(t["ids"].min()) < 0 or int(t["ids"].max()) >= m["vocab_size"]):
+        return f"token ids outside the vocabulary of {m['vocab_size']} tokens"
+    if "counts" in t and (t["counts"].astype(np.int64).sum(-1) != m["samples"]).any():
+        return f"sample counts that do not add up to {m['samples']} draws at every position"
+    if "tail" in t and ((t["tail"] < 0) | (t["tail"] > 1)).any():
+        return "tail masses outside [0, 1]"
+    for name in ("logz", "entropy"):
+        if name in t and not np.isfinite(t[name]).all():
+            return f"{name} is not finite"
     return None
 
 

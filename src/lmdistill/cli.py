@@ -334,9 +334,10 @@ def cmd_cache_teacher(args) -> int:
     resolve_default_teacher(cfg, progress=not args.no_progress and rank == 0)
     teacher_name = resolve_source(cfg.model.teacher, "model.teacher")
     tokenizer = load_tokenizer(teacher_name, "teacher")
-    if cfg.cache.mode == "topk" and cfg.cache.k > len(tokenizer):  # before the data, the teacher or the cache
-        raise LmdistillError(f"cache.k = {cfg.cache.k} (--k) is above the vocabulary of {len(tokenizer):,} tokens; "
-                             f"give --k {len(tokenizer)} or less (--mode dense keeps every logit)")
+    if cfg.cache.mode == "topk" and cfg.cache.k >= len(tokenizer):  # before the data, the teacher or the cache
+        # (k = V leaves no tail: its mass is 0, its log -inf, and every step would be nonfinite)
+        raise LmdistillError(f"cache.k = {cfg.cache.k} (--k) is not below the vocabulary of {len(tokenizer):,} tokens; "
+                             f"give --k {len(tokenizer) - 1} or less, or use --mode dense to keep every logit")
     data = build_block_data(cfg.data, tokenizer, progress=not args.no_progress)
     request = tc.build_request(cfg, tokenizer, data, model_reference(teacher_name), len(tokenizer))
     # Rank 0 holds the cache's build lock for the whole launch (its other ranks write under it).

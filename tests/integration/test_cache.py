@@ -12,6 +12,7 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from conftest import REPO, cli, one_error_line, read_jsonl
@@ -47,6 +48,14 @@ def small_text(tmp_path_factory, corpus_texts) -> Path:
 def dense_cache(tmp_path_factory, teacher_dir, small_text) -> Path:
     out = tmp_path_factory.mktemp("cache") / "dense"
     proc = _cache(teacher_dir, small_text, out, "--mode", "dense")
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    return out
+
+
+@pytest.fixture(scope="module")
+def sampled_cache(tmp_path_factory, teacher_dir, small_text) -> Path:
+    out = tmp_path_factory.mktemp("cache") / "sampled"
+    proc = _cache(teacher_dir, small_text, out)
     assert proc.returncode == 0, proc.stderr[-2000:]
     return out
 
@@ -135,8 +144,39 @@ def test_a_crafted_or_damaged_manifest_is_refused_in_one_line(tmp_path, small_te
 def test_topk_with_k_above_the_vocabulary_is_refused_before_anything_runs(tmp_path, teacher_dir, small_text):
     out = tmp_path / "cache"
     one_error_line(_cache(teacher_dir, small_text, out, "--mode", "topk", "--k", "100000"),
-                   "cache.k = 100000 (--k) is above the vocabulary of 384 tokens", "give --k 384 or less")
+                   "cache.k = 100000 (--k) is not below the vocabulary of 384 tokens", "give --k 383 or less")
+    # k = V keeps no tail (mass 0, log -inf): every step would be skipped as nonfinite
+    one_error_line(_cache(teacher_dir, small_text, out, "--mode", "topk", "--k", "384"), "--mode dense")
     assert not out.exists()
+
+
+@pytest.mark.parametrize("damage, needle", [
+    (lambda t: t["counts"].fill(0), "do not add up to 12 draws"),
+    (lambda t: t["ids"].fill(60000), "token ids outside the vocabulary of 384"),
+    (lambda t: t["logz"].fill(np.nan), "logz holds NaN"),
+], ids=["zero-counts", "ids", "nan"])
+def test_a_rehashed_shard_with_impossible_values_is_refused(tmp_path, teacher_dir, small_text, sampled_cache, damage,
+                                                             needle):
+    """The hash only says the shard is the one hashed: its values are checked too (a shard of zero
+    counts trained with a negative kd_loss, ids past the vocabulary crashed in indexing)."""
+    import hashlib
+    import shutil
+
+    from safetensors.numpy import load_file, save_file
+
+    copy = tmp_path / "copy"
+    shutil.copytree(sampled_cache, copy)
+    shard = copy / "train-00000.safetensors"
+    tensors = load_file(str(shard))
+    damage(tensors)
+    save_file(tensors, str(shard))
+    manifest = json.loads((copy / "manifest.json").read_text())
+    manifest["shards"][shard.name] = {"bytes": shard.stat().st_size,
+                                      "sha256": hashlib.sha256(shard.read_bytes()).hexdigest()}
+    (copy / "manifest.json").write_text(json.dumps(manifest))
+    one_error_line(_train(small_text, tmp_path / "run", "--teacher-cache", str(copy)),
+                   "shard train-00000.safetensors is damaged", needle, "rebuild the cache")
+    assert not (tmp_path / "run").exists()
 
 
 def test_a_named_teacher_must_be_the_caches_own(tmp_path, teacher_dir, small_text, dense_cache, tiny_tokenizer):
