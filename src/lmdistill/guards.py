@@ -271,7 +271,15 @@ class Guard:
                 "on_policy_spike_detector": self.on_policy_detector.state_dict()}
 
     def load_state_dict(self, state: dict) -> None:
-        self.state = GuardState(**state["guard"])
+        guard = GuardState(**state["guard"])
+        for name in ("consecutive_skips", "total_skips", "rollbacks"):
+            value = getattr(guard, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 0:
+                raise ValueError(f"guard.{name} is {value!r}, not a whole number >= 0")
+        scale = guard.lr_scale
+        if not isinstance(scale, (int, float)) or isinstance(scale, bool) or not 0 < scale <= 1:
+            raise ValueError(f"guard.lr_scale is {scale!r}, not a number in (0, 1]")
+        self.state = guard
         self.detector.load_state_dict(state["spike_detector"])
         if "on_policy_spike_detector" in state:  # checkpoints from before on-policy training have none
             self.on_policy_detector.load_state_dict(state["on_policy_spike_detector"])

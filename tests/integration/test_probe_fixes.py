@@ -68,7 +68,10 @@ def test_a_crafted_trainer_state_is_one_line_saying_it_is_damaged(unfinished_run
     step_dir = unfinished_run / "checkpoints" / "step-4"
     state = json.loads((step_dir / "trainer_state.json").read_text())
     for crafted, needle in (({**state, "step": "abc"}, "step is 'abc'"), ([1, 2], "a JSON list"),
-                            ({**state, "guard": {"nonsense": 1}}, "guard or health state")):
+                            ({**state, "guard": {"nonsense": 1}}, "guard or health state"),
+                            ({**state, "guard": {**state["guard"], "lr_scale": float("nan")}}, "lr_scale is nan"),
+                            ({**state, "guard": {**state["guard"], "lr_scale": -1.0}}, "lr_scale is -1.0"),
+                            ({**state, "guard": {**state["guard"], "rollbacks": -2}}, "rollbacks is -2")):
         _rewrite(step_dir, "trainer_state.json", json.dumps(crafted).encode())
         before = _tree(unfinished_run)
         one_error_line(cli(*_args(teacher_dir, text_file, unfinished_run, "--resume")),
