@@ -793,7 +793,12 @@ def restore_training_state(path: Path, model: torch.nn.Module, optimizer, proces
         raise CheckpointError(f"{path} does not fit this student ({str(exc).splitlines()[0][:160]}); resume with "
                               "the run's own model settings") from None
     if ckpt.rng_state is not None:
-        restore_rng_state(ckpt.rng_state)
+        try:
+            restore_rng_state(ckpt.rng_state)
+        except (KeyError, TypeError, ValueError, AttributeError, IndexError, RuntimeError) as exc:
+            raise CheckpointError(f"{path / RNG_FILE} is damaged or was not written by lmdistill ({exc!r}); move "
+                                  f"the checkpoint {path} away to resume from an older one, or start over with "
+                                  "--overwrite") from None
     return ckpt.trainer_state
 
 

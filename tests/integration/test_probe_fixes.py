@@ -125,6 +125,23 @@ def test_a_crafted_optimizer_state_is_one_line_saying_it_is_damaged(unfinished_r
         assert _tree(unfinished_run) == before
 
 
+def test_a_crafted_rng_state_is_one_line_saying_it_is_damaged(unfinished_run, teacher_dir, text_file):
+    import io
+
+    import torch
+
+    step_dir = unfinished_run / "checkpoints" / "step-4"
+    state = torch.load(step_dir / "rng_state.pt", weights_only=True)
+    for bad in ({**state, "numpy": {"a": 1}}, {**state, "python": 3}, {**state, "torch_cpu": torch.zeros(2)}):
+        buffer = io.BytesIO()
+        torch.save(bad, buffer)
+        _rewrite(step_dir, "rng_state.pt", buffer.getvalue())
+        before = _tree(unfinished_run)
+        one_error_line(cli(*_args(teacher_dir, text_file, unfinished_run, "--resume")),
+                       "rng_state.pt is damaged or was not written by lmdistill", "resume from an older one")
+        assert _tree(unfinished_run) == before
+
+
 def test_export_needs_no_optimizer_state(unfinished_run, tmp_path):
     from transformers import AutoModelForCausalLM
 
