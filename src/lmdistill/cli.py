@@ -316,7 +316,7 @@ def cmd_cache_teacher(args) -> int:
     from .config import Config
     from .data import build_block_data
     from .default import resolve_default_teacher
-    from .models import freeze, load_causal_lm, load_tokenizer, resolve_source
+    from .models import check_causal, check_vocab_covers, freeze, load_causal_lm, load_tokenizer, resolve_source
     from .progress import progress_bar
 
     values = {k: v for k, v in {"model.teacher": args.teacher, "data.path": args.data, "cache.mode": args.mode}.items()
@@ -338,6 +338,11 @@ def cmd_cache_teacher(args) -> int:
         # (k = V leaves no tail: its mass is 0, its log -inf, and every step would be nonfinite)
         raise LmdistillError(f"cache.k = {cfg.cache.k} (--k) is not below the vocabulary of {len(tokenizer):,} tokens; "
                              f"give --k {len(tokenizer) - 1} or less, or use --mode dense to keep every logit")
+    # The teacher is checked before the data or the cache are touched: one that does not cover the
+    # tokenizer would index past its rows, and a bidirectional one (BERT) is no next-token teacher.
+    teacher = freeze(load_causal_lm(teacher_name, "teacher", torch.float32, cfg.model.trust_remote_code))
+    check_vocab_covers(teacher, len(tokenizer), "teacher", teacher_name)
+    check_causal(teacher, "teacher", teacher_name, len(tokenizer))
     data = build_block_data(cfg.data, tokenizer, progress=not args.no_progress)
     request = tc.build_request(cfg, tokenizer, data, model_reference(teacher_name), len(tokenizer))
     # Rank 0 holds the cache's build lock for the whole launch (its other ranks write under it).
@@ -359,7 +364,7 @@ def cmd_cache_teacher(args) -> int:
                   f"({per_token / tc.dense_fp16_bytes(len(tokenizer)):.2%} of fp16 logits at V={len(tokenizer):,})")
         device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0"))) if torch.cuda.is_available() else (
             torch.device("cpu"))
-        teacher = freeze(load_causal_lm(teacher_name, "teacher", torch.float32, cfg.model.trust_remote_code)).to(device)
+        teacher = teacher.to(device)
         todo = tc.shards_to_do(out, request, rank, world)
         blocks = {"train": data.train, "eval": data.eval}
         bar = progress_bar(sum((end - start) for _, _, start, end in todo) * request["positions_per_block"], 0,

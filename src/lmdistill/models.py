@@ -408,6 +408,7 @@ def load_models(cfg, teacher=None, student=None, tokenizer=None, train_blocks=No
         check_run_tokenizer(cfg, tokenizer, teacher_name)  # before the teacher's weights are loaded
         run_tokenizer_checked = True
         teacher = load_causal_lm(teacher_name, "teacher", _teacher_dtype(cfg), cfg.model.trust_remote_code)
+        check_vocab_covers(teacher, len(tokenizer), "teacher", teacher_name)  # before a student is built from it
     elif teacher is not None:
         teacher_name = cfg.model.teacher or type(teacher).__name__
     if teacher is None and cfg.distill.kd_weight > 0:

@@ -150,6 +150,25 @@ def test_topk_with_k_above_the_vocabulary_is_refused_before_anything_runs(tmp_pa
     assert not out.exists()
 
 
+def test_cache_teacher_refuses_a_bert_or_a_teacher_short_of_the_tokenizer(tmp_path, small_text, tiny_tokenizer):
+    """As train does: checked before the data is read or anything is written into --out (#47c, #22e)."""
+    from transformers import BertConfig, BertForMaskedLM
+
+    from conftest import tiny_llama
+
+    bert, short = tmp_path / "bert", tmp_path / "short"
+    BertForMaskedLM(BertConfig(vocab_size=len(tiny_tokenizer), hidden_size=16, num_hidden_layers=1,
+                               num_attention_heads=2, intermediate_size=32)).save_pretrained(bert)
+    tiny_llama(300, hidden=16, layers=1, seed=3).save_pretrained(short)
+    for model in (bert, short):
+        tiny_tokenizer.save_pretrained(model)
+    one_error_line(_cache(bert, small_text, tmp_path / "a"), f"the teacher '{bert}'", "not a causal language model")
+    one_error_line(_cache(short, small_text, tmp_path / "b"), f"teacher '{short}' has 300 output rows",
+                   "384 tokens")
+    assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()
+    one_error_line(_train(small_text, tmp_path / "c", "--teacher", str(short)), f"teacher '{short}' has 300 output rows")
+
+
 @pytest.mark.parametrize("damage, needle", [
     (lambda t: t["counts"].fill(0), "do not add up to 12 draws"),
     (lambda t: t["ids"].fill(60000), "token ids outside the vocabulary of 384"),
