@@ -422,6 +422,14 @@ def prepare_out(out: Path, request: dict, overwrite: bool) -> bool:
             differs = _first_difference(earlier or {}, request)
             raise LmdistillError(f"'{out}' holds a different teacher cache ({differs}); pass --overwrite to replace it, "
                                  "or give another --out")
+        listed = _listed_shards(out, earlier)
+        strays = sorted(name for name in os.listdir(out) if name not in listed and _CACHE_FILE.match(
+            _TEMPORARY.match(name).group(1) if _TEMPORARY.match(name) else name))
+        if strays:  # named like a shard, but no record of this cache lists it: not ours to delete
+            more = f" and {len(strays) - 1} more" if len(strays) > 1 else ""
+            raise LmdistillError(f"--out '{out}' holds {strays[0]}{more}, named like a cache shard but not listed by "
+                                 "the cache there; move it out, or give another --out (lmdistill never deletes what "
+                                 "it did not write)")
         for entry in os.scandir(out):  # only cache files are left (checked above); the lock we hold stays
             if entry.name != LOCK:
                 os.unlink(entry.path)
@@ -449,6 +457,22 @@ def _check_ours(out: Path) -> bool:
                              f"{f' and {len(foreign) - 1} more' if len(foreign) > 1 else ''}); move them out, or give "
                              "another --out (lmdistill never deletes what it did not write)")
     return True
+
+
+def _listed_shards(out: Path, earlier) -> set[str]:
+    """The shard files (and their unfinished temporaries) the cache in ``out`` records: those of
+    its manifest, or of its build.json's plan while it is unfinished."""
+    names = set()
+    manifest = _read_json(out / MANIFEST)
+    if isinstance(manifest, dict) and isinstance(manifest.get("shards"), dict):
+        names |= set(manifest["shards"])
+    for record in (earlier, manifest):
+        try:
+            names |= {f"{split}-{i:05d}.safetensors" for split, i, _, _ in shard_plan(record)}
+        except (TypeError, KeyError, ValueError, ZeroDivisionError):
+            pass
+    temporaries = {n for n in os.listdir(out) if _TEMPORARY.match(n) and _TEMPORARY.match(n).group(1) in names}
+    return names | temporaries
 
 
 def _cache_file(path: Path) -> bool:

@@ -278,6 +278,22 @@ def test_overwrite_replaces_a_teacher_cache_and_nothing_else(tmp_path, teacher_d
     one_error_line(_cache(teacher_dir, small_text, copy, "--mode", "topk"), "different teacher cache", "--overwrite")
 
 
+def test_overwrite_deletes_only_the_shards_the_old_cache_lists(tmp_path, teacher_dir, small_text, dense_cache):
+    """A file named like a shard that the old manifest does not list is the user's (#10)."""
+    import shutil
+
+    copy = tmp_path / "copy"
+    shutil.copytree(dense_cache, copy)
+    (copy / "train-00099.safetensors").write_text("mine")
+    before = _files(copy)
+    one_error_line(_cache(teacher_dir, small_text, copy, "--mode", "topk", "--overwrite"), "train-00099.safetensors",
+                   "not listed by the cache there", "never deletes")
+    assert _files(copy) == before
+    (copy / "train-00099.safetensors").unlink()
+    proc = _cache(teacher_dir, small_text, copy, "--mode", "topk", "--overwrite")
+    assert proc.returncode == 0, proc.stderr[-2000:]
+
+
 def test_the_cache_lock_is_never_opened_through_a_link(tmp_path, teacher_dir, small_text):
     """A lock link planted in --out: the build stops in one line and the link's target keeps its
     bytes (opened through the link, the lock would truncate it and write a pid into it)."""
