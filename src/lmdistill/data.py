@@ -49,10 +49,11 @@ def embedded_corpus_texts() -> list[str]:
     return [topics[name] for name in sorted(topics)]
 
 
-def _data_files(path: Path) -> tuple[str, list[str], list[Path]]:
-    """(datasets builder, the files it reads, the files of a directory it leaves out)."""
+def _data_files(path: Path, store_home: Path | None = None) -> tuple[str, list[str], list[Path]]:
+    """(datasets builder, the files it reads, the files of a directory it leaves out; never those
+    of ``store_home``, the data stores' own directory, should it lie inside ``path``)."""
     if path.is_dir():
-        found = _visible_files(path)
+        found = _visible_files(path, store_home)
         files = [p for p in found if p.suffix.lower() in EXTENSION_BUILDERS]
         ignored = [p for p in found if p.suffix.lower() not in EXTENSION_BUILDERS]
         if not files:
@@ -74,12 +75,12 @@ def _data_files(path: Path) -> tuple[str, list[str], list[Path]]:
     return builder, [str(path)], []
 
 
-def _visible_files(folder: Path) -> list[Path]:
+def _visible_files(folder: Path, skip: Path | None = None) -> list[Path]:
     """The files under ``folder``, sorted, without hidden ones or anything in a hidden directory
-    (``.git/``, ``.ipynb_checkpoints/``), which are not even walked."""
-    found = []
+    (``.git/``, ``.ipynb_checkpoints/``) or in ``skip``, which are not even walked."""
+    found, skip = [], skip.resolve() if skip is not None else None
     for parent, dirs, names in os.walk(folder):
-        dirs[:] = [d for d in dirs if not d.startswith(".")]
+        dirs[:] = [d for d in dirs if not d.startswith(".") and Path(parent, d).resolve() != skip]
         found += [Path(parent, name) for name in names if not name.startswith(".")]
     return sorted(p for p in found if p.is_file())
 
@@ -150,7 +151,7 @@ def plan_source(source: str | None, cfg: DataConfig, role: str = "data.path") ->
                             lambda: (datasets_module().Dataset.from_dict({"text": texts}), "text"))
     path = Path(source).expanduser()
     if path.exists():
-        builder, files, ignored = _data_files(path)
+        builder, files, ignored = _data_files(path, stores_home(cfg.store_dir))
         description = f"{source} ({len(files)} file{'s' if len(files) > 1 else ''})"
         if ignored:
             kinds = sorted({p.suffix or p.name for p in ignored})

@@ -98,6 +98,19 @@ def test_hidden_files_and_directories_of_a_data_directory_are_not_read(tmp_path,
     assert "left out" not in capsys.readouterr().out  # not even counted as files of another type
 
 
+def test_a_store_dir_inside_the_data_directory_is_not_read_as_data(tmp_path, docs, tiny_tokenizer):
+    """The second run used to read the first run's store files as data (#8)."""
+    folder = tmp_path / "texts"
+    folder.mkdir()
+    for i, doc in enumerate(docs[:2]):
+        (folder / f"{i:02d}.txt").write_text(doc)
+    cfg = DataConfig(path=str(folder), block_size=24, store_dir=str(folder / "stores"))
+    for _ in range(2):
+        blocks, description = block_data_of(str(folder), cfg, tiny_tokenizer)
+        assert "2 files" in description and (folder / "stores").is_dir()
+        assert torch.equal(all_ids(blocks), expected_blocks(docs[:2], tiny_tokenizer, 24))
+
+
 def test_a_jsonl_file_that_is_not_utf8_names_the_file_line_and_byte_offset(tmp_path, docs, tiny_tokenizer):
     lines = "".join(json.dumps({"text": d}) + "\n" for d in docs[:3]).encode()
     path = tmp_path / "latin.jsonl"
