@@ -73,6 +73,8 @@ MODEL_FILE = "model.safetensors"
 OPTIMIZER_FILE = "optimizer.pt"
 RNG_FILE = "rng_state.pt"
 TRAINER_STATE_FILE = "trainer_state.json"
+# What export neither needs nor reads: a checkpoint without them still exports.
+EXPORT_SKIP = frozenset({OPTIMIZER_FILE, RNG_FILE, TRAINER_STATE_FILE})
 SHARDS_METADATA_FILE = ".metadata"  # torch.distributed.checkpoint's map of the shards
 SHARDED = "sharded"
 _RESERVED_FILES = frozenset(
@@ -557,7 +559,7 @@ def verify_checkpoint(path: Path, *, check_hashes: bool = True, skip: frozenset[
     if not isinstance(weights, list) or (sharded and SHARDS_METADATA_FILE not in weights):
         return [f"{path / MANIFEST_FILE}: a sharded checkpoint's manifest without its list of shard files"]
     for required in (*weights, TRAINER_STATE_FILE):
-        if required not in files:
+        if required not in files and required not in skip:
             problems.append(f"{path / required}: not listed in the manifest")
     for name, record in sorted(files.items()):
         file_path = path / name
@@ -606,13 +608,16 @@ def load_checkpoint(path: Path, map_location: str | torch.device = "cpu", *,
     Raises CheckpointError naming the bad file if verification fails; nothing from an
     unverified directory is ever deserialized. ``check_hashes=False`` when ``path`` was just
     verified with them (``resume_point``): the sizes are still checked. ``optimizer=False``
-    (export): ``optimizer.pt`` is neither needed nor read (``optimizer_state`` is None).
+    (export): only the weights and extra files are needed and read (``EXPORT_SKIP``: the optimizer,
+    RNG and trainer states are None, None and {}).
     """
     path = Path(path)
-    problems = verify_checkpoint(path, check_hashes=check_hashes,
-                                 skip=frozenset() if optimizer else frozenset({OPTIMIZER_FILE}))
+    problems = verify_checkpoint(path, check_hashes=check_hashes, skip=frozenset() if optimizer else EXPORT_SKIP)
     if problems:
         more = f" (and {len(problems) - 1} more problem(s))" if len(problems) > 1 else ""
+        if not optimizer:
+            raise CheckpointError(f"cannot export checkpoint: {problems[0]}{more}; export needs the checkpoint's "
+                                  "weights and student_config.json: restore them, or export another checkpoint")
         raise CheckpointError(
             f"cannot load checkpoint: {problems[0]}{more}; resume from an older checkpoint "
             f"(find_latest_valid picks the newest valid one)"
@@ -635,10 +640,10 @@ def load_checkpoint(path: Path, map_location: str | torch.device = "cpu", *,
         if OPTIMIZER_FILE in files and optimizer:
             optimizer_state = _load_tensors(path / OPTIMIZER_FILE, map_location)
         rng_state = None
-        if RNG_FILE in files:
+        if RNG_FILE in files and optimizer:
             # RNG states must stay on the CPU whatever the model's device (restore needs it).
             rng_state = _load_tensors(path / RNG_FILE, "cpu")
-        trainer_state = json.loads((path / TRAINER_STATE_FILE).read_text(encoding="utf-8"))
+        trainer_state = json.loads((path / TRAINER_STATE_FILE).read_text(encoding="utf-8")) if optimizer else {}
         extra_files = {name: (path / name).read_bytes() for name in manifest.get("extra_files", [])}
     except (
         OSError,

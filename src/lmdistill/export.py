@@ -11,7 +11,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from .checkpoint import OPTIMIZER_FILE, find_latest_valid, load_checkpoint
+from .checkpoint import EXPORT_SKIP, find_latest_valid, load_checkpoint
 from .errors import LmdistillError
 from .models import save_model_dir
 from .paths import protected_place
@@ -42,7 +42,7 @@ def export_checkpoint(checkpoint: str | Path, out_dir: str | Path) -> Path:
                              f"export; continue it with lmdistill train --resume {checkpoint} (checkpoint.every N "
                              "writes one every N steps)")
     if (checkpoint / "checkpoints").is_dir():  # a run directory: take its newest valid checkpoint
-        newest, warnings = find_latest_valid(checkpoint / "checkpoints", skip=frozenset({OPTIMIZER_FILE}))
+        newest, warnings = find_latest_valid(checkpoint / "checkpoints", skip=EXPORT_SKIP)
         for warning in warnings:
             print(f"warning: {warning}")
         if newest is None:
@@ -57,8 +57,8 @@ def export_checkpoint(checkpoint: str | Path, out_dir: str | Path) -> Path:
         raise LmdistillError(f"output directory '{out_dir}' is not empty; choose a new directory")
     ckpt = load_checkpoint(checkpoint, optimizer=False)  # the weights only: optimizer.pt may be gone
     if "student_config.json" not in ckpt.extra_files:
-        raise LmdistillError(f"checkpoint '{checkpoint}' does not record the student's model config; it was written "
-                             "by an older lmdistill")
+        raise LmdistillError(f"checkpoint '{checkpoint}' does not record the student's model config; export needs "
+                             "student_config.json (it was written by an older lmdistill)")
     config_dict = json.loads(ckpt.extra_files["student_config.json"])
     config = AutoConfig.for_model(config_dict.pop("model_type"), **config_dict)
     model = AutoModelForCausalLM.from_config(config)

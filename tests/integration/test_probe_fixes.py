@@ -156,6 +156,19 @@ def test_export_needs_no_optimizer_state(unfinished_run, tmp_path):
     AutoModelForCausalLM.from_pretrained(tmp_path / "unlisted")
 
 
+def test_export_needs_only_the_weights_and_student_config(unfinished_run, tmp_path):
+    step_dir = unfinished_run / "checkpoints" / "step-4"
+    (step_dir / "rng_state.pt").unlink()  # #41
+    _rewrite(step_dir, "trainer_state.json", None)  # #42
+    for target, out in ((step_dir, "from-step"), (unfinished_run, "from-run")):
+        proc = cli("export", str(target), str(tmp_path / out))
+        assert proc.returncode == 0 and "warning" not in proc.stdout, proc.stdout + proc.stderr
+    (step_dir / "model.safetensors").unlink()
+    line = one_error_line(cli("export", str(step_dir), str(tmp_path / "no-weights")), "model.safetensors: missing",
+                          "export needs the checkpoint's weights and student_config.json")
+    assert "resume" not in line and "find_latest_valid" not in line
+
+
 # --------------------------------------------------------------------------- eval
 def test_eval_refuses_a_bidirectional_model_as_train_does(tmp_path, teacher_dir, tiny_tokenizer):
     from transformers import BertConfig, BertForMaskedLM
