@@ -608,6 +608,9 @@ def _check_run(cfg: "Config") -> None:
     if cfg.run.resume and not cfg.run.output_dir:
         raise ConfigError("run.resume needs run.output_dir: the run directory to continue (--output-dir)")
     for tracker in cfg.run.trackers:
+        if not isinstance(tracker, str):
+            raise ConfigError(f"run.trackers entry {tracker!r} is not a tracker name; give a list of names, e.g. "
+                              "run.trackers=[wandb]")
         if tracker not in TRACKERS:
             raise ConfigError(f"run.trackers entry {tracker!r} is not supported; choose from {', '.join(TRACKERS)}")
 
@@ -685,15 +688,23 @@ class _UniqueKeyLoader(yaml.SafeLoader):
         super().__init__(stream)
         self._depth = 0
         self._values: dict[int, int] = {}  # id(node) -> how many values it expands to
+        self._open: set = set()  # the anchors of the nodes being composed
 
     def compose_node(self, parent, index):
+        event = self.peek_event()
+        if isinstance(event, yaml.AliasEvent) and event.anchor in self._open:
+            # a node holding an alias of itself (&c {x: *c}) would be a value containing itself
+            raise _TooLarge(f"holds the alias *{event.anchor} inside the value it names (a recursive alias)")
+        anchor = None if isinstance(event, yaml.AliasEvent) else event.anchor
         self._depth += 1
+        self._open.add(anchor)
         try:
             if self._depth > MAX_YAML_DEPTH:
                 raise _TooLarge(f"is nested more than {MAX_YAML_DEPTH} levels deep")
             node = super().compose_node(parent, index)
         finally:
             self._depth -= 1
+            self._open.discard(anchor)
         if id(node) not in self._values:  # (an alias is the node it names: counted again where it is used)
             children = node.value if isinstance(node, yaml.SequenceNode) else [
                 part for pair in node.value for part in pair] if isinstance(node, yaml.MappingNode) else []

@@ -505,3 +505,14 @@ def test_alias_bombs_and_deep_nesting_are_refused_naming_the_file_or_flag(tmp_pa
     fine.write_text("model:\n  student_config: &shape {num_hidden_layers: 2}\n"
                     "debug:\n  loss_multiplier: {}\n  inject: [{step: 1, where: loss, value: nan}]\n")
     assert Config.load(fine).model.student_config == {"num_hidden_layers": 2}
+
+
+def test_a_recursive_alias_and_a_nested_tracker_list_are_one_line_each():
+    """A value containing itself and a list inside run.trackers ended in tracebacks."""
+    with pytest.raises(ConfigError, match=r"--set model.student_config holds the alias \*c .*recursive alias"):
+        Config.load(None, ["model.student_config=&c {num_hidden_layers: 1, rope_scaling: *c}"])
+    with pytest.raises(ConfigError, match=r"recursive alias"):
+        Config.load(None, ["model.student_config=&c [1, [*c]]"])
+    assert Config.load(None, ["model.student_config={a: &x {b: 1}, c: *x}"]).model.student_config["c"] == {"b": 1}
+    with pytest.raises(ConfigError, match=r"run.trackers entry \['wandb'\] is not a tracker name"):
+        Config.load(None, ["run.trackers=[[wandb]]"]).validate()
