@@ -164,8 +164,7 @@ def plan_source(source: str | None, cfg: DataConfig, role: str = "data.path") ->
         identity = {"files": [_file_identity(f) for f in files], "builder": builder}
         if cfg.streaming:  # the same records in the same order: the same store as without streaming
             return StreamSource(description, identity, cfg.text_field, role, source,
-                                lambda: datasets_module().load_dataset(builder, data_files=files, split="train",
-                                                                       streaming=True))
+                                lambda: _stream_local(builder, files, role))
         return RecordSource(description, identity, cfg.text_field,
                             lambda: _load_local(builder, files, role, source, cfg))
     if path.suffix.lower() in EXTENSION_BUILDERS:  # a file's name, never a datasets name: no hub look-up
@@ -214,6 +213,8 @@ class StreamSource(SourcePlan):
             with _quiet_logger("datasets"):  # its own error lines would repeat ours
                 self.dataset = self._opener()
                 head = list(itertools.islice(self.dataset, FORMAT_PROBE))
+        except LmdistillError:
+            raise
         except Exception as exc:  # datasets raises many types for a name or file it cannot stream
             raise LmdistillError(f"{self.role} '{self.source}' could not be read as a stream ({_one_line(exc)}); "
                                  "check the name, the network, or set data.streaming=false") from None
@@ -283,6 +284,13 @@ def _file_identity(name: str) -> list:
     path = Path(name).resolve()
     stat = path.stat()
     return [str(path), stat.st_size, stat.st_mtime_ns]
+
+
+def _stream_local(builder: str, files: list[str], role: str):
+    if builder == "json":  # a byte that is not UTF-8 is the file's fault, named as it is without streaming
+        for name in files:
+            _check_utf8(name, role)
+    return datasets_module().load_dataset(builder, data_files=files, split="train", streaming=True)
 
 
 def _load_local(builder: str, files: list[str], role: str, source: str, cfg: DataConfig):

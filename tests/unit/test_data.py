@@ -121,6 +121,14 @@ def test_a_jsonl_file_that_is_not_utf8_names_the_file_line_and_byte_offset(tmp_p
                                f"{len(lines) + 13}); convert it to UTF-8, e.g. with iconv")
 
 
+def test_a_streamed_jsonl_file_that_is_not_utf8_is_named_not_the_network(tmp_path, docs, tiny_tokenizer):
+    path = tmp_path / "latin.jsonl"
+    path.write_bytes(json.dumps({"text": docs[0]}).encode() + b"\n" + '{"text": "caf\xe9"}\n'.encode("latin-1"))
+    with pytest.raises(LmdistillError) as info:
+        block_data_of(str(path), DataConfig(path=str(path), block_size=16, streaming=True), tiny_tokenizer)
+    assert f"'{path}' is not UTF-8 text" in str(info.value) and "network" not in str(info.value)
+
+
 def test_single_txt_file(tmp_path, docs, tiny_tokenizer):
     path = tmp_path / "one.txt"
     path.write_text(docs[0])
