@@ -87,6 +87,13 @@ _TIED_METADATA_KEY = "lmdistill.tied_weights"
 _STEP_DIR_RE = re.compile(r"^step-(\d+)$")
 _TMP_PREFIX = ".tmp-"
 _TRASH_PREFIX = ".trash-"
+# Exactly the scratch directories lmdistill makes (``.tmp-step-N-<pid>``, ``.tmp-step-N-shards``,
+# ``.trash-step-N-<pid>``): only these are deleted as leftovers; any other name is the user's.
+_LEFTOVER = re.compile(r"^\.(tmp|trash)-step-\d+-(\d+|shards)$")
+
+
+def is_leftover(name: str) -> bool:
+    return bool(_LEFTOVER.match(name))
 
 
 class CheckpointError(LmdistillError):
@@ -314,6 +321,13 @@ def _apply_retention(checkpoints_dir: Path, keep: int, protect: Path) -> None:
         elif not verify_checkpoint(path, check_hashes=False):
             kept += 1
     for path in reversed(victims):  # oldest first
+        from .rundir import foreign_in_checkpoint
+
+        foreign = foreign_in_checkpoint(path)
+        if foreign:  # never delete what lmdistill did not write
+            logger.warning("kept old checkpoint %s: it holds %s, which lmdistill did not write; move it away",
+                           path, foreign[0])
+            continue
         try:
             _remove_dir_crash_safe(path)
         except OSError as exc:
@@ -344,7 +358,7 @@ def remove_leftovers(checkpoints_dir: Path) -> None:
     if not checkpoints_dir.is_dir():
         return
     for entry in checkpoints_dir.iterdir():
-        if entry.name.startswith((_TMP_PREFIX, _TRASH_PREFIX)):
+        if is_leftover(entry.name):
             try:
                 if entry.is_dir() and not entry.is_symlink():
                     shutil.rmtree(entry)

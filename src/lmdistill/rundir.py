@@ -393,7 +393,9 @@ def _top_level(entry):
 def _in_checkpoints(entry):
     if not entry.is_dir(follow_symlinks=False):
         return False
-    if entry.name.startswith((".tmp-", ".trash-")):
+    from .checkpoint import is_leftover
+
+    if is_leftover(entry.name):
         return True  # an interrupted save's or clean-up's: the next save deletes it anyway
     if not _STEP_DIR.match(entry.name):
         return False
@@ -408,6 +410,13 @@ def _in_checkpoints(entry):
     except (OSError, ValueError, AttributeError):
         pass
     return lambda e: e.is_file(follow_symlinks=False) and (e.name in names or bool(_DCP_SHARD.match(e.name)))
+
+
+def foreign_in_checkpoint(step_dir: Path) -> list[str]:
+    """Paths (relative to its ``checkpoints`` directory) inside checkpoint ``step_dir`` that lmdistill
+    did not write (not listed in its manifest): what pruning it must not delete."""
+    found = _foreign_below(step_dir.parent, lambda e: e.name != step_dir.name or _in_checkpoints(e))
+    return [path for path in found if path.startswith(f"{step_dir.name}/")]
 
 
 def _in_model_dir(entry):

@@ -372,6 +372,21 @@ def test_leftover_temp_dir_is_ignored_then_cleaned_up(ckdir: Path) -> None:
     assert not leftover.exists() and (ckdir / "notes").is_dir()
 
 
+def test_files_lmdistill_did_not_write_are_never_deleted(ckdir: Path, caplog) -> None:
+    for step in (1, 2):
+        save_small(ckdir, step, keep=None)
+    (ckdir / "step-1" / "mine.txt").write_text("notes")  # not in step-1's manifest (#3)
+    for name in (".trash-keep", ".tmp-backup"):  # the user's, not a leftover of lmdistill's (#4)
+        (ckdir / name).mkdir()
+        (ckdir / name / "x").write_text("x")
+    save_small(ckdir, 3, keep=1)
+    assert (ckdir / "step-1" / "mine.txt").read_text() == "notes"
+    assert "step-1/mine.txt" in caplog.text
+    assert not (ckdir / "step-2").exists()  # lmdistill's own old checkpoint still goes
+    ckpt.remove_leftovers(ckdir)
+    assert (ckdir / ".trash-keep" / "x").exists() and (ckdir / ".tmp-backup" / "x").exists()
+
+
 def test_find_latest_valid_on_missing_or_empty_dir(tmp_path: Path) -> None:
     assert find_latest_valid(tmp_path / "nope") == (None, [])
     assert find_latest_valid(tmp_path) == (None, [])
@@ -605,3 +620,12 @@ def test_directory_hash_is_stable_and_content_sensitive(tmp_path: Path) -> None:
     assert directory_hash(copy) != first
     with pytest.raises(CheckpointError, match="not a directory"):
         directory_hash(tmp_path / "missing")
+
+
+def test_overwrite_counts_a_user_directory_named_like_a_leftover_as_foreign(ckdir: Path) -> None:
+    from lmdistill.rundir import RunDirectory
+
+    save_small(ckdir, 1)
+    (ckdir / ".trash-keep").mkdir()
+    (ckdir / ".tmp-step-2-123").mkdir()  # a leftover of lmdistill's own
+    assert RunDirectory(ckdir.parent).foreign_entries() == ["checkpoints/.trash-keep"]
