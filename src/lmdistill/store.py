@@ -57,6 +57,7 @@ import threading
 import time
 from collections.abc import Iterator
 from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
+from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -676,7 +677,18 @@ def _run_shards(plan: SourcePlan, tokenizer, build: Path, finished: dict[int, di
 
 
 def _run_pool(tasks, build: Path, procs: int, dtype: str, args: tuple, done, enough) -> None:
-    """Shards over ``procs`` worker processes, at most two each in flight, taken in order."""
+    """Shards over ``procs`` worker processes, at most two each in flight, taken in order. A
+    worker that dies (killed, e.g. by the out-of-memory killer) ends the build with one line; the
+    shards finished so far stay in the build directory for the rerun."""
+    try:
+        _pool_over(tasks, build, procs, dtype, args, done, enough)
+    except BrokenProcessPool:
+        raise LmdistillError(f"a tokenizer process of the data store build died (killed, perhaps out of memory); the "
+                             f"shards finished so far are kept: run again, or lower data.num_proc (now {procs})") \
+            from None
+
+
+def _pool_over(tasks, build: Path, procs: int, dtype: str, args: tuple, done, enough) -> None:
     context = multiprocessing.get_context("fork" if sys.platform.startswith("linux") else "spawn")
     with ProcessPoolExecutor(procs, mp_context=context, initializer=_init_worker,
                              initargs=(*args, os.getpid())) as pool:

@@ -93,6 +93,23 @@ def small_shards(monkeypatch):
     monkeypatch.setattr(store_module, "PIECE_BYTES", 700)
 
 
+def _die(*args):
+    os._exit(9)  # as a worker killed by the out-of-memory killer ends
+
+
+def test_a_worker_that_dies_ends_the_build_with_one_line(tmp_path, docs, tiny_tokenizer, monkeypatch):
+    small_shards(monkeypatch)
+    monkeypatch.setattr(store_module, "_tokenize_shard", _die)  # (the forked workers inherit it)
+    source = tmp_path / "big.txt"
+    source.write_text("\n".join(docs))
+    with pytest.raises(LmdistillError, match=r"tokenizer process .* died .* lower data.num_proc \(now 2\)"):
+        open_store(str(source), cfg_for(source, tmp_path / "s", num_proc=2), tiny_tokenizer)
+    monkeypatch.undo()
+    small_shards(monkeypatch)
+    store, _ = open_store(str(source), cfg_for(source, tmp_path / "s", num_proc=2), tiny_tokenizer)  # the rerun
+    assert store.tokens[-1] == tiny_tokenizer.eos_token_id
+
+
 def test_parallel_build_equals_one_process_and_decodes_to_the_text(tmp_path, docs, tiny_tokenizer, monkeypatch):
     small_shards(monkeypatch)
     source = tmp_path / "big.txt"
