@@ -273,10 +273,16 @@ class Trainer:
     def train(self) -> RunResult:
         try:
             with GracefulStop(self._record_abort) as self.stop:
-                return self._run()
+                result = self._run()
         finally:
             if self.is_main:
                 self.run.release()
+        if self.world > 1:
+            # Every process leaves together: one that exits while the main one still saves the
+            # student can abort in gloo's teardown ("terminate called without an active exception").
+            self.accelerator.wait_for_everyone()
+            torch.distributed.destroy_process_group()
+        return result
 
     def _run(self) -> RunResult:
         total, status, step = self.plan.total_steps, "running", self.start_step
