@@ -89,6 +89,10 @@ def _build_config(args) -> "Config":
         if config_file is None and saved is not None and saved.is_file():
             config_file = saved  # the run's own settings; flags still apply on top
         elif config_file is None and saved is not None and _is_run(saved.parent):
+            from .rundir import RunDirectory
+
+            # (a run that has just started holds its lock before it writes config.yaml)
+            RunDirectory(saved.parent).refuse_if_in_use()
             raise LmdistillError(f"run '{run_dir}' has no config.yaml; pass the run's settings with --config FILE "
                                  "(without them the resume would use the defaults, not the run's)")
     return Config.load(config_file, overrides, values)

@@ -131,15 +131,19 @@ class RunDirectory:
             raise LmdistillError(f"cannot write the run directory '{self.path}': {existing} is not writable (or on a "
                                  "read-only file system); choose another --output-dir")
 
+    def refuse_if_in_use(self) -> None:
+        """LmdistillError naming the holder when another process holds the run's lock."""
+        holder = self._holder()
+        if holder is not None:
+            raise LmdistillError(f"output directory '{self.path}' is in use by another lmdistill process ({holder}); "
+                                 "wait for it to end, or choose another --output-dir")
+
     def check_reuse(self, cfg) -> None:
         """The rules for an existing ``output_dir``; LmdistillError when they refuse."""
         path = self.path
         if path.exists() and not path.is_dir():
             raise LmdistillError(f"output directory '{path}' is a file; choose another --output-dir")
-        holder = self._holder()
-        if holder is not None:
-            raise LmdistillError(f"output directory '{path}' is in use by another lmdistill process ({holder}); wait "
-                                 "for it to end, or choose another --output-dir")
+        self.refuse_if_in_use()
         if cfg.run.overwrite:
             _refuse_protected(path)
         if not self.entries():
