@@ -14,19 +14,7 @@ from pathlib import Path
 import pytest
 
 from conftest import cli, one_error_line
-
-SMALL_STUDENT = ("model.student_config={num_hidden_layers: 1, hidden_size: 16, intermediate_size: 32, "
-                 "num_attention_heads: 2, num_key_value_heads: 2}")
-
-
-def _args(teacher_dir, data, out, *extra, steps=4):
-    return ("train", "--teacher", str(teacher_dir), "--data", str(data), "--output-dir", str(out), "--batch-size",
-            "2", "--max-steps", str(steps), "--set", "data.block_size=32", "--set", SMALL_STUDENT,
-            "--set", "data.max_eval_blocks=4", "--no-progress", *extra)
-
-
-def _tree(path: Path) -> dict[str, bytes]:
-    return {str(p.relative_to(path)): p.read_bytes() for p in sorted(path.rglob("*")) if p.is_file()}
+from test_hostile import _args, _tree  # the same small runs as the first probe's tests
 
 
 @pytest.fixture
