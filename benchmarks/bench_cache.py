@@ -48,7 +48,7 @@ def expected_calibration_error(run: Path, bins: int = 15) -> float:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from lmdistill.config import Config, load_yaml
-    from lmdistill.data import build_block_data
+    from lmdistill.data.sources import build_block_data
 
     cfg = Config.from_dict(load_yaml(run / "config.yaml"))
     tokenizer = AutoTokenizer.from_pretrained(run / "tokenizer")

@@ -61,7 +61,7 @@ def run_worker(args: list[str]) -> int:
 
 def make_corpus(folder: Path, tokens: int) -> dict:
     """Plain-text files of the embedded corpus's documents, shuffled per file, >= ``tokens`` tokens."""
-    from lmdistill.data import embedded_corpus_texts
+    from lmdistill.data.sources import embedded_corpus_texts
     from lmdistill.default import ensure_default_teacher
     from transformers import AutoTokenizer
 
@@ -121,7 +121,7 @@ def timed_run(args: list[str], log: Path) -> dict:
 def build_throughput(corpus: Path, stores: Path, num_proc: int) -> dict:
     """Build the store for ``corpus`` with ``num_proc`` workers, in-process; tokens/s."""
     from lmdistill.config import DataConfig
-    from lmdistill.data import open_store
+    from lmdistill.data.sources import open_store
     from lmdistill.default import ensure_default_teacher
     from transformers import AutoTokenizer
 

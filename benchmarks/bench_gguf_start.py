@@ -64,7 +64,7 @@ LOAD = """
 import sys, time
 started = time.perf_counter()
 import torch
-from lmdistill.models import load_causal_lm, load_tokenizer, resolve_source
+from lmdistill.models.loading import load_causal_lm, load_tokenizer, resolve_source
 source = resolve_source(sys.argv[1], "teacher")
 load_tokenizer(source)
 load_causal_lm(source, "teacher", torch.float32)

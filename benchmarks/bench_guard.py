@@ -18,8 +18,8 @@ import tempfile
 from pathlib import Path
 
 from lmdistill.config import Config
-from lmdistill.tracking import read_metrics
-from lmdistill.trainer import train
+from lmdistill.report.metrics import read_metrics
+from lmdistill.training.trainer import train
 
 
 def step_times(run_dir: Path) -> list[float]:

@@ -4,8 +4,8 @@
 
 Both variants compute the same thing from hidden states, forward and backward:
   full     logits = h @ W.T (and the teacher's, without grad), then
-           ``lmdistill.losses.distillation_loss`` and autograd backward (the reference);
-  chunked  ``lmdistill.fused.fused_linear_distillation_loss`` (one chunk of logits at a time).
+           ``lmdistill.loss.dense.distillation_loss`` and autograd backward (the reference);
+  chunked  ``lmdistill.loss.chunked.fused_linear_distillation_loss`` (one chunk of logits at a time).
 
 Each variant runs in a fresh subprocess, so its peak memory is its own: we read the resident
 set size just before the first forward+backward and ``ru_maxrss`` (the process's peak RSS)
@@ -45,8 +45,8 @@ def _maxrss_bytes() -> int:
 def worker(args: argparse.Namespace) -> dict:
     import torch
 
-    from lmdistill.fused import fused_linear_distillation_loss
-    from lmdistill.losses import distillation_loss
+    from lmdistill.loss.chunked import fused_linear_distillation_loss
+    from lmdistill.loss.dense import distillation_loss
 
     if args.threads:
         torch.set_num_threads(args.threads)

@@ -35,8 +35,8 @@ import time
 
 import torch
 
-from lmdistill.fused import fused_linear_distillation_loss
-from lmdistill.losses import distillation_loss
+from lmdistill.loss.chunked import fused_linear_distillation_loss
+from lmdistill.loss.dense import distillation_loss
 
 ANCHORS = [
     dict(name="qwen2.5-0.5b<-1.5b", bt=8192, hs=896, ht=1536, vocab=151936),

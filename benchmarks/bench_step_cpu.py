@@ -54,7 +54,7 @@ def build_models(out: Path) -> None:
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    from lmdistill.data import embedded_corpus_texts
+    from lmdistill.data.sources import embedded_corpus_texts
     from lmdistill.default import train_tokenizer
 
     texts = embedded_corpus_texts()

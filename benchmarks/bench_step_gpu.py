@@ -66,10 +66,10 @@ import time
 import torch
 
 from lmdistill.config import Config
-from lmdistill.batch import Batch
-from lmdistill.objective import KDSpec, Objective
-from lmdistill.signals import make_signal
-from lmdistill.schedules import make_optimizer
+from lmdistill.core.batch import Batch
+from lmdistill.loss.objective import KDSpec, Objective
+from lmdistill.teacher.signals import make_signal
+from lmdistill.training.schedules import make_optimizer
 
 VARIANTS = ("full", "chunked", "liger")
 GOALS = {"chunked_over_liger_tokens_per_s": 1.10, "chunked_over_full_tokens_per_s": 1.4}

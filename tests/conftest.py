@@ -43,7 +43,7 @@ def _isolated_cache(tmp_path_factory, monkeypatch):
 
 @pytest.fixture(scope="session")
 def corpus_texts() -> list[str]:
-    from lmdistill.data import embedded_corpus_texts
+    from lmdistill.data.sources import embedded_corpus_texts
 
     return embedded_corpus_texts()[:24]
 
@@ -78,7 +78,7 @@ def text_file(tmp_path_factory, corpus_texts) -> Path:
 def teacher_dir(tmp_path_factory, tiny_tokenizer, text_file) -> Path:
     """A tiny teacher, briefly pretrained on the test corpus so it knows something."""
     from lmdistill.config import Config
-    from lmdistill.trainer import train
+    from lmdistill.training.trainer import train
 
     model = tiny_llama(len(tiny_tokenizer), hidden=48, layers=2, seed=1)
     cfg = Config()
@@ -156,7 +156,7 @@ def real_teacher_dir() -> Path:
         if os.environ.get("CI") == "true":
             pytest.fail(why)
         pytest.skip(why)
-    from lmdistill.gguf import converted_dir
+    from lmdistill.models.gguf import converted_dir
 
     return converted_dir(REAL_GGUF, "teacher", home=REAL_HOME / "gguf", say=lambda _: None)
 

@@ -14,7 +14,7 @@ import sys
 
 _PRELOAD = ["forked", "torch", "transformers", "accelerate", "datasets", "safetensors.torch", "tokenizers",
             "transformers.models.llama.modeling_llama", "torch.utils.tensorboard", "lmdistill.cli",
-            "lmdistill.trainer", "lmdistill.report"]
+            "lmdistill.training.trainer", "lmdistill.report"]
 _context = None
 
 

@@ -4,15 +4,15 @@
     result = train(Config.load("configs/default.yaml", ["train.max_steps=50"]))
 """
 
-from .config import Config
-from .errors import LmdistillError
-from .losses import distillation_loss, token_divergence
+from lmdistill.config import Config
+from lmdistill.core.errors import LmdistillError
+from lmdistill.loss.dense import distillation_loss, token_divergence
 
 __version__ = "0.1.0"
 
 
 def train(cfg, **kwargs):
-    """Run a distillation; see ``lmdistill.trainer.train``.
+    """Run a distillation; see ``lmdistill.training.trainer.train``.
 
     ``cfg`` is a ``Config``, or the path of a YAML config file (loaded with ``Config.load``).
     An empty ``model.teacher`` is the embedded default teacher, built (once) before the run.
@@ -25,10 +25,10 @@ def train(cfg, **kwargs):
         raise TypeError(f"lmdistill.train expects a Config or the path of a YAML config file, got "
                         f"{type(cfg).__name__}; e.g. train(Config.load('configs/default.yaml', "
                         "['train.max_steps=50']))")
-    from .default import resolve_default_teacher
-    from .devices import check_precision
-    from .trainer import preflight
-    from .trainer import train as _train
+    from lmdistill.default import resolve_default_teacher
+    from lmdistill.training.devices import check_precision
+    from lmdistill.training.trainer import preflight
+    from lmdistill.training.trainer import train as _train
 
     if kwargs.get("teacher") is None:
         preflight(cfg)  # a bad config or output directory is refused before the teacher is built

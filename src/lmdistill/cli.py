@@ -21,10 +21,10 @@ from pathlib import Path
 
 from typing import TYPE_CHECKING
 
-from .errors import LmdistillError
+from lmdistill.core.errors import LmdistillError
 
 if TYPE_CHECKING:
-    from .config import Config
+    from lmdistill.config import Config
 
 # Named flags of `train` -> config keys. Everything else goes through --set.
 TRAIN_FLAGS = {
@@ -66,7 +66,7 @@ def _add_train_parser(sub) -> None:
 
 
 def _build_config(args) -> "Config":
-    from .config import Config
+    from lmdistill.config import Config
 
     overrides = list(args.overrides)
     values: dict = {}  # named flags: paths and names verbatim, numbers parsed like --set values
@@ -89,7 +89,7 @@ def _build_config(args) -> "Config":
         if config_file is None and saved is not None and saved.is_file():
             config_file = saved  # the run's own settings; flags still apply on top
         elif config_file is None and saved is not None and _is_run(saved.parent):
-            from .rundir import RunDirectory
+            from lmdistill.training.rundir import RunDirectory
 
             # (a run that has just started holds its lock before it writes config.yaml)
             RunDirectory(saved.parent).refuse_if_in_use()
@@ -99,13 +99,13 @@ def _build_config(args) -> "Config":
 
 
 def _is_run(path: Path) -> bool:
-    from .rundir import RunDirectory
+    from lmdistill.training.rundir import RunDirectory
 
     return RunDirectory(path).is_run()
 
 
 def cmd_train(args) -> int:
-    from . import train
+    from lmdistill import train
 
     cfg = _build_config(args)
     train(cfg, progress=not args.no_progress)
@@ -115,12 +115,12 @@ def cmd_train(args) -> int:
 def cmd_eval(args) -> int:
     import torch
 
-    from .config import DataConfig
-    from .data import block_data_of, build_block_data
-    from .evaluate import evaluate, format_ppl
-    from .models import (check_causal, check_context_length, check_same_tokenizer, check_vocab_covers, freeze,
+    from lmdistill.config import DataConfig
+    from lmdistill.data.sources import block_data_of, build_block_data
+    from lmdistill.training.evaluate import evaluate, format_ppl
+    from lmdistill.models.loading import (check_causal, check_context_length, check_same_tokenizer, check_vocab_covers, freeze,
                          load_causal_lm, load_tokenizer, resolve_source)
-    from .rundir import MARKER
+    from lmdistill.training.rundir import MARKER
 
     if args.block_size is not None and args.block_size < 2:
         raise LmdistillError(f"--block-size {args.block_size} is too small; use 2 or more (e.g. 128)")
@@ -145,7 +145,7 @@ def cmd_eval(args) -> int:
                              f"lmdistill train --resume {path}")
     if (path / "student" / "config.json").is_file():
         # A run directory: its final student, on the run's own held-out blocks unless --data says otherwise.
-        from .config import Config, load_yaml
+        from lmdistill.config import Config, load_yaml
 
         if (path / "config.yaml").is_file():
             run_cfg = Config.from_dict(load_yaml(path / "config.yaml"))
@@ -190,7 +190,7 @@ def cmd_eval(args) -> int:
                              "--block-size")
     judged = None
     if generation is not None:  # first: settings that do not fit the models are refused before the evaluation
-        from .onpolicy import judge_generations
+        from lmdistill.teacher.onpolicy import judge_generations
 
         judged = judge_generations(model, teacher, blocks, tokenizer, len(tokenizer), block_size, **generation)
     result = evaluate(model, teacher, blocks, vocab_size=len(tokenizer), temperature=args.temperature,
@@ -202,12 +202,12 @@ def cmd_eval(args) -> int:
         print(f"KL(teacher || model) at T=1: {result['eval_kl']:.4f} nats/token; "
               f"top-1 agreement {result['top1_agreement']:.1%}")
     if judged is not None:
-        from .onpolicy import describe_generations
+        from lmdistill.teacher.onpolicy import describe_generations
 
         result.update(judged)
         print("\n".join(describe_generations(judged)))
     if args.json:
-        from .paths import atomic_write_json
+        from lmdistill.core.paths import atomic_write_json
 
         atomic_write_json(Path(args.json), result)
     return 0
@@ -216,8 +216,8 @@ def cmd_eval(args) -> int:
 def _generation_settings(args) -> dict | None:
     """``eval --generate``'s flags, checked one line each (defaults: distill.on_policy's); None
     without --generate."""
-    from .config import OnPolicyConfig
-    from .onpolicy import Sampling
+    from lmdistill.config import OnPolicyConfig
+    from lmdistill.teacher.onpolicy import Sampling
 
     defaults = OnPolicyConfig()
     prompt_tokens = args.prompt_tokens if args.prompt_tokens is not None else defaults.prompt_tokens
@@ -251,13 +251,13 @@ def check_writable_file(path: Path, flag: str) -> None:
 
 
 def cmd_report(args) -> int:
-    from .report import main_report
+    from lmdistill.report import main_report
 
     return main_report(args.runs)
 
 
 def cmd_export(args) -> int:
-    from .export import export_checkpoint
+    from lmdistill.export import export_checkpoint
 
     out = export_checkpoint(args.checkpoint, args.out_dir)
     print(f"exported {args.checkpoint} -> {out} (loads with AutoModelForCausalLM.from_pretrained)")
@@ -265,10 +265,10 @@ def cmd_export(args) -> int:
 
 
 def cmd_prune(args) -> int:
-    from .config import Config
-    from .data import build_block_data
-    from .default import resolve_default_teacher
-    from .models import load_models, num_params, save_model_dir
+    from lmdistill.config import Config
+    from lmdistill.data.sources import build_block_data
+    from lmdistill.default import resolve_default_teacher
+    from lmdistill.models.loading import load_models, num_params, save_model_dir
 
     values = {"model.student_init": "teacher"}
     if args.teacher:
@@ -276,8 +276,8 @@ def cmd_prune(args) -> int:
     if args.data:
         values["data.path"] = args.data
     cfg = Config.load(args.config, args.overrides, values)
-    from .export import check_new_model_dir
-    from .prune import SUPPORTED
+    from lmdistill.export import check_new_model_dir
+    from lmdistill.models.prune import SUPPORTED
 
     check_new_model_dir(args.out, "--out")
     out = Path(args.out)
@@ -315,13 +315,13 @@ def cmd_cache_teacher(args) -> int:
     """Run the teacher once over the run's train and eval blocks and write the cache (see cache.py)."""
     import torch
 
-    from . import cache as tc
-    from .checkpoint import model_reference
-    from .config import Config
-    from .data import build_block_data
-    from .default import resolve_default_teacher
-    from .models import check_causal, check_vocab_covers, freeze, load_causal_lm, load_tokenizer, resolve_source
-    from .progress import progress_bar
+    from lmdistill.teacher import cache as tc
+    from lmdistill.training.checkpoint import model_reference
+    from lmdistill.config import Config
+    from lmdistill.data.sources import build_block_data
+    from lmdistill.default import resolve_default_teacher
+    from lmdistill.models.loading import check_causal, check_vocab_covers, freeze, load_causal_lm, load_tokenizer, resolve_source
+    from lmdistill.core.progress import progress_bar
 
     values = {k: v for k, v in {"model.teacher": args.teacher, "data.path": args.data, "cache.mode": args.mode}.items()
               if v is not None}
@@ -408,7 +408,7 @@ def _model_type(source: str) -> str | None:
 
 
 def cmd_config_reference(args) -> int:
-    from .config import reference_markdown
+    from lmdistill.config import reference_markdown
 
     print(reference_markdown())
     return 0

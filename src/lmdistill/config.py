@@ -21,9 +21,9 @@ from typing import Any, Literal, get_args, get_origin
 
 import yaml
 
-from .divergences import DIVERGENCES
-from .errors import ConfigError
-from .faults import FAULT_SITES, FAULT_VALUES
+from lmdistill.loss.divergences import DIVERGENCES
+from lmdistill.core.errors import ConfigError
+from lmdistill.training.faults import FAULT_SITES, FAULT_VALUES
 
 
 def doc(text: str, default: Any = dataclasses.MISSING, **kw: Any) -> Any:

@@ -18,10 +18,10 @@ import shutil
 import signal
 from pathlib import Path
 
-from .config import Config
-from .data import embedded_corpus_texts
-from .errors import LmdistillError
-from .paths import exclusive_lock
+from lmdistill.config import Config
+from lmdistill.data.sources import embedded_corpus_texts
+from lmdistill.core.errors import LmdistillError
+from lmdistill.core.paths import exclusive_lock
 
 # Changing anything here changes the cache key, so a stale teacher is never reused.
 RECIPE = {
@@ -116,9 +116,9 @@ def _pretrain(dest: Path, progress: bool) -> None:
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
-    from .checkpoint import find_latest_valid
-    from .interrupts import Interrupted
-    from .trainer import train
+    from lmdistill.training.checkpoint import find_latest_valid
+    from lmdistill.training.interrupts import Interrupted
+    from lmdistill.training.trainer import train
 
     _remove_abandoned_work_dirs(dest)
     work = dest.parent / f".work-{dest.name}"

@@ -14,8 +14,8 @@ import torch.distributed as dist
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # tests/, for conftest.tiny_llama
 from conftest import tiny_llama  # noqa: E402
 
-from lmdistill.onpolicy import HFGenerator, Sampling  # noqa: E402
-from lmdistill.sharding import shard  # noqa: E402
+from lmdistill.teacher.onpolicy import HFGenerator, Sampling  # noqa: E402
+from lmdistill.core.parallel import shard  # noqa: E402
 
 dist.init_process_group("gloo", timeout=timedelta(seconds=60))
 rank = dist.get_rank()

@@ -297,8 +297,8 @@ def test_overwrite_deletes_only_the_shards_the_old_cache_lists(tmp_path, teacher
 def test_the_cache_lock_is_never_opened_through_a_link(tmp_path, teacher_dir, small_text):
     """A lock link planted in --out: the build stops in one line and the link's target keeps its
     bytes (opened through the link, the lock would truncate it and write a pid into it)."""
-    from lmdistill import cache as tc
-    from lmdistill.errors import LmdistillError
+    from lmdistill.teacher import cache as tc
+    from lmdistill.core.errors import LmdistillError
 
     victim = tmp_path / "precious.txt"
     victim.write_text("precious\n")
@@ -314,7 +314,7 @@ def test_the_cache_lock_is_never_opened_through_a_link(tmp_path, teacher_dir, sm
 PAUSED_BUILD = """
 import sys, time
 from pathlib import Path
-from lmdistill import cache
+from lmdistill.teacher import cache
 from lmdistill.cli import main
 go = Path(sys.argv.pop(1))
 real, done = cache.write_shard, []
@@ -333,7 +333,7 @@ def test_a_second_build_into_the_same_directory_is_refused_while_the_first_runs(
     """Two builds into one --out at two temperatures: the second (even with --overwrite) stops in
     one line naming the first's pid and writes nothing; the first ends with a cache whose shards
     are all its own. Once the first has ended, the second may replace it."""
-    from lmdistill.cache import TeacherCache
+    from lmdistill.teacher.cache import TeacherCache
 
     out, go = tmp_path / "cache", tmp_path / "go"
     args = ["cache-teacher", "--teacher", str(teacher_dir), "--data", str(small_text), "--out", str(out),
@@ -363,7 +363,7 @@ def test_a_second_build_into_the_same_directory_is_refused_while_the_first_runs(
 
 KILLED_BUILD = """
 import os, sys
-from lmdistill import cache
+from lmdistill.teacher import cache
 from lmdistill.cli import main
 real, done = cache.write_shard, []
 def dying(*args, **kw):
@@ -489,9 +489,9 @@ def test_a_cached_run_cuts_its_student_out_of_the_teacher_on_disk(tmp_path, teac
     import torch
     from safetensors.torch import load_file
 
-    from lmdistill import models as models_module
+    from lmdistill.models import loading as models_module
     from lmdistill.config import Config
-    from lmdistill.data import build_block_data
+    from lmdistill.data.sources import build_block_data
 
     pruned = tmp_path / "pruned"
     proc = cli("prune", "--teacher", str(teacher_dir), "--data", str(small_text), "--out", str(pruned), *DATA,

@@ -6,9 +6,9 @@ import pytest
 
 from conftest import read_jsonl
 from lmdistill.config import Config
-from lmdistill.divergences import REGISTRY
-from lmdistill.signals import choose_loss_impl
-from lmdistill.trainer import train
+from lmdistill.loss.divergences import REGISTRY
+from lmdistill.teacher.signals import choose_loss_impl
+from lmdistill.training.trainer import train
 
 
 def _run(tmp_path, teacher_dir, text_file, impl, **extra):

@@ -124,7 +124,7 @@ def on_policy_ddp(tmp_path_factory, teacher_dir, text_file):
 def test_nan_on_one_rank_makes_every_rank_skip(on_policy_ddp):
     """Also with on-policy steps: each rank writes continuations of its own prompts, and all take
     the same on-policy steps (a rank that disagreed would hang the gradient all-reduce)."""
-    from lmdistill.onpolicy import is_on_policy
+    from lmdistill.teacher.onpolicy import is_on_policy
 
     out = on_policy_ddp
     lines = read_jsonl(out / "metrics.jsonl")
@@ -135,7 +135,7 @@ def test_nan_on_one_rank_makes_every_rank_skip(on_policy_ddp):
     on = [r for r in steps if r["on_policy"]]
     assert on and all(r["mean_generated_length"] == pytest.approx(r["generated_tokens"] / 4) for r in on)
     assert all(6 < r["generated_tokens"] <= 4 * 6 for r in on)  # both ranks' rows are counted
-    from lmdistill.checkpoint import load_checkpoint
+    from lmdistill.training.checkpoint import load_checkpoint
 
     before, after = load_checkpoint(out / "checkpoints" / "step-3"), load_checkpoint(out / "checkpoints" / "step-4")
     assert all(torch.equal(before.model_state[k], after.model_state[k]) for k in before.model_state)

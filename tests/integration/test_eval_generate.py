@@ -64,7 +64,7 @@ def test_generation_that_does_not_fit_the_models_is_one_line(student_dir, teache
 
 def test_eval_without_data_scores_the_embedded_held_out_split_only(student_dir, tiny_tokenizer):
     from lmdistill.config import DataConfig
-    from lmdistill.data import build_block_data
+    from lmdistill.data.sources import build_block_data
 
     held_out = build_block_data(DataConfig(), tiny_tokenizer, progress=False)
     proc = cli("eval", str(student_dir), "--no-progress")

@@ -10,10 +10,10 @@ import torch
 import yaml
 
 from conftest import cli, read_jsonl
-from lmdistill.checkpoint import load_checkpoint
+from lmdistill.training.checkpoint import load_checkpoint
 from lmdistill.config import Config
-from lmdistill.errors import TrainingStopped
-from lmdistill.trainer import train
+from lmdistill.core.errors import TrainingStopped
+from lmdistill.training.trainer import train
 
 SMALL_STUDENT = {"num_hidden_layers": 1, "hidden_size": 16, "intermediate_size": 32, "num_attention_heads": 2,
                  "num_key_value_heads": 2}

@@ -192,7 +192,7 @@ def test_bidirectional_models_are_refused(tmp_path, teacher_dir, text_file, tiny
 # --------------------------------------------------------------------------- file system failures
 def test_a_full_disk_during_a_checkpoint_is_one_line_and_keeps_the_previous_one(tmp_path, teacher_dir, text_file,
                                                                                  monkeypatch):
-    import lmdistill.checkpoint as ckpt
+    import lmdistill.training.checkpoint as ckpt
 
     real_write = ckpt._write_file
 
@@ -210,7 +210,7 @@ def test_a_full_disk_during_a_checkpoint_is_one_line_and_keeps_the_previous_one(
 
 
 def test_write_failures_of_eval_and_export_are_one_line(finished_run, tmp_path, monkeypatch):
-    import lmdistill.paths as paths
+    import lmdistill.core.paths as paths
 
     one_error_line(cli("eval", str(finished_run), "--json", str(tmp_path), "--no-progress"), "is a directory")
     one_error_line(cli("eval", str(finished_run), "--json", str(tmp_path / "no" / "e.json"), "--no-progress"),
@@ -314,7 +314,7 @@ def test_metrics_are_strict_json_with_the_nonfinite_terms_named(tmp_path, teache
 
 def test_resume_records_its_config_and_writes_no_line_twice(tmp_path, teacher_dir, text_file, monkeypatch):
     """Killed while the final student is saved: the final evaluation was already logged."""
-    from lmdistill.rundir import RunDirectory
+    from lmdistill.training.rundir import RunDirectory
 
     out = tmp_path / "run"
 
@@ -587,7 +587,7 @@ def test_export_of_a_run_without_a_checkpoint_or_into_the_current_directory(fini
 def test_a_full_disk_names_the_file_being_written(finished_run, tmp_path, monkeypatch):
     import io
 
-    import lmdistill.paths as paths
+    import lmdistill.core.paths as paths
 
     class FullDisk(io.BytesIO):
         def write(self, data):

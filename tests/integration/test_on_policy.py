@@ -13,7 +13,7 @@ import torch
 from safetensors.torch import load_file
 
 from conftest import cli, one_error_line, read_jsonl, run_cli
-from lmdistill.onpolicy import is_on_policy
+from lmdistill.teacher.onpolicy import is_on_policy
 
 STUDENT = ("model.student_config={num_hidden_layers: 1, hidden_size: 16, intermediate_size: 32, "
            "num_attention_heads: 2, num_key_value_heads: 2}")

@@ -20,7 +20,7 @@ import pytest
 
 from conftest import REPO, TINY_VOCAB, read_jsonl, tiny_llama
 from lmdistill.config import Config
-from lmdistill.trainer import train
+from lmdistill.training.trainer import train
 
 # (loss, kd_loss, ce_loss) at steps 0..19
 PINNED = {

@@ -31,7 +31,7 @@ def unfinished_run(tmp_path, teacher_dir, text_file) -> Path:
 def _rewrite(step_dir: Path, name: str, content: bytes | None) -> None:
     """Replace (or, with None, delete) a checkpoint file and record it in the manifest, as a crafted
     checkpoint would: every size and hash matches."""
-    from lmdistill.checkpoint import file_record
+    from lmdistill.training.checkpoint import file_record
 
     manifest = json.loads((step_dir / "manifest.json").read_text())
     if content is None:
@@ -174,7 +174,7 @@ def test_eval_refuses_a_bidirectional_model_as_train_does(tmp_path, teacher_dir,
 @pytest.fixture
 def tiny_default_recipe(tmp_path, monkeypatch, corpus_texts):
     """The embedded default teacher's recipe, shrunk to a pretraining of a few seconds."""
-    import lmdistill.data
+    import lmdistill.data.sources
     import lmdistill.default as default
 
     monkeypatch.setenv("LMDISTILL_HOME", str(tmp_path / "home"))
@@ -184,7 +184,7 @@ def tiny_default_recipe(tmp_path, monkeypatch, corpus_texts):
                     "intermediate_size": 32, "max_position_embeddings": 64, "tie_word_embeddings": False},
         "pretrain": {"block_size": 32, "batch_size": 8, "epochs": 1, "lr": 3e-3, "warmup_steps": 2, "seed": 1,
                      "mixed_precision": "no"}})
-    for module in (default, lmdistill.data):
+    for module in (default, lmdistill.data.sources):
         monkeypatch.setattr(module, "embedded_corpus_texts", lambda: corpus_texts[:3])
     return default
 
@@ -193,8 +193,8 @@ def test_an_interrupted_default_teacher_pretraining_continues_on_the_rerun(tiny_
     import os
     import signal
 
-    from lmdistill.interrupts import Interrupted
-    from lmdistill.trainer import Trainer
+    from lmdistill.training.interrupts import Interrupted
+    from lmdistill.training.trainer import Trainer
 
     default = tiny_default_recipe
     dest = default.default_teacher_dir()

@@ -33,7 +33,7 @@ def test_the_gguf_converts_to_the_published_model(real_teacher_dir, real_teacher
 
 
 def test_the_chat_mask_on_the_real_chatml_template_is_the_hand_count(real_tokenizer):
-    from lmdistill.chat import encode_messages
+    from lmdistill.data.chat import encode_messages
 
     answers = ["The capital of France is Paris.", "About 2.1 million people live there."]
     messages = [{"role": "user", "content": "What is the capital of France?"},
@@ -64,7 +64,7 @@ def _kept_rows(student_w: torch.Tensor, teacher_w: torch.Tensor, channels: list[
 
 
 def test_pruning_the_real_teacher_keeps_gqa_groups_and_tied_embeddings(real_teacher, real_tokenizer, corpus_texts):
-    from lmdistill import prune
+    from lmdistill.models import prune
 
     calibration = torch.tensor([real_tokenizer("\n".join(corpus_texts[:4])).input_ids[:4 * 48]]).reshape(4, 48)
     depth = prune.prune_teacher(real_teacher, prune.student_config(real_teacher.config, {"num_hidden_layers": 15}),
@@ -96,7 +96,7 @@ def test_pruning_the_real_teacher_keeps_gqa_groups_and_tied_embeddings(real_teac
 def real_runs(tmp_path_factory, real_teacher_dir, real_teacher, real_tokenizer, text_file):
     """Two steps from one cut student (2 layers, 192 wide) on the full-logits and the chunked loss path."""
     from lmdistill.config import Config
-    from lmdistill.trainer import train
+    from lmdistill.training.trainer import train
 
     runs = {}
     for impl in ("full", "chunked"):

@@ -140,10 +140,10 @@ def test_failing_disk_write_stops_cleanly_and_keeps_the_previous_checkpoint(tmp_
                                                                            monkeypatch):
     import errno
 
-    import lmdistill.checkpoint as ckpt_mod
-    from lmdistill.checkpoint import CheckpointError, find_latest_valid, load_checkpoint
+    import lmdistill.training.checkpoint as ckpt_mod
+    from lmdistill.training.checkpoint import CheckpointError, find_latest_valid, load_checkpoint
     from lmdistill.config import Config
-    from lmdistill.trainer import train
+    from lmdistill.training.trainer import train
 
     real_write = ckpt_mod._write_file
     calls = {"n": 0}

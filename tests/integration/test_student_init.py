@@ -13,7 +13,7 @@ from transformers import AutoModelForCausalLM
 from conftest import cli, read_jsonl
 from forked import run_cli_forked
 from lmdistill.config import GuardConfig
-from lmdistill.guards import Guard, StepStats
+from lmdistill.training.guards import Guard, StepStats
 
 HALF = ("model.student_config={num_hidden_layers: 1, hidden_size: 24, intermediate_size: 48, "
         "num_attention_heads: 1, num_key_value_heads: 1}")

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import torch
 
-from lmdistill.batch import Batch
-from lmdistill.losses import IGNORE_INDEX
+from lmdistill.core.batch import Batch
+from lmdistill.loss.dense import IGNORE_INDEX
 
 
 def test_packed_blocks_have_a_target_at_every_position():

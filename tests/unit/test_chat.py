@@ -1,4 +1,4 @@
-"""Chat records -> ids and a loss mask on the assistant's tokens (``lmdistill.chat``).
+"""Chat records -> ids and a loss mask on the assistant's tokens (``lmdistill.data.chat``).
 
 Every expectation is computed independently of the code under test: the rendered text is
 written out by hand (``chat_fixtures.render``), and the assistant's tokens are counted by
@@ -14,7 +14,7 @@ import pickle
 import pytest
 from chat_fixtures import CHAT_TEMPLATE, chat_tokenizer, render
 
-from lmdistill.chat import (
+from lmdistill.data.chat import (
     FORMATS,
     NoAssistantTurn,
     check_chat_template,
@@ -23,7 +23,7 @@ from lmdistill.chat import (
     encode_record,
     record_format,
 )
-from lmdistill.errors import LmdistillError
+from lmdistill.core.errors import LmdistillError
 
 TWO_TURNS = [
     {"role": "user", "content": "What is the capital of France?"},

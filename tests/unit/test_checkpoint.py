@@ -18,8 +18,8 @@ import pytest
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from lmdistill import checkpoint as ckpt
-from lmdistill.checkpoint import (
+from lmdistill.training import checkpoint as ckpt
+from lmdistill.training.checkpoint import (
     MANIFEST_FILE,
     MODEL_FILE,
     OPTIMIZER_FILE,
@@ -33,7 +33,7 @@ from lmdistill.checkpoint import (
     save_checkpoint,
     verify_checkpoint,
 )
-from lmdistill.errors import LmdistillError
+from lmdistill.core.errors import LmdistillError
 
 
 class SimulatedCrash(BaseException):
@@ -151,7 +151,7 @@ def test_round_trip_restores_weights_optimizer_trainer_state_and_rng(ckdir: Path
 
 def test_save_order_files_then_manifest_then_rename_then_fsync(ckdir: Path, monkeypatch) -> None:
     events: list[tuple[str, str]] = []
-    import lmdistill.paths as paths
+    import lmdistill.core.paths as paths
 
     real_write, real_fsync_dir, real_replace = ckpt._write_file, paths.fsync_dir, os.replace
 
@@ -297,7 +297,7 @@ def test_failed_cleanup_does_not_fail_the_save(ckdir: Path, monkeypatch, caplog)
         raise OSError(errno.EBUSY, "Device or resource busy", str(path))
 
     monkeypatch.setattr(ckpt, "_remove_dir_crash_safe", failing_remove)
-    with caplog.at_level("WARNING", logger="lmdistill.checkpoint"):
+    with caplog.at_level("WARNING", logger="lmdistill.training.checkpoint"):
         path = save_small(ckdir, 2, keep=1)
     assert path == ckdir / "step-2" and verify_checkpoint(path) == []
     assert "step-1" in caplog.text
@@ -623,7 +623,7 @@ def test_directory_hash_is_stable_and_content_sensitive(tmp_path: Path) -> None:
 
 
 def test_overwrite_counts_a_user_directory_named_like_a_leftover_as_foreign(ckdir: Path) -> None:
-    from lmdistill.rundir import RunDirectory
+    from lmdistill.training.rundir import RunDirectory
 
     save_small(ckdir, 1)
     (ckdir / ".trash-keep").mkdir()

@@ -10,7 +10,7 @@ import pytest
 import yaml
 
 from lmdistill.config import Config, ConfigError, leaf_fields, load_yaml, reference_markdown
-from lmdistill.errors import LmdistillError
+from lmdistill.core.errors import LmdistillError
 
 REPO = Path(__file__).resolve().parents[2]
 PRESETS = sorted((REPO / "configs").glob("*.yaml"))

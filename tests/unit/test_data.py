@@ -14,8 +14,8 @@ import pytest
 import torch
 
 from lmdistill.config import DataConfig
-from lmdistill.data import BlockSampler, block_data_of, build_block_data, plan_source
-from lmdistill.errors import LmdistillError
+from lmdistill.data.sources import BlockSampler, block_data_of, build_block_data, plan_source
+from lmdistill.core.errors import LmdistillError
 
 
 def expected_blocks(docs: list[str], tokenizer, block_size: int) -> torch.Tensor:
@@ -339,7 +339,7 @@ def test_non_text_field_is_a_clear_error(tmp_path, tiny_tokenizer):
 
 
 def test_a_missing_file_with_a_data_extension_is_not_looked_up_on_the_hub(tmp_path, monkeypatch):
-    import lmdistill.data as data_module
+    import lmdistill.data.sources as data_module
 
     monkeypatch.setattr(data_module, "datasets_module", lambda: pytest.fail("no datasets look-up for a file name"))
     for streaming in (False, True):

@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 
 from conftest import tiny_llama
-from lmdistill.evaluate import evaluate, format_ppl, perplexity
+from lmdistill.training.evaluate import evaluate, format_ppl, perplexity
 
 VOCAB = 40
 

@@ -1,6 +1,6 @@
 """The chunked fused-linear KD loss against the full-logits reference.
 
-The reference is ``lmdistill.losses.distillation_loss`` on materialised logits
+The reference is ``lmdistill.loss.dense.distillation_loss`` on materialised logits
 ``h @ W[:v].T + b[:v]`` differentiated by autograd; the fused loss derives its gradients
 by hand, so every divergence, temperature, weight and masking case is compared in value
 and in the gradients of the student's hidden states, lm_head weight and bias. The inputs
@@ -16,10 +16,10 @@ import math
 import pytest
 import torch
 
-import lmdistill.fused as fused_mod
-from lmdistill.divergences import DIVERGENCES
-from lmdistill.fused import FusedLinearDistillationLoss, fused_linear_distillation_loss
-from lmdistill.losses import distillation_loss
+import lmdistill.loss.chunked as fused_mod
+from lmdistill.loss.divergences import DIVERGENCES
+from lmdistill.loss.chunked import FusedLinearDistillationLoss, fused_linear_distillation_loss
+from lmdistill.loss.dense import distillation_loss
 
 RTOL = 1e-5
 # bf16 logits and bf16 gradients: we measured a 0.4-0.7% norm-wise gradient error against

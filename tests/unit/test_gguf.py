@@ -15,9 +15,9 @@ import torch
 
 from conftest import cli, one_error_line
 from gguf_fixtures import write_tiny_gguf
-from lmdistill import gguf as lgguf
-from lmdistill.errors import LmdistillError
-from lmdistill.models import resolve_source
+from lmdistill.models import gguf as lgguf
+from lmdistill.core.errors import LmdistillError
+from lmdistill.models.loading import resolve_source
 
 TEXT = "def area(r):\n    return 3.14159 * r ** 2  # the docs' example<|endoftext|> and more"
 

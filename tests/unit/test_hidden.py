@@ -11,8 +11,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from lmdistill.errors import LmdistillError
-from lmdistill.hidden import HiddenProjection, hidden_state_loss, resolve_layer_map
+from lmdistill.core.errors import LmdistillError
+from lmdistill.loss.hidden import HiddenProjection, hidden_state_loss, resolve_layer_map
 
 IGNORE = -100
 EPS = 1e-8  # the cosine eps the module documents: |x| is clamped at eps in the denominator

@@ -14,7 +14,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from lmdistill.losses import IGNORE_INDEX, distillation_loss, token_divergence
+from lmdistill.loss.dense import IGNORE_INDEX, distillation_loss, token_divergence
 
 TEMPERATURES = [0.5, 1.0, 2.0, 3.0, 5.0, 10.0, 20.0]
 

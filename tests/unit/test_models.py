@@ -10,8 +10,8 @@ from transformers import AutoTokenizer, LlamaConfig, PreTrainedTokenizerFast
 
 from conftest import TINY_VOCAB, tiny_llama
 from lmdistill.default import train_tokenizer
-from lmdistill.errors import LmdistillError
-from lmdistill.models import (
+from lmdistill.core.errors import LmdistillError
+from lmdistill.models.loading import (
     build_fresh_student,
     check_same_tokenizer,
     check_vocab_covers,
@@ -42,7 +42,7 @@ def test_tokenizer_with_other_vocab_size_is_rejected_naming_both(corpus_texts, t
 
 
 def test_tokenizer_trained_on_other_text_is_rejected(tiny_tokenizer):
-    from lmdistill.data import embedded_corpus_texts
+    from lmdistill.data.sources import embedded_corpus_texts
 
     other = train_tokenizer(embedded_corpus_texts()[24:48], vocab_size=TINY_VOCAB)  # fixture uses [:24]
     assert len(other) == len(tiny_tokenizer)  # same size, different tokens
@@ -171,8 +171,8 @@ def test_save_student_refuses_non_finite_weights_and_keeps_previous_files(tmp_pa
     import torch
     from safetensors.torch import load_file
 
-    from lmdistill.errors import LmdistillError
-    from lmdistill.rundir import RunDirectory
+    from lmdistill.core.errors import LmdistillError
+    from lmdistill.training.rundir import RunDirectory
 
     run = RunDirectory(tmp_path)
     model = tiny_llama(len(tiny_tokenizer))

@@ -14,9 +14,9 @@ import pytest
 import torch
 
 from lmdistill.config import DebugConfig, GuardConfig, HealthConfig
-from lmdistill.faults import FaultInjector, poison
-from lmdistill.guards import CHECKED_TERMS, SpikeDetector, first_nonfinite
-from lmdistill.monitor import HealthMonitor, verdict_line
+from lmdistill.training.faults import FaultInjector, poison
+from lmdistill.training.guards import CHECKED_TERMS, SpikeDetector, first_nonfinite
+from lmdistill.training.monitor import HealthMonitor, verdict_line
 
 
 def default_detector() -> SpikeDetector:

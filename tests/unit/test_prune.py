@@ -9,8 +9,8 @@ from transformers import (AutoModelForCausalLM, GPT2Config, GPT2LMHeadModel, Lla
                           MistralConfig, MistralForCausalLM, Qwen2Config, Qwen2ForCausalLM, Qwen3Config,
                           Qwen3ForCausalLM)
 
-from lmdistill.errors import LmdistillError
-from lmdistill.prune import prune_teacher, student_config, uniform_layers
+from lmdistill.core.errors import LmdistillError
+from lmdistill.models.prune import prune_teacher, student_config, uniform_layers
 
 V = 40
 SHAPE = ("num_hidden_layers", "hidden_size", "intermediate_size", "num_attention_heads", "num_key_value_heads")

@@ -20,14 +20,14 @@ import yaml
 from matplotlib.image import imread
 
 from lmdistill.config import Config
-from lmdistill.errors import LmdistillError
-from lmdistill.guards import Decision, StepStats
-from lmdistill.models import ModelInfo
-from lmdistill.monitor import HealthMonitor
+from lmdistill.core.errors import LmdistillError
+from lmdistill.training.guards import Decision, StepStats
+from lmdistill.models.loading import ModelInfo
+from lmdistill.training.monitor import HealthMonitor
 from lmdistill.report import PLOT_FILES, compare_runs, load_run, main_report, write_plots, write_report
-from lmdistill.rundir import RunDirectory
-from lmdistill.tracking import MetricsLog
-from lmdistill.trainer import StepResult
+from lmdistill.training.rundir import RunDirectory
+from lmdistill.report.metrics import MetricsLog
+from lmdistill.training.trainer import StepResult
 
 TEACHER_PPL = 18.52
 
@@ -142,7 +142,7 @@ def test_eval_line_has_the_keys_evaluate_writes(tiny_tokenizer):
     import torch
 
     from conftest import tiny_llama
-    from lmdistill.evaluate import evaluate
+    from lmdistill.training.evaluate import evaluate
 
     student, teacher = tiny_llama(len(tiny_tokenizer), seed=1), tiny_llama(len(tiny_tokenizer), seed=2)
     blocks = torch.randint(0, len(tiny_tokenizer), (2, 16))

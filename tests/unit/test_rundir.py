@@ -5,9 +5,9 @@ from __future__ import annotations
 import json
 import os
 
-from lmdistill.devices import lost_peer
-from lmdistill.paths import claim_lock
-from lmdistill.rundir import LOCK, RunDirectory
+from lmdistill.training.devices import lost_peer
+from lmdistill.core.paths import claim_lock
+from lmdistill.training.rundir import LOCK, RunDirectory
 
 
 def _run_json(tmp_path, status):

@@ -9,7 +9,7 @@ import math
 
 import pytest
 
-from lmdistill.schedules import lr_at, temperature_at
+from lmdistill.training.schedules import lr_at, temperature_at
 
 SEED_TOTAL = 25_000
 SEED_TABLE = [(0, 2.00), (5000, 1.90), (10000, 1.80), (15000, 1.70), (20000, 1.60), (25000, 1.50)]

@@ -8,9 +8,9 @@ import pytest
 import torch
 import torch.distributed as dist
 
-from lmdistill.batch import Batch
-from lmdistill.sharding import is_sharded, shard
-from lmdistill.signals import LiveLogits
+from lmdistill.core.batch import Batch
+from lmdistill.core.parallel import is_sharded, shard
+from lmdistill.teacher.signals import LiveLogits
 
 from conftest import tiny_llama
 
@@ -45,8 +45,8 @@ def test_a_distillation_step_of_a_sharded_student_is_the_ordinary_one(group_of_o
     loss, and every weight after an AdamW step. The chunked path multiplies by the student's
     lm_head outside its forward; the 2-process test runs it against one process and DDP."""
     from lmdistill.config import Config
-    from lmdistill.objective import Objective
-    from lmdistill.signals import make_signal
+    from lmdistill.loss.objective import Objective
+    from lmdistill.teacher.signals import make_signal
 
     ids = torch.randint(0, 64, (2, 12), generator=torch.Generator().manual_seed(1))
     targets = ids[:, 1:].clone()
@@ -76,7 +76,7 @@ def test_a_sharded_student_generates_in_step_with_the_other_processes(group_of_o
     """On-policy rollouts from a sharded student: ``generate`` keeps every process stepping until
     all have finished (``synced_gpus``; otherwise a process done early would leave the others
     waiting in their next gather), and the tokens are those of the unsharded student."""
-    from lmdistill.onpolicy import HFGenerator, Sampling
+    from lmdistill.teacher.onpolicy import HFGenerator, Sampling
 
     plain = tiny_llama(64, hidden=16, layers=2, seed=3)
     sharded = shard(tiny_llama(64, hidden=16, layers=2, seed=3), "no", torch.device("cpu"))
@@ -95,7 +95,7 @@ def test_a_sharded_student_generates_in_step_with_the_other_processes(group_of_o
 
 
 def test_bf16_on_a_gpu_computes_in_bf16_and_reduces_in_fp32():
-    from lmdistill.sharding import precision_policy
+    from lmdistill.core.parallel import precision_policy
 
     gpu = precision_policy("bf16", torch.device("cuda", 0))
     assert (gpu.param_dtype, gpu.reduce_dtype) == (torch.bfloat16, torch.float32)
@@ -107,8 +107,8 @@ def test_bf16_on_a_gpu_computes_in_bf16_and_reduces_in_fp32():
 def test_what_fsdp_does_not_support_is_refused_in_one_line():
     """(Rollback snapshots and on-policy steps are supported: see the tests of each.)"""
     from lmdistill.config import Config
-    from lmdistill.errors import LmdistillError
-    from lmdistill.sharding import check_fsdp
+    from lmdistill.core.errors import LmdistillError
+    from lmdistill.core.parallel import check_fsdp
 
     cfg = Config()
     cfg.apply_override("guard.spike=rollback")
@@ -126,7 +126,7 @@ def test_a_rollback_restores_each_process_its_own_shards(group_of_one):
     copied back in place after two more updates: every weight and optimizer tensor as it was."""
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict
 
-    from lmdistill.guards import RollbackStore
+    from lmdistill.training.guards import RollbackStore
 
     model, optimizer = _sharded()
     _step(model, optimizer, 0)
@@ -162,8 +162,8 @@ def _step(model, optimizer, seed: int = 0):
 
 
 def _save(model, optimizer, checkpoints, step: int):
-    from lmdistill.checkpoint import make_staging_dir, save_checkpoint
-    from lmdistill.sharding import save_shards
+    from lmdistill.training.checkpoint import make_staging_dir, save_checkpoint
+    from lmdistill.core.parallel import save_shards
 
     staged = make_staging_dir(checkpoints, step)
     records = save_shards(staged, model, optimizer, step)
@@ -175,8 +175,8 @@ def _save(model, optimizer, checkpoints, step: int):
 def test_a_sharded_checkpoint_loads_into_an_ordinary_model_and_optimizer(group_of_one, tmp_path):
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict
 
-    from lmdistill.checkpoint import load_checkpoint, verify_checkpoint
-    from lmdistill.sharding import load_shards
+    from lmdistill.training.checkpoint import load_checkpoint, verify_checkpoint
+    from lmdistill.core.parallel import load_shards
 
     model, optimizer = _sharded()
     for seed in range(2):
@@ -202,8 +202,8 @@ def test_a_sharded_checkpoint_loads_into_an_ordinary_model_and_optimizer(group_o
 def test_a_checkpoint_before_the_first_update_changes_nothing(group_of_one, tmp_path):
     """torch creates a missing optimizer state with a zero step that counts as AdamW's first:
     a checkpoint written before any update must not do that, nor store it."""
-    from lmdistill.checkpoint import CheckpointError  # noqa: F401 (the module the save goes through)
-    from lmdistill.sharding import load_shards, read_shard_metadata
+    from lmdistill.training.checkpoint import CheckpointError  # noqa: F401 (the module the save goes through)
+    from lmdistill.core.parallel import load_shards, read_shard_metadata
 
     saved, saved_optimizer = _sharded()
     twin, twin_optimizer = _sharded()
@@ -223,8 +223,8 @@ def test_a_checkpoint_before_the_first_update_changes_nothing(group_of_one, tmp_
                                                   (3, 16, "weight(s) missing"),
                                                   (2, 24, "in the checkpoint and")])
 def test_a_checkpoint_of_another_model_is_refused_not_loaded_in_part(group_of_one, tmp_path, layers, hidden, says):
-    from lmdistill.checkpoint import CheckpointError
-    from lmdistill.sharding import load_shards
+    from lmdistill.training.checkpoint import CheckpointError
+    from lmdistill.core.parallel import load_shards
 
     model, optimizer = _sharded()
     _step(model, optimizer)
@@ -240,8 +240,8 @@ def test_a_checkpoint_of_another_model_is_refused_not_loaded_in_part(group_of_on
 def test_a_shard_the_main_process_cannot_see_refuses_the_save(group_of_one, tmp_path):
     """(An output directory that is not shared between machines.) Without the check the
     checkpoint would verify, be picked by --resume, and fail to load."""
-    from lmdistill.checkpoint import CheckpointError, make_staging_dir, save_checkpoint, verify_checkpoint
-    from lmdistill.sharding import save_shards
+    from lmdistill.training.checkpoint import CheckpointError, make_staging_dir, save_checkpoint, verify_checkpoint
+    from lmdistill.core.parallel import save_shards
 
     model, optimizer = _sharded()
     _step(model, optimizer)
@@ -264,8 +264,8 @@ def test_a_full_disk_while_writing_shards_is_one_line(group_of_one, tmp_path, mo
     import errno
     import os
 
-    from lmdistill.checkpoint import CheckpointError, make_staging_dir
-    from lmdistill.sharding import save_shards
+    from lmdistill.training.checkpoint import CheckpointError, make_staging_dir
+    from lmdistill.core.parallel import save_shards
 
     model, optimizer = _sharded()
     _step(model, optimizer)
@@ -285,8 +285,8 @@ def test_a_full_disk_while_writing_shards_is_one_line(group_of_one, tmp_path, mo
 def test_a_shard_map_that_would_run_code_is_refused(tmp_path):
     import pickle
 
-    from lmdistill.checkpoint import CheckpointError
-    from lmdistill.sharding import read_shard_metadata
+    from lmdistill.training.checkpoint import CheckpointError
+    from lmdistill.core.parallel import read_shard_metadata
 
     marker = tmp_path / "ran"
 
@@ -301,7 +301,7 @@ def test_a_shard_map_that_would_run_code_is_refused(tmp_path):
 
 
 def test_what_a_resume_can_change_is_checked_before_anything_loads(tmp_path):
-    from lmdistill.checkpoint import CheckpointError, check_resumable
+    from lmdistill.training.checkpoint import CheckpointError, check_resumable
 
     path = tmp_path / "step-4"
     path.mkdir()
@@ -333,7 +333,7 @@ def test_a_crafted_value_in_the_shards_is_refused_without_suggesting_an_unsafe_l
     import io
     from types import SimpleNamespace
 
-    from lmdistill.sharding import _safe_planner
+    from lmdistill.core.parallel import _safe_planner
 
     crafted = io.BytesIO()
     torch.save({"lr": argparse.Namespace(evil=True)}, crafted)

@@ -9,8 +9,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from lmdistill.losses import IGNORE_INDEX
-from lmdistill.sparse import SparseTargets, sparse_distillation_loss, sparse_logits_distillation_loss
+from lmdistill.loss.dense import IGNORE_INDEX
+from lmdistill.loss.sparse import SparseTargets, sparse_distillation_loss, sparse_logits_distillation_loss
 
 T = 2.0
 
@@ -149,7 +149,7 @@ def test_the_logits_path_takes_a_batch_of_sequences_and_refuses_mismatched_targe
 def test_systematic_draws_are_unbiased_and_never_miss_by_a_whole_draw():
     """The cache's draws: each token's count is floor(S p) or ceil(S p) (independent draws
     would give anything from 0 to S), and counts / S averages to p over many rows."""
-    from lmdistill.cache import capture
+    from lmdistill.teacher.cache import capture
 
     samples, rows = 12, 4000
     zt = torch.tensor([3.0, 2.2, 1.0, 0.5, 0.0, -0.5, -1.0, -3.0, float("-inf")])
@@ -173,7 +173,7 @@ def test_systematic_draws_are_unbiased_and_never_miss_by_a_whole_draw():
 def _retempered_mean(zt, samples: int, t_capture: float, t: float, rows: int = 3000):
     """Mean over many rows of the re-tempered weights, spread over the vocabulary, and the
     re-tempered log-probabilities of the drawn ids against the true ones."""
-    from lmdistill.cache import capture, retempered
+    from lmdistill.teacher.cache import capture, retempered
 
     kept = capture(zt.expand(rows, -1).contiguous(), "sampled", t_capture, samples, 0,
                    torch.Generator().manual_seed(samples))

@@ -16,12 +16,12 @@ import pytest
 import torch
 
 from chat_fixtures import END_OF_TURN, chat_tokenizer
-from lmdistill import store as store_module
-from lmdistill.blocks import MixtureSampler, layout_blocks, quotas
+from lmdistill.data import store as store_module
+from lmdistill.data.blocks import MixtureSampler, layout_blocks, quotas
 from lmdistill.config import DataConfig
-from lmdistill.data import build_block_data, make_sampler, open_store
-from lmdistill.errors import LmdistillError
-from lmdistill.losses import IGNORE_INDEX
+from lmdistill.data.sources import build_block_data, make_sampler, open_store
+from lmdistill.core.errors import LmdistillError
+from lmdistill.loss.dense import IGNORE_INDEX
 
 
 def ids_of(tokenizer, text: str) -> list[int]:
@@ -363,7 +363,7 @@ def test_a_mixture_of_two_sources_draws_their_blocks(tmp_path, home, docs, tiny_
 # ---- streaming -----------------------------------------------------------------------------
 
 def test_a_streamed_jsonl_gives_the_same_store_as_a_loaded_one(tmp_path, docs, tiny_tokenizer, monkeypatch):
-    from lmdistill.data import StreamSource
+    from lmdistill.data.sources import StreamSource
 
     monkeypatch.setattr(StreamSource, "STREAM_RECORDS", 3)  # several shards from 10 records
     source = write_jsonl(tmp_path / "d.jsonl", [{"text": d} for d in docs])
@@ -373,7 +373,7 @@ def test_a_streamed_jsonl_gives_the_same_store_as_a_loaded_one(tmp_path, docs, t
 
 
 def test_streaming_stops_reading_once_max_tokens_are_stored(tmp_path, docs, tiny_tokenizer, monkeypatch):
-    from lmdistill.data import StreamSource
+    from lmdistill.data.sources import StreamSource
 
     monkeypatch.setattr(StreamSource, "STREAM_RECORDS", 2)
     records = [{"text": d} for d in docs] * 20  # 200 records, about 100 shards
@@ -388,7 +388,7 @@ def test_streaming_stops_reading_once_max_tokens_are_stored(tmp_path, docs, tiny
 def test_an_open_ended_progress_line_says_how_far_without_an_eta():
     import io
 
-    from lmdistill.progress import LineProgress
+    from lmdistill.core.progress import LineProgress
 
     out = io.StringIO()
     bar = LineProgress(None, 0, "tokenizing", unit="records", every_s=0.0, stream=out)
@@ -439,7 +439,7 @@ def test_a_read_only_store_dir_is_named_with_the_setting_that_moves_it(tmp_path,
     source = tmp_path / "a.txt"
     source.write_text(docs[0])
     home.mkdir()
-    from lmdistill import paths
+    from lmdistill.core import paths
 
     real = paths.open_no_link
 
@@ -528,7 +528,7 @@ class _BreaksAfter:
 @pytest.mark.parametrize("local", [True, False])
 def test_a_stream_that_breaks_part_way_is_one_line_not_a_traceback(tmp_path, home, docs, tiny_tokenizer, monkeypatch,
                                                                    local):
-    from lmdistill.data import StreamSource
+    from lmdistill.data.sources import StreamSource
 
     monkeypatch.setattr(StreamSource, "STREAM_RECORDS", 2)
     (tmp_path / "d.jsonl").write_text("{}\n")  # a local source's files are hashed before the build reads them
@@ -670,7 +670,7 @@ def test_store_files_that_link_elsewhere_or_end_documents_past_the_tokens_are_re
 def test_a_waiter_for_the_store_lock_is_told_which_process_holds_it(tmp_path):
     import threading
 
-    from lmdistill.paths import claim_lock
+    from lmdistill.core.paths import claim_lock
 
     lock = tmp_path / "store.lock"
     held = claim_lock(lock, "data store build lock")  # as a build in another process would hold it
@@ -685,7 +685,7 @@ _BUILD_SCRIPT = """
 import os, sys, time
 from pathlib import Path
 from transformers import PreTrainedTokenizerFast
-from lmdistill import store
+from lmdistill.data import store
 tokenizer_dir, source, pids, mode, home = sys.argv[1:]
 real_init = store._init_worker
 

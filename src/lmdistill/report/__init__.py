@@ -6,10 +6,10 @@ that is still going or was killed. ``lmdistill report RUN_DIR [RUN_DIR ...]`` go
 ``markdown`` (report.md), ``compare`` (several runs side by side).
 """
 
-from .compare import compare_runs, main_report
-from .markdown import write_report
-from .plots import COMPARE_PLOT_FILES, PLOT_FILES, write_plots
-from .reading import RunRecord, load_run, median_tokens_per_s
+from lmdistill.report.compare import compare_runs, main_report
+from lmdistill.report.markdown import write_report
+from lmdistill.report.plots import COMPARE_PLOT_FILES, PLOT_FILES, write_plots
+from lmdistill.report.reading import RunRecord, load_run, median_tokens_per_s
 
 __all__ = ["COMPARE_PLOT_FILES", "PLOT_FILES", "RunRecord", "compare_runs", "load_run", "main_report",
            "median_tokens_per_s", "write_plots", "write_report"]

@@ -7,12 +7,12 @@ from collections import Counter
 from pathlib import Path
 from typing import Any
 
-from ..errors import LmdistillError
-from ..paths import atomic_write
-from .markdown import DASH, fmt_duration, fmt_loss, fmt_pct, fmt_ppl, fmt_rate, fmt_value, status_line, table, \
+from lmdistill.core.errors import LmdistillError
+from lmdistill.core.paths import atomic_write
+from lmdistill.report.markdown import DASH, fmt_duration, fmt_loss, fmt_pct, fmt_ppl, fmt_rate, fmt_value, status_line, table, \
     write_report
-from .plots import COMPARE_PLOT_FILES, plot_overlay
-from .reading import RunRecord, get, load_run, median_tokens_per_s
+from lmdistill.report.plots import COMPARE_PLOT_FILES, plot_overlay
+from lmdistill.report.reading import RunRecord, get, load_run, median_tokens_per_s
 
 # plot file -> (which lines, metric, log scale, y label)
 _OVERLAYS = {

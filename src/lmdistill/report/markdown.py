@@ -14,9 +14,9 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
-from ..paths import atomic_write
-from .plots import OPTIONAL_PLOT_FILES, PLOT_FILES, plots_for
-from .reading import RunRecord, get, load_run, median_tokens_per_s, num, valid_rates, value_of
+from lmdistill.core.paths import atomic_write
+from lmdistill.report.plots import OPTIONAL_PLOT_FILES, PLOT_FILES, plots_for
+from lmdistill.report.reading import RunRecord, get, load_run, median_tokens_per_s, num, valid_rates, value_of
 
 DASH = "—"  # shown where a value is absent, so a table never has an empty cell
 

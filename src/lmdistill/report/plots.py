@@ -6,8 +6,8 @@ import math
 from collections.abc import Callable, Iterable
 from pathlib import Path
 
-from ..paths import atomic_write
-from .reading import RunRecord, get, load_run, median_tokens_per_s, num, series
+from lmdistill.core.paths import atomic_write
+from lmdistill.report.reading import RunRecord, get, load_run, median_tokens_per_s, num, series
 
 # File name -> heading in report.md, in report order.
 PLOT_FILES: dict[str, str] = {

@@ -17,9 +17,9 @@ from typing import Any
 
 import yaml
 
-from ..config import parse_yaml
-from ..errors import ConfigError, LmdistillError
-from ..tracking import read_metrics
+from lmdistill.config import parse_yaml
+from lmdistill.core.errors import ConfigError, LmdistillError
+from lmdistill.report.metrics import read_metrics
 
 EVAL_KEYS = ("eval_ce_loss", "eval_ppl", "eval_kd_loss", "eval_kl", "teacher_ppl", "top1_agreement")
 _RUN_FILES = ("metrics.jsonl", "config.yaml", "run.json")

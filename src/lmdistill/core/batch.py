@@ -1,0 +1,70 @@
+"""What one micro-batch carries through the training step.
+
+Position i of a sequence predicts ``targets[:, i]``, the token at position i + 1, or nothing
+(``IGNORE_INDEX``, -100): a padding position, a prompt the loss should not train on, the
+last position of a sequence. Every loss term is summed over the valid targets only and
+divided by the global count of them, so a batch of packed text blocks (all valid) and a
+batch of padded generations (many ignored) are normalised alike.
+
+The count of valid targets is taken on the host when the batch is built, before it moves to
+the device, so the trainer learns the normaliser without waiting for the device.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from lmdistill.loss.dense import IGNORE_INDEX
+
+
+@dataclass
+class Batch:
+    """One micro-batch.
+
+    input_ids: (B, L) token ids.
+    attention_mask: (B, L) 1 for real tokens, 0 for padding; None when every position is real.
+    targets: (B, L - 1) next-token ids for positions 0 .. L - 2, ``IGNORE_INDEX`` where none.
+    num_targets: number of valid entries of ``targets`` (a host int).
+    """
+
+    input_ids: torch.Tensor
+    attention_mask: torch.Tensor | None
+    targets: torch.Tensor
+    num_targets: int
+    rows: torch.Tensor | None = None  # the blocks' rows in the run's train (or eval) blocks, when they came from there
+    generated: bool = False  # prompts continued by the student (an on-policy step): the objective's on-policy loss
+
+    @property
+    def all_valid(self) -> bool:
+        """Every position has a target (packed text): the losses can skip their masking."""
+        return self.num_targets == self.targets.numel()
+
+    @classmethod
+    def from_blocks(cls, blocks: torch.Tensor) -> "Batch":
+        """Packed text blocks (B, L): every token but the first is the target of the one before."""
+        targets = blocks[:, 1:]
+        return cls(blocks, None, targets, targets.numel())
+
+    @classmethod
+    def from_ids(cls, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
+                 loss_mask: torch.Tensor | None = None) -> "Batch":
+        """Sequences with padding (attention_mask 0) or positions without loss (loss_mask 0).
+
+        ``loss_mask`` (B, L) marks the tokens to be predicted (e.g. a completion after its
+        prompt); a target is valid where its token is real and in the loss mask.
+        """
+        targets = input_ids[:, 1:].clone()
+        keep = torch.ones_like(targets, dtype=torch.bool)
+        if attention_mask is not None:
+            keep &= attention_mask[:, 1:].bool()
+        if loss_mask is not None:
+            keep &= loss_mask[:, 1:].bool()
+        targets[~keep] = IGNORE_INDEX
+        return cls(input_ids, attention_mask, targets, int(keep.sum()))
+
+    def to(self, device: torch.device | str) -> "Batch":
+        mask = self.attention_mask.to(device) if self.attention_mask is not None else None
+        return Batch(self.input_ids.to(device), mask, self.targets.to(device), self.num_targets, self.rows,
+                     self.generated)

@@ -1,0 +1,1 @@
+"""Training text: sources, memory-mapped stores, chat formatting and the block layout."""

@@ -1,0 +1,1 @@
+"""Models: loading teachers and students, cutting a student from a teacher, GGUF files."""

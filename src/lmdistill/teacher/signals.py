@@ -1,0 +1,253 @@
+"""Teacher signals: where the teacher's view of a batch comes from.
+
+The training step asks one question of the teacher per micro-batch -- ``signal(batch, T)``
+-- and hands the answer, a *teacher view*, to the objective. What the view holds decides
+how the student's side of the loss is computed:
+
+  TeacherLogits   the teacher's logits (B, L-1, V): the student's logits are formed too and
+                  ``losses.distillation_loss`` compares them (``loss.impl: full``).
+  TeacherHidden   the teacher's final hidden states and its lm_head: the student's hidden
+                  states go with them into ``fused.fused_linear_distillation_loss``, which
+                  never holds a (tokens x vocab) tensor for the whole batch (``chunked``).
+
+A new source (an offline cache of sparse targets, on-policy batches scored by a live
+teacher) is a new ``TeacherSignal`` and, if it hands out a new kind of view, one more case
+in ``objective.Objective``; the training loop does not change. ``prepare_step`` is the hook
+for sources that change the step's batches themselves (on-policy generation, ``onpolicy.py``)
+before their targets are counted, and ``metrics`` adds what such a source did to the step's
+log line.
+
+Every view carries ``nonfinite``: a 0-d flag, 1.0 when the teacher produced NaN or +Inf.
+It is a tensor so that the check costs no device sync; the trainer reduces it with the
+other step statistics. -Inf is a legitimate (masked) logit and is not flagged.
+"""
+
+from __future__ import annotations
+
+import functools
+import inspect
+from dataclasses import dataclass, field
+
+import torch
+
+from lmdistill.core.batch import Batch
+from lmdistill.core.parallel import is_sharded
+
+
+@dataclass
+class TeacherLogits:
+    """The teacher's logits at every position that predicts a target: (B, L-1, V), detached.
+    ``layers``: the outputs (B, L-1, H) of the teacher layers the hidden-state term asked for."""
+
+    logits: torch.Tensor
+    nonfinite: torch.Tensor
+    layers: list[torch.Tensor] = field(default_factory=list)
+
+
+@dataclass
+class TeacherHidden:
+    """The teacher's final hidden states (B, L-1, H) and its output layer, detached."""
+
+    hidden: torch.Tensor
+    weight: torch.Tensor
+    bias: torch.Tensor | None
+    nonfinite: torch.Tensor
+    layers: list[torch.Tensor] = field(default_factory=list)
+
+
+@dataclass
+class TeacherSparse:
+    """Sparse teacher targets for every predicting position, flattened to (B * (L-1), slots)
+    (``sparse.SparseTargets``), from an offline cache."""
+
+    targets: object
+    nonfinite: torch.Tensor
+    layers: list[torch.Tensor] = field(default_factory=list)
+
+
+TeacherView = TeacherLogits | TeacherHidden | TeacherSparse
+
+
+def predicting_positions(model: torch.nn.Module, batch: Batch) -> dict:
+    """Forward kwargs that make ``model`` form logits only at positions 0 .. L-2, the ones with a
+    next token: the last position's logits (and a copy of the whole output to slice them off,
+    forward and backward) are never made. Empty for a model without ``logits_to_keep``."""
+    if not _accepts_logits_to_keep(type(model)):
+        return {}
+    return {"logits_to_keep": torch.arange(batch.input_ids.shape[1] - 1, device=batch.input_ids.device)}
+
+
+@functools.cache
+def _accepts_logits_to_keep(model_class: type) -> bool:
+    return "logits_to_keep" in inspect.signature(model_class.forward).parameters
+
+
+def prediction_logits(model: torch.nn.Module, batch: Batch, vocab_size: int, forward=None,
+                      trim: bool = True, hidden_states: bool = False):
+    """(B, L-1, vocab_size) logits of the positions that predict a target (through ``forward``, the
+    possibly wrapped model, when given). ``trim=False`` forms all L positions' logits and slices.
+    With ``hidden_states``: ``(logits, outputs.hidden_states)``."""
+    kwargs = predicting_positions(model, batch) if trim else {}
+    if hidden_states:
+        kwargs["output_hidden_states"] = True
+    out = (forward or model)(input_ids=batch.input_ids, attention_mask=batch.attention_mask, use_cache=False,
+                             **kwargs)
+    logits = out.logits if "logits_to_keep" in kwargs else out.logits[:, :-1]
+    logits = logits[..., :vocab_size]
+    return (logits, out.hidden_states) if hidden_states else logits
+
+
+def layer_outputs(hidden_states, layers: tuple[int, ...]) -> list[torch.Tensor]:
+    """The outputs of decoder ``layers`` (0-based) at the positions that predict a target."""
+    return [hidden_states[i + 1][:, :-1] for i in layers]
+
+
+class TeacherSignal:
+    """The interface: ``student_output`` says what the objective must compute from the student
+    ("logits" or "hidden") to meet this signal's views."""
+
+    student_output = "logits"
+
+    def prepare_step(self, batches: list[Batch], step: int) -> list[Batch]:
+        """The batches optimizer step ``step`` trains on; live teachers take them as they are."""
+        return batches
+
+    def metrics(self, step_seconds: float) -> dict:
+        """What this source did in the last step (which took ``step_seconds``), for its log line."""
+        return {}
+
+    def __call__(self, batch: Batch, temperature: float) -> TeacherView | None:
+        raise NotImplementedError
+
+
+class NoTeacher(TeacherSignal):
+    """Plain language-model training (kd_weight 0): no teacher runs during the step."""
+
+    def __init__(self, student_output: str = "logits"):
+        self.student_output = student_output
+
+    def __call__(self, batch: Batch, temperature: float) -> None:
+        return None
+
+
+class LiveLogits(TeacherSignal):
+    """A teacher model in memory, run forward on every micro-batch; its logits for the full path."""
+
+    student_output = "logits"
+
+    def __init__(self, teacher: torch.nn.Module, vocab_size: int, reference: bool = False,
+                 layers: tuple[int, ...] = ()):
+        self.teacher = teacher
+        self.vocab_size = vocab_size
+        self.reference = reference
+        self.layers = layers  # teacher layers whose outputs the hidden-state term compares with
+
+    def __call__(self, batch: Batch, temperature: float) -> TeacherLogits:
+        # Layer outputs take part in the hidden-state term's autograd graph as constants, which
+        # inference-mode tensors cannot; plain no_grad then. So for a sharded teacher: FSDP keeps
+        # its all-gather buffers, and buffers made in inference mode refuse the next gather
+        # outside it (an evaluation).
+        with torch.no_grad() if self.layers or is_sharded(self.teacher) else torch.inference_mode():
+            if not self.layers:
+                logits = prediction_logits(self.teacher, batch, self.vocab_size, trim=not self.reference)
+                layers = []
+            else:
+                logits, states = prediction_logits(self.teacher, batch, self.vocab_size, trim=not self.reference,
+                                                   hidden_states=True)
+                layers = layer_outputs(states, self.layers)
+            # -inf is a legitimate masked entry; NaN or +inf is a broken teacher. max() finds both.
+            return TeacherLogits(logits, (~torch.isfinite(logits.amax())).float(), layers)
+
+
+class LiveHidden(TeacherSignal):
+    """A teacher model in memory; its final hidden states and lm_head for the chunked path.
+
+    ``logits_to_keep=1`` makes the teacher compute the logits of one position only: the
+    fused loss forms the rest chunk by chunk from these hidden states.
+    """
+
+    student_output = "hidden"
+
+    def __init__(self, teacher: torch.nn.Module, layers: tuple[int, ...] = ()):
+        self.teacher = teacher
+        self.layers = layers
+
+    @torch.no_grad()
+    def __call__(self, batch: Batch, temperature: float) -> TeacherHidden:
+        out = self.teacher(input_ids=batch.input_ids, attention_mask=batch.attention_mask,
+                           output_hidden_states=True, logits_to_keep=1, use_cache=False)
+        hidden = out.hidden_states[-1][:, :-1]
+        head = self.teacher.get_output_embeddings()
+        return TeacherHidden(hidden, head.weight, head.bias, (~torch.isfinite(hidden).all()).float(),
+                             layer_outputs(out.hidden_states, self.layers))
+
+
+# Config fields that change logits after the lm_head; the fused loss does not model them.
+_LOGIT_TRANSFORMS = ("final_logit_softcapping", "logit_scale", "logits_scaling", "output_multiplier_scale")
+
+
+def fused_loss_unsupported(model) -> str | None:
+    """Why the chunked loss cannot reproduce ``model``'s logits, or None if it can."""
+    head = model.get_output_embeddings()
+    if not isinstance(head, torch.nn.Linear):
+        return f"{type(model).__name__} has no plain linear output layer"
+    for name in _LOGIT_TRANSFORMS:
+        if getattr(model.config, name, None) not in (None, 1, 1.0):
+            return f"{type(model).__name__} transforms its logits ({name})"
+    return None
+
+
+class CachedTeacher(TeacherSignal):
+    """An offline teacher cache (``cache.py``): no teacher runs; a batch's blocks are looked up by
+    their rows. Dense caches give logits (the full path, every divergence); sampled and top-k
+    caches give sparse targets, which the objective meets with the student's whole logits
+    (``student_output`` "logits", when they are small) or its hidden states (``"hidden"``, the
+    chunked path)."""
+
+    def __init__(self, cache, split: str = "train", student_output: str = "hidden"):
+        self.cache, self.split = cache, split
+        self.student_output = "logits" if cache.mode == "dense" else student_output
+
+    def __call__(self, batch: Batch, temperature: float) -> TeacherLogits | TeacherSparse:
+        if batch.rows is None:
+            raise ValueError("a cached teacher needs the batch's block rows (Batch.rows)")
+        view = self.cache.targets(self.split, batch.rows, temperature)
+        device = batch.input_ids.device
+        if self.cache.mode == "dense":
+            logits = view.to(device)
+            return TeacherLogits(logits, (~torch.isfinite(logits) & (logits != float("-inf"))).any().float())
+        moved = type(view)(*(t.to(device) if t is not None else None for t in (view.ids, view.weights, view.logp,
+                                                                              view.tail, view.entropy)))
+        return TeacherSparse(moved, (~torch.isfinite(moved.weights)).any().float())
+
+
+def choose_loss_impl(impl: str, divergence, tokens_per_micro_batch: int, vocab_size: int, student,
+                     teacher, threshold_mib: float) -> str:
+    """``full`` or ``chunked`` for ``loss.impl`` (auto: chunked when the logits would be large).
+
+    Raises ValueError for ``chunked`` where it cannot work: a model whose logits the fused
+    loss cannot reproduce, or a divergence without a closed-form gradient.
+    """
+    if impl in ("full", "reference"):
+        return impl
+    problems = [p for p in (fused_loss_unsupported(m) for m in (student, teacher) if m is not None) if p]
+    if teacher is not None and divergence.chunk is None:
+        problems.append(f"divergence {divergence.name!r} has no closed-form gradient")
+    if impl == "chunked":
+        if problems:
+            raise ValueError(f"loss.impl = chunked is not possible: {problems[0]}; use loss.impl=full")
+        return "chunked"
+    models = 2 if teacher is not None else 1
+    logits_mib = tokens_per_micro_batch * vocab_size * 4 * models / 2**20
+    return "chunked" if not problems and logits_mib > threshold_mib else "full"
+
+
+def make_signal(impl: str, teacher: torch.nn.Module | None, vocab_size: int,
+                layers: tuple[int, ...] = ()) -> TeacherSignal:
+    """The live signal for loss implementation ``impl``; ``NoTeacher`` when no teacher is in play.
+    ``layers``: teacher layers whose outputs the views carry (the hidden-state term)."""
+    if teacher is None:
+        return NoTeacher("hidden" if impl == "chunked" else "logits")
+    if impl == "chunked":
+        return LiveHidden(teacher, layers)
+    return LiveLogits(teacher, vocab_size, reference=impl == "reference", layers=layers)
