@@ -31,7 +31,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_student_init import corpus_setup, lmdistill  # noqa: E402
+from bench_student_init import corpus_setup, lmdistill
 
 TEMPERATURES = (1.0, 2.0)
 COMMON = ["train", "--batch-size", "2", "--epochs", "1", "--no-progress", "--overwrite",

@@ -20,10 +20,10 @@ from pathlib import Path
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from lmdistill.teacher.cache import systematic_draws
 from lmdistill.config import Config, load_yaml
 from lmdistill.data.sources import build_block_data
 from lmdistill.models.loading import resolve_source
+from lmdistill.teacher.cache import systematic_draws
 
 
 def noise(p: torch.Tensor, samples: int, draw, repeats: int, g: torch.Generator) -> float:

@@ -61,9 +61,10 @@ def run_worker(args: list[str]) -> int:
 
 def make_corpus(folder: Path, tokens: int) -> dict:
     """Plain-text files of the embedded corpus's documents, shuffled per file, >= ``tokens`` tokens."""
+    from transformers import AutoTokenizer
+
     from lmdistill.data.sources import embedded_corpus_texts
     from lmdistill.default import ensure_default_teacher
-    from transformers import AutoTokenizer
 
     docs = embedded_corpus_texts()
     tokenizer = AutoTokenizer.from_pretrained(ensure_default_teacher())
@@ -106,9 +107,9 @@ def timed_run(args: list[str], log: Path) -> dict:
                                 env=lmdistill_env())
         first_step = None
         while proc.poll() is None:
-            if first_step is None and (out / "metrics.jsonl").exists():
-                if any('"loss"' in line for line in (out / "metrics.jsonl").read_text().splitlines()):
-                    first_step = time.perf_counter() - start
+            metrics = out / "metrics.jsonl"
+            if first_step is None and metrics.exists() and '"loss"' in metrics.read_text():
+                first_step = time.perf_counter() - start
             time.sleep(0.05)
     if proc.returncode != 0:
         raise SystemExit(f"lmdistill {' '.join(args)} failed; see {log}")
@@ -120,10 +121,11 @@ def timed_run(args: list[str], log: Path) -> dict:
 
 def build_throughput(corpus: Path, stores: Path, num_proc: int) -> dict:
     """Build the store for ``corpus`` with ``num_proc`` workers, in-process; tokens/s."""
+    from transformers import AutoTokenizer
+
     from lmdistill.config import DataConfig
     from lmdistill.data.sources import open_store
     from lmdistill.default import ensure_default_teacher
-    from transformers import AutoTokenizer
 
     shutil.rmtree(stores, ignore_errors=True)
     tokenizer = AutoTokenizer.from_pretrained(ensure_default_teacher())

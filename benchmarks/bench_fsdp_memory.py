@@ -89,8 +89,8 @@ def gathers_per_step(student, optimizer, impl: str, steps: int = 4) -> dict:
     from torch.distributed.fsdp._fully_shard import _fsdp_param_group
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    from lmdistill.loss.chunked import fused_linear_distillation_loss, fused_logits_distillation_loss
     from lmdistill.core.parallel import shard
+    from lmdistill.loss.chunked import fused_linear_distillation_loss, fused_logits_distillation_loss
 
     torch.manual_seed(1)
     teacher = shard(LlamaForCausalLM(LlamaConfig(**SHAPE)).eval(), "no", torch.device("cpu"))

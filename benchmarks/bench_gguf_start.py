@@ -35,7 +35,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from real_teacher import fetch  # noqa: E402
+from real_teacher import fetch
 
 STEPS = 6  # the second start runs a few steps more, for the time of one step
 

@@ -53,7 +53,8 @@ def judged(run: Path, prompts: int, seed: int) -> dict:
 
     from lmdistill.config import Config, load_yaml
     from lmdistill.data.sources import build_block_data
-    from lmdistill.teacher.onpolicy import Sampling, generation_quality
+    from lmdistill.teacher.generation import Sampling
+    from lmdistill.teacher.judge import generation_quality
 
     cfg = Config.from_dict(load_yaml(run / "config.yaml"))
     tokenizer = AutoTokenizer.from_pretrained(run / "tokenizer")
@@ -70,7 +71,7 @@ def cache_speedup(run: Path, rows: int = 8, new_tokens: int = 128, repeats: int 
     """Generation tokens/s of one student with and without the KV cache, alternated."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from lmdistill.teacher.onpolicy import HFGenerator, Sampling
+    from lmdistill.teacher.generation import HFGenerator, Sampling
 
     tokenizer = AutoTokenizer.from_pretrained(run / "tokenizer")
     student = AutoModelForCausalLM.from_pretrained(run / "student").eval()

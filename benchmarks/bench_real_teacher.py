@@ -50,8 +50,8 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_student_init import lmdistill, stdlib_corpus  # noqa: E402
-from real_teacher import fetch  # noqa: E402
+from bench_student_init import lmdistill, stdlib_corpus
+from real_teacher import fetch
 
 VARIANTS = {
     "ce": ["--kd-weight", "0"],

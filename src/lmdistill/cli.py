@@ -18,7 +18,6 @@ import os
 import sys
 import time
 from pathlib import Path
-
 from typing import TYPE_CHECKING
 
 from lmdistill.core.errors import LmdistillError
@@ -55,7 +54,7 @@ def _add_train_parser(sub) -> None:
     p.add_argument("--config", help="YAML config file (see configs/)")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="set any config key, e.g. --set guard.spike=rollback (repeatable)")
-    for name, (key, typ, help_text) in TRAIN_FLAGS.items():
+    for name, (key, _type, help_text) in TRAIN_FLAGS.items():
         p.add_argument("--" + name.replace("_", "-"), dest=name, type=str, default=None,
                        help=f"{help_text} [{key}]")
     p.add_argument("--overwrite", action="store_true", help="replace an output directory that holds a run")
@@ -65,7 +64,7 @@ def _add_train_parser(sub) -> None:
     p.add_argument("--no-progress", action="store_true", help="no progress bars (for logs)")
 
 
-def _build_config(args) -> "Config":
+def _build_config(args) -> Config:
     from lmdistill.config import Config
 
     overrides = list(args.overrides)
@@ -117,10 +116,18 @@ def cmd_eval(args) -> int:
 
     from lmdistill.config import DataConfig
     from lmdistill.data.sources import block_data_of, build_block_data
+    from lmdistill.models.loading import (
+        check_causal,
+        check_context_length,
+        check_same_tokenizer,
+        check_vocab_covers,
+        freeze,
+        load_causal_lm,
+        load_tokenizer,
+        resolve_source,
+    )
     from lmdistill.training.evaluate import evaluate, format_ppl
-    from lmdistill.models.loading import (check_causal, check_context_length, check_same_tokenizer, check_vocab_covers, freeze,
-                         load_causal_lm, load_tokenizer, resolve_source)
-    from lmdistill.training.rundir import MARKER
+    from lmdistill.training.layout import MARKER
 
     if args.block_size is not None and args.block_size < 2:
         raise LmdistillError(f"--block-size {args.block_size} is too small; use 2 or more (e.g. 128)")
@@ -190,7 +197,7 @@ def cmd_eval(args) -> int:
                              "--block-size")
     judged = None
     if generation is not None:  # first: settings that do not fit the models are refused before the evaluation
-        from lmdistill.teacher.onpolicy import judge_generations
+        from lmdistill.teacher.judge import judge_generations
 
         judged = judge_generations(model, teacher, blocks, tokenizer, len(tokenizer), block_size, **generation)
     result = evaluate(model, teacher, blocks, vocab_size=len(tokenizer), temperature=args.temperature,
@@ -202,7 +209,7 @@ def cmd_eval(args) -> int:
         print(f"KL(teacher || model) at T=1: {result['eval_kl']:.4f} nats/token; "
               f"top-1 agreement {result['top1_agreement']:.1%}")
     if judged is not None:
-        from lmdistill.teacher.onpolicy import describe_generations
+        from lmdistill.teacher.judge import describe_generations
 
         result.update(judged)
         print("\n".join(describe_generations(judged)))
@@ -217,7 +224,7 @@ def _generation_settings(args) -> dict | None:
     """``eval --generate``'s flags, checked one line each (defaults: distill.on_policy's); None
     without --generate."""
     from lmdistill.config import OnPolicyConfig
-    from lmdistill.teacher.onpolicy import Sampling
+    from lmdistill.teacher.generation import Sampling
 
     defaults = OnPolicyConfig()
     prompt_tokens = args.prompt_tokens if args.prompt_tokens is not None else defaults.prompt_tokens
@@ -315,13 +322,20 @@ def cmd_cache_teacher(args) -> int:
     """Run the teacher once over the run's train and eval blocks and write the cache (see cache.py)."""
     import torch
 
-    from lmdistill.teacher import cache as tc
-    from lmdistill.training.checkpoint import model_reference
     from lmdistill.config import Config
+    from lmdistill.core.files import model_reference
+    from lmdistill.core.progress import progress_bar
     from lmdistill.data.sources import build_block_data
     from lmdistill.default import resolve_default_teacher
-    from lmdistill.models.loading import check_causal, check_vocab_covers, freeze, load_causal_lm, load_tokenizer, resolve_source
-    from lmdistill.core.progress import progress_bar
+    from lmdistill.models.loading import (
+        check_causal,
+        check_vocab_covers,
+        freeze,
+        load_causal_lm,
+        load_tokenizer,
+        resolve_source,
+    )
+    from lmdistill.teacher import cache as tc
 
     values = {k: v for k, v in {"model.teacher": args.teacher, "data.path": args.data, "cache.mode": args.mode}.items()
               if v is not None}

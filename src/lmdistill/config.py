@@ -21,9 +21,12 @@ from typing import Any, Literal, get_args, get_origin
 
 import yaml
 
-from lmdistill.loss.divergences import DIVERGENCES
 from lmdistill.core.errors import ConfigError
-from lmdistill.training.faults import FAULT_SITES, FAULT_VALUES
+from lmdistill.loss.divergences import DIVERGENCES
+
+# Where a fault can be injected (``debug.inject[].where``, training/faults.py) and what it writes there.
+FAULT_SITES = ("teacher_logits", "student_logits", "loss", "grad")
+FAULT_VALUES = ("nan", "inf", "-inf")
 
 
 def doc(text: str, default: Any = dataclasses.MISSING, **kw: Any) -> Any:
@@ -322,7 +325,7 @@ class Config:
 
     # ---- construction -------------------------------------------------------------
     @classmethod
-    def from_dict(cls, data: dict | None) -> "Config":
+    def from_dict(cls, data: dict | None) -> Config:
         cfg = cls()
         for key, value in (data or {}).items():
             cfg.set(key, value)
@@ -330,7 +333,7 @@ class Config:
 
     @classmethod
     def load(cls, path: str | Path | None = None, overrides: list[str] | None = None,
-             values: dict[str, Any] | None = None) -> "Config":
+             values: dict[str, Any] | None = None) -> Config:
         """Defaults, then the YAML file, then ``section.key=value`` overrides (values parsed as
         YAML), then ``values`` (already typed, e.g. paths from named flags, set verbatim); validated."""
         if overrides is not None and not isinstance(overrides, (list, tuple)):
@@ -390,7 +393,7 @@ class Config:
             setattr(owner, name, _coerce(dotted, value, hint))
 
     # ---- validation ---------------------------------------------------------------
-    def validate(self) -> "Config":
+    def validate(self) -> Config:
         """Every check that needs only the config: one ConfigError naming the key and what is allowed."""
         _check_objective(self)
         _check_numbers(self)
@@ -417,7 +420,7 @@ def _bad(key: str, value: Any, allowed: str) -> ConfigError:
     return ConfigError(f"{key} = {value!r} is not allowed: {allowed}")
 
 
-def _check_objective(cfg: "Config") -> None:
+def _check_objective(cfg: Config) -> None:
     """The distillation objective and the student's start."""
     d = cfg.distill
     if not (d.temperature > 0 and math.isfinite(d.temperature)):
@@ -449,7 +452,7 @@ def _check_objective(cfg: "Config") -> None:
     _check_on_policy(cfg)
 
 
-def _check_on_policy(cfg: "Config") -> None:
+def _check_on_policy(cfg: Config) -> None:
     o = cfg.distill.on_policy
     if not 0.0 <= o.fraction <= 1.0:
         raise _bad("distill.on_policy.fraction", o.fraction, "must be in [0, 1] (0 = off, 1 = every step)")
@@ -482,7 +485,7 @@ def _check_on_policy(cfg: "Config") -> None:
                           "distill.on_policy.fraction=0")
 
 
-def _check_numbers(cfg: "Config") -> None:
+def _check_numbers(cfg: Config) -> None:
     """Counts, rates and thresholds: in range and finite."""
     t = cfg.train
     positive_ints = {
@@ -554,7 +557,7 @@ def _check_numbers(cfg: "Config") -> None:
             raise _bad(key, _get(cfg, key), "must be a number > 0")
 
 
-def _check_sources(data: "DataConfig") -> None:
+def _check_sources(data: DataConfig) -> None:
     """A mixture: a non-empty list of {path, weight[, name]} with finite weights > 0, names unique."""
     if data.sources is None:
         return
@@ -589,12 +592,12 @@ def _check_sources(data: "DataConfig") -> None:
         raise _bad("data.sources", duplicates[0], "two sources have this name; give each a distinct name")
 
 
-def source_names(data: "DataConfig") -> list[str]:
+def source_names(data: DataConfig) -> list[str]:
     """The display names of a mixture's sources (data.sources[i].name, else its path)."""
     return [str(e.get("name") or e["path"] or "embedded") for e in data.sources or []]
 
 
-def _check_run(cfg: "Config") -> None:
+def _check_run(cfg: Config) -> None:
     """Names, devices and the run's switches."""
     name = cfg.run.name
     if "/" in name or "\\" in name or name in ("", ".", ".."):
@@ -623,10 +626,10 @@ MAX_TEMPERATURE = 1000.0
 MAX_SEED = 2**32 - 1  # what NumPy's seed (and so accelerate's set_seed) accepts
 
 
-def _float_values(cfg: "Config") -> list[tuple[str, Any]]:
+def _float_values(cfg: Config) -> list[tuple[str, Any]]:
     """``(dotted key, value)`` of every float-typed key (``float`` or ``float | None``)."""
     out = []
-    for dotted, f in leaf_fields(cfg):
+    for dotted, _field in leaf_fields(cfg):
         owner_path, _, name = dotted.rpartition(".")
         owner = _get(cfg, owner_path)
         hint = typing.get_type_hints(type(owner))[name]

@@ -19,9 +19,12 @@ import signal
 from pathlib import Path
 
 from lmdistill.config import Config
-from lmdistill.data.sources import embedded_corpus_texts
 from lmdistill.core.errors import LmdistillError
-from lmdistill.core.paths import exclusive_lock
+from lmdistill.core.paths import cache_home, exclusive_lock
+from lmdistill.data.sources import embedded_corpus_texts
+from lmdistill.training.checkpoint import find_latest_valid
+from lmdistill.training.interrupts import Interrupted
+from lmdistill.training.trainer import train
 
 # Changing anything here changes the cache key, so a stale teacher is never reused.
 RECIPE = {
@@ -34,10 +37,6 @@ RECIPE = {
                  "mixed_precision": "bf16"},
 }
 EOS = "<|endoftext|>"
-
-
-def cache_home() -> Path:
-    return Path(os.environ.get("LMDISTILL_HOME", Path.home() / ".cache" / "lmdistill")).expanduser()
 
 
 def recipe_key(texts: list[str]) -> str:
@@ -115,10 +114,6 @@ def _pretrain(dest: Path, progress: bool) -> None:
     pretraining of an earlier attempt where it left a checkpoint."""
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
-
-    from lmdistill.training.checkpoint import find_latest_valid
-    from lmdistill.training.interrupts import Interrupted
-    from lmdistill.training.trainer import train
 
     _remove_abandoned_work_dirs(dest)
     work = dest.parent / f".work-{dest.name}"

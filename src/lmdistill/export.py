@@ -11,11 +11,12 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from lmdistill.training.checkpoint import EXPORT_SKIP, find_latest_valid, load_checkpoint
 from lmdistill.core.errors import LmdistillError
-from lmdistill.models.loading import save_model_dir
 from lmdistill.core.paths import protected_place
-from lmdistill.training.rundir import MARKER
+from lmdistill.models.loading import save_model_dir
+from lmdistill.training.checkpoint import EXPORT_SKIP, find_latest_valid, load_checkpoint
+from lmdistill.training.layout import MARKER
+from lmdistill.training.sharded import load_shards
 
 
 def check_new_model_dir(out_dir: str | Path, what: str) -> None:
@@ -63,7 +64,6 @@ def export_checkpoint(checkpoint: str | Path, out_dir: str | Path) -> Path:
     config = AutoConfig.for_model(config_dict.pop("model_type"), **config_dict)
     model = AutoModelForCausalLM.from_config(config)
     if ckpt.sharded:  # the shards of every process that wrote them, gathered into this one model
-        from lmdistill.core.parallel import load_shards
 
         load_shards(checkpoint, model)  # every weight, with its shape, or a one-line refusal
         missing, unexpected = [], []

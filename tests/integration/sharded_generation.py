@@ -12,10 +12,9 @@ import torch
 import torch.distributed as dist
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # tests/, for conftest.tiny_llama
-from conftest import tiny_llama  # noqa: E402
-
-from lmdistill.teacher.onpolicy import HFGenerator, Sampling  # noqa: E402
-from lmdistill.core.parallel import shard  # noqa: E402
+from conftest import tiny_llama
+from lmdistill.core.parallel import shard
+from lmdistill.teacher.generation import HFGenerator, Sampling
 
 dist.init_process_group("gloo", timeout=timedelta(seconds=60))
 rank = dist.get_rank()

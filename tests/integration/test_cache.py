@@ -297,8 +297,8 @@ def test_overwrite_deletes_only_the_shards_the_old_cache_lists(tmp_path, teacher
 def test_the_cache_lock_is_never_opened_through_a_link(tmp_path, teacher_dir, small_text):
     """A lock link planted in --out: the build stops in one line and the link's target keeps its
     bytes (opened through the link, the lock would truncate it and write a pid into it)."""
-    from lmdistill.teacher import cache as tc
     from lmdistill.core.errors import LmdistillError
+    from lmdistill.teacher import cache as tc
 
     victim = tmp_path / "precious.txt"
     victim.write_text("precious\n")
@@ -489,9 +489,9 @@ def test_a_cached_run_cuts_its_student_out_of_the_teacher_on_disk(tmp_path, teac
     import torch
     from safetensors.torch import load_file
 
-    from lmdistill.models import loading as models_module
     from lmdistill.config import Config
     from lmdistill.data.sources import build_block_data
+    from lmdistill.models import loading as models_module
 
     pruned = tmp_path / "pruned"
     proc = cli("prune", "--teacher", str(teacher_dir), "--data", str(small_text), "--out", str(pruned), *DATA,

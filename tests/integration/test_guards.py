@@ -10,9 +10,9 @@ import torch
 import yaml
 
 from conftest import cli, read_jsonl
-from lmdistill.training.checkpoint import load_checkpoint
 from lmdistill.config import Config
 from lmdistill.core.errors import TrainingStopped
+from lmdistill.training.checkpoint import load_checkpoint
 from lmdistill.training.trainer import train
 
 SMALL_STUDENT = {"num_hidden_layers": 1, "hidden_size": 16, "intermediate_size": 32, "num_attention_heads": 2,
@@ -196,7 +196,7 @@ def test_lasting_spikes_under_skip_stop_the_run(tmp_path, teacher_dir, text_file
     """guard.spike=skip counts its skips: a loss that stays high stops the run instead of skipping forever."""
     out = tmp_path / "run"
     cfg = _config(out, teacher_dir, text_file, train={"max_steps": 30}, guard={"spike": "skip", "spike_warmup": 6},
-                  debug={"loss_multiplier": {s: 20.0 for s in range(12, 30)}})
+                  debug={"loss_multiplier": dict.fromkeys(range(12, 30), 20.0)})
     with pytest.raises(TrainingStopped, match="5 consecutive skipped steps: loss spikes"):
         train(cfg, progress=False, print_summary=False)
     skipped = [r["step"] for r in read_jsonl(out / "metrics.jsonl") if r.get("skipped")]

@@ -12,9 +12,9 @@ import shutil
 from pathlib import Path
 
 import pytest
+from test_hostile import _args, _tree  # the same small runs as the first probe's tests
 
 from conftest import cli, one_error_line
-from test_hostile import _args, _tree  # the same small runs as the first probe's tests
 
 
 @pytest.fixture
@@ -31,7 +31,7 @@ def unfinished_run(tmp_path, teacher_dir, text_file) -> Path:
 def _rewrite(step_dir: Path, name: str, content: bytes | None) -> None:
     """Replace (or, with None, delete) a checkpoint file and record it in the manifest, as a crafted
     checkpoint would: every size and hash matches."""
-    from lmdistill.training.checkpoint import file_record
+    from lmdistill.core.files import file_record
 
     manifest = json.loads((step_dir / "manifest.json").read_text())
     if content is None:

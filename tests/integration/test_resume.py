@@ -141,8 +141,9 @@ def test_failing_disk_write_stops_cleanly_and_keeps_the_previous_checkpoint(tmp_
     import errno
 
     import lmdistill.training.checkpoint as ckpt_mod
-    from lmdistill.training.checkpoint import CheckpointError, find_latest_valid, load_checkpoint
     from lmdistill.config import Config
+    from lmdistill.core.errors import CheckpointError
+    from lmdistill.training.checkpoint import find_latest_valid, load_checkpoint
     from lmdistill.training.trainer import train
 
     real_write = ckpt_mod._write_file

@@ -12,8 +12,9 @@ import copy
 import pickle
 
 import pytest
-from chat_fixtures import CHAT_TEMPLATE, chat_tokenizer, render
 
+from chat_fixtures import CHAT_TEMPLATE, chat_tokenizer, render
+from lmdistill.core.errors import LmdistillError
 from lmdistill.data.chat import (
     FORMATS,
     NoAssistantTurn,
@@ -23,7 +24,6 @@ from lmdistill.data.chat import (
     encode_record,
     record_format,
 )
-from lmdistill.core.errors import LmdistillError
 
 TWO_TURNS = [
     {"role": "user", "content": "What is the capital of France?"},

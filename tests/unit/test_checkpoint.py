@@ -18,14 +18,11 @@ import pytest
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
+from lmdistill.core.errors import CheckpointError, LmdistillError
+from lmdistill.core.files import directory_hash
 from lmdistill.training import checkpoint as ckpt
 from lmdistill.training.checkpoint import (
-    MANIFEST_FILE,
-    MODEL_FILE,
-    OPTIMIZER_FILE,
-    CheckpointError,
     capture_rng_state,
-    directory_hash,
     find_latest_valid,
     list_checkpoints,
     load_checkpoint,
@@ -33,7 +30,7 @@ from lmdistill.training.checkpoint import (
     save_checkpoint,
     verify_checkpoint,
 )
-from lmdistill.core.errors import LmdistillError
+from lmdistill.training.layout import MANIFEST_FILE, MODEL_FILE, OPTIMIZER_FILE
 
 
 class SimulatedCrash(BaseException):

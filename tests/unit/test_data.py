@@ -14,8 +14,8 @@ import pytest
 import torch
 
 from lmdistill.config import DataConfig
-from lmdistill.data.sources import BlockSampler, block_data_of, build_block_data, plan_source
 from lmdistill.core.errors import LmdistillError
+from lmdistill.data.sources import BlockSampler, block_data_of, build_block_data, plan_source
 
 
 def expected_blocks(docs: list[str], tokenizer, block_size: int) -> torch.Tensor:

@@ -18,9 +18,9 @@ import math
 import pytest
 import torch
 
-from lmdistill.loss.divergences import DIVERGENCES, REGISTRY
 from lmdistill.loss.chunked import fused_linear_distillation_loss, fused_logits_distillation_loss
 from lmdistill.loss.dense import IGNORE_INDEX, distillation_loss
+from lmdistill.loss.divergences import DIVERGENCES, REGISTRY
 
 N, H, V, PAD = 23, 10, 37, 5  # tokens, hidden width, real vocabulary, padded rows
 IGNORED = (1, 8, 9, 20)

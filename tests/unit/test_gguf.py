@@ -15,8 +15,8 @@ import torch
 
 from conftest import cli, one_error_line
 from gguf_fixtures import write_tiny_gguf
-from lmdistill.models import gguf as lgguf
 from lmdistill.core.errors import LmdistillError
+from lmdistill.models import gguf as lgguf
 from lmdistill.models.loading import resolve_source
 
 TEXT = "def area(r):\n    return 3.14159 * r ** 2  # the docs' example<|endoftext|> and more"

@@ -151,7 +151,7 @@ def test_pairs_are_averaged_and_num_tokens_divides_once():
         singles.append(hidden_state_loss([student[k]], [teacher[k]], one, "mse", targets, 10).item())
     both = hidden_state_loss(student, teacher, projection, "mse", targets, 10).item()
     assert both == pytest.approx(sum(singles) / 3, rel=1e-6)
-    assert len(set(round(s, 6) for s in singles)) == 3  # the pairs really differ
+    assert len({round(s, 6) for s in singles}) == 3  # the pairs really differ
     wider = hidden_state_loss(student, teacher, projection, "mse", targets, 40).item()
     assert wider == pytest.approx(both * 10 / 40, rel=1e-6)
 

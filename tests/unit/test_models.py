@@ -9,8 +9,8 @@ import torch
 from transformers import AutoTokenizer, LlamaConfig, PreTrainedTokenizerFast
 
 from conftest import TINY_VOCAB, tiny_llama
-from lmdistill.default import train_tokenizer
 from lmdistill.core.errors import LmdistillError
+from lmdistill.default import train_tokenizer
 from lmdistill.models.loading import (
     build_fresh_student,
     check_same_tokenizer,
@@ -18,9 +18,8 @@ from lmdistill.models.loading import (
     freeze,
     output_vocab_size,
     resolve_source,
-    student_config_from_teacher,
 )
-
+from lmdistill.models.shapes import student_config_from_teacher
 
 # ---- tokenizers ----------------------------------------------------------------------------
 

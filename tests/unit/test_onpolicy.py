@@ -10,9 +10,10 @@ import torch
 import torch.nn.functional as F
 
 from lmdistill.loss.dense import IGNORE_INDEX
-from lmdistill.teacher.onpolicy import (HFGenerator, Sampling, is_on_policy, rollout_batch, sampled_token_loss,
-                                teacher_token_logprobs)
-from lmdistill.teacher.signals import TeacherHidden, TeacherLogits
+from lmdistill.loss.sampled import sampled_token_loss, teacher_token_logprobs
+from lmdistill.loss.views import TeacherHidden, TeacherLogits
+from lmdistill.teacher.generation import HFGenerator, Sampling, rollout_batch
+from lmdistill.teacher.onpolicy import is_on_policy
 
 
 def test_sampled_token_gradient_in_expectation_is_the_reverse_kl_gradient():
@@ -79,7 +80,7 @@ def test_rollout_targets_are_the_written_tokens_up_to_the_first_eos():
 
 def test_prompts_are_the_first_tokens_of_text_and_what_precedes_the_first_target_of_chat():
     from lmdistill.core.batch import Batch
-    from lmdistill.teacher.onpolicy import prompts_of
+    from lmdistill.teacher.generation import prompts_of
 
     text = Batch.from_blocks(torch.arange(20).reshape(2, 10))
     assert [p.tolist() for p in prompts_of(text, 4)] == [[0, 1, 2, 3], [10, 11, 12, 13]]
@@ -136,7 +137,7 @@ def test_generation_is_seeded_keeps_the_prompt_and_restores_train_mode(tiny_stud
 
 
 def test_repeated_ngram_share_against_a_hand_count():
-    from lmdistill.teacher.onpolicy import repeated_ngram_share
+    from lmdistill.teacher.judge import repeated_ngram_share
 
     # row 1: 4-grams (1234) (2341) (3412) (4123) (1234): one repeat of five; row 2: too short
     assert repeated_ngram_share([[1, 2, 3, 4, 1, 2, 3, 4], [5, 6, 7]]) == pytest.approx(1 / 5)
@@ -145,7 +146,7 @@ def test_repeated_ngram_share_against_a_hand_count():
 
 
 def test_generation_quality_scores_the_written_tokens_with_each_model(tiny_student):
-    from lmdistill.teacher.onpolicy import generation_quality
+    from lmdistill.teacher.judge import generation_quality
 
     prompts = torch.tensor([[1, 2, 3], [4, 5, 6], [7, 8, 9]])
     scores, written = generation_quality(tiny_student, tiny_student, prompts, Sampling(max_new_tokens=5), seed=2,
@@ -165,7 +166,7 @@ def test_generation_quality_scores_the_written_tokens_with_each_model(tiny_stude
 def test_prompts_of_different_lengths_are_continued_as_each_alone(tiny_student):
     """Left padding with its mask: a short prompt batched with a long one is continued as when
     it is alone (greedy at a tiny temperature), so positions and masking are right."""
-    from lmdistill.teacher.onpolicy import continue_prompts
+    from lmdistill.teacher.generation import continue_prompts
 
     generator = HFGenerator(tiny_student, eos_token_id=31, pad_token_id=0)
     cold = Sampling(max_new_tokens=5, temperature=1e-4)
@@ -179,7 +180,7 @@ def test_prompts_of_different_lengths_are_continued_as_each_alone(tiny_student):
 
 
 def test_student_token_logprobs_from_hidden_states_match_logits_in_value_and_gradient():
-    from lmdistill.teacher.onpolicy import token_logprobs, token_logprobs_from_hidden
+    from lmdistill.loss.sampled import token_logprobs, token_logprobs_from_hidden
 
     g = torch.Generator().manual_seed(4)
     hidden = torch.randn(2, 9, 8, generator=g)
@@ -221,7 +222,7 @@ def test_gen_reverse_kl_is_zero_against_the_same_weights_and_positive_against_ot
     positive for a teacher the student does not match (a sharper student than a near-uniform one)."""
     import copy
 
-    from lmdistill.teacher.onpolicy import generation_quality
+    from lmdistill.teacher.judge import generation_quality
 
     prompts = torch.tensor([[1, 2, 3], [4, 5, 6], [7, 8, 9], [10, 11, 12]])
     settings = dict(sampling=Sampling(max_new_tokens=6), seed=3, eos_token_id=31, pad_token_id=31, vocab_size=32)

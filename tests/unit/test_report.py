@@ -21,12 +21,12 @@ from matplotlib.image import imread
 
 from lmdistill.config import Config
 from lmdistill.core.errors import LmdistillError
-from lmdistill.training.guards import Decision, StepStats
 from lmdistill.models.loading import ModelInfo
-from lmdistill.training.monitor import HealthMonitor
 from lmdistill.report import PLOT_FILES, compare_runs, load_run, main_report, write_plots, write_report
-from lmdistill.training.rundir import RunDirectory
 from lmdistill.report.metrics import MetricsLog
+from lmdistill.training.guards import Decision, StepStats
+from lmdistill.training.monitor import HealthMonitor
+from lmdistill.training.rundir import RunDirectory
 from lmdistill.training.trainer import StepResult
 
 TEACHER_PPL = 18.52

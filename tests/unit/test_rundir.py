@@ -5,9 +5,10 @@ from __future__ import annotations
 import json
 import os
 
-from lmdistill.training.devices import lost_peer
 from lmdistill.core.paths import claim_lock
-from lmdistill.training.rundir import LOCK, RunDirectory
+from lmdistill.training.devices import lost_peer
+from lmdistill.training.layout import LOCK
+from lmdistill.training.rundir import RunDirectory
 
 
 def _run_json(tmp_path, status):

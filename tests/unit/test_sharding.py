@@ -8,11 +8,10 @@ import pytest
 import torch
 import torch.distributed as dist
 
+from conftest import tiny_llama
 from lmdistill.core.batch import Batch
 from lmdistill.core.parallel import is_sharded, shard
 from lmdistill.teacher.signals import LiveLogits
-
-from conftest import tiny_llama
 
 
 @pytest.fixture
@@ -76,7 +75,7 @@ def test_a_sharded_student_generates_in_step_with_the_other_processes(group_of_o
     """On-policy rollouts from a sharded student: ``generate`` keeps every process stepping until
     all have finished (``synced_gpus``; otherwise a process done early would leave the others
     waiting in their next gather), and the tokens are those of the unsharded student."""
-    from lmdistill.teacher.onpolicy import HFGenerator, Sampling
+    from lmdistill.teacher.generation import HFGenerator, Sampling
 
     plain = tiny_llama(64, hidden=16, layers=2, seed=3)
     sharded = shard(tiny_llama(64, hidden=16, layers=2, seed=3), "no", torch.device("cpu"))
@@ -163,7 +162,7 @@ def _step(model, optimizer, seed: int = 0):
 
 def _save(model, optimizer, checkpoints, step: int):
     from lmdistill.training.checkpoint import make_staging_dir, save_checkpoint
-    from lmdistill.core.parallel import save_shards
+    from lmdistill.training.sharded import save_shards
 
     staged = make_staging_dir(checkpoints, step)
     records = save_shards(staged, model, optimizer, step)
@@ -176,7 +175,7 @@ def test_a_sharded_checkpoint_loads_into_an_ordinary_model_and_optimizer(group_o
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict
 
     from lmdistill.training.checkpoint import load_checkpoint, verify_checkpoint
-    from lmdistill.core.parallel import load_shards
+    from lmdistill.training.sharded import load_shards
 
     model, optimizer = _sharded()
     for seed in range(2):
@@ -202,8 +201,7 @@ def test_a_sharded_checkpoint_loads_into_an_ordinary_model_and_optimizer(group_o
 def test_a_checkpoint_before_the_first_update_changes_nothing(group_of_one, tmp_path):
     """torch creates a missing optimizer state with a zero step that counts as AdamW's first:
     a checkpoint written before any update must not do that, nor store it."""
-    from lmdistill.training.checkpoint import CheckpointError  # noqa: F401 (the module the save goes through)
-    from lmdistill.core.parallel import load_shards, read_shard_metadata
+    from lmdistill.training.sharded import load_shards, read_shard_metadata
 
     saved, saved_optimizer = _sharded()
     twin, twin_optimizer = _sharded()
@@ -223,8 +221,8 @@ def test_a_checkpoint_before_the_first_update_changes_nothing(group_of_one, tmp_
                                                   (3, 16, "weight(s) missing"),
                                                   (2, 24, "in the checkpoint and")])
 def test_a_checkpoint_of_another_model_is_refused_not_loaded_in_part(group_of_one, tmp_path, layers, hidden, says):
-    from lmdistill.training.checkpoint import CheckpointError
-    from lmdistill.core.parallel import load_shards
+    from lmdistill.core.errors import CheckpointError
+    from lmdistill.training.sharded import load_shards
 
     model, optimizer = _sharded()
     _step(model, optimizer)
@@ -240,8 +238,9 @@ def test_a_checkpoint_of_another_model_is_refused_not_loaded_in_part(group_of_on
 def test_a_shard_the_main_process_cannot_see_refuses_the_save(group_of_one, tmp_path):
     """(An output directory that is not shared between machines.) Without the check the
     checkpoint would verify, be picked by --resume, and fail to load."""
-    from lmdistill.training.checkpoint import CheckpointError, make_staging_dir, save_checkpoint, verify_checkpoint
-    from lmdistill.core.parallel import save_shards
+    from lmdistill.core.errors import CheckpointError
+    from lmdistill.training.checkpoint import make_staging_dir, save_checkpoint, verify_checkpoint
+    from lmdistill.training.sharded import save_shards
 
     model, optimizer = _sharded()
     _step(model, optimizer)
@@ -264,8 +263,9 @@ def test_a_full_disk_while_writing_shards_is_one_line(group_of_one, tmp_path, mo
     import errno
     import os
 
-    from lmdistill.training.checkpoint import CheckpointError, make_staging_dir
-    from lmdistill.core.parallel import save_shards
+    from lmdistill.core.errors import CheckpointError
+    from lmdistill.training.checkpoint import make_staging_dir
+    from lmdistill.training.sharded import save_shards
 
     model, optimizer = _sharded()
     _step(model, optimizer)
@@ -285,8 +285,8 @@ def test_a_full_disk_while_writing_shards_is_one_line(group_of_one, tmp_path, mo
 def test_a_shard_map_that_would_run_code_is_refused(tmp_path):
     import pickle
 
-    from lmdistill.training.checkpoint import CheckpointError
-    from lmdistill.core.parallel import read_shard_metadata
+    from lmdistill.core.errors import CheckpointError
+    from lmdistill.training.sharded import read_shard_metadata
 
     marker = tmp_path / "ran"
 
@@ -301,7 +301,8 @@ def test_a_shard_map_that_would_run_code_is_refused(tmp_path):
 
 
 def test_what_a_resume_can_change_is_checked_before_anything_loads(tmp_path):
-    from lmdistill.training.checkpoint import CheckpointError, check_resumable
+    from lmdistill.core.errors import CheckpointError
+    from lmdistill.training.checkpoint import check_resumable
 
     path = tmp_path / "step-4"
     path.mkdir()
@@ -333,7 +334,7 @@ def test_a_crafted_value_in_the_shards_is_refused_without_suggesting_an_unsafe_l
     import io
     from types import SimpleNamespace
 
-    from lmdistill.core.parallel import _safe_planner
+    from lmdistill.training.sharded import _safe_planner
 
     crafted = io.BytesIO()
     torch.save({"lr": argparse.Namespace(evil=True)}, crafted)

@@ -16,11 +16,11 @@ import pytest
 import torch
 
 from chat_fixtures import END_OF_TURN, chat_tokenizer
+from lmdistill.config import DataConfig
+from lmdistill.core.errors import LmdistillError
 from lmdistill.data import store as store_module
 from lmdistill.data.blocks import MixtureSampler, layout_blocks, quotas
-from lmdistill.config import DataConfig
 from lmdistill.data.sources import build_block_data, make_sampler, open_store
-from lmdistill.core.errors import LmdistillError
 from lmdistill.loss.dense import IGNORE_INDEX
 
 

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 
 import torch
 
-from lmdistill.loss.dense import IGNORE_INDEX
+IGNORE_INDEX = -100  # the target of a position the loss does not train on (torch's cross_entropy default)
 
 
 @dataclass
@@ -42,14 +42,14 @@ class Batch:
         return self.num_targets == self.targets.numel()
 
     @classmethod
-    def from_blocks(cls, blocks: torch.Tensor) -> "Batch":
+    def from_blocks(cls, blocks: torch.Tensor) -> Batch:
         """Packed text blocks (B, L): every token but the first is the target of the one before."""
         targets = blocks[:, 1:]
         return cls(blocks, None, targets, targets.numel())
 
     @classmethod
     def from_ids(cls, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
-                 loss_mask: torch.Tensor | None = None) -> "Batch":
+                 loss_mask: torch.Tensor | None = None) -> Batch:
         """Sequences with padding (attention_mask 0) or positions without loss (loss_mask 0).
 
         ``loss_mask`` (B, L) marks the tokens to be predicted (e.g. a completion after its
@@ -64,7 +64,7 @@ class Batch:
         targets[~keep] = IGNORE_INDEX
         return cls(input_ids, attention_mask, targets, int(keep.sum()))
 
-    def to(self, device: torch.device | str) -> "Batch":
+    def to(self, device: torch.device | str) -> Batch:
         mask = self.attention_mask.to(device) if self.attention_mask is not None else None
         return Batch(self.input_ids.to(device), mask, self.targets.to(device), self.num_targets, self.rows,
                      self.generated)

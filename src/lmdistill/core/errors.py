@@ -37,3 +37,7 @@ def last_line(exc: BaseException) -> str:
     if not lines:
         return type(exc).__name__
     return re.sub(r"^\w+(Error|Exception): ", "", lines[-1])[:300].rstrip(".")
+
+
+class CheckpointError(LmdistillError):
+    """A checkpoint cannot be written, verified or loaded; the message names the path."""

@@ -20,6 +20,8 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import IO, Any
 
+from lmdistill.core.errors import LmdistillError
+
 # A hub id is 'name' or 'org/name'; names start with a letter or digit.
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[A-Za-z0-9][\w.-]*)?$")
 
@@ -86,7 +88,6 @@ def open_no_link(path: Path, flags: int, what: str) -> int:
     """``os.open(path, flags)`` for lmdistill's own lock and marker files, refusing a symbolic link
     (LmdistillError naming it): opened through a link, a lock would truncate and rewrite whatever
     file the link points to. Also refuses anything that is not a regular file (a FIFO, a device)."""
-    from lmdistill.core.errors import LmdistillError
 
     try:
         fd = os.open(path, flags | NOFOLLOW | getattr(os, "O_NONBLOCK", 0), 0o644)  # a FIFO must not hang us
@@ -229,3 +230,7 @@ def protected_place(path: str | Path) -> str | None:
     if target in cwd.parents or target == Path(target.anchor):
         return "a parent of the current directory"
     return None
+
+
+def cache_home() -> Path:
+    return Path(os.environ.get("LMDISTILL_HOME", Path.home() / ".cache" / "lmdistill")).expanduser()

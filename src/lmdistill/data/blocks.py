@@ -86,13 +86,13 @@ def _masked_sums(mask: np.ndarray, lo: np.ndarray, hi: np.ndarray, chunk: int = 
     """sum(mask[lo[i]:hi[i]]) for sorted, non-overlapping windows, reading the mask once."""
     out = np.zeros(len(lo), dtype=np.int64)
     for a in range(0, len(lo), chunk):
-        l, h = lo[a : a + chunk], hi[a : a + chunk]
-        base, top = int(l[0]), int(h.max())
+        low, h = lo[a : a + chunk], hi[a : a + chunk]
+        base, top = int(low[0]), int(h.max())
         if top <= base:
             continue
         window = np.asarray(mask[base:top], dtype=np.int64)
         cumulative = np.concatenate([[0], np.cumsum(window)])
-        out[a : a + chunk] = cumulative[np.maximum(h - base, l - base)] - cumulative[l - base]
+        out[a : a + chunk] = cumulative[np.maximum(h - base, low - base)] - cumulative[low - base]
     return out
 
 
@@ -115,17 +115,19 @@ class Blocks:
     def __len__(self) -> int:
         return len(self.starts)
 
-    def subset(self, rows) -> "Blocks":
+    def subset(self, rows) -> Blocks:
         rows = _as_index(rows, len(self))
-        pick = (lambda a: None if a is None else a[rows])
+        def pick(a):
+            return None if a is None else a[rows]
+
         return Blocks(self.store, self.starts[rows], pick(self.lengths), pick(self.targets), self.block_size,
                       self.use_mask, self.origin[rows])
 
-    def numbered(self) -> "Blocks":
+    def numbered(self) -> Blocks:
         """The same blocks as a set of their own: rows numbered 0 .. n-1."""
         return Blocks(self.store, self.starts, self.lengths, self.targets, self.block_size, self.use_mask)
 
-    def shifted(self, offset: int) -> "Blocks":
+    def shifted(self, offset: int) -> Blocks:
         """The same blocks, numbered from ``offset`` (their place in a mixture)."""
         return Blocks(self.store, self.starts, self.lengths, self.targets, self.block_size, self.use_mask,
                       self.origin + offset)
@@ -190,7 +192,7 @@ class ConcatBlocks:
         which = np.searchsorted(self.offsets, rows, side="right") - 1
         return [(p, np.nonzero(which == p)[0], rows[which == p] - self.offsets[p]) for p in np.unique(which)]
 
-    def subset(self, rows) -> "ConcatBlocks | Blocks":
+    def subset(self, rows) -> ConcatBlocks | Blocks:
         pieces = [self.parts[p].subset(local) for p, _, local in self._split(rows)]
         return pieces[0] if len(pieces) == 1 else ConcatBlocks(pieces, number=False)
 

@@ -24,11 +24,11 @@ import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from lmdistill.data.blocks import BlockSampler, Blocks, ConcatBlocks, MixtureSampler, layout_blocks, split_blocks
-from lmdistill.data.chat import record_format
 from lmdistill.config import DataConfig, source_names
 from lmdistill.core.errors import LmdistillError
 from lmdistill.core.paths import is_hub_id
+from lmdistill.data.blocks import Blocks, BlockSampler, ConcatBlocks, MixtureSampler, layout_blocks, split_blocks
+from lmdistill.data.chat import record_format
 from lmdistill.data.store import RecordError, SourcePlan, Store, open_or_build, plan_files, plan_records, stores_home
 
 __all__ = ["BlockData", "BlockSampler", "MixtureSampler", "build_block_data", "make_sampler", "open_store",
@@ -251,7 +251,7 @@ class StreamSource(SourcePlan):
                     record = next(records)
                 except StopIteration:
                     return
-                except Exception as exc:  # noqa: BLE001 - datasets and pyarrow raise many types
+                except Exception as exc:
                     raise self._stream_error(number, exc) from None
                 yield record
                 number += 1

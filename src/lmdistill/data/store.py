@@ -64,8 +64,10 @@ from pathlib import Path
 import numpy as np
 
 from lmdistill.core.errors import LmdistillError
-from lmdistill.core.paths import atomic_write_json, exclusive_lock, fsync_dir, sha256_file
+from lmdistill.core.paths import atomic_write_json, cache_home, exclusive_lock, fsync_dir, sha256_file
 from lmdistill.core.progress import progress_bar
+from lmdistill.data import chat
+from lmdistill.data.chat import check_chat_template, record_format
 
 FORMAT_VERSION = 1
 SHARD_BYTES = 4 << 20  # a worker's unit of work: about this much text (small enough to balance 2-8 workers)
@@ -270,7 +272,6 @@ def _text_pieces(path: str, start: int, end: int) -> list[str]:
 
 def _records_to_ids(records: list[dict], start: int, fmt: str, tokenizer, ids, ends, mask, counts) -> None:
     """Append the ids (and mask, and document ends) of ``records``, numbered from ``start``."""
-    from lmdistill.data import chat
 
     counts["records"] += len(records)
     text_field = _WORKER["text_field"]
@@ -307,7 +308,6 @@ def _records_to_ids(records: list[dict], start: int, fmt: str, tokenizer, ids, e
 
 
 def _check_format(record: dict, fmt: str, text_field: str, number: int) -> None:
-    from lmdistill.data.chat import record_format
 
     found = record_format(record, text_field)
     if found != fmt and not (fmt == "text" and found is None):  # a record without text is counted, not an error
@@ -340,7 +340,7 @@ class Store:
         return int(self.manifest["tokens"])
 
     @classmethod
-    def open(cls, path: Path, vocab_size: int) -> "Store":
+    def open(cls, path: Path, vocab_size: int) -> Store:
         """The store at ``path``, for a tokenizer of ``vocab_size`` ids; a damaged one is refused.
 
         Checked at every open, without hashing: the manifest's shape, each file's size against
@@ -482,7 +482,6 @@ def key_name(key: dict) -> str:
 def stores_home(store_dir: str | None) -> Path:
     if store_dir:
         return Path(store_dir).expanduser()
-    from lmdistill.default import cache_home
 
     return cache_home() / "stores"
 
@@ -547,7 +546,6 @@ def _build(plan: SourcePlan, tokenizer, key: dict, final: Path, num_proc: int | 
     if tokenizer.eos_token_id is None and plan.fmt in ("text", "prompt_completion"):
         raise LmdistillError("the tokenizer has no EOS token to end documents with; set tokenizer.eos_token")
     if plan.fmt == "messages":
-        from lmdistill.data.chat import check_chat_template
 
         check_chat_template(tokenizer, plan.description)
     build = final.with_name(final.name + ".build")

@@ -32,8 +32,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from lmdistill.loss.divergences import DivergenceParams, _no_workspace
 from lmdistill.loss.dense import IGNORE_INDEX, LossParts, check_loss_args, normaliser
+from lmdistill.loss.divergences import DivergenceParams, _no_workspace
 
 __all__ = ["fused_linear_distillation_loss", "fused_logits_distillation_loss", "FusedLinearDistillationLoss"]
 

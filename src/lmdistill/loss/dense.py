@@ -23,10 +23,10 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from lmdistill.core.batch import IGNORE_INDEX
 from lmdistill.loss import divergences
 from lmdistill.loss.divergences import DIVERGENCES, DivergenceParams
 
-IGNORE_INDEX = -100
 __all__ = ["DIVERGENCES", "IGNORE_INDEX", "LossParts", "distillation_loss", "token_divergence"]
 
 

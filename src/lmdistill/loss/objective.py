@@ -14,19 +14,31 @@ hidden states, as the signal's ``student_output`` says).
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, replace
-from typing import Callable
 
 import torch
 
 from lmdistill.core.batch import Batch
 from lmdistill.loss import divergences
 from lmdistill.loss.chunked import fused_linear_distillation_loss, fused_logits_distillation_loss
-from lmdistill.loss.hidden import HiddenProjection, hidden_state_loss
 from lmdistill.loss.dense import LossParts, distillation_loss
-from lmdistill.teacher.signals import TeacherHidden, TeacherLogits, TeacherSparse, TeacherView, layer_outputs, prediction_logits
-from lmdistill.teacher.onpolicy import sampled_token_loss, teacher_token_logprobs, token_logprobs, token_logprobs_from_hidden
+from lmdistill.loss.hidden import HiddenProjection, hidden_state_loss
+from lmdistill.loss.sampled import (
+    sampled_token_loss,
+    teacher_token_logprobs,
+    token_logprobs,
+    token_logprobs_from_hidden,
+)
 from lmdistill.loss.sparse import sparse_distillation_loss, sparse_logits_distillation_loss
+from lmdistill.loss.views import (
+    TeacherHidden,
+    TeacherLogits,
+    TeacherSparse,
+    TeacherView,
+    layer_outputs,
+    prediction_logits,
+)
 
 
 @dataclass(frozen=True)
@@ -94,7 +106,7 @@ class Objective:
 
     @classmethod
     def for_run(cls, cfg, vocab_size: int, student_output: str, model: torch.nn.Module, reference: bool = False,
-                hidden: HiddenTerm | None = None) -> "Objective":
+                hidden: HiddenTerm | None = None) -> Objective:
         """The objective of a run's config: its ``distill`` section, and ``distill.on_policy``'s
         loss for the batches the student wrote."""
         d, o = cfg.distill, cfg.distill.on_policy

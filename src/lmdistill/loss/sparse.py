@@ -59,8 +59,10 @@ class SparseTargets:
     tail: Tensor | None = None
     entropy: Tensor | None = None
 
-    def rows(self, index) -> "SparseTargets":
-        pick = (lambda t: None if t is None else t[index])
+    def rows(self, index) -> SparseTargets:
+        def pick(t):
+            return None if t is None else t[index]
+
         return SparseTargets(self.ids[index], self.weights[index], self.logp[index], pick(self.tail),
                              pick(self.entropy))
 

@@ -27,7 +27,7 @@ from pathlib import Path
 import torch
 
 from lmdistill.core.errors import LmdistillError, last_line
-from lmdistill.core.paths import atomic_write_json, exclusive_lock, replace_dir, sha256_file
+from lmdistill.core.paths import atomic_write_json, cache_home, exclusive_lock, replace_dir, sha256_file
 
 RECORD = "lmdistill-gguf.json"
 FORMAT_VERSION = 1
@@ -60,7 +60,6 @@ def sha256_of(path: Path) -> str:
 
 
 def conversions_home() -> Path:
-    from lmdistill.default import cache_home
 
     return cache_home() / "gguf"
 

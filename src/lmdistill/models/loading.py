@@ -19,8 +19,13 @@ from pathlib import Path
 import torch
 
 from lmdistill.core.errors import LmdistillError, last_line
-from lmdistill.models.gguf import converted_dir, gguf_file_of
+from lmdistill.core.files import directory_hash, safetensors_os_error
 from lmdistill.core.paths import is_hub_id, replace_dir
+from lmdistill.models import prune
+from lmdistill.models.gguf import converted_dir, gguf_file_of
+from lmdistill.models.prune import SUPPORTED
+from lmdistill.models.shapes import student_config_from_teacher
+from lmdistill.teacher.cache import TeacherCache
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -175,71 +180,6 @@ def check_context_length(model, block_size: int, role: str, name: str) -> None:
                              f"({limit} positions); set data.block_size to {limit} or less")
 
 
-_SHRINK_KEYS = ("num_hidden_layers", "hidden_size", "intermediate_size", "num_attention_heads")
-
-
-def student_config_from_teacher(teacher_config, overrides: dict):
-    """The teacher's architecture with ``overrides``; with none, half the layers and width."""
-    config = teacher_config.__class__.from_dict(teacher_config.to_dict())
-    if not overrides:
-        missing = [k for k in _SHRINK_KEYS if getattr(config, k, None) is None]
-        if missing:
-            raise LmdistillError(
-                f"cannot shrink a {config.model_type} teacher automatically (no {', '.join(missing)} in its config); "
-                "set model.student_config or model.student"
-            )
-        heads = max(1, config.num_attention_heads // 2)
-        overrides = {
-            "num_hidden_layers": max(1, config.num_hidden_layers // 2),
-            "hidden_size": max(heads, config.hidden_size // 2),
-            "intermediate_size": max(1, config.intermediate_size // 2),
-            "num_attention_heads": heads,
-        }
-        if getattr(config, "num_key_value_heads", None) is not None:
-            kv = config.num_key_value_heads
-            while heads % kv:
-                kv -= 1
-            overrides["num_key_value_heads"] = min(kv, heads)
-    for key, value in overrides.items():
-        if not hasattr(config, key):
-            raise LmdistillError(f"model.student_config key '{key}' is not a field of {type(config).__name__}")
-        value = _checked_student_value(config, key, value)
-        try:
-            setattr(config, key, value)
-        except Exception as exc:  # transformers' (strict dataclass) validation of the field, of several types
-            raise LmdistillError(f"model.student_config.{key} = {value!r} is not allowed: {last_line(exc)}") from None
-    if getattr(config, "head_dim", None) is not None and "head_dim" not in overrides:
-        config.head_dim = config.hidden_size // config.num_attention_heads
-    return config
-
-
-# The keys that give a model its shape: each a count or a size, so a whole number >= 1.
-_SHAPE_KEYS = ("num_hidden_layers", "hidden_size", "intermediate_size", "num_attention_heads", "num_key_value_heads",
-               "head_dim")
-_ACTIVATION_KEYS = ("hidden_act", "hidden_activation", "activation_function")
-
-
-def _checked_student_value(config, key: str, value):
-    """One ``model.student_config`` value checked before it reaches the config: shape keys are
-    whole numbers >= 1 (a whole float becomes an int), activations are ones transformers knows."""
-    where = f"model.student_config.{key} = {value!r}"
-    if key in _SHAPE_KEYS and value is not None:
-        if isinstance(value, float) and value.is_integer():
-            value = int(value)
-        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-            raise LmdistillError(f"{where} is not allowed: it must be a whole number >= 1 (the teacher has "
-                                 f"{getattr(config, key, None)})")
-    if key in _ACTIVATION_KEYS and isinstance(getattr(config, key, None), str):
-        from transformers.activations import ACT2FN
-
-        if not isinstance(value, str) or value not in ACT2FN:
-            known = ", ".join(a for a in ("silu", "gelu", "gelu_pytorch_tanh", "relu") if a in ACT2FN)
-            raise LmdistillError(f"{where} is not an activation {type(config).__name__} knows; use one of the "
-                                 f"transformers activations ({known}, ...), e.g. the teacher's "
-                                 f"{getattr(config, key)!r}")
-    return value
-
-
 def build_fresh_student(config, seed: int):
     from transformers import AutoModelForCausalLM
 
@@ -310,8 +250,6 @@ def save_model_dir(model, tokenizer, final: Path) -> Path:
     from safetensors import SafetensorError
     from transformers.utils import logging as hf_logging
 
-    from lmdistill.training.checkpoint import safetensors_os_error
-
     hf_logging.disable_progress_bar()  # a "Writing model shards" bar for a few files is noise
     tmp = final.with_name(f".{final.name}.tmp")
     try:
@@ -345,7 +283,7 @@ class ModelInfo:
     vocab_size: int
 
     @classmethod
-    def of(cls, model, name: str) -> "ModelInfo":
+    def of(cls, model, name: str) -> ModelInfo:
         cfg = model.config
         return cls(name=name, architecture=(cfg.architectures or [type(model).__name__])[0],
                    params=num_params(model), num_layers=getattr(cfg, "num_hidden_layers", None),
@@ -465,8 +403,6 @@ def _models_for_cache(cfg, student, tokenizer, train_blocks=None) -> Models:
     same settings then start from the same student."""
     from transformers import AutoConfig
 
-    from lmdistill.teacher.cache import TeacherCache
-
     cache = TeacherCache.open(cfg.model.teacher_cache, verify=False)  # is it one? (its shards are checked later)
     cache_dir = cache.path
     if cfg.model.teacher is not None:  # named beside the cache: it must be the cache's own teacher
@@ -553,8 +489,6 @@ def _cut_from_cached_teacher(cfg, cache, source: str, tokenizer, train_blocks):
 
     from transformers import AutoConfig
 
-    from lmdistill.models.prune import SUPPORTED
-
     if not Path(source).expanduser().exists() and not is_hub_id(source):
         raise _teacher_not_on_disk(cfg, source, "the directory no longer exists")
     name = resolve_source(source, "model.teacher")
@@ -588,7 +522,6 @@ def _check_cached_teacher(cache, name: str) -> None:
     built from (the manifest's content hash of its directory where it recorded one, else its
     name): the cache's targets are that teacher's, and a student cut from or shaped by another
     would not start where they lead."""
-    from lmdistill.training.checkpoint import directory_hash
 
     recorded = cache.manifest["teacher"]
     if recorded.get("hash") and Path(name).is_dir():
@@ -640,7 +573,6 @@ def chat_template_difference(teacher_tok, student_tok, teacher_name, student_nam
 def student_init(cfg, teacher) -> str:
     """``model.student_init`` with ``auto`` decided: cut from the teacher where pruning supports
     the teacher's family."""
-    from lmdistill.models.prune import SUPPORTED
 
     if cfg.model.student_init != "auto":
         return cfg.model.student_init
@@ -676,7 +608,6 @@ def calibration_ids(blocks, count: int) -> torch.Tensor:
 
 def cut_from_teacher(cfg, teacher, tokenizer, train_blocks):
     """The student of ``model.student_config`` pruned out of ``teacher`` (``model.prune``)."""
-    from lmdistill.models import prune
 
     config = prune.student_config(teacher.config, cfg.model.student_config)
     check_config(config, "the student of model.student_config")

@@ -33,6 +33,7 @@ from dataclasses import dataclass
 import torch
 
 from lmdistill.core.errors import LmdistillError
+from lmdistill.models.shapes import student_config_from_teacher
 
 # Decoder-only families whose layers are (RMSNorm, attention with q/k/v/o projections,
 # RMSNorm, gated MLP with gate/up/down projections): what the slicing below knows.
@@ -62,7 +63,6 @@ def head_dim(config) -> int:
 def student_config(teacher_config, overrides: dict):
     """The teacher's config with ``overrides`` (half the teacher when empty), checked for what
     pruning can produce: nothing wider or deeper than the teacher, the teacher's head size."""
-    from lmdistill.models.loading import student_config_from_teacher
 
     check_supported(teacher_config)
     vocab = overrides.get("vocab_size", teacher_config.vocab_size)

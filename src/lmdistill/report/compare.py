@@ -9,8 +9,18 @@ from typing import Any
 
 from lmdistill.core.errors import LmdistillError
 from lmdistill.core.paths import atomic_write
-from lmdistill.report.markdown import DASH, fmt_duration, fmt_loss, fmt_pct, fmt_ppl, fmt_rate, fmt_value, status_line, table, \
-    write_report
+from lmdistill.report.markdown import (
+    DASH,
+    fmt_duration,
+    fmt_loss,
+    fmt_pct,
+    fmt_ppl,
+    fmt_rate,
+    fmt_value,
+    status_line,
+    table,
+    write_report,
+)
 from lmdistill.report.plots import COMPARE_PLOT_FILES, plot_overlay
 from lmdistill.report.reading import RunRecord, get, load_run, median_tokens_per_s
 

@@ -33,7 +33,7 @@ class MetricsLog:
         self._tb = None
         if not enabled:
             return
-        self._file = open(self.path, "a", encoding="utf-8")
+        self._file = open(self.path, "a", encoding="utf-8")  # noqa: SIM115 (open for the run; close() closes it)
         if tensorboard:
             from torch.utils.tensorboard import SummaryWriter
 

@@ -44,6 +44,7 @@ the manifest, and a second build is refused naming the first's pid.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import math
@@ -57,7 +58,16 @@ import numpy as np
 import torch
 
 from lmdistill.core.errors import LmdistillError
-from lmdistill.core.paths import LockHeld, atomic_write_json, claim_lock, fsync_dir, is_plain_file, protected_place, sha256_file
+from lmdistill.core.paths import (
+    LockHeld,
+    atomic_write_json,
+    claim_lock,
+    fsync_dir,
+    is_plain_file,
+    protected_place,
+    sha256_file,
+)
+from lmdistill.data.store import id_dtype, tokenizer_hash
 from lmdistill.loss.sparse import SparseTargets
 
 FORMAT_VERSION = 1
@@ -74,7 +84,6 @@ _HELD: dict[Path, int] = {}  # caches whose build lock this process holds -> the
 # ---------------------------------------------------------------------------- the format
 def tensor_layout(mode: str, positions: int, vocab_size: int, samples: int, k: int) -> dict[str, tuple]:
     """name -> (shape per block, numpy dtype) of a shard's per-block tensors."""
-    from lmdistill.data.store import id_dtype
 
     ids = id_dtype(vocab_size)
     if mode == "sampled":
@@ -171,7 +180,7 @@ class TeacherCache:
     manifest: dict
 
     @classmethod
-    def open(cls, path: str | Path, verify: bool = True) -> "TeacherCache":
+    def open(cls, path: str | Path, verify: bool = True) -> TeacherCache:
         path = Path(path).expanduser()
         if not (path / MANIFEST).is_file():
             what = "an unfinished cache build (rerun lmdistill cache-teacher to finish it)" if (
@@ -263,7 +272,6 @@ class TeacherCache:
 
     def check_run(self, tokenizer, data, vocab_size: int) -> None:
         """One line naming what differs when this cache was not built for this run's data."""
-        from lmdistill.data.store import tokenizer_hash
 
         m = self.manifest
         if m["tokenizer"] != tokenizer_hash(tokenizer):
@@ -372,7 +380,6 @@ def _torch_safe(dtype: str) -> str:
 # ---------------------------------------------------------------------------- building
 def build_request(cfg, tokenizer, data, teacher_ref: dict, vocab_size: int) -> dict:
     """What a build is asked to make: equal requests make byte-identical caches."""
-    from lmdistill.data.store import tokenizer_hash
 
     c = cfg.cache
     temperature = c.temperature if c.temperature is not None else cfg.distill.temperature
@@ -467,10 +474,8 @@ def _listed_shards(out: Path, earlier) -> set[str]:
     if isinstance(manifest, dict) and isinstance(manifest.get("shards"), dict):
         names |= set(manifest["shards"])
     for record in (earlier, manifest):
-        try:
+        with contextlib.suppress(TypeError, KeyError, ValueError, ZeroDivisionError):  # a damaged record names none
             names |= {f"{split}-{i:05d}.safetensors" for split, i, _, _ in shard_plan(record)}
-        except (TypeError, KeyError, ValueError, ZeroDivisionError):
-            pass
     temporaries = {n for n in os.listdir(out) if _TEMPORARY.match(n) and _TEMPORARY.match(n).group(1) in names}
     return names | temporaries
 
@@ -525,10 +530,8 @@ def release(out: Path) -> None:
 
     fd = _HELD.pop(out.resolve(), None)
     if fd is not None:
-        try:
+        with contextlib.suppress(OSError):
             os.ftruncate(fd, 0)
-        except OSError:
-            pass
         fcntl.flock(fd, fcntl.LOCK_UN)
         os.close(fd)
 

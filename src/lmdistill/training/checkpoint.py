@@ -33,7 +33,6 @@ FSDP the main process, after every process has written its shard).
 from __future__ import annotations
 
 import errno
-import hashlib
 import json
 import logging
 import math
@@ -43,18 +42,36 @@ import random
 import re
 import shutil
 import time
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import IO, Any
+from typing import Any
 
 import safetensors
 import safetensors.torch
 import torch
 
-from lmdistill.core.errors import LmdistillError, last_line
+from lmdistill.core.errors import CheckpointError, last_line
+from lmdistill.core.files import (
+    _fsync_existing_file,
+    _write_file,
+    file_record,
+    first_nonfinite_tensor,
+    save_safetensors,
+)
 from lmdistill.core.paths import fsync_dir, replace_dir, sha256_file
-from lmdistill.core.parallel import local_tensor
+from lmdistill.training.layout import (
+    MANIFEST_FILE,
+    MODEL_FILE,
+    OPTIMIZER_FILE,
+    PROJECTION_FILE,
+    RNG_FILE,
+    SHARDS_METADATA_FILE,
+    TRAINER_STATE_FILE,
+    foreign_in_checkpoint,
+    is_leftover,
+)
+from lmdistill.training.sharded import load_shards, shard_files
 
 try:  # numpy comes with torch/datasets in practice; the RNG code works without it.
     import numpy as np
@@ -68,14 +85,8 @@ FORMAT_VERSION = 2
 """Bumped when the layout changes incompatibly; newer versions are refused on load. Version 2
 added sharded checkpoints; a checkpoint in one file is still written as version 1."""
 
-MANIFEST_FILE = "manifest.json"
-MODEL_FILE = "model.safetensors"
-OPTIMIZER_FILE = "optimizer.pt"
-RNG_FILE = "rng_state.pt"
-TRAINER_STATE_FILE = "trainer_state.json"
 # What export neither needs nor reads: a checkpoint without them still exports.
 EXPORT_SKIP = frozenset({OPTIMIZER_FILE, RNG_FILE, TRAINER_STATE_FILE})
-SHARDS_METADATA_FILE = ".metadata"  # torch.distributed.checkpoint's map of the shards
 SHARDED = "sharded"
 _RESERVED_FILES = frozenset(
     {MANIFEST_FILE, MODEL_FILE, OPTIMIZER_FILE, RNG_FILE, TRAINER_STATE_FILE}
@@ -87,17 +98,6 @@ _TIED_METADATA_KEY = "lmdistill.tied_weights"
 _STEP_DIR_RE = re.compile(r"^step-(\d+)$")
 _TMP_PREFIX = ".tmp-"
 _TRASH_PREFIX = ".trash-"
-# Exactly the scratch directories lmdistill makes (``.tmp-step-N-<pid>``, ``.tmp-step-N-shards``,
-# ``.trash-step-N-<pid>``): only these are deleted as leftovers; any other name is the user's.
-_LEFTOVER = re.compile(r"^\.(tmp|trash)-step-\d+-(\d+|shards)$")
-
-
-def is_leftover(name: str) -> bool:
-    return bool(_LEFTOVER.match(name))
-
-
-class CheckpointError(LmdistillError):
-    """A checkpoint cannot be written, verified or loaded; the message names the path."""
 
 
 @dataclass
@@ -276,7 +276,6 @@ def _written_shards(staging: Path, final: Path) -> list[str]:
     """The files of the shard map in ``staging``, each one checked to be there: a shard this
     process cannot see (an output directory that is not shared between machines) refuses the
     save instead of making a checkpoint that verifies but cannot load."""
-    from lmdistill.core.parallel import shard_files
 
     try:
         names = shard_files(staging)
@@ -288,20 +287,6 @@ def _written_shards(staging: Path, final: Path) -> list[str]:
                               f"{len(names)} files the shard map lists); every process must write into the same "
                               "directory: put --output-dir on a file system all machines share")
     return names
-
-
-def save_safetensors(tensors: Mapping[str, torch.Tensor], path: Path, metadata: dict | None = None) -> None:
-    """``safetensors.torch.save_file``, its I/O failures raised as the OSError they are
-    (safetensors reports a full disk as a SafetensorError of its own)."""
-    try:
-        safetensors.torch.save_file(dict(tensors), str(path), metadata=metadata)
-    except safetensors.SafetensorError as exc:
-        raise safetensors_os_error(exc, path) from exc
-
-
-def safetensors_os_error(exc: Exception, path) -> OSError:
-    code = errno.ENOSPC if "No space left" in str(exc) else errno.EIO
-    return OSError(code, os.strerror(code), str(path))
 
 
 def _apply_retention(checkpoints_dir: Path, keep: int, protect: Path) -> None:
@@ -321,7 +306,6 @@ def _apply_retention(checkpoints_dir: Path, keep: int, protect: Path) -> None:
         elif not verify_checkpoint(path, check_hashes=False):
             kept += 1
     for path in reversed(victims):  # oldest first
-        from lmdistill.training.rundir import foreign_in_checkpoint
 
         foreign = foreign_in_checkpoint(path)
         if foreign:  # never delete what lmdistill did not write
@@ -383,41 +367,6 @@ def _write_error(final: Path, checkpoints_dir: Path, exc: OSError) -> Checkpoint
     )
 
 
-def _write_file(path: Path, write: Callable[[IO[bytes]], Any]) -> None:
-    """Create ``path``, let ``write`` fill it, and fsync it before returning."""
-    with open(path, "wb") as f:
-        try:
-            write(f)
-        except RuntimeError as exc:
-            if "inline_container" not in str(exc) and "PytorchStreamWriter" not in str(exc):
-                raise
-            raise torch_write_os_error(exc, path) from exc
-        f.flush()
-        os.fsync(f.fileno())
-
-
-def torch_write_os_error(exc: RuntimeError, path: Path) -> OSError:
-    """``torch.save`` reports a write that failed -- a full disk, mostly -- as a RuntimeError of its
-    zip writer ("[enforce fail at inline_container.cc:...] unexpected pos ..."); the OSError it is."""
-    try:
-        stats = os.statvfs(Path(path).parent)
-        full = stats.f_bavail * stats.f_frsize < 1 << 20
-    except OSError:
-        full = False
-    if full:
-        return OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(path))
-    return OSError(errno.EIO, f"{os.strerror(errno.EIO)} ({last_line(exc)})", str(path))
-
-
-def _fsync_existing_file(path: Path) -> None:
-    """fsync a file some library wrote and closed (safetensors writes by file name)."""
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 def _check_extra_file_name(name: str) -> None:
     if (
         not isinstance(name, str)
@@ -440,29 +389,6 @@ def _encode_trainer_state(trainer_state: Mapping[str, Any]) -> bytes:
     except (TypeError, ValueError) as exc:
         raise TypeError(f"trainer_state must be JSON-serializable: {exc}") from exc
     return (text + "\n").encode("utf-8")
-
-
-def _iter_tensors(obj: Any, name: str) -> Iterator[tuple[str, torch.Tensor]]:
-    """(dotted name, tensor) for every tensor nested in dicts, lists and tuples."""
-    if isinstance(obj, torch.Tensor):
-        yield name, obj
-    elif isinstance(obj, Mapping):
-        for key, value in obj.items():
-            yield from _iter_tensors(value, f"{name}[{key!r}]" if name else str(key))
-    elif isinstance(obj, (list, tuple)):
-        for i, value in enumerate(obj):
-            yield from _iter_tensors(value, f"{name}[{i}]")
-
-
-def first_nonfinite_tensor(state: Any, label: str = "") -> str | None:
-    """Name of the first float tensor nested in ``state`` that holds NaN or inf, else None. Of a
-    sharded tensor, this process's shard is checked (no collective)."""
-    for name, tensor in _iter_tensors(state, label):
-        tensor = local_tensor(tensor)
-        # One device sync per tensor; negligible next to writing the same bytes to disk.
-        if (tensor.is_floating_point() or tensor.is_complex()) and not bool(torch.isfinite(tensor).all()):
-            return name
-    return None
 
 
 def _check_finite(state: Any, label: str, final: Path) -> None:
@@ -517,11 +443,6 @@ def _dedupe_tied_tensors(
 
 
 # --------------------------------------------------------------------------- verify
-
-
-def file_record(path: Path) -> dict[str, Any]:
-    """What the manifest records of a file: its size and SHA-256."""
-    return {"size": path.stat().st_size, "sha256": sha256_file(path)}
 
 
 def _known_or_measured(path: Path, known: Mapping[str, dict]) -> dict[str, Any]:
@@ -708,9 +629,6 @@ def resume_point(checkpoints_dir: Path, announce: bool = True) -> Path | None:
     return newest
 
 
-PROJECTION_FILE = "hidden_projection.safetensors"
-
-
 def projection_file(projection: torch.nn.Module | None) -> dict[str, bytes]:
     """The hidden-state projection as a checkpoint's extra file (nothing when there is none to
     train). It is kept apart from the student's weights, so an exported student never has it."""
@@ -797,7 +715,6 @@ def restore_training_state(path: Path, model: torch.nn.Module, optimizer, proces
     try:
         _restore_projection(path, ckpt, projection)  # first: a mismatch is said plainly
         if ckpt.sharded:
-            from lmdistill.core.parallel import load_shards
 
             load_shards(path, model, optimizer)
         else:
@@ -866,7 +783,7 @@ def optimizer_state_problem(state: Any, optimizer) -> str | None:
     return None
 
 
-def _restore_projection(path: Path, ckpt: "LoadedCheckpoint", projection: torch.nn.Module | None) -> None:
+def _restore_projection(path: Path, ckpt: LoadedCheckpoint, projection: torch.nn.Module | None) -> None:
     wanted = bool(projection_file(projection))
     stored = PROJECTION_FILE in ckpt.extra_files
     if wanted != stored:
@@ -942,42 +859,3 @@ def restore_rng_state(state: Mapping[str, Any]) -> None:
 # --------------------------------------------------------------------------- hashing
 
 
-def model_reference(source: str) -> dict:
-    """A model by path and content hash: checkpoints refer to the teacher, never copy it."""
-    path = Path(source)
-    return {"source": source, "hash": directory_hash(path) if path.is_dir() else None}
-
-
-def directory_hash(path: Path) -> str:
-    """Stable content hash of a model directory: ``"sha256:<64 hex digits>"``.
-
-    Covers every regular file under ``path`` (symlinks followed, so a Hugging Face cache
-    snapshot hashes like a plain copy) by relative path, size and content; skips names
-    starting with "." (``.git``, ``.cache/huggingface`` download metadata). Independent
-    of timestamps, permissions and directory listing order.
-    """
-    root = Path(path)
-    if not root.is_dir():
-        raise CheckpointError(f"cannot hash {root}: not a directory; pass a model directory")
-    digest = hashlib.sha256()
-    entries: list[tuple[str, Path]] = []
-    for dirpath, dirnames, filenames in os.walk(root, followlinks=True):
-        dirnames[:] = [d for d in dirnames if not d.startswith(".")]
-        for filename in filenames:
-            if filename.startswith("."):
-                continue
-            file_path = Path(dirpath) / filename
-            if file_path.is_file():
-                entries.append((file_path.relative_to(root).as_posix(), file_path))
-    try:
-        for relative, file_path in sorted(entries):
-            # Length-prefixed fields: no two different trees produce the same byte stream.
-            name = relative.encode("utf-8")
-            digest.update(len(name).to_bytes(8, "little") + name)
-            digest.update(file_path.stat().st_size.to_bytes(8, "little"))
-            digest.update(bytes.fromhex(sha256_file(file_path)))
-    except OSError as exc:
-        raise CheckpointError(
-            f"cannot hash {root}: {exc}; check that the directory is readable"
-        ) from exc
-    return "sha256:" + digest.hexdigest()

@@ -15,10 +15,10 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from lmdistill.core.progress import interactive
-
 from lmdistill.core.batch import Batch
+from lmdistill.core.progress import interactive
 from lmdistill.loss.dense import IGNORE_INDEX, token_divergence
+from lmdistill.loss.sparse import sparse_kd_sum
 from lmdistill.training.monitor import verdict_line
 
 
@@ -152,7 +152,6 @@ def _sparse_sums(s_flat, targets, sparse, temperature: float, scale_by_t2: bool)
     KL at T = 1 comes from the draws re-weighted to T = 1 (sampled), or is the bucketed KL at
     the capture temperature (top-k, which has nothing else); the teacher's top-1 is its most
     likely cached id (exact for top-k; for sampled, whenever the argmax was drawn)."""
-    from lmdistill.loss.sparse import sparse_kd_sum
 
     at_t, at_one = sparse
     kd = sparse_kd_sum(s_flat, targets, at_t, temperature)

@@ -25,10 +25,6 @@ from __future__ import annotations
 import os
 from dataclasses import replace
 
-# Where a fault can be injected (``debug.inject[].where``).
-FAULT_SITES = ("teacher_logits", "student_logits", "loss", "grad")
-FAULT_VALUES = ("nan", "inf", "-inf")
-
 
 class FaultInjector:
     """The faults of ``debug`` for the process of rank ``rank``; ``active`` is False when there are none."""

@@ -11,6 +11,7 @@ written atomically, so one cut short is never taken for a complete one).
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import sys
@@ -40,7 +41,7 @@ class GracefulStop:
         self.signum: int | None = None
         self._previous: dict[int, object] = {}
 
-    def __enter__(self) -> "GracefulStop":
+    def __enter__(self) -> GracefulStop:
         if threading.current_thread() is threading.main_thread():
             for sig in HANDLED:
                 self._previous[sig] = signal.signal(sig, self._handle)
@@ -66,7 +67,5 @@ class GracefulStop:
 
 def _say(message: str) -> None:
     """To stderr, if it is still there (after SIGHUP the terminal may be gone)."""
-    try:
+    with contextlib.suppress(OSError):
         print(message, file=sys.stderr, flush=True)
-    except OSError:
-        pass

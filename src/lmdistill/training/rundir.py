@@ -29,46 +29,32 @@ from __future__ import annotations
 
 import json
 import os
-import re
 import shutil
 from datetime import datetime, timezone
 from pathlib import Path
 
+from lmdistill.config import Config, load_yaml
 from lmdistill.core.errors import LmdistillError
-from lmdistill.core.paths import LockHeld, atomic_write, atomic_write_json, claim_lock, is_plain_file, open_no_link, protected_place
+from lmdistill.core.files import first_nonfinite_tensor
+from lmdistill.core.paths import (
+    LockHeld,
+    atomic_write,
+    atomic_write_json,
+    claim_lock,
+    is_plain_file,
+    open_no_link,
+    protected_place,
+)
+from lmdistill.models.loading import save_model_dir
+from lmdistill.report.metrics import read_metrics
+from lmdistill.training.layout import LOCK, MARKER, _foreign_below, _top_level, _written_by_us
 
 try:
     import fcntl
 except ImportError:  # pragma: no cover - Windows: no advisory locks; one writer is on the user
     fcntl = None
 
-MARKER = ".lmdistill-run"
-LOCK = ".lmdistill.lock"
-# Everything lmdistill writes at the top of a run directory (and the temporary names of its
-# atomic writes, ".<name>.tmp-<pid>"): --overwrite removes these and nothing else.
-WRITTEN = frozenset({MARKER, LOCK, "config.yaml", "metrics.jsonl", "health.json", "run.json", "checkpoints",
-                     "tokenizer", "student", "tensorboard", "report.md", "plots", ".student.tmp", ".student.old"})
-_TEMPORARY = re.compile(r"^\.[^/]+\.tmp-\d+$")
-# What lmdistill writes below the top level, directory by directory (see _foreign_below).
-_TOP_FILES = frozenset({MARKER, LOCK, "config.yaml", "metrics.jsonl", "health.json", "run.json", "report.md"})
-_SCRATCH_DIRS = frozenset({".student.tmp", ".student.old"})  # save_model_dir's own: it deletes them itself
-_MODEL_FILES = frozenset({
-    "config.json", "generation_config.json", "model.safetensors", "model.safetensors.index.json",
-    "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json",
-    "chat_template.jinja", "chat_template.json",
-    # the vocabulary files transformers' tokenizer classes save (their VOCAB_FILES_NAMES)
-    "bpe.codes", "byte_maps.json", "dict.txt", "emoji.json", "entity_vocab.json", "merges.txt", "normalizer.json",
-    "prophetnet.tokenizer", "sentencepiece.bpe.model", "sentencepiece.model", "source.spm", "spiece.model",
-    "spm.model", "spm_char.model", "target.spm", "target_vocab.json", "tokenizer.model", "vocab-src.json",
-    "vocab-tgt.json", "vocab.json", "vocab.txt", "word_pronunciation.json", "word_shape.json"})
-_MODEL_SHARD = re.compile(r"^model-\d+-of-\d+\.safetensors$")
-_STEP_DIR = re.compile(r"^step-\d+$")
-_DCP_SHARD = re.compile(r"^__\d+_\d+\.distcp$")
 _HELD: dict[Path, object] = {}  # run directories whose lock this process holds -> lock file descriptor
-
-
-def _written_by_us(name: str) -> bool:
-    return name in WRITTEN or bool(_TEMPORARY.match(name))
 
 
 class RunDirectory:
@@ -105,7 +91,7 @@ class RunDirectory:
 
     # ------------------------------------------------------------------ choosing
     @classmethod
-    def for_config(cls, cfg) -> "RunDirectory":
+    def for_config(cls, cfg) -> RunDirectory:
         """The run directory for ``cfg``, refusing to clobber anything unless asked, and never
         to clobber what lmdistill did not write. Checks only; nothing is written here."""
         if cfg.run.output_dir is None:
@@ -292,19 +278,16 @@ class RunDirectory:
         """Drop the metrics lines a resumed run writes again: training lines from ``step`` on, and
         evaluations after it. The evaluation at ``step`` was written just before the checkpoint
         the run resumes from and stays, unless it is the final one, which is done again."""
-        from lmdistill.report.metrics import read_metrics
 
         if not self.metrics.exists():
             return
-        keep_eval_at_step = 0 < step and step != total_steps
+        keep_eval_at_step = step > 0 and step != total_steps
         kept = [r for r in read_metrics(self.metrics) if r.get("step", 0) < step
                 or (keep_eval_at_step and step == r.get("step") and ("eval_ce_loss" in r or r.get("health") == "eval_ppl"))]
         atomic_write(self.metrics, "".join(json.dumps(r) + "\n" for r in kept))
 
     def save_student(self, model, tokenizer) -> Path:
         """save_pretrained + tokenizer into ``student/``, atomically, refusing non-finite weights."""
-        from lmdistill.training.checkpoint import first_nonfinite_tensor
-        from lmdistill.models.loading import save_model_dir
 
         bad = first_nonfinite_tensor(model.state_dict())
         if bad is not None:
@@ -323,7 +306,6 @@ class RunDirectory:
         data); the changed config keys. Another batch size for another number of processes
         (the same global batch) and another parallel strategy are noted, not warned about: the
         run continues with the same blocks, to float precision."""
-        from lmdistill.config import Config, load_yaml
 
         changed = []
         state = json.loads((checkpoint / "trainer_state.json").read_text())
@@ -356,98 +338,6 @@ class RunDirectory:
                 print(f"warning: the teacher at {teacher_ref['source']} changed since the checkpoint was written "
                       f"(content hash differs); resuming with the changed teacher")
         return changed
-
-
-def _foreign_below(directory: Path, accept, prefix: str = "") -> list[str]:
-    """Relative paths under ``directory`` that ``accept`` does not claim. ``accept(entry)`` says
-    True for a file (or a scratch directory) of lmdistill's, a rule like itself for a directory
-    of lmdistill's whose contents are checked in turn, or False. Links are never claimed."""
-    found = []
-    with os.scandir(directory) as entries:
-        for entry in sorted(entries, key=lambda e: e.name):
-            verdict = False if entry.is_symlink() else accept(entry)
-            if callable(verdict):
-                found += _foreign_below(Path(entry.path), verdict, f"{prefix}{entry.name}/")
-            elif not verdict:
-                found.append(prefix + entry.name)
-    return found
-
-
-def _top_level(entry):
-    name = entry.name
-    if not entry.is_dir(follow_symlinks=False):
-        return entry.is_file(follow_symlinks=False) and (name in _TOP_FILES or bool(_TEMPORARY.match(name)))
-    if name in _SCRATCH_DIRS:
-        return True
-    if name == "checkpoints":
-        return _in_checkpoints
-    if name in ("student", "tokenizer"):
-        return _in_model_dir
-    if name == "tensorboard":
-        return lambda e: e.is_file(follow_symlinks=False) and e.name.startswith("events.out.tfevents.")
-    if name == "plots":
-        from lmdistill.report.plots import OPTIONAL_PLOT_FILES, PLOT_FILES
-
-        names = set(PLOT_FILES) | set(OPTIONAL_PLOT_FILES)
-        return lambda e: e.is_file(follow_symlinks=False) and (e.name in names or bool(
-            _TEMPORARY.match(e.name) and e.name[1:].rsplit(".tmp-", 1)[0] in names))
-    return False
-
-
-def _in_checkpoints(entry):
-    if not entry.is_dir(follow_symlinks=False):
-        return False
-    from lmdistill.training.checkpoint import is_leftover
-
-    if is_leftover(entry.name):
-        return True  # an interrupted save's or clean-up's: the next save deletes it anyway
-    if not _STEP_DIR.match(entry.name):
-        return False
-    from lmdistill.training.checkpoint import MANIFEST_FILE, MODEL_FILE, OPTIMIZER_FILE, PROJECTION_FILE, RNG_FILE, \
-        SHARDS_METADATA_FILE, TRAINER_STATE_FILE
-
-    names = {MANIFEST_FILE, MODEL_FILE, OPTIMIZER_FILE, RNG_FILE, TRAINER_STATE_FILE, SHARDS_METADATA_FILE,
-             PROJECTION_FILE, "config.yaml", "student_config.json"}
-    try:  # and whatever else the checkpoint's own manifest lists
-        listed = json.loads((Path(entry.path) / MANIFEST_FILE).read_text()).get("files")
-        names |= set(listed) if isinstance(listed, dict) else set()
-    except (OSError, ValueError, AttributeError):
-        pass
-    return lambda e: e.is_file(follow_symlinks=False) and (e.name in names or bool(_DCP_SHARD.match(e.name)))
-
-
-def foreign_in_checkpoint(step_dir: Path) -> list[str]:
-    """Paths (relative to its ``checkpoints`` directory) inside checkpoint ``step_dir`` that lmdistill
-    did not write (not listed in its manifest): what pruning it must not delete."""
-    found = _foreign_below(step_dir.parent, lambda e: e.name != step_dir.name or _in_checkpoints(e))
-    return [path for path in found if path.startswith(f"{step_dir.name}/")]
-
-
-def _in_model_dir(entry):
-    """save_pretrained's files: the model's, the tokenizer's, and the code of a remote-code model."""
-    if entry.is_dir(follow_symlinks=False):
-        return entry.name == "additional_chat_templates" and (
-            lambda e: e.is_file(follow_symlinks=False) and e.name.endswith(".jinja"))
-    if not entry.is_file(follow_symlinks=False):
-        return False
-    name = entry.name
-    return name in _MODEL_FILES or bool(_MODEL_SHARD.match(name)) or (
-        name.endswith(".py") and name in _remote_code(Path(entry.path).parent))
-
-
-def _remote_code(directory: Path) -> set[str]:
-    """The .py files a remote-code model's config.json / tokenizer_config.json name in ``auto_map``."""
-    files = set()
-    for config in ("config.json", "tokenizer_config.json"):
-        try:
-            auto_map = json.loads((directory / config).read_text()).get("auto_map") or {}
-        except (OSError, ValueError, AttributeError):
-            continue
-        for value in auto_map.values() if isinstance(auto_map, dict) else ():
-            for ref in value if isinstance(value, list) else [value]:
-                if isinstance(ref, str) and "." in ref:
-                    files.add(ref.split("--")[-1].rsplit(".", 1)[0] + ".py")
-    return files
 
 
 def _refuse_protected(path: Path) -> None:

@@ -69,7 +69,7 @@ class Plan:
     eval_batch_size: int
 
     @classmethod
-    def for_run(cls, cfg, micro_batches_per_epoch: int, world: int, train_blocks: int, vocab_size: int) -> "Plan":
+    def for_run(cls, cfg, micro_batches_per_epoch: int, world: int, train_blocks: int, vocab_size: int) -> Plan:
         t = cfg.train
         steps_per_epoch = micro_batches_per_epoch // t.grad_accum
         if steps_per_epoch == 0:

@@ -35,33 +35,43 @@ from datetime import datetime, timezone
 import torch
 from tqdm.auto import tqdm
 
-from lmdistill.loss import divergences
-from lmdistill.core.batch import Batch
-from lmdistill.teacher.cache import open_for_run
-from lmdistill.training.checkpoint import (CheckpointError, capture_rng_state, damaged_state_message, make_staging_dir,
-                         model_reference, projection_file, remove_leftovers, restore_training_state, resume_point,
-                         save_checkpoint)
 from lmdistill.config import Config
+from lmdistill.core.batch import Batch
+from lmdistill.core.errors import CheckpointError, LmdistillError, PeerLost, TrainingStopped
+from lmdistill.core.files import model_reference
+from lmdistill.core.parallel import check_fsdp, full_tensor, shard, whole_model
+from lmdistill.core.paths import atomic_write
+from lmdistill.core.progress import interactive, progress_bar
 from lmdistill.data.sources import build_block_data, make_sampler
+from lmdistill.loss import divergences
+from lmdistill.loss.hidden import build_projection
+from lmdistill.loss.objective import HiddenTerm, Objective
+from lmdistill.models.loading import ModelInfo, load_models, parameter_fingerprint
+from lmdistill.report import write_report
+from lmdistill.report.metrics import MetricsLog
+from lmdistill.teacher.cache import open_for_run
+from lmdistill.teacher.onpolicy import OnPolicy, on_policy_signal
+from lmdistill.teacher.signals import CachedTeacher, choose_loss_impl, make_signal
+from lmdistill.training.checkpoint import (
+    capture_rng_state,
+    damaged_state_message,
+    make_staging_dir,
+    projection_file,
+    remove_leftovers,
+    restore_training_state,
+    resume_point,
+    save_checkpoint,
+)
 from lmdistill.training.devices import check_trackers_installed, flat_config, lost_peer, make_accelerator, on_main
-from lmdistill.core.errors import LmdistillError, PeerLost, TrainingStopped
 from lmdistill.training.evaluate import evaluate, summary_table
 from lmdistill.training.faults import FaultInjector
 from lmdistill.training.guards import Decision, Guard, StepStats
-from lmdistill.loss.hidden import build_projection
 from lmdistill.training.interrupts import GracefulStop, Interrupted
-from lmdistill.models.loading import ModelInfo, load_models, parameter_fingerprint
 from lmdistill.training.monitor import HealthMonitor
-from lmdistill.loss.objective import HiddenTerm, Objective
-from lmdistill.teacher.onpolicy import OnPolicy, on_policy_signal
-from lmdistill.core.paths import atomic_write
-from lmdistill.core.progress import interactive, progress_bar
 from lmdistill.training.results import RunResult, StepResult
 from lmdistill.training.rundir import RunDirectory
 from lmdistill.training.schedules import Plan, lr_at, make_optimizer, temperature_at
-from lmdistill.core.parallel import check_fsdp, full_tensor, save_shards, shard, whole_model
-from lmdistill.teacher.signals import CachedTeacher, choose_loss_impl, make_signal
-from lmdistill.report.metrics import MetricsLog
+from lmdistill.training.sharded import save_shards
 
 SPIKE_ACTIONS = {"warn": "kept", "skip": "step skipped", "rollback": "rolled back"}
 
@@ -585,7 +595,6 @@ class Trainer:
         self.run_info.update(finished_at=_utcnow(), wall_time_s=round(time.perf_counter() - self.started, 2),
                              steps_done=steps_done, health_verdict=health["verdict"])
         self.run.write_json("run.json", self.run_info)
-        from lmdistill.report import write_report
 
         try:
             write_report(self.run.path)
