@@ -34,8 +34,17 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_student_init import corpus_setup, lmdistill
 
 TEMPERATURES = (1.0, 2.0)
-COMMON = ["train", "--batch-size", "2", "--epochs", "1", "--no-progress", "--overwrite",
-          "--set", "model.student_init=random"]
+COMMON = [
+    "train",
+    "--batch-size",
+    "2",
+    "--epochs",
+    "1",
+    "--no-progress",
+    "--overwrite",
+    "--set",
+    "model.student_init=random",
+]
 
 
 def constant_temperature(t: float) -> list[str]:
@@ -58,7 +67,7 @@ def expected_calibration_error(run: Path, bins: int = 15) -> float:
     with torch.no_grad():
         for start in range(0, len(data.eval), 8):
             batch = data.eval.batch(range(start, min(start + 8, len(data.eval))))
-            probs = model(input_ids=batch.input_ids).logits[:, :-1, :len(tokenizer)].float().softmax(-1)
+            probs = model(input_ids=batch.input_ids).logits[:, :-1, : len(tokenizer)].float().softmax(-1)
             top, arg = probs.max(-1)
             keep = batch.targets != -100
             conf.append(top[keep])
@@ -77,9 +86,14 @@ def summary(run: Path) -> dict:
     lines = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
     final = [r for r in lines if "eval_ppl" in r][-1]
     rates = [r["tokens_per_s"] for r in lines if "tokens_per_s" in r]
-    return {"eval_ppl": final["eval_ppl"], "eval_ce": final["eval_ce_loss"], "teacher_ppl": final.get("teacher_ppl"),
-            "steps": max(r["step"] for r in lines if "loss" in r) + 1, "tokens_per_s": statistics.median(rates),
-            "ece": expected_calibration_error(run)}
+    return {
+        "eval_ppl": final["eval_ppl"],
+        "eval_ce": final["eval_ce_loss"],
+        "teacher_ppl": final.get("teacher_ppl"),
+        "steps": max(r["step"] for r in lines if "loss" in r) + 1,
+        "tokens_per_s": statistics.median(rates),
+        "ece": expected_calibration_error(run),
+    }
 
 
 def main() -> None:
@@ -91,24 +105,45 @@ def main() -> None:
     work = args.work / args.corpus
     work.mkdir(parents=True, exist_ok=True)
     flags, described = corpus_setup(args.corpus, args.work)
+
     def flag(name: str) -> list[str]:  # ["--name", value] from the corpus's training flags, or []
-        return flags[flags.index(name): flags.index(name) + 2] if name in flags else []
+        return flags[flags.index(name) : flags.index(name) + 2] if name in flags else []
 
     data, teacher_flag = flag("--data"), flag("--teacher")
-    result = {"corpus": described, "machine": f"{platform.machine()}, Python {platform.python_version()}",
-              "date": time.strftime("%Y-%m-%d"), "caches": {}, "variants": {}}
+    result = {
+        "corpus": described,
+        "machine": f"{platform.machine()}, Python {platform.python_version()}",
+        "date": time.strftime("%Y-%m-%d"),
+        "caches": {},
+        "variants": {},
+    }
     variants = {"ce": [*flags, "--kd-weight", "0"]}
     for t in TEMPERATURES:
         for mode, extra in (("sampled", ["--samples", "12"]), ("topk", ["--k", "12"])):
             out = work / f"cache-{mode}@{t:g}"
             start = time.perf_counter()
-            lmdistill("cache-teacher", *teacher_flag, *data, "--out", str(out), "--mode", mode, *extra,
-                      "--temperature", str(t), "--no-progress", "--overwrite", log=work / f"cache-{mode}@{t:g}.log")
+            lmdistill(
+                "cache-teacher",
+                *teacher_flag,
+                *data,
+                "--out",
+                str(out),
+                "--mode",
+                mode,
+                *extra,
+                "--temperature",
+                str(t),
+                "--no-progress",
+                "--overwrite",
+                log=work / f"cache-{mode}@{t:g}.log",
+            )
             manifest = json.loads((out / "manifest.json").read_text())
-            result["caches"][f"{mode}@{t:g}"] = {"seconds": time.perf_counter() - start,
-                                                 "bytes": sum(s["bytes"] for s in manifest["shards"].values()),
-                                                 "bytes_per_token": manifest["bytes_per_token"],
-                                                 "dense_fp16_per_token": 2 * manifest["vocab_size"]}
+            result["caches"][f"{mode}@{t:g}"] = {
+                "seconds": time.perf_counter() - start,
+                "bytes": sum(s["bytes"] for s in manifest["shards"].values()),
+                "bytes_per_token": manifest["bytes_per_token"],
+                "dense_fp16_per_token": 2 * manifest["vocab_size"],
+            }
             variants[f"{mode}@{t:g}"] = [*data, *teacher_flag, "--teacher-cache", str(out), *constant_temperature(t)]
         variants[f"live@{t:g}"] = [*flags, *constant_temperature(t)]
     for name, extra in variants.items():
@@ -117,11 +152,15 @@ def main() -> None:
         lmdistill(*COMMON, *extra, "--output-dir", str(run), log=work / f"{name}.log")
         result["variants"][name] = summary(run)
     v = result["variants"]
-    result["ratios"] = {f"T={t:g}": {
-        "sampled_vs_ce_tokens_per_s": v[f"sampled@{t:g}"]["tokens_per_s"] / v["ce"]["tokens_per_s"],
-        "sampled_vs_live_tokens_per_s": v[f"sampled@{t:g}"]["tokens_per_s"] / v[f"live@{t:g}"]["tokens_per_s"],
-        "sampled_ppl_vs_live": v[f"sampled@{t:g}"]["eval_ppl"] / v[f"live@{t:g}"]["eval_ppl"],
-        "topk_ppl_vs_live": v[f"topk@{t:g}"]["eval_ppl"] / v[f"live@{t:g}"]["eval_ppl"]} for t in TEMPERATURES}
+    result["ratios"] = {
+        f"T={t:g}": {
+            "sampled_vs_ce_tokens_per_s": v[f"sampled@{t:g}"]["tokens_per_s"] / v["ce"]["tokens_per_s"],
+            "sampled_vs_live_tokens_per_s": v[f"sampled@{t:g}"]["tokens_per_s"] / v[f"live@{t:g}"]["tokens_per_s"],
+            "sampled_ppl_vs_live": v[f"sampled@{t:g}"]["eval_ppl"] / v[f"live@{t:g}"]["eval_ppl"],
+            "topk_ppl_vs_live": v[f"topk@{t:g}"]["eval_ppl"] / v[f"live@{t:g}"]["eval_ppl"],
+        }
+        for t in TEMPERATURES
+    }
     print(json.dumps(result, indent=2))
     if args.out:
         args.out.write_text(json.dumps(result, indent=2) + "\n")

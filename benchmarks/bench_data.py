@@ -80,21 +80,41 @@ def make_corpus(folder: Path, tokens: int) -> dict:
         order = docs[:]
         rng.shuffle(order)
         (folder / f"part-{i:05d}.txt").write_text("\n\n".join(order))
-    info = {"copies": copies, "tokens_per_copy_estimate": per_copy, "bytes": sum(
-        p.stat().st_size for p in folder.glob("*.txt"))}
+    info = {
+        "copies": copies,
+        "tokens_per_copy_estimate": per_copy,
+        "bytes": sum(p.stat().st_size for p in folder.glob("*.txt")),
+    }
     marker.write_text(json.dumps(info))
     return info
 
 
 def lmdistill_env() -> dict:
     src = Path(__file__).resolve().parents[1] / "src"
-    return {**os.environ, "PYTHONPATH": f"{src}{os.pathsep}{os.environ.get('PYTHONPATH', '')}",
-            "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
+    return {
+        **os.environ,
+        "PYTHONPATH": f"{src}{os.pathsep}{os.environ.get('PYTHONPATH', '')}",
+        "HF_HUB_OFFLINE": "1",
+        "HF_DATASETS_OFFLINE": "1",
+    }
 
 
 def train_args(data: Path | None, stores: Path, out: Path, steps: int, *extra: str) -> list[str]:
-    args = ["train", "--batch-size", "2", "--max-steps", str(steps), "--output-dir", str(out), "--no-progress",
-            "--set", f"data.store_dir={stores}", "--set", "train.eval_every=1000000", *extra]
+    args = [
+        "train",
+        "--batch-size",
+        "2",
+        "--max-steps",
+        str(steps),
+        "--output-dir",
+        str(out),
+        "--no-progress",
+        "--set",
+        f"data.store_dir={stores}",
+        "--set",
+        "train.eval_every=1000000",
+        *extra,
+    ]
     return args + (["--data", str(data)] if data is not None else [])
 
 
@@ -103,8 +123,9 @@ def timed_run(args: list[str], log: Path) -> dict:
     out = Path(args[args.index("--output-dir") + 1])
     start = time.perf_counter()
     with open(log, "w") as f:
-        proc = subprocess.Popen([sys.executable, __file__, "--worker", *args], stdout=f, stderr=subprocess.STDOUT,
-                                env=lmdistill_env())
+        proc = subprocess.Popen(
+            [sys.executable, __file__, "--worker", *args], stdout=f, stderr=subprocess.STDOUT, env=lmdistill_env()
+        )
         first_step = None
         while proc.poll() is None:
             metrics = out / "metrics.jsonl"
@@ -115,8 +136,12 @@ def timed_run(args: list[str], log: Path) -> dict:
         raise SystemExit(f"lmdistill {' '.join(args)} failed; see {log}")
     text = log.read_text()
     rss = [int(line.split()[-1]) for line in text.splitlines() if line.startswith(RSS_TAG)]
-    return {"seconds_to_first_step": first_step, "seconds_total": time.perf_counter() - start,
-            "peak_rss_mib": max(rss) / 1024, "log": str(log)}
+    return {
+        "seconds_to_first_step": first_step,
+        "seconds_total": time.perf_counter() - start,
+        "peak_rss_mib": max(rss) / 1024,
+        "log": str(log),
+    }
 
 
 def build_throughput(corpus: Path, stores: Path, num_proc: int) -> dict:
@@ -134,9 +159,14 @@ def build_throughput(corpus: Path, stores: Path, num_proc: int) -> dict:
     store, built = open_store(str(corpus), cfg, tokenizer, progress=False)
     seconds = time.perf_counter() - start
     assert built
-    return {"num_proc": num_proc, "tokens": store.num_tokens, "seconds": seconds,
-            "tokens_per_s": store.num_tokens / seconds, "store_mib": store.tokens.nbytes / 2**20,
-            "fingerprint": store.fingerprint}
+    return {
+        "num_proc": num_proc,
+        "tokens": store.num_tokens,
+        "seconds": seconds,
+        "tokens_per_s": store.num_tokens / seconds,
+        "store_mib": store.tokens.nbytes / 2**20,
+        "fingerprint": store.fingerprint,
+    }
 
 
 def ddp_run(corpus: Path, stores: Path, out: Path, log: Path, steps: int) -> dict:
@@ -144,8 +174,20 @@ def ddp_run(corpus: Path, stores: Path, out: Path, log: Path, steps: int) -> dic
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
-           "--master_port", str(port), __file__, "--worker", *train_args(corpus, stores, out, steps, "--overwrite")]
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nproc_per_node",
+        "2",
+        "--master_addr",
+        "127.0.0.1",
+        "--master_port",
+        str(port),
+        __file__,
+        "--worker",
+        *train_args(corpus, stores, out, steps, "--overwrite"),
+    ]
     with open(log, "w") as f:
         proc = subprocess.run(cmd, stdout=f, stderr=subprocess.STDOUT, env={**lmdistill_env(), "OMP_NUM_THREADS": "1"})
     if proc.returncode != 0:
@@ -154,8 +196,13 @@ def ddp_run(corpus: Path, stores: Path, out: Path, log: Path, steps: int) -> dic
     ranks = {line.split()[1]: int(line.split()[2]) / 1024 for line in text.splitlines() if line.startswith(RSS_TAG)}
     built = [p.name for p in stores.iterdir() if (p / "manifest.json").exists()]
     leftovers = [p.name for p in stores.iterdir() if p.name.endswith((".build",)) or ".tmp-" in p.name]
-    return {"stores_written": len(built), "leftovers": leftovers, "tokenizing_lines": text.count("tokenizing "),
-            "peak_rss_mib_per_rank": ranks, "log": str(log)}
+    return {
+        "stores_written": len(built),
+        "leftovers": leftovers,
+        "tokenizing_lines": text.count("tokenizing "),
+        "peak_rss_mib_per_rank": ranks,
+        "log": str(log),
+    }
 
 
 def main() -> None:
@@ -171,8 +218,11 @@ def main() -> None:
     work = args.work
     work.mkdir(parents=True, exist_ok=True)
     large, small, tiny = work / "corpus-large", work / "corpus-small", work / "corpus-tiny"
-    result = {"machine": f"{platform.machine()}, {os.cpu_count()} CPUs, Python {platform.python_version()}",
-              "date": time.strftime("%Y-%m-%d"), "steps": args.steps}
+    result = {
+        "machine": f"{platform.machine()}, {os.cpu_count()} CPUs, Python {platform.python_version()}",
+        "date": time.strftime("%Y-%m-%d"),
+        "steps": args.steps,
+    }
     print("making the corpora ...", flush=True)
     result["corpus_large"] = make_corpus(large, int(args.tokens))
     result["corpus_small"] = make_corpus(small, int(args.small_tokens))
@@ -190,8 +240,11 @@ def main() -> None:
     shutil.rmtree(stores, ignore_errors=True)
     first = timed_run(train_args(large, stores, work / "run-first", args.steps, "--overwrite"), work / "first.log")
     second = timed_run(train_args(large, stores, work / "run-large", args.steps, "--overwrite"), work / "second.log")
-    result["start"] = {"first": first, "second": second,
-                       "ratio_first_to_second": first["seconds_to_first_step"] / second["seconds_to_first_step"]}
+    result["start"] = {
+        "first": first,
+        "second": second,
+        "ratio_first_to_second": first["seconds_to_first_step"] / second["seconds_to_first_step"],
+    }
     print(json.dumps(result["start"], indent=1), flush=True)
 
     print("peak RSS: one copy of the embedded corpus (baseline), small, large ...", flush=True)
@@ -201,7 +254,8 @@ def main() -> None:
     small_run = timed_run(train_args(small, stores, work / "run-small", args.steps, "--overwrite"), work / "small.log")
     large_run = second
     result["rss"] = {
-        "baseline_one_copy_mib": base["peak_rss_mib"], "small_mib": small_run["peak_rss_mib"],
+        "baseline_one_copy_mib": base["peak_rss_mib"],
+        "small_mib": small_run["peak_rss_mib"],
         "large_mib": large_run["peak_rss_mib"],
         "data_small_mib": small_run["peak_rss_mib"] - base["peak_rss_mib"],
         "data_large_mib": large_run["peak_rss_mib"] - base["peak_rss_mib"],

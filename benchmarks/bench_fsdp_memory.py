@@ -28,8 +28,15 @@ import sys
 import time
 from pathlib import Path
 
-SHAPE = {"vocab_size": 4096, "hidden_size": 640, "intermediate_size": 1728, "num_hidden_layers": 10,
-         "num_attention_heads": 10, "num_key_value_heads": 10, "max_position_embeddings": 256}
+SHAPE = {
+    "vocab_size": 4096,
+    "hidden_size": 640,
+    "intermediate_size": 1728,
+    "num_hidden_layers": 10,
+    "num_attention_heads": 10,
+    "num_key_value_heads": 10,
+    "max_position_embeddings": 256,
+}
 
 
 def local_bytes(tensors) -> int:
@@ -65,8 +72,11 @@ def worker(strategy: str, out: Path) -> None:
     model(input_ids=ids, labels=ids).loss.backward()
     optimizer.step()
     state = [v for s in optimizer.state.values() for v in s.values() if torch.is_tensor(v) and v.dim() > 0]
-    sizes = {"parameters": local_bytes(model.parameters()), "gradients": local_bytes(p.grad for p in model.parameters()),
-             "optimizer_state": local_bytes(state)}
+    sizes = {
+        "parameters": local_bytes(model.parameters()),
+        "gradients": local_bytes(p.grad for p in model.parameters()),
+        "optimizer_state": local_bytes(state),
+    }
     sizes["total"] = sum(sizes.values())
     gathered = [None] * dist.get_world_size()
     dist.all_gather_object(gathered, sizes)
@@ -117,17 +127,25 @@ def gathers_per_step(student, optimizer, impl: str, steps: int = 4) -> dict:
                 with torch.no_grad():
                     t_logits = teacher(input_ids=ids, use_cache=False).logits[:, :-1]
                 logits = student(input_ids=ids, use_cache=False).logits[:, :-1]
-                loss = fused_logits_distillation_loss(logits.reshape(-1, logits.shape[-1]),
-                                                      t_logits.reshape(-1, t_logits.shape[-1]), targets, **kwargs)
+                loss = fused_logits_distillation_loss(
+                    logits.reshape(-1, logits.shape[-1]), t_logits.reshape(-1, t_logits.shape[-1]), targets, **kwargs
+                )
             else:
                 with torch.no_grad():
-                    t_hidden = teacher(input_ids=ids, output_hidden_states=True, logits_to_keep=1,
-                                       use_cache=False).hidden_states[-1][:, :-1]
-                hidden = student(input_ids=ids, output_hidden_states=True, logits_to_keep=1,
-                                 use_cache=False).hidden_states[-1][:, :-1]
-                loss = fused_linear_distillation_loss(hidden.reshape(-1, hidden.shape[-1]), student.lm_head.weight,
-                                                      t_hidden.reshape(-1, t_hidden.shape[-1]),
-                                                      teacher.lm_head.weight, targets, **kwargs)
+                    t_hidden = teacher(
+                        input_ids=ids, output_hidden_states=True, logits_to_keep=1, use_cache=False
+                    ).hidden_states[-1][:, :-1]
+                hidden = student(
+                    input_ids=ids, output_hidden_states=True, logits_to_keep=1, use_cache=False
+                ).hidden_states[-1][:, :-1]
+                loss = fused_linear_distillation_loss(
+                    hidden.reshape(-1, hidden.shape[-1]),
+                    student.lm_head.weight,
+                    t_hidden.reshape(-1, t_hidden.shape[-1]),
+                    teacher.lm_head.weight,
+                    targets,
+                    **kwargs,
+                )
             loss.total.backward()
             optimizer.step()
             optimizer.zero_grad()
@@ -137,9 +155,12 @@ def gathers_per_step(student, optimizer, impl: str, steps: int = 4) -> dict:
         _fsdp_param_group.foreach_all_gather = original
     last = per_step[-1]
     assert all(p == last for p in per_step[1:]), per_step  # every step after the first gathers alike
-    return {"gathers": last["gathers"], "gathered_mb": round(last["bytes"] / 1e6, 1),
-            "first_step_gathers": per_step[0]["gathers"],
-            "median_step_s": round(statistics.median(times[1:]), 3)}
+    return {
+        "gathers": last["gathers"],
+        "gathered_mb": round(last["bytes"] / 1e6, 1),
+        "first_step_gathers": per_step[0]["gathers"],
+        "median_step_s": round(statistics.median(times[1:]), 3),
+    }
 
 
 def launch(strategy: str, out: Path) -> dict:
@@ -147,8 +168,22 @@ def launch(strategy: str, out: Path) -> dict:
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
-           "--master_port", str(port), __file__, "--worker", strategy, "--result", str(out)]
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nproc_per_node",
+        "2",
+        "--master_addr",
+        "127.0.0.1",
+        "--master_port",
+        str(port),
+        __file__,
+        "--worker",
+        strategy,
+        "--result",
+        str(out),
+    ]
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
     if proc.returncode != 0:
         sys.exit(f"{strategy} run failed:\n{proc.stderr[-3000:]}")
@@ -170,9 +205,15 @@ def main() -> None:
     runs = {s: launch(s, tmp) for s in ("ddp", "fsdp")}
     tmp.unlink(missing_ok=True)
     ddp, fsdp = (max(r["total"] for r in runs[s]["per_rank"]) for s in ("ddp", "fsdp"))
-    result = {"machine": f"{platform.machine()}, Python {platform.python_version()}, torch {torch.__version__}",
-              "date": time.strftime("%Y-%m-%d"), "processes": 2, "shape": SHAPE,
-              "parameters": runs["ddp"]["parameters"], "runs": runs, "fsdp_vs_ddp_per_rank": fsdp / ddp}
+    result = {
+        "machine": f"{platform.machine()}, Python {platform.python_version()}, torch {torch.__version__}",
+        "date": time.strftime("%Y-%m-%d"),
+        "processes": 2,
+        "shape": SHAPE,
+        "parameters": runs["ddp"]["parameters"],
+        "runs": runs,
+        "fsdp_vs_ddp_per_rank": fsdp / ddp,
+    }
     print(json.dumps(result, indent=2))
     if args.out:
         args.out.write_text(json.dumps(result, indent=2) + "\n")

@@ -43,9 +43,26 @@ STEPS = 6  # the second start runs a few steps more, for the time of one step
 def time_to_first_step(gguf: Path, home: Path, run: Path, steps: int = 1) -> tuple[float, float]:
     """(seconds to the first logged step, seconds of the whole command)."""
     env = {**os.environ, "LMDISTILL_HOME": str(home)}
-    cmd = [sys.executable, "-m", "lmdistill", "train", "--teacher", str(gguf), "--max-steps", str(steps),
-           "--eval-every", "100", "--batch-size", "2", "--no-progress", "--output-dir", str(run), "--overwrite",
-           "--set", "model.student_config={num_hidden_layers: 15}"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "lmdistill",
+        "train",
+        "--teacher",
+        str(gguf),
+        "--max-steps",
+        str(steps),
+        "--eval-every",
+        "100",
+        "--batch-size",
+        "2",
+        "--no-progress",
+        "--output-dir",
+        str(run),
+        "--overwrite",
+        "--set",
+        "model.student_config={num_hidden_layers: 15}",
+    ]
     started = time.perf_counter()
     proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     first = None
@@ -91,24 +108,42 @@ def main() -> None:
         lines = [json.loads(x) for x in (Path(tmp) / "run2" / "metrics.jsonl").read_text().splitlines()]
         step_s = statistics.median(256 / r["tokens_per_s"] for r in lines if r.get("tokens_per_s"))
         started = time.perf_counter()  # one evaluation of the held-out split, teacher included
-        subprocess.run([sys.executable, "-m", "lmdistill", "eval", str(Path(tmp) / "run2"), "--teacher", str(gguf),
-                        "--no-progress"], env={**os.environ, "LMDISTILL_HOME": str(home)}, check=True,
-                       capture_output=True)
+        subprocess.run(
+            [
+                sys.executable,
+                "-m",
+                "lmdistill",
+                "eval",
+                str(Path(tmp) / "run2"),
+                "--teacher",
+                str(gguf),
+                "--no-progress",
+            ],
+            env={**os.environ, "LMDISTILL_HOME": str(home)},
+            check=True,
+            capture_output=True,
+        )
         eval_s = time.perf_counter() - started
         model_first = time_to_model(gguf, Path(tmp) / "home-load")
         model_second = time_to_model(gguf, Path(tmp) / "home-load")
     # The original command with this teacher: one epoch of the embedded corpus (839 training blocks
     # of 128 tokens, batch 2: 420 steps) and about 11 evaluations (at the start, every 42 steps, at the end).
     epoch_steps, evals = 420, 11
-    result = {"machine": f"{platform.machine()}, {os.cpu_count()} cores, torch threads "
-                         f"{os.environ.get('OMP_NUM_THREADS', 'default')}",
-              "first_start": {"to_first_step_s": round(first[0], 1), "command_s": round(first[1], 1)},
-              "second_start": {"to_first_step_s": round(second[0], 1), "command_s": round(second[1], 1)},
-              "ratio_to_first_step": round(first[0] / second[0], 2),
-              "teacher_ready": {"first_s": round(model_first, 1), "second_s": round(model_second, 1),
-                                "ratio": round(model_first / model_second, 2)},
-              "step_s": round(step_s, 2), "eval_command_s": round(eval_s, 1),
-              "original_command_estimate_s": round(second[0] + epoch_steps * step_s + (evals - 1) * eval_s)}
+    result = {
+        "machine": f"{platform.machine()}, {os.cpu_count()} cores, torch threads "
+        f"{os.environ.get('OMP_NUM_THREADS', 'default')}",
+        "first_start": {"to_first_step_s": round(first[0], 1), "command_s": round(first[1], 1)},
+        "second_start": {"to_first_step_s": round(second[0], 1), "command_s": round(second[1], 1)},
+        "ratio_to_first_step": round(first[0] / second[0], 2),
+        "teacher_ready": {
+            "first_s": round(model_first, 1),
+            "second_s": round(model_second, 1),
+            "ratio": round(model_first / model_second, 2),
+        },
+        "step_s": round(step_s, 2),
+        "eval_command_s": round(eval_s, 1),
+        "original_command_estimate_s": round(second[0] + epoch_steps * step_s + (evals - 1) * eval_s),
+    }
     Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
     print(json.dumps(result, indent=2))
 

@@ -37,15 +37,26 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         for r in range(args.rounds):
             for mode in ("on", "off"):
-                cfg = Config.load(Path(__file__).parents[1] / "configs" / "default.yaml",
-                                  [f"train.max_steps={args.steps}", f"run.output_dir={tmp}/{mode}-{r}",
-                                   f"guard.enabled={'true' if mode == 'on' else 'false'}", "run.device=cpu",
-                                   f"train.eval_every={args.steps}"])
+                cfg = Config.load(
+                    Path(__file__).parents[1] / "configs" / "default.yaml",
+                    [
+                        f"train.max_steps={args.steps}",
+                        f"run.output_dir={tmp}/{mode}-{r}",
+                        f"guard.enabled={'true' if mode == 'on' else 'false'}",
+                        "run.device=cpu",
+                        f"train.eval_every={args.steps}",
+                    ],
+                )
                 train(cfg, progress=False, print_summary=False)
                 times[mode] += step_times(Path(tmp) / f"{mode}-{r}")
     on, off = statistics.median(times["on"]), statistics.median(times["off"])
-    result = {"median_step_s_guard_on": on, "median_step_s_guard_off": off, "overhead": on / off - 1,
-              "steps_each": len(times["on"]), "rounds": args.rounds}
+    result = {
+        "median_step_s_guard_on": on,
+        "median_step_s_guard_off": off,
+        "overhead": on / off - 1,
+        "steps_each": len(times["on"]),
+        "rounds": args.rounds,
+    }
     print(json.dumps(result, indent=2))
     if args.out:
         Path(args.out).write_text(json.dumps(result, indent=2))

@@ -61,6 +61,7 @@ def worker(args: argparse.Namespace) -> dict:
     kw = dict(temperature=args.temperature, kd_weight=args.kd_weight, divergence=args.divergence)
 
     if args.worker == "full":
+
         def step():
             s = h @ w.T
             with torch.no_grad():
@@ -93,10 +94,16 @@ def worker(args: argparse.Namespace) -> dict:
         run()
         times.append(time.perf_counter() - t0)
     return dict(
-        variant=args.worker, times_s=[round(t, 4) for t in times], first_s=round(first_s, 4),
-        peak_growth_mib=round(peak_growth / 2**20, 1), baseline_slack_mib=round(slack / 2**20, 1),
-        total=float(parts.total.detach()), kd=float(parts.kd), ce=float(parts.ce),
-        grad_w_norm=float(w.grad.norm()), torch_threads=torch.get_num_threads(),
+        variant=args.worker,
+        times_s=[round(t, 4) for t in times],
+        first_s=round(first_s, 4),
+        peak_growth_mib=round(peak_growth / 2**20, 1),
+        baseline_slack_mib=round(slack / 2**20, 1),
+        total=float(parts.total.detach()),
+        kd=float(parts.kd),
+        ce=float(parts.ce),
+        grad_w_norm=float(w.grad.norm()),
+        torch_threads=torch.get_num_threads(),
     )
 
 
@@ -133,10 +140,28 @@ def main() -> None:
         return
 
     variants = ["full"] + [f"chunked={int(c)}" for c in args.chunk_sizes.split(",")]
-    base_cmd = [sys.executable, os.path.abspath(__file__), "--n", str(args.n), "--hs", str(args.hs),
-                "--ht", str(args.ht), "--vocab", str(args.vocab), "--repeats", str(args.repeats),
-                "--temperature", str(args.temperature), "--kd-weight", str(args.kd_weight),
-                "--divergence", args.divergence, "--threads", str(args.threads)]
+    base_cmd = [
+        sys.executable,
+        os.path.abspath(__file__),
+        "--n",
+        str(args.n),
+        "--hs",
+        str(args.hs),
+        "--ht",
+        str(args.ht),
+        "--vocab",
+        str(args.vocab),
+        "--repeats",
+        str(args.repeats),
+        "--temperature",
+        str(args.temperature),
+        "--kd-weight",
+        str(args.kd_weight),
+        "--divergence",
+        args.divergence,
+        "--threads",
+        str(args.threads),
+    ]
     runs: dict[str, list[dict]] = {v: [] for v in variants}
     load_before = os.getloadavg()
     for r in range(args.rounds):
@@ -147,18 +172,25 @@ def main() -> None:
                 sys.exit(f"worker {variant} failed:\n{out.stderr[-3000:]}")
             rec = json.loads(out.stdout.strip().splitlines()[-1])
             runs[variant].append(rec)
-            print(f"round {r} {variant:>14}: median {statistics.median(rec['times_s']):.3f} s, "
-                  f"peak +{rec['peak_growth_mib']:.0f} MiB (slack {rec['baseline_slack_mib']:.0f})", flush=True)
+            print(
+                f"round {r} {variant:>14}: median {statistics.median(rec['times_s']):.3f} s, "
+                f"peak +{rec['peak_growth_mib']:.0f} MiB (slack {rec['baseline_slack_mib']:.0f})",
+                flush=True,
+            )
     load_after = os.getloadavg()
 
     summary = {}
     for variant, recs in runs.items():
         times = [t for rec in recs for t in rec["times_s"]]
         summary[variant] = dict(
-            median_s=round(statistics.median(times), 4), min_s=round(min(times), 4), n_times=len(times),
+            median_s=round(statistics.median(times), 4),
+            min_s=round(min(times), 4),
+            n_times=len(times),
             peak_growth_mib=max(rec["peak_growth_mib"] for rec in recs),
             baseline_slack_mib=max(rec["baseline_slack_mib"] for rec in recs),
-            total=recs[0]["total"], kd=recs[0]["kd"], ce=recs[0]["ce"],
+            total=recs[0]["total"],
+            kd=recs[0]["kd"],
+            ce=recs[0]["ce"],
         )
     full = summary["full"]
     for variant in variants[1:]:
@@ -171,14 +203,22 @@ def main() -> None:
     import torch
 
     result = dict(
-        benchmark="loss_cpu", date=dt.datetime.now().isoformat(timespec="seconds"),
+        benchmark="loss_cpu",
+        date=dt.datetime.now().isoformat(timespec="seconds"),
         command="python " + " ".join([os.path.relpath(__file__)] + sys.argv[1:]),
-        machine=dict(cpu=_cpu_model(), cpu_count=os.cpu_count(), torch=torch.__version__,
-                     python=platform.python_version(), loadavg_before=load_before, loadavg_after=load_after),
+        machine=dict(
+            cpu=_cpu_model(),
+            cpu_count=os.cpu_count(),
+            torch=torch.__version__,
+            python=platform.python_version(),
+            loadavg_before=load_before,
+            loadavg_after=load_after,
+        ),
         shape=dict(n=args.n, hs=args.hs, ht=args.ht, vocab=args.vocab),
         loss=dict(temperature=args.temperature, kd_weight=args.kd_weight, divergence=args.divergence),
         goals="chunked peak memory <= 1/4 of full, time <= 1.3x full",
-        summary=summary, runs=runs,
+        summary=summary,
+        runs=runs,
     )
     print(json.dumps(summary, indent=1))
     if args.out:

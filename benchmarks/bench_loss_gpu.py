@@ -73,8 +73,9 @@ def build_methods(device: str, records: list, shape_name: str, chunk_size: int) 
         return distillation_loss(h @ w.T, t, y, temperature=T, kd_weight=KD_WEIGHT).total
 
     def ours(h, w, th, tw, y):
-        return fused_linear_distillation_loss(h, w, th, tw, y, temperature=T, kd_weight=KD_WEIGHT,
-                                              chunk_size=chunk_size).total
+        return fused_linear_distillation_loss(
+            h, w, th, tw, y, temperature=T, kd_weight=KD_WEIGHT, chunk_size=chunk_size
+        ).total
 
     methods = {"full": full, "ours": ours}
     try:
@@ -83,8 +84,9 @@ def build_methods(device: str, records: list, shape_name: str, chunk_size: int) 
         emit(records, shape=shape_name, method="liger", skipped=f"liger-kernel not importable: {exc!r:.200}")
         print("liger-kernel is not installed here: the Liger column is skipped", flush=True)
     else:
-        liger = LigerFusedLinearJSDLoss(weight_hard_loss=1 - KD_WEIGHT, weight_soft_loss=KD_WEIGHT,
-                                        beta=0.0, temperature=T, compiled=True)
+        liger = LigerFusedLinearJSDLoss(
+            weight_hard_loss=1 - KD_WEIGHT, weight_soft_loss=KD_WEIGHT, beta=0.0, temperature=T, compiled=True
+        )
         methods["liger"] = lambda h, w, th, tw, y: liger(h, w, th, tw, y)
     return methods
 
@@ -154,19 +156,32 @@ def main() -> None:
     dtype = getattr(torch, args.dtype)
     records: list[dict] = []
     dev_name = torch.cuda.get_device_name() if args.device.startswith("cuda") else "cpu"
-    emit(records, env=True, device=dev_name, torch=torch.__version__, dtype=args.dtype,
-         date=dt.datetime.now().isoformat(timespec="seconds"), chunk_size=args.chunk_size)
+    emit(
+        records,
+        env=True,
+        device=dev_name,
+        torch=torch.__version__,
+        dtype=args.dtype,
+        date=dt.datetime.now().isoformat(timespec="seconds"),
+        chunk_size=args.chunk_size,
+    )
     wanted = set(args.methods.split(","))
     for shape in SMALL if args.small else ANCHORS:
-        methods = {k: v for k, v in build_methods(args.device, records, shape["name"], args.chunk_size).items()
-                   if k in wanted}
+        methods = {
+            k: v for k, v in build_methods(args.device, records, shape["name"], args.chunk_size).items() if k in wanted
+        }
         inputs = make_inputs(shape, args.device, dtype)
         for name, fn in methods.items():
             try:
                 ms, peak = time_and_memory(fn, inputs, args.device, args.warmup, args.repeats)
-                emit(records, shape=shape["name"], method=name, ms_fwd_bwd=round(ms, 2),
-                     peak_extra_gib=None if peak is None else round(peak, 3),
-                     tokens_per_s=round(shape["bt"] / ms * 1e3))
+                emit(
+                    records,
+                    shape=shape["name"],
+                    method=name,
+                    ms_fwd_bwd=round(ms, 2),
+                    peak_extra_gib=None if peak is None else round(peak, 3),
+                    tokens_per_s=round(shape["bt"] / ms * 1e3),
+                )
             except Exception as exc:  # e.g. out of memory: record it and go on
                 emit(records, shape=shape["name"], method=name, error=repr(exc)[:300])
             if args.device.startswith("cuda"):
@@ -186,9 +201,14 @@ def main() -> None:
                 if ref is None:
                     continue
                 gh, gw = grads_of(fn, sub, dtype)
-                emit(records, shape=shape["name"], method=name, grad_err_tokens=sub[0].shape[0],
-                     grad_rel_err_hidden=round(rel_err(gh, ref[0]), 5),
-                     grad_rel_err_weight=round(rel_err(gw, ref[1]), 5))
+                emit(
+                    records,
+                    shape=shape["name"],
+                    method=name,
+                    grad_err_tokens=sub[0].shape[0],
+                    grad_rel_err_hidden=round(rel_err(gh, ref[0]), 5),
+                    grad_rel_err_weight=round(rel_err(gw, ref[1]), 5),
+                )
             except Exception as exc:
                 emit(records, shape=shape["name"], method=name, grad_error=repr(exc)[:300])
         del inputs, sub, reference
@@ -205,10 +225,12 @@ def main() -> None:
             print(f"{shape:20} {method:6}  skipped: {r['skipped'][:60]}")
             continue
         peak = r.get("peak_extra_gib")
-        print(f"{shape:20} {method:6}  {r.get('ms_fwd_bwd', float('nan')):7.2f} "
-              f"{'n/a' if peak is None else f'{peak:7.3f}':>8}  "
-              f"{r.get('grad_rel_err_hidden', float('nan')):.2e} / {r.get('grad_rel_err_weight', float('nan')):.2e}"
-              + (f"  ERROR {r['error'][:80]}" if "error" in r else ""))
+        print(
+            f"{shape:20} {method:6}  {r.get('ms_fwd_bwd', float('nan')):7.2f} "
+            f"{'n/a' if peak is None else f'{peak:7.3f}':>8}  "
+            f"{r.get('grad_rel_err_hidden', float('nan')):.2e} / {r.get('grad_rel_err_weight', float('nan')):.2e}"
+            + (f"  ERROR {r['error'][:80]}" if "error" in r else "")
+        )
     if args.out:
         with open(args.out, "w") as f:
             json.dump(records, f, indent=1)

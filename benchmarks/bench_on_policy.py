@@ -62,8 +62,16 @@ def judged(run: Path, prompts: int, seed: int) -> dict:
     student = AutoModelForCausalLM.from_pretrained(run / "student").eval()
     teacher = AutoModelForCausalLM.from_pretrained(cfg.model.teacher).eval()
     heads = data.eval.batch(range(min(prompts, len(data.eval)))).input_ids[:, :32]
-    scores, _ = generation_quality(student, teacher, heads, Sampling(max_new_tokens=64), seed, tokenizer.eos_token_id,
-                                   tokenizer.eos_token_id, len(tokenizer))
+    scores, _ = generation_quality(
+        student,
+        teacher,
+        heads,
+        Sampling(max_new_tokens=64),
+        seed,
+        tokenizer.eos_token_id,
+        tokenizer.eos_token_id,
+        len(tokenizer),
+    )
     return {**scores, "judged_prompts": len(heads)}
 
 
@@ -85,8 +93,14 @@ def cache_speedup(run: Path, rows: int = 8, new_tokens: int = 128, repeats: int 
             out = generator(prompts, Sampling(max_new_tokens=new_tokens), seed=r, use_cache=arm == "cache")
             rates[arm].append((out.shape[1] - 32) * rows / (time.perf_counter() - start))
     cached, plain = statistics.median(rates["cache"]), statistics.median(rates["no_cache"])
-    return {"rows": rows, "prompt_tokens": 32, "new_tokens": new_tokens, "cache_tokens_per_s": cached,
-            "no_cache_tokens_per_s": plain, "ratio": cached / plain}
+    return {
+        "rows": rows,
+        "prompt_tokens": 32,
+        "new_tokens": new_tokens,
+        "cache_tokens_per_s": cached,
+        "no_cache_tokens_per_s": plain,
+        "ratio": cached / plain,
+    }
 
 
 def summary(run: Path) -> dict:
@@ -94,12 +108,19 @@ def summary(run: Path) -> dict:
     train = [r for r in lines if "loss" in r and not r.get("skipped")]
     on = [r for r in train if r.get("on_policy")]
     final = [r for r in lines if "eval_ppl" in r][-1]
-    out = {"steps": len(train), "on_policy_steps": len(on), "eval_ppl": final["eval_ppl"],
-           "teacher_ppl": final.get("teacher_ppl"), "tokens_per_s": statistics.median(r["tokens_per_s"] for r in train)}
+    out = {
+        "steps": len(train),
+        "on_policy_steps": len(on),
+        "eval_ppl": final["eval_ppl"],
+        "teacher_ppl": final.get("teacher_ppl"),
+        "tokens_per_s": statistics.median(r["tokens_per_s"] for r in train),
+    }
     if on:
-        out.update(generation_share=statistics.median(r["generation_share"] for r in on),
-                   generation_tokens_per_s=statistics.median(r["generation_tokens_per_s"] for r in on),
-                   mean_generated_length=statistics.mean(r["mean_generated_length"] for r in on))
+        out.update(
+            generation_share=statistics.median(r["generation_share"] for r in on),
+            generation_tokens_per_s=statistics.median(r["generation_tokens_per_s"] for r in on),
+            mean_generated_length=statistics.mean(r["mean_generated_length"] for r in on),
+        )
     return out
 
 
@@ -112,16 +133,22 @@ def main() -> None:
     args = parser.parse_args()
     args.work.mkdir(parents=True, exist_ok=True)
     steps = ["--max-steps", str(args.max_steps)] if args.max_steps else []
-    result = {"corpus": "embedded default (pydoc_data), the default teacher and student",
-              "machine": f"{platform.machine()}, Python {platform.python_version()}, torch {torch.__version__}",
-              "date": time.strftime("%Y-%m-%d"), "variants": {}}
+    result = {
+        "corpus": "embedded default (pydoc_data), the default teacher and student",
+        "machine": f"{platform.machine()}, Python {platform.python_version()}, torch {torch.__version__}",
+        "date": time.strftime("%Y-%m-%d"),
+        "variants": {},
+    }
     for name, extra in VARIANTS.items():
         run = args.work / f"run-{name}"
         print(f"{name} ...", flush=True)
         start = time.perf_counter()
         lmdistill(*COMMON, *steps, *extra, "--output-dir", str(run), log=args.work / f"{name}.log")
-        result["variants"][name] = {**summary(run), "wall_seconds": time.perf_counter() - start,
-                                    **judged(run, args.prompts, seed=1234)}
+        result["variants"][name] = {
+            **summary(run),
+            "wall_seconds": time.perf_counter() - start,
+            **judged(run, args.prompts, seed=1234),
+        }
     v = result["variants"]
     result["ratios"] = {
         "on_teacher_nll_vs_off": v["on"]["gen_teacher_nll"] / v["off"]["gen_teacher_nll"],

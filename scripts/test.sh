@@ -11,6 +11,9 @@ pip install --quiet -e ".[test]"
 # tests say why they did not run, except in CI, where its absence fails them.
 python benchmarks/real_teacher.py --fetch-only || echo "test.sh: the real teacher was not fetched (see above)"
 export HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1
+# Lint and format (configured in pyproject.toml) before anything runs: seconds, and a failure says where.
+ruff check --no-cache src tests benchmarks scripts
+ruff format --check --no-cache src tests benchmarks scripts
 # Two workers (pytest-xdist): most tests are tiny models whose time goes to Python, one core each;
 # worksteal keeps both busy to the end when the few long multi-process tests land late.
 # The 15 slowest tests are listed at the end.

@@ -59,9 +59,17 @@ def tiny_llama(vocab_size: int, hidden: int = 32, layers: int = 2, seed: int = 0
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    config = LlamaConfig(vocab_size=vocab_size, hidden_size=hidden, num_hidden_layers=layers, num_attention_heads=2,
-                         num_key_value_heads=2, intermediate_size=2 * hidden, max_position_embeddings=256,
-                         tie_word_embeddings=False, **overrides)
+    config = LlamaConfig(
+        vocab_size=vocab_size,
+        hidden_size=hidden,
+        num_hidden_layers=layers,
+        num_attention_heads=2,
+        num_key_value_heads=2,
+        intermediate_size=2 * hidden,
+        max_position_embeddings=256,
+        tie_word_embeddings=False,
+        **overrides,
+    )
     torch.manual_seed(seed)
     return LlamaForCausalLM(config)
 
@@ -126,8 +134,14 @@ def run_cli(*args: str, cwd: Path | None = None, env: dict | None = None, timeou
     needs a real process: exit codes of the entry point itself, kills, multi-process launches."""
     full_env = {**os.environ, **(env or {})}
     full_env["PYTHONPATH"] = str(REPO / "src") + os.pathsep + full_env.get("PYTHONPATH", "")
-    return subprocess.run([sys.executable, "-m", "lmdistill", *args], cwd=cwd, env=full_env, capture_output=True,
-                          text=True, timeout=timeout)
+    return subprocess.run(
+        [sys.executable, "-m", "lmdistill", *args],
+        cwd=cwd,
+        env=full_env,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
 
 
 def one_error_line(proc, *needles: str, code: int = 2) -> str:
@@ -151,8 +165,10 @@ def real_teacher_dir() -> Path:
     kept beside the GGUF file). Absent outside CI: the tests say why they did not run; in CI
     (CI=true) the absence fails them, since scripts/test.sh fetches the file."""
     if not REAL_GGUF.is_file():
-        why = (f"the real teacher's GGUF file is not at {REAL_GGUF}; fetch it with python "
-               "benchmarks/real_teacher.py --fetch-only (scripts/test.sh does)")
+        why = (
+            f"the real teacher's GGUF file is not at {REAL_GGUF}; fetch it with python "
+            "benchmarks/real_teacher.py --fetch-only (scripts/test.sh does)"
+        )
         if os.environ.get("CI") == "true":
             pytest.fail(why)
         pytest.skip(why)

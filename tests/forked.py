@@ -12,9 +12,20 @@ import multiprocessing
 import os
 import sys
 
-_PRELOAD = ["forked", "torch", "transformers", "accelerate", "datasets", "safetensors.torch", "tokenizers",
-            "transformers.models.llama.modeling_llama", "torch.utils.tensorboard", "lmdistill.cli",
-            "lmdistill.training.trainer", "lmdistill.report"]
+_PRELOAD = [
+    "forked",
+    "torch",
+    "transformers",
+    "accelerate",
+    "datasets",
+    "safetensors.torch",
+    "tokenizers",
+    "transformers.models.llama.modeling_llama",
+    "torch.utils.tensorboard",
+    "lmdistill.cli",
+    "lmdistill.training.trainer",
+    "lmdistill.report",
+]
 _context = None
 
 

@@ -56,9 +56,17 @@ def write_tiny_gguf(path: Path, model, tokenizer, arch: str = "llama") -> Path:
     writer.add_tensor("output_norm.weight", state["model.norm.weight"])
     if not cfg.tie_word_embeddings:
         writer.add_tensor("output.weight", state["lm_head.weight"])
-    names = {"input_layernorm": "attn_norm", "self_attn.q_proj": "attn_q", "self_attn.k_proj": "attn_k",
-             "self_attn.v_proj": "attn_v", "self_attn.o_proj": "attn_output", "post_attention_layernorm": "ffn_norm",
-             "mlp.gate_proj": "ffn_gate", "mlp.up_proj": "ffn_up", "mlp.down_proj": "ffn_down"}
+    names = {
+        "input_layernorm": "attn_norm",
+        "self_attn.q_proj": "attn_q",
+        "self_attn.k_proj": "attn_k",
+        "self_attn.v_proj": "attn_v",
+        "self_attn.o_proj": "attn_output",
+        "post_attention_layernorm": "ffn_norm",
+        "mlp.gate_proj": "ffn_gate",
+        "mlp.up_proj": "ffn_up",
+        "mlp.down_proj": "ffn_down",
+    }
     for layer in range(cfg.num_hidden_layers):
         for hf, ours in names.items():
             weight = state[f"model.layers.{layer}.{hf}.weight"]

@@ -1,7 +1,7 @@
 """lmdistill: knowledge distillation for causal language models.
 
-    from lmdistill import Config, train
-    result = train(Config.load("configs/default.yaml", ["train.max_steps=50"]))
+from lmdistill import Config, train
+result = train(Config.load("configs/default.yaml", ["train.max_steps=50"]))
 """
 
 from lmdistill.config import Config
@@ -22,9 +22,11 @@ def train(cfg, **kwargs):
     if isinstance(cfg, (str, os.PathLike)):
         cfg = Config.load(cfg)
     elif not isinstance(cfg, Config):
-        raise TypeError(f"lmdistill.train expects a Config or the path of a YAML config file, got "
-                        f"{type(cfg).__name__}; e.g. train(Config.load('configs/default.yaml', "
-                        "['train.max_steps=50']))")
+        raise TypeError(
+            f"lmdistill.train expects a Config or the path of a YAML config file, got "
+            f"{type(cfg).__name__}; e.g. train(Config.load('configs/default.yaml', "
+            "['train.max_steps=50']))"
+        )
     from lmdistill.default import resolve_default_teacher
     from lmdistill.training.devices import check_precision
     from lmdistill.training.trainer import preflight

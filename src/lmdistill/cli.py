@@ -48,19 +48,33 @@ TRAIN_FLAGS = {
 
 
 def _add_train_parser(sub) -> None:
-    p = sub.add_parser("train", help="distill a student from a teacher",
-                       description="Distill a student LM from a frozen teacher. With no arguments: the embedded "
-                                   "default (offline, CPU, a few minutes).")
+    p = sub.add_parser(
+        "train",
+        help="distill a student from a teacher",
+        description="Distill a student LM from a frozen teacher. With no arguments: the embedded "
+        "default (offline, CPU, a few minutes).",
+    )
     p.add_argument("--config", help="YAML config file (see configs/)")
-    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                   help="set any config key, e.g. --set guard.spike=rollback (repeatable)")
+    p.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="set any config key, e.g. --set guard.spike=rollback (repeatable)",
+    )
     for name, (key, _type, help_text) in TRAIN_FLAGS.items():
-        p.add_argument("--" + name.replace("_", "-"), dest=name, type=str, default=None,
-                       help=f"{help_text} [{key}]")
+        p.add_argument("--" + name.replace("_", "-"), dest=name, type=str, default=None, help=f"{help_text} [{key}]")
     p.add_argument("--overwrite", action="store_true", help="replace an output directory that holds a run")
-    p.add_argument("--resume", nargs="?", const=True, default=None, metavar="RUN_DIR",
-                   help="continue an unfinished run (RUN_DIR or --output-dir) from its newest valid checkpoint, "
-                        "with the run's saved config unless --config is given")
+    p.add_argument(
+        "--resume",
+        nargs="?",
+        const=True,
+        default=None,
+        metavar="RUN_DIR",
+        help="continue an unfinished run (RUN_DIR or --output-dir) from its newest valid checkpoint, "
+        "with the run's saved config unless --config is given",
+    )
     p.add_argument("--no-progress", action="store_true", help="no progress bars (for logs)")
 
 
@@ -92,8 +106,10 @@ def _build_config(args) -> Config:
 
             # (a run that has just started holds its lock before it writes config.yaml)
             RunDirectory(saved.parent).refuse_if_in_use()
-            raise LmdistillError(f"run '{run_dir}' has no config.yaml; pass the run's settings with --config FILE "
-                                 "(without them the resume would use the defaults, not the run's)")
+            raise LmdistillError(
+                f"run '{run_dir}' has no config.yaml; pass the run's settings with --config FILE "
+                "(without them the resume would use the defaults, not the run's)"
+            )
     return Config.load(config_file, overrides, values)
 
 
@@ -136,20 +152,26 @@ def cmd_eval(args) -> int:
     if args.max_blocks is not None and args.max_blocks < 1:
         raise LmdistillError(f"--max-blocks {args.max_blocks} must be 1 or more (leave it out to evaluate every block)")
     if not (args.temperature > 0 and math.isfinite(args.temperature)):
-        raise LmdistillError(f"--temperature {args.temperature} is not allowed: the KD temperature must be a finite "
-                             "number > 0 (e.g. 1.0)")
+        raise LmdistillError(
+            f"--temperature {args.temperature} is not allowed: the KD temperature must be a finite "
+            "number > 0 (e.g. 1.0)"
+        )
     generation = _generation_settings(args)
     if args.json:
         check_writable_file(Path(args.json), "--json")
     path = Path(args.model)
     run_cfg = None
     if (path / "manifest.json").is_file():
-        raise LmdistillError(f"'{path}' is a training checkpoint, not a model directory; export it first: lmdistill "
-                             f"export {path} OUT, then lmdistill eval OUT")
+        raise LmdistillError(
+            f"'{path}' is a training checkpoint, not a model directory; export it first: lmdistill "
+            f"export {path} OUT, then lmdistill eval OUT"
+        )
     if (path / MARKER).is_file() and not (path / "student" / "config.json").is_file():
-        raise LmdistillError(f"run '{path}' has no final student yet (the run did not finish); export its newest "
-                             f"checkpoint with lmdistill export {path} OUT and evaluate OUT, or finish the run with "
-                             f"lmdistill train --resume {path}")
+        raise LmdistillError(
+            f"run '{path}' has no final student yet (the run did not finish); export its newest "
+            f"checkpoint with lmdistill export {path} OUT and evaluate OUT, or finish the run with "
+            f"lmdistill train --resume {path}"
+        )
     if (path / "student" / "config.json").is_file():
         # A run directory: its final student, on the run's own held-out blocks unless --data says otherwise.
         from lmdistill.config import Config, load_yaml
@@ -185,29 +207,41 @@ def cmd_eval(args) -> int:
         data_cfg = run_cfg.data if run_cfg is not None else DataConfig()
         data_cfg.path, data_cfg.text_field, data_cfg.sources = args.data, args.text_field, None
         block_size = data_cfg.block_size = args.block_size or (run_cfg.data.block_size if run_cfg else 128)
-        blocks, description = block_data_of(args.data, data_cfg, tokenizer, role="--data",
-                                            progress=not args.no_progress)
+        blocks, description = block_data_of(
+            args.data, data_cfg, tokenizer, role="--data", progress=not args.no_progress
+        )
     for m, role in ((model, "model"), (teacher, "teacher")):
         if m is not None:
             check_context_length(m, block_size, role, source if role == "model" else args.teacher)
     if args.max_blocks is not None:
         blocks = blocks.subset(slice(0, args.max_blocks))
     if len(blocks) == 0:
-        raise LmdistillError(f"--data '{args.data}' gives no block of {block_size} tokens; add text or lower "
-                             "--block-size")
+        raise LmdistillError(
+            f"--data '{args.data}' gives no block of {block_size} tokens; add text or lower --block-size"
+        )
     judged = None
     if generation is not None:  # first: settings that do not fit the models are refused before the evaluation
         from lmdistill.teacher.judge import judge_generations
 
         judged = judge_generations(model, teacher, blocks, tokenizer, len(tokenizer), block_size, **generation)
-    result = evaluate(model, teacher, blocks, vocab_size=len(tokenizer), temperature=args.temperature,
-                      batch_size=args.batch_size, device=device, progress=not args.no_progress)
+    result = evaluate(
+        model,
+        teacher,
+        blocks,
+        vocab_size=len(tokenizer),
+        temperature=args.temperature,
+        batch_size=args.batch_size,
+        device=device,
+        progress=not args.no_progress,
+    )
     print(f"model: {source}\ndata: {description} ({len(blocks)} blocks of {block_size} tokens)")
     print(f"perplexity {format_ppl(result['eval_ppl'])}  (CE {result['eval_ce_loss']:.4f} nats/token)")
     if teacher is not None:
         print(f"teacher perplexity {format_ppl(result['teacher_ppl'])}  (CE {result['teacher_ce_loss']:.4f})")
-        print(f"KL(teacher || model) at T=1: {result['eval_kl']:.4f} nats/token; "
-              f"top-1 agreement {result['top1_agreement']:.1%}")
+        print(
+            f"KL(teacher || model) at T=1: {result['eval_kl']:.4f} nats/token; "
+            f"top-1 agreement {result['top1_agreement']:.1%}"
+        )
     if judged is not None:
         from lmdistill.teacher.judge import describe_generations
 
@@ -229,19 +263,28 @@ def _generation_settings(args) -> dict | None:
     defaults = OnPolicyConfig()
     prompt_tokens = args.prompt_tokens if args.prompt_tokens is not None else defaults.prompt_tokens
     max_new = args.max_new_tokens if args.max_new_tokens is not None else defaults.max_new_tokens
-    for flag, value in (("--gen-prompts", args.gen_prompts), ("--prompt-tokens", prompt_tokens),
-                        ("--max-new-tokens", max_new)):
+    for flag, value in (
+        ("--gen-prompts", args.gen_prompts),
+        ("--prompt-tokens", prompt_tokens),
+        ("--max-new-tokens", max_new),
+    ):
         if value < 1:
             raise LmdistillError(f"{flag} {value} must be 1 or more")
     if not (args.sample_temperature > 0 and math.isfinite(args.sample_temperature)):
-        raise LmdistillError(f"--sample-temperature {args.sample_temperature} is not allowed: it must be a finite "
-                             "number > 0 (1 samples from the model's own distribution)")
+        raise LmdistillError(
+            f"--sample-temperature {args.sample_temperature} is not allowed: it must be a finite "
+            "number > 0 (1 samples from the model's own distribution)"
+        )
     if not args.generate:
         return None
     if not args.teacher:
         raise LmdistillError("--generate judges the model's own text with a teacher; give it with --teacher T")
-    return {"prompts": args.gen_prompts, "prompt_tokens": prompt_tokens, "seed": args.seed,
-            "sampling": Sampling(max_new, args.sample_temperature)}
+    return {
+        "prompts": args.gen_prompts,
+        "prompt_tokens": prompt_tokens,
+        "seed": args.seed,
+        "sampling": Sampling(max_new, args.sample_temperature),
+    }
 
 
 def check_writable_file(path: Path, flag: str) -> None:
@@ -295,24 +338,33 @@ def cmd_prune(args) -> int:
     resolve_default_teacher(cfg)
     family = _model_type(cfg.model.teacher)
     if family is not None and family not in SUPPORTED:
-        raise LmdistillError(f"lmdistill prune needs a teacher of the {', '.join(SUPPORTED)} families; "
-                             f"'{cfg.model.teacher}' is a {family} model")
+        raise LmdistillError(
+            f"lmdistill prune needs a teacher of the {', '.join(SUPPORTED)} families; "
+            f"'{cfg.model.teacher}' is a {family} model"
+        )
     models = load_models(cfg, train_blocks=lambda tokenizer: build_block_data(cfg.data, tokenizer).train)
     teacher, student = models.teacher, models.student
     importance = models.layer_importance
-    print(f"teacher: {models.teacher_name} ({teacher.config.num_hidden_layers} layers, {num_params(teacher):,} "
-          f"parameters)")
+    print(
+        f"teacher: {models.teacher_name} ({teacher.config.num_hidden_layers} layers, {num_params(teacher):,} "
+        f"parameters)"
+    )
     method = cfg.model.prune.layers
-    print(f"layers kept ({method}" + (", block influence = 1 - cos(layer input, layer output)" if importance else "")
-          + "):")
+    print(
+        f"layers kept ({method}"
+        + (", block influence = 1 - cos(layer input, layer output)" if importance else "")
+        + "):"
+    )
     for layer in range(teacher.config.num_hidden_layers):
         score = f"  influence {importance[layer]:.4f}" if importance else ""
         kept = f"  -> student layer {models.student_layers.index(layer)}" if layer in models.student_layers else ""
         print(f"  teacher layer {layer:>3}{score}{kept}")
     c = student.config
-    print(f"student: {c.num_hidden_layers} layers, hidden {c.hidden_size}, MLP {c.intermediate_size}, "
-          f"{c.num_attention_heads} heads / {c.num_key_value_heads} key-value heads ({cfg.model.prune.width} width), "
-          f"{num_params(student):,} parameters")
+    print(
+        f"student: {c.num_hidden_layers} layers, hidden {c.hidden_size}, MLP {c.intermediate_size}, "
+        f"{c.num_attention_heads} heads / {c.num_key_value_heads} key-value heads ({cfg.model.prune.width} width), "
+        f"{num_params(student):,} parameters"
+    )
     save_model_dir(student, models.tokenizer, out)
     print(f"wrote {out} (loads with AutoModelForCausalLM.from_pretrained; train it with --student {out})")
     return 0
@@ -337,10 +389,20 @@ def cmd_cache_teacher(args) -> int:
     )
     from lmdistill.teacher import cache as tc
 
-    values = {k: v for k, v in {"model.teacher": args.teacher, "data.path": args.data, "cache.mode": args.mode}.items()
-              if v is not None}
-    overrides = list(args.overrides) + [f"{key}={value}" for key, value in (
-        ("cache.samples", args.samples), ("cache.k", args.k), ("cache.temperature", args.temperature)) if value is not None]
+    values = {
+        k: v
+        for k, v in {"model.teacher": args.teacher, "data.path": args.data, "cache.mode": args.mode}.items()
+        if v is not None
+    }
+    overrides = list(args.overrides) + [
+        f"{key}={value}"
+        for key, value in (
+            ("cache.samples", args.samples),
+            ("cache.k", args.k),
+            ("cache.temperature", args.temperature),
+        )
+        if value is not None
+    ]
     cfg = Config.load(args.config, overrides, values)
     cfg.validate()
     out = Path(args.out)
@@ -354,8 +416,10 @@ def cmd_cache_teacher(args) -> int:
     tokenizer = load_tokenizer(teacher_name, "teacher")
     if cfg.cache.mode == "topk" and cfg.cache.k >= len(tokenizer):  # before the data, the teacher or the cache
         # (k = V leaves no tail: its mass is 0, its log -inf, and every step would be nonfinite)
-        raise LmdistillError(f"cache.k = {cfg.cache.k} (--k) is not below the vocabulary of {len(tokenizer):,} tokens; "
-                             f"give --k {len(tokenizer) - 1} or less, or use --mode dense to keep every logit")
+        raise LmdistillError(
+            f"cache.k = {cfg.cache.k} (--k) is not below the vocabulary of {len(tokenizer):,} tokens; "
+            f"give --k {len(tokenizer) - 1} or less, or use --mode dense to keep every logit"
+        )
     # The teacher is checked before the data or the cache are touched: one that does not cover the
     # tokenizer would index past its rows, and a bidirectional one (BERT) is no next-token teacher.
     teacher = freeze(load_causal_lm(teacher_name, "teacher", torch.float32, cfg.model.trust_remote_code))
@@ -377,20 +441,41 @@ def cmd_cache_teacher(args) -> int:
         per_token = tc.bytes_per_token(cfg.cache.mode, len(tokenizer), cfg.cache.samples, cfg.cache.k)
         if rank == 0:
             positions = (len(data.train) + len(data.eval)) * request["positions_per_block"]
-            print(f"caching the teacher: {tc.describe(request)}, {positions:,} positions -> {out}\n"
-                  f"estimated size {tc.estimated_bytes(request) / 2**20:,.1f} MiB: {per_token} bytes per position "
-                  f"({per_token / tc.dense_fp16_bytes(len(tokenizer)):.2%} of fp16 logits at V={len(tokenizer):,})")
-        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0"))) if torch.cuda.is_available() else (
-            torch.device("cpu"))
+            print(
+                f"caching the teacher: {tc.describe(request)}, {positions:,} positions -> {out}\n"
+                f"estimated size {tc.estimated_bytes(request) / 2**20:,.1f} MiB: {per_token} bytes per position "
+                f"({per_token / tc.dense_fp16_bytes(len(tokenizer)):.2%} of fp16 logits at V={len(tokenizer):,})"
+            )
+        device = (
+            torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+            if torch.cuda.is_available()
+            else (torch.device("cpu"))
+        )
         teacher = teacher.to(device)
         todo = tc.shards_to_do(out, request, rank, world)
         blocks = {"train": data.train, "eval": data.eval}
-        bar = progress_bar(sum((end - start) for _, _, start, end in todo) * request["positions_per_block"], 0,
-                           "teacher", not args.no_progress and rank == 0, unit="tok")
+        bar = progress_bar(
+            sum((end - start) for _, _, start, end in todo) * request["positions_per_block"],
+            0,
+            "teacher",
+            not args.no_progress and rank == 0,
+            unit="tok",
+        )
         started = time.perf_counter()
         for split, index, start, end in todo:
-            tc.write_shard(out, teacher, blocks[split], split, index, start, end, request, cfg.cache.batch_size, device,
-                           on_batch=bar.update)
+            tc.write_shard(
+                out,
+                teacher,
+                blocks[split],
+                split,
+                index,
+                start,
+                end,
+                request,
+                cfg.cache.batch_size,
+                device,
+                on_batch=bar.update,
+            )
             bar.set_postfix({"tokens/s": f"{bar.n / max(time.perf_counter() - started, 1e-9):,.0f}"})
         bar.close()
         if world > 1:
@@ -398,10 +483,12 @@ def cmd_cache_teacher(args) -> int:
         if rank == 0:
             manifest = tc.finish(out, request)
             size = sum(s["bytes"] for s in manifest["shards"].values())
-            print(f"teacher cache written: {out} ({len(manifest['shards'])} shards, {size / 2**20:,.1f} MiB, "
-                  f"{tc.elapsed_since(started)}); teacher held-out perplexity "
-                  f"{manifest['teacher_eval']['teacher_ppl']:.4g}\n"
-                  f"train from it: lmdistill train --teacher-cache {out} --data ... (the same data settings)")
+            print(
+                f"teacher cache written: {out} ({len(manifest['shards'])} shards, {size / 2**20:,.1f} MiB, "
+                f"{tc.elapsed_since(started)}); teacher held-out perplexity "
+                f"{manifest['teacher_eval']['teacher_ppl']:.4g}\n"
+                f"train from it: lmdistill train --teacher-cache {out} --data ... (the same data settings)"
+            )
         if world > 1:
             dist.barrier()
             dist.destroy_process_group()
@@ -435,25 +522,45 @@ def build_parser() -> argparse.ArgumentParser:
 
     e = sub.add_parser("eval", help="perplexity (and agreement with a teacher) of a saved model")
     e.add_argument("model", help="model directory, run directory, or hub id")
-    e.add_argument("--data", default=None, help="text file/directory/datasets name (default: a run's held-out "
-                                                "blocks, else the embedded corpus' held-out blocks)")
+    e.add_argument(
+        "--data",
+        default=None,
+        help="text file/directory/datasets name (default: a run's held-out "
+        "blocks, else the embedded corpus' held-out blocks)",
+    )
     e.add_argument("--teacher", help="also report KL and top-1 agreement against this teacher")
     e.add_argument("--text-field", default="text")
     e.add_argument("--block-size", type=int, default=None, help="tokens per block (default: the run's, else 128)")
     e.add_argument("--batch-size", type=int, default=8)
     e.add_argument("--max-blocks", type=int, default=None)
     e.add_argument("--temperature", type=float, default=1.0, help="temperature of the reported KD divergence")
-    e.add_argument("--generate", action="store_true",
-                   help="also judge the model's own continuations of held-out prompts with --teacher: the teacher's "
-                        "NLL of them, the model's own, their difference (reverse KL), repetition and length")
-    e.add_argument("--gen-prompts", type=int, default=16, help="held-out blocks whose prompts are continued "
-                                                               "(--generate)")
-    e.add_argument("--prompt-tokens", type=int, default=None,
-                   help="prompt length: each block's first tokens (default: distill.on_policy.prompt_tokens, 32)")
-    e.add_argument("--max-new-tokens", type=int, default=None,
-                   help="tokens written per prompt (default: distill.on_policy.max_new_tokens, 64)")
-    e.add_argument("--sample-temperature", type=float, default=1.0,
-                   help="sampling temperature of the continuations (1: the model's own distribution)")
+    e.add_argument(
+        "--generate",
+        action="store_true",
+        help="also judge the model's own continuations of held-out prompts with --teacher: the teacher's "
+        "NLL of them, the model's own, their difference (reverse KL), repetition and length",
+    )
+    e.add_argument(
+        "--gen-prompts", type=int, default=16, help="held-out blocks whose prompts are continued (--generate)"
+    )
+    e.add_argument(
+        "--prompt-tokens",
+        type=int,
+        default=None,
+        help="prompt length: each block's first tokens (default: distill.on_policy.prompt_tokens, 32)",
+    )
+    e.add_argument(
+        "--max-new-tokens",
+        type=int,
+        default=None,
+        help="tokens written per prompt (default: distill.on_policy.max_new_tokens, 64)",
+    )
+    e.add_argument(
+        "--sample-temperature",
+        type=float,
+        default=1.0,
+        help="sampling temperature of the continuations (1: the model's own distribution)",
+    )
     e.add_argument("--seed", type=int, default=0, help="sampling seed: the same seed gives the same numbers")
     e.add_argument("--json", help="also write the numbers to this JSON file")
     e.add_argument("--no-progress", action="store_true")
@@ -465,19 +572,31 @@ def build_parser() -> argparse.ArgumentParser:
     x.add_argument("checkpoint", help="RUN_DIR/checkpoints/step-N, or a run directory (its newest valid checkpoint)")
     x.add_argument("out_dir", help="new directory for the model")
 
-    pr = sub.add_parser("prune", help="write a student cut out of the teacher (no training)",
-                        description="Cut a smaller model of the teacher's family out of the teacher, as "
-                                    "model.student_init: teacher does before training, and save it.")
+    pr = sub.add_parser(
+        "prune",
+        help="write a student cut out of the teacher (no training)",
+        description="Cut a smaller model of the teacher's family out of the teacher, as "
+        "model.student_init: teacher does before training, and save it.",
+    )
     pr.add_argument("--teacher", help="teacher model directory or hub id (default: the embedded default teacher)")
     pr.add_argument("--out", required=True, help="new directory for the pruned student")
     pr.add_argument("--data", help="calibration text (default: the embedded corpus) [data.path]")
     pr.add_argument("--config", help="YAML config file: its model and data sections are used")
-    pr.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                    help="e.g. --set model.student_config={num_hidden_layers: 2} --set model.prune.layers=uniform")
+    pr.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="e.g. --set model.student_config={num_hidden_layers: 2} --set model.prune.layers=uniform",
+    )
 
-    c = sub.add_parser("cache-teacher", help="run the teacher once and write a cache to distill from",
-                       description="Run the teacher over the train and eval blocks of the data (as training would "
-                                   "pack them) and keep sparse targets (sampled, topk) or dense logits.")
+    c = sub.add_parser(
+        "cache-teacher",
+        help="run the teacher once and write a cache to distill from",
+        description="Run the teacher over the train and eval blocks of the data (as training would "
+        "pack them) and keep sparse targets (sampled, topk) or dense logits.",
+    )
     c.add_argument("--teacher", help="teacher model directory or hub id (default: the embedded default teacher)")
     c.add_argument("--data", help="training text, as for train [data.path]")
     c.add_argument("--out", required=True, help="directory for the cache")
@@ -494,8 +613,15 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-COMMANDS = {"train": cmd_train, "eval": cmd_eval, "report": cmd_report, "export": cmd_export,
-            "prune": cmd_prune, "cache-teacher": cmd_cache_teacher, "config-reference": cmd_config_reference}
+COMMANDS = {
+    "train": cmd_train,
+    "eval": cmd_eval,
+    "report": cmd_report,
+    "export": cmd_export,
+    "prune": cmd_prune,
+    "cache-teacher": cmd_cache_teacher,
+    "config-reference": cmd_config_reference,
+}
 
 
 def _torch_oom() -> type:
@@ -525,8 +651,11 @@ def main(argv: list[str] | None = None) -> int:
         return exc.exit_code
     except (MemoryError, _torch_oom()) as exc:  # a failed allocation on the CPU or the GPU
         first = (str(exc).splitlines() or ["out of memory"])[0][:160]
-        print(f"lmdistill: error: out of memory ({first}); lower train.batch_size (raise train.grad_accum to keep "
-              "the batch), use loss.impl=chunked, or a smaller data.block_size", file=sys.stderr)
+        print(
+            f"lmdistill: error: out of memory ({first}); lower train.batch_size (raise train.grad_accum to keep "
+            "the batch), use loss.impl=chunked, or a smaller data.block_size",
+            file=sys.stderr,
+        )
         return 2
     except KeyboardInterrupt:
         print("lmdistill: interrupted", file=sys.stderr)
@@ -551,14 +680,16 @@ def os_error_message(exc: OSError) -> str:
     path = exc.filename or "standard output or a file"
     reason = exc.strerror or str(exc) or type(exc).__name__
     disk = f"the disk that holds {path}" if exc.filename else "its disk"
-    advice = {errno.ENOSPC: f"free space on {disk}; files written before are kept",
-              errno.EDQUOT: f"free space on {disk}; files written before are kept",
-              errno.EROFS: "write somewhere else: that file system is read-only",
-              errno.EACCES: "choose a path you may write to, or change its permissions",
-              errno.EPERM: "choose a path you may write to, or change its permissions",
-              errno.EISDIR: "it is a directory; give a file name",
-              errno.ENOTDIR: "a part of the path is a file, not a directory; fix the path",
-              errno.ENOENT: "check the path"}.get(exc.errno, "check the path and the file system")
+    advice = {
+        errno.ENOSPC: f"free space on {disk}; files written before are kept",
+        errno.EDQUOT: f"free space on {disk}; files written before are kept",
+        errno.EROFS: "write somewhere else: that file system is read-only",
+        errno.EACCES: "choose a path you may write to, or change its permissions",
+        errno.EPERM: "choose a path you may write to, or change its permissions",
+        errno.EISDIR: "it is a directory; give a file name",
+        errno.ENOTDIR: "a part of the path is a file, not a directory; fix the path",
+        errno.ENOENT: "check the path",
+    }.get(exc.errno, "check the path and the file system")
     return f"{reason}: {path}; {advice}"
 
 

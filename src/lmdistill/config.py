@@ -42,15 +42,16 @@ class RunConfig:
     """Where the run goes and how it is reproduced."""
 
     output_dir: str | None = doc("Run directory. Default: runs/<name>-<date>-<time>.", None)
-    name: str = doc("Short run name (a plain name, no '/') used in the default output_dir and the report.",
-                    "distill")
+    name: str = doc("Short run name (a plain name, no '/') used in the default output_dir and the report.", "distill")
     overwrite: bool = doc("Replace an output_dir that already holds a run.", False)
     resume: bool = doc("Continue the unfinished run in output_dir from its newest valid checkpoint.", False)
-    seed: int = doc("Seed for Python, NumPy and torch, in [0, 2**32 - 1]; the same seed gives the same run on CPU.",
-                    0)
+    seed: int = doc("Seed for Python, NumPy and torch, in [0, 2**32 - 1]; the same seed gives the same run on CPU.", 0)
     device: Literal["auto", "cpu", "cuda"] = doc("auto = CUDA when available, else CPU.", "auto")
-    trackers: list = doc("Extra experiment trackers through accelerate, e.g. [wandb] or [mlflow] (installed "
-                         "separately); TensorBoard and metrics.jsonl are always written.", [])
+    trackers: list = doc(
+        "Extra experiment trackers through accelerate, e.g. [wandb] or [mlflow] (installed "
+        "separately); TensorBoard and metrics.jsonl are always written.",
+        [],
+    )
     mixed_precision: Literal["auto", "no", "bf16", "fp16"] = doc(
         "Autocast dtype. auto = bf16 on a GPU that supports it, fp32 ('no') on CPU.", "auto"
     )
@@ -63,11 +64,14 @@ class PruneConfig:
     layers: Literal["importance", "uniform"] = doc(
         "Which teacher layers the student keeps. importance = the layers that change the hidden state most "
         "(block influence, 1 - cosine(layer input, layer output), on calibration blocks); uniform = evenly "
-        "spaced, first and last included.", "importance")
+        "spaced, first and last included.",
+        "importance",
+    )
     width: Literal["importance", "first"] = doc(
         "Which hidden channels, MLP neurons and attention heads the student keeps when it is narrower. "
         "importance = the largest mean activation magnitude on calibration blocks; first = the first ones.",
-        "importance")
+        "importance",
+    )
     calibration_blocks: int = doc("Training blocks the importances are measured on.", 32)
 
 
@@ -84,7 +88,9 @@ class ModelConfig:
     teacher_cache: str | None = doc(
         "A teacher cache (lmdistill cache-teacher) to distill from instead of running the teacher: no teacher model "
         "runs. A fresh student starts as model.student_init says: cut out of the cached teacher (its weights are "
-        "loaded for the cut only, and must be on disk), or random with model.student_init: random.", None)
+        "loaded for the cut only, and must be on disk), or random with model.student_init: random.",
+        None,
+    )
     student_config: dict = doc(
         "Overrides applied to the teacher's config to build a fresh student "
         "(used when student is null), e.g. {num_hidden_layers: 2, hidden_size: 128}.",
@@ -93,11 +99,14 @@ class ModelConfig:
     student_init: Literal["auto", "teacher", "random"] = doc(
         "Weights of a student built fresh (model.student null): teacher = cut out of the teacher's "
         "(model.prune says how; Llama, Mistral and Qwen2/3 teachers); random = a fresh initialisation; "
-        "auto = teacher where the teacher's family allows it, else random.", "auto")
+        "auto = teacher where the teacher's family allows it, else random.",
+        "auto",
+    )
     prune: PruneConfig = field(default_factory=PruneConfig, metadata={"doc": "Pruning of a teacher-started student."})
     teacher_dtype: Literal["auto", "float32", "bfloat16", "float16"] = doc(
         "dtype the teacher's weights are held in. auto = bfloat16 when the run computes in bf16 (the default on "
-        "a GPU), else float32.", "auto"
+        "a GPU), else float32.",
+        "auto",
     )
     trust_remote_code: bool = doc("Allow model code from the hub (only for models you trust).", False)
 
@@ -116,21 +125,30 @@ class DataConfig:
     text_field: str = doc("Field that holds the text in .jsonl/.parquet/datasets records.", "text")
     eval_path: str | None = doc("Separate held-out file; null = hold out eval_fraction of the blocks.", None)
     eval_fraction: float = doc("Fraction of packed blocks held out for evaluation when eval_path is null.", 0.05)
-    split_seed: int = doc("Seed of the train/eval split, kept apart from run.seed so that runs with other seeds "
-                          "(and the default teacher) share one held-out set.", 0)
+    split_seed: int = doc(
+        "Seed of the train/eval split, kept apart from run.seed so that runs with other seeds "
+        "(and the default teacher) share one held-out set.",
+        0,
+    )
     block_size: int = doc("Tokens per packed training block (documents are joined with EOS).", 128)
     max_eval_blocks: int | None = doc("Cap on evaluation blocks (null = all).", 64)
     num_proc: int | None = doc("Processes that tokenize a new data store (null = one per CPU core, up to 8).", None)
     sources: list | None = doc(
         "A weighted mixture instead of data.path: a list of {path: ..., weight: ...} (path null = the embedded "
-        "corpus; optional name). Each source's share of the blocks seen follows its weight.", None)
+        "corpus; optional name). Each source's share of the blocks seen follows its weight.",
+        None,
+    )
     loss_on: Literal["auto", "assistant", "all"] = doc(
         "Which tokens chat and prompt/completion data train on: assistant = the assistant turns (completions) "
-        "only, all = every token; auto = assistant for such data, all for plain text.", "auto")
+        "only, all = every token; auto = assistant for such data, all for plain text.",
+        "auto",
+    )
     max_tokens: int | None = doc("Take at most this many tokens of each source (null = all of it).", None)
-    streaming: bool = doc("Read .jsonl/.parquet files and datasets names as a stream (datasets' streaming=True): "
-                          "nothing is converted or downloaded up front, and with max_tokens only that much is read.",
-                          False)
+    streaming: bool = doc(
+        "Read .jsonl/.parquet files and datasets names as a stream (datasets' streaming=True): "
+        "nothing is converted or downloaded up front, and with max_tokens only that much is read.",
+        False,
+    )
     store_dir: str | None = doc("Where tokenized data stores are kept (null = $LMDISTILL_HOME/stores).", None)
 
 
@@ -140,7 +158,9 @@ class CacheConfig:
 
     mode: Literal["sampled", "topk", "dense"] = doc(
         "sampled = S draws from the teacher's distribution (unbiased random-sampled KD); topk = the k largest "
-        "and a tail bucket (biased); dense = every logit (small vocabularies).", "sampled")
+        "and a tail bucket (biased); dense = every logit (small vocabularies).",
+        "sampled",
+    )
     samples: int = doc("Draws per position in sampled mode.", 12)
     k: int = doc("Logits kept per position in topk mode.", 12)
     temperature: float | None = doc("Capture temperature (null = distill.temperature).", None)
@@ -154,18 +174,23 @@ class OnPolicyConfig:
     """On-policy distillation: on some steps the student writes continuations of prompts and
     learns on them, scored by the teacher (GKD, on-policy reverse KL)."""
 
-    fraction: float = doc("Chance that a step is on-policy, drawn per step from run.seed (the same on every "
-                          "process); 0 = off, 1 = every step.", 0.0)
+    fraction: float = doc(
+        "Chance that a step is on-policy, drawn per step from run.seed (the same on every "
+        "process); 0 = off, 1 = every step.",
+        0.0,
+    )
     prompt_tokens: int = doc("Prompt length: the first prompt_tokens tokens of each block.", 32)
     max_new_tokens: int = doc("Tokens the student writes per prompt (fewer when it ends with EOS).", 64)
-    sample_temperature: float = doc("Sampling temperature of the student's generations (apart from the KD "
-                                    "temperature).", 1.0)
-    top_p: float = doc("Nucleus sampling: keep the smallest set of tokens with this much probability; 1 = all.",
-                       1.0)
+    sample_temperature: float = doc(
+        "Sampling temperature of the student's generations (apart from the KD temperature).", 1.0
+    )
+    top_p: float = doc("Nucleus sampling: keep the smallest set of tokens with this much probability; 1 = all.", 1.0)
     loss: Literal["full", "sampled_token"] = doc(
         "full = the divergence over the whole vocabulary at every generated position; sampled_token = "
         "log q(x) - log p(x) of the written token as a REINFORCE advantage (needs only the teacher's "
-        "log-probability of that token).", "full")
+        "log-probability of that token).",
+        "full",
+    )
     divergence: Literal[DIVERGENCES] = doc("The divergence of on-policy steps with loss full.", "reverse_kl")
 
 
@@ -177,10 +202,15 @@ class HiddenConfig:
     loss: Literal["cosine", "mse", "nmse"] = doc(
         "Per position: cosine = 1 - cosine similarity; mse = mean squared difference over the hidden size; "
         "nmse = mse divided by the teacher's mean square at that position (scale-free: a real model's few huge "
-        "activations do not swamp it).", "cosine")
-    layers: str | list = doc("Pairs [[student_layer, teacher_layer], ...] of 0-based layers whose outputs are "
-                             "compared, or auto: a pruned student's layers to their sources, otherwise the "
-                             "student's layers spread evenly over the teacher's (last to last).", "auto")
+        "activations do not swamp it).",
+        "cosine",
+    )
+    layers: str | list = doc(
+        "Pairs [[student_layer, teacher_layer], ...] of 0-based layers whose outputs are "
+        "compared, or auto: a pruned student's layers to their sources, otherwise the "
+        "student's layers spread evenly over the teacher's (last to last).",
+        "auto",
+    )
 
 
 @dataclass
@@ -199,14 +229,14 @@ class DistillConfig:
         "Jensen-Shannon (jsd_beta); skew_kl, skew_reverse_kl = skewed KLs (skew_alpha); tvd = total variation.",
         "forward_kl",
     )
-    jsd_beta: float = doc("jsd: weight of the teacher in the mixture, in [0, 1] (0 = forward_kl, 1 = reverse_kl).",
-                          0.5)
-    skew_alpha: float = doc("skew_kl / skew_reverse_kl: share of the own distribution in the mixture, in [0, 1).",
-                            0.1)
-    hidden: HiddenConfig = field(default_factory=HiddenConfig,
-                                 metadata={"doc": "Intermediate-layer (hidden-state) distillation."})
-    on_policy: OnPolicyConfig = field(default_factory=OnPolicyConfig,
-                                      metadata={"doc": "On-policy distillation on the student's own generations."})
+    jsd_beta: float = doc("jsd: weight of the teacher in the mixture, in [0, 1] (0 = forward_kl, 1 = reverse_kl).", 0.5)
+    skew_alpha: float = doc("skew_kl / skew_reverse_kl: share of the own distribution in the mixture, in [0, 1).", 0.1)
+    hidden: HiddenConfig = field(
+        default_factory=HiddenConfig, metadata={"doc": "Intermediate-layer (hidden-state) distillation."}
+    )
+    on_policy: OnPolicyConfig = field(
+        default_factory=OnPolicyConfig, metadata={"doc": "On-policy distillation on the student's own generations."}
+    )
 
 
 @dataclass
@@ -224,8 +254,9 @@ class TrainConfig:
     weight_decay: float = doc("AdamW weight decay (not applied to norms and biases).", 0.01)
     betas: list = doc("AdamW betas.", [0.9, 0.95])
     max_grad_norm: float | None = doc("Clip the global gradient norm to this; null = no clipping.", 1.0)
-    eval_every: int | None = doc("Evaluate every N optimizer steps, and at the start and end; null = about 10 "
-                                 "evaluations over the run.", None)
+    eval_every: int | None = doc(
+        "Evaluate every N optimizer steps, and at the start and end; null = about 10 evaluations over the run.", None
+    )
     log_every: int = doc("Write a training metrics line every N steps.", 1)
 
 
@@ -235,13 +266,17 @@ class GuardConfig:
 
     enabled: bool = doc("Check loss terms and gradient norm before every optimizer step.", True)
     max_consecutive_skips: int = doc("Stop the run (exit code 3) after this many skipped steps in a row.", 5)
-    spike: Literal["warn", "skip", "rollback"] = doc("What to do on a loss spike: warn, skip the step, or roll back.", "warn")
+    spike: Literal["warn", "skip", "rollback"] = doc(
+        "What to do on a loss spike: warn, skip the step, or roll back.", "warn"
+    )
     spike_window: int = doc("Recent steps the spike detector compares against.", 50)
     spike_warmup: int = doc("Steps before the spike detector starts judging.", 20)
     spike_factor: float = doc("A spike is a loss above median x spike_factor of the window ...", 1.4)
     spike_mad: float = doc("... and more than spike_mad median absolute deviations above it ...", 6.0)
-    spike_min_increase: float = doc("... and at least this many nats/token above it: a spike is material, not just "
-                                    "unusual for a very flat loss.", 0.5)
+    spike_min_increase: float = doc(
+        "... and at least this many nats/token above it: a spike is material, not just unusual for a very flat loss.",
+        0.5,
+    )
     rollback_keep: int = doc("Known-good states kept in memory for rollback (one every rollback_interval steps).", 2)
     rollback_interval: int = doc("Steps between the known-good states kept for rollback.", 10)
     rollback_lr_factor: float = doc("Multiply the LR by this after each rollback.", 0.5)
@@ -254,9 +289,12 @@ class HealthConfig:
 
     start_loss_max: float = doc("Fire when the first training loss is above this (the report's 20).", 20.0)
     ppl_max: float = doc("Fire when eval perplexity is above this after ppl_after_step (the report's 1M).", 1e6)
-    ppl_after_step: int | None = doc("Step after which ppl_max applies; null = 20% of the run (the report's step "
-                                     "5000 of 25000).", None)
-    plateau_window: int | None = doc("Steps per window for the 'loss not decreasing' check; null = 10% of the run, at least 10.", None)
+    ppl_after_step: int | None = doc(
+        "Step after which ppl_max applies; null = 20% of the run (the report's step 5000 of 25000).", None
+    )
+    plateau_window: int | None = doc(
+        "Steps per window for the 'loss not decreasing' check; null = 10% of the run, at least 10.", None
+    )
     plateau_patience: int = doc("Fire after this many consecutive windows without a lower mean loss.", 3)
 
 
@@ -271,7 +309,9 @@ class LossConfig:
         "auto",
     )
     chunk_size: int = doc("Tokens per chunk for impl=chunked.", 1024)
-    auto_threshold_mib: float = doc("impl=auto switches to chunked above this size of fp32 logits per micro-batch.", 1024.0)
+    auto_threshold_mib: float = doc(
+        "impl=auto switches to chunked above this size of fp32 logits per micro-batch.", 1024.0
+    )
 
 
 @dataclass
@@ -289,21 +329,27 @@ class ParallelConfig:
     strategy: Literal["ddp", "fsdp"] = doc(
         "ddp = every process holds the whole student (gradients all-reduced); fsdp = torch's FSDP2: each "
         "process holds 1/N of the student's weights, gradients and AdamW state, and of the teacher's weights "
-        "(multi-process launches only).", "ddp")
+        "(multi-process launches only).",
+        "ddp",
+    )
 
 
 @dataclass
 class DebugConfig:
     """Fault injection for tests and drills. Off by default; announced loudly when on."""
 
-    inject: list = doc(
-        "Faults: [{step: 7, where: teacher_logits|student_logits|loss|grad, value: nan|inf}].", []
-    )
+    inject: list = doc("Faults: [{step: 7, where: teacher_logits|student_logits|loss|grad, value: nan|inf}].", [])
     loss_multiplier: dict = doc("Fake spikes: {step: factor} multiplies the loss at that step.", {})
-    exit_after_step: int | None = doc("Kill drill: end the process abruptly (exit code 137, no clean-up) right after "
-                                      "step N and its checkpoint, as a SIGKILL would.", None)
-    exit_rank: int | None = doc("Test hook for a dead peer: with exit_after_step, only the process of this rank "
-                                "ends (at once, not waiting for the others); null = every process.", None)
+    exit_after_step: int | None = doc(
+        "Kill drill: end the process abruptly (exit code 137, no clean-up) right after "
+        "step N and its checkpoint, as a SIGKILL would.",
+        None,
+    )
+    exit_rank: int | None = doc(
+        "Test hook for a dead peer: with exit_after_step, only the process of this rank "
+        "ends (at once, not waiting for the others); null = every process.",
+        None,
+    )
 
 
 @dataclass
@@ -332,13 +378,16 @@ class Config:
         return cfg
 
     @classmethod
-    def load(cls, path: str | Path | None = None, overrides: list[str] | None = None,
-             values: dict[str, Any] | None = None) -> Config:
+    def load(
+        cls, path: str | Path | None = None, overrides: list[str] | None = None, values: dict[str, Any] | None = None
+    ) -> Config:
         """Defaults, then the YAML file, then ``section.key=value`` overrides (values parsed as
         YAML), then ``values`` (already typed, e.g. paths from named flags, set verbatim); validated."""
         if overrides is not None and not isinstance(overrides, (list, tuple)):
-            raise ConfigError(f"overrides must be a list of 'key=value' strings, e.g. ['train.max_steps=3'], got "
-                              f"{type(overrides).__name__} {overrides!r}")
+            raise ConfigError(
+                f"overrides must be a list of 'key=value' strings, e.g. ['train.max_steps=3'], got "
+                f"{type(overrides).__name__} {overrides!r}"
+            )
         data: dict = {}
         if path is not None:
             data = load_yaml(path)
@@ -440,11 +489,16 @@ def _check_objective(cfg: Config) -> None:
     if not (d.hidden.weight >= 0 and math.isfinite(d.hidden.weight)):
         raise _bad("distill.hidden.weight", d.hidden.weight, "must be a finite number >= 0 (0 = no hidden-state term)")
     if not (d.hidden.layers == "auto" or isinstance(d.hidden.layers, list)):
-        raise _bad("distill.hidden.layers", d.hidden.layers, "use auto or a list of [student_layer, teacher_layer] "
-                  "pairs, e.g. [[0, 1], [1, 3]]")
+        raise _bad(
+            "distill.hidden.layers",
+            d.hidden.layers,
+            "use auto or a list of [student_layer, teacher_layer] pairs, e.g. [[0, 1], [1, 3]]",
+        )
     if cfg.model.student_init == "teacher" and cfg.model.student is not None:
-        raise ConfigError("model.student_init = 'teacher' builds the student out of the teacher, but model.student "
-                          "names one to load; unset model.student or use model.student_init: random")
+        raise ConfigError(
+            "model.student_init = 'teacher' builds the student out of the teacher, but model.student "
+            "names one to load; unset model.student or use model.student_init: random"
+        )
     if cfg.model.prune.calibration_blocks < 1:
         raise _bad("model.prune.calibration_blocks", cfg.model.prune.calibration_blocks, "must be a whole number >= 1")
     if not 0.0 <= d.skew_alpha < 1.0:
@@ -462,58 +516,86 @@ def _check_on_policy(cfg: Config) -> None:
         if not isinstance(value, int) or value < 1:
             raise _bad(f"distill.on_policy.{key}", value, "must be a whole number >= 1")
     if o.prompt_tokens >= cfg.data.block_size:
-        raise _bad("distill.on_policy.prompt_tokens", o.prompt_tokens, f"must be shorter than a block "
-                   f"(data.block_size {cfg.data.block_size})")
+        raise _bad(
+            "distill.on_policy.prompt_tokens",
+            o.prompt_tokens,
+            f"must be shorter than a block (data.block_size {cfg.data.block_size})",
+        )
     if not o.sample_temperature > 0:
         raise _bad("distill.on_policy.sample_temperature", o.sample_temperature, "must be > 0")
     if not 0.0 < o.top_p <= 1.0:
         raise _bad("distill.on_policy.top_p", o.top_p, "must be in (0, 1] (1 = no nucleus cut)")
     if o.loss == "sampled_token" and (o.sample_temperature != 1.0 or o.top_p != 1.0):
-        raise ConfigError("distill.on_policy.loss = sampled_token estimates the reverse-KL gradient from tokens drawn "
-                          "from the student's own distribution: set distill.on_policy.sample_temperature=1 and "
-                          "top_p=1, or use loss full")
+        raise ConfigError(
+            "distill.on_policy.loss = sampled_token estimates the reverse-KL gradient from tokens drawn "
+            "from the student's own distribution: set distill.on_policy.sample_temperature=1 and "
+            "top_p=1, or use loss full"
+        )
     if o.loss == "sampled_token" and cfg.distill.hidden.weight > 0:
-        raise ConfigError("distill.on_policy.loss = sampled_token has no hidden-state term on its steps: set "
-                          "distill.hidden.weight=0 or use distill.on_policy.loss=full")
+        raise ConfigError(
+            "distill.on_policy.loss = sampled_token has no hidden-state term on its steps: set "
+            "distill.hidden.weight=0 or use distill.on_policy.loss=full"
+        )
     if cfg.model.teacher_cache is not None:
-        raise ConfigError("distill.on_policy needs a live teacher to score what the student writes; a teacher cache "
-                          "only holds the teacher's view of the training text: set distill.on_policy.fraction=0 "
-                          "or train with --teacher")
+        raise ConfigError(
+            "distill.on_policy needs a live teacher to score what the student writes; a teacher cache "
+            "only holds the teacher's view of the training text: set distill.on_policy.fraction=0 "
+            "or train with --teacher"
+        )
     if cfg.distill.kd_weight == 0:
-        raise ConfigError("distill.on_policy trains the student on the teacher's scores of its own text, and "
-                          "distill.kd_weight is 0 (no teacher): set distill.kd_weight > 0 or "
-                          "distill.on_policy.fraction=0")
+        raise ConfigError(
+            "distill.on_policy trains the student on the teacher's scores of its own text, and "
+            "distill.kd_weight is 0 (no teacher): set distill.kd_weight > 0 or "
+            "distill.on_policy.fraction=0"
+        )
 
 
 def _check_numbers(cfg: Config) -> None:
     """Counts, rates and thresholds: in range and finite."""
     t = cfg.train
     positive_ints = {
-        "train.batch_size": t.batch_size, "train.grad_accum": t.grad_accum, "train.epochs": t.epochs,
-        "train.log_every": t.log_every, "data.block_size": cfg.data.block_size,
-        "loss.chunk_size": cfg.loss.chunk_size, "checkpoint.keep": cfg.checkpoint.keep,
+        "train.batch_size": t.batch_size,
+        "train.grad_accum": t.grad_accum,
+        "train.epochs": t.epochs,
+        "train.log_every": t.log_every,
+        "data.block_size": cfg.data.block_size,
+        "loss.chunk_size": cfg.loss.chunk_size,
+        "checkpoint.keep": cfg.checkpoint.keep,
         "guard.max_consecutive_skips": cfg.guard.max_consecutive_skips,
-        "guard.spike_window": cfg.guard.spike_window, "guard.rollback_keep": cfg.guard.rollback_keep,
+        "guard.spike_window": cfg.guard.spike_window,
+        "guard.rollback_keep": cfg.guard.rollback_keep,
         "guard.rollback_interval": cfg.guard.rollback_interval,
-        "guard.max_rollbacks": cfg.guard.max_rollbacks, "health.plateau_patience": cfg.health.plateau_patience,
-        "cache.samples": cfg.cache.samples, "cache.k": cfg.cache.k, "cache.shard_blocks": cfg.cache.shard_blocks,
+        "guard.max_rollbacks": cfg.guard.max_rollbacks,
+        "health.plateau_patience": cfg.health.plateau_patience,
+        "cache.samples": cfg.cache.samples,
+        "cache.k": cfg.cache.k,
+        "cache.shard_blocks": cfg.cache.shard_blocks,
         "cache.batch_size": cfg.cache.batch_size,
     }
     if cfg.cache.samples > 255:
         raise _bad("cache.samples", cfg.cache.samples, "must be at most 255 (counts are stored in one byte)")
     if cfg.cache.temperature is not None and not 0 < cfg.cache.temperature <= MAX_TEMPERATURE:
-        raise _bad("cache.temperature", cfg.cache.temperature, f"must be in (0, {MAX_TEMPERATURE:g}], or null for "
-                  "distill.temperature")
+        raise _bad(
+            "cache.temperature",
+            cfg.cache.temperature,
+            f"must be in (0, {MAX_TEMPERATURE:g}], or null for distill.temperature",
+        )
     optional_positive = {
-        "train.max_steps": t.max_steps, "train.eval_every": t.eval_every,
-        "checkpoint.every": cfg.checkpoint.every, "data.max_eval_blocks": cfg.data.max_eval_blocks,
-        "health.plateau_window": cfg.health.plateau_window, "data.num_proc": cfg.data.num_proc,
+        "train.max_steps": t.max_steps,
+        "train.eval_every": t.eval_every,
+        "checkpoint.every": cfg.checkpoint.every,
+        "data.max_eval_blocks": cfg.data.max_eval_blocks,
+        "health.plateau_window": cfg.health.plateau_window,
+        "data.num_proc": cfg.data.num_proc,
         "data.max_tokens": cfg.data.max_tokens,
         "debug.exit_after_step": cfg.debug.exit_after_step,
     }
     if cfg.data.block_size < 2:
-        raise _bad("data.block_size", cfg.data.block_size, "must be a whole number >= 2 (a block needs a token "
-                  "and its successor)")
+        raise _bad(
+            "data.block_size",
+            cfg.data.block_size,
+            "must be a whole number >= 2 (a block needs a token and its successor)",
+        )
     for key, value in {**positive_ints, **{k: v for k, v in optional_positive.items() if v is not None}}.items():
         if value < 1:
             raise _bad(key, value, "must be a whole number >= 1")
@@ -541,14 +623,21 @@ def _check_numbers(cfg: Config) -> None:
             raise _bad(key, value, "must be a finite number (not NaN or infinity)")
     for key in ("distill.temperature", "distill.min_temperature"):
         if _get(cfg, key) > MAX_TEMPERATURE:
-            raise _bad(key, _get(cfg, key), f"the KD temperature must be at most {MAX_TEMPERATURE:g}: the loss is "
-                      "scaled by T^2 and the logits are divided by T, and both must stay finite in fp32")
+            raise _bad(
+                key,
+                _get(cfg, key),
+                f"the KD temperature must be at most {MAX_TEMPERATURE:g}: the loss is "
+                "scaled by T^2 and the logits are divided by T, and both must stay finite in fp32",
+            )
     for key in ("run.seed", "data.split_seed", "cache.seed"):
         if not 0 <= _get(cfg, key) <= MAX_SEED:
             raise _bad(key, _get(cfg, key), "a seed must be a whole number in [0, 2**32 - 1]")
-    non_negative = {"train.weight_decay": t.weight_decay, "guard.spike_mad": cfg.guard.spike_mad,
-                    "guard.spike_warmup": cfg.guard.spike_warmup,
-                    "health.ppl_after_step": cfg.health.ppl_after_step}
+    non_negative = {
+        "train.weight_decay": t.weight_decay,
+        "guard.spike_mad": cfg.guard.spike_mad,
+        "guard.spike_warmup": cfg.guard.spike_warmup,
+        "health.ppl_after_step": cfg.health.ppl_after_step,
+    }
     for key, value in non_negative.items():
         if value is not None and value < 0:
             raise _bad(key, value, "must be >= 0")
@@ -562,16 +651,21 @@ def _check_sources(data: DataConfig) -> None:
     if data.sources is None:
         return
     if data.path is not None:
-        raise ConfigError("data.path and data.sources are both set; give one source in data.path or a mixture in "
-                          "data.sources")
+        raise ConfigError(
+            "data.path and data.sources are both set; give one source in data.path or a mixture in data.sources"
+        )
     if not isinstance(data.sources, list) or not data.sources:
         raise _bad("data.sources", data.sources, "must be a non-empty list of {path: ..., weight: ...}")
     names = []
     for i, entry in enumerate(data.sources):
         where = f"data.sources[{i}]"
         if not isinstance(entry, dict) or "path" not in entry:
-            raise _bad(where, entry, "must be a mapping with a path (null = the embedded corpus) and a weight, "
-                       "e.g. {path: data/chat.jsonl, weight: 2}")
+            raise _bad(
+                where,
+                entry,
+                "must be a mapping with a path (null = the embedded corpus) and a weight, "
+                "e.g. {path: data/chat.jsonl, weight: 2}",
+            )
         unknown = sorted(set(entry) - {"path", "weight", "name"})
         if unknown:
             raise _bad(where, entry, f"has unknown key(s) {', '.join(unknown)}; allowed: path, weight, name")
@@ -601,19 +695,26 @@ def _check_run(cfg: Config) -> None:
     """Names, devices and the run's switches."""
     name = cfg.run.name
     if "/" in name or "\\" in name or name in ("", ".", ".."):
-        raise _bad("run.name", name, "give a plain name (no '/' or '\\', not '.' or '..'); to choose where "
-                  "the run goes, set run.output_dir (--output-dir) to a path")
+        raise _bad(
+            "run.name",
+            name,
+            "give a plain name (no '/' or '\\', not '.' or '..'); to choose where "
+            "the run goes, set run.output_dir (--output-dir) to a path",
+        )
     if cfg.run.mixed_precision == "fp16" and cfg.run.device == "cpu":  # without CUDA: devices.check_precision
         raise ConfigError(fp16_on_cpu_message("run.device = 'cpu'"))
     if cfg.run.resume and cfg.run.overwrite:
-        raise ConfigError("run.resume and run.overwrite contradict each other: resume continues the run in "
-                          "output_dir, overwrite deletes it; choose one")
+        raise ConfigError(
+            "run.resume and run.overwrite contradict each other: resume continues the run in "
+            "output_dir, overwrite deletes it; choose one"
+        )
     if cfg.run.resume and not cfg.run.output_dir:
         raise ConfigError("run.resume needs run.output_dir: the run directory to continue (--output-dir)")
     for tracker in cfg.run.trackers:
         if not isinstance(tracker, str):
-            raise ConfigError(f"run.trackers entry {tracker!r} is not a tracker name; give a list of names, e.g. "
-                              "run.trackers=[wandb]")
+            raise ConfigError(
+                f"run.trackers entry {tracker!r} is not a tracker name; give a list of names, e.g. run.trackers=[wandb]"
+            )
         if tracker not in TRACKERS:
             raise ConfigError(f"run.trackers entry {tracker!r} is not supported; choose from {', '.join(TRACKERS)}")
 
@@ -639,8 +740,16 @@ def _float_values(cfg: Config) -> list[tuple[str, Any]]:
 
 
 # Tracker name -> the package that provides it (accelerate's integrations).
-TRACKERS = {"wandb": "wandb", "mlflow": "mlflow", "comet_ml": "comet_ml", "aim": "aim", "clearml": "clearml",
-            "dvclive": "dvclive", "swanlab": "swanlab", "trackio": "trackio"}
+TRACKERS = {
+    "wandb": "wandb",
+    "mlflow": "mlflow",
+    "comet_ml": "comet_ml",
+    "aim": "aim",
+    "clearml": "clearml",
+    "dvclive": "dvclive",
+    "swanlab": "swanlab",
+    "trackio": "trackio",
+}
 
 
 def _validate_injections(dbg: DebugConfig) -> None:
@@ -653,7 +762,9 @@ def _validate_injections(dbg: DebugConfig) -> None:
         if not isinstance(item.get("step"), int) or item["step"] < 0:
             raise ConfigError(f"debug.inject[{i}].step = {item.get('step')!r} must be a step number >= 0")
         if item.get("where") not in FAULT_SITES:
-            raise ConfigError(f"debug.inject[{i}].where = {item.get('where')!r} must be one of {', '.join(FAULT_SITES)}")
+            raise ConfigError(
+                f"debug.inject[{i}].where = {item.get('where')!r} must be one of {', '.join(FAULT_SITES)}"
+            )
         if str(item.get("value", "nan")).lower() not in FAULT_VALUES:
             raise ConfigError(f"debug.inject[{i}].value = {item.get('value')!r} must be nan, inf or -inf")
     if dbg.exit_rank is not None and dbg.exit_rank < 0:
@@ -709,8 +820,13 @@ class _UniqueKeyLoader(yaml.SafeLoader):
             self._depth -= 1
             self._open.discard(anchor)
         if id(node) not in self._values:  # (an alias is the node it names: counted again where it is used)
-            children = node.value if isinstance(node, yaml.SequenceNode) else [
-                part for pair in node.value for part in pair] if isinstance(node, yaml.MappingNode) else []
+            children = (
+                node.value
+                if isinstance(node, yaml.SequenceNode)
+                else [part for pair in node.value for part in pair]
+                if isinstance(node, yaml.MappingNode)
+                else []
+            )
             self._values[id(node)] = 1 + sum(self._values[id(child)] for child in children)
         if self._values[id(node)] > MAX_YAML_VALUES:
             raise _TooLarge(f"expands to more than {MAX_YAML_VALUES:,} values through its aliases (*name)")
@@ -735,8 +851,10 @@ class _UniqueKeyLoader(yaml.SafeLoader):
 
 # YAML 1.2's floats with an exponent and no dot (1e-9, 5E+3), which YAML 1.1 leaves as strings
 _UniqueKeyLoader.add_implicit_resolver(
-    "tag:yaml.org,2002:float", re.compile(r"^[-+]?(?:[0-9][0-9_]*(?:\.[0-9_]*)?|\.[0-9_]+)[eE][-+]?[0-9]+$"),
-    list("-+0123456789."))
+    "tag:yaml.org,2002:float",
+    re.compile(r"^[-+]?(?:[0-9][0-9_]*(?:\.[0-9_]*)?|\.[0-9_]+)[eE][-+]?[0-9]+$"),
+    list("-+0123456789."),
+)
 
 
 def parse_yaml(text: str, where: str) -> Any:
@@ -841,8 +959,14 @@ def _coerce(key: str, value: Any, hint: Any) -> Any:
             return value
     else:  # pragma: no cover - a field type we did not plan for is our bug
         raise AssertionError(f"unsupported config type {hint} for {key}")
-    type_name = {bool: "true or false", int: "a whole number", float: "a number", str: "a string",
-                 list: "a list", dict: "a mapping"}[hint]
+    type_name = {
+        bool: "true or false",
+        int: "a whole number",
+        float: "a number",
+        str: "a string",
+        list: "a list",
+        dict: "a mapping",
+    }[hint]
     raise ConfigError(f"{key} = {value!r} has the wrong type: expected {type_name}")
 
 
@@ -868,18 +992,29 @@ def leaf_fields(obj: Any, prefix: str = "") -> list[tuple[str, dataclasses.Field
 
 def reference_markdown() -> str:
     """Markdown table of every config key with type, default and documentation."""
-    lines = ["# Configuration reference", "",
-             "Every key, its default and what it does. Set keys in a YAML file (`--config`), "
-             "with `--set section.key=value`, or with the named flags of `lmdistill train --help`.", "",
-             "Files and `--set` values are read alike: a number in exponent notation is a number wherever it "
-             "appears (`1e-9`, which YAML 1.1 leaves a string, as a mixture weight too), a key given twice is "
-             f"refused, and so is YAML nested more than {MAX_YAML_DEPTH} levels deep or expanding through its "
-             f"aliases (`*name`) to more than {MAX_YAML_VALUES:,} values.", ""]
+    lines = [
+        "# Configuration reference",
+        "",
+        "Every key, its default and what it does. Set keys in a YAML file (`--config`), "
+        "with `--set section.key=value`, or with the named flags of `lmdistill train --help`.",
+        "",
+        "Files and `--set` values are read alike: a number in exponent notation is a number wherever it "
+        "appears (`1e-9`, which YAML 1.1 leaves a string, as a mixture weight too), a key given twice is "
+        f"refused, and so is YAML nested more than {MAX_YAML_DEPTH} levels deep or expanding through its "
+        f"aliases (`*name`) to more than {MAX_YAML_VALUES:,} values.",
+        "",
+    ]
     cfg = Config()
     for section in dataclasses.fields(cfg):
         obj = getattr(cfg, section.name)
-        lines += [f"## `{section.name}`", "", (type(obj).__doc__ or "").strip(), "",
-                  "| key | default | meaning |", "|---|---|---|"]
+        lines += [
+            f"## `{section.name}`",
+            "",
+            (type(obj).__doc__ or "").strip(),
+            "",
+            "| key | default | meaning |",
+            "|---|---|---|",
+        ]
         for dotted, f in leaf_fields(obj, section.name + "."):
             default = _get(cfg, dotted)
             lines.append(f"| `{dotted}` | `{default!r}` | {f.metadata.get('doc', '')} |")

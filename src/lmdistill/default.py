@@ -30,11 +30,25 @@ from lmdistill.training.trainer import train
 RECIPE = {
     "version": 1,
     "tokenizer": {"type": "byte-level BPE", "vocab_size": 4096, "min_frequency": 2},
-    "teacher": {"hidden_size": 192, "num_hidden_layers": 4, "num_attention_heads": 4, "num_key_value_heads": 4,
-                "intermediate_size": 512, "max_position_embeddings": 512, "tie_word_embeddings": False},
+    "teacher": {
+        "hidden_size": 192,
+        "num_hidden_layers": 4,
+        "num_attention_heads": 4,
+        "num_key_value_heads": 4,
+        "intermediate_size": 512,
+        "max_position_embeddings": 512,
+        "tie_word_embeddings": False,
+    },
     # bf16 autocast on the CPU: about twice the fp32 speed on CPUs with bf16 units, same result quality here.
-    "pretrain": {"block_size": 128, "batch_size": 16, "epochs": 5, "lr": 3e-3, "warmup_steps": 20, "seed": 1234,
-                 "mixed_precision": "bf16"},
+    "pretrain": {
+        "block_size": 128,
+        "batch_size": 16,
+        "epochs": 5,
+        "lr": 3e-3,
+        "warmup_steps": 20,
+        "seed": 1234,
+        "mixed_precision": "bf16",
+    },
 }
 EOS = "<|endoftext|>"
 
@@ -54,18 +68,32 @@ def train_tokenizer(texts: list[str], vocab_size: int, min_frequency: int = 2):
     backend = Tokenizer(models.BPE())
     backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     backend.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=vocab_size, min_frequency=min_frequency, special_tokens=[EOS],
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        min_frequency=min_frequency,
+        special_tokens=[EOS],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
     backend.train_from_iterator(texts, trainer)
-    return PreTrainedTokenizerFast(tokenizer_object=backend, eos_token=EOS, bos_token=EOS, pad_token=EOS,
-                                   unk_token=None, model_max_length=RECIPE["teacher"]["max_position_embeddings"])
+    return PreTrainedTokenizerFast(
+        tokenizer_object=backend,
+        eos_token=EOS,
+        bos_token=EOS,
+        pad_token=EOS,
+        unk_token=None,
+        model_max_length=RECIPE["teacher"]["max_position_embeddings"],
+    )
 
 
 def needs_default_teacher(cfg: Config) -> bool:
     """An empty ``model.teacher`` means the embedded default whenever a teacher is in play: for
     KD, or to shape a fresh student (the CE-only baseline of a KD run trains the same student)."""
-    return (cfg.model.teacher is None and cfg.model.teacher_cache is None
-            and (cfg.distill.kd_weight > 0 or cfg.model.student is None))
+    return (
+        cfg.model.teacher is None
+        and cfg.model.teacher_cache is None
+        and (cfg.distill.kd_weight > 0 or cfg.model.student is None)
+    )
 
 
 def resolve_default_teacher(cfg: Config, progress: bool = True) -> Config:
@@ -90,16 +118,25 @@ def ensure_default_teacher(progress: bool = True) -> Path:
     if _is_built(dest):
         return dest
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:
-        raise LmdistillError("the default teacher is not cached yet and several processes would each build it; "
-                             "build it once with one process first (python train.py --max-steps 1), then launch")
+        raise LmdistillError(
+            "the default teacher is not cached yet and several processes would each build it; "
+            "build it once with one process first (python train.py --max-steps 1), then launch"
+        )
     lock = dest.parent / f".{dest.name}.lock"
     try:
         dest.parent.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
-        raise LmdistillError(f"cannot create {dest.parent} for the default teacher: {exc.strerror}; make "
-                             "$LMDISTILL_HOME writable or point it elsewhere") from None
-    with exclusive_lock(lock, "default teacher lock", lambda holder: print(
-            f"Another process ({holder}) is pretraining the default teacher into {dest}; waiting for it", flush=True)):
+        raise LmdistillError(
+            f"cannot create {dest.parent} for the default teacher: {exc.strerror}; make "
+            "$LMDISTILL_HOME writable or point it elsewhere"
+        ) from None
+    with exclusive_lock(
+        lock,
+        "default teacher lock",
+        lambda holder: print(
+            f"Another process ({holder}) is pretraining the default teacher into {dest}; waiting for it", flush=True
+        ),
+    ):
         if not _is_built(dest):  # (another process may have built it while this one waited)
             _pretrain(dest, progress)
     return dest
@@ -124,15 +161,24 @@ def _pretrain(dest: Path, progress: bool) -> None:
     texts = embedded_corpus_texts()
     p = RECIPE["pretrain"]
     if resume:
-        print(f"No cached default teacher: continuing the pretraining stopped earlier in {work}.\n"
-              f"It will be cached at {dest}")
+        print(
+            f"No cached default teacher: continuing the pretraining stopped earlier in {work}.\n"
+            f"It will be cached at {dest}"
+        )
         tokenizer = PreTrainedTokenizerFast.from_pretrained(work / "tokenizer")  # the one its checkpoints fit
     else:
-        print(f"No cached default teacher: pretraining one on the embedded corpus (once; a few minutes on a CPU).\n"
-              f"It will be cached at {dest}")
+        print(
+            f"No cached default teacher: pretraining one on the embedded corpus (once; a few minutes on a CPU).\n"
+            f"It will be cached at {dest}"
+        )
         tokenizer = train_tokenizer(texts, RECIPE["tokenizer"]["vocab_size"], RECIPE["tokenizer"]["min_frequency"])
-    config = LlamaConfig(vocab_size=len(tokenizer), bos_token_id=tokenizer.eos_token_id,
-                         eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.eos_token_id, **RECIPE["teacher"])
+    config = LlamaConfig(
+        vocab_size=len(tokenizer),
+        bos_token_id=tokenizer.eos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.eos_token_id,
+        **RECIPE["teacher"],
+    )
     torch.manual_seed(p["seed"])
     model = LlamaForCausalLM(config)
 
@@ -151,8 +197,11 @@ def _pretrain(dest: Path, progress: bool) -> None:
         train(cfg, student=model, tokenizer=tokenizer, progress=progress, print_summary=False)
     except Interrupted as exc:  # its "--resume" is not for the user's run: any rerun continues this one
         signum = exc.exit_code - 128
-        raise Interrupted(f"{signal.Signals(signum).name} during the default teacher's pretraining: its checkpoint "
-                          f"is kept in {work}; rerun the same command to continue the pretraining", signum) from None
+        raise Interrupted(
+            f"{signal.Signals(signum).name} during the default teacher's pretraining: its checkpoint "
+            f"is kept in {work}; rerun the same command to continue the pretraining",
+            signum,
+        ) from None
     # Publish atomically: the model directory appears complete or not at all.
     os.replace(work / "student", dest)
     record = dest.parent / f"{dest.name}-pretraining-run"

@@ -26,8 +26,9 @@ def check_new_model_dir(out_dir: str | Path, what: str) -> None:
         raise LmdistillError(f"{what} is an empty path; give the name of a new directory for the model")
     where = protected_place(out_dir)
     if where is not None:
-        raise LmdistillError(f"{what} '{out_dir}' is {where}; give the name of a new directory for the model, "
-                             "e.g. exported-model")
+        raise LmdistillError(
+            f"{what} '{out_dir}' is {where}; give the name of a new directory for the model, e.g. exported-model"
+        )
 
 
 def export_checkpoint(checkpoint: str | Path, out_dir: str | Path) -> Path:
@@ -39,9 +40,11 @@ def export_checkpoint(checkpoint: str | Path, out_dir: str | Path) -> Path:
         raise LmdistillError(f"'{checkpoint}' does not exist; give RUN_DIR/checkpoints/step-N or a run directory")
     is_run = (checkpoint / MARKER).is_file()
     if is_run and not any(p.name.startswith("step-") for p in _entries(checkpoint / "checkpoints")):
-        raise LmdistillError(f"run '{checkpoint}' has no checkpoint yet (it stopped before its first one); nothing to "
-                             f"export; continue it with lmdistill train --resume {checkpoint} (checkpoint.every N "
-                             "writes one every N steps)")
+        raise LmdistillError(
+            f"run '{checkpoint}' has no checkpoint yet (it stopped before its first one); nothing to "
+            f"export; continue it with lmdistill train --resume {checkpoint} (checkpoint.every N "
+            "writes one every N steps)"
+        )
     if (checkpoint / "checkpoints").is_dir():  # a run directory: take its newest valid checkpoint
         newest, warnings = find_latest_valid(checkpoint / "checkpoints", skip=EXPORT_SKIP)
         for warning in warnings:
@@ -50,28 +53,32 @@ def export_checkpoint(checkpoint: str | Path, out_dir: str | Path) -> Path:
             raise LmdistillError(f"run directory '{checkpoint}' has no valid checkpoint to export")
         checkpoint = newest
     if not (checkpoint / "manifest.json").is_file():
-        raise LmdistillError(f"'{checkpoint}' is not a checkpoint directory (no manifest.json); give "
-                             "RUN_DIR/checkpoints/step-N or a run directory")
+        raise LmdistillError(
+            f"'{checkpoint}' is not a checkpoint directory (no manifest.json); give "
+            "RUN_DIR/checkpoints/step-N or a run directory"
+        )
     if out_dir.exists() and not out_dir.is_dir():
         raise LmdistillError(f"output '{out_dir}' is a file; give the name of a new directory for the model")
     if out_dir.exists() and any(out_dir.iterdir()):
         raise LmdistillError(f"output directory '{out_dir}' is not empty; choose a new directory")
     ckpt = load_checkpoint(checkpoint, optimizer=False)  # the weights only: optimizer.pt may be gone
     if "student_config.json" not in ckpt.extra_files:
-        raise LmdistillError(f"checkpoint '{checkpoint}' does not record the student's model config; export needs "
-                             "student_config.json (it was written by an older lmdistill)")
+        raise LmdistillError(
+            f"checkpoint '{checkpoint}' does not record the student's model config; export needs "
+            "student_config.json (it was written by an older lmdistill)"
+        )
     config_dict = json.loads(ckpt.extra_files["student_config.json"])
     config = AutoConfig.for_model(config_dict.pop("model_type"), **config_dict)
     model = AutoModelForCausalLM.from_config(config)
     if ckpt.sharded:  # the shards of every process that wrote them, gathered into this one model
-
         load_shards(checkpoint, model)  # every weight, with its shape, or a one-line refusal
         missing, unexpected = [], []
     else:
         missing, unexpected = model.load_state_dict(ckpt.model_state, strict=False)
     if unexpected or [k for k in missing if k not in set(ckpt.tied_weights) | _tied_names(model)]:
-        raise LmdistillError(f"checkpoint weights do not match the recorded config (missing {missing[:3]}, "
-                             f"unexpected {unexpected[:3]})")
+        raise LmdistillError(
+            f"checkpoint weights do not match the recorded config (missing {missing[:3]}, unexpected {unexpected[:3]})"
+        )
     tokenizer_dir = checkpoint.parent.parent / "tokenizer"
     tokenizer = None
     if tokenizer_dir.is_dir():
@@ -81,8 +88,9 @@ def export_checkpoint(checkpoint: str | Path, out_dir: str | Path) -> Path:
     try:
         save_model_dir(model, tokenizer, out_dir)
     except OSError as exc:
-        raise LmdistillError(f"could not write the model to '{out_dir}': {exc.strerror}; choose a writable place "
-                             "with free space") from None
+        raise LmdistillError(
+            f"could not write the model to '{out_dir}': {exc.strerror}; choose a writable place with free space"
+        ) from None
     return out_dir
 
 

@@ -27,6 +27,7 @@ eos = first[0] if rank == 0 else next(t for t in range(63) if t not in first)
 want = HFGenerator(plain, eos, 0)(prompts, sampling, seed=7)
 got = HFGenerator(sharded, eos, 0)(prompts, sampling, seed=7)
 dist.barrier()
-Path(sys.argv[1], f"rank{rank}.json").write_text(json.dumps({"written": got.shape[1] - 5,
-                                                              "same_as_unsharded": torch.equal(got, want)}))
+Path(sys.argv[1], f"rank{rank}.json").write_text(
+    json.dumps({"written": got.shape[1] - 5, "same_as_unsharded": torch.equal(got, want)})
+)
 dist.destroy_process_group()

@@ -15,8 +15,13 @@ def _run(tmp_path, teacher_dir, text_file, impl, **extra):
     cfg = Config()
     cfg.run.output_dir, cfg.run.device = str(tmp_path / impl), "cpu"
     cfg.model.teacher = str(teacher_dir)
-    cfg.model.student_config = {"num_hidden_layers": 1, "hidden_size": 32, "intermediate_size": 64,
-                                "num_attention_heads": 2, "num_key_value_heads": 2}
+    cfg.model.student_config = {
+        "num_hidden_layers": 1,
+        "hidden_size": 32,
+        "intermediate_size": 64,
+        "num_attention_heads": 2,
+        "num_key_value_heads": 2,
+    }
     cfg.data.path, cfg.data.block_size, cfg.data.max_eval_blocks = str(text_file), 32, 8
     cfg.train.batch_size, cfg.train.max_steps, cfg.train.grad_accum = 4, 12, 2
     cfg.loss.impl, cfg.loss.chunk_size = impl, 40  # 40 does not divide the 124 tokens of a micro-batch
@@ -30,8 +35,9 @@ def _run(tmp_path, teacher_dir, text_file, impl, **extra):
 @pytest.mark.parametrize("divergence", ["forward_kl", "reverse_kl"])
 def test_chunked_matches_full_step_by_step(tmp_path, teacher_dir, text_file, divergence):
     full_result, full = _run(tmp_path / "a", teacher_dir, text_file, "full", **{"distill.divergence": divergence})
-    chunked_result, chunked = _run(tmp_path / "b", teacher_dir, text_file, "chunked",
-                                   **{"distill.divergence": divergence})
+    chunked_result, chunked = _run(
+        tmp_path / "b", teacher_dir, text_file, "chunked", **{"distill.divergence": divergence}
+    )
     assert len(full) == len(chunked) == 12
     # Same math, different summation order (chunks, hand-derived gradients): documented tolerance 1e-4 relative
     # over 12 AdamW steps (docs/performance.md).
@@ -55,9 +61,19 @@ def test_plain_lm_training_shapes_the_student_after_the_teacher_config(tmp_path,
     """kd_weight 0 with a teacher and no student: the CE-only baseline of a KD run. The student is
     shaped after the teacher, the teacher never runs in a training step, and the held-out figures
     include the teacher's, for the comparison."""
-    cfg = Config.load(None, [f"model.teacher={teacher_dir}", f"data.path={text_file}", f"run.output_dir={tmp_path}/r",
-                             "run.device=cpu", "distill.kd_weight=0", "data.block_size=32", "train.batch_size=2",
-                             "train.max_steps=3"])
+    cfg = Config.load(
+        None,
+        [
+            f"model.teacher={teacher_dir}",
+            f"data.path={text_file}",
+            f"run.output_dir={tmp_path}/r",
+            "run.device=cpu",
+            "distill.kd_weight=0",
+            "data.block_size=32",
+            "train.batch_size=2",
+            "train.max_steps=3",
+        ],
+    )
     result = train(cfg, progress=False, print_summary=False)
     lines = [r for r in read_jsonl(tmp_path / "r" / "metrics.jsonl") if "loss" in r]
     assert all(r["kd_loss"] == 0 and r["loss"] == r["ce_loss"] for r in lines)

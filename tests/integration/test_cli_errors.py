@@ -28,7 +28,10 @@ def _assert_user_error(proc, *needles: str) -> str:
 @pytest.mark.parametrize(
     "args, needles",
     [
-        (["--set", "distill.temprature=3"], ["unknown config key 'distill.temprature'", "did you mean 'distill.temperature'"]),
+        (
+            ["--set", "distill.temprature=3"],
+            ["unknown config key 'distill.temprature'", "did you mean 'distill.temperature'"],
+        ),
         (["--set", "train.temperature=3"], ["did you mean 'distill.temperature'"]),
         (["--batch-size", "abc"], ["train.batch_size", "wrong type", "whole number"]),
         (["--temperature", "0"], ["distill.temperature", "> 0"]),
@@ -39,8 +42,18 @@ def _assert_user_error(proc, *needles: str) -> str:
         (["--set", "novalue"], ["--set expects key=value"]),
         (["--set", "run.trackers=[wandb]"], ["wandb", "not installed", "pip install wandb"]),
     ],
-    ids=["typo", "wrong-section", "type", "temp-zero", "temp-negative", "min-above", "kd-weight", "choice", "set-syntax",
-         "tracker"],
+    ids=[
+        "typo",
+        "wrong-section",
+        "type",
+        "temp-zero",
+        "temp-negative",
+        "min-above",
+        "kd-weight",
+        "choice",
+        "set-syntax",
+        "tracker",
+    ],
 )
 def test_config_errors(tmp_path, args, needles):
     out = tmp_path / "run"
@@ -70,14 +83,31 @@ def test_config_file_errors(tmp_path):
 
 def test_missing_paths(tmp_path, teacher_dir, text_file):
     out = tmp_path / "run"
-    _assert_user_error(cli("train", "--teacher", "./no/such/teacher", "--output-dir", str(out)),
-                       "model.teacher './no/such/teacher' does not exist")
-    _assert_user_error(cli("train", "--teacher", str(teacher_dir), "--student", str(tmp_path / "nostudent"),
-                               "--data", str(text_file), "--output-dir", str(out)),
-                       "model.student", "does not exist")
-    _assert_user_error(cli("train", "--teacher", str(teacher_dir), "--data", str(tmp_path / "missing.txt"),
-                               "--output-dir", str(out)),
-                       "data.path", "missing.txt", "does not exist")
+    _assert_user_error(
+        cli("train", "--teacher", "./no/such/teacher", "--output-dir", str(out)),
+        "model.teacher './no/such/teacher' does not exist",
+    )
+    _assert_user_error(
+        cli(
+            "train",
+            "--teacher",
+            str(teacher_dir),
+            "--student",
+            str(tmp_path / "nostudent"),
+            "--data",
+            str(text_file),
+            "--output-dir",
+            str(out),
+        ),
+        "model.student",
+        "does not exist",
+    )
+    _assert_user_error(
+        cli("train", "--teacher", str(teacher_dir), "--data", str(tmp_path / "missing.txt"), "--output-dir", str(out)),
+        "data.path",
+        "missing.txt",
+        "does not exist",
+    )
     assert not out.exists()
 
 
@@ -89,8 +119,17 @@ def test_different_tokenizers_stop_before_training(tmp_path, teacher_dir, text_f
     tiny_llama(len(other_tok)).save_pretrained(student)
     other_tok.save_pretrained(student)
     out = tmp_path / "run"
-    proc = cli("train", "--teacher", str(teacher_dir), "--student", str(student), "--data", str(text_file),
-                   "--output-dir", str(out))
+    proc = cli(
+        "train",
+        "--teacher",
+        str(teacher_dir),
+        "--student",
+        str(student),
+        "--data",
+        str(text_file),
+        "--output-dir",
+        str(out),
+    )
     line = _assert_user_error(proc, "different tokenizers", str(teacher_dir), str(student))
     assert "vocabularies differ" in line
     assert not out.exists()
@@ -100,12 +139,17 @@ def test_empty_and_too_short_data(tmp_path, teacher_dir):
     empty = tmp_path / "empty.txt"
     empty.write_text("")
     out = tmp_path / "run"
-    _assert_user_error(cli("train", "--teacher", str(teacher_dir), "--data", str(empty), "--output-dir", str(out)),
-                       "empty.txt")
+    _assert_user_error(
+        cli("train", "--teacher", str(teacher_dir), "--data", str(empty), "--output-dir", str(out)), "empty.txt"
+    )
     short = tmp_path / "short.txt"
     short.write_text("just a few words")
-    _assert_user_error(cli("train", "--teacher", str(teacher_dir), "--data", str(short), "--output-dir", str(out)),
-                       "short.txt", "block", "data.block_size")
+    _assert_user_error(
+        cli("train", "--teacher", str(teacher_dir), "--data", str(short), "--output-dir", str(out)),
+        "short.txt",
+        "block",
+        "data.block_size",
+    )
     assert not out.exists()
 
 
@@ -116,7 +160,8 @@ def test_non_run_directory_is_not_touched(tmp_path, teacher_dir, text_file):
     proc = cli("train", "--teacher", str(teacher_dir), "--data", str(text_file), "--output-dir", str(out))
     _assert_user_error(proc, "not an lmdistill run")
     # --overwrite deletes only what lmdistill wrote, never another directory.
-    proc = cli("train", "--teacher", str(teacher_dir), "--data", str(text_file), "--output-dir", str(out),
-                   "--overwrite")
+    proc = cli(
+        "train", "--teacher", str(teacher_dir), "--data", str(text_file), "--output-dir", str(out), "--overwrite"
+    )
     _assert_user_error(proc, "not an lmdistill run")
     assert (out / "notes.txt").read_text() == "keep me"

@@ -11,23 +11,30 @@ import pytest
 from chat_fixtures import chat_tokenizer
 from conftest import cli, read_jsonl, tiny_llama
 
-SMALL_STUDENT = ("model.student_config={num_hidden_layers: 1, hidden_size: 16, intermediate_size: 32, "
-                 "num_attention_heads: 2, num_key_value_heads: 2}")
+SMALL_STUDENT = (
+    "model.student_config={num_hidden_layers: 1, hidden_size: 16, intermediate_size: 32, "
+    "num_attention_heads: 2, num_key_value_heads: 2}"
+)
 
 
 def conversation(i: int) -> list[dict]:
-    return [{"role": "system", "content": "Answer briefly."},
-            {"role": "user", "content": f"Which number follows {i}?"},
-            {"role": "assistant", "content": f"The number {i + 1}."},
-            {"role": "user", "content": "Thanks."},
-            {"role": "assistant", "content": "You are welcome."}]
+    return [
+        {"role": "system", "content": "Answer briefly."},
+        {"role": "user", "content": f"Which number follows {i}?"},
+        {"role": "assistant", "content": f"The number {i + 1}."},
+        {"role": "user", "content": "Thanks."},
+        {"role": "assistant", "content": "You are welcome."},
+    ]
 
 
 def assistant_tokens(tokenizer, messages) -> int:
     """By hand: each assistant turn trains on its content, the end-of-turn token and the newline."""
     newline = len(tokenizer.encode("\n", add_special_tokens=False))
-    return sum(len(tokenizer.encode(m["content"], add_special_tokens=False)) + 1 + newline
-               for m in messages if m["role"] == "assistant")
+    return sum(
+        len(tokenizer.encode(m["content"], add_special_tokens=False)) + 1 + newline
+        for m in messages
+        if m["role"] == "assistant"
+    )
 
 
 @pytest.fixture(scope="module")
@@ -40,9 +47,29 @@ def chat_teacher(tmp_path_factory, tiny_tokenizer) -> tuple[Path, object]:
 
 
 def _train(teacher, data, out, *extra, steps=3):
-    return cli("train", "--teacher", str(teacher), "--data", str(data), "--output-dir", str(out), "--batch-size", "2",
-               "--max-steps", str(steps), "--set", "data.block_size=128", "--set", SMALL_STUDENT,
-               "--set", "model.student_init=random", "--set", "data.max_eval_blocks=null", "--no-progress", *extra)
+    return cli(
+        "train",
+        "--teacher",
+        str(teacher),
+        "--data",
+        str(data),
+        "--output-dir",
+        str(out),
+        "--batch-size",
+        "2",
+        "--max-steps",
+        str(steps),
+        "--set",
+        "data.block_size=128",
+        "--set",
+        SMALL_STUDENT,
+        "--set",
+        "model.student_init=random",
+        "--set",
+        "data.max_eval_blocks=null",
+        "--no-progress",
+        *extra,
+    )
 
 
 def test_chat_run_trains_and_evaluates_on_assistant_tokens_only(tmp_path, chat_teacher):
@@ -54,8 +81,9 @@ def test_chat_run_trains_and_evaluates_on_assistant_tokens_only(tmp_path, chat_t
     proc = _train(teacher, data, out)
     assert proc.returncode == 0, proc.stderr[-2000:]
     info = json.loads((out / "run.json").read_text())["data"]
-    lengths = [len(tokenizer.encode(tokenizer.apply_chat_template(c, tokenize=False), add_special_tokens=False))
-               for c in convs]
+    lengths = [
+        len(tokenizer.encode(tokenizer.apply_chat_template(c, tokenize=False), add_special_tokens=False)) for c in convs
+    ]
     assert max(lengths) <= 128  # every conversation fits a block: none is split
     expected = sum(assistant_tokens(tokenizer, c) for c in convs)
     assert info["train_targets"] + info["eval_targets"] == expected
@@ -68,15 +96,30 @@ def test_chat_run_trains_and_evaluates_on_assistant_tokens_only(tmp_path, chat_t
 
 def test_chat_templates_of_teacher_and_student_must_agree(tmp_path, chat_teacher, tiny_tokenizer):
     teacher, _ = chat_teacher
-    other = chat_tokenizer(tiny_tokenizer, template="{% for m in messages %}[{{ m['role'] }}] {{ m['content'] }}\n"
-                                                    "{% endfor %}")
+    other = chat_tokenizer(
+        tiny_tokenizer, template="{% for m in messages %}[{{ m['role'] }}] {{ m['content'] }}\n{% endfor %}"
+    )
     student = tmp_path / "student"
     tiny_llama(len(other), hidden=16, layers=1).save_pretrained(student)
     other.save_pretrained(student)
     data = tmp_path / "chat.jsonl"
     data.write_text("".join(json.dumps({"messages": conversation(i)}) + "\n" for i in range(8)))
-    proc = cli("train", "--teacher", str(teacher), "--student", str(student), "--data", str(data), "--output-dir",
-               str(tmp_path / "run"), "--max-steps", "1", "--set", "data.block_size=64", "--no-progress")
+    proc = cli(
+        "train",
+        "--teacher",
+        str(teacher),
+        "--student",
+        str(student),
+        "--data",
+        str(data),
+        "--output-dir",
+        str(tmp_path / "run"),
+        "--max-steps",
+        "1",
+        "--set",
+        "data.block_size=64",
+        "--no-progress",
+    )
     assert proc.returncode == 2
     lines = [line for line in proc.stderr.splitlines() if line.startswith("lmdistill: error:")]
     assert len(lines) == 1 and "different chat templates" in lines[0] and "Traceback" not in proc.stderr
@@ -88,9 +131,28 @@ def test_mixture_logs_and_reports_each_sources_share(tmp_path, teacher_dir, corp
     b.write_text("".join(json.dumps({"text": t}) + "\n" for t in corpus_texts[8:16]))
     out = tmp_path / "run"
     sources = f"data.sources=[{{path: {a}, weight: 3, name: docs}}, {{path: {b}, weight: 1, name: records}}]"
-    proc = cli("train", "--teacher", str(teacher_dir), "--output-dir", str(out), "--batch-size", "4",
-               "--max-steps", "10", "--set", "data.block_size=32", "--set", SMALL_STUDENT, "--set", sources,
-               "--set", "train.log_every=1", "--set", "data.max_eval_blocks=8", "--no-progress")
+    proc = cli(
+        "train",
+        "--teacher",
+        str(teacher_dir),
+        "--output-dir",
+        str(out),
+        "--batch-size",
+        "4",
+        "--max-steps",
+        "10",
+        "--set",
+        "data.block_size=32",
+        "--set",
+        SMALL_STUDENT,
+        "--set",
+        sources,
+        "--set",
+        "train.log_every=1",
+        "--set",
+        "data.max_eval_blocks=8",
+        "--no-progress",
+    )
     assert proc.returncode == 0, proc.stderr[-2000:]
     lines = [r for r in read_jsonl(out / "metrics.jsonl") if "source_share" in r]
     assert len(lines) == 10

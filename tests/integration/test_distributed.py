@@ -19,8 +19,10 @@ from conftest import REPO, cli, one_error_line, read_jsonl, run_cli
 
 pytestmark = pytest.mark.slow
 
-STUDENT = ("model.student_config={num_hidden_layers: 1, hidden_size: 16, intermediate_size: 32, "
-           "num_attention_heads: 2, num_key_value_heads: 2}")
+STUDENT = (
+    "model.student_config={num_hidden_layers: 1, hidden_size: 16, intermediate_size: 32, "
+    "num_attention_heads: 2, num_key_value_heads: 2}"
+)
 
 
 def _launch(nproc: int, *args: str, home=None, logs=None) -> subprocess.CompletedProcess:
@@ -35,19 +37,53 @@ def _launch(nproc: int, *args: str, home=None, logs=None) -> subprocess.Complete
     with socket.socket() as sock:  # a free port for every launch: a reused one may still be in TIME_WAIT
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc), "--master_addr",
-           "127.0.0.1", "--master_port", str(port), *(("--log-dir", str(logs), "--redirects", "3") if logs else ()),
-           "-m", "lmdistill", *args]
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nproc_per_node",
+        str(nproc),
+        "--master_addr",
+        "127.0.0.1",
+        "--master_port",
+        str(port),
+        *(("--log-dir", str(logs), "--redirects", "3") if logs else ()),
+        "-m",
+        "lmdistill",
+        *args,
+    ]
     return subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
 
 
 def _common(teacher_dir, text_file, out, batch_size):
-    return ("train", "--teacher", str(teacher_dir), "--data", str(text_file), "--output-dir", str(out),
-            "--batch-size", str(batch_size), "--max-steps", "8", "--eval-every", "4", "--set", "data.block_size=32",
-            "--set", STUDENT, "--set", "data.max_eval_blocks=8", "--set", "checkpoint.every=4", "--no-progress",
-            # the student is cut out of the teacher (the default) and trained with the hidden-state
-            # term, whose projection is wrapped for data parallelism like the student
-            "--set", "distill.hidden.weight=1.0")
+    return (
+        "train",
+        "--teacher",
+        str(teacher_dir),
+        "--data",
+        str(text_file),
+        "--output-dir",
+        str(out),
+        "--batch-size",
+        str(batch_size),
+        "--max-steps",
+        "8",
+        "--eval-every",
+        "4",
+        "--set",
+        "data.block_size=32",
+        "--set",
+        STUDENT,
+        "--set",
+        "data.max_eval_blocks=8",
+        "--set",
+        "checkpoint.every=4",
+        "--no-progress",
+        # the student is cut out of the teacher (the default) and trained with the hidden-state
+        # term, whose projection is wrapped for data parallelism like the student
+        "--set",
+        "distill.hidden.weight=1.0",
+    )
 
 
 def _train_lines(run_dir):
@@ -106,11 +142,27 @@ def test_main_process_writes_alone(single_and_ddp):
 
 
 def _on_policy_args(teacher_dir, text_file, out, strategy):
-    return (*_common(teacher_dir, text_file, out, 2),
-            "--set", "debug.inject=[{step: 3, where: teacher_logits, value: nan, rank: 1}]",
-            "--set", "checkpoint.every=1", "--set", "checkpoint.keep=20", "--set", "distill.hidden.weight=0",
-            "--set", "distill.on_policy.fraction=0.5", "--set", "distill.on_policy.prompt_tokens=8",
-            "--set", "distill.on_policy.max_new_tokens=6", "--seed", "5", "--set", f"parallel.strategy={strategy}")
+    return (
+        *_common(teacher_dir, text_file, out, 2),
+        "--set",
+        "debug.inject=[{step: 3, where: teacher_logits, value: nan, rank: 1}]",
+        "--set",
+        "checkpoint.every=1",
+        "--set",
+        "checkpoint.keep=20",
+        "--set",
+        "distill.hidden.weight=0",
+        "--set",
+        "distill.on_policy.fraction=0.5",
+        "--set",
+        "distill.on_policy.prompt_tokens=8",
+        "--set",
+        "distill.on_policy.max_new_tokens=6",
+        "--seed",
+        "5",
+        "--set",
+        f"parallel.strategy={strategy}",
+    )
 
 
 @pytest.fixture(scope="module")
@@ -150,8 +202,9 @@ def test_on_policy_steps_under_fsdp_match_ddp(on_policy_ddp, tmp_path, teacher_d
     assert proc.returncode == 0, proc.stderr[-3000:]
     a = [r for r in read_jsonl(on_policy_ddp / "metrics.jsonl") if "loss" in r]
     b = [r for r in read_jsonl(out / "metrics.jsonl") if "loss" in r]
-    assert [(r["step"], r.get("on_policy"), r.get("skipped")) for r in b] == \
-        [(r["step"], r.get("on_policy"), r.get("skipped")) for r in a]
+    assert [(r["step"], r.get("on_policy"), r.get("skipped")) for r in b] == [
+        (r["step"], r.get("on_policy"), r.get("skipped")) for r in a
+    ]
     for x, y in zip(a, b):
         assert y.get("generated_tokens") == x.get("generated_tokens"), x["step"]
         for key in ("loss", "kd_loss", "ce_loss", "grad_norm"):
@@ -173,9 +226,25 @@ def test_sharded_processes_that_stop_writing_at_different_times_stay_in_step(tmp
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]
     script = Path(__file__).with_name("sharded_generation.py")
-    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr",
-                           "127.0.0.1", "--master_port", str(port), str(script), str(tmp_path)],
-                          env=env, capture_output=True, text=True, timeout=300)
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--nproc_per_node",
+            "2",
+            "--master_addr",
+            "127.0.0.1",
+            "--master_port",
+            str(port),
+            str(script),
+            str(tmp_path),
+        ],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     results = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1)]
     assert [r["written"] for r in results] == [1, 8] and all(r["same_as_unsharded"] for r in results)
@@ -187,9 +256,18 @@ def test_sharded_processes_that_stop_writing_at_different_times_stay_in_step(tmp
 
 
 def _kill_args(teacher_dir, text_file, out, batch_size, *extra, nan_rank=""):
-    return (*_common(teacher_dir, text_file, out, batch_size), "--set", "distill.hidden.weight=0",
-            "--set", f"debug.inject=[{{step: 2, where: teacher_logits, value: nan{nan_rank}}}]",
-            "--set", "checkpoint.every=1", "--set", "checkpoint.keep=20", *extra)
+    return (
+        *_common(teacher_dir, text_file, out, batch_size),
+        "--set",
+        "distill.hidden.weight=0",
+        "--set",
+        f"debug.inject=[{{step: 2, where: teacher_logits, value: nan{nan_rank}}}]",
+        "--set",
+        "checkpoint.every=1",
+        "--set",
+        "checkpoint.keep=20",
+        *extra,
+    )
 
 
 def _rewound(run_dir, to_step, dest):
@@ -215,15 +293,28 @@ def killed_runs(tmp_path_factory, teacher_dir, text_file):
         killed, resumed = base / strategy, base / f"{strategy}-resumed"
         # FSDP takes the chunked loss, which multiplies by the root's lm_head outside the forward;
         # the others the full logits (auto, at this size)
-        strategy_arg = ("--set", f"parallel.strategy={strategy}", "--set",
-                        "loss.impl=chunked" if strategy == "fsdp" else "loss.impl=auto")
-        first = _launch(2, *_kill_args(teacher_dir, text_file, killed, 2, *strategy_arg, nan_rank=", rank: 1"),
-                        "--set", "debug.exit_after_step=6")
+        strategy_arg = (
+            "--set",
+            f"parallel.strategy={strategy}",
+            "--set",
+            "loss.impl=chunked" if strategy == "fsdp" else "loss.impl=auto",
+        )
+        first = _launch(
+            2,
+            *_kill_args(teacher_dir, text_file, killed, 2, *strategy_arg, nan_rank=", rank: 1"),
+            "--set",
+            "debug.exit_after_step=6",
+        )
         assert first.returncode != 0 and (killed / "checkpoints" / "step-6").is_dir(), first.stderr[-3000:]
         assert not (killed / "student").exists()
         _rewound(killed, 4, resumed)
-        again = _launch(2, *_kill_args(teacher_dir, text_file, resumed, 2, *strategy_arg, nan_rank=", rank: 1"),
-                        "--set", "debug.exit_after_step=null", "--resume")  # (the saved config has the drill)
+        again = _launch(
+            2,
+            *_kill_args(teacher_dir, text_file, resumed, 2, *strategy_arg, nan_rank=", rank: 1"),
+            "--set",
+            "debug.exit_after_step=null",
+            "--resume",
+        )  # (the saved config has the drill)
         assert again.returncode == 0 and "from step-4" in again.stdout, again.stderr[-3000:]
         runs[strategy], runs[f"{strategy}-resumed"] = killed, resumed
     return runs
@@ -236,8 +327,10 @@ def _checkpoint_tensors(run_dir, step) -> dict[str, torch.Tensor]:
 
     path = run_dir / "checkpoints" / f"step-{step}"
     if (path / "model.safetensors").is_file():
-        state = {"model": load_file(path / "model.safetensors"),
-                 "optimizer": torch.load(path / "optimizer.pt", weights_only=True)["state"]}
+        state = {
+            "model": load_file(path / "model.safetensors"),
+            "optimizer": torch.load(path / "optimizer.pt", weights_only=True)["state"],
+        }
     else:
         with tempfile.TemporaryDirectory() as tmp:
             dcp_to_torch_save(path, Path(tmp) / "whole.pt")
@@ -265,8 +358,9 @@ def test_kill_and_resume_is_bit_exact(killed_runs):
         a = {r["step"]: r for r in _train_lines(straight)}
         b = {r["step"]: r for r in _train_lines(resumed)}
         for step in (4, 5):  # (steps count from 0 in metrics.jsonl: the 5th and 6th)
-            assert {k: v for k, v in b[step].items() if k not in _TIMING} == \
-                {k: v for k, v in a[step].items() if k not in _TIMING}, (strategy, step)
+            assert {k: v for k, v in b[step].items() if k not in _TIMING} == {
+                k: v for k, v in a[step].items() if k not in _TIMING
+            }, (strategy, step)
         want, got = _checkpoint_tensors(straight, 6), _checkpoint_tensors(resumed, 6)
         assert want.keys() == got.keys() and len(want) > 10, strategy
         assert all(torch.equal(want[k], got[k]) for k in want), strategy
@@ -336,8 +430,7 @@ def test_sharded_checkpoint_exports_to_the_gathered_student(killed_runs, tmp_pat
 
 
 @pytest.mark.parametrize("strategy, newest_file", [("fsdp", "__1_0.distcp"), ("ddp", "model.safetensors")])
-def test_a_two_process_run_resumes_in_one_process(killed_runs, tmp_path, teacher_dir, text_file, strategy,
-                                                  newest_file):
+def test_a_two_process_run_resumes_in_one_process(killed_runs, tmp_path, teacher_dir, text_file, strategy, newest_file):
     """2 ranks x batch 2 continue as 1 process x batch 4: the same global batch, hence the same
     data order (DCP reshards FSDP's shards into one unsharded process). The newest checkpoint has
     a corrupt file: the resume falls back to the one before, naming it."""
@@ -346,8 +439,17 @@ def test_a_two_process_run_resumes_in_one_process(killed_runs, tmp_path, teacher
     data = bytearray(damaged.read_bytes())
     data[len(data) // 2] ^= 0xFF
     damaged.write_bytes(bytes(data))
-    args = _kill_args(teacher_dir, text_file, copy, 4, "--set", "parallel.strategy=ddp", "--set",
-                      "debug.exit_after_step=null", "--resume")
+    args = _kill_args(
+        teacher_dir,
+        text_file,
+        copy,
+        4,
+        "--set",
+        "parallel.strategy=ddp",
+        "--set",
+        "debug.exit_after_step=null",
+        "--resume",
+    )
     before = _tree(copy)
     wrong = cli(*_kill_args(teacher_dir, text_file, copy, 2, "--set", "parallel.strategy=ddp", "--resume"))
     one_error_line(wrong, "global batch of 4", "--batch-size 4")
@@ -370,8 +472,11 @@ def test_fsdp_refuses_one_process(tmp_path, teacher_dir, text_file):
 def _tree(run_dir) -> dict[str, bytes]:
     """Every file of a run directory with its content (the lock file, which records the pid of
     whoever holds it, aside)."""
-    return {str(p.relative_to(run_dir)): p.read_bytes() for p in sorted(run_dir.rglob("*"))
-            if p.is_file() and p.name != ".lmdistill.lock"}
+    return {
+        str(p.relative_to(run_dir)): p.read_bytes()
+        for p in sorted(run_dir.rglob("*"))
+        if p.is_file() and p.name != ".lmdistill.lock"
+    }
 
 
 # ---------------------------------------------------------------------------------------------
@@ -391,9 +496,21 @@ def test_a_dead_process_stops_the_other_with_one_line(tmp_path, teacher_dir, tex
     --resume, no traceback, a failed run.json (written by rank 1 when rank 0 is the one that died),
     no staging directory left."""
     out, logs = tmp_path / "run", tmp_path / "logs"
-    proc = _launch(2, *_common(teacher_dir, text_file, out, 2), "--set", "distill.hidden.weight=0", "--set",
-                   "checkpoint.every=1", "--set", "debug.exit_after_step=3", "--set", f"debug.exit_rank={dead}",
-                   "--set", f"parallel.strategy={strategy}", logs=logs)
+    proc = _launch(
+        2,
+        *_common(teacher_dir, text_file, out, 2),
+        "--set",
+        "distill.hidden.weight=0",
+        "--set",
+        "checkpoint.every=1",
+        "--set",
+        "debug.exit_after_step=3",
+        "--set",
+        f"debug.exit_rank={dead}",
+        "--set",
+        f"parallel.strategy={strategy}",
+        logs=logs,
+    )
     assert proc.returncode != 0
     survivor = _rank_output(logs, 1 - dead)
     lines = [line for line in survivor.splitlines() if line.startswith("lmdistill: error:")]

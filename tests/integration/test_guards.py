@@ -15,8 +15,13 @@ from lmdistill.core.errors import TrainingStopped
 from lmdistill.training.checkpoint import load_checkpoint
 from lmdistill.training.trainer import train
 
-SMALL_STUDENT = {"num_hidden_layers": 1, "hidden_size": 16, "intermediate_size": 32, "num_attention_heads": 2,
-                 "num_key_value_heads": 2}
+SMALL_STUDENT = {
+    "num_hidden_layers": 1,
+    "hidden_size": 16,
+    "intermediate_size": 32,
+    "num_attention_heads": 2,
+    "num_key_value_heads": 2,
+}
 FAULT_STEP = 5
 
 
@@ -53,9 +58,11 @@ def test_state_comparison_sees_inside_lists():
     """The helper above must fail on a difference anywhere, lists of tensors and numbers included."""
     same = {"w": torch.ones(2), "groups": [torch.zeros(1), 3, {"lr": 0.1}]}
     _assert_states_equal(same, {"w": torch.ones(2), "groups": [torch.zeros(1), 3, {"lr": 0.1}]})
-    for other in ({"w": torch.ones(2), "groups": [torch.ones(1), 3, {"lr": 0.1}]},
-                  {"w": torch.ones(2), "groups": [torch.zeros(1), 4, {"lr": 0.1}]},
-                  {"w": torch.ones(2), "groups": [torch.zeros(1), 3, {"lr": 0.2}]}):
+    for other in (
+        {"w": torch.ones(2), "groups": [torch.ones(1), 3, {"lr": 0.1}]},
+        {"w": torch.ones(2), "groups": [torch.zeros(1), 4, {"lr": 0.1}]},
+        {"w": torch.ones(2), "groups": [torch.zeros(1), 3, {"lr": 0.2}]},
+    ):
         with pytest.raises(AssertionError):
             _assert_states_equal(same, other)
 
@@ -63,11 +70,17 @@ def test_state_comparison_sees_inside_lists():
 @pytest.mark.parametrize("precision", ["no", "bf16"])
 @pytest.mark.parametrize("value", ["nan", "inf"])
 @pytest.mark.parametrize("where", ["teacher_logits", "student_logits", "loss", "grad"])
-def test_injected_fault_skips_the_step_and_leaves_state_untouched(tmp_path, teacher_dir, text_file, where, value,
-                                                                  precision):
+def test_injected_fault_skips_the_step_and_leaves_state_untouched(
+    tmp_path, teacher_dir, text_file, where, value, precision
+):
     out = tmp_path / "run"
-    cfg = _config(out, teacher_dir, text_file, run={"mixed_precision": precision},
-                  debug={"inject": [{"step": FAULT_STEP, "where": where, "value": value}]})
+    cfg = _config(
+        out,
+        teacher_dir,
+        text_file,
+        run={"mixed_precision": precision},
+        debug={"inject": [{"step": FAULT_STEP, "where": where, "value": value}]},
+    )
     result = train(cfg, progress=False, print_summary=False)
     assert result.status == "finished"
     records = read_jsonl(out / "metrics.jsonl")
@@ -91,8 +104,12 @@ def test_injected_fault_skips_the_step_and_leaves_state_untouched(tmp_path, teac
 def test_masked_teacher_vocabulary_is_not_a_fault(tmp_path, teacher_dir, text_file):
     """-inf teacher logits are masked entries, not a broken teacher: the step goes through."""
     out = tmp_path / "run"
-    cfg = _config(out, teacher_dir, text_file,
-                  debug={"inject": [{"step": FAULT_STEP, "where": "teacher_logits", "value": "-inf"}]})
+    cfg = _config(
+        out,
+        teacher_dir,
+        text_file,
+        debug={"inject": [{"step": FAULT_STEP, "where": "teacher_logits", "value": "-inf"}]},
+    )
     train(cfg, progress=False, print_summary=False)
     records = read_jsonl(out / "metrics.jsonl")
     assert not [r for r in records if r.get("skipped")]
@@ -103,10 +120,28 @@ def test_masked_teacher_vocabulary_is_not_a_fault(tmp_path, teacher_dir, text_fi
 def test_consecutive_faults_stop_with_exit_code_3_and_name_the_teacher(tmp_path, teacher_dir, text_file):
     out = tmp_path / "run"
     faults = ", ".join(f"{{step: {s}, where: teacher_logits, value: nan}}" for s in range(3, 12))
-    proc = cli("train", "--teacher", str(teacher_dir), "--data", str(text_file), "--output-dir", str(out),
-                   "--batch-size", "2", "--max-steps", "20", "--set", "data.block_size=32",
-                   "--set", f"model.student_config={SMALL_STUDENT}", "--set", f"debug.inject=[{faults}]",
-                   "--set", "checkpoint.every=2", "--no-progress")
+    proc = cli(
+        "train",
+        "--teacher",
+        str(teacher_dir),
+        "--data",
+        str(text_file),
+        "--output-dir",
+        str(out),
+        "--batch-size",
+        "2",
+        "--max-steps",
+        "20",
+        "--set",
+        "data.block_size=32",
+        "--set",
+        f"model.student_config={SMALL_STUDENT}",
+        "--set",
+        f"debug.inject=[{faults}]",
+        "--set",
+        "checkpoint.every=2",
+        "--no-progress",
+    )
     assert proc.returncode == 3, proc.stderr[-2000:]
     assert "Traceback" not in proc.stderr
     assert "5 consecutive skipped steps" in proc.stderr and "teacher" in proc.stderr
@@ -123,9 +158,14 @@ def test_consecutive_faults_stop_with_exit_code_3_and_name_the_teacher(tmp_path,
 
 def test_spike_rollback(tmp_path, teacher_dir, text_file):
     out = tmp_path / "run"
-    cfg = _config(out, teacher_dir, text_file, train={"max_steps": 24},
-                  guard={"spike": "rollback", "spike_warmup": 6, "rollback_interval": 4, "rollback_keep": 2},
-                  debug={"loss_multiplier": {18: 20.0}})
+    cfg = _config(
+        out,
+        teacher_dir,
+        text_file,
+        train={"max_steps": 24},
+        guard={"spike": "rollback", "spike_warmup": 6, "rollback_interval": 4, "rollback_keep": 2},
+        debug={"loss_multiplier": {18: 20.0}},
+    )
     result = train(cfg, progress=False, print_summary=False)
     records = read_jsonl(out / "metrics.jsonl")
     rollbacks = [r for r in records if r.get("event") == "rollback"]
@@ -146,9 +186,14 @@ def test_spike_rollback(tmp_path, teacher_dir, text_file):
 
 def test_too_many_rollbacks_stop(tmp_path, teacher_dir, text_file):
     out = tmp_path / "run"
-    cfg = _config(out, teacher_dir, text_file, train={"max_steps": 30},
-                  guard={"spike": "rollback", "spike_warmup": 6, "rollback_interval": 2, "max_rollbacks": 1},
-                  debug={"loss_multiplier": {12: 20.0, 16: 20.0}})
+    cfg = _config(
+        out,
+        teacher_dir,
+        text_file,
+        train={"max_steps": 30},
+        guard={"spike": "rollback", "spike_warmup": 6, "rollback_interval": 2, "max_rollbacks": 1},
+        debug={"loss_multiplier": {12: 20.0, 16: 20.0}},
+    )
     with pytest.raises(TrainingStopped, match="rollbacks"):
         train(cfg, progress=False, print_summary=False)
     assert yaml.safe_load((out / "run.json").read_text())["status"] == "stopped"
@@ -157,11 +202,20 @@ def test_too_many_rollbacks_stop(tmp_path, teacher_dir, text_file):
 def test_same_seed_same_decisions(tmp_path, teacher_dir, text_file):
     def decisions(name):
         out = tmp_path / name
-        cfg = _config(out, teacher_dir, text_file, train={"max_steps": 20}, guard={"spike": "skip", "spike_warmup": 6},
-                      debug={"loss_multiplier": {10: 20.0, 14: 20.0}})
+        cfg = _config(
+            out,
+            teacher_dir,
+            text_file,
+            train={"max_steps": 20},
+            guard={"spike": "skip", "spike_warmup": 6},
+            debug={"loss_multiplier": {10: 20.0, 14: 20.0}},
+        )
         train(cfg, progress=False, print_summary=False)
-        return [(r["step"], r.get("reason"), r.get("health")) for r in read_jsonl(out / "metrics.jsonl")
-                if r.get("skipped") or "health" in r]
+        return [
+            (r["step"], r.get("reason"), r.get("health"))
+            for r in read_jsonl(out / "metrics.jsonl")
+            if r.get("skipped") or "health" in r
+        ]
 
     first = decisions("a")
     assert first == decisions("b")
@@ -169,15 +223,36 @@ def test_same_seed_same_decisions(tmp_path, teacher_dir, text_file):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("preset", sorted(p.name for p in (Path(__file__).parents[2] / "configs").glob("replay-*.yaml")))
+@pytest.mark.parametrize(
+    "preset", sorted(p.name for p in (Path(__file__).parents[2] / "configs").glob("replay-*.yaml"))
+)
 def test_seed_replay_presets_stay_finite_and_learn(tmp_path, teacher_dir, text_file, preset):
     """The original report's failing settings (T=3 -> 2 with T^2, and T=5, T=10; fp32 and bf16), shortened."""
     out = tmp_path / "run"
-    proc = cli("train", "--config", str(Path(__file__).parents[2] / "configs" / preset),
-                   "--teacher", str(teacher_dir), "--data", str(text_file), "--output-dir", str(out),
-                   "--max-steps", "30", "--batch-size", "4", "--eval-every", "15", "--set", "data.block_size=64",
-                   "--set", f"model.student_config={SMALL_STUDENT}", "--set", "data.max_eval_blocks=16",
-                   "--no-progress")
+    proc = cli(
+        "train",
+        "--config",
+        str(Path(__file__).parents[2] / "configs" / preset),
+        "--teacher",
+        str(teacher_dir),
+        "--data",
+        str(text_file),
+        "--output-dir",
+        str(out),
+        "--max-steps",
+        "30",
+        "--batch-size",
+        "4",
+        "--eval-every",
+        "15",
+        "--set",
+        "data.block_size=64",
+        "--set",
+        f"model.student_config={SMALL_STUDENT}",
+        "--set",
+        "data.max_eval_blocks=16",
+        "--no-progress",
+    )
     assert proc.returncode == 0, proc.stderr[-2000:]
     records = read_jsonl(out / "metrics.jsonl")
     assert not [r for r in records if r.get("skipped")]
@@ -195,8 +270,14 @@ def test_seed_replay_presets_stay_finite_and_learn(tmp_path, teacher_dir, text_f
 def test_lasting_spikes_under_skip_stop_the_run(tmp_path, teacher_dir, text_file):
     """guard.spike=skip counts its skips: a loss that stays high stops the run instead of skipping forever."""
     out = tmp_path / "run"
-    cfg = _config(out, teacher_dir, text_file, train={"max_steps": 30}, guard={"spike": "skip", "spike_warmup": 6},
-                  debug={"loss_multiplier": dict.fromkeys(range(12, 30), 20.0)})
+    cfg = _config(
+        out,
+        teacher_dir,
+        text_file,
+        train={"max_steps": 30},
+        guard={"spike": "skip", "spike_warmup": 6},
+        debug={"loss_multiplier": dict.fromkeys(range(12, 30), 20.0)},
+    )
     with pytest.raises(TrainingStopped, match="5 consecutive skipped steps: loss spikes"):
         train(cfg, progress=False, print_summary=False)
     skipped = [r["step"] for r in read_jsonl(out / "metrics.jsonl") if r.get("skipped")]

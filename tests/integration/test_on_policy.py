@@ -15,17 +15,44 @@ from safetensors.torch import load_file
 from conftest import cli, one_error_line, read_jsonl, run_cli
 from lmdistill.teacher.onpolicy import is_on_policy
 
-STUDENT = ("model.student_config={num_hidden_layers: 1, hidden_size: 16, intermediate_size: 32, "
-           "num_attention_heads: 2, num_key_value_heads: 2}")
-ON = ("--set", "distill.on_policy.fraction=0.5", "--set", "distill.on_policy.prompt_tokens=8",
-      "--set", "distill.on_policy.max_new_tokens=12")
+STUDENT = (
+    "model.student_config={num_hidden_layers: 1, hidden_size: 16, intermediate_size: 32, "
+    "num_attention_heads: 2, num_key_value_heads: 2}"
+)
+ON = (
+    "--set",
+    "distill.on_policy.fraction=0.5",
+    "--set",
+    "distill.on_policy.prompt_tokens=8",
+    "--set",
+    "distill.on_policy.max_new_tokens=12",
+)
 
 
 def _args(teacher_dir, text_file, out, *extra, steps: int = 6, batch_size: int = 2):
-    return ("train", "--teacher", str(teacher_dir), "--data", str(text_file), "--output-dir", str(out),
-            "--batch-size", str(batch_size), "--max-steps", str(steps), "--no-progress", "--set",
-            "data.block_size=32", "--set", "data.max_eval_blocks=8", "--set", STUDENT,
-            "--set", "model.student_init=random", *extra)
+    return (
+        "train",
+        "--teacher",
+        str(teacher_dir),
+        "--data",
+        str(text_file),
+        "--output-dir",
+        str(out),
+        "--batch-size",
+        str(batch_size),
+        "--max-steps",
+        str(steps),
+        "--no-progress",
+        "--set",
+        "data.block_size=32",
+        "--set",
+        "data.max_eval_blocks=8",
+        "--set",
+        STUDENT,
+        "--set",
+        "model.student_init=random",
+        *extra,
+    )
 
 
 def _steps(run_dir):
@@ -34,8 +61,19 @@ def _steps(run_dir):
 
 def test_fraction_zero_is_the_off_policy_run(tmp_path, teacher_dir, text_file):
     plain = cli(*_args(teacher_dir, text_file, tmp_path / "plain"))
-    zero = cli(*_args(teacher_dir, text_file, tmp_path / "zero", "--set", "distill.on_policy.fraction=0",
-                      "--set", "distill.on_policy.loss=sampled_token", "--set", "distill.on_policy.max_new_tokens=3"))
+    zero = cli(
+        *_args(
+            teacher_dir,
+            text_file,
+            tmp_path / "zero",
+            "--set",
+            "distill.on_policy.fraction=0",
+            "--set",
+            "distill.on_policy.loss=sampled_token",
+            "--set",
+            "distill.on_policy.max_new_tokens=3",
+        )
+    )
     assert plain.returncode == 0 and zero.returncode == 0, zero.stderr[-2000:]
     a, b = _steps(tmp_path / "plain"), _steps(tmp_path / "zero")
     assert [r["loss"] for r in a] == [r["loss"] for r in b] and not any("on_policy" in r for r in b)
@@ -45,8 +83,9 @@ def test_fraction_zero_is_the_off_policy_run(tmp_path, teacher_dir, text_file):
 
 @pytest.mark.parametrize("loss", ["full", "sampled_token"])
 def test_on_policy_steps_follow_the_draw_and_log_their_generations(tmp_path, teacher_dir, text_file, loss):
-    proc = cli(*_args(teacher_dir, text_file, tmp_path / "run", *ON, "--set", f"distill.on_policy.loss={loss}",
-                      "--seed", "3"))
+    proc = cli(
+        *_args(teacher_dir, text_file, tmp_path / "run", *ON, "--set", f"distill.on_policy.loss={loss}", "--seed", "3")
+    )
     assert proc.returncode == 0, proc.stderr[-2000:]
     lines = _steps(tmp_path / "run")
     assert [r["on_policy"] for r in lines] == [is_on_policy(3, s, 0.5) for s in range(6)]
@@ -69,18 +108,28 @@ def test_on_policy_steps_follow_the_draw_and_log_their_generations(tmp_path, tea
     assert final["on_policy_tokens_per_s"] == statistics.median_high(r["tokens_per_s"] for r in on)
     assert "throughput of on-policy steps" in (tmp_path / "run" / "report.md").read_text()
     report = (tmp_path / "run" / "report.md").read_text()
-    assert "## The student's own text (on-policy)" in report and (tmp_path / "run" / "plots" / "generations.png").is_file()
+    assert (
+        "## The student's own text (on-policy)" in report and (tmp_path / "run" / "plots" / "generations.png").is_file()
+    )
 
 
 def test_a_killed_on_policy_run_resumes_to_the_same_samples_and_weights(tmp_path, teacher_dir, text_file):
-    args = (*ON, "--set", "checkpoint.every=2", "--set", "distill.on_policy.fraction=0.7",
-            "--set", "distill.on_policy.max_new_tokens=6")
+    args = (
+        *ON,
+        "--set",
+        "checkpoint.every=2",
+        "--set",
+        "distill.on_policy.fraction=0.7",
+        "--set",
+        "distill.on_policy.max_new_tokens=6",
+    )
     whole = cli(*_args(teacher_dir, text_file, tmp_path / "whole", *args))
     assert whole.returncode == 0, whole.stderr[-2000:]
     first = run_cli(*_args(teacher_dir, text_file, tmp_path / "cut", *args, "--set", "debug.exit_after_step=3"))
     assert first.returncode != 0
-    resumed = cli(*_args(teacher_dir, text_file, tmp_path / "cut", *args, "--set", "debug.exit_after_step=null"),
-                  "--resume")
+    resumed = cli(
+        *_args(teacher_dir, text_file, tmp_path / "cut", *args, "--set", "debug.exit_after_step=null"), "--resume"
+    )
     assert resumed.returncode == 0, resumed.stderr[-2000:]
     a, b = _steps(tmp_path / "whole"), _steps(tmp_path / "cut")
     assert any(r["on_policy"] for r in a[2:])
@@ -92,16 +141,38 @@ def test_a_killed_on_policy_run_resumes_to_the_same_samples_and_weights(tmp_path
 
 def test_what_cannot_work_is_refused_before_anything_is_written(tmp_path, teacher_dir, text_file):
     one_error_line(cli(*_args(teacher_dir, text_file, tmp_path / "a", *ON, "--kd-weight", "0")), "kd_weight")
-    one_error_line(cli(*_args(teacher_dir, text_file, tmp_path / "b", *ON, "--set", "distill.on_policy.prompt_tokens=32")),
-               "prompt_tokens", "block")
-    one_error_line(cli(*_args(teacher_dir, text_file, tmp_path / "c", *ON, "--teacher-cache", str(tmp_path))),
-               "live teacher")
-    one_error_line(cli(*_args(teacher_dir, text_file, tmp_path / "d", "--set", "distill.on_policy.fraction=1.5")),
-               "fraction")
-    one_error_line(cli(*_args(teacher_dir, text_file, tmp_path / "e", *ON, "--set", "distill.on_policy.loss=sampled_token",
-                      "--set", "distill.on_policy.top_p=0.9")), "sampled_token", "top_p=1")
-    one_error_line(cli(*_args(teacher_dir, text_file, tmp_path / "f", *ON, "--set",
-                          "distill.on_policy.max_new_tokens=100000")), "max_new_tokens", "positions")
+    one_error_line(
+        cli(*_args(teacher_dir, text_file, tmp_path / "b", *ON, "--set", "distill.on_policy.prompt_tokens=32")),
+        "prompt_tokens",
+        "block",
+    )
+    one_error_line(
+        cli(*_args(teacher_dir, text_file, tmp_path / "c", *ON, "--teacher-cache", str(tmp_path))), "live teacher"
+    )
+    one_error_line(
+        cli(*_args(teacher_dir, text_file, tmp_path / "d", "--set", "distill.on_policy.fraction=1.5")), "fraction"
+    )
+    one_error_line(
+        cli(
+            *_args(
+                teacher_dir,
+                text_file,
+                tmp_path / "e",
+                *ON,
+                "--set",
+                "distill.on_policy.loss=sampled_token",
+                "--set",
+                "distill.on_policy.top_p=0.9",
+            )
+        ),
+        "sampled_token",
+        "top_p=1",
+    )
+    one_error_line(
+        cli(*_args(teacher_dir, text_file, tmp_path / "f", *ON, "--set", "distill.on_policy.max_new_tokens=100000")),
+        "max_new_tokens",
+        "positions",
+    )
     assert not any((tmp_path / n).exists() for n in "abcdef")
 
 
@@ -119,8 +190,20 @@ def test_a_prompt_completion_jsonl_gives_its_prompts_to_on_policy_steps(tmp_path
     out = tmp_path / "run"
     # blocks of 96 tokens hold whole records (a record longer than a block is split, and its
     # later pieces start with targets: no prompt to continue)
-    proc = cli(*_args(teacher_dir, data, out, *ON, "--set", "distill.on_policy.fraction=1", "--seed", "2",
-                      "--set", "data.block_size=96"))
+    proc = cli(
+        *_args(
+            teacher_dir,
+            data,
+            out,
+            *ON,
+            "--set",
+            "distill.on_policy.fraction=1",
+            "--seed",
+            "2",
+            "--set",
+            "data.block_size=96",
+        )
+    )
     assert proc.returncode == 0, proc.stderr[-2000:]
     lines = _steps(out)
     assert all(r["on_policy"] for r in lines) and all(r["generated_tokens"] > 0 for r in lines)
@@ -133,8 +216,18 @@ def test_nan_logits_while_the_student_writes_do_not_crash_the_step(tmp_path, tea
     """NaN in the student's logits during an on-policy step, generation included (torch's sampler
     refuses NaN probabilities): the tokens are still written and the step's loss decides. Here
     the poisoned entry is at a prompt position, which is no target: the step trains normally."""
-    proc = cli(*_args(teacher_dir, text_file, tmp_path / "run", *ON, "--set", "distill.on_policy.fraction=1",
-                      "--set", "debug.inject=[{step: 2, where: student_logits, value: nan}]"))
+    proc = cli(
+        *_args(
+            teacher_dir,
+            text_file,
+            tmp_path / "run",
+            *ON,
+            "--set",
+            "distill.on_policy.fraction=1",
+            "--set",
+            "debug.inject=[{step: 2, where: student_logits, value: nan}]",
+        )
+    )
     assert proc.returncode == 0, proc.stderr[-2000:]
     lines = _steps(tmp_path / "run")
     assert [r["step"] for r in lines] == list(range(6)) and not any(r.get("skipped") for r in lines)

@@ -44,32 +44,43 @@ def _rewrite(step_dir: Path, name: str, content: bytes | None) -> None:
 
 
 # --------------------------------------------------------------------------- checkpoints
-def test_resume_with_max_steps_below_the_checkpoint_is_refused_before_anything_is_written(unfinished_run,
-                                                                                          teacher_dir, text_file):
+def test_resume_with_max_steps_below_the_checkpoint_is_refused_before_anything_is_written(
+    unfinished_run, teacher_dir, text_file
+):
     before = _tree(unfinished_run)
-    one_error_line(cli(*_args(teacher_dir, text_file, unfinished_run, "--resume", steps=3)),
-                   "step-4 is at step 4, past this run's 3 steps", "--max-steps 4 or more")
+    one_error_line(
+        cli(*_args(teacher_dir, text_file, unfinished_run, "--resume", steps=3)),
+        "step-4 is at step 4, past this run's 3 steps",
+        "--max-steps 4 or more",
+    )
     assert _tree(unfinished_run) == before
 
 
 def test_a_crafted_trainer_state_is_one_line_saying_it_is_damaged(unfinished_run, teacher_dir, text_file):
     step_dir = unfinished_run / "checkpoints" / "step-4"
     state = json.loads((step_dir / "trainer_state.json").read_text())
-    for crafted, needle in (({**state, "step": "abc"}, "step is 'abc'"), ([1, 2], "a JSON list"),
-                            ({**state, "guard": {"nonsense": 1}}, "guard or health state"),
-                            ({**state, "guard": {**state["guard"], "lr_scale": float("nan")}}, "lr_scale is nan"),
-                            ({**state, "guard": {**state["guard"], "lr_scale": -1.0}}, "lr_scale is -1.0"),
-                            ({**state, "guard": {**state["guard"], "rollbacks": -2}}, "rollbacks is -2")):
+    for crafted, needle in (
+        ({**state, "step": "abc"}, "step is 'abc'"),
+        ([1, 2], "a JSON list"),
+        ({**state, "guard": {"nonsense": 1}}, "guard or health state"),
+        ({**state, "guard": {**state["guard"], "lr_scale": float("nan")}}, "lr_scale is nan"),
+        ({**state, "guard": {**state["guard"], "lr_scale": -1.0}}, "lr_scale is -1.0"),
+        ({**state, "guard": {**state["guard"], "rollbacks": -2}}, "rollbacks is -2"),
+    ):
         _rewrite(step_dir, "trainer_state.json", json.dumps(crafted).encode())
         before = _tree(unfinished_run)
-        one_error_line(cli(*_args(teacher_dir, text_file, unfinished_run, "--resume")),
-                       "trainer_state.json is damaged or was not written by lmdistill", needle,
-                       "resume from an older one")
+        one_error_line(
+            cli(*_args(teacher_dir, text_file, unfinished_run, "--resume")),
+            "trainer_state.json is damaged or was not written by lmdistill",
+            needle,
+            "resume from an older one",
+        )
         assert _tree(unfinished_run) == before
 
 
-def test_a_crafted_pickle_is_refused_without_suggesting_an_unsafe_load(unfinished_run, teacher_dir, text_file,
-                                                                       tmp_path):
+def test_a_crafted_pickle_is_refused_without_suggesting_an_unsafe_load(
+    unfinished_run, teacher_dir, text_file, tmp_path
+):
     import argparse
 
     import torch
@@ -77,13 +88,15 @@ def test_a_crafted_pickle_is_refused_without_suggesting_an_unsafe_load(unfinishe
     step_dir = unfinished_run / "checkpoints" / "step-4"
     torch.save({"state": argparse.Namespace(evil=True)}, tmp_path / "crafted.pt")
     _rewrite(step_dir, "optimizer.pt", (tmp_path / "crafted.pt").read_bytes())
-    line = one_error_line(cli(*_args(teacher_dir, text_file, unfinished_run, "--resume")),
-                          "optimizer.pt is not a checkpoint file lmdistill wrote", "was not loaded")
+    line = one_error_line(
+        cli(*_args(teacher_dir, text_file, unfinished_run, "--resume")),
+        "optimizer.pt is not a checkpoint file lmdistill wrote",
+        "was not loaded",
+    )
     assert "weights_only" not in line
 
 
-def test_a_crafted_optimizer_state_is_one_line_saying_it_is_damaged(unfinished_run, teacher_dir, text_file,
-                                                                     tmp_path):
+def test_a_crafted_optimizer_state_is_one_line_saying_it_is_damaged(unfinished_run, teacher_dir, text_file, tmp_path):
     import io
 
     import torch
@@ -92,24 +105,32 @@ def test_a_crafted_optimizer_state_is_one_line_saying_it_is_damaged(unfinished_r
     state = torch.load(step_dir / "optimizer.pt", weights_only=True)
 
     def crafted(change):
-        copy = {"state": {k: dict(v) for k, v in state["state"].items()},
-                "param_groups": [dict(g) for g in state["param_groups"]]}
+        copy = {
+            "state": {k: dict(v) for k, v in state["state"].items()},
+            "param_groups": [dict(g) for g in state["param_groups"]],
+        }
         change(copy)
         return copy
 
     def wrong_shape(s):  # the fused AdamW step dies of signal 11 on these (#37)
         s["state"][0]["exp_avg"] = torch.zeros(3)
 
-    for bad, needle in ((crafted(wrong_shape), "exp_avg of parameter 0 has shape (3,)"),
-                        (crafted(lambda s: s["param_groups"][0].update(lr=float("nan"))), "lr nan"),
-                        (crafted(lambda s: s["param_groups"][0].update(betas=(2, 5))), "betas (2, 5)"),
-                        (torch.zeros(3), "a Tensor, not an optimizer state dict")):
+    for bad, needle in (
+        (crafted(wrong_shape), "exp_avg of parameter 0 has shape (3,)"),
+        (crafted(lambda s: s["param_groups"][0].update(lr=float("nan"))), "lr nan"),
+        (crafted(lambda s: s["param_groups"][0].update(betas=(2, 5))), "betas (2, 5)"),
+        (torch.zeros(3), "a Tensor, not an optimizer state dict"),
+    ):
         buffer = io.BytesIO()
         torch.save(bad, buffer)
         _rewrite(step_dir, "optimizer.pt", buffer.getvalue())
         before = _tree(unfinished_run)
-        one_error_line(cli(*_args(teacher_dir, text_file, unfinished_run, "--resume")),
-                       "optimizer state is damaged or not lmdistill's", needle, "resume from an older one")
+        one_error_line(
+            cli(*_args(teacher_dir, text_file, unfinished_run, "--resume")),
+            "optimizer state is damaged or not lmdistill's",
+            needle,
+            "resume from an older one",
+        )
         assert _tree(unfinished_run) == before
 
 
@@ -125,8 +146,11 @@ def test_a_crafted_rng_state_is_one_line_saying_it_is_damaged(unfinished_run, te
         torch.save(bad, buffer)
         _rewrite(step_dir, "rng_state.pt", buffer.getvalue())
         before = _tree(unfinished_run)
-        one_error_line(cli(*_args(teacher_dir, text_file, unfinished_run, "--resume")),
-                       "rng_state.pt is damaged or was not written by lmdistill", "resume from an older one")
+        one_error_line(
+            cli(*_args(teacher_dir, text_file, unfinished_run, "--resume")),
+            "rng_state.pt is damaged or was not written by lmdistill",
+            "resume from an older one",
+        )
         assert _tree(unfinished_run) == before
 
 
@@ -152,8 +176,11 @@ def test_export_needs_only_the_weights_and_student_config(unfinished_run, tmp_pa
         proc = cli("export", str(target), str(tmp_path / out))
         assert proc.returncode == 0 and "warning" not in proc.stdout, proc.stdout + proc.stderr
     (step_dir / "model.safetensors").unlink()
-    line = one_error_line(cli("export", str(step_dir), str(tmp_path / "no-weights")), "model.safetensors: missing",
-                          "export needs the checkpoint's weights and student_config.json")
+    line = one_error_line(
+        cli("export", str(step_dir), str(tmp_path / "no-weights")),
+        "model.safetensors: missing",
+        "export needs the checkpoint's weights and student_config.json",
+    )
     assert "resume" not in line and "find_latest_valid" not in line
 
 
@@ -162,12 +189,22 @@ def test_eval_refuses_a_bidirectional_model_as_train_does(tmp_path, teacher_dir,
     from transformers import BertConfig, BertForMaskedLM
 
     bert = tmp_path / "bert"
-    BertForMaskedLM(BertConfig(vocab_size=len(tiny_tokenizer), hidden_size=32, num_hidden_layers=1,
-                               num_attention_heads=2, intermediate_size=64)).save_pretrained(bert)
+    BertForMaskedLM(
+        BertConfig(
+            vocab_size=len(tiny_tokenizer),
+            hidden_size=32,
+            num_hidden_layers=1,
+            num_attention_heads=2,
+            intermediate_size=64,
+        )
+    ).save_pretrained(bert)
     tiny_tokenizer.save_pretrained(bert)
     one_error_line(cli("eval", str(bert), "--max-blocks", "2", "--no-progress"), "model", "not a causal language model")
-    one_error_line(cli("eval", str(teacher_dir), "--teacher", str(bert), "--max-blocks", "2", "--no-progress"),
-                   "teacher", "not a causal language model")
+    one_error_line(
+        cli("eval", str(teacher_dir), "--teacher", str(bert), "--max-blocks", "2", "--no-progress"),
+        "teacher",
+        "not a causal language model",
+    )
 
 
 # --------------------------------------------------------------------------- the default teacher
@@ -178,12 +215,32 @@ def tiny_default_recipe(tmp_path, monkeypatch, corpus_texts):
     import lmdistill.default as default
 
     monkeypatch.setenv("LMDISTILL_HOME", str(tmp_path / "home"))
-    monkeypatch.setattr(default, "RECIPE", {
-        "version": 1, "tokenizer": {"type": "byte-level BPE", "vocab_size": 300, "min_frequency": 2},
-        "teacher": {"hidden_size": 16, "num_hidden_layers": 1, "num_attention_heads": 2, "num_key_value_heads": 2,
-                    "intermediate_size": 32, "max_position_embeddings": 64, "tie_word_embeddings": False},
-        "pretrain": {"block_size": 32, "batch_size": 8, "epochs": 1, "lr": 3e-3, "warmup_steps": 2, "seed": 1,
-                     "mixed_precision": "no"}})
+    monkeypatch.setattr(
+        default,
+        "RECIPE",
+        {
+            "version": 1,
+            "tokenizer": {"type": "byte-level BPE", "vocab_size": 300, "min_frequency": 2},
+            "teacher": {
+                "hidden_size": 16,
+                "num_hidden_layers": 1,
+                "num_attention_heads": 2,
+                "num_key_value_heads": 2,
+                "intermediate_size": 32,
+                "max_position_embeddings": 64,
+                "tie_word_embeddings": False,
+            },
+            "pretrain": {
+                "block_size": 32,
+                "batch_size": 8,
+                "epochs": 1,
+                "lr": 3e-3,
+                "warmup_steps": 2,
+                "seed": 1,
+                "mixed_precision": "no",
+            },
+        },
+    )
     for module in (default, lmdistill.data.sources):
         monkeypatch.setattr(module, "embedded_corpus_texts", lambda: corpus_texts[:3])
     return default
@@ -222,4 +279,5 @@ def test_an_interrupted_default_teacher_pretraining_continues_on_the_rerun(tiny_
     assert steps[0] == 3 and len(steps) > 1  # continued, not started over
     assert (dest / "model.safetensors").is_file()
     assert sorted(p.name for p in dest.parent.iterdir()) == sorted(
-        [dest.name, f"{dest.name}-pretraining-run", f".{dest.name}.lock"])  # no .work-* left
+        [dest.name, f"{dest.name}-pretraining-run", f".{dest.name}.lock"]
+    )  # no .work-* left

@@ -21,25 +21,36 @@ pytestmark = pytest.mark.real
 def test_the_gguf_converts_to_the_published_model(real_teacher_dir, real_teacher, real_tokenizer):
     config = json.loads((real_teacher_dir / "config.json").read_text())
     assert "quantization_config" not in config
-    assert (config["num_hidden_layers"], config["hidden_size"], config["num_attention_heads"],
-            config["num_key_value_heads"], config["vocab_size"], config["tie_word_embeddings"]) == (30, 576, 9, 3,
-                                                                                                  49152, True)
+    assert (
+        config["num_hidden_layers"],
+        config["hidden_size"],
+        config["num_attention_heads"],
+        config["num_key_value_heads"],
+        config["vocab_size"],
+        config["tie_word_embeddings"],
+    ) == (30, 576, 9, 3, 49152, True)
     assert real_teacher.lm_head.weight is real_teacher.model.embed_tokens.weight
     assert len(real_tokenizer) == 49152 and real_tokenizer.eos_token == "<|im_end|>"
-    prompt = real_tokenizer.apply_chat_template([{"role": "user", "content": "What is the capital of France?"}],
-                                                add_generation_prompt=True, return_dict=True, return_tensors="pt")
+    prompt = real_tokenizer.apply_chat_template(
+        [{"role": "user", "content": "What is the capital of France?"}],
+        add_generation_prompt=True,
+        return_dict=True,
+        return_tensors="pt",
+    )
     out = real_teacher.generate(**prompt, max_new_tokens=12, do_sample=False)
-    assert "Paris" in real_tokenizer.decode(out[0, prompt["input_ids"].shape[1]:])
+    assert "Paris" in real_tokenizer.decode(out[0, prompt["input_ids"].shape[1] :])
 
 
 def test_the_chat_mask_on_the_real_chatml_template_is_the_hand_count(real_tokenizer):
     from lmdistill.data.chat import encode_messages
 
     answers = ["The capital of France is Paris.", "About 2.1 million people live there."]
-    messages = [{"role": "user", "content": "What is the capital of France?"},
-                {"role": "assistant", "content": answers[0]},
-                {"role": "user", "content": "How many people live there?"},
-                {"role": "assistant", "content": answers[1]}]
+    messages = [
+        {"role": "user", "content": "What is the capital of France?"},
+        {"role": "assistant", "content": answers[0]},
+        {"role": "user", "content": "How many people live there?"},
+        {"role": "assistant", "content": answers[1]},
+    ]
     ids, mask = encode_messages(messages, real_tokenizer)
     # By hand: ChatML closes each turn with "<|im_end|>\n"; an assistant turn is trained on its
     # content and that close (the model learns to stop), not on "<|im_start|>assistant\n".
@@ -66,19 +77,29 @@ def _kept_rows(student_w: torch.Tensor, teacher_w: torch.Tensor, channels: list[
 def test_pruning_the_real_teacher_keeps_gqa_groups_and_tied_embeddings(real_teacher, real_tokenizer, corpus_texts):
     from lmdistill.models import prune
 
-    calibration = torch.tensor([real_tokenizer("\n".join(corpus_texts[:4])).input_ids[:4 * 48]]).reshape(4, 48)
-    depth = prune.prune_teacher(real_teacher, prune.student_config(real_teacher.config, {"num_hidden_layers": 15}),
-                                "importance", "importance", calibration)
+    calibration = torch.tensor([real_tokenizer("\n".join(corpus_texts[:4])).input_ids[: 4 * 48]]).reshape(4, 48)
+    depth = prune.prune_teacher(
+        real_teacher,
+        prune.student_config(real_teacher.config, {"num_hidden_layers": 15}),
+        "importance",
+        "importance",
+        calibration,
+    )
     assert len(depth.layers) == 15 and depth.layers == sorted(depth.layers)
     assert depth.model.lm_head.weight is depth.model.model.embed_tokens.weight  # still tied
     for s, t in enumerate(depth.layers):  # a depth cut copies whole layers
-        for (name, ws), (_, wt) in zip(depth.model.model.layers[s].state_dict().items(),
-                                       real_teacher.model.layers[t].state_dict().items()):
+        for (name, ws), (_, wt) in zip(
+            depth.model.model.layers[s].state_dict().items(), real_teacher.model.layers[t].state_dict().items()
+        ):
             assert torch.equal(ws, wt), name
     shape = {"hidden_size": 384, "intermediate_size": 1024, "num_attention_heads": 6, "num_key_value_heads": 2}
-    width = prune.prune_teacher(real_teacher, prune.student_config(real_teacher.config, {"num_hidden_layers": 4,
-                                                                                         **shape}),
-                                "uniform", "importance", calibration)
+    width = prune.prune_teacher(
+        real_teacher,
+        prune.student_config(real_teacher.config, {"num_hidden_layers": 4, **shape}),
+        "uniform",
+        "importance",
+        calibration,
+    )
     assert width.model.lm_head.weight is width.model.model.embed_tokens.weight
     assert torch.equal(width.model.model.embed_tokens.weight, real_teacher.model.embed_tokens.weight[:, width.channels])
     for s, t in enumerate(width.layers):
@@ -106,8 +127,13 @@ def real_runs(tmp_path_factory, real_teacher_dir, real_teacher, real_tokenizer, 
         cfg.model.teacher = str(real_teacher_dir)
         # 2 layers, a third of the width: the tied embedding (49,152 rows) stays the largest part,
         # and every checkpoint holds it three times (weights, AdamW's two moments)
-        cfg.model.student_config = {"num_hidden_layers": 2, "hidden_size": 192, "intermediate_size": 512,
-                                    "num_attention_heads": 3, "num_key_value_heads": 1}
+        cfg.model.student_config = {
+            "num_hidden_layers": 2,
+            "hidden_size": 192,
+            "intermediate_size": 512,
+            "num_attention_heads": 3,
+            "num_key_value_heads": 1,
+        }
         cfg.model.prune.layers, cfg.model.prune.width = "uniform", "first"
         cfg.data.path, cfg.data.block_size, cfg.data.max_tokens = str(text_file), 32, 2000
         cfg.data.store_dir = str(out.parent / "stores")  # a module fixture runs outside the per-test LMDISTILL_HOME

@@ -31,17 +31,42 @@ def small_text(tmp_path_factory, corpus_texts):
 
 
 def _train_args(teacher_dir, data, out, *extra, steps=STEPS):
-    return ("train", "--teacher", str(teacher_dir), "--data", str(data), "--output-dir", str(out),
-            "--batch-size", "2", "--grad-accum", "2", "--max-steps", str(steps), "--eval-every", "5",
-            "--set", "data.block_size=32", "--set", "checkpoint.every=1", "--set", "checkpoint.keep=2",
-            "--set", "model.student_config={num_hidden_layers: 1, hidden_size: 16, intermediate_size: 32, "
-                     "num_attention_heads: 2, num_key_value_heads: 2}",
-            "--no-progress", *extra)
+    return (
+        "train",
+        "--teacher",
+        str(teacher_dir),
+        "--data",
+        str(data),
+        "--output-dir",
+        str(out),
+        "--batch-size",
+        "2",
+        "--grad-accum",
+        "2",
+        "--max-steps",
+        str(steps),
+        "--eval-every",
+        "5",
+        "--set",
+        "data.block_size=32",
+        "--set",
+        "checkpoint.every=1",
+        "--set",
+        "checkpoint.keep=2",
+        "--set",
+        "model.student_config={num_hidden_layers: 1, hidden_size: 16, intermediate_size: 32, "
+        "num_attention_heads: 2, num_key_value_heads: 2}",
+        "--no-progress",
+        *extra,
+    )
 
 
 def _losses(run_dir):
-    return {r["step"]: (r["loss"], r["kd_loss"], r["ce_loss"], r["grad_norm"])
-            for r in read_jsonl(run_dir / "metrics.jsonl") if "loss" in r and "skipped" not in r}
+    return {
+        r["step"]: (r["loss"], r["kd_loss"], r["ce_loss"], r["grad_norm"])
+        for r in read_jsonl(run_dir / "metrics.jsonl")
+        if "loss" in r and "skipped" not in r
+    }
 
 
 def _weights(run_dir):
@@ -65,8 +90,9 @@ def test_run_crosses_an_epoch(uninterrupted):
 def test_resumed_run_is_bit_exact(tmp_path, teacher_dir, small_text, uninterrupted, stop_at):
     out = tmp_path / "resumed"
     log = tmp_path / "first.log"
-    first = run_cli_forked(*_train_args(teacher_dir, small_text, out, "--set", f"debug.exit_after_step={stop_at}"),
-                           log=str(log))
+    first = run_cli_forked(
+        *_train_args(teacher_dir, small_text, out, "--set", f"debug.exit_after_step={stop_at}"), log=str(log)
+    )
     assert first == 137, log.read_text()[-2000:]
     assert not (out / "student").exists()
     # A run killed mid-way still gets a report from what is on disk.
@@ -136,17 +162,18 @@ def test_corrupt_newest_checkpoint_falls_back(tmp_path, teacher_dir, small_text,
     assert all(torch.equal(want[k], got[k]) for k in want)
 
 
-def test_failing_disk_write_stops_cleanly_and_keeps_the_previous_checkpoint(tmp_path, teacher_dir, small_text,
-                                                                           monkeypatch):
+def test_failing_disk_write_stops_cleanly_and_keeps_the_previous_checkpoint(
+    tmp_path, teacher_dir, small_text, monkeypatch
+):
     import errno
 
-    import lmdistill.training.checkpoint as ckpt_mod
+    import lmdistill.core.files as files
     from lmdistill.config import Config
     from lmdistill.core.errors import CheckpointError
     from lmdistill.training.checkpoint import find_latest_valid, load_checkpoint
     from lmdistill.training.trainer import train
 
-    real_write = ckpt_mod._write_file
+    real_write = files.write_file
     calls = {"n": 0}
 
     def flaky_write(path, write):
@@ -155,12 +182,23 @@ def test_failing_disk_write_stops_cleanly_and_keeps_the_previous_checkpoint(tmp_
         calls["n"] += 1
         return real_write(path, write)
 
-    monkeypatch.setattr(ckpt_mod, "_write_file", flaky_write)
+    monkeypatch.setattr(files, "write_file", flaky_write)  # what a checkpoint's files are written with
     out = tmp_path / "run"
-    cfg = Config.load(None, [f"model.teacher={teacher_dir}", f"data.path={small_text}", f"run.output_dir={out}",
-                             "run.device=cpu", "data.block_size=32", "train.batch_size=2", "train.max_steps=6",
-                             "checkpoint.every=1", "model.student_config={num_hidden_layers: 1, hidden_size: 16, "
-                             "intermediate_size: 32, num_attention_heads: 2, num_key_value_heads: 2}"])
+    cfg = Config.load(
+        None,
+        [
+            f"model.teacher={teacher_dir}",
+            f"data.path={small_text}",
+            f"run.output_dir={out}",
+            "run.device=cpu",
+            "data.block_size=32",
+            "train.batch_size=2",
+            "train.max_steps=6",
+            "checkpoint.every=1",
+            "model.student_config={num_hidden_layers: 1, hidden_size: 16, "
+            "intermediate_size: 32, num_attention_heads: 2, num_key_value_heads: 2}",
+        ],
+    )
     with pytest.raises(CheckpointError) as info:
         train(cfg, progress=False, print_summary=False)
     message = str(info.value)

@@ -15,22 +15,43 @@ from forked import run_cli_forked
 from lmdistill.config import GuardConfig
 from lmdistill.training.guards import Guard, StepStats
 
-HALF = ("model.student_config={num_hidden_layers: 1, hidden_size: 24, intermediate_size: 48, "
-        "num_attention_heads: 1, num_key_value_heads: 1}")
+HALF = (
+    "model.student_config={num_hidden_layers: 1, hidden_size: 24, intermediate_size: 48, "
+    "num_attention_heads: 1, num_key_value_heads: 1}"
+)
 
 
 def _train(teacher_dir, text_file, out, *extra, steps=4):
-    return cli("train", "--teacher", str(teacher_dir), "--data", str(text_file), "--output-dir", str(out),
-               "--batch-size", "2", "--max-steps", str(steps), "--set", "data.block_size=32",
-               "--set", "model.student_init=teacher", "--no-progress", *extra)
+    return cli(
+        "train",
+        "--teacher",
+        str(teacher_dir),
+        "--data",
+        str(text_file),
+        "--output-dir",
+        str(out),
+        "--batch-size",
+        "2",
+        "--max-steps",
+        str(steps),
+        "--set",
+        "data.block_size=32",
+        "--set",
+        "model.student_init=teacher",
+        "--no-progress",
+        *extra,
+    )
 
 
 def test_a_student_of_the_teacher_shape_starts_as_the_teacher(tmp_path, teacher_dir, text_file):
     config = json.loads((teacher_dir / "config.json").read_text())
-    shape = {k: config[k] for k in ("num_hidden_layers", "hidden_size", "intermediate_size", "num_attention_heads",
-                                    "num_key_value_heads")}
-    proc = _train(teacher_dir, text_file, tmp_path / "run", "--set", f"model.student_config={json.dumps(shape)}",
-                  steps=1)
+    shape = {
+        k: config[k]
+        for k in ("num_hidden_layers", "hidden_size", "intermediate_size", "num_attention_heads", "num_key_value_heads")
+    }
+    proc = _train(
+        teacher_dir, text_file, tmp_path / "run", "--set", f"model.student_config={json.dumps(shape)}", steps=1
+    )
     assert proc.returncode == 0, proc.stderr
     initial = json.loads((tmp_path / "run" / "run.json").read_text())["initial"]
     assert initial["eval_ce_loss"] == initial["teacher_ce_loss"]
@@ -61,8 +82,20 @@ def test_hidden_term_is_logged_reported_and_left_out_of_the_export(tmp_path, tea
 
 def test_projection_starts_as_the_inverse_of_width_pruning(tmp_path, teacher_dir, text_file):
     run = tmp_path / "run"
-    proc = _train(teacher_dir, text_file, run, "--set", HALF, "--set", "distill.hidden.weight=0.5",
-                  "--set", "checkpoint.every=1", "--set", "train.lr=1e-12", steps=1)
+    proc = _train(
+        teacher_dir,
+        text_file,
+        run,
+        "--set",
+        HALF,
+        "--set",
+        "distill.hidden.weight=0.5",
+        "--set",
+        "checkpoint.every=1",
+        "--set",
+        "train.lr=1e-12",
+        steps=1,
+    )
     assert proc.returncode == 0, proc.stderr
     (weight,) = load((run / "checkpoints" / "step-1" / "hidden_projection.safetensors").read_bytes()).values()
     # one 1 per student channel (column), in distinct teacher channels (rows); ~0 elsewhere
@@ -76,15 +109,41 @@ def test_projection_starts_as_the_inverse_of_width_pruning(tmp_path, teacher_dir
 
 @pytest.mark.slow
 def test_resume_with_the_hidden_term_is_bit_exact(tmp_path, teacher_dir, text_file):
-    args = ("--set", HALF, "--set", "distill.hidden.weight=1.0", "--set", "checkpoint.every=1",
-            "--set", "checkpoint.keep=8")
+    args = (
+        "--set",
+        HALF,
+        "--set",
+        "distill.hidden.weight=1.0",
+        "--set",
+        "checkpoint.every=1",
+        "--set",
+        "checkpoint.keep=8",
+    )
     straight = tmp_path / "straight"
     assert _train(teacher_dir, text_file, straight, *args, steps=6).returncode == 0
     resumed = tmp_path / "resumed"
-    first = run_cli_forked("train", "--teacher", str(teacher_dir), "--data", str(text_file), "--output-dir",
-                           str(resumed), "--batch-size", "2", "--max-steps", "6", "--set", "data.block_size=32",
-                           "--set", "model.student_init=teacher", "--no-progress", *args,
-                           "--set", "debug.exit_after_step=3", log=str(tmp_path / "first.log"))
+    first = run_cli_forked(
+        "train",
+        "--teacher",
+        str(teacher_dir),
+        "--data",
+        str(text_file),
+        "--output-dir",
+        str(resumed),
+        "--batch-size",
+        "2",
+        "--max-steps",
+        "6",
+        "--set",
+        "data.block_size=32",
+        "--set",
+        "model.student_init=teacher",
+        "--no-progress",
+        *args,
+        "--set",
+        "debug.exit_after_step=3",
+        log=str(tmp_path / "first.log"),
+    )
     assert first == 137, (tmp_path / "first.log").read_text()[-2000:]
     proc = _train(teacher_dir, text_file, resumed, *args, "--resume", steps=6)
     assert proc.returncode == 0, proc.stderr
@@ -105,15 +164,27 @@ def test_resume_with_the_hidden_term_is_bit_exact(tmp_path, teacher_dir, text_fi
         assert all(torch.equal(want[k][n], got[k][n]) for n in ("exp_avg", "exp_avg_sq", "step")), k
 
 
-@pytest.mark.parametrize("layers, message", [
-    ("[[3, 0]]", "student layer 3"),
-    ("[[0, 9]]", "teacher layer 9"),
-    ("[[0, 0], [0, 1]]", "listed twice"),
-    ("[0, 1]", "is not a [student_layer, teacher_layer] pair"),
-])
+@pytest.mark.parametrize(
+    "layers, message",
+    [
+        ("[[3, 0]]", "student layer 3"),
+        ("[[0, 9]]", "teacher layer 9"),
+        ("[[0, 0], [0, 1]]", "listed twice"),
+        ("[0, 1]", "is not a [student_layer, teacher_layer] pair"),
+    ],
+)
 def test_bad_layer_maps_are_refused_before_anything_is_written(tmp_path, teacher_dir, text_file, layers, message):
-    proc = _train(teacher_dir, text_file, tmp_path / "run", "--set", HALF, "--set", "distill.hidden.weight=1",
-                  "--set", f"distill.hidden.layers={layers}")
+    proc = _train(
+        teacher_dir,
+        text_file,
+        tmp_path / "run",
+        "--set",
+        HALF,
+        "--set",
+        "distill.hidden.weight=1",
+        "--set",
+        f"distill.hidden.layers={layers}",
+    )
     assert proc.returncode == 2
     assert message in proc.stderr and "distill.hidden.layers" in proc.stderr
     assert len(proc.stderr.strip().splitlines()) == 1
@@ -122,8 +193,9 @@ def test_bad_layer_maps_are_refused_before_anything_is_written(tmp_path, teacher
 
 def test_a_nonfinite_hidden_term_skips_the_step():
     guard = Guard(GuardConfig())
-    stats = StepStats(loss=1.0, kd=0.5, kd_unscaled=0.2, ce=1.5, grad_norm=0.3, teacher_nonfinite=False,
-                      hidden=math.nan)
+    stats = StepStats(
+        loss=1.0, kd=0.5, kd_unscaled=0.2, ce=1.5, grad_norm=0.3, teacher_nonfinite=False, hidden=math.nan
+    )
     decision = guard.decide(stats)
     assert decision.action == "skip" and decision.term == "hidden"
     assert Guard(GuardConfig()).decide(StepStats(1.0, 0.5, 0.2, 1.5, 0.3, False, hidden=0.7)).action == "step"
@@ -137,8 +209,19 @@ def test_student_init_teacher_with_a_named_student_is_refused(tmp_path, teacher_
 
 def test_prune_command_writes_a_loadable_student_and_prints_importances(tmp_path, teacher_dir, text_file):
     out = tmp_path / "pruned"
-    proc = cli("prune", "--teacher", str(teacher_dir), "--data", str(text_file), "--out", str(out),
-               "--set", "data.block_size=32", "--set", "model.student_config={num_hidden_layers: 1}")
+    proc = cli(
+        "prune",
+        "--teacher",
+        str(teacher_dir),
+        "--data",
+        str(text_file),
+        "--out",
+        str(out),
+        "--set",
+        "data.block_size=32",
+        "--set",
+        "model.student_config={num_hidden_layers: 1}",
+    )
     assert proc.returncode == 0, proc.stderr
     assert "teacher layer   0  influence" in proc.stdout and "teacher layer   1  influence" in proc.stdout
     assert proc.stdout.count("-> student layer 0") == 1
@@ -154,8 +237,11 @@ def test_prune_refuses_outputs_it_cannot_use(tmp_path, teacher_dir, text_file, m
     empty = tmp_path / "empty"
     empty.mkdir()
     monkeypatch.chdir(empty)
-    for out, message in ((".", "is the current directory"), ("", "empty path"),
-                         (str(text_file / "s"), "is a file, not a directory")):
+    for out, message in (
+        (".", "is the current directory"),
+        ("", "empty path"),
+        (str(text_file / "s"), "is a file, not a directory"),
+    ):
         proc = cli(*base, "--out", out)
         assert proc.returncode == 2 and message in proc.stderr, (out, proc.stderr)
         assert len(proc.stderr.strip().splitlines()) == 1

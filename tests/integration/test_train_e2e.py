@@ -14,8 +14,18 @@ from safetensors.torch import load_file
 
 from conftest import cli, read_jsonl
 
-TRAIN_KEYS = {"step", "epoch", "temperature", "lr", "loss", "kd_loss", "kd_loss_unscaled", "ce_loss", "grad_norm",
-              "tokens_per_s"}
+TRAIN_KEYS = {
+    "step",
+    "epoch",
+    "temperature",
+    "lr",
+    "loss",
+    "kd_loss",
+    "kd_loss_unscaled",
+    "ce_loss",
+    "grad_norm",
+    "tokens_per_s",
+}
 EVAL_KEYS = {"step", "eval_ce_loss", "eval_ppl", "eval_kd_loss", "teacher_ppl"}
 
 
@@ -27,11 +37,29 @@ def _file_digests(directory):
 def e2e_run(tmp_path_factory, teacher_dir, text_file):
     out = tmp_path_factory.mktemp("e2e") / "run"
     teacher_files_before = _file_digests(teacher_dir)
-    proc = cli("train", "--teacher", str(teacher_dir), "--data", str(text_file), "--output-dir", str(out),
-                   "--batch-size", "4", "--max-steps", "40", "--eval-every", "10", "--lr", "3e-3",
-                   "--set", "data.block_size=64", "--set", "model.student_config={num_hidden_layers: 1, "
-                   "hidden_size: 32, intermediate_size: 64, num_attention_heads: 2, num_key_value_heads: 2}",
-                   "--no-progress")
+    proc = cli(
+        "train",
+        "--teacher",
+        str(teacher_dir),
+        "--data",
+        str(text_file),
+        "--output-dir",
+        str(out),
+        "--batch-size",
+        "4",
+        "--max-steps",
+        "40",
+        "--eval-every",
+        "10",
+        "--lr",
+        "3e-3",
+        "--set",
+        "data.block_size=64",
+        "--set",
+        "model.student_config={num_hidden_layers: 1, "
+        "hidden_size: 32, intermediate_size: 64, num_attention_heads: 2, num_key_value_heads: 2}",
+        "--no-progress",
+    )
     return proc, out, teacher_files_before
 
 
@@ -100,8 +128,14 @@ def test_run_directory_contract(e2e_run):
     assert cfg["train"]["max_steps"] == 40 and cfg["distill"]["temperature"] == 2.0
     assert set(cfg) >= {"run", "model", "data", "distill", "train", "guard", "health", "checkpoint"}
     health = json.loads((out / "health.json").read_text())
-    assert {c["name"] for c in health["checks"]} == {"start_loss", "loss_spike", "nonfinite", "eval_ppl",
-                                                     "loss_plateau", "teacher_ppl"}
+    assert {c["name"] for c in health["checks"]} == {
+        "start_loss",
+        "loss_spike",
+        "nonfinite",
+        "eval_ppl",
+        "loss_plateau",
+        "teacher_ppl",
+    }
     assert health["verdict"] in ("healthy", "attention")
     assert list((out / "tensorboard").glob("events.out.tfevents.*"))
     run = json.loads((out / "run.json").read_text())
@@ -113,8 +147,18 @@ def test_run_directory_contract(e2e_run):
 def test_finished_run_directory_is_not_overwritten(e2e_run, teacher_dir, text_file):
     _, out, _ = e2e_run
     weights = load_file(out / "student" / "model.safetensors")
-    proc = cli("train", "--teacher", str(teacher_dir), "--data", str(text_file), "--output-dir", str(out),
-                   "--max-steps", "2", "--no-progress")
+    proc = cli(
+        "train",
+        "--teacher",
+        str(teacher_dir),
+        "--data",
+        str(text_file),
+        "--output-dir",
+        str(out),
+        "--max-steps",
+        "2",
+        "--no-progress",
+    )
     assert proc.returncode == 2
     assert "already holds a finished run" in proc.stderr and "--overwrite" in proc.stderr
     assert "Traceback" not in proc.stderr
@@ -129,9 +173,20 @@ def test_tensorboard_holds_every_metric(e2e_run):
     acc = EventAccumulator(str(out / "tensorboard"))
     acc.Reload()
     tags = set(acc.Tags()["scalars"])
-    for tag in ("train/loss", "train/kd_loss", "train/kd_loss_unscaled", "train/ce_loss", "train/grad_norm",
-                "schedule/temperature", "schedule/lr", "speed/tokens_per_s", "eval/eval_ppl", "eval/eval_ce_loss",
-                "eval/teacher_ppl", "eval/top1_agreement"):
+    for tag in (
+        "train/loss",
+        "train/kd_loss",
+        "train/kd_loss_unscaled",
+        "train/ce_loss",
+        "train/grad_norm",
+        "schedule/temperature",
+        "schedule/lr",
+        "speed/tokens_per_s",
+        "eval/eval_ppl",
+        "eval/eval_ce_loss",
+        "eval/teacher_ppl",
+        "eval/top1_agreement",
+    ):
         assert tag in tags, tag
     losses = [e.value for e in acc.Scalars("train/loss")]
     logged = [r["loss"] for r in read_jsonl(out / "metrics.jsonl") if "loss" in r]
@@ -149,8 +204,7 @@ def test_report_and_plots_match_metrics(e2e_run):
     assert f"{last['eval_ppl']:.4g}" in report and f"{last['teacher_ppl']:.4g}" in report
     assert f"{last['eval_ce_loss']:.4f}" in report
     pngs = sorted((out / "plots").glob("*.png"))
-    assert {p.name for p in pngs} >= {"losses.png", "schedule.png", "grad_norm.png", "perplexity.png",
-                                      "throughput.png"}
+    assert {p.name for p in pngs} >= {"losses.png", "schedule.png", "grad_norm.png", "perplexity.png", "throughput.png"}
     for png in pngs:
         image = mpimg.imread(png)
         assert image.shape[0] > 200 and image.shape[1] > 300
@@ -171,8 +225,19 @@ def test_report_command_compares_two_runs(e2e_run, teacher_dir):
 
 def test_eval_command_on_the_run(e2e_run, text_file, teacher_dir):
     _, out, _ = e2e_run
-    proc = cli("eval", str(out), "--data", str(text_file), "--teacher", str(teacher_dir), "--block-size", "64",
-                   "--max-blocks", "8", "--no-progress")
+    proc = cli(
+        "eval",
+        str(out),
+        "--data",
+        str(text_file),
+        "--teacher",
+        str(teacher_dir),
+        "--block-size",
+        "64",
+        "--max-blocks",
+        "8",
+        "--no-progress",
+    )
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert "perplexity" in proc.stdout and "top-1 agreement" in proc.stdout
 

@@ -17,14 +17,20 @@ def test_packed_blocks_have_a_target_at_every_position():
 
 
 def test_padding_and_prompt_positions_get_no_target():
-    ids = torch.tensor([[0, 0, 3, 1, 4, 2],    # left padding, prompt [3, 1], completion [4, 2]
-                        [3, 1, 5, 9, 0, 0]])   # prompt [3, 1], completion [5, 9], right padding
+    ids = torch.tensor(
+        [
+            [0, 0, 3, 1, 4, 2],  # left padding, prompt [3, 1], completion [4, 2]
+            [3, 1, 5, 9, 0, 0],
+        ]
+    )  # prompt [3, 1], completion [5, 9], right padding
     attention = torch.tensor([[0, 0, 1, 1, 1, 1], [1, 1, 1, 1, 0, 0]])
     completion = torch.tensor([[0, 0, 0, 0, 1, 1], [0, 0, 1, 1, 0, 0]])
     batch = Batch.from_ids(ids, attention, loss_mask=completion)
     # Position i predicts token i + 1: only completion tokens are targets.
-    assert batch.targets.tolist() == [[IGNORE_INDEX, IGNORE_INDEX, IGNORE_INDEX, 4, 2],
-                                      [IGNORE_INDEX, 5, 9, IGNORE_INDEX, IGNORE_INDEX]]
+    assert batch.targets.tolist() == [
+        [IGNORE_INDEX, IGNORE_INDEX, IGNORE_INDEX, 4, 2],
+        [IGNORE_INDEX, 5, 9, IGNORE_INDEX, IGNORE_INDEX],
+    ]
     assert batch.num_targets == 4 and not batch.all_valid
     assert ids.tolist()[0] == [0, 0, 3, 1, 4, 2]  # the input ids are not modified
     padded_only = Batch.from_ids(ids, attention)

@@ -100,16 +100,19 @@ def test_none_valued_keys_and_tuples_are_accepted(tok):
     assert encode_messages(messages, tok) == encode_messages(TWO_TURNS, tok)
 
 
-@pytest.mark.parametrize("messages, match", [
-    ("hello", r"messages must be a list of \{role, content\} messages; found a str"),
-    ({"role": "user", "content": "hi"}, "found a dict"),
-    ([], r"messages is an empty list; give its \{role, content\} messages or leave the record out"),
-    (["hi"], r"messages\[0\] is a str, not a \{role, content\} message"),
-    ([{"content": "hi"}], r"messages\[0\] has no role"),
-    ([{"role": "user", "content": "hi"}, {"role": "assistant"}], r"messages\[1\] has no content"),
-    ([{"role": "user", "content": ["a", "b"]}], r"messages\[0\]\.content is a list, not a string"),
-    ([{"role": 1, "content": "hi"}], r"messages\[0\]\.role is an int, not a string"),
-])
+@pytest.mark.parametrize(
+    "messages, match",
+    [
+        ("hello", r"messages must be a list of \{role, content\} messages; found a str"),
+        ({"role": "user", "content": "hi"}, "found a dict"),
+        ([], r"messages is an empty list; give its \{role, content\} messages or leave the record out"),
+        (["hi"], r"messages\[0\] is a str, not a \{role, content\} message"),
+        ([{"content": "hi"}], r"messages\[0\] has no role"),
+        ([{"role": "user", "content": "hi"}, {"role": "assistant"}], r"messages\[1\] has no content"),
+        ([{"role": "user", "content": ["a", "b"]}], r"messages\[0\]\.content is a list, not a string"),
+        ([{"role": 1, "content": "hi"}], r"messages\[0\]\.role is an int, not a string"),
+    ],
+)
 def test_bad_messages(tok, messages, match):
     with pytest.raises(LmdistillError, match=match) as info:
         encode_messages(messages, tok)
@@ -169,11 +172,14 @@ def test_conversational_prompt_completion_trains_on_the_completion_only(tok):
         encode_prompt_completion(prompt, [], tok)
 
 
-@pytest.mark.parametrize("prompt, completion, found", [
-    ("Hi", [{"role": "assistant", "content": "Hello"}], "found a str and a list"),
-    ([{"role": "user", "content": "Hi"}], "Hello", "found a list and a str"),
-    ("Hi", None, "found a str and null"),
-])
+@pytest.mark.parametrize(
+    "prompt, completion, found",
+    [
+        ("Hi", [{"role": "assistant", "content": "Hello"}], "found a str and a list"),
+        ([{"role": "user", "content": "Hi"}], "Hello", "found a list and a str"),
+        ("Hi", None, "found a str and null"),
+    ],
+)
 def test_mixed_prompt_completion_types(tok, prompt, completion, found):
     with pytest.raises(LmdistillError, match=f"both strings or both lists of messages; {found}"):
         encode_prompt_completion(prompt, completion, tok)
@@ -192,8 +198,9 @@ def test_record_format():
 
 def test_encode_record_dispatches(tok):
     assert encode_record({"messages": TWO_TURNS}, tok, "messages") == encode_messages(TWO_TURNS, tok)
-    assert (encode_record({"prompt": "a b", "completion": " c"}, tok, "prompt_completion")
-            == encode_prompt_completion("a b", " c", tok))
+    assert encode_record({"prompt": "a b", "completion": " c"}, tok, "prompt_completion") == encode_prompt_completion(
+        "a b", " c", tok
+    )
     ids, mask = encode_record({"body": "plain text"}, tok, "text", text_field="body")
     assert ids == ids_of(tok, "plain text") + [tok.eos_token_id] and mask == [1] * len(ids)
     assert encode_record({"text": ""}, tok, "text") == ([], [])

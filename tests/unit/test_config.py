@@ -15,6 +15,7 @@ from lmdistill.core.errors import LmdistillError
 REPO = Path(__file__).resolve().parents[2]
 PRESETS = sorted((REPO / "configs").glob("*.yaml"))
 
+
 def _preset_param(path: Path):
     return pytest.param(path, id=path.name)
 
@@ -22,11 +23,11 @@ def _preset_param(path: Path):
 def all_keys() -> list[tuple[str, str]]:
     """(section, key) of every settable key, subsection keys as 'hidden.weight'."""
     cfg = Config()
-    return [(s.name, dotted) for s in dataclasses.fields(cfg)
-            for dotted, _ in leaf_fields(getattr(cfg, s.name))]
+    return [(s.name, dotted) for s in dataclasses.fields(cfg) for dotted, _ in leaf_fields(getattr(cfg, s.name))]
 
 
 # ---- presets -------------------------------------------------------------------------------
+
 
 def test_there_are_presets():
     assert PRESETS, f"no YAML presets in {REPO / 'configs'}; every shipped preset is loaded by the tests below"
@@ -58,12 +59,16 @@ def test_preset_starts_with_the_command_that_runs_it(path):
 
 # ---- unknown keys and suggestions ----------------------------------------------------------
 
-@pytest.mark.parametrize("key, suggestion", [
-    ("distill.temprature", "distill.temperature"),
-    ("distill.temperture", "distill.temperature"),
-    ("train.lr_schedul", "train.lr_schedule"),
-    ("data.blocksize", "data.block_size"),
-])
+
+@pytest.mark.parametrize(
+    "key, suggestion",
+    [
+        ("distill.temprature", "distill.temperature"),
+        ("distill.temperture", "distill.temperature"),
+        ("train.lr_schedul", "train.lr_schedule"),
+        ("data.blocksize", "data.block_size"),
+    ],
+)
 def test_typo_suggests_the_nearest_key(key, suggestion):
     with pytest.raises(ConfigError, match=rf"unknown config key '{key}'; did you mean '{suggestion}'"):
         Config().set(key, 1)
@@ -74,11 +79,14 @@ def test_typo_in_a_section_name_suggests_the_section():
         Config.from_dict({"distil": {"temperature": 3.0}})
 
 
-@pytest.mark.parametrize("key, suggestion", [
-    ("train.temperature", "distill.temperature"),
-    ("data.kd_weight", "distill.kd_weight"),
-    ("run.warmup_steps", "train.warmup_steps"),
-])
+@pytest.mark.parametrize(
+    "key, suggestion",
+    [
+        ("train.temperature", "distill.temperature"),
+        ("data.kd_weight", "distill.kd_weight"),
+        ("run.warmup_steps", "train.warmup_steps"),
+    ],
+)
 def test_right_key_in_wrong_section_suggests_the_right_section(key, suggestion):
     with pytest.raises(ConfigError, match=rf"did you mean '{suggestion}'"):
         Config().set(key, 1)
@@ -115,18 +123,26 @@ def test_config_error_is_a_user_error():
 
 # ---- types ---------------------------------------------------------------------------------
 
-@pytest.mark.parametrize("key, value, expected", [
-    ("train.batch_size", "eight", "expected a whole number"),
-    ("train.batch_size", 2.5, "expected a whole number"),
-    ("train.batch_size", True, "expected a whole number"),
-    ("train.batch_size", None, "expected a whole number"),
-    ("run.overwrite", "yes", "expected true or false"),
-    ("distill.temperature", "hot", "expected a number"),
-    ("train.betas", 0.9, "expected a list"),
-    ("model.student_config", [1, 2], "expected a mapping"),
-    ("distill.divergence", "kl", "choose one of 'forward_kl', 'reverse_kl', 'jsd', 'skew_kl', 'skew_reverse_kl', 'tvd'"),
-    ("run.device", "tpu", "choose one of"),
-])
+
+@pytest.mark.parametrize(
+    "key, value, expected",
+    [
+        ("train.batch_size", "eight", "expected a whole number"),
+        ("train.batch_size", 2.5, "expected a whole number"),
+        ("train.batch_size", True, "expected a whole number"),
+        ("train.batch_size", None, "expected a whole number"),
+        ("run.overwrite", "yes", "expected true or false"),
+        ("distill.temperature", "hot", "expected a number"),
+        ("train.betas", 0.9, "expected a list"),
+        ("model.student_config", [1, 2], "expected a mapping"),
+        (
+            "distill.divergence",
+            "kl",
+            "choose one of 'forward_kl', 'reverse_kl', 'jsd', 'skew_kl', 'skew_reverse_kl', 'tvd'",
+        ),
+        ("run.device", "tpu", "choose one of"),
+    ],
+)
 def test_wrong_types_are_rejected_naming_key_and_value(key, value, expected):
     with pytest.raises(ConfigError) as info:
         Config().set(key, value)
@@ -172,20 +188,24 @@ def test_section_must_be_a_mapping():
 
 # ---- values --------------------------------------------------------------------------------
 
-@pytest.mark.parametrize("overrides, key", [
-    (["distill.temperature=0"], "distill.temperature"),
-    (["distill.temperature=-1"], "distill.temperature"),
-    (["distill.temperature=.inf"], "distill.temperature"),
-    (["distill.min_temperature=0"], "distill.min_temperature"),
-    (["distill.kd_weight=1.5"], "distill.kd_weight"),
-    (["distill.kd_weight=-0.1"], "distill.kd_weight"),
-    (["train.batch_size=0"], "train.batch_size"),
-    (["train.lr=0"], "train.lr"),
-    (["data.block_size=1"], "data.block_size"),
-    (["data.eval_fraction=1.0"], "data.eval_fraction"),
-    (["train.betas=[0.9]"], "train.betas"),
-    (["guard.spike_factor=1.0"], "guard.spike_factor"),
-])
+
+@pytest.mark.parametrize(
+    "overrides, key",
+    [
+        (["distill.temperature=0"], "distill.temperature"),
+        (["distill.temperature=-1"], "distill.temperature"),
+        (["distill.temperature=.inf"], "distill.temperature"),
+        (["distill.min_temperature=0"], "distill.min_temperature"),
+        (["distill.kd_weight=1.5"], "distill.kd_weight"),
+        (["distill.kd_weight=-0.1"], "distill.kd_weight"),
+        (["train.batch_size=0"], "train.batch_size"),
+        (["train.lr=0"], "train.lr"),
+        (["data.block_size=1"], "data.block_size"),
+        (["data.eval_fraction=1.0"], "data.eval_fraction"),
+        (["train.betas=[0.9]"], "train.betas"),
+        (["guard.spike_factor=1.0"], "guard.spike_factor"),
+    ],
+)
 def test_invalid_values_name_the_key(overrides, key):
     with pytest.raises(ConfigError, match=key.replace(".", r"\.")):
         Config.load(overrides=overrides)
@@ -207,6 +227,7 @@ def test_defaults_validate_and_match_the_seed():
 
 
 # ---- files and overrides -------------------------------------------------------------------
+
 
 def test_invalid_yaml_is_a_config_error_with_line(tmp_path):
     path = tmp_path / "broken.yaml"
@@ -252,21 +273,33 @@ def test_overrides_apply_after_the_file(tmp_path):
 
 # ---- debug.inject --------------------------------------------------------------------------
 
+
 def test_valid_injection_passes():
-    cfg = Config.from_dict({"debug": {"inject": [{"step": 3, "where": "loss", "value": "nan"},
-                                                 {"step": 0, "where": "grad", "value": "-inf", "rank": 1}],
-                                      "loss_multiplier": {30: 4.0}}})
+    cfg = Config.from_dict(
+        {
+            "debug": {
+                "inject": [
+                    {"step": 3, "where": "loss", "value": "nan"},
+                    {"step": 0, "where": "grad", "value": "-inf", "rank": 1},
+                ],
+                "loss_multiplier": {30: 4.0},
+            }
+        }
+    )
     cfg.validate()
 
 
-@pytest.mark.parametrize("entry, match", [
-    ({"step": 3, "where": "logits", "value": "nan"}, r"where = 'logits' must be one of"),
-    ({"step": 3, "where": "loss", "value": "zero"}, r"value = 'zero' must be nan, inf or -inf"),
-    ({"step": -1, "where": "loss"}, r"step = -1 must be a step number >= 0"),
-    ({"step": "3", "where": "loss"}, r"step = '3' must be a step number"),
-    ({"step": 3, "where": "loss", "when": 1}, r"debug.inject\[0\]"),
-    ("step 3", r"debug.inject\[0\]"),
-])
+@pytest.mark.parametrize(
+    "entry, match",
+    [
+        ({"step": 3, "where": "logits", "value": "nan"}, r"where = 'logits' must be one of"),
+        ({"step": 3, "where": "loss", "value": "zero"}, r"value = 'zero' must be nan, inf or -inf"),
+        ({"step": -1, "where": "loss"}, r"step = -1 must be a step number >= 0"),
+        ({"step": "3", "where": "loss"}, r"step = '3' must be a step number"),
+        ({"step": 3, "where": "loss", "when": 1}, r"debug.inject\[0\]"),
+        ("step 3", r"debug.inject\[0\]"),
+    ],
+)
 def test_invalid_injection_is_rejected(entry, match):
     cfg = Config.from_dict({"debug": {"inject": [entry]}})
     with pytest.raises(ConfigError, match=match):
@@ -280,6 +313,7 @@ def test_invalid_loss_multiplier_is_rejected():
 
 
 # ---- reference and round trip --------------------------------------------------------------
+
 
 def test_every_field_has_a_doc_line():
     for dotted, f in leaf_fields(Config()):
@@ -298,12 +332,21 @@ def test_reference_markdown_lists_every_field():
 
 
 def test_to_yaml_round_trips():
-    cfg = Config.load(overrides=[
-        "distill.temperature=3.5", "distill.divergence=jsd", "train.betas=[0.8, 0.99]",
-        "model.student_config={num_hidden_layers: 2, hidden_size: 64}", "train.max_steps=17",
-        "debug.inject=[{step: 2, where: loss, value: nan}]", "debug.loss_multiplier={5: 3.0}",
-        "run.output_dir=/tmp/x", "health.ppl_max=1e6", "distill.hidden.layers=[[0, 1]]", "model.prune.layers=uniform",
-    ])
+    cfg = Config.load(
+        overrides=[
+            "distill.temperature=3.5",
+            "distill.divergence=jsd",
+            "train.betas=[0.8, 0.99]",
+            "model.student_config={num_hidden_layers: 2, hidden_size: 64}",
+            "train.max_steps=17",
+            "debug.inject=[{step: 2, where: loss, value: nan}]",
+            "debug.loss_multiplier={5: 3.0}",
+            "run.output_dir=/tmp/x",
+            "health.ppl_max=1e6",
+            "distill.hidden.layers=[[0, 1]]",
+            "model.prune.layers=uniform",
+        ]
+    )
     text = cfg.to_yaml()
     again = Config.from_dict(yaml.safe_load(text))
     assert again.to_dict() == cfg.to_dict()
@@ -331,6 +374,7 @@ def test_saved_run_config_resumes_even_after_overwrite(tmp_path):
 
 # ---- hostile values: non-finite numbers, ranges, names, files --------------------------------
 
+
 def _float_keys() -> list[str]:
     from lmdistill.config import _float_values
 
@@ -352,47 +396,64 @@ def test_every_float_key_is_checked_for_nan_and_infinity():
     assert not accepted, accepted
 
 
-@pytest.mark.parametrize("override, needle", [
-    ("guard.spike_factor=.nan", "guard.spike_factor = nan is not allowed: must be a finite number"),
-    ("health.start_loss_max=.nan", "health.start_loss_max = nan"),
-    ("loss.auto_threshold_mib=.inf", "loss.auto_threshold_mib = inf"),
-    ("train.weight_decay=.nan", "train.weight_decay = nan"),
-    ("distill.temperature=.nan", "the KD temperature must be a finite number > 0"),  # the key's own message stays
-    ("run.seed=-1", "run.seed = -1 is not allowed: a seed must be a whole number in [0, 2**32 - 1]"),
-    ("run.seed=4294967296", "run.seed = 4294967296"),
-    ("data.split_seed=100000000000000000000000", "data.split_seed"),
-    ("data.num_proc=0", "data.num_proc = 0 is not allowed: must be a whole number >= 1"),
-    ("data.num_proc=-1", "data.num_proc = -1"),
-    ("distill.temperature=1e200", "must be at most 1000"),
-    ("train.weight_decay=-1", "train.weight_decay = -1.0 is not allowed: must be >= 0"),
-    ("guard.spike_mad=-1", "guard.spike_mad"),
-    ("guard.spike_warmup=-5", "guard.spike_warmup = -5"),
-    ("guard.max_rollbacks=0", "guard.max_rollbacks = 0 is not allowed: must be a whole number >= 1"),
-    ("health.ppl_max=-1", "health.ppl_max = -1.0 is not allowed: must be a number > 0"),
-    ("health.ppl_max=0", "health.ppl_max"),
-    ("health.plateau_patience=0", "health.plateau_patience"),
-    ("health.ppl_after_step=-1", "health.ppl_after_step = -1"),
-    ("debug.exit_after_step=0", "debug.exit_after_step = 0"),
-    ("debug.exit_after_step=-1", "debug.exit_after_step"),
-    ("debug.exit_rank=-1", "debug.exit_rank = -1 is not allowed: must be a process rank >= 0"),
-    ("loss.auto_threshold_mib=0", "loss.auto_threshold_mib = 0.0 is not allowed: must be a number > 0"),
-    ("run.name=/tmp/elsewhere", "set run.output_dir"),
-    ("run.name=a/b", "give a plain name"),
-    ("run.name=a\\b", "give a plain name"),
-    ("run.name=..", "give a plain name"),
-    ("run.name=.", "give a plain name"),
-], ids=lambda v: v if "=" in str(v) else "")
+@pytest.mark.parametrize(
+    "override, needle",
+    [
+        ("guard.spike_factor=.nan", "guard.spike_factor = nan is not allowed: must be a finite number"),
+        ("health.start_loss_max=.nan", "health.start_loss_max = nan"),
+        ("loss.auto_threshold_mib=.inf", "loss.auto_threshold_mib = inf"),
+        ("train.weight_decay=.nan", "train.weight_decay = nan"),
+        ("distill.temperature=.nan", "the KD temperature must be a finite number > 0"),  # the key's own message stays
+        ("run.seed=-1", "run.seed = -1 is not allowed: a seed must be a whole number in [0, 2**32 - 1]"),
+        ("run.seed=4294967296", "run.seed = 4294967296"),
+        ("data.split_seed=100000000000000000000000", "data.split_seed"),
+        ("data.num_proc=0", "data.num_proc = 0 is not allowed: must be a whole number >= 1"),
+        ("data.num_proc=-1", "data.num_proc = -1"),
+        ("distill.temperature=1e200", "must be at most 1000"),
+        ("train.weight_decay=-1", "train.weight_decay = -1.0 is not allowed: must be >= 0"),
+        ("guard.spike_mad=-1", "guard.spike_mad"),
+        ("guard.spike_warmup=-5", "guard.spike_warmup = -5"),
+        ("guard.max_rollbacks=0", "guard.max_rollbacks = 0 is not allowed: must be a whole number >= 1"),
+        ("health.ppl_max=-1", "health.ppl_max = -1.0 is not allowed: must be a number > 0"),
+        ("health.ppl_max=0", "health.ppl_max"),
+        ("health.plateau_patience=0", "health.plateau_patience"),
+        ("health.ppl_after_step=-1", "health.ppl_after_step = -1"),
+        ("debug.exit_after_step=0", "debug.exit_after_step = 0"),
+        ("debug.exit_after_step=-1", "debug.exit_after_step"),
+        ("debug.exit_rank=-1", "debug.exit_rank = -1 is not allowed: must be a process rank >= 0"),
+        ("loss.auto_threshold_mib=0", "loss.auto_threshold_mib = 0.0 is not allowed: must be a number > 0"),
+        ("run.name=/tmp/elsewhere", "set run.output_dir"),
+        ("run.name=a/b", "give a plain name"),
+        ("run.name=a\\b", "give a plain name"),
+        ("run.name=..", "give a plain name"),
+        ("run.name=.", "give a plain name"),
+    ],
+    ids=lambda v: v if "=" in str(v) else "",
+)
 def test_out_of_range_values_are_refused_naming_the_key(override, needle):
     with pytest.raises(ConfigError) as info:
         Config.load(overrides=[override])
     assert needle in str(info.value) and "\n" not in str(info.value)
 
 
-@pytest.mark.parametrize("override", ["run.seed=0", "run.seed=4294967295", "data.num_proc=2", "data.num_proc=null",
-                                      "distill.temperature=1000", "train.weight_decay=0", "guard.spike_mad=0",
-                                      "guard.spike_warmup=0", "health.ppl_after_step=0", "debug.exit_after_step=1",
-                                      "debug.exit_rank=0",
-                                      "guard.max_rollbacks=1", "run.name=my-run_2"])
+@pytest.mark.parametrize(
+    "override",
+    [
+        "run.seed=0",
+        "run.seed=4294967295",
+        "data.num_proc=2",
+        "data.num_proc=null",
+        "distill.temperature=1000",
+        "train.weight_decay=0",
+        "guard.spike_mad=0",
+        "guard.spike_warmup=0",
+        "health.ppl_after_step=0",
+        "debug.exit_after_step=1",
+        "debug.exit_rank=0",
+        "guard.max_rollbacks=1",
+        "run.name=my-run_2",
+    ],
+)
 def test_the_boundaries_are_allowed(override):
     Config.load(overrides=[override])
 
@@ -403,10 +464,14 @@ def test_fp16_is_refused_on_the_cpu():
     Config.load(overrides=["run.device=cpu", "run.mixed_precision=bf16"])
 
 
-@pytest.mark.parametrize("text, key, line", [
-    ("train:\n  max_steps: 3\n  max_steps: 5\n", "max_steps", 3),
-    ("train:\n  max_steps: 3\nrun:\n  seed: 1\ntrain:\n  lr: 0.1\n", "train", 5),
-], ids=["key", "section"])
+@pytest.mark.parametrize(
+    "text, key, line",
+    [
+        ("train:\n  max_steps: 3\n  max_steps: 5\n", "max_steps", 3),
+        ("train:\n  max_steps: 3\nrun:\n  seed: 1\ntrain:\n  lr: 0.1\n", "train", 5),
+    ],
+    ids=["key", "section"],
+)
 def test_duplicate_keys_in_a_config_file_are_refused(tmp_path, text, key, line):
     path = tmp_path / "dup.yaml"
     path.write_text(text)
@@ -431,17 +496,20 @@ def test_overrides_must_be_a_list():
     assert Config.load(None, ("train.max_steps=3",)).train.max_steps == 3
 
 
-@pytest.mark.parametrize("sources, match", [
-    ([], r"data.sources.*non-empty list"),
-    ([{"weight": 1}], r"data.sources\[0\].*must be a mapping with a path"),
-    ([{"path": "a.txt", "weight": 0}], r"data.sources\[0\].weight.*finite number > 0"),
-    ([{"path": "a.txt", "weight": -2}], r"data.sources\[0\].weight"),
-    ([{"path": "a.txt", "weight": float("nan")}], r"data.sources\[0\].weight"),
-    ([{"path": "a.txt", "weight": "heavy"}], r"data.sources\[0\].weight"),
-    ([{"path": "a.txt", "weigth": 1}], r"unknown key\(s\) weigth"),
-    ([{"path": "a.txt"}, {"path": "a.txt"}], r"two sources have this name"),
-    ([{"path": ""}], r"data.sources\[0\].path"),
-])
+@pytest.mark.parametrize(
+    "sources, match",
+    [
+        ([], r"data.sources.*non-empty list"),
+        ([{"weight": 1}], r"data.sources\[0\].*must be a mapping with a path"),
+        ([{"path": "a.txt", "weight": 0}], r"data.sources\[0\].weight.*finite number > 0"),
+        ([{"path": "a.txt", "weight": -2}], r"data.sources\[0\].weight"),
+        ([{"path": "a.txt", "weight": float("nan")}], r"data.sources\[0\].weight"),
+        ([{"path": "a.txt", "weight": "heavy"}], r"data.sources\[0\].weight"),
+        ([{"path": "a.txt", "weigth": 1}], r"unknown key\(s\) weigth"),
+        ([{"path": "a.txt"}, {"path": "a.txt"}], r"two sources have this name"),
+        ([{"path": ""}], r"data.sources\[0\].path"),
+    ],
+)
 def test_bad_mixtures_are_one_line_errors(sources, match):
     cfg = Config()
     cfg.data.sources = sources
@@ -468,8 +536,10 @@ def test_a_valid_mixture_passes_and_loss_on_is_checked():
 def test_numbers_in_exponent_notation_are_numbers_wherever_config_values_are_read(tmp_path):
     """YAML 1.1 reads 1e-9 (no dot) as a string; every config value reads it as a number, as --lr 1e-4 does."""
     path = tmp_path / "c.yaml"
-    path.write_text("data:\n  sources:\n    - {path: a.txt, weight: 1e-9}\n    - {path: b.txt, weight: 2E+1}\n"
-                    "model:\n  student_config: {rope_theta: 1e6}\n")
+    path.write_text(
+        "data:\n  sources:\n    - {path: a.txt, weight: 1e-9}\n    - {path: b.txt, weight: 2E+1}\n"
+        "model:\n  student_config: {rope_theta: 1e6}\n"
+    )
     cfg = Config.load(path)
     assert [s["weight"] for s in cfg.data.sources] == [1e-9, 20.0]
     assert cfg.model.student_config == {"rope_theta": 1e6}
@@ -502,8 +572,10 @@ def test_alias_bombs_and_deep_nesting_are_refused_naming_the_file_or_flag(tmp_pa
         Config.load(None, ["model.student_config=" + "{a: " * 5000 + "1" + "}" * 5000])
     # a few aliases, as a config might use, still load
     fine = tmp_path / "fine.yaml"
-    fine.write_text("model:\n  student_config: &shape {num_hidden_layers: 2}\n"
-                    "debug:\n  loss_multiplier: {}\n  inject: [{step: 1, where: loss, value: nan}]\n")
+    fine.write_text(
+        "model:\n  student_config: &shape {num_hidden_layers: 2}\n"
+        "debug:\n  loss_multiplier: {}\n  inject: [{step: 1, where: loss, value: nan}]\n"
+    )
     assert Config.load(fine).model.student_config == {"num_hidden_layers": 2}
 
 

@@ -56,6 +56,7 @@ def eval_docs(corpus_texts) -> list[str]:
 
 # ---- loading -------------------------------------------------------------------------------
 
+
 def test_jsonl_with_non_default_text_field(jsonl_file, docs, tiny_tokenizer):
     cfg = DataConfig(path=str(jsonl_file), text_field="body", block_size=7)
     blocks, description = block_data_of(cfg.path, cfg, tiny_tokenizer)
@@ -87,9 +88,15 @@ def test_txt_files_in_a_directory_are_one_document_each(tmp_path, docs, tiny_tok
 
 def test_hidden_files_and_directories_of_a_data_directory_are_not_read(tmp_path, docs, tiny_tokenizer, capsys):
     folder = tmp_path / "texts"
-    for name, doc in [("00.txt", docs[0]), ("sub/01.txt", docs[1]), (".notes.txt", docs[2]),
-                      (".ipynb_checkpoints/00-checkpoint.txt", docs[3]), (".git/HEAD", "ref: main"),
-                      (".git/objects/ab/cdef", "blob"), ("sub/.cache/02.txt", docs[4])]:
+    for name, doc in [
+        ("00.txt", docs[0]),
+        ("sub/01.txt", docs[1]),
+        (".notes.txt", docs[2]),
+        (".ipynb_checkpoints/00-checkpoint.txt", docs[3]),
+        (".git/HEAD", "ref: main"),
+        (".git/objects/ab/cdef", "blob"),
+        ("sub/.cache/02.txt", docs[4]),
+    ]:
         (folder / name).parent.mkdir(parents=True, exist_ok=True)
         (folder / name).write_text(doc)
     blocks, description = block_data_of(str(folder), DataConfig(path=str(folder), block_size=24), tiny_tokenizer)
@@ -117,8 +124,10 @@ def test_a_jsonl_file_that_is_not_utf8_names_the_file_line_and_byte_offset(tmp_p
     path.write_bytes(lines + '{"text": "caf\xe9"}\n'.encode("latin-1") + lines)
     with pytest.raises(LmdistillError) as info:
         block_data_of(str(path), DataConfig(path=str(path), block_size=16), tiny_tokenizer)
-    assert str(info.value) == (f"--data: '{path}' is not UTF-8 text (a byte 0xe9 on line 4, at byte offset "
-                               f"{len(lines) + 13}); convert it to UTF-8, e.g. with iconv")
+    assert str(info.value) == (
+        f"--data: '{path}' is not UTF-8 text (a byte 0xe9 on line 4, at byte offset "
+        f"{len(lines) + 13}); convert it to UTF-8, e.g. with iconv"
+    )
 
 
 def test_a_streamed_jsonl_file_that_is_not_utf8_is_named_not_the_network(tmp_path, docs, tiny_tokenizer):
@@ -154,6 +163,7 @@ def test_packed_blocks_equal_documents_plus_eos_cut_into_blocks(jsonl_file, docs
 
 
 # ---- train / eval split --------------------------------------------------------------------
+
 
 def split(jsonl_file, tokenizer, **kw):
     cfg = DataConfig(path=str(jsonl_file), text_field="body", block_size=32, max_eval_blocks=None, **kw)
@@ -195,8 +205,9 @@ def test_max_eval_blocks_caps_the_eval_set(jsonl_file, tiny_tokenizer):
 def test_eval_path_is_used_when_given(tmp_path, jsonl_file, docs, eval_docs, tiny_tokenizer):
     eval_file = tmp_path / "held_out.jsonl"
     eval_file.write_text("".join(json.dumps({"body": d}) + "\n" for d in eval_docs))
-    cfg = DataConfig(path=str(jsonl_file), text_field="body", block_size=32, eval_path=str(eval_file),
-                     max_eval_blocks=None)
+    cfg = DataConfig(
+        path=str(jsonl_file), text_field="body", block_size=32, eval_path=str(eval_file), max_eval_blocks=None
+    )
     data = build_block_data(cfg, tiny_tokenizer)
     assert torch.equal(all_ids(data.train), expected_blocks(docs, tiny_tokenizer, 32))  # nothing held out of train
     assert torch.equal(all_ids(data.eval), expected_blocks(eval_docs, tiny_tokenizer, 32))
@@ -204,6 +215,7 @@ def test_eval_path_is_used_when_given(tmp_path, jsonl_file, docs, eval_docs, tin
 
 
 # ---- errors --------------------------------------------------------------------------------
+
 
 def test_too_short_data_names_the_path_and_the_fix(tmp_path, tiny_tokenizer):
     path = tmp_path / "short.txt"
@@ -276,6 +288,7 @@ def test_missing_text_field_lists_the_fields(jsonl_file, tiny_tokenizer):
 
 
 # ---- BlockSampler --------------------------------------------------------------------------
+
 
 def epoch_indices(sampler: BlockSampler, epoch: int) -> list[int]:
     per = sampler.micro_batches_per_epoch

@@ -72,8 +72,14 @@ def inputs(seed: int):
 
 
 PARAMS = [(name, 0.5, 0.1) for name in DIVERGENCES] + [
-    ("jsd", 0.0, 0.1), ("jsd", 1.0, 0.1), ("jsd", 0.2, 0.1),
-    ("skew_kl", 0.5, 0.0), ("skew_kl", 0.5, 0.5), ("skew_reverse_kl", 0.5, 0.0), ("skew_reverse_kl", 0.5, 0.5)]
+    ("jsd", 0.0, 0.1),
+    ("jsd", 1.0, 0.1),
+    ("jsd", 0.2, 0.1),
+    ("skew_kl", 0.5, 0.0),
+    ("skew_kl", 0.5, 0.5),
+    ("skew_reverse_kl", 0.5, 0.0),
+    ("skew_reverse_kl", 0.5, 0.5),
+]
 
 
 def test_every_registry_entry_is_tested_here():
@@ -91,8 +97,16 @@ def test_full_path_value_and_gradient(name, jsd_beta, skew_alpha, temperature, l
     (ref_grad,) = torch.autograd.grad(ref_total, zs)
 
     ours_in = zs.detach().float().requires_grad_()
-    parts = loss_fn(ours_in[:, :V], zt[:, :V].float(), y, temperature=temperature, kd_weight=0.7,
-                    divergence=name, jsd_beta=jsd_beta, skew_alpha=skew_alpha)
+    parts = loss_fn(
+        ours_in[:, :V],
+        zt[:, :V].float(),
+        y,
+        temperature=temperature,
+        kd_weight=0.7,
+        divergence=name,
+        jsd_beta=jsd_beta,
+        skew_alpha=skew_alpha,
+    )
     parts.total.backward()
     assert parts.kd_unscaled.item() == pytest.approx(ref_kd.item(), rel=2e-5, abs=1e-7)
     assert parts.total.item() == pytest.approx(ref_total.item(), rel=2e-5)
@@ -107,14 +121,26 @@ def test_chunked_path_value_and_gradient(name, jsd_beta, skew_alpha, temperature
     assert REGISTRY[name].chunk is not None
     h, w, ht, wt, y = inputs(seed=100 + 10 * DIVERGENCES.index(name) + int(temperature))
     h_ref, w_ref = h.clone().requires_grad_(), w.clone().requires_grad_()
-    ref_total, ref_kd = reference_loss(h_ref @ w_ref[:V].T, ht @ wt[:V].T, y, name, temperature, 0.7, jsd_beta,
-                                       skew_alpha)
+    ref_total, ref_kd = reference_loss(
+        h_ref @ w_ref[:V].T, ht @ wt[:V].T, y, name, temperature, 0.7, jsd_beta, skew_alpha
+    )
     ref_gh, ref_gw = torch.autograd.grad(ref_total, (h_ref, w_ref))
 
     h32, w32 = h.float().requires_grad_(), w.float().requires_grad_()
-    parts = fused_linear_distillation_loss(h32, w32, ht.float(), wt.float(), y, temperature=temperature,
-                                           kd_weight=0.7, divergence=name, jsd_beta=jsd_beta,
-                                           skew_alpha=skew_alpha, vocab_size=V, chunk_size=6)
+    parts = fused_linear_distillation_loss(
+        h32,
+        w32,
+        ht.float(),
+        wt.float(),
+        y,
+        temperature=temperature,
+        kd_weight=0.7,
+        divergence=name,
+        jsd_beta=jsd_beta,
+        skew_alpha=skew_alpha,
+        vocab_size=V,
+        chunk_size=6,
+    )
     parts.total.backward()
     assert parts.kd_unscaled.item() == pytest.approx(ref_kd.item(), rel=2e-5, abs=1e-7)
     assert parts.total.item() == pytest.approx(ref_total.item(), rel=2e-5)

@@ -84,8 +84,9 @@ def run_fused(d, dtype=torch.float32, **kw):
     w = d["w"].to(dtype).requires_grad_()
     b = d["b"].to(dtype).requires_grad_() if d["b"] is not None else None
     bt = d["bt"].to(dtype) if d["bt"] is not None else None
-    parts = fused_linear_distillation_loss(h, w, d["ht"].to(dtype), d["wt"].to(dtype), d["y"],
-                                           student_bias=b, teacher_bias=bt, **kw)
+    parts = fused_linear_distillation_loss(
+        h, w, d["ht"].to(dtype), d["wt"].to(dtype), d["y"], student_bias=b, teacher_bias=bt, **kw
+    )
     parts.total.backward()
     return parts, h.grad, w.grad, (b.grad if b is not None else None)
 
@@ -119,14 +120,17 @@ def test_parity_grid(divergence, temperature, kd_weight, scale_by_t2):
     assert_parity(run_fused(d, chunk_size=8, **kw), run_reference(d, **kw), rtol=RTOL if divergence != "tvd" else 1e-4)
 
 
-@pytest.mark.parametrize("n,hs,ht,v,chunk_size", [
-    (1, 4, 6, 7, 1024),      # a single token
-    (17, 8, 12, 31, 1),      # one row per chunk
-    (17, 8, 12, 31, 5),      # 17 = 3 * 5 + 2: the last chunk is short
-    (64, 16, 24, 97, 13),
-    (64, 16, 24, 97, 64),    # exactly one chunk
-    (40, 24, 8, 200, 7),     # teacher narrower than the student
-])
+@pytest.mark.parametrize(
+    "n,hs,ht,v,chunk_size",
+    [
+        (1, 4, 6, 7, 1024),  # a single token
+        (17, 8, 12, 31, 1),  # one row per chunk
+        (17, 8, 12, 31, 5),  # 17 = 3 * 5 + 2: the last chunk is short
+        (64, 16, 24, 97, 13),
+        (64, 16, 24, 97, 64),  # exactly one chunk
+        (40, 24, 8, 200, 7),  # teacher narrower than the student
+    ],
+)
 def test_parity_shapes_and_chunks(n, hs, ht, v, chunk_size):
     d = make_inputs(n=n, hs=hs, ht=ht, v=v, seed=n + v, teacher_bias=True)
     kw = dict(temperature=2.0, kd_weight=0.5)
@@ -158,8 +162,9 @@ def test_ignored_runs_longer_than_a_chunk():
 @pytest.mark.parametrize("num_tokens", [None, 0, 128])
 def test_all_ignored_is_exactly_zero(divergence, num_tokens):
     d = make_inputs(n=9, ignore=range(9))
-    parts, gh, gw, gb = run_fused(d, temperature=2.0, kd_weight=0.5, divergence=divergence,
-                                  num_tokens=num_tokens, chunk_size=4)
+    parts, gh, gw, gb = run_fused(
+        d, temperature=2.0, kd_weight=0.5, divergence=divergence, num_tokens=num_tokens, chunk_size=4
+    )
     assert parts.num_valid == 0
     for name in ("total", "kd", "kd_unscaled", "ce"):
         assert float(getattr(parts, name).detach()) == 0.0, name
@@ -234,8 +239,9 @@ def test_grad_output_scales_and_leading_dims():
     h = d["h"].float().reshape(4, 6, -1).requires_grad_()
     w = d["w"].float().requires_grad_()
     kw = dict(temperature=2.0, kd_weight=0.5, chunk_size=5)
-    parts = fused_linear_distillation_loss(h, w, d["ht"].float().reshape(4, 6, -1), d["wt"].float(),
-                                           d["y"].reshape(4, 6), **kw)
+    parts = fused_linear_distillation_loss(
+        h, w, d["ht"].float().reshape(4, 6, -1), d["wt"].float(), d["y"].reshape(4, 6), **kw
+    )
     (3.0 * parts.total).backward()
     d["b"] = None
     _, gh, gw, _ = run_reference(d, temperature=2.0, kd_weight=0.5)
@@ -292,8 +298,9 @@ def test_no_grad_mode_returns_the_same_values():
     kw = dict(temperature=2.0, kd_weight=0.5)
     with_grad, *_ = run_fused(d, **kw)
     with torch.no_grad():
-        parts = fused_linear_distillation_loss(d["h"].float(), d["w"].float(), d["ht"].float(), d["wt"].float(),
-                                               d["y"], student_bias=d["b"].float(), **kw)
+        parts = fused_linear_distillation_loss(
+            d["h"].float(), d["w"].float(), d["ht"].float(), d["wt"].float(), d["y"], student_bias=d["b"].float(), **kw
+        )
     assert parts.total.grad_fn is None
     assert float(parts.total) == pytest.approx(float(with_grad.total.detach()), rel=1e-6)
 
@@ -301,8 +308,9 @@ def test_no_grad_mode_returns_the_same_values():
 def test_backward_twice_is_a_clear_error():
     d = make_inputs()
     h, w = d["h"].float().requires_grad_(), d["w"].float().requires_grad_()
-    parts = fused_linear_distillation_loss(h, w, d["ht"].float(), d["wt"].float(), d["y"],
-                                           temperature=2.0, kd_weight=0.5)
+    parts = fused_linear_distillation_loss(
+        h, w, d["ht"].float(), d["wt"].float(), d["y"], temperature=2.0, kd_weight=0.5
+    )
     parts.total.backward(retain_graph=True)
     with pytest.raises(RuntimeError, match="retain_graph"):
         parts.total.backward()
@@ -313,8 +321,9 @@ def test_module_wrapper():
     loss_fn = FusedLinearDistillationLoss(temperature=3.0, kd_weight=0.25, divergence="jsd", chunk_size=7)
     args = (d["h"].float(), d["w"].float(), d["ht"].float(), d["wt"].float(), d["y"])
     a = loss_fn(*args, student_bias=d["b"].float())
-    b = fused_linear_distillation_loss(*args, student_bias=d["b"].float(), temperature=3.0, kd_weight=0.25,
-                                       divergence="jsd", chunk_size=7)
+    b = fused_linear_distillation_loss(
+        *args, student_bias=d["b"].float(), temperature=3.0, kd_weight=0.25, divergence="jsd", chunk_size=7
+    )
     assert float(a.total) == float(b.total)
     loss_fn.temperature = 1.0  # a schedule sets it between steps
     c = loss_fn(*args, student_bias=d["b"].float(), temperature=3.0)  # a per-call value wins
@@ -322,21 +331,23 @@ def test_module_wrapper():
     assert "jsd" in repr(loss_fn)
 
 
-@pytest.mark.parametrize("kwargs,match", [
-    (dict(kd_weight=1.5), "kd_weight"),
-    (dict(temperature=0.0), "temperature"),
-    (dict(divergence="kl"), "divergence"),
-    (dict(chunk_size=0), "chunk_size"),
-    (dict(vocab_size=54), "vocab_size"),
-    (dict(jsd_beta=1.5), "jsd_beta"),
-    (dict(skew_alpha=1.0), "skew_alpha"),
-])
+@pytest.mark.parametrize(
+    "kwargs,match",
+    [
+        (dict(kd_weight=1.5), "kd_weight"),
+        (dict(temperature=0.0), "temperature"),
+        (dict(divergence="kl"), "divergence"),
+        (dict(chunk_size=0), "chunk_size"),
+        (dict(vocab_size=54), "vocab_size"),
+        (dict(jsd_beta=1.5), "jsd_beta"),
+        (dict(skew_alpha=1.0), "skew_alpha"),
+    ],
+)
 def test_invalid_arguments(kwargs, match):
     d = make_inputs()
     kw = dict(temperature=2.0, kd_weight=0.5) | kwargs
     with pytest.raises(ValueError, match=match):
-        fused_linear_distillation_loss(d["h"].float(), d["w"].float(), d["ht"].float(), d["wt"].float(),
-                                       d["y"], **kw)
+        fused_linear_distillation_loss(d["h"].float(), d["w"].float(), d["ht"].float(), d["wt"].float(), d["y"], **kw)
 
 
 def test_missing_teacher_and_bad_targets():

@@ -27,9 +27,16 @@ def gqa_llama(vocab_size: int, tied: bool):
     from transformers import LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(3)
-    config = LlamaConfig(vocab_size=vocab_size, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
-                         num_key_value_heads=2, intermediate_size=64, max_position_embeddings=128,
-                         tie_word_embeddings=tied)
+    config = LlamaConfig(
+        vocab_size=vocab_size,
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        intermediate_size=64,
+        max_position_embeddings=128,
+        tie_word_embeddings=tied,
+    )
     return LlamaForCausalLM(config).eval()
 
 
@@ -155,15 +162,29 @@ def test_train_and_eval_take_a_gguf_teacher_from_the_command_line(tmp_path, tiny
     path, _ = tiny_gguf
     monkeypatch.setenv("LMDISTILL_HOME", str(tmp_path / "home"))  # a home where it was never converted
     run = tmp_path / "run"
-    done = cli("train", "--teacher", str(path), "--data", str(text_file), "--max-steps", "2", "--batch-size", "2",
-               "--output-dir", str(run), "--no-progress", "--set", "data.block_size=32",
-               "--set", "model.student_config={num_hidden_layers: 1}")
+    done = cli(
+        "train",
+        "--teacher",
+        str(path),
+        "--data",
+        str(text_file),
+        "--max-steps",
+        "2",
+        "--batch-size",
+        "2",
+        "--output-dir",
+        str(run),
+        "--no-progress",
+        "--set",
+        "data.block_size=32",
+        "--set",
+        "model.student_config={num_hidden_layers: 1}",
+    )
     assert done.returncode == 0, done.stderr[-2000:]
     assert "converting the GGUF file tiny.gguf (model.teacher" in done.stdout
     student = json.loads((run / "student" / "config.json").read_text())
     assert "quantization_config" not in student and student["num_hidden_layers"] == 1
-    again = cli("eval", str(path), "--data", str(text_file), "--block-size", "32", "--max-blocks", "2",
-                "--no-progress")
+    again = cli("eval", str(path), "--data", str(text_file), "--block-size", "32", "--max-blocks", "2", "--no-progress")
     assert again.returncode == 0, again.stderr[-2000:]
     assert "perplexity" in again.stdout and "converting" not in again.stdout  # the conversion is found, not redone
     bad = tmp_path / "bad.gguf"

@@ -20,6 +20,7 @@ EPS = 1e-8  # the cosine eps the module documents: |x| is clamped at eps in the 
 
 # ---- independent float64 reference --------------------------------------------------------
 
+
 def ref_loss(student, teacher, weights, kind, targets, num_tokens):
     """sum over pairs k, valid (b, p) of the per-position loss, / max(num_tokens, 1) / pairs."""
     total = torch.zeros((), dtype=torch.float64)
@@ -88,6 +89,7 @@ def run_ref(student, teacher, projection, kind, targets, num_tokens):
 
 # ---- value and gradient against the reference ------------------------------------------------
 
+
 @pytest.mark.parametrize("kind", ["cosine", "mse", "nmse"])
 @pytest.mark.parametrize("widths", [(8, 8), (6, 8), (8, 5)])
 @pytest.mark.parametrize("masked", [False, True])
@@ -118,8 +120,9 @@ def test_value_and_gradient_match_reference(kind, widths, masked):
 
     if not masked:
         # all_valid skips the mask and must give the same value and gradients
-        loss_av, g_hidden_av, g_weight_av = run_module(student, teacher, projection, kind, targets, num_tokens,
-                                                      all_valid=True)
+        loss_av, g_hidden_av, g_weight_av = run_module(
+            student, teacher, projection, kind, targets, num_tokens, all_valid=True
+        )
         assert loss_av.item() == pytest.approx(loss.item(), rel=1e-7)
         for a, b in zip(g_hidden_av + g_weight_av, g_hidden + g_weight):
             torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-9)
@@ -171,10 +174,12 @@ def test_cosine_ignores_scale_and_mse_does_not():
 def test_nmse_is_scale_free_per_position_and_a_huge_position_does_not_swamp_it():
     student, teacher, targets = make_case(seed=7, hs=8, ht=8)
     projection = HiddenProjection([(0, 0), (1, 1)], 8, 8)
-    both_scaled = hidden_state_loss([3.0 * h for h in student], [3.0 * h for h in teacher], projection, "nmse",
-                                    targets, 10).item()
-    assert both_scaled == pytest.approx(hidden_state_loss(student, teacher, projection, "nmse", targets, 10).item(),
-                                        rel=1e-5)
+    both_scaled = hidden_state_loss(
+        [3.0 * h for h in student], [3.0 * h for h in teacher], projection, "nmse", targets, 10
+    ).item()
+    assert both_scaled == pytest.approx(
+        hidden_state_loss(student, teacher, projection, "nmse", targets, 10).item(), rel=1e-5
+    )
     # one position of the teacher (and the student's error there) blown up 1000x, as a real model's
     # first-token activations are: plain mse is then that position; nmse is unchanged
     sink_t = [h.clone() for h in teacher]
@@ -207,6 +212,7 @@ def test_cosine_of_zero_and_tiny_vectors():
 
 
 # ---- masking and accumulation ---------------------------------------------------------------
+
 
 @pytest.mark.parametrize("kind", ["cosine", "mse", "nmse"])
 def test_ignored_positions_change_nothing_and_get_no_gradient(kind):
@@ -258,8 +264,9 @@ def test_micro_batches_with_shared_num_tokens_add_up_to_the_whole_batch(kind):
     g_parts = []
     w_sum = [torch.zeros_like(w) for w in w_whole]
     for sl in (slice(0, 2), slice(2, 4)):
-        part, g, w = run_module([h[sl] for h in student], [h[sl] for h in teacher], projection, kind,
-                                targets[sl], total_tokens)
+        part, g, w = run_module(
+            [h[sl] for h in student], [h[sl] for h in teacher], projection, kind, targets[sl], total_tokens
+        )
         summed += part.item()
         g_parts.append(g)
         w_sum = [a + b for a, b in zip(w_sum, w)]
@@ -270,14 +277,22 @@ def test_micro_batches_with_shared_num_tokens_add_up_to_the_whole_batch(kind):
         torch.testing.assert_close(a, b, rtol=0, atol=1e-6)
     # control: normalising each micro-batch by its own count gives a different total
     own = sum(
-        hidden_state_loss([h[sl] for h in student], [h[sl] for h in teacher], projection, kind, targets[sl],
-                          int((targets[sl] != IGNORE).sum())).item() / 2
+        hidden_state_loss(
+            [h[sl] for h in student],
+            [h[sl] for h in teacher],
+            projection,
+            kind,
+            targets[sl],
+            int((targets[sl] != IGNORE).sum()),
+        ).item()
+        / 2
         for sl in (slice(0, 2), slice(2, 4))
     )
     assert abs(own - whole.item()) > 1e-3
 
 
 # ---- numerics -------------------------------------------------------------------------------
+
 
 @pytest.mark.parametrize("kind", ["cosine", "mse", "nmse"])
 def test_bf16_inputs_give_fp32_close_to_float64_reference(kind):
@@ -300,6 +315,7 @@ def test_bf16_inputs_give_fp32_close_to_float64_reference(kind):
 
 
 # ---- argument errors ------------------------------------------------------------------------
+
 
 def test_unknown_kind_is_a_one_line_user_error():
     student, teacher, targets = make_case(seed=11, hs=8, ht=8)
@@ -333,6 +349,7 @@ def test_mismatched_lists_and_shapes_are_programming_errors():
 
 
 # ---- HiddenProjection -----------------------------------------------------------------------
+
 
 def test_projection_is_identity_without_parameters_when_widths_match():
     projection = HiddenProjection([(0, 0), (1, 2)], 8, 8)
@@ -370,6 +387,7 @@ def test_projection_weights_follow_the_seed():
 
 
 # ---- resolve_layer_map ----------------------------------------------------------------------
+
 
 @pytest.mark.parametrize("depth", [1, 2, 5, 12])
 def test_auto_with_equal_depths_is_the_identity(depth):

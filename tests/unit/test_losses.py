@@ -29,6 +29,7 @@ def random_logits(n=13, v=11, seed=0, scale=3.0, dtype=torch.float32):
 
 # ---- independent float64 references ------------------------------------------------------
 
+
 def ref_kl(p_log: torch.Tensor, q_log: torch.Tensor) -> torch.Tensor:
     """KL(p || q) per row in float64, from log-probabilities, with 0 log 0 = 0."""
     p = p_log.exp()
@@ -56,6 +57,7 @@ def ref_jsd(s, t, temperature, beta=0.5):
 
 # ---- forward KL ----------------------------------------------------------------------------
 
+
 @pytest.mark.parametrize("temperature", TEMPERATURES)
 def test_forward_kl_matches_torch_kl_div(temperature):
     s, t, y = random_logits(seed=int(temperature * 10))
@@ -74,10 +76,18 @@ def test_forward_kl_matches_torch_kl_div(temperature):
 def test_hand_worked_three_token_vocabulary():
     # T = 2. Logits are 2*log(counts), so at T = 2 the probabilities are the normalised counts.
     T = 2.0
-    teacher = torch.tensor([[2 * math.log(1), 2 * math.log(2), 2 * math.log(1)],   # p_t = [.25, .5, .25]
-                            [2 * math.log(2), 2 * math.log(1), 2 * math.log(1)]])  # p_t = [.5, .25, .25]
-    student = torch.tensor([[0.0, 0.0, 0.0],                                      # p_s = [1/3, 1/3, 1/3]
-                            [2 * math.log(1), 2 * math.log(3), 2 * math.log(1)]])  # p_s = [.2, .6, .2]
+    teacher = torch.tensor(
+        [
+            [2 * math.log(1), 2 * math.log(2), 2 * math.log(1)],  # p_t = [.25, .5, .25]
+            [2 * math.log(2), 2 * math.log(1), 2 * math.log(1)],
+        ]
+    )  # p_t = [.5, .25, .25]
+    student = torch.tensor(
+        [
+            [0.0, 0.0, 0.0],  # p_s = [1/3, 1/3, 1/3]
+            [2 * math.log(1), 2 * math.log(3), 2 * math.log(1)],
+        ]
+    )  # p_s = [.2, .6, .2]
     targets = torch.tensor([1, 0])
 
     kl_0 = 0.25 * math.log(0.25 / (1 / 3)) + 0.5 * math.log(0.5 / (1 / 3)) + 0.25 * math.log(0.25 / (1 / 3))
@@ -118,6 +128,7 @@ def test_kl_grows_when_student_moves_away():
 
 
 # ---- T^2 and the weighted mix --------------------------------------------------------------
+
 
 @pytest.mark.parametrize("temperature", [0.5, 2.0, 3.0, 10.0])
 def test_t2_scaling(temperature):
@@ -168,6 +179,7 @@ def test_invalid_arguments_raise():
 
 
 # ---- masking -------------------------------------------------------------------------------
+
 
 def test_ignored_positions_do_not_change_the_loss_whatever_their_logits():
     s, t, y = random_logits(n=10, seed=10)
@@ -222,6 +234,7 @@ def test_all_masked_batch_gives_zero_loss_and_zero_gradient(divergence):
 
 # ---- normalisation and gradient accumulation ----------------------------------------------
 
+
 def test_gradient_accumulation_with_uneven_micro_batches_equals_one_big_batch():
     torch.manual_seed(0)
     hidden, vocab = 8, 17
@@ -235,7 +248,7 @@ def test_gradient_accumulation_with_uneven_micro_batches_equals_one_big_batch():
     y[4, :] = IGNORE_INDEX
     y[5, 1:] = IGNORE_INDEX
     y[6, 4:] = IGNORE_INDEX
-    counts = [int((y[i * micro:(i + 1) * micro] != IGNORE_INDEX).sum()) for i in range(4)]
+    counts = [int((y[i * micro : (i + 1) * micro] != IGNORE_INDEX).sum()) for i in range(4)]
     assert counts == [12, 7, 1, 10]
     total_tokens = sum(counts)
 
@@ -280,6 +293,7 @@ def test_num_tokens_divides_the_sum_once():
 
 # ---- other divergences ---------------------------------------------------------------------
 
+
 @pytest.mark.parametrize("temperature", [0.5, 1.0, 3.0, 10.0])
 def test_reverse_kl_matches_independent_formula(temperature):
     s, t, y = random_logits(seed=14)
@@ -309,6 +323,7 @@ def test_jsd_is_symmetric_and_bounded_by_log2():
 
 
 # ---- numerics ------------------------------------------------------------------------------
+
 
 @pytest.mark.parametrize("divergence", ["forward_kl", "reverse_kl", "jsd"])
 def test_bf16_logits_of_magnitude_1e4_are_finite(divergence):

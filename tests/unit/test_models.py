@@ -23,6 +23,7 @@ from lmdistill.models.shapes import student_config_from_teacher
 
 # ---- tokenizers ----------------------------------------------------------------------------
 
+
 def test_same_tokenizer_after_save_and_load_passes(tmp_path, tiny_tokenizer):
     tiny_tokenizer.save_pretrained(tmp_path)
     reloaded = AutoTokenizer.from_pretrained(tmp_path)
@@ -56,14 +57,16 @@ def test_tokenizer_with_same_vocab_but_other_merges_is_rejected(tiny_tokenizer):
     merges = state["model"]["merges"]
     assert len(merges) > 2
     state["model"]["merges"] = merges[::-1]  # same vocabulary, other merge priority
-    other = PreTrainedTokenizerFast(tokenizer_object=Tokenizer.from_str(json.dumps(state)),
-                                    eos_token=tiny_tokenizer.eos_token)
+    other = PreTrainedTokenizerFast(
+        tokenizer_object=Tokenizer.from_str(json.dumps(state)), eos_token=tiny_tokenizer.eos_token
+    )
     assert other.get_vocab() == tiny_tokenizer.get_vocab()
     with pytest.raises(LmdistillError, match="BPE merges differ"):
         check_same_tokenizer(tiny_tokenizer, other, "T", "S")
 
 
 # ---- vocabulary coverage -------------------------------------------------------------------
+
 
 def test_teacher_with_padded_embedding_rows_passes(tiny_tokenizer):
     padded = tiny_llama(len(tiny_tokenizer) + 64, hidden=16, layers=1)
@@ -83,9 +86,17 @@ def test_model_with_fewer_rows_than_the_tokenizer_fails(tiny_tokenizer):
 
 # ---- student config ------------------------------------------------------------------------
 
+
 def teacher_config(**kw):
-    base = dict(vocab_size=100, hidden_size=64, num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2,
-                intermediate_size=128, max_position_embeddings=64)
+    base = dict(
+        vocab_size=100,
+        hidden_size=64,
+        num_hidden_layers=4,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        intermediate_size=128,
+        max_position_embeddings=64,
+    )
     base.update(kw)
     return LlamaConfig(**base)
 
@@ -109,7 +120,9 @@ def test_student_config_halves_layers_and_width_by_default():
 
 
 def test_student_kv_heads_divide_the_heads_when_halving():
-    student = student_config_from_teacher(teacher_config(num_attention_heads=6, num_key_value_heads=2, hidden_size=96), {})
+    student = student_config_from_teacher(
+        teacher_config(num_attention_heads=6, num_key_value_heads=2, hidden_size=96), {}
+    )
     assert student.num_attention_heads == 3
     assert 3 % student.num_key_value_heads == 0
 
@@ -128,6 +141,7 @@ def test_unknown_student_config_key_is_an_error():
 
 
 # ---- sources -------------------------------------------------------------------------------
+
 
 @pytest.mark.parametrize("source", ["./nope", "/abs/nope", "~/nope-lmdistill-missing", "../nope/model"])
 def test_missing_local_path_is_an_error(source):
@@ -152,6 +166,7 @@ def test_hub_id_is_left_as_it_is():
 
 
 # ---- freeze --------------------------------------------------------------------------------
+
 
 def test_freeze_sets_eval_mode_and_no_grad():
     model = tiny_llama(50, hidden=16, layers=1)

@@ -39,6 +39,7 @@ def feed(detector: SpikeDetector, losses: list[float]) -> list[bool]:
 
 # ---- SpikeDetector -------------------------------------------------------------------------
 
+
 def test_seed_spike_pattern_is_flagged_after_warmup():
     det = default_detector()
     assert not any(feed(det, flat_noisy(40)))
@@ -100,6 +101,7 @@ def test_spike_detector_state_round_trip():
 
 # ---- HealthMonitor: start loss and eval perplexity -----------------------------------------
 
+
 def test_start_loss_fires_for_the_seed_38_not_for_17_5():
     hot = HealthMonitor(HealthConfig(), total_steps=100)
     fired = hot.on_train_loss(0, 38.0)
@@ -146,6 +148,7 @@ def test_eval_ppl_limit_and_nan():
 
 # ---- loss plateau --------------------------------------------------------------------------
 
+
 def run_losses(losses, window=10, patience=2, total=1000):
     mon = HealthMonitor(HealthConfig(plateau_window=window, plateau_patience=patience), total_steps=total)
     fired = []
@@ -181,6 +184,7 @@ def test_plateau_window_default_is_10_percent_of_the_run_at_least_10():
 
 # ---- finalize ------------------------------------------------------------------------------
 
+
 def statuses(health: dict) -> dict:
     return {c["name"]: c["status"] for c in health["checks"]}
 
@@ -190,16 +194,28 @@ def test_finalize_healthy_run():
     mon.on_eval(39, 50.0)
     health = mon.finalize()
     assert health["verdict"] == "healthy" and health["fired"] == []
-    assert statuses(health) == {"start_loss": "passed", "loss_spike": "passed", "nonfinite": "passed",
-                                "eval_ppl": "passed", "loss_plateau": "passed", "teacher_ppl": "not_reached"}
+    assert statuses(health) == {
+        "start_loss": "passed",
+        "loss_spike": "passed",
+        "nonfinite": "passed",
+        "eval_ppl": "passed",
+        "loss_plateau": "passed",
+        "teacher_ppl": "not_reached",
+    }
     assert verdict_line(health).startswith("HEALTHY")
 
 
 def test_finalize_not_reached_and_fired():
     mon = HealthMonitor(HealthConfig(), total_steps=25_000)
     health = mon.finalize()
-    assert statuses(health) == {"start_loss": "not_reached", "loss_spike": "passed", "nonfinite": "passed",
-                                "eval_ppl": "not_reached", "loss_plateau": "not_reached", "teacher_ppl": "not_reached"}
+    assert statuses(health) == {
+        "start_loss": "not_reached",
+        "loss_spike": "passed",
+        "nonfinite": "passed",
+        "eval_ppl": "not_reached",
+        "loss_plateau": "not_reached",
+        "teacher_ppl": "not_reached",
+    }
     assert health["verdict"] == "healthy"
 
     mon = HealthMonitor(HealthConfig(), total_steps=25_000)
@@ -228,6 +244,7 @@ def test_monitor_state_round_trip_continues_the_same_way():
 
 # ---- guards: non-finite ordering and fault injection ---------------------------------------
 
+
 def test_first_nonfinite_follows_checked_terms_order():
     assert CHECKED_TERMS[0] == "teacher_logits" and CHECKED_TERMS[-1] == "grad"
     assert first_nonfinite({"grad": math.nan, "loss": math.inf, "kd": math.nan}) == "kd"
@@ -238,8 +255,11 @@ def test_first_nonfinite_follows_checked_terms_order():
 
 
 def test_fault_injector_poison_replaces_first_element_and_keeps_autograd():
-    inj = FaultInjector(DebugConfig(inject=[{"step": 3, "where": "loss", "value": "nan"},
-                                            {"step": 4, "where": "grad", "value": "-inf"}]))
+    inj = FaultInjector(
+        DebugConfig(
+            inject=[{"step": 3, "where": "loss", "value": "nan"}, {"step": 4, "where": "grad", "value": "-inf"}]
+        )
+    )
     assert inj.active
     x = torch.arange(1.0, 5.0, requires_grad=True)
     y = x * 2

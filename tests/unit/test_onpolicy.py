@@ -36,8 +36,9 @@ def test_sampled_token_gradient_in_expectation_is_the_reverse_kl_gradient():
             targets[pos] = x
             z = zs.clone().requires_grad_()
             student_logp = F.log_softmax(z, -1).gather(1, targets.clamp(min=0).unsqueeze(1)).squeeze(1)
-            parts = sampled_token_loss(student_logp, log_p.gather(1, targets.clamp(min=0).unsqueeze(1)).squeeze(1),
-                                       targets, num_tokens=1)
+            parts = sampled_token_loss(
+                student_logp, log_p.gather(1, targets.clamp(min=0).unsqueeze(1)).squeeze(1), targets, num_tokens=1
+            )
             parts.total.backward()
             expected += q[pos, x] * z.grad
             # its value (and the logged loss): log q(x) - log p(x) at that position
@@ -55,8 +56,9 @@ def test_teacher_token_logprobs_from_hidden_states_equal_those_from_logits():
     with torch.no_grad():
         logits = head(hidden)
     from_logits = teacher_token_logprobs(TeacherLogits(logits, torch.zeros(())), targets, 11)
-    from_hidden = teacher_token_logprobs(TeacherHidden(hidden, head.weight.detach(), head.bias.detach(),
-                                                       torch.zeros(())), targets, 11, chunk_size=4)
+    from_hidden = teacher_token_logprobs(
+        TeacherHidden(hidden, head.weight.detach(), head.bias.detach(), torch.zeros(())), targets, 11, chunk_size=4
+    )
     torch.testing.assert_close(from_hidden, from_logits, rtol=1e-5, atol=1e-6)
     want = F.log_softmax(logits, -1)[1, 4, targets[1, 4]]
     assert from_logits[1, 4].item() == pytest.approx(want.item(), rel=1e-6)
@@ -65,8 +67,12 @@ def test_teacher_token_logprobs_from_hidden_states_equal_those_from_logits():
 def test_rollout_targets_are_the_written_tokens_up_to_the_first_eos():
     eos, pad = 9, 0
     prompts = [torch.tensor([1, 2, 3]), torch.tensor([4, 5])]
-    written = torch.tensor([[7, 9, 9, 9],    # ends after one token: targets 7 and the EOS
-                            [8, 8, 8, 8]])   # never ends: all four written tokens
+    written = torch.tensor(
+        [
+            [7, 9, 9, 9],  # ends after one token: targets 7 and the EOS
+            [8, 8, 8, 8],
+        ]
+    )  # never ends: all four written tokens
     batch = rollout_batch(prompts, written, eos_token_id=eos, pad_token_id=pad)
     assert batch.generated and batch.num_targets == 2 + 4
     # rows start at position 0 (as generation counted them) and are padded on the right
@@ -111,9 +117,18 @@ def tiny_student():
     from transformers import LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(0)
-    config = LlamaConfig(vocab_size=32, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
-                         num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=64,
-                         eos_token_id=31, pad_token_id=31, bos_token_id=None)
+    config = LlamaConfig(
+        vocab_size=32,
+        hidden_size=16,
+        intermediate_size=32,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        num_key_value_heads=2,
+        max_position_embeddings=64,
+        eos_token_id=31,
+        pad_token_id=31,
+        bos_token_id=None,
+    )
     return LlamaForCausalLM(config)
 
 
@@ -130,8 +145,9 @@ def test_generation_is_seeded_keeps_the_prompt_and_restores_train_mode(tiny_stud
     assert torch.equal(a, b) and not torch.equal(a, c)
     assert a.shape[0] == 2 and 4 < a.shape[1] <= 10 and torch.equal(a[:, :4], prompts)
     # sampling is the student's: at a tiny temperature it writes its greedy continuation
-    greedy = tiny_student.generate(input_ids=prompts, attention_mask=torch.ones_like(prompts), do_sample=False,
-                                   max_new_tokens=6, pad_token_id=31)
+    greedy = tiny_student.generate(
+        input_ids=prompts, attention_mask=torch.ones_like(prompts), do_sample=False, max_new_tokens=6, pad_token_id=31
+    )
     cold = generator(prompts, Sampling(max_new_tokens=6, temperature=1e-4), seed=5)
     assert torch.equal(cold, greedy)
 
@@ -149,13 +165,30 @@ def test_generation_quality_scores_the_written_tokens_with_each_model(tiny_stude
     from lmdistill.teacher.judge import generation_quality
 
     prompts = torch.tensor([[1, 2, 3], [4, 5, 6], [7, 8, 9]])
-    scores, written = generation_quality(tiny_student, tiny_student, prompts, Sampling(max_new_tokens=5), seed=2,
-                                         eos_token_id=31, pad_token_id=31, vocab_size=32, batch_size=2)
+    scores, written = generation_quality(
+        tiny_student,
+        tiny_student,
+        prompts,
+        Sampling(max_new_tokens=5),
+        seed=2,
+        eos_token_id=31,
+        pad_token_id=31,
+        vocab_size=32,
+        batch_size=2,
+    )
     assert scores["gen_teacher_nll"] == pytest.approx(scores["gen_student_nll"], rel=1e-6)
     assert len(written) == 3 and scores["gen_length"] == pytest.approx(sum(map(len, written)) / 3)
     # the teacher's NLL of a row, by hand: one forward over prompt + written tokens
-    one, (tokens,) = generation_quality(tiny_student, tiny_student, prompts[:1], Sampling(max_new_tokens=5), seed=2,
-                                        eos_token_id=31, pad_token_id=31, vocab_size=32)
+    one, (tokens,) = generation_quality(
+        tiny_student,
+        tiny_student,
+        prompts[:1],
+        Sampling(max_new_tokens=5),
+        seed=2,
+        eos_token_id=31,
+        pad_token_id=31,
+        vocab_size=32,
+    )
     row = torch.tensor([[1, 2, 3, *tokens]])
     with torch.no_grad():
         logp = torch.log_softmax(tiny_student(input_ids=row).logits[0, :-1].float(), -1)
@@ -190,8 +223,11 @@ def test_student_token_logprobs_from_hidden_states_match_logits_in_value_and_gra
     grads = []
     for chunked in (False, True):
         h, w = hidden.clone().requires_grad_(), weight.clone().requires_grad_()
-        logp = token_logprobs_from_hidden(h, w, None, targets, 13, chunk_size=4) if chunked else \
-            token_logprobs(h @ w.t(), targets)
+        logp = (
+            token_logprobs_from_hidden(h, w, None, targets, 13, chunk_size=4)
+            if chunked
+            else token_logprobs(h @ w.t(), targets)
+        )
         (logp * (targets != IGNORE_INDEX)).sum().backward()
         grads.append((logp.detach(), h.grad, w.grad))
     for a, b in zip(*grads):
@@ -207,8 +243,9 @@ def test_the_models_own_generation_settings_do_not_change_the_samples(tiny_stude
     prompts = torch.tensor([[1, 2, 3, 4], [5, 6, 7, 8]])
     plain = generator(prompts, Sampling(max_new_tokens=8), seed=3)
     own = tiny_student.generation_config
-    tiny_student.generation_config = GenerationConfig(repetition_penalty=5.0, no_repeat_ngram_size=1,
-                                                      suppress_tokens=list(range(10, 20)))
+    tiny_student.generation_config = GenerationConfig(
+        repetition_penalty=5.0, no_repeat_ngram_size=1, suppress_tokens=list(range(10, 20))
+    )
     try:
         assert torch.equal(generator(prompts, Sampling(max_new_tokens=8), seed=3), plain)
         assert tiny_student.generation_config.repetition_penalty == 5.0  # put back after the call

@@ -27,8 +27,17 @@ SHAPE = ("num_hidden_layers", "hidden_size", "intermediate_size", "num_attention
 
 
 def teacher(family=LlamaForCausalLM, config_class=LlamaConfig, seed=0, **kw):
-    args = dict(vocab_size=V, hidden_size=32, num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2,
-                intermediate_size=48, head_dim=8, max_position_embeddings=64, tie_word_embeddings=False)
+    args = dict(
+        vocab_size=V,
+        hidden_size=32,
+        num_hidden_layers=4,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        intermediate_size=48,
+        head_dim=8,
+        max_position_embeddings=64,
+        tie_word_embeddings=False,
+    )
     args.update(kw)
     torch.manual_seed(seed)
     return family(config_class(**args)).eval()
@@ -42,13 +51,17 @@ def same_shape(model) -> dict:
     return {k: getattr(model.config, k) for k in SHAPE}
 
 
-@pytest.mark.parametrize("family, config_class, tied, layers", [
-    (LlamaForCausalLM, LlamaConfig, False, "importance"),
-    (LlamaForCausalLM, LlamaConfig, True, "uniform"),
-    (Qwen2ForCausalLM, Qwen2Config, False, "importance"),  # q/k/v biases
-    (Qwen3ForCausalLM, Qwen3Config, True, "importance"),  # q/k norms
-    (MistralForCausalLM, MistralConfig, False, "uniform"),
-], ids=["llama", "llama-tied", "qwen2", "qwen3-tied", "mistral"])
+@pytest.mark.parametrize(
+    "family, config_class, tied, layers",
+    [
+        (LlamaForCausalLM, LlamaConfig, False, "importance"),
+        (LlamaForCausalLM, LlamaConfig, True, "uniform"),
+        (Qwen2ForCausalLM, Qwen2Config, False, "importance"),  # q/k/v biases
+        (Qwen3ForCausalLM, Qwen3Config, True, "importance"),  # q/k norms
+        (MistralForCausalLM, MistralConfig, False, "uniform"),
+    ],
+    ids=["llama", "llama-tied", "qwen2", "qwen3-tied", "mistral"],
+)
 def test_nothing_removed_reproduces_the_teacher_exactly(family, config_class, tied, layers):
     t = teacher(family, config_class, tie_word_embeddings=tied)
     x = ids()
@@ -96,9 +109,11 @@ def _hand_sliced_reference(t, config, layers, hidden, heads_q, heads_kv, neurons
     """The student's state dict sliced by hand from the teacher's, per the indices given."""
     d = t.config.head_dim
     sd = t.state_dict()
-    ref = {"model.embed_tokens.weight": sd["model.embed_tokens.weight"][:, hidden],
-           "model.norm.weight": sd["model.norm.weight"][hidden],
-           "lm_head.weight": sd["lm_head.weight"][:, hidden]}
+    ref = {
+        "model.embed_tokens.weight": sd["model.embed_tokens.weight"][:, hidden],
+        "model.norm.weight": sd["model.norm.weight"][hidden],
+        "lm_head.weight": sd["lm_head.weight"][:, hidden],
+    }
     for i, src in enumerate(layers):
         q_rows = torch.cat([torch.arange(h * d, (h + 1) * d) for h in heads_q[i]])
         kv_rows = torch.cat([torch.arange(h * d, (h + 1) * d) for h in heads_kv[i]])
@@ -131,8 +146,16 @@ def test_width_pruning_keeps_the_most_active_channels_neurons_and_heads():
         # (query heads 2, 3), layer 3 keeps group 0 (query heads 0, 1).
         t.model.layers[0].self_attn.v_proj.weight[8:16] *= 30
         t.model.layers[3].self_attn.v_proj.weight[0:8] *= 30
-    config = student_config(t.config, {"num_hidden_layers": 2, "hidden_size": 16, "intermediate_size": 24,
-                                       "num_attention_heads": 2, "num_key_value_heads": 1})
+    config = student_config(
+        t.config,
+        {
+            "num_hidden_layers": 2,
+            "hidden_size": 16,
+            "intermediate_size": 24,
+            "num_attention_heads": 2,
+            "num_key_value_heads": 1,
+        },
+    )
     x = ids(n=4, length=16)
     pruned = prune_teacher(t, config, "uniform", "importance", x)
     assert pruned.layers == [0, 3]
@@ -165,7 +188,7 @@ def test_fewer_query_heads_per_group_keeps_the_stronger_head():
     norms = outputs[0].reshape(4, 16, 4, 8).norm(dim=-1).mean(dim=(0, 1))
     head = int(norms[:2].argmax())
     q = pruned.model.model.layers[0].self_attn.q_proj.weight
-    assert torch.equal(q, attn.q_proj.weight[head * 8:(head + 1) * 8][:, torch.arange(32)])
+    assert torch.equal(q, attn.q_proj.weight[head * 8 : (head + 1) * 8][:, torch.arange(32)])
     assert torch.equal(pruned.model.model.layers[0].self_attn.k_proj.weight, attn.k_proj.weight[0:8])
 
 
@@ -175,8 +198,14 @@ def test_tied_embeddings_stay_tied_and_the_student_saves_and_loads(tmp_path):
     m = pruned.model
     assert m.lm_head.weight.data_ptr() == m.model.embed_tokens.weight.data_ptr()
     c = m.config
-    assert (c.num_hidden_layers, c.hidden_size, c.intermediate_size, c.num_attention_heads,
-            c.num_key_value_heads, c.head_dim) == (2, 16, 24, 2, 2, 8)
+    assert (
+        c.num_hidden_layers,
+        c.hidden_size,
+        c.intermediate_size,
+        c.num_attention_heads,
+        c.num_key_value_heads,
+        c.head_dim,
+    ) == (2, 16, 24, 2, 2, 8)
     m.save_pretrained(tmp_path / "s")
     loaded = AutoModelForCausalLM.from_pretrained(tmp_path / "s").eval()
     x = ids()
@@ -186,20 +215,28 @@ def test_tied_embeddings_stay_tied_and_the_student_saves_and_loads(tmp_path):
 
 
 def test_qwen2_layer_types_follow_the_kept_layers():
-    t = teacher(Qwen2ForCausalLM, Qwen2Config, layer_types=["full_attention", "sliding_attention"] * 2,
-                use_sliding_window=True, sliding_window=4)
+    t = teacher(
+        Qwen2ForCausalLM,
+        Qwen2Config,
+        layer_types=["full_attention", "sliding_attention"] * 2,
+        use_sliding_window=True,
+        sliding_window=4,
+    )
     pruned = prune_teacher(t, student_config(t.config, {"num_hidden_layers": 2}), "uniform", "first")
     assert pruned.layers == [0, 3]
     assert pruned.model.config.layer_types == ["full_attention", "sliding_attention"]
 
 
-@pytest.mark.parametrize("overrides, message", [
-    ({"hidden_size": 64}, "hidden_size = 64 is larger than the teacher's 32"),
-    ({"num_hidden_layers": 5}, "num_hidden_layers = 5 is larger"),
-    ({"head_dim": 4}, "head_dim = 4 differs from the teacher's 8"),
-    ({"num_attention_heads": 4, "num_key_value_heads": 1}, "set num_key_value_heads to at least 2"),
-    ({"num_attention_heads": 3, "num_key_value_heads": 2}, "not a multiple of num_key_value_heads"),
-])
+@pytest.mark.parametrize(
+    "overrides, message",
+    [
+        ({"hidden_size": 64}, "hidden_size = 64 is larger than the teacher's 32"),
+        ({"num_hidden_layers": 5}, "num_hidden_layers = 5 is larger"),
+        ({"head_dim": 4}, "head_dim = 4 differs from the teacher's 8"),
+        ({"num_attention_heads": 4, "num_key_value_heads": 1}, "set num_key_value_heads to at least 2"),
+        ({"num_attention_heads": 3, "num_key_value_heads": 2}, "not a multiple of num_key_value_heads"),
+    ],
+)
 def test_shapes_pruning_cannot_make_are_refused_in_one_line(overrides, message):
     with pytest.raises(LmdistillError, match=message) as info:
         student_config(teacher().config, overrides)
@@ -208,8 +245,9 @@ def test_shapes_pruning_cannot_make_are_refused_in_one_line(overrides, message):
 
 def test_other_families_are_refused_naming_the_supported_ones():
     gpt2 = GPT2LMHeadModel(GPT2Config(vocab_size=V, n_embd=16, n_layer=2, n_head=2))
-    with pytest.raises(LmdistillError, match="supports the llama, mistral, qwen2, qwen3 families; the teacher is "
-                                             "'gpt2'") as info:
+    with pytest.raises(
+        LmdistillError, match="supports the llama, mistral, qwen2, qwen3 families; the teacher is 'gpt2'"
+    ) as info:
         student_config(gpt2.config, {})
     assert "\n" not in str(info.value)
 

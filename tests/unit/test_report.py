@@ -34,25 +34,62 @@ TEACHER_PPL = 18.52
 
 def eval_line(step: int, ppl: float, agreement: float) -> dict:
     """An evaluation line: ``evaluate()``'s keys (checked against it below) with chosen values."""
-    return {"step": step, "eval_ce_loss": math.log(ppl), "eval_ppl": ppl, "eval_tokens": 512,
-            "eval_kd_loss": 0.05 * math.log(ppl), "eval_kl": 0.01 * math.log(ppl), "top1_agreement": agreement,
-            "teacher_ce_loss": math.log(TEACHER_PPL), "teacher_ppl": TEACHER_PPL}
+    return {
+        "step": step,
+        "eval_ce_loss": math.log(ppl),
+        "eval_ppl": ppl,
+        "eval_tokens": 512,
+        "eval_kd_loss": 0.05 * math.log(ppl),
+        "eval_kl": 0.01 * math.log(ppl),
+        "top1_agreement": agreement,
+        "teacher_ce_loss": math.log(TEACHER_PPL),
+        "teacher_ppl": TEACHER_PPL,
+    }
 
 
-def make_run(root: Path, name: str = "tiny-kd", *, last_step: int = 60, eval_every: int = 20,
-             finished: bool = True, t_start: float = 2.0, t_end: float = 1.5, final_ppl: float = 41.27) -> Path:
+def make_run(
+    root: Path,
+    name: str = "tiny-kd",
+    *,
+    last_step: int = 60,
+    eval_every: int = 20,
+    finished: bool = True,
+    t_start: float = 2.0,
+    t_end: float = 1.5,
+    final_ppl: float = 41.27,
+) -> Path:
     """A run directory as the trainer leaves it; a killed run has run.json saying "running" and no health.json."""
     run = RunDirectory(root / name)
-    cfg = Config.load(None, [f"run.name={name}", f"distill.temperature={t_start}", f"distill.min_temperature={t_end}",
-                             f"train.max_steps={last_step}", "train.lr=3e-4", "train.batch_size=2",
-                             "data.block_size=64", "guard.spike=rollback"])
+    cfg = Config.load(
+        None,
+        [
+            f"run.name={name}",
+            f"distill.temperature={t_start}",
+            f"distill.min_temperature={t_end}",
+            f"train.max_steps={last_step}",
+            "train.lr=3e-4",
+            "train.batch_size=2",
+            "data.block_size=64",
+            "guard.spike=rollback",
+        ],
+    )
     run.create(cfg)
     model = {"architecture": "LlamaForCausalLM", "vocab_size": 512}
-    info = {"status": "running", "started_at": "2025-01-01T10:00:00+00:00", "command": "train",
-            "teacher": asdict(ModelInfo(name="tiny-teacher", params=7_300_000, num_layers=8, hidden_size=256, **model)),
-            "student": asdict(ModelInfo(name="tiny-student", params=1_000_000, num_layers=2, hidden_size=64, **model)),
-            "data": {"source": "corpus.txt", "eval_source": "8 held-out blocks (5%)", "train_blocks": 120,
-                     "eval_blocks": 8, "block_size": 64, "train_tokens": 7680}}
+    info = {
+        "status": "running",
+        "started_at": "2025-01-01T10:00:00+00:00",
+        "command": "train",
+        "teacher": asdict(ModelInfo(name="tiny-teacher", params=7_300_000, num_layers=8, hidden_size=256, **model)),
+        "student": asdict(ModelInfo(name="tiny-student", params=1_000_000, num_layers=2, hidden_size=64, **model)),
+        "data": {
+            "source": "corpus.txt",
+            "eval_source": "8 held-out blocks (5%)",
+            "train_blocks": 120,
+            "eval_blocks": 8,
+            "block_size": 64,
+            "train_tokens": 7680,
+        },
+    }
     run.write_json("run.json", info)
     log = MetricsLog(run.path, tensorboard=False)
     monitor = HealthMonitor(cfg.health, last_step)
@@ -80,8 +117,15 @@ def make_run(root: Path, name: str = "tiny-kd", *, last_step: int = 60, eval_eve
             decision = Decision("step" if step == 30 else "rollback", None if step == 30 else "spike", "spike", 13.2)
             announce(step, monitor.on_spike(step, loss, 13.2, "kept" if step == 30 else "rolled back"))
         if step == 45:
-            log.write({"step": 45, "event": "rollback", "to_step": 40, "lr_scale": 0.5,
-                       "message": "restored the state of step 40; LR x0.5"})
+            log.write(
+                {
+                    "step": 45,
+                    "event": "rollback",
+                    "to_step": 40,
+                    "lr_scale": 0.5,
+                    "message": "restored the state of step 40; LR x0.5",
+                }
+            )
         log.write(StepResult(step, 0, t, 3e-4 * min(1.0, step / 10), stats, decision, 1000.0 + 10 * step).record())
         if decision.applies_update:
             announce(step, monitor.on_train_loss(step, loss))
@@ -94,9 +138,13 @@ def make_run(root: Path, name: str = "tiny-kd", *, last_step: int = 60, eval_eve
         health = monitor.finalize()
         run.write_json("health.json", health)
         last = [x for x in _lines(run.path) if "eval_ppl" in x][-1]
-        info.update(status="finished", finished_at="2025-01-01T10:02:03+00:00", wall_time_s=123.4,
-                    initial={k: v for k, v in first.items() if k != "step"},
-                    final={**{k: v for k, v in last.items() if k != "step"}, "steps": last_step})
+        info.update(
+            status="finished",
+            finished_at="2025-01-01T10:02:03+00:00",
+            wall_time_s=123.4,
+            initial={k: v for k, v in first.items() if k != "step"},
+            final={**{k: v for k, v in last.items() if k != "step"}, "steps": last_step},
+        )
         run.write_json("run.json", info)
     return run.path
 
@@ -213,7 +261,8 @@ def test_health_table_lists_every_check_the_monitor_wrote(finished_run):
         assert row[2].strip("*") == check["status"].replace("_", " ")
         if check["steps"]:
             assert row[3] == ", ".join(map(str, check["steps"][:8])) + (
-                f" (+{len(check['steps']) - 8} more)" if len(check["steps"]) > 8 else "")
+                f" (+{len(check['steps']) - 8} more)" if len(check["steps"]) > 8 else ""
+            )
             assert row[4] == " ".join(check["messages"][0].split())
 
 

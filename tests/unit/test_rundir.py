@@ -42,8 +42,12 @@ def test_a_survivor_leaves_the_record_to_a_live_main_process_or_a_recorded_end(t
 
 
 def test_lost_peer_knows_gloo_connection_errors_only():
-    assert lost_peer(RuntimeError("[gloo/transport/tcp/pair.cc:537] Read error [127.0.0.1]:3443: Connection reset "
-                                  "by peer. This is typically caused by a remote worker hanging"))
+    assert lost_peer(
+        RuntimeError(
+            "[gloo/transport/tcp/pair.cc:537] Read error [127.0.0.1]:3443: Connection reset "
+            "by peer. This is typically caused by a remote worker hanging"
+        )
+    )
     assert lost_peer(RuntimeError("[pair.cc:590] Connection closed by peer [10.0.0.2]:29500"))
     assert not lost_peer(RuntimeError("CUDA out of memory"))
     assert not lost_peer(OSError("Connection reset by peer"))  # not a collective's error

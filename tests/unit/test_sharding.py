@@ -62,8 +62,10 @@ def test_a_distillation_step_of_a_sharded_student_is_the_ordinary_one(group_of_o
         parts = objective(student, batch, view, 2.0, batch.num_targets)
         parts.total.backward()
         optimizer.step()
-        weights = {k: (v.full_tensor() if hasattr(v, "full_tensor") else v).detach().clone()
-                   for k, v in student.state_dict().items()}
+        weights = {
+            k: (v.full_tensor() if hasattr(v, "full_tensor") else v).detach().clone()
+            for k, v in student.state_dict().items()
+        }
         results.append((parts.total.detach(), weights))
     (loss, want), (sharded_loss, got) = results
     torch.testing.assert_close(sharded_loss, loss, rtol=1e-6, atol=1e-7)
@@ -167,8 +169,15 @@ def _save(model, optimizer, checkpoints, step: int):
     staged = make_staging_dir(checkpoints, step)
     records = save_shards(staged, model, optimizer, step)
     assert list(records) == ["__0_0.distcp"]  # each process hashes the file it wrote
-    return save_checkpoint(checkpoints, step, model_state=None, optimizer_state=None, trainer_state={"step": step},
-                           sharded_in=staged, shard_records=records)
+    return save_checkpoint(
+        checkpoints,
+        step,
+        model_state=None,
+        optimizer_state=None,
+        trainer_state={"step": step},
+        sharded_in=staged,
+        shard_records=records,
+    )
 
 
 def test_a_sharded_checkpoint_loads_into_an_ordinary_model_and_optimizer(group_of_one, tmp_path):
@@ -217,9 +226,10 @@ def test_a_checkpoint_before_the_first_update_changes_nothing(group_of_one, tmp_
     assert not fresh_optimizer.state  # as it was at the save: the first update makes it
 
 
-@pytest.mark.parametrize("layers, hidden, says", [(1, 16, "weight(s) it does not have"),
-                                                  (3, 16, "weight(s) missing"),
-                                                  (2, 24, "in the checkpoint and")])
+@pytest.mark.parametrize(
+    "layers, hidden, says",
+    [(1, 16, "weight(s) it does not have"), (3, 16, "weight(s) missing"), (2, 24, "in the checkpoint and")],
+)
 def test_a_checkpoint_of_another_model_is_refused_not_loaded_in_part(group_of_one, tmp_path, layers, hidden, says):
     from lmdistill.core.errors import CheckpointError
     from lmdistill.training.sharded import load_shards
@@ -310,8 +320,12 @@ def test_what_a_resume_can_change_is_checked_before_anything_loads(tmp_path):
     def written(state, layout=None):
         base = {"step": 4, "micro_batches": 8, "guard": {}, "spike_detector": {}, "health": {}}
         (path / "trainer_state.json").write_text(json.dumps({**base, **state}))
-        manifest = {"format": "lmdistill-checkpoint", "format_version": 2 if layout else 1, "files": {},
-                    **({"layout": layout} if layout else {})}
+        manifest = {
+            "format": "lmdistill-checkpoint",
+            "format_version": 2 if layout else 1,
+            "files": {},
+            **({"layout": layout} if layout else {}),
+        }
         (path / "manifest.json").write_text(json.dumps(manifest))
 
     written({"processes": 2, "global_batch": 4}, "sharded")
@@ -340,7 +354,8 @@ def test_a_crafted_value_in_the_shards_is_refused_without_suggesting_an_unsafe_l
     torch.save({"lr": argparse.Namespace(evil=True)}, crafted)
     crafted.seek(0)
     item = SimpleNamespace(dest_index=SimpleNamespace(fqn="optimizer.param_groups"))
-    with pytest.raises(ValueError, match="optimizer.param_groups holds Python objects.*not a checkpoint lmdistill "
-                                         "wrote") as caught:
+    with pytest.raises(
+        ValueError, match="optimizer.param_groups holds Python objects.*not a checkpoint lmdistill wrote"
+    ) as caught:
         _safe_planner().load_bytes(item, crafted)
     assert "weights_only" not in str(caught.value) and "can still be loaded" not in str(caught.value)

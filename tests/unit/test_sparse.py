@@ -76,8 +76,11 @@ def test_the_sampled_estimator_is_unbiased_for_the_dense_loss_and_gradient():
         values.append(parts.total.detach())
         grads_h.append(hh.grad)
         grads_w.append(ww.grad)
-    for draws, reference in ((torch.stack(values), want), (torch.stack(grads_h), want_h),
-                             (torch.stack(grads_w), want_w)):
+    for draws, reference in (
+        (torch.stack(values), want),
+        (torch.stack(grads_h), want_h),
+        (torch.stack(grads_w), want_w),
+    ):
         mean, sem = draws.mean(0), draws.std(0) / len(draws) ** 0.5
         assert ((mean - reference).abs() <= 5 * sem + 1e-6).all(), (mean - reference).abs().max()
     # and a single draw is not the dense value: the test above has something to find
@@ -139,8 +142,9 @@ def test_the_logits_path_takes_a_batch_of_sequences_and_refuses_mismatched_targe
     top_p, ids = F.softmax(zt / T, -1).topk(4, dim=-1)
     targets = SparseTargets(ids, top_p, top_p.log(), 1 - top_p.sum(-1))
     flat = sparse_logits_distillation_loss(h @ w.t(), y, targets, temperature=T, kd_weight=0.5)
-    batched = sparse_logits_distillation_loss((h @ w.t()).view(2, 3, -1), y.view(2, 3), targets, temperature=T,
-                                              kd_weight=0.5)
+    batched = sparse_logits_distillation_loss(
+        (h @ w.t()).view(2, 3, -1), y.view(2, 3), targets, temperature=T, kd_weight=0.5
+    )
     torch.testing.assert_close(batched.total, flat.total)
     with pytest.raises(ValueError, match="do not match"):
         sparse_logits_distillation_loss(h @ w.t(), y[:4], targets, temperature=T, kd_weight=0.5)
@@ -175,10 +179,12 @@ def _retempered_mean(zt, samples: int, t_capture: float, t: float, rows: int = 3
     re-tempered log-probabilities of the drawn ids against the true ones."""
     from lmdistill.teacher.cache import capture, retempered
 
-    kept = capture(zt.expand(rows, -1).contiguous(), "sampled", t_capture, samples, 0,
-                   torch.Generator().manual_seed(samples))
-    got = retempered(kept["ids"], kept["counts"].float(), kept["logits"], kept["logz"], kept["entropy"],
-                     float(samples), t_capture, t)
+    kept = capture(
+        zt.expand(rows, -1).contiguous(), "sampled", t_capture, samples, 0, torch.Generator().manual_seed(samples)
+    )
+    got = retempered(
+        kept["ids"], kept["counts"].float(), kept["logits"], kept["logz"], kept["entropy"], float(samples), t_capture, t
+    )
     spread = torch.zeros(rows, len(zt), dtype=torch.float64).scatter_add_(1, got.ids, got.weights.double())
     true_logp = F.log_softmax(zt / t, -1).expand(rows, -1).gather(1, got.ids)
     logp_error = ((got.logp - true_logp).abs() * (got.weights > 0)).sum() / (got.weights > 0).sum()

@@ -48,8 +48,9 @@ class Batch:
         return cls(blocks, None, targets, targets.numel())
 
     @classmethod
-    def from_ids(cls, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
-                 loss_mask: torch.Tensor | None = None) -> Batch:
+    def from_ids(
+        cls, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None, loss_mask: torch.Tensor | None = None
+    ) -> Batch:
         """Sequences with padding (attention_mask 0) or positions without loss (loss_mask 0).
 
         ``loss_mask`` (B, L) marks the tokens to be predicted (e.g. a completion after its
@@ -66,5 +67,6 @@ class Batch:
 
     def to(self, device: torch.device | str) -> Batch:
         mask = self.attention_mask.to(device) if self.attention_mask is not None else None
-        return Batch(self.input_ids.to(device), mask, self.targets.to(device), self.num_targets, self.rows,
-                     self.generated)
+        return Batch(
+            self.input_ids.to(device), mask, self.targets.to(device), self.num_targets, self.rows, self.generated
+        )

@@ -35,8 +35,9 @@ def decoder_layers(model: torch.nn.Module) -> list[torch.nn.Module]:
         layers = getattr(base, name, None)
         if isinstance(layers, torch.nn.ModuleList):
             return list(layers)
-    raise LmdistillError(f"parallel.strategy = fsdp cannot find the decoder layers of {type(model).__name__}; "
-                         "use parallel.strategy=ddp")
+    raise LmdistillError(
+        f"parallel.strategy = fsdp cannot find the decoder layers of {type(model).__name__}; use parallel.strategy=ddp"
+    )
 
 
 def precision_policy(mixed_precision: str, device: torch.device):
@@ -93,11 +94,15 @@ def full_model_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
 def check_fsdp(cfg, world: int) -> None:
     """What parallel.strategy = fsdp does not support yet: one line each, before anything runs."""
     if world < 2:
-        raise LmdistillError("parallel.strategy = fsdp shards over several processes and this is one: launch with "
-                             "torchrun --nproc_per_node N (docs/distributed.md), or use parallel.strategy=ddp")
+        raise LmdistillError(
+            "parallel.strategy = fsdp shards over several processes and this is one: launch with "
+            "torchrun --nproc_per_node N (docs/distributed.md), or use parallel.strategy=ddp"
+        )
     if cfg.distill.hidden.weight > 0:
-        raise LmdistillError("parallel.strategy = fsdp does not support the hidden-state term (distill.hidden.weight "
-                             "> 0) yet; use parallel.strategy=ddp")
+        raise LmdistillError(
+            "parallel.strategy = fsdp does not support the hidden-state term (distill.hidden.weight "
+            "> 0) yet; use parallel.strategy=ddp"
+        )
 
 
 def whole_model(model: torch.nn.Module, is_main: bool) -> torch.nn.Module | None:

@@ -29,8 +29,16 @@ def progress_bar(total: int, initial: int, desc: str, enabled: bool, unit: str =
 class LineProgress:
     """One plain line per 10% of ``total`` or per ``every_s`` seconds: done, rate, ETA, postfix."""
 
-    def __init__(self, total: int | None, initial: int, desc: str, enabled: bool = True, unit: str = "step",
-                 every_s: float = 30.0, stream=None):
+    def __init__(
+        self,
+        total: int | None,
+        initial: int,
+        desc: str,
+        enabled: bool = True,
+        unit: str = "step",
+        every_s: float = 30.0,
+        stream=None,
+    ):
         self.total, self.n, self.desc, self.enabled, self.unit = total, initial, desc, enabled, unit
         self.every_s, self.stream = every_s, stream or sys.stderr
         self.start_n, self.start_t = initial, time.monotonic()
@@ -63,8 +71,11 @@ class LineProgress:
         if not self.total:  # open-ended work (a stream): how far, no ETA
             parts = [f"{self.desc}: {self.unit} {self.n}", f"elapsed {_clock(elapsed)}"]
         else:
-            parts = [f"{self.desc}: {self.unit} {self.n}/{self.total} ({100 * self.n / max(self.total, 1):.0f}%)",
-                     f"elapsed {_clock(elapsed)}", f"ETA {_clock(eta) if eta is not None else '?'}"]
+            parts = [
+                f"{self.desc}: {self.unit} {self.n}/{self.total} ({100 * self.n / max(self.total, 1):.0f}%)",
+                f"elapsed {_clock(elapsed)}",
+                f"ETA {_clock(eta) if eta is not None else '?'}",
+            ]
         parts += [f"{key} {value}" for key, value in self.postfix.items()]
         return ", ".join(parts)
 

@@ -103,8 +103,16 @@ class Blocks:
     every real token is a target. Padding (past a block's length) never is.
     """
 
-    def __init__(self, store: Store, starts: np.ndarray, lengths: np.ndarray | None, targets: np.ndarray | None,
-                 block_size: int, use_mask: bool, origin: np.ndarray | None = None):
+    def __init__(
+        self,
+        store: Store,
+        starts: np.ndarray,
+        lengths: np.ndarray | None,
+        targets: np.ndarray | None,
+        block_size: int,
+        use_mask: bool,
+        origin: np.ndarray | None = None,
+    ):
         self.store, self.block_size, self.use_mask = store, block_size, use_mask
         self.starts, self.lengths, self.targets = starts, lengths, targets
         self.full = lengths is None  # plain text: every block is block_size real tokens, all targets valid
@@ -117,11 +125,19 @@ class Blocks:
 
     def subset(self, rows) -> Blocks:
         rows = _as_index(rows, len(self))
+
         def pick(a):
             return None if a is None else a[rows]
 
-        return Blocks(self.store, self.starts[rows], pick(self.lengths), pick(self.targets), self.block_size,
-                      self.use_mask, self.origin[rows])
+        return Blocks(
+            self.store,
+            self.starts[rows],
+            pick(self.lengths),
+            pick(self.targets),
+            self.block_size,
+            self.use_mask,
+            self.origin[rows],
+        )
 
     def numbered(self) -> Blocks:
         """The same blocks as a set of their own: rows numbered 0 .. n-1."""
@@ -129,8 +145,9 @@ class Blocks:
 
     def shifted(self, offset: int) -> Blocks:
         """The same blocks, numbered from ``offset`` (their place in a mixture)."""
-        return Blocks(self.store, self.starts, self.lengths, self.targets, self.block_size, self.use_mask,
-                      self.origin + offset)
+        return Blocks(
+            self.store, self.starts, self.lengths, self.targets, self.block_size, self.use_mask, self.origin + offset
+        )
 
     @property
     def num_targets(self) -> int:
@@ -227,8 +244,9 @@ def _as_index(rows, n: int) -> np.ndarray:
     return np.asarray(rows, dtype=np.int64)
 
 
-def split_blocks(layout: Layout, store: Store, use_mask: bool, eval_fraction: float | None,
-                 split_seed: int) -> tuple[Blocks, Blocks | None]:
+def split_blocks(
+    layout: Layout, store: Store, use_mask: bool, eval_fraction: float | None, split_seed: int
+) -> tuple[Blocks, Blocks | None]:
     """(train, eval): whole blocks held out with ``split_seed`` (eval None when eval_fraction is None)."""
     everything = Blocks(store, layout.starts, layout.lengths, layout.targets, layout.block_size, use_mask)
     if eval_fraction is None:
@@ -236,8 +254,10 @@ def split_blocks(layout: Layout, store: Store, use_mask: bool, eval_fraction: fl
     n = len(everything)
     perm = torch.randperm(n, generator=torch.Generator().manual_seed(split_seed))
     num_eval = min(max(1, int(round(eval_fraction * n))), n - 1)
-    train, held_out = (everything.subset(perm[num_eval:].sort().values),
-                       everything.subset(perm[:num_eval].sort().values))
+    train, held_out = (
+        everything.subset(perm[num_eval:].sort().values),
+        everything.subset(perm[:num_eval].sort().values),
+    )
     return train.numbered(), held_out.numbered()  # each a set of its own, numbered from 0
 
 
@@ -250,8 +270,9 @@ class BlockSampler:
     data position saved in a checkpoint.
     """
 
-    def __init__(self, num_blocks: int, batch_size: int, seed: int, rank: int = 0, world_size: int = 1,
-                 shuffle: bool = True):
+    def __init__(
+        self, num_blocks: int, batch_size: int, seed: int, rank: int = 0, world_size: int = 1, shuffle: bool = True
+    ):
         self.num_blocks = num_blocks
         self.batch_size = batch_size
         self.seed = seed
@@ -296,8 +317,9 @@ class MixtureSampler:
 
     PERIOD = 1000
 
-    def __init__(self, sizes: list[int], weights: list[float], batch_size: int, seed: int, rank: int = 0,
-                 world_size: int = 1):
+    def __init__(
+        self, sizes: list[int], weights: list[float], batch_size: int, seed: int, rank: int = 0, world_size: int = 1
+    ):
         self.sizes, self.batch_size, self.seed = list(sizes), batch_size, seed
         self.rank, self.world_size = rank, world_size
         self.offsets = np.cumsum([0] + self.sizes)

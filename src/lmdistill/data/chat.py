@@ -90,10 +90,13 @@ def encode_prompt_completion(prompt: Any, completion: Any, tokenizer) -> Encoded
         completion_messages = _checked_messages(completion, "completion")
         if not any(m["role"] == ASSISTANT for m in completion_messages):
             raise NoAssistantTurn("the completion has no assistant message")
-        return _encode_conversation(prompt_messages + completion_messages, tokenizer,
-                                    first_trained=len(prompt_messages))
-    raise LmdistillError("prompt and completion must be both strings or both lists of messages; found "
-                         f"{_kind(prompt)} and {_kind(completion)}")
+        return _encode_conversation(
+            prompt_messages + completion_messages, tokenizer, first_trained=len(prompt_messages)
+        )
+    raise LmdistillError(
+        "prompt and completion must be both strings or both lists of messages; found "
+        f"{_kind(prompt)} and {_kind(completion)}"
+    )
 
 
 def encode_record(record: Mapping, tokenizer, fmt: str, text_field: str = "text") -> Encoded:
@@ -133,7 +136,7 @@ def _encode_conversation(messages: list[dict], tokenizer, first_trained: int) ->
 def _assistant_span(tokenizer, messages: list[dict], index: int, text: str) -> Span:
     """Characters of ``text`` that assistant turn ``index`` occupies, header excluded."""
     start = len(_rendered_prefix(tokenizer, messages[:index], generation_prompt=True, text=text))
-    end = len(_rendered_prefix(tokenizer, messages[:index + 1], generation_prompt=False, text=text))
+    end = len(_rendered_prefix(tokenizer, messages[: index + 1], generation_prompt=False, text=text))
     return start, end
 
 
@@ -159,8 +162,10 @@ def _render(tokenizer, messages: list[dict], generation_prompt: bool) -> str:
 def _tokenize_with_starts(tokenizer, text: str) -> tuple[list[int], list[int]]:
     """Token ids of ``text`` and the character where each token starts."""
     if not getattr(tokenizer, "is_fast", False):
-        raise LmdistillError("chat records need a fast (tokenizers-backed) tokenizer to map the assistant's text "
-                             f"to tokens; {type(tokenizer).__name__} is not one")
+        raise LmdistillError(
+            "chat records need a fast (tokenizers-backed) tokenizer to map the assistant's text "
+            f"to tokens; {type(tokenizer).__name__} is not one"
+        )
     encoding = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True, verbose=False)
     return list(encoding["input_ids"]), [start for start, _ in encoding["offset_mapping"]]
 
@@ -240,4 +245,4 @@ def _kind(value: Any) -> str:
 
 def _one_line(exc: Exception, limit: int = 200) -> str:
     message = " ".join(str(exc).split()) or type(exc).__name__
-    return message if len(message) <= limit else message[:limit - 3] + "..."
+    return message if len(message) <= limit else message[: limit - 3] + "..."

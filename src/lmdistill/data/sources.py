@@ -31,11 +31,25 @@ from lmdistill.data.blocks import Blocks, BlockSampler, ConcatBlocks, MixtureSam
 from lmdistill.data.chat import record_format
 from lmdistill.data.store import RecordError, SourcePlan, Store, open_or_build, plan_files, plan_records, stores_home
 
-__all__ = ["BlockData", "BlockSampler", "MixtureSampler", "build_block_data", "make_sampler", "open_store",
-           "plan_source", "embedded_corpus_texts"]
+__all__ = [
+    "BlockData",
+    "BlockSampler",
+    "MixtureSampler",
+    "build_block_data",
+    "make_sampler",
+    "open_store",
+    "plan_source",
+    "embedded_corpus_texts",
+]
 
-EXTENSION_BUILDERS = {".txt": "text", ".text": "text", ".md": "text", ".jsonl": "json", ".json": "json",
-                      ".parquet": "parquet"}
+EXTENSION_BUILDERS = {
+    ".txt": "text",
+    ".text": "text",
+    ".md": "text",
+    ".jsonl": "json",
+    ".json": "json",
+    ".parquet": "parquet",
+}
 
 
 def embedded_corpus_texts() -> list[str]:
@@ -98,9 +112,11 @@ def _check_utf8(path: str, role: str) -> None:
             except UnicodeDecodeError as exc:
                 at = offset - held + exc.start
                 line = lines + chunk.count(b"\n", 0, max(0, exc.start - held)) + 1
-                raise LmdistillError(f"{role}: '{path}' is not UTF-8 text (a byte "
-                                     f"{exc.object[exc.start]:#04x} on line {line}, at byte offset {at}); convert it "
-                                     "to UTF-8, e.g. with iconv") from None
+                raise LmdistillError(
+                    f"{role}: '{path}' is not UTF-8 text (a byte "
+                    f"{exc.object[exc.start]:#04x} on line {line}, at byte offset {at}); convert it "
+                    "to UTF-8, e.g. with iconv"
+                ) from None
             if not chunk:
                 return
             offset, lines = offset + len(chunk), lines + chunk.count(b"\n")
@@ -114,21 +130,30 @@ def _read_error(role: str, source: str, files: list[str], exc: Exception, text_f
     while chain[-1].__cause__ is not None or chain[-1].__context__ is not None:
         chain.append(chain[-1].__cause__ or chain[-1].__context__)
     if any("corresponds to no data" in str(c) for c in chain):  # datasets' words for zero records
-        return LmdistillError(f"{role} '{source}' has no records (none with a non-empty '{text_field}' field); give "
-                              f"records with text, e.g. one {{\"{text_field}\": \"...\"}} object per line of a .jsonl")
+        return LmdistillError(
+            f"{role} '{source}' has no records (none with a non-empty '{text_field}' field); give "
+            f'records with text, e.g. one {{"{text_field}": "..."}} object per line of a .jsonl'
+        )
     data_files = {str(Path(f).resolve()) for f in files}
     for c in chain:
-        if (isinstance(c, OSError) and c.errno in _CACHE_ERRNOS
-                and not (c.filename and str(Path(str(c.filename)).resolve()) in data_files)):
+        if (
+            isinstance(c, OSError)
+            and c.errno in _CACHE_ERRNOS
+            and not (c.filename and str(Path(str(c.filename)).resolve()) in data_files)
+        ):
             where = f": {c.filename}" if c.filename else ""
-            return LmdistillError(f"{c.strerror or c}{where}: datasets could not write its cache while loading {role} "
-                                  f"'{source}'; set HF_DATASETS_CACHE (or HF_HOME) to a writable directory")
+            return LmdistillError(
+                f"{c.strerror or c}{where}: datasets could not write its cache while loading {role} "
+                f"'{source}'; set HF_DATASETS_CACHE (or HF_HOME) to a writable directory"
+            )
     cause = exc
     while cause.__cause__ is not None or cause.__context__ is not None:
         cause = cause.__cause__ or cause.__context__
         if isinstance(cause, UnicodeDecodeError):
-            return LmdistillError(f"{role} '{source}' is not UTF-8 text (a byte {cause.object[cause.start]:#04x} at "
-                                  f"position {cause.start} of a file); convert it to UTF-8, e.g. with iconv")
+            return LmdistillError(
+                f"{role} '{source}' is not UTF-8 text (a byte {cause.object[cause.start]:#04x} at "
+                f"position {cause.start} of a file); convert it to UTF-8, e.g. with iconv"
+            )
     detail = (str(cause).splitlines() or [type(cause).__name__])[0][:200]
     return LmdistillError(f"could not read {role} '{source}': {detail}; check the file's format")
 
@@ -147,39 +172,58 @@ def plan_source(source: str | None, cfg: DataConfig, role: str = "data.path") ->
     if source is None:
         texts = embedded_corpus_texts()
         digest = hashlib.sha256("\0".join(texts).encode()).hexdigest()
-        return RecordSource("embedded: CPython reference docs (pydoc_data)", {"embedded": digest}, cfg.text_field,
-                            lambda: (datasets_module().Dataset.from_dict({"text": texts}), "text"))
+        return RecordSource(
+            "embedded: CPython reference docs (pydoc_data)",
+            {"embedded": digest},
+            cfg.text_field,
+            lambda: (datasets_module().Dataset.from_dict({"text": texts}), "text"),
+        )
     path = Path(source).expanduser()
     if path.exists():
         builder, files, ignored = _data_files(path, stores_home(cfg.store_dir))
         description = f"{source} ({len(files)} file{'s' if len(files) > 1 else ''})"
         if ignored:
             kinds = sorted({p.suffix or p.name for p in ignored})
-            _note(f"{role} '{source}': {len(ignored)} file(s) of a type that is not read ({', '.join(kinds[:5])}) "
-                  "left out; only .txt, .md, .jsonl, .json and .parquet are read")
+            _note(
+                f"{role} '{source}': {len(ignored)} file(s) of a type that is not read ({', '.join(kinds[:5])}) "
+                "left out; only .txt, .md, .jsonl, .json and .parquet are read"
+            )
         if all(Path(f).stat().st_size == 0 for f in files):
             raise LmdistillError(f"{role} '{source}' is empty; give a file with text in it")
         if builder == "text":
             return plan_files(files, description)
         identity = {"files": [_file_identity(f) for f in files], "builder": builder}
         if cfg.streaming:  # the same records in the same order: the same store as without streaming
-            return StreamSource(description, identity, cfg.text_field, role, source,
-                                lambda: _stream_local(builder, files, role))
-        return RecordSource(description, identity, cfg.text_field,
-                            lambda: _load_local(builder, files, role, source, cfg))
+            return StreamSource(
+                description, identity, cfg.text_field, role, source, lambda: _stream_local(builder, files, role)
+            )
+        return RecordSource(
+            description, identity, cfg.text_field, lambda: _load_local(builder, files, role, source, cfg)
+        )
     if path.suffix.lower() in EXTENSION_BUILDERS:  # a file's name, never a datasets name: no hub look-up
-        raise LmdistillError(f"{role} '{source}' does not exist; check the path (relative paths are from "
-                             f"'{Path.cwd()}')")
+        raise LmdistillError(
+            f"{role} '{source}' does not exist; check the path (relative paths are from '{Path.cwd()}')"
+        )
     if is_hub_id(source) and cfg.streaming:
-        description = (f"datasets (streaming): {source}" + (f"/{cfg.dataset_config}" if cfg.dataset_config else "")
-                       + f" [{cfg.split}]")
+        description = (
+            f"datasets (streaming): {source}"
+            + (f"/{cfg.dataset_config}" if cfg.dataset_config else "")
+            + f" [{cfg.split}]"
+        )
         identity = {"datasets_stream": source, "config": cfg.dataset_config, "split": cfg.split}
-        return StreamSource(description, identity, cfg.text_field, role, source,
-                            lambda: datasets_module().load_dataset(source, cfg.dataset_config, split=cfg.split,
-                                                                   streaming=True))
+        return StreamSource(
+            description,
+            identity,
+            cfg.text_field,
+            role,
+            source,
+            lambda: datasets_module().load_dataset(source, cfg.dataset_config, split=cfg.split, streaming=True),
+        )
     if is_hub_id(source):
         ds = _load_hub(source, cfg, role)
-        description = f"datasets: {source}" + (f"/{cfg.dataset_config}" if cfg.dataset_config else "") + f" [{cfg.split}]"
+        description = (
+            f"datasets: {source}" + (f"/{cfg.dataset_config}" if cfg.dataset_config else "") + f" [{cfg.split}]"
+        )
         identity = {"datasets": ds._fingerprint, "name": source, "config": cfg.dataset_config, "split": cfg.split}
         return RecordSource(description, identity, cfg.text_field, lambda: _record_format(ds, role, source, cfg))
     raise LmdistillError(f"{role} '{source}' does not exist; give a .txt, .jsonl or .parquet file or a directory")
@@ -216,19 +260,24 @@ class StreamSource(SourcePlan):
         except LmdistillError:
             raise
         except Exception as exc:  # datasets raises many types for a name or file it cannot stream
-            raise LmdistillError(f"{self.role} '{self.source}' could not be read as a stream ({_one_line(exc)}); "
-                                 "check the name, the network, or set data.streaming=false") from None
+            raise LmdistillError(
+                f"{self.role} '{self.source}' could not be read as a stream ({_one_line(exc)}); "
+                "check the name, the network, or set data.streaming=false"
+            ) from None
         if not head:
             raise LmdistillError(f"{self.role} '{self.source}' has no records; give records with text")
         first = head[0]
         # The first record with a format is the source's, as for a loaded source (a null text first is no error).
-        self.fmt = next((f for f in (record_format(r, self.text_field) for r in head) if f),
-                        "text" if self.text_field in first else None)
+        self.fmt = next(
+            (f for f in (record_format(r, self.text_field) for r in head) if f),
+            "text" if self.text_field in first else None,
+        )
         if self.fmt is None:
             raise LmdistillError(
                 f"{self.role} '{self.source}' has no field '{self.text_field}' (fields: {', '.join(first)}); set "
                 "data.text_field to the one that holds the text, or give chat records ('messages') or 'prompt' and "
-                "'completion'")
+                "'completion'"
+            )
 
     def iter_shards(self):
         batch, first, index = [], 0, 0
@@ -239,7 +288,6 @@ class StreamSource(SourcePlan):
                 batch, first, index = [], number + 1, index + 1
         if batch:
             yield index, ("rows", first, batch)
-
 
     def _records(self):
         """The stream's records; a failure part-way (a broken line deep in a file, a dropped
@@ -259,10 +307,13 @@ class StreamSource(SourcePlan):
     def _stream_error(self, number: int, exc: Exception) -> Exception:
         what = f"reading the stream stopped after {number:,} record(s): {_one_line(exc)}"
         if self.identity.get("files"):  # a local file: bad input, so its build is not kept (RecordError)
-            return RecordError(f"{what}; fix the file (a broken line?) or set data.streaming=false to have it "
-                               "checked as a whole")
-        return LmdistillError(f"{self.role} '{self.source}': {what}; check the network and run again (finished "
-                              "shards are kept), or set data.streaming=false")
+            return RecordError(
+                f"{what}; fix the file (a broken line?) or set data.streaming=false to have it checked as a whole"
+            )
+        return LmdistillError(
+            f"{self.role} '{self.source}': {what}; check the network and run again (finished "
+            "shards are kept), or set data.streaming=false"
+        )
 
 
 def _one_line(exc: Exception) -> str:
@@ -327,11 +378,19 @@ def _record_format(ds, role: str, source: str, cfg: DataConfig) -> tuple:
     if not wanted:
         raise LmdistillError(
             f"{role} '{source}' has no field '{cfg.text_field}' (fields: {', '.join(columns)}); set data.text_field "
-            "to the one that holds the text, or give chat records ('messages') or 'prompt' and 'completion'")
+            "to the one that holds the text, or give chat records ('messages') or 'prompt' and 'completion'"
+        )
     ds = ds.select_columns(list(dict.fromkeys(wanted)))
-    first = next((record_format(r, cfg.text_field) for r in ds.select(range(min(len(ds), FORMAT_PROBE)))
-                  if record_format(r, cfg.text_field)), None)
+    first = next(
+        (
+            record_format(r, cfg.text_field)
+            for r in ds.select(range(min(len(ds), FORMAT_PROBE)))
+            if record_format(r, cfg.text_field)
+        ),
+        None,
+    )
     return ds, first or "text"
+
 
 def _note(message: str) -> None:
     """A one-line notice, from the main process only."""
@@ -364,11 +423,21 @@ class SourceData:
 
     def record(self) -> dict:
         m = self.store.manifest
-        return {"name": self.name, "weight": self.weight, "source": m["source"], "store": str(self.store.path),
-                "fingerprint": self.store.fingerprint, "built": self.built, "format": m["format"],
-                "loss_on": self.loss_on, "tokens": m["tokens"], "documents": m["documents"],
-                "skipped_no_assistant": m["skipped_no_assistant"], "train_blocks": len(self.train),
-                "train_targets": self.train.num_targets}
+        return {
+            "name": self.name,
+            "weight": self.weight,
+            "source": m["source"],
+            "store": str(self.store.path),
+            "fingerprint": self.store.fingerprint,
+            "built": self.built,
+            "format": m["format"],
+            "loss_on": self.loss_on,
+            "tokens": m["tokens"],
+            "documents": m["documents"],
+            "skipped_no_assistant": m["skipped_no_assistant"],
+            "train_blocks": len(self.train),
+            "train_targets": self.train.num_targets,
+        }
 
 
 @dataclass
@@ -388,11 +457,19 @@ class BlockData:
         return [s.weight for s in self.sources] if len(self.sources) > 1 else None
 
     def describe(self) -> dict:
-        return {"source": self.source, "eval_source": self.eval_source, "train_blocks": len(self.train),
-                "eval_blocks": len(self.eval), "block_size": self.train.block_size,
-                "train_tokens": len(self.train) * self.train.block_size, "train_targets": self.train.num_targets,
-                "eval_targets": self.eval.num_targets, "sources": [s.record() for s in self.sources],
-                "eval_store": self.eval_store.record() if self.eval_store else None, "layout": self.layout}
+        return {
+            "source": self.source,
+            "eval_source": self.eval_source,
+            "train_blocks": len(self.train),
+            "eval_blocks": len(self.eval),
+            "block_size": self.train.block_size,
+            "train_tokens": len(self.train) * self.train.block_size,
+            "train_targets": self.train.num_targets,
+            "eval_targets": self.eval.num_targets,
+            "sources": [s.record() for s in self.sources],
+            "eval_store": self.eval_store.record() if self.eval_store else None,
+            "layout": self.layout,
+        }
 
 
 def _say(message: str) -> None:
@@ -400,12 +477,20 @@ def _say(message: str) -> None:
         print(message)
 
 
-def open_store(source: str | None, cfg: DataConfig, tokenizer, role: str = "data.path",
-               progress: bool = True) -> tuple[Store, bool]:
+def open_store(
+    source: str | None, cfg: DataConfig, tokenizer, role: str = "data.path", progress: bool = True
+) -> tuple[Store, bool]:
     """The tokenized store of ``source``, built on first use (see ``store.py``)."""
     plan = plan_source(source, cfg, role)
-    return open_or_build(plan, tokenizer, home=stores_home(cfg.store_dir), num_proc=cfg.num_proc,
-                         max_tokens=cfg.max_tokens, say=_say, progress=progress and _is_main())
+    return open_or_build(
+        plan,
+        tokenizer,
+        home=stores_home(cfg.store_dir),
+        num_proc=cfg.num_proc,
+        max_tokens=cfg.max_tokens,
+        say=_say,
+        progress=progress and _is_main(),
+    )
 
 
 def _is_main() -> bool:
@@ -416,35 +501,46 @@ def _loss_on(cfg: DataConfig, store: Store, role: str, source: str | None) -> st
     if cfg.loss_on == "auto":
         return "assistant" if store.chat else "all"
     if cfg.loss_on == "assistant" and not store.chat:
-        raise LmdistillError(f"data.loss_on is 'assistant' but {role} '{source or 'embedded'}' is plain text with no "
-                             "assistant turns; use data.loss_on: all (or auto), or give chat / prompt-completion records")
+        raise LmdistillError(
+            f"data.loss_on is 'assistant' but {role} '{source or 'embedded'}' is plain text with no "
+            "assistant turns; use data.loss_on: all (or auto), or give chat / prompt-completion records"
+        )
     return cfg.loss_on
 
 
-def _source_data(name: str, weight: float, source: str | None, cfg: DataConfig, tokenizer, role: str,
-                 hold_out: bool, progress: bool) -> SourceData:
+def _source_data(
+    name: str, weight: float, source: str | None, cfg: DataConfig, tokenizer, role: str, hold_out: bool, progress: bool
+) -> SourceData:
     store, built = open_store(source, cfg, tokenizer, role, progress)
     if not built:
         _say(f"data: {store.manifest['source']}: {store.num_tokens:,} tokens from the store {store.path}")
     if store.manifest["skipped_no_assistant"]:
-        _note(f"{role} '{source or 'embedded'}': {store.manifest['skipped_no_assistant']} record(s) without an "
-              "assistant turn (or with an empty completion) left out")
+        _note(
+            f"{role} '{source or 'embedded'}': {store.manifest['skipped_no_assistant']} record(s) without an "
+            "assistant turn (or with an empty completion) left out"
+        )
     if store.manifest["empty_records"]:
-        _note(f"{role} '{source or 'embedded'}': {store.manifest['empty_records']} of {store.manifest['records']} "
-              f"record(s) have no text in "
-              f"'{cfg.text_field}' (null or empty) and are left out")
+        _note(
+            f"{role} '{source or 'embedded'}': {store.manifest['empty_records']} of {store.manifest['records']} "
+            f"record(s) have no text in "
+            f"'{cfg.text_field}' (null or empty) and are left out"
+        )
     loss_on = _loss_on(cfg, store, role, source)
     layout = layout_blocks(store, cfg.block_size, loss_on)
     minimum = 2 if hold_out else 1
     if len(layout.starts) < minimum:
-        more = ("add text" if store.manifest["tokens_before_cap"] <= store.num_tokens  # else max_tokens cut it short
-                else f"raise data.max_tokens (now {cfg.max_tokens:,})")
+        more = (
+            "add text"
+            if store.manifest["tokens_before_cap"] <= store.num_tokens  # else max_tokens cut it short
+            else f"raise data.max_tokens (now {cfg.max_tokens:,})"
+        )
         raise LmdistillError(
             f"{role} '{source or 'embedded'}' gives {len(layout.starts)} block(s) of {cfg.block_size} tokens, fewer "
             f"than {minimum} needed; {more} or lower {'--block-size' if role.startswith('--') else 'data.block_size'}"
         )
-    train, held_out = split_blocks(layout, store, loss_on == "assistant", cfg.eval_fraction if hold_out else None,
-                                   cfg.split_seed)
+    train, held_out = split_blocks(
+        layout, store, loss_on == "assistant", cfg.eval_fraction if hold_out else None, cfg.split_seed
+    )
     return SourceData(name, weight, store, built, loss_on, train, held_out)
 
 
@@ -454,34 +550,56 @@ def build_block_data(cfg: DataConfig, tokenizer, progress: bool = True) -> Block
     entries = cfg.sources or [{"path": cfg.path, "weight": 1.0}]
     names = source_names(cfg) if cfg.sources else [cfg.path or "embedded"]
     hold_out = cfg.eval_path is None
-    sources = [_source_data(name, float(e.get("weight", 1.0)), e["path"], cfg, tokenizer,
-                            "data.sources" if cfg.sources else "data.path", hold_out, progress)
-               for name, e in zip(names, entries)]
+    sources = [
+        _source_data(
+            name,
+            float(e.get("weight", 1.0)),
+            e["path"],
+            cfg,
+            tokenizer,
+            "data.sources" if cfg.sources else "data.path",
+            hold_out,
+            progress,
+        )
+        for name, e in zip(names, entries)
+    ]
     train = sources[0].train if len(sources) == 1 else ConcatBlocks([s.train for s in sources])
     eval_store = None
     if hold_out:
         cap = None if cfg.max_eval_blocks is None else max(1, cfg.max_eval_blocks // len(sources))
         parts = [s.eval.subset(slice(0, cap)) for s in sources]
         eval_blocks = parts[0] if len(parts) == 1 else ConcatBlocks(parts)
-        eval_source = (f"{len(eval_blocks)} held-out blocks ({cfg.eval_fraction:.0%}"
-                       f"{' of each source' if len(sources) > 1 else ''})")
+        eval_source = (
+            f"{len(eval_blocks)} held-out blocks ({cfg.eval_fraction:.0%}"
+            f"{' of each source' if len(sources) > 1 else ''})"
+        )
     else:
         eval_store = _source_data("eval", 1.0, cfg.eval_path, cfg, tokenizer, "data.eval_path", False, progress)
         eval_blocks = eval_store.train.subset(slice(0, cfg.max_eval_blocks))
         eval_source = eval_store.store.manifest["source"]
     if len(eval_blocks) == 0:
-        raise LmdistillError(f"data.eval_path '{cfg.eval_path}' gives no block of {cfg.block_size} tokens; add text "
-                             "or lower data.block_size")
-    source = sources[0].store.manifest["source"] if len(sources) == 1 else "mixture: " + ", ".join(
-        f"{s.name} ({s.weight:g})" for s in sources)
-    layout = {"block_size": cfg.block_size, "split_seed": cfg.split_seed,
-              "eval_fraction": cfg.eval_fraction if hold_out else None, "train": train.digest(),
-              "eval": eval_blocks.digest()}
+        raise LmdistillError(
+            f"data.eval_path '{cfg.eval_path}' gives no block of {cfg.block_size} tokens; add text "
+            "or lower data.block_size"
+        )
+    source = (
+        sources[0].store.manifest["source"]
+        if len(sources) == 1
+        else "mixture: " + ", ".join(f"{s.name} ({s.weight:g})" for s in sources)
+    )
+    layout = {
+        "block_size": cfg.block_size,
+        "split_seed": cfg.split_seed,
+        "eval_fraction": cfg.eval_fraction if hold_out else None,
+        "train": train.digest(),
+        "eval": eval_blocks.digest(),
+    }
     return BlockData(train, eval_blocks, source, eval_source, sources, eval_store, layout)
 
 
-def block_data_of(source: str | None, cfg: DataConfig, tokenizer, role: str = "--data",
-                  progress: bool = True) -> tuple[Blocks, str]:
+def block_data_of(
+    source: str | None, cfg: DataConfig, tokenizer, role: str = "--data", progress: bool = True
+) -> tuple[Blocks, str]:
     """Every block of one source (no split): what ``lmdistill eval --data`` scores."""
     data = _source_data(source or "embedded", 1.0, source, cfg, tokenizer, role, False, progress)
     return data.train, data.store.manifest["source"]

@@ -215,26 +215,58 @@ class _Options:
     t2: float  # T^2, or 1 without scale_by_t2
 
 
-def _prepare(entry, *, temperature: float, kd_weight: float, scale_by_t2: bool, jsd_beta: float,
-             skew_alpha: float, num_tokens, num_valid: int, all_valid: bool, chunk_size: int, vocab_size: int,
-             need_grad: tuple[bool, bool, bool], use_compile: bool | None, device: torch.device):
+def _prepare(
+    entry,
+    *,
+    temperature: float,
+    kd_weight: float,
+    scale_by_t2: bool,
+    jsd_beta: float,
+    skew_alpha: float,
+    num_tokens,
+    num_valid: int,
+    all_valid: bool,
+    chunk_size: int,
+    vocab_size: int,
+    need_grad: tuple[bool, bool, bool],
+    use_compile: bool | None,
+    device: torch.device,
+):
     """A call's static options and the 0-d fp32 coefficients of its closed-form gradient:
     d total / dz_s = kd_weight * T^2 / T * dD/ds / denom + (1 - kd_weight) / denom * dC/dz."""
     denom = normaliser(num_tokens, num_valid)
     t2 = temperature**2 if scale_by_t2 else 1.0
-    opts = _Options(kd_chunk=entry.chunk, params=DivergenceParams(float(jsd_beta), float(skew_alpha)),
-                    with_kd=kd_weight > 0, same_t=float(temperature) == 1.0, chunk_size=int(chunk_size),
-                    vocab_size=vocab_size, need_grad=need_grad, num_valid=num_valid, all_valid=all_valid,
-                    use_compile=use_compile, kd_coef=kd_weight * t2, ce_coef=1.0 - kd_weight, denom=denom, t2=t2)
-    coefficients = [torch.tensor(x, dtype=torch.float32, device=device)
-                    for x in (1.0 / temperature, kd_weight * t2 / temperature / denom, (1.0 - kd_weight) / denom)]
+    opts = _Options(
+        kd_chunk=entry.chunk,
+        params=DivergenceParams(float(jsd_beta), float(skew_alpha)),
+        with_kd=kd_weight > 0,
+        same_t=float(temperature) == 1.0,
+        chunk_size=int(chunk_size),
+        vocab_size=vocab_size,
+        need_grad=need_grad,
+        num_valid=num_valid,
+        all_valid=all_valid,
+        use_compile=use_compile,
+        kd_coef=kd_weight * t2,
+        ce_coef=1.0 - kd_weight,
+        denom=denom,
+        t2=t2,
+    )
+    coefficients = [
+        torch.tensor(x, dtype=torch.float32, device=device)
+        for x in (1.0 / temperature, kd_weight * t2 / temperature / denom, (1.0 - kd_weight) / denom)
+    ]
     return opts, coefficients
 
 
 def _loss_parts(total: Tensor, ce_sum: Tensor, kd_sum: Tensor, opts: _Options) -> LossParts:
-    return LossParts(total=total, kd=(kd_sum * opts.t2 / opts.denom).detach(),
-                     kd_unscaled=(kd_sum / opts.denom).detach(), ce=(ce_sum / opts.denom).detach(),
-                     num_valid=opts.num_valid)
+    return LossParts(
+        total=total,
+        kd=(kd_sum * opts.t2 / opts.denom).detach(),
+        kd_unscaled=(kd_sum / opts.denom).detach(),
+        ce=(ce_sum / opts.denom).detach(),
+        num_valid=opts.num_valid,
+    )
 
 
 class _FusedLinearKD(torch.autograd.Function):
@@ -282,8 +314,23 @@ class _FusedLinearKD(torch.autograd.Function):
             h_c = h_c.to(mm_dtype)
             if ht_c is not None:
                 ht_c = ht_c.to(w_t.dtype)
-            args = (h_c, w_s_v, b_s_v, ht_c, w_t_v, b_t_v, y_c, inv_t, c_kd, c_ce,
-                    opts.kd_chunk, opts.params, opts.with_kd, opts.same_t, need_grad)
+            args = (
+                h_c,
+                w_s_v,
+                b_s_v,
+                ht_c,
+                w_t_v,
+                b_t_v,
+                y_c,
+                inv_t,
+                c_kd,
+                c_ce,
+                opts.kd_chunk,
+                opts.params,
+                opts.with_kd,
+                opts.same_t,
+                need_grad,
+            )
             step, (grad_z, ce_sum, kd_sum) = _run_step(step, args, workspace)
             ce_total += ce_sum
             kd_total += kd_sum
@@ -322,8 +369,10 @@ def hand_out_grads(ctx, grad_total: Tensor, name: str) -> list[Tensor | None]:
     """The gradients a chunked loss computed during forward (``ctx.grads``, in ``ctx.dtypes``),
     scaled by ``grad_total`` and handed out once: they are released as they leave."""
     if ctx.grads is None:
-        raise RuntimeError(f"{name} computes its gradients during forward and hands them out once; backward "
-                           "through the same loss twice (retain_graph) is not supported")
+        raise RuntimeError(
+            f"{name} computes its gradients during forward and hands them out once; backward "
+            "through the same loss twice (retain_graph) is not supported"
+        )
     grads, ctx.grads = ctx.grads, None
     # In place: these buffers are ours alone; scaling costs no extra (V, H) copy.
     return [None if g is None else g.mul_(grad_total).to(dtype) for g, dtype in zip(grads, ctx.dtypes)]
@@ -348,7 +397,7 @@ def _row_blocks(*tensors: Tensor | None) -> list[tuple]:
     """
     first = tensors[0]
     try:
-        return [tuple(t.view(-1, *t.shape[first.dim() - 1:]) if t is not None else None for t in tensors)]
+        return [tuple(t.view(-1, *t.shape[first.dim() - 1 :]) if t is not None else None for t in tensors)]
     except RuntimeError:
         pass
     blocks = []
@@ -366,8 +415,11 @@ class _LogitsKD(torch.autograd.Function):
         need_grad = opts.need_grad[0]
         # The gradient is stored in the logits' dtype, each chunk rounded once as it is written.
         # Ignored rows get no gradient: zeros there, and every valid row is written below.
-        grad = (torch.empty if opts.all_valid else torch.zeros)(zs.shape, dtype=zs.dtype, device=zs.device) \
-            if need_grad else None
+        grad = (
+            (torch.empty if opts.all_valid else torch.zeros)(zs.shape, dtype=zs.dtype, device=zs.device)
+            if need_grad
+            else None
+        )
         ce_total = torch.zeros((), dtype=torch.float32, device=zs.device)
         kd_total = torch.zeros((), dtype=torch.float32, device=zs.device)
         step = _step_fn(zs.device, opts.use_compile)
@@ -381,8 +433,23 @@ class _LogitsKD(torch.autograd.Function):
             for start in range(0, n_rows, opts.chunk_size):
                 stop = min(start + opts.chunk_size, n_rows)
                 sel = slice(start, stop) if rows is None else rows[start:stop]
-                args = (zs_b[sel], None, None, zt_b[sel] if opts.with_kd else None, None, None, y_b[sel], inv_t, c_kd,
-                        c_ce, opts.kd_chunk, opts.params, opts.with_kd, opts.same_t, need_grad)
+                args = (
+                    zs_b[sel],
+                    None,
+                    None,
+                    zt_b[sel] if opts.with_kd else None,
+                    None,
+                    None,
+                    y_b[sel],
+                    inv_t,
+                    c_kd,
+                    c_ce,
+                    opts.kd_chunk,
+                    opts.params,
+                    opts.with_kd,
+                    opts.same_t,
+                    need_grad,
+                )
                 dest = grad_b[sel] if need_grad and rows is None and grad.dtype == torch.float32 else None
                 chunk_ws = _Into(workspace, dest) if dest is not None and workspace is not _no_workspace else workspace
                 step, (grad_z, ce_sum, kd_sum) = _run_step(step, args, chunk_ws)
@@ -397,8 +464,10 @@ class _LogitsKD(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_total, _grad_ce, _grad_kd):
         if ctx.grad is None:
-            raise RuntimeError("the fused logits loss hands out its gradient once; backward through the same loss "
-                               "twice (retain_graph) is not supported")
+            raise RuntimeError(
+                "the fused logits loss hands out its gradient once; backward through the same loss "
+                "twice (retain_graph) is not supported"
+            )
         grad, ctx.grad = ctx.grad, None
         return _scaled(grad, grad_total), None, None, None, None, None, None
 
@@ -427,8 +496,11 @@ def _scaled(grad: Tensor, grad_output: Tensor) -> Tensor:
 def _disable_compile(exc: Exception) -> None:
     global _compile_broken
     _compile_broken = True
-    warnings.warn(f"torch.compile of the fused KD loss failed ({exc!r:.300}); continuing in eager mode",
-                  RuntimeWarning, stacklevel=3)
+    warnings.warn(
+        f"torch.compile of the fused KD loss failed ({exc!r:.300}); continuing in eager mode",
+        RuntimeWarning,
+        stacklevel=3,
+    )
 
 
 def fused_linear_distillation_loss(
@@ -495,26 +567,31 @@ def fused_linear_distillation_loss(
     """
     entry = check_loss_args(temperature, kd_weight, divergence, jsd_beta, skew_alpha)
     if entry.chunk is None:
-        raise ValueError(f"divergence {divergence!r} has no closed-form gradient for the chunked loss; "
-                         "use the full-logits loss (losses.distillation_loss)")
+        raise ValueError(
+            f"divergence {divergence!r} has no closed-form gradient for the chunked loss; "
+            "use the full-logits loss (losses.distillation_loss)"
+        )
     if chunk_size < 1:
         raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
     if student_weight.dim() != 2 or student_hidden.shape[-1] != student_weight.shape[1]:
-        raise ValueError(f"student_hidden {tuple(student_hidden.shape)} does not match "
-                         f"student_weight {tuple(student_weight.shape)}: expected (..., H) and (V, H)")
+        raise ValueError(
+            f"student_hidden {tuple(student_hidden.shape)} does not match "
+            f"student_weight {tuple(student_weight.shape)}: expected (..., H) and (V, H)"
+        )
     h = student_hidden.reshape(-1, student_hidden.shape[-1])
     y = targets.reshape(-1)
     if y.numel() != h.shape[0]:
-        raise ValueError(f"targets {tuple(targets.shape)} do not match student_hidden "
-                         f"{tuple(student_hidden.shape)}")
+        raise ValueError(f"targets {tuple(targets.shape)} do not match student_hidden {tuple(student_hidden.shape)}")
     with_kd = kd_weight > 0
     ht = None
     if with_kd:
         if teacher_hidden is None or teacher_weight is None:
             raise ValueError("teacher_hidden and teacher_weight are required when kd_weight > 0")
         if teacher_weight.dim() != 2 or teacher_hidden.shape[-1] != teacher_weight.shape[1]:
-            raise ValueError(f"teacher_hidden {tuple(teacher_hidden.shape)} does not match "
-                             f"teacher_weight {tuple(teacher_weight.shape)}: expected (..., H) and (V', H)")
+            raise ValueError(
+                f"teacher_hidden {tuple(teacher_hidden.shape)} does not match "
+                f"teacher_weight {tuple(teacher_weight.shape)}: expected (..., H) and (V', H)"
+            )
         ht = teacher_hidden.detach().reshape(-1, teacher_hidden.shape[-1])
         if ht.shape[0] != h.shape[0]:
             raise ValueError(f"teacher_hidden has {ht.shape[0]} rows, student_hidden {h.shape[0]}")
@@ -524,8 +601,10 @@ def fused_linear_distillation_loss(
     vocab = vocab_limit if vocab_size is None else int(vocab_size)
     if not 1 <= vocab <= vocab_limit:
         raise ValueError(f"vocab_size must be in [1, {vocab_limit}] (the smaller lm_head), got {vocab}")
-    for name, bias, weight in (("student_bias", student_bias, student_weight),
-                               ("teacher_bias", teacher_bias, teacher_weight)):
+    for name, bias, weight in (
+        ("student_bias", student_bias, student_weight),
+        ("teacher_bias", teacher_bias, teacher_weight),
+    ):
         if bias is not None and (weight is None or bias.shape != weight.shape[:1]):
             raise ValueError(f"{name} must have shape (rows of its lm_head weight,), got {tuple(bias.shape)}")
 
@@ -538,17 +617,40 @@ def fused_linear_distillation_loss(
         if num_valid and bool((((y < 0) | (y >= vocab)) & (y != ignore_index)).any()):
             raise ValueError(f"targets must lie in [0, {vocab}) or equal ignore_index={ignore_index}")
     grad_on = torch.is_grad_enabled()
-    need = (grad_on and student_hidden.requires_grad, grad_on and student_weight.requires_grad,
-            grad_on and student_bias is not None and student_bias.requires_grad)
+    need = (
+        grad_on and student_hidden.requires_grad,
+        grad_on and student_weight.requires_grad,
+        grad_on and student_bias is not None and student_bias.requires_grad,
+    )
     opts, (inv_t, c_kd, c_ce) = _prepare(
-        entry, temperature=temperature, kd_weight=kd_weight, scale_by_t2=scale_by_t2, jsd_beta=jsd_beta,
-        skew_alpha=skew_alpha, num_tokens=num_tokens, num_valid=num_valid, all_valid=all_valid,
-        chunk_size=chunk_size, vocab_size=vocab, need_grad=need, use_compile=use_compile, device=h.device)
+        entry,
+        temperature=temperature,
+        kd_weight=kd_weight,
+        scale_by_t2=scale_by_t2,
+        jsd_beta=jsd_beta,
+        skew_alpha=skew_alpha,
+        num_tokens=num_tokens,
+        num_valid=num_valid,
+        all_valid=all_valid,
+        chunk_size=chunk_size,
+        vocab_size=vocab,
+        need_grad=need,
+        use_compile=use_compile,
+        device=h.device,
+    )
     total, ce_sum, kd_sum = _FusedLinearKD.apply(
-        h, student_weight, student_bias, ht,
+        h,
+        student_weight,
+        student_bias,
+        ht,
         teacher_weight.detach() if with_kd else None,
         teacher_bias.detach() if (with_kd and teacher_bias is not None) else None,
-        y, rows, inv_t, c_kd, c_ce, opts,
+        y,
+        rows,
+        inv_t,
+        c_kd,
+        c_ce,
+        opts,
     )
     return _loss_parts(total, ce_sum, kd_sum, opts)
 
@@ -584,20 +686,33 @@ def fused_logits_distillation_loss(
         raise ValueError(f"divergence {divergence!r} has no closed-form gradient; use losses.distillation_loss")
     with_kd = kd_weight > 0
     if with_kd and (teacher_logits is None or teacher_logits.shape != student_logits.shape):
-        raise ValueError("teacher_logits of the student's shape are required when kd_weight > 0 (got "
-                         f"{None if teacher_logits is None else tuple(teacher_logits.shape)} for "
-                         f"{tuple(student_logits.shape)}); slice both to the tokenizer's length first")
+        raise ValueError(
+            "teacher_logits of the student's shape are required when kd_weight > 0 (got "
+            f"{None if teacher_logits is None else tuple(teacher_logits.shape)} for "
+            f"{tuple(student_logits.shape)}); slice both to the tokenizer's length first"
+        )
     if targets.shape != student_logits.shape[:-1]:
         raise ValueError(f"targets {tuple(targets.shape)} do not match logits {tuple(student_logits.shape)}")
     num_valid = targets.numel() if all_valid else int((targets != ignore_index).sum())
     opts, (inv_t, c_kd, c_ce) = _prepare(
-        entry, temperature=temperature, kd_weight=kd_weight, scale_by_t2=scale_by_t2, jsd_beta=jsd_beta,
-        skew_alpha=skew_alpha, num_tokens=num_tokens, num_valid=num_valid, all_valid=num_valid == targets.numel(),
-        chunk_size=chunk_size, vocab_size=student_logits.shape[-1],
-        need_grad=(torch.is_grad_enabled() and student_logits.requires_grad, False, False), use_compile=use_compile,
-        device=student_logits.device)
-    total, ce_sum, kd_sum = _LogitsKD.apply(student_logits, teacher_logits.detach() if with_kd else None, targets,
-                                           inv_t, c_kd, c_ce, opts)
+        entry,
+        temperature=temperature,
+        kd_weight=kd_weight,
+        scale_by_t2=scale_by_t2,
+        jsd_beta=jsd_beta,
+        skew_alpha=skew_alpha,
+        num_tokens=num_tokens,
+        num_valid=num_valid,
+        all_valid=num_valid == targets.numel(),
+        chunk_size=chunk_size,
+        vocab_size=student_logits.shape[-1],
+        need_grad=(torch.is_grad_enabled() and student_logits.requires_grad, False, False),
+        use_compile=use_compile,
+        device=student_logits.device,
+    )
+    total, ce_sum, kd_sum = _LogitsKD.apply(
+        student_logits, teacher_logits.detach() if with_kd else None, targets, inv_t, c_kd, c_ce, opts
+    )
     return _loss_parts(total, ce_sum, kd_sum, opts)
 
 
@@ -616,10 +731,19 @@ class FusedLinearDistillationLoss(torch.nn.Module):
         parts.total.backward()
     """
 
-    def __init__(self, *, temperature: float = 2.0, kd_weight: float = 0.5, scale_by_t2: bool = True,
-                 divergence: str = "forward_kl", ignore_index: int = IGNORE_INDEX,
-                 chunk_size: int = 1024, jsd_beta: float = 0.5, skew_alpha: float = 0.1,
-                 use_compile: bool | None = None):
+    def __init__(
+        self,
+        *,
+        temperature: float = 2.0,
+        kd_weight: float = 0.5,
+        scale_by_t2: bool = True,
+        divergence: str = "forward_kl",
+        ignore_index: int = IGNORE_INDEX,
+        chunk_size: int = 1024,
+        jsd_beta: float = 0.5,
+        skew_alpha: float = 0.1,
+        use_compile: bool | None = None,
+    ):
         super().__init__()
         self.temperature = temperature
         self.kd_weight = kd_weight
@@ -631,22 +755,45 @@ class FusedLinearDistillationLoss(torch.nn.Module):
         self.skew_alpha = skew_alpha
         self.use_compile = use_compile
 
-    def forward(self, student_hidden: Tensor, student_weight: Tensor, teacher_hidden: Tensor | None,
-                teacher_weight: Tensor | None, targets: Tensor, *,
-                num_tokens: int | float | Tensor | None = None, vocab_size: int | None = None,
-                student_bias: Tensor | None = None, teacher_bias: Tensor | None = None,
-                temperature: float | None = None, kd_weight: float | None = None) -> LossParts:
+    def forward(
+        self,
+        student_hidden: Tensor,
+        student_weight: Tensor,
+        teacher_hidden: Tensor | None,
+        teacher_weight: Tensor | None,
+        targets: Tensor,
+        *,
+        num_tokens: int | float | Tensor | None = None,
+        vocab_size: int | None = None,
+        student_bias: Tensor | None = None,
+        teacher_bias: Tensor | None = None,
+        temperature: float | None = None,
+        kd_weight: float | None = None,
+    ) -> LossParts:
         """Shapes as in :func:`fused_linear_distillation_loss`."""
         return fused_linear_distillation_loss(
-            student_hidden, student_weight, teacher_hidden, teacher_weight, targets,
+            student_hidden,
+            student_weight,
+            teacher_hidden,
+            teacher_weight,
+            targets,
             temperature=self.temperature if temperature is None else temperature,
             kd_weight=self.kd_weight if kd_weight is None else kd_weight,
-            scale_by_t2=self.scale_by_t2, divergence=self.divergence, ignore_index=self.ignore_index,
-            num_tokens=num_tokens, vocab_size=vocab_size, student_bias=student_bias,
-            teacher_bias=teacher_bias, chunk_size=self.chunk_size, jsd_beta=self.jsd_beta,
-            skew_alpha=self.skew_alpha, use_compile=self.use_compile,
+            scale_by_t2=self.scale_by_t2,
+            divergence=self.divergence,
+            ignore_index=self.ignore_index,
+            num_tokens=num_tokens,
+            vocab_size=vocab_size,
+            student_bias=student_bias,
+            teacher_bias=teacher_bias,
+            chunk_size=self.chunk_size,
+            jsd_beta=self.jsd_beta,
+            skew_alpha=self.skew_alpha,
+            use_compile=self.use_compile,
         )
 
     def extra_repr(self) -> str:
-        return (f"temperature={self.temperature}, kd_weight={self.kd_weight}, scale_by_t2={self.scale_by_t2}, "
-                f"divergence={self.divergence!r}, chunk_size={self.chunk_size}")
+        return (
+            f"temperature={self.temperature}, kd_weight={self.kd_weight}, scale_by_t2={self.scale_by_t2}, "
+            f"divergence={self.divergence!r}, chunk_size={self.chunk_size}"
+        )

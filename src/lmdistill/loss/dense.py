@@ -30,8 +30,9 @@ from lmdistill.loss.divergences import DIVERGENCES, DivergenceParams
 __all__ = ["DIVERGENCES", "IGNORE_INDEX", "LossParts", "distillation_loss", "token_divergence"]
 
 
-def check_loss_args(temperature: float, kd_weight: float, divergence: str, jsd_beta: float,
-                    skew_alpha: float) -> divergences.Divergence:
+def check_loss_args(
+    temperature: float, kd_weight: float, divergence: str, jsd_beta: float, skew_alpha: float
+) -> divergences.Divergence:
     """ValueError for an argument no loss accepts; the divergence's registry entry otherwise."""
     if not 0.0 <= kd_weight <= 1.0:
         raise ValueError(f"kd_weight must be in [0, 1], got {kd_weight}")

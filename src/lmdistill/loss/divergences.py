@@ -256,17 +256,35 @@ class Divergence:
     params: tuple[str, ...] = ()
 
 
-REGISTRY: dict[str, Divergence] = {d.name: d for d in (
-    Divergence("forward_kl", "KL(teacher || student), the classic KD term", forward_kl, _forward_kl_chunk),
-    Divergence("reverse_kl", "KL(student || teacher), mode-seeking", reverse_kl, _reverse_kl_chunk),
-    Divergence("jsd", "generalised Jensen-Shannon with weight jsd_beta on the teacher (0 = forward KL, "
-                      "1 = reverse KL)", jsd, _jsd_chunk, ("jsd_beta",)),
-    Divergence("skew_kl", "KL(teacher || a*teacher + (1-a)*student), a = skew_alpha", skew_kl, _skew_kl_chunk,
-               ("skew_alpha",)),
-    Divergence("skew_reverse_kl", "KL(student || (1-a)*teacher + a*student), a = skew_alpha", skew_reverse_kl,
-               _skew_reverse_kl_chunk, ("skew_alpha",)),
-    Divergence("tvd", "total variation distance, 1/2 sum |teacher - student|", tvd, _tvd_chunk),
-)}
+REGISTRY: dict[str, Divergence] = {
+    d.name: d
+    for d in (
+        Divergence("forward_kl", "KL(teacher || student), the classic KD term", forward_kl, _forward_kl_chunk),
+        Divergence("reverse_kl", "KL(student || teacher), mode-seeking", reverse_kl, _reverse_kl_chunk),
+        Divergence(
+            "jsd",
+            "generalised Jensen-Shannon with weight jsd_beta on the teacher (0 = forward KL, 1 = reverse KL)",
+            jsd,
+            _jsd_chunk,
+            ("jsd_beta",),
+        ),
+        Divergence(
+            "skew_kl",
+            "KL(teacher || a*teacher + (1-a)*student), a = skew_alpha",
+            skew_kl,
+            _skew_kl_chunk,
+            ("skew_alpha",),
+        ),
+        Divergence(
+            "skew_reverse_kl",
+            "KL(student || (1-a)*teacher + a*student), a = skew_alpha",
+            skew_reverse_kl,
+            _skew_reverse_kl_chunk,
+            ("skew_alpha",),
+        ),
+        Divergence("tvd", "total variation distance, 1/2 sum |teacher - student|", tvd, _tvd_chunk),
+    )
+}
 
 DIVERGENCES: tuple[str, ...] = tuple(REGISTRY)
 

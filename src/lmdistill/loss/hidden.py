@@ -129,8 +129,10 @@ def resolve_layer_map(
             f"[student_layer, teacher_layer] pairs, e.g. {example}"
         )
     if not layers:
-        raise ConfigError(f"{_KEY} is an empty list: give at least one [student_layer, teacher_layer] pair, "
-                          f"e.g. {example}, or use 'auto'")
+        raise ConfigError(
+            f"{_KEY} is an empty list: give at least one [student_layer, teacher_layer] pair, "
+            f"e.g. {example}, or use 'auto'"
+        )
 
     pairs: list[tuple[int, int]] = []
     seen: dict[int, int] = {}
@@ -142,14 +144,20 @@ def resolve_layer_map(
             )
         s, t = int(item[0]), int(item[1])
         if not 0 <= s < student_layers:
-            raise ConfigError(f"{_KEY}: student layer {s} in {_short(item)} is out of range ({s_range}); "
-                              f"use indices 0..{student_layers - 1} or 'auto'")
+            raise ConfigError(
+                f"{_KEY}: student layer {s} in {_short(item)} is out of range ({s_range}); "
+                f"use indices 0..{student_layers - 1} or 'auto'"
+            )
         if not 0 <= t < teacher_layers:
-            raise ConfigError(f"{_KEY}: teacher layer {t} in {_short(item)} is out of range ({t_range}); "
-                              f"use indices 0..{teacher_layers - 1} or 'auto'")
+            raise ConfigError(
+                f"{_KEY}: teacher layer {t} in {_short(item)} is out of range ({t_range}); "
+                f"use indices 0..{teacher_layers - 1} or 'auto'"
+            )
         if s in seen:
-            raise ConfigError(f"{_KEY}: student layer {s} is listed twice ([{s}, {pairs[seen[s]][1]}] and "
-                              f"{_short(item)}); keep one pair per student layer")
+            raise ConfigError(
+                f"{_KEY}: student layer {s} is listed twice ([{s}, {pairs[seen[s]][1]}] and "
+                f"{_short(item)}); keep one pair per student layer"
+            )
         seen[s] = len(pairs)
         pairs.append((s, t))
     return pairs
@@ -240,15 +248,21 @@ def hidden_state_loss(
         raise ConfigError(f"distill.hidden.loss = {_short(kind)} is not allowed: choose cosine, mse or nmse")
     n_pairs = len(projection.pairs)
     if len(student_hidden) != n_pairs or len(teacher_hidden) != n_pairs:
-        raise ValueError(f"expected {n_pairs} student and teacher hidden states (one per pair), "
-                         f"got {len(student_hidden)} and {len(teacher_hidden)}")
+        raise ValueError(
+            f"expected {n_pairs} student and teacher hidden states (one per pair), "
+            f"got {len(student_hidden)} and {len(teacher_hidden)}"
+        )
     for k, (hs, ht) in enumerate(zip(student_hidden, teacher_hidden)):
         if hs.shape[:-1] != targets.shape or ht.shape[:-1] != targets.shape:
-            raise ValueError(f"pair {k}: hidden states {tuple(hs.shape)} / {tuple(ht.shape)} do not match "
-                             f"targets {tuple(targets.shape)} in their leading dimensions")
+            raise ValueError(
+                f"pair {k}: hidden states {tuple(hs.shape)} / {tuple(ht.shape)} do not match "
+                f"targets {tuple(targets.shape)} in their leading dimensions"
+            )
         if hs.shape[-1] != projection.student_width or ht.shape[-1] != projection.teacher_width:
-            raise ValueError(f"pair {k}: hidden widths {hs.shape[-1]} / {ht.shape[-1]} differ from the projection's "
-                             f"{projection.student_width} / {projection.teacher_width}")
+            raise ValueError(
+                f"pair {k}: hidden widths {hs.shape[-1]} / {ht.shape[-1]} differ from the projection's "
+                f"{projection.student_width} / {projection.teacher_width}"
+            )
 
     wide = any(h.dtype == torch.float64 for h in (*student_hidden, *teacher_hidden))
     dtype = torch.float64 if wide else torch.float32
@@ -284,10 +298,13 @@ def build_projection(cfg, models) -> HiddenProjection | None:
         return None
     student, teacher = models.student, models.teacher
     if teacher is None:
-        raise ConfigError("distill.hidden.weight > 0 needs a teacher to compare hidden states with; set "
-                          "model.teacher, or distill.hidden.weight: 0")
-    pairs = resolve_layer_map(cfg.layers, student.config.num_hidden_layers, teacher.config.num_hidden_layers,
-                              models.student_layers)
+        raise ConfigError(
+            "distill.hidden.weight > 0 needs a teacher to compare hidden states with; set "
+            "model.teacher, or distill.hidden.weight: 0"
+        )
+    pairs = resolve_layer_map(
+        cfg.layers, student.config.num_hidden_layers, teacher.config.num_hidden_layers, models.student_layers
+    )
     projection = HiddenProjection(pairs, student.config.hidden_size, teacher.config.hidden_size)
     if models.student_channels is not None:
         projection.start_from_channels(models.student_channels)

@@ -52,8 +52,13 @@ class KDSpec:
     skew_alpha: float = 0.1
 
     def loss_kwargs(self) -> dict:
-        return {"kd_weight": self.kd_weight, "divergence": self.divergence, "scale_by_t2": self.scale_by_t2,
-                "jsd_beta": self.jsd_beta, "skew_alpha": self.skew_alpha}
+        return {
+            "kd_weight": self.kd_weight,
+            "divergence": self.divergence,
+            "scale_by_t2": self.scale_by_t2,
+            "jsd_beta": self.jsd_beta,
+            "skew_alpha": self.skew_alpha,
+        }
 
 
 @dataclass(frozen=True)
@@ -88,9 +93,17 @@ class Objective:
     path with autograd on all positions' logits (``loss.impl: reference``).
     """
 
-    def __init__(self, spec: KDSpec, vocab_size: int, student_output: str, model: torch.nn.Module,
-                 chunk_size: int = 1024, reference: bool = False, hidden: HiddenTerm | None = None,
-                 on_policy: OnPolicySpec | None = None):
+    def __init__(
+        self,
+        spec: KDSpec,
+        vocab_size: int,
+        student_output: str,
+        model: torch.nn.Module,
+        chunk_size: int = 1024,
+        reference: bool = False,
+        hidden: HiddenTerm | None = None,
+        on_policy: OnPolicySpec | None = None,
+    ):
         if student_output not in ("logits", "hidden"):
             raise ValueError(f"student_output must be 'logits' or 'hidden', got {student_output!r}")
         self.spec = spec
@@ -105,19 +118,36 @@ class Objective:
         self.on_policy = on_policy
 
     @classmethod
-    def for_run(cls, cfg, vocab_size: int, student_output: str, model: torch.nn.Module, reference: bool = False,
-                hidden: HiddenTerm | None = None) -> Objective:
+    def for_run(
+        cls,
+        cfg,
+        vocab_size: int,
+        student_output: str,
+        model: torch.nn.Module,
+        reference: bool = False,
+        hidden: HiddenTerm | None = None,
+    ) -> Objective:
         """The objective of a run's config: its ``distill`` section, and ``distill.on_policy``'s
         loss for the batches the student wrote."""
         d, o = cfg.distill, cfg.distill.on_policy
         spec = KDSpec(d.kd_weight, d.divergence, d.scale_by_t2, d.jsd_beta, d.skew_alpha)
-        on_policy = OnPolicySpec(replace(spec, kd_weight=1.0, divergence=o.divergence), o.loss) \
-            if o.fraction > 0 else None
-        return cls(spec, vocab_size, student_output, model, cfg.loss.chunk_size, reference=reference, hidden=hidden,
-                   on_policy=on_policy)
+        on_policy = (
+            OnPolicySpec(replace(spec, kd_weight=1.0, divergence=o.divergence), o.loss) if o.fraction > 0 else None
+        )
+        return cls(
+            spec,
+            vocab_size,
+            student_output,
+            model,
+            cfg.loss.chunk_size,
+            reference=reference,
+            hidden=hidden,
+            on_policy=on_policy,
+        )
 
-    def __call__(self, student: torch.nn.Module, batch: Batch, teacher: TeacherView | None,
-                 temperature: float, num_tokens: float) -> LossParts:
+    def __call__(
+        self, student: torch.nn.Module, batch: Batch, teacher: TeacherView | None, temperature: float, num_tokens: float
+    ) -> LossParts:
         spec = self.spec
         if batch.generated and self.on_policy is not None:
             spec = self.on_policy.spec
@@ -131,71 +161,147 @@ class Objective:
         h = self.hidden
         if h is None:
             return parts
-        term = hidden_state_loss(layer_outputs(states, h.student_layers), teacher.layers, h.projection, h.kind,
-                                 batch.targets, num_tokens, batch.all_valid, forward=h.forward)
+        term = hidden_state_loss(
+            layer_outputs(states, h.student_layers),
+            teacher.layers,
+            h.projection,
+            h.kind,
+            batch.targets,
+            num_tokens,
+            batch.all_valid,
+            forward=h.forward,
+        )
         return replace(parts, total=parts.total + h.weight * term, hidden=term.detach())
 
-    def _from_logits(self, student, batch: Batch, teacher: TeacherLogits | None, temperature: float,
-                     num_tokens: float, spec: KDSpec) -> tuple[LossParts, tuple | None]:
-        logits = prediction_logits(self.model, batch, self.vocab_size, forward=student, trim=not self.reference,
-                                   hidden_states=self.hidden is not None)
+    def _from_logits(
+        self, student, batch: Batch, teacher: TeacherLogits | None, temperature: float, num_tokens: float, spec: KDSpec
+    ) -> tuple[LossParts, tuple | None]:
+        logits = prediction_logits(
+            self.model,
+            batch,
+            self.vocab_size,
+            forward=student,
+            trim=not self.reference,
+            hidden_states=self.hidden is not None,
+        )
         logits, states = logits if self.hidden is not None else (logits, None)
         # With a closed-form gradient the loss needs no autograd graph over (tokens x vocab):
         # fewer passes over the logits and no fresh buffers per step (the autograd form is the
         # reference, and the fallback for a divergence without a closed form).
         closed_form = divergences.get(spec.divergence).chunk is not None and not self.reference
         loss = fused_logits_distillation_loss if closed_form else distillation_loss
-        return loss(logits, teacher.logits if teacher is not None else None, batch.targets, temperature=temperature,
-                    num_tokens=num_tokens, all_valid=batch.all_valid, **spec.loss_kwargs()), states
+        return loss(
+            logits,
+            teacher.logits if teacher is not None else None,
+            batch.targets,
+            temperature=temperature,
+            num_tokens=num_tokens,
+            all_valid=batch.all_valid,
+            **spec.loss_kwargs(),
+        ), states
 
-    def _from_sparse(self, student, batch: Batch, teacher: TeacherSparse, temperature: float,
-                     num_tokens: float, spec: KDSpec) -> tuple[LossParts, tuple]:
+    def _from_sparse(
+        self, student, batch: Batch, teacher: TeacherSparse, temperature: float, num_tokens: float, spec: KDSpec
+    ) -> tuple[LossParts, tuple]:
         """Sparse targets from a cache: from the student's whole logits when the loss path is full
         (they are small), else chunk by chunk from its hidden states."""
         if self.student_output == "logits":
-            logits = prediction_logits(self.model, batch, self.vocab_size, forward=student, trim=not self.reference,
-                                       hidden_states=self.hidden is not None)
+            logits = prediction_logits(
+                self.model,
+                batch,
+                self.vocab_size,
+                forward=student,
+                trim=not self.reference,
+                hidden_states=self.hidden is not None,
+            )
             logits, states = logits if self.hidden is not None else (logits, None)
-            return sparse_logits_distillation_loss(logits, batch.targets, teacher.targets, temperature=temperature,
-                                                   kd_weight=spec.kd_weight, scale_by_t2=spec.scale_by_t2,
-                                                   num_tokens=num_tokens, chunk_size=self.chunk_size), states
-        out = student(input_ids=batch.input_ids, attention_mask=batch.attention_mask, output_hidden_states=True,
-                      logits_to_keep=1, use_cache=False)
+            return sparse_logits_distillation_loss(
+                logits,
+                batch.targets,
+                teacher.targets,
+                temperature=temperature,
+                kd_weight=spec.kd_weight,
+                scale_by_t2=spec.scale_by_t2,
+                num_tokens=num_tokens,
+                chunk_size=self.chunk_size,
+            ), states
+        out = student(
+            input_ids=batch.input_ids,
+            attention_mask=batch.attention_mask,
+            output_hidden_states=True,
+            logits_to_keep=1,
+            use_cache=False,
+        )
         hidden = out.hidden_states[-1][:, :-1]
         s = spec
-        return sparse_distillation_loss(hidden.reshape(-1, hidden.shape[-1]), self.head.weight,
-                                        batch.targets.reshape(-1), teacher.targets, temperature=temperature,
-                                        kd_weight=s.kd_weight, scale_by_t2=s.scale_by_t2, num_tokens=num_tokens,
-                                        vocab_size=self.vocab_size, student_bias=self.head.bias,
-                                        chunk_size=self.chunk_size), out.hidden_states
+        return sparse_distillation_loss(
+            hidden.reshape(-1, hidden.shape[-1]),
+            self.head.weight,
+            batch.targets.reshape(-1),
+            teacher.targets,
+            temperature=temperature,
+            kd_weight=s.kd_weight,
+            scale_by_t2=s.scale_by_t2,
+            num_tokens=num_tokens,
+            vocab_size=self.vocab_size,
+            student_bias=self.head.bias,
+            chunk_size=self.chunk_size,
+        ), out.hidden_states
 
-    def _from_hidden(self, student, batch: Batch, teacher: TeacherHidden | None, temperature: float,
-                     num_tokens: float, spec: KDSpec) -> tuple[LossParts, tuple]:
+    def _from_hidden(
+        self, student, batch: Batch, teacher: TeacherHidden | None, temperature: float, num_tokens: float, spec: KDSpec
+    ) -> tuple[LossParts, tuple]:
         # logits_to_keep=1: the forward computes one position's logits; the fused loss forms
         # the rest chunk by chunk, never all (tokens x vocab) at once.
-        out = student(input_ids=batch.input_ids, attention_mask=batch.attention_mask, output_hidden_states=True,
-                      logits_to_keep=1, use_cache=False)
+        out = student(
+            input_ids=batch.input_ids,
+            attention_mask=batch.attention_mask,
+            output_hidden_states=True,
+            logits_to_keep=1,
+            use_cache=False,
+        )
         hidden = out.hidden_states[-1][:, :-1]
         with_teacher = teacher is not None
         return fused_linear_distillation_loss(
-            hidden.reshape(-1, hidden.shape[-1]), self.head.weight,
+            hidden.reshape(-1, hidden.shape[-1]),
+            self.head.weight,
             teacher.hidden.reshape(-1, teacher.hidden.shape[-1]) if with_teacher else None,
-            teacher.weight if with_teacher else None, batch.targets.reshape(-1),
-            temperature=temperature, num_tokens=num_tokens, all_valid=batch.all_valid, vocab_size=self.vocab_size,
-            student_bias=self.head.bias, teacher_bias=teacher.bias if with_teacher else None,
-            chunk_size=self.chunk_size, **spec.loss_kwargs()), out.hidden_states
+            teacher.weight if with_teacher else None,
+            batch.targets.reshape(-1),
+            temperature=temperature,
+            num_tokens=num_tokens,
+            all_valid=batch.all_valid,
+            vocab_size=self.vocab_size,
+            student_bias=self.head.bias,
+            teacher_bias=teacher.bias if with_teacher else None,
+            chunk_size=self.chunk_size,
+            **spec.loss_kwargs(),
+        ), out.hidden_states
 
-    def _sampled_token(self, student, batch: Batch, teacher: TeacherLogits | TeacherHidden,
-                       num_tokens: float) -> LossParts:
+    def _sampled_token(
+        self, student, batch: Batch, teacher: TeacherLogits | TeacherHidden, num_tokens: float
+    ) -> LossParts:
         """The per-token reverse-KL estimator on the student's own text (``onpolicy.py``); on the
         chunked path log q(x) comes chunk by chunk from the hidden states."""
         if self.student_output == "hidden":
-            out = student(input_ids=batch.input_ids, attention_mask=batch.attention_mask, output_hidden_states=True,
-                          logits_to_keep=1, use_cache=False)
-            student_logp = token_logprobs_from_hidden(out.hidden_states[-1][:, :-1], self.head.weight, self.head.bias,
-                                                      batch.targets, self.vocab_size, self.chunk_size)
+            out = student(
+                input_ids=batch.input_ids,
+                attention_mask=batch.attention_mask,
+                output_hidden_states=True,
+                logits_to_keep=1,
+                use_cache=False,
+            )
+            student_logp = token_logprobs_from_hidden(
+                out.hidden_states[-1][:, :-1],
+                self.head.weight,
+                self.head.bias,
+                batch.targets,
+                self.vocab_size,
+                self.chunk_size,
+            )
         else:
-            student_logp = token_logprobs(prediction_logits(self.model, batch, self.vocab_size, forward=student),
-                                          batch.targets)
+            student_logp = token_logprobs(
+                prediction_logits(self.model, batch, self.vocab_size, forward=student), batch.targets
+            )
         teacher_logp = teacher_token_logprobs(teacher, batch.targets, self.vocab_size, self.chunk_size)
         return sampled_token_loss(student_logp, teacher_logp, batch.targets, num_tokens)

@@ -20,8 +20,14 @@ def token_logprobs(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     return torch.log_softmax(logits.float(), -1).gather(-1, safe).squeeze(-1)
 
 
-def token_logprobs_from_hidden(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
-                               targets: torch.Tensor, vocab_size: int, chunk_size: int = 1024) -> torch.Tensor:
+def token_logprobs_from_hidden(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    targets: torch.Tensor,
+    vocab_size: int,
+    chunk_size: int = 1024,
+) -> torch.Tensor:
     """The same from hidden states (..., H) and an output layer, one chunk of rows' logits at a
     time: under autograd each chunk is recomputed in backward (activation checkpointing), so
     no (tokens x vocab) tensor is kept."""
@@ -49,8 +55,9 @@ def teacher_token_logprobs(view, targets: torch.Tensor, vocab_size: int, chunk_s
         return token_logprobs_from_hidden(view.hidden, view.weight, view.bias, targets, vocab_size, chunk_size)
 
 
-def sampled_token_loss(student_logp: torch.Tensor, teacher_logp: torch.Tensor, targets: torch.Tensor,
-                       num_tokens: float):
+def sampled_token_loss(
+    student_logp: torch.Tensor, teacher_logp: torch.Tensor, targets: torch.Tensor, num_tokens: float
+):
     """The per-token reverse-KL estimator on the student's own samples.
 
     ``student_logp``: log q(x) of each written token x (with its graph); ``teacher_logp``:

@@ -63,12 +63,14 @@ class SparseTargets:
         def pick(t):
             return None if t is None else t[index]
 
-        return SparseTargets(self.ids[index], self.weights[index], self.logp[index], pick(self.tail),
-                             pick(self.entropy))
+        return SparseTargets(
+            self.ids[index], self.weights[index], self.logp[index], pick(self.tail), pick(self.entropy)
+        )
 
 
-def _chunk(zs: Tensor, y_c, t: SparseTargets, inv_t: float, c_kd: float, c_ce: float, with_kd: bool,
-           need_grad: bool) -> tuple[Tensor | None, Tensor, Tensor]:
+def _chunk(
+    zs: Tensor, y_c, t: SparseTargets, inv_t: float, c_kd: float, c_ce: float, with_kd: bool, need_grad: bool
+) -> tuple[Tensor | None, Tensor, Tensor]:
     """(grad of the folded loss w.r.t. the chunk's logits ``zs``, CE sum, KD sum) for one chunk.
     ``zs`` is fp32 and this function's own (it is scaled in place)."""
     ls1 = torch.log_softmax(zs, dim=-1)
@@ -127,9 +129,16 @@ class _SparseKD(torch.autograd.Function):
         for start in range(0, len(rows), chunk):
             sel = rows[start : start + chunk]
             h_c = h.index_select(0, sel).to(mm_dtype)
-            grad_z, ce_sum, kd_sum = _chunk(_logits(h_c, w_v, b_v, None), y.index_select(0, sel),
-                                            targets.rows(sel), settings["inv_t"], settings["c_kd"],
-                                            settings["c_ce"], settings["with_kd"], need_grad)
+            grad_z, ce_sum, kd_sum = _chunk(
+                _logits(h_c, w_v, b_v, None),
+                y.index_select(0, sel),
+                targets.rows(sel),
+                settings["inv_t"],
+                settings["c_kd"],
+                settings["c_ce"],
+                settings["with_kd"],
+                need_grad,
+            )
             ce_total += ce_sum
             kd_total += kd_sum
             if grad_z is None:
@@ -167,9 +176,16 @@ class _SparseLogitsKD(torch.autograd.Function):
         chunk = settings["chunk_size"]
         for start in range(0, len(rows), chunk):
             sel = rows[start : start + chunk]
-            grad_c, ce_sum, kd_sum = _chunk(z.index_select(0, sel).float(), y.index_select(0, sel),
-                                            targets.rows(sel), settings["inv_t"], settings["c_kd"],
-                                            settings["c_ce"], settings["with_kd"], need_grad)
+            grad_c, ce_sum, kd_sum = _chunk(
+                z.index_select(0, sel).float(),
+                y.index_select(0, sel),
+                targets.rows(sel),
+                settings["inv_t"],
+                settings["c_kd"],
+                settings["c_ce"],
+                settings["with_kd"],
+                need_grad,
+            )
             ce_total += ce_sum
             kd_total += kd_sum
             if grad_c is not None:
@@ -185,17 +201,32 @@ class _SparseLogitsKD(torch.autograd.Function):
         return grad_z, None, None, None, None
 
 
-def _settings(y: Tensor, teacher: SparseTargets | None, temperature: float, kd_weight: float, scale_by_t2: bool,
-              num_tokens, chunk_size: int, ignore_index: int, need: tuple[bool, bool, bool]) -> tuple:
+def _settings(
+    y: Tensor,
+    teacher: SparseTargets | None,
+    temperature: float,
+    kd_weight: float,
+    scale_by_t2: bool,
+    num_tokens,
+    chunk_size: int,
+    ignore_index: int,
+    need: tuple[bool, bool, bool],
+) -> tuple:
     """(rows with a target, the constants of the folded loss, teacher or an empty stand-in, T^2)."""
     rows = (y != ignore_index).nonzero().squeeze(1)
     t2 = temperature**2 if scale_by_t2 else 1.0
     denom = normaliser(num_tokens, rows.numel())
     with_kd = kd_weight > 0 and teacher is not None
     settings = {
-        "chunk_size": int(chunk_size), "with_kd": with_kd, "inv_t": 1.0 / temperature, "need": need,
-        "c_kd": kd_weight * t2 / temperature / denom, "c_ce": (1.0 - kd_weight) / denom,
-        "kd_coef": kd_weight * t2, "ce_coef": 1.0 - kd_weight, "denom": denom,
+        "chunk_size": int(chunk_size),
+        "with_kd": with_kd,
+        "inv_t": 1.0 / temperature,
+        "need": need,
+        "c_kd": kd_weight * t2 / temperature / denom,
+        "c_ce": (1.0 - kd_weight) / denom,
+        "kd_coef": kd_weight * t2,
+        "ce_coef": 1.0 - kd_weight,
+        "denom": denom,
     }
     if teacher is None:  # CE only: an empty target set keeps one code path
         zeros = torch.zeros((y.numel(), 1), dtype=torch.float32, device=y.device)
@@ -205,15 +236,30 @@ def _settings(y: Tensor, teacher: SparseTargets | None, temperature: float, kd_w
 
 def _parts(total: Tensor, ce_sum: Tensor, kd_sum: Tensor, t2: float, settings: dict, rows: Tensor) -> LossParts:
     denom = settings["denom"]
-    return LossParts(total=total, kd=(kd_sum * t2 / denom).detach(), kd_unscaled=(kd_sum / denom).detach(),
-                     ce=(ce_sum / denom).detach(), num_valid=rows.numel())
+    return LossParts(
+        total=total,
+        kd=(kd_sum * t2 / denom).detach(),
+        kd_unscaled=(kd_sum / denom).detach(),
+        ce=(ce_sum / denom).detach(),
+        num_valid=rows.numel(),
+    )
 
 
-def sparse_distillation_loss(student_hidden: Tensor, student_weight: Tensor, targets: Tensor,
-                             teacher: SparseTargets | None, *, temperature: float, kd_weight: float,
-                             scale_by_t2: bool = True, num_tokens=None, vocab_size: int | None = None,
-                             student_bias: Tensor | None = None, chunk_size: int = 1024,
-                             ignore_index: int = IGNORE_INDEX) -> LossParts:
+def sparse_distillation_loss(
+    student_hidden: Tensor,
+    student_weight: Tensor,
+    targets: Tensor,
+    teacher: SparseTargets | None,
+    *,
+    temperature: float,
+    kd_weight: float,
+    scale_by_t2: bool = True,
+    num_tokens=None,
+    vocab_size: int | None = None,
+    student_bias: Tensor | None = None,
+    chunk_size: int = 1024,
+    ignore_index: int = IGNORE_INDEX,
+) -> LossParts:
     """``kd_weight * T^2 * KL_sparse + (1 - kd_weight) * CE`` from hidden states, chunked.
 
     ``student_hidden`` (N, H) rows predict ``targets`` (N,) (``ignore_index`` for none);
@@ -223,19 +269,31 @@ def sparse_distillation_loss(student_hidden: Tensor, student_weight: Tensor, tar
     h = student_hidden.reshape(-1, student_hidden.shape[-1])
     y = targets.reshape(-1)
     grad_on = torch.is_grad_enabled()
-    need = (grad_on and student_hidden.requires_grad, grad_on and student_weight.requires_grad,
-            grad_on and student_bias is not None and student_bias.requires_grad)
-    rows, settings, teacher, t2 = _settings(y, teacher, temperature, kd_weight, scale_by_t2, num_tokens, chunk_size,
-                                            ignore_index, need)
+    need = (
+        grad_on and student_hidden.requires_grad,
+        grad_on and student_weight.requires_grad,
+        grad_on and student_bias is not None and student_bias.requires_grad,
+    )
+    rows, settings, teacher, t2 = _settings(
+        y, teacher, temperature, kd_weight, scale_by_t2, num_tokens, chunk_size, ignore_index, need
+    )
     settings["vocab"] = int(vocab_size or student_weight.shape[0])
     total, ce_sum, kd_sum = _SparseKD.apply(h, student_weight, student_bias, y, rows, teacher, settings)
     return _parts(total, ce_sum, kd_sum, t2, settings, rows)
 
 
-def sparse_logits_distillation_loss(student_logits: Tensor, targets: Tensor, teacher: SparseTargets | None, *,
-                                    temperature: float, kd_weight: float, scale_by_t2: bool = True,
-                                    num_tokens=None, chunk_size: int = 1024,
-                                    ignore_index: int = IGNORE_INDEX) -> LossParts:
+def sparse_logits_distillation_loss(
+    student_logits: Tensor,
+    targets: Tensor,
+    teacher: SparseTargets | None,
+    *,
+    temperature: float,
+    kd_weight: float,
+    scale_by_t2: bool = True,
+    num_tokens=None,
+    chunk_size: int = 1024,
+    ignore_index: int = IGNORE_INDEX,
+) -> LossParts:
     """:func:`sparse_distillation_loss` from the student's logits (..., V) instead of its hidden
     states: the same value and gradient, for when the logits are small enough to form whole
     (``loss.impl`` full; the lm_head's backward is then the one autograd runs for plain CE)."""
@@ -244,7 +302,8 @@ def sparse_logits_distillation_loss(student_logits: Tensor, targets: Tensor, tea
     if y.numel() != z.shape[0]:
         raise ValueError(f"targets {tuple(targets.shape)} do not match logits {tuple(student_logits.shape)}")
     need = (torch.is_grad_enabled() and student_logits.requires_grad, False, False)
-    rows, settings, teacher, t2 = _settings(y, teacher, temperature, kd_weight, scale_by_t2, num_tokens, chunk_size,
-                                            ignore_index, need)
+    rows, settings, teacher, t2 = _settings(
+        y, teacher, temperature, kd_weight, scale_by_t2, num_tokens, chunk_size, ignore_index, need
+    )
     total, ce_sum, kd_sum = _SparseLogitsKD.apply(z, y, rows, teacher, settings)
     return _parts(total, ce_sum, kd_sum, t2, settings, rows)

@@ -76,16 +76,16 @@ def _accepts_logits_to_keep(model_class: type) -> bool:
     return "logits_to_keep" in inspect.signature(model_class.forward).parameters
 
 
-def prediction_logits(model: torch.nn.Module, batch: Batch, vocab_size: int, forward=None,
-                      trim: bool = True, hidden_states: bool = False):
+def prediction_logits(
+    model: torch.nn.Module, batch: Batch, vocab_size: int, forward=None, trim: bool = True, hidden_states: bool = False
+):
     """(B, L-1, vocab_size) logits of the positions that predict a target (through ``forward``, the
     possibly wrapped model, when given). ``trim=False`` forms all L positions' logits and slices.
     With ``hidden_states``: ``(logits, outputs.hidden_states)``."""
     kwargs = predicting_positions(model, batch) if trim else {}
     if hidden_states:
         kwargs["output_hidden_states"] = True
-    out = (forward or model)(input_ids=batch.input_ids, attention_mask=batch.attention_mask, use_cache=False,
-                             **kwargs)
+    out = (forward or model)(input_ids=batch.input_ids, attention_mask=batch.attention_mask, use_cache=False, **kwargs)
     logits = out.logits if "logits_to_keep" in kwargs else out.logits[:, :-1]
     logits = logits[..., :vocab_size]
     return (logits, out.hidden_states) if hidden_states else logits

@@ -45,8 +45,9 @@ def gguf_file_of(source: str, role: str) -> Path | None:
     found = sorted(p for p in path.iterdir() if p.suffix.lower() == ".gguf" and p.is_file())
     if len(found) > 1:
         names = ", ".join(p.name for p in found[:4]) + (", ..." if len(found) > 4 else "")
-        raise LmdistillError(f"{role} '{source}' holds {len(found)} GGUF files ({names}); give the one to use: "
-                             f"{role} {found[0]}")
+        raise LmdistillError(
+            f"{role} '{source}' holds {len(found)} GGUF files ({names}); give the one to use: {role} {found[0]}"
+        )
     return found[0].resolve() if found else None
 
 
@@ -68,8 +69,9 @@ def converted_dir(path: Path, role: str, *, home: Path | None = None, say=print)
     """The Hugging Face directory converted from the GGUF file ``path``, converted now if it has
     not been yet."""
     if importlib.util.find_spec("gguf") is None:
-        raise LmdistillError(f"{role} '{path}' is a GGUF file, and reading one needs the gguf package: "
-                             "pip install 'lmdistill[gguf]'")
+        raise LmdistillError(
+            f"{role} '{path}' is a GGUF file, and reading one needs the gguf package: pip install 'lmdistill[gguf]'"
+        )
     digest = sha256_of(path)
     home = home or conversions_home()
     final = home / digest[:16]
@@ -78,34 +80,53 @@ def converted_dir(path: Path, role: str, *, home: Path | None = None, say=print)
     try:
         home.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
-        raise LmdistillError(f"cannot write the converted GGUF model in '{home}' ({exc.strerror or exc}); set "
-                             "LMDISTILL_HOME to a writable directory") from None
-    with exclusive_lock(home / f"{final.name}.lock", "GGUF conversion lock",
-                        lambda holder: say(f"waiting for another process ({holder}) to finish converting {path.name}")):
+        raise LmdistillError(
+            f"cannot write the converted GGUF model in '{home}' ({exc.strerror or exc}); set "
+            "LMDISTILL_HOME to a writable directory"
+        ) from None
+    with exclusive_lock(
+        home / f"{final.name}.lock",
+        "GGUF conversion lock",
+        lambda holder: say(f"waiting for another process ({holder}) to finish converting {path.name}"),
+    ):
         if _is_complete(final, digest):  # converted by the process we waited for
             return final
         for stale in home.glob(f".{final.name}.tmp-*"):  # a killed conversion's (we hold the lock)
             shutil.rmtree(stale, ignore_errors=True)
         if final.exists():  # no record: not ours, or damaged; a rename cannot go over it
-            raise LmdistillError(f"'{final}' exists but is not a finished conversion of '{path}'; remove it and "
-                                 "start again")
+            raise LmdistillError(
+                f"'{final}' exists but is not a finished conversion of '{path}'; remove it and start again"
+            )
         size = path.stat().st_size
-        say(f"converting the GGUF file {path.name} ({role}, {size / 2**20:,.0f} MiB) to a Hugging Face model in "
-            f"{final} (once: later starts load the converted copy)")
+        say(
+            f"converting the GGUF file {path.name} ({role}, {size / 2**20:,.0f} MiB) to a Hugging Face model in "
+            f"{final} (once: later starts load the converted copy)"
+        )
         started = time.perf_counter()
         tmp = home / f".{final.name}.tmp-{os.getpid()}"
         try:
             tmp.mkdir()
             info = _convert(path, tmp, role)
-            atomic_write_json(tmp / RECORD, {"format": "lmdistill-gguf-conversion", "version": FORMAT_VERSION,
-                                             "source": str(path), "sha256": digest, "bytes": size, **info},
-                              fsync=True)
+            atomic_write_json(
+                tmp / RECORD,
+                {
+                    "format": "lmdistill-gguf-conversion",
+                    "version": FORMAT_VERSION,
+                    "source": str(path),
+                    "sha256": digest,
+                    "bytes": size,
+                    **info,
+                },
+                fsync=True,
+            )
             replace_dir(tmp, final)
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)
             raise
-        say(f"converted in {time.perf_counter() - started:.1f} s: {info['architecture']}, "
-            f"{info['parameters']:,} parameters")
+        say(
+            f"converted in {time.perf_counter() - started:.1f} s: {info['architecture']}, "
+            f"{info['parameters']:,} parameters"
+        )
     return final
 
 
@@ -135,9 +156,10 @@ def _convert(path: Path, out: Path, role: str) -> dict:
     # The loaded model is dequantized, but it is marked as quantized (config and quantizer), which
     # save_pretrained refuses. An ordinary model of the same config, without that mark, takes its
     # weights: what is saved is a plain fp32 model, as if it had never been a GGUF file.
-    config = AutoConfig.for_model(**{k: v for k, v in loaded.config.to_dict().items()
-                                     if k not in ("quantization_config", "model_type")},
-                                  model_type=loaded.config.model_type)
+    config = AutoConfig.for_model(
+        **{k: v for k, v in loaded.config.to_dict().items() if k not in ("quantization_config", "model_type")},
+        model_type=loaded.config.model_type,
+    )
     torch.manual_seed(0)  # the fresh weights are all overwritten; a seed keeps even that repeatable
     model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
     model.load_state_dict(loaded.state_dict(), strict=True)
@@ -151,9 +173,12 @@ def _convert(path: Path, out: Path, role: str) -> dict:
     finally:
         if bars:
             hf_logging.enable_progress_bar()
-    return {"architecture": type(model).__name__, "model_type": config.model_type,
-            "parameters": model.num_parameters(),
-            "transformers": transformers.__version__}
+    return {
+        "architecture": type(model).__name__,
+        "model_type": config.model_type,
+        "parameters": model.num_parameters(),
+        "transformers": transformers.__version__,
+    }
 
 
 def _read_error(path: Path, role: str, exc: Exception) -> LmdistillError:
@@ -161,8 +186,12 @@ def _read_error(path: Path, role: str, exc: Exception) -> LmdistillError:
     if "is not supported yet" in text or "Unknown gguf model_type" in text:
         import transformers
 
-        return LmdistillError(f"{role} '{path}': {text.rstrip('.')} by transformers {transformers.__version__}'s "
-                              "GGUF reader; use the model's Hugging Face directory (safetensors) instead, or a "
-                              "transformers release that reads it")
-    return LmdistillError(f"{role} '{path}' could not be read as a GGUF model ({text}); the file may be damaged or "
-                          "incomplete: download it again")
+        return LmdistillError(
+            f"{role} '{path}': {text.rstrip('.')} by transformers {transformers.__version__}'s "
+            "GGUF reader; use the model's Hugging Face directory (safetensors) instead, or a "
+            "transformers release that reads it"
+        )
+    return LmdistillError(
+        f"{role} '{path}' could not be read as a GGUF model ({text}); the file may be damaged or "
+        "incomplete: download it again"
+    )

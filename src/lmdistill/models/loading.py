@@ -42,8 +42,10 @@ def resolve_source(source: str, role: str) -> str:
         return str(converted_dir(gguf, role))
     path = Path(source).expanduser()
     if path.is_file():
-        raise LmdistillError(f"{role} '{source}' is a file; give the directory that holds it and the weights (the "
-                             "directory save_pretrained wrote), or a .gguf file")
+        raise LmdistillError(
+            f"{role} '{source}' is a file; give the directory that holds it and the weights (the "
+            "directory save_pretrained wrote), or a .gguf file"
+        )
     if path.exists():
         if not (path / "config.json").is_file():
             raise LmdistillError(
@@ -52,7 +54,9 @@ def resolve_source(source: str, role: str) -> str:
         _check_config_json(path / "config.json", role)
         return str(path.resolve())
     if not is_hub_id(source):
-        raise LmdistillError(f"{role} '{source}' does not exist; give a model directory or a hub id like 'Qwen/Qwen2.5-0.5B'")
+        raise LmdistillError(
+            f"{role} '{source}' does not exist; give a model directory or a hub id like 'Qwen/Qwen2.5-0.5B'"
+        )
     return source
 
 
@@ -64,13 +68,17 @@ def _check_config_json(path: Path, role: str) -> None:
     except UnicodeDecodeError:
         raise LmdistillError(f"{role}: {path} is not UTF-8 text; write it again with save_pretrained") from None
     except ValueError as exc:
-        raise LmdistillError(f"{role}: {path} is not valid JSON (line {getattr(exc, 'lineno', '?')}: "
-                             f"{getattr(exc, 'msg', exc)}); write it again with save_pretrained") from None
+        raise LmdistillError(
+            f"{role}: {path} is not valid JSON (line {getattr(exc, 'lineno', '?')}: "
+            f"{getattr(exc, 'msg', exc)}); write it again with save_pretrained"
+        ) from None
     except OSError as exc:
         raise LmdistillError(f"{role}: cannot read {path}: {exc.strerror or exc}") from None
     if not isinstance(data, dict):
-        raise LmdistillError(f"{role}: {path} holds a JSON {type(data).__name__}, not an object of settings "
-                             "({\"model_type\": ...}); write it again with save_pretrained")
+        raise LmdistillError(
+            f"{role}: {path} holds a JSON {type(data).__name__}, not an object of settings "
+            '({"model_type": ...}); write it again with save_pretrained'
+        )
 
 
 def _hub_error(role: str, source: str, exc: Exception) -> LmdistillError:
@@ -86,8 +94,10 @@ def load_tokenizer(source: str, role: str = "teacher"):
     from transformers import AutoTokenizer
 
     if not _has_tokenizer_files(source):
-        raise LmdistillError(f"{role} '{source}' has no tokenizer files (tokenizer.json, tokenizer_config.json, ...); "
-                             f"save the tokenizer beside the model: tokenizer.save_pretrained('{source}')")
+        raise LmdistillError(
+            f"{role} '{source}' has no tokenizer files (tokenizer.json, tokenizer_config.json, ...); "
+            f"save the tokenizer beside the model: tokenizer.save_pretrained('{source}')"
+        )
     try:
         return AutoTokenizer.from_pretrained(source)
     except Exception as exc:
@@ -116,14 +126,25 @@ def freeze(model: torch.nn.Module) -> torch.nn.Module:
 def _tokenizer_identity(tokenizer) -> dict:
     """What decides how text becomes ids: vocabulary, merges, and the steps before them
     (normalizer, pre-tokenizer) -- one vocabulary can still split text differently."""
-    identity = {"vocabulary": tokenizer.get_vocab(), "model type": None, "merges": [], "normalizer": None,
-                "pre-tokenizer": None}
+    identity = {
+        "vocabulary": tokenizer.get_vocab(),
+        "model type": None,
+        "merges": [],
+        "normalizer": None,
+        "pre-tokenizer": None,
+    }
     backend = getattr(tokenizer, "backend_tokenizer", None)
     if backend is not None:
         spec = json.loads(backend.to_str())
         model = spec.get("model") or {}
-        identity.update({"model type": model.get("type"), "merges": model.get("merges") or [],
-                         "normalizer": spec.get("normalizer"), "pre-tokenizer": spec.get("pre_tokenizer")})
+        identity.update(
+            {
+                "model type": model.get("type"),
+                "merges": model.get("merges") or [],
+                "normalizer": spec.get("normalizer"),
+                "pre-tokenizer": spec.get("pre_tokenizer"),
+            }
+        )
     return identity
 
 
@@ -137,8 +158,10 @@ def tokenizer_difference(teacher_tok, student_tok) -> str | None:
         return None
     if differs[0] == "vocabulary":
         shared = len(set(t["vocabulary"].items()) ^ set(s["vocabulary"].items()))
-        problem = (f"vocabularies differ ({len(t['vocabulary'])} vs {len(s['vocabulary'])} tokens, {shared} entries "
-                   "not shared)")
+        problem = (
+            f"vocabularies differ ({len(t['vocabulary'])} vs {len(s['vocabulary'])} tokens, {shared} entries "
+            "not shared)"
+        )
     elif differs[0] == "merges":
         problem = f"BPE merges differ ({len(t['merges'])} vs {len(s['merges'])} merges)"
     else:
@@ -176,8 +199,10 @@ def check_context_length(model, block_size: int, role: str, name: str) -> None:
     """A block longer than the model's positions would index past its position table (or extrapolate)."""
     limit = getattr(model.config, "max_position_embeddings", None) or getattr(model.config, "n_positions", None)
     if limit is not None and block_size > limit:
-        raise LmdistillError(f"data.block_size = {block_size} is longer than {role} '{name}' supports "
-                             f"({limit} positions); set data.block_size to {limit} or less")
+        raise LmdistillError(
+            f"data.block_size = {block_size} is longer than {role} '{name}' supports "
+            f"({limit} positions); set data.block_size to {limit} or less"
+        )
 
 
 def build_fresh_student(config, seed: int):
@@ -202,8 +227,9 @@ def check_config(config, what: str) -> None:
     try:
         validate()
     except Exception as exc:  # the library's own validation errors, of several types
-        raise LmdistillError(f"{what} is not a valid {type(config).__name__}: {last_line(exc)}; fix "
-                             "model.student_config") from None
+        raise LmdistillError(
+            f"{what} is not a valid {type(config).__name__}: {last_line(exc)}; fix model.student_config"
+        ) from None
 
 
 def check_causal(model, role: str, name: str, vocab_size: int) -> None:
@@ -223,15 +249,18 @@ def check_causal(model, role: str, name: str, vocab_size: int) -> None:
             before = model(input_ids=ids, use_cache=False).logits[0, :-1].float()
             after = model(input_ids=changed, use_cache=False).logits[0, :-1].float()
     except Exception as exc:  # whatever the model raises: report it on one line
-        raise LmdistillError(f"the {role} '{name}' does not run on a 6-token input ({last_line(exc)}); check its "
-                             "config") from None
+        raise LmdistillError(
+            f"the {role} '{name}' does not run on a 6-token input ({last_line(exc)}); check its config"
+        ) from None
     finally:
         model.train(was_training)
     # A causal model computes the earlier positions without the changed token: the same numbers.
     if (before - after).abs().max() > 1e-5 * (1.0 + before.abs().max()):
-        raise LmdistillError(f"the {role} '{name}' ({type(model).__name__}) is not a causal language model: its "
-                             "predictions at earlier positions change when a later token changes; distillation needs "
-                             "a causal LM (AutoModelForCausalLM: Llama, Qwen2, Mistral, GPT-2, ...)")
+        raise LmdistillError(
+            f"the {role} '{name}' ({type(model).__name__}) is not a causal language model: its "
+            "predictions at earlier positions change when a later token changes; distillation needs "
+            "a causal LM (AutoModelForCausalLM: Llama, Qwen2, Mistral, GPT-2, ...)"
+        )
 
 
 def parameter_fingerprint(model) -> list[tuple[float, float]]:
@@ -239,8 +268,10 @@ def parameter_fingerprint(model) -> list[tuple[float, float]]:
     if hasattr(model, "reshard"):  # FSDP2: back to the shards (a root stays gathered after its forward)
         model.reshard()
     local = [p.to_local() if hasattr(p, "to_local") else p for p in model.parameters()]  # a shard: this process's part
-    return [(p.detach().sum(dtype=torch.float64).item(),
-             torch.linalg.vector_norm(p.detach(), dtype=torch.float64).item()) for p in local]
+    return [
+        (p.detach().sum(dtype=torch.float64).item(), torch.linalg.vector_norm(p.detach(), dtype=torch.float64).item())
+        for p in local
+    ]
 
 
 def save_model_dir(model, tokenizer, final: Path) -> Path:
@@ -285,9 +316,14 @@ class ModelInfo:
     @classmethod
     def of(cls, model, name: str) -> ModelInfo:
         cfg = model.config
-        return cls(name=name, architecture=(cfg.architectures or [type(model).__name__])[0],
-                   params=num_params(model), num_layers=getattr(cfg, "num_hidden_layers", None),
-                   hidden_size=getattr(cfg, "hidden_size", None), vocab_size=output_vocab_size(model))
+        return cls(
+            name=name,
+            architecture=(cfg.architectures or [type(model).__name__])[0],
+            params=num_params(model),
+            num_layers=getattr(cfg, "num_hidden_layers", None),
+            hidden_size=getattr(cfg, "hidden_size", None),
+            vocab_size=output_vocab_size(model),
+        )
 
 
 @dataclass
@@ -312,8 +348,18 @@ def _has_tokenizer_files(source: str) -> bool:
     path = Path(source)
     if not path.is_dir():
         return True  # a hub id: assume it ships a tokenizer; loading tells otherwise
-    return any((path / f).exists() for f in ("tokenizer.json", "tokenizer_config.json", "vocab.json",
-                                             "tokenizer.model", "vocab.txt", "spiece.model", "merges.txt"))
+    return any(
+        (path / f).exists()
+        for f in (
+            "tokenizer.json",
+            "tokenizer_config.json",
+            "vocab.json",
+            "tokenizer.model",
+            "vocab.txt",
+            "spiece.model",
+            "merges.txt",
+        )
+    )
 
 
 def _teacher_dtype(cfg) -> torch.dtype:
@@ -350,8 +396,10 @@ def load_models(cfg, teacher=None, student=None, tokenizer=None, train_blocks=No
     elif teacher is not None:
         teacher_name = cfg.model.teacher or type(teacher).__name__
     if teacher is None and cfg.distill.kd_weight > 0:
-        raise LmdistillError("no teacher: set model.teacher (lmdistill.train and the command line use the embedded "
-                             "default teacher when it is empty)")
+        raise LmdistillError(
+            "no teacher: set model.teacher (lmdistill.train and the command line use the embedded "
+            "default teacher when it is empty)"
+        )
     if student is None and cfg.model.student is not None:
         student_name = resolve_source(cfg.model.student, "model.student")
         student = load_causal_lm(student_name, "student", torch.float32, cfg.model.trust_remote_code)
@@ -390,9 +438,17 @@ def load_models(cfg, teacher=None, student=None, tokenizer=None, train_blocks=No
         if model is not None:
             check_context_length(model, cfg.data.block_size, role, name)
             check_causal(model, role, name, vocab_size)
-    return Models(teacher, student, tokenizer, teacher_name, student_name,
-                  pruned.layers if pruned else None, pruned.layer_importance if pruned else None,
-                  pruned.channels if pruned else None, template_problem)
+    return Models(
+        teacher,
+        student,
+        tokenizer,
+        teacher_name,
+        student_name,
+        pruned.layers if pruned else None,
+        pruned.layer_importance if pruned else None,
+        pruned.channels if pruned else None,
+        template_problem,
+    )
 
 
 def _models_for_cache(cfg, student, tokenizer, train_blocks=None) -> Models:
@@ -426,12 +482,14 @@ def _models_for_cache(cfg, student, tokenizer, train_blocks=None) -> Models:
             student_name += " (teacher cache run)"
         else:
             if cfg.model.student_init != "random":
-                teacher_name, pruned, tokenizer = _cut_from_cached_teacher(cfg, cache, teacher_name, tokenizer,
-                                                                          train_blocks)
+                teacher_name, pruned, tokenizer = _cut_from_cached_teacher(
+                    cfg, cache, teacher_name, tokenizer, train_blocks
+                )
             if pruned is not None:
                 student = pruned.model
-                student_name = (f"from the teacher ({cfg.model.prune.layers} layers {pruned.layers}): {shape} "
-                                "(teacher cache run)")
+                student_name = (
+                    f"from the teacher ({cfg.model.prune.layers} layers {pruned.layers}): {shape} (teacher cache run)"
+                )
             else:
                 teacher_name = resolve_source(teacher_name, "model.teacher")
                 config = student_config_from_teacher(AutoConfig.from_pretrained(teacher_name), overrides)
@@ -447,9 +505,16 @@ def _models_for_cache(cfg, student, tokenizer, train_blocks=None) -> Models:
     check_vocab_covers(student, len(tokenizer), "student", student_name)
     check_context_length(student, cfg.data.block_size, "student", student_name)
     check_causal(student, "student", student_name, len(tokenizer))
-    return Models(None, student, tokenizer, f"cache: {cache_dir}", student_name,
-                  pruned.layers if pruned else None, pruned.layer_importance if pruned else None,
-                  pruned.channels if pruned else None)
+    return Models(
+        None,
+        student,
+        tokenizer,
+        f"cache: {cache_dir}",
+        student_name,
+        pruned.layers if pruned else None,
+        pruned.layer_importance if pruned else None,
+        pruned.channels if pruned else None,
+    )
 
 
 def _student_to_resume(cfg):
@@ -462,8 +527,11 @@ def _student_to_resume(cfg):
     if not cfg.run.resume or cfg.run.output_dir is None:
         return None
     run = Path(cfg.run.output_dir).expanduser()
-    steps = [p for p in (run / "checkpoints").glob("step-*")
-             if p.name[5:].isdigit() and (p / "manifest.json").is_file() and (p / "student_config.json").is_file()]
+    steps = [
+        p
+        for p in (run / "checkpoints").glob("step-*")
+        if p.name[5:].isdigit() and (p / "manifest.json").is_file() and (p / "student_config.json").is_file()
+    ]
     if not steps or not (run / "tokenizer").is_dir():
         return None
     newest = max(steps, key=lambda p: int(p.name[5:]))
@@ -471,10 +539,15 @@ def _student_to_resume(cfg):
         recorded = json.loads((newest / "student_config.json").read_text())
         config = AutoConfig.for_model(recorded.pop("model_type"), **recorded)
     except (OSError, ValueError, KeyError, TypeError, AttributeError) as exc:
-        raise LmdistillError(f"cannot read the student's config in checkpoint '{newest}' ({last_line(exc)}); it is "
-                             "damaged: move it away to resume from an older checkpoint") from None
-    return (build_fresh_student(config, cfg.run.seed), f"resumed from {newest.name}",
-            load_tokenizer(str(run / "tokenizer"), "the run's saved tokenizer"))
+        raise LmdistillError(
+            f"cannot read the student's config in checkpoint '{newest}' ({last_line(exc)}); it is "
+            "damaged: move it away to resume from an older checkpoint"
+        ) from None
+    return (
+        build_fresh_student(config, cfg.run.seed),
+        f"resumed from {newest.name}",
+        load_tokenizer(str(run / "tokenizer"), "the run's saved tokenizer"),
+    )
 
 
 def _cut_from_cached_teacher(cfg, cache, source: str, tokenizer, train_blocks):
@@ -535,7 +608,8 @@ def _check_cached_teacher(cache, name: str) -> None:
     raise LmdistillError(
         f"the teacher '{name}' is not the one teacher cache '{cache.path}' was built from ({why}); the cache's "
         "targets are that teacher's: leave model.teacher (--teacher) out, set it to that teacher, or rebuild the "
-        "cache with lmdistill cache-teacher --teacher for this one")
+        "cache with lmdistill cache-teacher --teacher for this one"
+    )
 
 
 def _offline_reason(exc: Exception) -> str:
@@ -546,13 +620,17 @@ def _offline_reason(exc: Exception) -> str:
 
 def _teacher_not_on_disk(cfg, source: str, why: str) -> LmdistillError:
     mode = cfg.model.student_init
-    how = "cuts the student out of the teacher" if mode == "teacher" else \
-        "cuts the student out of the teacher (as a run with the live teacher does)"
+    how = (
+        "cuts the student out of the teacher"
+        if mode == "teacher"
+        else "cuts the student out of the teacher (as a run with the live teacher does)"
+    )
     return LmdistillError(
         f"model.student_init: {mode} {how}, but the cached teacher '{source}' is not on disk ({why}); cut the "
         "student where the teacher is (lmdistill prune --teacher T --out DIR, with this run's data settings) and "
         "train with --student DIR (or give --teacher PATH where it is now), or set model.student_init=random for a "
-        "random start (not comparable with a live run's student)")
+        "random start (not comparable with a live run's student)"
+    )
 
 
 def chat_template_difference(teacher_tok, student_tok, teacher_name, student_name) -> str | None:
@@ -562,12 +640,16 @@ def chat_template_difference(teacher_tok, student_tok, teacher_name, student_nam
     if not s or t == s:
         return None
     if not t:
-        return (f"the student '{student_name}' has a chat template but the teacher '{teacher_name}' has none; chat "
-                "data must be rendered the same for both: give the teacher's tokenizer the student's template "
-                "(chat_template.jinja), or use plain-text data")
-    return (f"teacher '{teacher_name}' and student '{student_name}' have different chat templates, so one "
-            "conversation would be rendered two ways; give both the same chat_template.jinja, or use plain-text "
-            "data")
+        return (
+            f"the student '{student_name}' has a chat template but the teacher '{teacher_name}' has none; chat "
+            "data must be rendered the same for both: give the teacher's tokenizer the student's template "
+            "(chat_template.jinja), or use plain-text data"
+        )
+    return (
+        f"teacher '{teacher_name}' and student '{student_name}' have different chat templates, so one "
+        "conversation would be rendered two ways; give both the same chat_template.jinja, or use plain-text "
+        "data"
+    )
 
 
 def student_init(cfg, teacher) -> str:
@@ -593,16 +675,19 @@ def check_run_tokenizer(cfg, tokenizer, name: str | None) -> None:
         return
     problem = tokenizer_difference(load_tokenizer(str(saved), "the run's saved"), tokenizer)
     if problem is not None:
-        raise LmdistillError(f"cannot resume '{run}': its student was trained with the tokenizer in {saved}, and "
-                             f"'{name}' uses another ({problem}); resume with the run's own teacher, or start a new "
-                             "run (another --output-dir)")
+        raise LmdistillError(
+            f"cannot resume '{run}': its student was trained with the tokenizer in {saved}, and "
+            f"'{name}' uses another ({problem}); resume with the run's own teacher, or start a new "
+            "run (another --output-dir)"
+        )
 
 
 def calibration_ids(blocks, count: int) -> torch.Tensor:
     """The ids of ``count`` blocks spread evenly over ``blocks`` (a store's blocks or an (N, L)
     tensor; all of them when there are fewer)."""
-    rows = torch.arange(len(blocks)) if len(blocks) <= count else torch.linspace(0, len(blocks) - 1,
-                                                                                  count).round().long()
+    rows = (
+        torch.arange(len(blocks)) if len(blocks) <= count else torch.linspace(0, len(blocks) - 1, count).round().long()
+    )
     return blocks[rows] if isinstance(blocks, torch.Tensor) else blocks.ids(rows)
 
 
@@ -615,8 +700,10 @@ def cut_from_teacher(cfg, teacher, tokenizer, train_blocks):
     calibration = None
     if "importance" in (p.layers, p.width):
         if train_blocks is None:
-            raise LmdistillError("model.prune: importance needs calibration data; use model.prune.layers: uniform "
-                                 "and model.prune.width: first, or give the training data")
+            raise LmdistillError(
+                "model.prune: importance needs calibration data; use model.prune.layers: uniform "
+                "and model.prune.width: first, or give the training data"
+            )
         device = next(teacher.parameters()).device
         calibration = calibration_ids(train_blocks(tokenizer), p.calibration_blocks).to(device)
     try:
@@ -624,5 +711,6 @@ def cut_from_teacher(cfg, teacher, tokenizer, train_blocks):
     except (LmdistillError, MemoryError, getattr(torch, "OutOfMemoryError", MemoryError)):
         raise
     except Exception as exc:  # building the student from model.student_config failed inside the library
-        raise LmdistillError(f"could not build a student from model.student_config: {last_line(exc)}; fix "
-                             "model.student_config") from None
+        raise LmdistillError(
+            f"could not build a student from model.student_config: {last_line(exc)}; fix model.student_config"
+        ) from None

@@ -67,30 +67,39 @@ def student_config(teacher_config, overrides: dict):
     check_supported(teacher_config)
     vocab = overrides.get("vocab_size", teacher_config.vocab_size)
     if vocab != teacher_config.vocab_size:
-        raise LmdistillError(f"model.student_config: vocab_size = {vocab!r} differs from the teacher's "
-                             f"{teacher_config.vocab_size}; a student cut out of the teacher keeps its vocabulary "
-                             "(and its tokenizer): leave vocab_size out")
+        raise LmdistillError(
+            f"model.student_config: vocab_size = {vocab!r} differs from the teacher's "
+            f"{teacher_config.vocab_size}; a student cut out of the teacher keeps its vocabulary "
+            "(and its tokenizer): leave vocab_size out"
+        )
     config = student_config_from_teacher(teacher_config, overrides)
     if "head_dim" not in overrides:
         config.head_dim = head_dim(teacher_config)
     t, s = teacher_config, config
     for key in ("num_hidden_layers", "hidden_size", "intermediate_size", "num_attention_heads", "num_key_value_heads"):
         if getattr(s, key) > getattr(t, key):
-            raise LmdistillError(f"model.student_config: {key} = {getattr(s, key)} is larger than the teacher's "
-                                 f"{getattr(t, key)}; a student cut out of the teacher can only be smaller")
+            raise LmdistillError(
+                f"model.student_config: {key} = {getattr(s, key)} is larger than the teacher's "
+                f"{getattr(t, key)}; a student cut out of the teacher can only be smaller"
+            )
     if head_dim(s) != head_dim(t):
-        raise LmdistillError(f"model.student_config: head_dim = {head_dim(s)} differs from the teacher's {head_dim(t)}; "
-                             "pruning keeps whole heads: leave head_dim out or set it to the teacher's")
+        raise LmdistillError(
+            f"model.student_config: head_dim = {head_dim(s)} differs from the teacher's {head_dim(t)}; "
+            "pruning keeps whole heads: leave head_dim out or set it to the teacher's"
+        )
     if s.num_attention_heads % s.num_key_value_heads:
-        raise LmdistillError(f"model.student_config: num_attention_heads = {s.num_attention_heads} is not a multiple "
-                             f"of num_key_value_heads = {s.num_key_value_heads}")
+        raise LmdistillError(
+            f"model.student_config: num_attention_heads = {s.num_attention_heads} is not a multiple "
+            f"of num_key_value_heads = {s.num_key_value_heads}"
+        )
     group_t = t.num_attention_heads // t.num_key_value_heads
     group_s = s.num_attention_heads // s.num_key_value_heads
     if group_s > group_t:
         raise LmdistillError(
             f"model.student_config: {group_s} query heads per key/value head, the teacher has {group_t}; pruning "
             f"keeps heads within their groups: set num_key_value_heads to at least "
-            f"{-(-s.num_attention_heads // group_t)}")
+            f"{-(-s.num_attention_heads // group_t)}"
+        )
     layer_types = getattr(t, "layer_types", None)
     if layer_types is not None:
         config.layer_types = None  # set from the kept layers by prune_teacher
@@ -128,6 +137,7 @@ def measure_importance(teacher, input_ids: torch.Tensor) -> dict:
             x, y = _hidden_arg(args, kwargs).double(), _first(output).double()
             cos = torch.nn.functional.cosine_similarity(x, y, dim=-1)
             sums["influence"][i] += (1 - cos).sum()
+
         return hook
 
     def on_norm(module, args, output):
@@ -136,12 +146,14 @@ def measure_importance(teacher, input_ids: torch.Tensor) -> dict:
     def on_down(i):
         def hook(module, args):
             sums["neurons"][i].add_(args[0].double().abs().sum(dim=(0, 1)))
+
         return hook
 
     def on_o_proj(i):
         def hook(module, args):
             x = args[0].double()
             sums["heads"][i].add_(x.reshape(*x.shape[:-1], n_heads, d_head).norm(dim=-1).sum(dim=(0, 1)))
+
         return hook
 
     handles = []
@@ -191,7 +203,7 @@ def _kept_heads(scores: torch.Tensor | None, t_config, s_config) -> tuple[torch.
     kv = _top(group_scores, kv_t, kv_s)
     queries = []
     for g in kv.tolist():
-        within = _top(None if scores is None else scores[g * group_t:(g + 1) * group_t], group_t, group_s)
+        within = _top(None if scores is None else scores[g * group_t : (g + 1) * group_t], group_t, group_s)
         queries += (within + g * group_t).tolist()
     return torch.tensor(queries), kv
 
@@ -225,12 +237,14 @@ def _slice(name: str, w: torch.Tensor, hidden, rows: dict) -> torch.Tensor:
         return w[rows["mlp"]] if is_bias else w[rows["mlp"]][:, hidden]
     if part == "down_proj":
         return w[hidden] if is_bias else w[hidden][:, rows["mlp"]]
-    raise LmdistillError(f"model.student_init: teacher cannot prune the parameter '{name}'; supported families: "
-                         f"{', '.join(SUPPORTED)}")
+    raise LmdistillError(
+        f"model.student_init: teacher cannot prune the parameter '{name}'; supported families: {', '.join(SUPPORTED)}"
+    )
 
 
-def prune_teacher(teacher, config, layers: str = "importance", width: str = "importance",
-                  calibration: torch.Tensor | None = None) -> PrunedStudent:
+def prune_teacher(
+    teacher, config, layers: str = "importance", width: str = "importance", calibration: torch.Tensor | None = None
+) -> PrunedStudent:
     """A float32 student of ``config`` (from :func:`student_config`) cut out of ``teacher``.
 
     ``calibration`` (token ids, (N, L)) is needed when either choice is ``importance``."""
@@ -262,8 +276,13 @@ def prune_teacher(teacher, config, layers: str = "importance", width: str = "imp
     for t_layer in kept_layers:
         q, kv = _kept_heads(importance["heads"][t_layer] if by_width else None, t_config, config)
         mlp_scores = importance["neurons"][t_layer] if by_width else None
-        layer_rows.append({"q": _head_rows(q, d_head), "kv": _head_rows(kv, d_head),
-                           "mlp": _top(mlp_scores, t_config.intermediate_size, config.intermediate_size)})
+        layer_rows.append(
+            {
+                "q": _head_rows(q, d_head),
+                "kv": _head_rows(kv, d_head),
+                "mlp": _top(mlp_scores, t_config.intermediate_size, config.intermediate_size),
+            }
+        )
     state = {}
     for name in student.state_dict():
         match = _LAYER_KEY.match(name)
@@ -273,8 +292,10 @@ def prune_teacher(teacher, config, layers: str = "importance", width: str = "imp
             i, rest = int(match.group(1)), match.group(2)
             source, rows = f"model.layers.{kept_layers[i]}.{rest}", layer_rows[i]
         if source not in teacher_state:
-            raise LmdistillError(f"model.student_init: teacher found no teacher tensor for '{name}'; supported "
-                                 f"families: {', '.join(SUPPORTED)}")
+            raise LmdistillError(
+                f"model.student_init: teacher found no teacher tensor for '{name}'; supported "
+                f"families: {', '.join(SUPPORTED)}"
+            )
         state[name] = _slice(name, teacher_state[source], hidden, rows).to(torch.float32).clone()
     student.load_state_dict(state, strict=True)
     if getattr(config, "tie_word_embeddings", False):

@@ -47,8 +47,14 @@ def student_config_from_teacher(teacher_config, overrides: dict):
 
 
 # The keys that give a model its shape: each a count or a size, so a whole number >= 1.
-_SHAPE_KEYS = ("num_hidden_layers", "hidden_size", "intermediate_size", "num_attention_heads", "num_key_value_heads",
-               "head_dim")
+_SHAPE_KEYS = (
+    "num_hidden_layers",
+    "hidden_size",
+    "intermediate_size",
+    "num_attention_heads",
+    "num_key_value_heads",
+    "head_dim",
+)
 
 
 _ACTIVATION_KEYS = ("hidden_act", "hidden_activation", "activation_function")
@@ -62,14 +68,17 @@ def _checked_student_value(config, key: str, value):
         if isinstance(value, float) and value.is_integer():
             value = int(value)
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-            raise LmdistillError(f"{where} is not allowed: it must be a whole number >= 1 (the teacher has "
-                                 f"{getattr(config, key, None)})")
+            raise LmdistillError(
+                f"{where} is not allowed: it must be a whole number >= 1 (the teacher has {getattr(config, key, None)})"
+            )
     if key in _ACTIVATION_KEYS and isinstance(getattr(config, key, None), str):
         from transformers.activations import ACT2FN
 
         if not isinstance(value, str) or value not in ACT2FN:
             known = ", ".join(a for a in ("silu", "gelu", "gelu_pytorch_tanh", "relu") if a in ACT2FN)
-            raise LmdistillError(f"{where} is not an activation {type(config).__name__} knows; use one of the "
-                                 f"transformers activations ({known}, ...), e.g. the teacher's "
-                                 f"{getattr(config, key)!r}")
+            raise LmdistillError(
+                f"{where} is not an activation {type(config).__name__} knows; use one of the "
+                f"transformers activations ({known}, ...), e.g. the teacher's "
+                f"{getattr(config, key)!r}"
+            )
     return value

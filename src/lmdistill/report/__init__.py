@@ -11,5 +11,14 @@ from lmdistill.report.markdown import write_report
 from lmdistill.report.plots import COMPARE_PLOT_FILES, PLOT_FILES, write_plots
 from lmdistill.report.reading import RunRecord, load_run, median_tokens_per_s
 
-__all__ = ["COMPARE_PLOT_FILES", "PLOT_FILES", "RunRecord", "compare_runs", "load_run", "main_report",
-           "median_tokens_per_s", "write_plots", "write_report"]
+__all__ = [
+    "COMPARE_PLOT_FILES",
+    "PLOT_FILES",
+    "RunRecord",
+    "compare_runs",
+    "load_run",
+    "main_report",
+    "median_tokens_per_s",
+    "write_plots",
+    "write_report",
+]

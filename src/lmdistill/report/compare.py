@@ -58,8 +58,12 @@ def compare_runs(run_dirs: list[Path], out_dir: Path) -> Path:
         if (r.run_dir / "report.md").is_file():
             link = f", [report]({Path(os.path.relpath(r.run_dir / 'report.md', out_dir)).as_posix()})"
         out.append(f"- `{label}`: `{r.run_dir}` ({status_line(r)[0]}){link}")
-    out += ["", "Final = each run's last evaluation line in metrics.jsonl; before = its evaluation at step 0; "
-                "tokens/s = median over its training lines.", ""]
+    out += [
+        "",
+        "Final = each run's last evaluation line in metrics.jsonl; before = its evaluation at step 0; "
+        "tokens/s = median over its training lines.",
+        "",
+    ]
     out += table(["", *[f"`{label}`" for label in labels]], _comparison_rows(records))
     out += ["", "## Plots", ""]
     for p in plots:
@@ -72,8 +76,10 @@ def compare_runs(run_dirs: list[Path], out_dir: Path) -> Path:
 def unique_labels(records: list[RunRecord]) -> list[str]:
     """Run names, made distinct: two runs of one preset share ``run.name``."""
     labels = [r.name for r in records]
-    for attempt in (lambda r: r.run_dir.resolve().name,
-                    lambda r: f"{r.run_dir.resolve().parent.name}/{r.run_dir.resolve().name}"):
+    for attempt in (
+        lambda r: r.run_dir.resolve().name,
+        lambda r: f"{r.run_dir.resolve().parent.name}/{r.run_dir.resolve().name}",
+    ):
         counts = Counter(labels)
         labels = [attempt(r) if counts[label] > 1 else label for r, label in zip(records, labels)]
     counts, seen, out = Counter(labels), Counter(), []
@@ -100,8 +106,10 @@ def _comparison_rows(records: list[RunRecord]) -> list[list[Any]]:
         row("status", lambda r: status_line(r)[0]),
         row("teacher", model("teacher")),
         row("student", model("student")),
-        row("KD temperature start → end", lambda r: f"{cfg('distill.temperature')(r)} → "
-                                                    f"{cfg('distill.min_temperature')(r)}"),
+        row(
+            "KD temperature start → end",
+            lambda r: f"{cfg('distill.temperature')(r)} → {cfg('distill.min_temperature')(r)}",
+        ),
         row("KD weight", cfg("distill.kd_weight")),
         row("divergence", cfg("distill.divergence")),
         row("KD term × T²", cfg("distill.scale_by_t2")),

@@ -24,6 +24,7 @@ DASH = "—"  # shown where a value is absent, so a table never has an empty cel
 # --------------------------------------------------------------------------- formatting
 def _number_format(spec: str, scale: float = 1.0, suffix: str = "", finite_only: bool = False):
     """A formatter of metric values: ``spec`` applied to ``scale * x``, the dash when absent."""
+
     def fmt(x: Any) -> str:
         v = num(x)
         if v is None or (finite_only and not math.isfinite(v)):
@@ -100,7 +101,8 @@ def status_line(record: RunRecord) -> tuple[str, str]:
     if status is None or status == "running":
         return "did not finish", (
             "The run did not finish: run.json is missing or still says it is running, so it was killed (or is "
-            f"still going). This report covers what was on disk when it was written, {upto}.")
+            f"still going). This report covers what was on disk when it was written, {upto}."
+        )
     return status, f"The run {status} before the end{why}. It did not finish; this report covers what it wrote, {upto}."
 
 
@@ -117,12 +119,23 @@ def _model_rows(record: RunRecord) -> tuple[list[list[Any]], str | None]:
         elif role in info and info[role] is None:
             name = "none (plain language-model training, no KD)"
         params[role] = num(m.get("params"))
-        rows.append([role, fmt_value(name), fmt_value(m.get("architecture")), fmt_value(m.get("num_layers")),
-                     fmt_value(m.get("hidden_size")), fmt_params(m.get("params")), fmt_value(m.get("vocab_size"))])
+        rows.append(
+            [
+                role,
+                fmt_value(name),
+                fmt_value(m.get("architecture")),
+                fmt_value(m.get("num_layers")),
+                fmt_value(m.get("hidden_size")),
+                fmt_params(m.get("params")),
+                fmt_value(m.get("vocab_size")),
+            ]
+        )
     ratio = None
     if params["teacher"] and params["student"]:
-        ratio = (f"Compression: the student has {params['student'] / params['teacher']:.3g} of the teacher's "
-                 f"parameters ({params['teacher'] / params['student']:.3g}× smaller).")
+        ratio = (
+            f"Compression: the student has {params['student'] / params['teacher']:.3g} of the teacher's "
+            f"parameters ({params['teacher'] / params['student']:.3g}× smaller)."
+        )
     return rows, ratio
 
 
@@ -130,11 +143,12 @@ def _config_rows(record: RunRecord) -> list[list[Any]]:
     cfg = record.config
     steps = [line["step"] for line in record.train if value_of(line, "temperature") is not None]
     temps = [value_of(line, "temperature") for line in record.train if value_of(line, "temperature") is not None]
-    observed = f"{fmt_temp(temps[0])} at step {steps[0]} → {fmt_temp(temps[-1])} at step {steps[-1]}" if steps \
-        else DASH
+    observed = f"{fmt_temp(temps[0])} at step {steps[0]} → {fmt_temp(temps[-1])} at step {steps[-1]}" if steps else DASH
     return [
-        ["KD temperature (configured start → end)",
-         f"{fmt_value(get(cfg, 'distill.temperature'))} → {fmt_value(get(cfg, 'distill.min_temperature'))}"],
+        [
+            "KD temperature (configured start → end)",
+            f"{fmt_value(get(cfg, 'distill.temperature'))} → {fmt_value(get(cfg, 'distill.min_temperature'))}",
+        ],
         ["KD temperature (logged)", observed],
         ["KD weight (share of the KD term in the loss)", fmt_value(get(cfg, "distill.kd_weight"))],
         ["divergence", fmt_value(get(cfg, "distill.divergence"))],
@@ -155,8 +169,10 @@ def _data_rows(record: RunRecord) -> list[list[Any]]:
         ["training blocks", fmt_value(data.get("train_blocks"))],
         ["evaluation blocks", fmt_value(data.get("eval_blocks"))],
         ["training tokens", fmt_value(data.get("train_tokens"))],
-        ["target tokens: training / evaluation (tokens with a loss on them)",
-         f"{fmt_value(data.get('train_targets'))} / {fmt_value(data.get('eval_targets'))}"],
+        [
+            "target tokens: training / evaluation (tokens with a loss on them)",
+            f"{fmt_value(data.get('train_targets'))} / {fmt_value(data.get('eval_targets'))}",
+        ],
     ]
 
 
@@ -167,32 +183,73 @@ def _source_rows(record: RunRecord) -> list[list[Any]]:
     rows = []
     for s in data.get("sources") or []:
         skipped = s.get("skipped_no_assistant") or 0
-        rows.append([s.get("name"), fmt_value(s.get("weight")), s.get("format"), s.get("loss_on"),
-                     fmt_value(s.get("tokens")), fmt_value(s.get("train_targets")),
-                     f"{shares[s['name']]:.1%}" if s.get("name") in shares else DASH,
-                     fmt_value(skipped) if skipped else "0", f"`{s.get('store')}`"])
+        rows.append(
+            [
+                s.get("name"),
+                fmt_value(s.get("weight")),
+                s.get("format"),
+                s.get("loss_on"),
+                fmt_value(s.get("tokens")),
+                fmt_value(s.get("train_targets")),
+                f"{shares[s['name']]:.1%}" if s.get("name") in shares else DASH,
+                fmt_value(skipped) if skipped else "0",
+                f"`{s.get('store')}`",
+            ]
+        )
     return rows
 
 
-SOURCE_HEADER = ["source", "weight", "format", "loss on", "tokens", "training targets", "share of blocks seen",
-                 "records skipped (no assistant turn)", "store"]
+SOURCE_HEADER = [
+    "source",
+    "weight",
+    "format",
+    "loss on",
+    "tokens",
+    "training targets",
+    "share of blocks seen",
+    "records skipped (no assistant turn)",
+    "store",
+]
 
 
 def _final_table(record: RunRecord) -> list[str]:
     before, after = record.initial_eval or {}, record.final_eval or {}
     header = ["metric", "student before (step 0)", f"student after (step {after.get('step', '?')})", "teacher"]
-    return table(header, [
-        ["perplexity (exp of eval CE)", fmt_ppl(before.get("eval_ppl")), fmt_ppl(after.get("eval_ppl")),
-         fmt_ppl(after.get("teacher_ppl"))],
-        ["eval CE (nats/token)", fmt_loss(before.get("eval_ce_loss")), fmt_loss(after.get("eval_ce_loss")),
-         fmt_loss(after.get("teacher_ce_loss"))],
-        ["KD term on eval data, as trained (eval_kd_loss)", fmt_loss(before.get("eval_kd_loss")),
-         fmt_loss(after.get("eval_kd_loss")), DASH],
-        ["KL(teacher ‖ student) at T=1, nats/token (eval_kl)", fmt_loss(before.get("eval_kl")),
-         fmt_loss(after.get("eval_kl")), DASH],
-        ["top-1 agreement with the teacher", fmt_pct(before.get("top1_agreement")),
-         fmt_pct(after.get("top1_agreement")), DASH],
-    ])
+    return table(
+        header,
+        [
+            [
+                "perplexity (exp of eval CE)",
+                fmt_ppl(before.get("eval_ppl")),
+                fmt_ppl(after.get("eval_ppl")),
+                fmt_ppl(after.get("teacher_ppl")),
+            ],
+            [
+                "eval CE (nats/token)",
+                fmt_loss(before.get("eval_ce_loss")),
+                fmt_loss(after.get("eval_ce_loss")),
+                fmt_loss(after.get("teacher_ce_loss")),
+            ],
+            [
+                "KD term on eval data, as trained (eval_kd_loss)",
+                fmt_loss(before.get("eval_kd_loss")),
+                fmt_loss(after.get("eval_kd_loss")),
+                DASH,
+            ],
+            [
+                "KL(teacher ‖ student) at T=1, nats/token (eval_kl)",
+                fmt_loss(before.get("eval_kl")),
+                fmt_loss(after.get("eval_kl")),
+                DASH,
+            ],
+            [
+                "top-1 agreement with the teacher",
+                fmt_pct(before.get("top1_agreement")),
+                fmt_pct(after.get("top1_agreement")),
+                DASH,
+            ],
+        ],
+    )
 
 
 def _run_rows(record: RunRecord) -> list[list[Any]]:
@@ -204,18 +261,27 @@ def _run_rows(record: RunRecord) -> list[list[Any]]:
     on_policy = median_tokens_per_s(record, on_policy=True)
     if on_policy is not None:
         rows[0][0] = "training throughput of ordinary steps (tokens/s)"
-        rows.append(["throughput of on-policy steps, generation included (tokens/s)",
-                     f"{fmt_rate(on_policy)} (median of {len(valid_rates(record, on_policy=True))} training lines)"])
-    rows += [["wall time", wall],
-            ["started / finished", f"{fmt_value(info.get('started_at'))} / {fmt_value(info.get('finished_at'))}"]]
+        rows.append(
+            [
+                "throughput of on-policy steps, generation included (tokens/s)",
+                f"{fmt_rate(on_policy)} (median of {len(valid_rates(record, on_policy=True))} training lines)",
+            ]
+        )
+    rows += [
+        ["wall time", wall],
+        ["started / finished", f"{fmt_value(info.get('started_at'))} / {fmt_value(info.get('finished_at'))}"],
+    ]
     losses = [(line["step"], value_of(line, "loss")) for line in record.train]
     finite = [(s, x) for s, x in losses if x is not None and math.isfinite(x)]
     if finite:
         (s0, l0), (s1, l1) = finite[0], finite[-1]
         rows.append(["total loss, first → last logged", f"{l0:.4f} (step {s0}) → {l1:.4f} (step {s1})"])
     # The original report's "any NaN warning": a guarded run logs its NaN losses in skipped lines.
-    bad = sorted(line["step"] for line in record.train + record.skipped
-                 if (x := value_of(line, "loss")) is not None and not math.isfinite(x))
+    bad = sorted(
+        line["step"]
+        for line in record.train + record.skipped
+        if (x := value_of(line, "loss")) is not None and not math.isfinite(x)
+    )
     rows.append(["steps with a non-finite total loss", f"{fmt_steps(bad)} ({len(bad)} in all)" if bad else "none"])
     return rows
 
@@ -238,14 +304,36 @@ def _temperature_table(record: RunRecord, max_rows: int = 7) -> list[str]:
         terms = [fmt_loss(value_of(train, "kd_loss")), fmt_loss(value_of(train, "ce_loss"))]
         if hidden:
             terms.append(fmt_loss(value_of(train, "hidden_loss")))
-        rows.append([anchor["step"], fmt_temp(value_of(train, "temperature")), fmt_loss(value_of(train, "loss")),
-                     *terms, fmt_loss(ev.get("eval_ce_loss")), fmt_ppl(ev.get("eval_ppl"))])
-    lines = table(["step", "temperature T", "total loss", "KD term", "LM CE", *(["hidden term"] if hidden else []),
-                   "eval CE (nats/token)", "student ppl"], rows)
+        rows.append(
+            [
+                anchor["step"],
+                fmt_temp(value_of(train, "temperature")),
+                fmt_loss(value_of(train, "loss")),
+                *terms,
+                fmt_loss(ev.get("eval_ce_loss")),
+                fmt_ppl(ev.get("eval_ppl")),
+            ]
+        )
+    lines = table(
+        [
+            "step",
+            "temperature T",
+            "total loss",
+            "KD term",
+            "LM CE",
+            *(["hidden term"] if hidden else []),
+            "eval CE (nats/token)",
+            "student ppl",
+        ],
+        rows,
+    )
     if record.evals:
-        lines += ["", "Rows are evaluation steps. The training columns come from the training line at that step or "
-                      "the nearest earlier one; for step 0, which is evaluated before any training, from the first "
-                      "training line."]
+        lines += [
+            "",
+            "Rows are evaluation steps. The training columns come from the training line at that step or "
+            "the nearest earlier one; for step 0, which is evaluated before any training, from the first "
+            "training line.",
+        ]
     return lines
 
 
@@ -266,10 +354,19 @@ def _health_section(record: RunRecord) -> list[str]:
         for c in checks:
             status = str(c.get("status", DASH)).replace("_", " ")
             messages = c.get("messages") or []
-            rows.append([f"`{c.get('name', '?')}`", c.get("description"), f"**{status}**" if status == "fired"
-                         else status, fmt_steps(c.get("steps") or []), messages[0] if messages else None])
-        return [f"**Verdict: {record.health.get('verdict', DASH)}** ({len(fired)} of {len(checks)} checks fired).",
-                ""] + table(["check", "what it watches", "result", "at steps", "first message"], rows)
+            rows.append(
+                [
+                    f"`{c.get('name', '?')}`",
+                    c.get("description"),
+                    f"**{status}**" if status == "fired" else status,
+                    fmt_steps(c.get("steps") or []),
+                    messages[0] if messages else None,
+                ]
+            )
+        return [
+            f"**Verdict: {record.health.get('verdict', DASH)}** ({len(fired)} of {len(checks)} checks fired).",
+            "",
+        ] + table(["check", "what it watches", "result", "at steps", "first message"], rows)
     # No health.json: the verdict is written when the run ends, but the events that would
     # have led to it are already in metrics.jsonl.
     lines = ["No verdict: health.json is missing (it is written when the run ends, so a killed run has none).", ""]
@@ -289,19 +386,43 @@ def _generations_section(record: RunRecord) -> list[str]:
     if not judged:
         return []
     on = [line for line in record.train if line.get("on_policy")]
-    lines = ["", "## The student's own text (on-policy)", "",
-             f"On-policy steps: **{len(on)}** of {len(record.train)} logged. At each evaluation the student "
-             f"continues the first tokens of {judged[-1].get('gen_prompts', '?')} held-out blocks with the same "
-             "seed; the teacher's NLL per written token is the teacher-judged score (lower is better).", ""]
-    lines += table(["step", "teacher NLL / token", "student's own NLL", "reverse KL (difference)", "repeated 4-grams",
-                    "tokens written"],
-                   [[e["step"], fmt_value(e["gen_teacher_nll"]), fmt_value(e.get("gen_student_nll")),
-                     fmt_value(e.get("gen_reverse_kl")), f"{100 * e.get('gen_repetition', 0):.1f}%",
-                     fmt_value(e.get("gen_length"))] for e in judged])
+    lines = [
+        "",
+        "## The student's own text (on-policy)",
+        "",
+        f"On-policy steps: **{len(on)}** of {len(record.train)} logged. At each evaluation the student "
+        f"continues the first tokens of {judged[-1].get('gen_prompts', '?')} held-out blocks with the same "
+        "seed; the teacher's NLL per written token is the teacher-judged score (lower is better).",
+        "",
+    ]
+    lines += table(
+        [
+            "step",
+            "teacher NLL / token",
+            "student's own NLL",
+            "reverse KL (difference)",
+            "repeated 4-grams",
+            "tokens written",
+        ],
+        [
+            [
+                e["step"],
+                fmt_value(e["gen_teacher_nll"]),
+                fmt_value(e.get("gen_student_nll")),
+                fmt_value(e.get("gen_reverse_kl")),
+                f"{100 * e.get('gen_repetition', 0):.1f}%",
+                fmt_value(e.get("gen_length")),
+            ]
+            for e in judged
+        ],
+    )
     for title, e in (("before", judged[0]), ("after", judged[-1])):
         for sample in e.get("gen_samples", [])[:2]:
-            lines += ["", f"*{title} (step {e['step']})*: prompt `{_one_line(sample['prompt'])}` "
-                          f"→ `{_one_line(sample['continuation'])}`"]
+            lines += [
+                "",
+                f"*{title} (step {e['step']})*: prompt `{_one_line(sample['prompt'])}` "
+                f"→ `{_one_line(sample['continuation'])}`",
+            ]
     return lines
 
 
@@ -320,12 +441,15 @@ def _grouped_steps(lines: list[dict[str, Any]], key: str) -> list[tuple[str, lis
 def _steps_section(record: RunRecord) -> list[str]:
     lines = [f"Skipped steps (no optimizer update; weights and optimizer state untouched): **{len(record.skipped)}**."]
     if record.skipped:
-        rows = [[f"`{reason}`", len(steps), fmt_steps(steps)] for reason, steps in _grouped_steps(record.skipped,
-                                                                                                    "reason")]
+        rows = [
+            [f"`{reason}`", len(steps), fmt_steps(steps)] for reason, steps in _grouped_steps(record.skipped, "reason")
+        ]
         lines += [""] + table(["reason", "count", "steps"], rows)
     if record.events:
-        parts = [f"{kind} × {len(steps)} (steps {fmt_steps(steps)})"
-                 for kind, steps in _grouped_steps(record.events, "event")]
+        parts = [
+            f"{kind} × {len(steps)} (steps {fmt_steps(steps)})"
+            for kind, steps in _grouped_steps(record.events, "event")
+        ]
         lines += ["", "Guard events: " + ", ".join(parts) + "."]
     return lines
 
@@ -337,8 +461,10 @@ def _notes(record: RunRecord) -> list[str]:
     if record.bad_lines:
         last_only = record.bad_lines == [record.metrics_lines]
         what = "the last line, cut short by a killed run" if last_only else f"lines {fmt_steps(record.bad_lines)}"
-        notes.append(f"{len(record.bad_lines)} of {record.metrics_lines} metrics.jsonl lines could not be read and "
-                     f"were skipped ({what})")
+        notes.append(
+            f"{len(record.bad_lines)} of {record.metrics_lines} metrics.jsonl lines could not be read and "
+            f"were skipped ({what})"
+        )
     return notes
 
 
@@ -352,14 +478,21 @@ def write_report(run_dir: Path) -> Path:
 
 def render_report(record: RunRecord, plots: list[Path]) -> str:
     short, sentence = status_line(record)
-    out = [f"# Distillation run `{record.name}`: {short}", "", sentence, "", f"Run directory: `{record.run_dir}`", "",
-           "## What was distilled into what", ""]
+    out = [
+        f"# Distillation run `{record.name}`: {short}",
+        "",
+        sentence,
+        "",
+        f"Run directory: `{record.run_dir}`",
+        "",
+        "## What was distilled into what",
+        "",
+    ]
     model_rows, ratio = _model_rows(record)
     if record.run_info is None:
         out.append("Not recorded: run.json, which describes the models, is missing.")
     else:
-        out += table(["role", "model", "architecture", "layers", "hidden size", "parameters", "vocabulary"],
-                     model_rows)
+        out += table(["role", "model", "architecture", "layers", "hidden size", "parameters", "vocabulary"], model_rows)
     out += ["", ratio] if ratio else []
     out += ["", "## Data", ""] + table(["", ""], _data_rows(record))
     sources = _source_rows(record)
@@ -370,8 +503,11 @@ def render_report(record: RunRecord, plots: list[Path]) -> str:
     if record.final_eval is None:
         out.append("No evaluation yet: metrics.jsonl has no evaluation line.")
     else:
-        out += ["From the last evaluation line of metrics.jsonl; \"before\" is the evaluation at step 0. Perplexity "
-                "is exp of the token-mean cross-entropy on held-out data, printed as computed (never capped).", ""]
+        out += [
+            'From the last evaluation line of metrics.jsonl; "before" is the evaluation at step 0. Perplexity '
+            "is exp of the token-mean cross-entropy on held-out data, printed as computed (never capped).",
+            "",
+        ]
         out += _final_table(record)
     out += [""] + table(["run", ""], _run_rows(record))
     out += ["", "## Temperature and loss trajectory", ""] + _temperature_table(record)

@@ -14,8 +14,16 @@ import math
 from pathlib import Path
 
 # Scalars grouped under a TensorBoard section so the dashboard reads well.
-_TB_SECTIONS = {"loss": "train", "kd_loss": "train", "kd_loss_unscaled": "train", "ce_loss": "train",
-                "grad_norm": "train", "temperature": "schedule", "lr": "schedule", "tokens_per_s": "speed"}
+_TB_SECTIONS = {
+    "loss": "train",
+    "kd_loss": "train",
+    "kd_loss_unscaled": "train",
+    "ce_loss": "train",
+    "grad_norm": "train",
+    "temperature": "schedule",
+    "lr": "schedule",
+    "tokens_per_s": "speed",
+}
 
 
 def tb_tag(key: str) -> str:
@@ -45,8 +53,11 @@ class MetricsLog:
         self._file.write(json.dumps(strict_json(record), allow_nan=False) + "\n")
         self._file.flush()
         step = int(record.get("step", 0))
-        numeric = {k: v for k, v in record.items() if k not in ("step", "epoch") and not isinstance(v, bool)
-                   and isinstance(v, (int, float))}
+        numeric = {
+            k: v
+            for k, v in record.items()
+            if k not in ("step", "epoch") and not isinstance(v, bool) and isinstance(v, (int, float))
+        }
         if self._accelerator is not None and numeric:
             self._accelerator.log(numeric, step=step)
         if self._tb is None:

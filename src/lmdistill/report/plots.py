@@ -47,22 +47,39 @@ def _legend(fig, ax) -> None:
     """Legend below the axes: inside, it would hide the start of a curve or a spike."""
     handles, labels = ax.get_legend_handles_labels()
     if handles:
-        fig.legend(handles, labels, loc="outside lower center", ncols=min(3, len(handles)), fontsize=8,
-                   frameon=False)
+        fig.legend(handles, labels, loc="outside lower center", ncols=min(3, len(handles)), fontsize=8, frameon=False)
 
 
 def _mark_steps(ax, steps: list[int], label: str, color: str, style: str) -> None:
     """Vertical lines over the full height of ``ax`` at ``steps``, one legend entry."""
     if steps:
-        ax.vlines(sorted(set(steps)), 0, 1, transform=ax.get_xaxis_transform(), colors=color, linestyles=style,
-                  linewidth=1.0, alpha=0.7, label=f"{label} ({len(steps)})")
+        ax.vlines(
+            sorted(set(steps)),
+            0,
+            1,
+            transform=ax.get_xaxis_transform(),
+            colors=color,
+            linestyles=style,
+            linewidth=1.0,
+            alpha=0.7,
+            label=f"{label} ({len(steps)})",
+        )
 
 
 def _mark_nonfinite(ax, steps: list[int], label: str) -> None:
     """Crosses along the top edge where a value was NaN/inf and so cannot be drawn."""
     if steps:
-        ax.plot(steps, [0.97] * len(steps), "x", color="red", markersize=8, mew=2,
-                transform=ax.get_xaxis_transform(), label=f"{label} ({len(steps)})", clip_on=False)
+        ax.plot(
+            steps,
+            [0.97] * len(steps),
+            "x",
+            color="red",
+            markersize=8,
+            mew=2,
+            transform=ax.get_xaxis_transform(),
+            label=f"{label} ({len(steps)})",
+            clip_on=False,
+        )
 
 
 def _rolling_mean(values: list[float], window: int):
@@ -96,8 +113,12 @@ def _finish_axes(fig, ax, title: str, ylabel: str, *, legend: bool = True, xlabe
 
 
 def _plot_losses(record: RunRecord, path: Path) -> Path | None:
-    terms = [("loss", "total loss", "tab:blue"), ("kd_loss", "KD term (×T² if scaled)", "tab:green"),
-             ("ce_loss", "LM cross-entropy", "tab:orange"), ("hidden_loss", "hidden-state term", "tab:purple")]
+    terms = [
+        ("loss", "total loss", "tab:blue"),
+        ("kd_loss", "KD term (×T² if scaled)", "tab:green"),
+        ("ce_loss", "LM cross-entropy", "tab:orange"),
+        ("hidden_loss", "hidden-state term", "tab:purple"),
+    ]
     curves = {key: series(record.train, key) for key, _, _ in terms}
     if not any(curves[key][0] for key, _, _ in terms):
         return None
@@ -122,8 +143,9 @@ def _plot_losses(record: RunRecord, path: Path) -> Path | None:
     eval_steps, eval_ce = series(record.evals, "eval_ce_loss")
     if eval_steps:
         drawn += eval_ce
-        ax.plot(eval_steps, eval_ce, "o--", color="black", markersize=4, linewidth=1,
-                label="eval CE, student (held-out)")
+        ax.plot(
+            eval_steps, eval_ce, "o--", color="black", markersize=4, linewidth=1, label="eval CE, student (held-out)"
+        )
     _use_log_if_wide(ax, drawn)
     # A skipped step's loss is in its skipped line: the spike that was refused, or the NaN.
     loss_steps, losses = curves["loss"]
@@ -131,8 +153,11 @@ def _plot_losses(record: RunRecord, path: Path) -> Path | None:
     refused = [(s, x) for s, x in zip(skip_steps, skip_losses) if math.isfinite(x)]
     if refused:
         ax.plot(*zip(*refused), "v", color="red", markersize=7, label=f"total loss of a skipped step ({len(refused)})")
-    _mark_nonfinite(ax, [s for s, x in zip(loss_steps + skip_steps, losses + skip_losses) if not math.isfinite(x)],
-                    "non-finite total loss")
+    _mark_nonfinite(
+        ax,
+        [s for s, x in zip(loss_steps + skip_steps, losses + skip_losses) if not math.isfinite(x)],
+        "non-finite total loss",
+    )
     _mark_steps(ax, [e["step"] for e in record.skipped], "skipped step", "red", "solid")
     _mark_steps(ax, [e["step"] for e in record.health_events], "health check fired", "darkorange", "dashed")
     _mark_steps(ax, [e["step"] for e in record.events], "guard event (rollback)", "purple", "dashdot")
@@ -146,8 +171,10 @@ def _plot_schedule(record: RunRecord, path: Path) -> Path | None:
     if not t_steps and not lr_steps:
         return None
     fig, (ax_t, ax_lr) = _new_figure(nrows=2, height=5.6)
-    for ax, steps, values, color, what in ((ax_t, t_steps, temps, "tab:red", "temperature"),
-                                           (ax_lr, lr_steps, lrs, "tab:purple", "learning rate")):
+    for ax, steps, values, color, what in (
+        (ax_t, t_steps, temps, "tab:red", "temperature"),
+        (ax_lr, lr_steps, lrs, "tab:purple", "learning rate"),
+    ):
         if steps:
             ax.plot(steps, values, color=color, linewidth=1.8)
         else:
@@ -168,8 +195,13 @@ def _plot_grad_norm(record: RunRecord, path: Path) -> Path | None:
     fig, (ax,) = _new_figure()
     good = [(s, x) for s, x in zip(steps, norms) if math.isfinite(x) and x > 0]
     if good:
-        ax.plot(*zip(*good), color="tab:blue", linewidth=1.0, marker="." if len(good) <= 60 else None,
-                label="global gradient norm (before clipping)")
+        ax.plot(
+            *zip(*good),
+            color="tab:blue",
+            linewidth=1.0,
+            marker="." if len(good) <= 60 else None,
+            label="global gradient norm (before clipping)",
+        )
         ax.set_yscale("log")
     clip = num(get(record.config, "train.max_grad_norm"))
     if clip and clip > 0:
@@ -198,8 +230,13 @@ def _plot_perplexity(record: RunRecord, path: Path) -> Path | None:
     if s_good or t_good:
         ax.set_yscale("log")
     _mark_nonfinite(ax, [s for s, x in zip(s_steps, s_ppl) if not math.isfinite(x)], "non-finite student perplexity")
-    _finish_axes(fig, ax, f"{record.name}: held-out perplexity (exp of token-mean CE, log scale)", "perplexity",
-                 xlabel="optimizer step (step 0 = student before distillation)")
+    _finish_axes(
+        fig,
+        ax,
+        f"{record.name}: held-out perplexity (exp of token-mean CE, log scale)",
+        "perplexity",
+        xlabel="optimizer step (step 0 = student before distillation)",
+    )
     return _save(fig, path)
 
 
@@ -227,14 +264,23 @@ def _plot_generations(record: RunRecord, path: Path) -> Path | None:
     ax.plot(steps, teacher, "o-", color="tab:red", markersize=4, label="teacher NLL (teacher-judged score)")
     if len(student) == len(steps):
         ax.plot(steps, student, "s--", color="tab:blue", markersize=3, label="student's own NLL")
-    _finish_axes(fig, ax, f"{record.name}: NLL per token of the student's continuations of held-out prompts "
-                 "(lower is better)", "nats/token", xlabel="optimizer step (step 0 = student before distillation)")
+    _finish_axes(
+        fig,
+        ax,
+        f"{record.name}: NLL per token of the student's continuations of held-out prompts (lower is better)",
+        "nats/token",
+        xlabel="optimizer step (step 0 = student before distillation)",
+    )
     return _save(fig, path)
 
 
 _PLOTTERS: dict[str, Callable[[RunRecord, Path], Path | None]] = {
-    "losses.png": _plot_losses, "schedule.png": _plot_schedule, "grad_norm.png": _plot_grad_norm,
-    "perplexity.png": _plot_perplexity, "throughput.png": _plot_throughput, "generations.png": _plot_generations,
+    "losses.png": _plot_losses,
+    "schedule.png": _plot_schedule,
+    "grad_norm.png": _plot_grad_norm,
+    "perplexity.png": _plot_perplexity,
+    "throughput.png": _plot_throughput,
+    "generations.png": _plot_generations,
 }
 
 
@@ -258,8 +304,9 @@ def plots_for(record: RunRecord) -> list[Path]:
     return written
 
 
-def plot_overlay(records: list[RunRecord], labels: list[str], lines_of, key: str, log_y: bool, ylabel: str,
-                 title: str, path: Path) -> bool:
+def plot_overlay(
+    records: list[RunRecord], labels: list[str], lines_of, key: str, log_y: bool, ylabel: str, title: str, path: Path
+) -> bool:
     """One curve per run; False (nothing written) when no run has a drawable value."""
     curves = []
     for record, label in zip(records, labels):
@@ -276,8 +323,7 @@ def plot_overlay(records: list[RunRecord], labels: list[str], lines_of, key: str
             window = len(values) // 50
             ax.plot(steps, _rolling_mean(values, window), linewidth=1.6, label=f"{label} (moving avg, {window} steps)")
         else:
-            ax.plot(steps, values, linewidth=1.5, marker="o" if key == "eval_ppl" else None, markersize=3,
-                    label=label)
+            ax.plot(steps, values, linewidth=1.5, marker="o" if key == "eval_ppl" else None, markersize=3, label=label)
     if log_y:
         ax.set_yscale("log")
     _finish_axes(fig, ax, f"{title}{' (log scale)' if log_y else ''}", ylabel)

@@ -84,9 +84,14 @@ def load_run(run_dir: Path | str) -> RunRecord:
         problems.append("config.yaml does not hold a mapping of sections (run:, model:, ...); treated as missing")
         config = {}
     name = get(config, "run.name")
-    record = RunRecord(run_dir=run_dir, name=str(name) if name else run_dir.resolve().name, config=config,
-                       run_info=_read_file(run_dir / "run.json", json.loads, problems),
-                       health=_read_file(run_dir / "health.json", json.loads, problems), problems=problems)
+    record = RunRecord(
+        run_dir=run_dir,
+        name=str(name) if name else run_dir.resolve().name,
+        config=config,
+        run_info=_read_file(run_dir / "run.json", json.loads, problems),
+        health=_read_file(run_dir / "health.json", json.loads, problems),
+        problems=problems,
+    )
     _sort_metrics(run_dir / "metrics.jsonl", record)
     return record
 

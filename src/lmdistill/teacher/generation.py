@@ -42,8 +42,9 @@ class Generator(Protocol):
     (B, P; shorter prompts padded on the left, ``attention_mask`` 0 there) continued by up to N
     sampled tokens; rows that ended early are padded after their EOS."""
 
-    def __call__(self, prompts: torch.Tensor, sampling: Sampling, seed: int,
-                 attention_mask: torch.Tensor | None = None) -> torch.Tensor: ...
+    def __call__(
+        self, prompts: torch.Tensor, sampling: Sampling, seed: int, attention_mask: torch.Tensor | None = None
+    ) -> torch.Tensor: ...
 
 
 class HFGenerator:
@@ -63,12 +64,26 @@ class HFGenerator:
         # remove_invalid_values: a student whose logits went NaN still writes (tokens of no
         # meaning) instead of failing in the sampler; the step's loss then decides, and a NaN
         # loss is skipped by the guard on every process alike.
-        return GenerationConfig(do_sample=True, temperature=sampling.temperature, top_p=sampling.top_p, top_k=0,
-                                max_new_tokens=sampling.max_new_tokens, eos_token_id=self.eos,
-                                pad_token_id=self.pad, use_cache=use_cache, remove_invalid_values=True)
+        return GenerationConfig(
+            do_sample=True,
+            temperature=sampling.temperature,
+            top_p=sampling.top_p,
+            top_k=0,
+            max_new_tokens=sampling.max_new_tokens,
+            eos_token_id=self.eos,
+            pad_token_id=self.pad,
+            use_cache=use_cache,
+            remove_invalid_values=True,
+        )
 
-    def __call__(self, prompts: torch.Tensor, sampling: Sampling, seed: int,
-                 attention_mask: torch.Tensor | None = None, use_cache: bool = True) -> torch.Tensor:
+    def __call__(
+        self,
+        prompts: torch.Tensor,
+        sampling: Sampling,
+        seed: int,
+        attention_mask: torch.Tensor | None = None,
+        use_cache: bool = True,
+    ) -> torch.Tensor:
         from transformers import GenerationConfig
 
         was_training, own = self.model.training, getattr(self.model, "generation_config", None)
@@ -81,8 +96,12 @@ class HFGenerator:
                 mask = attention_mask if attention_mask is not None else torch.ones_like(prompts)
                 # A sharded student gathers its weights in every forward, on all processes together:
                 # one whose rows have all ended keeps stepping until every process's rows have.
-                return self.model.generate(input_ids=prompts, attention_mask=mask, synced_gpus=is_sharded(self.model),
-                                           generation_config=self.config(sampling, use_cache))
+                return self.model.generate(
+                    input_ids=prompts,
+                    attention_mask=mask,
+                    synced_gpus=is_sharded(self.model),
+                    generation_config=self.config(sampling, use_cache),
+                )
         finally:
             self.model.generation_config = own
             self.model.train(was_training)
@@ -94,8 +113,8 @@ def left_padded(prompts: list[torch.Tensor], pad_token_id: int) -> tuple[torch.T
     ids = torch.full((len(prompts), width), pad_token_id, dtype=torch.long)
     mask = torch.zeros((len(prompts), width), dtype=torch.long)
     for row, prompt in enumerate(prompts):
-        ids[row, width - len(prompt):] = prompt
-        mask[row, width - len(prompt):] = 1
+        ids[row, width - len(prompt) :] = prompt
+        mask[row, width - len(prompt) :] = 1
     return ids, mask
 
 
@@ -127,8 +146,11 @@ def prompts_of(batch: Batch, prompt_tokens: int) -> list[torch.Tensor]:
     prompt; otherwise (packed text, ``loss_on: all``, the later piece of a split record) its
     first ``prompt_tokens`` tokens."""
     prompts = []
-    real = batch.attention_mask.sum(1).tolist() if batch.attention_mask is not None else \
-        [batch.input_ids.shape[1]] * len(batch.input_ids)
+    real = (
+        batch.attention_mask.sum(1).tolist()
+        if batch.attention_mask is not None
+        else [batch.input_ids.shape[1]] * len(batch.input_ids)
+    )
     for ids, targets, length in zip(batch.input_ids, batch.targets, real):
         valid = torch.nonzero(targets != -100)
         first = int(valid[0]) if len(valid) else 0
@@ -136,9 +158,16 @@ def prompts_of(batch: Batch, prompt_tokens: int) -> list[torch.Tensor]:
     return prompts
 
 
-def continue_prompts(generator: Generator, prompts: list[torch.Tensor], sampling: Sampling, seed: int,
-                     eos_token_id: int, pad_token_id: int, device) -> Batch:
+def continue_prompts(
+    generator: Generator,
+    prompts: list[torch.Tensor],
+    sampling: Sampling,
+    seed: int,
+    eos_token_id: int,
+    pad_token_id: int,
+    device,
+) -> Batch:
     """One batched generation (left-padded where prompts differ) and its training batch."""
     ids, mask = left_padded(prompts, pad_token_id)
     sequences = generator(ids.to(device), sampling, seed, attention_mask=mask.to(device)).cpu()
-    return rollout_batch(prompts, sequences[:, ids.shape[1]:], eos_token_id, pad_token_id)
+    return rollout_batch(prompts, sequences[:, ids.shape[1] :], eos_token_id, pad_token_id)

@@ -25,9 +25,17 @@ def repeated_ngram_share(rows: list[list[int]], n: int = 4) -> float:
 
 
 @torch.no_grad()
-def generation_quality(student: torch.nn.Module, teacher: torch.nn.Module, prompts: list[torch.Tensor],
-                       sampling: Sampling, seed: int, eos_token_id: int, pad_token_id: int, vocab_size: int,
-                       batch_size: int = 8) -> tuple[dict, list[list[int]]]:
+def generation_quality(
+    student: torch.nn.Module,
+    teacher: torch.nn.Module,
+    prompts: list[torch.Tensor],
+    sampling: Sampling,
+    seed: int,
+    eos_token_id: int,
+    pad_token_id: int,
+    vocab_size: int,
+    batch_size: int = 8,
+) -> tuple[dict, list[list[int]]]:
     """The student continues ``prompts`` (token id rows) (seeded: the same prompts and seed give the same
     draws from the same weights); returns the teacher-judged score and the continuations.
 
@@ -45,8 +53,15 @@ def generation_quality(student: torch.nn.Module, teacher: torch.nn.Module, promp
     sums = torch.zeros(3, dtype=torch.float64)  # teacher nll, student nll, tokens
     written: list[list[int]] = []
     for start in range(0, len(prompts), batch_size):
-        batch = continue_prompts(generator, list(prompts[start : start + batch_size]), sampling,
-                                 draw_seed("judge", seed, start), eos_token_id, pad_token_id, device).to(device)
+        batch = continue_prompts(
+            generator,
+            list(prompts[start : start + batch_size]),
+            sampling,
+            draw_seed("judge", seed, start),
+            eos_token_id,
+            pad_token_id,
+            device,
+        ).to(device)
         valid = batch.targets != -100
         safe = batch.targets.clamp(min=0).unsqueeze(-1)
         was_training = student.training
@@ -60,10 +75,13 @@ def generation_quality(student: torch.nn.Module, teacher: torch.nn.Module, promp
         for row, keep in zip(batch.input_ids[:, 1:], valid):
             written.append(row[keep].tolist())
     tokens = max(float(sums[2]), 1.0)
-    return {"gen_teacher_nll": float(sums[0]) / tokens, "gen_student_nll": float(sums[1]) / tokens,
-            "gen_reverse_kl": float(sums[0] - sums[1]) / tokens,
-            "gen_repetition": repeated_ngram_share(written), "gen_length": float(sums[2]) / max(len(prompts), 1)}, \
-        written
+    return {
+        "gen_teacher_nll": float(sums[0]) / tokens,
+        "gen_student_nll": float(sums[1]) / tokens,
+        "gen_reverse_kl": float(sums[0] - sums[1]) / tokens,
+        "gen_repetition": repeated_ngram_share(written),
+        "gen_length": float(sums[2]) / max(len(prompts), 1),
+    }, written
 
 
 def held_out_prompts(blocks, count: int, prompt_tokens: int) -> list[torch.Tensor]:
@@ -73,8 +91,19 @@ def held_out_prompts(blocks, count: int, prompt_tokens: int) -> list[torch.Tenso
 
 
 # ---------------------------------------------------------------------------- lmdistill eval --generate
-def judge_generations(student, teacher, blocks, tokenizer, vocab_size: int, block_size: int, prompts: int,
-                      prompt_tokens: int, sampling: Sampling, seed: int, shown: int = 3) -> dict:
+def judge_generations(
+    student,
+    teacher,
+    blocks,
+    tokenizer,
+    vocab_size: int,
+    block_size: int,
+    prompts: int,
+    prompt_tokens: int,
+    sampling: Sampling,
+    seed: int,
+    shown: int = 3,
+) -> dict:
     """Any student's own text, judged by a teacher (``lmdistill eval --generate``): the student
     continues the prompts of the first ``prompts`` of ``blocks``, and ``generation_quality`` scores
     what it wrote. Returns those scores (``gen_reverse_kl`` among them: KL(student || teacher) on
@@ -84,12 +113,16 @@ def judge_generations(student, teacher, blocks, tokenizer, vocab_size: int, bloc
     numbers. Settings that do not fit the models are one line each, before anything is generated."""
 
     if prompt_tokens >= block_size:
-        raise LmdistillError(f"--prompt-tokens {prompt_tokens} must be shorter than a block ({block_size} tokens): "
-                             "the prompts are each block's first tokens; lower --prompt-tokens or raise --block-size")
+        raise LmdistillError(
+            f"--prompt-tokens {prompt_tokens} must be shorter than a block ({block_size} tokens): "
+            "the prompts are each block's first tokens; lower --prompt-tokens or raise --block-size"
+        )
     eos = tokenizer.eos_token_id
     if eos is None:
-        raise LmdistillError("--generate needs the tokenizer's EOS token to end the model's continuations, and this "
-                             "tokenizer has none; set eos_token in its tokenizer_config.json")
+        raise LmdistillError(
+            "--generate needs the tokenizer's EOS token to end the model's continuations, and this "
+            "tokenizer has none; set eos_token in its tokenizer_config.json"
+        )
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos
     heads = held_out_prompts(blocks, prompts, prompt_tokens)
     longest_prompt = max(prompt_tokens, *(len(h) for h in heads))
@@ -97,30 +130,48 @@ def judge_generations(student, teacher, blocks, tokenizer, vocab_size: int, bloc
     for role, model in (("model", student), ("teacher", teacher)):
         limit = getattr(model.config, "max_position_embeddings", None) or getattr(model.config, "n_positions", None)
         if limit is not None and longest > limit:
-            raise LmdistillError(f"generated rows would reach {longest} tokens (prompts of up to {longest_prompt} + "
-                                 f"--max-new-tokens {sampling.max_new_tokens}), more than the {role}'s {limit} "
-                                 "positions; lower --max-new-tokens or --prompt-tokens")
+            raise LmdistillError(
+                f"generated rows would reach {longest} tokens (prompts of up to {longest_prompt} + "
+                f"--max-new-tokens {sampling.max_new_tokens}), more than the {role}'s {limit} "
+                "positions; lower --max-new-tokens or --prompt-tokens"
+            )
     scores, written = generation_quality(student, teacher, heads, sampling, seed, eos, pad, vocab_size)
-    samples = [{"prompt": tokenizer.decode(heads[i]), "continuation": tokenizer.decode(written[i])}
-               for i in range(min(shown, len(heads)))]
-    return {**scores, "gen_prompts": len(heads), "gen_prompt_tokens": prompt_tokens,
-            "gen_max_new_tokens": sampling.max_new_tokens, "gen_sample_temperature": sampling.temperature,
-            "gen_seed": seed, "gen_samples": samples}
+    samples = [
+        {"prompt": tokenizer.decode(heads[i]), "continuation": tokenizer.decode(written[i])}
+        for i in range(min(shown, len(heads)))
+    ]
+    return {
+        **scores,
+        "gen_prompts": len(heads),
+        "gen_prompt_tokens": prompt_tokens,
+        "gen_max_new_tokens": sampling.max_new_tokens,
+        "gen_sample_temperature": sampling.temperature,
+        "gen_seed": seed,
+        "gen_samples": samples,
+    }
 
 
 def describe_generations(judged: dict) -> list[str]:
     """``judge_generations``' numbers as a few lines for the terminal."""
     t = judged["gen_sample_temperature"]
-    caveat = "" if t == 1 else (f"; at temperature {t:g} the samples are not from the model's own distribution, so "
-                                "this is not an estimate of that KL")
+    caveat = (
+        ""
+        if t == 1
+        else (
+            f"; at temperature {t:g} the samples are not from the model's own distribution, so "
+            "this is not an estimate of that KL"
+        )
+    )
     sample = judged["gen_samples"][0] if judged["gen_samples"] else None
-    lines = [f"generations: {judged['gen_prompts']} held-out prompts of {judged['gen_prompt_tokens']} tokens, up to "
-             f"{judged['gen_max_new_tokens']} new tokens, temperature {t:g}, seed {judged['gen_seed']}",
-             f"  teacher NLL of the model's samples {judged['gen_teacher_nll']:.4f} nats/token; the model's own NLL "
-             f"{judged['gen_student_nll']:.4f}",
-             f"  reverse KL(model || teacher) on its own samples: {judged['gen_reverse_kl']:.4f} nats/token "
-             f"(teacher NLL - own NLL){caveat}",
-             f"  repeated 4-grams {judged['gen_repetition']:.1%}; mean length {judged['gen_length']:.1f} tokens"]
+    lines = [
+        f"generations: {judged['gen_prompts']} held-out prompts of {judged['gen_prompt_tokens']} tokens, up to "
+        f"{judged['gen_max_new_tokens']} new tokens, temperature {t:g}, seed {judged['gen_seed']}",
+        f"  teacher NLL of the model's samples {judged['gen_teacher_nll']:.4f} nats/token; the model's own NLL "
+        f"{judged['gen_student_nll']:.4f}",
+        f"  reverse KL(model || teacher) on its own samples: {judged['gen_reverse_kl']:.4f} nats/token "
+        f"(teacher NLL - own NLL){caveat}",
+        f"  repeated 4-grams {judged['gen_repetition']:.1%}; mean length {judged['gen_length']:.1f} tokens",
+    ]
     if sample is not None:
         lines.append(f"  e.g. {_one_line(sample['prompt'], 60)!r} -> {_one_line(sample['continuation'], 100)!r}")
     return lines

@@ -62,19 +62,33 @@ class RolloutStats:
     def record(self, step_seconds: float) -> dict:
         out = {"on_policy": self.on_policy}
         if self.on_policy:
-            out.update(generated_tokens=self.generated_tokens,
-                       mean_generated_length=self.generated_tokens / max(self.rows, 1),
-                       generation_tokens_per_s=self.generated_tokens / max(self.seconds, 1e-9),
-                       generation_seconds=self.seconds, generation_share=self.seconds / max(step_seconds, 1e-9))
+            out.update(
+                generated_tokens=self.generated_tokens,
+                mean_generated_length=self.generated_tokens / max(self.rows, 1),
+                generation_tokens_per_s=self.generated_tokens / max(self.seconds, 1e-9),
+                generation_seconds=self.seconds,
+                generation_share=self.seconds / max(step_seconds, 1e-9),
+            )
         return out
 
 
 class OnPolicy(TeacherSignal):
     """The live teacher signal, on the student's own continuations on on-policy steps."""
 
-    def __init__(self, inner: TeacherSignal, generator: Generator, sampling: Sampling, prompt_tokens: int,
-                 fraction: float, seed: int, rank: int, eos_token_id: int, device: torch.device | str = "cpu",
-                 reduce=None, pad_token_id: int | None = None):
+    def __init__(
+        self,
+        inner: TeacherSignal,
+        generator: Generator,
+        sampling: Sampling,
+        prompt_tokens: int,
+        fraction: float,
+        seed: int,
+        rank: int,
+        eos_token_id: int,
+        device: torch.device | str = "cpu",
+        reduce=None,
+        pad_token_id: int | None = None,
+    ):
         self.inner, self.generator, self.sampling, self.device = inner, generator, sampling, device
         self.reduce = reduce  # sums a tensor over processes (the logged counts are global); None: one process
         self.student_output = inner.student_output
@@ -91,9 +105,15 @@ class OnPolicy(TeacherSignal):
         t0 = time.perf_counter()
         out, written, rows = [], 0, 0
         for index, batch in enumerate(batches):
-            rolled = continue_prompts(self.generator, prompts_of(batch, self.prompt_tokens), self.sampling,
-                                      draw_seed("rollout", self.seed, step, self.rank, index), self.eos, self.pad,
-                                      self.device)
+            rolled = continue_prompts(
+                self.generator,
+                prompts_of(batch, self.prompt_tokens),
+                self.sampling,
+                draw_seed("rollout", self.seed, step, self.rank, index),
+                self.eos,
+                self.pad,
+                self.device,
+            )
             written += rolled.num_targets
             rows += len(rolled.input_ids)
             out.append(rolled)
@@ -109,39 +129,58 @@ class OnPolicy(TeacherSignal):
     def metrics(self, step_seconds: float) -> dict:
         return self.stats.record(step_seconds)
 
-    def judge(self, student, teacher, eval_blocks, tokenizer, vocab_size: int, prompts: int = 16,
-              shown: int = 3) -> dict:
+    def judge(
+        self, student, teacher, eval_blocks, tokenizer, vocab_size: int, prompts: int = 16, shown: int = 3
+    ) -> dict:
         """At an evaluation: the student continues the prompts of the first ``prompts`` held-out
         blocks (the same ones, with the same seed, at every evaluation); the teacher-judged scores
         of ``generation_quality`` and ``shown`` prompt/continuation pairs as text."""
         heads = held_out_prompts(eval_blocks, prompts, self.prompt_tokens)
         n = len(heads)
-        scores, written = generation_quality(student, teacher, heads, self.sampling, self.seed, self.eos, self.pad,
-                                             vocab_size)
-        samples = [{"prompt": tokenizer.decode(heads[i]), "continuation": tokenizer.decode(written[i])}
-                   for i in range(min(shown, n))]
+        scores, written = generation_quality(
+            student, teacher, heads, self.sampling, self.seed, self.eos, self.pad, vocab_size
+        )
+        samples = [
+            {"prompt": tokenizer.decode(heads[i]), "continuation": tokenizer.decode(written[i])}
+            for i in range(min(shown, n))
+        ]
         return {**scores, "gen_prompts": n, "gen_samples": samples}
 
 
-def on_policy_signal(cfg, inner: TeacherSignal, student: torch.nn.Module, teacher: torch.nn.Module, tokenizer, data,
-                     accelerator) -> OnPolicy:
+def on_policy_signal(
+    cfg, inner: TeacherSignal, student: torch.nn.Module, teacher: torch.nn.Module, tokenizer, data, accelerator
+) -> OnPolicy:
     """The run's on-policy signal (``distill.on_policy``) around its live teacher signal: checked
     against the models' positions, generating under the run's autocast, its counts summed over
     the processes."""
 
     settings = cfg.distill.on_policy
-    check_lengths(settings, cfg.data.block_size, any(s.store.chat for s in data.sources),
-                  {"student": student, "teacher": teacher})
+    check_lengths(
+        settings, cfg.data.block_size, any(s.store.chat for s in data.sources), {"student": student, "teacher": teacher}
+    )
     reduce = (lambda t: accelerator.reduce(t, "sum")) if accelerator.num_processes > 1 else None
 
     eos = tokenizer.eos_token_id
     if eos is None:
-        raise LmdistillError("distill.on_policy needs the tokenizer's EOS token to end the student's generations, "
-                             "and this tokenizer has none; set its eos_token or turn on-policy off")
+        raise LmdistillError(
+            "distill.on_policy needs the tokenizer's EOS token to end the student's generations, "
+            "and this tokenizer has none; set its eos_token or turn on-policy off"
+        )
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos
     sampling = Sampling(settings.max_new_tokens, settings.sample_temperature, settings.top_p)
-    return OnPolicy(inner, HFGenerator(student, eos, pad, accelerator.autocast), sampling, settings.prompt_tokens,
-                    settings.fraction, cfg.run.seed, accelerator.process_index, eos, accelerator.device, reduce, pad)
+    return OnPolicy(
+        inner,
+        HFGenerator(student, eos, pad, accelerator.autocast),
+        sampling,
+        settings.prompt_tokens,
+        settings.fraction,
+        cfg.run.seed,
+        accelerator.process_index,
+        eos,
+        accelerator.device,
+        reduce,
+        pad,
+    )
 
 
 def check_lengths(settings, block_size: int, chat: bool, models: dict) -> None:
@@ -152,10 +191,10 @@ def check_lengths(settings, block_size: int, chat: bool, models: dict) -> None:
     for role, model in models.items():
         limit = getattr(getattr(model, "config", None), "max_position_embeddings", None)
         if limit is not None and longest > limit:
-            raise LmdistillError(f"on-policy rows reach {longest} tokens (prompt up to "
-                                 f"{longest - settings.max_new_tokens} + distill.on_policy.max_new_tokens "
-                                 f"{settings.max_new_tokens}), more than the {role}'s {limit} positions; lower "
-                                 "distill.on_policy.max_new_tokens" + (" or data.block_size" if chat else
-                                                                        " or distill.on_policy.prompt_tokens"))
-
-
+            raise LmdistillError(
+                f"on-policy rows reach {longest} tokens (prompt up to "
+                f"{longest - settings.max_new_tokens} + distill.on_policy.max_new_tokens "
+                f"{settings.max_new_tokens}), more than the {role}'s {limit} positions; lower "
+                "distill.on_policy.max_new_tokens"
+                + (" or data.block_size" if chat else " or distill.on_policy.prompt_tokens")
+            )

@@ -59,8 +59,9 @@ class LiveLogits(TeacherSignal):
 
     student_output = "logits"
 
-    def __init__(self, teacher: torch.nn.Module, vocab_size: int, reference: bool = False,
-                 layers: tuple[int, ...] = ()):
+    def __init__(
+        self, teacher: torch.nn.Module, vocab_size: int, reference: bool = False, layers: tuple[int, ...] = ()
+    ):
         self.teacher = teacher
         self.vocab_size = vocab_size
         self.reference = reference
@@ -76,8 +77,9 @@ class LiveLogits(TeacherSignal):
                 logits = prediction_logits(self.teacher, batch, self.vocab_size, trim=not self.reference)
                 layers = []
             else:
-                logits, states = prediction_logits(self.teacher, batch, self.vocab_size, trim=not self.reference,
-                                                   hidden_states=True)
+                logits, states = prediction_logits(
+                    self.teacher, batch, self.vocab_size, trim=not self.reference, hidden_states=True
+                )
                 layers = layer_outputs(states, self.layers)
             # -inf is a legitimate masked entry; NaN or +inf is a broken teacher. max() finds both.
             return TeacherLogits(logits, (~torch.isfinite(logits.amax())).float(), layers)
@@ -98,12 +100,22 @@ class LiveHidden(TeacherSignal):
 
     @torch.no_grad()
     def __call__(self, batch: Batch, temperature: float) -> TeacherHidden:
-        out = self.teacher(input_ids=batch.input_ids, attention_mask=batch.attention_mask,
-                           output_hidden_states=True, logits_to_keep=1, use_cache=False)
+        out = self.teacher(
+            input_ids=batch.input_ids,
+            attention_mask=batch.attention_mask,
+            output_hidden_states=True,
+            logits_to_keep=1,
+            use_cache=False,
+        )
         hidden = out.hidden_states[-1][:, :-1]
         head = self.teacher.get_output_embeddings()
-        return TeacherHidden(hidden, head.weight, head.bias, (~torch.isfinite(hidden).all()).float(),
-                             layer_outputs(out.hidden_states, self.layers))
+        return TeacherHidden(
+            hidden,
+            head.weight,
+            head.bias,
+            (~torch.isfinite(hidden).all()).float(),
+            layer_outputs(out.hidden_states, self.layers),
+        )
 
 
 # Config fields that change logits after the lm_head; the fused loss does not model them.
@@ -140,13 +152,18 @@ class CachedTeacher(TeacherSignal):
         if self.cache.mode == "dense":
             logits = view.to(device)
             return TeacherLogits(logits, (~torch.isfinite(logits) & (logits != float("-inf"))).any().float())
-        moved = type(view)(*(t.to(device) if t is not None else None for t in (view.ids, view.weights, view.logp,
-                                                                              view.tail, view.entropy)))
+        moved = type(view)(
+            *(
+                t.to(device) if t is not None else None
+                for t in (view.ids, view.weights, view.logp, view.tail, view.entropy)
+            )
+        )
         return TeacherSparse(moved, (~torch.isfinite(moved.weights)).any().float())
 
 
-def choose_loss_impl(impl: str, divergence, tokens_per_micro_batch: int, vocab_size: int, student,
-                     teacher, threshold_mib: float) -> str:
+def choose_loss_impl(
+    impl: str, divergence, tokens_per_micro_batch: int, vocab_size: int, student, teacher, threshold_mib: float
+) -> str:
     """``full`` or ``chunked`` for ``loss.impl`` (auto: chunked when the logits would be large).
 
     Raises ValueError for ``chunked`` where it cannot work: a model whose logits the fused
@@ -166,8 +183,9 @@ def choose_loss_impl(impl: str, divergence, tokens_per_micro_batch: int, vocab_s
     return "chunked" if not problems and logits_mib > threshold_mib else "full"
 
 
-def make_signal(impl: str, teacher: torch.nn.Module | None, vocab_size: int,
-                layers: tuple[int, ...] = ()) -> TeacherSignal:
+def make_signal(
+    impl: str, teacher: torch.nn.Module | None, vocab_size: int, layers: tuple[int, ...] = ()
+) -> TeacherSignal:
     """The live signal for loss implementation ``impl``; ``NoTeacher`` when no teacher is in play.
     ``layers``: teacher layers whose outputs the views carry (the hidden-state term)."""
     if teacher is None:

@@ -36,8 +36,10 @@ def make_accelerator(cfg: Config):
     accelerator = Accelerator(cpu=use_cpu, mixed_precision=precision, log_with=cfg.run.trackers or None)
     kind = str(accelerator.distributed_type)
     if "FSDP" in kind or "DEEPSPEED" in kind:
-        raise LmdistillError(f"{accelerator.distributed_type} is not supported yet: launch with a DDP accelerate "
-                             "config (docs/distributed.md)")
+        raise LmdistillError(
+            f"{accelerator.distributed_type} is not supported yet: launch with a DDP accelerate "
+            "config (docs/distributed.md)"
+        )
     return accelerator
 
 
@@ -57,14 +59,19 @@ def check_precision(cfg: Config) -> None:
 def check_trackers_installed(cfg: Config) -> None:
     for tracker in cfg.run.trackers:
         if importlib.util.find_spec(TRACKERS[tracker]) is None:
-            raise LmdistillError(f"run.trackers asks for {tracker!r} but the package '{TRACKERS[tracker]}' is not "
-                                 f"installed; pip install {TRACKERS[tracker]}, or remove it from run.trackers")
+            raise LmdistillError(
+                f"run.trackers asks for {tracker!r} but the package '{TRACKERS[tracker]}' is not "
+                f"installed; pip install {TRACKERS[tracker]}, or remove it from run.trackers"
+            )
 
 
 def flat_config(cfg: Config) -> dict:
     """section.key -> value with lists and mappings as text: what trackers accept as hyperparameters."""
-    return {f"{section}.{key}": value if isinstance(value, (int, float, str, bool)) or value is None else str(value)
-            for section, values in cfg.to_dict().items() for key, value in values.items()}
+    return {
+        f"{section}.{key}": value if isinstance(value, (int, float, str, bool)) or value is None else str(value)
+        for section, values in cfg.to_dict().items()
+        for key, value in values.items()
+    }
 
 
 def on_main(accelerator, work):
@@ -80,8 +87,12 @@ def on_main(accelerator, work):
             outcome = [work(), None]
         except BaseException as exc:  # (KeyboardInterrupt too: the others must not wait for ever)
             failure = exc
-            outcome = [None, str(exc) if isinstance(exc, LmdistillError) else
-                       f"the main process failed: {type(exc).__name__}: {exc}"]
+            outcome = [
+                None,
+                str(exc)
+                if isinstance(exc, LmdistillError)
+                else f"the main process failed: {type(exc).__name__}: {exc}",
+            ]
     if accelerator.num_processes > 1:
         outcome = broadcast_object_list(outcome)
     if failure is not None:
@@ -99,4 +110,3 @@ _PEER_GONE = ("connection closed by peer", "connection reset by peer", "broken p
 def lost_peer(exc: BaseException) -> bool:
     """Whether ``exc`` is a collective that failed because another process of the run died."""
     return isinstance(exc, RuntimeError) and any(text in str(exc).lower() for text in _PEER_GONE)
-

@@ -89,8 +89,9 @@ def evaluate(
         keep = None if batch.all_valid else targets != IGNORE_INDEX  # padding, prompts: not scored
         with autocast() if autocast else contextlib.nullcontext():
             s_logits = student(input_ids=ids, use_cache=False).logits[:, :-1, :vocab_size]
-            t_logits = (teacher(input_ids=ids, use_cache=False).logits[:, :-1, :vocab_size]
-                        if teacher is not None else None)
+            t_logits = (
+                teacher(input_ids=ids, use_cache=False).logits[:, :-1, :vocab_size] if teacher is not None else None
+            )
         s_flat = s_logits.reshape(-1, vocab_size).float()
         sparse = None
         if cached is not None:
@@ -112,16 +113,22 @@ def evaluate(
         sums[5] += targets.numel()
         if t_logits is not None:
             t_flat = t_logits.reshape(-1, vocab_size).float()
-            kd = token_divergence(s_flat, t_flat, temperature, divergence, jsd_beta=jsd_beta,
-                                  skew_alpha=skew_alpha).sum().item()
+            kd = (
+                token_divergence(s_flat, t_flat, temperature, divergence, jsd_beta=jsd_beta, skew_alpha=skew_alpha)
+                .sum()
+                .item()
+            )
             sums[1] += kd * (temperature**2 if scale_by_t2 else 1.0)
             sums[2] += token_divergence(s_flat, t_flat, 1.0, "forward_kl").sum().item()
             sums[3] += (s_flat.argmax(-1) == t_flat.argmax(-1)).sum().item()
             if need_teacher_ce:
                 sums[4] += F.cross_entropy(t_flat, targets, reduction="sum").item()
     for _ in range(len(batches), forward_calls or 0):
-        ids = _batch(blocks, 0, 1).input_ids.to(device) if len(blocks) else torch.zeros((1, 2), dtype=torch.long,
-                                                                                         device=device)
+        ids = (
+            _batch(blocks, 0, 1).input_ids.to(device)
+            if len(blocks)
+            else torch.zeros((1, 2), dtype=torch.long, device=device)
+        )
         with autocast() if autocast else contextlib.nullcontext():
             for model in (student, teacher):
                 if model is not None:
@@ -140,9 +147,13 @@ def evaluate(
                 teacher_cache["teacher_ce_loss"] = teacher_ce
         else:
             teacher_ce = teacher_cache["teacher_ce_loss"]
-        out.update(eval_kd_loss=sums[1].item() / tokens, eval_kl=sums[2].item() / tokens,
-                   top1_agreement=sums[3].item() / tokens, teacher_ce_loss=teacher_ce,
-                   teacher_ppl=perplexity(teacher_ce))
+        out.update(
+            eval_kd_loss=sums[1].item() / tokens,
+            eval_kl=sums[2].item() / tokens,
+            top1_agreement=sums[3].item() / tokens,
+            teacher_ce_loss=teacher_ce,
+            teacher_ppl=perplexity(teacher_ce),
+        )
     return out
 
 
@@ -181,8 +192,10 @@ def summary_table(result) -> str:
     lines = ["", f"{'held-out':<{width}}{'perplexity':>14}{'CE nats/token':>16}"]
     lines += [f"{name:<{width}}{format_ppl(ppl):>14}{ce:>16.4f}" for name, ppl, ce in rows]
     if "top1_agreement" in f:
-        lines.append(f"top-1 agreement with the teacher: {f['top1_agreement']:.1%}; "
-                     f"KL(teacher || student) at T=1: {f['eval_kl']:.4f} nats/token")
+        lines.append(
+            f"top-1 agreement with the teacher: {f['top1_agreement']:.1%}; "
+            f"KL(teacher || student) at T=1: {f['eval_kl']:.4f} nats/token"
+        )
     lines.append(f"health: {verdict_line(result.health)}")
     lines.append(f"run directory: {result.run_dir}")
     return "\n".join(lines)

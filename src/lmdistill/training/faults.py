@@ -64,8 +64,12 @@ class FaultInjector:
         """Wrap the trainer's step, objective, gradient clipping and end-of-step, and hook its models."""
         if not self.active:
             return
-        step_fn, objective, clip, end_step = trainer.train_step, trainer.objective, trainer.clip_gradients, \
-            trainer.end_step
+        step_fn, objective, clip, end_step = (
+            trainer.train_step,
+            trainer.objective,
+            trainer.clip_gradients,
+            trainer.end_step,
+        )
 
         def train_step(step: int):
             self.step, self._micro_batch = step, 0

@@ -102,13 +102,18 @@ class RollbackStore:
     def maybe_save(self, step: int, model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> None:
         if step % self.interval:
             return
+
         def kept(value):
             return local_tensor(value).detach().to("cpu", copy=True) if torch.is_tensor(value) else copy.deepcopy(value)
 
-        self.snapshots.append(Snapshot(
-            step, {k: kept(v) for k, v in model.state_dict().items()},
-            {p: {k: kept(v) for k, v in state.items()} for p, state in optimizer.state.items()},
-            [{k: copy.deepcopy(v) for k, v in group.items() if k != "params"} for group in optimizer.param_groups]))
+        self.snapshots.append(
+            Snapshot(
+                step,
+                {k: kept(v) for k, v in model.state_dict().items()},
+                {p: {k: kept(v) for k, v in state.items()} for p, state in optimizer.state.items()},
+                [{k: copy.deepcopy(v) for k, v in group.items() if k != "params"} for group in optimizer.param_groups],
+            )
+        )
 
     def restore_latest(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> int | None:
         """Load the newest snapshot into ``model`` and ``optimizer``; its step, or None if empty."""
@@ -144,21 +149,24 @@ class GuardState:
 
 NONFINITE_ADVICE = {
     "teacher_logits": "the teacher itself produces non-finite logits: check the teacher's weights and dtype "
-                      "(try model.teacher_dtype=float32)",
+    "(try model.teacher_dtype=float32)",
     "kd": "the KD term went non-finite: check the teacher's logits and the data; lower train.lr",
     "ce": "the student's cross-entropy went non-finite: lower train.lr or use mixed_precision=no",
     "loss": "the total loss went non-finite: lower train.lr or check the data",
     "grad": "the gradient norm went non-finite: lower train.lr, keep train.max_grad_norm set, or use "
-            "mixed_precision=no",
+    "mixed_precision=no",
     "spike": "the loss stays far above its recent median (a lasting level shift, not a spike): lower train.lr, "
-             "check the data, or use guard.spike=warn",
+    "check the data, or use guard.spike=warn",
 }
 
 
 def stop_message(term: str, count: int, kept: bool = True) -> str:
     what = "loss spikes" if term == "spike" else f"non-finite {term}"
-    where = "The last good checkpoint is kept" if kept else \
-        "No checkpoint was written before the stop (checkpoint.every keeps some along the way)"
+    where = (
+        "The last good checkpoint is kept"
+        if kept
+        else "No checkpoint was written before the stop (checkpoint.every keeps some along the way)"
+    )
     return f"stopped after {count} consecutive skipped steps: {what}; {NONFINITE_ADVICE.get(term, 'lower train.lr')}. {where}"
 
 
@@ -179,8 +187,13 @@ class StepStats:
 
     def checked(self) -> dict[str, float]:
         """The terms of CHECKED_TERMS; a broken teacher shows as a NaN of its own."""
-        terms = {"teacher_logits": math.nan if self.teacher_nonfinite else 0.0, "kd": self.kd, "ce": self.ce,
-                 "loss": self.loss, "grad": self.grad_norm}
+        terms = {
+            "teacher_logits": math.nan if self.teacher_nonfinite else 0.0,
+            "kd": self.kd,
+            "ce": self.ce,
+            "loss": self.loss,
+            "grad": self.grad_norm,
+        }
         if self.hidden is not None:
             terms["hidden"] = self.hidden
         return terms
@@ -220,7 +233,8 @@ class Guard:
         # off-policy ones: each kind is judged against its own recent window.
         self.detector, self.on_policy_detector = (
             SpikeDetector(cfg.spike_window, cfg.spike_warmup, cfg.spike_factor, cfg.spike_mad, cfg.spike_min_increase)
-            for _ in range(2))
+            for _ in range(2)
+        )
         self.snapshots = RollbackStore(cfg.rollback_keep, cfg.rollback_interval) if cfg.spike == "rollback" else None
 
     def decide(self, stats: StepStats) -> Decision:
@@ -260,15 +274,20 @@ class Guard:
     def stop_reason(self, decision: Decision, kept: bool = True) -> str | None:
         """Why the run must stop after ``decision``, or None. ``kept``: a checkpoint exists."""
         if decision.action == "rollback" and self.state.rollbacks >= self.cfg.max_rollbacks:
-            return (f"stopped after {self.state.rollbacks} rollbacks (guard.max_rollbacks = "
-                    f"{self.cfg.max_rollbacks}): the loss keeps spiking; lower train.lr or check the data")
+            return (
+                f"stopped after {self.state.rollbacks} rollbacks (guard.max_rollbacks = "
+                f"{self.cfg.max_rollbacks}): the loss keeps spiking; lower train.lr or check the data"
+            )
         if self.state.consecutive_skips >= self.cfg.max_consecutive_skips:
             return stop_message(decision.term or "loss", self.state.consecutive_skips, kept)
         return None
 
     def state_dict(self) -> dict:
-        return {"guard": asdict(self.state), "spike_detector": self.detector.state_dict(),
-                "on_policy_spike_detector": self.on_policy_detector.state_dict()}
+        return {
+            "guard": asdict(self.state),
+            "spike_detector": self.detector.state_dict(),
+            "on_policy_spike_detector": self.on_policy_detector.state_dict(),
+        }
 
     def load_state_dict(self, state: dict) -> None:
         guard = GuardState(**state["guard"])

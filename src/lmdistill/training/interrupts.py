@@ -55,8 +55,10 @@ class GracefulStop:
         name = signal.Signals(signum).name
         if self.signum is None:
             self.signum = signum
-            _say(f"lmdistill: {name} received: finishing this step and writing a checkpoint "
-                 f"(send it again to stop at once)")
+            _say(
+                f"lmdistill: {name} received: finishing this step and writing a checkpoint "
+                f"(send it again to stop at once)"
+            )
             return
         _say(f"lmdistill: {name} again: stopping now; the newest complete checkpoint is kept")
         try:

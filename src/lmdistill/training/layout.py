@@ -23,8 +23,24 @@ LOCK = ".lmdistill.lock"
 
 # Everything lmdistill writes at the top of a run directory (and the temporary names of its
 # atomic writes, ".<name>.tmp-<pid>"): --overwrite removes these and nothing else.
-WRITTEN = frozenset({MARKER, LOCK, "config.yaml", "metrics.jsonl", "health.json", "run.json", "checkpoints",
-                     "tokenizer", "student", "tensorboard", "report.md", "plots", ".student.tmp", ".student.old"})
+WRITTEN = frozenset(
+    {
+        MARKER,
+        LOCK,
+        "config.yaml",
+        "metrics.jsonl",
+        "health.json",
+        "run.json",
+        "checkpoints",
+        "tokenizer",
+        "student",
+        "tensorboard",
+        "report.md",
+        "plots",
+        ".student.tmp",
+        ".student.old",
+    }
+)
 
 
 _TEMPORARY = re.compile(r"^\.[^/]+\.tmp-\d+$")
@@ -37,15 +53,44 @@ _TOP_FILES = frozenset({MARKER, LOCK, "config.yaml", "metrics.jsonl", "health.js
 _SCRATCH_DIRS = frozenset({".student.tmp", ".student.old"})  # save_model_dir's own: it deletes them itself
 
 
-_MODEL_FILES = frozenset({
-    "config.json", "generation_config.json", "model.safetensors", "model.safetensors.index.json",
-    "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json",
-    "chat_template.jinja", "chat_template.json",
-    # the vocabulary files transformers' tokenizer classes save (their VOCAB_FILES_NAMES)
-    "bpe.codes", "byte_maps.json", "dict.txt", "emoji.json", "entity_vocab.json", "merges.txt", "normalizer.json",
-    "prophetnet.tokenizer", "sentencepiece.bpe.model", "sentencepiece.model", "source.spm", "spiece.model",
-    "spm.model", "spm_char.model", "target.spm", "target_vocab.json", "tokenizer.model", "vocab-src.json",
-    "vocab-tgt.json", "vocab.json", "vocab.txt", "word_pronunciation.json", "word_shape.json"})
+_MODEL_FILES = frozenset(
+    {
+        "config.json",
+        "generation_config.json",
+        "model.safetensors",
+        "model.safetensors.index.json",
+        "tokenizer.json",
+        "tokenizer_config.json",
+        "special_tokens_map.json",
+        "added_tokens.json",
+        "chat_template.jinja",
+        "chat_template.json",
+        # the vocabulary files transformers' tokenizer classes save (their VOCAB_FILES_NAMES)
+        "bpe.codes",
+        "byte_maps.json",
+        "dict.txt",
+        "emoji.json",
+        "entity_vocab.json",
+        "merges.txt",
+        "normalizer.json",
+        "prophetnet.tokenizer",
+        "sentencepiece.bpe.model",
+        "sentencepiece.model",
+        "source.spm",
+        "spiece.model",
+        "spm.model",
+        "spm_char.model",
+        "target.spm",
+        "target_vocab.json",
+        "tokenizer.model",
+        "vocab-src.json",
+        "vocab-tgt.json",
+        "vocab.json",
+        "vocab.txt",
+        "word_pronunciation.json",
+        "word_shape.json",
+    }
+)
 
 
 _MODEL_SHARD = re.compile(r"^model-\d+-of-\d+\.safetensors$")
@@ -89,10 +134,11 @@ def _top_level(entry):
     if name == "tensorboard":
         return lambda e: e.is_file(follow_symlinks=False) and e.name.startswith("events.out.tfevents.")
     if name == "plots":
-
         names = set(PLOT_FILES) | set(OPTIONAL_PLOT_FILES)
-        return lambda e: e.is_file(follow_symlinks=False) and (e.name in names or bool(
-            _TEMPORARY.match(e.name) and e.name[1:].rsplit(".tmp-", 1)[0] in names))
+        return lambda e: (
+            e.is_file(follow_symlinks=False)
+            and (e.name in names or bool(_TEMPORARY.match(e.name) and e.name[1:].rsplit(".tmp-", 1)[0] in names))
+        )
     return False
 
 
@@ -105,8 +151,17 @@ def _in_checkpoints(entry):
     if not _STEP_DIR.match(entry.name):
         return False
 
-    names = {MANIFEST_FILE, MODEL_FILE, OPTIMIZER_FILE, RNG_FILE, TRAINER_STATE_FILE, SHARDS_METADATA_FILE,
-             PROJECTION_FILE, "config.yaml", "student_config.json"}
+    names = {
+        MANIFEST_FILE,
+        MODEL_FILE,
+        OPTIMIZER_FILE,
+        RNG_FILE,
+        TRAINER_STATE_FILE,
+        SHARDS_METADATA_FILE,
+        PROJECTION_FILE,
+        "config.yaml",
+        "student_config.json",
+    }
     try:  # and whatever else the checkpoint's own manifest lists
         listed = json.loads((Path(entry.path) / MANIFEST_FILE).read_text()).get("files")
         names |= set(listed) if isinstance(listed, dict) else set()
@@ -126,12 +181,16 @@ def _in_model_dir(entry):
     """save_pretrained's files: the model's, the tokenizer's, and the code of a remote-code model."""
     if entry.is_dir(follow_symlinks=False):
         return entry.name == "additional_chat_templates" and (
-            lambda e: e.is_file(follow_symlinks=False) and e.name.endswith(".jinja"))
+            lambda e: e.is_file(follow_symlinks=False) and e.name.endswith(".jinja")
+        )
     if not entry.is_file(follow_symlinks=False):
         return False
     name = entry.name
-    return name in _MODEL_FILES or bool(_MODEL_SHARD.match(name)) or (
-        name.endswith(".py") and name in _remote_code(Path(entry.path).parent))
+    return (
+        name in _MODEL_FILES
+        or bool(_MODEL_SHARD.match(name))
+        or (name.endswith(".py") and name in _remote_code(Path(entry.path).parent))
+    )
 
 
 def _remote_code(directory: Path) -> set[str]:

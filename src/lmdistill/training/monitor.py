@@ -45,10 +45,15 @@ class HealthMonitor:
             "loss_spike": Check("loss_spike", "no loss spike (a jump well above the recent median)"),
             "nonfinite": Check("nonfinite", "no NaN or Inf in the loss terms or the gradient"),
             "eval_ppl": Check("eval_ppl", f"eval perplexity at most {cfg.ppl_max:g} after step {self.ppl_after_step}"),
-            "loss_plateau": Check("loss_plateau", f"mean loss falls from one {self.window}-step window to the next "
-                                                  f"(fires after {cfg.plateau_patience} windows without a new low)"),
-            "teacher_ppl": Check("teacher_ppl", "the teacher's held-out perplexity is below a uniform guess over the "
-                                                f"vocabulary ({vocab_size or 'V'})"),
+            "loss_plateau": Check(
+                "loss_plateau",
+                f"mean loss falls from one {self.window}-step window to the next "
+                f"(fires after {cfg.plateau_patience} windows without a new low)",
+            ),
+            "teacher_ppl": Check(
+                "teacher_ppl",
+                f"the teacher's held-out perplexity is below a uniform guess over the vocabulary ({vocab_size or 'V'})",
+            ),
         }
         self.vocab_size = vocab_size
         self._first_loss_seen = False
@@ -65,9 +70,13 @@ class HealthMonitor:
         if not self._first_loss_seen and math.isfinite(loss):
             self._first_loss_seen = True
             if loss > self.cfg.start_loss_max:
-                fired.append(self.checks["start_loss"].fire(
-                    step, f"start loss {loss:.2f} is above {self.cfg.start_loss_max:g}: check the temperature "
-                          "(T^2 scales the KD term), kd_weight and the teacher"))
+                fired.append(
+                    self.checks["start_loss"].fire(
+                        step,
+                        f"start loss {loss:.2f} is above {self.cfg.start_loss_max:g}: check the temperature "
+                        "(T^2 scales the KD term), kd_weight and the teacher",
+                    )
+                )
         if math.isfinite(loss):
             self._window_losses.append(loss)
         if len(self._window_losses) >= self.window:
@@ -81,28 +90,41 @@ class HealthMonitor:
                 self._windows_without_low += 1
                 if self._windows_without_low >= self.cfg.plateau_patience:
                     self._windows_without_low = 0
-                    fired.append(self.checks["loss_plateau"].fire(
-                        step, f"mean loss {mean:.3f} over the last {self.window} steps is not below the best "
-                              f"window ({self._best_window_mean:.3f}) for {self.cfg.plateau_patience} windows: "
-                              "lower train.lr or check the data"))
+                    fired.append(
+                        self.checks["loss_plateau"].fire(
+                            step,
+                            f"mean loss {mean:.3f} over the last {self.window} steps is not below the best "
+                            f"window ({self._best_window_mean:.3f}) for {self.cfg.plateau_patience} windows: "
+                            "lower train.lr or check the data",
+                        )
+                    )
         return fired
 
     def on_spike(self, step: int, loss: float, median: float, action: str) -> list[tuple[str, str]]:
-        return [self.checks["loss_spike"].fire(
-            step, f"loss spike at step {step}: {loss:.3f} against a recent median of {median:.3f} ({action})")]
+        return [
+            self.checks["loss_spike"].fire(
+                step, f"loss spike at step {step}: {loss:.3f} against a recent median of {median:.3f} ({action})"
+            )
+        ]
 
     def on_nonfinite(self, step: int, term: str) -> list[tuple[str, str]]:
-        return [self.checks["nonfinite"].fire(step, f"non-finite {term} at step {step}: step skipped, weights untouched")]
+        return [
+            self.checks["nonfinite"].fire(step, f"non-finite {term} at step {step}: step skipped, weights untouched")
+        ]
 
     def on_eval(self, step: int, ppl: float, teacher_ppl: float | None = None) -> list[tuple[str, str]]:
         fired = []
         if teacher_ppl is not None and self.vocab_size and not self._teacher_judged:
             self._teacher_judged = True  # once: a frozen teacher on fixed blocks gives the same figure
             if not teacher_ppl <= self.vocab_size:  # NaN too
-                fired.append(self.checks["teacher_ppl"].fire(
-                    step, f"the teacher's held-out perplexity {teacher_ppl:.4g} is worse than a uniform guess over "
-                          f"its {self.vocab_size} tokens: check the teacher (its weights, its tokenizer, "
-                          "model.teacher_dtype)"))
+                fired.append(
+                    self.checks["teacher_ppl"].fire(
+                        step,
+                        f"the teacher's held-out perplexity {teacher_ppl:.4g} is worse than a uniform guess over "
+                        f"its {self.vocab_size} tokens: check the teacher (its weights, its tokenizer, "
+                        "model.teacher_dtype)",
+                    )
+                )
         return fired + self._on_student_eval(step, ppl)
 
     def _on_student_eval(self, step: int, ppl: float) -> list[tuple[str, str]]:
@@ -110,8 +132,11 @@ class HealthMonitor:
             return []
         self._eval_checked = True
         if not (ppl <= self.cfg.ppl_max):  # catches NaN too
-            return [self.checks["eval_ppl"].fire(
-                step, f"eval perplexity {ppl:.4g} is above {self.cfg.ppl_max:g} after step {self.ppl_after_step}")]
+            return [
+                self.checks["eval_ppl"].fire(
+                    step, f"eval perplexity {ppl:.4g} is above {self.cfg.ppl_max:g} after step {self.ppl_after_step}"
+                )
+            ]
         return []
 
     def finalize(self) -> dict:
@@ -131,8 +156,10 @@ class HealthMonitor:
         }
 
     def state_dict(self) -> dict:
-        return {"checks": {k: vars(c).copy() for k, c in self.checks.items()},
-                "private": {k: v for k, v in vars(self).items() if k.startswith("_")}}
+        return {
+            "checks": {k: vars(c).copy() for k, c in self.checks.items()},
+            "private": {k: v for k, v in vars(self).items() if k.startswith("_")},
+        }
 
     def load_state_dict(self, state: dict) -> None:
         for name, values in state["checks"].items():

@@ -35,12 +35,25 @@ class StepResult:
     def record(self) -> dict:
         """The step's line in metrics.jsonl."""
         s = self.stats
-        line = {"step": self.step, "epoch": self.epoch, "temperature": self.temperature, "lr": self.lr,
-                "loss": s.loss, "kd_loss": s.kd, "kd_loss_unscaled": s.kd_unscaled, "ce_loss": s.ce,
-                "grad_norm": s.grad_norm, "tokens_per_s": self.tokens_per_s}
+        line = {
+            "step": self.step,
+            "epoch": self.epoch,
+            "temperature": self.temperature,
+            "lr": self.lr,
+            "loss": s.loss,
+            "kd_loss": s.kd,
+            "kd_loss_unscaled": s.kd_unscaled,
+            "ce_loss": s.ce,
+            "grad_norm": s.grad_norm,
+            "tokens_per_s": self.tokens_per_s,
+        }
         if s.hidden is not None:
             line["hidden_loss"] = s.hidden
         if not self.decision.applies_update:
-            line = {"step": self.step, "skipped": True, "reason": self.decision.reason,
-                    **{k: v for k, v in line.items() if k != "step"}}
+            line = {
+                "step": self.step,
+                "skipped": True,
+                "reason": self.decision.reason,
+                **{k: v for k, v in line.items() if k != "step"},
+            }
         return line

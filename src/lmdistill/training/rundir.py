@@ -114,15 +114,19 @@ class RunDirectory:
         while not existing.exists() and existing != existing.parent:
             existing = existing.parent
         if existing.is_dir() and not os.access(existing, os.W_OK | os.X_OK):
-            raise LmdistillError(f"cannot write the run directory '{self.path}': {existing} is not writable (or on a "
-                                 "read-only file system); choose another --output-dir")
+            raise LmdistillError(
+                f"cannot write the run directory '{self.path}': {existing} is not writable (or on a "
+                "read-only file system); choose another --output-dir"
+            )
 
     def refuse_if_in_use(self) -> None:
         """LmdistillError naming the holder when another process holds the run's lock."""
         holder = self._holder()
         if holder is not None:
-            raise LmdistillError(f"output directory '{self.path}' is in use by another lmdistill process ({holder}); "
-                                 "wait for it to end, or choose another --output-dir")
+            raise LmdistillError(
+                f"output directory '{self.path}' is in use by another lmdistill process ({holder}); "
+                "wait for it to end, or choose another --output-dir"
+            )
 
     def check_reuse(self, cfg) -> None:
         """The rules for an existing ``output_dir``; LmdistillError when they refuse."""
@@ -135,33 +139,43 @@ class RunDirectory:
         if not self.entries():
             return  # a new run (--resume too: a restart loop can always pass it)
         if not self.is_run():
-            raise LmdistillError(f"output directory '{path}' is not empty and is not an lmdistill run; choose "
-                                 "another --output-dir")
+            raise LmdistillError(
+                f"output directory '{path}' is not empty and is not an lmdistill run; choose another --output-dir"
+            )
         status = self.status()
         finished = status == "finished" or (path / "student").exists()
         if cfg.run.resume:
             if finished:
-                raise LmdistillError(f"the run in '{path}' already finished; there is nothing to resume (its "
-                                     f"student is in {path / 'student'})")
+                raise LmdistillError(
+                    f"the run in '{path}' already finished; there is nothing to resume (its "
+                    f"student is in {path / 'student'})"
+                )
             if self.checkpoints.exists() and not self.checkpoints.is_dir():
-                raise LmdistillError(f"'{self.checkpoints}' is a file, not the run's checkpoint directory; rename "
-                                     "or remove it, then resume (without a checkpoint the run starts again from "
-                                     "step 0)")
+                raise LmdistillError(
+                    f"'{self.checkpoints}' is a file, not the run's checkpoint directory; rename "
+                    "or remove it, then resume (without a checkpoint the run starts again from "
+                    "step 0)"
+                )
             return
         if cfg.run.overwrite:
             foreign = self.foreign_entries()
             if foreign:
                 shown = ", ".join(foreign[:3]) + (f" and {len(foreign) - 3} more" if len(foreign) > 3 else "")
-                raise LmdistillError(f"output directory '{path}' holds files lmdistill did not write ({shown}); "
-                                     "--overwrite only replaces what lmdistill wrote: move them, or choose another "
-                                     "--output-dir")
+                raise LmdistillError(
+                    f"output directory '{path}' holds files lmdistill did not write ({shown}); "
+                    "--overwrite only replaces what lmdistill wrote: move them, or choose another "
+                    "--output-dir"
+                )
             return
         if finished:
-            raise LmdistillError(f"output directory '{path}' already holds a finished run; choose another "
-                                 "--output-dir or pass --overwrite to replace it")
+            raise LmdistillError(
+                f"output directory '{path}' already holds a finished run; choose another "
+                "--output-dir or pass --overwrite to replace it"
+            )
         raise LmdistillError(
             f"output directory '{path}' holds an unfinished run (status: {status or 'unknown'}); pass --resume "
-            "to continue it from its newest checkpoint, --overwrite to start it over, or another --output-dir")
+            "to continue it from its newest checkpoint, --overwrite to start it over, or another --output-dir"
+        )
 
     # ------------------------------------------------------------------ writing
     def open_for_writing(self, cfg) -> None:
@@ -170,8 +184,9 @@ class RunDirectory:
         try:
             self.path.mkdir(parents=True, exist_ok=True)
         except OSError as exc:
-            raise LmdistillError(f"cannot create the run directory '{self.path}': {exc.strerror}; choose a "
-                                 "writable --output-dir") from None
+            raise LmdistillError(
+                f"cannot create the run directory '{self.path}': {exc.strerror}; choose a writable --output-dir"
+            ) from None
         self._lock()
         self.check_reuse(cfg)
 
@@ -201,11 +216,14 @@ class RunDirectory:
         try:
             _HELD[key] = claim_lock(self.path / LOCK, "run lock")
         except LockHeld as held:
-            raise LmdistillError(f"output directory '{self.path}' is in use by another lmdistill process "
-                                 f"({held.holder}); wait for it to end, or choose another --output-dir") from None
+            raise LmdistillError(
+                f"output directory '{self.path}' is in use by another lmdistill process "
+                f"({held.holder}); wait for it to end, or choose another --output-dir"
+            ) from None
         except OSError as exc:
-            raise LmdistillError(f"cannot write in the run directory '{self.path}': {exc.strerror}; choose a "
-                                 "writable --output-dir") from None
+            raise LmdistillError(
+                f"cannot write in the run directory '{self.path}': {exc.strerror}; choose a writable --output-dir"
+            ) from None
 
     def release(self) -> None:
         """Let go of the lock (the end of a run; the OS does it too when the process ends)."""
@@ -229,8 +247,11 @@ class RunDirectory:
             info = self.read_json("run.json")
             if info.get("status") != "running":
                 return False
-            info.update(status="failed", exit_reason=reason,
-                        finished_at=datetime.now(timezone.utc).isoformat(timespec="seconds"))
+            info.update(
+                status="failed",
+                exit_reason=reason,
+                finished_at=datetime.now(timezone.utc).isoformat(timespec="seconds"),
+            )
             self.write_json("run.json", info)
             return True
         finally:
@@ -248,13 +269,20 @@ class RunDirectory:
             self.mark()
             atomic_write(self.path / "config.yaml", cfg.to_run_yaml())
         except OSError as exc:
-            raise LmdistillError(f"cannot write the run directory '{self.path}': {exc.strerror}; choose a "
-                                 "writable --output-dir") from None
+            raise LmdistillError(
+                f"cannot write the run directory '{self.path}': {exc.strerror}; choose a writable --output-dir"
+            ) from None
 
     def mark(self) -> None:
         if not is_plain_file(self.path / MARKER):  # (the rename replaces a link, never writes through it)
-            atomic_write_json(self.path / MARKER, {"format": "lmdistill-run", "version": 1,
-                                                   "created": datetime.now(timezone.utc).isoformat(timespec="seconds")})
+            atomic_write_json(
+                self.path / MARKER,
+                {
+                    "format": "lmdistill-run",
+                    "version": 1,
+                    "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+                },
+            )
 
     @property
     def checkpoints(self) -> Path:
@@ -282,8 +310,12 @@ class RunDirectory:
         if not self.metrics.exists():
             return
         keep_eval_at_step = step > 0 and step != total_steps
-        kept = [r for r in read_metrics(self.metrics) if r.get("step", 0) < step
-                or (keep_eval_at_step and step == r.get("step") and ("eval_ce_loss" in r or r.get("health") == "eval_ppl"))]
+        kept = [
+            r
+            for r in read_metrics(self.metrics)
+            if r.get("step", 0) < step
+            or (keep_eval_at_step and step == r.get("step") and ("eval_ce_loss" in r or r.get("health") == "eval_ppl"))
+        ]
         atomic_write(self.metrics, "".join(json.dumps(r) + "\n" for r in kept))
 
     def save_student(self, model, tokenizer) -> Path:
@@ -291,17 +323,21 @@ class RunDirectory:
 
         bad = first_nonfinite_tensor(model.state_dict())
         if bad is not None:
-            raise LmdistillError(f"refusing to save the student: tensor '{bad}' holds NaN or Inf; the previous "
-                                 "files are kept")
+            raise LmdistillError(
+                f"refusing to save the student: tensor '{bad}' holds NaN or Inf; the previous files are kept"
+            )
         final = self.path / "student"
         try:
             return save_model_dir(model, tokenizer, final)
         except OSError as exc:
-            raise LmdistillError(f"could not save the student in '{final}': {exc.strerror}; fix that (free disk "
-                                 "space?), then run again with --resume: the final checkpoint is kept") from None
+            raise LmdistillError(
+                f"could not save the student in '{final}': {exc.strerror}; fix that (free disk "
+                "space?), then run again with --resume: the final checkpoint is kept"
+            ) from None
 
-    def warn_if_resume_differs(self, checkpoint: Path, cfg, teacher_ref: dict | None,
-                               data_layout: dict | None = None, processes: int = 1) -> list[str]:
+    def warn_if_resume_differs(
+        self, checkpoint: Path, cfg, teacher_ref: dict | None, data_layout: dict | None = None, processes: int = 1
+    ) -> list[str]:
         """Warn when a resume would not continue the same run (a changed config, teacher or
         data); the changed config keys. Another batch size for another number of processes
         (the same global batch) and another parallel strategy are noted, not warned about: the
@@ -314,29 +350,41 @@ class RunDirectory:
             saved, now = Config.from_dict(load_yaml(saved_path)).to_dict(), cfg.to_dict()
             for key in ("resume", "overwrite"):
                 saved["run"][key] = now["run"][key]
-            changed = [f"{section}.{key}" for section in now for key in now[section]
-                       if saved.get(section, {}).get(key) != now[section][key]]
+            changed = [
+                f"{section}.{key}"
+                for section in now
+                for key in now[section]
+                if saved.get(section, {}).get(key) != now[section][key]
+            ]
             layout = [key for key in ("train.batch_size", "parallel.strategy") if key in changed]
             if layout and state.get("global_batch") == cfg.train.batch_size * processes:
-                print(f"note: resuming on {processes} process(es) x batch {cfg.train.batch_size} with "
-                      f"parallel.strategy = {cfg.parallel.strategy} (the checkpoint's: {state.get('processes')} x "
-                      f"{saved['train']['batch_size']}, {saved['parallel']['strategy']}): the same blocks in the "
-                      "same order; the numbers follow the uninterrupted run to float precision")
+                print(
+                    f"note: resuming on {processes} process(es) x batch {cfg.train.batch_size} with "
+                    f"parallel.strategy = {cfg.parallel.strategy} (the checkpoint's: {state.get('processes')} x "
+                    f"{saved['train']['batch_size']}, {saved['parallel']['strategy']}): the same blocks in the "
+                    "same order; the numbers follow the uninterrupted run to float precision"
+                )
                 shown = [key for key in changed if key not in layout]
             else:
                 shown = changed
             if shown:
-                print(f"warning: resuming with a changed config ({', '.join(shown)}); the resumed run will "
-                      "not match an uninterrupted one")
+                print(
+                    f"warning: resuming with a changed config ({', '.join(shown)}); the resumed run will "
+                    "not match an uninterrupted one"
+                )
         saved_data = state.get("data") or {}
         if data_layout and saved_data.get("train") and saved_data.get("train") != data_layout.get("train"):
-            print("warning: the training blocks differ from the checkpoint's (the data, its tokenization or the "
-                  "block layout changed); the resumed run will not see the blocks an uninterrupted one would")
+            print(
+                "warning: the training blocks differ from the checkpoint's (the data, its tokenization or the "
+                "block layout changed); the resumed run will not see the blocks an uninterrupted one would"
+            )
         if teacher_ref:
             saved_teacher = state.get("teacher") or {}
             if saved_teacher.get("hash") and saved_teacher.get("hash") != teacher_ref.get("hash"):
-                print(f"warning: the teacher at {teacher_ref['source']} changed since the checkpoint was written "
-                      f"(content hash differs); resuming with the changed teacher")
+                print(
+                    f"warning: the teacher at {teacher_ref['source']} changed since the checkpoint was written "
+                    f"(content hash differs); resuming with the changed teacher"
+                )
         return changed
 
 
@@ -344,5 +392,6 @@ def _refuse_protected(path: Path) -> None:
     """--overwrite never empties the current directory, one of its parents, or the home directory."""
     what = protected_place(path)
     if what is not None:
-        raise LmdistillError(f"refusing --overwrite of '{path}': it is {what}; give the run's own directory "
-                             "(e.g. runs/NAME)")
+        raise LmdistillError(
+            f"refusing --overwrite of '{path}': it is {what}; give the run's own directory (e.g. runs/NAME)"
+        )

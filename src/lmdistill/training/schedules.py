@@ -39,8 +39,9 @@ def temperature_at(step: int, total_steps: int, start: float, end: float, schedu
     raise ValueError(f"unknown temperature schedule {schedule!r}")
 
 
-def lr_at(step: int, total_steps: int, peak_lr: float, warmup_steps: int, schedule: str = "cosine",
-          min_lr_ratio: float = 0.1) -> float:
+def lr_at(
+    step: int, total_steps: int, peak_lr: float, warmup_steps: int, schedule: str = "cosine", min_lr_ratio: float = 0.1
+) -> float:
     """Learning rate: linear warmup to ``peak_lr`` over ``warmup_steps``, then cosine or constant.
 
     Warmup starts at peak_lr / warmup_steps rather than 0 so that step 0 already moves
@@ -75,12 +76,18 @@ class Plan:
         if steps_per_epoch == 0:
             raise LmdistillError(
                 f"one optimizer step needs {t.batch_size * t.grad_accum * world} blocks (batch_size x grad_accum x "
-                f"processes) but there are only {train_blocks} training blocks; lower train.batch_size or add data")
+                f"processes) but there are only {train_blocks} training blocks; lower train.batch_size or add data"
+            )
         total = t.max_steps or t.epochs * steps_per_epoch
         warmup = t.warmup_steps if t.warmup_steps is not None else int(0.05 * total)
         # Eval builds full logits (no gradients): keep a batch's logits under the loss's size budget.
-        eval_batch = max(1, min(max(t.batch_size, 8), int(cfg.loss.auto_threshold_mib * 2**20 // (
-            cfg.data.block_size * vocab_size * 4 * 2))))
+        eval_batch = max(
+            1,
+            min(
+                max(t.batch_size, 8),
+                int(cfg.loss.auto_threshold_mib * 2**20 // (cfg.data.block_size * vocab_size * 4 * 2)),
+            ),
+        )
         return cls(total, steps_per_epoch, warmup, t.eval_every or max(1, total // 10), eval_batch)
 
 
@@ -94,6 +101,5 @@ def make_optimizer(model, cfg, extra: torch.nn.Module | None = None):
     for p in params:
         if p.requires_grad:
             (decay if p.dim() >= 2 else no_decay).append(p)
-    groups = [{"params": decay, "weight_decay": cfg.train.weight_decay},
-              {"params": no_decay, "weight_decay": 0.0}]
+    groups = [{"params": decay, "weight_decay": cfg.train.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
     return torch.optim.AdamW(groups, lr=cfg.train.lr, betas=tuple(cfg.train.betas), fused=True)

@@ -47,23 +47,26 @@ def save_shards(directory: Path, model: torch.nn.Module, optimizer, step: int) -
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint.api import CheckpointException
 
-
     state = training_state(model, optimizer if optimizer.state else None)
     bad = first_nonfinite_tensor(state)  # (this process's shards)
     flag = torch.tensor([0.0 if bad is None else 1.0], device=_device_of(model))
     dist.all_reduce(flag, op=dist.ReduceOp.MAX)
     if flag.item():
         where = f"{bad} has" if bad is not None else "another process's shard has"
-        raise CheckpointError(f"refusing to save the checkpoint of step {step}: {where} non-finite "
-                              "value(s); earlier checkpoints are untouched, resume from the last valid one")
+        raise CheckpointError(
+            f"refusing to save the checkpoint of step {step}: {where} non-finite "
+            "value(s); earlier checkpoints are untouched, resume from the last valid one"
+        )
     try:
         dcp.save(state, storage_writer=dcp.FileSystemWriter(directory, sync_files=True))
     except CheckpointException as exc:  # (a BaseException: what failed, on any process, is inside)
         if dist.get_rank() == 0:  # every process is past its writes: the half-written shards go
             shutil.rmtree(directory, ignore_errors=True)
-        raise CheckpointError(f"could not write checkpoint shards into {directory}: {_first_failure(exc)}; free "
-                              "disk space or make it writable, then rerun with --resume (earlier checkpoints are "
-                              "untouched)") from None
+        raise CheckpointError(
+            f"could not write checkpoint shards into {directory}: {_first_failure(exc)}; free "
+            "disk space or make it writable, then rerun with --resume (earlier checkpoints are "
+            "untouched)"
+        ) from None
     mine = {path.name: file_record(path) for path in sorted(Path(directory).glob(f"__{dist.get_rank()}_*.distcp"))}
     everyone: list[dict] = [{} for _ in range(dist.get_world_size())]
     dist.all_gather_object(everyone, mine)
@@ -80,22 +83,27 @@ def load_shards(directory: Path, model: torch.nn.Module, optimizer=None) -> None
     from torch.distributed.checkpoint.api import CheckpointException
     from torch.distributed.checkpoint.state_dict import set_model_state_dict, set_optimizer_state_dict
 
-
     saved = read_shard_metadata(directory).state_dict_metadata
     with_optimizer = optimizer is not None and any(key.startswith("optimizer.") for key in saved)
     state = training_state(model, optimizer if with_optimizer else None)
     problem = _misfit(saved, state["model"])
     if problem:
-        raise CheckpointError(f"{directory} does not fit this student ({problem}); resume with the run's own model "
-                              "settings")
+        raise CheckpointError(
+            f"{directory} does not fit this student ({problem}); resume with the run's own model settings"
+        )
     try:
         with warnings.catch_warnings():  # (one process reading alone is meant, and DCP would say so)
             warnings.filterwarnings("ignore", message=".*assuming the intent is to load in a single process")
-            dcp.load(state, storage_reader=_safe_reader(directory), planner=_safe_planner(),
-                     no_dist=not dist.is_initialized())
+            dcp.load(
+                state,
+                storage_reader=_safe_reader(directory),
+                planner=_safe_planner(),
+                no_dist=not dist.is_initialized(),
+            )
     except CheckpointException as exc:
-        raise CheckpointError(f"cannot load the shards in {directory}: {_first_failure(exc)}; resume from an "
-                              "older checkpoint") from None
+        raise CheckpointError(
+            f"cannot load the shards in {directory}: {_first_failure(exc)}; resume from an older checkpoint"
+        ) from None
     set_model_state_dict(model, state["model"])
     if with_optimizer:
         set_optimizer_state_dict(model, optimizer, state["optimizer"])
@@ -120,8 +128,11 @@ def _misfit(saved: dict, wanted: dict) -> str | None:
     have = {key.removeprefix("model."): meta for key, meta in saved.items() if key.startswith("model.")}
     missing, unexpected = sorted(set(wanted) - set(have)), sorted(set(have) - set(wanted))
     if missing or unexpected:
-        return (f"{len(missing)} weight(s) missing, e.g. {missing[0]}" if missing else
-                f"{len(unexpected)} weight(s) it does not have, e.g. {unexpected[0]}")
+        return (
+            f"{len(missing)} weight(s) missing, e.g. {missing[0]}"
+            if missing
+            else f"{len(unexpected)} weight(s) it does not have, e.g. {unexpected[0]}"
+        )
     for name, tensor in wanted.items():
         size = getattr(have[name], "size", None)
         if size is not None and tuple(size) != tuple(tensor.shape):
@@ -147,11 +158,17 @@ def _allowed_in_metadata(module: str, name: str) -> bool:
         return isinstance(getattr(dcp_metadata, name, None), type) or name == "_MEM_FORMAT_ENCODING"
     if module == "torch":
         return name == "Size" or isinstance(getattr(torch, name, None), torch.dtype)
-    return (module, name) in {("torch.distributed.checkpoint.filesystem", "_StorageInfo"),
-                              ("torch.serialization", "_get_layout"), ("pathlib", "PosixPath"),
-                              ("pathlib", "PurePosixPath"), ("pathlib", "WindowsPath"),
-                              ("collections", "OrderedDict"), ("builtins", "set"), ("builtins", "frozenset"),
-                              ("builtins", "slice")}
+    return (module, name) in {
+        ("torch.distributed.checkpoint.filesystem", "_StorageInfo"),
+        ("torch.serialization", "_get_layout"),
+        ("pathlib", "PosixPath"),
+        ("pathlib", "PurePosixPath"),
+        ("pathlib", "WindowsPath"),
+        ("collections", "OrderedDict"),
+        ("builtins", "set"),
+        ("builtins", "frozenset"),
+        ("builtins", "slice"),
+    }
 
 
 def _safe_unpickler(file):
@@ -173,7 +190,6 @@ def _safe_reader(directory: Path):
     from torch.distributed.checkpoint import FileSystemReader
     from torch.distributed.checkpoint.filesystem import _metadata_fn
     from torch.distributed.checkpoint.metadata import StorageMeta
-
 
     class SafeReader(FileSystemReader):
         def read_metadata(self, *args, **kwargs):
@@ -202,8 +218,10 @@ def _safe_planner():
             try:
                 torch.load(value, weights_only=True)  # refuses anything but plain values and tensors
             except pickle.UnpicklingError:  # (never torch's advice to load it unsafely)
-                raise ValueError(f"{read_item.dest_index.fqn} holds Python objects, not only tensors: not a "
-                                 "checkpoint lmdistill wrote; it was not loaded") from None
+                raise ValueError(
+                    f"{read_item.dest_index.fqn} holds Python objects, not only tensors: not a "
+                    "checkpoint lmdistill wrote; it was not loaded"
+                ) from None
             value.seek(0)
             super().load_bytes(read_item, value)
 

@@ -76,8 +76,9 @@ from lmdistill.training.sharded import save_shards
 SPIKE_ACTIONS = {"warn": "kept", "skip": "step skipped", "rollback": "rolled back"}
 
 
-def train(cfg: Config, *, teacher=None, student=None, tokenizer=None, progress: bool = True,
-          print_summary: bool = True) -> RunResult:
+def train(
+    cfg: Config, *, teacher=None, student=None, tokenizer=None, progress: bool = True, print_summary: bool = True
+) -> RunResult:
     """Run one distillation (or, with kd_weight 0, plain LM training) as ``cfg`` says.
 
     ``model.teacher`` must name the teacher (``lmdistill.train`` and the CLI fill in the
@@ -134,13 +135,18 @@ class Trainer:
         self._train_blocks(self.tokenizer)
         if models.chat_template_problem and any(s.store.chat for s in self.data.sources):
             raise LmdistillError(models.chat_template_problem)
-        self.sampler = make_sampler(self.data, cfg.train.batch_size, cfg.run.seed, self.accelerator.process_index,
-                                    self.world)
-        self.plan = Plan.for_run(cfg, self.sampler.micro_batches_per_epoch, self.world, len(self.data.train),
-                                 self.vocab_size)
+        self.sampler = make_sampler(
+            self.data, cfg.train.batch_size, cfg.run.seed, self.accelerator.process_index, self.world
+        )
+        self.plan = Plan.for_run(
+            cfg, self.sampler.micro_batches_per_epoch, self.world, len(self.data.train), self.vocab_size
+        )
         self.teacher = models.teacher
-        self.cache = (open_for_run(cfg, self.tokenizer, self.data, self.vocab_size, say=self._note)
-                      if cfg.model.teacher_cache else None)  # a teacher cache: no teacher model at all
+        self.cache = (
+            open_for_run(cfg, self.tokenizer, self.data, self.vocab_size, say=self._note)
+            if cfg.model.teacher_cache
+            else None
+        )  # a teacher cache: no teacher model at all
         self.projection = build_projection(cfg.distill.hidden, models)  # None: no hidden-state term
         pairs = self.projection.pairs if self.projection is not None else ()
         self.live_teacher = self.teacher if cfg.distill.kd_weight > 0 or pairs else None
@@ -148,7 +154,9 @@ class Trainer:
             # A dense cache holds whole logits (the full path); sparse targets meet the student's
             # whole logits when they are small, else its hidden states chunk by chunk.
             self.loss_impl = "full" if self.cache.mode == "dense" else self._choose_loss_impl(models, teacher=None)
-            self.signal = CachedTeacher(self.cache, student_output="hidden" if self.loss_impl == "chunked" else "logits")
+            self.signal = CachedTeacher(
+                self.cache, student_output="hidden" if self.loss_impl == "chunked" else "logits"
+            )
         else:
             self.loss_impl = self._choose_loss_impl(models, self.live_teacher)
             self.signal = make_signal(self.loss_impl, self.live_teacher, self.vocab_size, tuple(t for _, t in pairs))
@@ -158,12 +166,24 @@ class Trainer:
             if self.fsdp:
                 shard(self.teacher, self.accelerator.mixed_precision, self.device)
         if cfg.distill.on_policy.fraction > 0:  # the student writes, the live teacher scores (onpolicy.py)
-            self.signal = on_policy_signal(cfg, self.signal, self.raw_student, self.teacher, self.tokenizer, self.data,
-                                           self.accelerator)
-        hidden = HiddenTerm(cfg.distill.hidden.weight, cfg.distill.hidden.loss, tuple(s for s, _ in pairs),
-                            self.projection, project) if pairs else None
-        self.objective = Objective.for_run(cfg, self.vocab_size, self.signal.student_output, self.raw_student,
-                                           reference=self.loss_impl == "reference", hidden=hidden)
+            self.signal = on_policy_signal(
+                cfg, self.signal, self.raw_student, self.teacher, self.tokenizer, self.data, self.accelerator
+            )
+        hidden = (
+            HiddenTerm(
+                cfg.distill.hidden.weight, cfg.distill.hidden.loss, tuple(s for s, _ in pairs), self.projection, project
+            )
+            if pairs
+            else None
+        )
+        self.objective = Objective.for_run(
+            cfg,
+            self.vocab_size,
+            self.signal.student_output,
+            self.raw_student,
+            reference=self.loss_impl == "reference",
+            hidden=hidden,
+        )
         self.teacher_before = parameter_fingerprint(self.teacher) if self.teacher is not None else None
         self._teacher_ref: dict | None = None
 
@@ -176,8 +196,9 @@ class Trainer:
         returns the projection as the step calls it."""
         trained = self.projection if self.projection is not None and self.projection.trainable else None
         if self.fsdp:  # torch's FSDP2 in place of accelerate's DDP wrapper (sharding.py)
-            self.student = self.raw_student = self.trained = shard(student.to(self.device),
-                                                                   self.accelerator.mixed_precision, self.device)
+            self.student = self.raw_student = self.trained = shard(
+                student.to(self.device), self.accelerator.mixed_precision, self.device
+            )
             self.optimizer = make_optimizer(student, self.cfg)
             student.train()
             return None
@@ -195,9 +216,15 @@ class Trainer:
     def _choose_loss_impl(self, models, teacher: torch.nn.Module | None) -> str:
         cfg = self.cfg
         try:
-            return choose_loss_impl(cfg.loss.impl, divergences.get(cfg.distill.divergence),
-                                    cfg.train.batch_size * (cfg.data.block_size - 1), self.vocab_size,
-                                    models.student, teacher, cfg.loss.auto_threshold_mib)
+            return choose_loss_impl(
+                cfg.loss.impl,
+                divergences.get(cfg.distill.divergence),
+                cfg.train.batch_size * (cfg.data.block_size - 1),
+                self.vocab_size,
+                models.student,
+                teacher,
+                cfg.loss.auto_threshold_mib,
+            )
         except ValueError as exc:
             raise LmdistillError(str(exc)) from None
 
@@ -221,10 +248,17 @@ class Trainer:
                 self.tokenizer.save_pretrained(run.path / "tokenizer")  # once per run; checkpoints + this = a model
         else:
             # Everything that can refuse the resume comes before the run directory is touched.
-            state = restore_training_state(resume_from, self.raw_student, self.optimizer, self.world,
-                                           cfg.train.batch_size, projection=self.projection,
-                                           strategy=cfg.parallel.strategy, verified=True,
-                                           total_steps=self.plan.total_steps)
+            state = restore_training_state(
+                resume_from,
+                self.raw_student,
+                self.optimizer,
+                self.world,
+                cfg.train.batch_size,
+                projection=self.projection,
+                strategy=cfg.parallel.strategy,
+                verified=True,
+                total_steps=self.plan.total_steps,
+            )
             self.start_step, self.micro, self.initial = state["step"], state["micro_batches"], state.get("initial_eval")
             try:
                 self.guard.load_state_dict(state)
@@ -232,14 +266,16 @@ class Trainer:
             except (KeyError, TypeError, ValueError, AttributeError) as exc:
                 raise CheckpointError(damaged_state_message(resume_from, f"guard or health state: {exc!r}")) from None
             if self.is_main:
-                self.resume_changes = run.warn_if_resume_differs(resume_from, cfg, self.teacher_reference(),
-                                                                  self.data.layout, processes=self.world)
+                self.resume_changes = run.warn_if_resume_differs(
+                    resume_from, cfg, self.teacher_reference(), self.data.layout, processes=self.world
+                )
                 run.mark()
                 atomic_write(run.path / "config.yaml", cfg.to_run_yaml())  # the config this start runs with
                 remove_leftovers(run.checkpoints)
                 run.trim_metrics(self.start_step, self.plan.total_steps)
-                print(f"Resuming {run.path} from {resume_from.name} (step {self.start_step} of "
-                      f"{self.plan.total_steps})")
+                print(
+                    f"Resuming {run.path} from {resume_from.name} (step {self.start_step} of {self.plan.total_steps})"
+                )
         self.accelerator.wait_for_everyone()
         self.resumed_from = resume_from
         self.last_checkpoint = self.start_step if resume_from is not None else None
@@ -248,34 +284,53 @@ class Trainer:
         cfg, models = self.cfg, self.models
         if cfg.run.trackers:
             self.accelerator.init_trackers(cfg.run.name, config=flat_config(cfg))
-        self.log = MetricsLog(self.run.path, enabled=self.is_main,
-                              accelerator=self.accelerator if cfg.run.trackers else None)
+        self.log = MetricsLog(
+            self.run.path, enabled=self.is_main, accelerator=self.accelerator if cfg.run.trackers else None
+        )
         self.say = tqdm.write if self.progress and interactive() else print
         # tokens/s of every applied step this process ran, apart for on-policy steps (generation
         # makes them another population: one median over both would describe neither)
         self.rates: dict[bool, list[float]] = {False: [], True: []}
         # The teacher's held-out CE: measured once (a frozen teacher on fixed blocks), or the cache's.
-        self.teacher_cache: dict = {"teacher_ce_loss": self.cache.manifest["teacher_eval"]["teacher_ce_loss"]} \
-            if self.cache is not None else {}
+        self.teacher_cache: dict = (
+            {"teacher_ce_loss": self.cache.manifest["teacher_eval"]["teacher_ce_loss"]}
+            if self.cache is not None
+            else {}
+        )
         self.run_info = {
-            "status": "running", "started_at": _utcnow(), "command": "train",
+            "status": "running",
+            "started_at": _utcnow(),
+            "command": "train",
             "teacher": asdict(ModelInfo.of(self.teacher, models.teacher_name)) if self.teacher is not None else None,
-            "teacher_cache": ({"path": str(self.cache.path), "mode": self.cache.mode,
-                               "capture_temperature": self.cache.temperature,
-                               "teacher": self.cache.manifest["teacher"].get("source")}
-                              if self.cache is not None else None),
+            "teacher_cache": (
+                {
+                    "path": str(self.cache.path),
+                    "mode": self.cache.mode,
+                    "capture_temperature": self.cache.temperature,
+                    "teacher": self.cache.manifest["teacher"].get("source"),
+                }
+                if self.cache is not None
+                else None
+            ),
             "student": asdict(ModelInfo.of(self.raw_student, models.student_name)),
             "data": self.data.describe(),
-            "plan": {**asdict(self.plan), "loss_impl": self.loss_impl, "processes": self.world,
-                     "strategy": self.cfg.parallel.strategy,
-                     "device": str(self.device), "mixed_precision": self.accelerator.mixed_precision,
-                     "vocab_size": self.vocab_size},
+            "plan": {
+                **asdict(self.plan),
+                "loss_impl": self.loss_impl,
+                "processes": self.world,
+                "strategy": self.cfg.parallel.strategy,
+                "device": str(self.device),
+                "mixed_precision": self.accelerator.mixed_precision,
+                "vocab_size": self.vocab_size,
+            },
         }
         if self.resumed_from is not None:
             self.run_info["resumed_from_step"] = self.start_step
             earlier = self.run.read_json("run.json").get("resumes", []) if self.is_main else []
-            self.run_info["resumes"] = [*earlier, {"from_step": self.start_step, "at": _utcnow(),
-                                                   "changed_config": self.resume_changes}]
+            self.run_info["resumes"] = [
+                *earlier,
+                {"from_step": self.start_step, "at": _utcnow(), "changed_config": self.resume_changes},
+            ]
         if self.is_main:
             self.run.write_json("run.json", self.run_info)
 
@@ -347,9 +402,11 @@ class Trainer:
                 raise
             rank = self.accelerator.process_index
             who = f"the process of rank {1 - rank}" if self.world == 2 else "another process"
-            raise PeerLost(f"{who} of this run died (rank {rank} lost its connection to it in step {step() + 1} of "
-                           f"{self.plan.total_steps}): the run stopped; rerun with --resume to continue from the "
-                           "newest checkpoint (checkpoints are kept)") from None
+            raise PeerLost(
+                f"{who} of this run died (rank {rank} lost its connection to it in step {step() + 1} of "
+                f"{self.plan.total_steps}): the run stopped; rerun with --resume to continue from the "
+                "newest checkpoint (checkpoints are kept)"
+            ) from None
 
     def _stop_on_signal(self, done: int) -> None:
         """Every rank saw the request in the step's reduction: checkpoint (unless this step wrote
@@ -358,14 +415,18 @@ class Trainer:
             self.save_checkpoint(done)
         signum = self.stop.signum or signal.SIGTERM  # another rank got it: stop alike
         name = signal.Signals(signum).name
-        raise Interrupted(f"{name} at step {done} of {self.plan.total_steps}: checkpoint step-{done} written; "
-                          f"continue with --resume", signum)
+        raise Interrupted(
+            f"{name} at step {done} of {self.plan.total_steps}: checkpoint step-{done} written; continue with --resume",
+            signum,
+        )
 
     def _record_abort(self, signum: int) -> None:
         """A second signal: the process ends now; only the status is recorded."""
         if self.is_main:
-            self.run_info.update(status="interrupted", exit_reason=f"{signal.Signals(signum).name} twice: stopped "
-                                 "at once; resume from the newest checkpoint")
+            self.run_info.update(
+                status="interrupted",
+                exit_reason=f"{signal.Signals(signum).name} twice: stopped at once; resume from the newest checkpoint",
+            )
             self.run.write_json("run.json", self.run_info)
 
     def train_step(self, step: int) -> StepResult:
@@ -387,8 +448,16 @@ class Trainer:
                 self.accelerator.backward(parts.total * self.world)
             bad = view.nonfinite.double() if view is not None else sums.new_zeros(())
             hidden = parts.hidden.double() if parts.hidden is not None else sums.new_zeros(())
-            sums += torch.stack([parts.total.detach().double(), parts.kd.double(), parts.kd_unscaled.double(),
-                                 parts.ce.double(), bad, hidden])
+            sums += torch.stack(
+                [
+                    parts.total.detach().double(),
+                    parts.kd.double(),
+                    parts.kd_unscaled.double(),
+                    parts.ce.double(),
+                    bad,
+                    hidden,
+                ]
+            )
         stats = self._reduce(sums, self.clip_gradients(), any(b.generated for b in batches))
         decision = self.guard.decide(stats)
         self._apply(step, decision, stats)
@@ -434,8 +503,17 @@ class Trainer:
         stop = sums.new_tensor([float(self.stop.signum is not None)])
         reduced = self.accelerator.reduce(torch.cat([sums, grad_norm.detach().double().view(1), stop]), "sum")
         loss, kd, kd_unscaled, ce, teacher_bad, hidden, grad_sum, stop_requests = reduced.tolist()
-        return StepStats(loss, kd, kd_unscaled, ce, grad_sum / self.world, teacher_bad > 0, stop_requests > 0,
-                         hidden if self.projection is not None else None, on_policy)
+        return StepStats(
+            loss,
+            kd,
+            kd_unscaled,
+            ce,
+            grad_sum / self.world,
+            teacher_bad > 0,
+            stop_requests > 0,
+            hidden if self.projection is not None else None,
+            on_policy,
+        )
 
     def _apply(self, step: int, decision: Decision, stats: StepStats) -> None:
         """Carry out the guard's decision; only an applied update changes weights and optimizer state."""
@@ -448,8 +526,15 @@ class Trainer:
             to_step = self.guard.rollback(self.trained, self.optimizer)
             if to_step is not None:
                 scale = self.guard.state.lr_scale
-                self.log.write({"step": step, "event": "rollback", "to_step": to_step, "lr_scale": scale,
-                                "message": f"restored the state of step {to_step}; LR x{scale:g}"})
+                self.log.write(
+                    {
+                        "step": step,
+                        "event": "rollback",
+                        "to_step": to_step,
+                        "lr_scale": scale,
+                        "message": f"restored the state of step {to_step}; LR x{scale:g}",
+                    }
+                )
                 if self.is_main:
                     self.say(f"[guard] rolled back to the state of step {to_step} (LR scale {scale:g})")
         if decision.applies_update:
@@ -512,19 +597,32 @@ class Trainer:
         d = self.cfg.distill
         shard = self.data.eval.subset(slice(self.accelerator.process_index, None, self.world))
         result = evaluate(
-            self.raw_student, self.teacher, shard, vocab_size=self.vocab_size, temperature=temperature,
-            scale_by_t2=d.scale_by_t2, divergence=d.divergence, jsd_beta=d.jsd_beta, skew_alpha=d.skew_alpha,
-            batch_size=self.plan.eval_batch_size, device=self.device, autocast=self.accelerator.autocast,
+            self.raw_student,
+            self.teacher,
+            shard,
+            vocab_size=self.vocab_size,
+            temperature=temperature,
+            scale_by_t2=d.scale_by_t2,
+            divergence=d.divergence,
+            jsd_beta=d.jsd_beta,
+            skew_alpha=d.skew_alpha,
+            batch_size=self.plan.eval_batch_size,
+            device=self.device,
+            autocast=self.accelerator.autocast,
             reduce=lambda t: self.accelerator.reduce(t.to(self.device), "sum").cpu(),
-            teacher_cache=self.teacher_cache, desc=desc, progress=self.progress and self.is_main,
+            teacher_cache=self.teacher_cache,
+            desc=desc,
+            progress=self.progress and self.is_main,
             cached=CachedTeacher(self.cache, "eval") if self.cache is not None else None,
             forward_calls=math.ceil(math.ceil(len(self.data.eval) / self.world) / self.plan.eval_batch_size)
-            if self.fsdp else None,
+            if self.fsdp
+            else None,
         )
         if isinstance(self.signal, OnPolicy):  # the student's own text, judged by the teacher: on one process,
-            if self.is_main or self.fsdp:      # or on all alike when the models are sharded (their forwards gather)
-                result.update(self.signal.judge(self.raw_student, self.teacher, self.data.eval, self.tokenizer,
-                                                self.vocab_size))
+            if self.is_main or self.fsdp:  # or on all alike when the models are sharded (their forwards gather)
+                result.update(
+                    self.signal.judge(self.raw_student, self.teacher, self.data.eval, self.tokenizer, self.vocab_size)
+                )
             self.accelerator.wait_for_everyone()  # the others wait here, not inside a collective or at exit
         self.log.write({"step": step, **result})
         self.announce(step, self.monitor.on_eval(step, result["eval_ppl"], result.get("teacher_ppl")))
@@ -549,20 +647,35 @@ class Trainer:
 
         def complete() -> None:  # the main process: the rest, the manifest, the rename
             trainer_state = {
-                "step": done, "micro_batches": self.micro, "epoch": self.sampler.epoch_of(max(self.micro - 1, 0)),
-                "total_steps": self.plan.total_steps, "processes": self.world,
-                "global_batch": self.cfg.train.batch_size * self.world, "initial_eval": self.initial,
-                **self.guard.state_dict(), "health": self.monitor.state_dict(), "teacher": self.teacher_reference(),
-                "data": self.data.layout, "strategy": self.cfg.parallel.strategy,
+                "step": done,
+                "micro_batches": self.micro,
+                "epoch": self.sampler.epoch_of(max(self.micro - 1, 0)),
+                "total_steps": self.plan.total_steps,
+                "processes": self.world,
+                "global_batch": self.cfg.train.batch_size * self.world,
+                "initial_eval": self.initial,
+                **self.guard.state_dict(),
+                "health": self.monitor.state_dict(),
+                "teacher": self.teacher_reference(),
+                "data": self.data.layout,
+                "strategy": self.cfg.parallel.strategy,
             }
-            save_checkpoint(self.run.checkpoints, done,
-                            model_state=None if self.fsdp else self.raw_student.state_dict(),
-                            optimizer_state=None if self.fsdp else self.optimizer.state_dict(),
-                            trainer_state=trainer_state, rng_state=capture_rng_state(),
-                            keep=self.cfg.checkpoint.keep, sharded_in=staged, shard_records=shard_records,
-                            extra_files={"config.yaml": self.cfg.to_run_yaml().encode(),
-                                         "student_config.json": self.raw_student.config.to_json_string().encode(),
-                                         **projection_file(self.projection)})
+            save_checkpoint(
+                self.run.checkpoints,
+                done,
+                model_state=None if self.fsdp else self.raw_student.state_dict(),
+                optimizer_state=None if self.fsdp else self.optimizer.state_dict(),
+                trainer_state=trainer_state,
+                rng_state=capture_rng_state(),
+                keep=self.cfg.checkpoint.keep,
+                sharded_in=staged,
+                shard_records=shard_records,
+                extra_files={
+                    "config.yaml": self.cfg.to_run_yaml().encode(),
+                    "student_config.json": self.raw_student.config.to_json_string().encode(),
+                    **projection_file(self.projection),
+                },
+            )
 
         on_main(self.accelerator, complete)
 
@@ -575,13 +688,28 @@ class Trainer:
         if self.teacher is not None and parameter_fingerprint(self.teacher) != self.teacher_before:
             raise AssertionError("the teacher's weights changed during training")  # our invariant, not user error
         rate, on_policy_rate = (statistics.median_high(r) if r else None for r in (self.rates[False], self.rates[True]))
-        self.run_info.update(status="finished", initial=_eval_summary(self.initial), final={
-            **_eval_summary(final), "steps": total, "skipped_steps": self.guard.state.total_skips,
-            "rollbacks": self.guard.state.rollbacks, "tokens_per_s": rate,
-            **({"on_policy_tokens_per_s": on_policy_rate} if on_policy_rate is not None else {})})
+        self.run_info.update(
+            status="finished",
+            initial=_eval_summary(self.initial),
+            final={
+                **_eval_summary(final),
+                "steps": total,
+                "skipped_steps": self.guard.state.total_skips,
+                "rollbacks": self.guard.state.rollbacks,
+                "tokens_per_s": rate,
+                **({"on_policy_tokens_per_s": on_policy_rate} if on_policy_rate is not None else {}),
+            },
+        )
         health = self._finish(total)
-        return RunResult(run_dir=self.run.path, status="finished", steps=total, initial=self.initial, final=final,
-                         health=health, student_dir=student_dir)
+        return RunResult(
+            run_dir=self.run.path,
+            status="finished",
+            steps=total,
+            initial=self.initial,
+            final=final,
+            health=health,
+            student_dir=student_dir,
+        )
 
     def _finish(self, steps_done: int) -> dict:
         """health.json, run.json and the report: written for finished and stopped runs alike.
@@ -592,8 +720,12 @@ class Trainer:
         if not self.is_main:
             return health
         self.run.write_json("health.json", health)
-        self.run_info.update(finished_at=_utcnow(), wall_time_s=round(time.perf_counter() - self.started, 2),
-                             steps_done=steps_done, health_verdict=health["verdict"])
+        self.run_info.update(
+            finished_at=_utcnow(),
+            wall_time_s=round(time.perf_counter() - self.started, 2),
+            steps_done=steps_done,
+            health_verdict=health["verdict"],
+        )
         self.run.write_json("run.json", self.run_info)
 
         try:
