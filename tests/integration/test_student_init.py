@@ -13,7 +13,7 @@ from transformers import AutoModelForCausalLM
 from conftest import cli, read_jsonl
 from forked import run_cli_forked
 from lmdistill.config import GuardConfig
-from lmdistill.training.guards import Guard, StepStats
+from lmdistill.training.guards import Action, Cause, Guard, StepStats
 
 HALF = (
     "model.student_config={num_hidden_layers: 1, hidden_size: 24, intermediate_size: 48, "
@@ -197,8 +197,10 @@ def test_a_nonfinite_hidden_term_skips_the_step():
         loss=1.0, kd=0.5, kd_unscaled=0.2, ce=1.5, grad_norm=0.3, teacher_nonfinite=False, hidden=math.nan
     )
     decision = guard.decide(stats)
-    assert decision.action == "skip" and decision.term == "hidden"
-    assert Guard(GuardConfig()).decide(StepStats(1.0, 0.5, 0.2, 1.5, 0.3, False, hidden=0.7)).action == "step"
+    assert decision.action is Action.SKIP and decision.cause is Cause.NONFINITE and decision.term == "hidden"
+    assert decision.reason == "nonfinite:hidden"  # what the skipped step's metrics line says
+    good = StepStats(loss=1.0, kd=0.5, kd_unscaled=0.2, ce=1.5, grad_norm=0.3, teacher_nonfinite=False, hidden=0.7)
+    assert Guard(GuardConfig()).decide(good).action is Action.STEP
 
 
 def test_student_init_teacher_with_a_named_student_is_refused(tmp_path, teacher_dir, student_dir, text_file):

@@ -24,7 +24,7 @@ from lmdistill.core.errors import LmdistillError
 from lmdistill.models.loading import ModelInfo
 from lmdistill.report import PLOT_FILES, compare_runs, load_run, main_report, write_plots, write_report
 from lmdistill.report.metrics import MetricsLog
-from lmdistill.training.guards import Decision, StepStats
+from lmdistill.training.guards import Action, Cause, Decision, StepStats
 from lmdistill.training.monitor import HealthMonitor
 from lmdistill.training.rundir import RunDirectory
 from lmdistill.training.trainer import StepResult
@@ -107,14 +107,17 @@ def make_run(
         ce = 3.5 + 6.0 * math.exp(-step / 15) + 0.1 * rng.standard_normal()
         kd = 0.4 + 2.0 * math.exp(-step / 15)
         loss = 25.1 if step == 30 else 19.5 if step == 45 else 0.5 * ce + 0.5 * kd * t * t
-        stats = StepStats(loss, kd * t * t, kd, ce, 2.0 * math.exp(-step / 20) + 0.1, False)
-        decision = Decision("step")
+        grad = 2.0 * math.exp(-step / 20) + 0.1
+        stats = StepStats(loss=loss, kd=kd * t * t, kd_unscaled=kd, ce=ce, grad_norm=grad, teacher_nonfinite=False)
+        decision = Decision(action=Action.STEP)
         if step == 17:
-            stats = StepStats(math.nan, math.nan, math.nan, ce, math.inf, False)
-            decision = Decision("skip", "nonfinite:kd", "kd")
+            nan = math.nan
+            stats = StepStats(loss=nan, kd=nan, kd_unscaled=nan, ce=ce, grad_norm=math.inf, teacher_nonfinite=False)
+            decision = Decision(action=Action.SKIP, cause=Cause.NONFINITE, term="kd")
             announce(step, monitor.on_nonfinite(step, "kd"))
         elif step in (30, 45):
-            decision = Decision("step" if step == 30 else "rollback", None if step == 30 else "spike", "spike", 13.2)
+            action = Action.STEP if step == 30 else Action.ROLLBACK  # guard.spike warn at 30, rollback at 45
+            decision = Decision(action=action, cause=Cause.SPIKE, term="spike", spike_median=13.2)
             announce(step, monitor.on_spike(step, loss, 13.2, "kept" if step == 30 else "rolled back"))
         if step == 45:
             log.write(

@@ -15,6 +15,7 @@ import copy
 import math
 from collections import deque
 from dataclasses import asdict, dataclass
+from enum import Enum
 
 import torch
 
@@ -170,7 +171,12 @@ def stop_message(term: str, count: int, kept: bool = True) -> str:
     return f"stopped after {count} consecutive skipped steps: {what}; {NONFINITE_ADVICE.get(term, 'lower train.lr')}. {where}"
 
 
-@dataclass
+# What each micro-batch adds to its step's statistics, by name; with the gradient norm and the
+# stop flag they travel in the step's one reduction over ranks (``Trainer._reduce``).
+SUMMED_TERMS = ("loss", "kd", "kd_unscaled", "ce", "teacher_nonfinite", "hidden")
+
+
+@dataclass(kw_only=True)
 class StepStats:
     """One optimizer step's numbers as the guard sees them: summed over the step's
     micro-batches (each already divided by the global token count) and reduced over ranks."""
@@ -184,6 +190,22 @@ class StepStats:
     stop_requested: bool = False  # a signal asked for a stop, on any rank
     hidden: float | None = None  # the hidden-state term (distill.hidden), unweighted
     on_policy: bool = False  # the student's own generations: a loss of another kind, judged apart
+
+    @classmethod
+    def from_reduced(cls, sums: dict[str, float], processes: int, with_hidden: bool, on_policy: bool) -> StepStats:
+        """The statistics of a step from its reduced sums: ``SUMMED_TERMS``, ``grad_norm`` (one per
+        process: their mean is the step's) and ``stop_requested`` (the processes that asked)."""
+        return cls(
+            loss=sums["loss"],
+            kd=sums["kd"],
+            kd_unscaled=sums["kd_unscaled"],
+            ce=sums["ce"],
+            grad_norm=sums["grad_norm"] / processes,
+            teacher_nonfinite=sums["teacher_nonfinite"] > 0,
+            stop_requested=sums["stop_requested"] > 0,
+            hidden=sums["hidden"] if with_hidden else None,
+            on_policy=on_policy,
+        )
 
     def checked(self) -> dict[str, float]:
         """The terms of CHECKED_TERMS; a broken teacher shows as a NaN of its own."""
@@ -199,24 +221,45 @@ class StepStats:
         return terms
 
 
-@dataclass(frozen=True)
-class Decision:
-    """What to do with a step whose gradients are ready.
+class Action(str, Enum):
+    """What becomes of a step whose gradients are ready."""
 
-    action: ``step`` (apply the update), ``skip`` (drop it) or ``rollback`` (drop it and
-    restore the newest known-good state). ``reason`` is what a skipped step's metrics line
-    says (``nonfinite:<term>`` or ``spike``); ``term`` names the culprit for a stop message;
-    ``spike_median`` is set whenever the loss was judged a spike, whatever the policy.
+    STEP = "step"  # apply the update
+    SKIP = "skip"  # drop it
+    ROLLBACK = "rollback"  # drop it and restore the newest known-good state
+
+
+class Cause(str, Enum):
+    """Why a step was judged bad."""
+
+    NONFINITE = "nonfinite"  # a term (``Decision.term``) is NaN or inf
+    SPIKE = "spike"  # the loss jumped far above its recent median
+
+
+@dataclass(frozen=True, kw_only=True)
+class Decision:
+    """What to do with a step whose gradients are ready, and why.
+
+    ``cause`` is None for a good step; ``term`` names the culprit for a stop message;
+    ``spike_median`` is set whenever the loss was judged a spike, whatever the policy (under
+    ``guard.spike: warn`` the step is still applied).
     """
 
-    action: str
-    reason: str | None = None
+    action: Action
+    cause: Cause | None = None
     term: str | None = None
     spike_median: float | None = None
 
     @property
     def applies_update(self) -> bool:
-        return self.action == "step"
+        return self.action is Action.STEP
+
+    @property
+    def reason(self) -> str | None:
+        """What a skipped step's metrics line says: ``nonfinite:<term>`` or ``spike``."""
+        if self.cause is Cause.NONFINITE:
+            return f"nonfinite:{self.term}"
+        return None if self.cause is None else self.cause.value
 
 
 class Guard:
@@ -240,18 +283,18 @@ class Guard:
     def decide(self, stats: StepStats) -> Decision:
         term = first_nonfinite(stats.checked()) if self.cfg.enabled else None
         if term is not None:
-            return self._skipping(Decision("skip", f"nonfinite:{term}", term))
+            return self._skipping(Decision(action=Action.SKIP, cause=Cause.NONFINITE, term=term))
         detector = self.on_policy_detector if stats.on_policy else self.detector
         is_spike, median = detector.judge(stats.loss) if self.cfg.enabled else (False, math.nan)
         if not is_spike:
             detector.observe(stats.loss)
             self.state.consecutive_skips = 0
-            return Decision("step")
+            return Decision(action=Action.STEP)
         if self.cfg.spike == "warn":
             self.state.consecutive_skips = 0
-            return Decision("step", spike_median=median)
-        action = "rollback" if self.cfg.spike == "rollback" else "skip"
-        return self._skipping(Decision(action, "spike", "spike", median))
+            return Decision(action=Action.STEP, cause=Cause.SPIKE, term="spike", spike_median=median)
+        action = Action.ROLLBACK if self.cfg.spike == "rollback" else Action.SKIP
+        return self._skipping(Decision(action=action, cause=Cause.SPIKE, term="spike", spike_median=median))
 
     def _skipping(self, decision: Decision) -> Decision:
         self.state.consecutive_skips += 1
@@ -273,7 +316,7 @@ class Guard:
 
     def stop_reason(self, decision: Decision, kept: bool = True) -> str | None:
         """Why the run must stop after ``decision``, or None. ``kept``: a checkpoint exists."""
-        if decision.action == "rollback" and self.state.rollbacks >= self.cfg.max_rollbacks:
+        if decision.action is Action.ROLLBACK and self.state.rollbacks >= self.cfg.max_rollbacks:
             return (
                 f"stopped after {self.state.rollbacks} rollbacks (guard.max_rollbacks = "
                 f"{self.cfg.max_rollbacks}): the loss keeps spiking; lower train.lr or check the data"

@@ -65,7 +65,7 @@ from lmdistill.training.checkpoint import (
 from lmdistill.training.devices import check_trackers_installed, flat_config, lost_peer, make_accelerator, on_main
 from lmdistill.training.evaluate import evaluate, summary_table
 from lmdistill.training.faults import FaultInjector
-from lmdistill.training.guards import Decision, Guard, StepStats
+from lmdistill.training.guards import SUMMED_TERMS, Action, Cause, Decision, Guard, StepStats
 from lmdistill.training.interrupts import GracefulStop, Interrupted
 from lmdistill.training.monitor import HealthMonitor
 from lmdistill.training.results import RunResult, StepResult
@@ -435,8 +435,7 @@ class Trainer:
         lr = self._set_lr(step)
         batches = self.signal.prepare_step(self._next_batches(), step)
         num_tokens = self._count_targets(batches)
-        # loss, kd, kd_unscaled, ce, teacher_bad, hidden
-        sums = torch.zeros(6, device=self.device, dtype=torch.float64)
+        sums = dict.fromkeys(SUMMED_TERMS, torch.zeros((), device=self.device, dtype=torch.float64))
         for i, batch in enumerate(batches):
             batch = batch.to(self.device)
             last = i == len(batches) - 1
@@ -446,18 +445,8 @@ class Trainer:
                     parts = self.objective(self.student, batch, view, temperature, num_tokens)
                 # DDP averages gradients over ranks; our loss is already a global mean.
                 self.accelerator.backward(parts.total * self.world)
-            bad = view.nonfinite.double() if view is not None else sums.new_zeros(())
-            hidden = parts.hidden.double() if parts.hidden is not None else sums.new_zeros(())
-            sums += torch.stack(
-                [
-                    parts.total.detach().double(),
-                    parts.kd.double(),
-                    parts.kd_unscaled.double(),
-                    parts.ce.double(),
-                    bad,
-                    hidden,
-                ]
-            )
+            for name, value in _terms(parts, view).items():
+                sums[name] = sums[name] + value.double()
         stats = self._reduce(sums, self.clip_gradients(), any(b.generated for b in batches))
         decision = self.guard.decide(stats)
         self._apply(step, decision, stats)
@@ -497,32 +486,26 @@ class Trainer:
         norm = self.accelerator.clip_grad_norm_(self.trained.parameters(), max_norm)
         return full_tensor(norm) if self.fsdp else norm  # FSDP2: a DTensor over the shards
 
-    def _reduce(self, sums: torch.Tensor, grad_norm: torch.Tensor, on_policy: bool) -> StepStats:
+    def _reduce(self, sums: dict[str, torch.Tensor], grad_norm: torch.Tensor, on_policy: bool) -> StepStats:
         # One reduction, one sync: every rank sees the same numbers and so decides the same,
         # a stop requested by a signal on any rank included.
-        stop = sums.new_tensor([float(self.stop.signum is not None)])
-        reduced = self.accelerator.reduce(torch.cat([sums, grad_norm.detach().double().view(1), stop]), "sum")
-        loss, kd, kd_unscaled, ce, teacher_bad, hidden, grad_sum, stop_requests = reduced.tolist()
-        return StepStats(
-            loss,
-            kd,
-            kd_unscaled,
-            ce,
-            grad_sum / self.world,
-            teacher_bad > 0,
-            stop_requests > 0,
-            hidden if self.projection is not None else None,
-            on_policy,
+        named = {**sums, "grad_norm": grad_norm.detach().double(), "stop_requested": self._stop_flag()}
+        reduced = self.accelerator.reduce(torch.stack(list(named.values())), "sum").tolist()
+        return StepStats.from_reduced(
+            dict(zip(named, reduced)), self.world, with_hidden=self.projection is not None, on_policy=on_policy
         )
+
+    def _stop_flag(self) -> torch.Tensor:
+        return torch.tensor(float(self.stop.signum is not None), device=self.device, dtype=torch.float64)
 
     def _apply(self, step: int, decision: Decision, stats: StepStats) -> None:
         """Carry out the guard's decision; only an applied update changes weights and optimizer state."""
-        if decision.reason is not None and decision.reason.startswith("nonfinite"):
+        if decision.cause is Cause.NONFINITE:
             self.announce(step, self.monitor.on_nonfinite(step, decision.term))
         if decision.spike_median is not None:
             action = SPIKE_ACTIONS[self.cfg.guard.spike]
             self.announce(step, self.monitor.on_spike(step, stats.loss, decision.spike_median, action))
-        if decision.action == "rollback":
+        if decision.action is Action.ROLLBACK:
             to_step = self.guard.rollback(self.trained, self.optimizer)
             if to_step is not None:
                 scale = self.guard.state.lr_scale
@@ -743,3 +726,16 @@ def _utcnow() -> str:
 def _eval_summary(result: dict) -> dict:
     keys = ("eval_ce_loss", "eval_ppl", "eval_kd_loss", "eval_kl", "top1_agreement", "teacher_ce_loss", "teacher_ppl")
     return {k: result[k] for k in keys if k in result}
+
+
+def _terms(parts, view) -> dict[str, torch.Tensor]:
+    """What one micro-batch adds to its step's statistics (``SUMMED_TERMS``), by name."""
+    zero = parts.total.new_zeros(())
+    return {
+        "loss": parts.total.detach(),
+        "kd": parts.kd,
+        "kd_unscaled": parts.kd_unscaled,
+        "ce": parts.ce,
+        "teacher_nonfinite": view.nonfinite if view is not None else zero,
+        "hidden": parts.hidden if parts.hidden is not None else zero,
+    }
