@@ -146,40 +146,46 @@ def test_round_trip_restores_weights_optimizer_trainer_state_and_rng(ckdir: Path
     assert torch.equal(torch.rand(3), expected_draws[2])
 
 
-def test_save_order_files_then_manifest_then_rename_then_fsync(ckdir: Path, monkeypatch) -> None:
+def fd_name(fd: int) -> str:
+    """The name of the file an open descriptor refers to (Linux: through /proc)."""
+    return Path(os.readlink(f"/proc/self/fd/{fd}")).name
+
+
+needs_proc = pytest.mark.skipif(not Path("/proc/self/fd").is_dir(), reason="needs /proc/self/fd to name descriptors")
+
+
+@needs_proc
+def test_save_syncs_every_file_then_the_manifest_then_renames_the_synced_directory(ckdir: Path, monkeypatch) -> None:
+    """What reaches the disk in which order, seen at the os level: every file is fsync'd before the
+    manifest, the manifest before its directory, the directory before it is renamed in."""
     events: list[tuple[str, str]] = []
-    import lmdistill.core.paths as paths
+    real_fsync, real_replace = os.fsync, os.replace
 
-    real_write, real_fsync_dir, real_replace = ckpt._write_file, paths.fsync_dir, os.replace
-
-    def write(path: Path, fn) -> None:
-        real_write(path, fn)
-        events.append(("write", path.name))
-
-    def fsync_dir(path: Path) -> None:
-        real_fsync_dir(path)
-        events.append(("fsync_dir", Path(path).name))
+    def fsync(fd: int) -> None:
+        real_fsync(fd)
+        events.append(("fsync", fd_name(fd)))
 
     def replace(src, dst) -> None:
         real_replace(src, dst)
         events.append(("rename", f"{Path(src).name}->{Path(dst).name}"))
 
-    monkeypatch.setattr(ckpt, "_write_file", write)
-    monkeypatch.setattr(ckpt, "fsync_dir", fsync_dir)
-    monkeypatch.setattr(paths, "fsync_dir", fsync_dir)  # the directory publish (paths.replace_dir)
+    monkeypatch.setattr(os, "fsync", fsync)
     monkeypatch.setattr(os, "replace", replace)
     save_small(ckdir, 7, rng_state=capture_rng_state(), extra_files={"config.yaml": b"a: 1\n"})
 
     tmp_name = f".tmp-step-7-{os.getpid()}"
-    assert events == [
-        ("write", "optimizer.pt"),
-        ("write", "rng_state.pt"),
-        ("write", "trainer_state.json"),
-        ("write", "config.yaml"),
-        ("write", MANIFEST_FILE),
-        ("fsync_dir", tmp_name),
+    manifest_at = events.index(("fsync", MANIFEST_FILE))
+    assert {name for _, name in events[:manifest_at]} == {
+        MODEL_FILE,
+        OPTIMIZER_FILE,
+        "rng_state.pt",
+        "trainer_state.json",
+        "config.yaml",
+    }
+    assert events[manifest_at + 1 :] == [
+        ("fsync", tmp_name),
         ("rename", f"{tmp_name}->step-7"),
-        ("fsync_dir", "checkpoints"),
+        ("fsync", "checkpoints"),
     ]
     manifest = json.loads((ckdir / "step-7" / MANIFEST_FILE).read_text())
     assert manifest["format_version"] == 1 and manifest["step"] == 7  # one file: what version-1 readers load
@@ -396,22 +402,21 @@ def _snapshot(path: Path) -> dict[str, bytes]:
     return {p.name: p.read_bytes() for p in sorted(path.iterdir())}
 
 
-@pytest.mark.parametrize("failing_call", [0, 1, 3])  # optimizer, rng, manifest
-def test_failing_write_raises_and_keeps_previous_checkpoint(
-    ckdir: Path, monkeypatch, failing_call: int
-) -> None:
+@needs_proc
+@pytest.mark.parametrize("failing_file", [MODEL_FILE, OPTIMIZER_FILE, "rng_state.pt", MANIFEST_FILE])
+def test_failing_write_raises_and_keeps_previous_checkpoint(ckdir: Path, monkeypatch, failing_file: str) -> None:
+    """A full disk met while one file is written, the manifest (the last) included: nothing of the
+    new checkpoint is published, no staging directory is left, and the previous one is intact."""
     previous = save_small(ckdir, 1, value=1.0)
     before = _snapshot(previous)
-    calls = []
-    real_write = ckpt._write_file
+    real_fsync = os.fsync
 
-    def disk_full_on_nth_call(path: Path, write) -> None:
-        calls.append(path.name)
-        if len(calls) - 1 == failing_call:
-            raise OSError(errno.ENOSPC, "No space left on device", str(path))
-        real_write(path, write)
+    def disk_full_at(fd: int) -> None:
+        if fd_name(fd) == failing_file:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        real_fsync(fd)
 
-    monkeypatch.setattr(ckpt, "_write_file", disk_full_on_nth_call)
+    monkeypatch.setattr(os, "fsync", disk_full_at)
     with pytest.raises(CheckpointError) as info:
         save_small(ckdir, 2, value=2.0, rng_state=capture_rng_state())
     message = str(info.value)
@@ -520,8 +525,9 @@ def test_read_only_directory_raises_checkpoint_error(ckdir: Path) -> None:
     mounted = False
     try:
         if not _blocks_writes(ckdir):
-            mounted = subprocess.run(["mount", "-o", "bind,ro", str(ckdir), str(ckdir)],
-                                     capture_output=True).returncode == 0
+            mounted = (
+                subprocess.run(["mount", "-o", "bind,ro", str(ckdir), str(ckdir)], capture_output=True).returncode == 0
+            )
             if not mounted:
                 pytest.skip("root without the right to mount: neither chmod nor a read-only mount can block writes")
         assert _blocks_writes(ckdir)

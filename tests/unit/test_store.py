@@ -4,6 +4,7 @@ each document, the chat layout written out, the samplers' counts tallied."""
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import multiprocessing
@@ -49,6 +50,7 @@ def write_jsonl(path: Path, records: list[dict]) -> Path:
 
 # ---- the store on disk ---------------------------------------------------------------------
 
+
 def test_store_holds_each_document_then_eos_in_uint16_with_hashes(tmp_path, home, docs, tiny_tokenizer):
     source = write_jsonl(tmp_path / "d.jsonl", [{"text": d} for d in docs])
     store, built = open_store(str(source), cfg_for(source, home), tiny_tokenizer)
@@ -64,8 +66,13 @@ def test_store_holds_each_document_then_eos_in_uint16_with_hashes(tmp_path, home
         assert hashlib.sha256((store.path / name).read_bytes()).hexdigest() == record["sha256"]
     assert manifest["tokens"] == len(expected) and manifest["documents"] == len(docs)
     assert manifest["key"]["tokenizer"].startswith("sha256:")
-    assert manifest["source_files"] == [{"path": str(source.resolve()), "bytes": source.stat().st_size,
-                                         "sha256": hashlib.sha256(source.read_bytes()).hexdigest()}]
+    assert manifest["source_files"] == [
+        {
+            "path": str(source.resolve()),
+            "bytes": source.stat().st_size,
+            "sha256": hashlib.sha256(source.read_bytes()).hexdigest(),
+        }
+    ]
     assert list(home.iterdir()) == [store.path] or {p.suffix for p in home.iterdir()} <= {"", ".lock"}
 
 
@@ -145,7 +152,8 @@ def test_killed_build_resumes_and_equals_an_uninterrupted_one(tmp_path, docs, ti
     source = tmp_path / "big.txt"
     source.write_text("\n".join(docs))
     child = multiprocessing.get_context("fork").Process(
-        target=_killed_build, args=(str(source), str(tmp_path / "k"), tiny_tokenizer, 2))
+        target=_killed_build, args=(str(source), str(tmp_path / "k"), tiny_tokenizer, 2)
+    )
     child.start()
     child.join()
     assert child.exitcode == 137
@@ -180,8 +188,10 @@ def test_two_processes_build_one_store_once(tmp_path, docs, tiny_tokenizer):
     source, log = tmp_path / "a.txt", tmp_path / "builds.log"
     source.write_text(docs[2])
     ctx = multiprocessing.get_context("fork")
-    children = [ctx.Process(target=_build_in_child, args=(str(source), str(tmp_path / "h"), tiny_tokenizer, str(log)))
-                for _ in range(2)]
+    children = [
+        ctx.Process(target=_build_in_child, args=(str(source), str(tmp_path / "h"), tiny_tokenizer, str(log)))
+        for _ in range(2)
+    ]
     for c in children:
         c.start()
     for c in children:
@@ -223,28 +233,36 @@ def test_id_dtype_is_the_narrowest_that_holds_the_vocabulary():
 
 # ---- chat data -----------------------------------------------------------------------------
 
+
 @pytest.fixture(scope="module")
 def chat_tok(tiny_tokenizer):
     return chat_tokenizer(tiny_tokenizer)
 
 
 def conversation(i: int) -> list[dict]:
-    return [{"role": "user", "content": f"What is item {i}?"},
-            {"role": "assistant", "content": f"Item {i} is a number."},
-            {"role": "user", "content": "And then?"},
-            {"role": "assistant", "content": "Nothing more."}]
+    return [
+        {"role": "user", "content": f"What is item {i}?"},
+        {"role": "assistant", "content": f"Item {i} is a number."},
+        {"role": "user", "content": "And then?"},
+        {"role": "assistant", "content": "Nothing more."},
+    ]
 
 
 def assistant_tokens(tokenizer, messages) -> int:
     """By hand: an assistant turn trains on its content, the end-of-turn token and the newline after it."""
-    return sum(len(ids_of(tokenizer, m["content"])) + 1 + len(ids_of(tokenizer, "\n"))
-               for m in messages if m["role"] == "assistant")
+    return sum(
+        len(ids_of(tokenizer, m["content"])) + 1 + len(ids_of(tokenizer, "\n"))
+        for m in messages
+        if m["role"] == "assistant"
+    )
 
 
 def test_chat_store_masks_assistant_turns_and_packs_whole_conversations(tmp_path, home, chat_tok):
     convs = [conversation(i) for i in range(12)]
-    source = write_jsonl(tmp_path / "chat.jsonl", [{"messages": c} for c in convs]
-                         + [{"messages": [{"role": "user", "content": "no reply"}]}])
+    source = write_jsonl(
+        tmp_path / "chat.jsonl",
+        [{"messages": c} for c in convs] + [{"messages": [{"role": "user", "content": "no reply"}]}],
+    )
     cfg = cfg_for(source, home, block_size=64, max_eval_blocks=None)
     store, _ = open_store(str(source), cfg, chat_tok)
     assert store.chat and store.manifest["skipped_no_assistant"] == 1 and store.manifest["documents"] == 12
@@ -260,8 +278,10 @@ def test_chat_store_masks_assistant_turns_and_packs_whole_conversations(tmp_path
         nxt = int(np.searchsorted(store.doc_ends, start + length, side="right"))
         assert length + lengths[nxt] > 64
     # Every target of every block is an assistant token: the hand count, as no block starts on one.
-    data = build_block_data(DataConfig(path=str(source), store_dir=str(home), block_size=64, max_eval_blocks=None,
-                                       eval_fraction=0.2), chat_tok)
+    data = build_block_data(
+        DataConfig(path=str(source), store_dir=str(home), block_size=64, max_eval_blocks=None, eval_fraction=0.2),
+        chat_tok,
+    )
     total = sum(assistant_tokens(chat_tok, c) for c in convs)
     assert data.train.num_targets + data.eval.num_targets == total
     valid = []
@@ -311,6 +331,7 @@ def test_loss_on_assistant_for_plain_text_is_refused(tmp_path, home, docs, tiny_
 
 # ---- mixtures ------------------------------------------------------------------------------
 
+
 def test_quotas_follow_the_weights_and_sum_to_the_period():
     assert quotas([1, 1], 1000) == [500, 500]
     assert quotas([1, 2], 1000) == [333, 667]
@@ -339,16 +360,21 @@ def test_mixture_is_a_pure_function_of_the_micro_batch_and_ranks_split_it():
     single = MixtureSampler([30, 50], [2, 1], batch_size=6, seed=5)
     for m in range(50):
         assert r0.indices(m).tolist() + r1.indices(m).tolist() == single.indices(m).tolist()
-    assert MixtureSampler([30, 50], [2, 1], batch_size=3, seed=6).indices(0).tolist() != seq[0] or \
-        MixtureSampler([30, 50], [2, 1], batch_size=3, seed=6).indices(1).tolist() != seq[1]
+    assert (
+        MixtureSampler([30, 50], [2, 1], batch_size=3, seed=6).indices(0).tolist() != seq[0]
+        or MixtureSampler([30, 50], [2, 1], batch_size=3, seed=6).indices(1).tolist() != seq[1]
+    )
 
 
 def test_a_mixture_of_two_sources_draws_their_blocks(tmp_path, home, docs, tiny_tokenizer):
     a, b = tmp_path / "a.txt", tmp_path / "b.txt"
     a.write_text("\n".join(docs[:5]))
     b.write_text("\n".join(docs[5:]))
-    cfg = DataConfig(sources=[{"path": str(a), "weight": 3}, {"path": str(b), "weight": 1, "name": "bee"}],
-                     store_dir=str(home), block_size=16)
+    cfg = DataConfig(
+        sources=[{"path": str(a), "weight": 3}, {"path": str(b), "weight": 1, "name": "bee"}],
+        store_dir=str(home),
+        block_size=16,
+    )
     data = build_block_data(cfg, tiny_tokenizer)
     assert [s.name for s in data.sources] == [str(a), "bee"] and data.weights == [3.0, 1.0]
     assert len(data.train) == len(data.sources[0].train) + len(data.sources[1].train)
@@ -361,6 +387,7 @@ def test_a_mixture_of_two_sources_draws_their_blocks(tmp_path, home, docs, tiny_
 
 
 # ---- streaming -----------------------------------------------------------------------------
+
 
 def test_a_streamed_jsonl_gives_the_same_store_as_a_loaded_one(tmp_path, docs, tiny_tokenizer, monkeypatch):
     from lmdistill.data.sources import StreamSource
@@ -379,8 +406,11 @@ def test_streaming_stops_reading_once_max_tokens_are_stored(tmp_path, docs, tiny
     records = [{"text": d} for d in docs] * 20  # 200 records, about 100 shards
     source = write_jsonl(tmp_path / "d.jsonl", records)
     first_two = sum(len(ids_of(tiny_tokenizer, d)) + 1 for d in docs[:2])
-    store, _ = open_store(str(source), cfg_for(source, tmp_path / "s", streaming=True, num_proc=1,
-                                                max_tokens=first_two - 5), tiny_tokenizer)
+    store, _ = open_store(
+        str(source),
+        cfg_for(source, tmp_path / "s", streaming=True, num_proc=1, max_tokens=first_two - 5),
+        tiny_tokenizer,
+    )
     assert store.num_tokens == first_two - 5
     assert store.manifest["records"] == 2  # one shard of two records was read, nothing more
 
@@ -402,8 +432,12 @@ def test_batches_report_their_rows_in_the_set_they_came_from(tmp_path, home, doc
     a, b = tmp_path / "a.txt", tmp_path / "b.txt"
     a.write_text("\n".join(docs[:5]))
     b.write_text("\n".join(docs[5:]))
-    cfg = DataConfig(sources=[{"path": str(a), "weight": 1}, {"path": str(b), "weight": 1}], store_dir=str(home),
-                     block_size=16, max_eval_blocks=None)
+    cfg = DataConfig(
+        sources=[{"path": str(a), "weight": 1}, {"path": str(b), "weight": 1}],
+        store_dir=str(home),
+        block_size=16,
+        max_eval_blocks=None,
+    )
     data = build_block_data(cfg, tiny_tokenizer)
     rows = torch.tensor([len(data.train) - 1, 0, 3])
     assert data.train.batch(rows).rows.tolist() == rows.tolist()
@@ -413,6 +447,7 @@ def test_batches_report_their_rows_in_the_set_they_came_from(tmp_path, home, doc
 
 
 # ---- hostile input: damaged stores, unwritable places, broken streams ----------------------------------------------
+
 
 def test_a_store_directory_without_its_manifest_is_refused_not_built_over(tmp_path, home, docs, tiny_tokenizer):
     source = tmp_path / "a.txt"
@@ -432,8 +467,9 @@ def test_a_missing_store_file_is_named_missing(tmp_path, home, docs, tiny_tokeni
         open_store(str(source), cfg_for(source, home), tiny_tokenizer)
 
 
-def test_a_read_only_store_dir_is_named_with_the_setting_that_moves_it(tmp_path, home, docs, tiny_tokenizer,
-                                                                       monkeypatch):
+def test_a_read_only_store_dir_is_named_with_the_setting_that_moves_it(
+    tmp_path, home, docs, tiny_tokenizer, monkeypatch
+):
     import errno
 
     source = tmp_path / "a.txt"
@@ -486,11 +522,43 @@ def test_a_killed_join_leaves_no_temporary_copy_behind(tmp_path, home, docs, tin
     assert not stale.exists()
 
 
+@pytest.mark.skipif(not Path("/proc/self/fd").is_dir(), reason="needs /proc/self/fd to name descriptors")
+def test_a_full_disk_at_the_manifest_publishes_no_store_and_keeps_the_shards(
+    tmp_path, home, docs, tiny_tokenizer, monkeypatch
+):
+    """The manifest is written last: a failure there leaves no store (nor its staging directory),
+    only the build's finished shards, from which the rerun makes the store without tokenizing."""
+    source = tmp_path / "a.txt"
+    source.write_text(docs[0])
+    clean, _ = open_store(str(source), cfg_for(source, tmp_path / "clean"), tiny_tokenizer)
+    real_fsync = os.fsync
+
+    def full_disk_at_the_manifest(fd: int) -> None:
+        if Path(os.readlink(f"/proc/self/fd/{fd}")).name == "manifest.json":
+            raise OSError(errno.ENOSPC, "No space left on device")
+        real_fsync(fd)
+
+    monkeypatch.setattr(os, "fsync", full_disk_at_the_manifest)
+    with pytest.raises(
+        LmdistillError, match="could not write the data store .*No space left.*finished shards are kept"
+    ):
+        open_store(str(source), cfg_for(source, home), tiny_tokenizer)
+    left = sorted(p.name for p in home.iterdir())
+    assert [n for n in left if not n.endswith((".build", ".lock"))] == [] and any(n.endswith(".build") for n in left)
+
+    monkeypatch.setattr(os, "fsync", real_fsync)
+    monkeypatch.setattr(store_module, "_tokenize_shard", lambda *a: pytest.fail("tokenized again"))
+    store, built = open_store(str(source), cfg_for(source, home), tiny_tokenizer)
+    assert built and store.fingerprint == clean.fingerprint
+    assert sorted(p.name for p in home.iterdir()) == sorted([store.path.name, f"{store.path.name}.lock"])
+
+
 def test_a_truncated_finished_shard_is_redone_not_joined(tmp_path, docs, tiny_tokenizer, monkeypatch):
     source = tmp_path / "big.txt"
     source.write_text("\n".join(docs))
     child = multiprocessing.get_context("fork").Process(
-        target=_killed_build, args=(str(source), str(tmp_path / "k"), tiny_tokenizer, 2))
+        target=_killed_build, args=(str(source), str(tmp_path / "k"), tiny_tokenizer, 2)
+    )
     child.start()
     child.join()
     build = next(tmp_path.glob("k/*.build"))
@@ -526,15 +594,22 @@ class _BreaksAfter:
 
 
 @pytest.mark.parametrize("local", [True, False])
-def test_a_stream_that_breaks_part_way_is_one_line_not_a_traceback(tmp_path, home, docs, tiny_tokenizer, monkeypatch,
-                                                                   local):
+def test_a_stream_that_breaks_part_way_is_one_line_not_a_traceback(
+    tmp_path, home, docs, tiny_tokenizer, monkeypatch, local
+):
     from lmdistill.data.sources import StreamSource
 
     monkeypatch.setattr(StreamSource, "STREAM_RECORDS", 2)
     (tmp_path / "d.jsonl").write_text("{}\n")  # a local source's files are hashed before the build reads them
     identity = {"files": [[str(tmp_path / "d.jsonl"), 1, 1]], "builder": "json"} if local else {"datasets_stream": "x"}
-    plan = StreamSource("d.jsonl (1 file)", identity, "text", "data.path", "d.jsonl",
-                        lambda: _BreaksAfter([{"text": d} for d in docs] * 10, after=70))
+    plan = StreamSource(
+        "d.jsonl (1 file)",
+        identity,
+        "text",
+        "data.path",
+        "d.jsonl",
+        lambda: _BreaksAfter([{"text": d} for d in docs] * 10, after=70),
+    )
     with pytest.raises(LmdistillError, match=r"reading the stream stopped after 70 record\(s\): ValueError: JSON"):
         store_module.open_or_build(plan, tiny_tokenizer, home=home, num_proc=1, max_tokens=None, progress=False)
     builds = list(home.glob("*.build"))
@@ -549,6 +624,7 @@ def test_a_stream_whose_first_record_has_no_text_is_read_like_a_loaded_one(tmp_p
 
 
 # ---- stale sources and damaged stores that keep their sizes -----------------------------------------------------
+
 
 def _rewrite_keeping_size_and_time(path: Path, data: bytes) -> None:
     """What ``cp -p``, ``rsync -a`` or ``tar`` do: other content, the same size and modification time."""
@@ -579,7 +655,8 @@ def test_a_killed_build_whose_source_changed_redoes_its_shards(tmp_path, docs, t
     text = "\n".join(docs)
     source.write_text(text)
     child = multiprocessing.get_context("fork").Process(
-        target=_killed_build, args=(str(source), str(tmp_path / "k"), tiny_tokenizer, 2))
+        target=_killed_build, args=(str(source), str(tmp_path / "k"), tiny_tokenizer, 2)
+    )
     child.start()
     child.join()
     assert list(tmp_path.glob("k/*.build/shard-00001.json"))
@@ -598,8 +675,11 @@ def test_ids_past_the_vocabulary_are_refused_naming_the_store(tmp_path, home, do
     tokens[7] = 60000  # overwritten in place: the file keeps its size
     tokens.flush()
     del tokens
-    with pytest.raises(LmdistillError, match=r"damaged: tokens.bin holds token id 60,000, past the tokenizer's 384 "
-                                             r"ids; delete the directory and run again to rebuild it") as info:
+    with pytest.raises(
+        LmdistillError,
+        match=r"damaged: tokens.bin holds token id 60,000, past the tokenizer's 384 "
+        r"ids; delete the directory and run again to rebuild it",
+    ) as info:
         open_store(str(source), cfg_for(source, home), tiny_tokenizer)
     assert str(store.path) in str(info.value)
 
@@ -617,18 +697,37 @@ def _set(manifest: dict, keys: tuple, value) -> dict:
     return manifest
 
 
-@pytest.mark.parametrize("craft, says", [
-    (lambda m: [m], "manifest.json holds a JSON list, not an object"),
-    (lambda m: _set(m, ("files",), _set), "does not list docs.bin, tokens.bin under 'files'"),
-    (lambda m: _set(m, ("files", "tokens.bin", "bytes"), _set), "lacks the dtype (uint16 or uint32), bytes or sha256"),
-    (lambda m: _set(m, ("files", "tokens.bin", "dtype"), "object"), "lacks the dtype (uint16 or uint32)"),
-    (lambda m: _set(m, ("files", "../../etc/passwd"), {"dtype": "uint8", "bytes": 1, "sha256": ""}), "does not list"),
-    (lambda m: _set(m, ("tokens",), m["tokens"] * 10), "which tokens.bin would hold in"),
-    (lambda m: _set(m, ("tokens",), "many"), "has no whole number 'tokens'"),
-    (lambda m: _set(m, ("pad_id",), 1000), "pad id 1,000, past the tokenizer's 384 ids"),
-    (lambda m: _set(m, ("source_files",), {}), "lacks the paths and SHA-256 of its source files"),
-], ids=["list", "no-files", "no-bytes", "object-dtype", "foreign-file", "inflated-tokens", "tokens-text", "pad-id",
-        "source-files"])
+@pytest.mark.parametrize(
+    "craft, says",
+    [
+        (lambda m: [m], "manifest.json holds a JSON list, not an object"),
+        (lambda m: _set(m, ("files",), _set), "does not list docs.bin, tokens.bin under 'files'"),
+        (
+            lambda m: _set(m, ("files", "tokens.bin", "bytes"), _set),
+            "lacks the dtype (uint16 or uint32), bytes or sha256",
+        ),
+        (lambda m: _set(m, ("files", "tokens.bin", "dtype"), "object"), "lacks the dtype (uint16 or uint32)"),
+        (
+            lambda m: _set(m, ("files", "../../etc/passwd"), {"dtype": "uint8", "bytes": 1, "sha256": ""}),
+            "does not list",
+        ),
+        (lambda m: _set(m, ("tokens",), m["tokens"] * 10), "which tokens.bin would hold in"),
+        (lambda m: _set(m, ("tokens",), "many"), "has no whole number 'tokens'"),
+        (lambda m: _set(m, ("pad_id",), 1000), "pad id 1,000, past the tokenizer's 384 ids"),
+        (lambda m: _set(m, ("source_files",), {}), "lacks the paths and SHA-256 of its source files"),
+    ],
+    ids=[
+        "list",
+        "no-files",
+        "no-bytes",
+        "object-dtype",
+        "foreign-file",
+        "inflated-tokens",
+        "tokens-text",
+        "pad-id",
+        "source-files",
+    ],
+)
 def test_a_crafted_manifest_is_one_line_saying_the_store_is_damaged(tmp_path, home, docs, tiny_tokenizer, craft, says):
     source = tmp_path / "a.txt"
     source.write_text(docs[0])
@@ -642,8 +741,9 @@ def test_a_crafted_manifest_is_one_line_saying_the_store_is_damaged(tmp_path, ho
     assert message.endswith("delete the directory and run again to rebuild it") and "\n" not in message
 
 
-def test_store_files_that_link_elsewhere_or_end_documents_past_the_tokens_are_refused(tmp_path, home, docs,
-                                                                                    tiny_tokenizer):
+def test_store_files_that_link_elsewhere_or_end_documents_past_the_tokens_are_refused(
+    tmp_path, home, docs, tiny_tokenizer
+):
     source = tmp_path / "a.txt"
     source.write_text(docs[0])
     store, _ = open_store(str(source), cfg_for(source, home), tiny_tokenizer)
@@ -651,8 +751,11 @@ def test_store_files_that_link_elsewhere_or_end_documents_past_the_tokens_are_re
     elsewhere = tmp_path / "elsewhere.bin"
     tokens.rename(elsewhere)
     tokens.symlink_to(elsewhere)
-    with pytest.raises(LmdistillError, match=r"damaged: tokens.bin is a symbolic link \(to .*elsewhere.bin\), not a "
-                                             r"file of the store; delete the directory"):
+    with pytest.raises(
+        LmdistillError,
+        match=r"damaged: tokens.bin is a symbolic link \(to .*elsewhere.bin\), not a "
+        r"file of the store; delete the directory",
+    ):
         open_store(str(source), cfg_for(source, home), tiny_tokenizer)
     tokens.unlink()
     elsewhere.rename(tokens)
@@ -660,12 +763,16 @@ def test_store_files_that_link_elsewhere_or_end_documents_past_the_tokens_are_re
     ends[-1] += 5
     ends.flush()
     del ends
-    with pytest.raises(LmdistillError, match=r"damaged: docs.bin does not hold document ends in order up to the "
-                                             r"last token"):
+    with pytest.raises(
+        LmdistillError,
+        match=r"damaged: docs.bin does not hold document ends in order up to the "
+        r"last token",
+    ):
         open_store(str(source), cfg_for(source, home), tiny_tokenizer)
 
 
 # ---- a killed build --------------------------------------------------------------------------
+
 
 def test_a_waiter_for_the_store_lock_is_told_which_process_holds_it(tmp_path):
     import threading
@@ -729,8 +836,16 @@ def test_the_workers_of_a_killed_parallel_build_end_with_it(tmp_path, docs, tiny
     pids.mkdir()
 
     def build(mode: str, **kwargs):
-        args = [sys.executable, "-c", _BUILD_SCRIPT, str(tmp_path / "tokenizer"), str(source), str(pids), mode,
-                str(tmp_path / "stores")]
+        args = [
+            sys.executable,
+            "-c",
+            _BUILD_SCRIPT,
+            str(tmp_path / "tokenizer"),
+            str(source),
+            str(pids),
+            mode,
+            str(tmp_path / "stores"),
+        ]
         return subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, **kwargs)
 
     parent, workers = build("stuck"), []

@@ -93,13 +93,17 @@ def open_no_link(path: Path, flags: int, what: str) -> int:
         fd = os.open(path, flags | NOFOLLOW | getattr(os, "O_NONBLOCK", 0), 0o644)  # a FIFO must not hang us
     except OSError as exc:
         if exc.errno in (errno.ELOOP, errno.EMLINK) or os.path.islink(path):
-            raise LmdistillError(f"'{path}' is a symbolic link, not the {what} lmdistill writes there; lmdistill "
-                                 "never writes through a link: remove the link, or choose another directory") from None
+            raise LmdistillError(
+                f"'{path}' is a symbolic link, not the {what} lmdistill writes there; lmdistill "
+                "never writes through a link: remove the link, or choose another directory"
+            ) from None
         raise
     if not stat.S_ISREG(os.fstat(fd).st_mode):
         os.close(fd)
-        raise LmdistillError(f"'{path}' is not a regular file, so it cannot be the {what} lmdistill writes there; "
-                             "remove it, or choose another directory")
+        raise LmdistillError(
+            f"'{path}' is not a regular file, so it cannot be the {what} lmdistill writes there; "
+            "remove it, or choose another directory"
+        )
     return fd
 
 

@@ -60,11 +60,13 @@ from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
 from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import BinaryIO
 
 import numpy as np
 
 from lmdistill.core.errors import LmdistillError
-from lmdistill.core.paths import atomic_write_json, cache_home, exclusive_lock, fsync_dir, sha256_file
+from lmdistill.core.files import ManifestDir, file_record
+from lmdistill.core.paths import atomic_write_json, cache_home, exclusive_lock, sha256_file
 from lmdistill.core.progress import progress_bar
 from lmdistill.data import chat
 from lmdistill.data.chat import check_chat_template, record_format
@@ -217,8 +219,9 @@ def _tokenize_shard(index: int, shard: tuple, out_dir: str, dtype: str) -> dict:
     if shard[0] == "files":
         for path, start, end, last in shard[1]:
             before = len(ids)
-            for piece in tokenizer(_text_pieces(path, start, end), add_special_tokens=False,
-                                   verbose=False)["input_ids"]:
+            for piece in tokenizer(_text_pieces(path, start, end), add_special_tokens=False, verbose=False)[
+                "input_ids"
+            ]:
                 ids.extend(piece)
             if last and (len(ids) > before or start > 0):  # the file's end: its document ends with EOS
                 ids.append(tokenizer.eos_token_id)
@@ -264,8 +267,10 @@ def _text_pieces(path: str, start: int, end: int) -> list[str]:
         try:
             pieces.append(data[at:cut].decode("utf-8"))
         except UnicodeDecodeError as exc:
-            raise RecordError(f"'{path}' is not UTF-8 text (a byte {data[at + exc.start]:#04x} at byte offset "
-                              f"{start + at + exc.start}); convert it to UTF-8, e.g. with iconv") from None
+            raise RecordError(
+                f"'{path}' is not UTF-8 text (a byte {data[at + exc.start]:#04x} at byte offset "
+                f"{start + at + exc.start}); convert it to UTF-8, e.g. with iconv"
+            ) from None
         at = cut
     return pieces
 
@@ -280,8 +285,11 @@ def _records_to_ids(records: list[dict], start: int, fmt: str, tokenizer, ids, e
         for number, record in enumerate(records, start):
             text = record.get(text_field)
             if text is not None and not isinstance(text, str):
-                raise RecordError(f"a record's text field holds {type(text).__name__} ({str(text)[:40]!r}), not "
-                                  "text; set data.text_field to the field that holds the text", number)
+                raise RecordError(
+                    f"a record's text field holds {type(text).__name__} ({str(text)[:40]!r}), not "
+                    "text; set data.text_field to the field that holds the text",
+                    number,
+                )
             _check_format(record, fmt, text_field, number)
             if text:
                 texts.append(text)
@@ -312,8 +320,11 @@ def _check_format(record: dict, fmt: str, text_field: str, number: int) -> None:
     found = record_format(record, text_field)
     if found != fmt and not (fmt == "text" and found is None):  # a record without text is counted, not an error
         what = "no text, messages or prompt/completion field" if found is None else f"a '{found}' record"
-        raise RecordError(f"mixed formats: this source's first record is '{fmt}' but record {number} has {what}; "
-                          "keep one format per source (use data.sources for a mixture)", number)
+        raise RecordError(
+            f"mixed formats: this source's first record is '{fmt}' but record {number} has {what}; "
+            "keep one format per source (use data.sources for a mixture)",
+            number,
+        )
 
 
 # ---------------------------------------------------------------------------- the store on disk
@@ -350,21 +361,30 @@ class Store:
         try:
             manifest = json.loads((path / MANIFEST).read_text())
         except (OSError, ValueError) as exc:
-            raise LmdistillError(f"data store '{path}' has no readable {MANIFEST} ({exc.__class__.__name__}); delete "
-                                 "the directory and run again to rebuild it") from None
+            raise LmdistillError(
+                f"data store '{path}' has no readable {MANIFEST} ({exc.__class__.__name__}); delete "
+                "the directory and run again to rebuild it"
+            ) from None
         if isinstance(manifest, dict) and manifest.get("format_version") != FORMAT_VERSION:
-            raise LmdistillError(f"data store '{path}' has format version {manifest.get('format_version')}, this "
-                                 f"lmdistill reads {FORMAT_VERSION}; delete the directory and run again to rebuild it")
+            raise LmdistillError(
+                f"data store '{path}' has format version {manifest.get('format_version')}, this "
+                f"lmdistill reads {FORMAT_VERSION}; delete the directory and run again to rebuild it"
+            )
         problem = _manifest_problem(manifest, vocab_size) or _files_problem(path, manifest)
         if problem is None:
-            arrays = {name: np.memmap(path / name, dtype=record["dtype"], mode="r") if record["bytes"]
-                      else np.zeros(0, dtype=record["dtype"]) for name, record in manifest["files"].items()}
+            arrays = {
+                name: np.memmap(path / name, dtype=record["dtype"], mode="r")
+                if record["bytes"]
+                else np.zeros(0, dtype=record["dtype"])
+                for name, record in manifest["files"].items()
+            }
             store = cls(path, manifest, arrays["tokens.bin"], arrays["docs.bin"], arrays.get("mask.bin"))
             problem = store._contents_problem(vocab_size)
             if problem is None:
                 return store
-        raise LmdistillError(f"data store '{path}' is damaged: {problem}; delete the directory and run again to "
-                             "rebuild it")
+        raise LmdistillError(
+            f"data store '{path}' is damaged: {problem}; delete the directory and run again to rebuild it"
+        )
 
     def _contents_problem(self, vocab_size: int) -> str | None:
         """What is wrong with the ids or document ends (None if nothing)."""
@@ -381,8 +401,10 @@ class Store:
         """Check every file against its SHA-256 in the manifest (reads all of them)."""
         for name, record in self.manifest["files"].items():
             if sha256_file(self.path / name) != record["sha256"]:
-                raise LmdistillError(f"data store '{self.path}' is damaged: {name} does not match its SHA-256 in the "
-                                     "manifest; delete the directory and run again to rebuild it")
+                raise LmdistillError(
+                    f"data store '{self.path}' is damaged: {name} does not match its SHA-256 in the "
+                    "manifest; delete the directory and run again to rebuild it"
+                )
 
 
 # The files a store may hold, with the dtypes each may have; the manifest's counts that must be whole numbers.
@@ -406,22 +428,31 @@ def _manifest_problem(manifest, vocab_size: int) -> str | None:
     if not isinstance(files, dict) or set(files) != wanted:
         return f"{MANIFEST} does not list {', '.join(sorted(wanted))} under 'files'"
     for name, record in files.items():
-        if (not isinstance(record, dict) or record.get("dtype") not in _FILE_DTYPES[name]
-                or not isinstance(record.get("bytes"), int) or not isinstance(record.get("sha256"), str)):
+        if (
+            not isinstance(record, dict)
+            or record.get("dtype") not in _FILE_DTYPES[name]
+            or not isinstance(record.get("bytes"), int)
+            or not isinstance(record.get("sha256"), str)
+        ):
             return f"{MANIFEST} lacks the dtype ({' or '.join(_FILE_DTYPES[name])}), bytes or sha256 of {name}"
     tokens, documents = manifest["tokens"], manifest["documents"]
-    sizes = {"tokens.bin": tokens * np.dtype(files["tokens.bin"]["dtype"]).itemsize, "docs.bin": documents * 8,
-             "mask.bin": tokens}
+    sizes = {
+        "tokens.bin": tokens * np.dtype(files["tokens.bin"]["dtype"]).itemsize,
+        "docs.bin": documents * 8,
+        "mask.bin": tokens,
+    }
     for name, record in files.items():
         if record["bytes"] != sizes[name]:
-            return (f"{MANIFEST} counts {tokens:,} tokens in {documents:,} documents, which {name} would hold in "
-                    f"{sizes[name]:,} bytes, not the {record['bytes']:,} it lists")
+            return (
+                f"{MANIFEST} counts {tokens:,} tokens in {documents:,} documents, which {name} would hold in "
+                f"{sizes[name]:,} bytes, not the {record['bytes']:,} it lists"
+            )
     if manifest["pad_id"] >= vocab_size:
         return f"{MANIFEST} has pad id {manifest['pad_id']:,}, past the tokenizer's {vocab_size:,} ids"
     sources = manifest.get("source_files")
     if not isinstance(sources, list) or not all(
-            isinstance(f, dict) and isinstance(f.get("path"), str) and isinstance(f.get("sha256"), str)
-            for f in sources):
+        isinstance(f, dict) and isinstance(f.get("path"), str) and isinstance(f.get("sha256"), str) for f in sources
+    ):
         return f"{MANIFEST} lacks the paths and SHA-256 of its source files"
     return None
 
@@ -456,8 +487,11 @@ def tokenizer_hash(tokenizer) -> str:
     """What decides the ids: the tokenizer's full definition, its EOS and its chat template."""
     backend = getattr(tokenizer, "backend_tokenizer", None)
     spec = backend.to_str() if backend is not None else json.dumps(tokenizer.get_vocab(), sort_keys=True)
-    template = tokenizer.chat_template if isinstance(tokenizer.chat_template, str) else json.dumps(
-        tokenizer.chat_template, sort_keys=True)
+    template = (
+        tokenizer.chat_template
+        if isinstance(tokenizer.chat_template, str)
+        else json.dumps(tokenizer.chat_template, sort_keys=True)
+    )
     parts = [spec, str(tokenizer.eos_token_id), template or ""]
     return "sha256:" + hashlib.sha256("\0".join(parts).encode()).hexdigest()
 
@@ -469,10 +503,16 @@ def id_dtype(vocab_size: int) -> str:
 
 def store_key(plan: SourcePlan, tokenizer, max_tokens: int | None) -> dict:
     """Everything that changes the stored ids; its hash names the store's directory."""
-    return {"format_version": FORMAT_VERSION, "source": plan.identity,
-            "text_field": plan.text_field if plan.kind == "records" else None, "max_tokens": max_tokens,
-            "tokenizer": tokenizer_hash(tokenizer), "dtype": id_dtype(len(tokenizer)),
-            "shard_bytes": SHARD_BYTES, "piece_bytes": PIECE_BYTES}
+    return {
+        "format_version": FORMAT_VERSION,
+        "source": plan.identity,
+        "text_field": plan.text_field if plan.kind == "records" else None,
+        "max_tokens": max_tokens,
+        "tokenizer": tokenizer_hash(tokenizer),
+        "dtype": id_dtype(len(tokenizer)),
+        "shard_bytes": SHARD_BYTES,
+        "piece_bytes": PIECE_BYTES,
+    }
 
 
 def key_name(key: dict) -> str:
@@ -490,9 +530,14 @@ def stores_home(store_dir: str | None) -> Path:
 def _locked(path: Path, say) -> Iterator[None]:
     """An exclusive lock on ``path``; says once that it waits when another process holds it."""
     try:  # never through a link: a planted one would have us create or lock its target
-        with exclusive_lock(path, "data store build lock", lambda holder: say(
+        with exclusive_lock(
+            path,
+            "data store build lock",
+            lambda holder: say(
                 f"waiting for another process ({holder}) to finish building the data store "
-                f"({path.with_suffix('')}); if that process is stuck, end it")):
+                f"({path.with_suffix('')}); if that process is stuck, end it"
+            ),
+        ):
             yield
     except OSError as exc:  # a read-only store_dir: the lock file is the first thing written there
         if exc.filename is not None and Path(exc.filename) == path:
@@ -500,8 +545,16 @@ def _locked(path: Path, say) -> Iterator[None]:
         raise
 
 
-def open_or_build(plan: SourcePlan, tokenizer, *, home: Path, num_proc: int | None, max_tokens: int | None,
-                  say=print, progress: bool = True) -> tuple[Store, bool]:
+def open_or_build(
+    plan: SourcePlan,
+    tokenizer,
+    *,
+    home: Path,
+    num_proc: int | None,
+    max_tokens: int | None,
+    say=print,
+    progress: bool = True,
+) -> tuple[Store, bool]:
     """The store for ``plan`` and ``tokenizer``: opened if it exists, else built. (store, built)."""
     key = store_key(plan, tokenizer, max_tokens)
     final = home / key_name(key)
@@ -514,8 +567,10 @@ def open_or_build(plan: SourcePlan, tokenizer, *, home: Path, num_proc: int | No
     if store is not None:
         if (changed := _changed_source(store.manifest)) is None:
             return store, False
-        say(f"note: {changed} is not the file the data store {final} was built from (same size and modification "
-            "time, other content); building it again")
+        say(
+            f"note: {changed} is not the file the data store {final} was built from (same size and modification "
+            "time, other content); building it again"
+        )
     try:
         home.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
@@ -536,17 +591,26 @@ def open_or_build(plan: SourcePlan, tokenizer, *, home: Path, num_proc: int | No
 
 
 def _unwritable(home: Path, exc: OSError) -> LmdistillError:
-    return LmdistillError(f"cannot write in the data store directory '{home}' ({exc.strerror or exc}); set "
-                          "data.store_dir (or LMDISTILL_HOME) to a writable directory")
+    return LmdistillError(
+        f"cannot write in the data store directory '{home}' ({exc.strerror or exc}); set "
+        "data.store_dir (or LMDISTILL_HOME) to a writable directory"
+    )
 
 
-def _build(plan: SourcePlan, tokenizer, key: dict, final: Path, num_proc: int | None, max_tokens: int | None,
-           say, progress: bool) -> None:
+def _build(
+    plan: SourcePlan,
+    tokenizer,
+    key: dict,
+    final: Path,
+    num_proc: int | None,
+    max_tokens: int | None,
+    say,
+    progress: bool,
+) -> None:
     plan.prepare()
     if tokenizer.eos_token_id is None and plan.fmt in ("text", "prompt_completion"):
         raise LmdistillError("the tokenizer has no EOS token to end documents with; set tokenizer.eos_token")
     if plan.fmt == "messages":
-
         check_chat_template(tokenizer, plan.description)
     build = final.with_name(final.name + ".build")
     t0 = time.perf_counter()
@@ -568,16 +632,21 @@ def _build(plan: SourcePlan, tokenizer, key: dict, final: Path, num_proc: int | 
         where = f", record {exc.record}" if exc.record is not None else ""
         raise LmdistillError(f"{plan.description}{where}: {exc}") from None
     except OSError as exc:  # a full disk, a read-only directory: the finished shards stay for a rerun
-        shutil.rmtree(final.with_name(f"{final.name}.tmp-{os.getpid()}"), ignore_errors=True)
         if _is_source_file(exc, plan):  # not the store's fault: a source file went away or cannot be read
-            raise LmdistillError(f"{plan.description}: cannot read {exc.filename} ({exc.strerror or exc}); check "
-                                 "that the file is there and readable, then run again") from None
-        raise LmdistillError(f"could not write the data store in '{final.parent}' ({exc.strerror or exc}); free "
-                             "space there or set data.store_dir (or LMDISTILL_HOME) to another directory, then run "
-                             "again: finished shards are kept") from None
+            raise LmdistillError(
+                f"{plan.description}: cannot read {exc.filename} ({exc.strerror or exc}); check "
+                "that the file is there and readable, then run again"
+            ) from None
+        raise LmdistillError(
+            f"could not write the data store in '{final.parent}' ({exc.strerror or exc}); free "
+            "space there or set data.store_dir (or LMDISTILL_HOME) to another directory, then run "
+            "again: finished shards are kept"
+        ) from None
     seconds = time.perf_counter() - t0
-    say(f"data store built: {manifest['tokens']:,} tokens in {manifest['documents']:,} documents, "
-        f"{_mib(manifest)} MiB, {seconds:.1f} s ({manifest['tokens'] / max(seconds, 1e-9):,.0f} tokens/s)")
+    say(
+        f"data store built: {manifest['tokens']:,} tokens in {manifest['documents']:,} documents, "
+        f"{_mib(manifest)} MiB, {seconds:.1f} s ({manifest['tokens'] / max(seconds, 1e-9):,.0f} tokens/s)"
+    )
 
 
 def _is_source_file(exc: OSError, plan: SourcePlan) -> bool:
@@ -626,16 +695,29 @@ def _shard_intact(build: Path, index: int, result: dict, dtype: str, chat: bool)
     return True
 
 
-def _run_shards(plan: SourcePlan, tokenizer, build: Path, finished: dict[int, dict], procs: int,
-                max_tokens: int | None, progress: bool, dtype: str) -> list[dict]:
+def _run_shards(
+    plan: SourcePlan,
+    tokenizer,
+    build: Path,
+    finished: dict[int, dict],
+    procs: int,
+    max_tokens: int | None,
+    progress: bool,
+    dtype: str,
+) -> list[dict]:
     """Tokenize the shards not yet finished, in order, stopping once the shards so far hold
     ``max_tokens``; returns the counts of the shards the store is made of, in order."""
     results = dict(finished)
     stream = plan.shards is None
     done_work = 0 if stream else sum(_shard_work(s) for i, s in enumerate(plan.shards) if i in results)
     # A bar for work that takes a while (a stream, or more than one shard); a small source is done at once.
-    bar = progress_bar(None if stream else plan.work, done_work, "tokenizing",
-                       progress and (stream or len(plan.shards) > 1), unit="B" if plan.kind == "files" else "records")
+    bar = progress_bar(
+        None if stream else plan.work,
+        done_work,
+        "tokenizing",
+        progress and (stream or len(plan.shards) > 1),
+        unit="B" if plan.kind == "files" else "records",
+    )
     t0, tokens_now = time.perf_counter(), 0
 
     def done(i: int, shard: tuple, result: dict) -> None:
@@ -681,15 +763,17 @@ def _run_pool(tasks, build: Path, procs: int, dtype: str, args: tuple, done, eno
     try:
         _pool_over(tasks, build, procs, dtype, args, done, enough)
     except BrokenProcessPool:
-        raise LmdistillError(f"a tokenizer process of the data store build died (killed, perhaps out of memory); the "
-                             f"shards finished so far are kept: run again, or lower data.num_proc (now {procs})") \
-            from None
+        raise LmdistillError(
+            f"a tokenizer process of the data store build died (killed, perhaps out of memory); the "
+            f"shards finished so far are kept: run again, or lower data.num_proc (now {procs})"
+        ) from None
 
 
 def _pool_over(tasks, build: Path, procs: int, dtype: str, args: tuple, done, enough) -> None:
     context = multiprocessing.get_context("fork" if sys.platform.startswith("linux") else "spawn")
-    with ProcessPoolExecutor(procs, mp_context=context, initializer=_init_worker,
-                             initargs=(*args, os.getpid())) as pool:
+    with ProcessPoolExecutor(
+        procs, mp_context=context, initializer=_init_worker, initargs=(*args, os.getpid())
+    ) as pool:
         pending: dict = {}
         try:
             while True:
@@ -726,52 +810,82 @@ def _shard_work(shard: tuple) -> int:
     return shard[2] - shard[1] if shard[0] == "records" else len(shard[2])
 
 
-def _assemble(plan: SourcePlan, key: dict, build: Path, final: Path, results: list[dict], max_tokens: int | None,
-              tokenizer, sources: list[dict]) -> dict:
-    """Join the shard files into the store's files, in a temporary directory renamed into place."""
+def _assemble(
+    plan: SourcePlan,
+    key: dict,
+    build: Path,
+    final: Path,
+    results: list[dict],
+    max_tokens: int | None,
+    tokenizer,
+    sources: list[dict],
+) -> dict:
+    """Join the shard files into the store's files, in a staging directory renamed into place
+    with the manifest written last (``ManifestDir``)."""
     total = sum(r["tokens"] for r in results)
     skipped = sum(r["skipped_no_assistant"] for r in results)
     documents = sum(r["documents"] for r in results)
     if plan.chat and documents == 0 and skipped:
-        raise RecordError(f"none of its {skipped} conversation(s) has an assistant turn to train on; give "
-                          "records with an assistant message (or a completion)")
+        raise RecordError(
+            f"none of its {skipped} conversation(s) has an assistant turn to train on; give "
+            "records with an assistant message (or a completion)"
+        )
     keep = total if max_tokens is None else min(total, max_tokens)
     for stale in final.parent.glob(f"{final.name}.tmp-*"):  # a killed join's, as large as the store (we hold the lock)
         shutil.rmtree(stale, ignore_errors=True)
-    tmp = final.with_name(f"{final.name}.tmp-{os.getpid()}")
-    tmp.mkdir()
-    names = ["tokens", "ends"] + (["mask"] if plan.chat else [])
     ends = _join_ends(build, results, keep, chat=plan.chat)
     if plan.chat:  # a conversation is kept whole or not at all
         keep = int(ends[-1]) if len(ends) else 0
-    files = {}
-    for name in names:
-        out_name = {"tokens": "tokens.bin", "ends": "docs.bin", "mask": "mask.bin"}[name]
-        dtype = {"tokens": key["dtype"], "ends": "int64", "mask": "uint8"}[name]
-        if name == "ends":
-            ends.tofile(tmp / out_name)
-        else:
-            _concat(build, len(results), name, tmp / out_name, keep * np.dtype(dtype).itemsize)
-        files[out_name] = {"dtype": dtype, "bytes": (tmp / out_name).stat().st_size, "sha256": sha256_file(tmp / out_name)}
-    fingerprint = hashlib.sha256(json.dumps({n: f["sha256"] for n, f in files.items()}, sort_keys=True).encode())
-    manifest = {
-        "format_version": FORMAT_VERSION, "fingerprint": "sha256:" + fingerprint.hexdigest(), "key": key,
-        "source": plan.description, "format": plan.fmt, "tokens": keep, "documents": len(ends),
-        "tokens_before_cap": total, "skipped_no_assistant": skipped,
-        "empty_records": sum(r["empty"] for r in results), "records": sum(r["records"] for r in results),
-        "vocab_size": len(tokenizer),
-        "eos_id": tokenizer.eos_token_id, "pad_id": _pad_id(tokenizer), "files": files,
-        "source_files": sources, "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-    }
-    atomic_write_json(tmp / MANIFEST, manifest, fsync=True)
-    for name in files:
-        with open(tmp / name, "rb") as f:
-            os.fsync(f.fileno())
-    fsync_dir(tmp)
-    os.replace(tmp, final)
-    fsync_dir(final.parent)
+    dtypes = {"tokens.bin": key["dtype"], "docs.bin": "int64", **({"mask.bin": "uint8"} if plan.chat else {})}
+    with ManifestDir(
+        final,
+        staging=final.with_name(f"{final.name}.tmp-{os.getpid()}"),
+        names=list(dtypes),
+        record=lambda path: {"dtype": dtypes[path.name], **file_record(path, size_key="bytes")},
+        sort_keys=False,
+    ) as out:
+        tokens_bytes = keep * np.dtype(key["dtype"]).itemsize
+        out.write("tokens.bin", lambda f: _concat(build, len(results), "tokens", f, tokens_bytes))
+        out.write("docs.bin", ends.tofile)
+        if plan.chat:
+            out.write("mask.bin", lambda f: _concat(build, len(results), "mask", f, keep))
+        files = out.records()  # (hashed once: the fingerprint is made of them)
+        manifest = out.publish(_manifest_fields(plan, key, tokenizer, results, files, len(ends), keep, sources))
     shutil.rmtree(build, ignore_errors=True)
     return manifest
+
+
+def _manifest_fields(
+    plan: SourcePlan,
+    key: dict,
+    tokenizer,
+    results: list[dict],
+    files: dict,
+    documents: int,
+    keep: int,
+    sources: list[dict],
+) -> dict:
+    """The store's manifest: what it was built from, its counts, and its files' records."""
+    fingerprint = hashlib.sha256(json.dumps({n: f["sha256"] for n, f in files.items()}, sort_keys=True).encode())
+    return {
+        "format_version": FORMAT_VERSION,
+        "fingerprint": "sha256:" + fingerprint.hexdigest(),
+        "key": key,
+        "source": plan.description,
+        "format": plan.fmt,
+        "tokens": keep,
+        "documents": documents,
+        "tokens_before_cap": sum(r["tokens"] for r in results),
+        "skipped_no_assistant": sum(r["skipped_no_assistant"] for r in results),
+        "empty_records": sum(r["empty"] for r in results),
+        "records": sum(r["records"] for r in results),
+        "vocab_size": len(tokenizer),
+        "eos_id": tokenizer.eos_token_id,
+        "pad_id": _pad_id(tokenizer),
+        "files": files,
+        "source_files": sources,
+        "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+    }
 
 
 def _pad_id(tokenizer) -> int:
@@ -798,14 +912,13 @@ def _join_ends(build: Path, results: list[dict], keep: int, chat: bool) -> np.nd
     return ends.astype(np.int64)
 
 
-def _concat(build: Path, shards: int, name: str, out: Path, limit: int) -> None:
-    """Append the shards' ``name`` files into ``out``, stopping after ``limit`` bytes."""
+def _concat(build: Path, shards: int, name: str, dst: BinaryIO, limit: int) -> None:
+    """Append the shards' ``name`` files to the open file ``dst``, stopping after ``limit`` bytes."""
     left = limit
-    with open(out, "wb") as dst:
-        for i in range(shards):
-            if left <= 0:
-                break
-            with open(build / f"shard-{i:05d}.{name}", "rb") as src:
-                while left > 0 and (chunk := src.read(min(1 << 22, left))):
-                    dst.write(chunk)
-                    left -= len(chunk)
+    for i in range(shards):
+        if left <= 0:
+            break
+        with open(build / f"shard-{i:05d}.{name}", "rb") as src:
+            while left > 0 and (chunk := src.read(min(1 << 22, left))):
+                dst.write(chunk)
+                left -= len(chunk)

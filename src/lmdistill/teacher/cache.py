@@ -45,6 +45,7 @@ the manifest, and a second build is refused naming the first's pid.
 from __future__ import annotations
 
 import contextlib
+import functools
 import hashlib
 import json
 import math
@@ -58,15 +59,8 @@ import numpy as np
 import torch
 
 from lmdistill.core.errors import LmdistillError
-from lmdistill.core.paths import (
-    LockHeld,
-    atomic_write_json,
-    claim_lock,
-    fsync_dir,
-    is_plain_file,
-    protected_place,
-    sha256_file,
-)
+from lmdistill.core.files import ManifestDir, file_record
+from lmdistill.core.paths import LockHeld, atomic_write_json, claim_lock, is_plain_file, protected_place, sha256_file
 from lmdistill.data.store import id_dtype, tokenizer_hash
 from lmdistill.loss.sparse import SparseTargets
 
@@ -87,12 +81,21 @@ def tensor_layout(mode: str, positions: int, vocab_size: int, samples: int, k: i
 
     ids = id_dtype(vocab_size)
     if mode == "sampled":
-        return {"ids": ((positions, samples), ids), "counts": ((positions, samples), "uint8"),
-                "logits": ((positions, samples), "float32"), "logz": ((positions,), "float32"),
-                "entropy": ((positions,), "float32")}
+        return {
+            "ids": ((positions, samples), ids),
+            "counts": ((positions, samples), "uint8"),
+            "logits": ((positions, samples), "float32"),
+            "logz": ((positions,), "float32"),
+            "entropy": ((positions,), "float32"),
+        }
     if mode == "topk":
-        return {"ids": ((positions, k), ids), "logits": ((positions, k), "float32"), "logz": ((positions,), "float32"),
-                "entropy": ((positions,), "float32"), "tail": ((positions,), "float32")}
+        return {
+            "ids": ((positions, k), ids),
+            "logits": ((positions, k), "float32"),
+            "logz": ((positions,), "float32"),
+            "entropy": ((positions,), "float32"),
+            "tail": ((positions,), "float32"),
+        }
     return {"logits": ((positions, vocab_size), "float32")}
 
 
@@ -108,8 +111,9 @@ def dense_fp16_bytes(vocab_size: int) -> int:
 
 
 # ---------------------------------------------------------------------------- capture
-def capture(logits: torch.Tensor, mode: str, temperature: float, samples: int, k: int,
-            generator: torch.Generator) -> dict[str, torch.Tensor]:
+def capture(
+    logits: torch.Tensor, mode: str, temperature: float, samples: int, k: int, generator: torch.Generator
+) -> dict[str, torch.Tensor]:
     """What a cache keeps of (N, V) fp32 teacher logits."""
     if mode == "dense":
         return {"logits": logits}
@@ -152,8 +156,9 @@ def unique_with_counts(draws: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]
     return ids, counts
 
 
-def retempered(ids, counts, logits, logz, entropy, samples: float, t_capture: float,
-               temperature: float) -> SparseTargets:
+def retempered(
+    ids, counts, logits, logz, entropy, samples: float, t_capture: float, temperature: float
+) -> SparseTargets:
     """Sampled targets at ``temperature`` from draws made at ``t_capture``.
 
     At the capture temperature the draws' own frequencies ``counts / S`` (exact in
@@ -183,23 +188,34 @@ class TeacherCache:
     def open(cls, path: str | Path, verify: bool = True) -> TeacherCache:
         path = Path(path).expanduser()
         if not (path / MANIFEST).is_file():
-            what = "an unfinished cache build (rerun lmdistill cache-teacher to finish it)" if (
-                path / BUILD).is_file() else "not a teacher cache"
-            raise LmdistillError(f"model.teacher_cache '{path}' is {what}; give the directory lmdistill "
-                                 "cache-teacher --out wrote")
+            what = (
+                "an unfinished cache build (rerun lmdistill cache-teacher to finish it)"
+                if (path / BUILD).is_file()
+                else "not a teacher cache"
+            )
+            raise LmdistillError(
+                f"model.teacher_cache '{path}' is {what}; give the directory lmdistill cache-teacher --out wrote"
+            )
         try:
             manifest = json.loads((path / MANIFEST).read_text(encoding="utf-8"))
         except (UnicodeDecodeError, ValueError) as exc:
             manifest, problem = None, f"not valid JSON: {exc}"
         else:
             problem = manifest_problem(manifest)
-        if isinstance(manifest, dict) and isinstance(manifest.get("format_version"), int) and \
-                manifest["format_version"] != FORMAT_VERSION:
-            raise LmdistillError(f"teacher cache '{path}' has format version {manifest.get('format_version')}; this "
-                                 f"lmdistill reads {FORMAT_VERSION}: rebuild it with lmdistill cache-teacher")
+        if (
+            isinstance(manifest, dict)
+            and isinstance(manifest.get("format_version"), int)
+            and manifest["format_version"] != FORMAT_VERSION
+        ):
+            raise LmdistillError(
+                f"teacher cache '{path}' has format version {manifest.get('format_version')}; this "
+                f"lmdistill reads {FORMAT_VERSION}: rebuild it with lmdistill cache-teacher"
+            )
         if problem is not None:
-            raise LmdistillError(f"teacher cache '{path}': {MANIFEST} is damaged or was not written by lmdistill "
-                                 f"({problem}); rebuild the cache with lmdistill cache-teacher")
+            raise LmdistillError(
+                f"teacher cache '{path}': {MANIFEST} is damaged or was not written by lmdistill "
+                f"({problem}); rebuild the cache with lmdistill cache-teacher"
+            )
         cache = cls(path, manifest)
         if verify:
             cache.verify()
@@ -210,12 +226,16 @@ class TeacherCache:
         for name, record in self.manifest["shards"].items():
             file = self.path / name
             if not file.is_file() or file.stat().st_size != record["bytes"] or sha256_file(file) != record["sha256"]:
-                raise LmdistillError(f"teacher cache '{self.path}': shard {name} does not match its SHA-256 in the "
-                                     "manifest (damaged or changed); rebuild the cache with lmdistill cache-teacher")
+                raise LmdistillError(
+                    f"teacher cache '{self.path}': shard {name} does not match its SHA-256 in the "
+                    "manifest (damaged or changed); rebuild the cache with lmdistill cache-teacher"
+                )
             problem = shard_values_problem(file, self.manifest)
             if problem is not None:
-                raise LmdistillError(f"teacher cache '{self.path}': shard {name} is damaged ({problem}); rebuild the "
-                                     "cache with lmdistill cache-teacher")
+                raise LmdistillError(
+                    f"teacher cache '{self.path}': shard {name} is damaged ({problem}); rebuild the "
+                    "cache with lmdistill cache-teacher"
+                )
 
     @property
     def mode(self) -> str:
@@ -240,9 +260,11 @@ class TeacherCache:
                 for name in self.manifest["tensors"]:
                     block = f.get_slice(name)
                     lo, hi = int(local.min()), int(local.max()) + 1
-                    parts.setdefault(name, []).append(torch.from_numpy(
-                        np.ascontiguousarray(block[lo:hi]).astype(_torch_safe(self.manifest["tensors"][name])))
-                        [local - lo])
+                    parts.setdefault(name, []).append(
+                        torch.from_numpy(
+                            np.ascontiguousarray(block[lo:hi]).astype(_torch_safe(self.manifest["tensors"][name]))
+                        )[local - lo]
+                    )
         position = torch.cat(order)
         out = {}
         for name, pieces in parts.items():
@@ -262,9 +284,11 @@ class TeacherCache:
         t_c = self.temperature
         if self.mode == "topk":
             if temperature != t_c:
-                raise LmdistillError(f"a topk cache trains at its capture temperature {t_c:g} only, not {temperature:g}; "
-                                     "set distill.temperature and distill.min_temperature to it, or use a sampled "
-                                     "or dense cache")
+                raise LmdistillError(
+                    f"a topk cache trains at its capture temperature {t_c:g} only, not {temperature:g}; "
+                    "set distill.temperature and distill.min_temperature to it, or use a sampled "
+                    "or dense cache"
+                )
             logp = logits / t_c - logz.unsqueeze(1)
             return SparseTargets(ids, logp.exp(), logp, data["tail"].flatten())
         counts = data["counts"].float().flatten(0, 1)
@@ -275,31 +299,45 @@ class TeacherCache:
 
         m = self.manifest
         if m["tokenizer"] != tokenizer_hash(tokenizer):
-            raise LmdistillError(f"teacher cache '{self.path}' was built with another tokenizer; rebuild it with this "
-                                 "run's teacher, or train with the tokenizer it was built with")
+            raise LmdistillError(
+                f"teacher cache '{self.path}' was built with another tokenizer; rebuild it with this "
+                "run's teacher, or train with the tokenizer it was built with"
+            )
         if m["vocab_size"] != vocab_size:
-            raise LmdistillError(f"teacher cache '{self.path}' has a vocabulary of {m['vocab_size']} tokens, this run "
-                                 f"{vocab_size}; rebuild the cache for this run's tokenizer")
+            raise LmdistillError(
+                f"teacher cache '{self.path}' has a vocabulary of {m['vocab_size']} tokens, this run "
+                f"{vocab_size}; rebuild the cache for this run's tokenizer"
+            )
         cached, now = m["data"]["layout"], data.layout
-        for key, what in (("block_size", "block size (data.block_size)"), ("split_seed", "split (data.split_seed)"),
-                          ("eval_fraction", "eval split (data.eval_fraction)")):
+        for key, what in (
+            ("block_size", "block size (data.block_size)"),
+            ("split_seed", "split (data.split_seed)"),
+            ("eval_fraction", "eval split (data.eval_fraction)"),
+        ):
             if cached.get(key) != now.get(key):
-                raise LmdistillError(f"teacher cache '{self.path}' was built for {what} {cached.get(key)}, this run "
-                                     f"uses {now.get(key)}; set it back or rebuild the cache")
+                raise LmdistillError(
+                    f"teacher cache '{self.path}' was built for {what} {cached.get(key)}, this run "
+                    f"uses {now.get(key)}; set it back or rebuild the cache"
+                )
         if [s["fingerprint"] for s in m["data"]["sources"]] != [s.store.fingerprint for s in data.sources]:
-            raise LmdistillError(f"teacher cache '{self.path}' was built from other data (its data store fingerprints "
-                                 "differ from this run's); give the data it was built from, or rebuild the cache")
+            raise LmdistillError(
+                f"teacher cache '{self.path}' was built from other data (its data store fingerprints "
+                "differ from this run's); give the data it was built from, or rebuild the cache"
+            )
         for split in ("train", "eval"):
             if cached.get(split) != now.get(split):
-                raise LmdistillError(f"teacher cache '{self.path}': this run's {split} blocks are not the ones it was "
-                                     f"built for (other data.max_eval_blocks, data.loss_on or sources); match the "
-                                     "cache's settings or rebuild it")
+                raise LmdistillError(
+                    f"teacher cache '{self.path}': this run's {split} blocks are not the ones it was "
+                    f"built for (other data.max_eval_blocks, data.loss_on or sources); match the "
+                    "cache's settings or rebuild it"
+                )
 
 
 def manifest_problem(m) -> str | None:
     """What makes ``m`` something other than a manifest ``finish`` wrote, in words; None when it has
     that shape: the mode known, the numbers of the right type and range, the tensors those of the
     mode, and one shard record for every shard of its blocks (and no other)."""
+
     def whole(value, least: int) -> bool:
         return isinstance(value, int) and not isinstance(value, bool) and value >= least
 
@@ -310,15 +348,23 @@ def manifest_problem(m) -> str | None:
     if m.get("mode") not in MODES:
         return f"mode {m.get('mode')!r} is none of {', '.join(MODES)}"
     wanted = {"samples": m["mode"] == "sampled", "k": m["mode"] == "topk"}
-    for key, least in (("shard_rows", 1), ("positions_per_block", 1), ("vocab_size", 1), ("seed", 0),
-                       *((key, 1) for key, used in wanted.items() if used)):
+    for key, least in (
+        ("shard_rows", 1),
+        ("positions_per_block", 1),
+        ("vocab_size", 1),
+        ("seed", 0),
+        *((key, 1) for key, used in wanted.items() if used),
+    ):
         if not whole(m.get(key), least):
             return f"{key} is {m.get(key)!r}, not a whole number >= {least}"
     if m["mode"] == "topk" and m["k"] >= m["vocab_size"]:
         return f"k = {m['k']} leaves no tail below the vocabulary of {m['vocab_size']} tokens"
     temperature = m.get("capture_temperature")
-    if isinstance(temperature, bool) or not isinstance(temperature, (int, float)) or \
-            not (math.isfinite(temperature) and temperature > 0):
+    if (
+        isinstance(temperature, bool)
+        or not isinstance(temperature, (int, float))
+        or not (math.isfinite(temperature) and temperature > 0)
+    ):
         return f"capture_temperature is {temperature!r}, not a number > 0"
     rows = m.get("rows")
     if not isinstance(rows, dict) or not all(whole(rows.get(split), 0) for split in ("train", "eval")):
@@ -326,24 +372,35 @@ def manifest_problem(m) -> str | None:
     if not isinstance(m.get("tokenizer"), str) or not isinstance(m.get("teacher"), dict):
         return "the tokenizer hash or the teacher reference is missing"
     data = m.get("data")
-    if not isinstance(data, dict) or not isinstance(data.get("layout"), dict) or not isinstance(
-            data.get("sources"), list) or not all(isinstance(s, dict) and "fingerprint" in s for s in data["sources"]):
+    if (
+        not isinstance(data, dict)
+        or not isinstance(data.get("layout"), dict)
+        or not isinstance(data.get("sources"), list)
+        or not all(isinstance(s, dict) and "fingerprint" in s for s in data["sources"])
+    ):
         return "the data it was built from (layout, sources) is missing"
-    layout = tensor_layout(m["mode"], m["positions_per_block"], m["vocab_size"], m.get("samples") or 0,
-                           m.get("k") or 0)
+    layout = tensor_layout(m["mode"], m["positions_per_block"], m["vocab_size"], m.get("samples") or 0, m.get("k") or 0)
     if m.get("tensors") != {name: dtype for name, (_, dtype) in layout.items()}:
         return f"its tensors are not those of a {m['mode']} cache"
     shards, names = m.get("shards"), {f"{split}-{i:05d}.safetensors" for split, i, _, _ in shard_plan(m)}
     if not isinstance(shards, dict) or set(shards) != names:
-        return (f"its shard list does not match its {rows['train']} train and {rows['eval']} eval blocks "
-                f"({len(names)} shards)")
+        return (
+            f"its shard list does not match its {rows['train']} train and {rows['eval']} eval blocks "
+            f"({len(names)} shards)"
+        )
     for name, record in shards.items():
-        if not isinstance(record, dict) or not whole(record.get("bytes"), 0) or not isinstance(record.get("sha256"),
-                                                                                              str):
+        if (
+            not isinstance(record, dict)
+            or not whole(record.get("bytes"), 0)
+            or not isinstance(record.get("sha256"), str)
+        ):
             return f"the record of shard {name} is not its size and SHA-256"
     evaluated = m.get("teacher_eval")
-    if not isinstance(evaluated, dict) or isinstance(evaluated.get("teacher_ce_loss"), bool) or \
-            not isinstance(evaluated.get("teacher_ce_loss"), (int, float)):
+    if (
+        not isinstance(evaluated, dict)
+        or isinstance(evaluated.get("teacher_ce_loss"), bool)
+        or not isinstance(evaluated.get("teacher_ce_loss"), (int, float))
+    ):
         return "the teacher's held-out loss (teacher_eval) is missing"
     return None
 
@@ -384,14 +441,22 @@ def build_request(cfg, tokenizer, data, teacher_ref: dict, vocab_size: int) -> d
     c = cfg.cache
     temperature = c.temperature if c.temperature is not None else cfg.distill.temperature
     return {
-        "format_version": FORMAT_VERSION, "mode": c.mode,
+        "format_version": FORMAT_VERSION,
+        "mode": c.mode,
         "samples": c.samples if c.mode == "sampled" else None,
-        "sampling": "systematic" if c.mode == "sampled" else None, "k": c.k if c.mode == "topk" else None,
-        "capture_temperature": float(temperature), "seed": c.seed, "shard_rows": c.shard_blocks,
-        "tokenizer": tokenizer_hash(tokenizer), "teacher": teacher_ref, "vocab_size": vocab_size,
+        "sampling": "systematic" if c.mode == "sampled" else None,
+        "k": c.k if c.mode == "topk" else None,
+        "capture_temperature": float(temperature),
+        "seed": c.seed,
+        "shard_rows": c.shard_blocks,
+        "tokenizer": tokenizer_hash(tokenizer),
+        "teacher": teacher_ref,
+        "vocab_size": vocab_size,
         "positions_per_block": data.train.block_size - 1,
-        "data": {"layout": data.layout, "sources": [{"name": s.name, "fingerprint": s.store.fingerprint}
-                                                    for s in data.sources]},
+        "data": {
+            "layout": data.layout,
+            "sources": [{"name": s.name, "fingerprint": s.store.fingerprint} for s in data.sources],
+        },
         "rows": {"train": len(data.train), "eval": len(data.eval)},
     }
 
@@ -412,8 +477,9 @@ def prepare_out(out: Path, request: dict, overwrite: bool) -> bool:
     try:
         out.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
-        raise LmdistillError(f"cannot create the cache directory '{out}' ({exc.strerror}); give a writable "
-                             "--out") from None
+        raise LmdistillError(
+            f"cannot create the cache directory '{out}' ({exc.strerror}); give a writable --out"
+        ) from None
     _lock(out)
     is_cache = _check_ours(out)  # again: another process may have written here meanwhile
     if is_cache:
@@ -427,16 +493,24 @@ def prepare_out(out: Path, request: dict, overwrite: bool) -> bool:
         started = earlier is not None or any(n == MANIFEST or _CACHE_FILE.match(n) for n in os.listdir(out))
         if started and not overwrite:
             differs = _first_difference(earlier or {}, request)
-            raise LmdistillError(f"'{out}' holds a different teacher cache ({differs}); pass --overwrite to replace it, "
-                                 "or give another --out")
+            raise LmdistillError(
+                f"'{out}' holds a different teacher cache ({differs}); pass --overwrite to replace it, "
+                "or give another --out"
+            )
         listed = _listed_shards(out, earlier)
-        strays = sorted(name for name in os.listdir(out) if name not in listed and _CACHE_FILE.match(
-            _TEMPORARY.match(name).group(1) if _TEMPORARY.match(name) else name))
+        strays = sorted(
+            name
+            for name in os.listdir(out)
+            if name not in listed
+            and _CACHE_FILE.match(_TEMPORARY.match(name).group(1) if _TEMPORARY.match(name) else name)
+        )
         if strays:  # named like a shard, but no record of this cache lists it: not ours to delete
             more = f" and {len(strays) - 1} more" if len(strays) > 1 else ""
-            raise LmdistillError(f"--out '{out}' holds {strays[0]}{more}, named like a cache shard but not listed by "
-                                 "the cache there; move it out, or give another --out (lmdistill never deletes what "
-                                 "it did not write)")
+            raise LmdistillError(
+                f"--out '{out}' holds {strays[0]}{more}, named like a cache shard but not listed by "
+                "the cache there; move it out, or give another --out (lmdistill never deletes what "
+                "it did not write)"
+            )
         for entry in os.scandir(out):  # only cache files are left (checked above); the lock we hold stays
             if entry.name != LOCK:
                 os.unlink(entry.path)
@@ -456,13 +530,17 @@ def _check_ours(out: Path) -> bool:
         return False
     legacy = any(_is_cache_record(_read_json(out / name)) for name in (MANIFEST, BUILD))
     if not is_plain_file(out / MARKER) and not legacy:
-        raise LmdistillError(f"--out '{out}' is a directory that is not a teacher cache and not empty; give a new "
-                             "or empty directory (lmdistill never deletes what it did not write)")
+        raise LmdistillError(
+            f"--out '{out}' is a directory that is not a teacher cache and not empty; give a new "
+            "or empty directory (lmdistill never deletes what it did not write)"
+        )
     foreign = [name for name in names if not _cache_file(out / name)]
     if foreign:
-        raise LmdistillError(f"--out '{out}' holds a teacher cache and files lmdistill did not write ({foreign[0]}"
-                             f"{f' and {len(foreign) - 1} more' if len(foreign) > 1 else ''}); move them out, or give "
-                             "another --out (lmdistill never deletes what it did not write)")
+        raise LmdistillError(
+            f"--out '{out}' holds a teacher cache and files lmdistill did not write ({foreign[0]}"
+            f"{f' and {len(foreign) - 1} more' if len(foreign) > 1 else ''}); move them out, or give "
+            "another --out (lmdistill never deletes what it did not write)"
+        )
     return True
 
 
@@ -489,8 +567,12 @@ def _cache_file(path: Path) -> bool:
 
 def _is_cache_record(record) -> bool:
     """A build.json or manifest.json of this format (what a cache without a marker is known by)."""
-    return isinstance(record, dict) and record.get("format_version") == FORMAT_VERSION and \
-        record.get("mode") in MODES and {"capture_temperature", "shard_rows", "rows", "tokenizer"} <= record.keys()
+    return (
+        isinstance(record, dict)
+        and record.get("format_version") == FORMAT_VERSION
+        and record.get("mode") in MODES
+        and {"capture_temperature", "shard_rows", "rows", "tokenizer"} <= record.keys()
+    )
 
 
 def _read_json(path: Path):
@@ -515,11 +597,13 @@ def _lock(out: Path) -> None:
     try:
         _HELD[key] = claim_lock(out / LOCK, "teacher cache lock")
     except LockHeld as held:
-        raise LmdistillError(f"another cache-teacher is writing '{out}' ({held.holder}); wait for it to end, or give "
-                             "another --out") from None
+        raise LmdistillError(
+            f"another cache-teacher is writing '{out}' ({held.holder}); wait for it to end, or give another --out"
+        ) from None
     except OSError as exc:
-        raise LmdistillError(f"cannot write in the cache directory '{out}' ({exc.strerror}); give a writable "
-                             "--out") from None
+        raise LmdistillError(
+            f"cannot write in the cache directory '{out}' ({exc.strerror}); give a writable --out"
+        ) from None
 
 
 def release(out: Path) -> None:
@@ -548,17 +632,36 @@ def _first_difference(a: dict, b: dict, prefix: str = "") -> str:
 def shard_plan(request: dict) -> list[tuple[str, int, int, int]]:
     """(split, shard index, first row, end row) for every shard of the cache."""
     per = request["shard_rows"]
-    return [(split, i, start, min(start + per, request["rows"][split]))
-            for split in ("train", "eval") for i, start in enumerate(range(0, request["rows"][split], per))]
+    return [
+        (split, i, start, min(start + per, request["rows"][split]))
+        for split in ("train", "eval")
+        for i, start in enumerate(range(0, request["rows"][split], per))
+    ]
 
 
-def write_shard(out: Path, teacher, blocks, split: str, index: int, start: int, end: int, request: dict,
-                batch_size: int, device, on_batch=None) -> None:
+def write_shard(
+    out: Path,
+    teacher,
+    blocks,
+    split: str,
+    index: int,
+    start: int,
+    end: int,
+    request: dict,
+    batch_size: int,
+    device,
+    on_batch=None,
+) -> None:
     """Run the teacher over rows [start, end) of ``blocks`` and write the shard, atomically."""
     from safetensors.numpy import save_file
 
-    layout = tensor_layout(request["mode"], request["positions_per_block"], request["vocab_size"],
-                           request["samples"] or 0, request["k"] or 0)
+    layout = tensor_layout(
+        request["mode"],
+        request["positions_per_block"],
+        request["vocab_size"],
+        request["samples"] or 0,
+        request["k"] or 0,
+    )
     seed = int.from_bytes(hashlib.sha256(f"{request['seed']}/{split}/{index}".encode()).digest()[:8], "little")
     generator = torch.Generator().manual_seed(seed)
     columns: dict[str, list[np.ndarray]] = {name: [] for name in layout}
@@ -571,8 +674,9 @@ def write_shard(out: Path, teacher, blocks, split: str, index: int, start: int, 
         logits = logits.float().cpu()
         b, p = logits.shape[:2]
         flat = logits.reshape(b * p, vocab)
-        kept = capture(flat, request["mode"], request["capture_temperature"], request["samples"] or 0,
-                       request["k"] or 0, generator)
+        kept = capture(
+            flat, request["mode"], request["capture_temperature"], request["samples"] or 0, request["k"] or 0, generator
+        )
         for name, (shape, dtype) in layout.items():
             columns[name].append(kept[name].reshape(b, *shape).numpy().astype(dtype))
         if split == "eval":
@@ -586,51 +690,75 @@ def write_shard(out: Path, teacher, blocks, split: str, index: int, start: int, 
     if split == "eval":
         tensors["teacher_ce_sum"] = np.asarray([ce_sum], dtype=np.float64)
         tensors["teacher_ce_tokens"] = np.asarray([ce_tokens], dtype=np.int64)
-    final = out / f"{split}-{index:05d}.safetensors"
-    tmp = final.with_name(f".{final.name}.tmp-{os.getpid()}")
-    save_file(tensors, str(tmp))
-    with open(tmp, "rb") as f:
-        os.fsync(f.fileno())
-    os.replace(tmp, final)
+    _cache_dir(out).save(f"{split}-{index:05d}.safetensors", lambda path: save_file(tensors, str(path)))
+
+
+def _cache_dir(out: Path, shards: list[str] | None = None) -> ManifestDir:
+    """The cache directory as ``ManifestDir`` writes it: in place (the finished shards of a killed
+    build are kept for its rerun, and every process of a torchrun build writes into it), each shard
+    written as ``.<name>.tmp-<pid>`` and renamed into place whole. The manifest records the files
+    ``shards`` under "shards", their sizes as "bytes"; its keys stay in the order ``finish`` gives
+    them."""
+    return ManifestDir(
+        out,
+        in_place=True,
+        manifest=MANIFEST,
+        names=shards,
+        record=functools.partial(file_record, size_key="bytes"),
+        records_key="shards",
+        sort_keys=False,
+    )
 
 
 def finish(out: Path, request: dict) -> dict:
     """Hash the shards and write the manifest (last): the cache is complete."""
     from safetensors import safe_open
 
-    shards, ce_sum, ce_tokens = {}, 0.0, 0
-    for split, index, _, _ in shard_plan(request):
-        name = f"{split}-{index:05d}.safetensors"
-        shards[name] = {"bytes": (out / name).stat().st_size, "sha256": sha256_file(out / name)}
-        if split == "eval":
+    names = [f"{split}-{index:05d}.safetensors" for split, index, _, _ in shard_plan(request)]
+    cache_dir = _cache_dir(out, names)
+    shards, ce_sum, ce_tokens = cache_dir.records(), 0.0, 0
+    for name in names:
+        if name.startswith("eval-"):
             with safe_open(out / name, framework="np") as f:
                 ce_sum += float(f.get_tensor("teacher_ce_sum")[0])
                 ce_tokens += int(f.get_tensor("teacher_ce_tokens")[0])
-    layout = tensor_layout(request["mode"], request["positions_per_block"], request["vocab_size"],
-                           request["samples"] or 0, request["k"] or 0)
+    layout = tensor_layout(
+        request["mode"],
+        request["positions_per_block"],
+        request["vocab_size"],
+        request["samples"] or 0,
+        request["k"] or 0,
+    )
     teacher_ce = ce_sum / max(ce_tokens, 1)
-    manifest = {**request, "tensors": {name: dtype for name, (_, dtype) in layout.items()}, "shards": shards,
-                "bytes_per_token": bytes_per_token(request["mode"], request["vocab_size"], request["samples"] or 0,
-                                                   request["k"] or 0),
-                "teacher_eval": {"teacher_ce_loss": teacher_ce, "teacher_ppl": math.exp(min(teacher_ce, 700.0)),
-                                 "eval_tokens": ce_tokens}}
-    fsync_dir(out)
-    atomic_write_json(out / MANIFEST, manifest, fsync=True)
-    fsync_dir(out)
-    return manifest
+    manifest = {
+        **request,
+        "tensors": {name: dtype for name, (_, dtype) in layout.items()},
+        "shards": shards,
+        "bytes_per_token": bytes_per_token(
+            request["mode"], request["vocab_size"], request["samples"] or 0, request["k"] or 0
+        ),
+        "teacher_eval": {
+            "teacher_ce_loss": teacher_ce,
+            "teacher_ppl": math.exp(min(teacher_ce, 700.0)),
+            "eval_tokens": ce_tokens,
+        },
+    }
+    return cache_dir.publish(manifest)
 
 
 def estimated_bytes(request: dict) -> int:
     positions = (request["rows"]["train"] + request["rows"]["eval"]) * request["positions_per_block"]
-    return positions * bytes_per_token(request["mode"], request["vocab_size"], request["samples"] or 0,
-                                       request["k"] or 0)
+    return positions * bytes_per_token(
+        request["mode"], request["vocab_size"], request["samples"] or 0, request["k"] or 0
+    )
 
 
 def shards_to_do(out: Path, request: dict, rank: int = 0, world: int = 1) -> list[tuple]:
     """This rank's shards that are not on disk yet (shard i belongs to rank i mod world)."""
     plan = shard_plan(request)
-    return [s for n, s in enumerate(plan) if n % world == rank
-            and not (out / f"{s[0]}-{s[1]:05d}.safetensors").is_file()]
+    return [
+        s for n, s in enumerate(plan) if n % world == rank and not (out / f"{s[0]}-{s[1]:05d}.safetensors").is_file()
+    ]
 
 
 def describe(manifest: dict) -> str:
@@ -650,19 +778,27 @@ def open_for_run(cfg, tokenizer, data, vocab_size: int, say=print) -> TeacherCac
     cache.check_run(tokenizer, data, vocab_size)
     d = cfg.distill
     if cache.mode != "dense" and d.divergence != "forward_kl" and d.kd_weight > 0:
-        raise LmdistillError(f"a {cache.mode} teacher cache supports distill.divergence forward_kl only (the other "
-                             "divergences need the teacher's probability of every token); use forward_kl, or a "
-                             "dense cache")
+        raise LmdistillError(
+            f"a {cache.mode} teacher cache supports distill.divergence forward_kl only (the other "
+            "divergences need the teacher's probability of every token); use forward_kl, or a "
+            "dense cache"
+        )
     if d.hidden.weight > 0:
-        raise LmdistillError("distill.hidden needs the teacher's hidden states, which a teacher cache does not keep; "
-                             "set distill.hidden.weight=0 or train with the live teacher")
+        raise LmdistillError(
+            "distill.hidden needs the teacher's hidden states, which a teacher cache does not keep; "
+            "set distill.hidden.weight=0 or train with the live teacher"
+        )
     schedule = {float(d.temperature), float(d.min_temperature)}
     if cache.mode == "topk" and schedule != {cache.temperature}:
-        raise LmdistillError(f"a topk teacher cache trains at its capture temperature {cache.temperature:g} only; set "
-                             f"distill.temperature={cache.temperature:g} and distill.min_temperature="
-                             f"{cache.temperature:g}, or use a sampled or dense cache")
+        raise LmdistillError(
+            f"a topk teacher cache trains at its capture temperature {cache.temperature:g} only; set "
+            f"distill.temperature={cache.temperature:g} and distill.min_temperature="
+            f"{cache.temperature:g}, or use a sampled or dense cache"
+        )
     if cache.mode == "sampled" and schedule != {cache.temperature}:
-        say(f"warning: training at T in [{min(schedule):g}, {max(schedule):g}] from a cache captured at "
+        say(
+            f"warning: training at T in [{min(schedule):g}, {max(schedule):g}] from a cache captured at "
             f"T={cache.temperature:g}: the draws are re-weighted by self-normalised importance weights, which is "
-            "consistent but biased for few draws (docs/cache.md)")
+            "consistent but biased for few draws (docs/cache.md)"
+        )
     return cache

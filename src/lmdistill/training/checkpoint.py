@@ -26,8 +26,9 @@ whose file was truncated or bit-flipped -- is skipped with a warning and never l
 
 Crash safety comes from ordering, not from locks: files are written and fsync'ed into a
 temporary directory beside the final one, the manifest last, then one ``rename`` puts the
-directory in place. One writer per checkpoints directory is assumed (rank 0 under DDP; under
-FSDP the main process, after every process has written its shard).
+directory in place (``core.files.ManifestDir``, which data stores and teacher caches share).
+One writer per checkpoints directory is assumed (rank 0 under DDP; under FSDP the main
+process, after every process has written its shard).
 """
 
 from __future__ import annotations
@@ -42,7 +43,7 @@ import random
 import re
 import shutil
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -52,14 +53,8 @@ import safetensors.torch
 import torch
 
 from lmdistill.core.errors import CheckpointError, last_line
-from lmdistill.core.files import (
-    _fsync_existing_file,
-    _write_file,
-    file_record,
-    first_nonfinite_tensor,
-    save_safetensors,
-)
-from lmdistill.core.paths import fsync_dir, replace_dir, sha256_file
+from lmdistill.core.files import ManifestDir, first_nonfinite_tensor, save_safetensors
+from lmdistill.core.paths import fsync_dir, sha256_file
 from lmdistill.training.layout import (
     MANIFEST_FILE,
     MODEL_FILE,
@@ -88,9 +83,7 @@ added sharded checkpoints; a checkpoint in one file is still written as version 
 # What export neither needs nor reads: a checkpoint without them still exports.
 EXPORT_SKIP = frozenset({OPTIMIZER_FILE, RNG_FILE, TRAINER_STATE_FILE})
 SHARDED = "sharded"
-_RESERVED_FILES = frozenset(
-    {MANIFEST_FILE, MODEL_FILE, OPTIMIZER_FILE, RNG_FILE, TRAINER_STATE_FILE}
-)
+_RESERVED_FILES = frozenset({MANIFEST_FILE, MODEL_FILE, OPTIMIZER_FILE, RNG_FILE, TRAINER_STATE_FILE})
 
 # safetensors header metadata key holding {alias: stored_name} for tied tensors.
 _TIED_METADATA_KEY = "lmdistill.tied_weights"
@@ -198,78 +191,108 @@ def save_checkpoint(
     optimizer tensor is not finite, or if the directory cannot be written.
     """
     checkpoints_dir = Path(checkpoints_dir)
-    if isinstance(step, bool) or not isinstance(step, int) or step < 0:
-        raise ValueError(f"step must be a non-negative int, got {step!r}")
-    if keep is not None and (isinstance(keep, bool) or not isinstance(keep, int) or keep < 1):
-        raise ValueError(f"keep must be a positive int or None, got {keep!r}")
     extra_files = dict(extra_files or {})
-    for name in extra_files:
-        _check_extra_file_name(name)
+    _check_save_arguments(step, keep, extra_files)
     final = checkpoints_dir / checkpoint_dir_name(step)
 
     # Everything that can be refused is refused before the first byte hits the disk, so
     # a refusal can never leave a half-written directory behind.
     trainer_state_bytes = _encode_trainer_state(trainer_state)
     if sharded_in is None:
-        _check_finite(model_state, "model_state", final)
-        if optimizer_state is not None:
-            _check_finite(optimizer_state, "optimizer_state", final)
-        tensors, tied = _dedupe_tied_tensors(model_state)
-        try:
-            checkpoints_dir.mkdir(parents=True, exist_ok=True)
-        except OSError as exc:
-            raise _write_error(final, checkpoints_dir, exc) from exc
-        # Leftovers of an earlier crash would otherwise hold the disk space this save needs.
-        remove_leftovers(checkpoints_dir)
-        tmp = checkpoints_dir / f"{_TMP_PREFIX}{final.name}-{os.getpid()}"
+        save_model = _model_saver(model_state, optimizer_state, final)
+        _prepare_checkpoints_dir(checkpoints_dir, final)
     elif model_state is not None or optimizer_state is not None:
         raise ValueError("a sharded checkpoint's weights and optimizer state are in its shards, not in arguments")
-    else:
-        tmp = Path(sharded_in)
 
-    installed = False
+    out = _checkpoint_dir(checkpoints_dir, final, sharded_in)
     try:
-        shards = _written_shards(tmp, final) if sharded_in is not None else None
-        if sharded_in is None:
-            if tmp.exists():
-                shutil.rmtree(tmp)
-            tmp.mkdir()
-            metadata = {"format": "pt", _TIED_METADATA_KEY: json.dumps(tied, sort_keys=True)}
-            save_safetensors(tensors, tmp / MODEL_FILE, metadata)
-            _fsync_existing_file(tmp / MODEL_FILE)
-        if optimizer_state is not None:
-            _write_file(tmp / OPTIMIZER_FILE, lambda f: torch.save(dict(optimizer_state), f))
-        if rng_state is not None:
-            _write_file(tmp / RNG_FILE, lambda f: torch.save(dict(rng_state), f))
-        _write_file(tmp / TRAINER_STATE_FILE, lambda f: f.write(trainer_state_bytes))
-        for name, data in extra_files.items():
-            _write_file(tmp / name, lambda f, data=data: f.write(bytes(data)))
-
-        manifest = {
-            "format": FORMAT_NAME,
-            "format_version": 1 if sharded_in is None else 2,
-            **({"layout": SHARDED, "shard_files": shards} if sharded_in is not None else {}),
-            "step": step,
-            "created_unix": time.time(),
-            "extra_files": sorted(extra_files),
-            "files": {p.name: _known_or_measured(p, shard_records or {}) for p in sorted(tmp.iterdir())},
-        }
-        manifest_bytes = (json.dumps(manifest, indent=2, sort_keys=True) + "\n").encode()
-        # The manifest is what makes the directory a checkpoint, so it goes last: a crash
-        # before this line leaves a directory that verification rejects as incomplete.
-        _write_file(tmp / MANIFEST_FILE, lambda f: f.write(manifest_bytes))
-        fsync_dir(tmp)
-        replace_dir(tmp, final, aside_name=f"{_TRASH_PREFIX}{final.name}-{os.getpid()}")
-        installed = True
+        with out:  # (a staging directory that is not published is removed, whatever the failure)
+            shards = _written_shards(out.path, final) if sharded_in is not None else None
+            if sharded_in is None:
+                out.save(MODEL_FILE, save_model)
+            _write_states(out, optimizer_state, rng_state, trainer_state_bytes, extra_files)
+            out.publish(_manifest_fields(step, extra_files, shards), known=shard_records)
     except OSError as exc:
         raise _write_error(final, checkpoints_dir, exc) from exc
-    finally:
-        if not installed:
-            shutil.rmtree(tmp, ignore_errors=True)
 
     if keep is not None:
         _apply_retention(checkpoints_dir, keep, protect=final)
     return final
+
+
+def _write_states(
+    out: ManifestDir,
+    optimizer_state: Mapping[str, Any] | None,
+    rng_state: Mapping[str, Any] | None,
+    trainer_state_bytes: bytes,
+    extra_files: Mapping[str, bytes],
+) -> None:
+    """The checkpoint's files besides the weights, each fsync'd as it is written."""
+    if optimizer_state is not None:
+        out.write(OPTIMIZER_FILE, lambda f: torch.save(dict(optimizer_state), f))
+    if rng_state is not None:
+        out.write(RNG_FILE, lambda f: torch.save(dict(rng_state), f))
+    out.write(TRAINER_STATE_FILE, trainer_state_bytes)
+    for name, data in extra_files.items():
+        out.write(name, bytes(data))
+
+
+def _check_save_arguments(step: Any, keep: Any, extra_files: Mapping[str, bytes]) -> None:
+    if isinstance(step, bool) or not isinstance(step, int) or step < 0:
+        raise ValueError(f"step must be a non-negative int, got {step!r}")
+    if keep is not None and (isinstance(keep, bool) or not isinstance(keep, int) or keep < 1):
+        raise ValueError(f"keep must be a positive int or None, got {keep!r}")
+    for name in extra_files:
+        _check_extra_file_name(name)
+
+
+def _model_saver(
+    model_state: Mapping[str, torch.Tensor], optimizer_state: Mapping[str, Any] | None, final: Path
+) -> Callable[[Path], None]:
+    """What writes ``model.safetensors`` of a checkpoint in one file, made once the states are
+    known to be finite (else CheckpointError); tied tensors are stored once."""
+    _check_finite(model_state, "model_state", final)
+    if optimizer_state is not None:
+        _check_finite(optimizer_state, "optimizer_state", final)
+    tensors, tied = _dedupe_tied_tensors(model_state)
+    metadata = {"format": "pt", _TIED_METADATA_KEY: json.dumps(tied, sort_keys=True)}
+    return lambda path: save_safetensors(tensors, path, metadata)
+
+
+def _prepare_checkpoints_dir(checkpoints_dir: Path, final: Path) -> None:
+    try:
+        checkpoints_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise _write_error(final, checkpoints_dir, exc) from exc
+    # Leftovers of an earlier crash would otherwise hold the disk space this save needs.
+    remove_leftovers(checkpoints_dir)
+
+
+def _checkpoint_dir(checkpoints_dir: Path, final: Path, sharded_in: Path | None) -> ManifestDir:
+    """The checkpoint's directory and manifest as ``ManifestDir`` writes them: staged in
+    ``.tmp-step-N-<pid>`` (or, sharded, in the ``staging_dir`` that holds the shards already), an
+    older ``step-N`` moved to ``.trash-step-N-<pid>`` while it is replaced: names that
+    ``remove_leftovers`` knows."""
+    pid = os.getpid()
+    return ManifestDir(
+        final,
+        staging=Path(sharded_in) if sharded_in is not None else checkpoints_dir / f"{_TMP_PREFIX}{final.name}-{pid}",
+        adopt=sharded_in is not None,
+        aside_name=f"{_TRASH_PREFIX}{final.name}-{pid}",
+        manifest=MANIFEST_FILE,
+    )
+
+
+def _manifest_fields(step: int, extra_files: Mapping[str, bytes], shards: list[str] | None) -> dict[str, Any]:
+    """The manifest's entries besides the file records (which ``ManifestDir`` adds as "files")."""
+    return {
+        "format": FORMAT_NAME,
+        "format_version": 1 if shards is None else 2,
+        **({"layout": SHARDED, "shard_files": shards} if shards is not None else {}),
+        "step": step,
+        "created_unix": time.time(),
+        "extra_files": sorted(extra_files),
+    }
 
 
 def _written_shards(staging: Path, final: Path) -> list[str]:
@@ -283,9 +306,11 @@ def _written_shards(staging: Path, final: Path) -> list[str]:
         raise CheckpointError(f"could not complete checkpoint {final}: {exc}") from None
     missing = [name for name in names if not (staging / name).is_file()]
     if missing:
-        raise CheckpointError(f"could not complete checkpoint {final}: {staging / missing[0]} is not there (of "
-                              f"{len(names)} files the shard map lists); every process must write into the same "
-                              "directory: put --output-dir on a file system all machines share")
+        raise CheckpointError(
+            f"could not complete checkpoint {final}: {staging / missing[0]} is not there (of "
+            f"{len(names)} files the shard map lists); every process must write into the same "
+            "directory: put --output-dir on a file system all machines share"
+        )
     return names
 
 
@@ -306,20 +331,18 @@ def _apply_retention(checkpoints_dir: Path, keep: int, protect: Path) -> None:
         elif not verify_checkpoint(path, check_hashes=False):
             kept += 1
     for path in reversed(victims):  # oldest first
-
         foreign = foreign_in_checkpoint(path)
         if foreign:  # never delete what lmdistill did not write
-            logger.warning("kept old checkpoint %s: it holds %s, which lmdistill did not write; move it away",
-                           path, foreign[0])
+            logger.warning(
+                "kept old checkpoint %s: it holds %s, which lmdistill did not write; move it away", path, foreign[0]
+            )
             continue
         try:
             _remove_dir_crash_safe(path)
         except OSError as exc:
             # The new checkpoint is already safe; a failed cleanup only costs disk space
             # and is retried by the next save, so it must not fail the save.
-            logger.warning(
-                "could not remove old checkpoint %s (%s); the next save retries", path, exc
-            )
+            logger.warning("could not remove old checkpoint %s (%s); the next save retries", path, exc)
             return
 
 
@@ -445,13 +468,6 @@ def _dedupe_tied_tensors(
 # --------------------------------------------------------------------------- verify
 
 
-def _known_or_measured(path: Path, known: Mapping[str, dict]) -> dict[str, Any]:
-    record = known.get(path.name)
-    if record is not None and record.get("size") == path.stat().st_size:
-        return dict(record)
-    return file_record(path)
-
-
 def _read_manifest(path: Path) -> tuple[dict[str, Any] | None, str | None]:
     """(manifest, None) or (None, problem) for checkpoint directory ``path``."""
     manifest_path = path / MANIFEST_FILE
@@ -536,8 +552,9 @@ def find_latest_valid(checkpoints_dir: Path, skip: frozenset[str] = frozenset())
 # --------------------------------------------------------------------------- load
 
 
-def load_checkpoint(path: Path, map_location: str | torch.device = "cpu", *,
-                    check_hashes: bool = True, optimizer: bool = True) -> LoadedCheckpoint:
+def load_checkpoint(
+    path: Path, map_location: str | torch.device = "cpu", *, check_hashes: bool = True, optimizer: bool = True
+) -> LoadedCheckpoint:
     """Verify ``path`` against its manifest, then load everything onto ``map_location``.
 
     Raises CheckpointError naming the bad file if verification fails; nothing from an
@@ -551,8 +568,10 @@ def load_checkpoint(path: Path, map_location: str | torch.device = "cpu", *,
     if problems:
         more = f" (and {len(problems) - 1} more problem(s))" if len(problems) > 1 else ""
         if not optimizer:
-            raise CheckpointError(f"cannot export checkpoint: {problems[0]}{more}; export needs the checkpoint's "
-                                  "weights and student_config.json: restore them, or export another checkpoint")
+            raise CheckpointError(
+                f"cannot export checkpoint: {problems[0]}{more}; export needs the checkpoint's "
+                "weights and student_config.json: restore them, or export another checkpoint"
+            )
         raise CheckpointError(
             f"cannot load checkpoint: {problems[0]}{more}; resume from an older checkpoint "
             f"(find_latest_valid picks the newest valid one)"
@@ -609,9 +628,11 @@ def _load_tensors(file: Path, map_location) -> Any:
     try:
         return torch.load(file, map_location=map_location, weights_only=True)
     except pickle.UnpicklingError:
-        raise CheckpointError(f"{file} is not a checkpoint file lmdistill wrote (it holds Python objects, not only "
-                              "tensors) and was not loaded; use a checkpoint lmdistill wrote (move this one away to "
-                              "resume from an older one)") from None
+        raise CheckpointError(
+            f"{file} is not a checkpoint file lmdistill wrote (it holds Python objects, not only "
+            "tensors) and was not loaded; use a checkpoint lmdistill wrote (move this one away to "
+            "resume from an older one)"
+        ) from None
 
 
 def resume_point(checkpoints_dir: Path, announce: bool = True) -> Path | None:
@@ -623,9 +644,11 @@ def resume_point(checkpoints_dir: Path, announce: bool = True) -> Path | None:
     for warning in warnings if announce else []:
         print(f"warning: {warning}")
     if newest is None and warnings:
-        raise CheckpointError(f"no valid checkpoint to resume in '{checkpoints_dir}': all {len(warnings)} are damaged "
-                              f"(newest: {warnings[0].removeprefix('skipping checkpoint ')}); restore them, or start "
-                              "over with --overwrite")
+        raise CheckpointError(
+            f"no valid checkpoint to resume in '{checkpoints_dir}': all {len(warnings)} are damaged "
+            f"(newest: {warnings[0].removeprefix('skipping checkpoint ')}); restore them, or start "
+            "over with --overwrite"
+        )
     return newest
 
 
@@ -639,8 +662,7 @@ def projection_file(projection: torch.nn.Module | None) -> dict[str, bytes]:
     return {PROJECTION_FILE: save({k: v.detach().contiguous() for k, v in projection.state_dict().items()})}
 
 
-def check_resumable(path: Path, processes: int, batch_size: int, strategy: str,
-                    total_steps: int | None = None) -> None:
+def check_resumable(path: Path, processes: int, batch_size: int, strategy: str, total_steps: int | None = None) -> None:
     """Refuse, before anything is loaded or written, a resume of checkpoint ``path`` that cannot
     continue its run: a trainer state lmdistill did not write, a step past this run's
     ``total_steps``, another global micro-batch (``batch_size`` x ``processes`` blocks fixes the
@@ -655,21 +677,30 @@ def check_resumable(path: Path, processes: int, batch_size: int, strategy: str,
     if problem is not None:
         raise CheckpointError(damaged_state_message(path, problem))
     if total_steps is not None and state["step"] > total_steps:
-        raise CheckpointError(f"checkpoint {path} is at step {state['step']}, past this run's {total_steps} steps "
-                              f"(train.max_steps, or train.epochs); resume with --max-steps {state['step']} or more "
-                              f"(the run was planned for {state.get('total_steps', 'more')} steps)")
+        raise CheckpointError(
+            f"checkpoint {path} is at step {state['step']}, past this run's {total_steps} steps "
+            f"(train.max_steps, or train.epochs); resume with --max-steps {state['step']} or more "
+            f"(the run was planned for {state.get('total_steps', 'more')} steps)"
+        )
     saved_processes = state.get("processes", 1)
     saved_batch = state.get("global_batch")  # absent from checkpoints of older versions
     if saved_batch is None and saved_processes != processes:
-        raise CheckpointError(f"{path} was written by a run with {saved_processes} processes, this one has "
-                              f"{processes}; the data order depends on the process count: resume with the same "
-                              "number of processes")
+        raise CheckpointError(
+            f"{path} was written by a run with {saved_processes} processes, this one has "
+            f"{processes}; the data order depends on the process count: resume with the same "
+            "number of processes"
+        )
     if saved_batch is not None and saved_batch != batch_size * processes:
-        fix = (f"--batch-size {saved_batch // processes}" if saved_batch % processes == 0 else
-               f"a number of processes that divides {saved_batch}")
-        raise CheckpointError(f"{path} was written with a global batch of {saved_batch} blocks per micro-batch "
-                              f"({saved_batch // saved_processes} x {saved_processes} processes) and this run's is "
-                              f"{batch_size} x {processes}; the data order depends on it: resume with {fix}")
+        fix = (
+            f"--batch-size {saved_batch // processes}"
+            if saved_batch % processes == 0
+            else f"a number of processes that divides {saved_batch}"
+        )
+        raise CheckpointError(
+            f"{path} was written with a global batch of {saved_batch} blocks per micro-batch "
+            f"({saved_batch // saved_processes} x {saved_processes} processes) and this run's is "
+            f"{batch_size} x {processes}; the data order depends on it: resume with {fix}"
+        )
     if strategy == "fsdp" and (manifest or {}).get("layout") != SHARDED:
         raise CheckpointError(f"{path} holds whole weights, not FSDP shards; resume it with parallel.strategy=ddp")
 
@@ -696,13 +727,23 @@ def _trainer_state_problem(state: Any) -> str | None:
 
 
 def damaged_state_message(path: Path, problem: str) -> str:
-    return (f"{Path(path) / TRAINER_STATE_FILE} is damaged or was not written by lmdistill ({problem}); move the "
-            f"checkpoint {path} away to resume from an older one, or start over with --overwrite")
+    return (
+        f"{Path(path) / TRAINER_STATE_FILE} is damaged or was not written by lmdistill ({problem}); move the "
+        f"checkpoint {path} away to resume from an older one, or start over with --overwrite"
+    )
 
 
-def restore_training_state(path: Path, model: torch.nn.Module, optimizer, processes: int, batch_size: int,
-                           projection: torch.nn.Module | None = None, strategy: str = "ddp",
-                           verified: bool = False, total_steps: int | None = None) -> dict[str, Any]:
+def restore_training_state(
+    path: Path,
+    model: torch.nn.Module,
+    optimizer,
+    processes: int,
+    batch_size: int,
+    projection: torch.nn.Module | None = None,
+    strategy: str = "ddp",
+    verified: bool = False,
+    total_steps: int | None = None,
+) -> dict[str, Any]:
     """Load checkpoint ``path`` into ``model`` (and the hidden-state ``projection``) and
     ``optimizer`` and restore the RNGs; its trainer state. ``verified``: its hashes were just
     checked (``resume_point``), only the sizes are checked again.
@@ -715,26 +756,31 @@ def restore_training_state(path: Path, model: torch.nn.Module, optimizer, proces
     try:
         _restore_projection(path, ckpt, projection)  # first: a mismatch is said plainly
         if ckpt.sharded:
-
             load_shards(path, model, optimizer)
         else:
             model.load_state_dict(ckpt.model_state)
             problem = optimizer_state_problem(ckpt.optimizer_state, optimizer)
             if problem is not None:  # a wrong-shaped state crashes the fused AdamW step (signal 11)
-                raise CheckpointError(f"{path / OPTIMIZER_FILE}: the checkpoint's optimizer state is damaged or "
-                                      f"not lmdistill's ({problem}); move the checkpoint {path} away to resume "
-                                      "from an older one, or start over with --overwrite")
+                raise CheckpointError(
+                    f"{path / OPTIMIZER_FILE}: the checkpoint's optimizer state is damaged or "
+                    f"not lmdistill's ({problem}); move the checkpoint {path} away to resume "
+                    "from an older one, or start over with --overwrite"
+                )
             optimizer.load_state_dict(ckpt.optimizer_state)
     except (RuntimeError, ValueError) as exc:
-        raise CheckpointError(f"{path} does not fit this student ({str(exc).splitlines()[0][:160]}); resume with "
-                              "the run's own model settings") from None
+        raise CheckpointError(
+            f"{path} does not fit this student ({str(exc).splitlines()[0][:160]}); resume with "
+            "the run's own model settings"
+        ) from None
     if ckpt.rng_state is not None:
         try:
             restore_rng_state(ckpt.rng_state)
         except (KeyError, TypeError, ValueError, AttributeError, IndexError, RuntimeError) as exc:
-            raise CheckpointError(f"{path / RNG_FILE} is damaged or was not written by lmdistill ({exc!r}); move "
-                                  f"the checkpoint {path} away to resume from an older one, or start over with "
-                                  "--overwrite") from None
+            raise CheckpointError(
+                f"{path / RNG_FILE} is damaged or was not written by lmdistill ({exc!r}); move "
+                f"the checkpoint {path} away to resume from an older one, or start over with "
+                "--overwrite"
+            ) from None
     return ckpt.trainer_state
 
 
@@ -747,24 +793,33 @@ def _finite(value: Any) -> bool:
 def optimizer_state_problem(state: Any, optimizer) -> str | None:
     """What is wrong with a saved ``optimizer.state_dict()`` for ``optimizer``, or None: every
     per-parameter tensor must have its parameter's shape, the step and settings sane numbers."""
-    if not isinstance(state, dict) or not isinstance(state.get("state"), dict) \
-            or not isinstance(state.get("param_groups"), list):
+    if (
+        not isinstance(state, dict)
+        or not isinstance(state.get("state"), dict)
+        or not isinstance(state.get("param_groups"), list)
+    ):
         return f"a {type(state).__name__}, not an optimizer state dict"
     groups = state["param_groups"]
     if len(groups) != len(optimizer.param_groups):
         return f"{len(groups)} parameter group(s), the optimizer has {len(optimizer.param_groups)}"
     params = {}
     for saved, group in zip(groups, optimizer.param_groups):
-        if not isinstance(saved, dict) or not isinstance(saved.get("params"), list) \
-                or len(saved["params"]) != len(group["params"]) \
-                or not all(isinstance(i, int) for i in saved["params"]):
+        if (
+            not isinstance(saved, dict)
+            or not isinstance(saved.get("params"), list)
+            or len(saved["params"]) != len(group["params"])
+            or not all(isinstance(i, int) for i in saved["params"])
+        ):
             return "parameter groups that do not match the optimizer's"
         params.update(zip(saved["params"], group["params"]))
         lr, betas, eps, decay = (saved.get(k) for k in ("lr", "betas", "eps", "weight_decay"))
         if not _finite(lr) or float(lr) < 0:
             return f"lr {lr!r}"
-        if betas is not None and (not isinstance(betas, (list, tuple)) or len(betas) != 2
-                                  or not all(_finite(b) and 0 <= float(b) < 1 for b in betas)):
+        if betas is not None and (
+            not isinstance(betas, (list, tuple))
+            or len(betas) != 2
+            or not all(_finite(b) and 0 <= float(b) < 1 for b in betas)
+        ):
             return f"betas {betas!r}"
         if eps is not None and (not _finite(eps) or float(eps) <= 0):
             return f"eps {eps!r}"
@@ -778,8 +833,10 @@ def optimizer_state_problem(state: Any, optimizer) -> str | None:
                 if not _finite(value) or float(value) < 0:
                     return f"step {value!r} of parameter {key!r}"
             elif isinstance(value, torch.Tensor) and value.shape != params[key].shape:
-                return (f"{name} of parameter {key!r} has shape {tuple(value.shape)}, the parameter "
-                        f"{tuple(params[key].shape)}")
+                return (
+                    f"{name} of parameter {key!r} has shape {tuple(value.shape)}, the parameter "
+                    f"{tuple(params[key].shape)}"
+                )
     return None
 
 
@@ -789,7 +846,8 @@ def _restore_projection(path: Path, ckpt: LoadedCheckpoint, projection: torch.nn
     if wanted != stored:
         raise CheckpointError(
             f"{path} was written {'without' if wanted else 'with'} a trained hidden-state projection and this run "
-            f"{'has' if wanted else 'has none'}; resume with the run's own distill.hidden settings")
+            f"{'has' if wanted else 'has none'}; resume with the run's own distill.hidden settings"
+        )
     if wanted:
         from safetensors.torch import load
 
@@ -846,8 +904,7 @@ def restore_rng_state(state: Mapping[str, Any]) -> None:
             # Different GPU count than at save time: restore the devices both runs have,
             # so the run resumes, but it will not be bit-identical to an uninterrupted one.
             logger.warning(
-                "checkpoint has CUDA RNG states for %d device(s), this process sees %d; "
-                "restoring the first %d",
+                "checkpoint has CUDA RNG states for %d device(s), this process sees %d; restoring the first %d",
                 len(saved_cuda),
                 torch.cuda.device_count(),
                 min(len(saved_cuda), torch.cuda.device_count()),
@@ -857,5 +914,3 @@ def restore_rng_state(state: Mapping[str, Any]) -> None:
 
 
 # --------------------------------------------------------------------------- hashing
-
-
