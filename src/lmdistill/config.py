@@ -22,7 +22,7 @@ from typing import Any, Literal, get_args, get_origin
 import yaml
 
 from lmdistill.core.errors import ConfigError
-from lmdistill.loss.divergences import DIVERGENCES
+from lmdistill.loss.divergences import DIVERGENCES, DivergenceParams
 
 # Where a fault can be injected (``debug.inject[].where``, training/faults.py) and what it writes there.
 FAULT_SITES = ("teacher_logits", "student_logits", "loss", "grad")
@@ -237,6 +237,11 @@ class DistillConfig:
     on_policy: OnPolicyConfig = field(
         default_factory=OnPolicyConfig, metadata={"doc": "On-policy distillation on the student's own generations."}
     )
+
+    @property
+    def divergence_params(self) -> DivergenceParams:
+        """``jsd_beta`` and ``skew_alpha`` as the losses take them (a ValueError out of range)."""
+        return DivergenceParams(self.jsd_beta, self.skew_alpha)
 
 
 @dataclass
@@ -484,8 +489,10 @@ def _check_objective(cfg: Config) -> None:
         )
     if not 0.0 <= d.kd_weight <= 1.0:
         raise _bad("distill.kd_weight", d.kd_weight, "must be in [0, 1] (0 = plain LM training, 1 = pure KD)")
-    if not 0.0 <= d.jsd_beta <= 1.0:
-        raise _bad("distill.jsd_beta", d.jsd_beta, "must be in [0, 1] (0 = forward_kl, 1 = reverse_kl)")
+    try:
+        _ = d.divergence_params  # built to check their ranges, which the divergences define
+    except ValueError as exc:
+        raise ConfigError(f"distill.{exc}") from None
     if not (d.hidden.weight >= 0 and math.isfinite(d.hidden.weight)):
         raise _bad("distill.hidden.weight", d.hidden.weight, "must be a finite number >= 0 (0 = no hidden-state term)")
     if not (d.hidden.layers == "auto" or isinstance(d.hidden.layers, list)):
@@ -501,8 +508,6 @@ def _check_objective(cfg: Config) -> None:
         )
     if cfg.model.prune.calibration_blocks < 1:
         raise _bad("model.prune.calibration_blocks", cfg.model.prune.calibration_blocks, "must be a whole number >= 1")
-    if not 0.0 <= d.skew_alpha < 1.0:
-        raise _bad("distill.skew_alpha", d.skew_alpha, "must be in [0, 1) (0 = no skew)")
     _check_on_policy(cfg)
 
 

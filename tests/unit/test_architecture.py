@@ -42,7 +42,11 @@ def test_the_package_keeps_its_declared_layers_and_has_no_import_cycle():
     ("module", "line", "broken"),
     [
         # the shared ground reaching up into the loop: a layer broken
-        ("core/errors.py", "from lmdistill.training import trainer", "lmdistill.core is not allowed to import lmdistill.training"),
+        (
+            "core/errors.py",
+            "from lmdistill.training import trainer",
+            "lmdistill.core is not allowed to import lmdistill.training",
+        ),
         # two data modules importing each other (a function-local import counts)
         ("data/chat.py", "def _late():\n    from lmdistill.data import store", "any package BROKEN"),
     ],

@@ -14,13 +14,14 @@ vocabulary padded past the tokenizer:
 from __future__ import annotations
 
 import math
+import re
 
 import pytest
 import torch
 
 from lmdistill.loss.chunked import fused_linear_distillation_loss, fused_logits_distillation_loss
 from lmdistill.loss.dense import IGNORE_INDEX, distillation_loss
-from lmdistill.loss.divergences import DIVERGENCES, REGISTRY
+from lmdistill.loss.divergences import DIVERGENCES, REGISTRY, DivergenceParams
 
 N, H, V, PAD = 23, 10, 37, 5  # tokens, hidden width, real vocabulary, padded rows
 IGNORED = (1, 8, 9, 20)
@@ -104,8 +105,7 @@ def test_full_path_value_and_gradient(name, jsd_beta, skew_alpha, temperature, l
         temperature=temperature,
         kd_weight=0.7,
         divergence=name,
-        jsd_beta=jsd_beta,
-        skew_alpha=skew_alpha,
+        params=DivergenceParams(jsd_beta, skew_alpha),
     )
     parts.total.backward()
     assert parts.kd_unscaled.item() == pytest.approx(ref_kd.item(), rel=2e-5, abs=1e-7)
@@ -136,8 +136,7 @@ def test_chunked_path_value_and_gradient(name, jsd_beta, skew_alpha, temperature
         temperature=temperature,
         kd_weight=0.7,
         divergence=name,
-        jsd_beta=jsd_beta,
-        skew_alpha=skew_alpha,
+        params=DivergenceParams(jsd_beta, skew_alpha),
         vocab_size=V,
         chunk_size=6,
     )
@@ -180,7 +179,8 @@ def test_jsd_ends_are_forward_and_reverse_kl_and_the_middle_is_continuous():
     y = torch.randint(0, 11, (8,), generator=g)
 
     def kd(name, **kw):
-        return distillation_loss(zs, zt, y, temperature=1.0, kd_weight=1.0, divergence=name, **kw).kd.item()
+        params = DivergenceParams(**kw)
+        return distillation_loss(zs, zt, y, temperature=1.0, kd_weight=1.0, divergence=name, params=params).kd.item()
 
     assert kd("jsd", jsd_beta=0.0) == kd("forward_kl")
     assert kd("jsd", jsd_beta=1.0) == kd("reverse_kl")
@@ -194,10 +194,10 @@ def test_unknown_names_and_bad_parameters_are_refused():
     z, y = torch.randn(3, 5), torch.tensor([0, 1, 2])
     with pytest.raises(ValueError, match="choose one of forward_kl, reverse_kl, jsd, skew_kl, skew_reverse_kl, tvd"):
         distillation_loss(z, z, y, temperature=1.0, kd_weight=0.5, divergence="kl")
-    with pytest.raises(ValueError, match="jsd_beta"):
-        distillation_loss(z, z, y, temperature=1.0, kd_weight=0.5, divergence="jsd", jsd_beta=1.5)
-    with pytest.raises(ValueError, match="skew_alpha"):
-        distillation_loss(z, z, y, temperature=1.0, kd_weight=0.5, divergence="skew_kl", skew_alpha=1.0)
+    with pytest.raises(ValueError, match=re.escape("jsd_beta = 1.5 is not allowed: must be in [0, 1]")):
+        DivergenceParams(jsd_beta=1.5)
+    with pytest.raises(ValueError, match=re.escape("skew_alpha = 1.0 is not allowed: must be in [0, 1)")):
+        DivergenceParams(skew_alpha=1.0)
 
 
 def test_closed_form_logits_loss_on_views_of_padded_3d_logits():

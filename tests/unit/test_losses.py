@@ -15,6 +15,7 @@ import torch
 import torch.nn.functional as F
 
 from lmdistill.loss.dense import IGNORE_INDEX, distillation_loss, token_divergence
+from lmdistill.loss.divergences import DivergenceParams
 
 TEMPERATURES = [0.5, 1.0, 2.0, 3.0, 5.0, 10.0, 20.0]
 
@@ -310,7 +311,7 @@ def test_reverse_kl_matches_independent_formula(temperature):
 @pytest.mark.parametrize("beta", [0.5, 0.1, 0.9])
 def test_jsd_matches_independent_formula(temperature, beta):
     s, t, _ = random_logits(seed=15)
-    ours = token_divergence(s, t, temperature, "jsd", jsd_beta=beta)
+    ours = token_divergence(s, t, temperature, "jsd", params=DivergenceParams(jsd_beta=beta))
     torch.testing.assert_close(ours.double(), ref_jsd(s, t, temperature, beta), rtol=1e-5, atol=1e-6)
 
 

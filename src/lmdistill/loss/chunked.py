@@ -35,7 +35,7 @@ from torch import Tensor
 from lmdistill.loss.dense import IGNORE_INDEX, LossParts, check_loss_args, normaliser
 from lmdistill.loss.divergences import DivergenceParams, _no_workspace
 
-__all__ = ["fused_linear_distillation_loss", "fused_logits_distillation_loss", "FusedLinearDistillationLoss"]
+__all__ = ["fused_linear_distillation_loss", "fused_logits_distillation_loss"]
 
 _USE_WORKSPACE = True  # tests switch it off to check the allocation-only path too
 
@@ -221,8 +221,7 @@ def _prepare(
     temperature: float,
     kd_weight: float,
     scale_by_t2: bool,
-    jsd_beta: float,
-    skew_alpha: float,
+    params: DivergenceParams,
     num_tokens,
     num_valid: int,
     all_valid: bool,
@@ -238,7 +237,7 @@ def _prepare(
     t2 = temperature**2 if scale_by_t2 else 1.0
     opts = _Options(
         kd_chunk=entry.chunk,
-        params=DivergenceParams(float(jsd_beta), float(skew_alpha)),
+        params=params,
         with_kd=kd_weight > 0,
         same_t=float(temperature) == 1.0,
         chunk_size=int(chunk_size),
@@ -514,8 +513,7 @@ def fused_linear_distillation_loss(
     kd_weight: float,
     scale_by_t2: bool = True,
     divergence: str = "forward_kl",
-    jsd_beta: float = 0.5,
-    skew_alpha: float = 0.1,
+    params: DivergenceParams = DivergenceParams(),
     ignore_index: int = IGNORE_INDEX,
     num_tokens: int | float | Tensor | None = None,
     all_valid: bool = False,
@@ -543,8 +541,8 @@ def fused_linear_distillation_loss(
         temperature: KD temperature T > 0 (the CE term always uses T = 1).
         kd_weight: in [0, 1].
         scale_by_t2: multiply the divergence by T^2.
-        divergence, jsd_beta, skew_alpha: a name from ``divergences.REGISTRY`` with a
-            closed-form gradient, and its parameters (see ``losses.token_divergence``).
+        divergence, params: a name from ``divergences.REGISTRY`` with a
+            closed-form gradient, and its parameters (see ``dense.token_divergence``).
         num_tokens: the normaliser: the global count of valid targets across micro-batches
             and ranks. Defaults to this call's own count; a count of 0 divides by 1.
         all_valid: the caller vouches that every target is a token id in [0, vocab_size)
@@ -565,7 +563,7 @@ def fused_linear_distillation_loss(
         the rest are detached fp32 scalars. With no valid target every part is exactly 0 and
         the gradients are zero.
     """
-    entry = check_loss_args(temperature, kd_weight, divergence, jsd_beta, skew_alpha)
+    entry = check_loss_args(temperature, kd_weight, divergence)
     if entry.chunk is None:
         raise ValueError(
             f"divergence {divergence!r} has no closed-form gradient for the chunked loss; "
@@ -627,8 +625,7 @@ def fused_linear_distillation_loss(
         temperature=temperature,
         kd_weight=kd_weight,
         scale_by_t2=scale_by_t2,
-        jsd_beta=jsd_beta,
-        skew_alpha=skew_alpha,
+        params=params,
         num_tokens=num_tokens,
         num_valid=num_valid,
         all_valid=all_valid,
@@ -664,8 +661,7 @@ def fused_logits_distillation_loss(
     kd_weight: float,
     scale_by_t2: bool = True,
     divergence: str = "forward_kl",
-    jsd_beta: float = 0.5,
-    skew_alpha: float = 0.1,
+    params: DivergenceParams = DivergenceParams(),
     ignore_index: int = IGNORE_INDEX,
     num_tokens: int | float | Tensor | None = None,
     all_valid: bool = False,
@@ -681,7 +677,7 @@ def fused_logits_distillation_loss(
     (e.g. ``logits[:, :-1, :vocab_size]`` of a model's padded output); nothing is copied
     whole. Only divergences with a closed form (``Divergence.chunk``) are accepted.
     """
-    entry = check_loss_args(temperature, kd_weight, divergence, jsd_beta, skew_alpha)
+    entry = check_loss_args(temperature, kd_weight, divergence)
     if entry.chunk is None:
         raise ValueError(f"divergence {divergence!r} has no closed-form gradient; use losses.distillation_loss")
     with_kd = kd_weight > 0
@@ -699,8 +695,7 @@ def fused_logits_distillation_loss(
         temperature=temperature,
         kd_weight=kd_weight,
         scale_by_t2=scale_by_t2,
-        jsd_beta=jsd_beta,
-        skew_alpha=skew_alpha,
+        params=params,
         num_tokens=num_tokens,
         num_valid=num_valid,
         all_valid=num_valid == targets.numel(),
@@ -714,86 +709,3 @@ def fused_logits_distillation_loss(
         student_logits, teacher_logits.detach() if with_kd else None, targets, inv_t, c_kd, c_ce, opts
     )
     return _loss_parts(total, ce_sum, kd_sum, opts)
-
-
-class FusedLinearDistillationLoss(torch.nn.Module):
-    """Module form of :func:`fused_linear_distillation_loss`, holding its options.
-
-    ``temperature`` and ``kd_weight`` are plain attributes so a schedule can set them each
-    step; per-call values in ``forward`` override them.
-
-    Example::
-
-        loss_fn = FusedLinearDistillationLoss(temperature=2.0, kd_weight=0.5)
-        parts = loss_fn(student_hidden, student.lm_head.weight,
-                        teacher_hidden, teacher.lm_head.weight, targets,
-                        vocab_size=len(tokenizer), num_tokens=global_valid_tokens)
-        parts.total.backward()
-    """
-
-    def __init__(
-        self,
-        *,
-        temperature: float = 2.0,
-        kd_weight: float = 0.5,
-        scale_by_t2: bool = True,
-        divergence: str = "forward_kl",
-        ignore_index: int = IGNORE_INDEX,
-        chunk_size: int = 1024,
-        jsd_beta: float = 0.5,
-        skew_alpha: float = 0.1,
-        use_compile: bool | None = None,
-    ):
-        super().__init__()
-        self.temperature = temperature
-        self.kd_weight = kd_weight
-        self.scale_by_t2 = scale_by_t2
-        self.divergence = divergence
-        self.ignore_index = ignore_index
-        self.chunk_size = chunk_size
-        self.jsd_beta = jsd_beta
-        self.skew_alpha = skew_alpha
-        self.use_compile = use_compile
-
-    def forward(
-        self,
-        student_hidden: Tensor,
-        student_weight: Tensor,
-        teacher_hidden: Tensor | None,
-        teacher_weight: Tensor | None,
-        targets: Tensor,
-        *,
-        num_tokens: int | float | Tensor | None = None,
-        vocab_size: int | None = None,
-        student_bias: Tensor | None = None,
-        teacher_bias: Tensor | None = None,
-        temperature: float | None = None,
-        kd_weight: float | None = None,
-    ) -> LossParts:
-        """Shapes as in :func:`fused_linear_distillation_loss`."""
-        return fused_linear_distillation_loss(
-            student_hidden,
-            student_weight,
-            teacher_hidden,
-            teacher_weight,
-            targets,
-            temperature=self.temperature if temperature is None else temperature,
-            kd_weight=self.kd_weight if kd_weight is None else kd_weight,
-            scale_by_t2=self.scale_by_t2,
-            divergence=self.divergence,
-            ignore_index=self.ignore_index,
-            num_tokens=num_tokens,
-            vocab_size=vocab_size,
-            student_bias=student_bias,
-            teacher_bias=teacher_bias,
-            chunk_size=self.chunk_size,
-            jsd_beta=self.jsd_beta,
-            skew_alpha=self.skew_alpha,
-            use_compile=self.use_compile,
-        )
-
-    def extra_repr(self) -> str:
-        return (
-            f"temperature={self.temperature}, kd_weight={self.kd_weight}, scale_by_t2={self.scale_by_t2}, "
-            f"divergence={self.divergence!r}, chunk_size={self.chunk_size}"
-        )

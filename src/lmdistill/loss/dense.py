@@ -30,15 +30,12 @@ from lmdistill.loss.divergences import DIVERGENCES, DivergenceParams
 __all__ = ["DIVERGENCES", "IGNORE_INDEX", "LossParts", "distillation_loss", "token_divergence"]
 
 
-def check_loss_args(
-    temperature: float, kd_weight: float, divergence: str, jsd_beta: float, skew_alpha: float
-) -> divergences.Divergence:
+def check_loss_args(temperature: float, kd_weight: float, divergence: str) -> divergences.Divergence:
     """ValueError for an argument no loss accepts; the divergence's registry entry otherwise."""
     if not 0.0 <= kd_weight <= 1.0:
         raise ValueError(f"kd_weight must be in [0, 1], got {kd_weight}")
     if temperature <= 0:
         raise ValueError(f"temperature must be > 0, got {temperature}")
-    divergences.check_params(jsd_beta, skew_alpha)
     return divergences.get(divergence)
 
 
@@ -57,8 +54,7 @@ def token_divergence(
     temperature: float,
     divergence: str = "forward_kl",
     *,
-    jsd_beta: float = 0.5,
-    skew_alpha: float = 0.1,
+    params: DivergenceParams = DivergenceParams(),
 ) -> torch.Tensor:
     """Per-token divergence between temperature-softened distributions, in nats.
 
@@ -69,7 +65,7 @@ def token_divergence(
         divergence: a name from ``divergences.REGISTRY`` (``forward_kl`` = KL(teacher ||
             student), the classic KD term; ``reverse_kl``; ``jsd``; ``skew_kl``;
             ``skew_reverse_kl``; ``tvd``).
-        jsd_beta, skew_alpha: the parameters of ``jsd`` and of the skewed KLs.
+        params: the parameters of ``jsd`` and of the skewed KLs (``DivergenceParams``).
 
     Returns:
         (N,) fp32, not multiplied by T^2.
@@ -77,7 +73,7 @@ def token_divergence(
     entry = divergences.get(divergence)
     log_s = F.log_softmax(student_logits.float() / temperature, dim=-1)
     log_t = F.log_softmax(teacher_logits.float() / temperature, dim=-1)
-    return entry.per_token(log_s, log_t, DivergenceParams(jsd_beta, skew_alpha))
+    return entry.per_token(log_s, log_t, params)
 
 
 @dataclass
@@ -105,8 +101,7 @@ def distillation_loss(
     kd_weight: float,
     scale_by_t2: bool = True,
     divergence: str = "forward_kl",
-    jsd_beta: float = 0.5,
-    skew_alpha: float = 0.1,
+    params: DivergenceParams = DivergenceParams(),
     ignore_index: int = IGNORE_INDEX,
     num_tokens: int | float | torch.Tensor | None = None,
     all_valid: bool = False,
@@ -121,7 +116,7 @@ def distillation_loss(
         temperature: KD temperature T > 0 (the CE term always uses T = 1).
         kd_weight: in [0, 1].
         scale_by_t2: multiply the divergence by T^2.
-        divergence, jsd_beta, skew_alpha: see :func:`token_divergence`.
+        divergence, params: see :func:`token_divergence`.
         num_tokens: the normaliser. Pass the global count of valid targets across
             micro-batches and ranks; defaults to this call's own count.
         all_valid: the caller knows that no target is ``ignore_index`` (packed text
@@ -130,7 +125,7 @@ def distillation_loss(
     Returns:
         LossParts; with no valid tokens every part is 0 and gradients are zero.
     """
-    entry = check_loss_args(temperature, kd_weight, divergence, jsd_beta, skew_alpha)
+    entry = check_loss_args(temperature, kd_weight, divergence)
     vocab = student_logits.shape[-1]
     s = student_logits.reshape(-1, vocab)
     y = targets.reshape(-1)
@@ -158,7 +153,7 @@ def distillation_loss(
             )
         log_s = F.log_softmax(s_valid.float() / temperature, dim=-1)
         log_t = F.log_softmax(t_valid.float() / temperature, dim=-1)
-        kd_unscaled_sum = entry.per_token(log_s, log_t, DivergenceParams(jsd_beta, skew_alpha)).sum()
+        kd_unscaled_sum = entry.per_token(log_s, log_t, params).sum()
     else:
         kd_unscaled_sum = ce_sum.new_zeros(())
     t2 = temperature**2 if scale_by_t2 else 1.0

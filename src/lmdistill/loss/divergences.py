@@ -54,10 +54,21 @@ _FP32_MIN = torch.finfo(torch.float32).min
 
 @dataclass(frozen=True)
 class DivergenceParams:
-    """Shape parameters of the divergences that have one (``distill.jsd_beta``, ``distill.skew_alpha``)."""
+    """Shape parameters of the divergences that have one (``distill.jsd_beta``, ``distill.skew_alpha``).
+
+    Checked once, here: a ValueError names the parameter and its range, so every loss, the
+    evaluation and the config refuse the same values with the same words."""
 
     jsd_beta: float = 0.5
     skew_alpha: float = 0.1
+
+    def __post_init__(self) -> None:
+        if not 0.0 <= self.jsd_beta <= 1.0:
+            raise ValueError(
+                f"jsd_beta = {self.jsd_beta!r} is not allowed: must be in [0, 1] (0 = forward_kl, 1 = reverse_kl)"
+            )
+        if not 0.0 <= self.skew_alpha < 1.0:
+            raise ValueError(f"skew_alpha = {self.skew_alpha!r} is not allowed: must be in [0, 1) (0 = no skew)")
 
 
 def _no_workspace(slot: int, rows: int) -> None:
@@ -295,11 +306,3 @@ def get(name: str) -> Divergence:
         return REGISTRY[name]
     except KeyError:
         raise ValueError(f"unknown divergence {name!r}; choose one of {', '.join(DIVERGENCES)}") from None
-
-
-def check_params(jsd_beta: float, skew_alpha: float) -> None:
-    """ValueError unless 0 <= jsd_beta <= 1 and 0 <= skew_alpha < 1."""
-    if not 0.0 <= jsd_beta <= 1.0:
-        raise ValueError(f"jsd_beta must be in [0, 1] (0 = forward KL, 1 = reverse KL), got {jsd_beta}")
-    if not 0.0 <= skew_alpha < 1.0:
-        raise ValueError(f"skew_alpha must be in [0, 1) (0 = no skew), got {skew_alpha}")

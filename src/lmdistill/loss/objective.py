@@ -23,6 +23,7 @@ from lmdistill.core.batch import Batch
 from lmdistill.loss import divergences
 from lmdistill.loss.chunked import fused_linear_distillation_loss, fused_logits_distillation_loss
 from lmdistill.loss.dense import LossParts, distillation_loss
+from lmdistill.loss.divergences import DivergenceParams
 from lmdistill.loss.hidden import HiddenProjection, hidden_state_loss
 from lmdistill.loss.sampled import (
     sampled_token_loss,
@@ -48,16 +49,14 @@ class KDSpec:
     kd_weight: float
     divergence: str = "forward_kl"
     scale_by_t2: bool = True
-    jsd_beta: float = 0.5
-    skew_alpha: float = 0.1
+    params: DivergenceParams = DivergenceParams()
 
     def loss_kwargs(self) -> dict:
         return {
             "kd_weight": self.kd_weight,
             "divergence": self.divergence,
             "scale_by_t2": self.scale_by_t2,
-            "jsd_beta": self.jsd_beta,
-            "skew_alpha": self.skew_alpha,
+            "params": self.params,
         }
 
 
@@ -130,7 +129,7 @@ class Objective:
         """The objective of a run's config: its ``distill`` section, and ``distill.on_policy``'s
         loss for the batches the student wrote."""
         d, o = cfg.distill, cfg.distill.on_policy
-        spec = KDSpec(d.kd_weight, d.divergence, d.scale_by_t2, d.jsd_beta, d.skew_alpha)
+        spec = KDSpec(d.kd_weight, d.divergence, d.scale_by_t2, d.divergence_params)
         on_policy = (
             OnPolicySpec(replace(spec, kd_weight=1.0, divergence=o.divergence), o.loss) if o.fraction > 0 else None
         )
@@ -204,7 +203,10 @@ class Objective:
         self, student, batch: Batch, teacher: TeacherSparse, temperature: float, num_tokens: float, spec: KDSpec
     ) -> tuple[LossParts, tuple]:
         """Sparse targets from a cache: from the student's whole logits when the loss path is full
-        (they are small), else chunk by chunk from its hidden states."""
+        (they are small), else chunk by chunk from its hidden states. Sparse targets estimate
+        forward KL only (a cache of other divergences is refused when it is opened)."""
+        if spec.divergence != "forward_kl":
+            raise ValueError(f"sparse teacher targets give forward_kl only, not {spec.divergence!r}")
         if self.student_output == "logits":
             logits = prediction_logits(
                 self.model,

@@ -18,6 +18,7 @@ from tqdm.auto import tqdm
 from lmdistill.core.batch import Batch
 from lmdistill.core.progress import interactive
 from lmdistill.loss.dense import IGNORE_INDEX, token_divergence
+from lmdistill.loss.divergences import DivergenceParams
 from lmdistill.loss.sparse import sparse_kd_sum
 from lmdistill.training.monitor import verdict_line
 
@@ -45,8 +46,7 @@ def evaluate(
     temperature: float,
     scale_by_t2: bool = True,
     divergence: str = "forward_kl",
-    jsd_beta: float = 0.5,
-    skew_alpha: float = 0.1,
+    params: DivergenceParams = DivergenceParams(),
     batch_size: int = 8,
     device: torch.device | str = "cpu",
     autocast=None,
@@ -113,11 +113,7 @@ def evaluate(
         sums[5] += targets.numel()
         if t_logits is not None:
             t_flat = t_logits.reshape(-1, vocab_size).float()
-            kd = (
-                token_divergence(s_flat, t_flat, temperature, divergence, jsd_beta=jsd_beta, skew_alpha=skew_alpha)
-                .sum()
-                .item()
-            )
+            kd = token_divergence(s_flat, t_flat, temperature, divergence, params=params).sum().item()
             sums[1] += kd * (temperature**2 if scale_by_t2 else 1.0)
             sums[2] += token_divergence(s_flat, t_flat, 1.0, "forward_kl").sum().item()
             sums[3] += (s_flat.argmax(-1) == t_flat.argmax(-1)).sum().item()
