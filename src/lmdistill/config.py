@@ -1,8 +1,10 @@
 """Typed configuration: one dataclass per section, one line of documentation per field.
 
 A config is built from defaults, then a YAML file, then ``--set section.key=value``
-overrides and named CLI flags, and is validated once at the end. Every problem is a
-``ConfigError`` whose message names the key, the value and what is allowed, and
+overrides and named CLI flags. Each value is type-checked as it is set, by pydantic against
+the field's annotation (the value types below: what YAML and ``--set`` give converts where
+that is harmless); ranges and consistency are checked once at the end (``_check_*``). Every
+problem is a ``ConfigError`` whose message names the key, the value and what is allowed, and
 suggests the nearest key for a typo. ``lmdistill config-reference`` prints the table
 of all fields from these docstrings (docs/config.md is generated from it).
 """
@@ -11,15 +13,17 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import functools
 import math
 import re
 import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal, get_args, get_origin
+from typing import Annotated, Any, Literal, get_args, get_origin
 
 import yaml
+from pydantic import BeforeValidator, ConfigDict, InstanceOf, StrictBool, TypeAdapter, ValidationError
 
 from lmdistill.core.errors import ConfigError
 from lmdistill.loss.divergences import DIVERGENCES, DivergenceParams
@@ -27,6 +31,34 @@ from lmdistill.loss.divergences import DIVERGENCES, DivergenceParams
 # Where a fault can be injected (``debug.inject[].where``, training/faults.py) and what it writes there.
 FAULT_SITES = ("teacher_logits", "student_logits", "loss", "grad")
 FAULT_VALUES = ("nan", "inf", "-inf")
+
+
+def _refuse(*kinds: type) -> BeforeValidator:
+    """A pydantic validator that lets a value through unless it is one of ``kinds``: what lax mode
+    would convert from them hides a mistake (``batch_size: true`` is not 1)."""
+
+    def check(value: Any) -> Any:
+        if isinstance(value, kinds):
+            raise ValueError(f"a {type(value).__name__} is not taken here")
+        return value
+
+    return BeforeValidator(check)
+
+
+def _yaml_no(value: Any) -> Any:
+    return "no" if value is False else value  # YAML 1.1 reads an unquoted `no` as false
+
+
+# The types of the config's keys: pydantic's validation in lax mode, so that what YAML and --set
+# give converts where that is harmless, narrowed where a conversion would hide a mistake. Their
+# error messages are the config's own (_wrong_type); their ranges are the _check_* functions'.
+Bool = StrictBool  # true or false; not yes, 1 or 'true'
+Int = Annotated[int, _refuse(bool, str, bytes)]  # a whole number, 4.0 too; not true or '8'
+Float = Annotated[float, _refuse(bool, bytes)]  # a number, '1e-3' too (YAML 1.1 reads 1e-3 as a string)
+Str = Annotated[str, _refuse(bytes)]  # a number as a string too (run.name: 1e5; _ADAPTER_CONFIG)
+List = InstanceOf[list]  # a list (not a tuple or a set), kept as given; its entries are _check_*'s to judge
+Dict = InstanceOf[dict]  # a mapping, likewise
+Precision = Annotated[Literal["auto", "no", "bf16", "fp16"], BeforeValidator(_yaml_no)]
 
 
 def doc(text: str, default: Any = dataclasses.MISSING, **kw: Any) -> Any:
@@ -41,18 +73,18 @@ def doc(text: str, default: Any = dataclasses.MISSING, **kw: Any) -> Any:
 class RunConfig:
     """Where the run goes and how it is reproduced."""
 
-    output_dir: str | None = doc("Run directory. Default: runs/<name>-<date>-<time>.", None)
-    name: str = doc("Short run name (a plain name, no '/') used in the default output_dir and the report.", "distill")
-    overwrite: bool = doc("Replace an output_dir that already holds a run.", False)
-    resume: bool = doc("Continue the unfinished run in output_dir from its newest valid checkpoint.", False)
-    seed: int = doc("Seed for Python, NumPy and torch, in [0, 2**32 - 1]; the same seed gives the same run on CPU.", 0)
+    output_dir: Str | None = doc("Run directory. Default: runs/<name>-<date>-<time>.", None)
+    name: Str = doc("Short run name (a plain name, no '/') used in the default output_dir and the report.", "distill")
+    overwrite: Bool = doc("Replace an output_dir that already holds a run.", False)
+    resume: Bool = doc("Continue the unfinished run in output_dir from its newest valid checkpoint.", False)
+    seed: Int = doc("Seed for Python, NumPy and torch, in [0, 2**32 - 1]; the same seed gives the same run on CPU.", 0)
     device: Literal["auto", "cpu", "cuda"] = doc("auto = CUDA when available, else CPU.", "auto")
-    trackers: list = doc(
+    trackers: List = doc(
         "Extra experiment trackers through accelerate, e.g. [wandb] or [mlflow] (installed "
         "separately); TensorBoard and metrics.jsonl are always written.",
         [],
     )
-    mixed_precision: Literal["auto", "no", "bf16", "fp16"] = doc(
+    mixed_precision: Precision = doc(
         "Autocast dtype. auto = bf16 on a GPU that supports it, fp32 ('no') on CPU.", "auto"
     )
 
@@ -72,26 +104,26 @@ class PruneConfig:
         "importance = the largest mean activation magnitude on calibration blocks; first = the first ones.",
         "importance",
     )
-    calibration_blocks: int = doc("Training blocks the importances are measured on.", 32)
+    calibration_blocks: Int = doc("Training blocks the importances are measured on.", 32)
 
 
 @dataclass
 class ModelConfig:
     """Teacher and student models."""
 
-    teacher: str | None = doc(
+    teacher: Str | None = doc(
         "Teacher: local directory or hub id. null = the embedded default teacher, "
         "pretrained once on the embedded corpus and cached.",
         None,
     )
-    student: str | None = doc("Student to start from: local directory or hub id. null = build a fresh one.", None)
-    teacher_cache: str | None = doc(
+    student: Str | None = doc("Student to start from: local directory or hub id. null = build a fresh one.", None)
+    teacher_cache: Str | None = doc(
         "A teacher cache (lmdistill cache-teacher) to distill from instead of running the teacher: no teacher model "
         "runs. A fresh student starts as model.student_init says: cut out of the cached teacher (its weights are "
         "loaded for the cut only, and must be on disk), or random with model.student_init: random.",
         None,
     )
-    student_config: dict = doc(
+    student_config: Dict = doc(
         "Overrides applied to the teacher's config to build a fresh student "
         "(used when student is null), e.g. {num_hidden_layers: 2, hidden_size: 128}.",
         {},
@@ -108,32 +140,32 @@ class ModelConfig:
         "a GPU), else float32.",
         "auto",
     )
-    trust_remote_code: bool = doc("Allow model code from the hub (only for models you trust).", False)
+    trust_remote_code: Bool = doc("Allow model code from the hub (only for models you trust).", False)
 
 
 @dataclass
 class DataConfig:
     """Text sources, tokenization and packing."""
 
-    path: str | None = doc(
+    path: Str | None = doc(
         "Training text: a .txt/.jsonl/.json/.parquet file, a directory of them, or a datasets name. "
         "null = the embedded corpus (CPython's reference documentation, pydoc_data).",
         None,
     )
-    dataset_config: str | None = doc("Config name for a datasets hub dataset.", None)
-    split: str = doc("Split of a datasets hub dataset.", "train")
-    text_field: str = doc("Field that holds the text in .jsonl/.parquet/datasets records.", "text")
-    eval_path: str | None = doc("Separate held-out file; null = hold out eval_fraction of the blocks.", None)
-    eval_fraction: float = doc("Fraction of packed blocks held out for evaluation when eval_path is null.", 0.05)
-    split_seed: int = doc(
+    dataset_config: Str | None = doc("Config name for a datasets hub dataset.", None)
+    split: Str = doc("Split of a datasets hub dataset.", "train")
+    text_field: Str = doc("Field that holds the text in .jsonl/.parquet/datasets records.", "text")
+    eval_path: Str | None = doc("Separate held-out file; null = hold out eval_fraction of the blocks.", None)
+    eval_fraction: Float = doc("Fraction of packed blocks held out for evaluation when eval_path is null.", 0.05)
+    split_seed: Int = doc(
         "Seed of the train/eval split, kept apart from run.seed so that runs with other seeds "
         "(and the default teacher) share one held-out set.",
         0,
     )
-    block_size: int = doc("Tokens per packed training block (documents are joined with EOS).", 128)
-    max_eval_blocks: int | None = doc("Cap on evaluation blocks (null = all).", 64)
-    num_proc: int | None = doc("Processes that tokenize a new data store (null = one per CPU core, up to 8).", None)
-    sources: list | None = doc(
+    block_size: Int = doc("Tokens per packed training block (documents are joined with EOS).", 128)
+    max_eval_blocks: Int | None = doc("Cap on evaluation blocks (null = all).", 64)
+    num_proc: Int | None = doc("Processes that tokenize a new data store (null = one per CPU core, up to 8).", None)
+    sources: List | None = doc(
         "A weighted mixture instead of data.path: a list of {path: ..., weight: ...} (path null = the embedded "
         "corpus; optional name). Each source's share of the blocks seen follows its weight.",
         None,
@@ -143,13 +175,13 @@ class DataConfig:
         "only, all = every token; auto = assistant for such data, all for plain text.",
         "auto",
     )
-    max_tokens: int | None = doc("Take at most this many tokens of each source (null = all of it).", None)
-    streaming: bool = doc(
+    max_tokens: Int | None = doc("Take at most this many tokens of each source (null = all of it).", None)
+    streaming: Bool = doc(
         "Read .jsonl/.parquet files and datasets names as a stream (datasets' streaming=True): "
         "nothing is converted or downloaded up front, and with max_tokens only that much is read.",
         False,
     )
-    store_dir: str | None = doc("Where tokenized data stores are kept (null = $LMDISTILL_HOME/stores).", None)
+    store_dir: Str | None = doc("Where tokenized data stores are kept (null = $LMDISTILL_HOME/stores).", None)
 
 
 @dataclass
@@ -161,12 +193,12 @@ class CacheConfig:
         "and a tail bucket (biased); dense = every logit (small vocabularies).",
         "sampled",
     )
-    samples: int = doc("Draws per position in sampled mode.", 12)
-    k: int = doc("Logits kept per position in topk mode.", 12)
-    temperature: float | None = doc("Capture temperature (null = distill.temperature).", None)
-    seed: int = doc("Seed of the draws (each shard's draws follow from it, so a rerun is byte-identical).", 0)
-    shard_blocks: int = doc("Blocks per shard file.", 64)
-    batch_size: int = doc("Blocks per teacher forward while building.", 8)
+    samples: Int = doc("Draws per position in sampled mode.", 12)
+    k: Int = doc("Logits kept per position in topk mode.", 12)
+    temperature: Float | None = doc("Capture temperature (null = distill.temperature).", None)
+    seed: Int = doc("Seed of the draws (each shard's draws follow from it, so a rerun is byte-identical).", 0)
+    shard_blocks: Int = doc("Blocks per shard file.", 64)
+    batch_size: Int = doc("Blocks per teacher forward while building.", 8)
 
 
 @dataclass
@@ -174,17 +206,17 @@ class OnPolicyConfig:
     """On-policy distillation: on some steps the student writes continuations of prompts and
     learns on them, scored by the teacher (GKD, on-policy reverse KL)."""
 
-    fraction: float = doc(
+    fraction: Float = doc(
         "Chance that a step is on-policy, drawn per step from run.seed (the same on every "
         "process); 0 = off, 1 = every step.",
         0.0,
     )
-    prompt_tokens: int = doc("Prompt length: the first prompt_tokens tokens of each block.", 32)
-    max_new_tokens: int = doc("Tokens the student writes per prompt (fewer when it ends with EOS).", 64)
-    sample_temperature: float = doc(
+    prompt_tokens: Int = doc("Prompt length: the first prompt_tokens tokens of each block.", 32)
+    max_new_tokens: Int = doc("Tokens the student writes per prompt (fewer when it ends with EOS).", 64)
+    sample_temperature: Float = doc(
         "Sampling temperature of the student's generations (apart from the KD temperature).", 1.0
     )
-    top_p: float = doc("Nucleus sampling: keep the smallest set of tokens with this much probability; 1 = all.", 1.0)
+    top_p: Float = doc("Nucleus sampling: keep the smallest set of tokens with this much probability; 1 = all.", 1.0)
     loss: Literal["full", "sampled_token"] = doc(
         "full = the divergence over the whole vocabulary at every generated position; sampled_token = "
         "log q(x) - log p(x) of the written token as a REINFORCE advantage (needs only the teacher's "
@@ -198,14 +230,14 @@ class OnPolicyConfig:
 class HiddenConfig:
     """Intermediate-layer distillation: student hidden states pulled towards the teacher's."""
 
-    weight: float = doc("Weight of the hidden-state term added to the loss (0 = off).", 0.0)
+    weight: Float = doc("Weight of the hidden-state term added to the loss (0 = off).", 0.0)
     loss: Literal["cosine", "mse", "nmse"] = doc(
         "Per position: cosine = 1 - cosine similarity; mse = mean squared difference over the hidden size; "
         "nmse = mse divided by the teacher's mean square at that position (scale-free: a real model's few huge "
         "activations do not swamp it).",
         "cosine",
     )
-    layers: str | list = doc(
+    layers: Str | List = doc(
         "Pairs [[student_layer, teacher_layer], ...] of 0-based layers whose outputs are "
         "compared, or auto: a pruned student's layers to their sources, otherwise the "
         "student's layers spread evenly over the teacher's (last to last).",
@@ -217,20 +249,20 @@ class HiddenConfig:
 class DistillConfig:
     """The distillation objective."""
 
-    temperature: float = doc("KD temperature at step 0.", 2.0)
-    min_temperature: float = doc("KD temperature at the last step (equal to temperature: constant).", 1.5)
+    temperature: Float = doc("KD temperature at step 0.", 2.0)
+    min_temperature: Float = doc("KD temperature at the last step (equal to temperature: constant).", 1.5)
     temperature_schedule: Literal["linear", "cosine", "constant"] = doc(
         "How the temperature goes from temperature to min_temperature over the run.", "linear"
     )
-    kd_weight: float = doc("loss = kd_weight * KD + (1 - kd_weight) * CE; in [0, 1].", 0.5)
-    scale_by_t2: bool = doc("Multiply the KD divergence by T^2 (Hinton et al. 2015).", True)
+    kd_weight: Float = doc("loss = kd_weight * KD + (1 - kd_weight) * CE; in [0, 1].", 0.5)
+    scale_by_t2: Bool = doc("Multiply the KD divergence by T^2 (Hinton et al. 2015).", True)
     divergence: Literal[DIVERGENCES] = doc(
         "forward_kl = KL(teacher || student); reverse_kl = KL(student || teacher); jsd = generalised "
         "Jensen-Shannon (jsd_beta); skew_kl, skew_reverse_kl = skewed KLs (skew_alpha); tvd = total variation.",
         "forward_kl",
     )
-    jsd_beta: float = doc("jsd: weight of the teacher in the mixture, in [0, 1] (0 = forward_kl, 1 = reverse_kl).", 0.5)
-    skew_alpha: float = doc("skew_kl / skew_reverse_kl: share of the own distribution in the mixture, in [0, 1).", 0.1)
+    jsd_beta: Float = doc("jsd: weight of the teacher in the mixture, in [0, 1] (0 = forward_kl, 1 = reverse_kl).", 0.5)
+    skew_alpha: Float = doc("skew_kl / skew_reverse_kl: share of the own distribution in the mixture, in [0, 1).", 0.1)
     hidden: HiddenConfig = field(
         default_factory=HiddenConfig, metadata={"doc": "Intermediate-layer (hidden-state) distillation."}
     )
@@ -248,59 +280,59 @@ class DistillConfig:
 class TrainConfig:
     """Optimisation."""
 
-    batch_size: int = doc("Blocks per micro-batch (per process).", 8)
-    grad_accum: int = doc("Micro-batches per optimizer step.", 1)
-    epochs: int = doc("Passes over the training blocks (ignored when max_steps is set).", 1)
-    max_steps: int | None = doc("Optimizer steps to run; null = epochs x steps per epoch.", None)
-    lr: float = doc("Peak learning rate (AdamW).", 1e-3)
-    min_lr_ratio: float = doc("Cosine schedule ends at lr x min_lr_ratio.", 0.1)
+    batch_size: Int = doc("Blocks per micro-batch (per process).", 8)
+    grad_accum: Int = doc("Micro-batches per optimizer step.", 1)
+    epochs: Int = doc("Passes over the training blocks (ignored when max_steps is set).", 1)
+    max_steps: Int | None = doc("Optimizer steps to run; null = epochs x steps per epoch.", None)
+    lr: Float = doc("Peak learning rate (AdamW).", 1e-3)
+    min_lr_ratio: Float = doc("Cosine schedule ends at lr x min_lr_ratio.", 0.1)
     lr_schedule: Literal["cosine", "constant"] = doc("After warmup: cosine decay or constant.", "cosine")
-    warmup_steps: int | None = doc("Linear LR warmup steps; null = 5% of the run.", None)
-    weight_decay: float = doc("AdamW weight decay (not applied to norms and biases).", 0.01)
-    betas: list = doc("AdamW betas.", [0.9, 0.95])
-    max_grad_norm: float | None = doc("Clip the global gradient norm to this; null = no clipping.", 1.0)
-    eval_every: int | None = doc(
+    warmup_steps: Int | None = doc("Linear LR warmup steps; null = 5% of the run.", None)
+    weight_decay: Float = doc("AdamW weight decay (not applied to norms and biases).", 0.01)
+    betas: List = doc("AdamW betas.", [0.9, 0.95])
+    max_grad_norm: Float | None = doc("Clip the global gradient norm to this; null = no clipping.", 1.0)
+    eval_every: Int | None = doc(
         "Evaluate every N optimizer steps, and at the start and end; null = about 10 evaluations over the run.", None
     )
-    log_every: int = doc("Write a training metrics line every N steps.", 1)
+    log_every: Int = doc("Write a training metrics line every N steps.", 1)
 
 
 @dataclass
 class GuardConfig:
     """What happens when a step goes wrong."""
 
-    enabled: bool = doc("Check loss terms and gradient norm before every optimizer step.", True)
-    max_consecutive_skips: int = doc("Stop the run (exit code 3) after this many skipped steps in a row.", 5)
+    enabled: Bool = doc("Check loss terms and gradient norm before every optimizer step.", True)
+    max_consecutive_skips: Int = doc("Stop the run (exit code 3) after this many skipped steps in a row.", 5)
     spike: Literal["warn", "skip", "rollback"] = doc(
         "What to do on a loss spike: warn, skip the step, or roll back.", "warn"
     )
-    spike_window: int = doc("Recent steps the spike detector compares against.", 50)
-    spike_warmup: int = doc("Steps before the spike detector starts judging.", 20)
-    spike_factor: float = doc("A spike is a loss above median x spike_factor of the window ...", 1.4)
-    spike_mad: float = doc("... and more than spike_mad median absolute deviations above it ...", 6.0)
-    spike_min_increase: float = doc(
+    spike_window: Int = doc("Recent steps the spike detector compares against.", 50)
+    spike_warmup: Int = doc("Steps before the spike detector starts judging.", 20)
+    spike_factor: Float = doc("A spike is a loss above median x spike_factor of the window ...", 1.4)
+    spike_mad: Float = doc("... and more than spike_mad median absolute deviations above it ...", 6.0)
+    spike_min_increase: Float = doc(
         "... and at least this many nats/token above it: a spike is material, not just unusual for a very flat loss.",
         0.5,
     )
-    rollback_keep: int = doc("Known-good states kept in memory for rollback (one every rollback_interval steps).", 2)
-    rollback_interval: int = doc("Steps between the known-good states kept for rollback.", 10)
-    rollback_lr_factor: float = doc("Multiply the LR by this after each rollback.", 0.5)
-    max_rollbacks: int = doc("Stop the run (exit code 3) at this many rollbacks.", 3)
+    rollback_keep: Int = doc("Known-good states kept in memory for rollback (one every rollback_interval steps).", 2)
+    rollback_interval: Int = doc("Steps between the known-good states kept for rollback.", 10)
+    rollback_lr_factor: Float = doc("Multiply the LR by this after each rollback.", 0.5)
+    max_rollbacks: Int = doc("Stop the run (exit code 3) at this many rollbacks.", 3)
 
 
 @dataclass
 class HealthConfig:
     """The original report's 'what to monitor' list as live checks."""
 
-    start_loss_max: float = doc("Fire when the first training loss is above this (the report's 20).", 20.0)
-    ppl_max: float = doc("Fire when eval perplexity is above this after ppl_after_step (the report's 1M).", 1e6)
-    ppl_after_step: int | None = doc(
+    start_loss_max: Float = doc("Fire when the first training loss is above this (the report's 20).", 20.0)
+    ppl_max: Float = doc("Fire when eval perplexity is above this after ppl_after_step (the report's 1M).", 1e6)
+    ppl_after_step: Int | None = doc(
         "Step after which ppl_max applies; null = 20% of the run (the report's step 5000 of 25000).", None
     )
-    plateau_window: int | None = doc(
+    plateau_window: Int | None = doc(
         "Steps per window for the 'loss not decreasing' check; null = 10% of the run, at least 10.", None
     )
-    plateau_patience: int = doc("Fire after this many consecutive windows without a lower mean loss.", 3)
+    plateau_patience: Int = doc("Fire after this many consecutive windows without a lower mean loss.", 3)
 
 
 @dataclass
@@ -313,8 +345,8 @@ class LossConfig:
         "(the slow reference the others are tested against).",
         "auto",
     )
-    chunk_size: int = doc("Tokens per chunk for impl=chunked.", 1024)
-    auto_threshold_mib: float = doc(
+    chunk_size: Int = doc("Tokens per chunk for impl=chunked.", 1024)
+    auto_threshold_mib: Float = doc(
         "impl=auto switches to chunked above this size of fp32 logits per micro-batch.", 1024.0
     )
 
@@ -323,8 +355,8 @@ class LossConfig:
 class CheckpointConfig:
     """Resumable training state."""
 
-    every: int | None = doc("Save a checkpoint every N optimizer steps (and at the end); null = only at the end.", None)
-    keep: int = doc("Newest checkpoints kept.", 3)
+    every: Int | None = doc("Save a checkpoint every N optimizer steps (and at the end); null = only at the end.", None)
+    keep: Int = doc("Newest checkpoints kept.", 3)
 
 
 @dataclass
@@ -343,14 +375,14 @@ class ParallelConfig:
 class DebugConfig:
     """Fault injection for tests and drills. Off by default; announced loudly when on."""
 
-    inject: list = doc("Faults: [{step: 7, where: teacher_logits|student_logits|loss|grad, value: nan|inf}].", [])
-    loss_multiplier: dict = doc("Fake spikes: {step: factor} multiplies the loss at that step.", {})
-    exit_after_step: int | None = doc(
+    inject: List = doc("Faults: [{step: 7, where: teacher_logits|student_logits|loss|grad, value: nan|inf}].", [])
+    loss_multiplier: Dict = doc("Fake spikes: {step: factor} multiplies the loss at that step.", {})
+    exit_after_step: Int | None = doc(
         "Kill drill: end the process abruptly (exit code 137, no clean-up) right after "
         "step N and its checkpoint, as a SIGKILL would.",
         None,
     )
-    exit_rank: int | None = doc(
+    exit_rank: Int | None = doc(
         "Test hook for a dead peer: with exit_after_step, only the process of this rank "
         "ends (at once, not waiting for the others); null = every process.",
         None,
@@ -444,7 +476,7 @@ class Config:
                 return
             if not last:
                 raise ConfigError(_unknown_key_message(dotted, [k for k, _ in leaf_fields(self)], "key"))
-            setattr(owner, name, _coerce(dotted, value, hint))
+            setattr(owner, name, _validated(dotted, value, type(owner), name))
 
     # ---- validation ---------------------------------------------------------------
     def validate(self) -> Config:
@@ -555,8 +587,8 @@ def _check_on_policy(cfg: Config) -> None:
         )
 
 
-def _check_numbers(cfg: Config) -> None:
-    """Counts, rates and thresholds: in range and finite."""
+def _check_counts(cfg: Config) -> None:
+    """Sizes, steps and counts: whole numbers >= 1 (null where null means a default)."""
     t = cfg.train
     positive_ints = {
         "train.batch_size": t.batch_size,
@@ -579,12 +611,6 @@ def _check_numbers(cfg: Config) -> None:
     }
     if cfg.cache.samples > 255:
         raise _bad("cache.samples", cfg.cache.samples, "must be at most 255 (counts are stored in one byte)")
-    if cfg.cache.temperature is not None and not 0 < cfg.cache.temperature <= MAX_TEMPERATURE:
-        raise _bad(
-            "cache.temperature",
-            cfg.cache.temperature,
-            f"must be in (0, {MAX_TEMPERATURE:g}], or null for distill.temperature",
-        )
     optional_positive = {
         "train.max_steps": t.max_steps,
         "train.eval_every": t.eval_every,
@@ -604,6 +630,18 @@ def _check_numbers(cfg: Config) -> None:
     for key, value in {**positive_ints, **{k: v for k, v in optional_positive.items() if v is not None}}.items():
         if value < 1:
             raise _bad(key, value, "must be a whole number >= 1")
+
+
+def _check_numbers(cfg: Config) -> None:
+    """Counts, rates and thresholds: in range and finite."""
+    _check_counts(cfg)
+    t = cfg.train
+    if cfg.cache.temperature is not None and not 0 < cfg.cache.temperature <= MAX_TEMPERATURE:
+        raise _bad(
+            "cache.temperature",
+            cfg.cache.temperature,
+            f"must be in (0, {MAX_TEMPERATURE:g}], or null for distill.temperature",
+        )
     if not (t.lr > 0 and math.isfinite(t.lr)):
         raise _bad("train.lr", t.lr, "the learning rate must be a finite number > 0")
     if not 0.0 <= t.min_lr_ratio <= 1.0:
@@ -678,8 +716,8 @@ def _check_sources(data: DataConfig) -> None:
         if path is not None and (not isinstance(path, str) or not path.strip()):
             raise _bad(f"{where}.path", path, "must be a file, a directory or a datasets name (null = embedded)")
         try:  # a number as any float key takes it ('1e-9' included)
-            weight = _coerce(f"{where}.weight", weight, float)
-        except ConfigError:
+            weight = _adapter(Float).validate_python(weight)
+        except ValidationError:
             raise _bad(f"{where}.weight", weight, "a mixture weight must be a finite number > 0") from None
         if not (math.isfinite(weight) and weight > 0):
             raise _bad(f"{where}.weight", weight, "a mixture weight must be a finite number > 0")
@@ -915,64 +953,43 @@ def _unknown_key_message(key: str, candidates: list[str], what: str) -> str:
     return f"unknown config {what} '{key}'{hint}"
 
 
-def _coerce(key: str, value: Any, hint: Any) -> Any:
-    """Check ``value`` against the annotation ``hint``; convert the harmless cases."""
-    origin = get_origin(hint)
-    args = get_args(hint)
-    if origin in (typing.Union, types.UnionType):
-        if value is None and type(None) in args:
-            return None
-        errors = []
-        for arg in args:
-            if arg is type(None):
-                continue
-            try:
-                return _coerce(key, value, arg)
-            except ConfigError as exc:
-                errors.append(exc)
-        raise errors[0]
-    if origin is Literal:
-        if value is False and "no" in args:
-            return "no"  # YAML 1.1 reads an unquoted `no` as false
-        if value in args and not isinstance(value, bool):
-            return value
-        allowed = ", ".join(repr(a) for a in args)
-        raise ConfigError(f"{key} = {value!r} is not allowed: choose one of {allowed}")
-    if hint is bool:
-        if isinstance(value, bool):
-            return value
-    elif hint is int:
-        if isinstance(value, int) and not isinstance(value, bool):
-            return value
-        if isinstance(value, float) and value.is_integer():
-            return int(value)
-    elif hint is float:
-        if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return float(value)
-        if isinstance(value, str):
-            try:
-                return float(value)  # YAML 1.1 reads '1e-3' as a string
-            except ValueError:
-                pass
-    elif hint is str:
-        if isinstance(value, str):
-            return value
-        if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return str(value)
-    elif hint in (list, dict):
-        if isinstance(value, hint):
-            return value
-    else:  # pragma: no cover - a field type we did not plan for is our bug
-        raise AssertionError(f"unsupported config type {hint} for {key}")
-    type_name = {
-        bool: "true or false",
-        int: "a whole number",
-        float: "a number",
-        str: "a string",
-        list: "a list",
-        dict: "a mapping",
-    }[hint]
-    raise ConfigError(f"{key} = {value!r} has the wrong type: expected {type_name}")
+def _validated(key: str, value: Any, section: type, name: str) -> Any:
+    """``value`` as the field ``name`` of ``section`` takes it, validated by pydantic against the
+    field's annotation; a one-line ConfigError naming the key, the value and what is allowed."""
+    try:
+        return _adapter(typing.get_type_hints(section, include_extras=True)[name]).validate_python(value)
+    except ValidationError:
+        raise _wrong_type(key, value, typing.get_type_hints(section)[name]) from None
+
+
+# A number is a string where a key takes one (Str: run.name: 1e5 is '100000.0'); pydantic's
+# field-level form of this needs pydantic 2.7, the config form 2.6.
+_ADAPTER_CONFIG = ConfigDict(coerce_numbers_to_str=True)
+
+
+@functools.cache
+def _adapter(hint: Any) -> TypeAdapter:
+    return TypeAdapter(hint, config=_ADAPTER_CONFIG)
+
+
+_EXPECTED = {
+    bool: "true or false",
+    int: "a whole number",
+    float: "a number",
+    str: "a string",
+    list: "a list",
+    dict: "a mapping",
+}
+
+
+def _wrong_type(key: str, value: Any, hint: Any) -> ConfigError:
+    """The config's message for a value pydantic refused: what ``key`` takes, by its type
+    (``hint`` without pydantic's annotations; of a union, the first type other than None)."""
+    if get_origin(hint) in (typing.Union, types.UnionType):
+        hint = next(arm for arm in get_args(hint) if arm is not type(None))
+    if get_origin(hint) is Literal:
+        return _bad(key, value, "choose one of " + ", ".join(repr(a) for a in get_args(hint)))
+    return ConfigError(f"{key} = {value!r} has the wrong type: expected {_EXPECTED[hint]}")
 
 
 def _get(obj: Any, dotted: str) -> Any:

@@ -5,6 +5,8 @@ from __future__ import annotations
 import dataclasses
 import re
 import shlex
+import types
+import typing
 from pathlib import Path
 
 import pytest
@@ -161,6 +163,44 @@ def test_harmless_conversions():
     assert cfg.train.batch_size == 4 and isinstance(cfg.train.batch_size, int)
     assert cfg.distill.temperature == 3.0 and isinstance(cfg.distill.temperature, float)
     assert cfg.train.max_steps is None
+
+
+@pytest.mark.parametrize(
+    "key, value, expected",
+    [
+        ("train.batch_size", "8", "expected a whole number"),  # a quoted number stays a string
+        ("train.lr", True, "expected a number"),
+        ("train.lr", 10**400, "expected a number"),  # too large for a float: one line, not an OverflowError
+        ("train.max_steps", "abc", "expected a whole number"),  # a union names its type other than None
+        ("run.name", True, "expected a string"),
+        ("train.betas", (0.9, 0.95), "expected a list"),
+        ("distill.hidden.layers", {}, "expected a string"),
+        ("model.teacher", b"x", "expected a string"),
+    ],
+)
+def test_lax_conversions_that_would_hide_a_mistake_are_refused(key, value, expected):
+    with pytest.raises(ConfigError) as info:
+        Config().set(key, value)
+    message = str(info.value)
+    assert message.startswith(f"{key} = ") and expected in message and "\n" not in message
+
+
+def test_every_field_is_typed_with_the_configs_value_types():
+    """pydantic's plain bool, int or str would take 'yes', True or bytes: each field uses the config's types."""
+    from lmdistill import config
+
+    allowed = {config.Bool, config.Int, config.Float, config.Str, config.List, config.Dict, config.Precision}
+    wrong = []
+    for dotted, f in leaf_fields(Config()):
+        owner = Config()
+        for name in dotted.split(".")[:-1]:
+            owner = getattr(owner, name)
+        hint = typing.get_type_hints(type(owner), include_extras=True)[f.name]
+        union = typing.get_origin(hint) in (typing.Union, types.UnionType)
+        for arm in typing.get_args(hint) if union else (hint,):
+            if arm is not type(None) and arm not in allowed and typing.get_origin(arm) is not typing.Literal:
+                wrong.append(f"{dotted}: {arm}")
+    assert not wrong, wrong
 
 
 def test_mixed_precision_no_unquoted_is_accepted(tmp_path):
