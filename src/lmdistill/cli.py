@@ -132,6 +132,7 @@ def cmd_eval(args) -> int:
 
     from lmdistill.config import DataConfig
     from lmdistill.data.sources import block_data_of, build_block_data
+    from lmdistill.loss.views import ScoreSpec
     from lmdistill.models.loading import (
         check_causal,
         check_context_length,
@@ -142,6 +143,7 @@ def cmd_eval(args) -> int:
         load_tokenizer,
         resolve_source,
     )
+    from lmdistill.teacher.signals import LiveLogits
     from lmdistill.training.evaluate import evaluate, format_ppl
     from lmdistill.training.layout import MARKER
 
@@ -226,10 +228,10 @@ def cmd_eval(args) -> int:
         judged = judge_generations(model, teacher, blocks, tokenizer, len(tokenizer), block_size, **generation)
     result = evaluate(
         model,
-        teacher,
+        LiveLogits(teacher, len(tokenizer)) if teacher is not None else None,
         blocks,
         vocab_size=len(tokenizer),
-        temperature=args.temperature,
+        spec=ScoreSpec(args.temperature),
         batch_size=args.batch_size,
         device=device,
         progress=not args.no_progress,

@@ -828,3 +828,80 @@ def test_a_cache_whose_teacher_is_gone_or_other_is_refused_in_one_line(
     # the same teacher where it is now: cut from it
     proc = _cut_run(small_text, tmp_path / "found", cache, "--teacher", str(moved))
     assert proc.returncode == 0, proc.stderr[-2000:]
+
+
+def test_every_teacher_signal_trains_and_evaluates_through_the_same_objects(
+    teacher_dir, small_text, dense_cache, sampled_cache
+):
+    """The contract a new signal joins: every signal's view goes through the training objective
+    (a finite loss, finite gradients) and through the evaluation (finite scores) on the same
+    blocks; the views of one teacher agree where they hold the same numbers."""
+    import math
+
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from conftest import tiny_llama
+    from lmdistill.config import Config
+    from lmdistill.data.sources import build_block_data
+    from lmdistill.loss.objective import KDSpec, Objective
+    from lmdistill.loss.views import ScoreSpec
+    from lmdistill.teacher.cache import TeacherCache
+    from lmdistill.teacher.signals import CachedTeacher, LiveHidden, LiveLogits, NoTeacher
+    from lmdistill.training.evaluate import evaluate
+
+    tokenizer = AutoTokenizer.from_pretrained(teacher_dir)
+    teacher = AutoModelForCausalLM.from_pretrained(teacher_dir).eval()
+    vocab = len(tokenizer)
+    cfg = Config.load(overrides=["data.block_size=32", "data.max_eval_blocks=8"], values={"data.path": str(small_text)})
+    data = build_block_data(cfg.data, tokenizer, progress=False)
+    dense, sampled = TeacherCache.open(dense_cache), TeacherCache.open(sampled_cache)
+    signals = {
+        "none": NoTeacher(),
+        "live logits": LiveLogits(teacher, vocab),
+        "live hidden": LiveHidden(teacher),
+        "dense cache": CachedTeacher(dense),
+        "sampled cache, whole logits": CachedTeacher(sampled, student_output="logits"),
+        "sampled cache, hidden states": CachedTeacher(sampled, student_output="hidden"),
+    }
+    eval_signals = {
+        "live logits": LiveLogits(teacher, vocab),
+        "dense cache": CachedTeacher(dense, "eval"),
+        "sampled cache": CachedTeacher(sampled, "eval"),
+    }
+    batch = data.train.batch(range(4))
+    num_tokens = float(batch.num_targets)
+    losses = {}
+    for name, signal in signals.items():
+        student = tiny_llama(vocab, hidden=16, layers=1, seed=5)
+        kd = KDSpec(kd_weight=0.0 if name == "none" else 0.5)
+        objective = Objective(kd, vocab, signal.student_output, student)
+        parts = objective(student, batch, signal(batch, 1.0), 1.0, num_tokens)
+        parts.total.backward()
+        grads = [p.grad for p in student.parameters() if p.grad is not None]
+        assert math.isfinite(parts.total.item()) and grads, name
+        assert all(bool(torch.isfinite(g).all()) for g in grads), name
+        losses[name] = parts.total.item()
+    # the same teacher as logits, as hidden states or as a dense cache: the same loss
+    assert losses["live hidden"] == pytest.approx(losses["live logits"], rel=1e-5)
+    assert losses["dense cache"] == pytest.approx(losses["live logits"], rel=1e-4)
+    student = tiny_llama(vocab, hidden=16, layers=1, seed=5)
+    scores = {
+        name: evaluate(
+            student,
+            signal,
+            data.eval,
+            vocab_size=vocab,
+            spec=ScoreSpec(2.0),
+            progress=False,
+            teacher_ce=None if name == "live logits" else 3.0,
+        )
+        for name, signal in eval_signals.items()
+    }
+    for name, out in scores.items():
+        assert all(math.isfinite(out[k]) for k in ("eval_kd_loss", "eval_kl", "top1_agreement")), name
+    live, cached = scores["live logits"], scores["dense cache"]
+    for key in ("eval_ce_loss", "eval_kd_loss", "eval_kl", "top1_agreement"):
+        assert cached[key] == pytest.approx(live[key], rel=1e-4), key
+    # sampled targets estimate the same KL (12 draws per position: close, not equal)
+    assert scores["sampled cache"]["eval_kl"] == pytest.approx(live["eval_kl"], rel=0.1)

@@ -14,6 +14,8 @@ import torch
 import torch.nn.functional as F
 
 from conftest import tiny_llama
+from lmdistill.loss.views import ScoreSpec
+from lmdistill.teacher.signals import LiveLogits
 from lmdistill.training.evaluate import evaluate, format_ppl, perplexity
 
 VOCAB = 40
@@ -26,7 +28,7 @@ class BigramStub(torch.nn.Module):
         super().__init__()
         self.register_buffer("table", table)
 
-    def forward(self, input_ids, use_cache=None):
+    def forward(self, input_ids, attention_mask=None, use_cache=None):
         return SimpleNamespace(logits=self.table[input_ids])
 
 
@@ -55,9 +57,10 @@ def teacher():
     return tiny_llama(VOCAB + 8, hidden=24, layers=1, seed=4)
 
 
-def run(model, blocks, teacher=None, **kw):
-    kw.setdefault("temperature", 2.0)
-    return evaluate(model, teacher, blocks, vocab_size=VOCAB, progress=False, **kw)
+def run(model, blocks, teacher=None, temperature=2.0, scale_by_t2=True, **kw):
+    signal = LiveLogits(teacher, VOCAB) if teacher is not None else None
+    spec = ScoreSpec(temperature, scale_by_t2=scale_by_t2)
+    return evaluate(model, signal, blocks, vocab_size=VOCAB, spec=spec, progress=False, **kw)
 
 
 def test_perplexity_on_a_hand_worked_bigram_case():
@@ -65,7 +68,7 @@ def test_perplexity_on_a_hand_worked_bigram_case():
     table = torch.log(torch.tensor([[1.0, 2.0, 1.0], [1.0, 1.0, 2.0], [1.0, 1.0, 2.0]]))
     stub = BigramStub(table)
     blocks = torch.tensor([[0, 1, 2, 0]])  # targets 1|0 (p=1/2), 2|1 (p=1/2), 0|2 (p=1/4)
-    out = evaluate(stub, None, blocks, vocab_size=3, temperature=1.0, progress=False)
+    out = evaluate(stub, None, blocks, vocab_size=3, spec=ScoreSpec(1.0), progress=False)
     mean_ce = (-math.log(1 / 2) - math.log(1 / 2) - math.log(1 / 4)) / 3
     assert out["eval_ce_loss"] == pytest.approx(mean_ce, rel=1e-6)
     assert out["eval_ppl"] == pytest.approx(2 ** (4 / 3), rel=1e-6)
@@ -74,7 +77,7 @@ def test_perplexity_on_a_hand_worked_bigram_case():
 
 def test_uniform_model_has_perplexity_equal_to_vocab_size():
     stub = BigramStub(torch.zeros(VOCAB, VOCAB))
-    out = evaluate(stub, None, torch.randint(0, VOCAB, (3, 9)), vocab_size=VOCAB, temperature=1.0, progress=False)
+    out = evaluate(stub, None, torch.randint(0, VOCAB, (3, 9)), vocab_size=VOCAB, spec=ScoreSpec(1.0), progress=False)
     assert out["eval_ppl"] == pytest.approx(VOCAB, rel=1e-5)
 
 
@@ -121,14 +124,12 @@ def test_student_as_its_own_teacher_has_zero_kl_and_full_agreement(student, bloc
     assert out["top1_agreement"] == 1.0
 
 
-def test_teacher_cache_is_filled_and_used(student, teacher, blocks):
-    cache: dict = {}
-    first = run(student, blocks, teacher, teacher_cache=cache)
-    assert cache["teacher_ce_loss"] == first["teacher_ce_loss"]
-    cache["teacher_ce_loss"] = 1.5  # a cached value is trusted, not recomputed
-    second = run(student, blocks, teacher, teacher_cache=cache)
-    assert second["teacher_ce_loss"] == 1.5
-    assert second["teacher_ppl"] == pytest.approx(math.exp(1.5))
+def test_a_known_teacher_ce_is_used_instead_of_measured(student, teacher, blocks):
+    measured = run(student, blocks, teacher)["teacher_ce_loss"]
+    assert measured != 1.5
+    known = run(student, blocks, teacher, teacher_ce=1.5)  # (a frozen teacher's, or a cache's manifest's)
+    assert known["teacher_ce_loss"] == 1.5
+    assert known["teacher_ppl"] == pytest.approx(math.exp(1.5))
 
 
 def test_reduce_sums_are_used(student, blocks):

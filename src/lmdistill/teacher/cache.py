@@ -63,6 +63,7 @@ from lmdistill.core.files import ManifestDir, file_record
 from lmdistill.core.paths import LockHeld, atomic_write_json, claim_lock, is_plain_file, protected_place, sha256_file
 from lmdistill.data.store import id_dtype, tokenizer_hash
 from lmdistill.loss.sparse import SparseTargets
+from lmdistill.teacher.signals import LiveLogits
 
 FORMAT_VERSION = 1
 MODES = ("sampled", "topk", "dense")
@@ -667,11 +668,10 @@ def write_shard(
     columns: dict[str, list[np.ndarray]] = {name: [] for name in layout}
     ce_sum, ce_tokens = 0.0, 0
     vocab = request["vocab_size"]
+    signal = LiveLogits(teacher, vocab)  # the teacher's forward exactly as training runs it (mask included)
     for lo in range(start, end, batch_size):
         batch = blocks.batch(range(lo, min(lo + batch_size, end)))
-        with torch.no_grad():
-            logits = teacher(input_ids=batch.input_ids.to(device), use_cache=False).logits[:, :-1, :vocab]
-        logits = logits.float().cpu()
+        logits = signal(batch.to(device), 1.0).logits.float().cpu()
         b, p = logits.shape[:2]
         flat = logits.reshape(b * p, vocab)
         kept = capture(

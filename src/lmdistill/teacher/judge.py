@@ -12,6 +12,7 @@ import torch
 from lmdistill.core.errors import LmdistillError
 from lmdistill.loss.views import prediction_logits
 from lmdistill.teacher.generation import HFGenerator, Sampling, continue_prompts, draw_seed, prompts_of
+from lmdistill.teacher.signals import LiveLogits
 
 
 def repeated_ngram_share(rows: list[list[int]], n: int = 4) -> float:
@@ -66,8 +67,10 @@ def generation_quality(
         safe = batch.targets.clamp(min=0).unsqueeze(-1)
         was_training = student.training
         student.eval()
-        for i, model in enumerate((teacher, student)):
-            logits = prediction_logits(model, batch, vocab_size).float()
+        # the teacher through the signal training uses; the student through the same forward helper
+        teacher_logits = LiveLogits(teacher, vocab_size)(batch, 1.0).logits
+        for i, logits in enumerate((teacher_logits, prediction_logits(student, batch, vocab_size))):
+            logits = logits.float()
             nll = -torch.log_softmax(logits, -1).gather(-1, safe).squeeze(-1)
             sums[i] += nll[valid].sum().double().cpu()
         student.train(was_training)

@@ -43,6 +43,11 @@ class TeacherSignal:
     def __call__(self, batch: Batch, temperature: float) -> TeacherView | None:
         raise NotImplementedError
 
+    def view_at_one(self, batch: Batch, view: TeacherView, temperature: float) -> TeacherView:
+        """The view that the T = 1 diagnostics of an evaluation (KL, agreement) compare with:
+        ``view`` itself unless it holds the teacher at another temperature."""
+        return view if not view.tempered or temperature == 1.0 else self(batch, 1.0)
+
 
 class NoTeacher(TeacherSignal):
     """Plain language-model training (kd_weight 0): no teacher runs during the step."""
@@ -143,6 +148,10 @@ class CachedTeacher(TeacherSignal):
     def __init__(self, cache, split: str = "train", student_output: str = "hidden"):
         self.cache, self.split = cache, split
         self.student_output = "logits" if cache.mode == "dense" else student_output
+
+    def view_at_one(self, batch: Batch, view: TeacherView, temperature: float) -> TeacherView:
+        # A top-k cache holds its capture temperature only: its KL is the one at that temperature.
+        return view if self.cache.mode == "topk" else super().view_at_one(batch, view, temperature)
 
     def __call__(self, batch: Batch, temperature: float) -> TeacherLogits | TeacherSparse:
         if batch.rows is None:

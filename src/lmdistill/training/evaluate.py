@@ -15,11 +15,10 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from lmdistill.core.batch import Batch
+from lmdistill.core.batch import IGNORE_INDEX, Batch
 from lmdistill.core.progress import interactive
-from lmdistill.loss.dense import IGNORE_INDEX, token_divergence
-from lmdistill.loss.divergences import DivergenceParams
-from lmdistill.loss.sparse import sparse_kd_sum
+from lmdistill.loss.views import ScoreSpec, prediction_logits
+from lmdistill.teacher.signals import TeacherSignal
 from lmdistill.training.monitor import verdict_line
 
 
@@ -39,133 +38,105 @@ def format_ppl(ppl: float) -> str:
 @torch.no_grad()
 def evaluate(
     student,
-    teacher,
-    blocks: torch.Tensor,
+    signal: TeacherSignal | None,
+    blocks,
     *,
     vocab_size: int,
-    temperature: float,
-    scale_by_t2: bool = True,
-    divergence: str = "forward_kl",
-    params: DivergenceParams = DivergenceParams(),
+    spec: ScoreSpec,
     batch_size: int = 8,
     device: torch.device | str = "cpu",
     autocast=None,
     reduce=None,
-    teacher_cache: dict | None = None,
+    teacher_ce: float | None = None,
     desc: str = "eval",
     progress: bool = True,
-    cached=None,
     forward_calls: int | None = None,
 ) -> dict:
-    """Evaluate ``student`` (and ``teacher``, if given) on ``blocks``: a store's blocks (only
-    their targets are scored: not padding, not a prompt under ``loss_on: assistant``) or a
-    (num_blocks, block_size) tensor of packed ids.
+    """Evaluate ``student`` (against the teacher ``signal``, if given) on ``blocks``: a store's
+    blocks (only their targets are scored: not padding, not a prompt under ``loss_on:
+    assistant``) or a (num_blocks, block_size) tensor of packed ids.
 
-    ``reduce`` sums a tensor across processes (data-parallel eval: each rank passes its
-    own shard of ``blocks``). ``teacher_cache`` keeps the teacher's numbers between
-    calls: a frozen teacher on fixed blocks gives the same answer every time.
-
-    ``cached``: a teacher cache's signal for the eval split (``signals.CachedTeacher``) in place
-    of ``teacher``; the teacher's CE then comes from ``teacher_cache`` (the cache's manifest).
+    The teacher comes through a ``TeacherSignal``, as in training (a live model, a cache's eval
+    split); each view scores itself (``view.score``), so a new signal needs no change here.
+    ``reduce`` sums a tensor across processes (data-parallel eval: each rank passes its own
+    shard of ``blocks``). ``teacher_ce``: the teacher's held-out CE when it is known already (a
+    frozen teacher on fixed blocks, a cache's manifest); measured otherwise.
 
     ``forward_calls``: run at least this many forwards (sharded models gather their weights in
     every forward, so every process must run as many); the extra ones score nothing.
 
-    Returns eval_ce_loss, eval_ppl, eval_tokens and, with a teacher, eval_kd_loss
-    (as trained: at ``temperature``, times T^2 when enabled), eval_kl (plain KL at
-    T=1, comparable across runs), top1_agreement, teacher_ce_loss and teacher_ppl.
+    Returns eval_ce_loss, eval_ppl, eval_tokens and, with a teacher, eval_kd_loss (as trained:
+    at ``spec.temperature``, times T^2 when enabled), eval_kl (plain KL at T=1, comparable
+    across runs), top1_agreement, teacher_ce_loss and teacher_ppl.
     """
     was_training = student.training
     student.eval()
-    sums = torch.zeros(6, dtype=torch.float64)  # ce, kd, kl_t1, agree, teacher_ce, tokens
-    need_teacher_ce = teacher is not None and (teacher_cache is None or "teacher_ce_loss" not in teacher_cache)
-    with_teacher = teacher is not None or cached is not None
+    # Every process sums the same keys (one with no block too): the reduction is one stacked tensor.
+    sums = dict.fromkeys(_SUMS, torch.zeros((), dtype=torch.float64))
     batches = range(0, len(blocks), batch_size)
     # A short bar, redrawn in place: only where a terminal shows it (a log gets the eval line).
     for start in tqdm(batches, desc=desc, leave=False, disable=not (progress and interactive()), unit="batch"):
-        batch = _batch(blocks, start, batch_size)
-        ids = batch.input_ids.to(device)
-        targets = batch.targets.reshape(-1).to(device)
-        keep = None if batch.all_valid else targets != IGNORE_INDEX  # padding, prompts: not scored
-        with autocast() if autocast else contextlib.nullcontext():
-            s_logits = student(input_ids=ids, use_cache=False).logits[:, :-1, :vocab_size]
-            t_logits = (
-                teacher(input_ids=ids, use_cache=False).logits[:, :-1, :vocab_size] if teacher is not None else None
-            )
-        s_flat = s_logits.reshape(-1, vocab_size).float()
-        sparse = None
-        if cached is not None:
-            view = cached(batch, temperature)
-            if cached.cache.mode == "dense":
-                t_logits = view.logits
-            else:
-                sparse = (view.targets, cached(batch, 1.0).targets if cached.cache.mode == "sampled" else None)
-        if keep is not None:
-            s_flat, targets = s_flat[keep], targets[keep]
-            t_logits = t_logits.reshape(-1, vocab_size)[keep] if t_logits is not None else None
-            sparse = tuple(t.rows(keep) if t is not None else None for t in sparse) if sparse else None
-        if sparse is not None:
-            sums[5] += targets.numel()
-            sums[0] += F.cross_entropy(s_flat, targets, reduction="sum").item()
-            sums[1:4] += _sparse_sums(s_flat, targets, sparse, temperature, scale_by_t2)
-            continue
-        sums[0] += F.cross_entropy(s_flat, targets, reduction="sum").item()
-        sums[5] += targets.numel()
-        if t_logits is not None:
-            t_flat = t_logits.reshape(-1, vocab_size).float()
-            kd = token_divergence(s_flat, t_flat, temperature, divergence, params=params).sum().item()
-            sums[1] += kd * (temperature**2 if scale_by_t2 else 1.0)
-            sums[2] += token_divergence(s_flat, t_flat, 1.0, "forward_kl").sum().item()
-            sums[3] += (s_flat.argmax(-1) == t_flat.argmax(-1)).sum().item()
-            if need_teacher_ce:
-                sums[4] += F.cross_entropy(t_flat, targets, reduction="sum").item()
+        batch = _batch(blocks, start, batch_size).to(device)
+        for name, value in _batch_sums(student, signal, batch, vocab_size, spec, autocast).items():
+            sums[name] = sums[name] + value.double().cpu()
     for _ in range(len(batches), forward_calls or 0):
-        ids = (
-            _batch(blocks, 0, 1).input_ids.to(device)
-            if len(blocks)
-            else torch.zeros((1, 2), dtype=torch.long, device=device)
-        )
-        with autocast() if autocast else contextlib.nullcontext():
-            for model in (student, teacher):
-                if model is not None:
-                    model(input_ids=ids, use_cache=False)
+        _idle_forward(student, signal, blocks, vocab_size, spec, device, autocast)
     if reduce is not None:
-        sums = reduce(sums)
+        sums = dict(zip(sums, reduce(torch.stack(list(sums.values()))).tolist()))
     if was_training:
         student.train()
-    tokens = max(sums[5].item(), 1.0)
-    ce = sums[0].item() / tokens
-    out = {"eval_ce_loss": ce, "eval_ppl": perplexity(ce), "eval_tokens": int(sums[5].item())}
+    return _result({k: float(v) for k, v in sums.items()}, signal is not None, teacher_ce)
+
+
+# What an evaluation sums over its batches (and reduces over processes), divided once at the end.
+_SUMS = ("ce", "tokens", "kd", "kl", "agree", "teacher_ce", "teacher_ce_tokens")
+
+
+def _batch_sums(student, signal, batch: Batch, vocab_size: int, spec: ScoreSpec, autocast) -> dict:
+    """One batch's sums: the student's CE and token count, and the teacher view's scores."""
+    with autocast() if autocast else contextlib.nullcontext():
+        logits = prediction_logits(student, batch, vocab_size)
+        view = signal(batch, spec.temperature) if signal is not None else None
+    targets = batch.targets.reshape(-1)
+    keep = None if batch.all_valid else targets != IGNORE_INDEX  # padding, prompts: not scored
+    student_flat = logits.reshape(-1, vocab_size).float()
+    if keep is not None:
+        student_flat, targets = student_flat[keep], targets[keep]
+    out = {"ce": F.cross_entropy(student_flat, targets, reduction="sum"), "tokens": torch.tensor(targets.numel())}
+    if view is not None:
+        at_one = signal.view_at_one(batch, view, spec.temperature)
+        out.update(view.score(student_flat, targets, keep, at_one, spec))
+        if "teacher_ce" in out:  # (sparse targets cannot give it: a cache records it instead)
+            out["teacher_ce_tokens"] = out["tokens"]
+    return out
+
+
+def _idle_forward(student, signal, blocks, vocab_size: int, spec: ScoreSpec, device, autocast) -> None:
+    """A forward of every model that scores nothing (sharded models: every process runs as many)."""
+    batch = _batch(blocks, 0, 1) if len(blocks) else Batch.from_blocks(torch.zeros((1, 2), dtype=torch.long))
+    batch = batch.to(device)
+    with autocast() if autocast else contextlib.nullcontext():
+        prediction_logits(student, batch, vocab_size)
+        if signal is not None:
+            signal(batch, spec.temperature)
+
+
+def _result(sums: dict[str, float], with_teacher: bool, teacher_ce: float | None) -> dict:
+    tokens = max(sums["tokens"], 1.0)
+    ce = sums["ce"] / tokens
+    out = {"eval_ce_loss": ce, "eval_ppl": perplexity(ce), "eval_tokens": int(sums["tokens"])}
     if with_teacher:
-        if need_teacher_ce:
-            teacher_ce = sums[4].item() / tokens
-            if teacher_cache is not None:
-                teacher_cache["teacher_ce_loss"] = teacher_ce
-        else:
-            teacher_ce = teacher_cache["teacher_ce_loss"]
+        if teacher_ce is None:  # measured here, else unknown (NaN): never a made-up 0
+            measured = sums["teacher_ce_tokens"]
+            teacher_ce = sums["teacher_ce"] / measured if measured else math.nan
         out.update(
-            eval_kd_loss=sums[1].item() / tokens,
-            eval_kl=sums[2].item() / tokens,
-            top1_agreement=sums[3].item() / tokens,
+            eval_kd_loss=sums["kd"] / tokens,
+            eval_kl=sums["kl"] / tokens,
+            top1_agreement=sums["agree"] / tokens,
             teacher_ce_loss=teacher_ce,
             teacher_ppl=perplexity(teacher_ce),
         )
     return out
-
-
-def _sparse_sums(s_flat, targets, sparse, temperature: float, scale_by_t2: bool) -> torch.Tensor:
-    """KD (as trained), KL at T = 1 and top-1 agreement sums against a cache's sparse targets.
-
-    KL at T = 1 comes from the draws re-weighted to T = 1 (sampled), or is the bucketed KL at
-    the capture temperature (top-k, which has nothing else); the teacher's top-1 is its most
-    likely cached id (exact for top-k; for sampled, whenever the argmax was drawn)."""
-
-    at_t, at_one = sparse
-    kd = sparse_kd_sum(s_flat, targets, at_t, temperature)
-    kl = kd if at_one is None else sparse_kd_sum(s_flat, targets, at_one, 1.0)
-    best = torch.where(at_t.weights > 0, at_t.logp, float("-inf")).argmax(-1, keepdim=True)
-    agree = (s_flat.argmax(-1) == at_t.ids.gather(1, best).squeeze(1)).sum()
-    return torch.stack([kd * (temperature**2 if scale_by_t2 else 1.0), kl, agree.double()]).double()
 
 
 def _batch(blocks, start: int, size: int) -> Batch:

@@ -46,12 +46,13 @@ from lmdistill.data.sources import build_block_data, make_sampler
 from lmdistill.loss import divergences
 from lmdistill.loss.hidden import build_projection
 from lmdistill.loss.objective import HiddenTerm, Objective
+from lmdistill.loss.views import ScoreSpec
 from lmdistill.models.loading import ModelInfo, load_models, parameter_fingerprint
 from lmdistill.report import write_report
 from lmdistill.report.metrics import MetricsLog
 from lmdistill.teacher.cache import open_for_run
 from lmdistill.teacher.onpolicy import OnPolicy, on_policy_signal
-from lmdistill.teacher.signals import CachedTeacher, choose_loss_impl, make_signal
+from lmdistill.teacher.signals import CachedTeacher, LiveLogits, TeacherSignal, choose_loss_impl, make_signal
 from lmdistill.training.checkpoint import (
     capture_rng_state,
     damaged_state_message,
@@ -292,10 +293,8 @@ class Trainer:
         # makes them another population: one median over both would describe neither)
         self.rates: dict[bool, list[float]] = {False: [], True: []}
         # The teacher's held-out CE: measured once (a frozen teacher on fixed blocks), or the cache's.
-        self.teacher_cache: dict = (
-            {"teacher_ce_loss": self.cache.manifest["teacher_eval"]["teacher_ce_loss"]}
-            if self.cache is not None
-            else {}
+        self.teacher_ce: float | None = (
+            self.cache.manifest["teacher_eval"]["teacher_ce_loss"] if self.cache is not None else None
         )
         self.run_info = {
             "status": "running",
@@ -581,25 +580,23 @@ class Trainer:
         shard = self.data.eval.subset(slice(self.accelerator.process_index, None, self.world))
         result = evaluate(
             self.raw_student,
-            self.teacher,
+            self._eval_signal(),
             shard,
             vocab_size=self.vocab_size,
-            temperature=temperature,
-            scale_by_t2=d.scale_by_t2,
-            divergence=d.divergence,
-            params=d.divergence_params,
+            spec=ScoreSpec(temperature, d.divergence, d.divergence_params, d.scale_by_t2),
             batch_size=self.plan.eval_batch_size,
             device=self.device,
             autocast=self.accelerator.autocast,
             reduce=lambda t: self.accelerator.reduce(t.to(self.device), "sum").cpu(),
-            teacher_cache=self.teacher_cache,
+            teacher_ce=self.teacher_ce,
             desc=desc,
             progress=self.progress and self.is_main,
-            cached=CachedTeacher(self.cache, "eval") if self.cache is not None else None,
             forward_calls=math.ceil(math.ceil(len(self.data.eval) / self.world) / self.plan.eval_batch_size)
             if self.fsdp
             else None,
         )
+        if "teacher_ce_loss" in result and self.teacher_ce is None:
+            self.teacher_ce = result["teacher_ce_loss"]
         if isinstance(self.signal, OnPolicy):  # the student's own text, judged by the teacher: on one process,
             if self.is_main or self.fsdp:  # or on all alike when the models are sharded (their forwards gather)
                 result.update(
@@ -609,6 +606,13 @@ class Trainer:
         self.log.write({"step": step, **result})
         self.announce(step, self.monitor.on_eval(step, result["eval_ppl"], result.get("teacher_ppl")))
         return result
+
+    def _eval_signal(self) -> TeacherSignal | None:
+        """The teacher as an evaluation meets it: the live model's logits (whatever loss path the
+        training takes; a present teacher is scored even at kd_weight 0), or the cache's eval split."""
+        if self.teacher is not None:
+            return LiveLogits(self.teacher, self.vocab_size)
+        return CachedTeacher(self.cache, "eval") if self.cache is not None else None
 
     def teacher_reference(self) -> dict | None:
         """The teacher by path and content hash (computed once: hashing reads every file)."""
