@@ -29,7 +29,7 @@ def train(cfg, **kwargs):
         )
     from lmdistill.default import resolve_default_teacher
     from lmdistill.training.devices import check_precision
-    from lmdistill.training.trainer import preflight
+    from lmdistill.training.setup import preflight
     from lmdistill.training.trainer import train as _train
 
     if kwargs.get("teacher") is None:

@@ -1,0 +1,106 @@
+"""``run.json``: what a run was (models, data, plan), how it went, and how it ended.
+
+Written when the run starts, on every resume, and at its end, finished or not; the report and
+``lmdistill eval`` read it.
+"""
+
+from __future__ import annotations
+
+import statistics
+import time
+from dataclasses import asdict
+from datetime import datetime, timezone
+
+from lmdistill.models.loading import ModelInfo
+
+EVAL_SUMMARY_KEYS = (
+    "eval_ce_loss",
+    "eval_ppl",
+    "eval_kd_loss",
+    "eval_kl",
+    "top1_agreement",
+    "teacher_ce_loss",
+    "teacher_ppl",
+)
+
+
+class RunRecord:
+    """The content of ``run.json``; only the main process writes it."""
+
+    def __init__(self, parts, is_main: bool):
+        self.run, self.is_main = parts.run, is_main
+        self.started = time.perf_counter()
+        self.info = {"status": "running", "started_at": utcnow(), "command": "train", **_describe(parts)}
+        resumed = parts.resumed
+        if resumed.checkpoint is not None:
+            self.info["resumed_from_step"] = resumed.step
+            earlier = self.run.read_json("run.json").get("resumes", []) if is_main else []
+            change = {"from_step": resumed.step, "at": utcnow(), "changed_config": list(resumed.changed_config)}
+            self.info["resumes"] = [*earlier, change]
+        self.write()
+
+    def write(self) -> None:
+        if self.is_main:
+            self.run.write_json("run.json", self.info)
+
+    def ended(self, status: str, reason: str) -> None:
+        self.info.update(status=status, exit_reason=reason)
+
+    def finished(self, initial: dict, final: dict, totals: dict, rates: dict[bool, list[float]]) -> None:
+        rate, on_policy_rate = (statistics.median_high(r) if r else None for r in (rates[False], rates[True]))
+        self.info.update(
+            status="finished",
+            initial=eval_summary(initial),
+            final={
+                **eval_summary(final),
+                **totals,
+                "tokens_per_s": rate,
+                **({"on_policy_tokens_per_s": on_policy_rate} if on_policy_rate is not None else {}),
+            },
+        )
+
+    def close(self, steps_done: int, verdict: str) -> None:
+        self.info.update(
+            finished_at=utcnow(),
+            wall_time_s=round(time.perf_counter() - self.started, 2),
+            steps_done=steps_done,
+            health_verdict=verdict,
+        )
+        self.write()
+
+
+def _describe(parts) -> dict:
+    models, cache, accelerator = parts.models, parts.cache, parts.accelerator
+    teacher = models.teacher
+    return {
+        "teacher": asdict(ModelInfo.of(teacher, models.teacher_name)) if teacher is not None else None,
+        "teacher_cache": (
+            {
+                "path": str(cache.path),
+                "mode": cache.mode,
+                "capture_temperature": cache.temperature,
+                "teacher": cache.manifest["teacher"].get("source"),
+            }
+            if cache is not None
+            else None
+        ),
+        "student": asdict(ModelInfo.of(parts.prepared.raw, models.student_name)),
+        "data": parts.data.describe(),
+        "plan": {
+            **asdict(parts.plan),
+            "loss_impl": parts.loss_impl,
+            "processes": accelerator.num_processes,
+            "strategy": parts.cfg.parallel.strategy,
+            "device": str(accelerator.device),
+            "mixed_precision": accelerator.mixed_precision,
+            "vocab_size": parts.vocab_size,
+        },
+    }
+
+
+def utcnow() -> str:
+    return datetime.now(timezone.utc).isoformat(timespec="seconds")
+
+
+def eval_summary(result: dict) -> dict:
+    return {k: result[k] for k in EVAL_SUMMARY_KEYS if k in result}

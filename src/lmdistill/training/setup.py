@@ -1,0 +1,241 @@
+"""A run's parts, built once and in order: ``build_run(cfg) -> RunParts``.
+
+Everything a training run is made of -- the run directory, the accelerator and the strategy,
+the models, the data and its sampler, the plan, the teacher signal, the objective, the
+optimizer, the guard and the health monitor, and where a resume starts -- is built here by
+functions that take what they need and return what they make. The ``Trainer`` receives the
+finished parts; no method of it has to run before another.
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+from lmdistill.config import Config
+from lmdistill.core.errors import CheckpointError, LmdistillError
+from lmdistill.core.files import model_reference
+from lmdistill.core.paths import atomic_write
+from lmdistill.data.sources import BlockData, build_block_data, make_sampler
+from lmdistill.loss import divergences
+from lmdistill.loss.hidden import HiddenProjection, build_projection
+from lmdistill.loss.objective import HiddenTerm, Objective
+from lmdistill.models.loading import Models, load_models
+from lmdistill.teacher.cache import open_for_run
+from lmdistill.teacher.onpolicy import on_policy_signal
+from lmdistill.teacher.signals import CachedTeacher, TeacherSignal, choose_loss_impl, make_signal
+from lmdistill.training.checkpoint import damaged_state_message, remove_leftovers, restore_training_state, resume_point
+from lmdistill.training.devices import check_trackers_installed, make_accelerator, on_main
+from lmdistill.training.guards import Guard
+from lmdistill.training.monitor import HealthMonitor
+from lmdistill.training.rundir import RunDirectory
+from lmdistill.training.schedules import Plan
+from lmdistill.training.strategy import Prepared, Replicated, parallelize
+
+
+@dataclass(frozen=True)
+class Resumed:
+    """Where the run starts: step 0, or the checkpoint ``--resume`` continues from."""
+
+    checkpoint: Path | None = None
+    step: int = 0
+    micro_batches: int = 0
+    initial_eval: dict | None = None
+    changed_config: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
+class RunParts:
+    """Everything a training run is made of (see the module docstring)."""
+
+    cfg: Config
+    run: RunDirectory
+    accelerator: object
+    strategy: Replicated
+    models: Models
+    data: BlockData
+    sampler: object
+    plan: Plan
+    cache: object | None  # a teacher cache: no teacher model at all
+    projection: HiddenProjection | None  # the hidden-state term's, or None
+    loss_impl: str
+    signal: TeacherSignal
+    prepared: Prepared  # the student, as the strategy set it up, and its optimizer
+    objective: Objective
+    guard: Guard
+    monitor: HealthMonitor
+    resumed: Resumed
+    teacher_reference: Callable[[], dict | None]  # the teacher by path and content hash, hashed once
+
+    @property
+    def vocab_size(self) -> int:
+        return len(self.models.tokenizer)
+
+
+def preflight(cfg: Config) -> RunDirectory:
+    """Every check that needs no model or data: the config, the trackers, the output directory.
+    Done first, so that a typo costs seconds, not a model load (or the default teacher's build)."""
+    cfg.validate()
+    check_trackers_installed(cfg)
+    return RunDirectory.for_config(cfg)
+
+
+def build_run(cfg: Config, *, teacher=None, student=None, tokenizer=None, progress: bool = True) -> RunParts:
+    """The parts of the run ``cfg`` describes (``teacher``, ``student``, ``tokenizer``: objects to
+    use instead of loading them). Nothing is written before every check has passed."""
+    from accelerate.utils import set_seed
+
+    run = preflight(cfg)
+    accelerator = make_accelerator(cfg)
+    set_seed(cfg.run.seed)
+    strategy = parallelize(cfg, accelerator)
+    models, data = _models_and_data(cfg, teacher, student, tokenizer, progress)
+    vocab = len(models.tokenizer)
+    sampler = make_sampler(
+        data, cfg.train.batch_size, cfg.run.seed, accelerator.process_index, accelerator.num_processes
+    )
+    plan = Plan.for_run(cfg, sampler.micro_batches_per_epoch, accelerator.num_processes, len(data.train), vocab)
+    say = print if accelerator.is_main_process else (lambda message: None)
+    cache = open_for_run(cfg, models.tokenizer, data, vocab, say=say) if cfg.model.teacher_cache else None
+    projection = build_projection(cfg.distill.hidden, models)
+    loss_impl, signal = _signal(cfg, models, cache, projection)
+    prepared = strategy.prepare(models.student, cfg, projection)
+    if models.teacher is not None:
+        strategy.place_teacher(models.teacher)
+    if cfg.distill.on_policy.fraction > 0:  # the student writes, the live teacher scores (teacher/onpolicy.py)
+        signal = on_policy_signal(cfg, signal, prepared.raw, models.teacher, models.tokenizer, data, accelerator)
+    objective = _objective(cfg, vocab, signal, prepared, projection, loss_impl)
+    guard, monitor = Guard(cfg.guard), HealthMonitor(cfg.health, plan.total_steps, vocab)
+    teacher_reference = functools.cache(
+        lambda: model_reference(cfg.model.teacher) if models.teacher is not None and cfg.model.teacher else None
+    )
+    resumed = _resume_or_start(
+        cfg, run, accelerator, prepared, projection, plan, guard, monitor, data, models.tokenizer, teacher_reference
+    )
+    return RunParts(
+        cfg,
+        run,
+        accelerator,
+        strategy,
+        models,
+        data,
+        sampler,
+        plan,
+        cache,
+        projection,
+        loss_impl,
+        signal,
+        prepared,
+        objective,
+        guard,
+        monitor,
+        resumed,
+        teacher_reference,
+    )
+
+
+def _models_and_data(cfg: Config, teacher, student, tokenizer, progress: bool) -> tuple[Models, BlockData]:
+    """The models, and the data cut with their tokenizer (built while loading them when cutting the
+    student from the teacher needs calibration blocks)."""
+    built: list[BlockData] = []
+
+    def train_blocks(tok):
+        if not built:
+            built.append(build_block_data(cfg.data, tok, progress=progress))
+        return built[0].train
+
+    models = load_models(cfg, teacher, student, tokenizer, train_blocks=train_blocks)
+    train_blocks(models.tokenizer)
+    data = built[0]
+    if models.chat_template_problem and any(s.store.chat for s in data.sources):
+        raise LmdistillError(models.chat_template_problem)
+    return models, data
+
+
+def _signal(cfg: Config, models: Models, cache, projection) -> tuple[str, TeacherSignal]:
+    """The loss path (``loss.impl`` resolved) and the teacher signal that feeds it."""
+    vocab = len(models.tokenizer)
+    pairs = projection.pairs if projection is not None else ()
+    if cache is not None:
+        # A dense cache holds whole logits (the full path); sparse targets meet the student's
+        # whole logits when they are small, else its hidden states chunk by chunk.
+        impl = "full" if cache.mode == "dense" else _loss_impl(cfg, models, None)
+        return impl, CachedTeacher(cache, student_output="hidden" if impl == "chunked" else "logits")
+    live_teacher = models.teacher if cfg.distill.kd_weight > 0 or pairs else None
+    impl = _loss_impl(cfg, models, live_teacher)
+    return impl, make_signal(impl, live_teacher, vocab, tuple(t for _, t in pairs))
+
+
+def _loss_impl(cfg: Config, models: Models, teacher) -> str:
+    try:
+        return choose_loss_impl(
+            cfg.loss.impl,
+            divergences.get(cfg.distill.divergence),
+            cfg.train.batch_size * (cfg.data.block_size - 1),
+            len(models.tokenizer),
+            models.student,
+            teacher,
+            cfg.loss.auto_threshold_mib,
+        )
+    except ValueError as exc:
+        raise LmdistillError(str(exc)) from None
+
+
+def _objective(cfg: Config, vocab: int, signal, prepared: Prepared, projection, loss_impl: str) -> Objective:
+    pairs = projection.pairs if projection is not None else ()
+    h = cfg.distill.hidden
+    hidden = HiddenTerm(h.weight, h.loss, tuple(s for s, _ in pairs), projection, prepared.project) if pairs else None
+    return Objective.for_run(
+        cfg, vocab, signal.student_output, prepared.raw, reference=loss_impl == "reference", hidden=hidden
+    )
+
+
+def _resume_or_start(
+    cfg, run, accelerator, prepared, projection, plan, guard, monitor, data, tokenizer, teacher_reference
+) -> Resumed:
+    """Continue from the newest valid checkpoint (``--resume``), or start the run directory."""
+    # The lock first (the main process takes it): nothing is written or removed without it.
+    on_main(accelerator, lambda: run.open_for_writing(cfg))
+    # The main process picks the checkpoint (hashing every file once); every process loads that one.
+    checkpoint = on_main(accelerator, lambda: resume_point(run.checkpoints)) if cfg.run.resume else None
+    if checkpoint is None:
+        if accelerator.is_main_process:
+            if cfg.run.resume:  # nothing to resume, or the attempt died before its first checkpoint
+                print(f"note: no checkpoint in '{run.path}' yet: starting the run from step 0")
+                run.trim_metrics(0)
+            run.create(cfg)
+            tokenizer.save_pretrained(run.path / "tokenizer")  # once per run; checkpoints + this = a model
+        accelerator.wait_for_everyone()
+        return Resumed()
+    # Everything that can refuse the resume comes before the run directory is touched.
+    state = restore_training_state(
+        checkpoint,
+        prepared.raw,
+        prepared.optimizer,
+        accelerator.num_processes,
+        cfg.train.batch_size,
+        projection=projection,
+        strategy=cfg.parallel.strategy,
+        verified=True,
+        total_steps=plan.total_steps,
+    )
+    try:
+        guard.load_state_dict(state)
+        monitor.load_state_dict(state["health"])
+    except (KeyError, TypeError, ValueError, AttributeError) as exc:
+        raise CheckpointError(damaged_state_message(checkpoint, f"guard or health state: {exc!r}")) from None
+    resumed = Resumed(checkpoint, state["step"], state["micro_batches"], state.get("initial_eval"))
+    if accelerator.is_main_process:
+        changed = run.warn_if_resume_differs(
+            checkpoint, cfg, teacher_reference(), data.layout, processes=accelerator.num_processes
+        )
+        resumed = Resumed(checkpoint, resumed.step, resumed.micro_batches, resumed.initial_eval, tuple(changed))
+        run.mark()
+        atomic_write(run.path / "config.yaml", cfg.to_run_yaml())  # the config this start runs with
+        remove_leftovers(run.checkpoints)
+        run.trim_metrics(resumed.step, plan.total_steps)
+        print(f"Resuming {run.path} from {checkpoint.name} (step {resumed.step} of {plan.total_steps})")
+    accelerator.wait_for_everyone()
+    return resumed
