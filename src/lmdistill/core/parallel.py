@@ -11,11 +11,7 @@ forward, sees the whole matrix, and its gradient is reduce-scattered with the re
 On a GPU the parameters compute in bf16 (``run.mixed_precision: bf16``) and gradients are
 reduced in fp32. The CPU (gloo) computes in fp32.
 
-Checkpoints are sharded: every process writes its own shard of the student and of its AdamW
-state through ``torch.distributed.checkpoint`` (DCP) into the checkpoint's staging directory,
-then the main process adds the rest and the manifest with the atomic protocol of
-``checkpoint.py``. DCP records each tensor's global shape and every shard's place in it, so a
-checkpoint loads onto any number of processes, sharded or not (``load_shards``).
+Checkpoints of a sharded student are sharded too (``training/sharded.py``).
 """
 
 from __future__ import annotations

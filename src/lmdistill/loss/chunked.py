@@ -1,6 +1,6 @@
 """Chunked fused-linear distillation loss: KD + CE from hidden states, memory-flat.
 
-The full-logits path (``losses.distillation_loss``) needs every (tokens x vocab) logit of
+The full-logits path (``dense.distillation_loss``) needs every (tokens x vocab) logit of
 both models at once, in fp32, plus what autograd saves for backward: at 8192 tokens and a
 151936-token vocabulary that is tens of GiB. Here the lm_head matmuls are folded into the
 loss. The valid target rows are walked in chunks; for each chunk the student and teacher
@@ -668,7 +668,7 @@ def fused_logits_distillation_loss(
     chunk_size: int = 1024,
     use_compile: bool | None = None,
 ) -> LossParts:
-    """``losses.distillation_loss`` with the closed-form gradients of the chunked loss.
+    """``dense.distillation_loss`` with the closed-form gradients of the chunked loss.
 
     The same function of the same logits (shapes and arguments as there; ``chunk_size`` and
     ``use_compile`` as in :func:`fused_linear_distillation_loss`), computed chunk by chunk in

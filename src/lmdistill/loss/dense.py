@@ -13,7 +13,7 @@ gradient accumulation and data parallelism do not change the result. A batch wit
 valid tokens contributes exactly 0 and a zero gradient.
 
 The divergences themselves live in ``divergences.REGISTRY``; this module applies one to
-logits. ``fused.py`` computes the same loss from hidden states without full logits.
+logits. ``chunked.py`` computes the same loss from hidden states without full logits.
 """
 
 from __future__ import annotations

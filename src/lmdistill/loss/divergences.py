@@ -4,11 +4,11 @@ Each entry names a divergence between the teacher's distribution q and the stude
 softened by the KD temperature T) and gives it in two forms:
 
 - ``per_token(log_p, log_q, params) -> (N,)``: the reference, from fp32 log-probabilities,
-  differentiable with autograd. The full-logits loss (``losses.distillation_loss``) and the
+  differentiable with autograd. The full-logits loss (``dense.distillation_loss``) and the
   evaluation use it.
 - ``chunk(ls, lt, params, need_grad, ws) -> (sum, dD/ds)``: the same divergence summed over a
   chunk of rows together with its closed-form gradient with respect to the student's scaled
-  logits s = z_s / T. The fused chunked loss (``fused.py``) uses it to push the gradient
+  logits s = z_s / T. The fused chunked loss (``chunked.py``) uses it to push the gradient
   through the lm_head without autograd. ``None`` when there is no closed form; then
   ``loss.impl: auto`` takes the full path and ``chunked`` is refused with a clear error.
 

@@ -29,7 +29,7 @@ made scale-free position by position: real models carry a few huge activations (
 first position reaches 22,552 in layers 2-11, against an RMS of 6-22 elsewhere), and plain mse is
 then almost all about those few positions and thousands of times the size of the KD term. Each term is
 a *sum* over valid positions divided once by the caller's global token count, as in
-``losses.py``, so micro-batch losses add up to the batch mean; the pairs are then
+``dense.py``, so micro-batch losses add up to the batch mean; the pairs are then
 averaged. Everything runs in fp32 (fp64 if the inputs are fp64), whatever the models'
 dtype.
 """

@@ -283,7 +283,7 @@ class Objective:
     def _sampled_token(
         self, student, batch: Batch, teacher: TeacherLogits | TeacherHidden, num_tokens: float
     ) -> LossParts:
-        """The per-token reverse-KL estimator on the student's own text (``onpolicy.py``); on the
+        """The per-token reverse-KL estimator on the student's own text (``sampled.py``); on the
         chunked path log q(x) comes chunk by chunk from the hidden states."""
         if self.student_output == "hidden":
             out = student(

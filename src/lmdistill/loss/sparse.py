@@ -17,10 +17,10 @@ the teacher puts on them (``SparseTargets``):
 
 Only forward KL is offered for sparse targets: the other divergences of the registry need
 the teacher's probability of every token the student puts mass on (reverse KL, JSD, TVD),
-which neither form has. A dense cache keeps full logits and goes through ``fused.py`` with
+which neither form has. A dense cache keeps full logits and goes through ``chunked.py`` with
 every divergence.
 
-As in ``fused.py``, the student's logits exist one chunk of rows at a time, in fp32; the
+As in ``chunked.py``, the student's logits exist one chunk of rows at a time, in fp32; the
 gradient of the folded loss is pushed through the lm_head before the next chunk, and the
 autograd node only scales the stored gradients. CE is at T = 1 on the same logits.
 """

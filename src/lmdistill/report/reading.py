@@ -1,7 +1,7 @@
 """Reading a run directory into a ``RunRecord``: what the report and the comparison show.
 
 Only files the trainer writes are read (see ``rundir.py``): config.yaml, metrics.jsonl
-through ``tracking.read_metrics``, and run.json / health.json, which are written
+through ``metrics.read_metrics``, and run.json / health.json, which are written
 atomically at the start and the end of a run. A killed run has no health.json and a
 run.json that still says "running"; its metrics.jsonl may end in a line cut short.
 """

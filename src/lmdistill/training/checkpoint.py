@@ -111,7 +111,7 @@ class LoadedCheckpoint:
     tied_weights: dict[str, str] = field(default_factory=dict)
     format_version: int = FORMAT_VERSION
     sharded: bool = False
-    """The weights and optimizer state are DCP shards in ``path`` (``sharding.load_shards``);
+    """The weights and optimizer state are DCP shards in ``path`` (``sharded.load_shards``);
     ``model_state`` is then empty and ``optimizer_state`` None."""
 
 
@@ -182,10 +182,10 @@ def save_checkpoint(
     ``capture_rng_state()``. ``extra_files``: plain file name -> bytes. ``keep``: how many
     valid checkpoints to keep after this one is in place (None keeps all).
     ``sharded_in``: the ``staging_dir`` where every process wrote its shards of the weights and
-    optimizer (``sharding.save_shards``, which checked them); ``model_state`` and
+    optimizer (``sharded.save_shards``, which checked them); ``model_state`` and
     ``optimizer_state`` are then None, and this completes that directory into the checkpoint.
     ``shard_records``: size and SHA-256 of shard files, as each process measured its own
-    (``sharding.save_shards``); they are not read again here unless their size differs.
+    (``sharded.save_shards``); they are not read again here unless their size differs.
 
     Raises CheckpointError -- leaving every earlier checkpoint untouched -- if a model or
     optimizer tensor is not finite, or if the directory cannot be written.
