@@ -59,3 +59,38 @@ def test_an_import_against_the_architecture_is_caught(tmp_path, module, line, br
     proc = lint_imports(tmp_path / "pyproject.toml", tmp_path / "src")
     assert proc.returncode != 0
     assert broken in proc.stdout, proc.stdout[-3000:]
+
+
+def _function_lengths():
+    """(lines without the docstring, where) of every function in the package."""
+    import ast
+
+    for path in sorted((ROOT / "src" / "lmdistill").rglob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
+                first = node.body[0]
+                has_doc = isinstance(first, ast.Expr) and isinstance(getattr(first, "value", None), ast.Constant)
+                start = first.end_lineno + 1 if has_doc and len(node.body) > 1 else first.lineno
+                yield node.end_lineno - start + 1, f"{path.relative_to(ROOT)}:{node.lineno} {node.name}"
+
+
+def test_no_function_is_longer_than_60_lines():
+    long = sorted((n, where) for n, where in _function_lengths() if n > 60)
+    assert not long, f"functions over 60 lines (docstrings not counted): {long}"
+
+
+def test_the_trainer_stays_small():
+    import ast
+
+    tree = ast.parse((ROOT / "src" / "lmdistill" / "training" / "trainer.py").read_text())
+    trainer = next(n for n in tree.body if isinstance(n, ast.ClassDef) and n.name == "Trainer")
+    assert trainer.end_lineno - trainer.lineno + 1 < 350
+    attributes = {
+        n.attr
+        for n in ast.walk(trainer)
+        if isinstance(n, ast.Attribute)
+        and isinstance(n.value, ast.Name)
+        and n.value.id == "self"
+        and isinstance(n.ctx, ast.Store)
+    }
+    assert len(attributes) <= 20, sorted(attributes)

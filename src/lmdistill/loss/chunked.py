@@ -268,6 +268,30 @@ def _loss_parts(total: Tensor, ce_sum: Tensor, kd_sum: Tensor, opts: _Options) -
     )
 
 
+def _chunk(h, y, ht, rows, start: int, stop: int, opts: _Options):
+    """(selection, student rows, targets, teacher rows) of valid rows ``start:stop``."""
+    if opts.all_valid:
+        sel = slice(start, stop)
+        return sel, h[sel], y[sel], ht[sel] if opts.with_kd else None
+    # Ignored rows never reach a matmul: gather the valid ones of this chunk.
+    sel = rows[start:stop]
+    return sel, h.index_select(0, sel), y.index_select(0, sel), ht.index_select(0, sel) if opts.with_kd else None
+
+
+def _add_chunk_grads(g_mm, sel, h_c, w_s_v, grad_h, grad_w, vocab: int, all_valid: bool) -> None:
+    """Add a chunk's logit gradient (in the matmul dtype) into the hidden-state and weight
+    gradients (each None when not needed)."""
+    if grad_h is not None:
+        gh = (g_mm @ w_s_v).to(grad_h.dtype)
+        if all_valid:
+            grad_h[sel] = gh
+        else:
+            grad_h.index_copy_(0, sel, gh)  # each row occurs once: copy, not add
+        del gh
+    if grad_w is not None:
+        _add_matmul(grad_w[:vocab], g_mm.t(), h_c)
+
+
 class _FusedLinearKD(torch.autograd.Function):
     """Loss and all student gradients in one pass over the chunks; backward only scales them."""
 
@@ -300,36 +324,12 @@ class _FusedLinearKD(torch.autograd.Function):
         if _USE_WORKSPACE and h.device.type == "cpu" and n_rows:
             workspace = _Workspace(min(opts.chunk_size, n_rows), vocab, h.device)
         for start in range(0, n_rows, opts.chunk_size):
-            stop = min(start + opts.chunk_size, n_rows)
-            if opts.all_valid:
-                sel = slice(start, stop)
-                h_c, y_c = h[sel], y[sel]
-                ht_c = ht[sel] if opts.with_kd else None
-            else:
-                # Ignored rows never reach a matmul: gather the valid ones of this chunk.
-                sel = rows[start:stop]
-                h_c, y_c = h.index_select(0, sel), y.index_select(0, sel)
-                ht_c = ht.index_select(0, sel) if opts.with_kd else None
+            sel, h_c, y_c, ht_c = _chunk(h, y, ht, rows, start, min(start + opts.chunk_size, n_rows), opts)
             h_c = h_c.to(mm_dtype)
             if ht_c is not None:
                 ht_c = ht_c.to(w_t.dtype)
-            args = (
-                h_c,
-                w_s_v,
-                b_s_v,
-                ht_c,
-                w_t_v,
-                b_t_v,
-                y_c,
-                inv_t,
-                c_kd,
-                c_ce,
-                opts.kd_chunk,
-                opts.params,
-                opts.with_kd,
-                opts.same_t,
-                need_grad,
-            )
+            models = (h_c, w_s_v, b_s_v, ht_c, w_t_v, b_t_v, y_c)
+            args = (*models, inv_t, c_kd, c_ce, opts.kd_chunk, opts.params, opts.with_kd, opts.same_t, need_grad)
             step, (grad_z, ce_sum, kd_sum) = _run_step(step, args, workspace)
             ce_total += ce_sum
             kd_total += kd_sum
@@ -337,19 +337,11 @@ class _FusedLinearKD(torch.autograd.Function):
                 continue
             if need_b:
                 grad_b[:vocab] += grad_z.sum(dim=0)
-            # Matmuls in the model's (or autocast's) dtype; grad_z itself is fp32. Cast once here:
-            # each matmul below would otherwise cast it again under autocast.
+            # Matmuls in the model's (or autocast's) dtype; grad_z itself is fp32. Cast once here
+            # (each matmul would otherwise cast it again under autocast), and let the fp32 copy go.
             g_mm = grad_z.to(mm_dtype)
             del grad_z
-            if need_h:
-                gh = (g_mm @ w_s_v).to(h.dtype)
-                if opts.all_valid:
-                    grad_h[sel] = gh
-                else:
-                    grad_h.index_copy_(0, sel, gh)  # each row occurs once: copy, not add
-                del gh
-            if need_w:
-                _add_matmul(grad_w[:vocab], g_mm.t(), h_c)
+            _add_chunk_grads(g_mm, sel, h_c, w_s_v, grad_h, grad_w, vocab, opts.all_valid)
             del g_mm
 
         total = (opts.kd_coef * kd_total + opts.ce_coef * ce_total) / opts.denom
@@ -567,53 +559,24 @@ def fused_linear_distillation_loss(
     if entry.chunk is None:
         raise ValueError(
             f"divergence {divergence!r} has no closed-form gradient for the chunked loss; "
-            "use the full-logits loss (losses.distillation_loss)"
+            "use the full-logits loss (dense.distillation_loss)"
         )
     if chunk_size < 1:
         raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
-    if student_weight.dim() != 2 or student_hidden.shape[-1] != student_weight.shape[1]:
-        raise ValueError(
-            f"student_hidden {tuple(student_hidden.shape)} does not match "
-            f"student_weight {tuple(student_weight.shape)}: expected (..., H) and (V, H)"
-        )
-    h = student_hidden.reshape(-1, student_hidden.shape[-1])
-    y = targets.reshape(-1)
-    if y.numel() != h.shape[0]:
-        raise ValueError(f"targets {tuple(targets.shape)} do not match student_hidden {tuple(student_hidden.shape)}")
-    with_kd = kd_weight > 0
-    ht = None
-    if with_kd:
-        if teacher_hidden is None or teacher_weight is None:
-            raise ValueError("teacher_hidden and teacher_weight are required when kd_weight > 0")
-        if teacher_weight.dim() != 2 or teacher_hidden.shape[-1] != teacher_weight.shape[1]:
-            raise ValueError(
-                f"teacher_hidden {tuple(teacher_hidden.shape)} does not match "
-                f"teacher_weight {tuple(teacher_weight.shape)}: expected (..., H) and (V', H)"
-            )
-        ht = teacher_hidden.detach().reshape(-1, teacher_hidden.shape[-1])
-        if ht.shape[0] != h.shape[0]:
-            raise ValueError(f"teacher_hidden has {ht.shape[0]} rows, student_hidden {h.shape[0]}")
-    vocab_limit = student_weight.shape[0]
-    if teacher_weight is not None:
-        vocab_limit = min(vocab_limit, teacher_weight.shape[0])
-    vocab = vocab_limit if vocab_size is None else int(vocab_size)
-    if not 1 <= vocab <= vocab_limit:
-        raise ValueError(f"vocab_size must be in [1, {vocab_limit}] (the smaller lm_head), got {vocab}")
-    for name, bias, weight in (
-        ("student_bias", student_bias, student_weight),
-        ("teacher_bias", teacher_bias, teacher_weight),
-    ):
-        if bias is not None and (weight is None or bias.shape != weight.shape[:1]):
-            raise ValueError(f"{name} must have shape (rows of its lm_head weight,), got {tuple(bias.shape)}")
+    h, y, ht, vocab = _checked_inputs(
+        student_hidden,
+        student_weight,
+        teacher_hidden,
+        teacher_weight,
+        targets,
+        kd_weight > 0,
+        vocab_size,
+        student_bias,
+        teacher_bias,
+    )
 
-    if all_valid:  # the caller vouches for the targets: no search, no range check, no device sync
-        rows, num_valid = None, h.shape[0]
-    else:
-        rows = (y != ignore_index).nonzero().squeeze(1)  # one host sync: the chunk loop needs the count
-        num_valid = rows.numel()
-        all_valid = num_valid == h.shape[0]
-        if num_valid and bool((((y < 0) | (y >= vocab)) & (y != ignore_index)).any()):
-            raise ValueError(f"targets must lie in [0, {vocab}) or equal ignore_index={ignore_index}")
+    with_kd = kd_weight > 0
+    rows, num_valid, all_valid = _valid_rows(y, vocab, ignore_index, all_valid)
     grad_on = torch.is_grad_enabled()
     need = (
         grad_on and student_hidden.requires_grad,
@@ -650,6 +613,67 @@ def fused_linear_distillation_loss(
         opts,
     )
     return _loss_parts(total, ce_sum, kd_sum, opts)
+
+
+def _valid_rows(y: Tensor, vocab: int, ignore_index: int, all_valid: bool):
+    """(indices of the rows with a target or None for all, their count, whether all have one);
+    a ValueError for a target outside the vocabulary."""
+    if all_valid:  # the caller vouches for the targets: no search, no range check, no device sync
+        return None, y.numel(), True
+    rows = (y != ignore_index).nonzero().squeeze(1)  # one host sync: the chunk loop needs the count
+    num_valid = rows.numel()
+    if num_valid and bool((((y < 0) | (y >= vocab)) & (y != ignore_index)).any()):
+        raise ValueError(f"targets must lie in [0, {vocab}) or equal ignore_index={ignore_index}")
+    return rows, num_valid, num_valid == y.numel()
+
+
+def _checked_inputs(
+    student_hidden,
+    student_weight,
+    teacher_hidden,
+    teacher_weight,
+    targets,
+    with_kd: bool,
+    vocab_size,
+    student_bias,
+    teacher_bias,
+):
+    """(student rows, targets, teacher rows or None, vocabulary) of a chunked-loss call, its shapes
+    checked: a ValueError names the argument that does not fit."""
+    if student_weight.dim() != 2 or student_hidden.shape[-1] != student_weight.shape[1]:
+        raise ValueError(
+            f"student_hidden {tuple(student_hidden.shape)} does not match "
+            f"student_weight {tuple(student_weight.shape)}: expected (..., H) and (V, H)"
+        )
+    h = student_hidden.reshape(-1, student_hidden.shape[-1])
+    y = targets.reshape(-1)
+    if y.numel() != h.shape[0]:
+        raise ValueError(f"targets {tuple(targets.shape)} do not match student_hidden {tuple(student_hidden.shape)}")
+    ht = None
+    if with_kd:
+        if teacher_hidden is None or teacher_weight is None:
+            raise ValueError("teacher_hidden and teacher_weight are required when kd_weight > 0")
+        if teacher_weight.dim() != 2 or teacher_hidden.shape[-1] != teacher_weight.shape[1]:
+            raise ValueError(
+                f"teacher_hidden {tuple(teacher_hidden.shape)} does not match "
+                f"teacher_weight {tuple(teacher_weight.shape)}: expected (..., H) and (V', H)"
+            )
+        ht = teacher_hidden.detach().reshape(-1, teacher_hidden.shape[-1])
+        if ht.shape[0] != h.shape[0]:
+            raise ValueError(f"teacher_hidden has {ht.shape[0]} rows, student_hidden {h.shape[0]}")
+    vocab_limit = student_weight.shape[0]
+    if teacher_weight is not None:
+        vocab_limit = min(vocab_limit, teacher_weight.shape[0])
+    vocab = vocab_limit if vocab_size is None else int(vocab_size)
+    if not 1 <= vocab <= vocab_limit:
+        raise ValueError(f"vocab_size must be in [1, {vocab_limit}] (the smaller lm_head), got {vocab}")
+    for name, bias, weight in (
+        ("student_bias", student_bias, student_weight),
+        ("teacher_bias", teacher_bias, teacher_weight),
+    ):
+        if bias is not None and (weight is None or bias.shape != weight.shape[:1]):
+            raise ValueError(f"{name} must have shape (rows of its lm_head weight,), got {tuple(bias.shape)}")
+    return h, y, ht, vocab
 
 
 def fused_logits_distillation_loss(

@@ -383,8 +383,7 @@ def load_models(cfg, teacher=None, student=None, tokenizer=None, train_blocks=No
     out of the teacher (``model.student_init: teacher``)."""
     if cfg.model.teacher_cache is not None and teacher is None:
         return _models_for_cache(cfg, student, tokenizer, train_blocks)
-    teacher_name = student_name = template_problem = None
-    pruned = None
+    teacher_name = None
     run_tokenizer_checked = False
     if teacher is None and cfg.model.teacher is not None:
         teacher_name = resolve_source(cfg.model.teacher, "model.teacher")
@@ -400,6 +399,32 @@ def load_models(cfg, teacher=None, student=None, tokenizer=None, train_blocks=No
             "no teacher: set model.teacher (lmdistill.train and the command line use the embedded "
             "default teacher when it is empty)"
         )
+    student, student_name, tokenizer, pruned, template_problem = _student(
+        cfg, student, teacher, teacher_name, tokenizer, train_blocks
+    )
+    if tokenizer is None:
+        raise LmdistillError("no tokenizer found: the student directory has none and there is no teacher")
+    if not run_tokenizer_checked:
+        check_run_tokenizer(cfg, tokenizer, teacher_name or student_name)
+    _check_pair(cfg, teacher, teacher_name, student, student_name, len(tokenizer))
+    return Models(
+        teacher,
+        student,
+        tokenizer,
+        teacher_name,
+        student_name,
+        pruned.layers if pruned else None,
+        pruned.layer_importance if pruned else None,
+        pruned.channels if pruned else None,
+        template_problem,
+    )
+
+
+def _student(cfg, student, teacher, teacher_name, tokenizer, train_blocks):
+    """(student, its name, tokenizer, the cut or None, a chat-template problem or None): the student
+    loaded (``model.student``), cut out of the teacher or built fresh from its config, or the one
+    passed in."""
+    pruned = template_problem = None
     if student is None and cfg.model.student is not None:
         student_name = resolve_source(cfg.model.student, "model.student")
         student = load_causal_lm(student_name, "student", torch.float32, cfg.model.trust_remote_code)
@@ -425,11 +450,11 @@ def load_models(cfg, teacher=None, student=None, tokenizer=None, train_blocks=No
             student_name = f"fresh: {shape}"
     else:
         student_name = cfg.model.student or type(student).__name__
-    if tokenizer is None:
-        raise LmdistillError("no tokenizer found: the student directory has none and there is no teacher")
-    if not run_tokenizer_checked:
-        check_run_tokenizer(cfg, tokenizer, teacher_name or student_name)
-    vocab_size = len(tokenizer)
+    return student, student_name, tokenizer, pruned, template_problem
+
+
+def _check_pair(cfg, teacher, teacher_name, student, student_name, vocab_size: int) -> None:
+    """Both models cover the tokenizer, fit a block and predict the next token; the teacher is frozen."""
     check_vocab_covers(student, vocab_size, "student", student_name)
     if teacher is not None:
         check_vocab_covers(teacher, vocab_size, "teacher", teacher_name)
@@ -438,17 +463,6 @@ def load_models(cfg, teacher=None, student=None, tokenizer=None, train_blocks=No
         if model is not None:
             check_context_length(model, cfg.data.block_size, role, name)
             check_causal(model, role, name, vocab_size)
-    return Models(
-        teacher,
-        student,
-        tokenizer,
-        teacher_name,
-        student_name,
-        pruned.layers if pruned else None,
-        pruned.layer_importance if pruned else None,
-        pruned.channels if pruned else None,
-        template_problem,
-    )
 
 
 def _models_for_cache(cfg, student, tokenizer, train_blocks=None) -> Models:

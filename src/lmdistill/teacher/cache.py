@@ -338,16 +338,20 @@ def manifest_problem(m) -> str | None:
     """What makes ``m`` something other than a manifest ``finish`` wrote, in words; None when it has
     that shape: the mode known, the numbers of the right type and range, the tensors those of the
     mode, and one shard record for every shard of its blocks (and no other)."""
-
-    def whole(value, least: int) -> bool:
-        return isinstance(value, int) and not isinstance(value, bool) and value >= least
-
     if not isinstance(m, dict):
         return f"a JSON {type(m).__name__}, not an object"
     if m.get("format_version") != FORMAT_VERSION:
         return f"format_version is {m.get('format_version')!r}"
     if m.get("mode") not in MODES:
         return f"mode {m.get('mode')!r} is none of {', '.join(MODES)}"
+    return _numbers_problem(m) or _sources_problem(m) or _shards_problem(m)
+
+
+def _whole(value, least: int) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= least
+
+
+def _numbers_problem(m: dict) -> str | None:
     wanted = {"samples": m["mode"] == "sampled", "k": m["mode"] == "topk"}
     for key, least in (
         ("shard_rows", 1),
@@ -356,7 +360,7 @@ def manifest_problem(m) -> str | None:
         ("seed", 0),
         *((key, 1) for key, used in wanted.items() if used),
     ):
-        if not whole(m.get(key), least):
+        if not _whole(m.get(key), least):
             return f"{key} is {m.get(key)!r}, not a whole number >= {least}"
     if m["mode"] == "topk" and m["k"] >= m["vocab_size"]:
         return f"k = {m['k']} leaves no tail below the vocabulary of {m['vocab_size']} tokens"
@@ -368,8 +372,12 @@ def manifest_problem(m) -> str | None:
     ):
         return f"capture_temperature is {temperature!r}, not a number > 0"
     rows = m.get("rows")
-    if not isinstance(rows, dict) or not all(whole(rows.get(split), 0) for split in ("train", "eval")):
+    if not isinstance(rows, dict) or not all(_whole(rows.get(split), 0) for split in ("train", "eval")):
         return f"rows is {rows!r}, not the train and eval block counts"
+    return None
+
+
+def _sources_problem(m: dict) -> str | None:
     if not isinstance(m.get("tokenizer"), str) or not isinstance(m.get("teacher"), dict):
         return "the tokenizer hash or the teacher reference is missing"
     data = m.get("data")
@@ -380,9 +388,21 @@ def manifest_problem(m) -> str | None:
         or not all(isinstance(s, dict) and "fingerprint" in s for s in data["sources"])
     ):
         return "the data it was built from (layout, sources) is missing"
+    evaluated = m.get("teacher_eval")
+    if (
+        not isinstance(evaluated, dict)
+        or isinstance(evaluated.get("teacher_ce_loss"), bool)
+        or not isinstance(evaluated.get("teacher_ce_loss"), (int, float))
+    ):
+        return "the teacher's held-out loss (teacher_eval) is missing"
+    return None
+
+
+def _shards_problem(m: dict) -> str | None:
     layout = tensor_layout(m["mode"], m["positions_per_block"], m["vocab_size"], m.get("samples") or 0, m.get("k") or 0)
     if m.get("tensors") != {name: dtype for name, (_, dtype) in layout.items()}:
         return f"its tensors are not those of a {m['mode']} cache"
+    rows = m["rows"]
     shards, names = m.get("shards"), {f"{split}-{i:05d}.safetensors" for split, i, _, _ in shard_plan(m)}
     if not isinstance(shards, dict) or set(shards) != names:
         return (
@@ -392,17 +412,10 @@ def manifest_problem(m) -> str | None:
     for name, record in shards.items():
         if (
             not isinstance(record, dict)
-            or not whole(record.get("bytes"), 0)
+            or not _whole(record.get("bytes"), 0)
             or not isinstance(record.get("sha256"), str)
         ):
             return f"the record of shard {name} is not its size and SHA-256"
-    evaluated = m.get("teacher_eval")
-    if (
-        not isinstance(evaluated, dict)
-        or isinstance(evaluated.get("teacher_ce_loss"), bool)
-        or not isinstance(evaluated.get("teacher_ce_loss"), (int, float))
-    ):
-        return "the teacher's held-out loss (teacher_eval) is missing"
     return None
 
 

@@ -18,7 +18,8 @@ from tqdm.auto import tqdm
 from lmdistill.core.batch import IGNORE_INDEX, Batch
 from lmdistill.core.progress import interactive
 from lmdistill.loss.views import ScoreSpec, prediction_logits
-from lmdistill.teacher.signals import TeacherSignal
+from lmdistill.teacher.onpolicy import OnPolicy
+from lmdistill.teacher.signals import CachedTeacher, LiveLogits, TeacherSignal
 from lmdistill.training.monitor import verdict_line
 
 
@@ -166,3 +167,49 @@ def summary_table(result) -> str:
     lines.append(f"health: {verdict_line(result.health)}")
     lines.append(f"run directory: {result.run_dir}")
     return "\n".join(lines)
+
+
+class RunEvaluator:
+    """A training run's held-out evaluation: its student against the teacher as an evaluation
+    meets it (the live model's logits, whatever loss path the training takes, or the cache's eval
+    split), on this process's share of the eval blocks; with on-policy steps, the teacher's
+    judgement of the student's own text too. The teacher's CE is measured once (a frozen teacher
+    on fixed blocks) or read from the cache."""
+
+    def __init__(self, parts, progress: bool):
+        self.parts, self.progress = parts, progress
+        cache = parts.cache
+        self.teacher_ce = cache.manifest["teacher_eval"]["teacher_ce_loss"] if cache is not None else None
+
+    def __call__(self, temperature: float, desc: str) -> dict:
+        p, d = self.parts, self.parts.cfg.distill
+        accelerator, world = p.accelerator, p.accelerator.num_processes
+        result = evaluate(
+            p.prepared.raw,
+            self._signal(),
+            p.data.eval.subset(slice(accelerator.process_index, None, world)),
+            vocab_size=p.vocab_size,
+            spec=ScoreSpec(temperature, d.divergence, d.divergence_params, d.scale_by_t2),
+            batch_size=p.plan.eval_batch_size,
+            device=accelerator.device,
+            autocast=accelerator.autocast,
+            reduce=lambda t: accelerator.reduce(t.to(accelerator.device), "sum").cpu(),
+            teacher_ce=self.teacher_ce,
+            desc=desc,
+            progress=self.progress,
+            forward_calls=p.strategy.eval_forward_calls(len(p.data.eval), world, p.plan.eval_batch_size),
+        )
+        if "teacher_ce_loss" in result and self.teacher_ce is None:
+            self.teacher_ce = result["teacher_ce_loss"]
+        if isinstance(p.signal, OnPolicy):  # the student's own text, judged by the teacher: on one process,
+            if accelerator.is_main_process or p.strategy.judges_everywhere:  # or on all when forwards gather
+                tokenizer, vocab = p.models.tokenizer, p.vocab_size
+                result.update(p.signal.judge(p.prepared.raw, p.models.teacher, p.data.eval, tokenizer, vocab))
+            accelerator.wait_for_everyone()  # the others wait here, not inside a collective or at exit
+        return result
+
+    def _signal(self) -> TeacherSignal | None:
+        p = self.parts
+        if p.models.teacher is not None:  # (scored even at kd_weight 0)
+            return LiveLogits(p.models.teacher, p.vocab_size)
+        return CachedTeacher(p.cache, "eval") if p.cache is not None else None

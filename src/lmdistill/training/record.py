@@ -11,7 +11,9 @@ import time
 from dataclasses import asdict
 from datetime import datetime, timezone
 
+from lmdistill.core.errors import PeerLost, TrainingStopped
 from lmdistill.models.loading import ModelInfo
+from lmdistill.training.interrupts import Interrupted
 
 EVAL_SUMMARY_KEYS = (
     "eval_ce_loss",
@@ -45,6 +47,21 @@ class RunRecord:
 
     def ended(self, status: str, reason: str) -> None:
         self.info.update(status=status, exit_reason=reason)
+
+    def ended_by(self, exc: BaseException) -> str:
+        """Record why a run ended early, from the exception that ended it; its status."""
+        if isinstance(exc, PeerLost):
+            status, reason = "failed", str(exc)
+        elif isinstance(exc, Interrupted):
+            status, reason = "interrupted", str(exc)
+        elif isinstance(exc, TrainingStopped):
+            status, reason = "stopped", str(exc)
+        elif isinstance(exc, KeyboardInterrupt):
+            status, reason = "interrupted", "interrupted by the user (Ctrl-C)"
+        else:
+            status, reason = "failed", f"{type(exc).__name__}: {exc}"
+        self.ended(status, reason)
+        return status
 
     def finished(self, initial: dict, final: dict, totals: dict, rates: dict[bool, list[float]]) -> None:
         rate, on_policy_rate = (statistics.median_high(r) if r else None for r in (rates[False], rates[True]))

@@ -34,20 +34,17 @@ from lmdistill.config import Config
 from lmdistill.core.batch import Batch
 from lmdistill.core.errors import PeerLost, TrainingStopped
 from lmdistill.core.progress import interactive, progress_bar
-from lmdistill.loss.views import ScoreSpec
 from lmdistill.models.loading import parameter_fingerprint
 from lmdistill.report import write_report
 from lmdistill.report.metrics import MetricsLog
-from lmdistill.teacher.onpolicy import OnPolicy
-from lmdistill.teacher.signals import CachedTeacher, LiveLogits, TeacherSignal
-from lmdistill.training.checkpoint import capture_rng_state, projection_file, save_checkpoint
-from lmdistill.training.devices import flat_config, lost_peer, on_main
-from lmdistill.training.evaluate import evaluate, summary_table
+from lmdistill.training.devices import flat_config, lost_peer
+from lmdistill.training.evaluate import RunEvaluator, summary_table
 from lmdistill.training.faults import FaultInjector
 from lmdistill.training.guards import SUMMED_TERMS, Action, Cause, Decision, StepStats
 from lmdistill.training.interrupts import GracefulStop, Interrupted
 from lmdistill.training.record import RunRecord
 from lmdistill.training.results import RunResult, StepResult
+from lmdistill.training.saving import save_run_checkpoint
 from lmdistill.training.schedules import lr_at, temperature_at
 from lmdistill.training.setup import RunParts, build_run
 
@@ -89,8 +86,7 @@ class Trainer:
         # tokens/s of every applied step this process ran, apart for on-policy steps (generation
         # makes them another population: one median over both would describe neither)
         self.rates: dict[bool, list[float]] = {False: [], True: []}
-        # The teacher's held-out CE: measured once (a frozen teacher on fixed blocks), or the cache's.
-        self.teacher_ce = p.cache.manifest["teacher_eval"]["teacher_ce_loss"] if p.cache is not None else None
+        self.evaluator = RunEvaluator(p, progress=progress and self.is_main)
         self.teacher_before = parameter_fingerprint(p.models.teacher) if p.models.teacher is not None else None
         self.record = RunRecord(p, self.is_main)
         self.bar = self.stop = None
@@ -138,7 +134,7 @@ class Trainer:
                 status = "finished"
                 return self._finish_run()
         except BaseException as exc:
-            status = _ended(exc, self.record)
+            status = self.record.ended_by(exc)
             if isinstance(exc, PeerLost) and not self.is_main:  # the main process may be the one that died
                 self.parts.run.record_abandoned(str(exc))
             raise
@@ -341,88 +337,14 @@ class Trainer:
 
     # ------------------------------------------------------------------ evaluation and checkpoints
     def evaluate(self, step: int, temperature: float, desc: str) -> dict:
-        p, d = self.parts, self.cfg.distill
-        accelerator = p.accelerator
-        shard = p.data.eval.subset(slice(accelerator.process_index, None, self.world))
-        result = evaluate(
-            p.prepared.raw,
-            self._eval_signal(),
-            shard,
-            vocab_size=p.vocab_size,
-            spec=ScoreSpec(temperature, d.divergence, d.divergence_params, d.scale_by_t2),
-            batch_size=p.plan.eval_batch_size,
-            device=accelerator.device,
-            autocast=accelerator.autocast,
-            reduce=lambda t: accelerator.reduce(t.to(accelerator.device), "sum").cpu(),
-            teacher_ce=self.teacher_ce,
-            desc=desc,
-            progress=self.progress and self.is_main,
-            forward_calls=p.strategy.eval_forward_calls(len(p.data.eval), self.world, p.plan.eval_batch_size),
-        )
-        if "teacher_ce_loss" in result and self.teacher_ce is None:
-            self.teacher_ce = result["teacher_ce_loss"]
-        if isinstance(p.signal, OnPolicy):  # the student's own text, judged by the teacher: on one process,
-            if self.is_main or p.strategy.judges_everywhere:  # or on all alike when the models' forwards gather
-                result.update(
-                    p.signal.judge(p.prepared.raw, self.teacher, p.data.eval, p.models.tokenizer, p.vocab_size)
-                )
-            accelerator.wait_for_everyone()  # the others wait here, not inside a collective or at exit
+        result = self.evaluator(temperature, desc)
         self.log.write({"step": step, **result})
-        self.announce(step, p.monitor.on_eval(step, result["eval_ppl"], result.get("teacher_ppl")))
+        self.announce(step, self.parts.monitor.on_eval(step, result["eval_ppl"], result.get("teacher_ppl")))
         return result
 
-    def _eval_signal(self) -> TeacherSignal | None:
-        """The teacher as an evaluation meets it: the live model's logits (whatever loss path the
-        training takes; a present teacher is scored even at kd_weight 0), or the cache's eval split."""
-        if self.teacher is not None:
-            return LiveLogits(self.teacher, self.parts.vocab_size)
-        return CachedTeacher(self.parts.cache, "eval") if self.parts.cache is not None else None
-
     def save_checkpoint(self, done: int) -> None:
-        p = self.parts
         self.last_checkpoint = done
-        staged, shard_records = p.strategy.stage_checkpoint(
-            p.run.checkpoints, p.prepared.raw, p.prepared.optimizer, done
-        )
-
-        def complete() -> None:  # the main process: the rest, the manifest, the rename
-            model_state, optimizer_state = p.strategy.whole_state(p.prepared.raw, p.prepared.optimizer)
-            save_checkpoint(
-                p.run.checkpoints,
-                done,
-                model_state=model_state,
-                optimizer_state=optimizer_state,
-                trainer_state=self._trainer_state(done),
-                rng_state=capture_rng_state(),
-                keep=self.cfg.checkpoint.keep,
-                sharded_in=staged,
-                shard_records=shard_records,
-                extra_files={
-                    "config.yaml": self.cfg.to_run_yaml().encode(),
-                    "student_config.json": p.prepared.raw.config.to_json_string().encode(),
-                    **projection_file(p.projection),
-                },
-            )
-
-        on_main(p.accelerator, complete)
-
-    def _trainer_state(self, done: int) -> dict:
-        """What a resume needs besides the weights: the data cursor, the guard, the health checks."""
-        p = self.parts
-        return {
-            "step": done,
-            "micro_batches": self.micro,
-            "epoch": p.sampler.epoch_of(max(self.micro - 1, 0)),
-            "total_steps": p.plan.total_steps,
-            "processes": self.world,
-            "global_batch": self.cfg.train.batch_size * self.world,
-            "initial_eval": self.initial,
-            **p.guard.state_dict(),
-            "health": p.monitor.state_dict(),
-            "teacher": p.teacher_reference(),
-            "data": p.data.layout,
-            "strategy": self.cfg.parallel.strategy,
-        }
+        save_run_checkpoint(self.parts, done, self.micro, self.initial)
 
     # ------------------------------------------------------------------ the end
     def _finish_run(self) -> RunResult:
@@ -456,20 +378,6 @@ class Trainer:
 
 
 # ---------------------------------------------------------------------- helpers
-def _ended(exc: BaseException, record: RunRecord) -> str:
-    """Record why a run ended early; its status."""
-    if isinstance(exc, PeerLost):
-        status, reason = "failed", str(exc)
-    elif isinstance(exc, (Interrupted, TrainingStopped)):
-        status, reason = ("interrupted" if isinstance(exc, Interrupted) else "stopped"), str(exc)
-    elif isinstance(exc, KeyboardInterrupt):
-        status, reason = "interrupted", "interrupted by the user (Ctrl-C)"
-    else:
-        status, reason = "failed", f"{type(exc).__name__}: {exc}"
-    record.ended(status, reason)
-    return status
-
-
 def _terms(parts, view) -> dict[str, torch.Tensor]:
     """What one micro-batch adds to its step's statistics (``SUMMED_TERMS``), by name."""
     zero = parts.total.new_zeros(())
