@@ -491,9 +491,6 @@ class Config:
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
 
-    def to_yaml(self) -> str:
-        return yaml.safe_dump(self.to_dict(), sort_keys=False)
-
     def to_run_yaml(self) -> str:
         """The config as saved in a run directory: without the one-off run.overwrite / run.resume
         switches, so that resuming from it neither deletes the run nor contradicts itself."""

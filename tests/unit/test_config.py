@@ -390,9 +390,9 @@ def test_to_yaml_round_trips():
             "model.prune.layers=uniform",
         ]
     )
-    text = cfg.to_yaml()
+    text = cfg.to_run_yaml()
     again = Config.from_dict(yaml.safe_load(text))
-    assert again.to_dict() == cfg.to_dict()
+    assert again.to_dict() == cfg.to_dict()  # (run.overwrite and run.resume are off in both)
     assert again.validate() is again
     assert again.to_dict() != Config().to_dict()  # the overrides survived, not just the defaults
     assert again.distill.divergence == "jsd" and again.debug.loss_multiplier == {5: 3.0}

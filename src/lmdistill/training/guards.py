@@ -343,5 +343,4 @@ class Guard:
             raise ValueError(f"guard.lr_scale is {scale!r}, not a number in (0, 1]")
         self.state = guard
         self.detector.load_state_dict(state["spike_detector"])
-        if "on_policy_spike_detector" in state:  # checkpoints from before on-policy training have none
-            self.on_policy_detector.load_state_dict(state["on_policy_spike_detector"])
+        self.on_policy_detector.load_state_dict(state["on_policy_spike_detector"])
