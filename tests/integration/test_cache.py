@@ -845,7 +845,6 @@ def test_every_teacher_signal_trains_and_evaluates_through_the_same_objects(
     from lmdistill.config import Config
     from lmdistill.data.sources import build_block_data
     from lmdistill.loss.objective import KDSpec, Objective
-    from lmdistill.loss.views import ScoreSpec
     from lmdistill.teacher.cache import TeacherCache
     from lmdistill.teacher.signals import CachedTeacher, LiveHidden, LiveLogits, NoTeacher
     from lmdistill.training.evaluate import evaluate
@@ -892,7 +891,7 @@ def test_every_teacher_signal_trains_and_evaluates_through_the_same_objects(
             signal,
             data.eval,
             vocab_size=vocab,
-            spec=ScoreSpec(2.0),
+            temperature=2.0,
             progress=False,
             teacher_ce=None if name == "live logits" else 3.0,
         )

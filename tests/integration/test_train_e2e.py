@@ -237,9 +237,18 @@ def test_eval_command_on_the_run(e2e_run, text_file, teacher_dir):
         "--max-blocks",
         "8",
         "--no-progress",
+        "--json",
+        str(out.parent / "eval.json"),
     )
     assert proc.returncode == 0, proc.stderr[-2000:]
-    assert "perplexity" in proc.stdout and "top-1 agreement" in proc.stdout
+    result = json.loads((out.parent / "eval.json").read_text())
+    assert result["eval_tokens"] == 8 * 63  # 8 packed blocks of 64 tokens: 63 targets each
+    assert result["eval_ppl"] == pytest.approx(math.exp(result["eval_ce_loss"]), rel=1e-12)
+    assert result["teacher_ppl"] == pytest.approx(math.exp(result["teacher_ce_loss"]), rel=1e-12)
+    assert result["eval_kl"] > 0 and 0 < result["top1_agreement"] < 1
+    # what is printed is what was measured
+    assert f"perplexity {result['eval_ppl']:.4g}  (CE {result['eval_ce_loss']:.4f} nats/token)" in proc.stdout
+    assert f"top-1 agreement {result['top1_agreement']:.1%}" in proc.stdout
 
 
 def test_export_a_checkpoint(e2e_run, tmp_path):

@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 
 from conftest import tiny_llama
-from lmdistill.loss.views import ScoreSpec
+from lmdistill.loss.objective import KDSpec
 from lmdistill.teacher.signals import LiveLogits
 from lmdistill.training.evaluate import evaluate, format_ppl, perplexity
 
@@ -59,8 +59,8 @@ def teacher():
 
 def run(model, blocks, teacher=None, temperature=2.0, scale_by_t2=True, **kw):
     signal = LiveLogits(teacher, VOCAB) if teacher is not None else None
-    spec = ScoreSpec(temperature, scale_by_t2=scale_by_t2)
-    return evaluate(model, signal, blocks, vocab_size=VOCAB, spec=spec, progress=False, **kw)
+    spec = KDSpec(1.0, scale_by_t2=scale_by_t2)
+    return evaluate(model, signal, blocks, vocab_size=VOCAB, temperature=temperature, spec=spec, progress=False, **kw)
 
 
 def test_perplexity_on_a_hand_worked_bigram_case():
@@ -68,7 +68,7 @@ def test_perplexity_on_a_hand_worked_bigram_case():
     table = torch.log(torch.tensor([[1.0, 2.0, 1.0], [1.0, 1.0, 2.0], [1.0, 1.0, 2.0]]))
     stub = BigramStub(table)
     blocks = torch.tensor([[0, 1, 2, 0]])  # targets 1|0 (p=1/2), 2|1 (p=1/2), 0|2 (p=1/4)
-    out = evaluate(stub, None, blocks, vocab_size=3, spec=ScoreSpec(1.0), progress=False)
+    out = evaluate(stub, None, blocks, vocab_size=3, temperature=1.0, progress=False)
     mean_ce = (-math.log(1 / 2) - math.log(1 / 2) - math.log(1 / 4)) / 3
     assert out["eval_ce_loss"] == pytest.approx(mean_ce, rel=1e-6)
     assert out["eval_ppl"] == pytest.approx(2 ** (4 / 3), rel=1e-6)
@@ -77,7 +77,7 @@ def test_perplexity_on_a_hand_worked_bigram_case():
 
 def test_uniform_model_has_perplexity_equal_to_vocab_size():
     stub = BigramStub(torch.zeros(VOCAB, VOCAB))
-    out = evaluate(stub, None, torch.randint(0, VOCAB, (3, 9)), vocab_size=VOCAB, spec=ScoreSpec(1.0), progress=False)
+    out = evaluate(stub, None, torch.randint(0, VOCAB, (3, 9)), vocab_size=VOCAB, temperature=1.0, progress=False)
     assert out["eval_ppl"] == pytest.approx(VOCAB, rel=1e-5)
 
 

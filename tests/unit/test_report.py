@@ -193,14 +193,13 @@ def test_eval_line_has_the_keys_evaluate_writes(tiny_tokenizer):
     import torch
 
     from conftest import tiny_llama
-    from lmdistill.loss.views import ScoreSpec
     from lmdistill.teacher.signals import LiveLogits
     from lmdistill.training.evaluate import evaluate
 
     vocab = len(tiny_tokenizer)
     student, teacher = tiny_llama(vocab, seed=1), tiny_llama(vocab, seed=2)
     blocks = torch.randint(0, vocab, (2, 16))
-    real = evaluate(student, LiveLogits(teacher, vocab), blocks, vocab_size=vocab, spec=ScoreSpec(2.0), progress=False)
+    real = evaluate(student, LiveLogits(teacher, vocab), blocks, vocab_size=vocab, temperature=2.0, progress=False)
     assert set(eval_line(0, 10.0, 0.5)) == {"step", *real}
 
 

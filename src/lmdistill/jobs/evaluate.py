@@ -16,7 +16,6 @@ from lmdistill.config import Config, DataConfig, load_yaml
 from lmdistill.core.errors import LmdistillError
 from lmdistill.core.paths import atomic_write_json
 from lmdistill.data.sources import block_data_of, build_block_data
-from lmdistill.loss.views import ScoreSpec
 from lmdistill.models.loading import (
     check_causal,
     check_context_length,
@@ -74,7 +73,7 @@ def evaluate_model(request: EvalRequest) -> dict:
         signal,
         blocks,
         vocab_size=len(tokenizer),
-        spec=ScoreSpec(request.temperature),
+        temperature=request.temperature,
         batch_size=request.batch_size,
         device=device,
         progress=request.progress,

@@ -109,12 +109,16 @@ class Objective:
         self.vocab_size = vocab_size
         self.student_output = student_output
         self.model = model
-        self.head = model.get_output_embeddings()
         self.chunk_size = chunk_size
         # ``reference``: the full path exactly as autograd computes it (loss.impl: reference).
         self.reference = reference
         self.hidden = hidden
         self.on_policy = on_policy
+
+    @property
+    def head(self) -> torch.nn.Module:
+        """The student's output layer: what the chunked forms multiply hidden states by."""
+        return self.model.get_output_embeddings()
 
     @classmethod
     def for_run(
@@ -172,18 +176,29 @@ class Objective:
         )
         return replace(parts, total=parts.total + h.weight * term, hidden=term.detach())
 
-    def _from_logits(
-        self, student, batch: Batch, teacher: TeacherLogits | None, temperature: float, num_tokens: float, spec: KDSpec
-    ) -> tuple[LossParts, tuple | None]:
-        logits = prediction_logits(
-            self.model,
-            batch,
-            self.vocab_size,
-            forward=student,
-            trim=not self.reference,
-            hidden_states=self.hidden is not None,
-        )
-        logits, states = logits if self.hidden is not None else (logits, None)
+    def loss_from_logits(
+        self, logits, batch: Batch, teacher: TeacherView | None, temperature: float, num_tokens: float, spec=None
+    ) -> LossParts:
+        """The loss of a micro-batch whose student logits (B, L-1, V) are formed already: against
+        the view's logits, against its sparse targets, or CE alone without a teacher. The training
+        step forms the logits in ``__call__``; an evaluation forms them once and scores them here,
+        under no_grad, so that what it reports is what training computes."""
+        spec = spec or self.spec
+        if isinstance(teacher, TeacherSparse):
+            if spec.divergence != "forward_kl":  # (a cache of other divergences is refused when opened)
+                raise ValueError(f"sparse teacher targets give forward_kl only, not {spec.divergence!r}")
+            return sparse_logits_distillation_loss(
+                logits,
+                batch.targets,
+                teacher.targets,
+                temperature=temperature,
+                kd_weight=spec.kd_weight,
+                scale_by_t2=spec.scale_by_t2,
+                num_tokens=num_tokens,
+                chunk_size=self.chunk_size,
+            )
+        if isinstance(teacher, TeacherHidden):
+            raise TypeError("a view of hidden states meets the student's hidden states (student_output 'hidden')")
         # With a closed-form gradient the loss needs no autograd graph over (tokens x vocab):
         # fewer passes over the logits and no fresh buffers per step (the autograd form is the
         # reference, and the fallback for a divergence without a closed form).
@@ -197,7 +212,26 @@ class Objective:
             num_tokens=num_tokens,
             all_valid=batch.all_valid,
             **spec.loss_kwargs(),
-        ), states
+        )
+
+    def _student_logits(self, student, batch: Batch) -> tuple[torch.Tensor, tuple | None]:
+        """The student's logits at the predicting positions, and its hidden states when the
+        hidden-state term needs them."""
+        out = prediction_logits(
+            self.model,
+            batch,
+            self.vocab_size,
+            forward=student,
+            trim=not self.reference,
+            hidden_states=self.hidden is not None,
+        )
+        return out if self.hidden is not None else (out, None)
+
+    def _from_logits(
+        self, student, batch: Batch, teacher: TeacherLogits | None, temperature: float, num_tokens: float, spec: KDSpec
+    ) -> tuple[LossParts, tuple | None]:
+        logits, states = self._student_logits(student, batch)
+        return self.loss_from_logits(logits, batch, teacher, temperature, num_tokens, spec), states
 
     def _from_sparse(
         self, student, batch: Batch, teacher: TeacherSparse, temperature: float, num_tokens: float, spec: KDSpec
@@ -205,28 +239,11 @@ class Objective:
         """Sparse targets from a cache: from the student's whole logits when the loss path is full
         (they are small), else chunk by chunk from its hidden states. Sparse targets estimate
         forward KL only (a cache of other divergences is refused when it is opened)."""
+        if self.student_output == "logits":
+            logits, states = self._student_logits(student, batch)
+            return self.loss_from_logits(logits, batch, teacher, temperature, num_tokens, spec), states
         if spec.divergence != "forward_kl":
             raise ValueError(f"sparse teacher targets give forward_kl only, not {spec.divergence!r}")
-        if self.student_output == "logits":
-            logits = prediction_logits(
-                self.model,
-                batch,
-                self.vocab_size,
-                forward=student,
-                trim=not self.reference,
-                hidden_states=self.hidden is not None,
-            )
-            logits, states = logits if self.hidden is not None else (logits, None)
-            return sparse_logits_distillation_loss(
-                logits,
-                batch.targets,
-                teacher.targets,
-                temperature=temperature,
-                kd_weight=spec.kd_weight,
-                scale_by_t2=spec.scale_by_t2,
-                num_tokens=num_tokens,
-                chunk_size=self.chunk_size,
-            ), states
         out = student(
             input_ids=batch.input_ids,
             attention_mask=batch.attention_mask,

@@ -29,29 +29,11 @@ import torch.nn.functional as F
 
 from lmdistill.core.batch import Batch
 from lmdistill.loss.dense import token_divergence
-from lmdistill.loss.divergences import DivergenceParams
 from lmdistill.loss.sparse import sparse_kd_sum
 
 
-@dataclass(frozen=True)
-class ScoreSpec:
-    """What a held-out score compares: the KD divergence as trained (at ``temperature``, times
-    T^2 with ``scale_by_t2``), besides plain KL at T = 1 and top-1 agreement."""
-
-    temperature: float
-    divergence: str = "forward_kl"
-    params: DivergenceParams = DivergenceParams()
-    scale_by_t2: bool = True
-
-    @property
-    def kd_scale(self) -> float:
-        return self.temperature**2 if self.scale_by_t2 else 1.0
-
-
-def _dense_scores(student: torch.Tensor, teacher: torch.Tensor, targets: torch.Tensor, spec: ScoreSpec) -> dict:
-    kd = token_divergence(student, teacher, spec.temperature, spec.divergence, params=spec.params).sum()
+def _dense_diagnostics(student: torch.Tensor, teacher: torch.Tensor, targets: torch.Tensor) -> dict:
     return {
-        "kd": kd * spec.kd_scale,
         "kl": token_divergence(student, teacher, 1.0, "forward_kl").sum(),
         "agree": (student.argmax(-1) == teacher.argmax(-1)).sum(),
         "teacher_ce": F.cross_entropy(teacher, targets, reduction="sum"),
@@ -72,12 +54,13 @@ class TeacherLogits:
     layers: list[torch.Tensor] = field(default_factory=list)
     tempered: ClassVar[bool] = False  # raw logits: the loss applies the temperature
 
-    def score(self, student, targets, keep, at_one, spec: ScoreSpec) -> dict:
-        """Held-out sums against (N, V) fp32 ``student`` logits of the kept positions (``keep``, a
-        mask over all of them, or None): ``kd``, ``kl``, ``agree`` and ``teacher_ce``. Logits do
-        not depend on the temperature, so ``at_one`` is this view."""
+    def diagnostics(self, student, targets, keep, at_one, temperature: float) -> dict:
+        """An evaluation's sums at T = 1 against (N, V) fp32 ``student`` logits of the kept
+        positions (``keep``, a mask over all of them, or None): ``kl`` (KL(teacher || student)),
+        ``agree`` (top-1 agreement) and ``teacher_ce``. Logits do not depend on the temperature,
+        so ``at_one`` is this view. (The loss terms themselves come from the objective.)"""
         teacher = _kept(self.logits.reshape(-1, self.logits.shape[-1])[:, : student.shape[-1]].float(), keep)
-        return _dense_scores(student, teacher, targets, spec)
+        return _dense_diagnostics(student, teacher, targets)
 
 
 @dataclass
@@ -91,14 +74,14 @@ class TeacherHidden:
     layers: list[torch.Tensor] = field(default_factory=list)
     tempered: ClassVar[bool] = False
 
-    def score(self, student, targets, keep, at_one, spec: ScoreSpec) -> dict:
-        """As ``TeacherLogits.score``, the teacher's logits formed from its hidden states (the
-        kept positions only: an evaluation batch's logits are small)."""
+    def diagnostics(self, student, targets, keep, at_one, temperature: float) -> dict:
+        """As ``TeacherLogits.diagnostics``, the teacher's logits formed from its hidden states
+        (the kept positions only: an evaluation batch's logits are small)."""
         vocab = student.shape[-1]
         hidden = _kept(self.hidden.reshape(-1, self.hidden.shape[-1]), keep)
         bias = self.bias[:vocab] if self.bias is not None else None
         teacher = F.linear(hidden, self.weight[:vocab], bias).float()
-        return _dense_scores(student, teacher, targets, spec)
+        return _dense_diagnostics(student, teacher, targets)
 
 
 @dataclass
@@ -111,23 +94,18 @@ class TeacherSparse:
     layers: list[torch.Tensor] = field(default_factory=list)
     tempered: ClassVar[bool] = True  # the teacher's distribution at one temperature
 
-    def score(self, student, targets, keep, at_one, spec: ScoreSpec) -> dict:
-        """Held-out sums against sparse targets (no ``teacher_ce``: a cache records the teacher's
-        own held-out CE). KL at T = 1 comes from ``at_one``, the targets at T = 1 where the
-        source has them (sampled), else it is the KL at the capture temperature (top-k); the
-        teacher's top-1 is its most likely cached id (exact for top-k; for sampled, whenever the
-        argmax was drawn). Sparse targets give forward KL only."""
-        if spec.divergence != "forward_kl":
-            raise ValueError(f"sparse teacher targets give forward_kl only, not {spec.divergence!r}")
+    def diagnostics(self, student, targets, keep, at_one, temperature: float) -> dict:
+        """An evaluation's sums against sparse targets (no ``teacher_ce``: a cache records the
+        teacher's own held-out CE). KL comes from ``at_one``, the targets at T = 1 where the source
+        has them (sampled), else it is the KL at ``temperature``, the capture temperature (top-k);
+        the teacher's top-1 is its most likely cached id (exact for top-k; for sampled, whenever
+        the argmax was drawn)."""
         at_t = self.targets if keep is None else self.targets.rows(keep)
-        kd = sparse_kd_sum(student, targets, at_t, spec.temperature)
-        if at_one is self:
-            kl = kd
-        else:
-            kl = sparse_kd_sum(student, targets, at_one.targets if keep is None else at_one.targets.rows(keep), 1.0)
+        one = at_one.targets if keep is None else at_one.targets.rows(keep)
+        kl = sparse_kd_sum(student, targets, one, 1.0 if at_one is not self else temperature)
         best = torch.where(at_t.weights > 0, at_t.logp, float("-inf")).argmax(-1, keepdim=True)
         agree = (student.argmax(-1) == at_t.ids.gather(1, best).squeeze(1)).sum()
-        return {"kd": kd * spec.kd_scale, "kl": kl, "agree": agree}
+        return {"kl": kl, "agree": agree}
 
 
 TeacherView = TeacherLogits | TeacherHidden | TeacherSparse

@@ -10,14 +10,15 @@ from __future__ import annotations
 
 import contextlib
 import math
+from dataclasses import replace
 
 import torch
-import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from lmdistill.core.batch import IGNORE_INDEX, Batch
 from lmdistill.core.progress import interactive
-from lmdistill.loss.views import ScoreSpec, prediction_logits
+from lmdistill.loss.objective import KDSpec, Objective
+from lmdistill.loss.views import prediction_logits
 from lmdistill.teacher.onpolicy import OnPolicy
 from lmdistill.teacher.signals import CachedTeacher, LiveLogits, TeacherSignal
 from lmdistill.training.monitor import verdict_line
@@ -43,7 +44,8 @@ def evaluate(
     blocks,
     *,
     vocab_size: int,
-    spec: ScoreSpec,
+    temperature: float,
+    spec: KDSpec | None = None,
     batch_size: int = 8,
     device: torch.device | str = "cpu",
     autocast=None,
@@ -58,7 +60,9 @@ def evaluate(
     assistant``) or a (num_blocks, block_size) tensor of packed ids.
 
     The teacher comes through a ``TeacherSignal``, as in training (a live model, a cache's eval
-    split); each view scores itself (``view.score``), so a new signal needs no change here.
+    split), and the loss terms through the training ``Objective`` (``spec``: the divergence, its
+    parameters and the T^2 scaling; its kd_weight is not used), under no_grad; each view adds its
+    T = 1 diagnostics (``view.diagnostics``). A new signal needs no change here.
     ``reduce`` sums a tensor across processes (data-parallel eval: each rank passes its own
     shard of ``blocks``). ``teacher_ce``: the teacher's held-out CE when it is known already (a
     frozen teacher on fixed blocks, a cache's manifest); measured otherwise.
@@ -67,21 +71,23 @@ def evaluate(
     every forward, so every process must run as many); the extra ones score nothing.
 
     Returns eval_ce_loss, eval_ppl, eval_tokens and, with a teacher, eval_kd_loss (as trained:
-    at ``spec.temperature``, times T^2 when enabled), eval_kl (plain KL at T=1, comparable
+    at ``temperature``, times T^2 when enabled), eval_kl (plain KL at T=1, comparable
     across runs), top1_agreement, teacher_ce_loss and teacher_ppl.
     """
     was_training = student.training
     student.eval()
+    kd_weight = 1.0 if signal is not None else 0.0  # (only the terms are read, never their mix)
+    objective = Objective(replace(spec or KDSpec(kd_weight), kd_weight=kd_weight), vocab_size, "logits", student)
     # Every process sums the same keys (one with no block too): the reduction is one stacked tensor.
     sums = dict.fromkeys(_SUMS, torch.zeros((), dtype=torch.float64))
     batches = range(0, len(blocks), batch_size)
     # A short bar, redrawn in place: only where a terminal shows it (a log gets the eval line).
     for start in tqdm(batches, desc=desc, leave=False, disable=not (progress and interactive()), unit="batch"):
         batch = _batch(blocks, start, batch_size).to(device)
-        for name, value in _batch_sums(student, signal, batch, vocab_size, spec, autocast).items():
+        for name, value in _batch_sums(student, signal, objective, batch, temperature, autocast).items():
             sums[name] = sums[name] + value.double().cpu()
     for _ in range(len(batches), forward_calls or 0):
-        _idle_forward(student, signal, blocks, vocab_size, spec, device, autocast)
+        _idle_forward(student, signal, blocks, vocab_size, temperature, device, autocast)
     if reduce is not None:
         sums = dict(zip(sums, reduce(torch.stack(list(sums.values()))).tolist()))
     if was_training:
@@ -93,33 +99,36 @@ def evaluate(
 _SUMS = ("ce", "tokens", "kd", "kl", "agree", "teacher_ce", "teacher_ce_tokens")
 
 
-def _batch_sums(student, signal, batch: Batch, vocab_size: int, spec: ScoreSpec, autocast) -> dict:
-    """One batch's sums: the student's CE and token count, and the teacher view's scores."""
+def _batch_sums(student, signal, objective: Objective, batch: Batch, temperature: float, autocast) -> dict:
+    """One batch's sums: the objective's CE and KD terms and the target count, and the teacher
+    view's T = 1 diagnostics."""
+    vocab_size = objective.vocab_size
     with autocast() if autocast else contextlib.nullcontext():
         logits = prediction_logits(student, batch, vocab_size)
-        view = signal(batch, spec.temperature) if signal is not None else None
-    targets = batch.targets.reshape(-1)
-    keep = None if batch.all_valid else targets != IGNORE_INDEX  # padding, prompts: not scored
-    student_flat = logits.reshape(-1, vocab_size).float()
-    if keep is not None:
-        student_flat, targets = student_flat[keep], targets[keep]
-    out = {"ce": F.cross_entropy(student_flat, targets, reduction="sum"), "tokens": torch.tensor(targets.numel())}
+        view = signal(batch, temperature) if signal is not None else None
+    parts = objective.loss_from_logits(logits, batch, view, temperature, num_tokens=1.0)  # sums, not means
+    out = {"ce": parts.ce, "kd": parts.kd, "tokens": torch.tensor(parts.num_valid)}
     if view is not None:
-        at_one = signal.view_at_one(batch, view, spec.temperature)
-        out.update(view.score(student_flat, targets, keep, at_one, spec))
+        targets = batch.targets.reshape(-1)
+        keep = None if batch.all_valid else targets != IGNORE_INDEX  # padding, prompts: not scored
+        student_flat = logits.reshape(-1, vocab_size).float()
+        if keep is not None:
+            student_flat, targets = student_flat[keep], targets[keep]
+        at_one = signal.view_at_one(batch, view, temperature)
+        out.update(view.diagnostics(student_flat, targets, keep, at_one, temperature))
         if "teacher_ce" in out:  # (sparse targets cannot give it: a cache records it instead)
             out["teacher_ce_tokens"] = out["tokens"]
     return out
 
 
-def _idle_forward(student, signal, blocks, vocab_size: int, spec: ScoreSpec, device, autocast) -> None:
+def _idle_forward(student, signal, blocks, vocab_size: int, temperature: float, device, autocast) -> None:
     """A forward of every model that scores nothing (sharded models: every process runs as many)."""
     batch = _batch(blocks, 0, 1) if len(blocks) else Batch.from_blocks(torch.zeros((1, 2), dtype=torch.long))
     batch = batch.to(device)
     with autocast() if autocast else contextlib.nullcontext():
         prediction_logits(student, batch, vocab_size)
         if signal is not None:
-            signal(batch, spec.temperature)
+            signal(batch, temperature)
 
 
 def _result(sums: dict[str, float], with_teacher: bool, teacher_ce: float | None) -> dict:
@@ -189,7 +198,8 @@ class RunEvaluator:
             self._signal(),
             p.data.eval.subset(slice(accelerator.process_index, None, world)),
             vocab_size=p.vocab_size,
-            spec=ScoreSpec(temperature, d.divergence, d.divergence_params, d.scale_by_t2),
+            temperature=temperature,
+            spec=KDSpec(1.0, d.divergence, d.scale_by_t2, d.divergence_params),
             batch_size=p.plan.eval_batch_size,
             device=accelerator.device,
             autocast=accelerator.autocast,
