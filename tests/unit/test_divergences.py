@@ -5,9 +5,9 @@ autograd; they share no code with lmdistill. Each divergence is checked in value
 gradient, at T = 1, 3 and 10, mixed with the CE term, with ignored positions and with a
 vocabulary padded past the tokenizer:
 
-- the full path: ``losses.distillation_loss`` (autograd) and ``fused.fused_logits_distillation_loss``
+- the full path: ``dense.distillation_loss`` (autograd) and ``chunked.fused_logits_distillation_loss``
   (closed-form gradients, what the trainer runs) on logits sliced to the real vocabulary;
-- the chunked path: ``fused.fused_linear_distillation_loss`` on hidden states and lm_head
+- the chunked path: ``chunked.fused_linear_distillation_loss`` on hidden states and lm_head
   weights with padded rows (``vocab_size``), with its hand-derived gradients.
 """
 

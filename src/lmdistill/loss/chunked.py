@@ -703,7 +703,7 @@ def fused_logits_distillation_loss(
     """
     entry = check_loss_args(temperature, kd_weight, divergence)
     if entry.chunk is None:
-        raise ValueError(f"divergence {divergence!r} has no closed-form gradient; use losses.distillation_loss")
+        raise ValueError(f"divergence {divergence!r} has no closed-form gradient; use dense.distillation_loss")
     with_kd = kd_weight > 0
     if with_kd and (teacher_logits is None or teacher_logits.shape != student_logits.shape):
         raise ValueError(
