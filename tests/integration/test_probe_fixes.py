@@ -59,13 +59,19 @@ def test_resume_with_max_steps_below_the_checkpoint_is_refused_before_anything_i
 def test_a_crafted_trainer_state_is_one_line_saying_it_is_damaged(unfinished_run, teacher_dir, text_file):
     step_dir = unfinished_run / "checkpoints" / "step-4"
     state = json.loads((step_dir / "trainer_state.json").read_text())
+
+    def guard_with(**counters):
+        return {**state, "guard": {**state["guard"], "counters": {**state["guard"]["counters"], **counters}}}
+
     for crafted, needle in (
-        ({**state, "step": "abc"}, "step is 'abc'"),
+        ({**state, "run": {**state["run"], "step": "abc"}}, "step is 'abc'"),
+        ({**state, "data_cursor": {"micro_batches": -1}}, "micro_batches is -1"),
         ([1, 2], "a JSON list"),
+        ({**state["run"], **state["data_cursor"]}, "its layout is an earlier lmdistill's"),
         ({**state, "guard": {"nonsense": 1}}, "guard or health state"),
-        ({**state, "guard": {**state["guard"], "lr_scale": float("nan")}}, "lr_scale is nan"),
-        ({**state, "guard": {**state["guard"], "lr_scale": -1.0}}, "lr_scale is -1.0"),
-        ({**state, "guard": {**state["guard"], "rollbacks": -2}}, "rollbacks is -2"),
+        (guard_with(lr_scale=float("nan")), "lr_scale is nan"),
+        (guard_with(lr_scale=-1.0), "lr_scale is -1.0"),
+        (guard_with(rollbacks=-2), "rollbacks is -2"),
     ):
         _rewrite(step_dir, "trainer_state.json", json.dumps(crafted).encode())
         before = _tree(unfinished_run)

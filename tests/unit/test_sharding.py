@@ -318,8 +318,9 @@ def test_what_a_resume_can_change_is_checked_before_anything_loads(tmp_path):
     path.mkdir()
 
     def written(state, layout=None):
-        base = {"step": 4, "micro_batches": 8, "guard": {}, "spike_detector": {}, "health": {}}
-        (path / "trainer_state.json").write_text(json.dumps({**base, **state}))
+        run = {"step": 4, **state}  # (the run's part of the trainer state)
+        parts = {"run": run, "data_cursor": {"micro_batches": 8}, "guard": {}, "health": {}}
+        (path / "trainer_state.json").write_text(json.dumps(parts))
         manifest = {
             "format": "lmdistill-checkpoint",
             "format_version": 2 if layout else 1,

@@ -676,6 +676,7 @@ def check_resumable(path: Path, processes: int, batch_size: int, strategy: str, 
     problem = _trainer_state_problem(state)
     if problem is not None:
         raise CheckpointError(damaged_state_message(path, problem))
+    state = state["run"]
     if total_steps is not None and state["step"] > total_steps:
         raise CheckpointError(
             f"checkpoint {path} is at step {state['step']}, past this run's {total_steps} steps "
@@ -706,23 +707,26 @@ def check_resumable(path: Path, processes: int, batch_size: int, strategy: str, 
 
 
 def _trainer_state_problem(state: Any) -> str | None:
-    """What is wrong with a checkpoint's trainer state for a resume, or None (the nested guard and
-    health states are checked as they are loaded: ``damaged_state_message``)."""
+    """What is wrong with a checkpoint's trainer state for a resume, or None. It holds one entry
+    per part of the run (``saving.trainer_state``); the guard's and the health monitor's are
+    checked as they are loaded (``damaged_state_message``)."""
     if not isinstance(state, dict):
         return f"a JSON {type(state).__name__}, not an object"
-    for key in ("step", "micro_batches"):
-        value = state.get(key)
-        if not isinstance(value, int) or isinstance(value, bool) or value < 0:
-            return f"{key} is {value!r}, not a whole number >= 0"
-    for key in ("processes", "global_batch", "total_steps"):
-        value = state.get(key, 1)
-        if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-            return f"{key} is {value!r}, not a whole number >= 1"
-    for key in ("guard", "spike_detector", "health"):
-        if not isinstance(state.get(key), dict):
-            return f"{key} is {state.get(key)!r}, not an object"
-    if state.get("initial_eval") is not None and not isinstance(state["initial_eval"], dict):
-        return f"initial_eval is {state['initial_eval']!r}, not an object"
+    if "run" not in state and "step" in state:
+        return "its layout is an earlier lmdistill's, one flat object"
+    for part in ("run", "data_cursor", "guard", "health"):
+        if not isinstance(state.get(part), dict):
+            return f"{part} is {state.get(part)!r}, not an object"
+    run, cursor = state["run"], state["data_cursor"]
+    for key, value, least in (
+        ("step", run.get("step"), 0),
+        ("micro_batches", cursor.get("micro_batches"), 0),
+        *((key, run.get(key, 1), 1) for key in ("processes", "global_batch", "total_steps")),
+    ):
+        if not isinstance(value, int) or isinstance(value, bool) or value < least:
+            return f"{key} is {value!r}, not a whole number >= {least}"
+    if run.get("initial_eval") is not None and not isinstance(run["initial_eval"], dict):
+        return f"initial_eval is {run['initial_eval']!r}, not an object"
     return None
 
 

@@ -327,13 +327,13 @@ class Guard:
 
     def state_dict(self) -> dict:
         return {
-            "guard": asdict(self.state),
+            "counters": asdict(self.state),
             "spike_detector": self.detector.state_dict(),
             "on_policy_spike_detector": self.on_policy_detector.state_dict(),
         }
 
     def load_state_dict(self, state: dict) -> None:
-        guard = GuardState(**state["guard"])
+        guard = GuardState(**state["counters"])
         for name in ("consecutive_skips", "total_skips", "rollbacks"):
             value = getattr(guard, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < 0:

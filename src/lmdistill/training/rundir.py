@@ -344,7 +344,7 @@ class RunDirectory:
         run continues with the same blocks, to float precision."""
 
         changed = []
-        state = json.loads((checkpoint / "trainer_state.json").read_text())
+        state = json.loads((checkpoint / "trainer_state.json").read_text())["run"]
         saved_path = self.path / "config.yaml"
         if saved_path.is_file():
             saved, now = Config.from_dict(load_yaml(saved_path)).to_dict(), cfg.to_dict()

@@ -2,8 +2,9 @@
 
 The strategy decides who writes the weights (the main process the whole state, or every process
 its shards first); the main process then writes the rest and publishes the checkpoint with
-``checkpoint.save_checkpoint``. ``trainer_state`` gathers what a resume needs of the run's parts:
-the data cursor, the guard's and the health monitor's ``state_dict``, and what identifies the run.
+``checkpoint.save_checkpoint``. ``trainer_state`` is what a resume needs of the run's parts, one
+entry per part (``{name: part.state_dict()}``): ``run`` (where it is and what it is), the
+``data_cursor``, the ``guard`` and the ``health`` monitor.
 """
 
 from __future__ import annotations
@@ -42,19 +43,17 @@ def save_run_checkpoint(parts: RunParts, done: int, micro_batches: int, initial_
 
 
 def trainer_state(parts: RunParts, done: int, micro_batches: int, initial_eval: dict | None) -> dict:
-    """What a resume needs besides the weights: the data cursor, the guard, the health checks."""
+    """What a resume needs besides the weights, one entry per part of the run."""
     p, processes = parts, parts.accelerator.num_processes
-    return {
+    run = {
         "step": done,
-        "micro_batches": micro_batches,
-        "epoch": p.sampler.epoch_of(max(micro_batches - 1, 0)),
         "total_steps": p.plan.total_steps,
         "processes": processes,
         "global_batch": p.cfg.train.batch_size * processes,
         "initial_eval": initial_eval,
-        **p.guard.state_dict(),
-        "health": p.monitor.state_dict(),
         "teacher": p.teacher_reference(),
         "data": p.data.layout,
         "strategy": p.cfg.parallel.strategy,
     }
+    cursor = {"micro_batches": micro_batches, "epoch": p.sampler.epoch_of(max(micro_batches - 1, 0))}
+    return {"run": run, "data_cursor": cursor, "guard": p.guard.state_dict(), "health": p.monitor.state_dict()}

@@ -222,11 +222,12 @@ def _resume_or_start(
         total_steps=plan.total_steps,
     )
     try:
-        guard.load_state_dict(state)
+        guard.load_state_dict(state["guard"])
         monitor.load_state_dict(state["health"])
     except (KeyError, TypeError, ValueError, AttributeError) as exc:
         raise CheckpointError(damaged_state_message(checkpoint, f"guard or health state: {exc!r}")) from None
-    resumed = Resumed(checkpoint, state["step"], state["micro_batches"], state.get("initial_eval"))
+    run_state, cursor = state["run"], state["data_cursor"]
+    resumed = Resumed(checkpoint, run_state["step"], cursor["micro_batches"], run_state.get("initial_eval"))
     if accelerator.is_main_process:
         changed = run.warn_if_resume_differs(
             checkpoint, cfg, teacher_reference(), data.layout, processes=accelerator.num_processes
