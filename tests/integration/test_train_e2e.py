@@ -249,6 +249,8 @@ def test_eval_command_on_the_run(e2e_run, text_file, teacher_dir):
     # what is printed is what was measured
     assert f"perplexity {result['eval_ppl']:.4g}  (CE {result['eval_ce_loss']:.4f} nats/token)" in proc.stdout
     assert f"top-1 agreement {result['top1_agreement']:.1%}" in proc.stdout
+    assert 0 < result["draft_acceptance"] < 1
+    assert f"expected acceptance {result['draft_acceptance']:.1%} per token" in proc.stdout
 
 
 def test_export_a_checkpoint(e2e_run, tmp_path):

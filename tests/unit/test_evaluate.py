@@ -122,6 +122,19 @@ def test_student_as_its_own_teacher_has_zero_kl_and_full_agreement(student, bloc
     assert out["eval_kl"] == pytest.approx(0.0, abs=1e-6)
     assert out["eval_kd_loss"] == pytest.approx(0.0, abs=1e-6)
     assert out["top1_agreement"] == 1.0
+    assert out["draft_acceptance"] == pytest.approx(1.0, abs=1e-6)  # a draft the target always accepts
+
+
+def test_draft_acceptance_is_the_mean_overlap_of_the_two_distributions(student, teacher, blocks):
+    # speculative sampling accepts a draft token x ~ q with probability min(1, p(x) / q(x)): in
+    # expectation sum_x q(x) min(1, p(x) / q(x)) = sum_x min(p(x), q(x)) per position
+    out = run(student, blocks, teacher, batch_size=3)
+    with torch.no_grad():
+        q = F.softmax(student(input_ids=blocks).logits[:, :-1, :VOCAB].double(), -1)
+        p = F.softmax(teacher(input_ids=blocks).logits[:, :-1, :VOCAB].double(), -1)
+    expected = (q * torch.clamp(p / q, max=1.0)).sum(-1).mean().item()
+    assert out["draft_acceptance"] == pytest.approx(expected, rel=1e-5)
+    assert 0 < out["draft_acceptance"] < 1
 
 
 def test_a_known_teacher_ce_is_used_instead_of_measured(student, teacher, blocks):

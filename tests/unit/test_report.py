@@ -42,6 +42,7 @@ def eval_line(step: int, ppl: float, agreement: float) -> dict:
         "eval_kd_loss": 0.05 * math.log(ppl),
         "eval_kl": 0.01 * math.log(ppl),
         "top1_agreement": agreement,
+        "draft_acceptance": 0.5 + agreement / 2,
         "teacher_ce_loss": math.log(TEACHER_PPL),
         "teacher_ppl": TEACHER_PPL,
     }

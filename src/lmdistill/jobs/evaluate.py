@@ -151,4 +151,8 @@ def _describe(result: dict, with_teacher: bool) -> list[str]:
             f"KL(teacher || model) at T=1: {result['eval_kl']:.4f} nats/token; "
             f"top-1 agreement {result['top1_agreement']:.1%}"
         )
+        lines.append(
+            f"as a draft model for the teacher: expected acceptance {result['draft_acceptance']:.1%} per token "
+            "(speculative sampling, sum of min(p_teacher, p_model))"
+        )
     return lines

@@ -33,7 +33,12 @@ from lmdistill.loss.sparse import sparse_kd_sum
 
 
 def _dense_diagnostics(student: torch.Tensor, teacher: torch.Tensor, targets: torch.Tensor) -> dict:
+    # The expected acceptance of speculative sampling with the student as the draft q and the
+    # teacher as the target p, per position: sum over the vocabulary of min(p, q) (Leviathan et
+    # al. 2023; it is 1 - the total variation distance).
+    accept = torch.minimum(F.softmax(student, -1), F.softmax(teacher, -1)).sum()
     return {
+        "accept": accept,
         "kl": token_divergence(student, teacher, 1.0, "forward_kl").sum(),
         "agree": (student.argmax(-1) == teacher.argmax(-1)).sum(),
         "teacher_ce": F.cross_entropy(teacher, targets, reduction="sum"),
@@ -57,7 +62,8 @@ class TeacherLogits:
     def diagnostics(self, student, targets, keep, at_one, temperature: float) -> dict:
         """An evaluation's sums at T = 1 against (N, V) fp32 ``student`` logits of the kept
         positions (``keep``, a mask over all of them, or None): ``kl`` (KL(teacher || student)),
-        ``agree`` (top-1 agreement) and ``teacher_ce``. Logits do not depend on the temperature,
+        ``agree`` (top-1 agreement), ``accept`` (the student's expected acceptance as a draft
+        model for this teacher) and ``teacher_ce``. Logits do not depend on the temperature,
         so ``at_one`` is this view. (The loss terms themselves come from the objective.)"""
         teacher = _kept(self.logits.reshape(-1, self.logits.shape[-1])[:, : student.shape[-1]].float(), keep)
         return _dense_diagnostics(student, teacher, targets)
@@ -96,7 +102,7 @@ class TeacherSparse:
 
     def diagnostics(self, student, targets, keep, at_one, temperature: float) -> dict:
         """An evaluation's sums against sparse targets (no ``teacher_ce``: a cache records the
-        teacher's own held-out CE). KL comes from ``at_one``, the targets at T = 1 where the source
+        teacher's own held-out CE; no ``accept``: it needs the teacher's whole distribution). KL comes from ``at_one``, the targets at T = 1 where the source
         has them (sampled), else it is the KL at ``temperature``, the capture temperature (top-k);
         the teacher's top-1 is its most likely cached id (exact for top-k; for sampled, whenever
         the argmax was drawn)."""

@@ -248,6 +248,12 @@ def _final_table(record: RunRecord) -> list[str]:
                 fmt_pct(after.get("top1_agreement")),
                 DASH,
             ],
+            [
+                "expected acceptance as a draft model (speculative sampling)",
+                fmt_pct(before.get("draft_acceptance")),
+                fmt_pct(after.get("draft_acceptance")),
+                DASH,
+            ],
         ],
     )
 

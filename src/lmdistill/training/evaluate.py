@@ -96,7 +96,7 @@ def evaluate(
 
 
 # What an evaluation sums over its batches (and reduces over processes), divided once at the end.
-_SUMS = ("ce", "tokens", "kd", "kl", "agree", "teacher_ce", "teacher_ce_tokens")
+_SUMS = ("ce", "tokens", "kd", "kl", "agree", "accept", "teacher_ce", "teacher_ce_tokens")
 
 
 def _batch_sums(student, signal, objective: Objective, batch: Batch, temperature: float, autocast) -> dict:
@@ -116,7 +116,7 @@ def _batch_sums(student, signal, objective: Objective, batch: Batch, temperature
             student_flat, targets = student_flat[keep], targets[keep]
         at_one = signal.view_at_one(batch, view, temperature)
         out.update(view.diagnostics(student_flat, targets, keep, at_one, temperature))
-        if "teacher_ce" in out:  # (sparse targets cannot give it: a cache records it instead)
+        if "teacher_ce" in out:  # (sparse targets cannot give it, nor the acceptance: a whole distribution)
             out["teacher_ce_tokens"] = out["tokens"]
     return out
 
@@ -136,9 +136,11 @@ def _result(sums: dict[str, float], with_teacher: bool, teacher_ce: float | None
     ce = sums["ce"] / tokens
     out = {"eval_ce_loss": ce, "eval_ppl": perplexity(ce), "eval_tokens": int(sums["tokens"])}
     if with_teacher:
+        measured = sums["teacher_ce_tokens"]  # positions where the teacher's whole distribution was seen
         if teacher_ce is None:  # measured here, else unknown (NaN): never a made-up 0
-            measured = sums["teacher_ce_tokens"]
             teacher_ce = sums["teacher_ce"] / measured if measured else math.nan
+        if measured:
+            out["draft_acceptance"] = sums["accept"] / measured
         out.update(
             eval_kd_loss=sums["kd"] / tokens,
             eval_kl=sums["kl"] / tokens,

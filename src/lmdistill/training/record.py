@@ -21,6 +21,7 @@ EVAL_SUMMARY_KEYS = (
     "eval_kd_loss",
     "eval_kl",
     "top1_agreement",
+    "draft_acceptance",
     "teacher_ce_loss",
     "teacher_ppl",
 )
