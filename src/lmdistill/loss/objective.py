@@ -185,8 +185,7 @@ class Objective:
         under no_grad, so that what it reports is what training computes."""
         spec = spec or self.spec
         if isinstance(teacher, TeacherSparse):
-            if spec.divergence != "forward_kl":  # (a cache of other divergences is refused when opened)
-                raise ValueError(f"sparse teacher targets give forward_kl only, not {spec.divergence!r}")
+            _check_sparse(spec)
             return sparse_logits_distillation_loss(
                 logits,
                 batch.targets,
@@ -242,8 +241,7 @@ class Objective:
         if self.student_output == "logits":
             logits, states = self._student_logits(student, batch)
             return self.loss_from_logits(logits, batch, teacher, temperature, num_tokens, spec), states
-        if spec.divergence != "forward_kl":
-            raise ValueError(f"sparse teacher targets give forward_kl only, not {spec.divergence!r}")
+        _check_sparse(spec)
         out = student(
             input_ids=batch.input_ids,
             attention_mask=batch.attention_mask,
@@ -324,3 +322,9 @@ class Objective:
             )
         teacher_logp = teacher_token_logprobs(teacher, batch.targets, self.vocab_size, self.chunk_size)
         return sampled_token_loss(student_logp, teacher_logp, batch.targets, num_tokens)
+
+
+def _check_sparse(spec: KDSpec) -> None:
+    """Sparse targets estimate forward KL only (a cache of other divergences is refused when opened)."""
+    if spec.divergence != "forward_kl":
+        raise ValueError(f"sparse teacher targets give forward_kl only, not {spec.divergence!r}")

@@ -50,6 +50,7 @@ def generation_quality(
     """
 
     generator = HFGenerator(student, eos_token_id, pad_token_id)
+    teacher_signal = LiveLogits(teacher, vocab_size)  # the teacher as training meets it
     device = next(student.parameters()).device
     sums = torch.zeros(3, dtype=torch.float64)  # teacher nll, student nll, tokens
     written: list[list[int]] = []
@@ -67,8 +68,7 @@ def generation_quality(
         safe = batch.targets.clamp(min=0).unsqueeze(-1)
         was_training = student.training
         student.eval()
-        # the teacher through the signal training uses; the student through the same forward helper
-        teacher_logits = LiveLogits(teacher, vocab_size)(batch, 1.0).logits
+        teacher_logits = teacher_signal(batch, 1.0).logits
         for i, logits in enumerate((teacher_logits, prediction_logits(student, batch, vocab_size))):
             logits = logits.float()
             nll = -torch.log_softmax(logits, -1).gather(-1, safe).squeeze(-1)
