@@ -11,6 +11,7 @@ import contextlib
 import io
 import json
 import os
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -191,3 +192,33 @@ def real_tokenizer(real_teacher_dir):
     from transformers import AutoTokenizer
 
     return AutoTokenizer.from_pretrained(real_teacher_dir)
+
+
+def launch(nproc: int, *args: str, home=None, logs=None) -> subprocess.CompletedProcess:
+    """``torchrun --nproc_per_node N -m lmdistill ...``: N CPU processes over gloo, as documented.
+    With ``logs``, each process's stdout and stderr go to files there (see ``_rank_output``).
+
+    (``accelerate launch --cpu`` starts one process unless MPI is set up; torchrun needs nothing.)
+    """
+    env = {**os.environ, "PYTHONPATH": str(REPO / "src"), "OMP_NUM_THREADS": "1"}
+    if home is not None:
+        env["LMDISTILL_HOME"] = str(home)
+    with socket.socket() as sock:  # a free port for every launch: a reused one may still be in TIME_WAIT
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nproc_per_node",
+        str(nproc),
+        "--master_addr",
+        "127.0.0.1",
+        "--master_port",
+        str(port),
+        *(("--log-dir", str(logs), "--redirects", "3") if logs else ()),
+        "-m",
+        "lmdistill",
+        *args,
+    ]
+    return subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)

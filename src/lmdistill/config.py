@@ -108,6 +108,25 @@ class PruneConfig:
 
 
 @dataclass
+class LoraConfig:
+    """A LoRA student (through peft): the student's weights stay frozen and low-rank adapters on
+    its linear layers are trained instead."""
+
+    r: Int = doc("Rank of the adapters; 0 = off (the whole student is trained).", 0)
+    alpha: Float | None = doc("Scale of the adapters' update (alpha / r multiplies it); null = 2 x r.", None)
+    dropout: Float = doc("Dropout on the adapters' input, in [0, 1).", 0.0)
+    target_modules: Str | List = doc(
+        "Which linear layers get adapters: all-linear = every one but the output layer, or a list of module "
+        "names, e.g. [q_proj, v_proj].",
+        "all-linear",
+    )
+    quantize: Literal["none", "4bit"] = doc(
+        "4bit = QLoRA (the frozen weights held in 4 bits); needs a CUDA GPU and bitsandbytes. none = full precision.",
+        "none",
+    )
+
+
+@dataclass
 class ModelConfig:
     """Teacher and student models."""
 
@@ -141,6 +160,7 @@ class ModelConfig:
         "auto",
     )
     trust_remote_code: Bool = doc("Allow model code from the hub (only for models you trust).", False)
+    lora: LoraConfig = field(default_factory=LoraConfig, metadata={"doc": "LoRA adapters instead of full training."})
 
 
 @dataclass
@@ -298,6 +318,27 @@ class TrainConfig:
 
 
 @dataclass
+class EvalConfig:
+    """What the held-out evaluations measure beyond perplexity and agreement with the teacher."""
+
+    generate: Bool = doc(
+        "At every evaluation, judge the student's own continuations of held-out prompts with the teacher (the "
+        "scores of lmdistill eval --generate); on-policy runs always do, with distill.on_policy's settings.",
+        False,
+    )
+    draft: Bool = doc(
+        "At the first and last evaluation, measure the student as a draft model for the teacher: assisted "
+        "generation (speculative decoding) on held-out prompts, greedy and sampled: draft tokens accepted per "
+        "teacher forward, and the speedup over the teacher alone (lmdistill eval --draft-for).",
+        False,
+    )
+    prompts: Int = doc("Held-out prompts continued for generate and draft.", 16)
+    prompt_tokens: Int = doc("Prompt length: the first tokens of each held-out block.", 32)
+    max_new_tokens: Int = doc("Tokens written per prompt.", 64)
+    repeats: Int = doc("draft: timed passes over the prompts; the median is reported.", 3)
+
+
+@dataclass
 class GuardConfig:
     """What happens when a step goes wrong."""
 
@@ -398,6 +439,7 @@ class Config:
     data: DataConfig = field(default_factory=DataConfig)
     distill: DistillConfig = field(default_factory=DistillConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
     loss: LossConfig = field(default_factory=LossConfig)
     guard: GuardConfig = field(default_factory=GuardConfig)
     health: HealthConfig = field(default_factory=HealthConfig)
@@ -538,6 +580,63 @@ def _check_objective(cfg: Config) -> None:
     if cfg.model.prune.calibration_blocks < 1:
         raise _bad("model.prune.calibration_blocks", cfg.model.prune.calibration_blocks, "must be a whole number >= 1")
     _check_on_policy(cfg)
+    _check_lora(cfg)
+    _check_eval(cfg)
+
+
+def _check_eval(cfg: Config) -> None:
+    e = cfg.eval
+    for key in ("prompts", "prompt_tokens", "max_new_tokens", "repeats"):
+        if getattr(e, key) < 1:
+            raise _bad(f"eval.{key}", getattr(e, key), "must be a whole number >= 1")
+    if e.prompt_tokens >= cfg.data.block_size and (e.generate or e.draft):
+        raise ConfigError(
+            f"eval.prompt_tokens = {e.prompt_tokens} must be shorter than a block (data.block_size = "
+            f"{cfg.data.block_size}): the prompts are each held-out block's first tokens"
+        )
+    wanted = [k for k in ("generate", "draft") if getattr(e, k)]
+    if wanted and cfg.model.teacher_cache is not None:
+        raise ConfigError(
+            f"eval.{wanted[0]} needs the teacher model itself, and model.teacher_cache runs none; measure the "
+            "trained student afterwards with lmdistill eval RUN --teacher T --generate (or --draft-for T)"
+        )
+    if e.draft and cfg.parallel.strategy == "fsdp":
+        raise ConfigError(
+            "eval.draft times the teacher's generation in one process, and parallel.strategy = fsdp shards it "
+            "over all of them; measure the trained student afterwards with lmdistill eval RUN --draft-for T"
+        )
+
+
+def _check_lora(cfg: Config) -> None:
+    lora = cfg.model.lora
+    if lora.r < 0:
+        raise _bad("model.lora.r", lora.r, "must be a whole number >= 0 (0 = no LoRA, e.g. 16)")
+    if lora.r == 0:
+        if lora.quantize != "none":
+            raise ConfigError("model.lora.quantize = 4bit is QLoRA and needs adapters: set model.lora.r (e.g. 16)")
+        return
+    if lora.alpha is not None and not (lora.alpha > 0 and math.isfinite(lora.alpha)):
+        raise _bad("model.lora.alpha", lora.alpha, "must be a finite number > 0, or null for 2 x r")
+    if not 0.0 <= lora.dropout < 1.0:
+        raise _bad("model.lora.dropout", lora.dropout, "must be in [0, 1)")
+    targets = lora.target_modules
+    if targets != "all-linear" and not (
+        isinstance(targets, list) and targets and all(isinstance(t, str) and t for t in targets)
+    ):
+        raise _bad(
+            "model.lora.target_modules", targets, "use all-linear or a list of module names, e.g. [q_proj, v_proj]"
+        )
+    if cfg.parallel.strategy == "fsdp":
+        raise ConfigError(
+            "model.lora with parallel.strategy = fsdp is not supported: a LoRA student trains a few "
+            "million weights, which DDP replicates cheaply; use parallel.strategy: ddp"
+        )
+    if lora.quantize == "4bit":
+        raise ConfigError(
+            "model.lora.quantize = 4bit (QLoRA) holds the frozen weights in 4 bits through bitsandbytes, which "
+            "needs a CUDA GPU and which lmdistill does not drive yet; train the adapters in full precision "
+            "(model.lora.quantize: none)"
+        )
 
 
 def _check_on_policy(cfg: Config) -> None:
@@ -937,8 +1036,8 @@ def _unknown_key_message(key: str, candidates: list[str], what: str) -> str:
     tail = key.partition(".")[2]
     by_leaf = {c.split(".")[-1]: c for c in reversed(candidates)}
     same_tail = [c for c in candidates if tail and c.endswith("." + tail)]
-    if same_tail:  # a right key in the wrong section
-        close = same_tail[:1]
+    if same_tail:  # a right key in the wrong section: the shallowest of the sections that have it
+        close = [min(same_tail, key=lambda c: c.count("."))]
     elif leaf in by_leaf:  # a right key name in the wrong section (or without one)
         close = [by_leaf[leaf]]
     else:

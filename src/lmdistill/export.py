@@ -8,12 +8,16 @@ in ``RUN_DIR/tokenizer``. Together they make a directory that
 
 from __future__ import annotations
 
+import functools
 import json
+import re
 from pathlib import Path
 
 from lmdistill.core.errors import LmdistillError
 from lmdistill.core.paths import protected_place
 from lmdistill.models.loading import save_model_dir
+from lmdistill.models.lora import ADAPTER_FILE, base_of, is_lora, merged, rebuild
+from lmdistill.report.card import write_model_card
 from lmdistill.training.checkpoint import EXPORT_SKIP, find_latest_valid, load_checkpoint
 from lmdistill.training.layout import MARKER
 from lmdistill.training.sharded import load_shards
@@ -31,11 +35,89 @@ def check_new_model_dir(out_dir: str | Path, what: str) -> None:
         )
 
 
-def export_checkpoint(checkpoint: str | Path, out_dir: str | Path) -> Path:
-    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
-
+def export_checkpoint(
+    checkpoint: str | Path, out_dir: str | Path, *, adapter: bool = False, push_to: str | None = None
+) -> Path:
+    """The student of ``checkpoint`` (or of a run directory's newest valid checkpoint) as a model
+    directory in ``out_dir`` with its model card: a LoRA student merged into an ordinary model,
+    or with ``adapter`` its adapters alone (peft's format, naming the base model they belong to).
+    ``push_to``: a hub repository to upload it to; the hub is asked first, so that a push that
+    cannot happen fails before anything is written."""
     check_new_model_dir(out_dir, "output")
-    checkpoint, out_dir = Path(checkpoint), Path(out_dir)
+    if push_to is not None:
+        check_hub(push_to)
+    checkpoint, out_dir = _checkpoint_to_export(Path(checkpoint)), Path(out_dir)
+    if out_dir.exists() and not out_dir.is_dir():
+        raise LmdistillError(f"output '{out_dir}' is a file; give the name of a new directory for the model")
+    if out_dir.exists() and any(out_dir.iterdir()):
+        raise LmdistillError(f"output directory '{out_dir}' is not empty; choose a new directory")
+    ckpt = load_checkpoint(checkpoint, optimizer=False)  # the weights only: optimizer.pt may be gone
+    model = _student_of(ckpt)
+    if adapter:
+        model = _adapters_alone(model, ckpt)
+    else:
+        model = merged(model)
+    tokenizer = _run_tokenizer(checkpoint)
+    name = push_to or str(out_dir)  # where the card's example code loads it from
+    card = functools.partial(_card, checkpoint.parent.parent, step=ckpt.step, adapter=adapter, name=name)
+    try:
+        save_model_dir(model, tokenizer, out_dir, also=card)
+    except OSError as exc:
+        raise LmdistillError(
+            f"could not write the model to '{out_dir}': {exc.strerror}; choose a writable place with free space"
+        ) from None
+    if push_to is not None:
+        push(out_dir, push_to)
+    return out_dir
+
+
+def _card(run_dir: Path, model_dir: Path, *, step: int, adapter: bool, name: str) -> None:
+    try:
+        write_model_card(run_dir, model_dir, step=step, adapter=adapter, name=name)
+    except LmdistillError:  # a checkpoint copied out of its run: no run files to describe it with
+        print(f"warning: no model card: '{run_dir}' is not the run directory the checkpoint came from")
+
+
+def check_hub(name: str) -> None:
+    """The hub is reachable and knows who pushes (``hf auth login``), and ``name`` is a repository
+    name; one line otherwise."""
+    from huggingface_hub import HfApi
+
+    if not re.fullmatch(r"([\w.-]+/)?[\w.-]+", name):
+        raise LmdistillError(f"--push-to-hub '{name}' is not a repository name; give NAME or OWNER/NAME")
+    try:
+        HfApi().whoami()
+    except Exception as exc:  # offline mode, no network, no token, a refused token: all stop here
+        raise LmdistillError(
+            f"cannot push to the Hugging Face hub ({_reason(exc)}); nothing was written; check the network "
+            "connection and log in with hf auth login, or export without --push-to-hub"
+        ) from None
+
+
+def push(model_dir: Path, name: str) -> None:
+    """Upload ``model_dir`` to the hub repository ``name`` (created if new)."""
+    from huggingface_hub import HfApi
+
+    api = HfApi()
+    try:
+        repo = api.create_repo(name, repo_type="model", exist_ok=True)
+        api.upload_folder(folder_path=str(model_dir), repo_id=repo.repo_id, repo_type="model")
+    except Exception as exc:
+        raise LmdistillError(
+            f"the push to '{name}' failed ({_reason(exc)}); the export is complete in '{model_dir}': upload it "
+            f"again with hf upload {name} {model_dir}"
+        ) from None
+    print(f"pushed {model_dir} -> https://huggingface.co/{repo.repo_id}")
+
+
+def _reason(exc: BaseException) -> str:
+    """The exception's first sentence, on one line."""
+    text = " ".join(str(exc).split()).split(". ")[0]
+    return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
+
+
+def _checkpoint_to_export(checkpoint: Path) -> Path:
+    """The checkpoint directory: ``checkpoint`` itself, or a run directory's newest valid one."""
     if not checkpoint.exists():
         raise LmdistillError(f"'{checkpoint}' does not exist; give RUN_DIR/checkpoints/step-N or a run directory")
     is_run = (checkpoint / MARKER).is_file()
@@ -57,21 +139,26 @@ def export_checkpoint(checkpoint: str | Path, out_dir: str | Path) -> Path:
             f"'{checkpoint}' is not a checkpoint directory (no manifest.json); give "
             "RUN_DIR/checkpoints/step-N or a run directory"
         )
-    if out_dir.exists() and not out_dir.is_dir():
-        raise LmdistillError(f"output '{out_dir}' is a file; give the name of a new directory for the model")
-    if out_dir.exists() and any(out_dir.iterdir()):
-        raise LmdistillError(f"output directory '{out_dir}' is not empty; choose a new directory")
-    ckpt = load_checkpoint(checkpoint, optimizer=False)  # the weights only: optimizer.pt may be gone
+    return checkpoint
+
+
+def _student_of(ckpt):
+    """The student the checkpoint holds, built from its recorded config (with its adapters when
+    it is a LoRA student) and loaded with its weights."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
     if "student_config.json" not in ckpt.extra_files:
         raise LmdistillError(
-            f"checkpoint '{checkpoint}' does not record the student's model config; export needs "
+            f"checkpoint '{ckpt.path}' does not record the student's model config; export needs "
             "student_config.json (it was written by an older lmdistill)"
         )
     config_dict = json.loads(ckpt.extra_files["student_config.json"])
     config = AutoConfig.for_model(config_dict.pop("model_type"), **config_dict)
     model = AutoModelForCausalLM.from_config(config)
+    if ADAPTER_FILE in ckpt.extra_files:
+        model = rebuild(model, ckpt.extra_files[ADAPTER_FILE])
     if ckpt.sharded:  # the shards of every process that wrote them, gathered into this one model
-        load_shards(checkpoint, model)  # every weight, with its shape, or a one-line refusal
+        load_shards(ckpt.path, model)  # every weight, with its shape, or a one-line refusal
         missing, unexpected = [], []
     else:
         missing, unexpected = model.load_state_dict(ckpt.model_state, strict=False)
@@ -79,19 +166,35 @@ def export_checkpoint(checkpoint: str | Path, out_dir: str | Path) -> Path:
         raise LmdistillError(
             f"checkpoint weights do not match the recorded config (missing {missing[:3]}, unexpected {unexpected[:3]})"
         )
-    tokenizer_dir = checkpoint.parent.parent / "tokenizer"
-    tokenizer = None
-    if tokenizer_dir.is_dir():
-        tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
-    else:
-        print(f"warning: no tokenizer at {tokenizer_dir}; the exported model has none")
-    try:
-        save_model_dir(model, tokenizer, out_dir)
-    except OSError as exc:
+    return model
+
+
+def _adapters_alone(model, ckpt):
+    """The LoRA student, its adapters to be saved alone and pointing at the model they were
+    trained on; refused for a full student, or when that model exists only inside the run."""
+    if not is_lora(model):
         raise LmdistillError(
-            f"could not write the model to '{out_dir}': {exc.strerror}; choose a writable place with free space"
-        ) from None
-    return out_dir
+            f"checkpoint '{ckpt.path}' is of a fully trained student, not a LoRA one (model.lora.r = 0); "
+            "export it without --adapter"
+        )
+    if not base_of(model):
+        raise LmdistillError(
+            "the adapters were trained on a student built inside the run (cut out of the teacher or "
+            "initialised fresh), which exists nowhere else, so they cannot be used alone; export the merged "
+            "model (drop --adapter), or save the starting student first (lmdistill prune --out BASE) and "
+            "train the adapters on model.student: BASE"
+        )
+    return model
+
+
+def _run_tokenizer(checkpoint: Path):
+    from transformers import AutoTokenizer
+
+    tokenizer_dir = checkpoint.parent.parent / "tokenizer"
+    if tokenizer_dir.is_dir():
+        return AutoTokenizer.from_pretrained(tokenizer_dir)
+    print(f"warning: no tokenizer at {tokenizer_dir}; the exported model has none")
+    return None
 
 
 def _entries(path: Path) -> list[Path]:

@@ -15,7 +15,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from conftest import REPO, cli, one_error_line, read_jsonl, run_cli
+from conftest import REPO, cli, launch, one_error_line, read_jsonl, run_cli
 
 pytestmark = pytest.mark.slow
 
@@ -23,36 +23,6 @@ STUDENT = (
     "model.student_config={num_hidden_layers: 1, hidden_size: 16, intermediate_size: 32, "
     "num_attention_heads: 2, num_key_value_heads: 2}"
 )
-
-
-def _launch(nproc: int, *args: str, home=None, logs=None) -> subprocess.CompletedProcess:
-    """``torchrun --nproc_per_node N -m lmdistill ...``: N CPU processes over gloo, as documented.
-    With ``logs``, each process's stdout and stderr go to files there (see ``_rank_output``).
-
-    (``accelerate launch --cpu`` starts one process unless MPI is set up; torchrun needs nothing.)
-    """
-    env = {**os.environ, "PYTHONPATH": str(REPO / "src"), "OMP_NUM_THREADS": "1"}
-    if home is not None:
-        env["LMDISTILL_HOME"] = str(home)
-    with socket.socket() as sock:  # a free port for every launch: a reused one may still be in TIME_WAIT
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
-    cmd = [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        "--nproc_per_node",
-        str(nproc),
-        "--master_addr",
-        "127.0.0.1",
-        "--master_port",
-        str(port),
-        *(("--log-dir", str(logs), "--redirects", "3") if logs else ()),
-        "-m",
-        "lmdistill",
-        *args,
-    ]
-    return subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
 
 
 def _common(teacher_dir, text_file, out, batch_size):
@@ -96,7 +66,7 @@ def single_and_ddp(tmp_path_factory, teacher_dir, text_file):
     single = run_cli(*_common(teacher_dir, text_file, base / "single", 4))
     assert single.returncode == 0, single.stderr[-3000:]
     # A home with no data store yet: both ranks ask for one, one builds it, the other waits for it.
-    ddp = _launch(2, *_common(teacher_dir, text_file, base / "ddp", 2), home=base / "home")
+    ddp = launch(2, *_common(teacher_dir, text_file, base / "ddp", 2), home=base / "home")
     assert ddp.returncode == 0, ddp.stderr[-3000:]
     return base / "single", base / "ddp"
 
@@ -168,7 +138,7 @@ def _on_policy_args(teacher_dir, text_file, out, strategy):
 @pytest.fixture(scope="module")
 def on_policy_ddp(tmp_path_factory, teacher_dir, text_file):
     out = tmp_path_factory.mktemp("on-policy") / "ddp"
-    proc = _launch(2, *_on_policy_args(teacher_dir, text_file, out, "ddp"))
+    proc = launch(2, *_on_policy_args(teacher_dir, text_file, out, "ddp"))
     assert proc.returncode == 0, proc.stderr[-3000:]
     return out
 
@@ -198,7 +168,7 @@ def test_on_policy_steps_under_fsdp_match_ddp(on_policy_ddp, tmp_path, teacher_d
     is judged at every evaluation on both: the same continuations as under DDP, hence the same
     per-step values and teacher-judged scores, to float precision."""
     out = tmp_path / "fsdp"
-    proc = _launch(2, *_on_policy_args(teacher_dir, text_file, out, "fsdp"))
+    proc = launch(2, *_on_policy_args(teacher_dir, text_file, out, "fsdp"))
     assert proc.returncode == 0, proc.stderr[-3000:]
     a = [r for r in read_jsonl(on_policy_ddp / "metrics.jsonl") if "loss" in r]
     b = [r for r in read_jsonl(out / "metrics.jsonl") if "loss" in r]
@@ -299,7 +269,7 @@ def killed_runs(tmp_path_factory, teacher_dir, text_file):
             "--set",
             "loss.impl=chunked" if strategy == "fsdp" else "loss.impl=auto",
         )
-        first = _launch(
+        first = launch(
             2,
             *_kill_args(teacher_dir, text_file, killed, 2, *strategy_arg, nan_rank=", rank: 1"),
             "--set",
@@ -308,7 +278,7 @@ def killed_runs(tmp_path_factory, teacher_dir, text_file):
         assert first.returncode != 0 and (killed / "checkpoints" / "step-6").is_dir(), first.stderr[-3000:]
         assert not (killed / "student").exists()
         _rewound(killed, 4, resumed)
-        again = _launch(
+        again = launch(
             2,
             *_kill_args(teacher_dir, text_file, resumed, 2, *strategy_arg, nan_rank=", rank: 1"),
             "--set",
@@ -496,7 +466,7 @@ def test_a_dead_process_stops_the_other_with_one_line(tmp_path, teacher_dir, tex
     --resume, no traceback, a failed run.json (written by rank 1 when rank 0 is the one that died),
     no staging directory left."""
     out, logs = tmp_path / "run", tmp_path / "logs"
-    proc = _launch(
+    proc = launch(
         2,
         *_common(teacher_dir, text_file, out, 2),
         "--set",

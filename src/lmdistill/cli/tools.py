@@ -15,6 +15,16 @@ def add_parsers(sub) -> None:
     x = sub.add_parser("export", help="write a Hugging Face model directory from a checkpoint")
     x.add_argument("checkpoint", help="RUN_DIR/checkpoints/step-N, or a run directory (its newest valid checkpoint)")
     x.add_argument("out_dir", help="new directory for the model")
+    x.add_argument(
+        "--adapter",
+        action="store_true",
+        help="a LoRA student: write its adapters alone (peft's format) instead of the merged model",
+    )
+    x.add_argument(
+        "--push-to-hub",
+        metavar="NAME",
+        help="also upload the exported directory to this Hugging Face hub repository (hf auth login first)",
+    )
 
     pr = sub.add_parser(
         "prune",
@@ -65,8 +75,9 @@ def report(args) -> int:
 def export(args) -> int:
     from lmdistill.export import export_checkpoint
 
-    out = export_checkpoint(args.checkpoint, args.out_dir)
-    print(f"exported {args.checkpoint} -> {out} (loads with AutoModelForCausalLM.from_pretrained)")
+    out = export_checkpoint(args.checkpoint, args.out_dir, adapter=args.adapter, push_to=args.push_to_hub)
+    loads_with = "peft.AutoPeftModelForCausalLM" if args.adapter else "AutoModelForCausalLM"
+    print(f"exported {args.checkpoint} -> {out} (loads with {loads_with}.from_pretrained)")
     return 0
 
 

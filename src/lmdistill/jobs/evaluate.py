@@ -26,8 +26,9 @@ from lmdistill.models.loading import (
     load_tokenizer,
     resolve_source,
 )
-from lmdistill.teacher.judge import describe_generations, judge_generations
+from lmdistill.teacher.judge import check_generation_fits, describe_generations, held_out_prompts, judge_generations
 from lmdistill.teacher.signals import LiveLogits
+from lmdistill.teacher.speculative import DraftSettings, describe_drafting, measure_drafting
 from lmdistill.training.evaluate import evaluate, format_ppl
 from lmdistill.training.layout import MARKER
 
@@ -45,6 +46,7 @@ class EvalRequest:
     max_blocks: int | None = None
     temperature: float = 1.0
     generation: dict | None = None  # judge_generations' settings, with --generate
+    draft: DraftSettings | None = None  # with --draft-for: the model drafting for the teacher
     json: Path | None = None
     progress: bool = True
 
@@ -65,7 +67,12 @@ def evaluate_model(request: EvalRequest) -> dict:
         if m is not None:
             check_context_length(m, block_size, role, name)
     judged = None
-    if request.generation is not None:  # first: settings that do not fit the models are refused before the evaluation
+    if request.draft is not None:  # first: settings that do not fit the models are refused before the evaluation
+        d = request.draft
+        check_generation_fits(
+            model, teacher, blocks, tokenizer, block_size, d.prompts, d.prompt_tokens, d.max_new_tokens
+        )
+    if request.generation is not None:
         judged = judge_generations(model, teacher, blocks, tokenizer, len(tokenizer), block_size, **request.generation)
     signal = LiveLogits(teacher, len(tokenizer)) if teacher is not None else None
     result = evaluate(
@@ -83,9 +90,20 @@ def evaluate_model(request: EvalRequest) -> dict:
     if judged is not None:
         result.update(judged)
         print("\n".join(describe_generations(judged)))
+    if request.draft is not None:
+        drafted = _drafting(model, teacher, blocks, tokenizer, request.draft)
+        result.update(drafted)
+        print("\n".join(describe_drafting(drafted)))
     if request.json:
         atomic_write_json(request.json, result)
     return result
+
+
+def _drafting(model, teacher, blocks, tokenizer, settings: DraftSettings) -> dict:
+    eos = tokenizer.eos_token_id
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos
+    prompts = held_out_prompts(blocks, settings.prompts, settings.prompt_tokens)
+    return measure_drafting(model, teacher, prompts, settings, eos, pad)
 
 
 def _model_source(model: str) -> tuple[str, Config | None]:

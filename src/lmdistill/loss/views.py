@@ -121,7 +121,9 @@ def predicting_positions(model: torch.nn.Module, batch: Batch) -> dict:
     """Forward kwargs that make ``model`` form logits only at positions 0 .. L-2, the ones with a
     next token: the last position's logits (and a copy of the whole output to slice them off,
     forward and backward) are never made. Empty for a model without ``logits_to_keep``."""
-    if not _accepts_logits_to_keep(type(model)):
+    # A LoRA student (a peft wrapper) passes the keyword on to the model it wraps.
+    inner = model.get_base_model() if hasattr(model, "get_base_model") else model
+    if not _accepts_logits_to_keep(type(inner)):
         return {}
     return {"logits_to_keep": torch.arange(batch.input_ids.shape[1] - 1, device=batch.input_ids.device)}
 

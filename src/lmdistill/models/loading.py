@@ -274,10 +274,11 @@ def parameter_fingerprint(model) -> list[tuple[float, float]]:
     ]
 
 
-def save_model_dir(model, tokenizer, final: Path) -> Path:
+def save_model_dir(model, tokenizer, final: Path, also=None) -> Path:
     """save_pretrained (and the tokenizer, when given) into a temporary directory beside ``final``,
-    then one rename: ``final`` is the old model or the new one, never half of one. Failures are
-    OSErrors (safetensors' own report of a full disk included), the temporary directory gone."""
+    then one rename: ``final`` is the old model or the new one, never half of one. ``also(dir)``
+    writes more files there before the rename (a model card). Failures are OSErrors
+    (safetensors' own report of a full disk included), the temporary directory gone."""
     from safetensors import SafetensorError
     from transformers.utils import logging as hf_logging
 
@@ -289,6 +290,8 @@ def save_model_dir(model, tokenizer, final: Path) -> Path:
         model.save_pretrained(tmp, safe_serialization=True)
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
+        if also is not None:
+            also(tmp)
         replace_dir(tmp, final, aside_name=f".{final.name}.old")
     except SafetensorError as exc:
         shutil.rmtree(tmp, ignore_errors=True)

@@ -215,47 +215,86 @@ SOURCE_HEADER = [
 def _final_table(record: RunRecord) -> list[str]:
     before, after = record.initial_eval or {}, record.final_eval or {}
     header = ["metric", "student before (step 0)", f"student after (step {after.get('step', '?')})", "teacher"]
-    return table(
-        header,
+    return table(header, _quality_rows(before, after) + _drafting_rows(before, after))
+
+
+def _quality_rows(before: dict, after: dict) -> list[list[str]]:
+    return [
         [
-            [
-                "perplexity (exp of eval CE)",
-                fmt_ppl(before.get("eval_ppl")),
-                fmt_ppl(after.get("eval_ppl")),
-                fmt_ppl(after.get("teacher_ppl")),
-            ],
-            [
-                "eval CE (nats/token)",
-                fmt_loss(before.get("eval_ce_loss")),
-                fmt_loss(after.get("eval_ce_loss")),
-                fmt_loss(after.get("teacher_ce_loss")),
-            ],
-            [
-                "KD term on eval data, as trained (eval_kd_loss)",
-                fmt_loss(before.get("eval_kd_loss")),
-                fmt_loss(after.get("eval_kd_loss")),
-                DASH,
-            ],
-            [
-                "KL(teacher ‖ student) at T=1, nats/token (eval_kl)",
-                fmt_loss(before.get("eval_kl")),
-                fmt_loss(after.get("eval_kl")),
-                DASH,
-            ],
-            [
-                "top-1 agreement with the teacher",
-                fmt_pct(before.get("top1_agreement")),
-                fmt_pct(after.get("top1_agreement")),
-                DASH,
-            ],
-            [
-                "expected acceptance as a draft model (speculative sampling)",
-                fmt_pct(before.get("draft_acceptance")),
-                fmt_pct(after.get("draft_acceptance")),
-                DASH,
-            ],
+            "perplexity (exp of eval CE)",
+            fmt_ppl(before.get("eval_ppl")),
+            fmt_ppl(after.get("eval_ppl")),
+            fmt_ppl(after.get("teacher_ppl")),
         ],
-    )
+        [
+            "eval CE (nats/token)",
+            fmt_loss(before.get("eval_ce_loss")),
+            fmt_loss(after.get("eval_ce_loss")),
+            fmt_loss(after.get("teacher_ce_loss")),
+        ],
+        [
+            "KD term on eval data, as trained (eval_kd_loss)",
+            fmt_loss(before.get("eval_kd_loss")),
+            fmt_loss(after.get("eval_kd_loss")),
+            DASH,
+        ],
+        [
+            "KL(teacher ‖ student) at T=1, nats/token (eval_kl)",
+            fmt_loss(before.get("eval_kl")),
+            fmt_loss(after.get("eval_kl")),
+            DASH,
+        ],
+        [
+            "top-1 agreement with the teacher",
+            fmt_pct(before.get("top1_agreement")),
+            fmt_pct(after.get("top1_agreement")),
+            DASH,
+        ],
+        [
+            "expected acceptance as a draft model (speculative sampling)",
+            fmt_pct(before.get("draft_acceptance")),
+            fmt_pct(after.get("draft_acceptance")),
+            DASH,
+        ],
+    ]
+
+
+def _drafting_rows(before: dict, after: dict) -> list[list[str]]:
+    """The student's own text judged by the teacher, and the student drafting for it, where measured."""
+    rows = []
+    if "gen_teacher_nll" in after:
+        rows.append(
+            [
+                "teacher NLL of the student's own text, nats/token",
+                fmt_loss(before.get("gen_teacher_nll")),
+                fmt_loss(after.get("gen_teacher_nll")),
+                DASH,
+            ]
+        )
+    for mode in ("greedy", "sampled"):
+        if f"draft_{mode}_speedup" not in after:
+            continue
+        rows.append(
+            [
+                f"drafting for the teacher, {mode}: draft tokens accepted per teacher forward",
+                fmt_loss(before.get(f"draft_{mode}_accepted_per_forward")),
+                fmt_loss(after.get(f"draft_{mode}_accepted_per_forward")),
+                DASH,
+            ]
+        )
+        rows.append(
+            [
+                f"drafting for the teacher, {mode}: speedup over the teacher alone (wall clock)",
+                fmt_times(before.get(f"draft_{mode}_speedup")),
+                fmt_times(after.get(f"draft_{mode}_speedup")),
+                DASH,
+            ]
+        )
+    return rows
+
+
+def fmt_times(x: float | None) -> str:
+    return DASH if x is None else f"{x:.2f}x"
 
 
 def _run_rows(record: RunRecord) -> list[list[Any]]:
@@ -387,18 +426,20 @@ def _health_section(record: RunRecord) -> list[str]:
 
 
 def _generations_section(record: RunRecord) -> list[str]:
-    """On-policy runs: the student's continuations of held-out prompts at each evaluation."""
+    """On-policy runs and runs with eval.generate: the student's continuations of held-out prompts
+    at each evaluation."""
     judged = [e for e in record.evals if "gen_teacher_nll" in e]
     if not judged:
         return []
     on = [line for line in record.train if line.get("on_policy")]
+    steps = f"On-policy steps: **{len(on)}** of {len(record.train)} logged. " if on else ""
     lines = [
         "",
-        "## The student's own text (on-policy)",
+        "## The student's own text",
         "",
-        f"On-policy steps: **{len(on)}** of {len(record.train)} logged. At each evaluation the student "
-        f"continues the first tokens of {judged[-1].get('gen_prompts', '?')} held-out blocks with the same "
-        "seed; the teacher's NLL per written token is the teacher-judged score (lower is better).",
+        f"{steps}At each evaluation the student continues the first tokens of "
+        f"{judged[-1].get('gen_prompts', '?')} held-out blocks with the same seed; the teacher's NLL per "
+        "written token is the teacher-judged score (lower is better).",
         "",
     ]
     lines += table(

@@ -93,6 +93,33 @@ def held_out_prompts(blocks, count: int, prompt_tokens: int) -> list[torch.Tenso
     return prompts_of(blocks.batch(range(min(count, len(blocks)))), prompt_tokens)
 
 
+def judge_held_out(
+    student,
+    teacher,
+    eval_blocks,
+    tokenizer,
+    vocab_size: int,
+    *,
+    prompts: int,
+    prompt_tokens: int,
+    sampling: Sampling,
+    seed: int,
+    eos: int,
+    pad: int,
+    shown: int = 3,
+) -> dict:
+    """The student continues the prompts of the first ``prompts`` held-out blocks (the same ones,
+    with the same seed, every time); the teacher-judged scores of ``generation_quality``, how
+    many prompts, and ``shown`` prompt/continuation pairs as text."""
+    heads = held_out_prompts(eval_blocks, prompts, prompt_tokens)
+    scores, written = generation_quality(student, teacher, heads, sampling, seed, eos, pad, vocab_size)
+    samples = [
+        {"prompt": tokenizer.decode(heads[i]), "continuation": tokenizer.decode(written[i])}
+        for i in range(min(shown, len(heads)))
+    ]
+    return {**scores, "gen_prompts": len(heads), "gen_samples": samples}
+
+
 # ---------------------------------------------------------------------------- lmdistill eval --generate
 def judge_generations(
     student,
@@ -115,6 +142,37 @@ def judge_generations(
     Seeded like an on-policy run's evaluation: the same model, prompts and seed give the same
     numbers. Settings that do not fit the models are one line each, before anything is generated."""
 
+    eos, pad = check_generation_fits(
+        student, teacher, blocks, tokenizer, block_size, prompts, prompt_tokens, sampling.max_new_tokens
+    )
+    judged = judge_held_out(
+        student,
+        teacher,
+        blocks,
+        tokenizer,
+        vocab_size,
+        prompts=prompts,
+        prompt_tokens=prompt_tokens,
+        sampling=sampling,
+        seed=seed,
+        eos=eos,
+        pad=pad,
+        shown=shown,
+    )
+    return {
+        **judged,
+        "gen_prompt_tokens": prompt_tokens,
+        "gen_max_new_tokens": sampling.max_new_tokens,
+        "gen_sample_temperature": sampling.temperature,
+        "gen_seed": seed,
+    }
+
+
+def check_generation_fits(
+    student, teacher, blocks, tokenizer, block_size: int, prompts: int, prompt_tokens: int, max_new_tokens: int
+) -> tuple[int, int]:
+    """Generation settings that the models and blocks cannot take are refused in one line each,
+    before anything is generated; returns the (eos, pad) ids."""
     if prompt_tokens >= block_size:
         raise LmdistillError(
             f"--prompt-tokens {prompt_tokens} must be shorter than a block ({block_size} tokens): "
@@ -123,35 +181,22 @@ def judge_generations(
     eos = tokenizer.eos_token_id
     if eos is None:
         raise LmdistillError(
-            "--generate needs the tokenizer's EOS token to end the model's continuations, and this "
+            "generating needs the tokenizer's EOS token to end the model's continuations, and this "
             "tokenizer has none; set eos_token in its tokenizer_config.json"
         )
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos
     heads = held_out_prompts(blocks, prompts, prompt_tokens)
     longest_prompt = max(prompt_tokens, *(len(h) for h in heads))
-    longest = longest_prompt + sampling.max_new_tokens
+    longest = longest_prompt + max_new_tokens
     for role, model in (("model", student), ("teacher", teacher)):
         limit = getattr(model.config, "max_position_embeddings", None) or getattr(model.config, "n_positions", None)
         if limit is not None and longest > limit:
             raise LmdistillError(
                 f"generated rows would reach {longest} tokens (prompts of up to {longest_prompt} + "
-                f"--max-new-tokens {sampling.max_new_tokens}), more than the {role}'s {limit} "
+                f"--max-new-tokens {max_new_tokens}), more than the {role}'s {limit} "
                 "positions; lower --max-new-tokens or --prompt-tokens"
             )
-    scores, written = generation_quality(student, teacher, heads, sampling, seed, eos, pad, vocab_size)
-    samples = [
-        {"prompt": tokenizer.decode(heads[i]), "continuation": tokenizer.decode(written[i])}
-        for i in range(min(shown, len(heads)))
-    ]
-    return {
-        **scores,
-        "gen_prompts": len(heads),
-        "gen_prompt_tokens": prompt_tokens,
-        "gen_max_new_tokens": sampling.max_new_tokens,
-        "gen_sample_temperature": sampling.temperature,
-        "gen_seed": seed,
-        "gen_samples": samples,
-    }
+    return eos, pad
 
 
 def describe_generations(judged: dict) -> list[str]:

@@ -40,7 +40,7 @@ from lmdistill.teacher.generation import (
     prompts_of,
     uniform_draw,
 )
-from lmdistill.teacher.judge import generation_quality, held_out_prompts
+from lmdistill.teacher.judge import judge_held_out
 from lmdistill.teacher.signals import TeacherSignal
 
 
@@ -129,22 +129,22 @@ class OnPolicy(TeacherSignal):
     def metrics(self, step_seconds: float) -> dict:
         return self.stats.record(step_seconds)
 
-    def judge(
-        self, student, teacher, eval_blocks, tokenizer, vocab_size: int, prompts: int = 16, shown: int = 3
-    ) -> dict:
-        """At an evaluation: the student continues the prompts of the first ``prompts`` held-out
-        blocks (the same ones, with the same seed, at every evaluation); the teacher-judged scores
-        of ``generation_quality`` and ``shown`` prompt/continuation pairs as text."""
-        heads = held_out_prompts(eval_blocks, prompts, self.prompt_tokens)
-        n = len(heads)
-        scores, written = generation_quality(
-            student, teacher, heads, self.sampling, self.seed, self.eos, self.pad, vocab_size
+    def judge(self, student, teacher, eval_blocks, tokenizer, vocab_size: int, prompts: int = 16) -> dict:
+        """At an evaluation: the teacher's judgement of the student's continuations of held-out
+        prompts, with the rollouts' own settings (``judge.judge_held_out``)."""
+        return judge_held_out(
+            student,
+            teacher,
+            eval_blocks,
+            tokenizer,
+            vocab_size,
+            prompts=prompts,
+            prompt_tokens=self.prompt_tokens,
+            sampling=self.sampling,
+            seed=self.seed,
+            eos=self.eos,
+            pad=self.pad,
         )
-        samples = [
-            {"prompt": tokenizer.decode(heads[i]), "continuation": tokenizer.decode(written[i])}
-            for i in range(min(shown, n))
-        ]
-        return {**scores, "gen_prompts": n, "gen_samples": samples}
 
 
 def on_policy_signal(

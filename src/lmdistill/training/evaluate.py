@@ -19,8 +19,12 @@ from lmdistill.core.batch import IGNORE_INDEX, Batch
 from lmdistill.core.progress import interactive
 from lmdistill.loss.objective import KDSpec, Objective
 from lmdistill.loss.views import prediction_logits
+from lmdistill.models.lora import is_lora
+from lmdistill.teacher.generation import Sampling
+from lmdistill.teacher.judge import held_out_prompts, judge_held_out
 from lmdistill.teacher.onpolicy import OnPolicy
 from lmdistill.teacher.signals import CachedTeacher, LiveLogits, TeacherSignal
+from lmdistill.teacher.speculative import DraftSettings, measure_drafting
 from lmdistill.training.monitor import verdict_line
 
 
@@ -192,7 +196,8 @@ class RunEvaluator:
         cache = parts.cache
         self.teacher_ce = cache.manifest["teacher_eval"]["teacher_ce_loss"] if cache is not None else None
 
-    def __call__(self, temperature: float, desc: str) -> dict:
+    def __call__(self, temperature: float, desc: str, *, ends: bool = False) -> dict:
+        """The evaluation; ``ends``: the first or the last of the run (where ``eval.draft`` measures)."""
         p, d = self.parts, self.parts.cfg.distill
         accelerator, world = p.accelerator, p.accelerator.num_processes
         result = evaluate(
@@ -213,12 +218,45 @@ class RunEvaluator:
         )
         if "teacher_ce_loss" in result and self.teacher_ce is None:
             self.teacher_ce = result["teacher_ce_loss"]
-        if isinstance(p.signal, OnPolicy):  # the student's own text, judged by the teacher: on one process,
-            if accelerator.is_main_process or p.strategy.judges_everywhere:  # or on all when forwards gather
-                tokenizer, vocab = p.models.tokenizer, p.vocab_size
-                result.update(p.signal.judge(p.prepared.raw, p.models.teacher, p.data.eval, tokenizer, vocab))
+        if isinstance(p.signal, OnPolicy) or p.cfg.eval.generate:  # the student's own text, judged by the
+            if accelerator.is_main_process or p.strategy.judges_everywhere:  # teacher: on one process, or on
+                result.update(self._judged())  # all when the sharded models' forwards gather
             accelerator.wait_for_everyone()  # the others wait here, not inside a collective or at exit
+        if ends and p.cfg.eval.draft:  # timed on the main process alone (sharded runs refuse eval.draft)
+            if accelerator.is_main_process:
+                result.update(self._drafted())
+            accelerator.wait_for_everyone()
         return result
+
+    def _judged(self) -> dict:
+        p, e = self.parts, self.parts.cfg.eval
+        student, teacher, tokenizer, vocab = p.prepared.raw, p.models.teacher, p.models.tokenizer, p.vocab_size
+        if isinstance(p.signal, OnPolicy):
+            return p.signal.judge(student, teacher, p.data.eval, tokenizer, vocab)
+        eos = tokenizer.eos_token_id
+        return judge_held_out(
+            student,
+            teacher,
+            p.data.eval,
+            tokenizer,
+            vocab,
+            prompts=e.prompts,
+            prompt_tokens=e.prompt_tokens,
+            sampling=Sampling(e.max_new_tokens),
+            seed=p.cfg.run.seed,
+            eos=eos,
+            pad=tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos,
+        )
+
+    def _drafted(self) -> dict:
+        p, e = self.parts, self.parts.cfg.eval
+        tokenizer = p.models.tokenizer
+        draft = p.prepared.raw.get_base_model() if is_lora(p.prepared.raw) else p.prepared.raw  # adapters active
+        settings = DraftSettings(e.prompts, e.prompt_tokens, e.max_new_tokens, e.repeats, p.cfg.run.seed)
+        eos = tokenizer.eos_token_id
+        pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos
+        prompts = held_out_prompts(p.data.eval, e.prompts, e.prompt_tokens)
+        return measure_drafting(draft, p.models.teacher, prompts, settings, eos, pad)
 
     def _signal(self) -> TeacherSignal | None:
         p = self.parts

@@ -13,6 +13,7 @@ import os
 import re
 from pathlib import Path
 
+from lmdistill.report.card import CARD, LOSS_PLOT
 from lmdistill.report.plots import OPTIONAL_PLOT_FILES, PLOT_FILES
 
 MARKER = ".lmdistill-run"
@@ -65,6 +66,8 @@ _MODEL_FILES = frozenset(
         "added_tokens.json",
         "chat_template.jinja",
         "chat_template.json",
+        CARD,  # the model card, and the loss plot it shows (report/card.py)
+        LOSS_PLOT,
         # the vocabulary files transformers' tokenizer classes save (their VOCAB_FILES_NAMES)
         "bpe.codes",
         "byte_maps.json",

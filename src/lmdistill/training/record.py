@@ -13,6 +13,7 @@ from datetime import datetime, timezone
 
 from lmdistill.core.errors import PeerLost, TrainingStopped
 from lmdistill.models.loading import ModelInfo
+from lmdistill.models.lora import parameter_counts
 from lmdistill.training.interrupts import Interrupted
 
 EVAL_SUMMARY_KEYS = (
@@ -24,6 +25,15 @@ EVAL_SUMMARY_KEYS = (
     "draft_acceptance",
     "teacher_ce_loss",
     "teacher_ppl",
+    # the student's own text judged by the teacher (eval.generate, on-policy runs)
+    "gen_teacher_nll",
+    "gen_reverse_kl",
+    # the student drafting for the teacher (eval.draft)
+    "draft_greedy_accepted_per_forward",
+    "draft_sampled_accepted_per_forward",
+    "draft_greedy_speedup",
+    "draft_sampled_speedup",
+    "draft_cost",
 )
 
 
@@ -102,7 +112,7 @@ def _describe(parts) -> dict:
             if cache is not None
             else None
         ),
-        "student": asdict(ModelInfo.of(parts.prepared.raw, models.student_name)),
+        "student": {**asdict(ModelInfo.of(parts.prepared.raw, models.student_name)), **_trained(parts)},
         "data": parts.data.describe(),
         "plan": {
             **asdict(parts.plan),
@@ -114,6 +124,27 @@ def _describe(parts) -> dict:
             "vocab_size": parts.vocab_size,
         },
     }
+
+
+def _trained(parts) -> dict:
+    """How the student started (cut out of the teacher: which layers and channels) and how much
+    of it trains: all of it, or LoRA adapters (``model.lora``)."""
+    models, prune = parts.models, parts.cfg.model.prune
+    start: dict = {}
+    if models.student_layers is not None:
+        init = {"layers": models.student_layers, "layer_choice": prune.layers}
+        teacher_width = models.teacher.config.hidden_size if models.teacher is not None else None
+        if models.student_channels is not None and teacher_width and len(models.student_channels) < teacher_width:
+            init["width"] = f"{len(models.student_channels)} of the teacher's {teacher_width} hidden channels"
+            init["width"] += f" (chosen by {prune.width})"
+        start = {"init": init}
+    trained, _ = parameter_counts(parts.prepared.raw)
+    lora = parts.cfg.model.lora
+    if not lora.r:
+        return {**start, "trained_params": trained}
+    alpha = lora.alpha if lora.alpha is not None else 2 * lora.r
+    adapters = {"r": lora.r, "alpha": alpha, "dropout": lora.dropout, "target_modules": lora.target_modules}
+    return {**start, "trained_params": trained, "lora": adapters}
 
 
 def utcnow() -> str:

@@ -9,6 +9,7 @@ entry per part (``{name: part.state_dict()}``): ``run`` (where it is and what it
 
 from __future__ import annotations
 
+from lmdistill.models.lora import adapter_settings
 from lmdistill.training.checkpoint import capture_rng_state, projection_file, save_checkpoint
 from lmdistill.training.devices import on_main
 from lmdistill.training.setup import RunParts
@@ -36,6 +37,7 @@ def save_run_checkpoint(parts: RunParts, done: int, micro_batches: int, initial_
                 "config.yaml": p.cfg.to_run_yaml().encode(),
                 "student_config.json": raw.config.to_json_string().encode(),
                 **projection_file(p.projection),
+                **adapter_settings(raw),
             },
         )
 

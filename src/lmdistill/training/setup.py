@@ -9,6 +9,7 @@ finished parts; no method of it has to run before another.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -23,6 +24,7 @@ from lmdistill.loss import divergences
 from lmdistill.loss.hidden import HiddenProjection, build_projection
 from lmdistill.loss.objective import HiddenTerm, Objective
 from lmdistill.models.loading import Models, load_models
+from lmdistill.models.lora import add_adapters, parameter_counts
 from lmdistill.teacher.cache import open_for_run
 from lmdistill.teacher.onpolicy import on_policy_signal
 from lmdistill.teacher.signals import CachedTeacher, TeacherSignal, choose_loss_impl, make_signal
@@ -92,12 +94,17 @@ def build_run(cfg: Config, *, teacher=None, student=None, tokenizer=None, progre
     set_seed(cfg.run.seed)
     strategy = parallelize(cfg, accelerator)
     models, data = _models_and_data(cfg, teacher, student, tokenizer, progress)
+    say = print if accelerator.is_main_process else (lambda message: None)
+    if cfg.model.lora.r:  # adapters on the student as it was loaded or cut; its own weights frozen
+        models = dataclasses.replace(models, student=add_adapters(models.student, cfg.model.lora, cfg.model.student))
+        trained, total = parameter_counts(models.student)
+        say(f"LoRA: {trained:,} of {total:,} parameters trained ({100 * trained / total:.2f}%)")
+    _check_eval_generation(cfg, models)
     vocab = len(models.tokenizer)
     sampler = make_sampler(
         data, cfg.train.batch_size, cfg.run.seed, accelerator.process_index, accelerator.num_processes
     )
     plan = Plan.for_run(cfg, sampler.micro_batches_per_epoch, accelerator.num_processes, len(data.train), vocab)
-    say = print if accelerator.is_main_process else (lambda message: None)
     cache = open_for_run(cfg, models.tokenizer, data, vocab, say=say) if cfg.model.teacher_cache else None
     projection = build_projection(cfg.distill.hidden, models)
     loss_impl, signal = _signal(cfg, models, cache, projection)
@@ -152,6 +159,27 @@ def _models_and_data(cfg: Config, teacher, student, tokenizer, progress: bool) -
     if models.chat_template_problem and any(s.store.chat for s in data.sources):
         raise LmdistillError(models.chat_template_problem)
     return models, data
+
+
+def _check_eval_generation(cfg: Config, models: Models) -> None:
+    """``eval.generate`` and ``eval.draft`` write text: an EOS token to stop at, and room for it."""
+    e = cfg.eval
+    wanted = [f"eval.{k}" for k in ("generate", "draft") if getattr(e, k)]
+    if not wanted:
+        return
+    if models.tokenizer.eos_token_id is None:
+        raise LmdistillError(
+            f"{wanted[0]} needs the tokenizer's EOS token to end the student's continuations, and this tokenizer "
+            "has none; set eos_token in its tokenizer_config.json"
+        )
+    longest = e.prompt_tokens + e.max_new_tokens
+    for role, model in (("student", models.student), ("teacher", models.teacher)):
+        limit = getattr(model.config, "max_position_embeddings", None)
+        if limit is not None and longest > limit:
+            raise LmdistillError(
+                f"{wanted[0]}: prompts of {e.prompt_tokens} tokens + eval.max_new_tokens {e.max_new_tokens} reach "
+                f"{longest} tokens, more than the {role}'s {limit} positions; lower eval.max_new_tokens"
+            )
 
 
 def _signal(cfg: Config, models: Models, cache, projection) -> tuple[str, TeacherSignal]:

@@ -35,7 +35,9 @@ from lmdistill.core.batch import Batch
 from lmdistill.core.errors import PeerLost, TrainingStopped
 from lmdistill.core.progress import interactive, progress_bar
 from lmdistill.models.loading import parameter_fingerprint
+from lmdistill.models.lora import merged
 from lmdistill.report import write_report
+from lmdistill.report.card import write_model_card
 from lmdistill.report.metrics import MetricsLog
 from lmdistill.training.devices import flat_config, lost_peer
 from lmdistill.training.evaluate import RunEvaluator, summary_table
@@ -123,7 +125,7 @@ class Trainer:
         try:
             with self._peers_watched(lambda: step):
                 if self.initial is None:
-                    self.initial = self.evaluate(0, self.temperature_at(0), "eval (before)")
+                    self.initial = self.evaluate(0, self.temperature_at(0), "eval (before)", ends=True)
                 self.bar = progress_bar(total, step, self._phase(), self.progress and self.is_main)
                 for step in range(self.parts.resumed.step, total):
                     result = self.train_step(step)
@@ -336,8 +338,8 @@ class Trainer:
             self.log.write({"step": step, "health": check, "message": message})
 
     # ------------------------------------------------------------------ evaluation and checkpoints
-    def evaluate(self, step: int, temperature: float, desc: str) -> dict:
-        result = self.evaluator(temperature, desc)
+    def evaluate(self, step: int, temperature: float, desc: str, ends: bool = False) -> dict:
+        result = self.evaluator(temperature, desc, ends=ends)
         self.log.write({"step": step, **result})
         self.announce(step, self.parts.monitor.on_eval(step, result["eval_ppl"], result.get("teacher_ppl")))
         return result
@@ -349,8 +351,8 @@ class Trainer:
     # ------------------------------------------------------------------ the end
     def _finish_run(self) -> RunResult:
         p, total = self.parts, self.parts.plan.total_steps
-        final = self.evaluate(total, self.temperature_at(total), "eval (final)")
-        student = p.strategy.whole_student(p.prepared.raw, self.is_main)
+        final = self.evaluate(total, self.temperature_at(total), "eval (final)", ends=True)
+        student = merged(p.strategy.whole_student(p.prepared.raw, self.is_main))  # LoRA: adapters folded in
         student_dir = p.run.save_student(student, p.models.tokenizer) if self.is_main else None
         if self.teacher is not None and parameter_fingerprint(self.teacher) != self.teacher_before:
             raise AssertionError("the teacher's weights changed during training")  # our invariant, not user error
@@ -358,7 +360,16 @@ class Trainer:
         totals = {"steps": total, "skipped_steps": guard.total_skips, "rollbacks": guard.rollbacks}
         self.record.finished(self.initial, final, totals, self.rates)
         health = self._finish(total)
+        if student_dir is not None:
+            self._card(student_dir)
         return RunResult(p.run.path, "finished", total, self.initial, final, health, student_dir)
+
+    def _card(self, student_dir) -> None:
+        """The model card of the final student (after report.md: it shows the loss plot)."""
+        try:
+            write_model_card(self.parts.run.path, student_dir)
+        except Exception as exc:  # like the report, a card must never turn a good run into a failed one
+            print(f"warning: could not write the student's model card: {type(exc).__name__}: {exc}")
 
     def _finish(self, steps_done: int) -> dict:
         """health.json, run.json and the report: written for finished and stopped runs alike.

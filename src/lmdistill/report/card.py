@@ -1,0 +1,276 @@
+"""A model card for a trained student: ``README.md`` with the metadata block the Hugging Face hub
+reads, written into the final ``student/`` and into every export.
+
+It says how the student was made, from the run directory alone: the teacher, the data (sources
+and the fingerprints of their stores), the recipe (objective, temperatures, steps, tokens), how
+the student started (loaded, cut out of the teacher, fresh; LoRA adapters), its held-out numbers
+against the teacher at the step it holds, the run's health verdict, and the loss plot (copied
+beside it as ``loss.png``). The metadata's ``license`` is the teacher's where its files say it
+(the YAML block of a local model's README.md, or a GGUF file's ``general.license``), and
+``base_model`` is the teacher's hub id when it was given as one.
+"""
+
+from __future__ import annotations
+
+import re
+import shutil
+from pathlib import Path
+
+from lmdistill.core.paths import atomic_write
+from lmdistill.report.markdown import fmt_loss, fmt_pct, fmt_ppl, fmt_times, table
+from lmdistill.report.reading import RunRecord, load_run
+
+CARD = "README.md"
+LOSS_PLOT = "loss.png"
+TAGS = ["lmdistill", "knowledge-distillation", "text-generation"]
+_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+
+
+def write_model_card(
+    run_dir: Path, model_dir: Path, *, step: int | None = None, adapter: bool = False, name: str | None = None
+) -> Path:
+    """``README.md`` (and ``loss.png``) in ``model_dir`` for the student of ``run_dir`` at
+    ``step`` (None: the run's last evaluation); ``adapter``: the directory holds LoRA adapters
+    alone; ``name``: the hub repository it goes to, for the card's example code."""
+    record = load_run(run_dir)
+    plot = Path(run_dir) / "plots" / "losses.png"
+    if plot.is_file():
+        shutil.copyfile(plot, Path(model_dir) / LOSS_PLOT)
+    text = model_card(record, step=step, adapter=adapter, plot=plot.is_file(), name=name or str(model_dir))
+    atomic_write(Path(model_dir) / CARD, text)
+    return Path(model_dir) / CARD
+
+
+def model_card(
+    record: RunRecord, *, step: int | None = None, adapter: bool = False, plot: bool = False, name: str = "."
+) -> str:
+    from huggingface_hub import ModelCard, ModelCardData
+
+    cfg, info = record.config, record.run_info or {}
+    teacher = _teacher_source(cfg, info)
+    metadata = ModelCardData(
+        base_model=teacher if teacher and _is_hub_id(teacher) else None,
+        library_name="peft" if adapter else "transformers",
+        license=teacher_license(teacher),
+        tags=TAGS,
+        pipeline_tag="text-generation",
+    )
+    sections = [
+        f"# {cfg.get('run', {}).get('name', 'student')}: a student distilled with lmdistill",
+        _summary(info, teacher),
+        *_made(cfg, info, adapter),
+        *_data(info),
+        *_recipe(cfg, info),
+        *_results(record, step),
+        *([f"![Training losses]({LOSS_PLOT})"] if plot else []),
+        *_use(adapter, name),
+    ]
+    return ModelCard(f"---\n{metadata.to_yaml()}\n---\n\n" + "\n\n".join(sections) + "\n").content
+
+
+def teacher_license(source: str | None) -> str | None:
+    """The teacher's license where its own files state it; None when unknown."""
+    if not source:
+        return None
+    path = Path(source)
+    if path.is_file() and path.suffix == ".gguf":
+        try:
+            from gguf import GGUFReader
+
+            field = GGUFReader(path).fields.get("general.license")
+            return str(field.contents()) if field is not None else None
+        except Exception:  # (a damaged file, the gguf package missing): the license stays unknown
+            return None
+    readme = path / CARD
+    if readme.is_file():
+        from huggingface_hub import ModelCard
+
+        try:
+            return ModelCard.load(readme).data.license
+        except Exception:
+            return None
+    return None
+
+
+def _is_hub_id(source: str) -> bool:
+    return bool(_HUB_ID.match(source)) and not Path(source).exists()
+
+
+def _teacher_source(cfg: dict, info: dict) -> str | None:
+    model = cfg.get("model", {})
+    if model.get("teacher"):
+        return str(model["teacher"])
+    cache = info.get("teacher_cache") or {}
+    return cache.get("teacher")
+
+
+def _summary(info: dict, teacher: str | None) -> str:
+    who = f"`{teacher}`" if teacher else "lmdistill's embedded default teacher (pretrained on its embedded corpus)"
+    student = info.get("student") or {}
+    params = f"{student['params'] / 1e6:.1f}M-parameter " if student.get("params") else ""
+    return (
+        f"A {params}causal language model trained by knowledge distillation from the teacher {who}. "
+        "Everything below was written by lmdistill from the training run's own records."
+    )
+
+
+def _made(cfg: dict, info: dict, adapter: bool) -> list[str]:
+    t, s = info.get("teacher") or {}, info.get("student") or {}
+    rows = [
+        ["model", f"`{t.get('name', '—')}`", s.get("name", "—")],
+        ["architecture", t.get("architecture", "—"), s.get("architecture", "—")],
+        ["parameters", _count(t.get("params")), _count(s.get("params"))],
+        ["layers x hidden size", _shape(t), _shape(s)],
+        ["vocabulary", _count(t.get("vocab_size")), _count(s.get("vocab_size"))],
+    ]
+    lines = ["## How it was made", "\n".join(table(["", "teacher", "student"], rows))]
+    start = cfg.get("model", {})
+    if s.get("init"):
+        init = s["init"]
+        width = f", and {init['width']}" if init.get("width") else ""
+        lines.append(
+            f"The student was cut out of the teacher before training: it kept teacher layers {init['layers']} "
+            f"(chosen by {init['layer_choice']}){width}."
+        )
+    elif start.get("student"):
+        lines.append(f"The student started from `{start['student']}`.")
+    else:
+        lines.append(f"The student started as: {s.get('name', 'unknown')}.")
+    lora = s.get("lora")
+    if lora:
+        how = "This repository holds the adapters alone." if adapter else "They are merged into these weights."
+        lines.append(
+            f"Only LoRA adapters were trained (r {lora['r']}, alpha {lora['alpha']:g}, dropout {lora['dropout']:g}, "
+            f"on {lora['target_modules']}): {_count(s.get('trained_params'))} parameters; the rest stayed frozen. "
+            + how
+        )
+    return lines
+
+
+def _data(info: dict) -> list[str]:
+    data = info.get("data") or {}
+    rows = [
+        [s.get("name", "—"), f"{s.get('weight', 1):g}", s.get("format", "—"), _count(s.get("tokens")), _fp(s)]
+        for s in data.get("sources", [])
+    ]
+    lines = ["## Data"]
+    if rows:
+        lines.append("\n".join(table(["source", "weight", "format", "tokens", "store fingerprint"], rows)))
+    layout = data.get("layout") or {}
+    lines.append(
+        f"Blocks of {data.get('block_size', '?')} tokens; held out: {data.get('eval_source', '?')}. "
+        f"Fingerprints of the block split: train `{layout.get('train', '?')}`, held-out `{layout.get('eval', '?')}`."
+    )
+    return lines
+
+
+def _recipe(cfg: dict, info: dict) -> list[str]:
+    d, tr, plan = cfg.get("distill", {}), cfg.get("train", {}), info.get("plan") or {}
+    kd = float(d.get("kd_weight", 0))
+    items = [
+        f"- loss = {kd:g} x KD + {1 - kd:g} x CE; KD: {d.get('divergence')}"
+        + (" scaled by T²" if d.get("scale_by_t2") else ""),
+        f"- temperature {d.get('temperature')} to {d.get('min_temperature')} ({d.get('temperature_schedule')})",
+    ]
+    if float(d.get("hidden", {}).get("weight", 0)) > 0:
+        items.append(f"- hidden-state term: weight {d['hidden']['weight']}, {d['hidden'].get('loss')}")
+    if float(d.get("on_policy", {}).get("fraction", 0)) > 0:
+        o = d["on_policy"]
+        items.append(
+            f"- on-policy steps: {o['fraction']:.0%} of steps on the student's own text ({o.get('divergence')})"
+        )
+    if cfg.get("model", {}).get("teacher_cache"):
+        items.append(f"- teacher signal from a cache: {(info.get('teacher_cache') or {}).get('mode')} targets")
+    steps, batch = plan.get("total_steps"), tr.get("batch_size", 0) * tr.get("grad_accum", 1) * plan.get("processes", 1)
+    tokens = steps * batch * (info.get("data") or {}).get("block_size", 0) if steps else None
+    items.append(
+        f"- {steps} optimizer steps of {batch} blocks ({_count(tokens)} tokens); AdamW, lr {tr.get('lr')} "
+        f"({tr.get('lr_schedule')}), weight decay {tr.get('weight_decay')}; precision {plan.get('mixed_precision')}"
+    )
+    return ["## Recipe", "\n".join(items)]
+
+
+def _results(record: RunRecord, step: int | None) -> list[str]:
+    evals = record.evals
+    if not evals:
+        return ["## Results", "The run wrote no evaluation."]
+    at = [e for e in evals if step is None or e["step"] <= step]
+    after = at[-1] if at else evals[0]
+    before = record.initial_eval or {}
+    note = ""
+    if step is not None and after["step"] != step:
+        note = f" The checkpoint of step {step} was not evaluated; these are the numbers of step {after['step']}."
+    rows = [
+        [
+            "perplexity",
+            fmt_ppl(before.get("eval_ppl")),
+            fmt_ppl(after.get("eval_ppl")),
+            fmt_ppl(after.get("teacher_ppl")),
+        ],
+        [
+            "CE, nats/token",
+            fmt_loss(before.get("eval_ce_loss")),
+            fmt_loss(after.get("eval_ce_loss")),
+            fmt_loss(after.get("teacher_ce_loss")),
+        ],
+        ["KL(teacher ‖ student) at T=1", fmt_loss(before.get("eval_kl")), fmt_loss(after.get("eval_kl")), "0"],
+        [
+            "top-1 agreement with the teacher",
+            fmt_pct(before.get("top1_agreement")),
+            fmt_pct(after.get("top1_agreement")),
+            "100%",
+        ],
+        [
+            "expected acceptance as the teacher's draft model",
+            fmt_pct(before.get("draft_acceptance")),
+            fmt_pct(after.get("draft_acceptance")),
+            "100%",
+        ],
+    ]
+    for mode in ("greedy", "sampled"):
+        if f"draft_{mode}_speedup" in after:
+            rows.append(
+                [
+                    f"assisted generation, {mode}: speedup over the teacher alone",
+                    fmt_times(before.get(f"draft_{mode}_speedup")),
+                    fmt_times(after.get(f"draft_{mode}_speedup")),
+                    "1.00x",
+                ]
+            )
+    health = record.health or {}
+    fired = ", ".join(health.get("fired", [])) or "none"
+    return [
+        "## Results",
+        f"Held-out, at step {after['step']} of the run.{note}",
+        "\n".join(table(["metric", "student at step 0", "this student", "teacher"], rows)),
+        f"Health of the run: **{health.get('verdict', 'unknown')}** (checks that fired: {fired}).",
+    ]
+
+
+def _use(adapter: bool, name: str) -> list[str]:
+    if adapter:
+        code = (
+            "from peft import AutoPeftModelForCausalLM\nfrom transformers import AutoTokenizer\n\n"
+            f'model = AutoPeftModelForCausalLM.from_pretrained("{name}")  # the base model, then these adapters\n'
+            f'tokenizer = AutoTokenizer.from_pretrained("{name}")'
+        )
+    else:
+        code = (
+            "from transformers import AutoModelForCausalLM, AutoTokenizer\n\n"
+            f'model = AutoModelForCausalLM.from_pretrained("{name}")\n'
+            f'tokenizer = AutoTokenizer.from_pretrained("{name}")'
+        )
+    return ["## Use", f"```python\n{code}\n```"]
+
+
+def _count(n) -> str:
+    return f"{n:,}" if isinstance(n, int) else "—"
+
+
+def _shape(m: dict) -> str:
+    return f"{m.get('num_layers', '?')} x {m.get('hidden_size', '?')}" if m else "—"
+
+
+def _fp(source: dict) -> str:
+    fp = source.get("fingerprint")
+    return f"`{fp}`" if fp else "—"
