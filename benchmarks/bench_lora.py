@@ -2,8 +2,8 @@
 
 Two settings, each with a CE-only row, the full student trained with the original report's
 recipe (kd 0.5, T 2.0 -> 1.5), and LoRA students (model.lora.r = 16, alpha 32, every linear
-layer but the output one) with the same recipe, at the full run's learning rate and at ten times
-it (adapters are usually trained at a higher rate than whole weights):
+layer but the output one) with the same recipe, at the full run's learning rate and at ten and
+thirty times it (adapters are usually trained at a higher rate than whole weights):
 
   embedded  the embedded default: its teacher, its cut student, its corpus, the original
             command's settings (batch 2, one epoch; lr 1e-3 for the full student)
@@ -69,6 +69,7 @@ def rows(lr: float) -> dict[str, list[str]]:
         "full": [*RECIPE, "--lr", str(lr)],
         "lora": [*RECIPE, *LORA, "--lr", str(lr)],
         "lora_lr10": [*RECIPE, *LORA, "--lr", str(10 * lr)],
+        "lora_lr30": [*RECIPE, *LORA, "--lr", str(30 * lr)],
     }
 
 
@@ -108,7 +109,7 @@ def summary(run: Path) -> dict:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--setting", choices=sorted(SETTINGS), default="embedded")
-    parser.add_argument("--rows", default="ce,full,lora,lora_lr10")
+    parser.add_argument("--rows", default="ce,full,lora,lora_lr10,lora_lr30")
     parser.add_argument("--work", default="/tmp/lmdistill-bench-lora")
     parser.add_argument("--out", required=True)
     args = parser.parse_args()

@@ -612,8 +612,17 @@ def _check_lora(cfg: Config) -> None:
     if lora.r < 0:
         raise _bad("model.lora.r", lora.r, "must be a whole number >= 0 (0 = no LoRA, e.g. 16)")
     if lora.r == 0:
-        if lora.quantize != "none":
-            raise ConfigError("model.lora.quantize = 4bit is QLoRA and needs adapters: set model.lora.r (e.g. 16)")
+        defaults = LoraConfig()
+        changed = [
+            f.name
+            for f in dataclasses.fields(lora)
+            if f.name != "r" and getattr(lora, f.name) != getattr(defaults, f.name)
+        ]
+        if changed:
+            raise ConfigError(
+                f"model.lora.{changed[0]} is set, but model.lora.r is 0 (no LoRA: the whole student trains); "
+                "set model.lora.r (e.g. 16) to train adapters"
+            )
         return
     if lora.alpha is not None and not (lora.alpha > 0 and math.isfinite(lora.alpha)):
         raise _bad("model.lora.alpha", lora.alpha, "must be a finite number > 0, or null for 2 x r")

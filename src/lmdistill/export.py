@@ -17,7 +17,7 @@ from lmdistill.core.errors import LmdistillError
 from lmdistill.core.paths import protected_place
 from lmdistill.models.loading import save_model_dir
 from lmdistill.models.lora import ADAPTER_FILE, base_of, is_lora, merged, rebuild
-from lmdistill.report.card import write_model_card
+from lmdistill.report.card import CARD, write_model_card
 from lmdistill.training.checkpoint import EXPORT_SKIP, find_latest_valid, load_checkpoint
 from lmdistill.training.layout import MARKER
 from lmdistill.training.sharded import load_shards
@@ -45,7 +45,7 @@ def export_checkpoint(
     cannot happen fails before anything is written."""
     check_new_model_dir(out_dir, "output")
     if push_to is not None:
-        check_hub(push_to)
+        push_to = check_hub(push_to)  # OWNER/NAME
     checkpoint, out_dir = _checkpoint_to_export(Path(checkpoint)), Path(out_dir)
     if out_dir.exists() and not out_dir.is_dir():
         raise LmdistillError(f"output '{out_dir}' is a file; give the name of a new directory for the model")
@@ -75,23 +75,25 @@ def _card(run_dir: Path, model_dir: Path, *, step: int, adapter: bool, name: str
     try:
         write_model_card(run_dir, model_dir, step=step, adapter=adapter, name=name)
     except LmdistillError:  # a checkpoint copied out of its run: no run files to describe it with
+        (model_dir / CARD).unlink(missing_ok=True)  # (peft writes a template card of its own)
         print(f"warning: no model card: '{run_dir}' is not the run directory the checkpoint came from")
 
 
-def check_hub(name: str) -> None:
+def check_hub(name: str) -> str:
     """The hub is reachable and knows who pushes (``hf auth login``), and ``name`` is a repository
-    name; one line otherwise."""
+    name; one line otherwise. Returns the repository as OWNER/NAME (the one logged in owns a bare NAME)."""
     from huggingface_hub import HfApi
 
     if not re.fullmatch(r"([\w.-]+/)?[\w.-]+", name):
         raise LmdistillError(f"--push-to-hub '{name}' is not a repository name; give NAME or OWNER/NAME")
     try:
-        HfApi().whoami()
+        user = HfApi().whoami()["name"]
     except Exception as exc:  # offline mode, no network, no token, a refused token: all stop here
         raise LmdistillError(
             f"cannot push to the Hugging Face hub ({_reason(exc)}); nothing was written; check the network "
             "connection and log in with hf auth login, or export without --push-to-hub"
         ) from None
+    return name if "/" in name else f"{user}/{name}"
 
 
 def push(model_dir: Path, name: str) -> None:

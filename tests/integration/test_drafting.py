@@ -84,11 +84,16 @@ def test_eval_draft_for(student_dir, teacher_dir, text_file, tmp_path):
     one_error_line(cli(*args, "--teacher", str(student_dir), "--draft-for", str(teacher_dir)), "two teachers")
     one_error_line(cli(*args, "--draft-for", str(teacher_dir), "--prompt-tokens", "40"), "--prompt-tokens 40")
     one_error_line(cli(*args, "--draft-for", str(teacher_dir), "--repeats", "0"), "--repeats 0")
+    # the same tokenizer, but a vocabulary padded past it: transformers cannot pair the two
+    padded = tmp_path / "padded"
+    tok = AutoTokenizer.from_pretrained(teacher_dir)
+    tiny_llama(len(tok) + 16, hidden=32, layers=1).save_pretrained(padded)
+    tok.save_pretrained(padded)
+    one_error_line(cli(*args, "--draft-for", str(padded)), "config.vocab_size", "assisted generation")
 
 
-def test_a_run_measures_generation_and_drafting(teacher_dir, text_file, tmp_path):
-    out = tmp_path / "run"
-    proc = cli(
+def _short_run(teacher_dir, text_file, out, *extra):
+    return cli(
         "train",
         "--teacher",
         str(teacher_dir),
@@ -106,11 +111,22 @@ def test_a_run_measures_generation_and_drafting(teacher_dir, text_file, tmp_path
         "data.block_size=32",
         "--set",
         "model.student_config={num_hidden_layers: 1}",
-        "--set",
-        "eval={generate: true, draft: true, prompts: 2, prompt_tokens: 8, max_new_tokens: 8, repeats: 1}",
         "--no-progress",
+        *extra,
     )
+
+
+def test_a_run_measures_generation_and_drafting(teacher_dir, text_file, tmp_path):
+    out = tmp_path / "run"
+    measured = "eval={generate: true, draft: true, prompts: 2, prompt_tokens: 8, max_new_tokens: 8, repeats: 1}"
+    lora = "model.lora={r: 2, dropout: 0.3}"  # a LoRA student drafts too; its dropout draws random numbers
+    proc = _short_run(teacher_dir, text_file, out, "--set", measured, "--set", lora)
     assert proc.returncode == 0, proc.stderr[-3000:]
+    plain = _short_run(teacher_dir, text_file, tmp_path / "plain", "--set", lora)
+    assert plain.returncode == 0, plain.stderr[-3000:]
+    # measuring changes nothing in the training: its seeds are its own
+    lines = [[r["loss"] for r in read_jsonl(d / "metrics.jsonl") if "loss" in r] for d in (out, tmp_path / "plain")]
+    assert lines[0] == lines[1]
     evals = [r for r in read_jsonl(out / "metrics.jsonl") if "eval_ppl" in r]
     assert [r["step"] for r in evals] == [0, 2, 4]
     assert all("gen_teacher_nll" in r for r in evals)  # at every evaluation

@@ -135,6 +135,7 @@ def test_export_merged_and_adapter_alone(lora_run, student_dir, tmp_path):
         # peft finds the base model from the adapters' record and applies them to it
         got = AutoPeftModelForCausalLM.from_pretrained(adapter_dir)(ids).logits
     torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
+    one_error_line(cli("eval", str(adapter_dir)), "holds LoRA adapters alone", "without --adapter")
 
 
 def test_adapter_export_refused_where_it_cannot_stand_alone(lora_run, teacher_dir, text_file, tmp_path):
@@ -157,6 +158,8 @@ def test_killed_lora_run_resumes_bit_exact(lora_run, teacher_dir, student_dir, t
     out = tmp_path / "resumed"
     first = run_cli_forked(*_args(teacher_dir, student_dir, text_file, out, "--set", "debug.exit_after_step=3"))
     assert first == 137
+    other = cli(*_args(teacher_dir, student_dir, text_file, out, "--resume", "--set", "model.lora.r=8"))
+    one_error_line(other, "its adapters have r 4", "model.lora")
     resumed = cli(*_args(teacher_dir, student_dir, text_file, out, "--resume"))
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert _losses(out) == _losses(uninterrupted)
@@ -223,11 +226,20 @@ def test_chunked_path_hidden_term_and_on_policy_steps(teacher_dir, student_dir, 
     assert changed and all("lora_" in k for k in changed)
     projection = load_file(out / "checkpoints" / f"step-{STEPS}" / "hidden_projection.safetensors")
     assert projection  # the hidden term's projection trains beside the adapters
+    # generating through the adapters left the student's own generation settings as they were
+    saved = json.loads((out / "student" / "generation_config.json").read_text())
+    started = json.loads((student_dir / "generation_config.json").read_text())
+    assert {k: v for k, v in saved.items() if k != "transformers_version"} == {
+        k: v for k, v in started.items() if k != "transformers_version"
+    }
+    assert "eos_token_id" in saved
 
 
 def test_lora_refusals(teacher_dir, student_dir, text_file, tmp_path):
     base = _args(teacher_dir, student_dir, text_file, tmp_path / "run")
-    one_error_line(cli(*base, "--set", "model.lora.target_modules=[nothing_here]"), "q_proj", "all-linear")
+    one_error_line(cli(*base, "--set", "model.lora.target_modules=[q_proj, nothing_here]"), "nothing_here", "q_proj")
+    one_error_line(cli(*base, "--set", "model.lora.target_modules=[lm_head]"), "output layer", "q_proj")
+    one_error_line(cli(*base, "--set", "model.lora={r: 0, alpha: 8}"), "model.lora.alpha is set", "model.lora.r")
     one_error_line(cli(*base, "--set", "model.lora.quantize=4bit"), "QLoRA", "model.lora.quantize: none")
     one_error_line(cli(*base, "--set", "parallel.strategy=fsdp"), "LoRA", "parallel.strategy: ddp")
     one_error_line(cli(*base, "--set", "model.lora.r=-1"), "model.lora.r")

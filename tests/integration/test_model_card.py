@@ -12,6 +12,7 @@ import pytest
 from huggingface_hub import ModelCard
 
 from conftest import cli, one_error_line
+from forked import run_cli_forked
 
 
 @pytest.fixture(scope="module")
@@ -60,8 +61,36 @@ def test_the_final_student_carries_a_card_the_hub_reads(licensed_run):
     assert f"kept teacher layers {info['student']['init']['layers']}" in text
     assert f"| perplexity | {info['initial']['eval_ppl']:.4g} | {info['final']['eval_ppl']:.4g} |" in text
     assert "loss = 0.5 x KD + 0.5 x CE" in text and "4 optimizer steps of 2 blocks (256 tokens)" in text
-    assert f"Health of the run: **{info['health_verdict']}**" in text
+    assert f"Health of the whole run: **{info['health_verdict']}**" in text
     assert (licensed_run / "student" / "loss.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_the_card_names_the_default_teacher_and_a_baseline_for_what_they_are(licensed_run):
+    from lmdistill.core.paths import cache_home
+    from lmdistill.report.card import model_card
+    from lmdistill.report.reading import load_run
+
+    record = load_run(licensed_run)
+    record.config["model"]["teacher"] = str(cache_home() / "teachers" / "pydoc-llama-0123")
+    text = model_card(record)
+    assert "from the teacher lmdistill's embedded default teacher" in text and "pydoc-llama-0123" not in text
+    record.config["distill"]["kd_weight"] = 0.0
+    baseline = model_card(record)
+    assert "ordinary language-model loss alone (kd_weight 0)" in baseline and "knowledge distillation" not in baseline
+
+
+def test_a_stopped_run_exports_with_a_card_that_says_so(teacher_dir, text_file, tmp_path):
+    out = tmp_path / "run"
+    args = ("train", "--teacher", str(teacher_dir), "--data", str(text_file), "--output-dir", str(out))
+    args += ("--batch-size", "2", "--max-steps", "8", "--eval-every", "2", "--set", "data.block_size=32")
+    args += ("--set", "model.student_config={num_hidden_layers: 1}", "--set", "checkpoint.every=1", "--no-progress")
+    assert run_cli_forked(*args, "--set", "debug.exit_after_step=5") == 137
+    exported = tmp_path / "exported"
+    assert cli("export", str(out), str(exported)).returncode == 0
+    text = ModelCard.load(exported / "README.md").text
+    assert "5 optimizer steps (of 8 planned) of 2 blocks (320 tokens)" in text
+    assert "The checkpoint of step 5 was not evaluated; these are the numbers of step 4." in text
+    assert "The run did not finish, so it has no health verdict" in text
 
 
 def test_an_exported_checkpoint_says_which_step_it_holds(licensed_run, tmp_path):
@@ -100,7 +129,7 @@ def test_push_to_hub_uploads_the_finished_export(licensed_run, tmp_path, monkeyp
 
     monkeypatch.setattr(HfApi, "upload_folder", upload)
     out = tmp_path / "pushed"
-    proc = cli("export", str(licensed_run), str(out), "--push-to-hub", "someone/student")
+    proc = cli("export", str(licensed_run), str(out), "--push-to-hub", "student")  # owned by the one logged in
     assert proc.returncode == 0, proc.stderr
     assert calls[0] == ("create", "someone/student", {"repo_type": "model", "exist_ok": True})
     assert calls[1][:2] == ("upload", "someone/student")

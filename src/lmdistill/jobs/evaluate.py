@@ -28,7 +28,7 @@ from lmdistill.models.loading import (
 )
 from lmdistill.teacher.judge import check_generation_fits, describe_generations, held_out_prompts, judge_generations
 from lmdistill.teacher.signals import LiveLogits
-from lmdistill.teacher.speculative import DraftSettings, describe_drafting, measure_drafting
+from lmdistill.teacher.speculative import DraftSettings, check_draft_pair, describe_drafting, measure_drafting
 from lmdistill.training.evaluate import evaluate, format_ppl
 from lmdistill.training.layout import MARKER
 
@@ -69,6 +69,7 @@ def evaluate_model(request: EvalRequest) -> dict:
     judged = None
     if request.draft is not None:  # first: settings that do not fit the models are refused before the evaluation
         d = request.draft
+        check_draft_pair(model, teacher, "--draft-for")
         check_generation_fits(
             model, teacher, blocks, tokenizer, block_size, d.prompts, d.prompt_tokens, d.max_new_tokens
         )

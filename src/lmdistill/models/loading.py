@@ -47,6 +47,11 @@ def resolve_source(source: str, role: str) -> str:
             "directory save_pretrained wrote), or a .gguf file"
         )
     if path.exists():
+        if not (path / "config.json").is_file() and (path / "adapter_config.json").is_file():
+            raise LmdistillError(
+                f"{role} '{source}' holds LoRA adapters alone (adapter_config.json), not a model; give the merged "
+                "model (lmdistill export RUN OUT, without --adapter)"
+            )
         if not (path / "config.json").is_file():
             raise LmdistillError(
                 f"{role} '{source}' is a directory without config.json; give a directory written by save_pretrained"

@@ -16,7 +16,7 @@ import re
 import shutil
 from pathlib import Path
 
-from lmdistill.core.paths import atomic_write
+from lmdistill.core.paths import atomic_write, cache_home
 from lmdistill.report.markdown import fmt_loss, fmt_pct, fmt_ppl, fmt_times, table
 from lmdistill.report.reading import RunRecord, load_run
 
@@ -48,19 +48,20 @@ def model_card(
 
     cfg, info = record.config, record.run_info or {}
     teacher = _teacher_source(cfg, info)
+    origin = cfg.get("model", {}).get("student") or teacher  # where the student's weights come from
     metadata = ModelCardData(
-        base_model=teacher if teacher and _is_hub_id(teacher) else None,
+        base_model=origin if origin and _is_hub_id(origin) else None,
         library_name="peft" if adapter else "transformers",
-        license=teacher_license(teacher),
+        license=teacher_license(origin),
         tags=TAGS,
         pipeline_tag="text-generation",
     )
     sections = [
-        f"# {cfg.get('run', {}).get('name', 'student')}: a student distilled with lmdistill",
-        _summary(info, teacher),
-        *_made(cfg, info, adapter),
+        f"# {cfg.get('run', {}).get('name', 'student')}: a student trained with lmdistill",
+        _summary(cfg, info, teacher, adapter),
+        *_made(cfg, info, teacher, adapter),
         *_data(info),
-        *_recipe(cfg, info),
+        *_recipe(cfg, info, step),
         *_results(record, step),
         *([f"![Training losses]({LOSS_PLOT})"] if plot else []),
         *_use(adapter, name),
@@ -97,29 +98,43 @@ def _is_hub_id(source: str) -> bool:
 
 
 def _teacher_source(cfg: dict, info: dict) -> str | None:
+    """The teacher as the run named it; None for the embedded default teacher (built and cached
+    by lmdistill itself, under its cache's ``teachers/``)."""
     model = cfg.get("model", {})
-    if model.get("teacher"):
-        return str(model["teacher"])
-    cache = info.get("teacher_cache") or {}
-    return cache.get("teacher")
+    source = model.get("teacher") or (info.get("teacher_cache") or {}).get("teacher")
+    if source and Path(source).parent == cache_home() / "teachers":
+        return None
+    return str(source) if source else None
 
 
-def _summary(info: dict, teacher: str | None) -> str:
+def _summary(cfg: dict, info: dict, teacher: str | None, adapter: bool) -> str:
     who = f"`{teacher}`" if teacher else "lmdistill's embedded default teacher (pretrained on its embedded corpus)"
     student = info.get("student") or {}
-    params = f"{student['params'] / 1e6:.1f}M-parameter " if student.get("params") else ""
-    return (
-        f"A {params}causal language model trained by knowledge distillation from the teacher {who}. "
-        "Everything below was written by lmdistill from the training run's own records."
+    size = f"{_short(_student_params(student, adapter))}-parameter " if student.get("params") else ""
+    kd = float(cfg.get("distill", {}).get("kd_weight", 0))
+    how = (
+        f"trained by knowledge distillation from the teacher {who}"
+        if kd > 0
+        else f"trained with the ordinary language-model loss alone (kd_weight 0), with the teacher {who} as the "
+        "reference it is measured against"
     )
+    lines = [f"A {size}causal language model {how}."]
+    licence = teacher_license(teacher) if teacher else None
+    if kd > 0 and licence:
+        lines.append(f"The teacher's license, as its own files state it: {licence}.")
+    lines.append("Everything below was written by lmdistill from the training run's own records.")
+    return " ".join(lines)
 
 
-def _made(cfg: dict, info: dict, adapter: bool) -> list[str]:
+def _made(cfg: dict, info: dict, teacher: str | None, adapter: bool) -> list[str]:
     t, s = info.get("teacher") or {}, info.get("student") or {}
+    cache = info.get("teacher_cache") or {}
+    shown = teacher or t.get("name") or "the embedded default teacher"
+    where = f" (read from a {cache.get('mode')} cache)" if cache else ""
     rows = [
-        ["model", f"`{t.get('name', '—')}`", s.get("name", "—")],
+        ["model", f"`{shown}`{where}", s.get("name", "—")],
         ["architecture", t.get("architecture", "—"), s.get("architecture", "—")],
-        ["parameters", _count(t.get("params")), _count(s.get("params"))],
+        ["parameters", _count(t.get("params")), _count(_student_params(s, adapter))],
         ["layers x hidden size", _shape(t), _shape(s)],
         ["vocabulary", _count(t.get("vocab_size")), _count(s.get("vocab_size"))],
     ]
@@ -164,7 +179,7 @@ def _data(info: dict) -> list[str]:
     return lines
 
 
-def _recipe(cfg: dict, info: dict) -> list[str]:
+def _recipe(cfg: dict, info: dict, step: int | None) -> list[str]:
     d, tr, plan = cfg.get("distill", {}), cfg.get("train", {}), info.get("plan") or {}
     kd = float(d.get("kd_weight", 0))
     items = [
@@ -181,11 +196,20 @@ def _recipe(cfg: dict, info: dict) -> list[str]:
         )
     if cfg.get("model", {}).get("teacher_cache"):
         items.append(f"- teacher signal from a cache: {(info.get('teacher_cache') or {}).get('mode')} targets")
-    steps, batch = plan.get("total_steps"), tr.get("batch_size", 0) * tr.get("grad_accum", 1) * plan.get("processes", 1)
-    tokens = steps * batch * (info.get("data") or {}).get("block_size", 0) if steps else None
+    planned = plan.get("total_steps")
+    steps = step if step is not None else info.get("steps_done", planned)
+    batch = tr.get("batch_size", 0) * tr.get("grad_accum", 1) * plan.get("processes", 1)
+    tokens = steps * batch * (info.get("data") or {}).get("block_size", 0) if steps is not None else None
+    of = f" (of {planned} planned)" if planned is not None and steps != planned else ""
+    on_policy = (
+        " on the ordinary steps; on-policy steps train on the student's own continuations"
+        if (float(d.get("on_policy", {}).get("fraction", 0)) > 0)
+        else ""
+    )
     items.append(
-        f"- {steps} optimizer steps of {batch} blocks ({_count(tokens)} tokens); AdamW, lr {tr.get('lr')} "
-        f"({tr.get('lr_schedule')}), weight decay {tr.get('weight_decay')}; precision {plan.get('mixed_precision')}"
+        f"- {steps} optimizer steps{of} of {batch} blocks ({_count(tokens)} tokens{on_policy}); AdamW, lr "
+        f"{tr.get('lr')} ({tr.get('lr_schedule')}), weight decay {tr.get('weight_decay')}; precision "
+        f"{plan.get('mixed_precision')}"
     )
     return ["## Recipe", "\n".join(items)]
 
@@ -227,6 +251,10 @@ def _results(record: RunRecord, step: int | None) -> list[str]:
             "100%",
         ],
     ]
+    cache = (record.run_info or {}).get("teacher_cache") or {}
+    sparse = cache and cache.get("mode") != "dense"
+    if sparse:  # KL, agreement and acceptance against a sparse cache are estimates of their own kind
+        rows = rows[:2]
     for mode in ("greedy", "sampled"):
         if f"draft_{mode}_speedup" in after:
             rows.append(
@@ -237,13 +265,22 @@ def _results(record: RunRecord, step: int | None) -> list[str]:
                     "1.00x",
                 ]
             )
-    health = record.health or {}
-    fired = ", ".join(health.get("fired", [])) or "none"
+    if sparse:
+        note += (
+            f" The teacher was read from a {cache.get('mode')} cache: its KL and agreement with the student are "
+            "estimates from the cached targets, in the run's report.md."
+        )
+    health = record.health
+    if health is None:
+        verdict = "The run did not finish, so it has no health verdict; see its report.md."
+    else:
+        fired = ", ".join(health.get("fired", [])) or "none"
+        verdict = f"Health of the whole run: **{health.get('verdict', 'unknown')}** (checks that fired: {fired})."
     return [
         "## Results",
         f"Held-out, at step {after['step']} of the run.{note}",
         "\n".join(table(["metric", "student at step 0", "this student", "teacher"], rows)),
-        f"Health of the run: **{health.get('verdict', 'unknown')}** (checks that fired: {fired}).",
+        verdict,
     ]
 
 
@@ -261,6 +298,21 @@ def _use(adapter: bool, name: str) -> list[str]:
             f'tokenizer = AutoTokenizer.from_pretrained("{name}")'
         )
     return ["## Use", f"```python\n{code}\n```"]
+
+
+def _student_params(student: dict, adapter: bool) -> int | None:
+    """The student's parameters as saved: without the adapters once they are merged into it."""
+    params = student.get("params")
+    if params is not None and student.get("lora") and not adapter:
+        return params - student.get("trained_params", 0)
+    return params
+
+
+def _short(n: int) -> str:
+    for size, unit in ((1e9, "B"), (1e6, "M"), (1e3, "K")):
+        if n >= size:
+            return f"{n / size:.1f}{unit}"
+    return str(n)
 
 
 def _count(n) -> str:

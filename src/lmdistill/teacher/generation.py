@@ -55,7 +55,12 @@ class HFGenerator:
     aside for the call, so the tokens are drawn from the student's distribution as trained."""
 
     def __init__(self, model: torch.nn.Module, eos_token_id: int, pad_token_id: int, autocast=None):
-        self.model, self.eos, self.pad = model, eos_token_id, pad_token_id
+        # A LoRA student (a peft wrapper): generate with the model it wraps, adapters active in it.
+        # peft's own generate copies the wrapper's generation config into that model and leaves it
+        # there, which would replace the config the student is saved with.
+        inner = getattr(model, "get_base_model", None)
+        self.model = inner() if inner is not None else model
+        self.eos, self.pad = eos_token_id, pad_token_id
         self.autocast = autocast or contextlib.nullcontext
 
     def config(self, sampling: Sampling, use_cache: bool = True):

@@ -27,6 +27,8 @@ from dataclasses import dataclass
 
 import torch
 
+from lmdistill.core.errors import LmdistillError
+
 MODES = ("greedy", "sampled")
 
 
@@ -70,6 +72,18 @@ class _Pass:
     outputs: list[list[int]]
 
 
+def check_draft_pair(draft, teacher, how: str) -> None:
+    """transformers' assisted generation needs the two models' vocabularies of the same size
+    (their configs' ``vocab_size``, padding included); one line otherwise, before any work."""
+    sizes = (draft.config.vocab_size, teacher.config.vocab_size)
+    if sizes[0] != sizes[1]:
+        raise LmdistillError(
+            f"{how}: the student's config.vocab_size is {sizes[0]} and the teacher's {sizes[1]}; transformers' assisted "
+            "generation needs them equal (the same tokenizer is not enough when one model pads its vocabulary), so "
+            "this pair cannot be measured drafting; the expected acceptance (without it) still is"
+        )
+
+
 def _generation_config(mode: str, max_new_tokens: int, eos: int, pad: int):
     from transformers import GenerationConfig
 
@@ -105,7 +119,9 @@ def _one_pass(model, prompts: list[torch.Tensor], config, seed: int, assistant=N
     device = next(model.parameters()).device
     outputs, new_tokens, seconds = [], 0, 0.0
     draft_calls = _Calls(assistant) if assistant is not None else contextlib.nullcontext()
-    with _Calls(model) as teacher_calls, draft_calls:
+    devices = [device] if device.type == "cuda" else []
+    # the seeds are set for these passes only: the caller's random state (a run's) is put back
+    with torch.random.fork_rng(devices=devices), _Calls(model) as teacher_calls, draft_calls:
         for i, prompt in enumerate(prompts):
             ids = prompt.view(1, -1).to(device)
             torch.manual_seed(seed + i)

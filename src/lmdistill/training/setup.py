@@ -24,10 +24,11 @@ from lmdistill.loss import divergences
 from lmdistill.loss.hidden import HiddenProjection, build_projection
 from lmdistill.loss.objective import HiddenTerm, Objective
 from lmdistill.models.loading import Models, load_models
-from lmdistill.models.lora import add_adapters, parameter_counts
+from lmdistill.models.lora import ADAPTER_FILE, add_adapters, parameter_counts, resume_problem
 from lmdistill.teacher.cache import open_for_run
 from lmdistill.teacher.onpolicy import on_policy_signal
 from lmdistill.teacher.signals import CachedTeacher, TeacherSignal, choose_loss_impl, make_signal
+from lmdistill.teacher.speculative import check_draft_pair
 from lmdistill.training.checkpoint import damaged_state_message, remove_leftovers, restore_training_state, resume_point
 from lmdistill.training.devices import check_trackers_installed, make_accelerator, on_main
 from lmdistill.training.guards import Guard
@@ -96,7 +97,10 @@ def build_run(cfg: Config, *, teacher=None, student=None, tokenizer=None, progre
     models, data = _models_and_data(cfg, teacher, student, tokenizer, progress)
     say = print if accelerator.is_main_process else (lambda message: None)
     if cfg.model.lora.r:  # adapters on the student as it was loaded or cut; its own weights frozen
-        models = dataclasses.replace(models, student=add_adapters(models.student, cfg.model.lora, cfg.model.student))
+        models = dataclasses.replace(
+            models,
+            student=add_adapters(models.student, cfg.model.lora, models.student_name if cfg.model.student else None),
+        )
         trained, total = parameter_counts(models.student)
         say(f"LoRA: {trained:,} of {total:,} parameters trained ({100 * trained / total:.2f}%)")
     _check_eval_generation(cfg, models)
@@ -172,6 +176,8 @@ def _check_eval_generation(cfg: Config, models: Models) -> None:
             f"{wanted[0]} needs the tokenizer's EOS token to end the student's continuations, and this tokenizer "
             "has none; set eos_token in its tokenizer_config.json"
         )
+    if e.draft:
+        check_draft_pair(models.student, models.teacher, "eval.draft")
     longest = e.prompt_tokens + e.max_new_tokens
     for role, model in (("student", models.student), ("teacher", models.teacher)):
         limit = getattr(model.config, "max_position_embeddings", None)
@@ -238,6 +244,13 @@ def _resume_or_start(
         accelerator.wait_for_everyone()
         return Resumed()
     # Everything that can refuse the resume comes before the run directory is touched.
+    adapters = checkpoint / ADAPTER_FILE
+    problem = resume_problem(adapters.read_bytes() if adapters.is_file() else None, cfg.model.lora)
+    if problem is not None:
+        raise CheckpointError(
+            f"cannot resume from {checkpoint}: {problem}, and this config's model.lora differs; resume with the "
+            "model.lora the run was started with (its config.yaml), or start a new run"
+        )
     state = restore_training_state(
         checkpoint,
         prepared.raw,

@@ -352,8 +352,9 @@ class Trainer:
     def _finish_run(self) -> RunResult:
         p, total = self.parts, self.parts.plan.total_steps
         final = self.evaluate(total, self.temperature_at(total), "eval (final)", ends=True)
-        student = merged(p.strategy.whole_student(p.prepared.raw, self.is_main))  # LoRA: adapters folded in
-        student_dir = p.run.save_student(student, p.models.tokenizer) if self.is_main else None
+        student = p.strategy.whole_student(p.prepared.raw, self.is_main)
+        # (LoRA: the adapters folded into the weights, in place, on the process that saves)
+        student_dir = p.run.save_student(merged(student), p.models.tokenizer) if self.is_main else None
         if self.teacher is not None and parameter_fingerprint(self.teacher) != self.teacher_before:
             raise AssertionError("the teacher's weights changed during training")  # our invariant, not user error
         guard = p.guard.state
