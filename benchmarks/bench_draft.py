@@ -57,7 +57,9 @@ def main() -> None:
     teacher = str(fetch(say=lambda _: None))
     out = Path(args.out)
     results = json.loads(out.read_text()) if out.is_file() else {"cuts": {}}
-    results["machine"] = f"{platform.machine()}, {os.cpu_count()} cores, torch threads {os.environ.get('OMP_NUM_THREADS')}"
+    results["machine"] = (
+        f"{platform.machine()}, {os.cpu_count()} cores, torch threads {os.environ.get('OMP_NUM_THREADS')}"
+    )
     results["settings"] = " ".join(FLAGS)
     for cut in args.cuts.split(","):
         for name in args.rows.split(","):
