@@ -3,7 +3,8 @@
 Two settings, each with a CE-only row, the full student trained with the original report's
 recipe (kd 0.5, T 2.0 -> 1.5), and LoRA students (model.lora.r = 16, alpha 32, every linear
 layer but the output one) with the same recipe, at the full run's learning rate and at ten and
-thirty times it (adapters are usually trained at a higher rate than whole weights):
+thirty times it (adapters are usually trained at a higher rate than whole weights), and at rank
+64 at ten times it:
 
   embedded  the embedded default: its teacher, its cut student, its corpus, the original
             command's settings (batch 2, one epoch; lr 1e-3 for the full student)
@@ -70,6 +71,8 @@ def rows(lr: float) -> dict[str, list[str]]:
         "lora": [*RECIPE, *LORA, "--lr", str(lr)],
         "lora_lr10": [*RECIPE, *LORA, "--lr", str(10 * lr)],
         "lora_lr30": [*RECIPE, *LORA, "--lr", str(30 * lr)],
+        # four times the rank, at the better of the rates above: is the rank what holds LoRA back?
+        "lora_r64_lr10": [*RECIPE, "--set", "model.lora={r: 64, alpha: 128}", "--lr", str(10 * lr)],
     }
 
 
@@ -109,7 +112,7 @@ def summary(run: Path) -> dict:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--setting", choices=sorted(SETTINGS), default="embedded")
-    parser.add_argument("--rows", default="ce,full,lora,lora_lr10,lora_lr30")
+    parser.add_argument("--rows", default="ce,full,lora,lora_lr10,lora_lr30,lora_r64_lr10")
     parser.add_argument("--work", default="/tmp/lmdistill-bench-lora")
     parser.add_argument("--out", required=True)
     args = parser.parse_args()

@@ -10,11 +10,10 @@ from __future__ import annotations
 
 import functools
 import json
-import re
 from pathlib import Path
 
 from lmdistill.core.errors import LmdistillError
-from lmdistill.core.paths import protected_place
+from lmdistill.core.paths import is_hub_id, protected_place
 from lmdistill.models.loading import save_model_dir
 from lmdistill.models.lora import ADAPTER_FILE, base_of, is_lora, merged, rebuild
 from lmdistill.report.card import CARD, write_model_card
@@ -55,6 +54,12 @@ def export_checkpoint(
     model = _student_of(ckpt)
     if adapter:
         model = _adapters_alone(model, ckpt)
+        base = base_of(model)
+        if push_to is not None and Path(base).exists():
+            print(
+                f"warning: the adapters' base model is the local '{base}': whoever loads them from the hub needs "
+                "that model too (train the adapters on a hub model for adapters that stand on their own)"
+            )
     else:
         model = merged(model)
     tokenizer = _run_tokenizer(checkpoint)
@@ -84,7 +89,7 @@ def check_hub(name: str) -> str:
     name; one line otherwise. Returns the repository as OWNER/NAME (the one logged in owns a bare NAME)."""
     from huggingface_hub import HfApi
 
-    if not re.fullmatch(r"([\w.-]+/)?[\w.-]+", name):
+    if not is_hub_id(name):
         raise LmdistillError(f"--push-to-hub '{name}' is not a repository name; give NAME or OWNER/NAME")
     try:
         user = HfApi().whoami()["name"]

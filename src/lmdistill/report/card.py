@@ -12,18 +12,16 @@ beside it as ``loss.png``). The metadata's ``license`` is the teacher's where it
 
 from __future__ import annotations
 
-import re
 import shutil
 from pathlib import Path
 
-from lmdistill.core.paths import atomic_write, cache_home
+from lmdistill.core.paths import atomic_write, cache_home, is_hub_id
 from lmdistill.report.markdown import fmt_loss, fmt_pct, fmt_ppl, fmt_times, table
 from lmdistill.report.reading import RunRecord, load_run
 
 CARD = "README.md"
 LOSS_PLOT = "loss.png"
 TAGS = ["lmdistill", "knowledge-distillation", "text-generation"]
-_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 
 
 def write_model_card(
@@ -94,7 +92,8 @@ def teacher_license(source: str | None) -> str | None:
 
 
 def _is_hub_id(source: str) -> bool:
-    return bool(_HUB_ID.match(source)) and not Path(source).exists()
+    """A hub id with an owner (``org/name``), as the hub's ``base_model`` takes it, not a local path."""
+    return "/" in source and is_hub_id(source) and not Path(source).exists()
 
 
 def _teacher_source(cfg: dict, info: dict) -> str | None:
