@@ -65,7 +65,7 @@ def test_the_final_student_carries_a_card_the_hub_reads(licensed_run):
     assert (licensed_run / "student" / "loss.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
-def test_the_card_names_the_default_teacher_and_a_baseline_for_what_they_are(licensed_run):
+def test_the_card_names_the_default_teacher_a_cache_and_a_baseline_for_what_they_are(licensed_run):
     from lmdistill.core.paths import cache_home
     from lmdistill.report.card import model_card
     from lmdistill.report.reading import load_run
@@ -74,6 +74,11 @@ def test_the_card_names_the_default_teacher_and_a_baseline_for_what_they_are(lic
     record.config["model"]["teacher"] = str(cache_home() / "teachers" / "pydoc-llama-0123")
     text = model_card(record)
     assert "from the teacher lmdistill's embedded default teacher" in text and "pydoc-llama-0123" not in text
+    record.run_info["teacher_cache"] = {"mode": "sampled", "teacher": "/models/big"}
+    record.config["model"]["teacher"] = None
+    cached = model_card(record)
+    assert "`/models/big` (read from a sampled cache)" in cached and "read from a sampled cache: its KL" in cached
+    assert "| perplexity |" in cached and "KL(teacher ‖ student) at T=1 |" not in cached
     record.config["distill"]["kd_weight"] = 0.0
     baseline = model_card(record)
     assert "ordinary language-model loss alone (kd_weight 0)" in baseline and "knowledge distillation" not in baseline

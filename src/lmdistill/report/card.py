@@ -219,68 +219,51 @@ def _results(record: RunRecord, step: int | None) -> list[str]:
         return ["## Results", "The run wrote no evaluation."]
     at = [e for e in evals if step is None or e["step"] <= step]
     after = at[-1] if at else evals[0]
-    before = record.initial_eval or {}
     note = ""
     if step is not None and after["step"] != step:
         note = f" The checkpoint of step {step} was not evaluated; these are the numbers of step {after['step']}."
-    rows = [
-        [
-            "perplexity",
-            fmt_ppl(before.get("eval_ppl")),
-            fmt_ppl(after.get("eval_ppl")),
-            fmt_ppl(after.get("teacher_ppl")),
-        ],
-        [
-            "CE, nats/token",
-            fmt_loss(before.get("eval_ce_loss")),
-            fmt_loss(after.get("eval_ce_loss")),
-            fmt_loss(after.get("teacher_ce_loss")),
-        ],
-        ["KL(teacher ‖ student) at T=1", fmt_loss(before.get("eval_kl")), fmt_loss(after.get("eval_kl")), "0"],
-        [
-            "top-1 agreement with the teacher",
-            fmt_pct(before.get("top1_agreement")),
-            fmt_pct(after.get("top1_agreement")),
-            "100%",
-        ],
-        [
-            "expected acceptance as the teacher's draft model",
-            fmt_pct(before.get("draft_acceptance")),
-            fmt_pct(after.get("draft_acceptance")),
-            "100%",
-        ],
-    ]
     cache = (record.run_info or {}).get("teacher_cache") or {}
-    sparse = cache and cache.get("mode") != "dense"
-    if sparse:  # KL, agreement and acceptance against a sparse cache are estimates of their own kind
-        rows = rows[:2]
-    for mode in ("greedy", "sampled"):
-        if f"draft_{mode}_speedup" in after:
-            rows.append(
-                [
-                    f"assisted generation, {mode}: speedup over the teacher alone",
-                    fmt_times(before.get(f"draft_{mode}_speedup")),
-                    fmt_times(after.get(f"draft_{mode}_speedup")),
-                    "1.00x",
-                ]
-            )
+    sparse = bool(cache) and cache.get("mode") != "dense"
     if sparse:
         note += (
             f" The teacher was read from a {cache.get('mode')} cache: its KL and agreement with the student are "
             "estimates from the cached targets, in the run's report.md."
         )
-    health = record.health
-    if health is None:
-        verdict = "The run did not finish, so it has no health verdict; see its report.md."
-    else:
-        fired = ", ".join(health.get("fired", [])) or "none"
-        verdict = f"Health of the whole run: **{health.get('verdict', 'unknown')}** (checks that fired: {fired})."
+    rows = _result_rows(record.initial_eval or {}, after, sparse)
     return [
         "## Results",
         f"Held-out, at step {after['step']} of the run.{note}",
         "\n".join(table(["metric", "student at step 0", "this student", "teacher"], rows)),
-        verdict,
+        _verdict(record.health),
     ]
+
+
+def _result_rows(before: dict, after: dict, sparse: bool) -> list[list[str]]:
+    def row(label, key, fmt, teacher):
+        return [label, fmt(before.get(key)), fmt(after.get(key)), teacher]
+
+    rows = [
+        row("perplexity", "eval_ppl", fmt_ppl, fmt_ppl(after.get("teacher_ppl"))),
+        row("CE, nats/token", "eval_ce_loss", fmt_loss, fmt_loss(after.get("teacher_ce_loss"))),
+    ]
+    if not sparse:  # KL, agreement and acceptance against a sparse cache are estimates of their own kind
+        rows += [
+            row("KL(teacher ‖ student) at T=1", "eval_kl", fmt_loss, "0"),
+            row("top-1 agreement with the teacher", "top1_agreement", fmt_pct, fmt_pct(1.0)),
+            row("expected acceptance as the teacher's draft model", "draft_acceptance", fmt_pct, fmt_pct(1.0)),
+        ]
+    for mode in ("greedy", "sampled"):
+        if f"draft_{mode}_speedup" in after:
+            label = f"assisted generation, {mode}: speedup over the teacher alone"
+            rows.append(row(label, f"draft_{mode}_speedup", fmt_times, "1.00x"))
+    return rows
+
+
+def _verdict(health: dict | None) -> str:
+    if health is None:
+        return "The run did not finish, so it has no health verdict; see its report.md."
+    fired = ", ".join(health.get("fired", [])) or "none"
+    return f"Health of the whole run: **{health.get('verdict', 'unknown')}** (checks that fired: {fired})."
 
 
 def _use(adapter: bool, name: str) -> list[str]:
