@@ -109,7 +109,7 @@ def _teacher_source(cfg: dict, info: dict) -> str | None:
 def _summary(cfg: dict, info: dict, teacher: str | None, adapter: bool) -> str:
     who = f"`{teacher}`" if teacher else "lmdistill's embedded default teacher (pretrained on its embedded corpus)"
     student = info.get("student") or {}
-    size = f"{_short(_student_params(student, adapter))}-parameter " if student.get("params") else ""
+    size = f" of {_short(_student_params(student, adapter))} parameters" if student.get("params") else ""
     kd = float(cfg.get("distill", {}).get("kd_weight", 0))
     how = (
         f"trained by knowledge distillation from the teacher {who}"
@@ -117,7 +117,7 @@ def _summary(cfg: dict, info: dict, teacher: str | None, adapter: bool) -> str:
         else f"trained with the ordinary language-model loss alone (kd_weight 0), with the teacher {who} as the "
         "reference it is measured against"
     )
-    lines = [f"A {size}causal language model {how}."]
+    lines = [f"A causal language model{size}, {how}."]
     licence = teacher_license(teacher) if teacher else None
     if kd > 0 and licence:
         lines.append(f"The teacher's license, as its own files state it: {licence}.")
@@ -207,7 +207,7 @@ def _recipe(cfg: dict, info: dict, step: int | None) -> list[str]:
     )
     items.append(
         f"- {steps} optimizer steps{of} of {batch} blocks ({_count(tokens)} tokens{on_policy}); AdamW, lr "
-        f"{tr.get('lr')} ({tr.get('lr_schedule')}), weight decay {tr.get('weight_decay')}; precision "
+        f"{_number(tr.get('lr'))} ({tr.get('lr_schedule')}), weight decay {tr.get('weight_decay')}; precision "
         f"{plan.get('mixed_precision')}"
     )
     return ["## Recipe", "\n".join(items)]
@@ -288,6 +288,10 @@ def _student_params(student: dict, adapter: bool) -> int | None:
     if params is not None and student.get("lora") and not adapter:
         return params - student.get("trained_params", 0)
     return params
+
+
+def _number(x) -> str:
+    return f"{x:.4g}" if isinstance(x, float) else str(x)
 
 
 def _short(n: int) -> str:
