@@ -36,10 +36,19 @@ REAL_HOME = Path(os.environ.get("LMDISTILL_HOME", Path.home() / ".cache" / "lmdi
 REAL_GGUF = REAL_HOME / "assets" / "SmolLM2-135M-Instruct.Q4_1.gguf"
 
 
-@pytest.fixture(autouse=True)
-def _isolated_cache(tmp_path_factory, monkeypatch):
-    # A test must never build (or reuse) the real default teacher by accident.
-    monkeypatch.setenv("LMDISTILL_HOME", str(tmp_path_factory.getbasetemp() / "lmdistill-home"))
+@pytest.fixture(scope="session", autouse=True)
+def _isolated_cache(tmp_path_factory):
+    """lmdistill's home (data stores, the default teacher, GGUF conversions) in the test session's
+    own temporary directory, for every test and for fixtures of every scope (a session-scoped
+    autouse fixture is set up before them all), and for the processes they start: a test must
+    never build, reuse or fill the user's real cache."""
+    before = os.environ.get("LMDISTILL_HOME")
+    os.environ["LMDISTILL_HOME"] = str(tmp_path_factory.getbasetemp() / "lmdistill-home")
+    yield
+    if before is None:
+        os.environ.pop("LMDISTILL_HOME", None)
+    else:
+        os.environ["LMDISTILL_HOME"] = before
 
 
 @pytest.fixture(scope="session")
