@@ -26,6 +26,7 @@ from lmdistill.models.loading import (
     load_tokenizer,
     resolve_source,
 )
+from lmdistill.teacher.generation import eos_and_pad
 from lmdistill.teacher.judge import check_generation_fits, describe_generations, held_out_prompts, judge_generations
 from lmdistill.teacher.signals import LiveLogits
 from lmdistill.teacher.speculative import DraftSettings, check_draft_pair, describe_drafting, measure_drafting
@@ -101,8 +102,7 @@ def evaluate_model(request: EvalRequest) -> dict:
 
 
 def _drafting(model, teacher, blocks, tokenizer, settings: DraftSettings) -> dict:
-    eos = tokenizer.eos_token_id
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos
+    eos, pad = eos_and_pad(tokenizer)
     prompts = held_out_prompts(blocks, settings.prompts, settings.prompt_tokens)
     return measure_drafting(model, teacher, prompts, settings, eos, pad)
 

@@ -18,6 +18,7 @@ import warnings
 import torch
 
 from lmdistill.core.errors import LmdistillError
+from lmdistill.models.loading import num_params
 
 # The adapters' settings, as peft writes them, in a checkpoint of a LoRA run.
 ADAPTER_FILE = "adapter_config.json"
@@ -152,11 +153,8 @@ def _wrap(model: torch.nn.Module, settings) -> torch.nn.Module:
 
 def parameter_counts(model: torch.nn.Module) -> tuple[int, int]:
     """(trained parameters, all parameters), each tied tensor counted once."""
-    seen: dict[int, torch.nn.Parameter] = {}
-    for p in model.parameters():
-        seen.setdefault(id(p), p)
-    trained = sum(p.numel() for p in seen.values() if p.requires_grad)
-    return trained, sum(p.numel() for p in seen.values())
+    unique = {id(p): p for p in model.parameters()}.values()
+    return sum(p.numel() for p in unique if p.requires_grad), num_params(model)
 
 
 def _json_able(value):

@@ -112,6 +112,12 @@ class HFGenerator:
             self.model.train(was_training)
 
 
+def eos_and_pad(tokenizer) -> tuple[int | None, int | None]:
+    """The ids generation stops at and pads with: the tokenizer's EOS, and its pad token, else EOS."""
+    eos = tokenizer.eos_token_id
+    return eos, tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos
+
+
 def left_padded(prompts: list[torch.Tensor], pad_token_id: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Prompts of different lengths as one (B, P) batch padded on the left, and its mask."""
     width = max(len(p) for p in prompts)

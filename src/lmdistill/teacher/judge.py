@@ -11,7 +11,7 @@ import torch
 
 from lmdistill.core.errors import LmdistillError
 from lmdistill.loss.views import prediction_logits
-from lmdistill.teacher.generation import HFGenerator, Sampling, continue_prompts, draw_seed, prompts_of
+from lmdistill.teacher.generation import HFGenerator, Sampling, continue_prompts, draw_seed, eos_and_pad, prompts_of
 from lmdistill.teacher.signals import LiveLogits
 
 
@@ -178,13 +178,12 @@ def check_generation_fits(
             f"--prompt-tokens {prompt_tokens} must be shorter than a block ({block_size} tokens): "
             "the prompts are each block's first tokens; lower --prompt-tokens or raise --block-size"
         )
-    eos = tokenizer.eos_token_id
+    eos, pad = eos_and_pad(tokenizer)
     if eos is None:
         raise LmdistillError(
             "generating needs the tokenizer's EOS token to end the model's continuations, and this "
             "tokenizer has none; set eos_token in its tokenizer_config.json"
         )
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos
     heads = held_out_prompts(blocks, prompts, prompt_tokens)
     longest_prompt = max(prompt_tokens, *(len(h) for h in heads))
     longest = longest_prompt + max_new_tokens

@@ -37,6 +37,7 @@ from lmdistill.teacher.generation import (
     Sampling,
     continue_prompts,
     draw_seed,
+    eos_and_pad,
     prompts_of,
     uniform_draw,
 )
@@ -160,13 +161,12 @@ def on_policy_signal(
     )
     reduce = (lambda t: accelerator.reduce(t, "sum")) if accelerator.num_processes > 1 else None
 
-    eos = tokenizer.eos_token_id
+    eos, pad = eos_and_pad(tokenizer)
     if eos is None:
         raise LmdistillError(
             "distill.on_policy needs the tokenizer's EOS token to end the student's generations, "
             "and this tokenizer has none; set its eos_token or turn on-policy off"
         )
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos
     sampling = Sampling(settings.max_new_tokens, settings.sample_temperature, settings.top_p)
     return OnPolicy(
         inner,

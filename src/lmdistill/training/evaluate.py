@@ -20,7 +20,7 @@ from lmdistill.core.progress import interactive
 from lmdistill.loss.objective import KDSpec, Objective
 from lmdistill.loss.views import prediction_logits
 from lmdistill.models.lora import is_lora
-from lmdistill.teacher.generation import Sampling
+from lmdistill.teacher.generation import Sampling, eos_and_pad
 from lmdistill.teacher.judge import held_out_prompts, judge_held_out
 from lmdistill.teacher.onpolicy import OnPolicy
 from lmdistill.teacher.signals import CachedTeacher, LiveLogits, TeacherSignal
@@ -233,7 +233,7 @@ class RunEvaluator:
         student, teacher, tokenizer, vocab = p.prepared.raw, p.models.teacher, p.models.tokenizer, p.vocab_size
         if isinstance(p.signal, OnPolicy):
             return p.signal.judge(student, teacher, p.data.eval, tokenizer, vocab)
-        eos = tokenizer.eos_token_id
+        eos, pad = eos_and_pad(tokenizer)
         return judge_held_out(
             student,
             teacher,
@@ -245,7 +245,7 @@ class RunEvaluator:
             sampling=Sampling(e.max_new_tokens),
             seed=p.cfg.run.seed,
             eos=eos,
-            pad=tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos,
+            pad=pad,
         )
 
     def _drafted(self) -> dict:
@@ -253,8 +253,7 @@ class RunEvaluator:
         tokenizer = p.models.tokenizer
         draft = p.prepared.raw.get_base_model() if is_lora(p.prepared.raw) else p.prepared.raw  # adapters active
         settings = DraftSettings(e.prompts, e.prompt_tokens, e.max_new_tokens, e.repeats, p.cfg.run.seed)
-        eos = tokenizer.eos_token_id
-        pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos
+        eos, pad = eos_and_pad(tokenizer)
         prompts = held_out_prompts(p.data.eval, e.prompts, e.prompt_tokens)
         return measure_drafting(draft, p.models.teacher, prompts, settings, eos, pad)
 
