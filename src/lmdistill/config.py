@@ -283,6 +283,11 @@ class DistillConfig:
     )
     jsd_beta: Float = doc("jsd: weight of the teacher in the mixture, in [0, 1] (0 = forward_kl, 1 = reverse_kl).", 0.5)
     skew_alpha: Float = doc("skew_kl / skew_reverse_kl: share of the own distribution in the mixture, in [0, 1).", 0.1)
+    cross_tokenizer: Literal["auto", "always", "never"] = doc(
+        "A teacher and a student with different tokenizers: auto = distil across them when they differ (with a "
+        "note), always = through the cross-tokenizer loss even for one tokenizer, never = refuse different ones.",
+        "auto",
+    )
     hidden: HiddenConfig = field(
         default_factory=HiddenConfig, metadata={"doc": "Intermediate-layer (hidden-state) distillation."}
     )
@@ -582,6 +587,37 @@ def _check_objective(cfg: Config) -> None:
     _check_on_policy(cfg)
     _check_lora(cfg)
     _check_eval(cfg)
+    if d.cross_tokenizer == "always" and (problem := cross_tokenizer_conflict(cfg)):
+        raise ConfigError(f"distill.cross_tokenizer = always: {problem}")
+
+
+def cross_tokenizer_conflict(cfg: Config) -> str | None:
+    """What in ``cfg`` cross-tokenizer distillation cannot do yet, with the fix; None if nothing."""
+    d = cfg.distill
+    checks = (
+        (
+            d.divergence != "forward_kl",
+            f"its loss is forward KL, not distill.divergence = {d.divergence}; set distill.divergence: forward_kl",
+        ),
+        (
+            d.on_policy.fraction > 0,
+            "on-policy steps score the student's tokens with the teacher; set distill.on_policy.fraction: 0",
+        ),
+        (d.hidden.weight > 0, "the hidden-state term pairs positions one to one; set distill.hidden.weight: 0"),
+        (
+            cfg.model.teacher_cache is not None,
+            "a teacher cache holds the teacher's view of the student's tokens; "
+            "name the teacher in model.teacher instead of model.teacher_cache",
+        ),
+        (cfg.loss.impl == "chunked", "its loss takes the full path; set loss.impl: auto or full"),
+        (bool(cfg.data.sources), "it reads one source; use data.path instead of data.sources"),
+        (cfg.parallel.strategy == "fsdp", "it runs the teacher whole in every process; use parallel.strategy: ddp"),
+        (
+            cfg.eval.generate or cfg.eval.draft,
+            "eval.generate and eval.draft score the student's tokens with the teacher; turn them off",
+        ),
+    )
+    return next((fix for broken, fix in checks if broken), None)
 
 
 def _check_eval(cfg: Config) -> None:

@@ -20,6 +20,35 @@ IGNORE_INDEX = -100  # the target of a position the loss does not train on (torc
 
 
 @dataclass
+class TeacherTokens:
+    """The teacher's own tokenization of a batch's text, for a teacher with another tokenizer.
+
+    batch: the teacher's tokens of the same stretches of text, one row per student row
+        (padded on the right; its ``targets`` are the teacher's next tokens).
+    teacher_positions, student_positions: (K,) flat indices into the (B * (Lt - 1)) teacher
+        and (B * (L - 1)) student predicting positions: the pairs where both models are about
+        to write the same text (``data/alignment.py``).
+    student_bytes, teacher_bytes: UTF-8 bytes of the text each side's targets cover (bits per
+        byte are comparable across tokenizers; perplexities are not).
+    """
+
+    batch: Batch
+    teacher_positions: torch.Tensor
+    student_positions: torch.Tensor
+    student_bytes: int
+    teacher_bytes: int
+
+    def to(self, device: torch.device | str) -> TeacherTokens:
+        return TeacherTokens(
+            self.batch.to(device),
+            self.teacher_positions.to(device),
+            self.student_positions.to(device),
+            self.student_bytes,
+            self.teacher_bytes,
+        )
+
+
+@dataclass
 class Batch:
     """One micro-batch.
 
@@ -35,6 +64,7 @@ class Batch:
     num_targets: int
     rows: torch.Tensor | None = None  # the blocks' rows in the run's train (or eval) blocks, when they came from there
     generated: bool = False  # prompts continued by the student (an on-policy step): the objective's on-policy loss
+    teacher_tokens: TeacherTokens | None = None  # the teacher's tokens of the same text, when its tokenizer differs
 
     @property
     def all_valid(self) -> bool:
@@ -67,6 +97,13 @@ class Batch:
 
     def to(self, device: torch.device | str) -> Batch:
         mask = self.attention_mask.to(device) if self.attention_mask is not None else None
+        paired = self.teacher_tokens.to(device) if self.teacher_tokens is not None else None
         return Batch(
-            self.input_ids.to(device), mask, self.targets.to(device), self.num_targets, self.rows, self.generated
+            self.input_ids.to(device),
+            mask,
+            self.targets.to(device),
+            self.num_targets,
+            self.rows,
+            self.generated,
+            paired,
         )

@@ -11,6 +11,11 @@ every token is its own span, and the pairs are the positions themselves.
 
 ``shared_vocabulary`` pairs the tokens the two vocabularies both have: the same text, with
 the byte-level and SentencePiece markers of a leading space read as a space.
+
+In a run, the text is the source's, tokenized once by each tokenizer into a data store that
+records where every token ends (``bytes.bin``, in UTF-8 bytes). The student's blocks are
+cut from its own store; ``teacher_windows`` finds, for each, the teacher tokens that cover the
+same bytes, and ``pair_positions`` aligns the two inside a block.
 """
 
 from __future__ import annotations
@@ -56,25 +61,34 @@ def token_ends(offsets) -> np.ndarray:
 def align(teacher_offsets, student_offsets) -> Alignment:
     """The spans of two tokenizations of one text, from each token's (start, end) characters
     (a fast tokenizer's ``return_offsets_mapping``)."""
-    t_ends, s_ends = token_ends(teacher_offsets), token_ends(student_offsets)
-    # a boundary: an offset both sides end a token at, taken where each side last ends there
-    # (tokens that cover nothing, or that share a split character, join the span before them)
-    t_last = _last_index_of_each_end(t_ends)
-    s_last = _last_index_of_each_end(s_ends)
-    common = np.intersect1d(np.fromiter(t_last, np.int64), np.fromiter(s_last, np.int64))
-    common = common[common > 0]
-    t_end = np.asarray([t_last[c] + 1 for c in common], dtype=np.int64)
-    s_end = np.asarray([s_last[c] + 1 for c in common], dtype=np.int64)
+    return align_ends(token_ends(teacher_offsets), token_ends(student_offsets))
+
+
+def align_ends(t_ends: np.ndarray, s_ends: np.ndarray) -> Alignment:
+    """The spans of two tokenizations of one text, from where each token ends (non-decreasing
+    offsets from the text's start).
+
+    Several tokens can end at one offset (the pieces of a character split in two, a token that
+    covers nothing): the last token ending there on one side meets the last on the other, the
+    one before it the one before, and so on; the tokens one side has more of join the span
+    before. So one tokenizer on both sides makes every token its own span, whatever the text."""
+    t_key, s_key = _boundary_keys(t_ends), _boundary_keys(s_ends)
+    _, t_last, s_last = np.intersect1d(t_key, s_key, assume_unique=True, return_indices=True)
+    t_end, s_end = (t_last + 1).astype(np.int64), (s_last + 1).astype(np.int64)
     t_start = np.concatenate([[0], t_end[:-1]]).astype(np.int64)
     s_start = np.concatenate([[0], s_end[:-1]]).astype(np.int64)
     return Alignment(t_start, t_end, s_start, s_end)
 
 
-def _last_index_of_each_end(ends: np.ndarray) -> dict[int, int]:
-    last: dict[int, int] = {}
-    for i, end in enumerate(ends.tolist()):
-        last[end] = i
-    return last
+_TIES = 1 << 16  # more tokens than this ending at one offset do not occur
+
+
+def _boundary_keys(ends: np.ndarray) -> np.ndarray:
+    """One key per token, ordered as the tokens are: its end, and how many tokens after it end
+    there too (counted down, so the last of them has the largest key at that end)."""
+    ends = np.asarray(ends, dtype=np.int64)
+    later = np.searchsorted(ends, ends, "right") - 1 - np.arange(len(ends))
+    return ends * _TIES + (_TIES - 1 - later)
 
 
 # The markers tokenizers use for a leading space: byte-level BPE's and SentencePiece's.
@@ -100,3 +114,100 @@ def shared_vocabulary(teacher_tokenizer, student_tokenizer) -> tuple[np.ndarray,
     )
     ids = np.asarray(pairs, dtype=np.int64).reshape(-1, 2)
     return ids[:, 0], ids[:, 1]
+
+
+# ---------------------------------------------------------------------------- two stores in step
+def teacher_windows(
+    s_ends: np.ndarray, starts: np.ndarray, lengths: np.ndarray, t_ends: np.ndarray
+) -> tuple[np.ndarray, np.ndarray]:
+    """(start, length) of the teacher tokens that cover the text of each student block.
+
+    ``s_ends`` and ``t_ends`` are where each token of the two stores ends (``bytes.bin``); a
+    student block of ``lengths[i]`` tokens from ``starts[i]`` covers the bytes after the token
+    before it up to its last token's end. The teacher's window is its tokens inside that
+    stretch. Tokens of no width (the second piece of a character split in two) sit on an edge
+    of the stretch: the window leaves out as many of them at its start as the student block
+    does, and keeps as many at its end, so that with one tokenizer the window is the block.
+    """
+    starts = np.asarray(starts, dtype=np.int64)
+    last = starts + np.asarray(lengths, dtype=np.int64) - 1
+    lo = np.where(starts > 0, s_ends[np.maximum(starts - 1, 0)], 0)
+    hi = s_ends[last]
+    left_out = starts - np.searchsorted(s_ends, lo, "left")  # student tokens before the block that end at lo
+    kept = last + 1 - np.searchsorted(s_ends, hi, "left")  # the block's tokens that end at hi
+    t_start = _skip_ties(t_ends, lo, left_out)
+    t_stop = _skip_ties(t_ends, hi, kept)
+    return t_start, np.maximum(t_stop - t_start, 0)
+
+
+def _skip_ties(ends: np.ndarray, at: np.ndarray, ties: np.ndarray) -> np.ndarray:
+    """The index just past the tokens that end before ``at`` and up to ``ties`` of those ending at it."""
+    first = np.searchsorted(ends, at, "left")
+    return first + np.minimum(ties, np.searchsorted(ends, at, "right") - first)
+
+
+def pair_positions(s_ends: np.ndarray, t_ends: np.ndarray, base: int) -> tuple[np.ndarray, np.ndarray]:
+    """(teacher positions, student positions) whose predictions meet, in one block whose student
+    and teacher tokens end at ``s_ends`` and ``t_ends`` (absolute offsets; ``base`` is where the
+    block's text starts)."""
+    if len(s_ends) < 2 or len(t_ends) < 2:
+        return np.zeros(0, dtype=np.int64), np.zeros(0, dtype=np.int64)
+    return prediction_pairs(align_ends(np.asarray(t_ends) - base, np.asarray(s_ends) - base))
+
+
+class TeacherWindows:
+    """The teacher's side of a set of student blocks: a store of the same source tokenized by
+    the teacher's tokenizer, and for each block row the window of its tokens that covers the
+    block's text (``teacher_windows``). ``Blocks`` carries one and hands its rows' tokens, and
+    the pairs of positions that meet, to each batch (``Batch.teacher_tokens``)."""
+
+    def __init__(self, store, starts: np.ndarray, lengths: np.ndarray):
+        self.store, self.starts, self.lengths = store, starts, lengths
+
+    @classmethod
+    def for_blocks(cls, teacher_store, student_store, starts: np.ndarray, lengths: np.ndarray) -> TeacherWindows:
+        t_start, t_length = teacher_windows(student_store.text_bytes, starts, lengths, teacher_store.text_bytes)
+        return cls(teacher_store, t_start, t_length)
+
+    def subset(self, rows: np.ndarray) -> TeacherWindows:
+        return TeacherWindows(self.store, self.starts[rows], self.lengths[rows])
+
+    @property
+    def longest(self) -> int:
+        return int(self.lengths.max()) if len(self.lengths) else 0
+
+    def tokens(self, rows: np.ndarray, student_store, s_starts: np.ndarray, s_lengths: np.ndarray, width: int):
+        """The ``TeacherTokens`` of block ``rows`` whose student tokens start at ``s_starts`` (with
+        ``s_lengths``) in ``student_store``, in a student batch ``width`` tokens wide."""
+        import torch
+
+        from lmdistill.core.batch import Batch, TeacherTokens
+
+        t_starts, t_lengths = self.starts[rows], self.lengths[rows]
+        t_width = max(2, int(t_lengths.max()) if len(rows) else 2)
+        ids = np.full((len(rows), t_width), self.store.manifest["pad_id"], dtype=np.int64)
+        real = np.zeros((len(rows), t_width), dtype=bool)
+        t_pos, s_pos, s_bytes, t_bytes = [], [], 0, 0
+        s_all, t_all = student_store.text_bytes, self.store.text_bytes
+        for r, (s0, n, t0, m) in enumerate(
+            zip(s_starts.tolist(), s_lengths.tolist(), t_starts.tolist(), t_lengths.tolist())
+        ):
+            ids[r, :m] = self.store.tokens[t0 : t0 + m]
+            real[r, :m] = True
+            s_ends, t_ends = np.asarray(s_all[s0 : s0 + n]), np.asarray(t_all[t0 : t0 + m])
+            teacher_at, student_at = pair_positions(s_ends, t_ends, int(s_all[s0 - 1]) if s0 > 0 else 0)
+            t_pos.append(teacher_at + r * (t_width - 1))
+            s_pos.append(student_at + r * (width - 1))
+            s_bytes += int(s_ends[-1] - s_ends[0]) if n > 1 else 0
+            t_bytes += int(t_ends[-1] - t_ends[0]) if m > 1 else 0
+        ids_t = torch.from_numpy(ids)
+        batch = (
+            Batch.from_blocks(ids_t) if real.all() else Batch.from_ids(ids_t, torch.from_numpy(real.astype(np.int64)))
+        )
+        return TeacherTokens(
+            batch,
+            torch.from_numpy(np.concatenate(t_pos) if t_pos else np.zeros(0, np.int64)),
+            torch.from_numpy(np.concatenate(s_pos) if s_pos else np.zeros(0, np.int64)),
+            s_bytes,
+            t_bytes,
+        )

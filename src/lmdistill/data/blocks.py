@@ -28,6 +28,7 @@ import numpy as np
 import torch
 
 from lmdistill.core.batch import Batch
+from lmdistill.data.alignment import TeacherWindows
 from lmdistill.data.store import Store
 
 
@@ -112,8 +113,11 @@ class Blocks:
         block_size: int,
         use_mask: bool,
         origin: np.ndarray | None = None,
+        teacher: TeacherWindows | None = None,
     ):
         self.store, self.block_size, self.use_mask = store, block_size, use_mask
+        # A teacher with another tokenizer: its tokens of each block's text (``alignment.py``).
+        self.teacher = teacher
         self.starts, self.lengths, self.targets = starts, lengths, targets
         self.full = lengths is None  # plain text: every block is block_size real tokens, all targets valid
         # Each row's number in the set it was taken from (a run's train or eval blocks): what a
@@ -137,16 +141,26 @@ class Blocks:
             self.block_size,
             self.use_mask,
             self.origin[rows],
+            self.teacher.subset(rows) if self.teacher is not None else None,
         )
 
     def numbered(self) -> Blocks:
         """The same blocks as a set of their own: rows numbered 0 .. n-1."""
-        return Blocks(self.store, self.starts, self.lengths, self.targets, self.block_size, self.use_mask)
+        return Blocks(
+            self.store, self.starts, self.lengths, self.targets, self.block_size, self.use_mask, teacher=self.teacher
+        )
 
     def shifted(self, offset: int) -> Blocks:
         """The same blocks, numbered from ``offset`` (their place in a mixture)."""
         return Blocks(
-            self.store, self.starts, self.lengths, self.targets, self.block_size, self.use_mask, self.origin + offset
+            self.store,
+            self.starts,
+            self.lengths,
+            self.targets,
+            self.block_size,
+            self.use_mask,
+            self.origin + offset,
+            self.teacher,
         )
 
     @property
@@ -162,6 +176,9 @@ class Blocks:
         ids, loss_mask = self._read(rows)
         batch = Batch.from_blocks(ids) if loss_mask is None else Batch.from_ids(ids, None, loss_mask)
         batch.rows = torch.from_numpy(self.origin[rows])
+        if self.teacher is not None:
+            lengths = np.full(len(rows), self.block_size) if self.full else self.lengths[rows]
+            batch.teacher_tokens = self.teacher.tokens(rows, self.store, self.starts[rows], lengths, self.block_size)
         return batch
 
     def _read(self, rows: np.ndarray) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -184,6 +201,8 @@ class Blocks:
             if array is not None:
                 h.update(np.ascontiguousarray(array, dtype=np.int64).tobytes())
         h.update(b"mask" if self.use_mask else b"all")
+        if self.teacher is not None:  # the teacher's tokens of the blocks come from this store
+            h.update(f" teacher {self.teacher.store.fingerprint}".encode())
         return "sha256:" + h.hexdigest()
 
 
@@ -245,10 +264,23 @@ def _as_index(rows, n: int) -> np.ndarray:
 
 
 def split_blocks(
-    layout: Layout, store: Store, use_mask: bool, eval_fraction: float | None, split_seed: int
+    layout: Layout,
+    store: Store,
+    use_mask: bool,
+    eval_fraction: float | None,
+    split_seed: int,
+    teacher_store: Store | None = None,
 ) -> tuple[Blocks, Blocks | None]:
-    """(train, eval): whole blocks held out with ``split_seed`` (eval None when eval_fraction is None)."""
-    everything = Blocks(store, layout.starts, layout.lengths, layout.targets, layout.block_size, use_mask)
+    """(train, eval): whole blocks held out with ``split_seed`` (eval None when eval_fraction is None).
+    ``teacher_store``: the same source in the teacher's tokenizer, when it differs (the blocks
+    then carry the teacher's tokens of their text)."""
+    teacher = None
+    if teacher_store is not None:
+        lengths = layout.lengths if layout.lengths is not None else np.full(len(layout.starts), layout.block_size)
+        teacher = TeacherWindows.for_blocks(teacher_store, store, layout.starts, lengths)
+    everything = Blocks(
+        store, layout.starts, layout.lengths, layout.targets, layout.block_size, use_mask, teacher=teacher
+    )
     if eval_fraction is None:
         return everything, None
     n = len(everything)

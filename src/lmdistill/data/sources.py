@@ -478,19 +478,47 @@ def _say(message: str) -> None:
 
 
 def open_store(
-    source: str | None, cfg: DataConfig, tokenizer, role: str = "data.path", progress: bool = True
+    source: str | None,
+    cfg: DataConfig,
+    tokenizer,
+    role: str = "data.path",
+    progress: bool = True,
+    text_bytes: bool = False,
+    capped: bool = True,
 ) -> tuple[Store, bool]:
-    """The tokenized store of ``source``, built on first use (see ``store.py``)."""
+    """The tokenized store of ``source``, built on first use (see ``store.py``); ``text_bytes``:
+    with where each token ends in the text; ``capped``: cut at ``data.max_tokens``."""
     plan = plan_source(source, cfg, role)
     return open_or_build(
         plan,
         tokenizer,
         home=stores_home(cfg.store_dir),
         num_proc=cfg.num_proc,
-        max_tokens=cfg.max_tokens,
+        max_tokens=cfg.max_tokens if capped else None,
         say=_say,
         progress=progress and _is_main(),
+        text_bytes=text_bytes,
     )
+
+
+def teacher_store(source: str | None, cfg: DataConfig, tokenizer, student: Store, role: str, progress: bool) -> Store:
+    """The same source in the teacher's tokenizer, for a teacher whose tokenizer differs: whole
+    (``data.max_tokens`` counts the student's tokens; the teacher's store must cover their text)."""
+    if student.chat:
+        raise LmdistillError(
+            f"{role} '{source or 'embedded'}' is chat or prompt/completion data, and cross-tokenizer distillation "
+            "reads plain text only (the two tokenizers' chat templates write different text); give plain text"
+        )
+    store, built = open_store(source, cfg, tokenizer, role, progress, text_bytes=True, capped=False)
+    if not built:
+        _say(f"data: the teacher's tokens of {store.manifest['source']}: {store.num_tokens:,} tokens from {store.path}")
+    covered = int(student.text_bytes[-1]) if len(student.text_bytes) else 0
+    if (int(store.text_bytes[-1]) if len(store.text_bytes) else 0) < covered:
+        raise LmdistillError(
+            f"the teacher's data store {store.path} covers less text than the student's {student.path}; delete "
+            "both and run again to rebuild them"
+        )
+    return store
 
 
 def _is_main() -> bool:
@@ -509,9 +537,17 @@ def _loss_on(cfg: DataConfig, store: Store, role: str, source: str | None) -> st
 
 
 def _source_data(
-    name: str, weight: float, source: str | None, cfg: DataConfig, tokenizer, role: str, hold_out: bool, progress: bool
+    name: str,
+    weight: float,
+    source: str | None,
+    cfg: DataConfig,
+    tokenizer,
+    role: str,
+    hold_out: bool,
+    progress: bool,
+    teacher_tokenizer=None,
 ) -> SourceData:
-    store, built = open_store(source, cfg, tokenizer, role, progress)
+    store, built = open_store(source, cfg, tokenizer, role, progress, text_bytes=teacher_tokenizer is not None)
     if not built:
         _say(f"data: {store.manifest['source']}: {store.num_tokens:,} tokens from the store {store.path}")
     if store.manifest["skipped_no_assistant"]:
@@ -538,15 +574,18 @@ def _source_data(
             f"{role} '{source or 'embedded'}' gives {len(layout.starts)} block(s) of {cfg.block_size} tokens, fewer "
             f"than {minimum} needed; {more} or lower {'--block-size' if role.startswith('--') else 'data.block_size'}"
         )
+    twin = None if teacher_tokenizer is None else teacher_store(source, cfg, teacher_tokenizer, store, role, progress)
     train, held_out = split_blocks(
-        layout, store, loss_on == "assistant", cfg.eval_fraction if hold_out else None, cfg.split_seed
+        layout, store, loss_on == "assistant", cfg.eval_fraction if hold_out else None, cfg.split_seed, twin
     )
     return SourceData(name, weight, store, built, loss_on, train, held_out)
 
 
-def build_block_data(cfg: DataConfig, tokenizer, progress: bool = True) -> BlockData:
+def build_block_data(cfg: DataConfig, tokenizer, progress: bool = True, teacher_tokenizer=None) -> BlockData:
     """The run's sources as stores (built on first use), cut into blocks; eval blocks split off
-    (whole blocks, with ``data.split_seed``) or taken from ``data.eval_path``."""
+    (whole blocks, with ``data.split_seed``) or taken from ``data.eval_path``. With a
+    ``teacher_tokenizer`` (a teacher whose tokenizer differs), every block also carries the
+    teacher's tokens of its text, from a second store of the same source."""
     entries = cfg.sources or [{"path": cfg.path, "weight": 1.0}]
     names = source_names(cfg) if cfg.sources else [cfg.path or "embedded"]
     hold_out = cfg.eval_path is None
@@ -560,6 +599,7 @@ def build_block_data(cfg: DataConfig, tokenizer, progress: bool = True) -> Block
             "data.sources" if cfg.sources else "data.path",
             hold_out,
             progress,
+            teacher_tokenizer,
         )
         for name, e in zip(names, entries)
     ]
@@ -574,7 +614,9 @@ def build_block_data(cfg: DataConfig, tokenizer, progress: bool = True) -> Block
             f"{' of each source' if len(sources) > 1 else ''})"
         )
     else:
-        eval_store = _source_data("eval", 1.0, cfg.eval_path, cfg, tokenizer, "data.eval_path", False, progress)
+        eval_store = _source_data(
+            "eval", 1.0, cfg.eval_path, cfg, tokenizer, "data.eval_path", False, progress, teacher_tokenizer
+        )
         eval_blocks = eval_store.train.subset(slice(0, cfg.max_eval_blocks))
         eval_source = eval_store.store.manifest["source"]
     if len(eval_blocks) == 0:

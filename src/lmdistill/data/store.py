@@ -12,6 +12,14 @@ corpus) tokenized with one tokenizer::
       docs.bin        int64: where each document ends in tokens.bin
       mask.bin        chat and prompt/completion data only: uint8, 1 on the tokens a
                       model should learn to produce (assistant turns, completions)
+      bytes.bin       stores built for cross-tokenizer distillation only: int64, where each
+                      token ends in the source's text, in UTF-8 bytes counted from the
+                      store's first document (a document's EOS counts as one byte)
+
+The byte offsets are what lets two stores of one source, tokenized by two tokenizers, be read
+in step: the source's text is cut into the same pieces whatever the tokenizer, so both count
+the same bytes, and a block of one store covers a known stretch of text that the other's
+tokens can be found for (``data/alignment.py``).
 
 Plain text gets an EOS after every document, as training has always packed it; a chat
 conversation ends however its template ends it.
@@ -166,13 +174,16 @@ def plan_records(dataset, fmt: str, description: str, identity: dict, text_field
 _WORKER: dict = {}
 
 
-def _init_worker(tokenizer, dataset, fmt: str, text_field: str, parent: int | None = None) -> None:
+def _init_worker(
+    tokenizer, dataset, fmt: str, text_field: str, text_bytes: bool = False, parent: int | None = None
+) -> None:
     """Per process: the tokenizer and dataset, and one core each (num_proc is the parallelism).
-    A worker of the build process ``parent`` ends with it (``_die_with_parent``)."""
+    ``text_bytes``: record where each token ends in the text (``bytes.bin``). A worker of the
+    build process ``parent`` ends with it (``_die_with_parent``)."""
     if parent is not None:
         _die_with_parent(parent)
     os.environ["TOKENIZERS_PARALLELISM"] = "false"
-    _WORKER.update(tokenizer=tokenizer, dataset=dataset, fmt=fmt, text_field=text_field)
+    _WORKER.update(tokenizer=tokenizer, dataset=dataset, fmt=fmt, text_field=text_field, text_bytes=text_bytes)
 
 
 def _die_with_parent(parent: int) -> None:
@@ -216,23 +227,25 @@ def _tokenize_shard(index: int, shard: tuple, out_dir: str, dtype: str) -> dict:
     The marker (``.json``) is written last, by rename: a shard without one is redone."""
     tokenizer, fmt = _WORKER["tokenizer"], _WORKER["fmt"]
     ids, ends, mask, counts = [], [], [], {"skipped_no_assistant": 0, "empty": 0, "records": 0}
+    text = _TextBytes(_WORKER["text_bytes"])
     if shard[0] == "files":
         for path, start, end, last in shard[1]:
             before = len(ids)
-            for piece in tokenizer(_text_pieces(path, start, end), add_special_tokens=False, verbose=False)[
-                "input_ids"
-            ]:
-                ids.extend(piece)
+            pieces = _text_pieces(path, start, end)
+            for piece, encoded in zip(pieces, _encode(tokenizer, pieces, text.on)):
+                ids.extend(encoded["input_ids"])
+                text.add(piece, encoded)
             if last and (len(ids) > before or start > 0):  # the file's end: its document ends with EOS
                 ids.append(tokenizer.eos_token_id)
                 ends.append(len(ids))
+                text.end_document()
     elif shard[0] == "records":
         _, start, end = shard
         rows = _WORKER["dataset"][start:end]
         records = [dict(zip(rows, values)) for values in zip(*rows.values())]
-        _records_to_ids(records, start, fmt, tokenizer, ids, ends, mask, counts)
+        _records_to_ids(records, start, fmt, tokenizer, ids, ends, mask, counts, text)
     else:  # ("rows", number of the first record, the records): a piece of a stream
-        _records_to_ids(shard[2], shard[1], fmt, tokenizer, ids, ends, mask, counts)
+        _records_to_ids(shard[2], shard[1], fmt, tokenizer, ids, ends, mask, counts, text)
     base = Path(out_dir) / f"shard-{index:05d}"
     array = np.asarray(ids, dtype=dtype)
     if len(ids) and int(array.max()) != max(ids):  # a wider id than the dtype holds: the vocabulary grew
@@ -241,9 +254,46 @@ def _tokenize_shard(index: int, shard: tuple, out_dir: str, dtype: str) -> dict:
     _write_synced(f"{base}.ends", np.asarray(ends, dtype=np.int64))
     if fmt != "text":
         _write_synced(f"{base}.mask", np.asarray(mask, dtype=np.uint8))
-    result = {"tokens": len(ids), "documents": len(ends), **counts}
+    if text.on:
+        _write_synced(f"{base}.bytes", np.asarray(text.ends, dtype=np.int64))
+    result = {"tokens": len(ids), "documents": len(ends), **counts, **({"text_bytes": text.total} if text.on else {})}
     atomic_write_json(Path(f"{base}.json"), result, fsync=True)
     return result
+
+
+class _TextBytes:
+    """Where each token of a shard ends in its text, in UTF-8 bytes from the shard's start
+    (``bytes.bin``; off unless the store is built for cross-tokenizer distillation)."""
+
+    def __init__(self, on: bool):
+        self.on, self.ends, self.total = on, [], 0
+
+    def add(self, text: str, encoded) -> None:
+        """A piece of text and its encoding (with ``offset_mapping``, character offsets)."""
+        if not self.on:
+            return
+        codes = np.frombuffer(text.encode("utf-32-le"), dtype=np.uint32)
+        width = 1 + (codes >= 0x80).astype(np.int64) + (codes >= 0x800) + (codes >= 0x10000)
+        at = np.concatenate([[0], np.cumsum(width)])  # character offset -> byte offset
+        chars = np.asarray([end for _, end in encoded["offset_mapping"]], dtype=np.int64)
+        # Byte-level tokens that split one character share its offsets: the ends never go back.
+        ends = np.maximum.accumulate(at[chars]) if len(chars) else chars
+        self.ends.extend((self.total + ends).tolist())
+        self.total += int(at[-1])
+
+    def end_document(self) -> None:
+        """A document's EOS: one byte of its own, so that no token is at the seam of two documents."""
+        if self.on:
+            self.total += 1
+            self.ends.append(self.total)
+
+
+def _encode(tokenizer, texts: list[str], offsets: bool):
+    """Each text's encoding (``input_ids``, and ``offset_mapping`` when ``offsets``)."""
+    if not texts:
+        return []
+    out = tokenizer(texts, add_special_tokens=False, verbose=False, return_offsets_mapping=offsets)
+    return [{key: out[key][i] for key in out} for i in range(len(texts))]
 
 
 def _write_synced(path: str, array: np.ndarray) -> None:
@@ -275,7 +325,7 @@ def _text_pieces(path: str, start: int, end: int) -> list[str]:
     return pieces
 
 
-def _records_to_ids(records: list[dict], start: int, fmt: str, tokenizer, ids, ends, mask, counts) -> None:
+def _records_to_ids(records: list[dict], start: int, fmt: str, tokenizer, ids, ends, mask, counts, text) -> None:
     """Append the ids (and mask, and document ends) of ``records``, numbered from ``start``."""
 
     counts["records"] += len(records)
@@ -295,12 +345,16 @@ def _records_to_ids(records: list[dict], start: int, fmt: str, tokenizer, ids, e
                 texts.append(text)
             else:
                 counts["empty"] += 1
-        for doc in tokenizer(texts, add_special_tokens=False, verbose=False)["input_ids"] if texts else []:
-            if doc:
-                ids.extend(doc)
+        for doc, encoded in zip(texts, _encode(tokenizer, texts, text.on)):
+            if encoded["input_ids"]:
+                ids.extend(encoded["input_ids"])
+                text.add(doc, encoded)
                 ids.append(tokenizer.eos_token_id)
                 ends.append(len(ids))
+                text.end_document()
         return
+    if text.on:
+        raise RecordError("cross-tokenizer distillation reads plain text only, not chat or prompt/completion records")
     for number, record in enumerate(records, start):
         _check_format(record, fmt, text_field, number)
         try:
@@ -337,6 +391,7 @@ class Store:
     tokens: np.ndarray
     doc_ends: np.ndarray
     mask: np.ndarray | None
+    text_bytes: np.ndarray | None = None  # where each token ends in the text (bytes.bin), when built with it
 
     @property
     def fingerprint(self) -> str:
@@ -378,7 +433,14 @@ class Store:
                 else np.zeros(0, dtype=record["dtype"])
                 for name, record in manifest["files"].items()
             }
-            store = cls(path, manifest, arrays["tokens.bin"], arrays["docs.bin"], arrays.get("mask.bin"))
+            store = cls(
+                path,
+                manifest,
+                arrays["tokens.bin"],
+                arrays["docs.bin"],
+                arrays.get("mask.bin"),
+                arrays.get("bytes.bin"),
+            )
             problem = store._contents_problem(vocab_size)
             if problem is None:
                 return store
@@ -408,7 +470,12 @@ class Store:
 
 
 # The files a store may hold, with the dtypes each may have; the manifest's counts that must be whole numbers.
-_FILE_DTYPES = {"tokens.bin": ("uint16", "uint32"), "docs.bin": ("int64",), "mask.bin": ("uint8",)}
+_FILE_DTYPES = {
+    "tokens.bin": ("uint16", "uint32"),
+    "docs.bin": ("int64",),
+    "mask.bin": ("uint8",),
+    "bytes.bin": ("int64",),
+}
 _COUNTS = ("tokens", "documents", "tokens_before_cap", "skipped_no_assistant", "empty_records", "records", "pad_id")
 
 
@@ -425,6 +492,8 @@ def _manifest_problem(manifest, vocab_size: int) -> str | None:
         return f"{MANIFEST} lacks its fingerprint, source or format"
     files = manifest.get("files")
     wanted = {"tokens.bin", "docs.bin"} | ({"mask.bin"} if manifest["format"] != "text" else set())
+    if isinstance(manifest.get("key"), dict) and manifest["key"].get("text_bytes"):
+        wanted.add("bytes.bin")
     if not isinstance(files, dict) or set(files) != wanted:
         return f"{MANIFEST} does not list {', '.join(sorted(wanted))} under 'files'"
     for name, record in files.items():
@@ -440,6 +509,7 @@ def _manifest_problem(manifest, vocab_size: int) -> str | None:
         "tokens.bin": tokens * np.dtype(files["tokens.bin"]["dtype"]).itemsize,
         "docs.bin": documents * 8,
         "mask.bin": tokens,
+        "bytes.bin": tokens * 8,
     }
     for name, record in files.items():
         if record["bytes"] != sizes[name]:
@@ -501,9 +571,11 @@ def id_dtype(vocab_size: int) -> str:
     return "uint16" if vocab_size <= 1 << 16 else "uint32"
 
 
-def store_key(plan: SourcePlan, tokenizer, max_tokens: int | None) -> dict:
-    """Everything that changes the stored ids; its hash names the store's directory."""
+def store_key(plan: SourcePlan, tokenizer, max_tokens: int | None, text_bytes: bool = False) -> dict:
+    """Everything that changes the stored ids (and whether the store holds ``bytes.bin``); its
+    hash names the store's directory."""
     return {
+        **({"text_bytes": True} if text_bytes else {}),
         "format_version": FORMAT_VERSION,
         "source": plan.identity,
         "text_field": plan.text_field if plan.kind == "records" else None,
@@ -554,9 +626,11 @@ def open_or_build(
     max_tokens: int | None,
     say=print,
     progress: bool = True,
+    text_bytes: bool = False,
 ) -> tuple[Store, bool]:
-    """The store for ``plan`` and ``tokenizer``: opened if it exists, else built. (store, built)."""
-    key = store_key(plan, tokenizer, max_tokens)
+    """The store for ``plan`` and ``tokenizer``: opened if it exists, else built. (store, built).
+    ``text_bytes``: a store that also records where each token ends in the text (``bytes.bin``)."""
+    key = store_key(plan, tokenizer, max_tokens, text_bytes)
     final = home / key_name(key)
     try:  # only ever renamed into place whole: a damaged one is refused, not built over
         store = Store.open(final, len(tokenizer)) if final.exists() else None
@@ -625,7 +699,9 @@ def _build(
             say(f"note: resuming the data store build in '{build}': {len(finished)} shard(s) are done")
         shards = "a stream" if plan.shards is None else f"{len(plan.shards)} shard(s)"
         say(f"tokenizing {plan.description} into a data store ({shards}, {procs} process(es)): {final}")
-        results = _run_shards(plan, tokenizer, build, finished, procs, max_tokens, progress, key["dtype"])
+        results = _run_shards(
+            plan, tokenizer, build, finished, procs, max_tokens, progress, key["dtype"], key.get("text_bytes", False)
+        )
         manifest = _assemble(plan, key, build, final, results, max_tokens, tokenizer, sources)
     except RecordError as exc:
         shutil.rmtree(build, ignore_errors=True)  # bad input: nothing is kept half-way
@@ -675,19 +751,25 @@ def _start_build_dir(build: Path, key: dict, plan: SourcePlan, sources: list[dic
             same = False
         if same:
             finished = {int(p.name[6:11]): json.loads(p.read_text()) for p in sorted(build.glob("shard-*.json"))}
-            return {i: r for i, r in finished.items() if _shard_intact(build, i, r, key["dtype"], plan.chat)}
+            return {
+                i: r
+                for i, r in finished.items()
+                if _shard_intact(build, i, r, key["dtype"], plan.chat, key.get("text_bytes", False))
+            }
     shutil.rmtree(build, ignore_errors=True)
     build.mkdir(parents=True)
     atomic_write_json(plan_file, record, fsync=True)
     return {}
 
 
-def _shard_intact(build: Path, index: int, result: dict, dtype: str, chat: bool) -> bool:
+def _shard_intact(build: Path, index: int, result: dict, dtype: str, chat: bool, text_bytes: bool) -> bool:
     """Whether a finished shard's files hold what its marker counts (else it is redone): a
     truncated shard would otherwise be joined into a store whose documents end past its tokens."""
     sizes = {"tokens": result["tokens"] * np.dtype(dtype).itemsize, "ends": result["documents"] * 8}
     if chat:
         sizes["mask"] = result["tokens"]
+    if text_bytes:
+        sizes["bytes"] = result["tokens"] * 8
     for name, size in sizes.items():
         file = build / f"shard-{index:05d}.{name}"
         if not file.exists() or file.stat().st_size != size:
@@ -704,6 +786,7 @@ def _run_shards(
     max_tokens: int | None,
     progress: bool,
     dtype: str,
+    text_bytes: bool = False,
 ) -> list[dict]:
     """Tokenize the shards not yet finished, in order, stopping once the shards so far hold
     ``max_tokens``; returns the counts of the shards the store is made of, in order."""
@@ -737,7 +820,7 @@ def _run_shards(
         return False
 
     tasks = ((i, shard) for i, shard in plan.iter_shards() if i not in results)
-    args = (tokenizer, plan.dataset, plan.fmt, plan.text_field)
+    args = (tokenizer, plan.dataset, plan.fmt, plan.text_field, text_bytes)
     try:
         if procs == 1:
             with _single_threaded_tokenizer():
@@ -837,6 +920,8 @@ def _assemble(
     if plan.chat:  # a conversation is kept whole or not at all
         keep = int(ends[-1]) if len(ends) else 0
     dtypes = {"tokens.bin": key["dtype"], "docs.bin": "int64", **({"mask.bin": "uint8"} if plan.chat else {})}
+    if key.get("text_bytes"):
+        dtypes["bytes.bin"] = "int64"
     with ManifestDir(
         final,
         staging=final.with_name(f"{final.name}.tmp-{os.getpid()}"),
@@ -849,6 +934,8 @@ def _assemble(
         out.write("docs.bin", ends.tofile)
         if plan.chat:
             out.write("mask.bin", lambda f: _concat(build, len(results), "mask", f, keep))
+        if key.get("text_bytes"):
+            out.write("bytes.bin", lambda f: _join_text_bytes(build, results, keep).tofile(f))
         files = out.records()  # (hashed once: the fingerprint is made of them)
         manifest = out.publish(_manifest_fields(plan, key, tokenizer, results, files, len(ends), keep, sources))
     shutil.rmtree(build, ignore_errors=True)
@@ -910,6 +997,16 @@ def _join_ends(build: Path, results: list[dict], keep: int, chat: bool) -> np.nd
     if not chat and keep and (len(ends) == 0 or ends[-1] < keep):
         ends = np.append(ends, keep)  # text cut by max_tokens: its last document ends at the cut
     return ends.astype(np.int64)
+
+
+def _join_text_bytes(build: Path, results: list[dict], keep: int) -> np.ndarray:
+    """The shards' byte ends as offsets from the store's first byte, cut at ``keep`` tokens."""
+    parts, offset = [], 0
+    for i, result in enumerate(results):
+        parts.append(np.fromfile(build / f"shard-{i:05d}.bytes", dtype=np.int64) + offset)
+        offset += result["text_bytes"]
+    joined = np.concatenate(parts) if parts else np.zeros(0, dtype=np.int64)
+    return joined[:keep]
 
 
 def _concat(build: Path, shards: int, name: str, dst: BinaryIO, limit: int) -> None:

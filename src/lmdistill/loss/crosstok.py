@@ -21,6 +21,9 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from lmdistill.core.batch import IGNORE_INDEX
+from lmdistill.loss.dense import LossParts, check_loss_args, normaliser
+
 
 def cross_tokenizer_divergence(
     student_logits: torch.Tensor,
@@ -65,3 +68,49 @@ def _without(probs: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
     keep = torch.ones(probs.shape[-1], dtype=torch.bool, device=probs.device)
     keep[ids] = False
     return probs[:, keep]
+
+
+def aligned_distillation_loss(
+    student_logits: torch.Tensor,
+    targets: torch.Tensor,
+    teacher_logits: torch.Tensor,
+    student_positions: torch.Tensor,
+    shared_teacher: torch.Tensor,
+    shared_student: torch.Tensor,
+    *,
+    temperature: float,
+    kd_weight: float,
+    scale_by_t2: bool = True,
+    num_tokens: int | float | None = None,
+) -> LossParts:
+    """``kd_weight * T^2 * KD + (1 - kd_weight) * CE`` for a teacher with another tokenizer.
+
+    CE is the student's, on its own tokens (every valid target). KD is
+    ``cross_tokenizer_divergence`` at the aligned pairs only: ``teacher_logits`` (K, Vt) at the
+    teacher's positions of the pairs, ``student_positions`` (K,) the student's, as flat indices
+    into its (B * (L - 1)) predicting positions. Positions without a partner (inside a span
+    that one side writes in more tokens than the other) have no KD term. Both sums are
+    divided by ``num_tokens``, the count of the student's targets, as in every other loss: with
+    one tokenizer every position is a pair and this is the ordinary KD loss.
+    """
+    check_loss_args(temperature, kd_weight, "forward_kl")
+    flat = student_logits.reshape(-1, student_logits.shape[-1])
+    y = targets.reshape(-1)
+    valid = y != IGNORE_INDEX
+    num_valid = int(valid.sum())
+    ce_sum = F.cross_entropy(flat[valid].float(), y[valid], reduction="sum")
+    if kd_weight > 0 and len(student_positions):
+        kd_unscaled_sum = cross_tokenizer_divergence(
+            flat[student_positions], teacher_logits, shared_teacher, shared_student, temperature
+        ).sum()
+    else:
+        kd_unscaled_sum = ce_sum.new_zeros(())
+    denom = normaliser(num_tokens, num_valid)
+    kd_sum = kd_unscaled_sum * (temperature**2 if scale_by_t2 else 1.0)
+    return LossParts(
+        total=(kd_weight * kd_sum + (1.0 - kd_weight) * ce_sum) / denom,
+        kd=(kd_sum / denom).detach(),
+        kd_unscaled=(kd_unscaled_sum / denom).detach(),
+        ce=(ce_sum / denom).detach(),
+        num_valid=num_valid,
+    )

@@ -22,6 +22,7 @@ import torch
 from lmdistill.core.batch import Batch
 from lmdistill.loss import divergences
 from lmdistill.loss.chunked import fused_linear_distillation_loss, fused_logits_distillation_loss
+from lmdistill.loss.crosstok import aligned_distillation_loss
 from lmdistill.loss.dense import LossParts, distillation_loss
 from lmdistill.loss.divergences import DivergenceParams
 from lmdistill.loss.hidden import HiddenProjection, hidden_state_loss
@@ -33,6 +34,7 @@ from lmdistill.loss.sampled import (
 )
 from lmdistill.loss.sparse import sparse_distillation_loss, sparse_logits_distillation_loss
 from lmdistill.loss.views import (
+    TeacherAligned,
     TeacherHidden,
     TeacherLogits,
     TeacherSparse,
@@ -198,6 +200,21 @@ class Objective:
             )
         if isinstance(teacher, TeacherHidden):
             raise TypeError("a view of hidden states meets the student's hidden states (student_output 'hidden')")
+        if isinstance(teacher, TeacherAligned):  # a teacher with another tokenizer
+            if spec.divergence != "forward_kl":
+                raise ValueError(f"a teacher with another tokenizer gives forward_kl only, not {spec.divergence!r}")
+            return aligned_distillation_loss(
+                logits,
+                batch.targets,
+                teacher.logits,
+                teacher.student_positions,
+                teacher.shared_teacher,
+                teacher.shared_student,
+                temperature=temperature,
+                kd_weight=spec.kd_weight,
+                scale_by_t2=spec.scale_by_t2,
+                num_tokens=num_tokens,
+            )
         # With a closed-form gradient the loss needs no autograd graph over (tokens x vocab):
         # fewer passes over the logits and no fresh buffers per step (the autograd form is the
         # reference, and the fallback for a divergence without a closed form).

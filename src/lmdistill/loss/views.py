@@ -8,6 +8,8 @@ What the view holds decides how the student's side of the loss is computed:
                   states go with them into the chunked loss, which never holds a
                   (tokens x vocab) tensor for the whole batch (``chunked``).
   TeacherSparse   sparse targets from an offline cache (sampled tokens or top-k).
+  TeacherAligned  a teacher with another tokenizer: its logits at the positions where it and
+                  the student are about to write the same text (``crosstok.py``).
 
 Every view carries ``nonfinite``: a 0-d flag, 1.0 when the teacher produced NaN or +Inf.
 It is a tensor so that the check costs no device sync; the trainer reduces it with the
@@ -27,7 +29,8 @@ from typing import ClassVar
 import torch
 import torch.nn.functional as F
 
-from lmdistill.core.batch import Batch
+from lmdistill.core.batch import IGNORE_INDEX, Batch
+from lmdistill.loss.crosstok import cross_tokenizer_divergence
 from lmdistill.loss.dense import token_divergence
 from lmdistill.loss.sparse import sparse_kd_sum
 
@@ -114,7 +117,46 @@ class TeacherSparse:
         return {"kl": kl, "agree": agree}
 
 
-TeacherView = TeacherLogits | TeacherHidden | TeacherSparse
+@dataclass
+class TeacherAligned:
+    """A teacher whose tokenizer differs from the student's: its logits (K, Vt) at the teacher
+    positions of the K aligned pairs, the pairs' student positions (flat, (K,)), and the ids the
+    two vocabularies share (``data/alignment.shared_vocabulary``). ``all_logits`` and
+    ``targets`` are the teacher's on its own tokens, for an evaluation's teacher figures."""
+
+    logits: torch.Tensor
+    student_positions: torch.Tensor
+    shared_teacher: torch.Tensor
+    shared_student: torch.Tensor
+    nonfinite: torch.Tensor
+    all_logits: torch.Tensor
+    targets: torch.Tensor
+    layers: list[torch.Tensor] = field(default_factory=list)
+    tempered: ClassVar[bool] = False
+
+    def diagnostics(self, student, targets, keep, at_one, temperature: float) -> dict:
+        """At T = 1, over the aligned pairs (``paired`` counts them): ``kl``, the cross-tokenizer
+        divergence; ``agree``, how often the student's top token is the teacher's (a teacher top
+        token the student's vocabulary lacks never agrees). And the teacher's own CE over its own
+        targets (``teacher_ce``, ``teacher_ce_tokens``): per token of the teacher's."""
+        at = self.student_positions if keep is None else (keep.cumsum(0) - 1)[self.student_positions]
+        paired = student[at]
+        kl = cross_tokenizer_divergence(paired, self.logits, self.shared_teacher, self.shared_student, 1.0).sum()
+        to_student = torch.full((self.logits.shape[-1],), -1, dtype=torch.long, device=paired.device)
+        to_student[self.shared_teacher] = self.shared_student
+        agree = (paired.argmax(-1) == to_student[self.logits.argmax(-1)]).sum()
+        flat, y = self.all_logits.reshape(-1, self.all_logits.shape[-1]).float(), self.targets.reshape(-1)
+        valid = y != IGNORE_INDEX
+        return {
+            "kl": kl,
+            "agree": agree,
+            "paired": torch.tensor(len(at)),
+            "teacher_ce": F.cross_entropy(flat[valid], y[valid], reduction="sum"),
+            "teacher_ce_tokens": valid.sum(),
+        }
+
+
+TeacherView = TeacherLogits | TeacherHidden | TeacherSparse | TeacherAligned
 
 
 def predicting_positions(model: torch.nn.Module, batch: Batch) -> dict:

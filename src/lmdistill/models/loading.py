@@ -18,6 +18,7 @@ from pathlib import Path
 
 import torch
 
+from lmdistill.config import cross_tokenizer_conflict
 from lmdistill.core.errors import LmdistillError, last_line
 from lmdistill.core.files import directory_hash, safetensors_os_error
 from lmdistill.core.paths import is_hub_id, replace_dir
@@ -180,10 +181,34 @@ def check_same_tokenizer(teacher_tok, student_tok, teacher_name: str, student_na
     if problem is None:
         return
     raise LmdistillError(
-        f"teacher '{teacher_name}' and student '{student_name}' use different tokenizers: {problem}; "
-        "distillation needs one tokenizer (cross-tokenizer KD is not supported yet): pick a student from the "
-        "teacher's family or leave model.student empty to build one"
+        f"teacher '{teacher_name}' and student '{student_name}' use different tokenizers: {problem}; set "
+        "distill.cross_tokenizer: auto to distil across them, or pick a student from the teacher's family"
     )
+
+
+def crosses_tokenizers(cfg, teacher_tok, student_tok, teacher_name: str, student_name: str) -> bool:
+    """Whether the run distils across two tokenizers (``distill.cross_tokenizer``): always, or
+    (auto) when they differ, with a note; never refuses different ones. Different tokenizers with a
+    setting the cross-tokenizer path cannot take are refused in one line."""
+    mode = cfg.distill.cross_tokenizer
+    if mode == "never":
+        check_same_tokenizer(teacher_tok, student_tok, teacher_name, student_name)
+        return False
+    problem = tokenizer_difference(teacher_tok, student_tok)
+    if mode == "auto" and problem is None:
+        return False
+    if problem is not None:
+        if (conflict := cross_tokenizer_conflict(cfg)) is not None:
+            raise LmdistillError(
+                f"teacher '{teacher_name}' and student '{student_name}' use different tokenizers ({problem}), and "
+                f"distilling across them: {conflict}"
+            )
+        if mode == "auto":
+            print(
+                f"note: teacher and student use different tokenizers ({problem}): distilling across tokenizers "
+                "(distill.cross_tokenizer: auto); held-out figures compare in bits per byte"
+            )
+    return True
 
 
 def output_vocab_size(model) -> int:
@@ -350,6 +375,8 @@ class Models:
     student_channels: list[int] | None = None  # the teacher hidden channel of each student channel
     # Teacher and student tokenizers with different chat templates: an error for chat data only.
     chat_template_problem: str | None = None
+    # The teacher's own tokenizer when the run distils across tokenizers (``tokenizer`` is the student's).
+    teacher_tokenizer: object | None = None
 
 
 def _has_tokenizer_files(source: str) -> bool:
@@ -396,8 +423,9 @@ def load_models(cfg, teacher=None, student=None, tokenizer=None, train_blocks=No
     if teacher is None and cfg.model.teacher is not None:
         teacher_name = resolve_source(cfg.model.teacher, "model.teacher")
         tokenizer = tokenizer or load_tokenizer(teacher_name, "teacher")
-        check_run_tokenizer(cfg, tokenizer, teacher_name)  # before the teacher's weights are loaded
-        run_tokenizer_checked = True
+        if cfg.distill.cross_tokenizer == "never" or cfg.model.student is None:  # else the student's may be the run's
+            check_run_tokenizer(cfg, tokenizer, teacher_name)  # before the teacher's weights are loaded
+            run_tokenizer_checked = True
         teacher = load_causal_lm(teacher_name, "teacher", _teacher_dtype(cfg), cfg.model.trust_remote_code)
         check_vocab_covers(teacher, len(tokenizer), "teacher", teacher_name)  # before a student is built from it
     elif teacher is not None:
@@ -407,6 +435,7 @@ def load_models(cfg, teacher=None, student=None, tokenizer=None, train_blocks=No
             "no teacher: set model.teacher (lmdistill.train and the command line use the embedded "
             "default teacher when it is empty)"
         )
+    teacher_tokenizer = tokenizer
     student, student_name, tokenizer, pruned, template_problem = _student(
         cfg, student, teacher, teacher_name, tokenizer, train_blocks
     )
@@ -414,7 +443,8 @@ def load_models(cfg, teacher=None, student=None, tokenizer=None, train_blocks=No
         raise LmdistillError("no tokenizer found: the student directory has none and there is no teacher")
     if not run_tokenizer_checked:
         check_run_tokenizer(cfg, tokenizer, teacher_name or student_name)
-    _check_pair(cfg, teacher, teacher_name, student, student_name, len(tokenizer))
+    crossing = teacher is not None and (tokenizer is not teacher_tokenizer or cfg.distill.cross_tokenizer == "always")
+    _check_pair(cfg, teacher, teacher_name, student, student_name, len(tokenizer), len(teacher_tokenizer or tokenizer))
     return Models(
         teacher,
         student,
@@ -425,6 +455,7 @@ def load_models(cfg, teacher=None, student=None, tokenizer=None, train_blocks=No
         pruned.layer_importance if pruned else None,
         pruned.channels if pruned else None,
         template_problem,
+        teacher_tokenizer if crossing else None,
     )
 
 
@@ -438,10 +469,9 @@ def _student(cfg, student, teacher, teacher_name, tokenizer, train_blocks):
         student = load_causal_lm(student_name, "student", torch.float32, cfg.model.trust_remote_code)
         if _has_tokenizer_files(student_name):
             student_tok = load_tokenizer(student_name, "student")
-            if tokenizer is None:
-                tokenizer = student_tok
+            if tokenizer is None or crosses_tokenizers(cfg, tokenizer, student_tok, teacher_name, student_name):
+                tokenizer = student_tok  # the run's tokenizer: the student's (the teacher keeps its own)
             else:
-                check_same_tokenizer(tokenizer, student_tok, teacher_name, student_name)
                 template_problem = chat_template_difference(tokenizer, student_tok, teacher_name, student_name)
     elif student is None:
         if teacher is None:
@@ -461,16 +491,19 @@ def _student(cfg, student, teacher, teacher_name, tokenizer, train_blocks):
     return student, student_name, tokenizer, pruned, template_problem
 
 
-def _check_pair(cfg, teacher, teacher_name, student, student_name, vocab_size: int) -> None:
-    """Both models cover the tokenizer, fit a block and predict the next token; the teacher is frozen."""
+def _check_pair(cfg, teacher, teacher_name, student, student_name, vocab_size: int, teacher_vocab: int) -> None:
+    """Both models cover their tokenizers, fit a block and predict the next token; the teacher is frozen."""
     check_vocab_covers(student, vocab_size, "student", student_name)
     if teacher is not None:
-        check_vocab_covers(teacher, vocab_size, "teacher", teacher_name)
+        check_vocab_covers(teacher, teacher_vocab, "teacher", teacher_name)
         freeze(teacher)
-    for model, role, name in ((student, "student", student_name), (teacher, "teacher", teacher_name)):
+    for model, role, name, vocab in (
+        (student, "student", student_name, vocab_size),
+        (teacher, "teacher", teacher_name, teacher_vocab),
+    ):
         if model is not None:
             check_context_length(model, cfg.data.block_size, role, name)
-            check_causal(model, role, name, vocab_size)
+            check_causal(model, role, name, vocab)
 
 
 def _models_for_cache(cfg, student, tokenizer, train_blocks=None) -> Models:

@@ -212,6 +212,25 @@ SOURCE_HEADER = [
 ]
 
 
+def _bpb_rows(before: dict, after: dict) -> list[list[str]]:
+    """Across tokenizers, bits per byte of the held-out text: the one figure teacher and student
+    share (their perplexities count different tokens)."""
+    if "eval_bpb" not in after:
+        return []
+    rows = [
+        [
+            "bits per byte of the held-out text (compare these across tokenizers)",
+            fmt_loss(before.get("eval_bpb")),
+            fmt_loss(after.get("eval_bpb")),
+            fmt_loss(after.get("teacher_bpb")),
+        ]
+    ]
+    if "aligned_fraction" in after:
+        share = after["aligned_fraction"]
+        rows.append(["student positions aligned with a teacher position", DASH, f"{share:.1%}", DASH])
+    return rows
+
+
 def _final_table(record: RunRecord) -> list[str]:
     before, after = record.initial_eval or {}, record.final_eval or {}
     header = ["metric", "student before (step 0)", f"student after (step {after.get('step', '?')})", "teacher"]
@@ -219,12 +238,13 @@ def _final_table(record: RunRecord) -> list[str]:
 
 
 def _quality_rows(before: dict, after: dict) -> list[list[str]]:
-    return [
+    own = " (its own tokens)" if "teacher_bpb" in after else ""  # a teacher with another tokenizer
+    return _bpb_rows(before, after) + [
         [
             "perplexity (exp of eval CE)",
             fmt_ppl(before.get("eval_ppl")),
             fmt_ppl(after.get("eval_ppl")),
-            fmt_ppl(after.get("teacher_ppl")),
+            fmt_ppl(after.get("teacher_ppl")) + own,
         ],
         [
             "eval CE (nats/token)",

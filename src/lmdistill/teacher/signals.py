@@ -16,7 +16,9 @@ import torch
 
 from lmdistill.core.batch import Batch
 from lmdistill.core.parallel import is_sharded
+from lmdistill.data.alignment import shared_vocabulary
 from lmdistill.loss.views import (
+    TeacherAligned,
     TeacherHidden,
     TeacherLogits,
     TeacherSparse,
@@ -120,6 +122,42 @@ class LiveHidden(TeacherSignal):
             head.bias,
             (~torch.isfinite(hidden).all()).float(),
             layer_outputs(out.hidden_states, self.layers),
+        )
+
+
+class LiveAligned(TeacherSignal):
+    """A teacher model in memory with a tokenizer of its own: run forward on the teacher's tokens
+    of each micro-batch's text (``Batch.teacher_tokens``), its logits taken at the positions
+    aligned with the student's (``loss/crosstok.py``). ``shared``: (teacher ids, student ids) of
+    the tokens both vocabularies have."""
+
+    student_output = "logits"
+
+    def __init__(self, teacher: torch.nn.Module, teacher_tokenizer, student_tokenizer):
+        self.teacher, self.vocab_size = teacher, len(teacher_tokenizer)
+        self.shared = tuple(torch.from_numpy(ids) for ids in shared_vocabulary(teacher_tokenizer, student_tokenizer))
+
+    @property
+    def num_shared(self) -> int:
+        return len(self.shared[0])
+
+    def __call__(self, batch: Batch, temperature: float) -> TeacherAligned:
+        tokens = batch.teacher_tokens
+        if tokens is None:
+            raise ValueError(
+                "a teacher with another tokenizer needs the teacher's tokens of the batch (teacher_tokens)"
+            )
+        with torch.inference_mode():
+            logits = prediction_logits(self.teacher, tokens.batch, self.vocab_size)
+            at_pairs = logits.reshape(-1, logits.shape[-1])[tokens.teacher_positions]
+        shared = tuple(ids.to(logits.device) for ids in self.shared)
+        return TeacherAligned(
+            at_pairs,
+            tokens.student_positions,
+            *shared,
+            (~torch.isfinite(logits.amax())).float(),
+            logits,
+            tokens.batch.targets,
         )
 
 

@@ -23,7 +23,7 @@ from lmdistill.models.lora import is_lora
 from lmdistill.teacher.generation import Sampling, eos_and_pad
 from lmdistill.teacher.judge import held_out_prompts, judge_held_out
 from lmdistill.teacher.onpolicy import OnPolicy
-from lmdistill.teacher.signals import CachedTeacher, LiveLogits, TeacherSignal
+from lmdistill.teacher.signals import CachedTeacher, LiveAligned, LiveLogits, TeacherSignal
 from lmdistill.teacher.speculative import DraftSettings, measure_drafting
 from lmdistill.training.monitor import verdict_line
 
@@ -100,7 +100,20 @@ def evaluate(
 
 
 # What an evaluation sums over its batches (and reduces over processes), divided once at the end.
-_SUMS = ("ce", "tokens", "kd", "kl", "agree", "accept", "teacher_ce", "teacher_ce_tokens")
+_SUMS = (
+    "ce",
+    "tokens",
+    "kd",
+    "kl",
+    "agree",
+    "paired",
+    "accept",
+    "accept_tokens",
+    "teacher_ce",
+    "teacher_ce_tokens",
+    "bytes",
+    "teacher_bytes",
+)
 
 
 def _batch_sums(student, signal, objective: Objective, batch: Batch, temperature: float, autocast) -> dict:
@@ -120,8 +133,14 @@ def _batch_sums(student, signal, objective: Objective, batch: Batch, temperature
             student_flat, targets = student_flat[keep], targets[keep]
         at_one = signal.view_at_one(batch, view, temperature)
         out.update(view.diagnostics(student_flat, targets, keep, at_one, temperature))
+        out.setdefault("paired", out["tokens"])  # positions KL and agreement are over (aligned pairs, else all)
         if "teacher_ce" in out:  # (sparse targets cannot give it, nor the acceptance: a whole distribution)
-            out["teacher_ce_tokens"] = out["tokens"]
+            out.setdefault("teacher_ce_tokens", out["tokens"])  # (a teacher with another tokenizer: its own)
+        if "accept" in out:
+            out["accept_tokens"] = out["tokens"]
+    if batch.teacher_tokens is not None:  # the text both sides' targets cover, for bits per byte
+        out["bytes"] = torch.tensor(batch.teacher_tokens.student_bytes)
+        out["teacher_bytes"] = torch.tensor(batch.teacher_tokens.teacher_bytes)
     return out
 
 
@@ -139,19 +158,25 @@ def _result(sums: dict[str, float], with_teacher: bool, teacher_ce: float | None
     tokens = max(sums["tokens"], 1.0)
     ce = sums["ce"] / tokens
     out = {"eval_ce_loss": ce, "eval_ppl": perplexity(ce), "eval_tokens": int(sums["tokens"])}
+    if sums["bytes"]:  # a teacher with another tokenizer: bits per byte compare where perplexities cannot
+        out["eval_bpb"] = sums["ce"] / (math.log(2) * sums["bytes"])
     if with_teacher:
-        measured = sums["teacher_ce_tokens"]  # positions where the teacher's whole distribution was seen
+        measured = sums["teacher_ce_tokens"]  # the teacher's targets it was scored on
         if teacher_ce is None:  # measured here, else unknown (NaN): never a made-up 0
             teacher_ce = sums["teacher_ce"] / measured if measured else math.nan
-        if measured:
-            out["draft_acceptance"] = sums["accept"] / measured
+        if sums["accept_tokens"]:
+            out["draft_acceptance"] = sums["accept"] / sums["accept_tokens"]
+        paired = max(sums["paired"], 1.0)
         out.update(
             eval_kd_loss=sums["kd"] / tokens,
-            eval_kl=sums["kl"] / tokens,
-            top1_agreement=sums["agree"] / tokens,
+            eval_kl=sums["kl"] / paired,
+            top1_agreement=sums["agree"] / paired,
             teacher_ce_loss=teacher_ce,
             teacher_ppl=perplexity(teacher_ce),
         )
+        if sums["teacher_bytes"]:
+            out["teacher_bpb"] = teacher_ce * measured / (math.log(2) * sums["teacher_bytes"])
+            out["aligned_fraction"] = sums["paired"] / tokens
     return out
 
 
@@ -167,14 +192,24 @@ def summary_table(result) -> str:
     """The table a run prints at its end: held-out perplexity of teacher and student, before and after."""
     i, f = result.initial, result.final
     rows = []
+    crossing = "teacher_bpb" in f  # a teacher with another tokenizer: only bits per byte compare
     if "teacher_ppl" in f:
-        rows.append(("teacher", f["teacher_ppl"], f["teacher_ce_loss"]))
-    rows.append(("student before", i["eval_ppl"], i["eval_ce_loss"]))
-    rows.append(("student after", f["eval_ppl"], f["eval_ce_loss"]))
+        rows.append(
+            ("teacher (own tokens)" if crossing else "teacher", f["teacher_ppl"], f["teacher_ce_loss"], "teacher_bpb")
+        )
+    rows.append(("student before", i["eval_ppl"], i["eval_ce_loss"], "eval_bpb"))
+    rows.append(("student after", f["eval_ppl"], f["eval_ce_loss"], "eval_bpb"))
     width = max(len(r[0]) for r in rows) + 2
-    lines = ["", f"{'held-out':<{width}}{'perplexity':>14}{'CE nats/token':>16}"]
-    lines += [f"{name:<{width}}{format_ppl(ppl):>14}{ce:>16.4f}" for name, ppl, ce in rows]
-    if "top1_agreement" in f:
+    lines = ["", f"{'held-out':<{width}}{'perplexity':>14}{'CE nats/token':>16}" + ("  bits/byte" if crossing else "")]
+    for name, ppl, ce, bpb in rows:
+        bits = f"{(f if name != 'student before' else i).get(bpb, math.nan):>11.4f}" if crossing else ""
+        lines.append(f"{name:<{width}}{format_ppl(ppl):>14}{ce:>16.4f}{bits}")
+    if "top1_agreement" in f and crossing:
+        lines.append(
+            f"at the {f['aligned_fraction']:.0%} of student positions aligned with the teacher's: top-1 agreement "
+            f"{f['top1_agreement']:.1%}, cross-tokenizer divergence at T=1 {f['eval_kl']:.4f} nats"
+        )
+    elif "top1_agreement" in f:
         lines.append(
             f"top-1 agreement with the teacher: {f['top1_agreement']:.1%}; "
             f"KL(teacher || student) at T=1: {f['eval_kl']:.4f} nats/token"
@@ -195,6 +230,7 @@ class RunEvaluator:
         self.parts, self.progress = parts, progress
         cache = parts.cache
         self.teacher_ce = cache.manifest["teacher_eval"]["teacher_ce_loss"] if cache is not None else None
+        self.aligned: LiveAligned | None = None  # the signal of a teacher with another tokenizer, made once
 
     def __call__(self, temperature: float, desc: str, *, ends: bool = False) -> dict:
         """The evaluation; ``ends``: the first or the last of the run (where ``eval.draft`` measures)."""
@@ -259,6 +295,14 @@ class RunEvaluator:
 
     def _signal(self) -> TeacherSignal | None:
         p = self.parts
+        if p.models.teacher_tokenizer is not None:  # a teacher with its own tokenizer (scored even at kd_weight 0)
+            if self.aligned is None:
+                self.aligned = (
+                    p.signal
+                    if isinstance(p.signal, LiveAligned)
+                    else LiveAligned(p.models.teacher, p.models.teacher_tokenizer, p.models.tokenizer)
+                )
+            return self.aligned
         if p.models.teacher is not None:  # (scored even at kd_weight 0)
             return LiveLogits(p.models.teacher, p.vocab_size)
         return CachedTeacher(p.cache, "eval") if p.cache is not None else None

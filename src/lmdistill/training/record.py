@@ -25,6 +25,11 @@ EVAL_SUMMARY_KEYS = (
     "draft_acceptance",
     "teacher_ce_loss",
     "teacher_ppl",
+    # a teacher with another tokenizer: bits per byte of the held-out text, and the student
+    # positions aligned with one of the teacher's
+    "eval_bpb",
+    "teacher_bpb",
+    "aligned_fraction",
     # the student's own text judged by the teacher (eval.generate, on-policy runs)
     "gen_teacher_nll",
     "gen_reverse_kl",

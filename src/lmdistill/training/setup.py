@@ -27,7 +27,7 @@ from lmdistill.models.loading import Models, load_models
 from lmdistill.models.lora import ADAPTER_FILE, add_adapters, parameter_counts, resume_problem
 from lmdistill.teacher.cache import open_for_run
 from lmdistill.teacher.onpolicy import on_policy_signal
-from lmdistill.teacher.signals import CachedTeacher, TeacherSignal, choose_loss_impl, make_signal
+from lmdistill.teacher.signals import CachedTeacher, LiveAligned, TeacherSignal, choose_loss_impl, make_signal
 from lmdistill.teacher.speculative import check_draft_pair
 from lmdistill.training.checkpoint import damaged_state_message, remove_leftovers, restore_training_state, resume_point
 from lmdistill.training.devices import check_trackers_installed, make_accelerator, on_main
@@ -118,7 +118,8 @@ def build_run(cfg: Config, *, teacher=None, student=None, tokenizer=None, progre
     if cfg.distill.on_policy.fraction > 0:  # the student writes, the live teacher scores (teacher/onpolicy.py)
         signal = on_policy_signal(cfg, signal, prepared.raw, models.teacher, models.tokenizer, data, accelerator)
     objective = _objective(cfg, vocab, signal, prepared, projection, loss_impl)
-    guard, monitor = Guard(cfg.guard), HealthMonitor(cfg.health, plan.total_steps, vocab)
+    teacher_vocab = len(models.teacher_tokenizer or models.tokenizer)  # (the teacher's own, across tokenizers)
+    guard, monitor = Guard(cfg.guard), HealthMonitor(cfg.health, plan.total_steps, teacher_vocab)
     teacher_reference = functools.cache(
         lambda: model_reference(cfg.model.teacher) if models.teacher is not None and cfg.model.teacher else None
     )
@@ -158,11 +159,25 @@ def _models_and_data(cfg: Config, teacher, student, tokenizer, progress: bool) -
         return built[0].train
 
     models = load_models(cfg, teacher, student, tokenizer, train_blocks=train_blocks)
+    if models.teacher_tokenizer is not None:  # every block with the teacher's tokens of its text
+        built[:] = [build_block_data(cfg.data, models.tokenizer, progress, teacher_tokenizer=models.teacher_tokenizer)]
+        _check_teacher_windows(built[0], models)
     train_blocks(models.tokenizer)
     data = built[0]
     if models.chat_template_problem and any(s.store.chat for s in data.sources):
         raise LmdistillError(models.chat_template_problem)
     return models, data
+
+
+def _check_teacher_windows(data: BlockData, models: Models) -> None:
+    """The teacher's tokens of the longest block fit in the teacher's positions."""
+    longest = max(blocks.teacher.longest for blocks in (data.train, data.eval))
+    limit = getattr(models.teacher.config, "max_position_embeddings", None)
+    if limit is not None and longest > limit:
+        raise LmdistillError(
+            f"the teacher's tokenizer writes the text of one student block in up to {longest} tokens, more than the "
+            f"teacher's {limit} positions; lower data.block_size"
+        )
 
 
 def _check_eval_generation(cfg: Config, models: Models) -> None:
@@ -198,6 +213,13 @@ def _signal(cfg: Config, models: Models, cache, projection) -> tuple[str, Teache
         impl = "full" if cache.mode == "dense" else _loss_impl(cfg, models, None)
         return impl, CachedTeacher(cache, student_output="hidden" if impl == "chunked" else "logits")
     live_teacher = models.teacher if cfg.distill.kd_weight > 0 or pairs else None
+    if live_teacher is not None and models.teacher_tokenizer is not None:  # another tokenizer: the full path
+        signal = LiveAligned(live_teacher, models.teacher_tokenizer, models.tokenizer)
+        print(
+            f"cross-tokenizer: {signal.num_shared:,} tokens shared by the teacher's {len(models.teacher_tokenizer):,} "
+            f"and the student's {len(models.tokenizer):,}; KL on those, sorted-probability distance on the rest"
+        )
+        return "full", signal
     impl = _loss_impl(cfg, models, live_teacher)
     return impl, make_signal(impl, live_teacher, vocab, tuple(t for _, t in pairs))
 
