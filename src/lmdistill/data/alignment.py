@@ -124,26 +124,26 @@ def teacher_windows(
 
     ``s_ends`` and ``t_ends`` are where each token of the two stores ends (``bytes.bin``); a
     student block of ``lengths[i]`` tokens from ``starts[i]`` covers the bytes after the token
-    before it up to its last token's end. The teacher's window is its tokens inside that
-    stretch. Tokens of no width (the second piece of a character split in two) sit on an edge
-    of the stretch: the window leaves out as many of them at its start as the student block
-    does, and keeps as many at its end, so that with one tokenizer the window is the block.
+    before it (``lo``) up to its last token's end (``hi``). The teacher's window is its tokens
+    inside that stretch: a token that crosses an edge is left out. Tokens of no width (the
+    second piece of a character split in two) sit on an edge: the window takes as many of them
+    at each edge as the student block does, so that with one tokenizer the window is the block.
     """
     starts = np.asarray(starts, dtype=np.int64)
     last = starts + np.asarray(lengths, dtype=np.int64) - 1
     lo = np.where(starts > 0, s_ends[np.maximum(starts - 1, 0)], 0)
     hi = s_ends[last]
-    left_out = starts - np.searchsorted(s_ends, lo, "left")  # student tokens before the block that end at lo
-    kept = last + 1 - np.searchsorted(s_ends, hi, "left")  # the block's tokens that end at hi
-    t_start = _skip_ties(t_ends, lo, left_out)
-    t_stop = _skip_ties(t_ends, hi, kept)
+    # at lo: the first teacher token ending there has width (it is before the block), the others
+    # ending there have none; with no token ending there, the one ending after lo crosses it
+    first, right = np.searchsorted(t_ends, lo, "left"), np.searchsorted(t_ends, lo, "right")
+    no_width_inside = np.searchsorted(s_ends, lo, "right") - starts  # the block's tokens that end at lo
+    t_start = np.where(right > first, right - np.minimum(no_width_inside, right - first - 1), first + 1)
+    t_start = np.where(lo == 0, 0, t_start)  # the store's first token starts at its first byte
+    # at hi: the block's last token ends there, with the block's tokens of no width before it
+    first, right = np.searchsorted(t_ends, hi, "left"), np.searchsorted(t_ends, hi, "right")
+    ending_at_hi = last + 1 - np.searchsorted(s_ends, hi, "left")
+    t_stop = first + np.minimum(ending_at_hi, right - first)
     return t_start, np.maximum(t_stop - t_start, 0)
-
-
-def _skip_ties(ends: np.ndarray, at: np.ndarray, ties: np.ndarray) -> np.ndarray:
-    """The index just past the tokens that end before ``at`` and up to ``ties`` of those ending at it."""
-    first = np.searchsorted(ends, at, "left")
-    return first + np.minimum(ties, np.searchsorted(ends, at, "right") - first)
 
 
 def pair_positions(s_ends: np.ndarray, t_ends: np.ndarray, base: int) -> tuple[np.ndarray, np.ndarray]:

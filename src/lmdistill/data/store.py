@@ -325,7 +325,7 @@ def _text_pieces(path: str, start: int, end: int) -> list[str]:
     return pieces
 
 
-def _records_to_ids(records: list[dict], start: int, fmt: str, tokenizer, ids, ends, mask, counts, text) -> None:
+def _records_to_ids(records: list[dict], start: int, fmt: str, tokenizer, ids, ends, mask, counts, text_bytes) -> None:
     """Append the ids (and mask, and document ends) of ``records``, numbered from ``start``."""
 
     counts["records"] += len(records)
@@ -345,15 +345,15 @@ def _records_to_ids(records: list[dict], start: int, fmt: str, tokenizer, ids, e
                 texts.append(text)
             else:
                 counts["empty"] += 1
-        for doc, encoded in zip(texts, _encode(tokenizer, texts, text.on)):
+        for doc, encoded in zip(texts, _encode(tokenizer, texts, text_bytes.on)):
             if encoded["input_ids"]:
                 ids.extend(encoded["input_ids"])
-                text.add(doc, encoded)
+                text_bytes.add(doc, encoded)
                 ids.append(tokenizer.eos_token_id)
                 ends.append(len(ids))
-                text.end_document()
+                text_bytes.end_document()
         return
-    if text.on:
+    if text_bytes.on:
         raise RecordError("cross-tokenizer distillation reads plain text only, not chat or prompt/completion records")
     for number, record in enumerate(records, start):
         _check_format(record, fmt, text_field, number)
