@@ -609,7 +609,6 @@ def cross_tokenizer_conflict(cfg: Config) -> str | None:
             "a teacher cache holds the teacher's view of the student's tokens; "
             "name the teacher in model.teacher instead of model.teacher_cache",
         ),
-        (cfg.loss.impl == "chunked", "its loss takes the full path; set loss.impl: auto or full"),
         (bool(cfg.data.sources), "it reads one source; use data.path instead of data.sources"),
         (cfg.parallel.strategy == "fsdp", "it runs the teacher whole in every process; use parallel.strategy: ddp"),
         (

@@ -11,6 +11,8 @@ every token is its own span, and the pairs are the positions themselves.
 
 ``shared_vocabulary`` pairs the tokens the two vocabularies both have: the same text, with
 the byte-level and SentencePiece markers of a leading space read as a space.
+``vocabulary_map`` carries every teacher token to the student token the same text begins with:
+what the loss moves the teacher's probabilities along (``loss/crosstok.py``).
 
 In a run, the text is the source's, tokenized once by each tokenizer into a data store that
 records where every token ends (``bytes.bin``, in UTF-8 bytes). The student's blocks are
@@ -104,9 +106,7 @@ def token_text(token: str) -> str:
 
 def shared_vocabulary(teacher_tokenizer, student_tokenizer) -> tuple[np.ndarray, np.ndarray]:
     """(teacher ids, student ids) of the tokens both vocabularies have, in teacher id order."""
-    student = {}
-    for token, index in student_tokenizer.get_vocab().items():
-        student.setdefault(token_text(token), index)
+    student = _ids_by_text(student_tokenizer)
     pairs = sorted(
         (index, student[token_text(token)])
         for token, index in teacher_tokenizer.get_vocab().items()
@@ -114,6 +114,51 @@ def shared_vocabulary(teacher_tokenizer, student_tokenizer) -> tuple[np.ndarray,
     )
     ids = np.asarray(pairs, dtype=np.int64).reshape(-1, 2)
     return ids[:, 0], ids[:, 1]
+
+
+def _ids_by_text(tokenizer) -> dict[str, int]:
+    ids: dict[str, int] = {}
+    for token, index in sorted(tokenizer.get_vocab().items(), key=lambda item: item[1]):
+        ids.setdefault(token_text(token), index)
+    return ids
+
+
+def vocabulary_map(teacher_tokenizer, student_tokenizer) -> np.ndarray:
+    """For every teacher id, the student token that the same text begins with (-1: none).
+
+    A teacher token the student's vocabulary also has maps to it; the teacher's EOS maps to the
+    student's. Any other token's text is tokenized by the student's tokenizer and maps to the first
+    token of that: the student's way of starting to write it (a teacher token " collection"
+    whose text the student writes " coll" + "ection" maps to " coll"). A byte-level piece of a
+    character maps to the student's longest token its bytes begin with. The teacher's other
+    special tokens map to nothing (-1)."""
+    student = _ids_by_text(student_tokenizer)
+    raw_student = set(student_tokenizer.get_vocab())
+    out = np.full(len(teacher_tokenizer), -1, dtype=np.int64)
+    specials = set(teacher_tokenizer.all_special_ids)
+    to_tokenize: list[tuple[int, str]] = []
+    for token, index in teacher_tokenizer.get_vocab().items():
+        if index >= len(out) or index in specials:
+            continue
+        if (text := token_text(token)) in student:
+            out[index] = student[text]
+            continue
+        text = teacher_tokenizer.convert_tokens_to_string([token])
+        if token[:1] in _SPACE_MARKERS and not text.startswith(" "):  # (SentencePiece drops it)
+            text = " " + text
+        if text and "\ufffd" not in text:
+            to_tokenize.append((index, text))
+        else:  # a piece of a character: the longest student token its bytes begin with
+            prefix = next((token[:k] for k in range(len(token), 0, -1) if token[:k] in raw_student), None)
+            if prefix is not None:
+                out[index] = student_tokenizer.convert_tokens_to_ids(prefix)
+    if to_tokenize:
+        firsts = student_tokenizer([t for _, t in to_tokenize], add_special_tokens=False)["input_ids"]
+        for (index, _), ids in zip(to_tokenize, firsts):
+            out[index] = ids[0] if ids else -1
+    if teacher_tokenizer.eos_token_id is not None and student_tokenizer.eos_token_id is not None:
+        out[teacher_tokenizer.eos_token_id] = student_tokenizer.eos_token_id
+    return out
 
 
 # ---------------------------------------------------------------------------- two stores in step

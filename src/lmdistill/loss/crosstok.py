@@ -1,73 +1,57 @@
 """The KD term between a teacher and a student that do not share a tokenizer.
 
 Inputs come from ``data/alignment.py``: pairs of positions (teacher position, student position)
-where both models predict the first token of the same span of text, and the tokens the two
-vocabularies share (teacher id, student id). At each pair the divergence has two parts:
+where both models have read the same text and are about to write the same text, and
+``mapping``, for every teacher token the student token that the same text begins with
+(``vocabulary_map``). At each pair the teacher's next-token distribution p (at temperature T)
+is carried to the student's vocabulary -- each teacher token's probability goes to the student
+token its text begins with, so the teacher's " collection" counts for the student's " co" when
+that is how the student starts to write it -- and the term is forward KL from that carried
+distribution to the student's q at T. Probability on teacher tokens that map to nothing (the
+teacher's special tokens) is left out and the rest renormalised.
 
-- on the shared tokens, the forward KL terms p_v (log p_v - log q_v) summed over them (p the
-  teacher's, q the student's distribution at T), the exact comparison where both models can
-  name the same token;
-- on the rest, which one vocabulary has and the other does not, ULD's comparison (Boizard et
-  al., 2024): the two distributions' remaining probabilities sorted in decreasing order, the
-  shorter list padded with zeros, and the L1 distance between them (no token mapping needed).
+With one tokenizer on both sides every token maps to itself and the term is the forward KL over
+the whole vocabulary at every position: the ordinary KD term, value and gradient (tested).
 
-With one tokenizer on both sides every token is shared and the rest is empty: the term is the
-forward KL over the whole vocabulary at every position, the ordinary KD term, value and
-gradient (tested).
+An earlier form kept forward KL on the tokens both vocabularies share and compared the rest with
+ULD's sorted-probability distance (Boizard et al., 2024), as GOLD does. It did not help the
+student (docs/cross-tokenizer.md): a shared short token means "this text, then a token boundary"
+to the teacher, which puts its probability on the longer tokens the student lacks, so the KL
+taught the student to avoid the very tokens it needs.
 """
 
 from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
 
 from lmdistill.core.batch import IGNORE_INDEX
 from lmdistill.loss.dense import LossParts, check_loss_args, normaliser
 
 
+def carried_distribution(teacher_logits: torch.Tensor, mapping: torch.Tensor, vocab: int, temperature: float):
+    """(K, vocab) fp32: the teacher's distribution at T carried to the student's vocabulary."""
+    p = F.softmax(teacher_logits.float() / temperature, dim=-1)
+    mapped = mapping >= 0
+    carried = p.new_zeros((p.shape[0], vocab)).index_add_(1, mapping[mapped], p[:, mapped])
+    return carried / carried.sum(-1, keepdim=True).clamp_min(torch.finfo(carried.dtype).tiny)
+
+
 def cross_tokenizer_divergence(
-    student_logits: torch.Tensor,
-    teacher_logits: torch.Tensor,
-    shared_teacher: torch.Tensor,
-    shared_student: torch.Tensor,
-    temperature: float,
+    student_logits: torch.Tensor, teacher_logits: torch.Tensor, mapping: torch.Tensor, temperature: float
 ) -> torch.Tensor:
-    """Per-pair divergence in nats, not multiplied by T^2.
+    """Per-pair KL(carried teacher || student) in nats, not multiplied by T^2.
 
     Args:
         student_logits: (K, Vs) the student's logits at the pairs' student positions.
         teacher_logits: (K, Vt) the teacher's logits at the pairs' teacher positions.
-        shared_teacher, shared_student: (S,) ids of the shared tokens, in matching order.
+        mapping: (Vt,) int64, the student id each teacher id carries its probability to (-1: none).
         temperature: T > 0 for both.
-
-    Returns:
-        (K,) fp32: the shared tokens' KL terms plus the ULD distance of the rest.
     """
-    if shared_teacher.shape != shared_student.shape:
-        raise ValueError("shared_teacher and shared_student must pair ids one to one")
     log_q = F.log_softmax(student_logits.float() / temperature, dim=-1)
-    log_p = F.log_softmax(teacher_logits.float() / temperature, dim=-1)
-    lp, lq = log_p[:, shared_teacher], log_q[:, shared_student]
-    exact = (lp.exp() * (lp - lq)).sum(-1)
-    return exact + _uld_of_rest(log_p.exp(), log_q.exp(), shared_teacher, shared_student)
-
-
-def _uld_of_rest(p: torch.Tensor, q: torch.Tensor, shared_teacher, shared_student) -> torch.Tensor:
-    """L1 distance between the sorted probabilities of the tokens each side does not share."""
-    rest_p = _without(p, shared_teacher)
-    rest_q = _without(q, shared_student)
-    width = max(rest_p.shape[-1], rest_q.shape[-1])
-    if width == 0:
-        return p.new_zeros(p.shape[0])
-    sorted_p = F.pad(rest_p.sort(dim=-1, descending=True).values, (0, width - rest_p.shape[-1]))
-    sorted_q = F.pad(rest_q.sort(dim=-1, descending=True).values, (0, width - rest_q.shape[-1]))
-    return (sorted_p - sorted_q).abs().sum(-1)
-
-
-def _without(probs: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
-    keep = torch.ones(probs.shape[-1], dtype=torch.bool, device=probs.device)
-    keep[ids] = False
-    return probs[:, keep]
+    carried = carried_distribution(teacher_logits, mapping, log_q.shape[-1], temperature)
+    return (torch.xlogy(carried, carried) - carried * log_q).sum(-1)
 
 
 def aligned_distillation_loss(
@@ -75,8 +59,7 @@ def aligned_distillation_loss(
     targets: torch.Tensor,
     teacher_logits: torch.Tensor,
     student_positions: torch.Tensor,
-    shared_teacher: torch.Tensor,
-    shared_student: torch.Tensor,
+    mapping: torch.Tensor,
     *,
     temperature: float,
     kd_weight: float,
@@ -101,7 +84,7 @@ def aligned_distillation_loss(
     ce_sum = F.cross_entropy(flat[valid].float(), y[valid], reduction="sum")
     if kd_weight > 0 and len(student_positions):
         kd_unscaled_sum = cross_tokenizer_divergence(
-            flat[student_positions], teacher_logits, shared_teacher, shared_student, temperature
+            flat[student_positions], teacher_logits, mapping, temperature
         ).sum()
     else:
         kd_unscaled_sum = ce_sum.new_zeros(())
@@ -114,3 +97,43 @@ def aligned_distillation_loss(
         ce=(ce_sum / denom).detach(),
         num_valid=num_valid,
     )
+
+
+def chunked_cross_tokenizer_kd(
+    student_hidden: torch.Tensor,
+    student_head: tuple[torch.Tensor, torch.Tensor | None],
+    teacher_hidden: torch.Tensor,
+    teacher_head: tuple[torch.Tensor, torch.Tensor | None],
+    mapping: torch.Tensor,
+    *,
+    temperature: float,
+    vocab_sizes: tuple[int, int],
+    chunk_size: int = 1024,
+) -> torch.Tensor:
+    """The sum over K pairs of ``cross_tokenizer_divergence``, from the two models' final hidden
+    states at the pairs ((K, Hs) and (K, Ht)) and their output layers ((weight, bias) each),
+    holding ``chunk_size`` rows of each model's logits at a time: each chunk's logits are formed,
+    reduced to its sum and dropped, and formed again in the backward (activation checkpointing),
+    so memory does not grow with K x the teacher's vocabulary. ``vocab_sizes``: (student,
+    teacher) tokenizer lengths, where output layers padded past them are cut."""
+    total = student_hidden.new_zeros((), dtype=torch.float32)
+    for start in range(0, len(student_hidden), chunk_size):
+        rows = slice(start, start + chunk_size)
+        total = total + checkpoint(
+            _chunk_divergence,
+            student_hidden[rows],
+            *student_head,
+            teacher_hidden[rows],
+            *teacher_head,
+            mapping,
+            temperature,
+            vocab_sizes,
+            use_reentrant=False,
+        )
+    return total
+
+
+def _chunk_divergence(s_hidden, s_weight, s_bias, t_hidden, t_weight, t_bias, mapping, temperature, vocab):
+    student = F.linear(s_hidden, s_weight[: vocab[0]], s_bias[: vocab[0]] if s_bias is not None else None)
+    teacher = F.linear(t_hidden, t_weight[: vocab[1]], t_bias[: vocab[1]] if t_bias is not None else None)
+    return cross_tokenizer_divergence(student, teacher, mapping, temperature).sum()

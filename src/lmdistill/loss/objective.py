@@ -22,8 +22,8 @@ import torch
 from lmdistill.core.batch import Batch
 from lmdistill.loss import divergences
 from lmdistill.loss.chunked import fused_linear_distillation_loss, fused_logits_distillation_loss
-from lmdistill.loss.crosstok import aligned_distillation_loss
-from lmdistill.loss.dense import LossParts, distillation_loss
+from lmdistill.loss.crosstok import aligned_distillation_loss, chunked_cross_tokenizer_kd
+from lmdistill.loss.dense import LossParts, distillation_loss, normaliser
 from lmdistill.loss.divergences import DivergenceParams
 from lmdistill.loss.hidden import HiddenProjection, hidden_state_loss
 from lmdistill.loss.sampled import (
@@ -35,6 +35,7 @@ from lmdistill.loss.sampled import (
 from lmdistill.loss.sparse import sparse_distillation_loss, sparse_logits_distillation_loss
 from lmdistill.loss.views import (
     TeacherAligned,
+    TeacherAlignedHidden,
     TeacherHidden,
     TeacherLogits,
     TeacherSparse,
@@ -160,6 +161,8 @@ class Objective:
                 return self._sampled_token(student, batch, teacher, num_tokens)
         if isinstance(teacher, TeacherSparse):
             compute = self._from_sparse
+        elif isinstance(teacher, TeacherAlignedHidden):
+            compute = self._aligned_from_hidden
         else:
             compute = self._from_hidden if self.student_output == "hidden" else self._from_logits
         parts, states = compute(student, batch, teacher, temperature, num_tokens, spec)
@@ -208,8 +211,7 @@ class Objective:
                 batch.targets,
                 teacher.logits,
                 teacher.student_positions,
-                teacher.shared_teacher,
-                teacher.shared_student,
+                teacher.mapping,
                 temperature=temperature,
                 kd_weight=spec.kd_weight,
                 scale_by_t2=spec.scale_by_t2,
@@ -311,6 +313,31 @@ class Objective:
             chunk_size=self.chunk_size,
             **spec.loss_kwargs(),
         ), out.hidden_states
+
+    def _aligned_from_hidden(
+        self, student, batch: Batch, teacher: TeacherAlignedHidden, temperature: float, num_tokens: float, spec: KDSpec
+    ) -> tuple[LossParts, tuple]:
+        """A teacher with another tokenizer, on the chunked path: the CE term chunk by chunk over
+        every target (the fused loss without a teacher), the KD term chunk by chunk over the pairs."""
+        if spec.divergence != "forward_kl":
+            raise ValueError(f"a teacher with another tokenizer gives forward_kl only, not {spec.divergence!r}")
+        ce, states = self._from_hidden(student, batch, None, temperature, num_tokens, replace(spec, kd_weight=0.0))
+        hidden = states[-1][:, :-1]
+        flat = hidden.reshape(-1, hidden.shape[-1])
+        kd_unscaled = chunked_cross_tokenizer_kd(
+            flat[teacher.student_positions],
+            (self.head.weight, self.head.bias),
+            teacher.hidden,
+            (teacher.weight, teacher.bias),
+            teacher.mapping,
+            temperature=temperature,
+            vocab_sizes=(self.vocab_size, teacher.vocab_size),
+            chunk_size=self.chunk_size,
+        ) / normaliser(num_tokens, ce.num_valid)
+        kd = kd_unscaled * (temperature**2 if spec.scale_by_t2 else 1.0)
+        w = spec.kd_weight
+        total = (1.0 - w) * ce.total + w * kd
+        return LossParts(total, kd.detach(), kd_unscaled.detach(), ce.ce, ce.num_valid), states
 
     def _sampled_token(
         self, student, batch: Batch, teacher: TeacherLogits | TeacherHidden, num_tokens: float

@@ -9,7 +9,8 @@ What the view holds decides how the student's side of the loss is computed:
                   (tokens x vocab) tensor for the whole batch (``chunked``).
   TeacherSparse   sparse targets from an offline cache (sampled tokens or top-k).
   TeacherAligned  a teacher with another tokenizer: its logits at the positions where it and
-                  the student are about to write the same text (``crosstok.py``).
+                  the student are about to write the same text (``crosstok.py``);
+                  ``TeacherAlignedHidden``, its hidden states there, for the chunked path.
 
 Every view carries ``nonfinite``: a 0-d flag, 1.0 when the teacher produced NaN or +Inf.
 It is a tensor so that the check costs no device sync; the trainer reduces it with the
@@ -120,14 +121,14 @@ class TeacherSparse:
 @dataclass
 class TeacherAligned:
     """A teacher whose tokenizer differs from the student's: its logits (K, Vt) at the teacher
-    positions of the K aligned pairs, the pairs' student positions (flat, (K,)), and the ids the
-    two vocabularies share (``data/alignment.shared_vocabulary``). ``all_logits`` and
-    ``targets`` are the teacher's on its own tokens, for an evaluation's teacher figures."""
+    positions of the K aligned pairs, the pairs' student positions (flat, (K,)), and the student
+    token each teacher token carries its probability to (``data/alignment.vocabulary_map``).
+    ``all_logits`` and ``targets`` are the teacher's on its own tokens, for an evaluation's
+    teacher figures."""
 
     logits: torch.Tensor
     student_positions: torch.Tensor
-    shared_teacher: torch.Tensor
-    shared_student: torch.Tensor
+    mapping: torch.Tensor
     nonfinite: torch.Tensor
     all_logits: torch.Tensor
     targets: torch.Tensor
@@ -136,15 +137,13 @@ class TeacherAligned:
 
     def diagnostics(self, student, targets, keep, at_one, temperature: float) -> dict:
         """At T = 1, over the aligned pairs (``paired`` counts them): ``kl``, the cross-tokenizer
-        divergence; ``agree``, how often the student's top token is the teacher's (a teacher top
-        token the student's vocabulary lacks never agrees). And the teacher's own CE over its own
-        targets (``teacher_ce``, ``teacher_ce_tokens``): per token of the teacher's."""
+        divergence; ``agree``, how often the student's top token is the one the teacher's top
+        token maps to. And the teacher's own CE over its own targets (``teacher_ce``,
+        ``teacher_ce_tokens``): per token of the teacher's."""
         at = self.student_positions if keep is None else (keep.cumsum(0) - 1)[self.student_positions]
         paired = student[at]
-        kl = cross_tokenizer_divergence(paired, self.logits, self.shared_teacher, self.shared_student, 1.0).sum()
-        to_student = torch.full((self.logits.shape[-1],), -1, dtype=torch.long, device=paired.device)
-        to_student[self.shared_teacher] = self.shared_student
-        agree = (paired.argmax(-1) == to_student[self.logits.argmax(-1)]).sum()
+        kl = cross_tokenizer_divergence(paired, self.logits, self.mapping, 1.0).sum()
+        agree = (paired.argmax(-1) == self.mapping[self.logits.argmax(-1)]).sum()
         flat, y = self.all_logits.reshape(-1, self.all_logits.shape[-1]).float(), self.targets.reshape(-1)
         valid = y != IGNORE_INDEX
         return {
@@ -156,7 +155,24 @@ class TeacherAligned:
         }
 
 
-TeacherView = TeacherLogits | TeacherHidden | TeacherSparse | TeacherAligned
+@dataclass
+class TeacherAlignedHidden:
+    """As ``TeacherAligned`` on the chunked path: the teacher's final hidden states (K, Ht) at
+    the pairs and its output layer instead of its logits (``crosstok.chunked_cross_tokenizer_kd``
+    forms them chunk by chunk). Training only: an evaluation meets the teacher's logits."""
+
+    hidden: torch.Tensor
+    weight: torch.Tensor
+    bias: torch.Tensor | None
+    vocab_size: int
+    student_positions: torch.Tensor
+    mapping: torch.Tensor
+    nonfinite: torch.Tensor
+    layers: list[torch.Tensor] = field(default_factory=list)
+    tempered: ClassVar[bool] = False
+
+
+TeacherView = TeacherLogits | TeacherHidden | TeacherSparse | TeacherAligned | TeacherAlignedHidden
 
 
 def predicting_positions(model: torch.nn.Module, batch: Batch) -> dict:

@@ -16,9 +16,10 @@ import torch
 
 from lmdistill.core.batch import Batch
 from lmdistill.core.parallel import is_sharded
-from lmdistill.data.alignment import shared_vocabulary
+from lmdistill.data.alignment import shared_vocabulary, vocabulary_map
 from lmdistill.loss.views import (
     TeacherAligned,
+    TeacherAlignedHidden,
     TeacherHidden,
     TeacherLogits,
     TeacherSparse,
@@ -128,18 +129,15 @@ class LiveHidden(TeacherSignal):
 class LiveAligned(TeacherSignal):
     """A teacher model in memory with a tokenizer of its own: run forward on the teacher's tokens
     of each micro-batch's text (``Batch.teacher_tokens``), its logits taken at the positions
-    aligned with the student's (``loss/crosstok.py``). ``shared``: (teacher ids, student ids) of
-    the tokens both vocabularies have."""
+    aligned with the student's (``loss/crosstok.py``), with the student token each teacher token
+    carries its probability to (``data/alignment.vocabulary_map``)."""
 
     student_output = "logits"
 
     def __init__(self, teacher: torch.nn.Module, teacher_tokenizer, student_tokenizer):
         self.teacher, self.vocab_size = teacher, len(teacher_tokenizer)
-        self.shared = tuple(torch.from_numpy(ids) for ids in shared_vocabulary(teacher_tokenizer, student_tokenizer))
-
-    @property
-    def num_shared(self) -> int:
-        return len(self.shared[0])
+        self.mapping = torch.from_numpy(vocabulary_map(teacher_tokenizer, student_tokenizer))
+        self.num_shared = len(shared_vocabulary(teacher_tokenizer, student_tokenizer)[0])
 
     def __call__(self, batch: Batch, temperature: float) -> TeacherAligned:
         tokens = batch.teacher_tokens
@@ -150,14 +148,48 @@ class LiveAligned(TeacherSignal):
         with torch.inference_mode():
             logits = prediction_logits(self.teacher, tokens.batch, self.vocab_size)
             at_pairs = logits.reshape(-1, logits.shape[-1])[tokens.teacher_positions]
-        shared = tuple(ids.to(logits.device) for ids in self.shared)
         return TeacherAligned(
             at_pairs,
             tokens.student_positions,
-            *shared,
+            self.mapping.to(logits.device),
             (~torch.isfinite(logits.amax())).float(),
             logits,
             tokens.batch.targets,
+        )
+
+
+class LiveAlignedHidden(LiveAligned):
+    """``LiveAligned`` for the chunked path: the teacher's final hidden states at the aligned
+    positions and its output layer; its logits are never formed for the whole batch."""
+
+    student_output = "hidden"
+
+    @torch.no_grad()
+    def __call__(self, batch: Batch, temperature: float) -> TeacherAlignedHidden:
+        tokens = batch.teacher_tokens
+        if tokens is None:
+            raise ValueError(
+                "a teacher with another tokenizer needs the teacher's tokens of the batch (teacher_tokens)"
+            )
+        t = tokens.batch
+        out = self.teacher(
+            input_ids=t.input_ids,
+            attention_mask=t.attention_mask,
+            output_hidden_states=True,
+            logits_to_keep=1,
+            use_cache=False,
+        )
+        hidden = out.hidden_states[-1][:, :-1]
+        at_pairs = hidden.reshape(-1, hidden.shape[-1])[tokens.teacher_positions]
+        head = self.teacher.get_output_embeddings()
+        return TeacherAlignedHidden(
+            at_pairs,
+            head.weight,
+            head.bias,
+            self.vocab_size,
+            tokens.student_positions,
+            self.mapping.to(hidden.device),
+            (~torch.isfinite(at_pairs).all()).float(),
         )
 
 

@@ -27,7 +27,14 @@ from lmdistill.models.loading import Models, load_models
 from lmdistill.models.lora import ADAPTER_FILE, add_adapters, parameter_counts, resume_problem
 from lmdistill.teacher.cache import open_for_run
 from lmdistill.teacher.onpolicy import on_policy_signal
-from lmdistill.teacher.signals import CachedTeacher, LiveAligned, TeacherSignal, choose_loss_impl, make_signal
+from lmdistill.teacher.signals import (
+    CachedTeacher,
+    LiveAligned,
+    LiveAlignedHidden,
+    TeacherSignal,
+    choose_loss_impl,
+    make_signal,
+)
 from lmdistill.teacher.speculative import check_draft_pair
 from lmdistill.training.checkpoint import damaged_state_message, remove_leftovers, restore_training_state, resume_point
 from lmdistill.training.devices import check_trackers_installed, make_accelerator, on_main
@@ -213,24 +220,28 @@ def _signal(cfg: Config, models: Models, cache, projection) -> tuple[str, Teache
         impl = "full" if cache.mode == "dense" else _loss_impl(cfg, models, None)
         return impl, CachedTeacher(cache, student_output="hidden" if impl == "chunked" else "logits")
     live_teacher = models.teacher if cfg.distill.kd_weight > 0 or pairs else None
-    if live_teacher is not None and models.teacher_tokenizer is not None:  # another tokenizer: the full path
-        signal = LiveAligned(live_teacher, models.teacher_tokenizer, models.tokenizer)
+    if live_teacher is not None and models.teacher_tokenizer is not None:  # another tokenizer
+        vocab = max(vocab, len(models.teacher_tokenizer))  # (the larger logits decide the loss path)
+        impl = "full" if cfg.loss.impl == "reference" else _loss_impl(cfg, models, live_teacher, vocab)
+        aligned = LiveAlignedHidden if impl == "chunked" else LiveAligned
+        signal = aligned(live_teacher, models.teacher_tokenizer, models.tokenizer)
         print(
             f"cross-tokenizer: {signal.num_shared:,} tokens shared by the teacher's {len(models.teacher_tokenizer):,} "
-            f"and the student's {len(models.tokenizer):,}; KL on those, sorted-probability distance on the rest"
+            f"and the student's {len(models.tokenizer):,}; the others carried to the student token their text "
+            "begins with"
         )
-        return "full", signal
+        return impl, signal
     impl = _loss_impl(cfg, models, live_teacher)
     return impl, make_signal(impl, live_teacher, vocab, tuple(t for _, t in pairs))
 
 
-def _loss_impl(cfg: Config, models: Models, teacher) -> str:
+def _loss_impl(cfg: Config, models: Models, teacher, vocab: int | None = None) -> str:
     try:
         return choose_loss_impl(
             cfg.loss.impl,
             divergences.get(cfg.distill.divergence),
             cfg.train.batch_size * (cfg.data.block_size - 1),
-            len(models.tokenizer),
+            vocab or len(models.tokenizer),
             models.student,
             teacher,
             cfg.loss.auto_threshold_mib,
