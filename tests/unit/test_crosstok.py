@@ -7,7 +7,14 @@ import numpy as np
 import pytest
 import torch
 
-from lmdistill.data.alignment import align, prediction_pairs, shared_vocabulary, token_ends, vocabulary_map
+from lmdistill.data.alignment import (
+    ContinuationTargets,
+    align,
+    prediction_pairs,
+    shared_vocabulary,
+    token_ends,
+    vocabulary_map,
+)
 from lmdistill.loss.crosstok import cross_tokenizer_divergence
 from lmdistill.loss.dense import token_divergence
 
@@ -95,15 +102,51 @@ def test_one_vocabulary_gives_the_ordinary_kd_term_and_gradient():
 
 def test_two_vocabularies_by_hand():
     """Teacher vocabulary of 4, student of 3: teacher tokens 0 and 2 begin with student token 1,
-    teacher token 1 is student token 0, teacher token 3 (a special token) maps to nothing."""
+    teacher token 1 is student token 0, teacher token 3 (a special token) maps to nothing. The
+    teacher's probabilities are carried at T = 1, then the carried distribution is softened."""
     student = torch.tensor([[0.3, 1.2, -0.5]])
     teacher = torch.tensor([[2.0, 0.5, -1.0, 0.7]])
-    p = np.exp(teacher.numpy()[0] / 2) / np.exp(teacher.numpy()[0] / 2).sum()
+    p = np.exp(teacher.numpy()[0]) / np.exp(teacher.numpy()[0]).sum()
+    carried = np.array([p[1], p[0] + p[2], 0.0])
+    soft = np.where(carried > 0, carried, 0.0) ** 0.5  # T = 2
+    soft = soft / soft.sum()
     q = np.exp(student.numpy()[0] / 2) / np.exp(student.numpy()[0] / 2).sum()
-    carried = np.array([p[1], p[0] + p[2], 0.0]) / (p[0] + p[1] + p[2])
-    want = sum(c * (np.log(c) - np.log(qq)) for c, qq in zip(carried, q) if c > 0)
+    want = sum(c * (np.log(c) - np.log(qq)) for c, qq in zip(soft, q) if c > 0)
     got = cross_tokenizer_divergence(student, teacher, torch.tensor([1, 0, 1, -1]), temperature=2.0)
     assert got.item() == pytest.approx(want, rel=1e-5)
+
+
+def test_continuation_targets_against_brute_force(two_tokenizers):
+    """At a student position inside a word the teacher writes in one token: the teacher's
+    probabilities over its tokens that the student writes beginning with what it has read, summed
+    by the student token that comes next, from a search over the whole teacher vocabulary."""
+    big, small = two_tokenizers
+    targets = ContinuationTargets(big, small, k=len(small))
+    torch.manual_seed(1)
+    logits = torch.randn(3, len(big)) * 3
+    specials = set(big.all_special_ids)
+    written = {}
+    for token, index in big.get_vocab().items():
+        text = big.convert_tokens_to_string([token])
+        if index not in specials and "\ufffd" not in text:
+            written[index] = small(text, add_special_tokens=False)["input_ids"]
+    reads = [w[:1] for w in list(written.values())[::37] if len(w) > 1][:6] + [
+        w[:2] for w in written.values() if len(w) > 2
+    ][:3]
+    pair_of = np.arange(len(reads)) % 3
+    rows, ids, weights = targets.targets(logits, pair_of, reads)
+    assert rows.tolist() == list(range(len(reads)))
+    p = torch.softmax(logits, -1).numpy()
+    for c, read in enumerate(reads):
+        want: dict[int, float] = {}
+        for teacher_id, pieces in written.items():
+            if len(pieces) > len(read) and pieces[: len(read)] == read:
+                want[pieces[len(read)]] = want.get(pieces[len(read)], 0.0) + p[pair_of[c], teacher_id]
+        total = sum(want.values())
+        got = {int(i): float(w) for i, w in zip(ids[c], weights[c]) if w > 0}
+        assert got.keys() == want.keys()
+        for i in want:
+            assert got[i] == pytest.approx(want[i] / total, rel=1e-4)
 
 
 def test_vocabulary_map(two_tokenizers):

@@ -30,6 +30,9 @@ class TeacherTokens:
         to write the same text (``data/alignment.py``).
     student_bytes, teacher_bytes: UTF-8 bytes of the text each side's targets cover (bits per
         byte are comparable across tokenizers; perplexities are not).
+    continuations: (C, 3) student positions inside a span the teacher writes in one token:
+        (flat student position, index of the pair at the span's start, student tokens read
+        since that pair), on the host.
     """
 
     batch: Batch
@@ -37,6 +40,7 @@ class TeacherTokens:
     student_positions: torch.Tensor
     student_bytes: int
     teacher_bytes: int
+    continuations: torch.Tensor | None = None
 
     def to(self, device: torch.device | str) -> TeacherTokens:
         return TeacherTokens(
@@ -45,6 +49,7 @@ class TeacherTokens:
             self.student_positions.to(device),
             self.student_bytes,
             self.teacher_bytes,
+            self.continuations,
         )
 
 

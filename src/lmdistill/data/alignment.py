@@ -123,38 +123,52 @@ def _ids_by_text(tokenizer) -> dict[str, int]:
     return ids
 
 
+def _token_texts(tokenizer) -> list[tuple[int, str]]:
+    """(id, text) of every token but the special ones whose text is whole characters: the text
+    the token writes, its leading-space marker read as a space."""
+    specials = set(tokenizer.all_special_ids)
+    out = []
+    for token, index in tokenizer.get_vocab().items():
+        if index >= len(tokenizer) or index in specials:
+            continue
+        text = tokenizer.convert_tokens_to_string([token])
+        if token[:1] in _SPACE_MARKERS and not text.startswith(" "):  # (SentencePiece drops it)
+            text = " " + text
+        if text and "\ufffd" not in text:
+            out.append((index, text))
+    return out
+
+
 def vocabulary_map(teacher_tokenizer, student_tokenizer) -> np.ndarray:
     """For every teacher id, the student token that the same text begins with (-1: none).
 
     A teacher token the student's vocabulary also has maps to it; the teacher's EOS maps to the
     student's. Any other token's text is tokenized by the student's tokenizer and maps to the first
     token of that: the student's way of starting to write it (a teacher token " collection"
-    whose text the student writes " coll" + "ection" maps to " coll"). A byte-level piece of a
-    character maps to the student's longest token its bytes begin with. The teacher's other
-    special tokens map to nothing (-1)."""
+    whose text the student writes " co" + "ll" + "ection" maps to " co"). A byte-level piece of a
+    character maps to the student's longest token it begins with. The teacher's other special
+    tokens map to nothing (-1)."""
     student = _ids_by_text(student_tokenizer)
     raw_student = set(student_tokenizer.get_vocab())
     out = np.full(len(teacher_tokenizer), -1, dtype=np.int64)
     specials = set(teacher_tokenizer.all_special_ids)
-    to_tokenize: list[tuple[int, str]] = []
     for token, index in teacher_tokenizer.get_vocab().items():
         if index >= len(out) or index in specials:
             continue
         if (text := token_text(token)) in student:
             out[index] = student[text]
-            continue
-        text = teacher_tokenizer.convert_tokens_to_string([token])
-        if token[:1] in _SPACE_MARKERS and not text.startswith(" "):  # (SentencePiece drops it)
-            text = " " + text
-        if text and "\ufffd" not in text:
-            to_tokenize.append((index, text))
-        else:  # a piece of a character: the longest student token its bytes begin with
+        else:  # a piece of a character, unless its text is whole (below)
             prefix = next((token[:k] for k in range(len(token), 0, -1) if token[:k] in raw_student), None)
             if prefix is not None:
                 out[index] = student_tokenizer.convert_tokens_to_ids(prefix)
-    if to_tokenize:
-        firsts = student_tokenizer([t for _, t in to_tokenize], add_special_tokens=False)["input_ids"]
-        for (index, _), ids in zip(to_tokenize, firsts):
+    whole = [
+        (i, t)
+        for i, t in _token_texts(teacher_tokenizer)
+        if token_text(teacher_tokenizer.convert_ids_to_tokens(i)) not in student
+    ]
+    if whole:
+        firsts = student_tokenizer([t for _, t in whole], add_special_tokens=False)["input_ids"]
+        for (index, _), ids in zip(whole, firsts):
             out[index] = ids[0] if ids else -1
     if teacher_tokenizer.eos_token_id is not None and student_tokenizer.eos_token_id is not None:
         out[teacher_tokenizer.eos_token_id] = student_tokenizer.eos_token_id
@@ -191,13 +205,79 @@ def teacher_windows(
     return t_start, np.maximum(t_stop - t_start, 0)
 
 
-def pair_positions(s_ends: np.ndarray, t_ends: np.ndarray, base: int) -> tuple[np.ndarray, np.ndarray]:
-    """(teacher positions, student positions) whose predictions meet, in one block whose student
-    and teacher tokens end at ``s_ends`` and ``t_ends`` (absolute offsets; ``base`` is where the
-    block's text starts)."""
+def pair_positions(s_ends: np.ndarray, t_ends: np.ndarray, base: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(teacher positions, student positions, continuations) in one block whose student and
+    teacher tokens end at ``s_ends`` and ``t_ends`` (absolute offsets; ``base`` is where the
+    block's text starts). The first two are the pairs whose predictions meet. A continuation
+    is a student position inside a span that the teacher writes in one token and the student in
+    several: (its student position, the pair at the span's start, how many of the span's student
+    tokens it has read); ``ContinuationTargets`` gives the teacher's prediction there."""
+    empty = np.zeros(0, dtype=np.int64)
     if len(s_ends) < 2 or len(t_ends) < 2:
-        return np.zeros(0, dtype=np.int64), np.zeros(0, dtype=np.int64)
-    return prediction_pairs(align_ends(np.asarray(t_ends) - base, np.asarray(s_ends) - base))
+        return empty, empty, empty.reshape(0, 3)
+    spans = align_ends(np.asarray(t_ends) - base, np.asarray(s_ends) - base)
+    t_pos, s_pos = prediction_pairs(spans)
+    later = slice(1, None)  # spans with a pair at their start
+    one_teacher_token = spans.teacher_end[later] - spans.teacher_start[later] == 1
+    pieces = spans.student_end[later] - spans.student_start[later]
+    rows = [
+        (spans.student_start[k + 1] + read - 1, k, read)
+        for k in np.nonzero(one_teacher_token & (pieces > 1))[0].tolist()
+        for read in range(1, int(pieces[k]))
+    ]
+    return t_pos, s_pos, np.asarray(rows, dtype=np.int64).reshape(-1, 3)
+
+
+class ContinuationTargets:
+    """The teacher's prediction for student positions inside a span it writes in one token
+    (``pair_positions``'s continuations).
+
+    Every teacher token's text is written by the student's tokenizer as a few of its own tokens
+    (" collection" as " co", "ll", "ection"). At a continuation the student has read the first
+    tokens of the span (" co"); the teacher's next-token distribution at the span's pair,
+    narrowed to the teacher tokens the student writes beginning with exactly those tokens and
+    renormalised, is carried to the student token that comes next in each ("ll" for
+    " collection"): what the teacher expects the student to write next. A table from each
+    student-token prefix to (teacher ids, next student ids) is built once."""
+
+    def __init__(self, teacher_tokenizer, student_tokenizer, k: int = 64):
+        self.k = k
+        ids, texts = zip(*_token_texts(teacher_tokenizer)) if len(teacher_tokenizer) else ((), ())
+        pieces = student_tokenizer(list(texts), add_special_tokens=False)["input_ids"] if texts else []
+        table: dict[tuple[int, ...], tuple[list[int], list[int]]] = {}
+        for teacher_id, written in zip(ids, pieces):
+            for read in range(1, len(written)):
+                teachers, following = table.setdefault(tuple(written[:read]), ([], []))
+                teachers.append(teacher_id)
+                following.append(written[read])
+        self.table = {key: (np.asarray(t), np.asarray(f)) for key, (t, f) in table.items()}
+
+    def targets(self, teacher_logits, pair_of, read_ids: list[list[int]]):
+        """(rows, ids, weights): for each continuation that has a target, its index, and the
+        student ids and probabilities of that target ((C, k), padded with weight 0).
+        ``teacher_logits`` (K, Vt) at the pairs; ``pair_of`` (C,) each continuation's pair;
+        ``read_ids`` the student tokens each has read since the span's start."""
+        import torch
+
+        pairs, pair_row = np.unique(np.asarray(pair_of), return_inverse=True)  # (only the pairs asked about)
+        probs = torch.softmax(teacher_logits[torch.from_numpy(pairs)].float(), -1).cpu().numpy()
+        rows, out_ids, out_weights = [], [], []
+        for c, (row, read) in enumerate(zip(pair_row.tolist(), read_ids)):
+            entry = self.table.get(tuple(read))
+            if entry is None:
+                continue
+            following, where = np.unique(entry[1], return_inverse=True)
+            weights = np.bincount(where, weights=probs[row, entry[0]], minlength=len(following))
+            if weights.sum() <= 0:
+                continue
+            keep = np.argsort(-weights)[: self.k]
+            padded_ids, padded_w = np.zeros(self.k, np.int64), np.zeros(self.k, np.float32)
+            padded_ids[: len(keep)], padded_w[: len(keep)] = following[keep], weights[keep] / weights[keep].sum()
+            rows.append(c)
+            out_ids.append(padded_ids)
+            out_weights.append(padded_w)
+        as_ids = np.asarray(out_ids, dtype=np.int64).reshape(-1, self.k)
+        return np.asarray(rows, dtype=np.int64), as_ids, np.asarray(out_weights, dtype=np.float32).reshape(-1, self.k)
 
 
 class TeacherWindows:
@@ -232,7 +312,8 @@ class TeacherWindows:
         t_width = max(2, int(t_lengths.max()) if len(rows) else 2)
         ids = np.full((len(rows), t_width), self.store.manifest["pad_id"], dtype=np.int64)
         real = np.zeros((len(rows), t_width), dtype=bool)
-        t_pos, s_pos, s_bytes, t_bytes = [], [], 0, 0
+        t_pos, s_pos, cont, s_bytes, t_bytes = [], [], [], 0, 0
+        pairs_before = 0
         s_all, t_all = student_store.text_bytes, self.store.text_bytes
         for r, (s0, n, t0, m) in enumerate(
             zip(s_starts.tolist(), s_lengths.tolist(), t_starts.tolist(), t_lengths.tolist())
@@ -240,9 +321,11 @@ class TeacherWindows:
             ids[r, :m] = self.store.tokens[t0 : t0 + m]
             real[r, :m] = True
             s_ends, t_ends = np.asarray(s_all[s0 : s0 + n]), np.asarray(t_all[t0 : t0 + m])
-            teacher_at, student_at = pair_positions(s_ends, t_ends, int(s_all[s0 - 1]) if s0 > 0 else 0)
+            teacher_at, student_at, inside = pair_positions(s_ends, t_ends, int(s_all[s0 - 1]) if s0 > 0 else 0)
             t_pos.append(teacher_at + r * (t_width - 1))
             s_pos.append(student_at + r * (width - 1))
+            cont.append(inside + np.asarray([r * (width - 1), pairs_before, 0]))
+            pairs_before += len(teacher_at)
             s_bytes += int(s_ends[-1] - s_ends[0]) if n > 1 else 0
             t_bytes += int(t_ends[-1] - t_ends[0]) if m > 1 else 0
         ids_t = torch.from_numpy(ids)
@@ -255,4 +338,5 @@ class TeacherWindows:
             torch.from_numpy(np.concatenate(s_pos) if s_pos else np.zeros(0, np.int64)),
             s_bytes,
             t_bytes,
+            torch.from_numpy(np.concatenate(cont) if cont else np.zeros((0, 3), np.int64)),
         )

@@ -31,10 +31,13 @@ from lmdistill.loss.dense import LossParts, check_loss_args, normaliser
 
 
 def carried_distribution(teacher_logits: torch.Tensor, mapping: torch.Tensor, vocab: int, temperature: float):
-    """(K, vocab) fp32: the teacher's distribution at T carried to the student's vocabulary."""
-    p = F.softmax(teacher_logits.float() / temperature, dim=-1)
+    """(K, vocab) fp32: the teacher's distribution carried to the student's vocabulary, then
+    softened by T (carried at T = 1: what the teacher expects the student's next token to be)."""
+    p = F.softmax(teacher_logits.float(), dim=-1)
     mapped = mapping >= 0
     carried = p.new_zeros((p.shape[0], vocab)).index_add_(1, mapping[mapped], p[:, mapped])
+    if temperature != 1.0:
+        carried = F.softmax(torch.log(carried) / temperature, dim=-1)
     return carried / carried.sum(-1, keepdim=True).clamp_min(torch.finfo(carried.dtype).tiny)
 
 
@@ -65,16 +68,21 @@ def aligned_distillation_loss(
     kd_weight: float,
     scale_by_t2: bool = True,
     num_tokens: int | float | None = None,
+    continuation: tuple | None = None,
 ) -> LossParts:
-    """``kd_weight * T^2 * KD + (1 - kd_weight) * CE`` for a teacher with another tokenizer.
+    """The distillation loss for a teacher with another tokenizer.
 
-    CE is the student's, on its own tokens (every valid target). KD is
-    ``cross_tokenizer_divergence`` at the aligned pairs only: ``teacher_logits`` (K, Vt) at the
-    teacher's positions of the pairs, ``student_positions`` (K,) the student's, as flat indices
-    into its (B * (L - 1)) predicting positions. Positions without a partner (inside a span
-    that one side writes in more tokens than the other) have no KD term. Both sums are
-    divided by ``num_tokens``, the count of the student's targets, as in every other loss: with
-    one tokenizer every position is a pair and this is the ordinary KD loss.
+    At an aligned pair, the ordinary mix: ``kd_weight * T^2 * KD + (1 - kd_weight) * CE``, KD
+    being ``cross_tokenizer_divergence`` (``teacher_logits`` (K, Vt) at the teacher's positions
+    of the pairs; ``student_positions`` (K,) the student's, flat indices into its (B * (L - 1))
+    predicting positions). At a student position without a partner (inside a stretch of text
+    the two tokenizers cut differently) the teacher has no prediction to give, and the data's
+    own next token is the whole target: CE with weight 1. So every position weighs as much as in
+    an ordinary run, and with one tokenizer (every position a pair) this is the ordinary KD loss.
+    ``continuation`` (positions, ids, weights): student positions inside a span the teacher
+    writes in one token, with the teacher's sparse targets there; they mix as the pairs do.
+    Sums are divided by ``num_tokens``, the count of the student's targets. ``kd`` reports the KD
+    term of the pairs and continuations; ``ce``, the CE of every target.
     """
     check_loss_args(temperature, kd_weight, "forward_kl")
     flat = student_logits.reshape(-1, student_logits.shape[-1])
@@ -82,16 +90,35 @@ def aligned_distillation_loss(
     valid = y != IGNORE_INDEX
     num_valid = int(valid.sum())
     ce_sum = F.cross_entropy(flat[valid].float(), y[valid], reduction="sum")
+    kd_unscaled_sum = ce_at_pairs = ce_sum.new_zeros(())
     if kd_weight > 0 and len(student_positions):
-        kd_unscaled_sum = cross_tokenizer_divergence(
-            flat[student_positions], teacher_logits, mapping, temperature
-        ).sum()
-    else:
-        kd_unscaled_sum = ce_sum.new_zeros(())
+        paired = flat[student_positions]
+        kd_unscaled_sum = cross_tokenizer_divergence(paired, teacher_logits, mapping, temperature).sum()
+        ce_at_pairs = F.cross_entropy(paired.float(), y[student_positions], reduction="sum")
+    if kd_weight > 0 and continuation is not None:
+        kd, ce = continuation_terms(flat[continuation[0]], y[continuation[0]], *continuation[1:], temperature)
+        kd_unscaled_sum, ce_at_pairs = kd_unscaled_sum + kd, ce_at_pairs + ce
+    return _mixed(ce_sum, ce_at_pairs, kd_unscaled_sum, temperature, kd_weight, scale_by_t2, num_tokens, num_valid)
+
+
+def continuation_terms(student_logits, targets, ids, weights, temperature: float):
+    """(KD sum, CE sum) at continuation positions: forward KL from the teacher's sparse target
+    (``weights`` over student ``ids``, (C, k), softened by T) to the student at T, and CE."""
+    log_q = F.log_softmax(student_logits.float() / temperature, dim=-1).gather(1, ids)
+    w = weights.float()
+    if temperature != 1.0:
+        w = torch.where(w > 0, w.clamp_min(1e-30) ** (1.0 / temperature), 0.0)
+        w = w / w.sum(-1, keepdim=True)
+    kd = (torch.xlogy(w, w) - w * log_q).sum()
+    return kd, F.cross_entropy(student_logits.float(), targets, reduction="sum")
+
+
+def _mixed(ce_sum, ce_at_pairs, kd_unscaled_sum, temperature, kd_weight, scale_by_t2, num_tokens, num_valid):
+    """CE everywhere with weight 1, but at the pairs ``(1 - kd_weight) * CE + kd_weight * T^2 * KD``."""
     denom = normaliser(num_tokens, num_valid)
     kd_sum = kd_unscaled_sum * (temperature**2 if scale_by_t2 else 1.0)
     return LossParts(
-        total=(kd_weight * kd_sum + (1.0 - kd_weight) * ce_sum) / denom,
+        total=(ce_sum + kd_weight * (kd_sum - ce_at_pairs)) / denom,
         kd=(kd_sum / denom).detach(),
         kd_unscaled=(kd_unscaled_sum / denom).detach(),
         ce=(ce_sum / denom).detach(),
@@ -99,9 +126,10 @@ def aligned_distillation_loss(
     )
 
 
-def chunked_cross_tokenizer_kd(
+def chunked_aligned_terms(
     student_hidden: torch.Tensor,
     student_head: tuple[torch.Tensor, torch.Tensor | None],
+    student_targets: torch.Tensor,
     teacher_hidden: torch.Tensor,
     teacher_head: tuple[torch.Tensor, torch.Tensor | None],
     mapping: torch.Tensor,
@@ -109,20 +137,21 @@ def chunked_cross_tokenizer_kd(
     temperature: float,
     vocab_sizes: tuple[int, int],
     chunk_size: int = 1024,
-) -> torch.Tensor:
-    """The sum over K pairs of ``cross_tokenizer_divergence``, from the two models' final hidden
-    states at the pairs ((K, Hs) and (K, Ht)) and their output layers ((weight, bias) each),
-    holding ``chunk_size`` rows of each model's logits at a time: each chunk's logits are formed,
-    reduced to its sum and dropped, and formed again in the backward (activation checkpointing),
-    so memory does not grow with K x the teacher's vocabulary. ``vocab_sizes``: (student,
-    teacher) tokenizer lengths, where output layers padded past them are cut."""
-    total = student_hidden.new_zeros((), dtype=torch.float32)
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(KD sum, CE sum) over K pairs, from the two models' final hidden states at the pairs
+    ((K, Hs) and (K, Ht)), the student's targets there (K,), and their output layers ((weight,
+    bias) each), holding ``chunk_size`` rows of each model's logits at a time: each chunk's
+    logits are formed, reduced to its two sums and dropped, and formed again in the backward
+    (activation checkpointing), so memory does not grow with K x the teacher's vocabulary.
+    ``vocab_sizes``: (student, teacher) tokenizer lengths, where padded output layers are cut."""
+    total = student_hidden.new_zeros(2, dtype=torch.float32)
     for start in range(0, len(student_hidden), chunk_size):
         rows = slice(start, start + chunk_size)
         total = total + checkpoint(
-            _chunk_divergence,
+            _chunk_terms,
             student_hidden[rows],
             *student_head,
+            student_targets[rows],
             teacher_hidden[rows],
             *teacher_head,
             mapping,
@@ -130,10 +159,27 @@ def chunked_cross_tokenizer_kd(
             vocab_sizes,
             use_reentrant=False,
         )
-    return total
+    return total[0], total[1]
 
 
-def _chunk_divergence(s_hidden, s_weight, s_bias, t_hidden, t_weight, t_bias, mapping, temperature, vocab):
+def _chunk_terms(s_hidden, s_weight, s_bias, targets, t_hidden, t_weight, t_bias, mapping, temperature, vocab):
     student = F.linear(s_hidden, s_weight[: vocab[0]], s_bias[: vocab[0]] if s_bias is not None else None)
     teacher = F.linear(t_hidden, t_weight[: vocab[1]], t_bias[: vocab[1]] if t_bias is not None else None)
-    return cross_tokenizer_divergence(student, teacher, mapping, temperature).sum()
+    kd = cross_tokenizer_divergence(student, teacher, mapping, temperature).sum()
+    return torch.stack([kd, F.cross_entropy(student.float(), targets, reduction="sum")])
+
+
+def chunked_aligned_loss(ce: LossParts, kd_unscaled_sum, ce_at_pairs, spec, temperature: float, num_tokens):
+    """``aligned_distillation_loss`` from the chunked CE of every target (``ce``, a LossParts of
+    the fused loss without a teacher) and the pairs' sums (``chunked_aligned_terms``)."""
+    num = normaliser(num_tokens, ce.num_valid)
+    return _mixed(
+        ce.total * num,
+        ce_at_pairs,
+        kd_unscaled_sum,
+        temperature,
+        spec.kd_weight,
+        spec.scale_by_t2,
+        num_tokens,
+        ce.num_valid,
+    )

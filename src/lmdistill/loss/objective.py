@@ -22,8 +22,13 @@ import torch
 from lmdistill.core.batch import Batch
 from lmdistill.loss import divergences
 from lmdistill.loss.chunked import fused_linear_distillation_loss, fused_logits_distillation_loss
-from lmdistill.loss.crosstok import aligned_distillation_loss, chunked_cross_tokenizer_kd
-from lmdistill.loss.dense import LossParts, distillation_loss, normaliser
+from lmdistill.loss.crosstok import (
+    aligned_distillation_loss,
+    chunked_aligned_loss,
+    chunked_aligned_terms,
+    continuation_terms,
+)
+from lmdistill.loss.dense import LossParts, distillation_loss
 from lmdistill.loss.divergences import DivergenceParams
 from lmdistill.loss.hidden import HiddenProjection, hidden_state_loss
 from lmdistill.loss.sampled import (
@@ -216,6 +221,7 @@ class Objective:
                 kd_weight=spec.kd_weight,
                 scale_by_t2=spec.scale_by_t2,
                 num_tokens=num_tokens,
+                continuation=teacher.continuation,
             )
         # With a closed-form gradient the loss needs no autograd graph over (tokens x vocab):
         # fewer passes over the logits and no fresh buffers per step (the autograd form is the
@@ -323,21 +329,25 @@ class Objective:
             raise ValueError(f"a teacher with another tokenizer gives forward_kl only, not {spec.divergence!r}")
         ce, states = self._from_hidden(student, batch, None, temperature, num_tokens, replace(spec, kd_weight=0.0))
         hidden = states[-1][:, :-1]
-        flat = hidden.reshape(-1, hidden.shape[-1])
-        kd_unscaled = chunked_cross_tokenizer_kd(
-            flat[teacher.student_positions],
+        flat, at = hidden.reshape(-1, hidden.shape[-1]), teacher.student_positions
+        kd_sum, ce_at_pairs = chunked_aligned_terms(
+            flat[at],
             (self.head.weight, self.head.bias),
+            batch.targets.reshape(-1)[at],
             teacher.hidden,
             (teacher.weight, teacher.bias),
             teacher.mapping,
             temperature=temperature,
             vocab_sizes=(self.vocab_size, teacher.vocab_size),
             chunk_size=self.chunk_size,
-        ) / normaliser(num_tokens, ce.num_valid)
-        kd = kd_unscaled * (temperature**2 if spec.scale_by_t2 else 1.0)
-        w = spec.kd_weight
-        total = (1.0 - w) * ce.total + w * kd
-        return LossParts(total, kd.detach(), kd_unscaled.detach(), ce.ce, ce.num_valid), states
+        )
+        if teacher.continuation is not None and spec.kd_weight > 0:  # (a few rows: formed at once)
+            positions, ids, weights = teacher.continuation
+            bias = self.head.bias[: self.vocab_size] if self.head.bias is not None else None
+            rows = torch.nn.functional.linear(flat[positions], self.head.weight[: self.vocab_size], bias)
+            kd, ce_c = continuation_terms(rows, batch.targets.reshape(-1)[positions], ids, weights, temperature)
+            kd_sum, ce_at_pairs = kd_sum + kd, ce_at_pairs + ce_c
+        return chunked_aligned_loss(ce, kd_sum, ce_at_pairs, spec, temperature, num_tokens), states
 
     def _sampled_token(
         self, student, batch: Batch, teacher: TeacherLogits | TeacherHidden, num_tokens: float

@@ -132,6 +132,9 @@ class TeacherAligned:
     nonfinite: torch.Tensor
     all_logits: torch.Tensor
     targets: torch.Tensor
+    # (student positions (C,), ids (C, k), weights (C, k)): the teacher's sparse targets at student
+    # positions inside spans it writes in one token (``data/alignment.ContinuationTargets``)
+    continuation: tuple | None = None
     layers: list[torch.Tensor] = field(default_factory=list)
     tempered: ClassVar[bool] = False
 
@@ -168,6 +171,7 @@ class TeacherAlignedHidden:
     student_positions: torch.Tensor
     mapping: torch.Tensor
     nonfinite: torch.Tensor
+    continuation: tuple | None = None  # as ``TeacherAligned.continuation``
     layers: list[torch.Tensor] = field(default_factory=list)
     tempered: ClassVar[bool] = False
 

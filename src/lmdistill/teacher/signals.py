@@ -16,7 +16,7 @@ import torch
 
 from lmdistill.core.batch import Batch
 from lmdistill.core.parallel import is_sharded
-from lmdistill.data.alignment import shared_vocabulary, vocabulary_map
+from lmdistill.data.alignment import ContinuationTargets, shared_vocabulary, vocabulary_map
 from lmdistill.loss.views import (
     TeacherAligned,
     TeacherAlignedHidden,
@@ -138,6 +138,24 @@ class LiveAligned(TeacherSignal):
         self.teacher, self.vocab_size = teacher, len(teacher_tokenizer)
         self.mapping = torch.from_numpy(vocabulary_map(teacher_tokenizer, student_tokenizer))
         self.num_shared = len(shared_vocabulary(teacher_tokenizer, student_tokenizer)[0])
+        self.continuing = ContinuationTargets(teacher_tokenizer, student_tokenizer)
+
+    def continuation(self, batch: Batch, teacher_logits: torch.Tensor):
+        """(student positions, ids, weights) of the teacher's targets for the batch's positions
+        inside spans it writes in one token (``data/alignment.ContinuationTargets``); None if none."""
+        found = batch.teacher_tokens.continuations
+        if found is None or not len(found):
+            return None
+        width = batch.input_ids.shape[1] - 1
+        ids = batch.input_ids.cpu()
+        read = [ids[pos // width, pos % width - n + 1 : pos % width + 1].tolist() for pos, _, n in found.tolist()]
+        rows, targets, weights = self.continuing.targets(teacher_logits, found[:, 1], read)
+        device = teacher_logits.device
+        return (
+            found[torch.from_numpy(rows), 0].to(device),
+            torch.from_numpy(targets).to(device),
+            torch.from_numpy(weights).to(device),
+        )
 
     def __call__(self, batch: Batch, temperature: float) -> TeacherAligned:
         tokens = batch.teacher_tokens
@@ -155,6 +173,7 @@ class LiveAligned(TeacherSignal):
             (~torch.isfinite(logits.amax())).float(),
             logits,
             tokens.batch.targets,
+            self.continuation(batch, at_pairs),
         )
 
 
@@ -182,6 +201,15 @@ class LiveAlignedHidden(LiveAligned):
         hidden = out.hidden_states[-1][:, :-1]
         at_pairs = hidden.reshape(-1, hidden.shape[-1])[tokens.teacher_positions]
         head = self.teacher.get_output_embeddings()
+        found = tokens.continuations
+        continuation = None
+        if found is not None and len(found):  # (the logits of the pairs that start such spans only)
+            starts = found[:, 1].unique()
+            bias = head.bias[: self.vocab_size] if head.bias is not None else None
+            rows = torch.nn.functional.linear(at_pairs[starts], head.weight[: self.vocab_size], bias)
+            logits = rows.new_full((len(at_pairs), self.vocab_size), 0.0)
+            logits[starts] = rows
+            continuation = self.continuation(batch, logits)
         return TeacherAlignedHidden(
             at_pairs,
             head.weight,
@@ -190,6 +218,7 @@ class LiveAlignedHidden(LiveAligned):
             tokens.student_positions,
             self.mapping.to(hidden.device),
             (~torch.isfinite(at_pairs).all()).float(),
+            continuation=continuation,
         )
 
 
