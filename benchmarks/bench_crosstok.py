@@ -51,7 +51,7 @@ SETTINGS = {
             "num_key_value_heads": 4,
             "head_dim": 48,
         },
-        "common": ["--max-steps", "300", "--set", "data.max_tokens=80000"],
+        "common": ["--max-steps", "300", "--eval-every", "300", "--set", "data.max_tokens=80000"],
     },
 }
 ROWS = {
@@ -143,13 +143,14 @@ def main() -> None:
     parser.add_argument("--out", required=True)
     args = parser.parse_args()
     from lmdistill.default import ensure_default_teacher
+    from lmdistill.models.loading import resolve_source
 
     spec = SETTINGS[args.setting]
     work = Path(args.work) / args.setting
     work.mkdir(parents=True, exist_ok=True)
     teacher = fetch(say=lambda _: None) if args.setting == "smollm2" else ensure_default_teacher(progress=False)
     train, held_out = split_corpus(Path(args.work))
-    student_dirs = students(args.setting, work, Path(teacher))
+    student_dirs = students(args.setting, work, Path(resolve_source(str(teacher), "teacher")))  # (a GGUF: converted)
     out = Path(args.out)
     results = json.loads(out.read_text()) if out.is_file() else {}
     results.update(

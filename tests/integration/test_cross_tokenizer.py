@@ -4,6 +4,7 @@ byte in the evaluation and the report, resume, two processes, and the refusals."
 
 from __future__ import annotations
 
+import json
 import math
 
 import numpy as np
@@ -261,6 +262,22 @@ def test_bits_per_byte_recomputed_independently(cross_run, teacher_dir, other_to
         assert final[key] == pytest.approx(
             nats[role] / size[role] / math.log(2), rel=0.03 if role == "teacher" else 1e-3
         )
+
+
+def test_eval_and_model_card_across_tokenizers(cross_run, teacher_dir):
+    out, _ = cross_run
+    final = [r for r in read_jsonl(out / "metrics.jsonl") if "eval_bpb" in r][-1]
+    card = (out / "student" / "README.md").read_text()
+    assert "bits per byte of the held-out text" in card and f"{final['teacher_bpb']:.4f}" in card
+    result = cli("eval", str(out), "--teacher", str(teacher_dir), "--json", str(out.parent / "eval.json"))
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "different tokenizers" in result.stdout and "bits per byte of the text: model" in result.stdout
+    scored = json.loads((out.parent / "eval.json").read_text())
+    # the run's own held-out blocks, scored again: the run's last evaluation
+    assert scored["eval_bpb"] == pytest.approx(final["eval_bpb"], rel=1e-5)
+    assert scored["teacher_bpb"] == pytest.approx(final["teacher_bpb"], rel=1e-5)
+    refused = cli("eval", str(out), "--teacher", str(teacher_dir), "--generate")
+    one_error_line(refused, "different tokenizers", "drop --generate")
 
 
 @pytest.mark.slow

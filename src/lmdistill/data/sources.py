@@ -640,10 +640,11 @@ def build_block_data(cfg: DataConfig, tokenizer, progress: bool = True, teacher_
 
 
 def block_data_of(
-    source: str | None, cfg: DataConfig, tokenizer, role: str = "--data", progress: bool = True
+    source: str | None, cfg: DataConfig, tokenizer, role: str = "--data", progress: bool = True, teacher_tokenizer=None
 ) -> tuple[Blocks, str]:
-    """Every block of one source (no split): what ``lmdistill eval --data`` scores."""
-    data = _source_data(source or "embedded", 1.0, source, cfg, tokenizer, role, False, progress)
+    """Every block of one source (no split): what ``lmdistill eval --data`` scores (with the
+    teacher's tokens of each block's text, for a ``teacher_tokenizer`` that differs)."""
+    data = _source_data(source or "embedded", 1.0, source, cfg, tokenizer, role, False, progress, teacher_tokenizer)
     return data.train, data.store.manifest["source"]
 
 

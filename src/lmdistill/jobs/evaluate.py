@@ -2,7 +2,8 @@
 teacher's judgement of its own text.
 
 The model is scored by ``training.evaluate`` exactly as a run scores its student, the teacher
-through the same signal (``LiveLogits``) that trains against it.
+through the same signal (``LiveLogits``) that trains against it; a teacher with another
+tokenizer through ``LiveAligned``, both models then in bits per byte as well.
 """
 
 from __future__ import annotations
@@ -19,16 +20,16 @@ from lmdistill.data.sources import block_data_of, build_block_data
 from lmdistill.models.loading import (
     check_causal,
     check_context_length,
-    check_same_tokenizer,
     check_vocab_covers,
     freeze,
     load_causal_lm,
     load_tokenizer,
     resolve_source,
+    tokenizer_difference,
 )
 from lmdistill.teacher.generation import eos_and_pad
 from lmdistill.teacher.judge import check_generation_fits, describe_generations, held_out_prompts, judge_generations
-from lmdistill.teacher.signals import LiveLogits
+from lmdistill.teacher.signals import LiveAligned, LiveLogits
 from lmdistill.teacher.speculative import DraftSettings, check_draft_pair, describe_drafting, measure_drafting
 from lmdistill.training.evaluate import evaluate, format_ppl
 from lmdistill.training.layout import MARKER
@@ -58,12 +59,15 @@ def evaluate_model(request: EvalRequest) -> dict:
     device = "cuda" if torch.cuda.is_available() else "cpu"
     tokenizer = load_tokenizer(source, "model")
     model = _checked_model(source, "model", tokenizer, device)
-    teacher = None
+    teacher = teacher_tokenizer = None
     if request.teacher:
         t_source = resolve_source(request.teacher, "--teacher")
-        check_same_tokenizer(load_tokenizer(t_source, "teacher"), tokenizer, t_source, source)
-        teacher = _checked_model(t_source, "teacher", tokenizer, device)
-    blocks, block_size, description = _blocks(request, run_cfg, tokenizer)
+        t_tokenizer = load_tokenizer(t_source, "teacher")
+        if (problem := tokenizer_difference(t_tokenizer, tokenizer)) is not None:
+            _check_cross_request(request, problem)
+            teacher_tokenizer = t_tokenizer
+        teacher = _checked_model(t_source, "teacher", t_tokenizer, device)
+    blocks, block_size, description = _blocks(request, run_cfg, tokenizer, teacher_tokenizer)
     for m, role, name in ((model, "model", source), (teacher, "teacher", request.teacher)):
         if m is not None:
             check_context_length(m, block_size, role, name)
@@ -77,6 +81,8 @@ def evaluate_model(request: EvalRequest) -> dict:
     if request.generation is not None:
         judged = judge_generations(model, teacher, blocks, tokenizer, len(tokenizer), block_size, **request.generation)
     signal = LiveLogits(teacher, len(tokenizer)) if teacher is not None else None
+    if teacher_tokenizer is not None:
+        signal = LiveAligned(teacher, teacher_tokenizer, tokenizer)
     result = evaluate(
         model,
         signal,
@@ -136,15 +142,27 @@ def _checked_model(source: str, role: str, tokenizer, device: str):
     return model
 
 
-def _blocks(request: EvalRequest, run_cfg: Config | None, tokenizer):
-    """(blocks, block size, description) of the text to score."""
+def _check_cross_request(request: EvalRequest, problem: str) -> None:
+    """What ``lmdistill eval`` cannot do with a teacher of another tokenizer."""
+    if request.generation is not None or request.draft is not None:
+        flag = "--generate" if request.generation is not None else "--draft-for"
+        raise LmdistillError(
+            f"{flag} needs the teacher to read the model's tokens, and the two use different tokenizers ({problem}); "
+            f"drop {flag}"
+        )
+    print(f"note: model and teacher use different tokenizers ({problem}): comparing them in bits per byte")
+
+
+def _blocks(request: EvalRequest, run_cfg: Config | None, tokenizer, teacher_tokenizer=None):
+    """(blocks, block size, description) of the text to score (with the teacher's tokens of each
+    block's text, for a ``teacher_tokenizer`` that differs)."""
     data_cfg = run_cfg.data if run_cfg is not None else DataConfig()
     if request.data is None:
         # A run's own held-out blocks; for any other model, the held-out split a default run of the
         # embedded corpus keeps (not every block of it: the other 95% is what such a run trains on).
         if request.block_size is not None:
             data_cfg.block_size = request.block_size
-        data = build_block_data(data_cfg, tokenizer)
+        data = build_block_data(data_cfg, tokenizer, teacher_tokenizer=teacher_tokenizer)
         blocks, block_size = data.eval, data_cfg.block_size
         whose = "the run's" if run_cfg is not None else "the embedded corpus'"
         description = f"{whose} held-out blocks ({data.eval_source}; source: {data.source})"
@@ -152,7 +170,14 @@ def _blocks(request: EvalRequest, run_cfg: Config | None, tokenizer):
         # Another text for a run's student: cut as the run cut its data (block size, stores, loss_on).
         data_cfg.path, data_cfg.text_field, data_cfg.sources = request.data, request.text_field, None
         block_size = data_cfg.block_size = request.block_size or (run_cfg.data.block_size if run_cfg else 128)
-        blocks, description = block_data_of(request.data, data_cfg, tokenizer, role="--data", progress=request.progress)
+        blocks, description = block_data_of(
+            request.data,
+            data_cfg,
+            tokenizer,
+            role="--data",
+            progress=request.progress,
+            teacher_tokenizer=teacher_tokenizer,
+        )
     if request.max_blocks is not None:
         blocks = blocks.subset(slice(0, request.max_blocks))
     if len(blocks) == 0:
@@ -164,6 +189,15 @@ def _blocks(request: EvalRequest, run_cfg: Config | None, tokenizer):
 
 def _describe(result: dict, with_teacher: bool) -> list[str]:
     lines = [f"perplexity {format_ppl(result['eval_ppl'])}  (CE {result['eval_ce_loss']:.4f} nats/token)"]
+    if "teacher_bpb" in result:  # a teacher with another tokenizer: only bits per byte compare
+        return [
+            f"bits per byte of the text: model {result['eval_bpb']:.4f}, teacher {result['teacher_bpb']:.4f}",
+            lines[0],
+            f"teacher perplexity over its own tokens {format_ppl(result['teacher_ppl'])}  "
+            f"(CE {result['teacher_ce_loss']:.4f})",
+            f"at the {result['aligned_fraction']:.0%} of positions aligned with the teacher's: top-1 agreement "
+            f"{result['top1_agreement']:.1%}, cross-tokenizer divergence at T=1 {result['eval_kl']:.4f} nats",
+        ]
     if with_teacher:
         lines.append(f"teacher perplexity {format_ppl(result['teacher_ppl'])}  (CE {result['teacher_ce_loss']:.4f})")
         lines.append(

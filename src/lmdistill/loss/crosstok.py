@@ -3,15 +3,23 @@
 Inputs come from ``data/alignment.py``: pairs of positions (teacher position, student position)
 where both models have read the same text and are about to write the same text, and
 ``mapping``, for every teacher token the student token that the same text begins with
-(``vocabulary_map``). At each pair the teacher's next-token distribution p (at temperature T)
-is carried to the student's vocabulary -- each teacher token's probability goes to the student
-token its text begins with, so the teacher's " collection" counts for the student's " co" when
-that is how the student starts to write it -- and the term is forward KL from that carried
+(``vocabulary_map``). At each pair the teacher's next-token distribution p is carried to the
+student's vocabulary -- each teacher token's probability goes to the student token its text
+begins with, so the teacher's " collection" counts for the student's " co" when that is how the
+student starts to write it -- softened by T, and the term is forward KL from that carried
 distribution to the student's q at T. Probability on teacher tokens that map to nothing (the
 teacher's special tokens) is left out and the rest renormalised.
 
-With one tokenizer on both sides every token maps to itself and the term is the forward KL over
-the whole vocabulary at every position: the ordinary KD term, value and gradient (tested).
+Inside a span the teacher writes in one token and the student in several (after the student's
+" co", before its "ll" and "ection"), the teacher's distribution at the span's pair, narrowed to
+the tokens the student writes beginning with what it has read, gives a sparse target for the
+next student token (``alignment.ContinuationTargets``); those positions mix like the pairs.
+Where the teacher has nothing to say (inside a span it writes in several tokens), the data's next
+token is the whole target.
+
+With one tokenizer on both sides every token maps to itself, every position is a pair and the
+term is the forward KL over the whole vocabulary: the ordinary KD term, value and gradient
+(tested).
 
 An earlier form kept forward KL on the tokens both vocabularies share and compared the rest with
 ULD's sorted-probability distance (Boizard et al., 2024), as GOLD does. It did not help the

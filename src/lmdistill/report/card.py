@@ -242,6 +242,17 @@ def _result_rows(before: dict, after: dict, sparse: bool) -> list[list[str]]:
     def row(label, key, fmt, teacher):
         return [label, fmt(before.get(key)), fmt(after.get(key)), teacher]
 
+    if "teacher_bpb" in after:  # a teacher with another tokenizer: bits per byte compare, perplexities do not
+        return [
+            row("bits per byte of the held-out text", "eval_bpb", fmt_loss, fmt_loss(after.get("teacher_bpb"))),
+            row("perplexity (each over its own tokens)", "eval_ppl", fmt_ppl, fmt_ppl(after.get("teacher_ppl"))),
+            row(
+                "CE, nats/token (each over its own tokens)",
+                "eval_ce_loss",
+                fmt_loss,
+                fmt_loss(after.get("teacher_ce_loss")),
+            ),
+        ]
     rows = [
         row("perplexity", "eval_ppl", fmt_ppl, fmt_ppl(after.get("teacher_ppl"))),
         row("CE, nats/token", "eval_ce_loss", fmt_loss, fmt_loss(after.get("teacher_ce_loss"))),
