@@ -310,6 +310,40 @@ def test_two_processes_match_one_across_tokenizers(cross_run, teacher_dir, other
         assert loss_b == pytest.approx(loss_a, rel=1e-5) and norm_b == pytest.approx(norm_a, rel=1e-4)
 
 
+@pytest.fixture(scope="module")
+def sentencepiece_student(tmp_path_factory, corpus_texts):
+    """A student with a Unigram tokenizer and SentencePiece's space marker: a vocabulary that
+    shares few tokens with the byte-level teacher's, and another way of cutting text."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    backend = Tokenizer(models.Unigram())
+    backend.pre_tokenizer, backend.decoder = pre_tokenizers.Metaspace(), decoders.Metaspace()
+    trainer = trainers.UnigramTrainer(vocab_size=500, special_tokens=["</s>", "<unk>"], unk_token="<unk>")
+    backend.train_from_iterator(corpus_texts, trainer)
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=backend, eos_token="</s>", unk_token="<unk>", pad_token="</s>")
+    path = tmp_path_factory.mktemp("sp-student") / "model"
+    tiny_llama(len(tokenizer), hidden=32, layers=1, seed=4).save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return path, tokenizer
+
+
+def test_a_student_whose_vocabulary_shares_few_tokens(
+    teacher_dir, sentencepiece_student, tiny_tokenizer, unicode_text, tmp_path
+):
+    from lmdistill.data.alignment import shared_vocabulary
+
+    path, tokenizer = sentencepiece_student
+    assert len(shared_vocabulary(tiny_tokenizer, tokenizer)[0]) < 0.5 * len(tiny_tokenizer)
+    out = tmp_path / "run"
+    proc = cli(*_args(teacher_dir, path, unicode_text, out))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    lines = read_jsonl(out / "metrics.jsonl")
+    assert all(math.isfinite(r["loss"]) and r["kd_loss"] > 0 for r in lines if "loss" in r)
+    final = [r for r in lines if "eval_bpb" in r][-1]
+    assert final["aligned_fraction"] > 0.3 and final["eval_bpb"] > 0 and final["teacher_bpb"] > 0
+
+
 def test_refusals(teacher_dir, other_student, student_dir, unicode_text, tmp_path):
     base = _args(teacher_dir, other_student, unicode_text, tmp_path / "run")
     one_error_line(

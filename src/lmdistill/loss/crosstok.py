@@ -95,17 +95,19 @@ def aligned_distillation_loss(
     check_loss_args(temperature, kd_weight, "forward_kl")
     flat = student_logits.reshape(-1, student_logits.shape[-1])
     y = targets.reshape(-1)
-    valid = y != IGNORE_INDEX
-    num_valid = int(valid.sum())
-    ce_sum = F.cross_entropy(flat[valid].float(), y[valid], reduction="sum")
+    num_valid = int((y != IGNORE_INDEX).sum())
+    ce_each = F.cross_entropy(flat.float(), y, reduction="none", ignore_index=IGNORE_INDEX)  # 0 where ignored
+    ce_sum = ce_each.sum()
     kd_unscaled_sum = ce_at_pairs = ce_sum.new_zeros(())
     if kd_weight > 0 and len(student_positions):
-        paired = flat[student_positions]
-        kd_unscaled_sum = cross_tokenizer_divergence(paired, teacher_logits, mapping, temperature).sum()
-        ce_at_pairs = F.cross_entropy(paired.float(), y[student_positions], reduction="sum")
+        kd_unscaled_sum = cross_tokenizer_divergence(
+            flat[student_positions], teacher_logits, mapping, temperature
+        ).sum()
+        ce_at_pairs = ce_each[student_positions].sum()
     if kd_weight > 0 and continuation is not None:
-        kd, ce = continuation_terms(flat[continuation[0]], y[continuation[0]], *continuation[1:], temperature)
-        kd_unscaled_sum, ce_at_pairs = kd_unscaled_sum + kd, ce_at_pairs + ce
+        positions = continuation[0]
+        kd, _ = continuation_terms(flat[positions], y[positions], *continuation[1:], temperature)
+        kd_unscaled_sum, ce_at_pairs = kd_unscaled_sum + kd, ce_at_pairs + ce_each[positions].sum()
     return _mixed(ce_sum, ce_at_pairs, kd_unscaled_sum, temperature, kd_weight, scale_by_t2, num_tokens, num_valid)
 
 
