@@ -344,6 +344,19 @@ def test_a_student_whose_vocabulary_shares_few_tokens(
     assert final["aligned_fraction"] > 0.3 and final["eval_bpb"] > 0 and final["teacher_bpb"] > 0
 
 
+def test_a_teacher_cache_refuses_a_student_with_another_tokenizer(teacher_dir, other_student, unicode_text, tmp_path):
+    cache = tmp_path / "cache"
+    small = tmp_path / "small.txt"
+    small.write_text(unicode_text.read_text()[:4000])
+    built = cli("cache-teacher", "--teacher", str(teacher_dir), "--data", str(small), "--out", str(cache),
+                "--no-progress", "--set", "data.block_size=48")  # fmt: skip
+    assert built.returncode == 0, built.stderr[-3000:]
+    refused = cli("train", "--teacher-cache", str(cache), "--student", str(other_student), "--data", str(small),
+                  "--output-dir", str(tmp_path / "run"), "--set", "data.block_size=48", "--no-progress")  # fmt: skip
+    one_error_line(refused, "another tokenizer", "model.teacher")
+    assert not (tmp_path / "run").exists()
+
+
 def test_refusals(teacher_dir, other_student, student_dir, unicode_text, tmp_path):
     base = _args(teacher_dir, other_student, unicode_text, tmp_path / "run")
     one_error_line(

@@ -25,6 +25,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import numpy as np
+import torch
+
+from lmdistill.core.batch import Batch, TeacherTokens
 
 
 @dataclass(frozen=True)
@@ -257,8 +260,6 @@ class ContinuationTargets:
         student ids and probabilities of that target ((C, k), padded with weight 0).
         ``teacher_logits`` (K, Vt) at the pairs; ``pair_of`` (C,) each continuation's pair;
         ``read_ids`` the student tokens each has read since the span's start."""
-        import torch
-
         pairs, pair_row = np.unique(np.asarray(pair_of), return_inverse=True)  # (only the pairs asked about)
         probs = torch.softmax(teacher_logits[torch.from_numpy(pairs)].float(), -1).cpu().numpy()
         rows, out_ids, out_weights = [], [], []
@@ -304,10 +305,6 @@ class TeacherWindows:
     def tokens(self, rows: np.ndarray, student_store, s_starts: np.ndarray, s_lengths: np.ndarray, width: int):
         """The ``TeacherTokens`` of block ``rows`` whose student tokens start at ``s_starts`` (with
         ``s_lengths``) in ``student_store``, in a student batch ``width`` tokens wide."""
-        import torch
-
-        from lmdistill.core.batch import Batch, TeacherTokens
-
         t_starts, t_lengths = self.starts[rows], self.lengths[rows]
         t_width = max(2, int(t_lengths.max()) if len(rows) else 2)
         ids = np.full((len(rows), t_width), self.store.manifest["pad_id"], dtype=np.int64)

@@ -301,8 +301,9 @@ class TeacherCache:
         m = self.manifest
         if m["tokenizer"] != tokenizer_hash(tokenizer):
             raise LmdistillError(
-                f"teacher cache '{self.path}' was built with another tokenizer; rebuild it with this "
-                "run's teacher, or train with the tokenizer it was built with"
+                f"teacher cache '{self.path}' was built with another tokenizer than this run's student's; a "
+                "cache serves students of its own tokenizer only: train with that tokenizer, or name the teacher "
+                "itself in model.teacher (lmdistill then distils across the two tokenizers)"
             )
         if m["vocab_size"] != vocab_size:
             raise LmdistillError(
