@@ -119,6 +119,9 @@ def _comparison_rows(records: list[RunRecord]) -> list[list[Any]]:
         row("student ppl before", lambda r: fmt_ppl((r.initial_eval or {}).get("eval_ppl"))),
         row("student ppl after", final("eval_ppl", fmt_ppl)),
         row("teacher ppl", final("teacher_ppl", fmt_ppl)),
+        # across tokenizers (runs with another tokenizer than the teacher's): the figure that compares
+        row("student bits/byte after", final("eval_bpb", fmt_loss)),
+        row("teacher bits/byte", final("teacher_bpb", fmt_loss)),
         row("eval CE (nats/token)", final("eval_ce_loss", fmt_loss)),
         row("KD term on eval data (eval_kd_loss)", final("eval_kd_loss", fmt_loss)),
         row("KL(teacher ‖ student) at T=1 (eval_kl)", final("eval_kl", fmt_loss)),
