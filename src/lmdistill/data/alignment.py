@@ -260,15 +260,21 @@ class ContinuationTargets:
         student ids and probabilities of that target ((C, k), padded with weight 0).
         ``teacher_logits`` (K, Vt) at the pairs; ``pair_of`` (C,) each continuation's pair;
         ``read_ids`` the student tokens each has read since the span's start."""
-        pairs, pair_row = np.unique(np.asarray(pair_of), return_inverse=True)  # (only the pairs asked about)
-        probs = torch.softmax(teacher_logits[torch.from_numpy(pairs)].float(), -1).cpu().numpy()
+        found = [
+            (c, pair, self.table.get(tuple(read))) for c, (pair, read) in enumerate(zip(pair_of.tolist(), read_ids))
+        ]
+        found = [(c, pair, entry) for c, pair, entry in found if entry is not None]
         rows, out_ids, out_weights = [], [], []
-        for c, (row, read) in enumerate(zip(pair_row.tolist(), read_ids)):
-            entry = self.table.get(tuple(read))
-            if entry is None:
-                continue
+        if found:  # one gather of the candidates' probabilities, on the logits' device
+            pairs = torch.as_tensor(np.concatenate([np.full(len(e[0]), pair) for _, pair, e in found]))
+            teachers = torch.as_tensor(np.concatenate([e[0] for _, _, e in found]))
+            device = teacher_logits.device
+            log_z = torch.logsumexp(teacher_logits.float(), dim=-1)
+            picked = teacher_logits[pairs.to(device), teachers.to(device)].float() - log_z[pairs.to(device)]
+            candidates = np.split(picked.exp().cpu().numpy(), np.cumsum([len(e[0]) for _, _, e in found])[:-1])
+        for (c, _, entry), probs in zip(found, candidates if found else []):
             following, where = np.unique(entry[1], return_inverse=True)
-            weights = np.bincount(where, weights=probs[row, entry[0]], minlength=len(following))
+            weights = np.bincount(where, weights=probs, minlength=len(following))
             if weights.sum() <= 0:
                 continue
             keep = np.argsort(-weights)[: self.k]

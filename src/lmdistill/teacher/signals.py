@@ -140,16 +140,18 @@ class LiveAligned(TeacherSignal):
         self.num_shared = len(shared_vocabulary(teacher_tokenizer, student_tokenizer)[0])
         self.continuing = ContinuationTargets(teacher_tokenizer, student_tokenizer)
 
-    def continuation(self, batch: Batch, teacher_logits: torch.Tensor):
+    def continuation(self, batch: Batch, teacher_logits: torch.Tensor, pairs: torch.Tensor | None = None):
         """(student positions, ids, weights) of the teacher's targets for the batch's positions
-        inside spans it writes in one token (``data/alignment.ContinuationTargets``); None if none."""
+        inside spans it writes in one token (``data/alignment.ContinuationTargets``); None if none.
+        ``teacher_logits``: at every pair, or at ``pairs`` only (sorted pair indices)."""
         found = batch.teacher_tokens.continuations
         if found is None or not len(found):
             return None
+        pair_of = found[:, 1] if pairs is None else torch.searchsorted(pairs.cpu(), found[:, 1])
         width = batch.input_ids.shape[1] - 1
         ids = batch.input_ids.cpu()
         read = [ids[pos // width, pos % width - n + 1 : pos % width + 1].tolist() for pos, _, n in found.tolist()]
-        rows, targets, weights = self.continuing.targets(teacher_logits, found[:, 1], read)
+        rows, targets, weights = self.continuing.targets(teacher_logits, pair_of, read)
         device = teacher_logits.device
         return (
             found[torch.from_numpy(rows), 0].to(device),
@@ -204,12 +206,10 @@ class LiveAlignedHidden(LiveAligned):
         found = tokens.continuations
         continuation = None
         if found is not None and len(found):  # (the logits of the pairs that start such spans only)
-            starts = found[:, 1].unique()
+            starts = found[:, 1].unique()  # (sorted)
             bias = head.bias[: self.vocab_size] if head.bias is not None else None
-            rows = torch.nn.functional.linear(at_pairs[starts], head.weight[: self.vocab_size], bias)
-            logits = rows.new_full((len(at_pairs), self.vocab_size), 0.0)
-            logits[starts] = rows
-            continuation = self.continuation(batch, logits)
+            rows = torch.nn.functional.linear(at_pairs[starts.to(hidden.device)], head.weight[: self.vocab_size], bias)
+            continuation = self.continuation(batch, rows, starts)
         return TeacherAlignedHidden(
             at_pairs,
             head.weight,
