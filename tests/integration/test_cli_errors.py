@@ -111,7 +111,9 @@ def test_missing_paths(tmp_path, teacher_dir, text_file):
     assert not out.exists()
 
 
-def test_different_tokenizers_stop_before_training(tmp_path, teacher_dir, text_file, corpus_texts):
+def test_different_tokenizers_stop_before_training_when_told_to(tmp_path, teacher_dir, text_file, corpus_texts):
+    """distill.cross_tokenizer: never refuses two tokenizers (auto distils across them: its tests
+    are in test_cross_tokenizer.py)."""
     from lmdistill.default import train_tokenizer
 
     other_tok = train_tokenizer(corpus_texts[5:], vocab_size=300)
@@ -129,9 +131,11 @@ def test_different_tokenizers_stop_before_training(tmp_path, teacher_dir, text_f
         str(text_file),
         "--output-dir",
         str(out),
+        "--set",
+        "distill.cross_tokenizer=never",
     )
     line = _assert_user_error(proc, "different tokenizers", str(teacher_dir), str(student))
-    assert "vocabularies differ" in line
+    assert "vocabularies differ" in line and "distill.cross_tokenizer: auto" in line
     assert not out.exists()
 
 

@@ -147,7 +147,7 @@ class LiveAligned(TeacherSignal):
         found = batch.teacher_tokens.continuations
         if found is None or not len(found):
             return None
-        pair_of = found[:, 1] if pairs is None else torch.searchsorted(pairs.cpu(), found[:, 1])
+        pair_of = found[:, 1] if pairs is None else torch.searchsorted(pairs.cpu(), found[:, 1].contiguous())
         width = batch.input_ids.shape[1] - 1
         ids = batch.input_ids.cpu()
         read = [ids[pos // width, pos % width - n + 1 : pos % width + 1].tolist() for pos, _, n in found.tolist()]
