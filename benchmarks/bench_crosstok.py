@@ -141,12 +141,13 @@ def main() -> None:
     parser.add_argument("--rows", default=",".join(ROWS))
     parser.add_argument("--work", default="/tmp/lmdistill-bench-crosstok")
     parser.add_argument("--out", required=True)
+    parser.add_argument("--max-steps", type=int, help="steps of every row (default: the setting's)")
     args = parser.parse_args()
     from lmdistill.default import ensure_default_teacher
     from lmdistill.models.loading import resolve_source
 
     spec = SETTINGS[args.setting]
-    work = Path(args.work) / args.setting
+    work = Path(args.work) / (args.setting + (f"-{args.max_steps}" if args.max_steps else ""))
     work.mkdir(parents=True, exist_ok=True)
     teacher = fetch(say=lambda _: None) if args.setting == "smollm2" else ensure_default_teacher(progress=False)
     train, held_out = split_corpus(Path(args.work))
@@ -157,6 +158,7 @@ def main() -> None:
         machine=f"{platform.machine()}, {os.cpu_count()} cores, torch threads {os.environ.get('OMP_NUM_THREADS')}",
         setting=args.setting,
         lr=spec["lr"],
+        max_steps=args.max_steps,
     )
     results.setdefault("rows", {})
     common = [
@@ -164,6 +166,8 @@ def main() -> None:
         "--set", "data.max_eval_blocks=null", "--batch-size", "2", "--lr", str(spec["lr"]), "--no-progress",
         "--set", "checkpoint.keep=1", *spec["common"],
     ]  # fmt: skip
+    if args.max_steps:  # (every row: the same number of steps, evaluated at the start and the end)
+        common += ["--max-steps", str(args.max_steps), "--eval-every", str(args.max_steps)]
     for name in args.rows.split(","):
         student, extra = ROWS[name]
         run = work / name
