@@ -142,7 +142,18 @@ def _token_texts(tokenizer) -> list[tuple[int, str]]:
     return out
 
 
-def vocabulary_map(teacher_tokenizer, student_tokenizer) -> np.ndarray:
+def written_by_student(teacher_tokenizer, student_tokenizer) -> dict[int, list[int]]:
+    """For every teacher token whose text is whole characters (``_token_texts``), the student
+    tokens its text is written in: one pass of the student's tokenizer over the teacher's
+    vocabulary, which ``vocabulary_map`` and ``ContinuationTargets`` both read."""
+    texts = _token_texts(teacher_tokenizer)
+    if not texts:
+        return {}
+    pieces = student_tokenizer([t for _, t in texts], add_special_tokens=False)["input_ids"]
+    return {index: written for (index, _), written in zip(texts, pieces)}
+
+
+def vocabulary_map(teacher_tokenizer, student_tokenizer, written: dict[int, list[int]] | None = None) -> np.ndarray:
     """For every teacher id, the student token that the same text begins with (-1: none).
 
     A teacher token the student's vocabulary also has maps to it; the teacher's EOS maps to the
@@ -150,7 +161,7 @@ def vocabulary_map(teacher_tokenizer, student_tokenizer) -> np.ndarray:
     token of that: the student's way of starting to write it (a teacher token " collection"
     whose text the student writes " co" + "ll" + "ection" maps to " co"). A byte-level piece of a
     character maps to the student's longest token it begins with. The teacher's other special
-    tokens map to nothing (-1)."""
+    tokens map to nothing (-1). ``written``: ``written_by_student`` of the two, when made already."""
     student = _ids_by_text(student_tokenizer)
     raw_student = set(student_tokenizer.get_vocab())
     out = np.full(len(teacher_tokenizer), -1, dtype=np.int64)
@@ -164,14 +175,10 @@ def vocabulary_map(teacher_tokenizer, student_tokenizer) -> np.ndarray:
             prefix = next((token[:k] for k in range(len(token), 0, -1) if token[:k] in raw_student), None)
             if prefix is not None:
                 out[index] = student_tokenizer.convert_tokens_to_ids(prefix)
-    whole = [
-        (i, t)
-        for i, t in _token_texts(teacher_tokenizer)
-        if token_text(teacher_tokenizer.convert_ids_to_tokens(i)) not in student
-    ]
-    if whole:
-        firsts = student_tokenizer([t for _, t in whole], add_special_tokens=False)["input_ids"]
-        for (index, _), ids in zip(whole, firsts):
+    if written is None:
+        written = written_by_student(teacher_tokenizer, student_tokenizer)
+    for index, ids in written.items():
+        if token_text(teacher_tokenizer.convert_ids_to_tokens(index)) not in student:
             out[index] = ids[0] if ids else -1
     if teacher_tokenizer.eos_token_id is not None and student_tokenizer.eos_token_id is not None:
         out[teacher_tokenizer.eos_token_id] = student_tokenizer.eos_token_id
@@ -241,18 +248,19 @@ class ContinuationTargets:
     narrowed to the teacher tokens the student writes beginning with exactly those tokens and
     renormalised, is carried to the student token that comes next in each ("ll" for
     " collection"): what the teacher expects the student to write next. A table from each
-    student-token prefix to (teacher ids, next student ids) is built once."""
+    student-token prefix to (teacher ids, next student ids) is built once (from ``written``,
+    ``written_by_student`` of the two, when made already)."""
 
-    def __init__(self, teacher_tokenizer, student_tokenizer, k: int = 64):
+    def __init__(self, teacher_tokenizer, student_tokenizer, k: int = 64, written: dict | None = None):
         self.k = k
-        ids, texts = zip(*_token_texts(teacher_tokenizer)) if len(teacher_tokenizer) else ((), ())
-        pieces = student_tokenizer(list(texts), add_special_tokens=False)["input_ids"] if texts else []
+        if written is None:
+            written = written_by_student(teacher_tokenizer, student_tokenizer)
         table: dict[tuple[int, ...], tuple[list[int], list[int]]] = {}
-        for teacher_id, written in zip(ids, pieces):
-            for read in range(1, len(written)):
-                teachers, following = table.setdefault(tuple(written[:read]), ([], []))
+        for teacher_id, pieces in written.items():
+            for read in range(1, len(pieces)):
+                teachers, following = table.setdefault(tuple(pieces[:read]), ([], []))
                 teachers.append(teacher_id)
-                following.append(written[read])
+                following.append(pieces[read])
         self.table = {key: (np.asarray(t), np.asarray(f)) for key, (t, f) in table.items()}
 
     def targets(self, teacher_logits, pair_of, read_ids: list[list[int]]):

@@ -35,7 +35,7 @@ import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
 from lmdistill.core.batch import IGNORE_INDEX
-from lmdistill.loss.dense import LossParts, check_loss_args, normaliser
+from lmdistill.loss.dense import LossParts, check_loss_args, head_logits, normaliser
 
 
 def carried_distribution(teacher_logits: torch.Tensor, mapping: torch.Tensor, vocab: int, temperature: float):
@@ -173,8 +173,8 @@ def chunked_aligned_terms(
 
 
 def _chunk_terms(s_hidden, s_weight, s_bias, targets, t_hidden, t_weight, t_bias, mapping, temperature, vocab):
-    student = F.linear(s_hidden, s_weight[: vocab[0]], s_bias[: vocab[0]] if s_bias is not None else None)
-    teacher = F.linear(t_hidden, t_weight[: vocab[1]], t_bias[: vocab[1]] if t_bias is not None else None)
+    student = head_logits(s_hidden, s_weight, s_bias, vocab[0])
+    teacher = head_logits(t_hidden, t_weight, t_bias, vocab[1])
     kd = cross_tokenizer_divergence(student, teacher, mapping, temperature).sum()
     return torch.stack([kd, F.cross_entropy(student.float(), targets, reduction="sum")])
 

@@ -76,6 +76,12 @@ def token_divergence(
     return entry.per_token(log_s, log_t, params)
 
 
+def head_logits(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, vocab: int) -> torch.Tensor:
+    """``hidden`` through an output layer cut to its tokenizer's ``vocab`` rows (layers padded past
+    the tokenizer have more): the logits the losses compare."""
+    return F.linear(hidden, weight[:vocab], bias[:vocab] if bias is not None else None)
+
+
 @dataclass
 class LossParts:
     """The pieces of one distillation loss evaluation.

@@ -28,7 +28,7 @@ from lmdistill.loss.crosstok import (
     chunked_aligned_terms,
     continuation_terms,
 )
-from lmdistill.loss.dense import LossParts, distillation_loss
+from lmdistill.loss.dense import LossParts, distillation_loss, head_logits
 from lmdistill.loss.divergences import DivergenceParams
 from lmdistill.loss.hidden import HiddenProjection, hidden_state_loss
 from lmdistill.loss.sampled import (
@@ -45,6 +45,7 @@ from lmdistill.loss.views import (
     TeacherLogits,
     TeacherSparse,
     TeacherView,
+    final_hidden,
     layer_outputs,
     prediction_logits,
 )
@@ -209,8 +210,7 @@ class Objective:
         if isinstance(teacher, TeacherHidden):
             raise TypeError("a view of hidden states meets the student's hidden states (student_output 'hidden')")
         if isinstance(teacher, TeacherAligned):  # a teacher with another tokenizer
-            if spec.divergence != "forward_kl":
-                raise ValueError(f"a teacher with another tokenizer gives forward_kl only, not {spec.divergence!r}")
+            _forward_kl_only(spec, "a teacher with another tokenizer gives")
             return aligned_distillation_loss(
                 logits,
                 batch.targets,
@@ -267,14 +267,7 @@ class Objective:
             logits, states = self._student_logits(student, batch)
             return self.loss_from_logits(logits, batch, teacher, temperature, num_tokens, spec), states
         _check_sparse(spec)
-        out = student(
-            input_ids=batch.input_ids,
-            attention_mask=batch.attention_mask,
-            output_hidden_states=True,
-            logits_to_keep=1,
-            use_cache=False,
-        )
-        hidden = out.hidden_states[-1][:, :-1]
+        hidden, states = final_hidden(student, batch)
         s = spec
         return sparse_distillation_loss(
             hidden.reshape(-1, hidden.shape[-1]),
@@ -288,21 +281,14 @@ class Objective:
             vocab_size=self.vocab_size,
             student_bias=self.head.bias,
             chunk_size=self.chunk_size,
-        ), out.hidden_states
+        ), states
 
     def _from_hidden(
         self, student, batch: Batch, teacher: TeacherHidden | None, temperature: float, num_tokens: float, spec: KDSpec
     ) -> tuple[LossParts, tuple]:
-        # logits_to_keep=1: the forward computes one position's logits; the fused loss forms
-        # the rest chunk by chunk, never all (tokens x vocab) at once.
-        out = student(
-            input_ids=batch.input_ids,
-            attention_mask=batch.attention_mask,
-            output_hidden_states=True,
-            logits_to_keep=1,
-            use_cache=False,
-        )
-        hidden = out.hidden_states[-1][:, :-1]
+        # The forward computes one position's logits; the fused loss forms the rest chunk by chunk,
+        # never all (tokens x vocab) at once.
+        hidden, states = final_hidden(student, batch)
         with_teacher = teacher is not None
         return fused_linear_distillation_loss(
             hidden.reshape(-1, hidden.shape[-1]),
@@ -318,15 +304,14 @@ class Objective:
             teacher_bias=teacher.bias if with_teacher else None,
             chunk_size=self.chunk_size,
             **spec.loss_kwargs(),
-        ), out.hidden_states
+        ), states
 
     def _aligned_from_hidden(
         self, student, batch: Batch, teacher: TeacherAlignedHidden, temperature: float, num_tokens: float, spec: KDSpec
     ) -> tuple[LossParts, tuple]:
         """A teacher with another tokenizer, on the chunked path: the CE term chunk by chunk over
         every target (the fused loss without a teacher), the KD term chunk by chunk over the pairs."""
-        if spec.divergence != "forward_kl":
-            raise ValueError(f"a teacher with another tokenizer gives forward_kl only, not {spec.divergence!r}")
+        _forward_kl_only(spec, "a teacher with another tokenizer gives")
         ce, states = self._from_hidden(student, batch, None, temperature, num_tokens, replace(spec, kd_weight=0.0))
         hidden = states[-1][:, :-1]
         flat, at = hidden.reshape(-1, hidden.shape[-1]), teacher.student_positions
@@ -343,8 +328,7 @@ class Objective:
         )
         if teacher.continuation is not None and spec.kd_weight > 0:  # (a few rows: formed at once)
             positions, ids, weights = teacher.continuation
-            bias = self.head.bias[: self.vocab_size] if self.head.bias is not None else None
-            rows = torch.nn.functional.linear(flat[positions], self.head.weight[: self.vocab_size], bias)
+            rows = head_logits(flat[positions], self.head.weight, self.head.bias, self.vocab_size)
             kd, ce_c = continuation_terms(rows, batch.targets.reshape(-1)[positions], ids, weights, temperature)
             kd_sum, ce_at_pairs = kd_sum + kd, ce_at_pairs + ce_c
         return chunked_aligned_loss(ce, kd_sum, ce_at_pairs, spec, temperature, num_tokens), states
@@ -355,15 +339,8 @@ class Objective:
         """The per-token reverse-KL estimator on the student's own text (``sampled.py``); on the
         chunked path log q(x) comes chunk by chunk from the hidden states."""
         if self.student_output == "hidden":
-            out = student(
-                input_ids=batch.input_ids,
-                attention_mask=batch.attention_mask,
-                output_hidden_states=True,
-                logits_to_keep=1,
-                use_cache=False,
-            )
             student_logp = token_logprobs_from_hidden(
-                out.hidden_states[-1][:, :-1],
+                final_hidden(student, batch)[0],
                 self.head.weight,
                 self.head.bias,
                 batch.targets,
@@ -380,5 +357,10 @@ class Objective:
 
 def _check_sparse(spec: KDSpec) -> None:
     """Sparse targets estimate forward KL only (a cache of other divergences is refused when opened)."""
+    _forward_kl_only(spec, "sparse teacher targets give")
+
+
+def _forward_kl_only(spec: KDSpec, what_gives: str) -> None:
+    """ValueError for a divergence other than forward KL, from a teacher view that gives only that."""
     if spec.divergence != "forward_kl":
-        raise ValueError(f"sparse teacher targets give forward_kl only, not {spec.divergence!r}")
+        raise ValueError(f"{what_gives} forward_kl only, not {spec.divergence!r}")

@@ -32,7 +32,7 @@ import torch.nn.functional as F
 
 from lmdistill.core.batch import IGNORE_INDEX, Batch
 from lmdistill.loss.crosstok import cross_tokenizer_divergence
-from lmdistill.loss.dense import token_divergence
+from lmdistill.loss.dense import head_logits, token_divergence
 from lmdistill.loss.sparse import sparse_kd_sum
 
 
@@ -87,10 +87,8 @@ class TeacherHidden:
     def diagnostics(self, student, targets, keep, at_one, temperature: float) -> dict:
         """As ``TeacherLogits.diagnostics``, the teacher's logits formed from its hidden states
         (the kept positions only: an evaluation batch's logits are small)."""
-        vocab = student.shape[-1]
         hidden = _kept(self.hidden.reshape(-1, self.hidden.shape[-1]), keep)
-        bias = self.bias[:vocab] if self.bias is not None else None
-        teacher = F.linear(hidden, self.weight[:vocab], bias).float()
+        teacher = head_logits(hidden, self.weight, self.bias, student.shape[-1]).float()
         return _dense_diagnostics(student, teacher, targets)
 
 
@@ -208,6 +206,20 @@ def prediction_logits(
     logits = out.logits if "logits_to_keep" in kwargs else out.logits[:, :-1]
     logits = logits[..., :vocab_size]
     return (logits, out.hidden_states) if hidden_states else logits
+
+
+def final_hidden(model, batch: Batch) -> tuple[torch.Tensor, tuple]:
+    """(final hidden states (B, L-1, H) at the predicting positions, every layer's output) of
+    ``model`` on ``batch``, its logits formed at one position only (``logits_to_keep=1``): what
+    the chunked forms start from, never holding (tokens x vocab) logits."""
+    out = model(
+        input_ids=batch.input_ids,
+        attention_mask=batch.attention_mask,
+        output_hidden_states=True,
+        logits_to_keep=1,
+        use_cache=False,
+    )
+    return out.hidden_states[-1][:, :-1], out.hidden_states
 
 
 def layer_outputs(hidden_states, layers: tuple[int, ...]) -> list[torch.Tensor]:

@@ -16,7 +16,8 @@ import torch
 
 from lmdistill.core.batch import Batch
 from lmdistill.core.parallel import is_sharded
-from lmdistill.data.alignment import ContinuationTargets, shared_vocabulary, vocabulary_map
+from lmdistill.data.alignment import ContinuationTargets, shared_vocabulary, vocabulary_map, written_by_student
+from lmdistill.loss.dense import head_logits
 from lmdistill.loss.views import (
     TeacherAligned,
     TeacherAlignedHidden,
@@ -24,6 +25,7 @@ from lmdistill.loss.views import (
     TeacherLogits,
     TeacherSparse,
     TeacherView,
+    final_hidden,
     layer_outputs,
     prediction_logits,
 )
@@ -108,21 +110,14 @@ class LiveHidden(TeacherSignal):
 
     @torch.no_grad()
     def __call__(self, batch: Batch, temperature: float) -> TeacherHidden:
-        out = self.teacher(
-            input_ids=batch.input_ids,
-            attention_mask=batch.attention_mask,
-            output_hidden_states=True,
-            logits_to_keep=1,
-            use_cache=False,
-        )
-        hidden = out.hidden_states[-1][:, :-1]
+        hidden, states = final_hidden(self.teacher, batch)
         head = self.teacher.get_output_embeddings()
         return TeacherHidden(
             hidden,
             head.weight,
             head.bias,
             (~torch.isfinite(hidden).all()).float(),
-            layer_outputs(out.hidden_states, self.layers),
+            layer_outputs(states, self.layers),
         )
 
 
@@ -136,9 +131,10 @@ class LiveAligned(TeacherSignal):
 
     def __init__(self, teacher: torch.nn.Module, teacher_tokenizer, student_tokenizer):
         self.teacher, self.vocab_size = teacher, len(teacher_tokenizer)
-        self.mapping = torch.from_numpy(vocabulary_map(teacher_tokenizer, student_tokenizer))
+        written = written_by_student(teacher_tokenizer, student_tokenizer)  # (one pass, read by both)
+        self.mapping = torch.from_numpy(vocabulary_map(teacher_tokenizer, student_tokenizer, written))
         self.num_shared = len(shared_vocabulary(teacher_tokenizer, student_tokenizer)[0])
-        self.continuing = ContinuationTargets(teacher_tokenizer, student_tokenizer)
+        self.continuing = ContinuationTargets(teacher_tokenizer, student_tokenizer, written=written)
 
     def continuation(self, batch: Batch, teacher_logits: torch.Tensor, pairs: torch.Tensor | None = None):
         """(student positions, ids, weights) of the teacher's targets for the batch's positions
@@ -159,12 +155,17 @@ class LiveAligned(TeacherSignal):
             torch.from_numpy(weights).to(device),
         )
 
-    def __call__(self, batch: Batch, temperature: float) -> TeacherAligned:
-        tokens = batch.teacher_tokens
-        if tokens is None:
+    @staticmethod
+    def teacher_tokens(batch: Batch):
+        """The teacher's tokens of the batch's text (``Batch.teacher_tokens``), which it must carry."""
+        if batch.teacher_tokens is None:
             raise ValueError(
                 "a teacher with another tokenizer needs the teacher's tokens of the batch (teacher_tokens)"
             )
+        return batch.teacher_tokens
+
+    def __call__(self, batch: Batch, temperature: float) -> TeacherAligned:
+        tokens = self.teacher_tokens(batch)
         with torch.inference_mode():
             logits = prediction_logits(self.teacher, tokens.batch, self.vocab_size)
             at_pairs = logits.reshape(-1, logits.shape[-1])[tokens.teacher_positions]
@@ -187,28 +188,15 @@ class LiveAlignedHidden(LiveAligned):
 
     @torch.no_grad()
     def __call__(self, batch: Batch, temperature: float) -> TeacherAlignedHidden:
-        tokens = batch.teacher_tokens
-        if tokens is None:
-            raise ValueError(
-                "a teacher with another tokenizer needs the teacher's tokens of the batch (teacher_tokens)"
-            )
-        t = tokens.batch
-        out = self.teacher(
-            input_ids=t.input_ids,
-            attention_mask=t.attention_mask,
-            output_hidden_states=True,
-            logits_to_keep=1,
-            use_cache=False,
-        )
-        hidden = out.hidden_states[-1][:, :-1]
+        tokens = self.teacher_tokens(batch)
+        hidden, _ = final_hidden(self.teacher, tokens.batch)
         at_pairs = hidden.reshape(-1, hidden.shape[-1])[tokens.teacher_positions]
         head = self.teacher.get_output_embeddings()
         found = tokens.continuations
         continuation = None
         if found is not None and len(found):  # (the logits of the pairs that start such spans only)
             starts = found[:, 1].unique()  # (sorted)
-            bias = head.bias[: self.vocab_size] if head.bias is not None else None
-            rows = torch.nn.functional.linear(at_pairs[starts.to(hidden.device)], head.weight[: self.vocab_size], bias)
+            rows = head_logits(at_pairs[starts.to(hidden.device)], head.weight, head.bias, self.vocab_size)
             continuation = self.continuation(batch, rows, starts)
         return TeacherAlignedHidden(
             at_pairs,

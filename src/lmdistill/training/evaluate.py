@@ -191,18 +191,17 @@ def _batch(blocks, start: int, size: int) -> Batch:
 def summary_table(result) -> str:
     """The table a run prints at its end: held-out perplexity of teacher and student, before and after."""
     i, f = result.initial, result.final
-    rows = []
     crossing = "teacher_bpb" in f  # a teacher with another tokenizer: only bits per byte compare
+    rows = []  # (name, perplexity, CE, bits per byte)
     if "teacher_ppl" in f:
-        rows.append(
-            ("teacher (own tokens)" if crossing else "teacher", f["teacher_ppl"], f["teacher_ce_loss"], "teacher_bpb")
-        )
-    rows.append(("student before", i["eval_ppl"], i["eval_ce_loss"], "eval_bpb"))
-    rows.append(("student after", f["eval_ppl"], f["eval_ce_loss"], "eval_bpb"))
+        name = "teacher (own tokens)" if crossing else "teacher"
+        rows.append((name, f["teacher_ppl"], f["teacher_ce_loss"], f.get("teacher_bpb", math.nan)))
+    rows.append(("student before", i["eval_ppl"], i["eval_ce_loss"], i.get("eval_bpb", math.nan)))
+    rows.append(("student after", f["eval_ppl"], f["eval_ce_loss"], f.get("eval_bpb", math.nan)))
     width = max(len(r[0]) for r in rows) + 2
     lines = ["", f"{'held-out':<{width}}{'perplexity':>14}{'CE nats/token':>16}" + ("  bits/byte" if crossing else "")]
     for name, ppl, ce, bpb in rows:
-        bits = f"{(f if name != 'student before' else i).get(bpb, math.nan):>11.4f}" if crossing else ""
+        bits = f"{bpb:>11.4f}" if crossing else ""
         lines.append(f"{name:<{width}}{format_ppl(ppl):>14}{ce:>16.4f}{bits}")
     if "top1_agreement" in f and crossing:
         lines.append(
