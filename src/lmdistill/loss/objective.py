@@ -171,12 +171,12 @@ class Objective:
             compute = self._aligned_from_hidden
         else:
             compute = self._from_hidden if self.student_output == "hidden" else self._from_logits
-        parts, states = compute(student, batch, teacher, temperature, num_tokens, spec)
+        parts, layers = compute(student, batch, teacher, temperature, num_tokens, spec)
         h = self.hidden
         if h is None:
             return parts
         term = hidden_state_loss(
-            layer_outputs(states, h.student_layers),
+            layers,
             teacher.layers,
             h.projection,
             h.kind,
@@ -238,9 +238,9 @@ class Objective:
             **spec.loss_kwargs(),
         )
 
-    def _student_logits(self, student, batch: Batch) -> tuple[torch.Tensor, tuple | None]:
-        """The student's logits at the predicting positions, and its hidden states when the
-        hidden-state term needs them."""
+    def _student_logits(self, student, batch: Batch) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        """The student's logits at the predicting positions, and the outputs of the layers the
+        hidden-state term compares (none without the term)."""
         out = prediction_logits(
             self.model,
             batch,
@@ -249,25 +249,35 @@ class Objective:
             trim=not self.reference,
             hidden_states=self.hidden is not None,
         )
-        return out if self.hidden is not None else (out, None)
+        if self.hidden is None:
+            return out, []
+        logits, states = out
+        return logits, layer_outputs(states, self.hidden.student_layers)
+
+    def _student_hidden(self, student, batch: Batch) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        """The student's final hidden states at the predicting positions (its forward forms one
+        position's logits), and the outputs of the layers the hidden-state term compares: the
+        forward is asked for every layer's output only for that term."""
+        layers = self.hidden.student_layers if self.hidden is not None else ()
+        return final_hidden(self.model, batch, layers, forward=student)
 
     def _from_logits(
         self, student, batch: Batch, teacher: TeacherLogits | None, temperature: float, num_tokens: float, spec: KDSpec
-    ) -> tuple[LossParts, tuple | None]:
-        logits, states = self._student_logits(student, batch)
-        return self.loss_from_logits(logits, batch, teacher, temperature, num_tokens, spec), states
+    ) -> tuple[LossParts, list[torch.Tensor]]:
+        logits, layers = self._student_logits(student, batch)
+        return self.loss_from_logits(logits, batch, teacher, temperature, num_tokens, spec), layers
 
     def _from_sparse(
         self, student, batch: Batch, teacher: TeacherSparse, temperature: float, num_tokens: float, spec: KDSpec
-    ) -> tuple[LossParts, tuple]:
+    ) -> tuple[LossParts, list[torch.Tensor]]:
         """Sparse targets from a cache: from the student's whole logits when the loss path is full
         (they are small), else chunk by chunk from its hidden states. Sparse targets estimate
         forward KL only (a cache of other divergences is refused when it is opened)."""
         if self.student_output == "logits":
-            logits, states = self._student_logits(student, batch)
-            return self.loss_from_logits(logits, batch, teacher, temperature, num_tokens, spec), states
+            logits, layers = self._student_logits(student, batch)
+            return self.loss_from_logits(logits, batch, teacher, temperature, num_tokens, spec), layers
         _check_sparse(spec)
-        hidden, states = final_hidden(student, batch)
+        hidden, layers = self._student_hidden(student, batch)
         s = spec
         return sparse_distillation_loss(
             hidden.reshape(-1, hidden.shape[-1]),
@@ -281,14 +291,25 @@ class Objective:
             vocab_size=self.vocab_size,
             student_bias=self.head.bias,
             chunk_size=self.chunk_size,
-        ), states
+        ), layers
 
     def _from_hidden(
         self, student, batch: Batch, teacher: TeacherHidden | None, temperature: float, num_tokens: float, spec: KDSpec
-    ) -> tuple[LossParts, tuple]:
-        # The forward computes one position's logits; the fused loss forms the rest chunk by chunk,
+    ) -> tuple[LossParts, list[torch.Tensor]]:
+        hidden, layers = self._student_hidden(student, batch)
+        return self._fused(hidden, batch, teacher, temperature, num_tokens, spec), layers
+
+    def _fused(
+        self,
+        hidden: torch.Tensor,
+        batch: Batch,
+        teacher: TeacherHidden | None,
+        temperature: float,
+        num_tokens: float,
+        spec: KDSpec,
+    ) -> LossParts:
+        # The forward computed one position's logits; the fused loss forms the rest chunk by chunk,
         # never all (tokens x vocab) at once.
-        hidden, states = final_hidden(student, batch)
         with_teacher = teacher is not None
         return fused_linear_distillation_loss(
             hidden.reshape(-1, hidden.shape[-1]),
@@ -304,16 +325,16 @@ class Objective:
             teacher_bias=teacher.bias if with_teacher else None,
             chunk_size=self.chunk_size,
             **spec.loss_kwargs(),
-        ), states
+        )
 
     def _aligned_from_hidden(
         self, student, batch: Batch, teacher: TeacherAlignedHidden, temperature: float, num_tokens: float, spec: KDSpec
-    ) -> tuple[LossParts, tuple]:
+    ) -> tuple[LossParts, list[torch.Tensor]]:
         """A teacher with another tokenizer, on the chunked path: the CE term chunk by chunk over
         every target (the fused loss without a teacher), the KD term chunk by chunk over the pairs."""
         _forward_kl_only(spec, "a teacher with another tokenizer gives")
-        ce, states = self._from_hidden(student, batch, None, temperature, num_tokens, replace(spec, kd_weight=0.0))
-        hidden = states[-1][:, :-1]
+        hidden, layers = self._student_hidden(student, batch)
+        ce = self._fused(hidden, batch, None, temperature, num_tokens, replace(spec, kd_weight=0.0))
         flat, at = hidden.reshape(-1, hidden.shape[-1]), teacher.student_positions
         kd_sum, ce_at_pairs = chunked_aligned_terms(
             flat[at],
@@ -331,7 +352,7 @@ class Objective:
             rows = head_logits(flat[positions], self.head.weight, self.head.bias, self.vocab_size)
             kd, ce_c = continuation_terms(rows, batch.targets.reshape(-1)[positions], ids, weights, temperature)
             kd_sum, ce_at_pairs = kd_sum + kd, ce_at_pairs + ce_c
-        return chunked_aligned_loss(ce, kd_sum, ce_at_pairs, spec, temperature, num_tokens), states
+        return chunked_aligned_loss(ce, kd_sum, ce_at_pairs, spec, temperature, num_tokens), layers
 
     def _sampled_token(
         self, student, batch: Batch, teacher: TeacherLogits | TeacherHidden, num_tokens: float
@@ -340,7 +361,7 @@ class Objective:
         chunked path log q(x) comes chunk by chunk from the hidden states."""
         if self.student_output == "hidden":
             student_logp = token_logprobs_from_hidden(
-                final_hidden(student, batch)[0],
+                final_hidden(self.model, batch, forward=student)[0],
                 self.head.weight,
                 self.head.bias,
                 batch.targets,

@@ -22,6 +22,7 @@ in ``lmdistill.teacher``.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import inspect
 from dataclasses import dataclass, field
@@ -208,20 +209,78 @@ def prediction_logits(
     return (logits, out.hidden_states) if hidden_states else logits
 
 
-def final_hidden(model, batch: Batch) -> tuple[torch.Tensor, tuple]:
-    """(final hidden states (B, L-1, H) at the predicting positions, every layer's output) of
-    ``model`` on ``batch``, its logits formed at one position only (``logits_to_keep=1``): what
-    the chunked forms start from, never holding (tokens x vocab) logits."""
-    out = model(
+def final_hidden(
+    model, batch: Batch, layers: tuple[int, ...] = (), forward=None
+) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    """(final hidden states (B, L-1, H) at the predicting positions, the outputs of decoder
+    ``layers``) of ``model`` on ``batch`` (run through ``forward``, the possibly wrapped model,
+    when given), its logits formed at one position only (``logits_to_keep=1``): what the chunked
+    forms start from, never holding (tokens x vocab) logits.
+
+    Every layer's output is asked for (``output_hidden_states``) only when ``layers`` names some:
+    the model then keeps all L + 1 of them (B x L x H each) to the end of its forward. Otherwise
+    the final hidden state is read off the same forward as it passes (``_final_hidden_only``),
+    the very tensor that would have been ``hidden_states[-1]``, and nothing else is kept."""
+    decoder = _decoder(model)
+    if layers or decoder is None:
+        out = _forward_one_logit(forward or model, batch, output_hidden_states=True)
+        return out.hidden_states[-1][:, :-1], layer_outputs(out.hidden_states, layers)
+    with _final_hidden_only(model, decoder):
+        out = _forward_one_logit(forward or model, batch)
+    if out.hidden_states is None:  # (``forward`` ran another model than ``model``)
+        raise RuntimeError(f"the forward did not run {type(model).__name__}'s {type(decoder).__name__}")
+    return out.hidden_states[-1][:, :-1], []
+
+
+def _forward_one_logit(model, batch: Batch, **kwargs):
+    return model(
         input_ids=batch.input_ids,
         attention_mask=batch.attention_mask,
-        output_hidden_states=True,
         logits_to_keep=1,
         use_cache=False,
+        **kwargs,
     )
-    return out.hidden_states[-1][:, :-1], out.hidden_states
+
+
+def _decoder(model) -> torch.nn.Module | None:
+    """The module whose output's first field (``last_hidden_state``, after the final norm) is
+    what ``model``'s output layer multiplies: the base model a transformers causal LM calls
+    (``model.model``, GPT-2's ``transformer``), inside a LoRA wrapper too. None where there is
+    no such module apart from the model itself."""
+    inner = model.get_base_model() if hasattr(model, "get_base_model") else model
+    decoder = getattr(inner, "base_model", None)
+    return decoder if isinstance(decoder, torch.nn.Module) and decoder is not inner else None
+
+
+@contextlib.contextmanager
+def _final_hidden_only(model: torch.nn.Module, decoder: torch.nn.Module):
+    """Within: a forward of ``model`` returns ``decoder``'s ``last_hidden_state`` as its one
+    hidden state (``hidden_states = (last,)``), its other layers' outputs never gathered.
+
+    The whole model still runs, so what wraps it keeps working (a DDP wrapper's gradient hooks,
+    FSDP's root hooks, which gather the root's weights before the forward). The final hidden
+    state is handed over in the model's output before any other hook on the model sees that
+    output (``prepend``): there FSDP registers its pre-backward hook on a sharded student's
+    outputs, and fault injection (``training/faults.py``) poisons the last hidden state, as they
+    did when every layer's output was asked for."""
+    seen: list[torch.Tensor] = []
+
+    def hand_over(module, args, output):
+        if seen:
+            output.hidden_states = (seen.pop(),)
+
+    handles = [
+        decoder.register_forward_hook(lambda module, args, output: seen.append(output[0])),
+        model.register_forward_hook(hand_over, prepend=True),
+    ]
+    try:
+        yield
+    finally:
+        for handle in handles:
+            handle.remove()
 
 
 def layer_outputs(hidden_states, layers: tuple[int, ...]) -> list[torch.Tensor]:
-    """The outputs of decoder ``layers`` (0-based) at the positions that predict a target."""
+    """The outputs of decoder ``layers`` (0-based) at the positions that predict a target, from a
+    forward's ``hidden_states`` (embeddings first)."""
     return [hidden_states[i + 1][:, :-1] for i in layers]

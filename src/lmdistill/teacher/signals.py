@@ -99,7 +99,9 @@ class LiveHidden(TeacherSignal):
     """A teacher model in memory; its final hidden states and lm_head for the chunked path.
 
     ``logits_to_keep=1`` makes the teacher compute the logits of one position only: the
-    fused loss forms the rest chunk by chunk from these hidden states.
+    fused loss forms the rest chunk by chunk from these hidden states. Its other layers' outputs
+    are asked for only when the hidden-state term compares with some (``layers``): without them
+    the forward keeps none of them (``views.final_hidden``).
     """
 
     student_output = "hidden"
@@ -110,15 +112,9 @@ class LiveHidden(TeacherSignal):
 
     @torch.no_grad()
     def __call__(self, batch: Batch, temperature: float) -> TeacherHidden:
-        hidden, states = final_hidden(self.teacher, batch)
+        hidden, layers = final_hidden(self.teacher, batch, self.layers)
         head = self.teacher.get_output_embeddings()
-        return TeacherHidden(
-            hidden,
-            head.weight,
-            head.bias,
-            (~torch.isfinite(hidden).all()).float(),
-            layer_outputs(states, self.layers),
-        )
+        return TeacherHidden(hidden, head.weight, head.bias, (~torch.isfinite(hidden).all()).float(), layers)
 
 
 class LiveAligned(TeacherSignal):
