@@ -51,7 +51,7 @@ def step(impl: str, rows: int) -> None:
     t_ids = torch.randint(0, TEACHER_VOCAB, (rows, BLOCK), generator=g)
     every = torch.arange(rows * (BLOCK - 1))
     batch = Batch.from_blocks(ids)
-    batch.teacher_tokens = TeacherTokens(Batch.from_blocks(t_ids), every, every, 0, 0)
+    batch.teacher_tokens = TeacherTokens(Batch.from_blocks(t_ids), every, every, 0)
     mapping = torch.randint(0, STUDENT_VOCAB, (TEACHER_VOCAB,), generator=g)
     if impl == "none":
         return

@@ -606,8 +606,8 @@ def cross_tokenizer_conflict(cfg: Config) -> str | None:
         (d.hidden.weight > 0, "the hidden-state term pairs positions one to one; set distill.hidden.weight: 0"),
         (
             cfg.model.teacher_cache is not None,
-            "a teacher cache holds the teacher's view of the student's tokens; "
-            "name the teacher in model.teacher instead of model.teacher_cache",
+            "with model.teacher_cache the cache decides (lmdistill cache-teacher --student builds one across "
+            "tokenizers); leave distill.cross_tokenizer at auto",
         ),
         (bool(cfg.data.sources), "it reads one source; use data.path instead of data.sources"),
         (cfg.parallel.strategy == "fsdp", "it runs the teacher whole in every process; use parallel.strategy: ddp"),

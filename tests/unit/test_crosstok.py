@@ -163,3 +163,35 @@ def test_vocabulary_map(two_tokenizers):
             assert carried == token
         elif "\ufffd" not in text:  # the student's own first token of that text
             assert small(text, add_special_tokens=False)["input_ids"][0] == mapping[teacher_id]
+
+
+def test_a_student_token_longer_than_the_teacher_s_gets_the_probability_of_its_text():
+    """Text "a123 b": the teacher writes "a", "1", "2", "3", " b"; the student "a", "123", " b".
+    The pair before "123" is found with its 3 teacher tokens, and the teacher's probability of
+    "123" -- p("1") p("2" | "1") p("3" | "12"), from its predictions along its own tokens -- is
+    moved from "1" (where its first token is carried) onto the student's "123"."""
+    from lmdistill.data.alignment import pair_positions
+    from lmdistill.loss.crosstok import carried_distribution, longer_token_moves, span_rows
+
+    t_ends, s_ends = np.asarray([1, 2, 3, 4, 6]), np.asarray([1, 4, 6])
+    t_pos, s_pos, inside, longer = pair_positions(s_ends, t_ends, 0)
+    assert t_pos.tolist() == [0, 3] and s_pos.tolist() == [0, 1] and len(inside) == 0
+    assert longer.tolist() == [[0, 3]]  # pair 0, three teacher tokens
+    rows, which = span_rows(torch.from_numpy(t_pos), torch.from_numpy(longer))
+    assert rows.tolist() == [0, 1, 2] and which.tolist() == [0, 0, 0]
+    # teacher vocabulary: 0 "a", 1 "1", 2 "2", 3 "3", 4 " b"; the student's: 0 "a", 1 "1", 2 "123", 3 " b",
+    # 4 "2", 5 "3"
+    mapping = torch.tensor([0, 1, 4, 5, 3])
+    g = torch.Generator().manual_seed(0)
+    logits = torch.randn(4, 5, generator=g)  # the teacher's predictions after "a", "a1", "a12", "a123"
+    own_next = torch.tensor([1, 2, 3, 4])
+    log_p = torch.log_softmax(logits, -1)
+    text = log_p[0, 1] + log_p[1, 2] + log_p[2, 3]  # log p("123" | "a")
+    moves = longer_token_moves(
+        log_p[rows, own_next[rows]], which, torch.from_numpy(longer), torch.tensor([2, 3]), mapping[own_next[[0, 3]]]
+    )
+    carried = carried_distribution(logits[[0, 3]], mapping, 6, 1.0, moves)
+    p = log_p.exp()
+    want = torch.tensor([p[0, 0], p[0, 1] - text.exp(), text.exp(), p[0, 4], p[0, 2], p[0, 3]])
+    torch.testing.assert_close(carried[0], want, rtol=1e-5, atol=1e-7)
+    torch.testing.assert_close(carried[1], carried_distribution(logits[[3]], mapping, 6, 1.0)[0])  # no move

@@ -212,3 +212,28 @@ def test_retempering_sampled_draws_is_consistent_and_biased_for_few_draws():
     same, got1, _ = _retempered_mean(zt, 12, 1.0, 1.0)
     torch.testing.assert_close(same.mean(0), p1, atol=0.01, rtol=0)
     assert got1.entropy is not None
+
+
+@PATHS
+def test_where_the_teacher_is_silent_the_data_token_is_the_whole_target(path):
+    """Targets at some positions only (a cache across tokenizers): the loss is
+    ``(CE over every position + w (T^2 KL - CE) over the positions with a target)) / N``,
+    written out here with autograd; the silent rows' (garbage) targets are never read."""
+    h, w, zt, y = problem(seed=5, n=7)
+    present = torch.tensor([True, False, True, True, False, False, True])
+    ids = torch.arange(zt.shape[1]).expand(len(zt), -1).contiguous()
+    weights, logp = F.softmax(zt / T, -1), F.log_softmax(zt / T, -1)
+    weights[~present], logp[~present] = float("nan"), float("nan")  # silent rows: not read
+    targets = SparseTargets(ids, weights, logp, present=present)
+    parts, grad_h, grad_w = sparse_loss(path, h, w, y, targets, temperature=T, kd_weight=0.6, chunk_size=3)
+    hh, ww = h.clone().requires_grad_(), w.clone().requires_grad_()
+    zs = hh @ ww.t()
+    p = F.softmax(zt / T, -1)
+    kl = (p * (F.log_softmax(zt / T, -1) - F.log_softmax(zs / T, -1))).sum(-1)
+    ce = F.cross_entropy(zs, y, reduction="none")
+    want = (ce.sum() + 0.6 * (T * T * kl[present] - ce[present]).sum()) / len(y)
+    want.backward()
+    torch.testing.assert_close(parts.total.detach(), want.detach(), rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(grad_h, hh.grad, rtol=1e-4, atol=1e-6)
+    torch.testing.assert_close(grad_w, ww.grad, rtol=1e-4, atol=1e-6)
+    torch.testing.assert_close(parts.kd, T * T * kl[present].sum().detach() / len(y), rtol=1e-5, atol=1e-6)

@@ -53,6 +53,11 @@ def add_parsers(sub) -> None:
     )
     c.add_argument("--teacher", help="teacher model directory or hub id (default: the embedded default teacher)")
     c.add_argument("--data", help="training text, as for train [data.path]")
+    c.add_argument(
+        "--student",
+        help="a student with another tokenizer than the teacher's: the cache then holds the teacher's targets "
+        "carried to the student's tokens, on the student's blocks [model.student]",
+    )
     c.add_argument("--out", required=True, help="directory for the cache")
     c.add_argument("--mode", choices=["sampled", "topk", "dense"], help="what to keep per position [cache.mode]")
     c.add_argument("--samples", type=int, help="draws per position, sampled mode [cache.samples]")
@@ -106,7 +111,12 @@ def cache_teacher(args) -> int:
     from lmdistill.config import Config
     from lmdistill.jobs.cache import build_teacher_cache
 
-    flags = {"model.teacher": args.teacher, "data.path": args.data, "cache.mode": args.mode}
+    flags = {
+        "model.teacher": args.teacher,
+        "model.student": args.student,
+        "data.path": args.data,
+        "cache.mode": args.mode,
+    }
     values = {key: value for key, value in flags.items() if value is not None}
     numbers = (("cache.samples", args.samples), ("cache.k", args.k), ("cache.temperature", args.temperature))
     overrides = list(args.overrides) + [f"{key}={value}" for key, value in numbers if value is not None]

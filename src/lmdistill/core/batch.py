@@ -28,28 +28,30 @@ class TeacherTokens:
     teacher_positions, student_positions: (K,) flat indices into the (B * (Lt - 1)) teacher
         and (B * (L - 1)) student predicting positions: the pairs where both models are about
         to write the same text (``data/alignment.py``).
-    student_bytes, teacher_bytes: UTF-8 bytes of the text each side's targets cover (bits per
-        byte are comparable across tokenizers; perplexities are not).
+    teacher_bytes: UTF-8 bytes of the text the teacher's targets cover (bits per byte are
+        comparable across tokenizers; perplexities are not; the student's are ``Batch.target_bytes``).
     continuations: (C, 3) student positions inside a span the teacher writes in one token:
         (flat student position, index of the pair at the span's start, student tokens read
         since that pair), on the host.
+    longer: (S, 2) pairs whose next student token the teacher writes in several tokens: (index
+        of the pair, how many), on the host.
     """
 
     batch: Batch
     teacher_positions: torch.Tensor
     student_positions: torch.Tensor
-    student_bytes: int
     teacher_bytes: int
     continuations: torch.Tensor | None = None
+    longer: torch.Tensor | None = None
 
     def to(self, device: torch.device | str) -> TeacherTokens:
         return TeacherTokens(
             self.batch.to(device),
             self.teacher_positions.to(device),
             self.student_positions.to(device),
-            self.student_bytes,
             self.teacher_bytes,
             self.continuations,
+            self.longer,
         )
 
 
@@ -70,6 +72,7 @@ class Batch:
     rows: torch.Tensor | None = None  # the blocks' rows in the run's train (or eval) blocks, when they came from there
     generated: bool = False  # prompts continued by the student (an on-policy step): the objective's on-policy loss
     teacher_tokens: TeacherTokens | None = None  # the teacher's tokens of the same text, when its tokenizer differs
+    target_bytes: int | None = None  # UTF-8 bytes of the text the targets cover, when the store knows it
 
     @property
     def all_valid(self) -> bool:
@@ -111,4 +114,5 @@ class Batch:
             self.rows,
             self.generated,
             paired,
+            self.target_bytes,
         )

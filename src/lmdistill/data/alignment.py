@@ -215,27 +215,40 @@ def teacher_windows(
     return t_start, np.maximum(t_stop - t_start, 0)
 
 
-def pair_positions(s_ends: np.ndarray, t_ends: np.ndarray, base: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """(teacher positions, student positions, continuations) in one block whose student and
-    teacher tokens end at ``s_ends`` and ``t_ends`` (absolute offsets; ``base`` is where the
-    block's text starts). The first two are the pairs whose predictions meet. A continuation
-    is a student position inside a span that the teacher writes in one token and the student in
-    several: (its student position, the pair at the span's start, how many of the span's student
-    tokens it has read); ``ContinuationTargets`` gives the teacher's prediction there."""
+def pair_positions(
+    s_ends: np.ndarray, t_ends: np.ndarray, base: int
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """(teacher positions, student positions, continuations, longer) in one block whose student
+    and teacher tokens end at ``s_ends`` and ``t_ends`` (absolute offsets; ``base`` is where the
+    block's text starts). The first two are the pairs whose predictions meet.
+
+    A continuation is a student position inside a span that the teacher writes in one token and
+    the student in several: (its student position, the pair at the span's start, how many of the
+    span's student tokens it has read); ``ContinuationTargets`` gives the teacher's prediction
+    there. ``longer`` is the other way round: a pair whose span the student writes in one token
+    and the teacher in several ("123" against "1", "2", "3"): (the pair, the teacher's tokens in
+    the span). There the teacher's probability of the student's token is that of the span's
+    text, the product of its probabilities of its own tokens in it (``loss/crosstok.py``)."""
     empty = np.zeros(0, dtype=np.int64)
     if len(s_ends) < 2 or len(t_ends) < 2:
-        return empty, empty, empty.reshape(0, 3)
+        return empty, empty, empty.reshape(0, 3), empty.reshape(0, 2)
     spans = align_ends(np.asarray(t_ends) - base, np.asarray(s_ends) - base)
     t_pos, s_pos = prediction_pairs(spans)
     later = slice(1, None)  # spans with a pair at their start
-    one_teacher_token = spans.teacher_end[later] - spans.teacher_start[later] == 1
+    teacher_pieces = spans.teacher_end[later] - spans.teacher_start[later]
     pieces = spans.student_end[later] - spans.student_start[later]
     rows = [
         (spans.student_start[k + 1] + read - 1, k, read)
-        for k in np.nonzero(one_teacher_token & (pieces > 1))[0].tolist()
+        for k in np.nonzero((teacher_pieces == 1) & (pieces > 1))[0].tolist()
         for read in range(1, int(pieces[k]))
     ]
-    return t_pos, s_pos, np.asarray(rows, dtype=np.int64).reshape(-1, 3)
+    longer = np.nonzero((pieces == 1) & (teacher_pieces > 1))[0]
+    return (
+        t_pos,
+        s_pos,
+        np.asarray(rows, dtype=np.int64).reshape(-1, 3),
+        np.stack([longer, teacher_pieces[longer]], axis=1).astype(np.int64).reshape(-1, 2),
+    )
 
 
 class ContinuationTargets:
@@ -323,7 +336,7 @@ class TeacherWindows:
         t_width = max(2, int(t_lengths.max()) if len(rows) else 2)
         ids = np.full((len(rows), t_width), self.store.manifest["pad_id"], dtype=np.int64)
         real = np.zeros((len(rows), t_width), dtype=bool)
-        t_pos, s_pos, cont, s_bytes, t_bytes = [], [], [], 0, 0
+        t_pos, s_pos, cont, longer, t_bytes = [], [], [], [], 0
         pairs_before = 0
         s_all, t_all = student_store.text_bytes, self.store.text_bytes
         for r, (s0, n, t0, m) in enumerate(
@@ -332,12 +345,12 @@ class TeacherWindows:
             ids[r, :m] = self.store.tokens[t0 : t0 + m]
             real[r, :m] = True
             s_ends, t_ends = np.asarray(s_all[s0 : s0 + n]), np.asarray(t_all[t0 : t0 + m])
-            teacher_at, student_at, inside = pair_positions(s_ends, t_ends, int(s_all[s0 - 1]) if s0 > 0 else 0)
+            teacher_at, student_at, inside, wide = pair_positions(s_ends, t_ends, int(s_all[s0 - 1]) if s0 > 0 else 0)
             t_pos.append(teacher_at + r * (t_width - 1))
             s_pos.append(student_at + r * (width - 1))
             cont.append(inside + np.asarray([r * (width - 1), pairs_before, 0]))
+            longer.append(wide + np.asarray([pairs_before, 0]))
             pairs_before += len(teacher_at)
-            s_bytes += int(s_ends[-1] - s_ends[0]) if n > 1 else 0
             t_bytes += int(t_ends[-1] - t_ends[0]) if m > 1 else 0
         ids_t = torch.from_numpy(ids)
         batch = (
@@ -347,7 +360,7 @@ class TeacherWindows:
             batch,
             torch.from_numpy(np.concatenate(t_pos) if t_pos else np.zeros(0, np.int64)),
             torch.from_numpy(np.concatenate(s_pos) if s_pos else np.zeros(0, np.int64)),
-            s_bytes,
             t_bytes,
             torch.from_numpy(np.concatenate(cont) if cont else np.zeros((0, 3), np.int64)),
+            torch.from_numpy(np.concatenate(longer) if longer else np.zeros((0, 2), np.int64)),
         )

@@ -176,8 +176,11 @@ class Blocks:
         ids, loss_mask = self._read(rows)
         batch = Batch.from_blocks(ids) if loss_mask is None else Batch.from_ids(ids, None, loss_mask)
         batch.rows = torch.from_numpy(self.origin[rows])
+        lengths = np.full(len(rows), self.block_size) if self.full else self.lengths[rows]
+        if self.store.text_bytes is not None:  # the text from each block's first token's end to its last's
+            ends = self.store.text_bytes
+            batch.target_bytes = int((ends[self.starts[rows] + lengths - 1] - ends[self.starts[rows]]).sum())
         if self.teacher is not None:
-            lengths = np.full(len(rows), self.block_size) if self.full else self.lengths[rows]
             batch.teacher_tokens = self.teacher.tokens(rows, self.store, self.starts[rows], lengths, self.block_size)
         return batch
 
@@ -195,14 +198,13 @@ class Blocks:
         return torch.from_numpy(out), torch.from_numpy(mask)
 
     def digest(self) -> str:
-        """A hash of which windows, in which order: the block layout a teacher cache must share."""
+        """A hash of which windows, in which order: the block layout a teacher cache must share (the
+        student's side only: a cache built across tokenizers serves runs with no teacher tokens)."""
         h = hashlib.sha256(f"{self.store.fingerprint} {self.block_size}".encode())
         for array in (self.starts, self.lengths):
             if array is not None:
                 h.update(np.ascontiguousarray(array, dtype=np.int64).tobytes())
         h.update(b"mask" if self.use_mask else b"all")
-        if self.teacher is not None:  # the teacher's tokens of the blocks come from this store
-            h.update(f" teacher {self.teacher.store.fingerprint}".encode())
         return "sha256:" + h.hexdigest()
 
 

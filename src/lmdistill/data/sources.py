@@ -546,8 +546,10 @@ def _source_data(
     hold_out: bool,
     progress: bool,
     teacher_tokenizer=None,
+    text_bytes: bool = False,
 ) -> SourceData:
-    store, built = open_store(source, cfg, tokenizer, role, progress, text_bytes=teacher_tokenizer is not None)
+    text_bytes = text_bytes or teacher_tokenizer is not None
+    store, built = open_store(source, cfg, tokenizer, role, progress, text_bytes=text_bytes)
     if not built:
         _say(f"data: {store.manifest['source']}: {store.num_tokens:,} tokens from the store {store.path}")
     if store.manifest["skipped_no_assistant"]:
@@ -581,11 +583,15 @@ def _source_data(
     return SourceData(name, weight, store, built, loss_on, train, held_out)
 
 
-def build_block_data(cfg: DataConfig, tokenizer, progress: bool = True, teacher_tokenizer=None) -> BlockData:
+def build_block_data(
+    cfg: DataConfig, tokenizer, progress: bool = True, teacher_tokenizer=None, text_bytes: bool = False
+) -> BlockData:
     """The run's sources as stores (built on first use), cut into blocks; eval blocks split off
     (whole blocks, with ``data.split_seed``) or taken from ``data.eval_path``. With a
     ``teacher_tokenizer`` (a teacher whose tokenizer differs), every block also carries the
-    teacher's tokens of its text, from a second store of the same source."""
+    teacher's tokens of its text, from a second store of the same source. ``text_bytes``: stores
+    that know the text each token covers (implied by ``teacher_tokenizer``; a cache built across
+    tokenizers was built on those), so that batches report their bytes."""
     entries = cfg.sources or [{"path": cfg.path, "weight": 1.0}]
     names = source_names(cfg) if cfg.sources else [cfg.path or "embedded"]
     hold_out = cfg.eval_path is None
@@ -600,6 +606,7 @@ def build_block_data(cfg: DataConfig, tokenizer, progress: bool = True, teacher_
             hold_out,
             progress,
             teacher_tokenizer,
+            text_bytes,
         )
         for name, e in zip(names, entries)
     ]
@@ -615,7 +622,7 @@ def build_block_data(cfg: DataConfig, tokenizer, progress: bool = True, teacher_
         )
     else:
         eval_store = _source_data(
-            "eval", 1.0, cfg.eval_path, cfg, tokenizer, "data.eval_path", False, progress, teacher_tokenizer
+            "eval", 1.0, cfg.eval_path, cfg, tokenizer, "data.eval_path", False, progress, teacher_tokenizer, text_bytes
         )
         eval_blocks = eval_store.train.subset(slice(0, cfg.max_eval_blocks))
         eval_source = eval_store.store.manifest["source"]
@@ -636,6 +643,8 @@ def build_block_data(cfg: DataConfig, tokenizer, progress: bool = True, teacher_
         "train": train.digest(),
         "eval": eval_blocks.digest(),
     }
+    if teacher_tokenizer is not None:  # the teacher's tokens of the blocks come from these stores
+        layout["teacher_stores"] = [blocks.teacher.store.fingerprint for blocks in (train, eval_blocks)]
     return BlockData(train, eval_blocks, source, eval_source, sources, eval_store, layout)
 
 

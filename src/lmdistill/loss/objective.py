@@ -222,6 +222,7 @@ class Objective:
                 scale_by_t2=spec.scale_by_t2,
                 num_tokens=num_tokens,
                 continuation=teacher.continuation,
+                moves=teacher.moves,
             )
         # With a closed-form gradient the loss needs no autograd graph over (tokens x vocab):
         # fewer passes over the logits and no fresh buffers per step (the autograd form is the
@@ -346,6 +347,7 @@ class Objective:
             temperature=temperature,
             vocab_sizes=(self.vocab_size, teacher.vocab_size),
             chunk_size=self.chunk_size,
+            moves=teacher.moves,
         )
         if teacher.continuation is not None and spec.kd_weight > 0:  # (a few rows: formed at once)
             positions, ids, weights = teacher.continuation

@@ -15,6 +15,10 @@ the teacher puts on them (``SparseTargets``):
   ``q_j - p_j`` on the k ids, ``q_j (1 - p_tail / q_tail)`` elsewhere. Biased as an
   estimate of the dense KL, exact as what it is.
 
+A cache captured across tokenizers (``present``) has targets at some positions only: where
+the teacher says nothing, the data's next token is the whole target, CE with weight 1, as in
+the live cross-tokenizer loss (``crosstok.py``).
+
 Only forward KL is offered for sparse targets: the other divergences of the registry need
 the teacher's probability of every token the student puts mass on (reverse KL, JSD, TVD),
 which neither form has. A dense cache keeps full logits and goes through ``chunked.py`` with
@@ -51,6 +55,11 @@ class SparseTargets:
     entropy: (N,) fp32 the teacher's entropy, when known exactly: the value of the loss then
         uses it for ``-sum p log p`` instead of its estimate ``sum w logp`` (same expectation,
         no variance; the gradient does not involve it).
+    present: (N,) bool, where the teacher has a target (a cache across tokenizers); elsewhere
+        the row's other fields are not read, and the position gets CE with weight 1. None: every
+        position has one.
+    paired: (N,) bool, the targets at positions where teacher and student are about to write the
+        same text (a cache across tokenizers): what an evaluation's KL and agreement are over.
     """
 
     ids: Tensor
@@ -58,56 +67,79 @@ class SparseTargets:
     logp: Tensor
     tail: Tensor | None = None
     entropy: Tensor | None = None
+    present: Tensor | None = None
+    paired: Tensor | None = None
+
+    def _map(self, f) -> SparseTargets:
+        return SparseTargets(*(None if t is None else f(t) for t in self._fields()))
+
+    def _fields(self) -> tuple:
+        return self.ids, self.weights, self.logp, self.tail, self.entropy, self.present, self.paired
 
     def rows(self, index) -> SparseTargets:
-        def pick(t):
-            return None if t is None else t[index]
+        return self._map(lambda t: t[index])
 
-        return SparseTargets(
-            self.ids[index], self.weights[index], self.logp[index], pick(self.tail), pick(self.entropy)
-        )
+    def to(self, device) -> SparseTargets:
+        return self._map(lambda t: t.to(device))
 
 
-def _chunk(
-    zs: Tensor, y_c, t: SparseTargets, inv_t: float, c_kd: float, c_ce: float, with_kd: bool, need_grad: bool
-) -> tuple[Tensor | None, Tensor, Tensor]:
-    """(grad of the folded loss w.r.t. the chunk's logits ``zs``, CE sum, KD sum) for one chunk.
-    ``zs`` is fp32 and this function's own (it is scaled in place)."""
+def _chunk(zs: Tensor, y_c, t: SparseTargets, c: dict, with_kd: bool, need_grad: bool) -> tuple:
+    """(grad of the folded loss w.r.t. the chunk's logits ``zs``, CE sum, KD sum, CE sum where the
+    teacher is silent) for one chunk; ``c``: the loss's constants (``_settings``). ``zs`` is fp32
+    and this function's own (it is scaled in place)."""
     ls1 = torch.log_softmax(zs, dim=-1)
-    ce_sum = -ls1.gather(1, y_c.unsqueeze(1)).sum()
-    kd_sum = ce_sum.new_zeros(())
+    ce_rows = -ls1.gather(1, y_c.unsqueeze(1)).squeeze(1)
+    silent = None if t.present is None or not with_kd else ~t.present
+    kd_sum = ce_rows.new_zeros(())
     grad_kd = None
     if with_kd:
-        ls = ls1 if inv_t == 1.0 else torch.log_softmax(zs.mul_(inv_t), dim=-1)
-        ls_ids = ls.gather(1, t.ids)
-        has = t.weights > 0
-        if t.entropy is not None and t.tail is None:
-            kd_sum = -t.entropy.sum() - torch.where(has, t.weights * ls_ids, 0.0).sum()
-        else:
-            kd_sum = torch.where(has, t.weights * (t.logp - ls_ids), 0.0).sum()
-        if t.tail is not None:
-            log_q_tail = torch.logsumexp(ls.scatter(1, t.ids, float("-inf")), dim=-1)
-            kd_sum = kd_sum + (torch.xlogy(t.tail, t.tail) - t.tail * log_q_tail).sum()
-        if need_grad:
-            q = ls.exp()
-            if t.tail is None:  # sampled: softmax(s) - w
-                grad_kd = q.scatter_add_(1, t.ids, -t.weights)
-            else:  # topk: q (1 - p_tail / q_tail) off the ids, q - p on them
-                grad_kd = q * (1.0 - torch.exp(torch.log(t.tail) - log_q_tail)).unsqueeze(1)
-                grad_kd.scatter_(1, t.ids, ls_ids.exp() - t.weights)
+        ls = ls1 if c["inv_t"] == 1.0 else torch.log_softmax(zs.mul_(c["inv_t"]), dim=-1)
+        kd_rows, grad_kd = _kd_rows(ls, t, need_grad)
+        if silent is not None:
+            kd_rows = kd_rows.masked_fill(silent, 0.0)
+            if grad_kd is not None:
+                grad_kd.masked_fill_(silent.unsqueeze(1), 0.0)
+        kd_sum = kd_rows.sum()
+    ce_silent = ce_rows[silent].sum() if silent is not None else kd_sum.new_zeros(())
     if not need_grad:
-        return None, ce_sum, kd_sum
-    grad = ls1.exp_().mul_(c_ce)
-    grad.scatter_add_(1, y_c.unsqueeze(1), torch.full_like(y_c, -c_ce, dtype=grad.dtype).unsqueeze(1))
+        return None, ce_rows.sum(), kd_sum, ce_silent
+    # CE's gradient, (1 - w) / N per row, and 1 / N where the teacher is silent
+    weight = torch.full_like(ce_rows, c["c_ce"])
+    if silent is not None:
+        weight.masked_fill_(silent, c["c_ce"] + c["c_silent"])
+    grad = ls1.exp_().mul_(weight.unsqueeze(1))
+    grad.scatter_add_(1, y_c.unsqueeze(1), -weight.unsqueeze(1))
     if grad_kd is not None:
-        grad.add_(grad_kd, alpha=c_kd)
-    return grad, ce_sum, kd_sum
+        grad.add_(grad_kd, alpha=c["c_kd"])
+    return grad, ce_rows.sum(), kd_sum, ce_silent
+
+
+def _kd_rows(ls: Tensor, t: SparseTargets, need_grad: bool) -> tuple[Tensor, Tensor | None]:
+    """(per-row KD, its gradient w.r.t. the scaled logits or None) of log-softmax ``ls`` at T."""
+    ls_ids = ls.gather(1, t.ids)
+    has = t.weights > 0
+    if t.entropy is not None and t.tail is None:
+        kd_rows = -t.entropy - torch.where(has, t.weights * ls_ids, 0.0).sum(1)
+    else:
+        kd_rows = torch.where(has, t.weights * (t.logp - ls_ids), 0.0).sum(1)
+    if t.tail is not None:
+        log_q_tail = torch.logsumexp(ls.scatter(1, t.ids, float("-inf")), dim=-1)
+        kd_rows = kd_rows + torch.xlogy(t.tail, t.tail) - t.tail * log_q_tail
+    if not need_grad:
+        return kd_rows, None
+    q = ls.exp()
+    if t.tail is None:  # sampled: softmax(s) - w
+        return kd_rows, q.scatter_add_(1, t.ids, -t.weights)
+    # topk: q (1 - p_tail / q_tail) off the ids, q - p on them
+    grad_kd = q * (1.0 - torch.exp(torch.log(t.tail) - log_q_tail)).unsqueeze(1)
+    return kd_rows, grad_kd.scatter_(1, t.ids, ls_ids.exp() - t.weights)
 
 
 def sparse_kd_sum(logits: Tensor, targets: Tensor, teacher: SparseTargets, temperature: float) -> Tensor:
     """The KD sum (forward KL at ``temperature``, without T^2) of ``logits`` (N, V) predicting
     ``targets`` (N,) against ``teacher``, with no gradient (evaluation); ``logits`` is not changed."""
-    return _chunk(logits.to(torch.float32, copy=True), targets, teacher, 1.0 / temperature, 0.0, 0.0, True, False)[2]
+    constants = {"inv_t": 1.0 / temperature, "c_ce": 0.0, "c_kd": 0.0, "c_silent": 0.0}
+    return _chunk(logits.to(torch.float32, copy=True), targets, teacher, constants, True, False)[2]
 
 
 class _SparseKD(torch.autograd.Function):
@@ -124,23 +156,23 @@ class _SparseKD(torch.autograd.Function):
         grad_b = torch.zeros(b.shape, dtype=torch.float32, device=b.device) if need_b else None
         ce_total = torch.zeros((), dtype=torch.float32, device=h.device)
         kd_total = torch.zeros((), dtype=torch.float32, device=h.device)
+        silent_total = torch.zeros((), dtype=torch.float32, device=h.device)
         autocast = torch.is_autocast_enabled(h.device.type)
         mm_dtype = torch.get_autocast_dtype(h.device.type) if autocast else w.dtype
         for start in range(0, len(rows), chunk):
             sel = rows[start : start + chunk]
             h_c = h.index_select(0, sel).to(mm_dtype)
-            grad_z, ce_sum, kd_sum = _chunk(
+            grad_z, ce_sum, kd_sum, ce_silent = _chunk(
                 _logits(h_c, w_v, b_v, None),
                 y.index_select(0, sel),
                 targets.rows(sel),
-                settings["inv_t"],
-                settings["c_kd"],
-                settings["c_ce"],
+                settings,
                 settings["with_kd"],
                 need_grad,
             )
             ce_total += ce_sum
             kd_total += kd_sum
+            silent_total += ce_silent
             if grad_z is None:
                 continue
             if need_b:
@@ -150,7 +182,7 @@ class _SparseKD(torch.autograd.Function):
                 grad_h.index_copy_(0, sel, (g @ w_v).to(h.dtype))
             if need_w:
                 _add_matmul(grad_w[:vocab], g.t(), h_c)
-        total = (settings["kd_coef"] * kd_total + settings["ce_coef"] * ce_total) / settings["denom"]
+        total = _folded(settings, ce_total, kd_total, silent_total)
         ctx.grads = (grad_h, grad_w, grad_b)
         ctx.dtypes = (h.dtype, w.dtype, b.dtype if b is not None else None)
         ctx.mark_non_differentiable(ce_total, kd_total)
@@ -173,24 +205,24 @@ class _SparseLogitsKD(torch.autograd.Function):
         grad_z = torch.zeros(z.shape, dtype=torch.float32, device=z.device) if need_grad else None
         ce_total = torch.zeros((), dtype=torch.float32, device=z.device)
         kd_total = torch.zeros((), dtype=torch.float32, device=z.device)
+        silent_total = torch.zeros((), dtype=torch.float32, device=z.device)
         chunk = settings["chunk_size"]
         for start in range(0, len(rows), chunk):
             sel = rows[start : start + chunk]
-            grad_c, ce_sum, kd_sum = _chunk(
+            grad_c, ce_sum, kd_sum, ce_silent = _chunk(
                 z.index_select(0, sel).float(),
                 y.index_select(0, sel),
                 targets.rows(sel),
-                settings["inv_t"],
-                settings["c_kd"],
-                settings["c_ce"],
+                settings,
                 settings["with_kd"],
                 need_grad,
             )
             ce_total += ce_sum
             kd_total += kd_sum
+            silent_total += ce_silent
             if grad_c is not None:
                 grad_z.index_copy_(0, sel, grad_c)
-        total = (settings["kd_coef"] * kd_total + settings["ce_coef"] * ce_total) / settings["denom"]
+        total = _folded(settings, ce_total, kd_total, silent_total)
         ctx.grads, ctx.dtypes = (grad_z,), (z.dtype,)
         ctx.mark_non_differentiable(ce_total, kd_total)
         return total, ce_total, kd_total
@@ -199,6 +231,12 @@ class _SparseLogitsKD(torch.autograd.Function):
     def backward(ctx, grad_total, _grad_ce, _grad_kd):
         (grad_z,) = hand_out_grads(ctx, grad_total, "sparse_logits_distillation_loss")
         return grad_z, None, None, None, None
+
+
+def _folded(settings: dict, ce_total: Tensor, kd_total: Tensor, silent_total: Tensor) -> Tensor:
+    """The loss: ``(w T^2 KD + (1 - w) CE) / N``, plus ``w CE / N`` where the teacher is silent."""
+    folded = settings["kd_coef"] * kd_total + settings["ce_coef"] * ce_total + settings["silent_coef"] * silent_total
+    return folded / settings["denom"]
 
 
 def _settings(
@@ -224,6 +262,8 @@ def _settings(
         "need": need,
         "c_kd": kd_weight * t2 / temperature / denom,
         "c_ce": (1.0 - kd_weight) / denom,
+        "c_silent": kd_weight / denom,  # the rest of CE's weight where the teacher is silent
+        "silent_coef": kd_weight if with_kd else 0.0,
         "kd_coef": kd_weight * t2,
         "ce_coef": 1.0 - kd_weight,
         "denom": denom,

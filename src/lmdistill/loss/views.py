@@ -111,10 +111,15 @@ class TeacherSparse:
         the argmax was drawn)."""
         at_t = self.targets if keep is None else self.targets.rows(keep)
         one = at_one.targets if keep is None else at_one.targets.rows(keep)
+        out = {}
+        if at_t.paired is not None:  # a cache built across tokenizers: over the aligned pairs, as live
+            here = at_t.paired
+            student, targets, at_t, one = student[here], targets[here], at_t.rows(here), one.rows(here)
+            out["paired"] = here.sum()
         kl = sparse_kd_sum(student, targets, one, 1.0 if at_one is not self else temperature)
         best = torch.where(at_t.weights > 0, at_t.logp, float("-inf")).argmax(-1, keepdim=True)
         agree = (student.argmax(-1) == at_t.ids.gather(1, best).squeeze(1)).sum()
-        return {"kl": kl, "agree": agree}
+        return {**out, "kl": kl, "agree": agree}
 
 
 @dataclass
@@ -134,6 +139,9 @@ class TeacherAligned:
     # (student positions (C,), ids (C, k), weights (C, k)): the teacher's sparse targets at student
     # positions inside spans it writes in one token (``data/alignment.ContinuationTargets``)
     continuation: tuple | None = None
+    # (token, source, mass), each (K,): at pairs whose next student token the teacher writes in
+    # several, its probability of that token's text, moved onto it (``crosstok.longer_token_moves``)
+    moves: tuple | None = None
     layers: list[torch.Tensor] = field(default_factory=list)
     tempered: ClassVar[bool] = False
 
@@ -144,7 +152,7 @@ class TeacherAligned:
         ``teacher_ce_tokens``): per token of the teacher's."""
         at = self.student_positions if keep is None else (keep.cumsum(0) - 1)[self.student_positions]
         paired = student[at]
-        kl = cross_tokenizer_divergence(paired, self.logits, self.mapping, 1.0).sum()
+        kl = cross_tokenizer_divergence(paired, self.logits, self.mapping, 1.0, self.moves).sum()
         agree = (paired.argmax(-1) == self.mapping[self.logits.argmax(-1)]).sum()
         flat, y = self.all_logits.reshape(-1, self.all_logits.shape[-1]).float(), self.targets.reshape(-1)
         valid = y != IGNORE_INDEX
@@ -171,6 +179,7 @@ class TeacherAlignedHidden:
     mapping: torch.Tensor
     nonfinite: torch.Tensor
     continuation: tuple | None = None  # as ``TeacherAligned.continuation``
+    moves: tuple | None = None  # as ``TeacherAligned.moves``
     layers: list[torch.Tensor] = field(default_factory=list)
     tempered: ClassVar[bool] = False
 

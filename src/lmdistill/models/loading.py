@@ -512,7 +512,6 @@ def _models_for_cache(cfg, student, tokenizer, train_blocks=None) -> Models:
     the cached teacher, whose weights are loaded for the cut only and dropped before training,
     or (``random``) built from the teacher's config file; a cached run and a live one with the
     same settings then start from the same student."""
-    from transformers import AutoConfig
 
     cache = TeacherCache.open(cfg.model.teacher_cache, verify=False)  # is it one? (its shards are checked later)
     cache_dir = cache.path
@@ -536,20 +535,9 @@ def _models_for_cache(cfg, student, tokenizer, train_blocks=None) -> Models:
             student, student_name, tokenizer = resumed
             student_name += " (teacher cache run)"
         else:
-            if cfg.model.student_init != "random":
-                teacher_name, pruned, tokenizer = _cut_from_cached_teacher(
-                    cfg, cache, teacher_name, tokenizer, train_blocks
-                )
-            if pruned is not None:
-                student = pruned.model
-                student_name = (
-                    f"from the teacher ({cfg.model.prune.layers} layers {pruned.layers}): {shape} (teacher cache run)"
-                )
-            else:
-                teacher_name = resolve_source(teacher_name, "model.teacher")
-                config = student_config_from_teacher(AutoConfig.from_pretrained(teacher_name), overrides)
-                student = build_fresh_student(config, cfg.run.seed)
-                student_name = f"fresh: {shape} (teacher cache run)"
+            student, student_name, teacher_name, pruned, tokenizer = _fresh_student_for_cache(
+                cfg, cache, teacher_name, tokenizer, train_blocks, shape
+            )
     else:
         student_name = cfg.model.student or type(student).__name__
     if tokenizer is None and teacher_name is not None:
@@ -570,6 +558,29 @@ def _models_for_cache(cfg, student, tokenizer, train_blocks=None) -> Models:
         pruned.layer_importance if pruned else None,
         pruned.channels if pruned else None,
     )
+
+
+def _fresh_student_for_cache(cfg, cache, teacher_name: str, tokenizer, train_blocks, shape: str):
+    """(student, its name, the teacher's path, the cut or None, tokenizer) for a cached run with no
+    ``model.student``: cut out of the cached teacher, or built from its config file."""
+    from transformers import AutoConfig
+
+    if cache.across:
+        raise LmdistillError(
+            f"teacher cache '{cache.path}' holds the teacher's targets carried to the tokens of the student it was "
+            "built for (cache-teacher --student), and a fresh student would have the teacher's tokenizer; name that "
+            "student in model.student (--student)"
+        )
+    pruned = None
+    if cfg.model.student_init != "random":
+        teacher_name, pruned, tokenizer = _cut_from_cached_teacher(cfg, cache, teacher_name, tokenizer, train_blocks)
+    if pruned is not None:
+        name = f"from the teacher ({cfg.model.prune.layers} layers {pruned.layers}): {shape} (teacher cache run)"
+        return pruned.model, name, teacher_name, pruned, tokenizer
+    teacher_name = resolve_source(teacher_name, "model.teacher")
+    config = student_config_from_teacher(AutoConfig.from_pretrained(teacher_name), cfg.model.student_config)
+    student = build_fresh_student(config, cfg.run.seed)
+    return student, f"fresh: {shape} (teacher cache run)", teacher_name, None, tokenizer
 
 
 def _student_to_resume(cfg):

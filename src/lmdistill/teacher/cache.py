@@ -57,13 +57,16 @@ from pathlib import Path
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 
+from lmdistill.core.batch import IGNORE_INDEX
 from lmdistill.core.errors import LmdistillError
 from lmdistill.core.files import ManifestDir, file_record
 from lmdistill.core.paths import LockHeld, atomic_write_json, claim_lock, is_plain_file, protected_place, sha256_file
 from lmdistill.data.store import id_dtype, tokenizer_hash
+from lmdistill.loss.crosstok import carried_distribution
 from lmdistill.loss.sparse import SparseTargets
-from lmdistill.teacher.signals import LiveLogits
+from lmdistill.loss.views import TeacherAligned
 
 FORMAT_VERSION = 1
 MODES = ("sampled", "topk", "dense")
@@ -77,10 +80,15 @@ _HELD: dict[Path, int] = {}  # caches whose build lock this process holds -> the
 
 
 # ---------------------------------------------------------------------------- the format
-def tensor_layout(mode: str, positions: int, vocab_size: int, samples: int, k: int) -> dict[str, tuple]:
-    """name -> (shape per block, numpy dtype) of a shard's per-block tensors."""
+def tensor_layout(
+    mode: str, positions: int, vocab_size: int, samples: int, k: int, across: bool = False
+) -> dict[str, tuple]:
+    """name -> (shape per block, numpy dtype) of a shard's per-block tensors. ``across``: a cache
+    for a student with another tokenizer, which also says what the teacher's target at each
+    position is (``kind``: ``NONE``, ``PAIR`` or ``INSIDE``)."""
 
     ids = id_dtype(vocab_size)
+    marks = {"kind": ((positions,), "uint8")} if across else {}
     if mode == "sampled":
         return {
             "ids": ((positions, samples), ids),
@@ -88,6 +96,7 @@ def tensor_layout(mode: str, positions: int, vocab_size: int, samples: int, k: i
             "logits": ((positions, samples), "float32"),
             "logz": ((positions,), "float32"),
             "entropy": ((positions,), "float32"),
+            **marks,
         }
     if mode == "topk":
         return {
@@ -96,8 +105,21 @@ def tensor_layout(mode: str, positions: int, vocab_size: int, samples: int, k: i
             "logz": ((positions,), "float32"),
             "entropy": ((positions,), "float32"),
             "tail": ((positions,), "float32"),
+            **marks,
         }
     return {"logits": ((positions, vocab_size), "float32")}
+
+
+def layout_of(record: dict) -> dict[str, tuple]:
+    """``tensor_layout`` of a build request or manifest."""
+    return tensor_layout(
+        record["mode"],
+        record["positions_per_block"],
+        record["vocab_size"],
+        record.get("samples") or 0,
+        record.get("k") or 0,
+        record.get("cross_tokenizer") is not None,
+    )
 
 
 def bytes_per_token(mode: str, vocab_size: int, samples: int = 12, k: int = 12) -> int:
@@ -246,6 +268,12 @@ class TeacherCache:
     def temperature(self) -> float:
         return float(self.manifest["capture_temperature"])
 
+    @property
+    def across(self) -> dict | None:
+        """For a student with another tokenizer than the teacher's (``cache-teacher --student``):
+        the teacher's tokenizer hash and vocabulary size; None for a cache in the teacher's tokenizer."""
+        return self.manifest.get("cross_tokenizer")
+
     def read(self, split: str, rows) -> dict[str, torch.Tensor]:
         """The cached tensors of ``rows`` (indices into the split's blocks), stacked in that order."""
         from safetensors import safe_open
@@ -291,19 +319,31 @@ class TeacherCache:
                     "or dense cache"
                 )
             logp = logits / t_c - logz.unsqueeze(1)
-            return SparseTargets(ids, logp.exp(), logp, data["tail"].flatten())
-        counts = data["counts"].float().flatten(0, 1)
-        return retempered(ids, counts, logits, logz, entropy, float(self.manifest["samples"]), t_c, temperature)
+            targets = SparseTargets(ids, logp.exp(), logp, data["tail"].flatten())
+        else:
+            counts = data["counts"].float().flatten(0, 1)
+            samples = float(self.manifest["samples"])
+            targets = retempered(ids, counts, logits, logz, entropy, samples, t_c, temperature)
+        if "kind" in data:  # across tokenizers: where the teacher is silent, the data's token alone
+            kind = data["kind"].flatten()
+            targets.present, targets.paired = kind != NONE, kind == PAIR
+        return targets
 
     def check_run(self, tokenizer, data, vocab_size: int) -> None:
         """One line naming what differs when this cache was not built for this run's data."""
 
         m = self.manifest
         if m["tokenizer"] != tokenizer_hash(tokenizer):
+            built_for = (
+                "for a student with another tokenizer than this run's student's (cache-teacher --student)"
+                if self.across
+                else "with another tokenizer than this run's student's"
+            )
             raise LmdistillError(
-                f"teacher cache '{self.path}' was built with another tokenizer than this run's student's; a "
-                "cache serves students of its own tokenizer only: train with that tokenizer, or name the teacher "
-                "itself in model.teacher (lmdistill then distils across the two tokenizers)"
+                f"teacher cache '{self.path}' was built {built_for}; a cache serves students of the tokenizer it was "
+                "built for only: train a student with that tokenizer, build a cache for this student with "
+                "lmdistill cache-teacher --student, or name the teacher itself in model.teacher (lmdistill then "
+                "distils across the two tokenizers)"
             )
         if m["vocab_size"] != vocab_size:
             raise LmdistillError(
@@ -400,7 +440,7 @@ def _sources_problem(m: dict) -> str | None:
 
 
 def _shards_problem(m: dict) -> str | None:
-    layout = tensor_layout(m["mode"], m["positions_per_block"], m["vocab_size"], m.get("samples") or 0, m.get("k") or 0)
+    layout = layout_of(m)
     if m.get("tensors") != {name: dtype for name, (_, dtype) in layout.items()}:
         return f"its tensors are not those of a {m['mode']} cache"
     rows = m["rows"]
@@ -450,12 +490,14 @@ def _torch_safe(dtype: str) -> str:
 
 
 # ---------------------------------------------------------------------------- building
-def build_request(cfg, tokenizer, data, teacher_ref: dict, vocab_size: int) -> dict:
-    """What a build is asked to make: equal requests make byte-identical caches."""
+def build_request(cfg, tokenizer, data, teacher_ref: dict, vocab_size: int, across: dict | None = None) -> dict:
+    """What a build is asked to make: equal requests make byte-identical caches. ``across``: for a
+    student with another tokenizer (``tokenizer``, ``vocab_size`` and ``data`` are then the
+    student's), what names the teacher's tokenizer and the student."""
 
     c = cfg.cache
     temperature = c.temperature if c.temperature is not None else cfg.distill.temperature
-    return {
+    request = {
         "format_version": FORMAT_VERSION,
         "mode": c.mode,
         "samples": c.samples if c.mode == "sampled" else None,
@@ -474,6 +516,9 @@ def build_request(cfg, tokenizer, data, teacher_ref: dict, vocab_size: int) -> d
         },
         "rows": {"train": len(data.train), "eval": len(data.eval)},
     }
+    if across is not None:  # (a key of its own: the requests of caches in the teacher's tokenizer stay as they were)
+        request["cross_tokenizer"] = across
+    return request
 
 
 def prepare_out(out: Path, request: dict, overwrite: bool) -> bool:
@@ -656,7 +701,7 @@ def shard_plan(request: dict) -> list[tuple[str, int, int, int]]:
 
 def write_shard(
     out: Path,
-    teacher,
+    signal,
     blocks,
     split: str,
     index: int,
@@ -667,44 +712,86 @@ def write_shard(
     device,
     on_batch=None,
 ) -> None:
-    """Run the teacher over rows [start, end) of ``blocks`` and write the shard, atomically."""
+    """Run the teacher (``signal``: ``LiveLogits``, or ``LiveAligned`` for a student with another
+    tokenizer) over rows [start, end) of ``blocks`` and write the shard, atomically."""
     from safetensors.numpy import save_file
 
-    layout = tensor_layout(
-        request["mode"],
-        request["positions_per_block"],
-        request["vocab_size"],
-        request["samples"] or 0,
-        request["k"] or 0,
-    )
+    layout = layout_of(request)
     seed = int.from_bytes(hashlib.sha256(f"{request['seed']}/{split}/{index}".encode()).digest()[:8], "little")
     generator = torch.Generator().manual_seed(seed)
     columns: dict[str, list[np.ndarray]] = {name: [] for name in layout}
-    ce_sum, ce_tokens = 0.0, 0
-    vocab = request["vocab_size"]
-    signal = LiveLogits(teacher, vocab)  # the teacher's forward exactly as training runs it (mask included)
+    own = np.zeros(3)  # the teacher's CE on its own held-out targets, their count, the bytes they cover
     for lo in range(start, end, batch_size):
         batch = blocks.batch(range(lo, min(lo + batch_size, end)))
-        logits = signal(batch.to(device), 1.0).logits.float().cpu()
-        b, p = logits.shape[:2]
-        flat = logits.reshape(b * p, vocab)
+        flat, kind, seen = teacher_rows(signal, batch.to(device), request["vocab_size"], split == "eval")
         kept = capture(
             flat, request["mode"], request["capture_temperature"], request["samples"] or 0, request["k"] or 0, generator
         )
+        if kind is not None:
+            kept["kind"] = kind
         for name, (shape, dtype) in layout.items():
-            columns[name].append(kept[name].reshape(b, *shape).numpy().astype(dtype))
-        if split == "eval":
-            targets = batch.targets.reshape(-1)
-            valid = targets != -100
-            ce_sum += float(torch.nn.functional.cross_entropy(flat[valid], targets[valid], reduction="sum"))
-            ce_tokens += int(valid.sum())
+            columns[name].append(kept[name].reshape(len(batch.input_ids), *shape).numpy().astype(dtype))
+        own += seen
         if on_batch is not None:
-            on_batch(b * p)
+            on_batch(len(flat))
     tensors = {name: np.concatenate(parts) for name, parts in columns.items()}
     if split == "eval":
-        tensors["teacher_ce_sum"] = np.asarray([ce_sum], dtype=np.float64)
-        tensors["teacher_ce_tokens"] = np.asarray([ce_tokens], dtype=np.int64)
+        tensors["teacher_ce_sum"] = np.asarray([own[0]], dtype=np.float64)
+        tensors["teacher_ce_tokens"] = np.asarray([own[1]], dtype=np.int64)
+        if request.get("cross_tokenizer") is not None:
+            tensors["teacher_bytes"] = np.asarray([own[2]], dtype=np.int64)
     _cache_dir(out).save(f"{split}-{index:05d}.safetensors", lambda path: save_file(tensors, str(path)))
+
+
+# What the teacher's target at a student position is, across tokenizers: none (the data's next token
+# alone), at a pair (both models about to write the same text; the carried distribution) or inside
+# a span the teacher writes in one token (its continuation target).
+NONE, PAIR, INSIDE = 0, 1, 2
+# The log-probability a cache across tokenizers gives a student token the teacher carries nothing
+# to: exp() of it is 0 in fp32 at any temperature, and unlike -inf it keeps every captured value finite.
+NOTHING = -1.0e4
+
+
+def teacher_rows(
+    signal, batch, vocab: int, measure: bool = False
+) -> tuple[torch.Tensor, torch.Tensor | None, np.ndarray]:
+    """What the cache captures of one batch: (N, vocab) fp32 logits of the student's N predicting
+    positions, on the host; the kind of target at each (across tokenizers; else None); and, when
+    ``measure``, the teacher's CE sum on its own targets, their count and the bytes of text they
+    cover (0 with one tokenizer)."""
+    view = signal(batch, 1.0)
+    if isinstance(view, TeacherAligned):
+        logits, kind = carried_log_probs(view, batch.targets.numel(), vocab)
+        own_logits, own_targets, own_bytes = view.all_logits, view.targets, batch.teacher_tokens.teacher_bytes
+    else:
+        logits, kind = view.logits.reshape(-1, vocab), None
+        own_logits, own_targets, own_bytes = view.logits, batch.targets, 0
+    seen = np.zeros(3)
+    if measure:
+        own_logits, own_targets = own_logits.reshape(-1, own_logits.shape[-1]).float(), own_targets.reshape(-1)
+        valid = own_targets != IGNORE_INDEX
+        ce = float(F.cross_entropy(own_logits[valid], own_targets[valid], reduction="sum"))
+        seen = np.asarray([ce, int(valid.sum()), own_bytes], dtype=np.float64)
+    return logits.float().cpu(), None if kind is None else kind.cpu(), seen
+
+
+def carried_log_probs(view: TeacherAligned, positions: int, vocab: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The teacher's targets across tokenizers as the logits of a teacher in the student's own
+    vocabulary: ((positions, vocab) log-probabilities, (positions,) uint8 the kind of each target).
+
+    At a pair, the log of the distribution carried to the student's tokens at T = 1; inside a span
+    the teacher writes in one token, the log of its sparse continuation target; ``NOTHING`` for a
+    token given nothing. Softening these by T is softening the carried distribution by T, as the
+    live loss does (``loss/crosstok.py``), so the cache's modes and temperatures work unchanged."""
+    probs = torch.zeros((positions, vocab), dtype=torch.float32, device=view.logits.device)
+    kind = torch.full((positions,), NONE, dtype=torch.uint8, device=view.logits.device)
+    probs[view.student_positions] = carried_distribution(view.logits, view.mapping, vocab, 1.0, view.moves)
+    kind[view.student_positions] = PAIR
+    if view.continuation is not None:
+        at, ids, weights = view.continuation
+        probs[at] = probs.new_zeros((len(at), vocab)).scatter_add_(1, ids, weights.float())  # (padding adds 0)
+        kind[at] = INSIDE
+    return torch.log(probs).clamp_min_(NOTHING), kind
 
 
 def _cache_dir(out: Path, shards: list[str] | None = None) -> ManifestDir:
@@ -730,41 +817,38 @@ def finish(out: Path, request: dict) -> dict:
 
     names = [f"{split}-{index:05d}.safetensors" for split, index, _, _ in shard_plan(request)]
     cache_dir = _cache_dir(out, names)
-    shards, ce_sum, ce_tokens = cache_dir.records(), 0.0, 0
+    shards, sums = cache_dir.records(), dict.fromkeys(("teacher_ce_sum", "teacher_ce_tokens", "teacher_bytes"), 0.0)
     for name in names:
         if name.startswith("eval-"):
             with safe_open(out / name, framework="np") as f:
-                ce_sum += float(f.get_tensor("teacher_ce_sum")[0])
-                ce_tokens += int(f.get_tensor("teacher_ce_tokens")[0])
-    layout = tensor_layout(
-        request["mode"],
-        request["positions_per_block"],
-        request["vocab_size"],
-        request["samples"] or 0,
-        request["k"] or 0,
-    )
-    teacher_ce = ce_sum / max(ce_tokens, 1)
+                for key in sums.keys() & set(f.keys()):  # (teacher_bytes: across tokenizers only)
+                    sums[key] += float(f.get_tensor(key)[0])
+    teacher_ce = sums["teacher_ce_sum"] / max(sums["teacher_ce_tokens"], 1)
+    evaluated = {
+        "teacher_ce_loss": teacher_ce,
+        "teacher_ppl": math.exp(min(teacher_ce, 700.0)),
+        "eval_tokens": int(sums["teacher_ce_tokens"]),
+    }
+    if request.get("cross_tokenizer") is not None:  # the teacher's own tokens: only bits per byte compare
+        evaluated["teacher_bytes"] = int(sums["teacher_bytes"])
+        evaluated["teacher_bpb"] = sums["teacher_ce_sum"] / (math.log(2) * max(sums["teacher_bytes"], 1))
     manifest = {
         **request,
-        "tensors": {name: dtype for name, (_, dtype) in layout.items()},
+        "tensors": {name: dtype for name, (_, dtype) in layout_of(request).items()},
         "shards": shards,
-        "bytes_per_token": bytes_per_token(
-            request["mode"], request["vocab_size"], request["samples"] or 0, request["k"] or 0
-        ),
-        "teacher_eval": {
-            "teacher_ce_loss": teacher_ce,
-            "teacher_ppl": math.exp(min(teacher_ce, 700.0)),
-            "eval_tokens": ce_tokens,
-        },
+        "bytes_per_token": request_bytes_per_token(request),
+        "teacher_eval": evaluated,
     }
     return cache_dir.publish(manifest)
 
 
+def request_bytes_per_token(request: dict) -> int:
+    return sum(int(np.prod(shape[1:])) * np.dtype(dtype).itemsize for shape, dtype in layout_of(request).values())
+
+
 def estimated_bytes(request: dict) -> int:
     positions = (request["rows"]["train"] + request["rows"]["eval"]) * request["positions_per_block"]
-    return positions * bytes_per_token(
-        request["mode"], request["vocab_size"], request["samples"] or 0, request["k"] or 0
-    )
+    return positions * request_bytes_per_token(request)
 
 
 def shards_to_do(out: Path, request: dict, rank: int = 0, world: int = 1) -> list[tuple]:

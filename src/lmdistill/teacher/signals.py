@@ -17,6 +17,7 @@ import torch
 from lmdistill.core.batch import Batch
 from lmdistill.core.parallel import is_sharded
 from lmdistill.data.alignment import ContinuationTargets, shared_vocabulary, vocabulary_map, written_by_student
+from lmdistill.loss.crosstok import longer_token_moves, span_rows, token_log_probs
 from lmdistill.loss.dense import head_logits
 from lmdistill.loss.views import (
     TeacherAligned,
@@ -160,11 +161,28 @@ class LiveAligned(TeacherSignal):
             )
         return batch.teacher_tokens
 
+    def moves(self, batch: Batch, logits_at) -> tuple | None:
+        """``crosstok.longer_token_moves`` at the batch's pairs, for the spans the student writes in
+        one token and the teacher in several (``TeacherTokens.longer``); None if there are none.
+        ``logits_at(rows)``: the teacher's logits at flat positions ``rows`` of its own tokens."""
+        tokens = batch.teacher_tokens
+        if tokens.longer is None or not len(tokens.longer):
+            return None
+        rows, which = span_rows(tokens.teacher_positions, tokens.longer)
+        own = tokens.batch.targets.reshape(-1)
+        rows = rows.to(own.device)
+        student_next = batch.targets.reshape(-1)[tokens.student_positions]
+        source = self.mapping.to(own.device)[own[tokens.teacher_positions]]
+        log_probs = token_log_probs(logits_at(rows), own[rows])
+        return longer_token_moves(log_probs, which, tokens.longer, student_next, source)
+
     def __call__(self, batch: Batch, temperature: float) -> TeacherAligned:
         tokens = self.teacher_tokens(batch)
         with torch.inference_mode():
             logits = prediction_logits(self.teacher, tokens.batch, self.vocab_size)
-            at_pairs = logits.reshape(-1, logits.shape[-1])[tokens.teacher_positions]
+            flat = logits.reshape(-1, logits.shape[-1])
+            at_pairs = flat[tokens.teacher_positions]
+            moves = self.moves(batch, lambda rows: flat[rows])
         return TeacherAligned(
             at_pairs,
             tokens.student_positions,
@@ -173,6 +191,7 @@ class LiveAligned(TeacherSignal):
             logits,
             tokens.batch.targets,
             self.continuation(batch, at_pairs),
+            moves,
         )
 
 
@@ -186,14 +205,20 @@ class LiveAlignedHidden(LiveAligned):
     def __call__(self, batch: Batch, temperature: float) -> TeacherAlignedHidden:
         tokens = self.teacher_tokens(batch)
         hidden, _ = final_hidden(self.teacher, tokens.batch)
-        at_pairs = hidden.reshape(-1, hidden.shape[-1])[tokens.teacher_positions]
+        flat = hidden.reshape(-1, hidden.shape[-1])
+        at_pairs = flat[tokens.teacher_positions]
         head = self.teacher.get_output_embeddings()
+
+        def logits_at(rows):  # (the few rows that need them, never the whole batch's)
+            return head_logits(flat[rows], head.weight, head.bias, self.vocab_size)
+
         found = tokens.continuations
         continuation = None
         if found is not None and len(found):  # (the logits of the pairs that start such spans only)
             starts = found[:, 1].unique()  # (sorted)
-            rows = head_logits(at_pairs[starts.to(hidden.device)], head.weight, head.bias, self.vocab_size)
-            continuation = self.continuation(batch, rows, starts)
+            continuation = self.continuation(
+                batch, logits_at(tokens.teacher_positions[starts.to(hidden.device)]), starts
+            )
         return TeacherAlignedHidden(
             at_pairs,
             head.weight,
@@ -203,6 +228,7 @@ class LiveAlignedHidden(LiveAligned):
             self.mapping.to(hidden.device),
             (~torch.isfinite(at_pairs).all()).float(),
             continuation=continuation,
+            moves=self.moves(batch, logits_at),
         )
 
 
@@ -244,12 +270,7 @@ class CachedTeacher(TeacherSignal):
         if self.cache.mode == "dense":
             logits = view.to(device)
             return TeacherLogits(logits, (~torch.isfinite(logits) & (logits != float("-inf"))).any().float())
-        moved = type(view)(
-            *(
-                t.to(device) if t is not None else None
-                for t in (view.ids, view.weights, view.logp, view.tail, view.entropy)
-            )
-        )
+        moved = view.to(device)
         return TeacherSparse(moved, (~torch.isfinite(moved.weights)).any().float())
 
 

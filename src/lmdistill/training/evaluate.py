@@ -55,6 +55,7 @@ def evaluate(
     autocast=None,
     reduce=None,
     teacher_ce: float | None = None,
+    teacher_bpb: float | None = None,
     desc: str = "eval",
     progress: bool = True,
     forward_calls: int | None = None,
@@ -69,7 +70,8 @@ def evaluate(
     T = 1 diagnostics (``view.diagnostics``). A new signal needs no change here.
     ``reduce`` sums a tensor across processes (data-parallel eval: each rank passes its own
     shard of ``blocks``). ``teacher_ce``: the teacher's held-out CE when it is known already (a
-    frozen teacher on fixed blocks, a cache's manifest); measured otherwise.
+    frozen teacher on fixed blocks, a cache's manifest); measured otherwise. ``teacher_bpb``: its
+    bits per byte, from the manifest of a cache built across tokenizers.
 
     ``forward_calls``: run at least this many forwards (sharded models gather their weights in
     every forward, so every process must run as many); the extra ones score nothing.
@@ -96,7 +98,7 @@ def evaluate(
         sums = dict(zip(sums, reduce(torch.stack(list(sums.values()))).tolist()))
     if was_training:
         student.train()
-    return _result({k: float(v) for k, v in sums.items()}, signal is not None, teacher_ce)
+    return _result({k: float(v) for k, v in sums.items()}, signal is not None, teacher_ce, teacher_bpb)
 
 
 # What an evaluation sums over its batches (and reduces over processes), divided once at the end.
@@ -138,8 +140,9 @@ def _batch_sums(student, signal, objective: Objective, batch: Batch, temperature
             out.setdefault("teacher_ce_tokens", out["tokens"])  # (a teacher with another tokenizer: its own)
         if "accept" in out:
             out["accept_tokens"] = out["tokens"]
-    if batch.teacher_tokens is not None:  # the text both sides' targets cover, for bits per byte
-        out["bytes"] = torch.tensor(batch.teacher_tokens.student_bytes)
+    if batch.target_bytes is not None:  # the text the targets cover, for bits per byte (across tokenizers)
+        out["bytes"] = torch.tensor(batch.target_bytes)
+    if batch.teacher_tokens is not None:
         out["teacher_bytes"] = torch.tensor(batch.teacher_tokens.teacher_bytes)
     return out
 
@@ -154,7 +157,7 @@ def _idle_forward(student, signal, blocks, vocab_size: int, temperature: float, 
             signal(batch, temperature)
 
 
-def _result(sums: dict[str, float], with_teacher: bool, teacher_ce: float | None) -> dict:
+def _result(sums: dict[str, float], with_teacher: bool, teacher_ce: float | None, teacher_bpb: float | None) -> dict:
     tokens = max(sums["tokens"], 1.0)
     ce = sums["ce"] / tokens
     out = {"eval_ce_loss": ce, "eval_ppl": perplexity(ce), "eval_tokens": int(sums["tokens"])}
@@ -174,8 +177,10 @@ def _result(sums: dict[str, float], with_teacher: bool, teacher_ce: float | None
             teacher_ce_loss=teacher_ce,
             teacher_ppl=perplexity(teacher_ce),
         )
-        if sums["teacher_bytes"]:
-            out["teacher_bpb"] = teacher_ce * measured / (math.log(2) * sums["teacher_bytes"])
+        if sums["teacher_bytes"]:  # measured on the teacher's own tokens of the held-out text
+            teacher_bpb = teacher_ce * measured / (math.log(2) * sums["teacher_bytes"])
+        if teacher_bpb is not None:
+            out["teacher_bpb"] = teacher_bpb
             out["aligned_fraction"] = sums["paired"] / tokens
     return out
 
@@ -228,7 +233,8 @@ class RunEvaluator:
     def __init__(self, parts, progress: bool):
         self.parts, self.progress = parts, progress
         cache = parts.cache
-        self.teacher_ce = cache.manifest["teacher_eval"]["teacher_ce_loss"] if cache is not None else None
+        known = cache.manifest["teacher_eval"] if cache is not None else {}
+        self.teacher_ce, self.teacher_bpb = known.get("teacher_ce_loss"), known.get("teacher_bpb")
         self.aligned: LiveAligned | None = None  # the signal of a teacher with another tokenizer, made once
 
     def __call__(self, temperature: float, desc: str, *, ends: bool = False) -> dict:
@@ -247,6 +253,7 @@ class RunEvaluator:
             autocast=accelerator.autocast,
             reduce=lambda t: accelerator.reduce(t.to(accelerator.device), "sum").cpu(),
             teacher_ce=self.teacher_ce,
+            teacher_bpb=self.teacher_bpb,
             desc=desc,
             progress=self.progress,
             forward_calls=p.strategy.eval_forward_calls(len(p.data.eval), world, p.plan.eval_batch_size),

@@ -373,7 +373,9 @@ class RunDirectory:
                     "not match an uninterrupted one"
                 )
         saved_data = state.get("data") or {}
-        if data_layout and saved_data.get("train") and saved_data.get("train") != data_layout.get("train"):
+        now = data_layout or {}
+        moved = any(saved_data.get(key) != now.get(key) for key in ("train", "teacher_stores"))
+        if now and saved_data.get("train") and moved:  # (the teacher's tokens: across tokenizers)
             print(
                 "warning: the training blocks differ from the checkpoint's (the data, its tokenization or the "
                 "block layout changed); the resumed run will not see the blocks an uninterrupted one would"

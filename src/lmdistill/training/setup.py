@@ -25,7 +25,7 @@ from lmdistill.loss.hidden import HiddenProjection, build_projection
 from lmdistill.loss.objective import HiddenTerm, Objective
 from lmdistill.models.loading import Models, load_models
 from lmdistill.models.lora import ADAPTER_FILE, add_adapters, parameter_counts, resume_problem
-from lmdistill.teacher.cache import open_for_run
+from lmdistill.teacher.cache import TeacherCache, open_for_run
 from lmdistill.teacher.onpolicy import on_policy_signal
 from lmdistill.teacher.signals import (
     CachedTeacher,
@@ -126,6 +126,8 @@ def build_run(cfg: Config, *, teacher=None, student=None, tokenizer=None, progre
         signal = on_policy_signal(cfg, signal, prepared.raw, models.teacher, models.tokenizer, data, accelerator)
     objective = _objective(cfg, vocab, signal, prepared, projection, loss_impl)
     teacher_vocab = len(models.teacher_tokenizer or models.tokenizer)  # (the teacher's own, across tokenizers)
+    if cache is not None and cache.across:
+        teacher_vocab = cache.across["teacher_vocab_size"]
     guard, monitor = Guard(cfg.guard), HealthMonitor(cfg.health, plan.total_steps, teacher_vocab)
     teacher_reference = functools.cache(
         lambda: model_reference(cfg.model.teacher) if models.teacher is not None and cfg.model.teacher else None
@@ -159,16 +161,18 @@ def _models_and_data(cfg: Config, teacher, student, tokenizer, progress: bool) -
     """The models, and the data cut with their tokenizer (built while loading them when cutting the
     student from the teacher needs calibration blocks)."""
     built: list[BlockData] = []
+    # (a cache built across tokenizers was built on stores that know each token's text: the same ones)
+    text_bytes = cfg.model.teacher_cache is not None and TeacherCache.open(cfg.model.teacher_cache, verify=False).across
 
     def train_blocks(tok):
         if not built:
-            built.append(build_block_data(cfg.data, tok, progress=progress))
+            built.append(build_block_data(cfg.data, tok, progress=progress, text_bytes=bool(text_bytes)))
         return built[0].train
 
     models = load_models(cfg, teacher, student, tokenizer, train_blocks=train_blocks)
     if models.teacher_tokenizer is not None:  # every block with the teacher's tokens of its text
         built[:] = [build_block_data(cfg.data, models.tokenizer, progress, teacher_tokenizer=models.teacher_tokenizer)]
-        _check_teacher_windows(built[0], models)
+        check_teacher_windows(built[0], models.teacher)
     train_blocks(models.tokenizer)
     data = built[0]
     if models.chat_template_problem and any(s.store.chat for s in data.sources):
@@ -176,10 +180,10 @@ def _models_and_data(cfg: Config, teacher, student, tokenizer, progress: bool) -
     return models, data
 
 
-def _check_teacher_windows(data: BlockData, models: Models) -> None:
+def check_teacher_windows(data: BlockData, teacher) -> None:
     """The teacher's tokens of the longest block fit in the teacher's positions."""
     longest = max(blocks.teacher.longest for blocks in (data.train, data.eval))
-    limit = getattr(models.teacher.config, "max_position_embeddings", None)
+    limit = getattr(teacher.config, "max_position_embeddings", None)
     if limit is not None and longest > limit:
         raise LmdistillError(
             f"the teacher's tokenizer writes the text of one student block in up to {longest} tokens, more than the "
