@@ -12,6 +12,7 @@ the device, so the trainer learns the normaliser without waiting for the device.
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 
 import torch
@@ -44,14 +45,22 @@ class TeacherTokens:
     continuations: torch.Tensor | None = None
     longer: torch.Tensor | None = None
 
-    def to(self, device: torch.device | str) -> TeacherTokens:
+    def to(self, device: torch.device | str, non_blocking: bool = False) -> TeacherTokens:
         return TeacherTokens(
-            self.batch.to(device),
-            self.teacher_positions.to(device),
-            self.student_positions.to(device),
+            self.batch.to(device, non_blocking),
+            self.teacher_positions.to(device, non_blocking=non_blocking),
+            self.student_positions.to(device, non_blocking=non_blocking),
             self.teacher_bytes,
             self.continuations,
             self.longer,
+        )
+
+    def pin_memory(self) -> TeacherTokens:
+        return dataclasses.replace(
+            self,
+            batch=self.batch.pin_memory(),
+            teacher_positions=self.teacher_positions.pin_memory(),
+            student_positions=self.student_positions.pin_memory(),
         )
 
 
@@ -103,16 +112,27 @@ class Batch:
         targets[~keep] = IGNORE_INDEX
         return cls(input_ids, attention_mask, targets, int(keep.sum()))
 
-    def to(self, device: torch.device | str) -> Batch:
-        mask = self.attention_mask.to(device) if self.attention_mask is not None else None
-        paired = self.teacher_tokens.to(device) if self.teacher_tokens is not None else None
+    def to(self, device: torch.device | str, non_blocking: bool = False) -> Batch:
+        """The batch on ``device``; ``non_blocking``: an asynchronous copy, for pinned host memory."""
+        mask = self.attention_mask.to(device, non_blocking=non_blocking) if self.attention_mask is not None else None
+        paired = self.teacher_tokens.to(device, non_blocking) if self.teacher_tokens is not None else None
         return Batch(
-            self.input_ids.to(device),
+            self.input_ids.to(device, non_blocking=non_blocking),
             mask,
-            self.targets.to(device),
+            self.targets.to(device, non_blocking=non_blocking),
             self.num_targets,
             self.rows,
             self.generated,
             paired,
             self.target_bytes,
+        )
+
+    def pin_memory(self) -> Batch:
+        """The batch in page-locked host memory (a CUDA device copies from it asynchronously)."""
+        return dataclasses.replace(
+            self,
+            input_ids=self.input_ids.pin_memory(),
+            attention_mask=self.attention_mask.pin_memory() if self.attention_mask is not None else None,
+            targets=self.targets.pin_memory(),
+            teacher_tokens=self.teacher_tokens.pin_memory() if self.teacher_tokens is not None else None,
         )

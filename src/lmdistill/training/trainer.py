@@ -44,6 +44,7 @@ from lmdistill.training.evaluate import RunEvaluator, summary_table
 from lmdistill.training.faults import FaultInjector
 from lmdistill.training.guards import SUMMED_TERMS, Action, Cause, Decision, StepStats
 from lmdistill.training.interrupts import GracefulStop, Interrupted
+from lmdistill.training.prefetch import Prefetcher
 from lmdistill.training.record import RunRecord
 from lmdistill.training.results import RunResult, StepResult
 from lmdistill.training.saving import save_run_checkpoint
@@ -92,6 +93,8 @@ class Trainer:
         self.teacher_before = parameter_fingerprint(p.models.teacher) if p.models.teacher is not None else None
         self.record = RunRecord(p, self.is_main)
         self.bar = self.stop = None
+        pin = p.accelerator.device.type == "cuda"  # (the step's copies are then asynchronous)
+        self.prefetch = Prefetcher(self._batches_at, p.cfg.train.grad_accum, pin)
         faults = FaultInjector(p.cfg.debug, p.accelerator.process_index)
         faults.install(self)
         if faults.active and self.is_main:
@@ -141,6 +144,7 @@ class Trainer:
                 self.parts.run.record_abandoned(str(exc))
             raise
         finally:
+            self.prefetch.close()
             if self.bar is not None:
                 self.bar.close()
             if status != "finished":  # stopped early: leave a readable record of it
@@ -195,7 +199,7 @@ class Trainer:
         num_tokens = self._count_targets(batches)
         sums = dict.fromkeys(SUMMED_TERMS, torch.zeros((), device=accelerator.device, dtype=torch.float64))
         for i, batch in enumerate(batches):
-            batch = batch.to(accelerator.device)
+            batch = batch.to(accelerator.device, non_blocking=self.prefetch.pin)
             last = i == len(batches) - 1
             with contextlib.nullcontext() if last else accelerator.no_sync(student):
                 with accelerator.autocast():
@@ -227,11 +231,16 @@ class Trainer:
         return lr
 
     def _next_batches(self) -> list[Batch]:
-        """The step's micro-batches; advances the data cursor (micro-batches consumed)."""
-        accum, train, sampler = self.cfg.train.grad_accum, self.parts.data.train, self.parts.sampler
-        batches = [train.batch(sampler.indices(self.micro + i)) for i in range(accum)]
-        self.micro += accum
+        """The step's micro-batches (built while the last step ran); advances the data cursor
+        (micro-batches consumed)."""
+        batches = self.prefetch.take(self.micro)
+        self.micro += self.cfg.train.grad_accum
         return batches
+
+    def _batches_at(self, cursor: int) -> list[Batch]:
+        """The micro-batches of the step that starts at data cursor ``cursor``."""
+        train, sampler = self.parts.data.train, self.parts.sampler
+        return [train.batch(sampler.indices(cursor + i)) for i in range(self.cfg.train.grad_accum)]
 
     def _count_targets(self, batches: list[Batch]) -> float:
         """Valid targets across the step's micro-batches and all ranks: the normaliser of every term."""
