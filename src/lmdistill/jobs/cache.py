@@ -64,6 +64,11 @@ def build_teacher_cache(cfg: Config, out: Path, overwrite: bool, progress: bool)
                 tc.release(out)
 
 
+# How the targets across tokenizers are made (loss/crosstok.py), in the build request: a cache made
+# another way is a different cache, rebuilt rather than taken as complete. Changed with the method.
+CARRIED_TARGETS = "carried at pairs, with longer student tokens' text; continuations inside spans"
+
+
 def _plan(cfg: Config, teacher, tokenizer, teacher_name: str, progress: bool):
     """(the blocks, the teacher signal that sees them, the build request): the teacher's own
     blocks, or, for a student with another tokenizer (``--student``), the student's, each with the
@@ -82,7 +87,11 @@ def _plan(cfg: Config, teacher, tokenizer, teacher_name: str, progress: bool):
         return data, signal, tc.build_request(cfg, tokenizer, data, reference, len(tokenizer))
     data = build_block_data(cfg.data, student_tokenizer, progress, teacher_tokenizer=tokenizer)
     check_teacher_windows(data, teacher)
-    across = {"teacher_tokenizer": tokenizer_hash(tokenizer), "teacher_vocab_size": len(tokenizer)}
+    across = {
+        "teacher_tokenizer": tokenizer_hash(tokenizer),
+        "teacher_vocab_size": len(tokenizer),
+        "targets": CARRIED_TARGETS,
+    }
     request = tc.build_request(cfg, student_tokenizer, data, reference, len(student_tokenizer), across)
     return data, LiveAligned(teacher, tokenizer, student_tokenizer), request
 
