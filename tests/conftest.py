@@ -65,6 +65,20 @@ def tiny_tokenizer(corpus_texts):
     return train_tokenizer(corpus_texts, vocab_size=TINY_VOCAB)
 
 
+def unigram_tokenizer(texts: list[str], vocab_size: int):
+    """A Unigram tokenizer with SentencePiece's space marker trained on ``texts``: it shares few
+    tokens with the byte-level BPE of the tests' teacher and cuts text another way (some of its
+    tokens cover several of the teacher's, and the other way round)."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    backend = Tokenizer(models.Unigram())
+    backend.pre_tokenizer, backend.decoder = pre_tokenizers.Metaspace(), decoders.Metaspace()
+    trainer = trainers.UnigramTrainer(vocab_size=vocab_size, special_tokens=["</s>", "<unk>"], unk_token="<unk>")
+    backend.train_from_iterator(texts, trainer)
+    return PreTrainedTokenizerFast(tokenizer_object=backend, eos_token="</s>", unk_token="<unk>", pad_token="</s>")
+
+
 def tiny_llama(vocab_size: int, hidden: int = 32, layers: int = 2, seed: int = 0, **overrides):
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import cli, one_error_line, read_jsonl, tiny_llama
+from conftest import cli, one_error_line, read_jsonl, tiny_llama, unigram_tokenizer
 from lmdistill.config import Config
 from lmdistill.data.sources import build_block_data
 
@@ -21,17 +21,9 @@ BLOCK = ("--set", "data.block_size=48", "--set", "data.max_eval_blocks=6")
 
 @pytest.fixture(scope="module")
 def other_tokenizer(corpus_texts):
-    """A Unigram tokenizer with SentencePiece's space marker: it cuts the text otherwise than the
-    teacher's byte-level BPE, so some of its tokens cover several of the teacher's (the pairs'
-    moved mass) and some of the teacher's cover several of its own (the continuations)."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import PreTrainedTokenizerFast
-
-    backend = Tokenizer(models.Unigram())
-    backend.pre_tokenizer, backend.decoder = pre_tokenizers.Metaspace(), decoders.Metaspace()
-    trainer = trainers.UnigramTrainer(vocab_size=STUDENT_VOCAB, special_tokens=["</s>", "<unk>"], unk_token="<unk>")
-    backend.train_from_iterator(corpus_texts, trainer)
-    return PreTrainedTokenizerFast(tokenizer_object=backend, eos_token="</s>", unk_token="<unk>", pad_token="</s>")
+    """Some of its tokens cover several of the teacher's (the pairs' moved mass) and some of the
+    teacher's cover several of its own (the continuations)."""
+    return unigram_tokenizer(corpus_texts, STUDENT_VOCAB)
 
 
 @pytest.fixture(scope="module")
@@ -171,3 +163,33 @@ def test_refusals(topk_cache, teacher_dir, other_student, student_dir, text, tmp
     other = _train(topk_cache, student_dir, text, tmp_path / "run")  # a student with the teacher's tokenizer
     one_error_line(other, "built for a student with another tokenizer", "cache-teacher --student")
     assert not any((tmp_path / name).exists() for name in ("dense", "k", "run"))
+
+
+def test_a_damaged_cache_across_tokenizers_is_refused(topk_cache, tmp_path):
+    """A manifest whose teacher side is garbled, or a shard holding a position kind no build
+    writes (its SHA-256 recorded anew, as a crafted cache would), is refused in one line."""
+    import json
+    import shutil
+
+    from safetensors.numpy import load_file, save_file
+
+    from lmdistill.core.errors import LmdistillError
+    from lmdistill.core.paths import sha256_file
+    from lmdistill.teacher.cache import TeacherCache
+
+    garbled = tmp_path / "garbled"
+    shutil.copytree(topk_cache, garbled)
+    manifest = json.loads((garbled / "manifest.json").read_text())
+    (garbled / "manifest.json").write_text(json.dumps({**manifest, "cross_tokenizer": "teacher"}))
+    with pytest.raises(LmdistillError, match="damaged.*cross_tokenizer does not name the teacher's tokenizer"):
+        TeacherCache.open(garbled)
+    crafted = tmp_path / "crafted"
+    shutil.copytree(topk_cache, crafted)
+    shard = crafted / "train-00000.safetensors"
+    tensors = load_file(shard)
+    tensors["kind"][0, 0] = 7
+    save_file(tensors, shard)
+    manifest["shards"][shard.name] = {"bytes": shard.stat().st_size, "sha256": sha256_file(shard)}
+    (crafted / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(LmdistillError, match="train-00000.safetensors is damaged.*position kinds"):
+        TeacherCache.open(crafted)

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import cli, launch, one_error_line, read_jsonl, tiny_llama
+from conftest import cli, launch, one_error_line, read_jsonl, tiny_llama, unigram_tokenizer
 from lmdistill.config import Config
 from lmdistill.data.sources import build_block_data
 from lmdistill.training.checkpoint import load_checkpoint
@@ -314,14 +314,7 @@ def test_two_processes_match_one_across_tokenizers(cross_run, teacher_dir, other
 def sentencepiece_student(tmp_path_factory, corpus_texts):
     """A student with a Unigram tokenizer and SentencePiece's space marker: a vocabulary that
     shares few tokens with the byte-level teacher's, and another way of cutting text."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import PreTrainedTokenizerFast
-
-    backend = Tokenizer(models.Unigram())
-    backend.pre_tokenizer, backend.decoder = pre_tokenizers.Metaspace(), decoders.Metaspace()
-    trainer = trainers.UnigramTrainer(vocab_size=500, special_tokens=["</s>", "<unk>"], unk_token="<unk>")
-    backend.train_from_iterator(corpus_texts, trainer)
-    tokenizer = PreTrainedTokenizerFast(tokenizer_object=backend, eos_token="</s>", unk_token="<unk>", pad_token="</s>")
+    tokenizer = unigram_tokenizer(corpus_texts, 500)
     path = tmp_path_factory.mktemp("sp-student") / "model"
     tiny_llama(len(tokenizer), hidden=32, layers=1, seed=4).save_pretrained(path)
     tokenizer.save_pretrained(path)

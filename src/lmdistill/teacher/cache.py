@@ -27,6 +27,13 @@ A cache is a directory::
                             the train and eval blocks), dtypes, per-shard SHA-256 and the
                             teacher's held-out perplexity
 
+A cache for a student with another tokenizer (``cache-teacher --student``) is built on the
+student's blocks: the teacher runs on its own tokens of each block's text, and what it predicts
+is carried to the student's vocabulary as in a live cross-tokenizer run (``loss/crosstok.py``)
+and kept as the log-probabilities of a teacher over that vocabulary, in any of the modes above,
+with each position's kind of target (``kind``: none, a pair, inside a span); its manifest names
+the teacher's tokenizer and holds the teacher's held-out bits per byte.
+
 Safetensors shards, not Arrow: each shard is a few fixed-shape arrays per block, read back a
 block slice at a time (``safe_open(...).get_slice``) without parsing; the format is the one
 the models already use, checked (sizes in its header) and memory-mapped when read.
@@ -436,6 +443,24 @@ def _sources_problem(m: dict) -> str | None:
         or not isinstance(evaluated.get("teacher_ce_loss"), (int, float))
     ):
         return "the teacher's held-out loss (teacher_eval) is missing"
+    return _across_problem(m, evaluated)
+
+
+def _across_problem(m: dict, evaluated: dict) -> str | None:
+    """A cache built across tokenizers names the teacher's tokenizer and vocabulary, and records
+    the teacher's held-out bits per byte."""
+    across = m.get("cross_tokenizer")
+    if across is None:
+        return None
+    if (
+        not isinstance(across, dict)
+        or not isinstance(across.get("teacher_tokenizer"), str)
+        or not _whole(across.get("teacher_vocab_size"), 1)
+    ):
+        return "cross_tokenizer does not name the teacher's tokenizer and vocabulary size"
+    bpb = evaluated.get("teacher_bpb")
+    if isinstance(bpb, bool) or not isinstance(bpb, (int, float)):
+        return "the teacher's held-out bits per byte (teacher_eval.teacher_bpb) are missing"
     return None
 
 
@@ -478,6 +503,8 @@ def shard_values_problem(file: Path, m: dict) -> str | None:
         return f"sample counts that do not add up to {m['samples']} draws at every position"
     if "tail" in t and ((t["tail"] < 0) | (t["tail"] > 1)).any():
         return "tail masses outside [0, 1]"
+    if "kind" in t and (t["kind"] > INSIDE).any():
+        return f"position kinds other than {NONE}, {PAIR} and {INSIDE}"
     for name in ("logz", "entropy"):
         if name in t and not np.isfinite(t[name]).all():
             return f"{name} is not finite"
