@@ -1,6 +1,8 @@
-"""GPU step-level benchmark: one full KD training step, full logits vs our chunked loss vs Liger.
+"""GPU step-level benchmark: one full KD training step, full logits vs our chunked loss vs Liger's loss,
+each with the models as they are and with their own speed-ups (torch.compile of the layers, Liger's kernels).
 
     python benchmarks/bench_step_gpu.py --out step_gpu.json                        # H100/H200, the real pairs' shapes
+    python benchmarks/bench_step_gpu.py --speedups off --out step_gpu.json         # the loss paths alone
     python benchmarks/bench_step_gpu.py --device cpu --small --steps 3 --warmup 1  # smoke test anywhere
 
 The step is that of a real model pair: a
@@ -19,8 +21,8 @@ own training set-up: the student keeps fp32 master weights and runs under
 the student's weights in bf16 too (no autocast): that is what the reference measurement
 (a reference measurement of Liger on an H200) used.
 
-Variants, run one after another in one process on the same input ids, each starting from
-the same initial student weights and a fresh optimizer:
+Loss variants (``--variants``), run one after another in one process on the same input ids, each
+starting from the same initial student weights and a fresh optimizer:
   full     the trainer's ``signals.LiveLogits`` + ``objective.Objective``: full logits of both models,
            ``losses.distillation_loss`` (fp32 inside), autograd;
   chunked  ``signals.LiveHidden`` + ``objective.Objective``: final hidden states through
@@ -35,7 +37,22 @@ the same initial student weights and a fresh optimizer:
            call, which here equals lmdistill's ``num_tokens``. Compiled on CUDA only.
            Skipped, with the reason printed, when liger-kernel cannot be imported.
 
-Reported per variant: median step time over ``--steps`` timed steps after ``--warmup``
+The models' own speed-ups (``--speedups``; each is run with every loss variant), as the trainer
+applies them (``lmdistill.models.speedups``, ``model.compile`` and ``model.liger``):
+  off      the models as transformers builds them: the step the tables of docs/performance.md measured;
+  compile  every decoder layer of both models torch.compile'd in place (``compile_layers``: static
+           shapes, one compiled program per layer class);
+  liger    Liger's kernels patched into both models (``apply_liger``: RMSNorm, RoPE, SwiGLU through
+           ``_apply_liger_kernel_to_instance``, its cross-entropy and fused-linear-CE patches off);
+           skipped, with the reason, where liger-kernel does not import or the device is a CPU;
+  both     Liger's kernels, then the compiled layers.
+Each speed-up builds its models afresh (both patches change the instances for good) and loads the
+same initial student weights. They run in this order because Liger also replaces transformers'
+rotary-embedding function for the whole process: ``off`` and ``compile`` run before that.
+``torch._dynamo.reset()`` comes before each speed-up, so that each pays its own compilation in
+its warm-up steps (``warmup_s``; raise ``--warmup`` if the first timed steps still compile).
+
+Reported per speed-up and loss variant: median step time over ``--steps`` timed steps after ``--warmup``
 steps (CUDA events around each step with a synchronize after it; ``time.perf_counter``
 on a CPU), tokens/s = B * (L - 1) / median time (target tokens, as the reference measurement
 counts them), MFU = tokens/s * (6 * Ns + 2 * Nt) / peak (989e12 dense bf16 FLOP/s for an
@@ -47,8 +64,10 @@ counted), as the reference measurement does; and the peak memory above the model
 right before them (after the warm-up steps created the AdamW state, gradients freed).
 On a CPU, MFU and memory are not measured (a note says so). An out-of-memory error in one
 variant is recorded as "OOM" and the run goes on with the next variant.
-Ratios: chunked tokens/s over liger's and over full's, and peak memory likewise.
-Goals: chunked >= 1.10x Liger's tokens/s and >= 1.4x the full-logits step's.
+Ratios, with the models off: chunked tokens/s over liger's and over full's, and peak memory likewise
+(goals: chunked >= 1.10x Liger's tokens/s and >= 1.4x the full-logits step's). Per speed-up and loss
+variant: tokens/s and peak memory over the same loss variant with the models off, and the relative
+difference of the first step's loss from it (the speed-ups should leave it within bf16 rounding).
 """
 
 from __future__ import annotations
@@ -68,10 +87,12 @@ import torch
 from lmdistill.config import Config
 from lmdistill.core.batch import Batch
 from lmdistill.loss.objective import KDSpec, Objective
+from lmdistill.models.speedups import apply_liger, compile_layers, liger_version
 from lmdistill.teacher.signals import make_signal
 from lmdistill.training.schedules import make_optimizer
 
 VARIANTS = ("full", "chunked", "liger")
+SPEEDUPS = ("off", "compile", "liger", "both")  # in this order: Liger's RoPE patch is process-wide
 GOALS = {"chunked_over_liger_tokens_per_s": 1.10, "chunked_over_full_tokens_per_s": 1.4}
 T, KD_WEIGHT = 2.0, 0.5
 
@@ -149,7 +170,7 @@ def free_memory(cuda: bool) -> None:
         torch.cuda.empty_cache()
 
 
-def main() -> None:
+def parse_args() -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", choices=["cuda", "cpu"])
     p.add_argument("--small", action="store_true", help="tiny shapes (hidden 64/128, 2 layers, V 2048, B 2, L 64)")
@@ -157,7 +178,12 @@ def main() -> None:
     p.add_argument("--warmup", type=int, default=3, help="untimed steps first (torch.compile, AdamW state); at least 1")
     p.add_argument("--batch-size", type=int, help="default 8 (2 with --small)")
     p.add_argument("--seq-len", type=int, help="default 1024 (64 with --small)")
-    p.add_argument("--variants", default=",".join(VARIANTS), help="comma-separated subset of full,chunked,liger")
+    p.add_argument("--variants", default=",".join(VARIANTS), help="loss variants: a subset of full,chunked,liger")
+    p.add_argument(
+        "--speedups",
+        default=",".join(SPEEDUPS),
+        help="the models' speed-ups, each run with every loss variant: a subset of off,compile,liger,both",
+    )
     p.add_argument(
         "--precision",
         default="autocast",
@@ -171,14 +197,26 @@ def main() -> None:
         "--compile",
         default="auto",
         choices=["auto", "on", "off"],
-        help="torch.compile of Liger's chunk step (ours follows its own default: CUDA only); auto = on for CUDA",
+        help="torch.compile of Liger's loss chunk step (ours follows its own default: CUDA only); auto = on for "
+        "CUDA. The models' layers: --speedups",
     )
     p.add_argument("--max-grad-norm", type=float, default=0.0, help="clip the gradient norm (0 = no clipping)")
     p.add_argument("--peak-tflops", type=float, default=989.0, help="dense bf16 peak for the MFU")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", help="write all records as JSON here")
-    args = p.parse_args()
+    return p.parse_args()
 
+
+def _subset(text: str, allowed: tuple[str, ...], what: str) -> list[str]:
+    wanted = [v.strip() for v in text.split(",") if v.strip()]
+    unknown = sorted(set(wanted) - set(allowed))
+    if unknown:
+        sys.exit(f"unknown {what} {unknown}; choose from {','.join(allowed)}")
+    return [v for v in allowed if v in wanted]  # (in the order that keeps Liger's global patch last)
+
+
+def main() -> None:
+    args = parse_args()
     device = torch.device(args.device)
     cuda = device.type == "cuda"
     if cuda and not torch.cuda.is_available():
@@ -187,12 +225,9 @@ def main() -> None:
     B = args.batch_size or shapes["batch_size"]
     L = args.seq_len or shapes["seq_len"]
     warmup = max(1, args.warmup)
-    wanted = [v.strip() for v in args.variants.split(",") if v.strip()]
-    unknown = sorted(set(wanted) - set(VARIANTS))
-    if unknown:
-        sys.exit(f"unknown variants {unknown}; choose from {','.join(VARIANTS)}")
+    wanted = _subset(args.variants, VARIANTS, "variants")
+    speedups = _subset(args.speedups, SPEEDUPS, "speed-ups")
     autocast = args.precision == "autocast"
-    liger_compiled = cuda if args.compile == "auto" else args.compile == "on"
 
     records: list[dict] = []
     env = emit(
@@ -218,72 +253,148 @@ def main() -> None:
         max_grad_norm=args.max_grad_norm or None,
         optimizer=f"AdamW(fused={cuda}) with schedules.make_optimizer's parameter groups",
         shapes="small" if args.small else "anchor (Qwen2.5-0.5B <- 1.5B)",
+        speedups=speedups,
     )
+    liger_loss = make_liger_loss(args, cuda, wanted, env, records)
+    speedups = usable_speedups(speedups, cuda, env, records)
+    bench = Bench(args, shapes, device, B, L, warmup, autocast, liger_loss, records)
 
-    # ----------------------------------------------------------------- Liger, if importable
-    liger_loss = None
-    if "liger" in wanted:
-        try:
-            import liger_kernel
-            from liger_kernel.chunked_loss import LigerFusedLinearJSDLoss
+    results: dict[tuple[str, str], dict] = {}
+    for speedup in speedups:
+        bench.build(speedup)
+        for variant in wanted:
+            results[speedup, variant] = emit(records, **bench.run(speedup, variant))
+        bench.drop()
 
-            liger_loss = LigerFusedLinearJSDLoss(
-                weight_hard_loss=1.0 - KD_WEIGHT,
-                weight_soft_loss=KD_WEIGHT * T * T,
-                beta=0.0,
-                temperature=T,
-                compiled=liger_compiled,
-                chunk_size=args.liger_chunk_size,
-            )
-            env["liger_kernel"] = getattr(liger_kernel, "__version__", None) or _dist_version("liger-kernel")
-            env["liger_compiled"] = liger_compiled
-        except Exception as exc:  # not installed, or no usable triton here
-            emit(records, variant="liger", status="skipped", reason=f"liger-kernel not importable: {exc!r:.200}")
-            print("liger-kernel is not installed or not importable here: the liger column is skipped", flush=True)
-            wanted.remove("liger")
-
-    # ----------------------------------------------------------------- models, inputs, config
-    t0 = time.perf_counter()
-    student_dtype = torch.float32 if autocast else torch.bfloat16
-    teacher = build_model(shapes["teacher"], L, device, torch.bfloat16, args.seed + 1)
-    teacher.eval().requires_grad_(False)
-    student = build_model(shapes["student"], L, device, student_dtype, args.seed)
-    student.train()
-    vocab = shapes["student"]["vocab_size"]
-    n_s = sum(p.numel() for p in student.parameters())  # unique tensors: a tied embedding counts once
-    n_t = sum(p.numel() for p in teacher.parameters())
-    flops_per_token = 6 * n_s + 2 * n_t
-    initial_state = {k: v.detach().to("cpu", copy=True) for k, v in student.state_dict().items()}
-    g = torch.Generator().manual_seed(args.seed)
-    ids = torch.randint(0, vocab, (B, L), generator=g).to(device)
-    targets = ids[:, 1:].reshape(-1)
-    tokens = B * (L - 1)  # target tokens per step: the loss's num_tokens, and the tokens/s numerator
-    cfg = Config()
-    cfg.distill.temperature = T
-    cfg.distill.kd_weight = KD_WEIGHT
-    cfg.distill.scale_by_t2 = True
-    cfg.distill.divergence = "forward_kl"
-    cfg.loss.chunk_size = args.chunk_size
-    batch = Batch.from_blocks(ids)
-    spec = KDSpec(kd_weight=KD_WEIGHT, divergence="forward_kl", scale_by_t2=True)
-    models_bytes = torch.cuda.memory_allocated(device) if cuda else None
+    ratios = loss_ratios(results, cuda)
+    by_speedup = speedup_ratios(results)
+    goals = {
+        k: {"goal": v, "value": ratios.get(k), "met": None if ratios.get(k) is None or not cuda else ratios[k] >= v}
+        for k, v in GOALS.items()
+    }
     emit(
         records,
-        models=True,
-        n_student=n_s,
-        n_teacher=n_t,
-        flops_per_token=flops_per_token,
-        models_gib=gib(models_bytes) if cuda else None,
-        build_s=round(time.perf_counter() - t0, 1),
+        ratios=ratios,
+        goals=goals,
+        speedup_ratios=by_speedup,
+        note=None if cuda else "CPU run: timings are not the GPU figures; MFU, memory and the goals need CUDA",
     )
+    print_table(records, results, ratios, by_speedup, env, args.small, cuda)
+    if args.out:
+        with open(args.out, "w") as f:
+            json.dump(records, f, indent=1)
+        print(f"wrote {args.out}")
 
-    amp = (
-        (lambda: torch.autocast(device_type=device.type, dtype=torch.bfloat16)) if autocast else contextlib.nullcontext
-    )
-    s_body = getattr(student, student.base_model_prefix)  # Qwen2ForCausalLM.model
-    t_body = getattr(teacher, teacher.base_model_prefix)
 
-    def make_step(variant: str, opt: torch.optim.Optimizer):
+def make_liger_loss(args, cuda: bool, wanted: list[str], env: dict, records: list):
+    """Liger's fused linear JSD loss for the ``liger`` loss variant, or None (and the variant dropped)."""
+    if "liger" not in wanted:
+        return None
+    liger_compiled = cuda if args.compile == "auto" else args.compile == "on"
+    try:
+        import liger_kernel
+        from liger_kernel.chunked_loss import LigerFusedLinearJSDLoss
+
+        loss = LigerFusedLinearJSDLoss(
+            weight_hard_loss=1.0 - KD_WEIGHT,
+            weight_soft_loss=KD_WEIGHT * T * T,
+            beta=0.0,
+            temperature=T,
+            compiled=liger_compiled,
+            chunk_size=args.liger_chunk_size,
+        )
+        env["liger_kernel"] = getattr(liger_kernel, "__version__", None) or _dist_version("liger-kernel")
+        env["liger_compiled"] = liger_compiled
+        return loss
+    except Exception as exc:  # not installed, or no usable triton here
+        emit(records, variant="liger", status="skipped", reason=f"liger-kernel not importable: {exc!r:.200}")
+        print("liger-kernel is not installed or not importable here: the liger column is skipped", flush=True)
+        wanted.remove("liger")
+        return None
+
+
+def usable_speedups(speedups: list[str], cuda: bool, env: dict, records: list) -> list[str]:
+    """``speedups`` without those that need Liger's kernels where they cannot run (each skip recorded)."""
+    if not any(s in ("liger", "both") for s in speedups):
+        return speedups
+    version = liger_version() if cuda else None
+    if version is not None:
+        env["liger_kernel"] = version
+        return speedups
+    why = "liger-kernel does not import here" if cuda else "Liger's kernels are Triton kernels: CUDA only"
+    for speedup in ("liger", "both"):
+        if speedup in speedups:
+            emit(records, speedups=speedup, status="skipped", reason=why)
+    print(f"the liger and both speed-ups are skipped: {why}", flush=True)
+    return [s for s in speedups if s not in ("liger", "both")]
+
+
+class Bench:
+    """The models of one speed-up at a time, and one loss variant's timed steps on them."""
+
+    def __init__(self, args, shapes, device, B, L, warmup, autocast, liger_loss, records):
+        self.args, self.shapes, self.device, self.warmup, self.liger_loss = args, shapes, device, warmup, liger_loss
+        self.cuda = device.type == "cuda"
+        self.L, self.records = L, records
+        self.student_dtype = torch.float32 if autocast else torch.bfloat16
+        self.amp = (
+            (lambda: torch.autocast(device_type=device.type, dtype=torch.bfloat16))
+            if autocast
+            else contextlib.nullcontext
+        )
+        self.vocab = shapes["student"]["vocab_size"]
+        g = torch.Generator().manual_seed(args.seed)
+        self.ids = torch.randint(0, self.vocab, (B, L), generator=g).to(device)
+        self.targets = self.ids[:, 1:].reshape(-1)
+        self.tokens = B * (L - 1)  # target tokens per step: the loss's num_tokens, and the tokens/s numerator
+        self.batch = Batch.from_blocks(self.ids)
+        self.spec = KDSpec(kd_weight=KD_WEIGHT, divergence="forward_kl", scale_by_t2=True)
+        self.cfg = Config()
+        self.cfg.distill.temperature, self.cfg.distill.kd_weight = T, KD_WEIGHT
+        self.cfg.distill.scale_by_t2, self.cfg.distill.divergence = True, "forward_kl"
+        self.cfg.loss.chunk_size = args.chunk_size
+        self.initial_state = self.teacher_state = None
+        self.teacher = self.student = None
+
+    def build(self, speedup: str) -> None:
+        """Fresh models for ``speedup``, the student at the first speed-up's initial weights."""
+        t0 = time.perf_counter()
+        torch._dynamo.reset()  # each speed-up pays its own compilation in its warm-up
+        args, shapes = self.args, self.shapes
+        self.teacher = build_model(shapes["teacher"], self.L, self.device, torch.bfloat16, args.seed + 1)
+        self.teacher.eval().requires_grad_(False)
+        self.student = build_model(shapes["student"], self.L, self.device, self.student_dtype, args.seed)
+        self.student.train()
+        if self.initial_state is None:  # the first speed-up's weights, for every later one too
+            self.initial_state = {k: v.detach().to("cpu", copy=True) for k, v in self.student.state_dict().items()}
+            self.teacher_state = {k: v.detach().to("cpu", copy=True) for k, v in self.teacher.state_dict().items()}
+        self.teacher.load_state_dict(self.teacher_state)
+        for model in (self.teacher, self.student):
+            if speedup in ("liger", "both"):
+                apply_liger(model)
+            if speedup in ("compile", "both"):
+                compile_layers(model)
+        n_s = sum(p.numel() for p in self.student.parameters())  # unique tensors: a tied embedding counts once
+        n_t = sum(p.numel() for p in self.teacher.parameters())
+        self.flops_per_token = 6 * n_s + 2 * n_t
+        emit(
+            self.records,
+            models=True,
+            speedups=speedup,
+            n_student=n_s,
+            n_teacher=n_t,
+            flops_per_token=self.flops_per_token,
+            models_gib=gib(torch.cuda.memory_allocated(self.device)) if self.cuda else None,
+            build_s=round(time.perf_counter() - t0, 1),
+        )
+
+    def drop(self) -> None:
+        self.teacher = self.student = None
+        free_memory(self.cuda)
+
+    def make_step(self, variant: str, opt: torch.optim.Optimizer):
+        student, teacher, args, batch, tokens = self.student, self.teacher, self.args, self.batch, self.tokens
+
         def finish(loss: torch.Tensor) -> torch.Tensor:
             loss.backward()
             if args.max_grad_norm:
@@ -294,33 +405,52 @@ def main() -> None:
 
         if variant in ("full", "chunked"):
             # The trainer's own pieces: the live teacher signal and the objective of loss.impl=variant.
-            signal = make_signal(variant, teacher, vocab)
-            objective = Objective(spec, vocab, signal.student_output, student, args.chunk_size)
+            signal = make_signal(variant, teacher, self.vocab)
+            objective = Objective(self.spec, self.vocab, signal.student_output, student, args.chunk_size)
 
             def step() -> torch.Tensor:
-                with amp():
+                with self.amp():
                     parts = objective(student, batch, signal(batch, T), T, tokens)
                 return finish(parts.total)
-        else:
 
-            def step() -> torch.Tensor:
-                with amp():
-                    with torch.no_grad():
-                        th = t_body(input_ids=ids).last_hidden_state[:, :-1]
-                    sh = s_body(input_ids=ids).last_hidden_state[:, :-1]
-                    loss = liger_loss(
-                        sh.reshape(-1, sh.shape[-1]),
-                        student.get_output_embeddings().weight,
-                        th.reshape(-1, th.shape[-1]),
-                        teacher.get_output_embeddings().weight,
-                        targets,
-                    )
-                return finish(loss)
+            return step
+        s_body = getattr(student, student.base_model_prefix)  # Qwen2ForCausalLM.model
+        t_body = getattr(teacher, teacher.base_model_prefix)
 
-        return step
+        def liger_step() -> torch.Tensor:
+            with self.amp():
+                with torch.no_grad():
+                    th = t_body(input_ids=self.ids).last_hidden_state[:, :-1]
+                sh = s_body(input_ids=self.ids).last_hidden_state[:, :-1]
+                loss = self.liger_loss(
+                    sh.reshape(-1, sh.shape[-1]),
+                    student.get_output_embeddings().weight,
+                    th.reshape(-1, th.shape[-1]),
+                    teacher.get_output_embeddings().weight,
+                    self.targets,
+                )
+            return finish(loss)
 
-    def run_variant(variant: str) -> dict:
-        student.load_state_dict(initial_state)  # every variant starts from the same weights
+        return liger_step
+
+    def run(self, speedup: str, variant: str) -> dict:
+        """One loss variant's record on the models of ``speedup`` (an OOM or a failure recorded, not raised)."""
+        failure = None
+        try:
+            rec = self._timed(variant)
+        except torch.cuda.OutOfMemoryError as exc:
+            failure = {"status": "OOM", "error": f"{exc!s:.300}"}
+        except Exception as exc:  # a compiler or library failure: record it, go on
+            failure = {"status": "error", "error": f"{exc!r:.300}"}
+        if failure is not None:  # outside the except block: the traceback no longer pins tensors
+            rec = failure
+            self.student.zero_grad(set_to_none=True)
+        free_memory(self.cuda)
+        return {"speedups": speedup, "variant": variant, **rec}
+
+    def _timed(self, variant: str) -> dict:
+        student, cfg, cuda, device = self.student, self.cfg, self.cuda, self.device
+        student.load_state_dict(self.initial_state)  # every variant starts from the same weights
         base_opt = make_optimizer(student, cfg)
         opt = torch.optim.AdamW(
             [{"params": grp["params"], "weight_decay": grp["weight_decay"]} for grp in base_opt.param_groups],
@@ -329,10 +459,10 @@ def main() -> None:
             fused=cuda,
         )
         del base_opt
-        step = make_step(variant, opt)
+        step = self.make_step(variant, opt)
         losses = []
         t_warm = time.perf_counter()
-        for _ in range(warmup):  # compiles, and creates the AdamW state (part of the baseline)
+        for _ in range(self.warmup):  # compiles, and creates the AdamW state (part of the baseline)
             losses.append(step())
         if cuda:
             torch.cuda.synchronize()
@@ -342,7 +472,7 @@ def main() -> None:
             torch.cuda.reset_peak_memory_stats(device)
             base = torch.cuda.memory_allocated(device)
         times = []
-        for _ in range(args.steps):
+        for _ in range(self.args.steps):
             if cuda:
                 start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
                 start.record()
@@ -355,7 +485,6 @@ def main() -> None:
                 losses.append(step())
                 times.append((time.perf_counter() - t1) * 1e3)
         rec = {
-            "variant": variant,
             "status": "ok",
             "warmup_s": round(warm_s, 2),
             "step_ms": [round(t, 2) for t in times],
@@ -364,11 +493,11 @@ def main() -> None:
         }
         if times:
             ms = statistics.median(times)
-            tps = tokens / ms * 1e3
+            tps = self.tokens / ms * 1e3
             rec.update(
                 median_ms=round(ms, 2),
                 tokens_per_s=round(tps, 1),
-                mfu=round(tps * flops_per_token / (args.peak_tflops * 1e12), 4) if cuda else None,
+                mfu=round(tps * self.flops_per_token / (self.args.peak_tflops * 1e12), 4) if cuda else None,
             )
         if cuda:
             peak = torch.cuda.max_memory_allocated(device)
@@ -378,80 +507,71 @@ def main() -> None:
         del opt, step
         return rec
 
-    results: dict[str, dict] = {}
-    for variant in [v for v in VARIANTS if v in wanted]:
-        failure = None
-        try:
-            rec = run_variant(variant)
-        except torch.cuda.OutOfMemoryError as exc:
-            failure = {"variant": variant, "status": "OOM", "error": f"{exc!s:.300}"}
-        except Exception as exc:  # a compiler or library failure: record it, go on
-            failure = {"variant": variant, "status": "error", "error": f"{exc!r:.300}"}
-        if failure is not None:  # outside the except block: the traceback no longer pins tensors
-            rec = failure
-            student.zero_grad(set_to_none=True)
-        free_memory(cuda)
-        results[variant] = emit(records, **rec)
 
-    # ----------------------------------------------------------------- ratios and the table
+def _ratio(a: dict, b: dict, key: str, digits: int = 3) -> float | None:
+    ok = a.get("status") == "ok" and b.get("status") == "ok" and a.get(key) and b.get(key)
+    return round(a[key] / b[key], digits) if ok else None
+
+
+def loss_ratios(results: dict, cuda: bool) -> dict[str, float | None]:
+    """chunked over liger and over full, tokens/s and peak memory, with the models off (the goals')."""
     ratios: dict[str, float | None] = {}
-    ch = results.get("chunked", {})
+    ch = results.get(("off", "chunked"), {})
     for other in ("liger", "full"):
-        o = results.get(other, {})
-        ok = ch.get("status") == "ok" and o.get("status") == "ok"
-        ratios[f"chunked_over_{other}_tokens_per_s"] = (
-            round(ch["tokens_per_s"] / o["tokens_per_s"], 3)
-            if ok and "tokens_per_s" in o and "tokens_per_s" in ch
-            else None
-        )
-        ratios[f"chunked_over_{other}_peak_extra"] = (
-            round(ch["peak_extra_gib"] / o["peak_extra_gib"], 3)
-            if ok and ch.get("peak_extra_gib") and o.get("peak_extra_gib")
-            else None
-        )
-    goals = {
-        k: {"goal": v, "value": ratios.get(k), "met": None if ratios.get(k) is None or not cuda else ratios[k] >= v}
-        for k, v in GOALS.items()
-    }
-    emit(
-        records,
-        ratios=ratios,
-        goals=goals,
-        note=None if cuda else "CPU run: timings are not the GPU figures; MFU, memory and the goals need CUDA",
-    )
+        o = results.get(("off", other), {})
+        ratios[f"chunked_over_{other}_tokens_per_s"] = _ratio(ch, o, "tokens_per_s")
+        ratios[f"chunked_over_{other}_peak_extra"] = _ratio(ch, o, "peak_extra_gib")
+    return ratios
 
+
+def speedup_ratios(results: dict) -> dict[str, dict[str, dict]]:
+    """Per speed-up and loss variant: tokens/s and peak memory over the same variant with the models
+    off, and the first step's loss relative to it."""
+    out: dict[str, dict[str, dict]] = {}
+    for (speedup, variant), rec in results.items():
+        off = results.get(("off", variant), {})
+        if speedup == "off" or off.get("status") != "ok" or rec.get("status") != "ok":
+            continue
+        out.setdefault(speedup, {})[variant] = {
+            "tokens_per_s_over_off": _ratio(rec, off, "tokens_per_s"),
+            "peak_extra_over_off": _ratio(rec, off, "peak_extra_gib"),
+            "loss_first_rel_diff": round(abs(rec["loss_first"] - off["loss_first"]) / abs(off["loss_first"]), 7),
+        }
+    return out
+
+
+def print_table(records, results, ratios, by_speedup, env, small: bool, cuda: bool) -> None:
     print(
-        f"\none KD step, {'small' if args.small else 'anchor'} shapes, B={B}, L={L}, {env['precision']}, "
-        f"{env['device']}"
+        f"\none KD step, {'small' if small else 'anchor'} shapes, B={env['batch_size']}, L={env['seq_len']}, "
+        f"{env['precision']}, {env['device']}"
     )
-    print(f"{'variant':8} {'median ms':>10} {'tokens/s':>10} {'MFU':>7} {'peak extra GiB':>15} {'loss (1st step)':>16}")
-    for variant in VARIANTS:
-        r = results.get(variant) or next((x for x in records if x.get("variant") == variant), None)
-        if r is None:
-            continue
-        if r.get("status") != "ok":
-            print(f"{variant:8} {r['status']}: {(r.get('reason') or r.get('error') or '')[:90]}")
-            continue
-        mfu = "n/a" if r.get("mfu") is None else f"{r['mfu']:.1%}"
-        mem = "n/a" if r.get("peak_extra_gib") is None else f"{r['peak_extra_gib']:.2f}"
-        print(
-            f"{variant:8} {r.get('median_ms', float('nan')):10.2f} {r.get('tokens_per_s', float('nan')):10.0f} "
-            f"{mfu:>7} {mem:>15} {r['loss_first']:16.5f}"
-        )
+    print(
+        f"{'models':8} {'loss':8} {'median ms':>10} {'tokens/s':>10} {'MFU':>7} {'peak extra GiB':>15} "
+        f"{'loss (1st step)':>16} {'vs off':>8}"
+    )
+    for r in records:
+        if r.get("status") != "ok" and "status" in r:
+            name = f"{r.get('speedups', ''):8} {r.get('variant', ''):8}"
+            print(f"{name} {r['status']}: {(r.get('reason') or r.get('error') or '')[:90]}")
+        elif r.get("status") == "ok":
+            mfu = "n/a" if r.get("mfu") is None else f"{r['mfu']:.1%}"
+            mem = "n/a" if r.get("peak_extra_gib") is None else f"{r['peak_extra_gib']:.2f}"
+            gain = (by_speedup.get(r["speedups"], {}).get(r["variant"]) or {}).get("tokens_per_s_over_off")
+            print(
+                f"{r['speedups']:8} {r['variant']:8} {r.get('median_ms', float('nan')):10.2f} "
+                f"{r.get('tokens_per_s', float('nan')):10.0f} {mfu:>7} {mem:>15} {r['loss_first']:16.5f} "
+                f"{'' if gain is None else f'{gain:.3f}x':>8}"
+            )
     for key in ("liger", "full"):
         tps, mem = ratios[f"chunked_over_{key}_tokens_per_s"], ratios[f"chunked_over_{key}_peak_extra"]
         goal = GOALS[f"chunked_over_{key}_tokens_per_s"]
         verdict = "" if tps is None or not cuda else ("  goal met" if tps >= goal else "  goal NOT met")
         print(
-            f"chunked / {key:6} tokens/s: {'n/a' if tps is None else f'{tps:.3f}x'} (goal >= {goal}x){verdict}; "
-            f"peak extra memory: {'n/a' if mem is None else f'{mem:.3f}x'}"
+            f"models off, chunked / {key:6} tokens/s: {'n/a' if tps is None else f'{tps:.3f}x'} (goal >= {goal}x)"
+            f"{verdict}; peak extra memory: {'n/a' if mem is None else f'{mem:.3f}x'}"
         )
     if not cuda:
         print("(CPU: perf_counter timing; MFU, memory and the goals are only meaningful on a GPU)")
-    if args.out:
-        with open(args.out, "w") as f:
-            json.dump(records, f, indent=1)
-        print(f"wrote {args.out}")
 
 
 def _dist_version(name: str) -> str | None:

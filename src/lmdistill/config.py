@@ -49,6 +49,11 @@ def _yaml_no(value: Any) -> Any:
     return "no" if value is False else value  # YAML 1.1 reads an unquoted `no` as false
 
 
+def _yaml_on_off(value: Any) -> Any:
+    # YAML 1.1 reads an unquoted `on` as true and `off` as false
+    return {True: "on", False: "off"}.get(value, value) if isinstance(value, bool) else value
+
+
 # The types of the config's keys: pydantic's validation in lax mode, so that what YAML and --set
 # give converts where that is harmless, narrowed where a conversion would hide a mistake. Their
 # error messages are the config's own (_wrong_type); their ranges are the _check_* functions'.
@@ -59,6 +64,7 @@ Str = Annotated[str, _refuse(bytes)]  # a number as a string too (run.name: 1e5;
 List = InstanceOf[list]  # a list (not a tuple or a set), kept as given; its entries are _check_*'s to judge
 Dict = InstanceOf[dict]  # a mapping, likewise
 Precision = Annotated[Literal["auto", "no", "bf16", "fp16"], BeforeValidator(_yaml_no)]
+Switch = Annotated[Literal["auto", "on", "off"], BeforeValidator(_yaml_on_off)]  # true / false read as on / off
 
 
 def doc(text: str, default: Any = dataclasses.MISSING, **kw: Any) -> Any:
@@ -160,6 +166,19 @@ class ModelConfig:
         "auto",
     )
     trust_remote_code: Bool = doc("Allow model code from the hub (only for models you trust).", False)
+    compile: Switch = doc(
+        "torch.compile of the teacher's and the student's decoder layers in a training run, each layer in place "
+        "(checkpoints, exports and adapters keep the plain model's names; generation, with its growing KV cache, runs "
+        "them eagerly). "
+        "auto = on when the run computes on CUDA, off on the CPU; the first steps pay the compilation.",
+        "auto",
+    )
+    liger: Switch = doc(
+        "Liger's Triton kernels (RMSNorm, RoPE, SwiGLU) patched into the teacher and the student of a training "
+        "run, not its fused loss (pip install liger-kernel). auto = on with a CUDA GPU where liger-kernel imports "
+        "and supports the architecture, else off; on = required (refused without CUDA or the package).",
+        "auto",
+    )
     lora: LoraConfig = field(default_factory=LoraConfig, metadata={"doc": "LoRA adapters instead of full training."})
 
 
@@ -886,6 +905,11 @@ def _check_run(cfg: Config) -> None:
         )
     if cfg.run.mixed_precision == "fp16" and cfg.run.device == "cpu":  # without CUDA: devices.check_precision
         raise ConfigError(fp16_on_cpu_message("run.device = 'cpu'"))
+    if cfg.model.liger == "on" and cfg.run.device == "cpu":  # without CUDA: training/speedups.py
+        raise ConfigError(
+            "model.liger = on needs a CUDA GPU (run.device = 'cpu'): Liger's kernels are Triton kernels; set "
+            "model.liger: off (or auto)"
+        )
     if cfg.run.resume and cfg.run.overwrite:
         raise ConfigError(
             "run.resume and run.overwrite contradict each other: resume continues the run in "

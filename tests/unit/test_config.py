@@ -189,7 +189,8 @@ def test_every_field_is_typed_with_the_configs_value_types():
     """pydantic's plain bool, int or str would take 'yes', True or bytes: each field uses the config's types."""
     from lmdistill import config
 
-    allowed = {config.Bool, config.Int, config.Float, config.Str, config.List, config.Dict, config.Precision}
+    allowed = {config.Bool, config.Int, config.Float, config.Str, config.List, config.Dict}
+    allowed |= {config.Precision, config.Switch}  # literals that also take what YAML 1.1 reads as booleans
     wrong = []
     for dotted, f in leaf_fields(Config()):
         owner = Config()

@@ -24,16 +24,27 @@ import torch
 from lmdistill.core.errors import LmdistillError
 
 
-def decoder_layers(model: torch.nn.Module) -> list[torch.nn.Module]:
-    """The repeated blocks of a transformers causal LM (``model.layers``, or ``h`` for GPT-2 style)."""
-    base = getattr(model, "base_model", model)
+def find_decoder_layers(model: torch.nn.Module) -> list[torch.nn.Module] | None:
+    """The repeated blocks of a transformers causal LM (``model.layers``, or ``h`` for GPT-2 style),
+    inside a LoRA wrapper too; None where there is no such list."""
+    inner = model.get_base_model() if hasattr(model, "get_base_model") else model
+    base = getattr(inner, "base_model", inner)
     for name in ("layers", "h", "blocks"):
         layers = getattr(base, name, None)
         if isinstance(layers, torch.nn.ModuleList):
             return list(layers)
-    raise LmdistillError(
-        f"parallel.strategy = fsdp cannot find the decoder layers of {type(model).__name__}; use parallel.strategy=ddp"
-    )
+    return None
+
+
+def decoder_layers(model: torch.nn.Module) -> list[torch.nn.Module]:
+    """``find_decoder_layers``, which FSDP needs: refused in one line where there are none."""
+    layers = find_decoder_layers(model)
+    if layers is None:
+        raise LmdistillError(
+            f"parallel.strategy = fsdp cannot find the decoder layers of {type(model).__name__}; use "
+            "parallel.strategy=ddp"
+        )
+    return layers
 
 
 def precision_policy(mixed_precision: str, device: torch.device):

@@ -122,6 +122,7 @@ def _describe(parts) -> dict:
         "plan": {
             **asdict(parts.plan),
             "loss_impl": parts.loss_impl,
+            **parts.strategy.speedups.record(),  # compile, liger: as resolved on this machine
             "processes": accelerator.num_processes,
             "strategy": parts.cfg.parallel.strategy,
             "device": str(accelerator.device),

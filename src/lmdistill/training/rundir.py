@@ -56,6 +56,11 @@ except ImportError:  # pragma: no cover - Windows: no advisory locks; one writer
 
 _HELD: dict[Path, object] = {}  # run directories whose lock this process holds -> lock file descriptor
 
+# Keys that change how the models compute, not what: a resume that changes them continues the run
+# (compiled or Liger-patched layers compute the same function, to float precision; the startup line
+# says what runs).
+SAME_COMPUTATION = ("model.compile", "model.liger")
+
 
 class RunDirectory:
     """One run's directory; the trainer writes it through these methods (main process only, but
@@ -367,6 +372,7 @@ class RunDirectory:
                 shown = [key for key in changed if key not in layout]
             else:
                 shown = changed
+            shown = [key for key in shown if key not in SAME_COMPUTATION]
             if shown:
                 print(
                     f"warning: resuming with a changed config ({', '.join(shown)}); the resumed run will "

@@ -37,11 +37,12 @@ from lmdistill.teacher.signals import (
 )
 from lmdistill.teacher.speculative import check_draft_pair
 from lmdistill.training.checkpoint import damaged_state_message, remove_leftovers, restore_training_state, resume_point
-from lmdistill.training.devices import check_trackers_installed, make_accelerator, on_main
+from lmdistill.training.devices import check_trackers_installed, make_accelerator, on_main, uses_cpu
 from lmdistill.training.guards import Guard
 from lmdistill.training.monitor import HealthMonitor
 from lmdistill.training.rundir import RunDirectory
 from lmdistill.training.schedules import Plan
+from lmdistill.training.speedups import check_liger_here
 from lmdistill.training.strategy import Prepared, Replicated, parallelize
 
 
@@ -89,6 +90,7 @@ def preflight(cfg: Config) -> RunDirectory:
     Done first, so that a typo costs seconds, not a model load (or the default teacher's build)."""
     cfg.validate()
     check_trackers_installed(cfg)
+    check_liger_here(cfg, uses_cpu(cfg))
     return RunDirectory.for_config(cfg)
 
 
@@ -119,9 +121,7 @@ def build_run(cfg: Config, *, teacher=None, student=None, tokenizer=None, progre
     cache = open_for_run(cfg, models.tokenizer, data, vocab, say=say) if cfg.model.teacher_cache else None
     projection = build_projection(cfg.distill.hidden, models)
     loss_impl, signal = _signal(cfg, models, cache, projection)
-    prepared = strategy.prepare(models.student, cfg, projection)
-    if models.teacher is not None:
-        strategy.place_teacher(models.teacher)
+    prepared = _prepare_models(strategy, models, cfg, projection, say)
     if cfg.distill.on_policy.fraction > 0:  # the student writes, the live teacher scores (teacher/onpolicy.py)
         signal = on_policy_signal(cfg, signal, prepared.raw, models.teacher, models.tokenizer, data, accelerator)
     objective = _objective(cfg, vocab, signal, prepared, projection, loss_impl)
@@ -155,6 +155,17 @@ def build_run(cfg: Config, *, teacher=None, student=None, tokenizer=None, progre
         resumed,
         teacher_reference,
     )
+
+
+def _prepare_models(strategy: Replicated, models: Models, cfg: Config, projection, say) -> Prepared:
+    """The student and the teacher as the strategy sets them up, with their speed-ups (``model.compile``,
+    ``model.liger``), which one line says when any is on."""
+    prepared = strategy.prepare(models.student, cfg, projection)
+    if models.teacher is not None:
+        strategy.place_teacher(models.teacher)
+    if (line := strategy.speedups.line()) is not None:
+        say(line)
+    return prepared
 
 
 def _models_and_data(cfg: Config, teacher, student, tokenizer, progress: bool) -> tuple[Models, BlockData]:

@@ -5,6 +5,11 @@ process or data parallelism through accelerate (DDP: every process holds the who
 and its gradients are averaged); ``Sharded`` is torch's FSDP2 (``parallel.strategy: fsdp``:
 every process holds 1/N of every weight, gradient and AdamW state, and writes its own shards
 of a checkpoint). A third (tensor parallelism, say) is one more class with these methods.
+
+Each strategy also applies the models' own speed-ups (``model.compile``, ``model.liger``:
+``speedups.py``) where it prepares a model: on the plain model, before accelerate's DDP wrapper
+or FSDP's shards are put around it. The layers are compiled in place, so what is saved and
+evaluated is the same module, under the same names, compiled or not.
 """
 
 from __future__ import annotations
@@ -21,6 +26,7 @@ from lmdistill.training.checkpoint import make_staging_dir
 from lmdistill.training.devices import on_main
 from lmdistill.training.schedules import make_optimizer
 from lmdistill.training.sharded import save_shards
+from lmdistill.training.speedups import Speedups
 
 
 @dataclass
@@ -44,10 +50,13 @@ class Replicated:
 
     sharded = False
 
-    def __init__(self, accelerator):
+    def __init__(self, accelerator, speedups: Speedups):
         self.accelerator = accelerator
+        self.speedups = speedups  # what model.compile and model.liger resolved to here
 
     def prepare(self, student, cfg, projection) -> Prepared:
+        # compiled inside the DDP wrapper, not around it (torch's guidance for DDP)
+        self.speedups.apply(student, "student")
         trained = projection if projection is not None and projection.trainable else None
         optimizer = make_optimizer(student, cfg, extra=trained)
         wrapped, optimizer, *rest = self.accelerator.prepare(student, optimizer, *filter(None, [trained]))
@@ -61,6 +70,7 @@ class Replicated:
 
     def place_teacher(self, teacher: torch.nn.Module) -> None:
         teacher.to(self.accelerator.device)
+        self.speedups.apply(teacher, "teacher")  # frozen as it was: compiling changes no parameter
 
     def clip(self, parameters, max_norm: float | None) -> torch.Tensor:
         return self.accelerator.clip_grad_norm_(parameters, max_norm if max_norm is not None else math.inf)
@@ -91,6 +101,8 @@ class Sharded(Replicated):
 
     def prepare(self, student, cfg, projection) -> Prepared:
         device = self.accelerator.device
+        # each layer's forward compiled: FSDP's hooks around the layer run outside the compiled code
+        self.speedups.apply(student, "student")
         sharded = shard(student.to(device), self.accelerator.mixed_precision, device)
         optimizer = make_optimizer(student, cfg)
         student.train()
@@ -124,7 +136,8 @@ class Sharded(Replicated):
 
 def parallelize(cfg, accelerator) -> Replicated:
     """The run's strategy (``parallel.strategy``), refused in one line where it cannot run."""
+    speedups = Speedups.resolve(cfg, accelerator.device)
     if cfg.parallel.strategy == "fsdp":
         check_fsdp(cfg, accelerator.num_processes)
-        return Sharded(accelerator)
-    return Replicated(accelerator)
+        return Sharded(accelerator, speedups)
+    return Replicated(accelerator, speedups)
