@@ -10,13 +10,16 @@ Shapes are those of two real model pairs' output layers (BT = 8192 tokens, bf16)
 T = 2 with kd_weight 0.5 against hard-label CE, 10% of positions ignored, forward + backward.
 Methods:
   full   bf16 logits of both models, ``losses.distillation_loss`` (fp32 inside), autograd;
-  ours   ``fused.fused_linear_distillation_loss`` (torch.compile'd elementwise part on CUDA);
+  ours   ``fused.fused_linear_distillation_loss`` (torch.compile'd elementwise part on CUDA), once
+         per ``--chunk-sizes`` entry (``ours@1024``: 1024 rows per chunk, Liger's default);
   liger  ``liger_kernel.chunked_loss.LigerFusedLinearJSDLoss`` (beta=0: forward KL, compiled),
          when liger-kernel is installed; otherwise the column is skipped and the reason printed.
          Liger does not multiply the KD term by T^2; ours does. The work is the same.
 Reported per method: median time (CUDA events; wall clock on a CPU), peak extra memory
-(``torch.cuda.max_memory_allocated`` minus the allocation before the method ran; not
-measured on a CPU, see bench_loss.py for that), and the bf16 gradient error: the relative
+(``torch.cuda.max_memory_allocated`` during the timed calls minus the allocation before them,
+the previous call's gradients dropped first, so the new ones count; ``peak_extra_gib_warmup``
+is the same over the warm-up calls, torch.compile's first call included; not measured on a
+CPU, see bench_loss_memory.py for that), and the bf16 gradient error: the relative
 norm error of d loss/d hidden and d loss/d weight against an fp32 evaluation of the same
 loss definition on the same (bf16-representable) values, on the first ``--err-tokens``
 tokens. For ours and full that reference is ``distillation_loss`` on fp32 logits; for
@@ -28,6 +31,7 @@ from __future__ import annotations
 
 import argparse
 import datetime as dt
+import functools
 import json
 import math
 import statistics
@@ -64,7 +68,7 @@ def make_inputs(shape: dict, device: str, dtype: torch.dtype, seed: int = 0):
     return h, w, th, tw, y.to(device)
 
 
-def build_methods(device: str, records: list, shape_name: str, chunk_size: int) -> dict:
+def build_methods(device: str, records: list, shape_name: str, chunk_sizes: list[int]) -> dict:
     """name -> fn(h, w, th, tw, y) returning a scalar loss to call backward on."""
 
     def full(h, w, th, tw, y):
@@ -72,12 +76,14 @@ def build_methods(device: str, records: list, shape_name: str, chunk_size: int) 
             t = th @ tw.T
         return distillation_loss(h @ w.T, t, y, temperature=T, kd_weight=KD_WEIGHT).total
 
-    def ours(h, w, th, tw, y):
+    def ours(h, w, th, tw, y, chunk_size):
         return fused_linear_distillation_loss(
             h, w, th, tw, y, temperature=T, kd_weight=KD_WEIGHT, chunk_size=chunk_size
         ).total
 
-    methods = {"full": full, "ours": ours}
+    methods = {"full": full}
+    for chunk in chunk_sizes:
+        methods[f"ours@{chunk}"] = functools.partial(ours, chunk_size=chunk)
     try:
         from liger_kernel.chunked_loss import LigerFusedLinearJSDLoss
     except Exception as exc:  # not installed, or no usable triton on this machine
@@ -91,26 +97,37 @@ def build_methods(device: str, records: list, shape_name: str, chunk_size: int) 
     return methods
 
 
-def time_and_memory(fn, inputs, device: str, warmup: int, repeats: int) -> tuple[float, float | None]:
+def _peak_start(cuda: bool) -> int:
+    """The allocation now (the peak is measured from here), the peak statistics reset."""
+    if not cuda:
+        return 0
+    torch.cuda.synchronize()
+    torch.cuda.empty_cache()
+    torch.cuda.reset_peak_memory_stats()
+    return torch.cuda.memory_allocated()
+
+
+def time_and_memory(fn, inputs, device: str, warmup: int, repeats: int) -> tuple[float, float | None, float | None]:
+    """(median ms, peak extra GiB over the timed calls, the same over the warm-up calls)."""
     h, w, th, tw, y = inputs
     h.requires_grad_(True)
     w.requires_grad_(True)
 
     def step():
-        h.grad = None
-        w.grad = None
         fn(h, w, th, tw, y).backward()
 
     cuda = device.startswith("cuda")
-    if cuda:
-        torch.cuda.synchronize()
-        torch.cuda.empty_cache()
-        torch.cuda.reset_peak_memory_stats()
-        base = torch.cuda.memory_allocated()
+    h.grad = w.grad = None
+    base = _peak_start(cuda)
     for _ in range(warmup):  # includes torch.compile's first call
+        h.grad = w.grad = None
         step()
+    peak_warmup = (torch.cuda.max_memory_allocated() - base) / 2**30 if cuda else None
+    h.grad = w.grad = None
+    base = _peak_start(cuda)
     times = []
     for _ in range(repeats):
+        h.grad = w.grad = None
         if cuda:
             start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
             start.record()
@@ -125,7 +142,7 @@ def time_and_memory(fn, inputs, device: str, warmup: int, repeats: int) -> tuple
     peak = (torch.cuda.max_memory_allocated() - base) / 2**30 if cuda else None
     h.grad = None
     w.grad = None
-    return statistics.median(times), peak
+    return statistics.median(times), peak, peak_warmup
 
 
 def grads_of(fn, inputs, dtype: torch.dtype):
@@ -145,7 +162,9 @@ def main() -> None:
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--small", action="store_true", help="tiny shapes (a smoke test that runs on a CPU)")
     p.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"])
-    p.add_argument("--chunk-size", type=int, default=2048, help="rows per chunk for ours")
+    p.add_argument(
+        "--chunk-sizes", default="512,1024,2048", help="rows per chunk for ours, comma-separated: one method each"
+    )
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--repeats", type=int, default=10)
     p.add_argument("--err-tokens", type=int, default=2048, help="tokens used for the gradient error")
@@ -163,23 +182,31 @@ def main() -> None:
         torch=torch.__version__,
         dtype=args.dtype,
         date=dt.datetime.now().isoformat(timespec="seconds"),
-        chunk_size=args.chunk_size,
+        chunk_sizes=args.chunk_sizes,
     )
     wanted = set(args.methods.split(","))
+    chunk_sizes = [int(c) for c in args.chunk_sizes.split(",")]
     for shape in SMALL if args.small else ANCHORS:
         methods = {
-            k: v for k, v in build_methods(args.device, records, shape["name"], args.chunk_size).items() if k in wanted
+            k: v
+            for k, v in build_methods(args.device, records, shape["name"], chunk_sizes).items()
+            if k.split("@")[0] in wanted
         }
         inputs = make_inputs(shape, args.device, dtype)
         for name, fn in methods.items():
+            if name.startswith("ours@"):
+                # Each chunk size compiles afresh, as in a run that uses only it (a graph
+                # compiled for another size would be reused with dynamic shapes).
+                torch._dynamo.reset()
             try:
-                ms, peak = time_and_memory(fn, inputs, args.device, args.warmup, args.repeats)
+                ms, peak, peak_warmup = time_and_memory(fn, inputs, args.device, args.warmup, args.repeats)
                 emit(
                     records,
                     shape=shape["name"],
                     method=name,
                     ms_fwd_bwd=round(ms, 2),
                     peak_extra_gib=None if peak is None else round(peak, 3),
+                    peak_extra_gib_warmup=None if peak_warmup is None else round(peak_warmup, 3),
                     tokens_per_s=round(shape["bt"] / ms * 1e3),
                 )
             except Exception as exc:  # e.g. out of memory: record it and go on
@@ -197,7 +224,8 @@ def main() -> None:
             emit(records, shape=shape["name"], method="fp32_reference", error=repr(exc)[:300])
         for name, fn in methods.items():
             try:
-                ref = reference.get("full") if name in ("full", "ours") else grads_of(fn, sub, torch.float32)
+                same_loss = name == "full" or name.startswith("ours")
+                ref = reference.get("full") if same_loss else grads_of(fn, sub, torch.float32)
                 if ref is None:
                     continue
                 gh, gw = grads_of(fn, sub, dtype)
@@ -215,18 +243,18 @@ def main() -> None:
         if args.device.startswith("cuda"):
             torch.cuda.empty_cache()
 
-    print("\nshape                method  ms      peak GiB  grad err (h / W)")
+    print("\nshape                method      ms      peak GiB  grad err (h / W)")
     by_key: dict = {}
     for r in records:
         if "method" in r and "shape" in r:
             by_key.setdefault((r["shape"], r["method"]), {}).update(r)
     for (shape, method), r in by_key.items():
         if "skipped" in r:
-            print(f"{shape:20} {method:6}  skipped: {r['skipped'][:60]}")
+            print(f"{shape:20} {method:10}  skipped: {r['skipped'][:60]}")
             continue
         peak = r.get("peak_extra_gib")
         print(
-            f"{shape:20} {method:6}  {r.get('ms_fwd_bwd', float('nan')):7.2f} "
+            f"{shape:20} {method:10}  {r.get('ms_fwd_bwd', float('nan')):7.2f} "
             f"{'n/a' if peak is None else f'{peak:7.3f}':>8}  "
             f"{r.get('grad_rel_err_hidden', float('nan')):.2e} / {r.get('grad_rel_err_weight', float('nan')):.2e}"
             + (f"  ERROR {r['error'][:80]}" if "error" in r else "")

@@ -41,30 +41,61 @@ _USE_WORKSPACE = True  # tests switch it off to check the allocation-only path t
 
 
 # --------------------------------------------------------------------------------------
-# Per-chunk math. Inputs are the chunk's rows; everything after the matmuls is fp32.
+# Per-chunk math. Inputs are the chunk's rows; the matmuls run in the model's (or autocast's)
+# dtype, everything after them in fp32.
 #
-# ``ws(slot, rows)`` hands out a reusable fp32 (rows x vocab) buffer, or None (allocate).
-# On a CPU every fresh buffer of this size is mmap'ed and page-faulted in, which costs about
-# twice the arithmetic of an exp pass over it (measured: 120 ms vs 42 ms for 1024 x 32000),
-# so the eager path writes into buffers that live for the whole call. The compiled path gets
-# None everywhere and plain ops, which inductor fuses. Slot use per chunk:
-#   0: student logits, then teacher logits, then p_t or p_s     1: log p_s at T = 1 -> grad
-#   2: log p_s at T (unless T == 1)   3: log p_t    4, 5: divergence scratch
+# ``ws(slot, rows, dtype)`` hands out a reusable (rows x vocab) buffer: an fp32 slot, or a view
+# of a slot's memory in a 2-byte dtype; or None (allocate). On a CPU every fresh buffer of this
+# size is mmap'ed and page-faulted in, which costs about twice the arithmetic of an exp pass
+# over it (measured: 120 ms vs 42 ms for 1024 x 32000), so the eager path writes into buffers
+# that live for the whole call. The compiled path gets None everywhere and plain ops, which
+# inductor fuses. Slot use per chunk:
+#   0: logits staged in fp32 (student's, teacher's), the divergence's scratch, the student's
+#      staged again for the CE term; at the end a 2-byte view of it takes the gradient in the
+#      matmul dtype
+#   1: log p_s at T, then log p_s at T = 1 -> the gradient (fp32)
+#   2: the student's raw logits in the matmul dtype, kept through the KD term when T != 1 so
+#      that the CE log-softmax is formed from them afterwards, exactly as before (unused at
+#      T == 1 and on the logits path, where the caller's logits are kept)
+#   3: the teacher's matmul output (2-byte view), then log p_t      4, 5: divergence scratch
+#
+# Alive at a chunk's peak (inside the divergence), bytes per (rows x vocab) entry, forward KL:
+# T != 1: 3 fp32 slots + the kept logits (2 B for a bf16 model, 4 B for fp32) = 14 / 16 B;
+# T == 1: 12 B. JSD: one fp32 slot (4) more. Until this accounting was written (see
+# docs/performance.md) slot 1 held log p_s at T = 1 through the KD term beside a slot 2 with
+# log p_s at T, the matmul outputs and the gradient's 2-byte copy were fresh tensors, and the
+# log-mixture of JSD and the skews took slot 5: forward KL 16-18 B, JSD 24-26 B.
+# Whole call: the (V, H) weight gradient, accumulated in fp32 (a bf16 accumulator exceeds the
+# tested bf16 error bound once there are more than a few chunks), and no (V, H) temporary:
+# a 2-byte product is formed in row blocks (``_add_matmul``).
 # --------------------------------------------------------------------------------------
 
 
 class _Workspace:
-    """Reusable flat fp32 buffers, one per slot, sized for the largest chunk of a call."""
+    """Reusable flat buffers, one per slot, sized for the largest chunk of a call.
+
+    A slot holds fp32 entries; ``dtype`` asks for a view of its memory in a 2-byte dtype. Slot 2
+    (the kept student logits) is allocated at the size its first request needs: in a call it
+    only ever holds the matmul dtype, so a bf16 model's takes half the memory of an fp32 slot.
+    """
+
+    _NARROW_SLOTS = (2,)
 
     def __init__(self, rows: int, vocab: int, device: torch.device):
         self.rows, self.vocab, self.device = rows, vocab, device
         self.bufs: dict[int, Tensor] = {}
 
-    def __call__(self, slot: int, rows: int) -> Tensor:
+    def __call__(self, slot: int, rows: int, dtype: torch.dtype = torch.float32) -> Tensor:
+        entries = self.rows * self.vocab
+        words = (entries + 1) // 2 if dtype.itemsize == 2 and slot in self._NARROW_SLOTS else entries
         buf = self.bufs.get(slot)
-        if buf is None:
-            buf = self.bufs[slot] = torch.empty(self.rows * self.vocab, dtype=torch.float32, device=self.device)
-        return buf[: rows * self.vocab].view(rows, self.vocab)
+        if buf is None or buf.numel() < words:
+            buf = self.bufs[slot] = torch.empty(words, dtype=torch.float32, device=self.device)
+        return buf.view(dtype)[: rows * self.vocab].view(rows, self.vocab)
+
+    def flat(self, slot: int) -> Tensor | None:
+        """All of a slot's memory, flat (fp32 words), or None when it was never handed out."""
+        return self.bufs.get(slot)
 
 
 def _logits(h: Tensor, w: Tensor | None, b: Tensor | None, out: Tensor | None) -> Tensor:
@@ -82,9 +113,60 @@ def _logits(h: Tensor, w: Tensor | None, b: Tensor | None, out: Tensor | None) -
     return z.float() if out is None else out.copy_(z)
 
 
+def _head_logits(h: Tensor, w: Tensor | None, b: Tensor | None, ws, fp32_slot: int, narrow_slot: int) -> Tensor:
+    """Raw (C, V) logits in the matmul dtype, never written afterwards: the caller's own when ``w``
+    is None, else ``h @ w.T + b`` into slot ``fp32_slot`` (an fp32 model) or a 2-byte view of
+    ``narrow_slot``; a fresh tensor under autocast (mm(out=) is not covered by autocast: it
+    would run in fp32 inside a bf16 step) and without a workspace."""
+    if w is None:
+        return h
+    if torch.is_autocast_enabled(h.device.type):
+        return F.linear(h, w, b)
+    rows = h.shape[0]
+    if h.dtype == torch.float32:
+        out = ws(fp32_slot, rows)
+    else:  # a 2-byte dtype fits a slot's memory; another (fp64) gets a tensor of its own
+        out = ws(narrow_slot, rows, h.dtype) if h.dtype.itemsize == 2 else None
+    if out is None:
+        return F.linear(h, w, b)
+    return torch.mm(h, w.t(), out=out) if b is None else torch.addmm(b, h, w.t(), out=out)
+
+
+def _staged(z: Tensor, out: Tensor | None, scale: Tensor | None) -> Tensor:
+    """``z`` in fp32, times ``scale`` (a 0-d tensor) unless None, in ``out`` (a fresh tensor when
+    None). ``z`` is written only when it is ``out`` already (an fp32 matmul's output)."""
+    if out is not None and z.data_ptr() == out.data_ptr():
+        return z if scale is None else z.mul_(scale)
+    if out is not None and z.dtype == torch.float32:
+        return out.copy_(z) if scale is None else torch.mul(z, scale, out=out)
+    # A 2-byte z: convert, then scale in fp32 (mul(out=) would multiply in the 2-byte dtype).
+    s = z.to(torch.float32, copy=True) if out is None else out.copy_(z)
+    return s if scale is None else s.mul_(scale)
+
+
+def _log_softmax(x: Tensor, out: Tensor | None) -> Tensor:
+    """log softmax over the vocabulary, into ``out``. Under torch.compile it is written as
+    ``x - logsumexp(x)``: inductor then keeps only the row statistics and recomputes the rest
+    inside each kernel that reads it, where its log_softmax lowering writes the shifted logits
+    out in fp32 (CPU inductor, one chunk of forward KL at T = 2: two fp32 (rows x vocab)
+    buffers fewer, 3 (rows x vocab) 2-byte tensors left: both logits and the gradient)."""
+    if torch.compiler.is_compiling():
+        return x - torch.logsumexp(x, dim=-1, keepdim=True)
+    return torch.log_softmax(x, dim=-1, out=out)
+
+
+def _minus_onehot(grad: Tensor, y: Tensor, c: Tensor) -> Tensor:
+    """``grad - c * onehot(y)`` in place: a scatter in eager mode; a select under torch.compile,
+    where a scatter would make inductor write the whole gradient out before it and read it back."""
+    if torch.compiler.is_compiling():
+        hit = torch.arange(grad.shape[1], device=grad.device) == y.unsqueeze(1)
+        return torch.where(hit, grad - c, grad)
+    return grad.scatter_add_(1, y.unsqueeze(1), (-c).expand(grad.shape[0], 1))
+
+
 def _chunk_step(
     h_c: Tensor,
-    w_s: Tensor,
+    w_s: Tensor | None,
     b_s: Tensor | None,
     ht_c: Tensor | None,
     w_t: Tensor | None,
@@ -98,49 +180,59 @@ def _chunk_step(
     with_kd: bool,
     same_t: bool,
     need_grad: bool,
+    need_bias: bool = False,
+    out_dtype: torch.dtype = torch.float32,
     ws=_no_workspace,
-) -> tuple[Tensor | None, Tensor, Tensor]:
+) -> tuple[Tensor | None, Tensor | None, Tensor, Tensor]:
     """Loss sums for one chunk and the gradient of the folded loss w.r.t. its student logits.
 
     Args:
-        h_c: (C, Hs) student hidden rows; w_s: (V, Hs); b_s: (V,) or None.
+        h_c: (C, Hs) student hidden rows; w_s: (V, Hs); b_s: (V,) or None. With ``w_s`` None,
+            ``h_c`` is the chunk's (C, V) student logits (and ``ht_c`` the teacher's).
         ht_c: (C, Ht) teacher hidden rows; w_t: (V, Ht); b_t: (V,) or None.
         y_c: (C,) targets, all valid.
         inv_t, c_kd, c_ce: 0-d fp32 tensors: 1/T, and the coefficients that turn dD/ds and
             dC/dz into d total/dz (weights, T or 1/T, and 1/num_tokens folded in). Tensors,
             not floats, so a compiled version is not re-specialised on every temperature.
         kd_chunk, params: the divergence's closed form (``Divergence.chunk``) and its parameters.
+        need_bias: also return the gradient's column sums (fp32, before ``out_dtype``).
+        out_dtype: the dtype of the returned gradient (the matmul dtype it goes on in).
         ws: workspace provider (see above); the returned grad may live in it.
 
     Returns:
-        grad (C, V) fp32 or None, ce_sum (0-d fp32), kd_unscaled_sum (0-d fp32).
+        grad (C, V) in ``out_dtype`` or None, its column sums (V,) or None, ce_sum (0-d fp32),
+        kd_unscaled_sum (0-d fp32).
     """
     rows = h_c.shape[0]
-    zs = _logits(h_c, w_s, b_s, ws(0, rows))
-    ls1 = torch.log_softmax(zs, dim=-1, out=ws(1, rows))
-    ce_sum = -ls1.gather(1, y_c.unsqueeze(1)).sum()
-    kd_sum = ce_sum.new_zeros(())
+    keep = with_kd and not same_t  # the CE term needs log softmax(z), the KD term log softmax(z / T)
+    zs = _head_logits(h_c, w_s, b_s, ws, 2 if keep else 0, 2 if keep else 1)
+    ls = _log_softmax(_staged(zs, ws(0, rows), inv_t if keep else None), ws(1, rows))
+    kd_sum = ls.new_zeros(())
     grad_kd = None
     if with_kd:
-        # Scale in place: the raw logits are not needed again.
-        ls = ls1 if same_t else torch.log_softmax(zs.mul_(inv_t), dim=-1, out=ws(2, rows))
-        del zs
-        zt = _logits(ht_c, w_t, b_t, ws(0, rows))
-        lt = torch.log_softmax(zt.mul_(inv_t), dim=-1, out=ws(3, rows))
+        zt = _head_logits(ht_c, w_t, b_t, ws, 0, 3)
+        lt = _log_softmax(_staged(zt, ws(0, rows), inv_t), ws(3, rows))
         del zt
-        kd_sum, grad_kd = kd_chunk(ls, lt, params, need_grad, ws)
-        del ls, lt
-    else:
-        del zs
+        kd_sum, grad_kd = kd_chunk(ls, lt, params, need_grad, ws)  # leaves slot 0 free
+        del lt
+    if keep:  # log p_s at T is spent: the CE log-probs go into its slot, from the kept logits
+        z32 = zs if zs.dtype == torch.float32 else _staged(zs, ws(0, rows), None)
+        ls = _log_softmax(z32, ws(1, rows))
+        del z32
+    del zs
+    ce_sum = -ls.gather(1, y_c.unsqueeze(1)).sum()
     if not need_grad:
-        return None, ce_sum, kd_sum
-    # ls1 is no longer needed as a log-prob (the divergences never write into ls): turn it
-    # into c_ce * (softmax(z) - onehot(y)) in place, then add the KD part.
-    grad = ls1.exp_().mul_(c_ce)
-    grad.scatter_add_(1, y_c.unsqueeze(1), (-c_ce).expand(rows, 1))
+        return None, None, ce_sum, kd_sum
+    # c_ce * (softmax(z) - onehot(y)) in place of the log-probs, then the KD part.
+    grad = _minus_onehot(ls.exp_().mul_(c_ce), y_c, c_ce)
     if grad_kd is not None:
         grad.addcmul_(grad_kd, c_kd)
-    return grad, ce_sum, kd_sum
+    del grad_kd
+    bias_sum = grad.sum(dim=0) if need_bias else None
+    if out_dtype != torch.float32:  # rounded once, into slot 0 (free again), for the matmuls
+        narrow = ws(0, rows, out_dtype) if out_dtype.itemsize == 2 else None
+        grad = grad.to(out_dtype) if narrow is None else narrow.copy_(grad)
+    return grad, bias_sum, ce_sum, kd_sum
 
 
 _compiled_step = None  # torch.compile(_chunk_step), built on first use
@@ -165,17 +257,26 @@ def _step_fn(device: torch.device, use_compile: bool | None):
 
 
 _mm_out_dtype_ok = True  # set False once torch.mm(..., out_dtype=) turned out unsupported
+# Rows x H entries of one block of a 2-byte weight-gradient product when no workspace memory is
+# lent for it: 16 MiB in bf16, where the whole (V, H) product and its fp32 copy were 6 bytes per
+# entry of the lm_head beside the accumulator.
+_PRODUCT_BLOCK = 1 << 23
 
 
-def _add_matmul(acc: Tensor, a: Tensor, b: Tensor) -> None:
+def _add_matmul(acc: Tensor, a: Tensor, b: Tensor, scratch: Tensor | None = None) -> None:
     """``acc += a @ b`` with fp32 ``acc`` and ``a``, ``b`` in the model dtype.
 
-    For a bf16 model each chunk's product should reach the fp32 accumulator without first
-    being rounded to bf16: CUDA builds of torch >= 2.8 have ``mm(..., out_dtype=float32)``
-    (bf16 inputs, fp32 accumulate and output). Elsewhere the product is rounded once per
-    chunk, which the bf16 gradient test bounds.
+    fp32 operands are added in place (``addmm_``), with no temporary. A 2-byte product (a bf16
+    model, or autocast) cannot be: it is formed block by block of ``acc``'s rows, so that no
+    second (V, H) matrix exists beside the accumulator; in ``scratch`` (flat fp32 memory the
+    caller no longer needs) when there is some, else in temporaries of a block. Each block's
+    product should reach the fp32 accumulator without first being rounded to bf16: CUDA builds
+    of torch >= 2.8 have ``mm(..., out_dtype=float32)`` (bf16 inputs, fp32 accumulate and
+    output). Elsewhere the product is rounded once per chunk, which the bf16 gradient test
+    bounds, and converted to fp32 before the add (an add of mixed dtypes would allocate that
+    conversion itself, a block's worth).
     """
-    global _mm_out_dtype_ok
+    low = None
     if a.dtype == torch.float32:
         device = a.device.type
         if not torch.is_autocast_enabled(device):
@@ -185,14 +286,37 @@ def _add_matmul(acc: Tensor, a: Tensor, b: Tensor) -> None:
         # fp32 while every other matmul of the step runs in the autocast dtype. Do as autocast
         # would for an out-of-place matmul, keeping the fp32 accumulation below.
         low = torch.get_autocast_dtype(device)
-        a, b = a.to(low), b.to(low)
+        b = b.to(low)
+    width = max(1, acc.shape[1])
+    # A block in scratch takes half a word per entry (the product, rounded up) and one (its
+    # fp32 copy).
+    room = 0 if scratch is None else (2 * scratch.numel() - 2) // 3
+    if a.is_cuda or room < width or b.dtype.itemsize != 2:
+        scratch = None  # mm(out_dtype=) gives the fp32 product at once; or not a row's room
+    entries = _PRODUCT_BLOCK if scratch is None else room
+    step = max(1, entries // width)
+    for start in range(0, acc.shape[0], step):
+        block = a[start : start + step]
+        _add_product(acc[start : start + step], block if low is None else block.to(low), b, scratch)
+
+
+def _add_product(acc: Tensor, a: Tensor, b: Tensor, scratch: Tensor | None) -> None:
+    """``acc += a @ b`` for 2-byte ``a`` and ``b``, the product and its fp32 copy in ``scratch``
+    when given (flat fp32 words, at least 1.5 per entry of the product)."""
+    global _mm_out_dtype_ok
     if _mm_out_dtype_ok and a.is_cuda:
         try:
             acc += torch.mm(a, b, out_dtype=torch.float32)
             return
         except (RuntimeError, TypeError, NotImplementedError):
             _mm_out_dtype_ok = False
-    acc += (a @ b).float()
+    if scratch is None:
+        acc += (a @ b).float()
+        return
+    n = acc.numel()
+    half = (n + 1) // 2
+    product = torch.mm(a, b, out=scratch[:half].view(b.dtype)[:n].view(acc.shape))
+    acc += scratch[half : half + n].view(acc.shape).copy_(product)
 
 
 @dataclass(frozen=True)
@@ -278,9 +402,9 @@ def _chunk(h, y, ht, rows, start: int, stop: int, opts: _Options):
     return sel, h.index_select(0, sel), y.index_select(0, sel), ht.index_select(0, sel) if opts.with_kd else None
 
 
-def _add_chunk_grads(g_mm, sel, h_c, w_s_v, grad_h, grad_w, vocab: int, all_valid: bool) -> None:
+def _add_chunk_grads(g_mm, sel, h_c, w_s_v, grad_h, grad_w, vocab: int, all_valid: bool, scratch=None) -> None:
     """Add a chunk's logit gradient (in the matmul dtype) into the hidden-state and weight
-    gradients (each None when not needed)."""
+    gradients (each None when not needed); ``scratch``: memory free for the weight's product."""
     if grad_h is not None:
         gh = (g_mm @ w_s_v).to(grad_h.dtype)
         if all_valid:
@@ -289,7 +413,7 @@ def _add_chunk_grads(g_mm, sel, h_c, w_s_v, grad_h, grad_w, vocab: int, all_vali
             grad_h.index_copy_(0, sel, gh)  # each row occurs once: copy, not add
         del gh
     if grad_w is not None:
-        _add_matmul(grad_w[:vocab], g_mm.t(), h_c)
+        _add_matmul(grad_w[:vocab], g_mm.t(), h_c, scratch)
 
 
 class _FusedLinearKD(torch.autograd.Function):
@@ -329,19 +453,21 @@ class _FusedLinearKD(torch.autograd.Function):
             if ht_c is not None:
                 ht_c = ht_c.to(w_t.dtype)
             models = (h_c, w_s_v, b_s_v, ht_c, w_t_v, b_t_v, y_c)
-            args = (*models, inv_t, c_kd, c_ce, opts.kd_chunk, opts.params, opts.with_kd, opts.same_t, need_grad)
-            step, (grad_z, ce_sum, kd_sum) = _run_step(step, args, workspace)
+            # The gradient comes back in the model's (or autocast's) dtype, rounded once, as the
+            # two matmuls take it (each would otherwise cast it again under autocast).
+            flags = (opts.with_kd, opts.same_t, need_grad, need_b, mm_dtype)
+            args = (*models, inv_t, c_kd, c_ce, opts.kd_chunk, opts.params, *flags)
+            step, (g_mm, bias_sum, ce_sum, kd_sum) = _run_step(step, args, workspace)
             ce_total += ce_sum
             kd_total += kd_sum
-            if grad_z is None:
+            if g_mm is None:
                 continue
             if need_b:
-                grad_b[:vocab] += grad_z.sum(dim=0)
-            # Matmuls in the model's (or autocast's) dtype; grad_z itself is fp32. Cast once here
-            # (each matmul would otherwise cast it again under autocast), and let the fp32 copy go.
-            g_mm = grad_z.to(mm_dtype)
-            del grad_z
-            _add_chunk_grads(g_mm, sel, h_c, w_s_v, grad_h, grad_w, vocab, opts.all_valid)
+                grad_b[:vocab] += bias_sum
+            # Slot 1 held the fp32 gradient, spent once g_mm (a 2-byte view of slot 0) has it.
+            narrow = workspace is not _no_workspace and mm_dtype.itemsize == 2
+            scratch = workspace.flat(1) if narrow else None
+            _add_chunk_grads(g_mm, sel, h_c, w_s_v, grad_h, grad_w, vocab, opts.all_valid, scratch)
             del g_mm
 
         total = (opts.kd_coef * kd_total + opts.ce_coef * ce_total) / opts.denom
@@ -440,10 +566,12 @@ class _LogitsKD(torch.autograd.Function):
                     opts.with_kd,
                     opts.same_t,
                     need_grad,
+                    False,
+                    torch.float32,
                 )
                 dest = grad_b[sel] if need_grad and rows is None and grad.dtype == torch.float32 else None
                 chunk_ws = _Into(workspace, dest) if dest is not None and workspace is not _no_workspace else workspace
-                step, (grad_z, ce_sum, kd_sum) = _run_step(step, args, chunk_ws)
+                step, (grad_z, _, ce_sum, kd_sum) = _run_step(step, args, chunk_ws)
                 ce_total += ce_sum
                 kd_total += kd_sum
                 if grad_z is not None and (dest is None or grad_z.data_ptr() != dest.data_ptr()):
@@ -470,8 +598,8 @@ class _Into:
     def __init__(self, workspace, dest: Tensor):
         self.workspace, self.dest = workspace, dest
 
-    def __call__(self, slot: int, rows: int) -> Tensor:
-        return self.dest if slot == 1 else self.workspace(slot, rows)
+    def __call__(self, slot: int, rows: int, dtype: torch.dtype = torch.float32) -> Tensor:
+        return self.dest if slot == 1 else self.workspace(slot, rows, dtype)
 
 
 def _scaled(grad: Tensor, grad_output: Tensor) -> Tensor:
@@ -544,9 +672,12 @@ def fused_linear_distillation_loss(
             exist for the loss (padded rows get no probability and a zero gradient).
             Defaults to ``min(V, V')``.
         student_bias: (V,) or None; teacher_bias: (V',) or None.
-        chunk_size: valid-target rows per chunk. Peak extra memory is four (forward KL)
-            to six (JSD) fp32 (chunk_size x vocab_size) buffers, plus the fp32 (V, Hs)
-            weight gradient and the (N, Hs) hidden-state gradient.
+        chunk_size: valid-target rows per chunk. Peak extra memory is the fp32 (V, Hs)
+            weight gradient, the (N, Hs) hidden-state gradient, and per (chunk_size x
+            vocab_size) entry 12 bytes (forward KL at T = 1) to 16 (T != 1, fp32 model; 14 for
+            bf16), 4 more for JSD and the other divergences, in eager mode; 6 bytes for a bf16
+            model with the chunk math compiled (the default on CUDA): both logits and the
+            gradient, in bf16. See the slot accounting above and docs/performance.md.
         use_compile: torch.compile the per-chunk elementwise math; None = only on CUDA.
 
     Returns:

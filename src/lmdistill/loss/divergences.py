@@ -21,7 +21,8 @@ and nothing divides by a probability. Mixtures are formed as ``logaddexp`` of lo
 log-probabilities, never as ``log(a p + b q)``, which underflows. The chunk functions may
 overwrite ``lt`` (the teacher's log-probs) but never ``ls``; ``ws(slot, rows)`` hands out
 reusable fp32 scratch buffers (slots 0, 4 and 5 are theirs; it returns None when every op
-should allocate, as under torch.compile).
+should allocate, as under torch.compile). The gradient they return is never in slot 0: the
+caller stages the student's logits there for the CE term while it still holds that gradient.
 
 Closed-form gradients, per row, with p = softmax(s) and dp_i/ds_j = p_i (delta_ij - p_j), so
 that for any D(p) the gradient is dD/ds_j = p_j (g_j - sum_k p_k g_k) with g = dD/dp:
@@ -71,7 +72,7 @@ class DivergenceParams:
             raise ValueError(f"skew_alpha = {self.skew_alpha!r} is not allowed: must be in [0, 1) (0 = no skew)")
 
 
-def _no_workspace(slot: int, rows: int) -> None:
+def _no_workspace(slot: int, rows: int, dtype: torch.dtype = torch.float32) -> None:
     return None
 
 
@@ -142,10 +143,12 @@ def tvd(log_p: Tensor, log_q: Tensor, params: DivergenceParams) -> Tensor:
 
 
 def _log_mixture(log_a: Tensor, weight_a: float, log_b: Tensor, ws, rows: int) -> Tensor:
-    """log(weight_a * a + (1 - weight_a) * b) in slot 4 (slot 5 as scratch), 0 < weight_a < 1:
-    finite wherever a or b is non-zero, never formed as a log of a sum of probabilities."""
-    log_m = torch.add(log_a, math.log(weight_a), out=ws(4, rows))
-    return torch.logaddexp(log_m, torch.add(log_b, math.log1p(-weight_a), out=ws(5, rows)), out=log_m)
+    """log(weight_a * a + (1 - weight_a) * b) in slot 4, 0 < weight_a < 1: finite wherever a or
+    b is non-zero, never formed as a log of a sum of probabilities. Written as
+    log(1 - w) + logaddexp(log a + log(w / (1 - w)), log b), so that no second (rows x vocab)
+    buffer holds log b + log(1 - w)."""
+    log_m = torch.add(log_a, math.log(weight_a) - math.log1p(-weight_a), out=ws(4, rows))
+    return torch.logaddexp(log_m, log_b, out=log_m).add_(math.log1p(-weight_a))
 
 
 def _softmax_jacobian(g: Tensor, p: Tensor, scratch: Tensor | None) -> Tensor:
@@ -220,7 +223,7 @@ def _skew_kl_chunk(ls: Tensor, lt: Tensor, params: DivergenceParams, need_grad: 
     kd = lt.clamp_(min=_FP32_MIN).sub_(log_m).mul_(pt).sum()  # q (log q - log m), 0 where q == 0
     if not need_grad:
         return kd, None
-    ps = torch.exp(ls, out=ws(0, rows))
+    ps = torch.exp(ls, out=lt)  # lt is spent; slot 0 must be free when we return
     t_rows = t.sum(dim=-1, keepdim=True)
     grad = ps.mul_(t_rows).sub_(t).mul_(1.0 - alpha)  # -(1 - a) (t - p sum t)
     return kd, grad
