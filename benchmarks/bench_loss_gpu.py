@@ -32,15 +32,19 @@ from __future__ import annotations
 import argparse
 import datetime as dt
 import functools
-import json
 import math
 import statistics
+import sys
 import time
+from pathlib import Path
 
 import torch
 
 from lmdistill.loss.chunked import fused_linear_distillation_loss
 from lmdistill.loss.dense import distillation_loss
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from bench_json import Records, cpu_name, emit
 
 ANCHORS = [
     dict(name="qwen2.5-0.5b<-1.5b", bt=8192, hs=896, ht=1536, vocab=151936),
@@ -48,11 +52,6 @@ ANCHORS = [
 ]
 SMALL = [dict(name="tiny", bt=256, hs=64, ht=96, vocab=1000)]
 T, KD_WEIGHT = 2.0, 0.5
-
-
-def emit(records: list, **kw) -> None:
-    records.append(kw)
-    print(json.dumps(kw), flush=True)
 
 
 def make_inputs(shape: dict, device: str, dtype: torch.dtype, seed: int = 0):
@@ -157,7 +156,7 @@ def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
     return float((a - b).norm() / b.norm())
 
 
-def main() -> None:
+def parse_args() -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--small", action="store_true", help="tiny shapes (a smoke test that runs on a CPU)")
@@ -169,16 +168,20 @@ def main() -> None:
     p.add_argument("--repeats", type=int, default=10)
     p.add_argument("--err-tokens", type=int, default=2048, help="tokens used for the gradient error")
     p.add_argument("--methods", default="full,ours,liger", help="comma-separated subset to run")
-    p.add_argument("--out", help="write all records as JSON here")
-    args = p.parse_args()
+    p.add_argument("--out", help="write all records as JSON here (rewritten after each one)")
+    return p.parse_args()
 
+
+def main() -> None:
+    args = parse_args()
     dtype = getattr(torch, args.dtype)
-    records: list[dict] = []
-    dev_name = torch.cuda.get_device_name() if args.device.startswith("cuda") else "cpu"
+    cuda = args.device.startswith("cuda")
+    records = Records(args.out)
     emit(
         records,
         env=True,
-        device=dev_name,
+        command=" ".join([sys.executable.rsplit("/", 1)[-1]] + sys.argv),
+        device=torch.cuda.get_device_name(args.device) if cuda else f"cpu ({cpu_name()})",
         torch=torch.__version__,
         dtype=args.dtype,
         date=dt.datetime.now().isoformat(timespec="seconds"),
@@ -193,56 +196,71 @@ def main() -> None:
             if k.split("@")[0] in wanted
         }
         inputs = make_inputs(shape, args.device, dtype)
-        for name, fn in methods.items():
-            if name.startswith("ours@"):
-                # Each chunk size compiles afresh, as in a run that uses only it (a graph
-                # compiled for another size would be reused with dynamic shapes).
-                torch._dynamo.reset()
-            try:
-                ms, peak, peak_warmup = time_and_memory(fn, inputs, args.device, args.warmup, args.repeats)
-                emit(
-                    records,
-                    shape=shape["name"],
-                    method=name,
-                    ms_fwd_bwd=round(ms, 2),
-                    peak_extra_gib=None if peak is None else round(peak, 3),
-                    peak_extra_gib_warmup=None if peak_warmup is None else round(peak_warmup, 3),
-                    tokens_per_s=round(shape["bt"] / ms * 1e3),
-                )
-            except Exception as exc:  # e.g. out of memory: record it and go on
-                emit(records, shape=shape["name"], method=name, error=repr(exc)[:300])
-            if args.device.startswith("cuda"):
-                torch.cuda.empty_cache()
+        time_methods(methods, inputs, shape, args, records)
+        grad_errors(methods, inputs, shape, args, dtype, records)
+        del inputs
+        if cuda:
+            torch.cuda.empty_cache()
+    print_summary(records)
+    if args.out:
+        print(f"wrote {args.out}")
 
-        # Gradient error on a slice of the tokens: an fp32 reference over all 8192 tokens and
-        # 151936 entries would itself need tens of GiB.
-        sub = [x[: args.err_tokens] if i in (0, 2, 4) else x for i, x in enumerate(inputs)]
-        reference = {}
+
+def time_methods(methods: dict, inputs, shape: dict, args, records: list) -> None:
+    """One record per method: median time, peak extra memory, tokens/s (or the error it raised)."""
+    for name, fn in methods.items():
+        if name.startswith("ours@"):
+            # Each chunk size compiles afresh, as in a run that uses only it (a graph
+            # compiled for another size would be reused with dynamic shapes).
+            torch._dynamo.reset()
         try:
-            reference["full"] = grads_of(methods["full"], sub, torch.float32) if "full" in methods else None
-        except Exception as exc:
-            emit(records, shape=shape["name"], method="fp32_reference", error=repr(exc)[:300])
-        for name, fn in methods.items():
-            try:
-                same_loss = name == "full" or name.startswith("ours")
-                ref = reference.get("full") if same_loss else grads_of(fn, sub, torch.float32)
-                if ref is None:
-                    continue
-                gh, gw = grads_of(fn, sub, dtype)
-                emit(
-                    records,
-                    shape=shape["name"],
-                    method=name,
-                    grad_err_tokens=sub[0].shape[0],
-                    grad_rel_err_hidden=round(rel_err(gh, ref[0]), 5),
-                    grad_rel_err_weight=round(rel_err(gw, ref[1]), 5),
-                )
-            except Exception as exc:
-                emit(records, shape=shape["name"], method=name, grad_error=repr(exc)[:300])
-        del inputs, sub, reference
+            ms, peak, peak_warmup = time_and_memory(fn, inputs, args.device, args.warmup, args.repeats)
+            emit(
+                records,
+                shape=shape["name"],
+                method=name,
+                ms_fwd_bwd=round(ms, 2),
+                peak_extra_gib=None if peak is None else round(peak, 3),
+                peak_extra_gib_warmup=None if peak_warmup is None else round(peak_warmup, 3),
+                tokens_per_s=round(shape["bt"] / ms * 1e3),
+            )
+        except Exception as exc:  # e.g. out of memory: record it and go on
+            emit(records, shape=shape["name"], method=name, error=repr(exc)[:300])
         if args.device.startswith("cuda"):
             torch.cuda.empty_cache()
 
+
+def grad_errors(methods: dict, inputs, shape: dict, args, dtype: torch.dtype, records: list) -> None:
+    """The bf16 gradient error of each method against an fp32 evaluation of its own loss.
+
+    On a slice of the tokens: an fp32 reference over all 8192 tokens and 151936 entries would
+    itself need tens of GiB."""
+    sub = [x[: args.err_tokens] if i in (0, 2, 4) else x for i, x in enumerate(inputs)]
+    reference = {}
+    try:
+        reference["full"] = grads_of(methods["full"], sub, torch.float32) if "full" in methods else None
+    except Exception as exc:
+        emit(records, shape=shape["name"], method="fp32_reference", error=repr(exc)[:300])
+    for name, fn in methods.items():
+        try:
+            same_loss = name == "full" or name.startswith("ours")
+            ref = reference.get("full") if same_loss else grads_of(fn, sub, torch.float32)
+            if ref is None:
+                continue
+            gh, gw = grads_of(fn, sub, dtype)
+            emit(
+                records,
+                shape=shape["name"],
+                method=name,
+                grad_err_tokens=sub[0].shape[0],
+                grad_rel_err_hidden=round(rel_err(gh, ref[0]), 5),
+                grad_rel_err_weight=round(rel_err(gw, ref[1]), 5),
+            )
+        except Exception as exc:
+            emit(records, shape=shape["name"], method=name, grad_error=repr(exc)[:300])
+
+
+def print_summary(records: list) -> None:
     print("\nshape                method      ms      peak GiB  grad err (h / W)")
     by_key: dict = {}
     for r in records:
@@ -259,10 +277,6 @@ def main() -> None:
             f"{r.get('grad_rel_err_hidden', float('nan')):.2e} / {r.get('grad_rel_err_weight', float('nan')):.2e}"
             + (f"  ERROR {r['error'][:80]}" if "error" in r else "")
         )
-    if args.out:
-        with open(args.out, "w") as f:
-            json.dump(records, f, indent=1)
-        print(f"wrote {args.out}")
 
 
 if __name__ == "__main__":

@@ -1,17 +1,32 @@
 """GPU step-level benchmark: one full KD training step, full logits vs our chunked loss vs Liger's loss,
 each with the models as they are and with their own speed-ups (torch.compile of the layers, Liger's kernels).
 
-    python benchmarks/bench_step_gpu.py --out step_gpu.json                        # H100/H200, the real pairs' shapes
+    python benchmarks/bench_step_gpu.py --out step_gpu.json                        # H100/H200, the Qwen pair
+    python benchmarks/bench_step_gpu.py --pair llama --out step_gpu_llama.json     # the Llama 1B <- 8B pair
     python benchmarks/bench_step_gpu.py --speedups off --out step_gpu.json         # the loss paths alone
     python benchmarks/bench_step_gpu.py --device cpu --small --steps 3 --warmup 1  # smoke test anywhere
+    bash benchmarks/bench_gpu_all.sh OUT_DIR    # this for both pairs, and bench_loss_gpu.py, in one go
 
-The step is that of a real model pair: a
-Qwen2.5-0.5B-shaped student (hidden 896, 24 layers, 14 heads, 2 KV heads, MLP 4864,
-vocab 151936, tied embeddings) distilled from a Qwen2.5-1.5B-shaped teacher (hidden 1536,
-28 layers, 12 heads, 2 KV heads, MLP 8960, vocab 151936, tied), both random-initialised
-from their configs (no download), SDPA attention, B=8, L=1024, forward KL at T=2 with
-T^2, kd_weight 0.5 against hard-label CE, every position a valid target. One step =
-teacher forward (no grad) + student forward + loss + backward (+ optional clipping) +
+The step is that of a real model pair (``--pair``), both models random-initialised from their
+configs on the device (no download), SDPA attention, B=8, L=1024, forward KL at T=2 with T^2,
+kd_weight 0.5 against hard-label CE, every position a valid target:
+  qwen   (default, ``ANCHOR``) a Qwen2.5-0.5B-shaped student (hidden 896, 24 layers, 14 heads,
+         2 KV heads, MLP 4864, vocab 151936, tied embeddings) distilled from a Qwen2.5-1.5B-shaped
+         teacher (hidden 1536, 28 layers, 12 heads, 2 KV heads, MLP 8960, vocab 151936, tied);
+  llama  (``LLAMA_ANCHOR``, transformers' LlamaConfig) a Llama-3.2-1B-shaped student (hidden 2048,
+         16 layers, 32 heads, 8 KV heads, MLP 8192, vocab 128256, tied, rope_theta 500000) from a
+         Llama-3.1-8B-shaped teacher (hidden 4096, 32 layers, 32 heads, 8 KV heads, MLP 14336,
+         vocab 128256, untied, rope_theta 500000). Llama 3's RoPE frequency scaling is left out: at
+         L=1024 it changes the rotary frequencies, not the work. Memory, on paper, at 8 x 1024
+         under autocast: teacher 16.1 GB (bf16), student 4.9 GB fp32 weights + 9.9 GB AdamW state
+         (the baseline, about 31 GB), then per step 4.9 GB of gradients, 2.5 GB of autocast's
+         bf16 weight copies, about 14 GB of the student's saved activations and, for ``full``,
+         about 8 GB of logits and loss buffers (scaled from the Qwen pair's measured 22.4 GiB):
+         about 60 GB at the peak, inside an 80 GB H100. The teacher is built in fp32 (32 GB) and
+         cast to bf16 parameter by parameter, before the student exists. An OOM is recorded, as for any variant.
+``--small``: tiny shapes of the same architecture (hidden 64 / 128, 2 layers, V 2048, B 2, L 64;
+for llama also GQA 8/2 heads and an untied teacher), a smoke test that runs on a CPU.
+One step = teacher forward (no grad) + student forward + loss + backward (+ optional clipping) +
 AdamW step (``fused=True`` on CUDA; the parameter groups of ``schedules.make_optimizer``)
 + ``zero_grad(set_to_none=True)``.
 
@@ -58,7 +73,8 @@ on a CPU), tokens/s = B * (L - 1) / median time (target tokens, as the reference
 counts them), MFU = tokens/s * (6 * Ns + 2 * Nt) / peak (989e12 dense bf16 FLOP/s for an
 H100/H200 SXM; ``--peak-tflops``), with Ns and Nt each model's unique parameters
 (``sum(p.numel() for p in model.parameters())``: embeddings included and a tied
-embedding counted once, standing for the lm_head matmul; attention-score FLOPs not
+embedding counted once, standing for the lm_head matmul; an untied one counted twice, as the
+Llama teacher's 0.53B input embedding of its 8.03B is; attention-score FLOPs not
 counted), as the reference measurement does; and the peak memory above the models + optimizer baseline:
 ``torch.cuda.max_memory_allocated()`` over the timed steps minus ``memory_allocated()``
 right before them (after the warm-up steps created the AdamW state, gradients freed).
@@ -76,13 +92,16 @@ import argparse
 import contextlib
 import datetime as dt
 import gc
-import json
 import platform
 import statistics
 import sys
 import time
+from pathlib import Path
 
 import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from bench_json import Records, cpu_name, emit
 
 from lmdistill.config import Config
 from lmdistill.core.batch import Batch
@@ -96,66 +115,78 @@ SPEEDUPS = ("off", "compile", "liger", "both")  # in this order: Liger's RoPE pa
 GOALS = {"chunked_over_liger_tokens_per_s": 1.10, "chunked_over_full_tokens_per_s": 1.4}
 T, KD_WEIGHT = 2.0, 0.5
 
-# name -> Qwen2Config kwargs (anchor: the Qwen2.5-0.5B / 1.5B shapes; small: a CPU smoke test)
-ANCHOR = {
-    "student": dict(
-        vocab_size=151936,
-        hidden_size=896,
-        intermediate_size=4864,
-        num_hidden_layers=24,
-        num_attention_heads=14,
-        num_key_value_heads=2,
-        tie_word_embeddings=True,
-    ),
-    "teacher": dict(
-        vocab_size=151936,
-        hidden_size=1536,
-        intermediate_size=8960,
-        num_hidden_layers=28,
-        num_attention_heads=12,
-        num_key_value_heads=2,
-        tie_word_embeddings=True,
-    ),
-    "batch_size": 8,
-    "seq_len": 1024,
-}
-SMALL = {
-    "student": dict(
-        vocab_size=2048,
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        tie_word_embeddings=True,
-    ),
-    "teacher": dict(
-        vocab_size=2048,
-        hidden_size=128,
-        intermediate_size=256,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        tie_word_embeddings=True,
-    ),
-    "batch_size": 2,
-    "seq_len": 64,
-}
+
+def pair(label: str, config: str, student: dict, teacher: dict, batch_size: int, seq_len: int, **both) -> dict:
+    """A model pair's shapes: ``config`` (a transformers config class), each model's kwargs for it
+    (``both`` shared by the two), and the step's B and L."""
+    return {
+        "label": label,
+        "config": config,
+        "student": {**both, **student},
+        "teacher": {**both, **teacher},
+        "batch_size": batch_size,
+        "seq_len": seq_len,
+    }
 
 
-def emit(records: list, **kw) -> dict:
-    records.append(kw)
-    print(json.dumps(kw), flush=True)
-    return kw
+def layers(hidden: int, mlp: int, n: int, heads: int, kv_heads: int, tied: bool) -> dict:
+    return dict(
+        hidden_size=hidden,
+        intermediate_size=mlp,
+        num_hidden_layers=n,
+        num_attention_heads=heads,
+        num_key_value_heads=kv_heads,
+        tie_word_embeddings=tied,
+    )
 
 
-def build_model(kwargs: dict, seq_len: int, device: torch.device, dtype: torch.dtype, seed: int):
-    from transformers import AutoModelForCausalLM, Qwen2Config
+# --pair qwen: the Qwen2.5-0.5B / 1.5B shapes (ANCHOR), and a tiny Qwen2 pair for a CPU smoke test (SMALL)
+ANCHOR = pair(
+    "Qwen2.5-0.5B <- 1.5B",
+    "Qwen2Config",
+    layers(896, 4864, 24, 14, 2, True),
+    layers(1536, 8960, 28, 12, 2, True),
+    8,
+    1024,
+    vocab_size=151936,
+)
+SMALL = pair(
+    "Qwen2", "Qwen2Config", layers(64, 128, 2, 4, 2, True), layers(128, 256, 2, 4, 2, True), 2, 64, vocab_size=2048
+)
+# --pair llama: the Llama-3.2-1B / Llama-3.1-8B shapes (RoPE scaling left out: same work), and a tiny Llama pair
+LLAMA = dict(rope_theta=500000.0, rms_norm_eps=1e-5)
+LLAMA_ANCHOR = pair(
+    "Llama-3.2-1B <- Llama-3.1-8B",
+    "LlamaConfig",
+    layers(2048, 8192, 16, 32, 8, True),
+    layers(4096, 14336, 32, 32, 8, False),
+    8,
+    1024,
+    vocab_size=128256,
+    **LLAMA,
+)
+LLAMA_SMALL = pair(
+    "Llama",
+    "LlamaConfig",
+    layers(64, 128, 2, 8, 2, True),
+    layers(128, 256, 2, 8, 2, False),
+    2,
+    64,
+    vocab_size=2048,
+    **LLAMA,
+)
+PAIRS = {"qwen": (ANCHOR, SMALL), "llama": (LLAMA_ANCHOR, LLAMA_SMALL)}
 
-    config = Qwen2Config(**kwargs, max_position_embeddings=max(4096, seq_len), use_cache=False)
+
+def build_model(shapes: dict, which: str, seq_len: int, device: torch.device, dtype: torch.dtype, seed: int):
+    """``which`` (student or teacher) of ``shapes``, random-initialised on ``device`` from its config."""
+    import transformers
+
+    config_class = getattr(transformers, shapes["config"])
+    config = config_class(**shapes[which], max_position_embeddings=max(4096, seq_len), use_cache=False)
     torch.manual_seed(seed)
     with torch.device(device):  # initialise on the device: seconds, not minutes, at 1.5B
-        model = AutoModelForCausalLM.from_config(config, attn_implementation="sdpa")
+        model = transformers.AutoModelForCausalLM.from_config(config, attn_implementation="sdpa")
     return model.to(dtype)
 
 
@@ -173,7 +204,15 @@ def free_memory(cuda: bool) -> None:
 def parse_args() -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", choices=["cuda", "cpu"])
-    p.add_argument("--small", action="store_true", help="tiny shapes (hidden 64/128, 2 layers, V 2048, B 2, L 64)")
+    p.add_argument(
+        "--pair",
+        default="qwen",
+        choices=sorted(PAIRS),
+        help="qwen: Qwen2.5-0.5B <- 1.5B shapes (default); llama: Llama-3.2-1B <- Llama-3.1-8B shapes",
+    )
+    p.add_argument(
+        "--small", action="store_true", help="tiny shapes of the pair (hidden 64/128, 2 layers, V 2048, B 2, L 64)"
+    )
     p.add_argument("--steps", type=int, default=10, help="timed steps per variant")
     p.add_argument("--warmup", type=int, default=3, help="untimed steps first (torch.compile, AdamW state); at least 1")
     p.add_argument("--batch-size", type=int, help="default 8 (2 with --small)")
@@ -221,7 +260,7 @@ def main() -> None:
     cuda = device.type == "cuda"
     if cuda and not torch.cuda.is_available():
         sys.exit("--device cuda but no CUDA device is available; use --device cpu --small")
-    shapes = SMALL if args.small else ANCHOR
+    shapes = PAIRS[args.pair][1 if args.small else 0]
     B = args.batch_size or shapes["batch_size"]
     L = args.seq_len or shapes["seq_len"]
     warmup = max(1, args.warmup)
@@ -229,32 +268,8 @@ def main() -> None:
     speedups = _subset(args.speedups, SPEEDUPS, "speed-ups")
     autocast = args.precision == "autocast"
 
-    records: list[dict] = []
-    env = emit(
-        records,
-        env=True,
-        command=" ".join([sys.executable.rsplit("/", 1)[-1]] + sys.argv),
-        date=dt.datetime.now().isoformat(timespec="seconds"),
-        device=torch.cuda.get_device_name(device) if cuda else f"cpu ({platform.processor() or 'unknown'})",
-        torch=torch.__version__,
-        python=platform.python_version(),
-        transformers=__import__("transformers").__version__,
-        precision=(
-            "student fp32 master weights under bf16 autocast, teacher bf16"
-            if autocast
-            else "student and teacher bf16 weights, no autocast"
-        ),
-        batch_size=B,
-        seq_len=L,
-        steps=args.steps,
-        warmup=warmup,
-        chunk_size=args.chunk_size,
-        liger_chunk_size=args.liger_chunk_size,
-        max_grad_norm=args.max_grad_norm or None,
-        optimizer=f"AdamW(fused={cuda}) with schedules.make_optimizer's parameter groups",
-        shapes="small" if args.small else "anchor (Qwen2.5-0.5B <- 1.5B)",
-        speedups=speedups,
-    )
+    records = Records(args.out)  # rewritten after each record: a run cut short keeps what it measured
+    env = emit(records, **env_record(args, device, shapes, B, L, warmup, speedups))
     liger_loss = make_liger_loss(args, cuda, wanted, env, records)
     speedups = usable_speedups(speedups, cuda, env, records)
     bench = Bench(args, shapes, device, B, L, warmup, autocast, liger_loss, records)
@@ -279,11 +294,44 @@ def main() -> None:
         speedup_ratios=by_speedup,
         note=None if cuda else "CPU run: timings are not the GPU figures; MFU, memory and the goals need CUDA",
     )
-    print_table(records, results, ratios, by_speedup, env, args.small, cuda)
+    print_table(records, results, ratios, by_speedup, env, cuda)
     if args.out:
-        with open(args.out, "w") as f:
-            json.dump(records, f, indent=1)
         print(f"wrote {args.out}")
+
+
+def env_record(args, device: torch.device, shapes: dict, B: int, L: int, warmup: int, speedups: list[str]) -> dict:
+    """The run's first record: the command, the machine, the versions, the pair and the settings."""
+    cuda = device.type == "cuda"
+    return dict(
+        env=True,
+        command=" ".join([sys.executable.rsplit("/", 1)[-1]] + sys.argv),
+        date=dt.datetime.now().isoformat(timespec="seconds"),
+        device=torch.cuda.get_device_name(device) if cuda else f"cpu ({cpu_name()})",
+        device_memory_gib=gib(torch.cuda.get_device_properties(device).total_memory) if cuda else None,
+        torch=torch.__version__,
+        cuda=torch.version.cuda if cuda else None,
+        python=platform.python_version(),
+        transformers=__import__("transformers").__version__,
+        precision=(
+            "student fp32 master weights under bf16 autocast, teacher bf16"
+            if args.precision == "autocast"
+            else "student and teacher bf16 weights, no autocast"
+        ),
+        batch_size=B,
+        seq_len=L,
+        steps=args.steps,
+        warmup=warmup,
+        chunk_size=args.chunk_size,
+        liger_chunk_size=args.liger_chunk_size,
+        max_grad_norm=args.max_grad_norm or None,
+        optimizer=f"AdamW(fused={cuda}) with schedules.make_optimizer's parameter groups",
+        pair=args.pair,
+        shapes=f"small ({shapes['label']}-shaped)" if args.small else f"anchor ({shapes['label']})",
+        model_config=shapes["config"],
+        student=shapes["student"],
+        teacher=shapes["teacher"],
+        speedups=speedups,
+    )
 
 
 def make_liger_loss(args, cuda: bool, wanted: list[str], env: dict, records: list):
@@ -361,9 +409,9 @@ class Bench:
         t0 = time.perf_counter()
         torch._dynamo.reset()  # each speed-up pays its own compilation in its warm-up
         args, shapes = self.args, self.shapes
-        self.teacher = build_model(shapes["teacher"], self.L, self.device, torch.bfloat16, args.seed + 1)
+        self.teacher = build_model(shapes, "teacher", self.L, self.device, torch.bfloat16, args.seed + 1)
         self.teacher.eval().requires_grad_(False)
-        self.student = build_model(shapes["student"], self.L, self.device, self.student_dtype, args.seed)
+        self.student = build_model(shapes, "student", self.L, self.device, self.student_dtype, args.seed)
         self.student.train()
         if self.initial_state is None:  # the first speed-up's weights, for every later one too
             self.initial_state = {k: v.detach().to("cpu", copy=True) for k, v in self.student.state_dict().items()}
@@ -540,9 +588,9 @@ def speedup_ratios(results: dict) -> dict[str, dict[str, dict]]:
     return out
 
 
-def print_table(records, results, ratios, by_speedup, env, small: bool, cuda: bool) -> None:
+def print_table(records, results, ratios, by_speedup, env, cuda: bool) -> None:
     print(
-        f"\none KD step, {'small' if small else 'anchor'} shapes, B={env['batch_size']}, L={env['seq_len']}, "
+        f"\none KD step, {env['shapes']} shapes, B={env['batch_size']}, L={env['seq_len']}, "
         f"{env['precision']}, {env['device']}"
     )
     print(
