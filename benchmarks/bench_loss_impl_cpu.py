@@ -35,7 +35,11 @@ import torch
 from lmdistill.loss.chunked import fused_linear_distillation_loss, fused_logits_distillation_loss
 
 SHAPES = [  # (tokens per micro-batch, vocabulary)
+    (510, 4096),
+    (1020, 4096),
     (2040, 4096),
+    (4080, 4096),
+    (2040, 8192),
     (2040, 16384),
     (2040, 32768),
     (510, 49152),
@@ -100,7 +104,7 @@ def measure(tokens: int, vocab: int, precision: str, repeats: int) -> dict:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", required=True)
-    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--repeats", type=int, default=7)
     parser.add_argument("--precisions", default="fp32,bf16")
     parser.add_argument("--shapes", help="TOKENSxVOCAB,... (default: the list in this file)")
     args = parser.parse_args()

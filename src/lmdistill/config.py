@@ -406,13 +406,20 @@ class LossConfig:
 
     impl: Literal["auto", "full", "chunked", "reference"] = doc(
         "full = logits of both models, closed-form gradients; chunked = fused linear+loss over token chunks "
-        "(memory-flat); auto = chunked when the logits would be large; reference = full logits through autograd "
-        "(the slow reference the others are tested against).",
+        "(memory-flat); auto = chunked when the logits would be large (or, on the CPU, where chunked is the faster); "
+        "reference = full logits through autograd (the slow reference the others are tested against).",
         "auto",
     )
     chunk_size: Int = doc("Tokens per chunk for impl=chunked.", 1024)
     auto_threshold_mib: Float = doc(
-        "impl=auto switches to chunked above this size of fp32 logits per micro-batch.", 1024.0
+        "impl=auto switches to chunked above this size of one micro-batch's fp32 logits (both models): "
+        "memory, on any device.",
+        1024.0,
+    )
+    auto_cpu_threshold_mib: Float = doc(
+        "On the CPU, with a live teacher of the student's tokenizer, impl=auto switches to chunked already above "
+        "this size, where chunked was measured the faster (docs/performance.md).",
+        96.0,
     )
 
 
@@ -843,7 +850,7 @@ def _check_numbers(cfg: Config) -> None:
     for key, value in non_negative.items():
         if value is not None and value < 0:
             raise _bad(key, value, "must be >= 0")
-    for key in ("health.ppl_max", "loss.auto_threshold_mib"):
+    for key in ("health.ppl_max", "loss.auto_threshold_mib", "loss.auto_cpu_threshold_mib"):
         if not _get(cfg, key) > 0:
             raise _bad(key, _get(cfg, key), "must be a number > 0")
 

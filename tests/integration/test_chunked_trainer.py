@@ -57,6 +57,19 @@ def test_auto_picks_chunked_only_for_large_logits(teacher_dir):
     assert choose_loss_impl("full", kl, 8 * 1024, 151_936, teacher, teacher, threshold) == "full"
 
 
+@pytest.mark.parametrize(("cpu_threshold", "expected"), [(1.0, "full"), (0.1, "chunked")])
+def test_auto_on_the_cpu_switches_at_the_cpu_threshold(tmp_path, teacher_dir, text_file, cpu_threshold, expected):
+    """On the CPU, auto takes chunked above loss.auto_cpu_threshold_mib (where chunked was measured
+    the faster), far below the memory threshold; run.json records what the run resolved."""
+    import json
+
+    _run(tmp_path, teacher_dir, text_file, "auto", **{"loss.auto_cpu_threshold_mib": cpu_threshold})
+    plan = json.loads((tmp_path / "auto" / "run.json").read_text())["plan"]
+    logits_mib = 4 * 31 * plan["vocab_size"] * 4 * 2 / 2**20  # a micro-batch's fp32 logits, both models
+    assert 0.1 < logits_mib < 1.0 < Config().loss.auto_threshold_mib
+    assert plan["loss_impl"] == expected
+
+
 def test_plain_lm_training_shapes_the_student_after_the_teacher_config(tmp_path, teacher_dir, text_file):
     """kd_weight 0 with a teacher and no student: the CE-only baseline of a KD run. The student is
     shaped after the teacher, the teacher never runs in a training step, and the held-out figures

@@ -217,3 +217,37 @@ def test_two_compiled_processes_match_two_eager_ones(tmp_path, teacher_dir, text
         runs[setting] = out
     assert json.loads((runs["on"] / "run.json").read_text())["plan"]["compile"] == "on"
     _assert_same_run(runs["off"], runs["on"])
+
+
+@pytest.mark.slow
+def test_every_layer_runs_inductors_code_even_past_the_recompile_limit(tmp_path):
+    """The compiled layers really run compiled, not a silent eager fallback: with more layers than
+    dynamo's recompile limit (all of one class, each its own bound forward), one graph serves them
+    all, nothing falls back or breaks the graph, and the model's loss and gradients are the eager
+    model's within fp32 tolerance."""
+    from torch._dynamo.utils import counters
+
+    from conftest import tiny_llama
+    from lmdistill.models.speedups import compile_layers, compiled_layers
+
+    layers = torch._dynamo.config.recompile_limit + 4
+    eager = tiny_llama(64, hidden=32, layers=layers)
+    compiled = tiny_llama(64, hidden=32, layers=layers)
+    assert compile_layers(compiled) == compiled_layers(compiled) == layers
+    torch._dynamo.reset()
+    counters.clear()
+    ids = torch.randint(0, 64, (2, 16), generator=torch.Generator().manual_seed(0))
+    results = []
+    for model in (eager, compiled):
+        loss = model(input_ids=ids, labels=ids, use_cache=False).loss
+        loss.backward()
+        results.append((loss.detach(), {n: p.grad for n, p in model.named_parameters()}))
+    # One frame compiled once, for every layer (a layer whose guards failed would compile again,
+    # or past the limit run eagerly): one graph, no breaks.
+    assert (counters["frames"]["total"], counters["frames"]["ok"]) == (1, 1), dict(counters["frames"])
+    assert counters["stats"]["unique_graphs"] == 1, dict(counters["stats"])
+    assert not counters["graph_break"], dict(counters["graph_break"])
+    (loss_a, grads_a), (loss_b, grads_b) = results
+    torch.testing.assert_close(loss_b, loss_a, rtol=1e-5, atol=1e-6)
+    for name, grad in grads_a.items():
+        torch.testing.assert_close(grads_b[name], grad, rtol=1e-4, atol=1e-6, msg=name)

@@ -61,7 +61,7 @@ _USE_WORKSPACE = True  # tests switch it off to check the allocation-only path t
 #
 # Alive at a chunk's peak (inside the divergence), bytes per (rows x vocab) entry, forward KL:
 # T != 1: 3 fp32 slots + the kept logits (2 B for a bf16 model, 4 B for fp32) = 14 / 16 B;
-# T == 1: 12 B. JSD: one fp32 slot (4) more. Until this accounting was written (see
+# T == 1: 12 B. JSD, reverse KL, TVD: one fp32 slot (4) more; the skews two (4 and 5). Until this accounting was written (see
 # docs/performance.md) slot 1 held log p_s at T = 1 through the KD term beside a slot 2 with
 # log p_s at T, the matmul outputs and the gradient's 2-byte copy were fresh tensors, and the
 # log-mixture of JSD and the skews took slot 5: forward KL 16-18 B, JSD 24-26 B.
@@ -207,6 +207,8 @@ def _chunk_step(
     keep = with_kd and not same_t  # the CE term needs log softmax(z), the KD term log softmax(z / T)
     zs = _head_logits(h_c, w_s, b_s, ws, 2 if keep else 0, 2 if keep else 1)
     ls = _log_softmax(_staged(zs, ws(0, rows), inv_t if keep else None), ws(1, rows))
+    if not keep:  # spent: not held while the teacher's logits are formed
+        zs = None
     kd_sum = ls.new_zeros(())
     grad_kd = None
     if with_kd:
@@ -675,9 +677,10 @@ def fused_linear_distillation_loss(
         chunk_size: valid-target rows per chunk. Peak extra memory is the fp32 (V, Hs)
             weight gradient, the (N, Hs) hidden-state gradient, and per (chunk_size x
             vocab_size) entry 12 bytes (forward KL at T = 1) to 16 (T != 1, fp32 model; 14 for
-            bf16), 4 more for JSD and the other divergences, in eager mode; 6 bytes for a bf16
-            model with the chunk math compiled (the default on CUDA): both logits and the
-            gradient, in bf16. See the slot accounting above and docs/performance.md.
+            bf16), 4 more for JSD, reverse KL and TVD, 8 more for the skews, in eager mode; for
+            forward KL with the chunk math compiled (the default on CUDA), 6 bytes for a bf16
+            model on inductor's CPU backend: both logits and the gradient, in bf16. See the slot
+            accounting above and docs/performance.md.
         use_compile: torch.compile the per-chunk elementwise math; None = only on CUDA.
 
     Returns:

@@ -251,7 +251,7 @@ def _tvd_chunk(ls: Tensor, lt: Tensor, params: DivergenceParams, need_grad: bool
     kd = 0.5 * torch.abs(diff, out=ws(4, rows)).sum()
     if not need_grad:
         return kd, None
-    return kd, _softmax_jacobian(diff.sign_().mul_(0.5), ps, ws(5, rows))
+    return kd, _softmax_jacobian(diff.sign_().mul_(0.5), ps, ws(4, rows))  # (|p - q| is spent)
 
 
 # --------------------------------------------------------------------------------------------

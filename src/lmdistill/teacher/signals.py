@@ -277,7 +277,9 @@ class CachedTeacher(TeacherSignal):
 def choose_loss_impl(
     impl: str, divergence, tokens_per_micro_batch: int, vocab_size: int, student, teacher, threshold_mib: float
 ) -> str:
-    """``full`` or ``chunked`` for ``loss.impl`` (auto: chunked when the logits would be large).
+    """``full`` or ``chunked`` for ``loss.impl`` (auto: chunked when one micro-batch's fp32 logits of
+    both models would exceed ``threshold_mib``: the memory budget, or on the CPU the smaller size
+    above which chunked was measured the faster path, benchmarks/bench_loss_impl_cpu.py).
 
     Raises ValueError for ``chunked`` where it cannot work: a model whose logits the fused
     loss cannot reproduce, or a divergence without a closed-form gradient.

@@ -246,11 +246,16 @@ def _signal(cfg: Config, models: Models, cache, projection) -> tuple[str, Teache
             "begins with"
         )
         return impl, signal
-    impl = _loss_impl(cfg, models, live_teacher)
+    impl = _loss_impl(cfg, models, live_teacher, dense_kd=live_teacher is not None)
     return impl, make_signal(impl, live_teacher, vocab, tuple(t for _, t in pairs))
 
 
-def _loss_impl(cfg: Config, models: Models, teacher, vocab: int | None = None) -> str:
+def _loss_impl(cfg: Config, models: Models, teacher, vocab: int | None = None, *, dense_kd: bool = False) -> str:
+    """The loss path; ``dense_kd``: a live teacher of the student's tokenizer, the one loss whose
+    chunked path was measured faster than full on the CPU (the sparse losses were not)."""
+    threshold = cfg.loss.auto_threshold_mib  # (memory, on any device)
+    if dense_kd and uses_cpu(cfg):
+        threshold = min(threshold, cfg.loss.auto_cpu_threshold_mib)
     try:
         return choose_loss_impl(
             cfg.loss.impl,
@@ -259,7 +264,7 @@ def _loss_impl(cfg: Config, models: Models, teacher, vocab: int | None = None) -
             vocab or len(models.tokenizer),
             models.student,
             teacher,
-            cfg.loss.auto_threshold_mib,
+            threshold,
         )
     except ValueError as exc:
         raise LmdistillError(str(exc)) from None
