@@ -39,6 +39,13 @@ def test_tokenizer_with_other_vocab_size_is_rejected_naming_both(corpus_texts, t
     message = str(info.value)
     assert "'big-teacher'" in message and "'small-student'" in message
     assert "different tokenizers" in message and "vocabularies differ" in message
+    big, small = tiny_tokenizer.get_vocab(), other.get_vocab()
+    both = big.keys() & small.keys()
+    same_id = sum(big[token] == small[token] for token in both)
+    assert (
+        f"({len(big):,} vs {len(small):,} tokens; {len(both):,} in both, {same_id:,} of them with the same id)"
+        in message
+    )
 
 
 def test_tokenizer_trained_on_other_text_is_rejected(tiny_tokenizer):

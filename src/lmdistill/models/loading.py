@@ -163,10 +163,12 @@ def tokenizer_difference(teacher_tok, student_tok) -> str | None:
     if not differs:
         return None
     if differs[0] == "vocabulary":
-        shared = len(set(t["vocabulary"].items()) ^ set(s["vocabulary"].items()))
+        tv, sv = t["vocabulary"], s["vocabulary"]
+        both = tv.keys() & sv.keys()
+        same_id = sum(tv[token] == sv[token] for token in both)
         problem = (
-            f"vocabularies differ ({len(t['vocabulary'])} vs {len(s['vocabulary'])} tokens, {shared} entries "
-            "not shared)"
+            f"vocabularies differ ({len(tv):,} vs {len(sv):,} tokens; {len(both):,} in both, "
+            f"{same_id:,} of them with the same id)"
         )
     elif differs[0] == "merges":
         problem = f"BPE merges differ ({len(t['merges'])} vs {len(s['merges'])} merges)"
