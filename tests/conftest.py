@@ -123,13 +123,52 @@ def teacher_dir(tmp_path_factory, tiny_tokenizer, text_file) -> Path:
     return out / "student"
 
 
+def save_student(path: Path, tokenizer, seed: int = 2) -> Path:
+    """An untrained tiny student (one layer, width 32) for ``tokenizer``'s vocabulary, saved at
+    ``path`` with that tokenizer, as a user's student directory would be. Returns ``path``."""
+    tiny_llama(len(tokenizer), hidden=32, layers=1, seed=seed).save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return path
+
+
 @pytest.fixture(scope="session")
 def student_dir(tmp_path_factory, tiny_tokenizer) -> Path:
     """An untrained tiny student saved with its tokenizer."""
-    path = tmp_path_factory.mktemp("student") / "model"
-    tiny_llama(len(tiny_tokenizer), hidden=32, layers=1, seed=2).save_pretrained(path)
-    tiny_tokenizer.save_pretrained(path)
-    return path
+    return save_student(tmp_path_factory.mktemp("student") / "model", tiny_tokenizer)
+
+
+# The student shape most `lmdistill train` runs of the tests cut out of the teacher, as a --set value.
+TINY_STUDENT = (
+    "model.student_config={num_hidden_layers: 1, hidden_size: 16, intermediate_size: 32, "
+    "num_attention_heads: 2, num_key_value_heads: 2}"
+)
+
+
+def train_args(
+    teacher_dir,
+    data,
+    out,
+    *extra: str,
+    batch_size: int | None = 4,
+    steps: int | None = 4,
+    eval_every: int | None = 2,
+    block_size: int | None = 32,
+    max_eval_blocks: int | None = 8,
+    student: str | None = TINY_STUDENT,
+) -> tuple[str, ...]:
+    """The words of a short ``lmdistill train`` run: teacher, data, run directory, batch size, steps,
+    evaluation interval, block size, held-out blocks, the student's ``--set`` (``student``), no
+    progress bars, then ``extra``. A setting given None is left out (lmdistill's default holds)."""
+    words = ["train", "--teacher", str(teacher_dir), "--data", str(data), "--output-dir", str(out)]
+    for flag, value in (("--batch-size", batch_size), ("--max-steps", steps), ("--eval-every", eval_every)):
+        if value is not None:
+            words += [flag, str(value)]
+    for key, value in (("data.block_size", block_size), ("data.max_eval_blocks", max_eval_blocks)):
+        if value is not None:
+            words += ["--set", f"{key}={value}"]
+    if student is not None:
+        words += ["--set", student]
+    return (*words, "--no-progress", *extra)
 
 
 class CliResult(NamedTuple):

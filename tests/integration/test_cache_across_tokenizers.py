@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import cli, one_error_line, read_jsonl, tiny_llama, unigram_tokenizer
+from conftest import cli, one_error_line, read_jsonl, save_student, unigram_tokenizer
 from lmdistill.config import Config
 from lmdistill.data.sources import build_block_data
 
@@ -28,10 +28,7 @@ def other_tokenizer(corpus_texts):
 
 @pytest.fixture(scope="module")
 def other_student(tmp_path_factory, other_tokenizer):
-    path = tmp_path_factory.mktemp("across-student") / "model"
-    tiny_llama(len(other_tokenizer), hidden=32, layers=1, seed=3).save_pretrained(path)
-    other_tokenizer.save_pretrained(path)
-    return path
+    return save_student(tmp_path_factory.mktemp("across-student") / "model", other_tokenizer, seed=3)
 
 
 @pytest.fixture(scope="module")

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import cli, launch, one_error_line, read_jsonl, tiny_llama, unigram_tokenizer
+from conftest import cli, launch, one_error_line, read_jsonl, save_student, tiny_llama, unigram_tokenizer
 from lmdistill.config import Config
 from lmdistill.data.sources import build_block_data
 from lmdistill.training.checkpoint import load_checkpoint
@@ -31,10 +31,7 @@ def other_tokenizer(corpus_texts):
 @pytest.fixture(scope="module")
 def other_student(tmp_path_factory, other_tokenizer):
     """An untrained student with its own tokenizer."""
-    path = tmp_path_factory.mktemp("cross-student") / "model"
-    tiny_llama(len(other_tokenizer), hidden=32, layers=1, seed=3).save_pretrained(path)
-    other_tokenizer.save_pretrained(path)
-    return path
+    return save_student(tmp_path_factory.mktemp("cross-student") / "model", other_tokenizer, seed=3)
 
 
 @pytest.fixture(scope="module")
@@ -315,10 +312,7 @@ def sentencepiece_student(tmp_path_factory, corpus_texts):
     """A student with a Unigram tokenizer and SentencePiece's space marker: a vocabulary that
     shares few tokens with the byte-level teacher's, and another way of cutting text."""
     tokenizer = unigram_tokenizer(corpus_texts, 500)
-    path = tmp_path_factory.mktemp("sp-student") / "model"
-    tiny_llama(len(tokenizer), hidden=32, layers=1, seed=4).save_pretrained(path)
-    tokenizer.save_pretrained(path)
-    return path, tokenizer
+    return save_student(tmp_path_factory.mktemp("sp-student") / "model", tokenizer, seed=4), tokenizer
 
 
 def test_a_student_whose_vocabulary_shares_few_tokens(

@@ -15,44 +15,25 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from conftest import REPO, cli, launch, one_error_line, read_jsonl, run_cli
+from conftest import REPO, cli, launch, one_error_line, read_jsonl, run_cli, train_args
 
 pytestmark = pytest.mark.slow
 
-STUDENT = (
-    "model.student_config={num_hidden_layers: 1, hidden_size: 16, intermediate_size: 32, "
-    "num_attention_heads: 2, num_key_value_heads: 2}"
-)
-
 
 def _common(teacher_dir, text_file, out, batch_size):
-    return (
-        "train",
-        "--teacher",
-        str(teacher_dir),
-        "--data",
-        str(text_file),
-        "--output-dir",
-        str(out),
-        "--batch-size",
-        str(batch_size),
-        "--max-steps",
-        "8",
-        "--eval-every",
-        "4",
-        "--set",
-        "data.block_size=32",
-        "--set",
-        STUDENT,
-        "--set",
-        "data.max_eval_blocks=8",
+    return train_args(
+        teacher_dir,
+        text_file,
+        out,
         "--set",
         "checkpoint.every=4",
-        "--no-progress",
         # the student is cut out of the teacher (the default) and trained with the hidden-state
         # term, whose projection is wrapped for data parallelism like the student
         "--set",
         "distill.hidden.weight=1.0",
+        batch_size=batch_size,
+        steps=8,
+        eval_every=4,
     )
 
 

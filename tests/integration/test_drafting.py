@@ -11,7 +11,7 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from conftest import cli, one_error_line, read_jsonl, tiny_llama
+from conftest import cli, one_error_line, read_jsonl, tiny_llama, train_args
 from lmdistill.teacher.speculative import DraftSettings, measure_drafting
 
 K = 4  # draft tokens per teacher forward
@@ -93,27 +93,8 @@ def test_eval_draft_for(student_dir, teacher_dir, text_file, tmp_path):
 
 
 def _short_run(teacher_dir, text_file, out, *extra):
-    return cli(
-        "train",
-        "--teacher",
-        str(teacher_dir),
-        "--data",
-        str(text_file),
-        "--output-dir",
-        str(out),
-        "--batch-size",
-        "2",
-        "--max-steps",
-        "4",
-        "--eval-every",
-        "2",
-        "--set",
-        "data.block_size=32",
-        "--set",
-        "model.student_config={num_hidden_layers: 1}",
-        "--no-progress",
-        *extra,
-    )
+    student = "model.student_config={num_hidden_layers: 1}"
+    return cli(*train_args(teacher_dir, text_file, out, *extra, batch_size=2, max_eval_blocks=None, student=student))
 
 
 def test_a_run_measures_generation_and_drafting(teacher_dir, text_file, tmp_path):

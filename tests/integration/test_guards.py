@@ -9,7 +9,7 @@ import pytest
 import torch
 import yaml
 
-from conftest import cli, read_jsonl
+from conftest import cli, read_jsonl, train_args
 from lmdistill.config import Config
 from lmdistill.core.errors import TrainingStopped
 from lmdistill.training.checkpoint import load_checkpoint
@@ -120,27 +120,20 @@ def test_masked_teacher_vocabulary_is_not_a_fault(tmp_path, teacher_dir, text_fi
 def test_consecutive_faults_stop_with_exit_code_3_and_name_the_teacher(tmp_path, teacher_dir, text_file):
     out = tmp_path / "run"
     faults = ", ".join(f"{{step: {s}, where: teacher_logits, value: nan}}" for s in range(3, 12))
+    inject = ("--set", f"debug.inject=[{faults}]", "--set", "checkpoint.every=2")
+    student = f"model.student_config={SMALL_STUDENT}"
     proc = cli(
-        "train",
-        "--teacher",
-        str(teacher_dir),
-        "--data",
-        str(text_file),
-        "--output-dir",
-        str(out),
-        "--batch-size",
-        "2",
-        "--max-steps",
-        "20",
-        "--set",
-        "data.block_size=32",
-        "--set",
-        f"model.student_config={SMALL_STUDENT}",
-        "--set",
-        f"debug.inject=[{faults}]",
-        "--set",
-        "checkpoint.every=2",
-        "--no-progress",
+        *train_args(
+            teacher_dir,
+            text_file,
+            out,
+            *inject,
+            batch_size=2,
+            steps=20,
+            eval_every=None,
+            max_eval_blocks=None,
+            student=student,
+        )
     )
     assert proc.returncode == 3, proc.stderr[-2000:]
     assert "Traceback" not in proc.stderr
@@ -229,29 +222,20 @@ def test_same_seed_same_decisions(tmp_path, teacher_dir, text_file):
 def test_seed_replay_presets_stay_finite_and_learn(tmp_path, teacher_dir, text_file, preset):
     """The original report's failing settings (T=3 -> 2 with T^2, and T=5, T=10; fp32 and bf16), shortened."""
     out = tmp_path / "run"
+    config = ("--config", str(Path(__file__).parents[2] / "configs" / preset))
+    student = f"model.student_config={SMALL_STUDENT}"
     proc = cli(
-        "train",
-        "--config",
-        str(Path(__file__).parents[2] / "configs" / preset),
-        "--teacher",
-        str(teacher_dir),
-        "--data",
-        str(text_file),
-        "--output-dir",
-        str(out),
-        "--max-steps",
-        "30",
-        "--batch-size",
-        "4",
-        "--eval-every",
-        "15",
-        "--set",
-        "data.block_size=64",
-        "--set",
-        f"model.student_config={SMALL_STUDENT}",
-        "--set",
-        "data.max_eval_blocks=16",
-        "--no-progress",
+        *train_args(
+            teacher_dir,
+            text_file,
+            out,
+            *config,
+            steps=30,
+            eval_every=15,
+            block_size=64,
+            max_eval_blocks=16,
+            student=student,
+        )
     )
     assert proc.returncode == 0, proc.stderr[-2000:]
     records = read_jsonl(out / "metrics.jsonl")

@@ -19,37 +19,12 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import cli, one_error_line, read_jsonl
+from conftest import TINY_STUDENT, cli, one_error_line, read_jsonl, train_args
 from forked import start_cli
-
-SMALL_STUDENT = (
-    "model.student_config={num_hidden_layers: 1, hidden_size: 16, intermediate_size: 32, "
-    "num_attention_heads: 2, num_key_value_heads: 2}"
-)
 
 
 def _args(teacher_dir, data, out, *extra, steps=4):
-    return (
-        "train",
-        "--teacher",
-        str(teacher_dir),
-        "--data",
-        str(data),
-        "--output-dir",
-        str(out),
-        "--batch-size",
-        "2",
-        "--max-steps",
-        str(steps),
-        "--set",
-        "data.block_size=32",
-        "--set",
-        SMALL_STUDENT,
-        "--set",
-        "data.max_eval_blocks=4",
-        "--no-progress",
-        *extra,
-    )
+    return train_args(teacher_dir, data, out, *extra, batch_size=2, steps=steps, eval_every=None, max_eval_blocks=4)
 
 
 def _tree(path: Path) -> dict[str, bytes]:
@@ -519,7 +494,7 @@ def test_healthy_runs_on_the_embedded_corpus_fire_no_check(tmp_path, teacher_dir
         "--lr",
         "3e-3",
         "--set",
-        SMALL_STUDENT,
+        TINY_STUDENT,
         "--set",
         "data.block_size=64",
         "--set",

@@ -11,7 +11,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from conftest import cli, launch, one_error_line, read_jsonl
+from conftest import cli, launch, one_error_line, read_jsonl, train_args
 from forked import run_cli_forked
 from lmdistill.training.checkpoint import load_checkpoint
 
@@ -20,34 +20,23 @@ R, ALPHA, STEPS = 4, 8.0, 8
 
 def _args(teacher_dir, student_dir, text_file, out, *extra, lora=True):
     """A short run; ``student_dir`` None cuts the student out of the teacher."""
-    return (
-        "train",
-        "--teacher",
-        str(teacher_dir),
-        *(("--student", str(student_dir)) if student_dir else ("--set", "model.student_config={num_hidden_layers: 1}")),
-        "--data",
-        str(text_file),
-        "--output-dir",
-        str(out),
-        "--batch-size",
-        "2",
-        "--max-steps",
-        str(STEPS),
-        "--eval-every",
-        "4",
+    return train_args(
+        teacher_dir,
+        text_file,
+        out,
+        *(("--student", str(student_dir)) if student_dir else ()),
         "--lr",
         "1e-2",
-        "--set",
-        "data.block_size=32",
-        "--set",
-        "data.max_eval_blocks=8",
         *(("--set", f"model.lora={{r: {R}, alpha: {ALPHA}}}") if lora else ()),
         "--set",
         "checkpoint.every=1",
         "--set",
         "checkpoint.keep=100",
-        "--no-progress",
         *extra,
+        batch_size=2,
+        steps=STEPS,
+        eval_every=4,
+        student=None if student_dir else "model.student_config={num_hidden_layers: 1}",
     )
 
 

@@ -12,13 +12,9 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from conftest import cli, one_error_line, read_jsonl, run_cli
+from conftest import cli, one_error_line, read_jsonl, run_cli, train_args
 from lmdistill.teacher.onpolicy import is_on_policy
 
-STUDENT = (
-    "model.student_config={num_hidden_layers: 1, hidden_size: 16, intermediate_size: 32, "
-    "num_attention_heads: 2, num_key_value_heads: 2}"
-)
 ON = (
     "--set",
     "distill.on_policy.fraction=0.5",
@@ -30,28 +26,16 @@ ON = (
 
 
 def _args(teacher_dir, text_file, out, *extra, steps: int = 6, batch_size: int = 2):
-    return (
-        "train",
-        "--teacher",
-        str(teacher_dir),
-        "--data",
-        str(text_file),
-        "--output-dir",
-        str(out),
-        "--batch-size",
-        str(batch_size),
-        "--max-steps",
-        str(steps),
-        "--no-progress",
-        "--set",
-        "data.block_size=32",
-        "--set",
-        "data.max_eval_blocks=8",
-        "--set",
-        STUDENT,
+    return train_args(
+        teacher_dir,
+        text_file,
+        out,
         "--set",
         "model.student_init=random",
         *extra,
+        batch_size=batch_size,
+        steps=steps,
+        eval_every=None,
     )
 
 

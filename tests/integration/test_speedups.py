@@ -16,7 +16,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from conftest import cli, launch, one_error_line, read_jsonl
+from conftest import cli, launch, one_error_line, read_jsonl, train_args
 
 STUDENT = (
     "model.student_config={num_hidden_layers: 2, hidden_size: 32, intermediate_size: 64, "
@@ -26,30 +26,16 @@ TERMS = ("loss", "kd_loss", "ce_loss", "grad_norm")
 
 
 def _args(teacher_dir, text_file, out, *extra, batch_size=4, steps=4):
-    return (
-        "train",
-        "--teacher",
-        str(teacher_dir),
-        "--data",
-        str(text_file),
-        "--output-dir",
-        str(out),
-        "--batch-size",
-        str(batch_size),
-        "--max-steps",
-        str(steps),
-        "--eval-every",
-        "2",
-        "--set",
-        "data.block_size=32",
-        "--set",
-        "data.max_eval_blocks=8",
-        "--set",
-        STUDENT,
+    return train_args(
+        teacher_dir,
+        text_file,
+        out,
         "--set",
         "checkpoint.every=2",
-        "--no-progress",
         *extra,
+        batch_size=batch_size,
+        steps=steps,
+        student=STUDENT,
     )
 
 

@@ -10,7 +10,7 @@ import torch
 from safetensors.torch import load, load_file
 from transformers import AutoModelForCausalLM
 
-from conftest import cli, read_jsonl
+from conftest import cli, read_jsonl, train_args
 from forked import run_cli_forked
 from lmdistill.config import GuardConfig
 from lmdistill.training.guards import Action, Cause, Guard, StepStats
@@ -21,26 +21,26 @@ HALF = (
 )
 
 
-def _train(teacher_dir, text_file, out, *extra, steps=4):
-    return cli(
-        "train",
-        "--teacher",
-        str(teacher_dir),
-        "--data",
-        str(text_file),
-        "--output-dir",
-        str(out),
-        "--batch-size",
-        "2",
-        "--max-steps",
-        str(steps),
-        "--set",
-        "data.block_size=32",
+def _train_args(teacher_dir, text_file, out, *extra, steps=4):
+    """A short run of a student started from the teacher (of the teacher's shape unless ``extra``
+    sets one)."""
+    return train_args(
+        teacher_dir,
+        text_file,
+        out,
         "--set",
         "model.student_init=teacher",
-        "--no-progress",
         *extra,
+        batch_size=2,
+        steps=steps,
+        eval_every=None,
+        max_eval_blocks=None,
+        student=None,
     )
+
+
+def _train(teacher_dir, text_file, out, *extra, steps=4):
+    return cli(*_train_args(teacher_dir, text_file, out, *extra, steps=steps))
 
 
 def test_a_student_of_the_teacher_shape_starts_as_the_teacher(tmp_path, teacher_dir, text_file):
@@ -123,25 +123,7 @@ def test_resume_with_the_hidden_term_is_bit_exact(tmp_path, teacher_dir, text_fi
     assert _train(teacher_dir, text_file, straight, *args, steps=6).returncode == 0
     resumed = tmp_path / "resumed"
     first = run_cli_forked(
-        "train",
-        "--teacher",
-        str(teacher_dir),
-        "--data",
-        str(text_file),
-        "--output-dir",
-        str(resumed),
-        "--batch-size",
-        "2",
-        "--max-steps",
-        "6",
-        "--set",
-        "data.block_size=32",
-        "--set",
-        "model.student_init=teacher",
-        "--no-progress",
-        *args,
-        "--set",
-        "debug.exit_after_step=3",
+        *_train_args(teacher_dir, text_file, resumed, *args, "--set", "debug.exit_after_step=3", steps=6),
         log=str(tmp_path / "first.log"),
     )
     assert first == 137, (tmp_path / "first.log").read_text()[-2000:]

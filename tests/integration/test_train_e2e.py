@@ -12,7 +12,7 @@ import torch
 import yaml
 from safetensors.torch import load_file
 
-from conftest import cli, read_jsonl
+from conftest import cli, read_jsonl, train_args
 
 TRAIN_KEYS = {
     "step",
@@ -37,28 +37,23 @@ def _file_digests(directory):
 def e2e_run(tmp_path_factory, teacher_dir, text_file):
     out = tmp_path_factory.mktemp("e2e") / "run"
     teacher_files_before = _file_digests(teacher_dir)
-    proc = cli(
-        "train",
-        "--teacher",
-        str(teacher_dir),
-        "--data",
-        str(text_file),
-        "--output-dir",
-        str(out),
-        "--batch-size",
-        "4",
-        "--max-steps",
-        "40",
-        "--eval-every",
-        "10",
-        "--lr",
-        "3e-3",
-        "--set",
-        "data.block_size=64",
-        "--set",
+    student = (
         "model.student_config={num_hidden_layers: 1, "
-        "hidden_size: 32, intermediate_size: 64, num_attention_heads: 2, num_key_value_heads: 2}",
-        "--no-progress",
+        "hidden_size: 32, intermediate_size: 64, num_attention_heads: 2, num_key_value_heads: 2}"
+    )
+    proc = cli(
+        *train_args(
+            teacher_dir,
+            text_file,
+            out,
+            "--lr",
+            "3e-3",
+            steps=40,
+            eval_every=10,
+            block_size=64,
+            max_eval_blocks=None,
+            student=student,
+        )
     )
     return proc, out, teacher_files_before
 
