@@ -230,6 +230,23 @@ def test_a_run_across_tokenizers_reports_bits_per_byte(cross_run):
     assert "bits per byte of the held-out text" in report and "(its own tokens)" in report
 
 
+def test_a_chunked_run_across_tokenizers_evaluates_as_the_full_one(
+    cross_run, teacher_dir, other_student, unicode_text, tmp_path
+):
+    """loss.impl = chunked (what auto picks for a large vocabulary) trains on the teacher's hidden
+    states; its evaluations still form the teacher's logits: the figures before the first step are
+    the full-path run's, and the last ones within the two paths' training tolerance."""
+    out = tmp_path / "chunked"
+    proc = cli(*_args(teacher_dir, other_student, unicode_text, out, "--set", "loss.impl=chunked"))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert json.loads((out / "run.json").read_text())["plan"]["loss_impl"] == "chunked"
+    full, chunked = ([r for r in read_jsonl(run / "metrics.jsonl") if "eval_bpb" in r] for run in (cross_run[0], out))
+    assert len(full) == len(chunked) >= 2
+    for key in ("eval_bpb", "teacher_bpb", "aligned_fraction"):
+        assert chunked[0][key] == pytest.approx(full[0][key], rel=1e-6), key
+        assert chunked[-1][key] == pytest.approx(full[-1][key], rel=1e-3), key
+
+
 def test_bits_per_byte_recomputed_independently(cross_run, teacher_dir, other_tokenizer, tiny_tokenizer, unicode_text):
     """The student's and the teacher's bits per byte of the eval blocks, from the saved models, the
     blocks' decoded text and a plain cross-entropy: no byte offsets, no lmdistill loss."""

@@ -12,6 +12,8 @@ log line.
 
 from __future__ import annotations
 
+import copy
+
 import torch
 
 from lmdistill.core.batch import Batch
@@ -132,6 +134,15 @@ class LiveAligned(TeacherSignal):
         self.mapping = torch.from_numpy(vocabulary_map(teacher_tokenizer, student_tokenizer, written))
         self.num_shared = len(shared_vocabulary(teacher_tokenizer, student_tokenizer)[0])
         self.continuing = ContinuationTargets(teacher_tokenizer, student_tokenizer, written=written)
+
+    def on_full_logits(self) -> LiveAligned:
+        """This signal on the full-logits path, sharing its maps (evaluation forms the teacher's
+        logits for its bits per byte whichever path the training steps take)."""
+        if type(self) is LiveAligned:
+            return self
+        full = copy.copy(self)
+        full.__class__ = LiveAligned
+        return full
 
     def continuation(self, batch: Batch, teacher_logits: torch.Tensor, pairs: torch.Tensor | None = None):
         """(student positions, ids, weights) of the teacher's targets for the batch's positions

@@ -304,7 +304,7 @@ class RunEvaluator:
         if p.models.teacher_tokenizer is not None:  # a teacher with its own tokenizer (scored even at kd_weight 0)
             if self.aligned is None:
                 self.aligned = (
-                    p.signal
+                    p.signal.on_full_logits()
                     if isinstance(p.signal, LiveAligned)
                     else LiveAligned(p.models.teacher, p.models.teacher_tokenizer, p.models.tokenizer)
                 )

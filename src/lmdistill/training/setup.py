@@ -117,7 +117,8 @@ def build_run(cfg: Config, *, teacher=None, student=None, tokenizer=None, progre
     sampler = make_sampler(
         data, cfg.train.batch_size, cfg.run.seed, accelerator.process_index, accelerator.num_processes
     )
-    plan = Plan.for_run(cfg, sampler.micro_batches_per_epoch, accelerator.num_processes, len(data.train), vocab)
+    widest = max(vocab, len(models.teacher_tokenizer or models.tokenizer))  # (evaluation forms both models' logits)
+    plan = Plan.for_run(cfg, sampler.micro_batches_per_epoch, accelerator.num_processes, len(data.train), widest)
     cache = open_for_run(cfg, models.tokenizer, data, vocab, say=say) if cfg.model.teacher_cache else None
     projection = build_projection(cfg.distill.hidden, models)
     loss_impl, signal = _signal(cfg, models, cache, projection)
