@@ -195,3 +195,65 @@ def test_a_student_token_longer_than_the_teacher_s_gets_the_probability_of_its_t
     want = torch.tensor([p[0, 0], p[0, 1] - text.exp(), text.exp(), p[0, 4], p[0, 2], p[0, 3]])
     torch.testing.assert_close(carried[0], want, rtol=1e-5, atol=1e-7)
     torch.testing.assert_close(carried[1], carried_distribution(logits[[3]], mapping, 6, 1.0)[0])  # no move
+
+
+def test_a_sentencepiece_student_writes_each_teacher_token_as_in_running_text(two_tokenizers, corpus_texts):
+    """A student whose tokenizer marks the start of a text with "▁" (SentencePiece's Metaspace):
+    the student tokens a teacher token is written in spell exactly its text, and the token it is
+    carried to begins it, as in the middle of a text (written alone, "ing" would be "▁ing")."""
+    from conftest import unigram_tokenizer
+    from lmdistill.data.alignment import token_text, written_by_student
+
+    big, student = two_tokenizers[0], unigram_tokenizer(corpus_texts, 500)
+    assert student("ing", add_special_tokens=False).tokens()[0].startswith("\u2581")  # the trap
+    written, mapping = written_by_student(big, student), vocabulary_map(big, student)
+    unk = student.unk_token_id
+    spelled = 0
+    for teacher_id, ids in written.items():
+        if unk in ids:
+            continue
+        text = big.convert_tokens_to_string([big.convert_ids_to_tokens(teacher_id)])
+        pieces = [token_text(t) for t in student.convert_ids_to_tokens(ids)]
+        assert "".join(pieces) == text, (text, pieces)
+        assert text.startswith(token_text(student.convert_ids_to_tokens(int(mapping[teacher_id])))), text
+        spelled += 1
+    assert spelled > 0.8 * len(written)
+
+
+def _byte_char() -> dict[int, str]:
+    """Byte-level BPE's alphabet, written out here: printable Latin-1 bytes stand for themselves,
+    the others for the characters from U+0100 on, in byte order."""
+    printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
+    others = [b for b in range(256) if b not in printable]
+    return {**{b: chr(b) for b in printable}, **{b: chr(256 + n) for n, b in enumerate(others)}}
+
+
+def _byte_fallback_tokenizer():
+    """A SentencePiece-style BPE with byte fallback: "<unk>", "</s>", the 256 byte tokens "<0x00>"
+    .. "<0xFF>", then "▁" and a few letters; text it cannot write goes out byte by byte."""
+    from tokenizers import Tokenizer, decoders, models, normalizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {"<unk>": 0, "</s>": 1, **{f"<0x{b:02X}>": 2 + b for b in range(256)}}
+    for piece in ["\u2581", "a", "b", "c", "\u2581a"]:
+        vocab[piece] = len(vocab)
+    backend = Tokenizer(models.BPE(vocab=vocab, merges=[("\u2581", "a")], byte_fallback=True, unk_token="<unk>"))
+    backend.normalizer = normalizers.Sequence([normalizers.Prepend("\u2581"), normalizers.Replace(" ", "\u2581")])
+    backend.decoder = decoders.Sequence([decoders.Replace("\u2581", " "), decoders.ByteFallback(), decoders.Fuse()])
+    return PreTrainedTokenizerFast(tokenizer_object=backend, eos_token="</s>", unk_token="<unk>", pad_token="</s>")
+
+
+def test_byte_tokens_map_to_the_other_family_s_token_of_the_same_byte(two_tokenizers):
+    """SentencePiece's byte tokens ("<0xE6>") and byte-level BPE's pieces ("æ" for 0xE6) carry
+    to the other tokenizer's token of the same byte, never to a token that merely starts the
+    same string ("<")."""
+    byte_level, fallback = two_tokenizers[0], _byte_fallback_tokenizer()
+    assert fallback("é", add_special_tokens=False).tokens()[-2:] == ["<0xC3>", "<0xA9>"]
+    char = _byte_char()
+    level_vocab, fallback_vocab = byte_level.get_vocab(), fallback.get_vocab()
+    to_level = vocabulary_map(fallback, byte_level)
+    for b in range(0x80, 0x100):
+        assert to_level[fallback_vocab[f"<0x{b:02X}>"]] == level_vocab[char[b]], hex(b)
+    to_fallback = vocabulary_map(byte_level, fallback)
+    for b in range(0x80, 0x100):
+        assert to_fallback[level_vocab[char[b]]] == fallback_vocab[f"<0x{b:02X}>"], hex(b)

@@ -22,6 +22,7 @@ same bytes, and ``pair_positions`` aligns the two inside a block.
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 
 import numpy as np
@@ -144,13 +145,42 @@ def _token_texts(tokenizer) -> list[tuple[int, str]]:
 
 def written_by_student(teacher_tokenizer, student_tokenizer) -> dict[int, list[int]]:
     """For every teacher token whose text is whole characters (``_token_texts``), the student
-    tokens its text is written in: one pass of the student's tokenizer over the teacher's
-    vocabulary, which ``vocabulary_map`` and ``ContinuationTargets`` both read."""
+    tokens its text is written in, in the middle of a text (``written_mid_text``): one pass of the
+    student's tokenizer over the teacher's vocabulary, which ``vocabulary_map`` and
+    ``ContinuationTargets`` both read."""
     texts = _token_texts(teacher_tokenizer)
     if not texts:
         return {}
-    pieces = student_tokenizer([t for _, t in texts], add_special_tokens=False)["input_ids"]
+    pieces = written_mid_text(student_tokenizer, [t for _, t in texts])
     return {index: written for (index, _), written in zip(texts, pieces)}
+
+
+_CONTEXTS = ("\n", "x")  # what a piece is written after (their own tokens are dropped), in turn
+
+
+def written_mid_text(tokenizer, texts: list[str]) -> list[list[int]]:
+    """Each text's tokens as ``tokenizer`` writes it where it follows other text. Written alone, a
+    text is the start of a document: a SentencePiece-style tokenizer (a Metaspace pre-tokenizer
+    that prepends its space marker, or a normalizer that prepends "▁") writes " the" there as
+    "▁" + "▁the", and "ing" as "▁ing", though in the middle of a text they are "▁the" and "ing".
+    So each text is written after a context and the context's own tokens are dropped. Where the
+    text's first token merges with the context's (a newline after a newline, a letter after
+    "x"), the next context is tried; where every one merges, the text is written alone."""
+    out: list[list[int] | None] = [None] * len(texts)
+    for context_text in _CONTEXTS:
+        todo = [i for i, written in enumerate(out) if written is None]
+        if not todo:
+            break
+        context = tokenizer(context_text, add_special_tokens=False)["input_ids"]
+        after = tokenizer([context_text + texts[i] for i in todo], add_special_tokens=False)["input_ids"]
+        n = len(context)
+        for i, ids in zip(todo, after):
+            if len(ids) > n and ids[:n] == context:
+                out[i] = ids[n:]
+    todo = [i for i, written in enumerate(out) if written is None]
+    for i, ids in zip(todo, tokenizer([texts[i] for i in todo], add_special_tokens=False)["input_ids"] if todo else []):
+        out[i] = ids
+    return out
 
 
 def vocabulary_map(teacher_tokenizer, student_tokenizer, written: dict[int, list[int]] | None = None) -> np.ndarray:
@@ -163,7 +193,7 @@ def vocabulary_map(teacher_tokenizer, student_tokenizer, written: dict[int, list
     character maps to the student's longest token it begins with. The teacher's other special
     tokens map to nothing (-1). ``written``: ``written_by_student`` of the two, when made already."""
     student = _ids_by_text(student_tokenizer)
-    raw_student = set(student_tokenizer.get_vocab())
+    pieces = _BytePieces(student_tokenizer.get_vocab(), student)
     out = np.full(len(teacher_tokenizer), -1, dtype=np.int64)
     specials = set(teacher_tokenizer.all_special_ids)
     for token, index in teacher_tokenizer.get_vocab().items():
@@ -172,9 +202,7 @@ def vocabulary_map(teacher_tokenizer, student_tokenizer, written: dict[int, list
         if (text := token_text(token)) in student:
             out[index] = student[text]
         else:  # a piece of a character, unless its text is whole (below)
-            prefix = next((token[:k] for k in range(len(token), 0, -1) if token[:k] in raw_student), None)
-            if prefix is not None:
-                out[index] = student_tokenizer.convert_tokens_to_ids(prefix)
+            out[index] = pieces.first(token)
     if written is None:
         written = written_by_student(teacher_tokenizer, student_tokenizer)
     for index, ids in written.items():
@@ -183,6 +211,43 @@ def vocabulary_map(teacher_tokenizer, student_tokenizer, written: dict[int, list
     if teacher_tokenizer.eos_token_id is not None and student_tokenizer.eos_token_id is not None:
         out[teacher_tokenizer.eos_token_id] = student_tokenizer.eos_token_id
     return out
+
+
+class _BytePieces:
+    """The student token that a teacher token which is not whole characters begins with.
+
+    Two tokenizer families write such pieces: byte-level BPE (GPT-2's alphabet, one character
+    for each byte: "Ã" is the byte 0xC3) and SentencePiece's byte fallback ("<0xC3>"). A piece
+    maps to the student's longest token it begins with where the student is byte-level too (the
+    same alphabet), else through its first byte: an ASCII byte is a whole character (the
+    student's token for it), any other byte goes to the student's byte token of it ("<0xC3>",
+    or a byte-level student's "Ã"). -1 where the student has none."""
+
+    _BYTE_TOKEN = re.compile(r"<0x([0-9A-Fa-f]{2})>")
+
+    def __init__(self, raw: dict[str, int], by_text: dict[str, int]):
+        from transformers.convert_slow_tokenizer import bytes_to_unicode
+
+        self.raw, self.by_text = raw, by_text
+        self.char_of = bytes_to_unicode()  # byte -> GPT-2's character for it
+        self.byte_of = {char: byte for byte, char in self.char_of.items()}
+        self.byte_level = all(char in raw for char in self.char_of.values())
+
+    def first(self, token: str) -> int:
+        if (match := self._BYTE_TOKEN.fullmatch(token)) is not None:
+            value = int(match.group(1), 16)
+        elif token and all(char in self.byte_of for char in token):
+            value = self.byte_of[token[0]]
+            if self.byte_level:
+                prefix = next((token[:k] for k in range(len(token), 0, -1) if token[:k] in self.raw), None)
+                return self.raw[prefix] if prefix is not None else -1
+        else:
+            return -1
+        if self.byte_level:
+            return self.raw.get(self.char_of[value], -1)
+        if value < 0x80:
+            return self.by_text.get(chr(value), -1)
+        return self.raw.get(f"<0x{value:02X}>", -1)
 
 
 # ---------------------------------------------------------------------------- two stores in step

@@ -66,7 +66,10 @@ def build_teacher_cache(cfg: Config, out: Path, overwrite: bool, progress: bool)
 
 # How the targets across tokenizers are made (loss/crosstok.py), in the build request: a cache made
 # another way is a different cache, rebuilt rather than taken as complete. Changed with the method.
-CARRIED_TARGETS = "carried at pairs, with longer student tokens' text; continuations inside spans"
+CARRIED_TARGETS = (
+    "carried at pairs, with longer student tokens' text; continuations inside spans; "
+    "teacher tokens as the student writes them mid-text, byte pieces by their bytes"
+)
 
 
 def _plan(cfg: Config, teacher, tokenizer, teacher_name: str, progress: bool):
