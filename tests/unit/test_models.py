@@ -39,7 +39,7 @@ def test_tokenizer_with_other_vocab_size_is_rejected_naming_both(corpus_texts, t
     message = str(info.value)
     assert "'big-teacher'" in message and "'small-student'" in message
     assert "different tokenizers" in message and "vocabularies differ" in message
-    big, small = tiny_tokenizer.get_vocab(), other.get_vocab()
+    big, small = tiny_tokenizer.get_vocab(), other.get_vocab()  # (byte-level both: one space marker)
     both = big.keys() & small.keys()
     same_id = sum(big[token] == small[token] for token in both)
     assert (

@@ -163,12 +163,12 @@ def tokenizer_difference(teacher_tok, student_tok) -> str | None:
     if not differs:
         return None
     if differs[0] == "vocabulary":
-        tv, sv = t["vocabulary"], s["vocabulary"]
-        both = tv.keys() & sv.keys()
-        same_id = sum(tv[token] == sv[token] for token in both)
+        from lmdistill.data.alignment import shared_vocabulary
+
+        teacher_ids, student_ids = shared_vocabulary(teacher_tok, student_tok)  # (by text: "Ġthe" is "▁the")
         problem = (
-            f"vocabularies differ ({len(tv):,} vs {len(sv):,} tokens; {len(both):,} in both, "
-            f"{same_id:,} of them with the same id)"
+            f"vocabularies differ ({len(t['vocabulary']):,} vs {len(s['vocabulary']):,} tokens; "
+            f"{len(teacher_ids):,} in both, {int((teacher_ids == student_ids).sum()):,} of them with the same id)"
         )
     elif differs[0] == "merges":
         problem = f"BPE merges differ ({len(t['merges'])} vs {len(s['merges'])} merges)"
