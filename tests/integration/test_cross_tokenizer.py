@@ -348,6 +348,40 @@ def test_a_student_whose_vocabulary_shares_few_tokens(
     assert final["aligned_fraction"] > 0.3 and final["eval_bpb"] > 0 and final["teacher_bpb"] > 0
 
 
+def test_text_a_tokenizer_writes_as_unknown_is_measured_and_noted(
+    tmp_path, corpus_texts, sentencepiece_student, tiny_tokenizer, capsys
+):
+    """A student whose tokenizer never saw Japanese writes it as <unk>: the share of the text's
+    bytes under its unknown token, recomputed here from the tokenizer's own offsets document by
+    document (an EOS is one byte of the store's text), and the one-line note a run prints."""
+    from types import SimpleNamespace
+
+    from lmdistill.training.setup import note_unknown_text
+
+    docs = [f"{text[:300]} 日本語の文章です {text[300:600]}" for text in corpus_texts[:8]]
+    data = tmp_path / "docs.jsonl"
+    data.write_text("".join(json.dumps({"text": doc}) + "\n" for doc in docs), encoding="utf-8")
+    _, student = sentencepiece_student
+    built = _data(data, student, tiny_tokenizer)
+    unknown = total = 0
+    for doc in docs:
+        encoded = student(doc, return_offsets_mapping=True, add_special_tokens=False)
+        for token, (start, end) in zip(encoded["input_ids"], encoded["offset_mapping"]):
+            unknown += len(doc[start:end].encode()) if token == student.unk_token_id else 0
+        total += len(doc.encode()) + 1
+    share = built.sources[0].store.unknown_byte_share(student.unk_token_id)
+    assert share == pytest.approx(unknown / total, rel=1e-9) and share > 0.01
+    assert built.train.teacher.store.unknown_byte_share(tiny_tokenizer.unk_token_id) == 0  # byte-level: none
+    capsys.readouterr()  # (the stores' build lines)
+    note_unknown_text(built, SimpleNamespace(tokenizer=student, teacher_tokenizer=tiny_tokenizer))
+    printed = capsys.readouterr().out.strip().splitlines()
+    assert (
+        len(printed) == 1
+        and printed[0].startswith("note: the student's tokenizer writes")
+        and f"{share:.1%} of the text's bytes as its unknown token '<unk>'" in printed[0]
+    )
+
+
 def test_a_teacher_cache_refuses_a_student_with_another_tokenizer(teacher_dir, other_student, unicode_text, tmp_path):
     cache = tmp_path / "cache"
     small = tmp_path / "small.txt"

@@ -405,6 +405,16 @@ class Store:
     def num_tokens(self) -> int:
         return int(self.manifest["tokens"])
 
+    def unknown_byte_share(self, unk_id: int | None, limit: int = 1 << 21) -> float:
+        """The share of the text's bytes (in the first ``limit`` tokens) that the tokenizer wrote as
+        its unknown token ``unk_id``; 0 without one, or without the byte ends (``text_bytes``)."""
+        if unk_id is None or self.text_bytes is None or not len(self.tokens):
+            return 0.0
+        n = min(len(self.tokens), limit)
+        ends = np.asarray(self.text_bytes[:n], dtype=np.int64)
+        sizes = np.diff(ends, prepend=0)
+        return float(sizes[np.asarray(self.tokens[:n]) == unk_id].sum() / max(int(ends[-1]), 1))
+
     @classmethod
     def open(cls, path: Path, vocab_size: int) -> Store:
         """The store at ``path``, for a tokenizer of ``vocab_size`` ids; a damaged one is refused.

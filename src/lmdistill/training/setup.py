@@ -185,11 +185,29 @@ def _models_and_data(cfg: Config, teacher, student, tokenizer, progress: bool) -
     if models.teacher_tokenizer is not None:  # every block with the teacher's tokens of its text
         built[:] = [build_block_data(cfg.data, models.tokenizer, progress, teacher_tokenizer=models.teacher_tokenizer)]
         check_teacher_windows(built[0], models.teacher)
+        note_unknown_text(built[0], models)
     train_blocks(models.tokenizer)
     data = built[0]
     if models.chat_template_problem and any(s.store.chat for s in data.sources):
         raise LmdistillError(models.chat_template_problem)
     return models, data
+
+
+def note_unknown_text(data: BlockData, models: Models, threshold: float = 0.01) -> None:
+    """Across tokenizers, say so where either side writes over ``threshold`` of the text's bytes
+    as its unknown token: one cheap prediction credited with every byte it stands for, so that
+    side's bits per byte look better than its model is."""
+    sides = (("student", models.tokenizer, data.sources[0].store), ("teacher", models.teacher_tokenizer, None))
+    for role, tokenizer, store in sides:
+        store = store or data.train.teacher.store
+        share = store.unknown_byte_share(tokenizer.unk_token_id)
+        if share > threshold:
+            print(
+                f"note: the {role}'s tokenizer writes {share:.1%} of the text's bytes as its unknown token "
+                f"{tokenizer.unk_token!r}: each counts as one prediction for all the bytes it covers, so the {role}'s "
+                "bits per byte look better than they are; a tokenizer with byte fallback, or a byte-level one, has "
+                "no unknown text"
+            )
 
 
 def check_teacher_windows(data: BlockData, teacher) -> None:
