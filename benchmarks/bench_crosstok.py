@@ -9,7 +9,10 @@ student trains CE-only and with the original report's recipe (kd 0.5, T 2.0 -> 1
             teacher (as the default student), 1 epoch of the training documents at batch 2.
   smollm2   SmolLM2-135M-Instruct (vocabulary 49,152; ``benchmarks/real_teacher.py``); the other
             tokenizer is the embedded default's (4,096 tokens, another corpus and another
-            pre-tokenizer). Students: the embedded teacher's shape (4 layers, hidden 192).
+            pre-tokenizer). Students: the embedded teacher's shape (4 layers, hidden 192). Rows
+            ``wide_ce`` and ``wide_kd`` (named with ``--rows``) train the other tokenizer's student
+            at the parameter count of the one with SmolLM2's (20.6M: 4 layers, hidden 576), to
+            tell a smaller model from a harder signal.
 
 The text is the embedded corpus, its documents split 9:1 into training and held-out files, so
 every row is scored on the same held-out text: bits per byte are comparable across tokenizers
@@ -18,7 +21,9 @@ where perplexities are not. Same-tokenizer rows run with ``distill.cross_tokeniz
 ordinary KD on its own path, for the step time and memory of the cross-tokenizer path against
 it with everything else equal. ``cross_kd_cached`` trains the other-tokenizer student from a
 teacher cache built for it (``cache-teacher --student``: sampled, S = 12, captured at T = 2.0);
-the build is timed on its own. Every row is its own process (peak RSS via ``os.wait4``).
+the build is timed on its own; ``same_kd_t1``, ``cross_kd_t1`` and ``cross_kd_cached_t1`` (named with ``--rows``) are
+the KD rows at T = 1 throughout, the cache captured at T = 1 (its draws then need no re-weighting).
+Every row is its own process (peak RSS via ``os.wait4``).
 
     OMP_NUM_THREADS=1 python benchmarks/bench_crosstok.py --setting embedded --out benchmarks/results/crosstok_embedded.json
     OMP_NUM_THREADS=1 python benchmarks/bench_crosstok.py --setting smollm2 --out benchmarks/results/crosstok_smollm2.json
@@ -39,6 +44,7 @@ from bench_lora import run_measured
 from real_teacher import fetch
 
 RECIPE = ["--kd-weight", "0.5", "--temperature", "2.0", "--min-temperature", "1.5"]
+RECIPE_T1 = ["--kd-weight", "0.5", "--temperature", "1.0", "--min-temperature", "1.0"]
 ALWAYS = ["--set", "distill.cross_tokenizer=always"]
 SETTINGS = {
     "embedded": {"lr": 1e-3, "other_vocab": 1024, "shape": None, "common": ["--epochs", "1"]},
@@ -53,6 +59,16 @@ SETTINGS = {
             "num_key_value_heads": 4,
             "head_dim": 48,
         },
+        # The other tokenizer's student made as large as the one with SmolLM2's (20.6M parameters,
+        # most of them its 49,152-row embeddings): the same 4 layers, wider. Rows wide_ce, wide_kd.
+        "wide_shape": {
+            "num_hidden_layers": 4,
+            "hidden_size": 576,
+            "intermediate_size": 1536,
+            "num_attention_heads": 12,
+            "num_key_value_heads": 12,
+            "head_dim": 48,
+        },
         "common": ["--max-steps", "300", "--eval-every", "300", "--set", "data.max_tokens=80000"],
     },
 }
@@ -64,8 +80,17 @@ ROWS = {
     "cross_kd": ("other", RECIPE),
     # the same, from a teacher cache built across tokenizers (sampled, captured at the recipe's T = 2.0)
     "cross_kd_cached": ("other", RECIPE),
+    # the other tokenizer's student at the same-tokenizer student's parameter count (smollm2 only)
+    "wide_ce": ("wide", ["--kd-weight", "0"]),
+    "wide_kd": ("wide", RECIPE),
+    # live and cached at T = 1 throughout: a sampled cache's draws then need no re-weighting
+    "same_kd_t1": ("same", [*RECIPE_T1, *ALWAYS]),
+    "cross_kd_t1": ("other", RECIPE_T1),
+    "cross_kd_cached_t1": ("other", RECIPE_T1),
 }
-CACHED = {"cross_kd_cached"}
+CACHED = {"cross_kd_cached": 2.0, "cross_kd_cached_t1": 1.0}  # row -> the temperature its cache is captured at
+OPTIONAL = {"wide_ce", "wide_kd", "same_kd_t1", "cross_kd_t1", "cross_kd_cached_t1"}  # run when named in --rows
+DEFAULT_ROWS = [name for name in ROWS if name not in OPTIONAL]
 
 
 def split_corpus(work: Path) -> tuple[Path, Path]:
@@ -118,10 +143,13 @@ def students(setting: str, work: Path, teacher_dir: Path) -> dict[str, Path]:
         other = train_tokenizer(embedded_corpus_texts(), spec["other_vocab"])
     else:
         other = AutoTokenizer.from_pretrained(ensure_default_teacher(progress=False))
-    return {
+    made = {
         "same": make_student(work / "student-same", teacher_dir, same, spec["shape"]),
         "other": make_student(work / "student-other", teacher_dir, other, spec["shape"]),
     }
+    if "wide_shape" in spec:
+        made["wide"] = make_student(work / "student-wide", teacher_dir, other, spec["wide_shape"])
+    return made
 
 
 def summary(run: Path) -> dict:
@@ -143,7 +171,7 @@ def summary(run: Path) -> dict:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--setting", choices=sorted(SETTINGS), default="embedded")
-    parser.add_argument("--rows", default=",".join(ROWS))
+    parser.add_argument("--rows", default=",".join(DEFAULT_ROWS), help=f"some of {', '.join(ROWS)}")
     parser.add_argument("--work", default="/tmp/lmdistill-bench-crosstok")
     parser.add_argument("--out", required=True)
     parser.add_argument("--max-steps", type=int, help="steps of every row (default: the setting's)")
@@ -180,7 +208,9 @@ def main() -> None:
         teacher_args = common[:2]
         if name in CACHED:  # the teacher runs once, into the cache; the run reads the cache instead
             cache = work / f"{name}-cache"
-            results.setdefault("cache_builds", {})[name] = build_cache(common, student_dirs[student], cache, work)
+            results.setdefault("cache_builds", {})[name] = build_cache(
+                common, student_dirs[student], cache, work, CACHED[name]
+            )
             teacher_args = ["--teacher-cache", str(cache)]
         cmd = ["train", *teacher_args, *common[2:], "--student", str(student_dirs[student]), *extra]
         measured = run_measured([*cmd, "--output-dir", str(run), "--overwrite"], work / f"{name}.log")
@@ -189,13 +219,23 @@ def main() -> None:
     table(results)
 
 
-def build_cache(common: list[str], student: Path, cache: Path, work: Path) -> dict:
+def build_cache(common: list[str], student: Path, cache: Path, work: Path, temperature: float) -> dict:
     """``cache-teacher --student`` with the runs' teacher and data settings: its wall time, peak
     memory and size on disk."""
     data = [
         x for i, x in enumerate(common) if x.startswith("data.") or (x == "--set" and common[i + 1].startswith("data."))
     ]
-    cmd = ["cache-teacher", *common[:4], *data, "--student", str(student), "--temperature", "2.0", "--out", str(cache)]
+    cmd = [
+        "cache-teacher",
+        *common[:4],
+        *data,
+        "--student",
+        str(student),
+        "--temperature",
+        str(temperature),
+        "--out",
+        str(cache),
+    ]
     measured = run_measured([*cmd, "--overwrite", "--no-progress"], work / f"{cache.name}.log")
     manifest = json.loads((cache / "manifest.json").read_text())
     size = sum(shard["bytes"] for shard in manifest["shards"].values())
@@ -227,12 +267,19 @@ def table(results: dict) -> None:
     if same is not None and cross is not None:
         print(f"\ngap to the teacher closed: same tokenizer {same:.1%}, across tokenizers {cross:.1%}")
         print(f"cross-tokenizer KD keeps {cross / same:.0%} of ordinary KD's gain (goal: at least 50%)")
-    cached = gap_closed(rows, "cross_ce", "cross_kd_cached")
+    wide = gap_closed(rows, "wide_ce", "wide_kd")
+    if same is not None and wide is not None:
+        print(f"at equal parameters: across tokenizers {wide:.1%}, keeping {wide / same:.0%} of ordinary KD's gain")
     for name, build in results.get("cache_builds", {}).items():
+        cached = gap_closed(rows, "cross_ce", name)
+        closes = f"closes {cached:.1%} of the gap; " if cached is not None else ""
         print(
-            f"{name}: closes {cached:.1%} of the gap; its cache took {build['wall_s']:.0f} s to build "
+            f"{name}: {closes}its cache took {build['wall_s']:.0f} s to build "
             f"({build['mib']:,.1f} MiB, peak RSS {build['peak_rss_mib']:.0f} MiB)"
         )
+    same_t1, live_t1 = gap_closed(rows, "same_ce", "same_kd_t1"), gap_closed(rows, "cross_ce", "cross_kd_t1")
+    if same_t1 is not None and live_t1 is not None:
+        print(f"at T = 1: same tokenizer {same_t1:.1%}, across {live_t1:.1%}: keeps {live_t1 / same_t1:.0%}")
 
 
 if __name__ == "__main__":
