@@ -13,11 +13,13 @@
 #
 # Environment: PYTHON (default python3); LOSS_TIMEOUT, QWEN_TIMEOUT, LLAMA_TIMEOUT (seconds). The
 # package is imported from src/ (PYTHONPATH), so an installed lmdistill is not needed; torch,
-# transformers and, for the Liger columns, liger-kernel are.
+# transformers, pydantic and, for the Liger columns, liger-kernel are. On a lent GPU machine that
+# reaches no index: `bash benchmarks/gpu_wheels.sh` here first, then carry .whl along (installed
+# from there into /tmp/lmdistill-wheels, after the image's own packages on the path).
 set -euo pipefail
 
-usage() {
-    sed -n '2,16p' "${BASH_SOURCE[0]}" | sed 's/^# \{0,1\}//'
+usage() { # the comment block at the top of this file
+    awk 'NR > 1 && /^#/ { sub(/^# ?/, ""); print; next } NR > 1 { exit }' "${BASH_SOURCE[0]}"
 }
 
 small=${SMALL:-0}
@@ -48,6 +50,17 @@ mkdir -p "$dir"
 root=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 python=${PYTHON:-python3}
 export PYTHONPATH="$root/src${PYTHONPATH:+:$PYTHONPATH}"
+# Wheels carried to a machine that reaches no package index (benchmarks/gpu_wheels.sh puts them in
+# .whl): installed beside the image's packages, not over them.
+# (Not with --small: the smoke test runs where the packages are installed, perhaps another Python.)
+if [[ "$small" != 1 ]] && compgen -G "$root/.whl/*.whl" >/dev/null; then
+    if "$python" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
+        --target /tmp/lmdistill-wheels "$root"/.whl/*.whl; then
+        export PYTHONPATH="$PYTHONPATH:/tmp/lmdistill-wheels"
+    else
+        echo "warning: the wheels in .whl did not install (built for another Python?); going on without them" >&2
+    fi
+fi
 
 # What this machine has: the GPU (nvidia-smi), torch and CUDA, transformers, liger-kernel.
 probe='
