@@ -867,3 +867,20 @@ def test_the_workers_of_a_killed_parallel_build_end_with_it(tmp_path, docs, tiny
         for pid in workers:  # (only if they outlived the build: the processes this test started)
             if _running(pid):
                 os.kill(pid, signal.SIGKILL)
+
+
+def test_a_tokenizer_without_eos_is_refused_by_its_path(tmp_path, tiny_tokenizer):
+    """Documents are ended with EOS; a tokenizer without one is refused naming where it came from
+    (across tokenizers there are two: the message must say which)."""
+    from transformers import AutoTokenizer
+
+    saved = tmp_path / "no-eos-student"
+    tiny_tokenizer.save_pretrained(saved)
+    tokenizer = AutoTokenizer.from_pretrained(saved, eos_token=None)
+    assert tokenizer.eos_token_id is None
+    source = write_jsonl(tmp_path / "docs.jsonl", [{"text": "one document"}, {"text": "another"}])
+    with pytest.raises(LmdistillError) as info:
+        build_block_data(cfg_for(source, tmp_path / "home", block_size=4), tokenizer)
+    message = str(info.value)
+    assert message.startswith(f"the tokenizer {str(saved)!r} has no EOS token") and "eos_token" in message
+    assert "\n" not in message

@@ -627,6 +627,12 @@ def _locked(path: Path, say) -> Iterator[None]:
         raise
 
 
+def _tokenizer_name(tokenizer) -> str:
+    """``'path' `` for a tokenizer loaded from a directory or the hub, else nothing: which side's it is."""
+    name = getattr(tokenizer, "name_or_path", "")
+    return f"{name!r} " if name else ""
+
+
 def open_or_build(
     plan: SourcePlan,
     tokenizer,
@@ -693,7 +699,10 @@ def _build(
 ) -> None:
     plan.prepare()
     if tokenizer.eos_token_id is None and plan.fmt in ("text", "prompt_completion"):
-        raise LmdistillError("the tokenizer has no EOS token to end documents with; set tokenizer.eos_token")
+        raise LmdistillError(
+            f"the tokenizer {_tokenizer_name(tokenizer)}has no EOS token to end documents with; set eos_token in its "
+            "tokenizer_config.json (or tokenizer.eos_token)"
+        )
     if plan.fmt == "messages":
         check_chat_template(tokenizer, plan.description)
     build = final.with_name(final.name + ".build")
