@@ -205,3 +205,37 @@ def test_save_student_refuses_non_finite_weights_and_keeps_previous_files(tmp_pa
         run.save_student(model, tiny_tokenizer)
     again = load_file(first / "model.safetensors")
     assert all(torch.equal(saved[k], again[k]) for k in saved)
+
+
+def test_a_teacher_tokenizer_that_starts_texts_with_bos_is_noted(tmp_path, tiny_tokenizer, capsys):
+    """Blocks carry no BOS: a run says so once where the teacher's tokenizer adds one to every
+    text (a post-processor, as Llama's and Gemma's do), and says nothing where it adds none."""
+    from types import SimpleNamespace
+
+    from tokenizers import processors
+
+    from lmdistill.training.setup import note_dropped_bos
+
+    tiny_tokenizer.save_pretrained(tmp_path / "tok")
+    with_bos = AutoTokenizer.from_pretrained(tmp_path / "tok")
+    bos = with_bos.eos_token
+    with_bos.backend_tokenizer.post_processor = processors.TemplateProcessing(
+        single=f"{bos} $A", special_tokens=[(bos, with_bos.eos_token_id)]
+    )
+    with_bos.bos_token = bos
+    assert (
+        with_bos("x")["input_ids"][0]
+        == with_bos.bos_token_id
+        != with_bos("x", add_special_tokens=False)["input_ids"][0]
+    )
+    for tokenizer, said in ((tiny_tokenizer, False), (with_bos, True)):
+        note_dropped_bos(SimpleNamespace(teacher=object(), teacher_tokenizer=None, tokenizer=tokenizer))
+        out = capsys.readouterr().out.strip()
+        assert (
+            out.startswith(f"note: the teacher's tokenizer starts every text with {bos!r}") and "\n" not in out
+        ) == said
+        assert said or out == ""
+    note_dropped_bos(
+        SimpleNamespace(teacher=None, teacher_tokenizer=None, tokenizer=with_bos)
+    )  # a cache: no teacher runs
+    assert capsys.readouterr().out == ""

@@ -186,11 +186,27 @@ def _models_and_data(cfg: Config, teacher, student, tokenizer, progress: bool) -
         built[:] = [build_block_data(cfg.data, models.tokenizer, progress, teacher_tokenizer=models.teacher_tokenizer)]
         check_teacher_windows(built[0], models.teacher)
         note_unknown_text(built[0], models)
+    note_dropped_bos(models)
     train_blocks(models.tokenizer)
     data = built[0]
     if models.chat_template_problem and any(s.store.chat for s in data.sources):
         raise LmdistillError(models.chat_template_problem)
     return models, data
+
+
+def note_dropped_bos(models: Models) -> None:
+    """Say so where a live teacher's tokenizer starts every text with a BOS token: lmdistill's
+    blocks are packed text, cut anywhere in a document, and carry none, so the teacher reads every
+    block without the token it was trained to see first."""
+    tokenizer = models.teacher_tokenizer or models.tokenizer
+    if models.teacher is None or tokenizer.bos_token_id is None:
+        return
+    if tokenizer("x")["input_ids"][:1] == [tokenizer.bos_token_id]:
+        print(
+            f"note: the teacher's tokenizer starts every text with {tokenizer.bos_token!r}, and lmdistill's blocks "
+            "(packed text, cut anywhere in a document) carry none: the teacher reads each block without it, and "
+            "a model that relies on it (Gemma, for one) predicts worse"
+        )
 
 
 def note_unknown_text(data: BlockData, models: Models, threshold: float = 0.01) -> None:
