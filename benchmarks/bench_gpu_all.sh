@@ -15,7 +15,7 @@
 # package is imported from src/ (PYTHONPATH), so an installed lmdistill is not needed; torch,
 # transformers, pydantic and, for the Liger columns, liger-kernel are. On a lent GPU machine that
 # reaches no index: `bash benchmarks/gpu_wheels.sh` here first, then carry .whl along (installed
-# from there into /tmp/lmdistill-wheels, after the image's own packages on the path).
+# from there into /tmp/lmdistill-wheels, ahead of the image's own packages on the path).
 set -euo pipefail
 
 usage() { # the comment block at the top of this file
@@ -51,7 +51,9 @@ root=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 python=${PYTHON:-python3}
 export PYTHONPATH="$root/src${PYTHONPATH:+:$PYTHONPATH}"
 # Wheels carried to a machine that reaches no package index (benchmarks/gpu_wheels.sh puts them in
-# .whl): installed beside the image's packages, not over them.
+# .whl), installed into a folder of their own that comes first on the path (so that pydantic's
+# newer typing-extensions is the one imported); then a check that lmdistill imports at all, so
+# that a missing package fails here in seconds, not in each benchmark.
 # (Not with --small: the smoke test runs where the packages are installed, perhaps another Python.)
 if [[ "$small" != 1 ]] && compgen -G "$root/.whl/*.whl" >/dev/null; then
     if "$python" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
@@ -60,6 +62,10 @@ if [[ "$small" != 1 ]] && compgen -G "$root/.whl/*.whl" >/dev/null; then
     else
         echo "warning: the wheels in .whl did not install (built for another Python?); going on without them" >&2
     fi
+fi
+if ! "$python" -c "import lmdistill.config, lmdistill.loss.objective, lmdistill.teacher.signals"; then
+    echo "lmdistill does not import here (above): carry the wheels of benchmarks/gpu_wheels.sh in .whl" >&2
+    exit 1
 fi
 
 # What this machine has: the GPU (nvidia-smi), torch and CUDA, transformers, liger-kernel.
@@ -116,7 +122,7 @@ else
     # off and with both speed-ups (what the trainer's auto settings give on CUDA); compile alone and
     # liger alone are the Qwen run's to show. 2 warm-up steps (the first compiles), 8 timed: about 2.5 minutes.
     llama_args=(--speedups "$llama_speedups" --steps 8 --warmup 2)
-    limits=(130 250 190) # 570 s in all: a lent machine's command has 10 minutes
+    limits=(110 240 200) # 550 s in all, + 15 s grace each at most: a lent machine's command has 10 minutes
 fi
 
 failed=()

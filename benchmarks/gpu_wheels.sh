@@ -13,7 +13,9 @@ platforms=()
 for n in 17 27 28 31 34; do platforms+=(--platform "manylinux_2_${n}_x86_64"); done
 platforms+=(--platform manylinux2014_x86_64)
 # The versions this project's environment resolved (pydantic-core must match pydantic exactly).
-wheels=(pydantic==2.14.4 pydantic-core==2.50.5 annotated-types==0.8.0 typing-inspection==0.4.5 liger-kernel==0.8.5)
+# typing-extensions: pydantic 2.14 needs one newer than an image may hold.
+wheels=(pydantic==2.14.4 pydantic-core==2.50.5 annotated-types==0.8.0 typing-inspection==0.4.5
+    typing-extensions==4.16.0 liger-kernel==0.8.5)
 python3 -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
     "${platforms[@]}" -d "$dir" "${wheels[@]}"
 ls -l "$dir"

@@ -372,6 +372,8 @@ def test_text_a_tokenizer_writes_as_unknown_is_measured_and_noted(
     share = built.sources[0].store.unknown_byte_share(student.unk_token_id)
     assert share == pytest.approx(unknown / total, rel=1e-9) and share > 0.01
     assert built.train.teacher.store.unknown_byte_share(tiny_tokenizer.unk_token_id) == 0  # byte-level: none
+    # A tokenizer whose unknown token is its EOS (GPT-2's family): the EOS that ends each document is not unknown text.
+    assert built.train.teacher.store.unknown_byte_share(tiny_tokenizer.eos_token_id) == 0
     capsys.readouterr()  # (the stores' build lines)
     note_unknown_text(built, SimpleNamespace(tokenizer=student, teacher_tokenizer=tiny_tokenizer))
     printed = capsys.readouterr().out.strip().splitlines()

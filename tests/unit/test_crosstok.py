@@ -257,3 +257,22 @@ def test_byte_tokens_map_to_the_other_family_s_token_of_the_same_byte(two_tokeni
     to_fallback = vocabulary_map(byte_level, fallback)
     for b in range(0x80, 0x100):
         assert to_fallback[level_vocab[char[b]]] == fallback_vocab[f"<0x{b:02X}>"], hex(b)
+
+
+def test_a_context_the_normalizer_erases_is_passed_over(corpus_texts):
+    """A SentencePiece-style tokenizer whose normalizer turns a newline into a space and strips
+    the end (as converted nmt_nfkc models do) writes the newline context as nothing: the next
+    context is used, and " the" is still written as in running text."""
+    from tokenizers import normalizers
+
+    from conftest import unigram_tokenizer
+    from lmdistill.data.alignment import token_text, written_mid_text
+
+    tokenizer = unigram_tokenizer(corpus_texts, 500)
+    tokenizer.backend_tokenizer.normalizer = normalizers.Sequence(
+        [normalizers.Replace("\n", " "), normalizers.Strip(left=False, right=True)]
+    )
+    assert tokenizer("\n", add_special_tokens=False)["input_ids"] == []
+    for text in (" the", "ing", " of"):
+        (written,) = written_mid_text(tokenizer, [text])
+        assert "".join(token_text(t) for t in tokenizer.convert_ids_to_tokens(written)) == text

@@ -172,6 +172,8 @@ def written_mid_text(tokenizer, texts: list[str]) -> list[list[int]]:
         if not todo:
             break
         context = tokenizer(context_text, add_special_tokens=False)["input_ids"]
+        if not context:  # (a normalizer that strips it: nothing to tell the text's tokens by)
+            continue
         after = tokenizer([context_text + texts[i] for i in todo], add_special_tokens=False)["input_ids"]
         n = len(context)
         for i, ids in zip(todo, after):
@@ -231,7 +233,8 @@ class _BytePieces:
         self.raw, self.by_text = raw, by_text
         self.char_of = bytes_to_unicode()  # byte -> GPT-2's character for it
         self.byte_of = {char: byte for byte, char in self.char_of.items()}
-        self.byte_level = all(char in raw for char in self.char_of.values())
+        # (a large SentencePiece vocabulary may hold all 256 characters too; its byte tokens tell it apart)
+        self.byte_level = all(char in raw for char in self.char_of.values()) and "<0x41>" not in raw
 
     def first(self, token: str) -> int:
         if (match := self._BYTE_TOKEN.fullmatch(token)) is not None:
@@ -245,8 +248,8 @@ class _BytePieces:
             return -1
         if self.byte_level:
             return self.raw.get(self.char_of[value], -1)
-        if value < 0x80:
-            return self.by_text.get(chr(value), -1)
+        if value < 0x80 and chr(value) in self.by_text:
+            return self.by_text[chr(value)]
         return self.raw.get(f"<0x{value:02X}>", -1)
 
 

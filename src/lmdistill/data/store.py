@@ -413,7 +413,10 @@ class Store:
         n = min(len(self.tokens), limit)
         ends = np.asarray(self.text_bytes[:n], dtype=np.int64)
         sizes = np.diff(ends, prepend=0)
-        return float(sizes[np.asarray(self.tokens[:n]) == unk_id].sum() / max(int(ends[-1]), 1))
+        unknown = np.asarray(self.tokens[:n]) == unk_id
+        doc_ends = np.asarray(self.doc_ends)
+        unknown[doc_ends[doc_ends <= n] - 1] = False  # each document's EOS (a tokenizer whose unknown token is its EOS)
+        return float(sizes[unknown].sum() / max(int(ends[-1]), 1))
 
     @classmethod
     def open(cls, path: Path, vocab_size: int) -> Store:
