@@ -247,6 +247,18 @@ def test_a_chunked_run_across_tokenizers_evaluates_as_the_full_one(
         assert chunked[-1][key] == pytest.approx(full[-1][key], rel=1e-3), key
 
 
+@pytest.mark.slow
+def test_the_cpu_speed_threshold_leaves_the_cross_tokenizer_loss_on_its_memory_rule(
+    teacher_dir, other_student, unicode_text, tmp_path
+):
+    """loss.auto_cpu_threshold_mib was measured for the dense KD loss only: across tokenizers auto
+    keeps full below the memory threshold, however low the CPU threshold is set."""
+    out = tmp_path / "run"
+    proc = cli(*_args(teacher_dir, other_student, unicode_text, out, "--set", "loss.auto_cpu_threshold_mib=0.0001"))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert json.loads((out / "run.json").read_text())["plan"]["loss_impl"] == "full"
+
+
 def test_bits_per_byte_recomputed_independently(cross_run, teacher_dir, other_tokenizer, tiny_tokenizer, unicode_text):
     """The student's and the teacher's bits per byte of the eval blocks, from the saved models, the
     blocks' decoded text and a plain cross-entropy: no byte offsets, no lmdistill loss."""
