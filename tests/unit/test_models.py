@@ -239,3 +239,25 @@ def test_a_teacher_tokenizer_that_starts_texts_with_bos_is_noted(tmp_path, tiny_
         SimpleNamespace(teacher=None, teacher_tokenizer=None, tokenizer=with_bos)
     )  # a cache: no teacher runs
     assert capsys.readouterr().out == ""
+
+
+def test_a_tokenizer_that_changes_the_text_is_noted_across_tokenizers(tmp_path, tiny_tokenizer, capsys):
+    """A side whose normalizer lowercases does not write text back as it was: the run says so
+    for that side, showing what came back; a byte-level side reproduces the text and is not named."""
+    from types import SimpleNamespace
+
+    from tokenizers import normalizers
+
+    from lmdistill.training.setup import _PROBE, note_lossy_tokenizers
+
+    tiny_tokenizer.save_pretrained(tmp_path / "tok")
+    lower = AutoTokenizer.from_pretrained(tmp_path / "tok")
+    lower.backend_tokenizer.normalizer = normalizers.Lowercase()
+    back = lower.decode(lower(_PROBE, add_special_tokens=False)["input_ids"], clean_up_tokenization_spaces=False)
+    assert back == _PROBE.lower() != _PROBE
+    note_lossy_tokenizers(SimpleNamespace(tokenizer=lower, teacher_tokenizer=tiny_tokenizer))
+    lines = capsys.readouterr().out.strip().splitlines()
+    assert lines == [
+        f"note: the student's tokenizer does not write text back as it was ({_PROBE!r} comes back as {back!r}): "
+        "its bits per byte are of the text as it sees it"
+    ]

@@ -186,6 +186,7 @@ def _models_and_data(cfg: Config, teacher, student, tokenizer, progress: bool) -
         built[:] = [build_block_data(cfg.data, models.tokenizer, progress, teacher_tokenizer=models.teacher_tokenizer)]
         check_teacher_windows(built[0], models.teacher)
         note_unknown_text(built[0], models)
+        note_lossy_tokenizers(models)
     note_dropped_bos(models)
     train_blocks(models.tokenizer)
     data = built[0]
@@ -207,6 +208,24 @@ def note_dropped_bos(models: Models) -> None:
             "(packed text, cut anywhere in a document) carry none: the teacher reads each block without it, and "
             "a model that relies on it (Gemma, for one) predicts worse"
         )
+
+
+# Capitals, accents, a full-width letter, a dash and a newline: what a lossy normalizer changes.
+_PROBE = "The Café — naïve Ｑ 42\n"
+
+
+def note_lossy_tokenizers(models: Models) -> None:
+    """Across tokenizers, say so where either side does not write text back as it was (a
+    normalizer that lowercases or folds characters, or text it cannot write): that side's bits
+    per byte are of the text as its tokenizer sees it, and its tokens are carried by that text."""
+    for role, tokenizer in (("student", models.tokenizer), ("teacher", models.teacher_tokenizer)):
+        ids = tokenizer(_PROBE, add_special_tokens=False)["input_ids"]
+        back = tokenizer.decode(ids, clean_up_tokenization_spaces=False)
+        if back != _PROBE:
+            print(
+                f"note: the {role}'s tokenizer does not write text back as it was ({_PROBE!r} comes back as {back!r}): "
+                f"its bits per byte are of the text as it sees it"
+            )
 
 
 def note_unknown_text(data: BlockData, models: Models, threshold: float = 0.01) -> None:
