@@ -61,10 +61,11 @@ _USE_WORKSPACE = True  # tests switch it off to check the allocation-only path t
 #
 # Alive at a chunk's peak (inside the divergence), bytes per (rows x vocab) entry, forward KL:
 # T != 1: 3 fp32 slots + the kept logits (2 B for a bf16 model, 4 B for fp32) = 14 / 16 B;
-# T == 1: 12 B. JSD, reverse KL, TVD: one fp32 slot (4) more; the skews two (4 and 5). Until this accounting was written (see
-# docs/performance.md) slot 1 held log p_s at T = 1 through the KD term beside a slot 2 with
-# log p_s at T, the matmul outputs and the gradient's 2-byte copy were fresh tensors, and the
-# log-mixture of JSD and the skews took slot 5: forward KL 16-18 B, JSD 24-26 B.
+# T == 1: 12 B. JSD, reverse KL, TVD: one fp32 slot (4) more; the skews two (4 and 5). Until
+# this accounting was written (see docs/performance.md) slot 1 held log p_s at T = 1 through the
+# KD term beside a slot 2 with log p_s at T, the matmul outputs and the gradient's 2-byte copy
+# were fresh tensors, and the log-mixture of JSD and the skews took slot 5: forward KL 16-18 B,
+# JSD 24-26 B.
 # Whole call: the (V, H) weight gradient, accumulated in fp32 (a bf16 accumulator exceeds the
 # tested bf16 error bound once there are more than a few chunks), and no (V, H) temporary:
 # a 2-byte product is formed in row blocks (``_add_matmul``).
